@@ -1,0 +1,2173 @@
+#!/usr/bin/env python3
+"""Keep research datasets on a purged scratch filesystem alive, within the site's rules.
+
+scratch-keepalive registers datasets that live on a purged scratch filesystem
+(on IU's Big Red 200: /N/scratch/$USER, where files not accessed for 30 days
+are deleted without notice), each with a keep-until date, and walks them on a
+schedule. Where the site allows it, a walk refreshes access times (touch
+mode: atime only; mtime and contents are never written). Where it does not,
+the same walk only checks and reports what is at risk of the purge (check
+mode).
+
+Safety model:
+  * IU forbids changing access times to avoid the Slate-Scratch purge. On the
+    br200 profile a dataset is refreshed only if it records a site approval
+    (add/extend --approval TICKET); every other dataset is only checked.
+  * Contents are never opened; mtime is never written (atime is set with
+    utimensat and UTIME_OMIT for mtime); symlinks are never followed; other
+    filesystems are never entered; nothing is ever deleted but this tool's
+    own files.
+  * A walk resumes from its checkpoint after a time limit, a signal or a
+    crash. Only one walk per dataset runs at a time.
+  * A dataset stops being protected the day after its keep-until date.
+
+Commands:
+  init            choose the profile (br200 or generic) and scratch root
+  add             register a dataset with a keep-until date
+  list, status    show datasets, their state, last runs and checkpoints
+  refresh         walk datasets now (touch or check mode), resumably
+  extend          move a keep-until date, record a site approval
+  enable, disable pause or resume one dataset
+  remove          unregister a dataset (its data is never touched)
+  install-cron    schedule refresh with Slurm (scrontab or a batch chain)
+  uninstall-cron  remove the schedule
+  doctor, repair  find and mend what has gone wrong
+
+State (config, registry, checkpoints, logs, locks, job scripts) lives outside
+scratch, in $SCRATCH_KEEPALIVE_HOME, else $XDG_STATE_HOME/scratch-keepalive,
+else ~/.local/state/scratch-keepalive (or --state-dir DIR). Each dataset root
+also holds one small sentinel file, .scratch-keepalive.
+"""
+
+__version__ = "1.0.0"
+
+# ---------------------------------------------------------------- imports
+
+import argparse
+import calendar
+import contextlib
+import datetime
+import errno
+import fcntl
+import json
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+__all__ = [
+    "main", "Failure", "UsageError", "BusyError", "StateError",
+    "init", "add_dataset", "list_datasets", "status", "refresh",
+    "extend", "set_enabled", "remove_dataset", "doctor", "repair",
+    "install_cron", "uninstall_cron", "__version__",
+]
+
+# ---------------------------------------------------------------- constants
+
+PROG = "scratch-keepalive"
+FORMAT = 1                      # format version of every JSON state file
+SENTINEL = ".scratch-keepalive"
+JOB_NAME = "scratch-keepalive"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DAY = 86400
+
+EXIT_OK = 0
+EXIT_FAIL = 1
+EXIT_USAGE = 2
+EXIT_STOPPED = 3
+EXIT_BUSY = 4
+EXIT_INTERRUPTED = 130
+# With several datasets, the command's exit code is the first of these that
+# any of them produced.
+EXIT_PRIORITY = (EXIT_INTERRUPTED, EXIT_FAIL, EXIT_STOPPED, EXIT_BUSY, EXIT_OK)
+
+PROFILES = {
+    "br200": {
+        "description": "IU Big Red 200, Slate-Scratch (/N/scratch/$USER)",
+        "scratch_root": "/N/scratch/{user}",
+        "purge_days": 30,
+        "purge_days_fixed": True,
+        "min_cadence": 14,
+        "default_cadence": 14,
+        "touch_allowed": False,
+        "partition": "general",
+        "cpus": 1,
+        "mem": "2G",
+        "time": "2:00:00",
+        "account_required": True,
+        "login_node_budget": 900,   # IU kills login-node processes at 20 CPU minutes
+    },
+    "generic": {
+        "description": "any purged scratch filesystem (--scratch-root, else $SCRATCH)",
+        "scratch_root": None,
+        "purge_days": 30,
+        "purge_days_fixed": False,
+        "min_cadence": 1,
+        "default_cadence": 14,
+        "touch_allowed": True,
+        "partition": None,
+        "cpus": 1,
+        "mem": "2G",
+        "time": "2:00:00",
+        "account_required": False,
+        "login_node_budget": None,
+    },
+}
+DEFAULT_PROFILE = "br200"
+
+POLICY_BR200 = (
+    "IU's Slate-Scratch terms forbid changing access times to avoid the purge "
+    "(doing so can cost you scratch access). On br200 a dataset is refreshed only "
+    "when it records a site approval (--approval TICKET); every other dataset is "
+    "only checked, and the check tells you what to copy to Slate or Slate-Project.")
+
+CHECKPOINT_SECONDS = 30.0       # a checkpoint at least this often during a walk
+PROGRESS_SECONDS = 0.5
+MAX_OPEN_DIRS = 64              # directory fds kept open; deeper ones reopen via ".."
+MAX_LOGGED_ERRORS = 100
+KEEP_LOGS = 20
+BATCH = 256                     # entries stat'ed per batch (and per budget check)
+
+# Linux utimensat(2) constants.
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+
+O_NOATIME = getattr(os, "O_NOATIME", 0)
+O_DIR_FLAGS = (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
+               | getattr(os, "O_CLOEXEC", 0))
+
+# ---------------------------------------------------------------- errors
+
+
+class Failure(Exception):
+    """Every error the tool reports. main() prints it as one line and returns exit_code.
+
+    The message says what went wrong and what to do about it.
+    """
+    exit_code = EXIT_FAIL
+
+    def __init__(self, message, exit_code=None):
+        Exception.__init__(self, message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class UsageError(Failure):
+    """Bad input: nothing was changed (exit 2)."""
+    exit_code = EXIT_USAGE
+
+
+class BusyError(Failure):
+    """Another process holds the dataset's lock (exit 4)."""
+    exit_code = EXIT_BUSY
+
+
+class StateError(Failure):
+    """A state file cannot be read; `repair` mends it (exit 1)."""
+    exit_code = EXIT_FAIL
+
+
+class _ParserExit(Exception):
+    """argparse wanted to exit (after --help or --version)."""
+
+    def __init__(self, status):
+        Exception.__init__(self, status)
+        self.status = status
+
+# ---------------------------------------------------------------- small helpers
+
+
+def iso(t):
+    """Epoch seconds -> 'YYYY-MM-DDTHH:MM:SSZ' (UTC)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+_ISO_RE = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2})(?:\.\d+)?)?"
+    r"(Z|[+-]\d{2}:?\d{2})?)?$")
+
+
+def parse_iso(text):
+    """'2026-08-01T03:00:00Z' (or a date, or an offset) -> epoch seconds; None if not valid."""
+    m = _ISO_RE.match(text.strip())
+    if not m:
+        return None
+    y, mo, d, hh, mm, ss, tz = m.groups()
+    try:
+        dt = datetime.datetime(int(y), int(mo), int(d), int(hh or 0), int(mm or 0), int(ss or 0))
+    except ValueError:
+        return None
+    t = calendar.timegm(dt.timetuple())
+    if tz and tz != "Z":
+        sign = 1 if tz[0] == "+" else -1
+        digits = tz[1:].replace(":", "")
+        t -= sign * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
+    return float(t)
+
+
+def parse_date(text):
+    """'YYYY-MM-DD' -> datetime.date, or None when it is not a real date."""
+    if not re.match(r"^\d{4}-\d{2}-\d{2}$", text or ""):
+        return None
+    try:
+        return datetime.datetime.strptime(text, "%Y-%m-%d").date()
+    except ValueError:
+        return None
+
+
+def utc_date(t):
+    """The UTC calendar date of epoch seconds t."""
+    return datetime.date(1970, 1, 1) + datetime.timedelta(days=int(t // DAY))
+
+
+def policy_now(env):
+    """The instant every policy decision uses: SCRATCH_KEEPALIVE_NOW, else the clock."""
+    text = env.get("SCRATCH_KEEPALIVE_NOW")
+    if not text:
+        return time.time()
+    t = parse_iso(text)
+    if t is None:
+        raise UsageError("SCRATCH_KEEPALIVE_NOW=%r is not an ISO-8601 time; use e.g. "
+                         "2026-08-01T03:00:00Z, or unset it" % text)
+    return t
+
+
+def human_count(n):
+    return "{:,}".format(n)
+
+
+def human_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return ("%d %s" % (n, unit)) if unit == "B" else ("%.1f %s" % (n, unit))
+        n /= 1024.0
+
+
+def encode_name(name):
+    """A file name (bytes) -> a str that JSON can hold and decode_name() reverses exactly."""
+    return name.decode("utf-8", "surrogateescape")
+
+
+def decode_name(text):
+    return text.encode("utf-8", "surrogateescape")
+
+
+def display_path(path):
+    """A path for messages: undecodable bytes and control characters shown escaped."""
+    if isinstance(path, bytes):
+        path = path.decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in path)
+
+
+def is_below(path, root):
+    """True when path lies strictly below root (both real, absolute)."""
+    root = root.rstrip("/") or "/"
+    prefix = root if root == "/" else root + "/"
+    return path != root and path.startswith(prefix)
+
+
+def overlaps(a, b):
+    return a == b or is_below(a, b) or is_below(b, a)
+
+
+def current_user(env):
+    user = env.get("USER") or env.get("LOGNAME")
+    if user:
+        return user
+    try:
+        import pwd
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        return str(os.getuid())
+
+
+def default_state_dir(env):
+    if env.get("SCRATCH_KEEPALIVE_HOME"):
+        return env["SCRATCH_KEEPALIVE_HOME"]
+    if env.get("XDG_STATE_HOME"):
+        return os.path.join(env["XDG_STATE_HOME"], "scratch-keepalive")
+    home = env.get("HOME") or os.path.expanduser("~")
+    return os.path.join(home, ".local", "state", "scratch-keepalive")
+
+
+def combine_exit_codes(codes):
+    codes = set(codes)
+    for code in EXIT_PRIORITY:
+        if code in codes:
+            return code
+    return EXIT_OK
+
+
+def check_name(name):
+    if not name or not NAME_RE.match(name):
+        raise UsageError("invalid dataset name %r; use 1-64 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit" % (name,))
+    return name
+
+# ---------------------------------------------------------------- state store
+
+
+def fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, data, mode=0o600):
+    """Write bytes to path so that a crash leaves the old file or the new one, never a mix.
+
+    Temp file in the same directory, flush, fsync, os.replace, fsync the directory.
+    """
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                               dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(directory)
+
+
+def dump_json(obj):
+    return (json.dumps(obj, sort_keys=True, indent=2) + "\n").encode("ascii")
+
+
+def read_json(path, kind):
+    """Read a state document. None when absent; StateError when damaged or too new.
+
+    Rule for versions: a document carries "format": N. This version reads
+    formats 1..FORMAT; a larger N was written by a newer scratch-keepalive and
+    is refused (upgrade), never overwritten.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise StateError("cannot read the %s %s (%s); check its permissions or run "
+                         "`%s repair`" % (kind, path, e.strerror, PROG))
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except ValueError as e:
+        raise StateError("the %s %s is damaged (%s); run `%s repair`" % (kind, path, e, PROG))
+    if not isinstance(doc, dict) or not isinstance(doc.get("format"), int):
+        raise StateError("the %s %s has no format version; run `%s repair`" % (kind, path, PROG))
+    if doc["format"] > FORMAT:
+        raise StateError("the %s %s was written by a newer scratch-keepalive (format %d); "
+                         "upgrade this one (it is %s)" % (kind, path, doc["format"], __version__))
+    return doc
+
+
+class Store(object):
+    """The state directory: config, registry (with backup), checkpoints, logs, locks.
+
+    Directories are 0700, files 0600. Every document is JSON written by atomic_write().
+    """
+
+    def __init__(self, state_dir):
+        self.dir = os.path.abspath(state_dir)
+        self.config_path = os.path.join(self.dir, "config.json")
+        self.registry_path = os.path.join(self.dir, "registry.json")
+        self.backup_path = self.registry_path + ".bak"
+        self.checkpoint_dir = os.path.join(self.dir, "checkpoints")
+        self.log_dir = os.path.join(self.dir, "logs")
+        self.lock_dir = os.path.join(self.dir, "locks")
+        self.schedule_path = os.path.join(self.dir, "schedule.json")
+
+    def ensure(self):
+        for d in (self.dir, self.checkpoint_dir, self.log_dir, self.lock_dir):
+            try:
+                os.makedirs(d, mode=0o700)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise Failure("cannot create the state directory %s (%s); choose another with "
+                              "--state-dir or SCRATCH_KEEPALIVE_HOME" % (d, e.strerror))
+
+    # -- config
+    def load_config(self):
+        return read_json(self.config_path, "config")
+
+    def require_config(self):
+        cfg = self.load_config()
+        if cfg is None:
+            raise UsageError("no configuration in %s; run `%s init` first (e.g. "
+                             "`%s init --profile generic --scratch-root DIR`)"
+                             % (self.dir, PROG, PROG))
+        if cfg.get("profile") not in PROFILES:
+            raise StateError("the config %s names an unknown profile %r; run `%s init "
+                             "--profile br200|generic`" % (self.config_path, cfg.get("profile"),
+                                                           PROG))
+        return cfg
+
+    def save_config(self, cfg):
+        self.ensure()
+        cfg = dict(cfg, format=FORMAT)
+        atomic_write(self.config_path, dump_json(cfg))
+
+    # -- registry
+    def load_registry(self):
+        doc = read_json(self.registry_path, "registry")
+        if doc is None:
+            return {"format": FORMAT, "datasets": {}}
+        if not isinstance(doc.get("datasets"), dict):
+            raise StateError("the registry %s has no datasets table; run `%s repair`"
+                             % (self.registry_path, PROG))
+        return doc
+
+    @contextlib.contextmanager
+    def registry_lock(self):
+        self.ensure()
+        fd = os.open(os.path.join(self.lock_dir, "registry.lock"),
+                     os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def update_registry(self):
+        """Read-modify-write the registry under its lock; the old one becomes the backup."""
+        with self.registry_lock():
+            reg = self.load_registry()
+            yield reg
+            self.save_registry(reg)
+
+    def save_registry(self, reg):
+        self.ensure()
+        try:
+            with open(self.registry_path, "rb") as f:
+                previous = f.read()
+        except FileNotFoundError:
+            previous = None
+        if previous is not None:
+            try:
+                json.loads(previous.decode("utf-8"))
+                atomic_write(self.backup_path, previous)
+            except ValueError:
+                pass    # never let a damaged registry replace the last good backup
+        reg = dict(reg, format=FORMAT)
+        atomic_write(self.registry_path, dump_json(reg))
+
+    # -- checkpoints
+    def checkpoint_path(self, name):
+        return os.path.join(self.checkpoint_dir, name + ".json")
+
+    def load_checkpoint(self, name):
+        return read_json(self.checkpoint_path(name), "checkpoint")
+
+    def load_checkpoint_quiet(self, name):
+        """The checkpoint, or None when absent or unreadable (a walk then starts over)."""
+        try:
+            return self.load_checkpoint(name)
+        except StateError:
+            return None
+
+    def save_checkpoint(self, name, doc):
+        atomic_write(self.checkpoint_path(name), dump_json(dict(doc, format=FORMAT)))
+
+    def delete_checkpoint(self, name):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.checkpoint_path(name))
+
+    def checkpoint_exists(self, name):
+        return os.path.exists(self.checkpoint_path(name))
+
+    # -- logs
+    def dataset_log_dir(self, name):
+        return os.path.join(self.log_dir, name)
+
+    def new_log(self, name, started, mode):
+        d = self.dataset_log_dir(name)
+        with contextlib.suppress(FileExistsError):
+            os.makedirs(d, mode=0o700)
+        path = os.path.join(d, "%s-%s-%d.log" % (time.strftime("%Y%m%dT%H%M%SZ",
+                                                               time.gmtime(started)),
+                                                 mode, os.getpid()))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0),
+                     0o600)
+        return path, os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
+
+    def prune_logs(self, name, keep=KEEP_LOGS):
+        d = self.dataset_log_dir(name)
+        try:
+            logs = sorted(f for f in os.listdir(d) if f.endswith(".log"))
+        except OSError:
+            return
+        for f in logs[:-keep] if keep else logs:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(d, f))
+
+    # -- locks
+    def lock_path(self, name):
+        return os.path.join(self.lock_dir, name + ".lock")
+
+
+class DatasetLock(object):
+    """An exclusive fcntl lock per dataset. It dies with its holder: no stale lock can block."""
+
+    def __init__(self, store, name):
+        self.store = store
+        self.name = name
+        self.path = store.lock_path(name)
+        self.fd = None
+
+    def acquire(self):
+        self.store.ensure()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            holder = lock_holder(self.path)
+            raise BusyError("dataset %r is busy: %s holds its lock; wait for it to finish "
+                            "(or stop it), then try again" % (self.name, holder))
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": iso(time.time())}).encode("ascii"))
+        self.fd = fd
+        return self
+
+    def release(self):
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def lock_holder(path):
+    try:
+        with open(path, "r") as f:
+            info = json.loads(f.read() or "{}")
+        return "pid %s on host %s (since %s)" % (info.get("pid", "?"), info.get("host", "?"),
+                                                 info.get("since", "?"))
+    except (OSError, ValueError):
+        return "another process"
+
+# ---------------------------------------------------------------- sentinel
+
+
+def sentinel_path(root):
+    return os.path.join(root, SENTINEL)
+
+
+def read_sentinel(root):
+    """The sentinel's JSON when it is a regular file written by this tool, else None."""
+    path = sentinel_path(root)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | O_NOATIME)
+    except OSError as e:
+        if e.errno == errno.EPERM and O_NOATIME:
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            except OSError:
+                return None
+        else:
+            return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        raw = os.read(fd, 65536)
+    finally:
+        os.close(fd)
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) and doc.get("tool") == PROG else None
+
+
+def sentinel_doc(ds):
+    return {"tool": PROG, "format": FORMAT, "name": ds["name"], "added": ds.get("added"),
+            "last_refresh": ds.get("last_refresh"),
+            "about": "This directory is registered with scratch-keepalive as dataset %r. "
+                     "Run `scratch-keepalive status --name %s` for its state." % (ds["name"],
+                                                                                 ds["name"])}
+
+
+def create_sentinel(root, ds):
+    """Create the sentinel; never through a symlink, never over another tool's file.
+
+    An existing sentinel of ours naming the same dataset is rewritten in place.
+    Returns True when this call created the file.
+    """
+    path = sentinel_path(root)
+    data = dump_json(sentinel_doc(ds))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileExistsError:
+        existing = read_sentinel(root)
+        if existing is None:
+            raise UsageError("%s exists and was not written by scratch-keepalive (or is a "
+                             "symlink); move it away, then add again" % path)
+        if existing.get("name") != ds["name"]:
+            raise UsageError("%s says this directory is dataset %r (registered in another "
+                             "state directory?); remove it there, or delete the file"
+                             % (path, existing.get("name")))
+        update_sentinel(root, ds)
+        return False
+    except OSError as e:
+        raise UsageError("cannot create %s (%s); check the directory's permissions"
+                         % (path, e.strerror))
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    return True
+
+
+def update_sentinel(root, ds):
+    """Rewrite our sentinel in place (the directory's mtime does not move). False if not ours."""
+    if read_sentinel(root) is None:
+        return False
+    try:
+        fd = os.open(sentinel_path(root), os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        data = dump_json(sentinel_doc(ds))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0) if hasattr(os, "pwrite") else os.write(fd, data)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def delete_sentinel(root):
+    """Delete the sentinel only when it is our regular file. True when deleted."""
+    if read_sentinel(root) is None:
+        return False
+    try:
+        os.unlink(sentinel_path(root))
+        return True
+    except OSError:
+        return False
+
+# ---------------------------------------------------------------- walker and cursor
+
+
+_utimensat = None
+
+
+def _load_utimensat():
+    """ctypes binding of utimensat(2): Python's os.utime cannot leave mtime alone."""
+    global _utimensat
+    if _utimensat is None:
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            func = libc.utimensat
+        except (ImportError, OSError, AttributeError):
+            raise Failure("this system offers no utimensat(2) through ctypes, so atime cannot "
+                          "be set without rewriting mtime; run with --check")
+
+        class Timespec(ctypes.Structure):
+            _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+        times = (Timespec * 2)(Timespec(0, UTIME_NOW), Timespec(0, UTIME_OMIT))
+        func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int]
+        func.restype = ctypes.c_int
+        addr = ctypes.addressof(times)
+        get_errno = ctypes.get_errno
+
+        def touch_atime(dir_fd, name):
+            """atime = now, mtime untouched, the link itself. 0 or an errno."""
+            if func(dir_fd, name, addr, AT_SYMLINK_NOFOLLOW) == 0:
+                return 0
+            return get_errno() or errno.EIO
+
+        touch_atime.keep = times      # keep the array alive with the function
+        _utimensat = touch_atime
+    return _utimensat
+
+
+def open_dir(name, dir_fd=None):
+    """Open a directory without following a symlink and, where allowed, without moving its atime."""
+    kw = {} if dir_fd is None else {"dir_fd": dir_fd}
+    if O_NOATIME:
+        try:
+            return os.open(name, O_DIR_FLAGS | O_NOATIME, **kw)
+        except PermissionError:
+            pass    # O_NOATIME needs ownership; fall back to a plain open
+    return os.open(name, O_DIR_FLAGS, **kw)
+
+
+def list_dir(fd):
+    """Entry names of an open directory, as bytes, in byte order."""
+    enc = sys.getfilesystemencoding()
+    return sorted([n.encode(enc, "surrogateescape") for n in os.listdir(fd)])
+
+
+class Frame(object):
+    """One directory on the walk's explicit stack."""
+    __slots__ = ("fd", "name", "names", "idx", "ident", "results", "res_base")
+
+    def __init__(self, fd, name, names, ident):
+        self.fd = fd
+        self.name = name            # component name in the parent (bytes), None for the root
+        self.names = names          # sorted entry names (bytes)
+        self.idx = 0                # next name to consume
+        self.ident = ident          # (st_dev, st_ino), to check a reopen via ".."
+        self.results = None         # visit results computed ahead for names[res_base:...]
+        self.res_base = 0
+
+
+class Counts(object):
+    FIELDS = ("entries_seen", "entries_touched", "entries_skipped", "entries_at_risk",
+              "bytes_at_risk", "entries_purge_eligible", "bytes_purge_eligible", "errors")
+
+    def __init__(self, doc=None):
+        for f in self.FIELDS:
+            setattr(self, f, int((doc or {}).get(f, 0)))
+
+    def as_dict(self):
+        return dict((f, getattr(self, f)) for f in self.FIELDS)
+
+    def add(self, other):
+        for f in self.FIELDS:
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+
+
+class Walker(object):
+    """Depth-first walk of one dataset in byte order, with a resumable cursor.
+
+    Order: the root, then each directory's entries sorted by name bytes, a
+    directory's subtree right after the directory itself. The cursor is the
+    last entry consumed: {"path": [names], "subtree_done": bool}; everything at
+    or before it in that order is done. Resuming skips those entries by
+    bisecting each level's sorted listing, without re-walking them.
+
+    Work may run ahead of the cursor (batches, threads); it is idempotent (a
+    second atime touch is harmless), so a resume repeats at most the stretch
+    after the last checkpoint.
+    """
+
+    def __init__(self, root, mode, thresholds, dry_run=False, threads=1):
+        self.root = root
+        self.root_b = os.fsencode(root)
+        self.touch = mode == "touch"
+        self.dry_run = dry_run
+        self.skip_ns, self.risk_ns, self.purge_ns = thresholds
+        self.threads = max(1, int(threads or 1))
+        self.counts = Counts()
+        self.error_paths = []
+        self.stack = []
+        self.root_dev = None
+        self.stop_reason = None
+        self.touch_atime = _load_utimensat() if (self.touch and not dry_run) else None
+        self.pool = None
+
+    # -- errors
+    def _error(self, name, err):
+        """Count an entry that vanished or denied access; log the first ones' paths."""
+        self.counts.errors += 1
+        if len(self.error_paths) < MAX_LOGGED_ERRORS:
+            path = b"/".join([self.root_b] + self._components() + ([name] if name else []))
+            self.error_paths.append("%s: %s" % (display_path(path), os.strerror(err)))
+
+    def _components(self):
+        return [f.name for f in self.stack[1:]]
+
+    # -- visiting one entry (runs in worker threads when threads > 1)
+    def _visit(self, dir_fd, name):
+        """lstat one entry and touch it when touch mode and its atime is old.
+
+        Returns (st, touched, err): touched is True/False, err an errno or 0.
+        """
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError as e:
+            return None, False, e.errno or errno.EIO
+        if (self.touch and st.st_atime_ns < self.skip_ns
+                and not (stat.S_ISDIR(st.st_mode) and st.st_dev != self.root_dev)):
+            if self.dry_run:
+                return st, True, 0
+            err = self.touch_atime(dir_fd, name)
+            return st, err == 0, err
+        return st, False, 0
+
+    def _visit_many(self, dir_fd, names):
+        visit = self._visit
+        return [visit(dir_fd, n) for n in names]
+
+    def _batch(self, frame, limit):
+        """Visit the next batch of a frame's entries, in parallel when threads > 1."""
+        start = frame.idx
+        end = min(len(frame.names), start + limit)
+        names = frame.names[start:end]
+        if self.pool is None or len(names) < 2 * self.threads:
+            frame.results = self._visit_many(frame.fd, names)
+        else:
+            step = (len(names) + self.threads - 1) // self.threads
+            parts = [names[i:i + step] for i in range(0, len(names), step)]
+            futures = [self.pool.submit(self._visit_many, frame.fd, p) for p in parts]
+            frame.results = [r for fut in futures for r in fut.result()]
+        frame.res_base = start
+
+    # -- accounting for one entry
+    def _account(self, st, touched, err, name):
+        c = self.counts
+        c.entries_seen += 1
+        if st is None:
+            self._error(name, err)
+            return
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if is_dir and st.st_dev != self.root_dev:
+            c.entries_skipped += 1       # a mount point: neither entered nor touched
+            return
+        atime = st.st_atime_ns
+        if atime < self.risk_ns:
+            c.entries_at_risk += 1
+            if stat.S_ISREG(st.st_mode):
+                c.bytes_at_risk += st.st_size
+            if atime < self.purge_ns:
+                c.entries_purge_eligible += 1
+                if stat.S_ISREG(st.st_mode):
+                    c.bytes_purge_eligible += st.st_size
+        if self.touch:
+            if touched:
+                c.entries_touched += 1
+            elif err:
+                self._error(name, err)
+            else:
+                c.entries_skipped += 1
+
+    # -- the stack
+    def _push(self, parent_fd, name, st):
+        """Open and list a subdirectory; push it. Errors are counted, never raised."""
+        try:
+            fd = open_dir(name, dir_fd=parent_fd)
+        except OSError as e:
+            self._error(name, e.errno or errno.EIO)
+            return False
+        try:
+            names = list_dir(fd)
+        except OSError as e:
+            os.close(fd)
+            self._error(name, e.errno or errno.EIO)
+            return False
+        self.stack.append(Frame(fd, name, names, (st.st_dev, st.st_ino)))
+        if len(self.stack) > MAX_OPEN_DIRS:
+            # WARNING: deep trees would exhaust file descriptors; close an ancestor's fd
+            # and reopen it through ".." when the walk climbs back (see _pop).
+            old = self.stack[-MAX_OPEN_DIRS - 1]
+            if old.fd is not None and len(self.stack) - MAX_OPEN_DIRS - 1 > 0:
+                os.close(old.fd)
+                old.fd = None
+        return True
+
+    def _pop(self):
+        child = self.stack.pop()
+        if self.stack and self.stack[-1].fd is None:
+            parent = self.stack[-1]
+            try:
+                fd = open_dir("..", dir_fd=child.fd)
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != parent.ident:
+                    os.close(fd)
+                    raise OSError(errno.ESTALE, "directory moved during the walk")
+                parent.fd = fd
+            except OSError as e:
+                self._error(None, e.errno or errno.EIO)
+                parent.idx = len(parent.names)      # cannot continue this directory
+                parent.results = None
+                parent.fd = -1
+        if child.fd is not None and child.fd >= 0:
+            os.close(child.fd)
+
+    def close(self):
+        while self.stack:
+            f = self.stack.pop()
+            if f.fd is not None and f.fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(f.fd)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
+
+    # -- cursor
+    def cursor(self):
+        """The position after the last consumed entry (see the class docstring)."""
+        if not self.stack:
+            return None
+        top = self.stack[-1]
+        comps = self._components()
+        if top.idx == 0:
+            return {"path": [encode_name(c) for c in comps], "subtree_done": False}
+        return {"path": [encode_name(c) for c in comps + [top.names[top.idx - 1]]],
+                "subtree_done": True}
+
+    def _start(self, cursor):
+        """Visit the root (unless the cursor says it is done) and set up the stack."""
+        try:
+            st = os.lstat(self.root_b)
+        except OSError as e:
+            raise Failure("cannot read the dataset root %s (%s)" % (self.root, e.strerror))
+        if not stat.S_ISDIR(st.st_mode):
+            raise Failure("the dataset root %s is not a directory" % self.root)
+        self.root_dev = st.st_dev
+        if cursor is None:
+            touched, err = False, 0
+            if self.touch and st.st_atime_ns < self.skip_ns:
+                if self.dry_run:
+                    touched = True
+                else:
+                    err = self.touch_atime(AT_FDCWD, self.root_b)
+                    touched = err == 0
+            self._account(st, touched, err, None)
+        try:
+            fd = open_dir(self.root_b)
+            names = list_dir(fd)
+        except OSError as e:
+            raise Failure("cannot list the dataset root %s (%s)" % (self.root, e.strerror))
+        self.stack.append(Frame(fd, None, names, (st.st_dev, st.st_ino)))
+        if cursor is not None:
+            self._seek([decode_name(c) for c in cursor.get("path", [])],
+                       bool(cursor.get("subtree_done")))
+
+    def _seek(self, path, subtree_done):
+        """Position the stack just after `path` without visiting anything before it."""
+        import bisect
+        for depth, comp in enumerate(path):
+            frame = self.stack[-1]
+            i = bisect.bisect_left(frame.names, comp)
+            if i < len(frame.names) and frame.names[i] == comp:
+                frame.idx = i + 1
+                last = depth == len(path) - 1
+                if last and subtree_done:
+                    return
+                try:
+                    st = os.stat(comp, dir_fd=frame.fd, follow_symlinks=False)
+                except OSError:
+                    return      # gone since the checkpoint: carry on after it
+                if not stat.S_ISDIR(st.st_mode) or st.st_dev != self.root_dev:
+                    return
+                if not self._push(frame.fd, comp, st):
+                    return
+            else:
+                frame.idx = i   # the cursor's entry is gone; resume at its successor
+                return
+
+    # -- the walk
+    def run(self, cursor=None, max_entries=None, deadline=None, should_stop=None,
+            on_tick=None, tick_every=BATCH):
+        """Walk until done or stopped. Returns True when the walk completed.
+
+        on_tick(walker) is called about every tick_every entries at a consistent
+        point (checkpoints, progress). should_stop() returns a reason or None.
+        """
+        self._start(cursor)
+        if self.threads > 1:
+            import concurrent.futures
+            self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.threads)
+        batch = BATCH if self.threads == 1 else max(BATCH, 64 * self.threads)
+        counts = self.counts
+        next_tick = counts.entries_seen + tick_every
+        stack = self.stack
+        while stack:
+            frame = stack[-1]
+            if frame.idx >= len(frame.names):
+                self._pop()
+                continue
+            if counts.entries_seen >= next_tick:
+                next_tick = counts.entries_seen + tick_every
+                if on_tick is not None:
+                    on_tick(self)
+            if frame.results is None or frame.idx >= frame.res_base + len(frame.results):
+                # A batch boundary: the place to honour budgets and signals.
+                reason = self._stop_reason(max_entries, deadline, should_stop)
+                if reason:
+                    self.stop_reason = reason
+                    return False
+                limit = batch
+                if max_entries is not None:
+                    limit = min(limit, max_entries - counts.entries_seen)
+                self._batch(frame, limit)
+            name = frame.names[frame.idx]
+            st, touched, err = frame.results[frame.idx - frame.res_base]
+            frame.idx += 1
+            self._account(st, touched, err, name)
+            if st is not None and stat.S_ISDIR(st.st_mode) and st.st_dev == self.root_dev:
+                self._push(frame.fd, name, st)
+        return True
+
+    def _stop_reason(self, max_entries, deadline, should_stop):
+        if should_stop is not None:
+            reason = should_stop()
+            if reason:
+                return reason
+        if max_entries is not None and self.counts.entries_seen >= max_entries:
+            return "max-entries"
+        if deadline is not None and time.monotonic() >= deadline:
+            return "max-seconds"
+        return None
+
+# ---------------------------------------------------------------- policy
+
+
+def profile_of(cfg):
+    return PROFILES[cfg["profile"]]
+
+
+def purge_days_of(cfg):
+    return int(cfg.get("purge_days") or profile_of(cfg)["purge_days"])
+
+
+def thresholds_days(cfg, cadence):
+    """(skip, at-risk, purge) ages in days for a cadence; see the contract."""
+    purge = purge_days_of(cfg)
+    return purge - cadence - 5, purge - cadence - 3, purge
+
+
+def thresholds_ns(cfg, cadence, now):
+    skip, risk, purge = thresholds_days(cfg, cadence)
+    now_ns = int(now * 1e9)
+    return (now_ns - skip * DAY * 10 ** 9, now_ns - risk * DAY * 10 ** 9,
+            now_ns - purge * DAY * 10 ** 9)
+
+
+def dataset_mode(cfg, ds, force_check=False):
+    if force_check:
+        return "check"
+    return "touch" if (profile_of(cfg)["touch_allowed"] or ds.get("approval")) else "check"
+
+
+def scratch_root_of(cfg, env):
+    return env.get("SCRATCH_KEEPALIVE_SCRATCH_ROOT") or cfg.get("scratch_root")
+
+
+def root_present(path):
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def dataset_state(store, ds, now):
+    """missing, expired, disabled, partial, never, due or ok: the first that applies."""
+    if not root_present(ds["path"]):
+        return "missing"
+    if parse_date(ds["keep_until"]) < utc_date(now):
+        return "expired"
+    if not ds.get("enabled", True):
+        return "disabled"
+    if store.checkpoint_exists(ds["name"]):
+        return "partial"
+    if not ds.get("last_refresh"):
+        return "never"
+    start = parse_iso(ds.get("last_refresh_start") or ds["last_refresh"])
+    if now - start >= (int(ds["cadence_days"]) - 1) * DAY:
+        return "due"
+    return "ok"
+
+# ---------------------------------------------------------------- context
+
+
+class Context(object):
+    """What one invocation works with: the state dir, the environment, the output streams."""
+
+    def __init__(self, state_dir=None, env=None, out=None, err=None):
+        self.env = dict(os.environ if env is None else env)
+        self.store = Store(state_dir or default_state_dir(self.env))
+        self.out = out
+        self.err = err
+        self._now = None
+
+    @property
+    def now(self):
+        if self._now is None:
+            self._now = policy_now(self.env)
+        return self._now
+
+    def config(self):
+        return self.store.require_config()
+
+
+def _ctx(state_dir, env):
+    return Context(state_dir=state_dir, env=env)
+
+
+def _get(reg, name):
+    check_name(name)
+    ds = reg["datasets"].get(name)
+    if ds is None:
+        raise UsageError("no dataset named %r; `%s list` shows the registered ones" % (name, PROG))
+    return ds
+
+# ---------------------------------------------------------------- API: init, add, list, status
+
+
+def init(profile=None, scratch_root=None, purge_days=None, state_dir=None, env=None):
+    """Create or update the config. Returns {"config": ..., "changed": bool, "warnings": [...]}."""
+    ctx = _ctx(state_dir, env)
+    return _init(ctx, profile, scratch_root, purge_days)
+
+
+def _init(ctx, profile, scratch_root, purge_days):
+    store = ctx.store
+    old = store.load_config()
+    reg = store.load_registry()
+    datasets = reg["datasets"]
+    if profile is not None and profile not in PROFILES:
+        raise UsageError("unknown profile %r; choose br200 or generic" % profile)
+    name = profile or (old or {}).get("profile") or DEFAULT_PROFILE
+    prof = PROFILES[name]
+    if old and old.get("profile") != name and datasets:
+        raise UsageError("the profile is %s and %d dataset(s) are registered; remove them before "
+                         "changing the profile to %s" % (old.get("profile"), len(datasets), name))
+    same_profile = bool(old) and old.get("profile") == name
+    root = (ctx.env.get("SCRATCH_KEEPALIVE_SCRATCH_ROOT") or scratch_root
+            or (old.get("scratch_root") if same_profile else None))
+    if not root:
+        if prof["scratch_root"]:
+            root = prof["scratch_root"].format(user=current_user(ctx.env))
+        else:
+            root = ctx.env.get("SCRATCH")
+    if not root:
+        raise UsageError("the generic profile needs a scratch root: pass --scratch-root DIR "
+                         "(or set $SCRATCH)")
+    if not os.path.isdir(root):
+        hint = " (not on BR200? use --profile generic --scratch-root DIR)" if name == "br200" else ""
+        raise UsageError("the scratch root %s does not exist or is not a directory%s"
+                         % (root, hint))
+    root = os.path.realpath(root)
+    if purge_days is not None:
+        if prof["purge_days_fixed"] and purge_days != prof["purge_days"]:
+            raise UsageError("the br200 purge rule is fixed at %d days; --purge-days is for the "
+                             "generic profile" % prof["purge_days"])
+        if purge_days < prof["min_cadence"] + 5 or purge_days > 3650:
+            raise UsageError("--purge-days must be between %d and 3650"
+                             % (prof["min_cadence"] + 5))
+    purge = purge_days or (old.get("purge_days") if same_profile else None) or prof["purge_days"]
+    state_real = os.path.realpath(store.dir)
+    warnings = []
+    if overlaps(state_real, root):
+        if name == "br200":
+            raise UsageError("the state directory %s lies inside the scratch root %s, where the "
+                             "purge would delete it; choose another with --state-dir or "
+                             "SCRATCH_KEEPALIVE_HOME" % (store.dir, root))
+        warnings.append("the state directory %s lies inside the scratch root %s: a purge could "
+                        "delete it; prefer a directory in your home" % (store.dir, root))
+    for ds in datasets.values():
+        if not is_below(ds["path"], root):
+            raise UsageError("dataset %r (%s) would not lie below the new scratch root %s; "
+                             "remove it first" % (ds["name"], ds["path"], root))
+        if int(ds["cadence_days"]) > purge - 5:
+            raise UsageError("dataset %r has a %d-day cadence, too long for a %d-day purge; "
+                             "lower it first" % (ds["name"], int(ds["cadence_days"]), purge))
+    cfg = {"profile": name, "scratch_root": root, "purge_days": int(purge)}
+    current = dict((k, (old or {}).get(k)) for k in cfg)
+    changed = current != cfg
+    if changed:
+        cfg["created"] = (old or {}).get("created") or iso(time.time())
+        cfg["updated"] = iso(time.time())
+        store.save_config(cfg)
+    else:
+        cfg = old
+        store.ensure()
+    return {"config": dict((k, cfg[k]) for k in ("profile", "scratch_root", "purge_days")),
+            "changed": changed, "state_dir": store.dir, "warnings": warnings}
+
+
+def add_dataset(name, path, keep_until, cadence_days=None, approval=None, state_dir=None,
+                env=None):
+    """Register a dataset and write its sentinel. Returns the dataset's list entry."""
+    ctx = _ctx(state_dir, env)
+    return _add(ctx, name, path, keep_until, cadence_days, approval)
+
+
+def _check_keep_until(text, now):
+    date = parse_date(text)
+    if date is None:
+        raise UsageError("--keep-until %r is not a real date; use YYYY-MM-DD" % (text,))
+    if date < utc_date(now):
+        raise UsageError("--keep-until %s is in the past (today is %s UTC); give a later date"
+                         % (text, utc_date(now).isoformat()))
+    return date.isoformat()
+
+
+def _check_cadence(cfg, cadence):
+    prof = profile_of(cfg)
+    purge = purge_days_of(cfg)
+    if cadence < prof["min_cadence"]:
+        raise UsageError("--cadence-days %d is below the %s minimum of %d days"
+                         % (cadence, cfg["profile"], prof["min_cadence"]))
+    if cadence > purge - 5:
+        raise UsageError("--cadence-days %d is too long for a %d-day purge (a refresh would come "
+                         "too late); use at most %d" % (cadence, purge, purge - 5))
+    return cadence
+
+
+def _check_approval(text):
+    if text is None:
+        return None
+    text = text.strip()
+    if not text or len(text) > 500 or any(not c.isprintable() for c in text):
+        raise UsageError("--approval must be a ticket number or the exemption's words, one line "
+                         "of at most 500 characters")
+    return text
+
+
+def _add(ctx, name, path, keep_until, cadence_days, approval):
+    store = ctx.store
+    cfg = ctx.config()
+    check_name(name)
+    keep = _check_keep_until(keep_until, ctx.now)
+    prof = profile_of(cfg)
+    purge = purge_days_of(cfg)
+    cadence = cadence_days if cadence_days is not None else min(prof["default_cadence"],
+                                                                purge - 5)
+    _check_cadence(cfg, int(cadence))
+    approval = _check_approval(approval)
+    root = scratch_root_of(cfg, ctx.env)
+    if not path or not os.path.exists(path):
+        raise UsageError("--path %s does not exist; give the dataset's directory" % path)
+    if not os.path.isdir(path):
+        raise UsageError("--path %s is not a directory" % path)
+    real = os.path.realpath(path)
+    real_root = os.path.realpath(root)
+    if not is_below(real, real_root):
+        raise UsageError("--path %s (really %s) is not below the scratch root %s; only datasets "
+                         "on scratch need keeping alive" % (path, real, real_root))
+    with store.update_registry() as reg:
+        if name in reg["datasets"]:
+            raise UsageError("a dataset named %r is already registered; choose another name or "
+                             "`%s remove --name %s` first" % (name, PROG, name))
+        for other in reg["datasets"].values():
+            if overlaps(real, other["path"]):
+                raise UsageError("%s overlaps dataset %r (%s); a dataset may not be, contain or "
+                                 "lie inside another" % (real, other["name"], other["path"]))
+        ds = {"name": name, "path": real, "keep_until": keep, "cadence_days": int(cadence),
+              "approval": approval, "enabled": True, "added": iso(time.time()),
+              "last_refresh": None, "last_refresh_start": None, "last_mode": None,
+              "last_run": None, "last_total_entries": None}
+        created = create_sentinel(real, ds)
+        try:
+            reg["datasets"][name] = ds
+        except BaseException:
+            if created:
+                delete_sentinel(real)
+            raise
+    return _list_entry(ctx, cfg, ds)
+
+
+def _list_entry(ctx, cfg, ds):
+    return {"name": ds["name"], "path": ds["path"], "enabled": bool(ds.get("enabled", True)),
+            "keep_until": ds["keep_until"], "cadence_days": int(ds["cadence_days"]),
+            "approval": ds.get("approval"), "mode": dataset_mode(cfg, ds),
+            "last_refresh": ds.get("last_refresh"), "last_mode": ds.get("last_mode"),
+            "state": dataset_state(ctx.store, ds, ctx.now)}
+
+
+def list_datasets(state_dir=None, env=None):
+    """The registered datasets as the list of dicts `list --json` prints."""
+    return _list(_ctx(state_dir, env))
+
+
+def _list(ctx):
+    reg = ctx.store.load_registry()
+    if not reg["datasets"]:
+        return []
+    cfg = ctx.config()
+    return [_list_entry(ctx, cfg, reg["datasets"][n]) for n in sorted(reg["datasets"])]
+
+
+def status(name=None, state_dir=None, env=None):
+    """One dataset's status dict (name given) or a list of them, as `status --json` prints."""
+    return _status(_ctx(state_dir, env), name)
+
+
+def _status_entry(ctx, cfg, ds):
+    entry = _list_entry(ctx, cfg, ds)
+    sp = sentinel_path(ds["path"])
+    try:
+        entry["sentinel"] = stat.S_ISREG(os.lstat(sp).st_mode)
+    except OSError:
+        entry["sentinel"] = False
+    ckpt = ctx.store.load_checkpoint_quiet(ds["name"])
+    entry["checkpoint"] = None if ckpt is None else {
+        "entries_done": int(ckpt.get("entries_done", 0)), "mode": ckpt.get("mode"),
+        "updated": ckpt.get("updated"), "walk_started": ckpt.get("walk_started")}
+    entry["last_run"] = ds.get("last_run")
+    entry["last_refresh_start"] = ds.get("last_refresh_start")
+    entry["added"] = ds.get("added")
+    entry["thresholds_days"] = dict(zip(("skip", "at_risk", "purge"),
+                                        thresholds_days(cfg, int(ds["cadence_days"]))))
+    if ds.get("last_refresh"):
+        start = parse_iso(ds.get("last_refresh_start") or ds["last_refresh"])
+        entry["next_due"] = iso(start + (int(ds["cadence_days"]) - 1) * DAY)
+    else:
+        entry["next_due"] = None
+    return entry
+
+
+def _status(ctx, name=None):
+    reg = ctx.store.load_registry()
+    if name is not None:
+        ds = _get(reg, name)
+        return _status_entry(ctx, ctx.config(), ds)
+    if not reg["datasets"]:
+        return []
+    cfg = ctx.config()
+    return [_status_entry(ctx, cfg, reg["datasets"][n]) for n in sorted(reg["datasets"])]
+
+# ---------------------------------------------------------------- API: extend, enable, remove
+
+
+def extend(name, keep_until=None, approval=None, state_dir=None, env=None):
+    """Move a keep-until date and/or record a site approval. Returns the list entry."""
+    return _extend(_ctx(state_dir, env), name, keep_until, approval)
+
+
+def _extend(ctx, name, keep_until, approval):
+    cfg = ctx.config()
+    check_name(name)
+    if keep_until is None and approval is None:
+        raise UsageError("extend needs --keep-until YYYY-MM-DD and/or --approval TEXT")
+    keep = _check_keep_until(keep_until, ctx.now) if keep_until is not None else None
+    approval = _check_approval(approval)
+    with ctx.store.update_registry() as reg:
+        ds = _get(reg, name)
+        if keep is not None:
+            ds["keep_until"] = keep
+        if approval is not None:
+            ds["approval"] = approval
+    return _list_entry(ctx, cfg, ds)
+
+
+def set_enabled(name, enabled, state_dir=None, env=None):
+    """Enable or disable one dataset. Returns the list entry."""
+    return _set_enabled(_ctx(state_dir, env), name, enabled)
+
+
+def _set_enabled(ctx, name, enabled):
+    cfg = ctx.config()
+    check_name(name)
+    with ctx.store.update_registry() as reg:
+        ds = _get(reg, name)
+        ds["enabled"] = bool(enabled)
+    return _list_entry(ctx, cfg, ds)
+
+
+def remove_dataset(name, state_dir=None, env=None):
+    """Unregister a dataset, delete its sentinel and checkpoint. Its data is never touched."""
+    return _remove(_ctx(state_dir, env), name)
+
+
+def _remove(ctx, name):
+    store = ctx.store
+    check_name(name)
+    reg = store.load_registry()
+    _get(reg, name)
+    with DatasetLock(store, name):
+        with store.update_registry() as reg:
+            ds = _get(reg, name)
+            del reg["datasets"][name]
+        sentinel_deleted = delete_sentinel(ds["path"])
+        store.delete_checkpoint(name)
+    with contextlib.suppress(OSError):
+        os.unlink(store.lock_path(name))
+    return {"name": name, "path": ds["path"], "sentinel_deleted": sentinel_deleted}
+
+# ---------------------------------------------------------------- refresh engine
+
+
+class RefreshOptions(object):
+    def __init__(self, name=None, due=False, check=False, dry_run=False, max_seconds=None,
+                 max_entries=None, threads=None, checkpoint_every=CHECKPOINT_SECONDS):
+        self.name = name
+        self.due = due
+        self.check = check
+        self.dry_run = dry_run
+        self.max_seconds = max_seconds
+        self.max_entries = max_entries
+        self.threads = threads
+        self.checkpoint_every = checkpoint_every
+
+
+class Budget(object):
+    """Budgets cover the whole command, across datasets."""
+
+    def __init__(self, max_seconds, max_entries):
+        self.deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        self.entries_left = max_entries
+
+    def exhausted(self):
+        if self.entries_left is not None and self.entries_left <= 0:
+            return "max-entries"
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return "max-seconds"
+        return None
+
+
+def empty_result(name, mode):
+    result = {"name": name, "mode": mode, "complete": False, "resumed": False}
+    result.update(Counts().as_dict())
+    return result
+
+
+def refresh(name=None, due=False, check=False, dry_run=False, max_seconds=None,
+            max_entries=None, threads=None, state_dir=None, env=None, should_stop=None,
+            progress=None):
+    """Refresh (or check) datasets. Returns {"results": [...], "exit_code": N, "notes": [...]}.
+
+    should_stop() may return "term" or "int" to stop the walk at the next
+    entry, with the checkpoint saved. No printing, no signal handlers.
+    """
+    ctx = _ctx(state_dir, env)
+    opts = RefreshOptions(name, due, check, dry_run, max_seconds, max_entries, threads)
+    return _refresh(ctx, opts, should_stop=should_stop, progress=progress)
+
+
+def _select(ctx, cfg, reg, opts):
+    """The datasets to walk, and results for the ones named but not walkable."""
+    now = ctx.now
+    chosen, refused = [], []
+    if opts.name is not None:
+        ds = _get(reg, opts.name)
+        st = dataset_state(ctx.store, ds, now)
+        reasons = {"missing": "its root %s is missing (purged or moved?); check it, then "
+                              "`%s remove --name %s` or re-add it" % (ds["path"], PROG, ds["name"]),
+                   "expired": "its keep-until date %s has passed; `%s extend --name %s "
+                              "--keep-until YYYY-MM-DD` to keep it" % (ds["keep_until"], PROG,
+                                                                       ds["name"]),
+                   "disabled": "it is disabled; `%s enable --name %s` first" % (PROG, ds["name"])}
+        if st in reasons:
+            refused.append((ds, st, reasons[st]))
+        else:
+            chosen.append(ds)
+        return chosen, refused
+    for n in sorted(reg["datasets"]):
+        ds = reg["datasets"][n]
+        st = dataset_state(ctx.store, ds, now)
+        if st in ("expired", "disabled"):
+            continue
+        if st == "missing":
+            refused.append((ds, st, "its root %s is missing (purged or moved?)" % ds["path"]))
+            continue
+        if opts.due and st not in ("partial", "never", "due"):
+            continue
+        chosen.append(ds)
+    return chosen, refused
+
+
+def on_login_node(cfg, env):
+    return profile_of(cfg)["login_node_budget"] is not None and not env.get("SLURM_JOB_ID")
+
+
+def _refresh(ctx, opts, should_stop=None, progress=None):
+    cfg = ctx.config()
+    reg = ctx.store.load_registry()
+    chosen, refused = _select(ctx, cfg, reg, opts)
+    notes = []
+    max_seconds = opts.max_seconds
+    if max_seconds is None and on_login_node(cfg, ctx.env) and chosen and not opts.dry_run:
+        max_seconds = profile_of(cfg)["login_node_budget"]
+        notes.append("on a login node (no SLURM_JOB_ID): this run stops after %d minutes "
+                     "(IU kills login-node processes after 20 CPU minutes); the next run resumes "
+                     "where it stopped. Run the rest as a job: `sbatch -A ACCOUNT -p general "
+                     "-t 2:00:00 --mem=2G --wrap \"%s refresh\"`, or schedule it with "
+                     "`%s install-cron --account ACCOUNT`" % (max_seconds // 60, PROG, PROG))
+    budget = Budget(max_seconds, opts.max_entries)
+    results, codes = [], []
+    for ds, st, reason in refused:
+        r = empty_result(ds["name"], dataset_mode(cfg, ds, opts.check))
+        r["reason"] = reason
+        r["state"] = st
+        results.append(r)
+        codes.append(EXIT_FAIL)
+    if not chosen and not refused:
+        notes.append("nothing to refresh: no enabled, unexpired dataset%s"
+                     % (" is due" if opts.due else ""))
+    for ds in chosen:
+        mode = dataset_mode(cfg, ds, opts.check)
+        if mode == "check" and not opts.check and not profile_of(cfg)["touch_allowed"]:
+            notes.append("%r has no site approval, so it was only checked: IU forbids refreshing "
+                         "access times to avoid the purge. Copy what you need to Slate or "
+                         "Slate-Project, or record an exemption IU granted: `%s extend --name %s "
+                         "--approval TICKET`" % (ds["name"], PROG, ds["name"]))
+        reason = budget.exhausted()
+        if reason:
+            r = empty_result(ds["name"], mode)
+            r["reason"] = "not started: the %s budget was used up" % reason
+            results.append(r)
+            codes.append(EXIT_STOPPED)
+            continue
+        try:
+            r, code = _refresh_one(ctx, cfg, ds, mode, opts, budget, should_stop, progress)
+        except BusyError as e:
+            r, code = empty_result(ds["name"], mode), EXIT_BUSY
+            r["reason"] = str(e)
+        except Failure as e:
+            r, code = empty_result(ds["name"], mode), e.exit_code
+            r["reason"] = str(e)
+        results.append(r)
+        codes.append(code)
+        if code == EXIT_INTERRUPTED:
+            break
+    return {"results": results, "exit_code": combine_exit_codes(codes), "notes": notes}
+
+
+def _refresh_one(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
+    """Walk one dataset; checkpoint, log and record. Returns (result, exit code)."""
+    store = ctx.store
+    name = ds["name"]
+    if not root_present(ds["path"]):
+        raise Failure("dataset %r: its root %s is missing" % (name, ds["path"]))
+    lock = None if opts.dry_run else DatasetLock(store, name).acquire()
+    try:
+        return _walk_dataset(ctx, cfg, ds, mode, opts, budget, should_stop, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _walk_dataset(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
+    store = ctx.store
+    name = ds["name"]
+    started = time.time()
+    cadence = int(ds["cadence_days"])
+    thresholds = thresholds_ns(cfg, cadence, ctx.now)
+    ckpt = None if opts.dry_run else store.load_checkpoint_quiet(name)
+    if ckpt is not None and (ckpt.get("mode") != mode or ckpt.get("path") != ds["path"]):
+        ckpt = None     # another mode's (or another path's) position: start over
+    resumed = ckpt is not None
+    walk_started = ckpt.get("walk_started") if resumed else iso(started)
+    done_before = int(ckpt.get("entries_done", 0)) if resumed else 0
+    totals = Counts(ckpt.get("totals") if resumed else None)
+    threads = opts.threads or (8 if ctx.env.get("SLURM_JOB_ID") else 1)
+    walker = Walker(ds["path"], mode, thresholds, dry_run=opts.dry_run, threads=threads)
+    log_path, log = (None, None) if opts.dry_run else store.new_log(name, started, mode)
+    skip_d, risk_d, purge_d = thresholds_days(cfg, cadence)
+    timing = {"checkpoint_seconds": 0.0, "checkpoints": 0}
+
+    def write_log(line):
+        if log is not None:
+            log.write("%s %s\n" % (iso(time.time()), line))
+
+    write_log("start dataset=%s path=%s mode=%s pid=%d host=%s version=%s" % (
+        name, display_path(ds["path"]), mode, os.getpid(), socket.gethostname(), __version__))
+    write_log("thresholds skip_days=%d at_risk_days=%d purge_days=%d now=%s%s" % (
+        skip_d, risk_d, purge_d, iso(ctx.now), " resumed entries_done=%d" % done_before
+        if resumed else ""))
+
+    def save_checkpoint(cursor, seen):
+        if opts.dry_run:
+            return
+        t0 = time.monotonic()
+        run_totals = Counts(totals.as_dict())
+        run_totals.add(walker.counts)
+        store.save_checkpoint(name, {
+            "dataset": name, "path": ds["path"], "mode": mode, "cursor": cursor,
+            "entries_done": done_before + seen, "totals": run_totals.as_dict(),
+            "walk_started": walk_started, "updated": iso(time.time()),
+            "pid": os.getpid(), "host": socket.gethostname()})
+        timing["checkpoint_seconds"] += time.monotonic() - t0
+        timing["checkpoints"] += 1
+
+    ticks = {"last_ckpt": time.monotonic(), "last_progress": 0.0}
+    t_walk = time.monotonic()
+
+    def on_tick(w):
+        t = time.monotonic()
+        if t - ticks["last_ckpt"] >= opts.checkpoint_every:
+            save_checkpoint(w.cursor(), w.counts.entries_seen)
+            ticks["last_ckpt"] = time.monotonic()
+        if progress is not None and t - ticks["last_progress"] >= PROGRESS_SECONDS:
+            ticks["last_progress"] = t
+            progress(name, done_before + w.counts.entries_seen, w.counts.entries_seen,
+                     t - t_walk, ds.get("last_total_entries"))
+
+    complete = False
+    try:
+        complete = walker.run(cursor=ckpt.get("cursor") if resumed else None,
+                              max_entries=budget.entries_left, deadline=budget.deadline,
+                              should_stop=should_stop, on_tick=on_tick)
+        if not complete:
+            save_checkpoint(walker.cursor(), walker.counts.entries_seen)
+    except BaseException:
+        # A crash in the walk: keep the position reached so far, then let it propagate.
+        if walker.stack:
+            with contextlib.suppress(Exception):
+                save_checkpoint(walker.cursor(), walker.counts.entries_seen)
+        if log is not None:
+            write_log("end crashed entries_seen=%d" % walker.counts.entries_seen)
+            log.close()
+        raise
+    finally:
+        walk_seconds = time.monotonic() - t_walk
+        walker.close()
+    if budget.entries_left is not None:
+        budget.entries_left -= walker.counts.entries_seen
+    counts = walker.counts
+    finished = time.time()
+    result = {"name": name, "mode": mode, "complete": complete, "resumed": resumed}
+    result.update(counts.as_dict())
+    result["entries_done"] = done_before + counts.entries_seen
+    result["started"] = iso(started)
+    result["finished"] = iso(finished)
+    result["dry_run"] = bool(opts.dry_run)
+    result["stopped"] = None if complete else walker.stop_reason
+    result["log"] = log_path
+    timing["walk_seconds"] = round(walk_seconds, 6)
+    timing["checkpoint_seconds"] = round(timing["checkpoint_seconds"], 6)
+    result["timing"] = timing
+    if complete and counts.errors:
+        code = EXIT_FAIL
+    elif complete:
+        code = EXIT_OK
+    elif walker.stop_reason == "int":
+        code = EXIT_INTERRUPTED
+    else:
+        code = EXIT_STOPPED
+    result["exit_code"] = code
+    if log is not None:
+        for line in walker.error_paths:
+            write_log("error %s" % line)
+        if counts.errors > len(walker.error_paths):
+            write_log("error ... and %d more" % (counts.errors - len(walker.error_paths)))
+        write_log("counts " + " ".join("%s=%d" % kv for kv in sorted(counts.as_dict().items())))
+        write_log("end %s%s exit=%d" % ("complete" if complete else "stopped",
+                                        "" if complete else " reason=%s" % walker.stop_reason,
+                                        code))
+        log.close()
+    if opts.dry_run:
+        return result, code
+    if complete:
+        totals.add(counts)
+        store.delete_checkpoint(name)
+    last_run = dict((k, v) for k, v in result.items() if k != "timing")
+    with store.update_registry() as reg:
+        cur = reg["datasets"].get(name)
+        if cur is not None:
+            cur["last_run"] = last_run
+            if complete:
+                cur["last_refresh"] = iso(finished)
+                cur["last_refresh_start"] = walk_started
+                cur["last_mode"] = mode
+                cur["last_total_entries"] = done_before + counts.entries_seen
+                cur["last_totals"] = totals.as_dict()
+    if complete and mode == "touch" and cur is not None:
+        update_sentinel(ds["path"], cur)
+    store.prune_logs(name)
+    return result, code
+
+# ---------------------------------------------------------------- output
+
+
+def emit_json(ctx, obj):
+    ctx.out.write(json.dumps(obj, sort_keys=True, indent=2) + "\n")
+
+
+def say(ctx, text=""):
+    ctx.out.write(text + "\n")
+
+
+def note(ctx, text, to_err=False):
+    (ctx.err if to_err else ctx.out).write("note: %s\n" % text)
+
+
+def table(rows, headers):
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    lines = []
+    for row in [headers] + rows:
+        lines.append("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def describe_result(r):
+    """One line that tells a person what a refresh did to one dataset."""
+    name = r["name"]
+    if r.get("reason"):
+        return "%s: not refreshed: %s" % (name, r["reason"])
+    dry = "(dry run) " if r.get("dry_run") else ""
+    if r["mode"] == "touch":
+        verb = "would touch" if r.get("dry_run") else "touched"
+        body = "%s%s %s of %s entries (%s accessed recently, skipped)" % (
+            dry, verb, human_count(r["entries_touched"]), human_count(r["entries_seen"]),
+            human_count(r["entries_skipped"]))
+    else:
+        body = "%schecked %s entries: %s at risk (%s), %s purge-eligible (%s)" % (
+            dry, human_count(r["entries_seen"]), human_count(r["entries_at_risk"]),
+            human_bytes(r["bytes_at_risk"]), human_count(r["entries_purge_eligible"]),
+            human_bytes(r["bytes_purge_eligible"]))
+    if r["errors"]:
+        body += "; %s errors (vanished or permission denied%s)" % (
+            human_count(r["errors"]), ", listed in " + r["log"] if r.get("log") else "")
+    if r["complete"]:
+        state = "complete" + (", resumed" if r["resumed"] else "")
+    else:
+        state = "stopped (%s) with %s entries done; %s" % (
+            r.get("stopped") or "?", human_count(r.get("entries_done", 0)),
+            "nothing was saved (dry run)" if r.get("dry_run")
+            else "run refresh again to resume from the checkpoint")
+    return "%s: %s; %s" % (name, body, state)
+
+
+class Progress(object):
+    """A one-line progress display on a terminal's stderr; silent otherwise."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        try:
+            self.active = stream.isatty()
+        except (AttributeError, ValueError):
+            self.active = False
+        self.shown = False
+
+    def __call__(self, name, done, this_run, seconds, total):
+        if not self.active:
+            return
+        rate = this_run / seconds if seconds > 0 else 0
+        share = " %d%%" % min(99, 100 * done // total) if total else ""
+        self.stream.write("\r\033[K%s: %s entries, %s/s%s" % (name, human_count(done),
+                                                             human_count(int(rate)), share))
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self):
+        if self.shown:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.shown = False
+
+# ---------------------------------------------------------------- command handlers
+
+
+def cmd_init(args, ctx):
+    r = _init(ctx, args.profile, args.scratch_root, args.purge_days)
+    cfg = r["config"]
+    prof = PROFILES[cfg["profile"]]
+    say(ctx, "%s: profile %s, scratch root %s, state in %s" % (
+        "Initialised" if r["changed"] else "Already initialised, nothing changed",
+        cfg["profile"], cfg["scratch_root"], r["state_dir"]))
+    say(ctx, "  purge rule: files not accessed for %d days are deleted" % cfg["purge_days"])
+    say(ctx, "  refreshing access times: %s" % (
+        "allowed (touch mode)" if prof["touch_allowed"]
+        else "only for datasets with a site approval; others are checked"))
+    for w in r["warnings"]:
+        ctx.err.write("%s: warning: %s\n" % (PROG, w))
+    if not prof["touch_allowed"]:
+        note(ctx, POLICY_BR200)
+    return EXIT_OK
+
+
+def cmd_add(args, ctx):
+    entry = _add(ctx, args.name, args.path, args.keep_until, args.cadence_days, args.approval)
+    if args.json:
+        emit_json(ctx, entry)
+        return EXIT_OK
+    say(ctx, "Added %r: %s, kept until %s, refreshed every %d days, %s mode" % (
+        entry["name"], entry["path"], entry["keep_until"], entry["cadence_days"], entry["mode"]))
+    if entry["mode"] == "check":
+        note(ctx, "%r has no site approval: refresh will only check it and report what is at "
+                  "risk (IU forbids refreshing access times to avoid the purge). Record an "
+                  "exemption with `%s extend --name %s --approval TICKET`"
+             % (entry["name"], PROG, entry["name"]))
+    say(ctx, "Next: `%s refresh --name %s` now, and `%s install-cron` to schedule it."
+        % (PROG, entry["name"], PROG))
+    return EXIT_OK
+
+
+def cmd_list(args, ctx):
+    entries = _list(ctx)
+    if args.json:
+        emit_json(ctx, entries)
+        return EXIT_OK
+    if not entries:
+        say(ctx, "No datasets registered. Add one: %s add --name NAME --path DIR "
+                 "--keep-until YYYY-MM-DD" % PROG)
+        return EXIT_OK
+    rows = [[e["name"], e["state"], e["mode"], e["keep_until"], e["last_refresh"] or "never",
+             display_path(e["path"])] for e in entries]
+    say(ctx, table(rows, ["NAME", "STATE", "MODE", "KEEP-UNTIL", "LAST-REFRESH", "PATH"]))
+    return EXIT_OK
+
+
+def _status_lines(e):
+    lines = ["%s: %s (%s mode)" % (e["name"], e["state"], e["mode"])]
+    add = lines.append
+    add("  path:          %s" % display_path(e["path"]))
+    add("  keep until:    %s%s" % (e["keep_until"], "" if e["enabled"] else "  (disabled)"))
+    add("  cadence:       every %d days; next due %s" % (e["cadence_days"],
+                                                          e["next_due"] or "now"))
+    t = e["thresholds_days"]
+    add("  approval:      %s" % (e["approval"] or "none"))
+    add("  thresholds:    touch if not accessed for %d days; at risk after %d; purge after %d"
+        % (t["skip"], t["at_risk"], t["purge"]))
+    add("  last refresh:  %s" % ("%s (%s mode)" % (e["last_refresh"], e["last_mode"])
+                                 if e["last_refresh"] else "never"))
+    run = e.get("last_run")
+    if run:
+        add("  last run:      %s; %s" % (run.get("finished"), describe_result(run).split(": ", 1)[1]))
+        if run.get("log"):
+            add("  last log:      %s" % run["log"])
+    ck = e["checkpoint"]
+    add("  checkpoint:    %s" % ("none" if not ck else "%s entries done (%s mode, saved %s)" % (
+        human_count(ck["entries_done"]), ck["mode"], ck["updated"])))
+    add("  sentinel:      %s" % ("present" if e["sentinel"] else "MISSING (run `%s repair`)"
+                                 % PROG))
+    return lines
+
+
+def cmd_status(args, ctx):
+    data = _status(ctx, args.name)
+    if args.json:
+        emit_json(ctx, data)
+        return EXIT_OK
+    entries = [data] if isinstance(data, dict) else data
+    if not entries:
+        say(ctx, "No datasets registered. Add one: %s add --name NAME --path DIR "
+                 "--keep-until YYYY-MM-DD" % PROG)
+    for i, e in enumerate(entries):
+        if i:
+            say(ctx)
+        for line in _status_lines(e):
+            say(ctx, line)
+    extra = getattr(ctx, "status_extra", None)
+    if extra is not None:
+        extra(args, ctx)
+    return EXIT_OK
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGTERM and SIGINT ask the walk to stop and checkpoint; handlers restored on exit."""
+    flag = {"reason": None}
+
+    def handler(signum, frame):
+        flag["reason"] = "int" if signum == signal.SIGINT else "term"
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield lambda: flag["reason"]
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def cmd_refresh(args, ctx):
+    opts = RefreshOptions(args.name, args.due, args.check, args.dry_run, args.max_seconds,
+                          args.max_entries, args.threads, args.checkpoint_every)
+    progress = Progress(ctx.err)
+    with stop_signals() as should_stop:
+        try:
+            out = _refresh(ctx, opts, should_stop=should_stop, progress=progress)
+        finally:
+            progress.clear()
+    if args.json:
+        emit_json(ctx, {"results": out["results"], "notes": out["notes"]})
+    else:
+        for r in out["results"]:
+            say(ctx, describe_result(r))
+    for text in out["notes"]:
+        note(ctx, text, to_err=args.json)
+    return out["exit_code"]
+
+
+def cmd_extend(args, ctx):
+    e = _extend(ctx, args.name, args.keep_until, args.approval)
+    say(ctx, "%s: kept until %s; approval: %s; %s mode" % (e["name"], e["keep_until"],
+                                                          e["approval"] or "none", e["mode"]))
+    return EXIT_OK
+
+
+def cmd_enable(args, ctx):
+    e = _set_enabled(ctx, args.name, True)
+    say(ctx, "%s: enabled (%s)" % (e["name"], e["state"]))
+    return EXIT_OK
+
+
+def cmd_disable(args, ctx):
+    e = _set_enabled(ctx, args.name, False)
+    say(ctx, "%s: disabled; it is not refreshed until `%s enable --name %s`"
+        % (e["name"], PROG, e["name"]))
+    return EXIT_OK
+
+
+def cmd_remove(args, ctx):
+    r = _remove(ctx, args.name)
+    say(ctx, "%s: removed from the registry%s; no data under %s was touched" % (
+        r["name"], " and its sentinel deleted" if r["sentinel_deleted"] else "",
+        display_path(r["path"])))
+    return EXIT_OK
+
+
+def cmd_not_yet(args, ctx):
+    raise Failure("`%s` is not available in this version yet" % args.command)
+
+# ---------------------------------------------------------------- parser
+
+
+EXAMPLES = """\
+examples:
+  # try it on any Linux machine (generic profile, a directory of your choosing)
+  scratch-keepalive init --profile generic --scratch-root /tmp
+  scratch-keepalive add --name demo --path /tmp/demo --keep-until 2027-06-30
+  scratch-keepalive refresh --name demo
+
+  # on Big Red 200
+  scratch-keepalive init
+  scratch-keepalive add --name genomes --path /N/scratch/$USER/genomes --keep-until 2027-03-31
+  scratch-keepalive refresh --name genomes        # check mode: reports what is at risk
+  scratch-keepalive install-cron --account r00000
+
+exit codes:
+  0 done, 1 failed or entry errors or doctor found a problem, 2 usage or invalid input
+  (nothing changed), 3 stopped early (progress checkpointed), 4 busy (locked by another
+  process), 130 interrupted (progress checkpointed)
+
+state: $SCRATCH_KEEPALIVE_HOME, else $XDG_STATE_HOME/scratch-keepalive, else
+  ~/.local/state/scratch-keepalive (or --state-dir DIR). SCRATCH_KEEPALIVE_SCRATCH_ROOT
+  overrides the scratch root; SCRATCH_KEEPALIVE_NOW (ISO-8601) replaces the clock for
+  policy decisions (previews, tests).
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so main() returns the exit code."""
+
+    def error(self, message):
+        raise UsageError("%s; see `%s --help`" % (message, self.prog))
+
+    def exit(self, status=0, message=None):
+        if message:
+            sys.stderr.write(message)
+        raise _ParserExit(status)
+
+
+def _int_range(lo, hi=None, what="a whole number"):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not %s" % (text, what))
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(
+                "%d is out of range (%d to %s)" % (value, lo, hi if hi is not None else "any"))
+        return value
+    return parse
+
+
+def _positive_seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number of seconds" % text)
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError("%r must be a positive number of seconds" % text)
+    return value
+
+
+def add_json_argument(p):
+    p.add_argument("--json", action="store_true", help="print JSON (see the contract) instead of text")
+
+
+def add_name_argument(p, required=True, help_text="the dataset's name"):
+    p.add_argument("--name", required=required, metavar="NAME", help=help_text)
+
+
+def add_state_dir_argument(p, top=False):
+    p.add_argument("--state-dir", metavar="DIR", default=None if top else argparse.SUPPRESS,
+                   help="state directory (default: $SCRATCH_KEEPALIVE_HOME, else "
+                        "$XDG_STATE_HOME/scratch-keepalive, else ~/.local/state/scratch-keepalive)")
+
+
+def _sub(subs, name, func, help_text, description, examples):
+    p = subs.add_parser(name, help=help_text, description=description,
+                        epilog="examples:\n" + examples,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=func)
+    add_state_dir_argument(p)
+    return p
+
+
+def build_parser():
+    parser = _Parser(prog=PROG, description=__doc__, epilog=EXAMPLES,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version="%s %s" % (PROG, __version__))
+    add_state_dir_argument(parser, top=True)
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subs.required = True
+
+    p = _sub(subs, "init", cmd_init, "choose the profile and scratch root",
+             "Create or update the configuration. The same options again change nothing; new "
+             "ones update it; changing the profile while datasets exist is refused.",
+             "  scratch-keepalive init                      # br200: /N/scratch/$USER\n"
+             "  scratch-keepalive init --profile generic --scratch-root $SCRATCH --purge-days 60\n")
+    p.add_argument("--profile", choices=sorted(PROFILES), help="br200 (default) or generic")
+    p.add_argument("--scratch-root", metavar="DIR", help="the purged filesystem's directory "
+                   "(br200: /N/scratch/$USER; generic: $SCRATCH)")
+    p.add_argument("--purge-days", type=_int_range(6, 3650), metavar="N",
+                   help="generic: files not accessed for N days are purged (default 30)")
+
+    p = _sub(subs, "add", cmd_add, "register a dataset",
+             "Register a dataset below the scratch root, to be kept until a date (inclusive), "
+             "and write its sentinel file.",
+             "  scratch-keepalive add --name genomes --path /N/scratch/$USER/genomes "
+             "--keep-until 2027-03-31\n"
+             "  scratch-keepalive add --name sims --path $SCRATCH/sims --keep-until 2027-01-15 "
+             "--approval INC0012345\n")
+    add_name_argument(p, help_text="a name: letters, digits, '.', '_', '-' (up to 64)")
+    p.add_argument("--path", required=True, metavar="DIR", help="the dataset's root directory")
+    p.add_argument("--keep-until", required=True, metavar="YYYY-MM-DD",
+                   help="last day it is protected (inclusive, UTC)")
+    p.add_argument("--cadence-days", type=_int_range(1, 3650), metavar="N",
+                   help="days between refreshes (br200: at least 14; default 14)")
+    p.add_argument("--approval", metavar="TEXT",
+                   help="the site's approval to refresh access times (ticket or exemption)")
+    add_json_argument(p)
+
+    p = _sub(subs, "list", cmd_list, "list datasets",
+             "List the registered datasets with their state: missing, expired, disabled, "
+             "partial, never, due or ok.",
+             "  scratch-keepalive list\n  scratch-keepalive list --json\n")
+    add_json_argument(p)
+
+    p = _sub(subs, "status", cmd_status, "show datasets in detail",
+             "Show each dataset's state, thresholds, last run, checkpoint and sentinel.",
+             "  scratch-keepalive status\n  scratch-keepalive status --name genomes --json\n")
+    add_name_argument(p, required=False, help_text="only this dataset")
+    add_json_argument(p)
+
+    p = _sub(subs, "refresh", cmd_refresh, "walk datasets now (touch or check mode)",
+             "Walk datasets depth-first in a fixed order and refresh access times (touch mode) "
+             "or only check them (check mode). Progress is checkpointed; an interrupted walk "
+             "resumes where it stopped.",
+             "  scratch-keepalive refresh                       # every enabled dataset\n"
+             "  scratch-keepalive refresh --name genomes --check\n"
+             "  scratch-keepalive refresh --due --max-seconds 6600   # what the schedule runs\n"
+             "  scratch-keepalive refresh --name genomes --dry-run   # walk, change nothing\n")
+    add_name_argument(p, required=False, help_text="only this dataset")
+    p.add_argument("--due", action="store_true",
+                   help="only datasets that are due (or have a checkpoint)")
+    p.add_argument("--check", action="store_true", help="check mode: touch nothing, report risk")
+    p.add_argument("--dry-run", action="store_true",
+                   help="walk and report; write nothing (no checkpoint, no timestamps)")
+    p.add_argument("--max-seconds", type=_positive_seconds, metavar="S",
+                   help="stop after S seconds (whole command); resume next time")
+    p.add_argument("--max-entries", type=_int_range(0), metavar="N",
+                   help="stop after N entries (whole command); resume next time")
+    p.add_argument("--threads", type=_int_range(1, 64), metavar="N",
+                   help="parallel metadata operations (default 8 in a Slurm job, else 1)")
+    p.add_argument("--checkpoint-every", type=_positive_seconds, metavar="S",
+                   default=CHECKPOINT_SECONDS, help="seconds between checkpoints (default 30)")
+    add_json_argument(p)
+
+    p = _sub(subs, "extend", cmd_extend, "change keep-until, record an approval",
+             "Move a dataset's keep-until date and/or record the site's approval to refresh it.",
+             "  scratch-keepalive extend --name genomes --keep-until 2027-09-30\n"
+             "  scratch-keepalive extend --name genomes --approval 'INC0012345'\n")
+    add_name_argument(p)
+    p.add_argument("--keep-until", metavar="YYYY-MM-DD", help="the new last day (inclusive)")
+    p.add_argument("--approval", metavar="TEXT", help="ticket or words of the site's exemption")
+
+    for name, func, verb in (("enable", cmd_enable, "resume refreshing a dataset"),
+                             ("disable", cmd_disable, "pause refreshing a dataset")):
+        p = _sub(subs, name, func, verb, verb[0].upper() + verb[1:] + ".",
+                 "  scratch-keepalive %s --name genomes\n" % name)
+        add_name_argument(p)
+
+    p = _sub(subs, "remove", cmd_remove, "unregister a dataset (data untouched)",
+             "Unregister a dataset and delete its sentinel and checkpoint. Its data is never "
+             "touched. A dataset being refreshed cannot be removed (exit 4).",
+             "  scratch-keepalive remove --name genomes\n")
+    add_name_argument(p)
+
+    p = _sub(subs, "install-cron", cmd_not_yet, "schedule refresh with Slurm",
+             "Install one recurring Slurm entry (scrontab, or a self-resubmitting batch job).",
+             "  scratch-keepalive install-cron --account r00000\n")
+    p.add_argument("--method", choices=("auto", "scrontab", "sbatch"), default="auto")
+    p.add_argument("--account", metavar="A")
+    p.add_argument("--partition", metavar="P")
+    p.add_argument("--cpus", type=_int_range(1, 256), metavar="N")
+    p.add_argument("--mem", metavar="M")
+    p.add_argument("--time", metavar="T")
+    p.add_argument("--cadence-days", type=_int_range(1, 3650), metavar="N")
+    p.add_argument("--dry-run", action="store_true")
+
+    _sub(subs, "uninstall-cron", cmd_not_yet, "remove the Slurm schedule",
+         "Remove the schedule installed by install-cron.", "  scratch-keepalive uninstall-cron\n")
+    p = _sub(subs, "doctor", cmd_not_yet, "check the setup for problems",
+             "Check the environment, state, datasets, locks and schedule.",
+             "  scratch-keepalive doctor\n")
+    add_json_argument(p)
+    p = _sub(subs, "repair", cmd_not_yet, "mend what doctor finds",
+             "Mend damaged state safely.", "  scratch-keepalive repair --dry-run\n")
+    p.add_argument("--dry-run", action="store_true")
+    return parser
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv=None):
+    """Run one command. Returns the exit code; never calls sys.exit."""
+    if argv is None:
+        argv = sys.argv[1:]
+    out, err = sys.stdout, sys.stderr
+    try:
+        args = build_parser().parse_args(list(argv))
+        ctx = Context(state_dir=args.state_dir, out=out, err=err)
+        return int(args.func(args, ctx) or 0)
+    except _ParserExit as e:
+        return e.status
+    except Failure as e:
+        err.write("%s: error: %s\n" % (PROG, e))
+        return e.exit_code
+    except KeyboardInterrupt:
+        err.write("%s: error: interrupted\n" % PROG)
+        return EXIT_INTERRUPTED
+    except OSError as e:
+        err.write("%s: error: %s; check the path and its permissions\n" % (PROG, e))
+        return EXIT_FAIL
+    except Exception as e:     # a bug: still one line, never a traceback, unless asked
+        if os.environ.get("SCRATCH_KEEPALIVE_DEBUG"):
+            raise
+        err.write("%s: error: internal error (%s: %s); rerun with SCRATCH_KEEPALIVE_DEBUG=1 "
+                  "for a traceback and report it\n" % (PROG, type(e).__name__, e))
+        return EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
