@@ -505,9 +505,10 @@ class Store(object):
         d = self.dataset_log_dir(name)
         with contextlib.suppress(FileExistsError):
             os.makedirs(d, mode=0o700)
-        path = os.path.join(d, "%s-%s-%d.log" % (time.strftime("%Y%m%dT%H%M%SZ",
-                                                               time.gmtime(started)),
-                                                 mode, os.getpid()))
+        # Names sort by start time: prune_logs() keeps the newest by name.
+        path = os.path.join(d, "%s.%06d-%s-%d.log" % (
+            time.strftime("%Y%m%dT%H%M%S", time.gmtime(started)),
+            int((started % 1) * 1e6), mode, os.getpid()))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0),
                      0o600)
         return path, os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")

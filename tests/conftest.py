@@ -1,0 +1,187 @@
+"""Shared fixtures: an isolated state dir and scratch root, in-process and subprocess runners.
+
+Every test runs with a fixed policy clock (SCRATCH_KEEPALIVE_NOW), TZ=UTC and
+its own state directory; nothing reads or writes the real ~/.local/state.
+"""
+import io
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scratch_keepalive.py"
+sys.path.insert(0, str(REPO))
+
+import scratch_keepalive as sk  # noqa: E402
+
+# The policy clock used by every test. Real files created now are ~3 years
+# older than this, so they count as old (touched, at risk, purge-eligible).
+NOW = "2030-01-01T00:00:00Z"
+NOW_EPOCH = sk.parse_iso(NOW)
+DAY = 86400
+KEEP = "2030-06-30"         # a keep-until date after NOW
+
+
+class Result(object):
+    def __init__(self, rc, out, err):
+        self.rc, self.out, self.err = rc, out, err
+
+    def json(self):
+        import json
+        return json.loads(self.out)
+
+    def __repr__(self):
+        return "Result(rc=%r, out=%r, err=%r)" % (self.rc, self.out[-2000:], self.err[-2000:])
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """An isolated environment: state dir, scratch root, fixed clock, UTC."""
+    state = tmp_path / "state"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    values = {
+        "SCRATCH_KEEPALIVE_HOME": str(state),
+        "SCRATCH_KEEPALIVE_NOW": NOW,
+        "TZ": "UTC",
+        "HOME": str(tmp_path / "home"),
+    }
+    for k, v in values.items():
+        monkeypatch.setenv(k, v)
+    for k in ("SCRATCH_KEEPALIVE_SCRATCH_ROOT", "XDG_STATE_HOME", "SLURM_JOB_ID", "SCRATCH"):
+        monkeypatch.delenv(k, raising=False)
+    (tmp_path / "home").mkdir()
+    return {"state": state, "scratch": scratch, "tmp": tmp_path}
+
+
+@pytest.fixture
+def cli(env):
+    """Run main(argv) in-process; returns Result(rc, out, err)."""
+    def run(*argv):
+        out, err = io.StringIO(), io.StringIO()
+        old = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = out, err
+        try:
+            rc = sk.main([str(a) for a in argv])
+        finally:
+            sys.stdout, sys.stderr = old
+        return Result(rc, out.getvalue(), err.getvalue())
+    return run
+
+
+def run_script(*argv, python=None, env=None, cwd=None, timeout=300, script=None):
+    """Run the tool as users do: `python3 scratch_keepalive.py ARGS` in a subprocess."""
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    cmd = [python or sys.executable, str(script or SCRIPT)] + [str(a) for a in argv]
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env,
+                       cwd=cwd, timeout=timeout)
+    return Result(p.returncode, p.stdout.decode("utf-8", "replace"),
+                  p.stderr.decode("utf-8", "replace"))
+
+
+@pytest.fixture
+def generic(cli, env):
+    """A generic-profile setup (purge 30 days) with an initialised state dir."""
+    r = cli("init", "--profile", "generic", "--scratch-root", env["scratch"])
+    assert r.rc == 0, r
+    return env
+
+
+def make_dataset(root, name="ds", files=3):
+    """A small dataset directory with files, a subdirectory and a symlink."""
+    d = Path(root) / name
+    (d / "sub").mkdir(parents=True)
+    for i in range(files):
+        (d / ("f%d" % i)).write_bytes(b"x" * (i + 1))
+        (d / "sub" / ("g%d" % i)).write_bytes(b"y")
+    os.symlink("f0", str(d / "link"))
+    return d
+
+
+def set_atime(path, epoch):
+    """Set atime (keeping mtime exactly) without following a symlink."""
+    st = os.lstat(str(path))
+    os.utime(str(path), ns=(int(epoch * 1e9), st.st_mtime_ns), follow_symlinks=False)
+
+
+def snapshot(root):
+    """{relative path: (atime_ns, mtime_ns, size, mode)} of every entry, symlinks not followed.
+
+    Directories are listed with O_NOATIME so that taking a snapshot does not
+    itself move their access times.
+    """
+    out = {}
+    root = os.fsencode(str(root))
+
+    def listdir(path):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOATIME", 0))
+        except PermissionError:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return [os.fsencode(n) for n in os.listdir(fd)]
+        finally:
+            os.close(fd)
+
+    stack = [b""]
+    while stack:
+        rel = stack.pop()
+        path = os.path.join(root, rel) if rel else root
+        st = os.lstat(path)
+        key = os.fsdecode(rel) if rel else "."
+        out[key] = (st.st_atime_ns, st.st_mtime_ns, st.st_size, st.st_mode)
+        if stat.S_ISDIR(st.st_mode):
+            try:
+                names = listdir(path)
+            except PermissionError:
+                continue
+            stack.extend(os.path.join(rel, n) if rel else n for n in names)
+    return out
+
+
+def pyenv_pythons():
+    """Every CPython 3.6-3.13 under pyenv, oldest first (empty where pyenv is absent)."""
+    root = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
+    found = []
+    for v in sorted(os.listdir(os.path.join(root, "versions"))) if os.path.isdir(
+            os.path.join(root, "versions")) else []:
+        exe = os.path.join(root, "versions", v, "bin", "python3")
+        parts = v.split(".")
+        if (os.access(exe, os.X_OK) and len(parts) >= 2 and parts[0] == "3"
+                and parts[1].isdigit() and 6 <= int(parts[1]) <= 13):
+            found.append((v, exe))
+    found.sort(key=lambda vx: tuple(int(x) for x in vx[0].split(".")[:3] if x.isdigit()))
+    return found
+
+
+def nonroot_runner():
+    """A way to run a command as an unprivileged user, or None.
+
+    Returns (prefix argv, python path usable by that user). Used for
+    permission-denied tests, which mean nothing when run as root.
+    """
+    if os.geteuid() != 0:
+        return [], sys.executable
+    setpriv = shutil.which("setpriv")
+    py = "/usr/bin/python3"
+    if not setpriv or not os.access(py, os.X_OK):
+        return None
+    return [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"], py
+
+
+@pytest.fixture
+def world_tmp():
+    """A temp dir any user can enter (for tests that run as an unprivileged user)."""
+    d = tempfile.mkdtemp(prefix="sk-test-")
+    os.chmod(d, 0o777)
+    yield Path(d)
+    subprocess.run(["chmod", "-R", "u+rwx", d])
+    shutil.rmtree(d, ignore_errors=True)
