@@ -1691,6 +1691,595 @@ def _walk_dataset(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
     store.prune_logs(name)
     return result, code
 
+# ---------------------------------------------------------------- Slurm: run, render, install
+
+SCRON_BEGIN = "# BEGIN scratch-keepalive: managed by `scratch-keepalive install-cron`; do not edit"
+SCRON_END = "# END scratch-keepalive"
+RESUME_JOB_NAME = JOB_NAME + "-resume"
+JOB_MARGIN_SECONDS = 300        # the refresh stops this long before the job's time limit
+
+
+class CommandResult(object):
+    def __init__(self, argv, rc, out, err):
+        self.argv, self.rc, self.out, self.err = argv, rc, out, err
+
+
+def default_runner(argv, input_text=None, timeout=120):
+    """Run an external command; None when it is not installed. Text is surrogate-escaped bytes."""
+    try:
+        p = subprocess.run(argv, input=None if input_text is None else
+                           input_text.encode("utf-8", "surrogateescape"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+    except FileNotFoundError:
+        return None
+    except subprocess.TimeoutExpired:
+        raise Failure("`%s` did not answer within %d s; is the Slurm controller up? "
+                      "(`scontrol ping`)" % (" ".join(argv[:2]), timeout))
+    return CommandResult(argv, p.returncode, p.stdout.decode("utf-8", "surrogateescape"),
+                         p.stderr.decode("utf-8", "surrogateescape"))
+
+
+SLURM_HINTS = (
+    ("Unable to contact slurm controller", "the Slurm controller is unreachable; try again later "
+                                           "(`scontrol ping` tells when it is back)"),
+    ("Invalid partition", "check --partition (`sinfo -s` lists the partitions)"),
+    ("invalid partition", "check --partition (`sinfo -s` lists the partitions)"),
+    ("Invalid account", "check --account (`sacctmgr show assoc user=$USER format=account` lists "
+                        "yours; on BR200 they come from RT Projects)"),
+    ("Memory specification", "lower --mem"),
+    ("node configuration is not available", "lower --mem, --cpus or --time for this partition"),
+    ("time limit", "lower --time"),
+    ("errors in your crontab", "the crontab did not parse; run `scratch-keepalive install-cron "
+                               "--dry-run` to see it"),
+)
+
+
+def slurm_reason(res):
+    """Slurm's own words from a failed command, prefixes stripped, on one line."""
+    lines = []
+    for line in (res.err + "\n" + res.out).splitlines():
+        line = line.strip()
+        for prefix in ("sbatch: error: ", "scrontab: fatal: ", "scrontab: error: ",
+                       "squeue: error: ", "scancel: error: ", "scontrol: error: ", "error: "):
+            if line.startswith(prefix):
+                line = line[len(prefix):]
+        if line and line not in lines:
+            lines.append(line)
+    return "; ".join(lines) or "exit status %d" % res.rc
+
+
+def slurm_failure(what, res):
+    reason = slurm_reason(res)
+    hint = next((h for key, h in SLURM_HINTS if key in reason), "see Slurm's message")
+    return Failure("%s failed: %s; %s" % (what, reason, hint))
+
+
+class Slurm(object):
+    """Every Slurm command goes through here: return codes checked, stderr kept for messages.
+
+    `runner` can be replaced (unit tests of message parsing); the real checks run
+    against a real slurmctld.
+    """
+
+    def __init__(self, runner=None, user=None):
+        self.runner = runner or default_runner
+        self.user = user
+
+    def run(self, argv, input_text=None):
+        return self.runner(argv, input_text)
+
+    def require(self, argv, what, input_text=None):
+        res = self.run(argv, input_text)
+        if res is None:
+            raise Failure("`%s` is not installed here: Slurm is needed for scheduling; run this "
+                          "on the cluster's login node" % argv[0])
+        if res.rc != 0:
+            raise slurm_failure(what, res)
+        return res
+
+    # -- scrontab
+    def crontab(self):
+        """('ok', text) | ('empty', '') | ('disabled', reason) | ('missing', None)."""
+        res = self.run(["scrontab", "-l"])
+        if res is None:
+            return "missing", None
+        if res.rc == 0:
+            return "ok", res.out
+        text = res.out + res.err
+        if "scrontab is disabled" in text:
+            return "disabled", slurm_reason(res)
+        if "no crontab for" in text:
+            return "empty", ""
+        raise slurm_failure("reading your scrontab (`scrontab -l`)", res)
+
+    def install_crontab(self, text):
+        self.require(["scrontab", "-"], "installing the scrontab", input_text=text)
+
+    # -- jobs
+    def pending(self, name=JOB_NAME):
+        """[(job id, start time)] of this user's pending jobs with that name."""
+        res = self.require(["squeue", "--me", "--name=" + name, "--states=PENDING", "--noheader",
+                            "--format=%i %S"], "listing your pending jobs (`squeue`)")
+        jobs = []
+        for line in res.out.splitlines():
+            parts = line.split()
+            if parts and parts[0].isdigit():
+                jobs.append((parts[0], parts[1] if len(parts) > 1 else "N/A"))
+        return sorted(jobs, key=lambda j: int(j[0]))
+
+    def submit(self, argv_tail):
+        res = self.require(["sbatch", "--parsable"] + argv_tail, "submitting the job (`sbatch`)")
+        job = res.out.strip().split(";")[0]
+        if not job.isdigit():
+            raise Failure("sbatch printed %r, not a job id; check `squeue --me`" % res.out.strip())
+        return job
+
+    def cancel(self, job_id):
+        self.require(["scancel", str(job_id)], "cancelling job %s (`scancel`)" % job_id)
+
+    def set_start(self, job_id, when):
+        self.require(["scontrol", "update", "JobId=%s" % job_id, "StartTime=%s" % when],
+                     "moving job %s (`scontrol update`)" % job_id)
+
+    def test_only(self, argv_tail):
+        """`sbatch --test-only`: None when Slurm would accept the job, else its reason."""
+        res = self.run(["sbatch", "--test-only"] + argv_tail)
+        if res is None:
+            return "sbatch is not installed"
+        return None if res.rc == 0 else slurm_reason(res)
+
+
+def parse_slurm_time(text):
+    """A Slurm time limit (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) -> seconds."""
+    m = re.match(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$", text or "")
+    if not m:
+        return None
+    d, a, b, c = m.groups()
+    if d is not None:       # D-HH[:MM[:SS]]
+        secs = int(d) * DAY + int(a) * 3600 + int(b or 0) * 60 + int(c or 0)
+    elif c is not None:     # HH:MM:SS
+        secs = int(a) * 3600 + int(b) * 60 + int(c)
+    elif b is not None:     # MM:SS
+        secs = int(a) * 60 + int(b)
+    else:                   # MM
+        secs = int(a) * 60
+    return secs or None
+
+
+# Cron schedules a cadence can use: every gap between runs must lie within
+# [cadence, cadence + 3] days in every month. `*/14` in the day-of-month field
+# is NOT one: it runs on the 29th and again on the 1st.
+CRON_SCHEDULES = (
+    # (cadence, day-of-month, day-of-week, shortest gap, longest gap, description)
+    (1, "*", "*", 1, 1, "every day"),
+    (2, "*", "1,3,5", 2, 3, "Monday, Wednesday and Friday"),
+    (3, "*", "1,4", 3, 4, "Monday and Thursday"),
+    (4, "1,5,9,13,17,21,25", "*", 4, 7, "days 1, 5, 9, 13, 17, 21 and 25 of the month"),
+    (7, "*", "1", 7, 7, "every Monday"),
+    (14, "1,15", "*", 14, 17, "days 1 and 15 of the month"),
+    (28, "1", "*", 28, 31, "day 1 of the month"),
+)
+
+
+def cron_schedule(cadence):
+    """The cron schedule for a cadence: (entry, effective cadence).
+
+    The effective cadence is the shortest gap: the cadence itself when cron can
+    express it, else the largest schedule whose longest gap stays within
+    cadence + 3 days (runs come more often, never too late).
+    """
+    fits = [s for s in CRON_SCHEDULES if s[3] >= cadence and s[4] <= cadence + 3]
+    if not fits:
+        fits = [s for s in CRON_SCHEDULES if s[4] <= cadence + 3]
+    best = max(fits, key=lambda s: s[3])
+    return best, best[3]
+
+
+def schedule_minute_hour(user):
+    """A fixed minute and early-morning hour per user, so users do not all start at once."""
+    h = sum(ord(c) * (i + 1) for i, c in enumerate(user)) % 240
+    return h % 60, 1 + h // 60
+
+
+def shell_quote(text):
+    import shlex
+    return shlex.quote(text)
+
+
+def script_path():
+    return os.path.abspath(__file__)
+
+
+class Schedule(object):
+    """What install-cron installs: the request, the paths, and the texts rendered from them."""
+
+    def __init__(self, store, cfg, env, method, account, partition, cpus, mem, time_limit,
+                 cadence, python=None, script=None):
+        self.store = store
+        self.cfg = cfg
+        self.env = env
+        self.method = method
+        self.account = account
+        self.partition = partition
+        self.cpus = cpus
+        self.mem = mem
+        self.time = time_limit
+        self.cadence = cadence
+        self.python = python or sys.executable
+        self.script = script or script_path()
+        self.user = current_user(env)
+        self.job_script = os.path.join(store.dir, "job.sh")
+
+    def as_dict(self):
+        return {"method": self.method, "account": self.account, "partition": self.partition,
+                "cpus": self.cpus, "mem": self.mem, "time": self.time,
+                "cadence_days": self.cadence, "python": self.python, "script": self.script,
+                "job_script": self.job_script if self.method == "sbatch" else None,
+                "state_dir": self.store.dir, "scratch_root": self.cfg["scratch_root"]}
+
+    def max_seconds(self):
+        limit = parse_slurm_time(self.time)
+        return max(60, limit - JOB_MARGIN_SECONDS)
+
+    def request_options(self):
+        opts = ["--job-name=" + JOB_NAME]
+        if self.partition:
+            opts.append("--partition=" + self.partition)
+        if self.account:
+            opts.append("--account=" + self.account)
+        opts += ["--cpus-per-task=%d" % self.cpus, "--mem=" + self.mem, "--time=" + self.time,
+                 "--output=" + os.path.join(self.store.log_dir, "slurm-%j.out")]
+        return opts
+
+    def command(self):
+        """The job's command: absolute paths, state dir and scratch root passed explicitly."""
+        return "cd %s && SCRATCH_KEEPALIVE_SCRATCH_ROOT=%s exec %s %s --state-dir %s refresh " \
+               "--due --scheduled %s --max-seconds %d" % (
+                   shell_quote(self.store.dir), shell_quote(self.cfg["scratch_root"]),
+                   shell_quote(self.python), shell_quote(self.script),
+                   shell_quote(self.store.dir), self.method, self.max_seconds())
+
+    def cron_block(self):
+        (cad, dom, dow, lo, hi, desc), _ = cron_schedule(self.cadence)
+        minute, hour = schedule_minute_hour(self.user)
+        return "\n".join([
+            SCRON_BEGIN,
+            "# runs %s at %02d:%02d; each run refreshes only the datasets that are due" % (
+                desc, hour, minute),
+            "#SCRON " + " ".join(self.request_options()),
+            "%d %d %s * %s %s" % (minute, hour, dom, dow, self.command()),
+            SCRON_END, ""])
+
+    def job_text(self):
+        lines = ["#!/bin/bash"]
+        lines += ["#SBATCH " + o for o in self.request_options()]
+        lines += [
+            "#SBATCH --no-requeue",
+            "#SBATCH --signal=B:TERM@120",
+            "# Managed by `scratch-keepalive install-cron`; `scratch-keepalive uninstall-cron`",
+            "# removes it. Each run first submits its successor (one pending job at most, and",
+            "# only while this file exists), then refreshes the datasets that are due.",
+            self.command(),
+            ""]
+        return "\n".join(lines)
+
+    def text(self):
+        return self.cron_block() if self.method == "scrontab" else self.job_text()
+
+
+def merge_crontab(current, block):
+    """The crontab with our block replaced (or appended); every other line kept byte for byte."""
+    current = current or ""
+    start = current.find(SCRON_BEGIN)
+    if start >= 0:
+        end = current.find(SCRON_END, start)
+        if end >= 0:
+            end = current.find("\n", end)
+            end = len(current) if end < 0 else end + 1
+            return current[:start] + block + current[end:]
+    if current and not current.endswith("\n"):
+        current += "\n"
+    return current + block
+
+
+def strip_crontab(current):
+    """The crontab without our block (None when it holds none)."""
+    if not current or SCRON_BEGIN not in current:
+        return None
+    return merge_crontab(current, "")
+
+
+def load_schedule(store):
+    return read_json(store.schedule_path, "schedule")
+
+
+def save_schedule(store, doc):
+    atomic_write(store.schedule_path, dump_json(dict(doc, format=FORMAT)))
+
+# ---------------------------------------------------------------- API: schedule
+
+
+def install_cron(method="auto", account=None, partition=None, cpus=None, mem=None,
+                 time_limit=None, cadence_days=None, dry_run=False, reinstall=False,
+                 state_dir=None, env=None, runner=None):
+    """Install (or with dry_run, render) the Slurm schedule. Returns a dict describing it."""
+    ctx = _ctx(state_dir, env)
+    ctx.slurm = Slurm(runner)
+    return _install_cron(ctx, method, account, partition, cpus, mem, time_limit, cadence_days,
+                         dry_run, reinstall)
+
+
+def _schedule_request(ctx, cfg, old, account, partition, cpus, mem, time_limit, cadence_days):
+    """Validate and complete the job request from the options, the old schedule, the profile."""
+    prof = profile_of(cfg)
+    old = old or {}
+    account = account or old.get("account")
+    if prof["account_required"] and not account:
+        raise UsageError("--account is required on %s (IU rejects jobs without -A); find yours "
+                         "with `sacctmgr show assoc user=$USER format=account` or in RT "
+                         "Projects" % cfg["profile"])
+    partition = partition or old.get("partition") or prof["partition"]
+    cpus = cpus or old.get("cpus") or prof["cpus"]
+    mem = mem or old.get("mem") or prof["mem"]
+    if not re.match(r"^\d+[KMGT]?$", mem):
+        raise UsageError("--mem %r is not a Slurm memory size; use e.g. 2G or 2048M" % mem)
+    time_limit = time_limit or old.get("time") or prof["time"]
+    seconds = parse_slurm_time(time_limit)
+    if seconds is None:
+        raise UsageError("--time %r is not a Slurm time limit; use e.g. 2:00:00" % time_limit)
+    if seconds < 600:
+        raise UsageError("--time %s is too short for a refresh; give at least 0:10:00"
+                         % time_limit)
+    reg = ctx.store.load_registry()
+    enabled = [d for d in reg["datasets"].values() if d.get("enabled", True)]
+    cadence = (cadence_days or old.get("cadence_days")
+               or (min(int(d["cadence_days"]) for d in enabled) if enabled else None)
+               or prof["default_cadence"])
+    if cadence < prof["min_cadence"]:
+        raise UsageError("--cadence-days %d is below the %s minimum of %d days"
+                         % (cadence, cfg["profile"], prof["min_cadence"]))
+    if cadence > purge_days_of(cfg) - 5:
+        raise UsageError("--cadence-days %d is too long for a %d-day purge; use at most %d"
+                         % (cadence, purge_days_of(cfg), purge_days_of(cfg) - 5))
+    return account, partition, int(cpus), mem, time_limit, int(cadence), enabled
+
+
+def _choose_method(ctx, method):
+    """(method, current crontab text or None)."""
+    if method == "sbatch":
+        return "sbatch", None
+    kind, text = ctx.slurm.crontab()
+    if kind in ("ok", "empty"):
+        return "scrontab", text
+    if method == "scrontab":
+        if kind == "missing":
+            raise Failure("`scrontab` is not installed here; use --method sbatch (or auto)")
+        raise Failure("scrontab is not available: %s; use --method sbatch (or auto)" % text)
+    return "sbatch", None
+
+
+def _install_cron(ctx, method, account, partition, cpus, mem, time_limit, cadence_days,
+                  dry_run, reinstall):
+    store = ctx.store
+    cfg = ctx.config()
+    old = load_schedule(store)
+    if reinstall:
+        if old is None:
+            raise UsageError("no schedule is installed; run `%s install-cron` first" % PROG)
+        if method == "auto":
+            method = old.get("method") or "auto"
+    account, partition, cpus, mem, time_limit, cadence, enabled = _schedule_request(
+        ctx, cfg, old if reinstall else None, account, partition, cpus, mem, time_limit,
+        cadence_days)
+    method, current = _choose_method(ctx, method)
+    sched = Schedule(store, cfg, ctx.env, method, account, partition, cpus, mem, time_limit,
+                     cadence)
+    warnings = []
+    every = cadence
+    if method == "scrontab":
+        (_, _, _, lo, hi, desc), every = cron_schedule(cadence)
+        if every != cadence:
+            warnings.append("cron cannot run every %d days; the schedule runs on %s (every %d "
+                            "to %d days)" % (cadence, desc, lo, hi))
+    for d in sorted(enabled, key=lambda d: d["name"]):
+        c = int(d["cadence_days"])
+        if c < every:
+            warnings.append("dataset %r wants a refresh every %d days but the schedule runs "
+                            "every %d; it will be refreshed late" % (d["name"], c, every))
+        elif c % every:
+            warnings.append("dataset %r has a %d-day cadence; on a %d-day schedule it is "
+                            "refreshed every %d days: set `%s extend --name %s --cadence-days "
+                            "%d`" % (d["name"], c, every, (c // every + 1) * every, PROG,
+                                     d["name"], every))
+    text = sched.text()
+    info = {"schedule": sched.as_dict(), "text": text, "warnings": warnings,
+            "dry_run": bool(dry_run), "job_id": None}
+    if dry_run:
+        return info
+    store.ensure()
+    if method == "scrontab":
+        ctx.slurm.install_crontab(merge_crontab(current, text))
+        if old and old.get("method") == "sbatch":
+            _remove_chain(ctx)
+    else:
+        info["job_id"] = _install_chain(ctx, sched)
+        if old and old.get("method") == "scrontab":
+            _remove_cron_block(ctx)
+    doc = sched.as_dict()
+    doc.update(installed=iso(time.time()), job_id=info["job_id"],
+               last_run=(old or {}).get("last_run"))
+    save_schedule(store, doc)
+    return info
+
+
+def _install_chain(ctx, sched):
+    """Write the job script and leave exactly one pending chain job. Returns its id."""
+    slurm = ctx.slurm
+    test = slurm.test_only(sched.request_options() + ["--wrap", "true"])
+    if test is not None:
+        raise slurm_failure("checking the job request (`sbatch --test-only`)",
+                            CommandResult([], 1, "", test))
+    try:
+        with open(sched.job_script, "rb") as f:
+            previous = f.read()
+    except FileNotFoundError:
+        previous = None
+    atomic_write(sched.job_script, sched.job_text().encode("utf-8", "surrogateescape"), 0o700)
+    try:
+        for job, _ in slurm.pending(JOB_NAME):
+            slurm.cancel(job)       # running it again replaces, never duplicates
+        return slurm.submit(["--begin=now", sched.job_script])
+    except BaseException:
+        if previous is None:
+            with contextlib.suppress(OSError):
+                os.unlink(sched.job_script)
+        else:
+            atomic_write(sched.job_script, previous, 0o700)
+        raise
+
+
+def _remove_chain(ctx):
+    """Delete the job script (so no running job resubmits), then cancel pending chain jobs."""
+    removed = []
+    path = os.path.join(ctx.store.dir, "job.sh")
+    if os.path.exists(path):
+        os.unlink(path)
+        removed.append("job script %s" % path)
+    for name in (JOB_NAME, RESUME_JOB_NAME):
+        try:
+            jobs = ctx.slurm.pending(name)
+        except Failure:
+            if ctx.slurm.run(["squeue", "--version"]) is None:
+                break
+            raise
+        for job, _ in jobs:
+            ctx.slurm.cancel(job)
+            removed.append("pending job %s (%s)" % (job, name))
+    return removed
+
+
+def _remove_cron_block(ctx):
+    kind, text = ctx.slurm.crontab()
+    if kind != "ok":
+        return []
+    stripped = strip_crontab(text)
+    if stripped is None:
+        return []
+    if stripped.strip():
+        ctx.slurm.install_crontab(stripped)
+    else:
+        ctx.slurm.require(["scrontab", "-r"], "removing the scrontab")
+    return ["the scrontab block"]
+
+
+def uninstall_cron(state_dir=None, env=None, runner=None):
+    """Remove the schedule: job script, scrontab block, pending jobs. Returns what was removed."""
+    ctx = _ctx(state_dir, env)
+    ctx.slurm = Slurm(runner)
+    return _uninstall_cron(ctx)
+
+
+def _uninstall_cron(ctx):
+    store = ctx.store
+    try:
+        load_schedule(store)
+    except StateError:
+        pass            # a damaged record must not keep a schedule alive
+    removed = []
+    path = os.path.join(store.dir, "job.sh")
+    if os.path.exists(path):
+        os.unlink(path)
+        removed.append("job script %s" % path)
+    # Order matters: the block goes before any scancel, because scancel on a scrontab job
+    # only comments its lines out (#DISABLED:).
+    removed += _remove_cron_block(ctx) if ctx.slurm.run(["scrontab", "--help"]) is not None \
+        else []
+    if ctx.slurm.run(["squeue", "--version"]) is not None:
+        removed += _remove_chain(ctx)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(store.schedule_path)
+    return {"removed": removed}
+
+
+def schedule_status(ctx):
+    """The installed schedule with its next run (from squeue), or None."""
+    doc = load_schedule(ctx.store)
+    if doc is None:
+        return None
+    info = {"method": doc.get("method"), "cadence_days": doc.get("cadence_days"),
+            "installed": doc.get("installed"), "last_run": doc.get("last_run"),
+            "next_run": None, "pending_jobs": None}
+    try:
+        jobs = ctx.slurm.pending(JOB_NAME)
+        info["pending_jobs"] = [j for j, _ in jobs]
+        info["next_run"] = jobs[0][1] if jobs else None
+    except Failure as e:
+        info["error"] = str(e)
+    return info
+
+
+def _scheduled_before(ctx, method):
+    """A chain job submits its successor first, so a crash in this run keeps the chain alive."""
+    if not ctx.env.get("SLURM_JOB_ID"):
+        raise UsageError("--scheduled is for runs inside a Slurm job (no SLURM_JOB_ID here); "
+                         "use `%s refresh` instead" % PROG)
+    doc = load_schedule(ctx.store)
+    if method != "sbatch" or doc is None:
+        return doc, None
+    job_script = doc.get("job_script") or os.path.join(ctx.store.dir, "job.sh")
+    if not os.path.exists(job_script):
+        return doc, "the job script is gone (uninstalled): no successor submitted"
+    try:
+        if ctx.slurm.pending(JOB_NAME):
+            return doc, "a successor is already pending"
+        job = ctx.slurm.submit(["--begin=now+%ddays" % int(doc.get("cadence_days") or 14),
+                                job_script])
+        return doc, "successor job %s submitted" % job
+    except Failure as e:
+        return doc, "could not submit the successor: %s" % e
+
+
+def _scheduled_after(ctx, method, doc, code, results):
+    """After a stopped run, one continuation soon; record the outcome for status and doctor."""
+    said = None
+    if code == EXIT_STOPPED and doc is not None:
+        try:
+            said = _continue_soon(ctx, method, doc)
+        except Failure as e:
+            said = "could not schedule a continuation: %s" % e
+    if doc is not None:
+        doc = load_schedule(ctx.store) or doc
+        doc["last_run"] = {"job_id": ctx.env.get("SLURM_JOB_ID"), "finished": iso(time.time()),
+                           "exit_code": code, "continuation": said,
+                           "datasets": [r["name"] for r in results]}
+        with contextlib.suppress(OSError):
+            save_schedule(ctx.store, doc)
+    return said
+
+
+def _continue_soon(ctx, method, doc):
+    slurm = ctx.slurm
+    if method == "sbatch":
+        jobs = slurm.pending(JOB_NAME)
+        if jobs:
+            slurm.set_start(jobs[0][0], "now+1hour")
+            return "pending job %s moved to start in an hour" % jobs[0][0]
+        job_script = doc.get("job_script") or os.path.join(ctx.store.dir, "job.sh")
+        if not os.path.exists(job_script):
+            return None
+        return "continuation job %s submitted" % slurm.submit(["--begin=now+1hour", job_script])
+    if slurm.pending(RESUME_JOB_NAME):
+        return "a continuation is already pending"
+    cfg = ctx.config()
+    sched = Schedule(ctx.store, cfg, ctx.env, "resume", doc.get("account"), doc.get("partition"),
+                     int(doc.get("cpus") or 1), doc.get("mem") or "2G", doc.get("time") or
+                     "2:00:00", int(doc.get("cadence_days") or 14), doc.get("python"),
+                     doc.get("script"))
+    opts = [o.replace("--job-name=" + JOB_NAME, "--job-name=" + RESUME_JOB_NAME)
+            for o in sched.request_options()]
+    job = slurm.submit(opts + ["--begin=now+1hour", "--no-requeue", "--wrap", sched.command()])
+    return "continuation job %s submitted" % job
+
 # ---------------------------------------------------------------- output
 
 
@@ -1863,10 +2452,31 @@ def cmd_status(args, ctx):
             say(ctx)
         for line in _status_lines(e):
             say(ctx, line)
-    extra = getattr(ctx, "status_extra", None)
-    if extra is not None:
-        extra(args, ctx)
+    if args.name is None:
+        ctx.slurm = Slurm()
+        for line in _schedule_lines(ctx):
+            say(ctx, line)
     return EXIT_OK
+
+
+def _schedule_lines(ctx):
+    info = schedule_status(ctx)
+    if info is None:
+        return ["", "schedule: none installed (`%s install-cron`)" % PROG]
+    lines = ["", "schedule: %s, every %s days (installed %s)" % (
+        info["method"], info["cadence_days"], info["installed"])]
+    if info.get("error"):
+        lines.append("  next run:      unknown (%s)" % info["error"])
+    elif info["method"] == "sbatch" or info["next_run"]:
+        lines.append("  next run:      %s" % (
+            "%s (job %s)" % (info["next_run"], info["pending_jobs"][0]) if info["pending_jobs"]
+            else "NONE PENDING: the chain is broken; run `%s doctor`" % PROG))
+    run = info.get("last_run")
+    lines.append("  last run:      %s" % ("never" if not run else "job %s finished %s, exit %s%s"
+                                        % (run.get("job_id"), run.get("finished"),
+                                           run.get("exit_code"), "; " + run["continuation"]
+                                           if run.get("continuation") else "")))
+    return lines
 
 
 @contextlib.contextmanager
@@ -1892,11 +2502,21 @@ def cmd_refresh(args, ctx):
     opts = RefreshOptions(args.name, args.due, args.check, args.dry_run, args.max_seconds,
                           args.max_entries, args.threads, args.checkpoint_every)
     progress = Progress(ctx.err)
+    doc = None
+    if args.scheduled:
+        ctx.slurm = Slurm()
+        doc, said = _scheduled_before(ctx, args.scheduled)
+        if said:
+            note(ctx, said, to_err=True)
     with stop_signals() as should_stop:
         try:
             out = _refresh(ctx, opts, should_stop=should_stop, progress=progress)
         finally:
             progress.clear()
+    if args.scheduled:
+        said = _scheduled_after(ctx, args.scheduled, doc, out["exit_code"], out["results"])
+        if said:
+            out["notes"].append(said)
     if args.json:
         emit_json(ctx, {"results": out["results"], "notes": out["notes"]})
     else:
@@ -1932,6 +2552,44 @@ def cmd_remove(args, ctx):
     say(ctx, "%s: removed from the registry%s; no data under %s was touched" % (
         r["name"], " and its sentinel deleted" if r["sentinel_deleted"] else "",
         display_path(r["path"])))
+    return EXIT_OK
+
+
+def cmd_install_cron(args, ctx):
+    ctx.slurm = Slurm()
+    info = _install_cron(ctx, args.method, args.account, args.partition, args.cpus, args.mem,
+                         args.time, args.cadence_days, args.dry_run, args.reinstall)
+    for w in info["warnings"]:
+        ctx.err.write("%s: warning: %s\n" % (PROG, w))
+    if args.json:
+        emit_json(ctx, info)
+        return EXIT_OK
+    sched = info["schedule"]
+    if args.dry_run:
+        say(ctx, "Would install (%s):" % ("a block in your scrontab" if sched["method"] ==
+                                         "scrontab" else "this job script, %s, and submit it"
+                                         % sched["job_script"]))
+        ctx.out.write(info["text"])
+        return EXIT_OK
+    if sched["method"] == "scrontab":
+        say(ctx, "Installed a scrontab block (see `scrontab -l`): refresh --due every %d days."
+            % sched["cadence_days"])
+    else:
+        say(ctx, "Submitted job %s (%s), which resubmits itself every %d days while %s exists."
+            % (info["job_id"], JOB_NAME, sched["cadence_days"], sched["job_script"]))
+    say(ctx, "Request: partition %s, account %s, %d CPU, %s, %s. Logs: %s" % (
+        sched["partition"] or "(default)", sched["account"] or "(default)", sched["cpus"],
+        sched["mem"], sched["time"], ctx.store.log_dir))
+    return EXIT_OK
+
+
+def cmd_uninstall_cron(args, ctx):
+    ctx.slurm = Slurm()
+    removed = _uninstall_cron(ctx)["removed"]
+    if removed:
+        say(ctx, "Removed: " + "; ".join(removed))
+    else:
+        say(ctx, "Nothing was installed.")
     return EXIT_OK
 
 
@@ -2094,6 +2752,8 @@ def build_parser():
                    help="parallel metadata operations (default 8 in a Slurm job, else 1)")
     p.add_argument("--checkpoint-every", type=_positive_seconds, metavar="S",
                    default=CHECKPOINT_SECONDS, help="seconds between checkpoints (default 30)")
+    p.add_argument("--scheduled", choices=("scrontab", "sbatch", "resume"),
+                   help=argparse.SUPPRESS)
     add_json_argument(p)
 
     p = _sub(subs, "extend", cmd_extend, "change keep-until, record an approval",
@@ -2116,20 +2776,33 @@ def build_parser():
              "  scratch-keepalive remove --name genomes\n")
     add_name_argument(p)
 
-    p = _sub(subs, "install-cron", cmd_not_yet, "schedule refresh with Slurm",
-             "Install one recurring Slurm entry (scrontab, or a self-resubmitting batch job).",
-             "  scratch-keepalive install-cron --account r00000\n")
-    p.add_argument("--method", choices=("auto", "scrontab", "sbatch"), default="auto")
-    p.add_argument("--account", metavar="A")
-    p.add_argument("--partition", metavar="P")
-    p.add_argument("--cpus", type=_int_range(1, 256), metavar="N")
-    p.add_argument("--mem", metavar="M")
-    p.add_argument("--time", metavar="T")
-    p.add_argument("--cadence-days", type=_int_range(1, 3650), metavar="N")
-    p.add_argument("--dry-run", action="store_true")
+    p = _sub(subs, "install-cron", cmd_install_cron, "schedule refresh with Slurm",
+             "Install exactly one recurring Slurm entry for you: a block in your scrontab, or, "
+             "where scrontab is missing or disabled, a self-resubmitting batch job with at most "
+             "one pending job. Running it again replaces, never duplicates. The job runs "
+             "`refresh --due` with this interpreter and this file's absolute paths.",
+             "  scratch-keepalive install-cron --account r00000 --dry-run   # show, change nothing\n"
+             "  scratch-keepalive install-cron --account r00000\n"
+             "  scratch-keepalive install-cron --account r00000 --method sbatch --time 4:00:00\n")
+    p.add_argument("--method", choices=("auto", "scrontab", "sbatch"), default="auto",
+                   help="auto (default): scrontab where it works, else the sbatch chain")
+    p.add_argument("--account", metavar="A", help="Slurm account (required on br200)")
+    p.add_argument("--partition", metavar="P", help="partition (br200: general)")
+    p.add_argument("--cpus", type=_int_range(1, 256), metavar="N", help="CPUs (default 1)")
+    p.add_argument("--mem", metavar="M", help="memory (default 2G)")
+    p.add_argument("--time", metavar="T", help="time limit (default 2:00:00)")
+    p.add_argument("--cadence-days", type=_int_range(1, 3650), metavar="N",
+                   help="days between runs (default: the smallest dataset cadence)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be installed")
+    p.add_argument("--reinstall", action="store_true",
+                   help="reinstall the recorded schedule with this interpreter and file "
+                        "(after an upgrade or a move)")
+    add_json_argument(p)
 
-    _sub(subs, "uninstall-cron", cmd_not_yet, "remove the Slurm schedule",
-         "Remove the schedule installed by install-cron.", "  scratch-keepalive uninstall-cron\n")
+    p = _sub(subs, "uninstall-cron", cmd_uninstall_cron, "remove the Slurm schedule",
+             "Delete the job script, remove our scrontab block (other lines kept), then cancel "
+             "pending jobs named scratch-keepalive. Exit 0 when nothing was installed.",
+             "  scratch-keepalive uninstall-cron\n")
     p = _sub(subs, "doctor", cmd_not_yet, "check the setup for problems",
              "Check the environment, state, datasets, locks and schedule.",
              "  scratch-keepalive doctor\n")
