@@ -1204,6 +1204,8 @@ def _init(ctx, profile, scratch_root, purge_days):
     else:
         cfg = old
         store.ensure()
+    with contextlib.suppress(OSError):
+        os.chmod(store.dir, 0o700)      # a pre-existing directory too: state is private
     return {"config": dict((k, cfg[k]) for k in ("profile", "scratch_root", "purge_days")),
             "changed": changed, "state_dir": store.dir, "warnings": warnings}
 
@@ -1353,24 +1355,29 @@ def _status(ctx, name=None):
 # ---------------------------------------------------------------- API: extend, enable, remove
 
 
-def extend(name, keep_until=None, approval=None, state_dir=None, env=None):
-    """Move a keep-until date and/or record a site approval. Returns the list entry."""
-    return _extend(_ctx(state_dir, env), name, keep_until, approval)
+def extend(name, keep_until=None, approval=None, cadence_days=None, state_dir=None, env=None):
+    """Move a keep-until date, record a site approval, change the cadence. Returns the entry."""
+    return _extend(_ctx(state_dir, env), name, keep_until, approval, cadence_days)
 
 
-def _extend(ctx, name, keep_until, approval):
+def _extend(ctx, name, keep_until, approval, cadence_days=None):
     cfg = ctx.config()
     check_name(name)
-    if keep_until is None and approval is None:
-        raise UsageError("extend needs --keep-until YYYY-MM-DD and/or --approval TEXT")
+    if keep_until is None and approval is None and cadence_days is None:
+        raise UsageError("extend needs --keep-until YYYY-MM-DD, --approval TEXT or "
+                         "--cadence-days N")
     keep = _check_keep_until(keep_until, ctx.now) if keep_until is not None else None
     approval = _check_approval(approval)
+    if cadence_days is not None:
+        _check_cadence(cfg, cadence_days)
     with ctx.store.update_registry() as reg:
         ds = _get(reg, name)
         if keep is not None:
             ds["keep_until"] = keep
         if approval is not None:
             ds["approval"] = approval
+        if cadence_days is not None:
+            ds["cadence_days"] = int(cadence_days)
     return _list_entry(ctx, cfg, ds)
 
 
@@ -2280,6 +2287,555 @@ def _continue_soon(ctx, method, doc):
     job = slurm.submit(opts + ["--begin=now+1hour", "--no-requeue", "--wrap", sched.command()])
     return "continuation job %s submitted" % job
 
+# ---------------------------------------------------------------- API: doctor and repair
+
+
+class Check(object):
+    """One doctor finding: level ok, warn (worth knowing) or fail (doctor exits 1)."""
+
+    def __init__(self, name, level, message, fix=None):
+        self.name, self.level, self.message, self.fix = name, level, message, fix
+
+    def as_dict(self):
+        return {"name": self.name, "ok": self.level != "fail", "level": self.level,
+                "message": self.message}
+
+
+def doctor(state_dir=None, env=None, runner=None):
+    """Check everything; returns {"ok": bool, "checks": [{"name", "ok", "level", "message"}]}."""
+    ctx = _ctx(state_dir, env)
+    ctx.slurm = Slurm(runner)
+    return _doctor(ctx)
+
+
+def _doctor(ctx):
+    checks = _diagnose(ctx)
+    return {"ok": all(c.level != "fail" for c in checks),
+            "checks": [c.as_dict() for c in checks]}
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _diagnose(ctx):
+    """Every check, in a fixed order. Never raises for a damaged state: that is a finding."""
+    store = ctx.store
+    checks = []
+    add = checks.append
+    add(Check("python", "ok" if sys.version_info >= (3, 6) else "fail",
+              "Python %s at %s" % (sys.version.split()[0], sys.executable)))
+    cfg = reg = None
+    try:
+        cfg = store.load_config()
+        add(Check("config", "ok", "config %s is readable" % store.config_path) if cfg else
+            Check("config", "fail", "no configuration in %s; run `%s init`" % (store.dir, PROG)))
+    except StateError as e:
+        add(Check("config", "fail", str(e), fix="config"))
+    try:
+        reg = store.load_registry()
+        add(Check("registry", "ok", "registry lists %d dataset(s)" % len(reg["datasets"])))
+    except StateError as e:
+        add(Check("registry", "fail", "%s; repair restores the last good backup or rebuilds it "
+                                      "from the sentinels" % e, fix="registry"))
+    root = scratch_root_of(cfg, ctx.env) if cfg else None
+    checks += _check_environment(ctx, cfg, root)
+    checks += _check_checkpoints(ctx, reg)
+    checks += _check_locks(ctx)
+    if cfg and reg is not None:
+        for name in sorted(reg["datasets"]):
+            checks += _check_dataset(ctx, cfg, root, reg["datasets"][name])
+        checks += _check_schedule(ctx, cfg, reg)
+    if root:
+        checks += _check_quota(ctx, root)
+    return checks
+
+
+def _check_environment(ctx, cfg, root):
+    store = ctx.store
+    out = []
+    if cfg:
+        if root and os.path.isdir(root):
+            out.append(Check("scratch-root", "ok", "scratch root %s exists" % root))
+        else:
+            out.append(Check("scratch-root", "fail", "scratch root %s does not exist%s" % (
+                root, " (not on BR200?)" if cfg.get("profile") == "br200" else "")))
+    problems = []
+    if root and overlaps(os.path.realpath(store.dir), os.path.realpath(root)):
+        problems.append("it lies inside the scratch root, where the purge deletes it")
+    if os.path.isdir(store.dir):
+        if not os.access(store.dir, os.W_OK | os.X_OK):
+            problems.append("it is not writable")
+        loose = _loose_permissions(store)
+        if loose:
+            problems.append("%s %s group/other access (dirs should be 0700, files 0600)"
+                            % (", ".join(loose[:3]) + (" ..." if len(loose) > 3 else ""),
+                               "has" if len(loose) == 1 else "have"))
+    if problems:
+        out.append(Check("state-dir", "fail", "state directory %s: %s" % (
+            store.dir, "; ".join(problems)), fix="permissions" if _loose_permissions(store)
+            or not os.access(store.dir, os.W_OK | os.X_OK) else None))
+    else:
+        out.append(Check("state-dir", "ok", "state directory %s is private and writable"
+                         % store.dir))
+    return out
+
+
+def _loose_permissions(store):
+    """State paths whose mode is not 0700 (dirs) / 0600 (files), or that we cannot enter."""
+    loose = []
+    for dirpath, dirs, files in os.walk(store.dir):
+        for name in [""] + files:
+            p = os.path.join(dirpath, name) if name else dirpath
+            try:
+                st = os.lstat(p)
+            except OSError:
+                continue
+            want = 0o700 if stat.S_ISDIR(st.st_mode) else (0o700 if name == "job.sh" else 0o600)
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            if stat.S_IMODE(st.st_mode) != want:
+                loose.append(p)
+    return loose
+
+
+def _check_checkpoints(ctx, reg):
+    out = []
+    store = ctx.store
+    try:
+        names = sorted(f for f in os.listdir(store.checkpoint_dir) if f.endswith(".json"))
+    except OSError:
+        return out
+    for f in names:
+        name = f[:-len(".json")]
+        try:
+            ck = store.load_checkpoint(name)
+        except StateError as e:
+            out.append(Check("checkpoint:" + name, "fail", "%s; repair sets it aside and the "
+                             "next refresh starts over" % e, fix="checkpoint"))
+            continue
+        ds = (reg or {}).get("datasets", {}).get(name) if reg is not None else None
+        if reg is not None and ds is None:
+            out.append(Check("checkpoint:" + name, "fail", "checkpoint %s belongs to no "
+                             "registered dataset; repair sets it aside" % store.checkpoint_path(
+                                 name), fix="checkpoint"))
+        elif ds is not None and ck.get("path") != ds["path"]:
+            out.append(Check("checkpoint:" + name, "fail", "checkpoint of %r is for %s, not its "
+                             "current path %s; repair sets it aside" % (
+                                 name, ck.get("path"), ds["path"]), fix="checkpoint"))
+        elif ds is not None:
+            out.append(Check("checkpoint:" + name, "ok", "walk in progress: %s entries done, "
+                             "saved %s" % (human_count(int(ck.get("entries_done", 0))),
+                                           ck.get("updated"))))
+    return out
+
+
+def _lock_record(path):
+    try:
+        with open(path) as f:
+            text = f.read()
+        return json.loads(text) if text.strip() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _lock_is_held(path):
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _stale_locks(store):
+    """[(dataset, path, record, provably dead)] for lock records whose holder is gone."""
+    found = []
+    try:
+        files = sorted(f for f in os.listdir(store.lock_dir) if f.endswith(".lock"))
+    except OSError:
+        return found
+    host = socket.gethostname()
+    for f in files:
+        if f == "registry.lock":
+            continue
+        path = os.path.join(store.lock_dir, f)
+        rec = _lock_record(path)
+        if not rec:
+            continue        # released cleanly (the record is emptied on release)
+        dead = (rec.get("host") == host and isinstance(rec.get("pid"), int)
+                and not _pid_alive(rec["pid"]))
+        if _lock_is_held(path) and not dead:
+            continue        # a live holder
+        found.append((f[:-len(".lock")], path, rec, dead))
+    return found
+
+
+def _check_locks(ctx):
+    out = []
+    for name, path, rec, dead in _stale_locks(ctx.store):
+        if dead:
+            out.append(Check("lock:" + name, "fail", "lock %s names pid %s on this host, which is "
+                             "gone (killed?); repair removes it" % (path, rec.get("pid")),
+                             fix="lock"))
+        else:
+            out.append(Check("lock:" + name, "warn", "lock %s names pid %s on host %s (since %s); "
+                             "if that run is over, delete the file" % (
+                                 path, rec.get("pid"), rec.get("host"), rec.get("since"))))
+    return out
+
+
+def _check_dataset(ctx, cfg, root, ds):
+    name, path = ds["name"], ds["path"]
+    now = ctx.now
+    out = []
+    if not root_present(path):
+        return [Check("root:" + name, "fail", "dataset %r: its root %s is missing (purged, moved "
+                      "or renamed?); restore it or `%s remove --name %s`" % (name, path, PROG,
+                                                                            name))]
+    out.append(Check("root:" + name, "ok", "dataset %r: %s is present" % (name, path)))
+    sentinel = read_sentinel(path)
+    if sentinel is None or sentinel.get("name") != name:
+        out.append(Check("sentinel:" + name, "fail", "dataset %r: its sentinel %s is %s; repair "
+                         "rewrites it" % (name, sentinel_path(path), "missing" if sentinel is None
+                                          else "naming %r" % sentinel.get("name")),
+                         fix="sentinel"))
+    if root and not is_below(path, os.path.realpath(root)):
+        out.append(Check("location:" + name, "fail", "dataset %r (%s) is no longer below the "
+                         "scratch root %s" % (name, path, root)))
+    keep = parse_date(ds["keep_until"])
+    days_left = (keep - utc_date(now)).days
+    if days_left < 0:
+        out.append(Check("keep-until:" + name, "warn", "dataset %r expired on %s and is no longer "
+                         "protected; `%s extend --name %s --keep-until YYYY-MM-DD` to keep it"
+                         % (name, ds["keep_until"], PROG, name)))
+    elif days_left <= 14:
+        out.append(Check("keep-until:" + name, "warn", "dataset %r is protected only until %s "
+                         "(%d days); extend it or move it off scratch" % (
+                             name, ds["keep_until"], days_left)))
+    active = ds.get("enabled", True) and days_left >= 0
+    cadence = int(ds["cadence_days"])
+    last = ds.get("last_refresh")
+    since = parse_iso(last) if last else parse_iso(ds.get("added") or iso(now))
+    if active and now - since > (cadence + 2) * DAY:
+        out.append(Check("overdue:" + name, "fail", "dataset %r: %s more than %d days ago; check "
+                         "the schedule (`%s status`) and run `%s refresh --name %s`" % (
+                             name, "last complete refresh %s," % last if last else
+                             "never refreshed, added", cadence + 2, PROG, PROG, name)))
+    run = ds.get("last_run") or {}
+    if run.get("errors"):
+        out.append(Check("errors:" + name, "warn", "dataset %r: the last run had %d entry errors "
+                         "(vanished or permission denied); see %s" % (
+                             name, run["errors"], run.get("log"))))
+    if dataset_mode(cfg, ds) == "check" and active:
+        t = ds.get("last_totals") or {}
+        out.append(Check("approval:" + name, "warn", "dataset %r has no site approval, so it is "
+                         "only checked, never refreshed%s; copy what you need to Slate or "
+                         "Slate-Project, or record an exemption with `%s extend --name %s "
+                         "--approval TICKET`" % (
+                             name, "; last complete check: %s entries (%s) at risk, %s (%s) "
+                             "purge-eligible" % (human_count(t.get("entries_at_risk", 0)),
+                                                 human_bytes(t.get("bytes_at_risk", 0)),
+                                                 human_count(t.get("entries_purge_eligible", 0)),
+                                                 human_bytes(t.get("bytes_purge_eligible", 0)))
+                             if t else "", PROG, name)))
+    return out
+
+
+def _check_schedule(ctx, cfg, reg):
+    prof = profile_of(cfg)
+    enabled = [d for d in reg["datasets"].values() if d.get("enabled", True)]
+    try:
+        doc = load_schedule(ctx.store)
+    except StateError as e:
+        return [Check("schedule", "fail", "%s; run `%s install-cron` again" % (e, PROG))]
+    slurm = ctx.slurm
+    if slurm.run(["squeue", "--version"]) is None:
+        return [Check("schedule", "warn", "Slurm is not installed here (not on a cluster?): "
+                      "datasets are refreshed only when you run `%s refresh`" % PROG)]
+    if doc is None:
+        return [Check("schedule", "fail" if enabled else "ok",
+                      "no schedule is installed%s" % (
+                          "; run `%s install-cron%s`" % (PROG, " --account ACCOUNT" if
+                                                          prof["account_required"] else "")
+                          if enabled else " (no enabled datasets)"))]
+    out = [Check("schedule", "ok", "%s schedule every %s days, installed %s" % (
+        doc.get("method"), doc.get("cadence_days"), doc.get("installed")))]
+    missing = [p for p in (doc.get("python"), doc.get("script")) if not p or not os.path.exists(p)]
+    if missing:
+        out.append(Check("schedule-paths", "fail", "the schedule runs %s, which no longer exists; "
+                         "repair reinstalls it with %s" % (" and ".join(map(str, missing)),
+                                                           sys.executable), fix="reinstall"))
+    if int(doc.get("cadence_days") or 0) < prof["min_cadence"]:
+        out.append(Check("schedule-cadence", "fail", "the schedule runs every %s days, below the "
+                         "%s minimum of %d; run `%s install-cron --cadence-days %d`" % (
+                             doc.get("cadence_days"), cfg["profile"], prof["min_cadence"], PROG,
+                             prof["min_cadence"])))
+    try:
+        jobs = slurm.pending(JOB_NAME)
+    except Failure as e:
+        out.append(Check("schedule-jobs", "fail", "cannot list jobs: %s" % e))
+        return out
+    if len(jobs) > 1:
+        out.append(Check("schedule-jobs", "fail", "%d pending %s jobs (%s); there should be one; "
+                         "repair cancels all but the earliest" % (
+                             len(jobs), JOB_NAME, ", ".join(j for j, _ in jobs)),
+                         fix="duplicates"))
+    if doc.get("method") == "scrontab":
+        kind, text = slurm.crontab()
+        block = _our_block(text) if kind == "ok" else None
+        if block is None:
+            out.append(Check("schedule-block", "fail", "the scrontab block is gone (%s); repair "
+                             "reinstalls it" % (text if kind == "disabled" else "scrontab -l"),
+                             fix="reinstall"))
+        elif "#DISABLED:" in block:
+            out.append(Check("schedule-block", "fail", "the scrontab block was disabled "
+                             "(#DISABLED:, after an scancel of its job); repair reinstalls it",
+                             fix="reinstall"))
+    elif not jobs and not os.environ.get("SLURM_JOB_ID"):
+        out.append(Check("schedule-jobs", "fail", "no pending %s job: the chain is broken; "
+                         "repair reinstalls it" % JOB_NAME, fix="reinstall"))
+    if doc.get("account") or prof["account_required"]:
+        sched = _schedule_from_doc(ctx, cfg, doc)
+        reason = slurm.test_only(sched.request_options() + ["--wrap", "true"])
+        if reason is not None:
+            out.append(Check("schedule-account", "fail", "Slurm would reject the scheduled job: "
+                             "%s; run `%s install-cron` with a valid --account/--partition" % (
+                                 reason, PROG)))
+    return out
+
+
+def _our_block(text):
+    if not text or SCRON_BEGIN not in text:
+        return None
+    start = text.index(SCRON_BEGIN)
+    end = text.find(SCRON_END, start)
+    return text[start:] if end < 0 else text[start:end]
+
+
+def _schedule_from_doc(ctx, cfg, doc):
+    return Schedule(ctx.store, cfg, ctx.env, doc.get("method") or "sbatch", doc.get("account"),
+                    doc.get("partition"), int(doc.get("cpus") or 1), doc.get("mem") or "2G",
+                    doc.get("time") or "2:00:00", int(doc.get("cadence_days") or 14),
+                    doc.get("python"), doc.get("script"))
+
+
+def _check_quota(ctx, root):
+    """On Lustre, `lfs quota` near the file or byte limit; quiet where lfs is absent."""
+    res = ctx.slurm.runner(["lfs", "quota", "-u", current_user(ctx.env), root])
+    if res is None or res.rc != 0:
+        return []
+    nums = re.findall(r"^\s*\S+\s+(\d+)\*?\s+(\d+)\s+(\d+)\s+\S+\s+(\d+)\*?\s+(\d+)\s+(\d+)",
+                      res.out, re.M)
+    if not nums:
+        return []
+    used_kb, _, hard_kb, files, _, hard_files = (int(x) for x in nums[0])
+    near = []
+    if hard_kb and used_kb >= 0.9 * hard_kb:
+        near.append("%d%% of the byte limit" % (100 * used_kb // hard_kb))
+    if hard_files and files >= 0.9 * hard_files:
+        near.append("%d%% of the file limit" % (100 * files // hard_files))
+    if near:
+        return [Check("quota", "warn", "scratch quota: %s (`lfs quota -h -u $USER %s`)"
+                      % (" and ".join(near), root))]
+    return [Check("quota", "ok", "scratch quota: %s KiB of %s, %s files of %s" % (
+        used_kb, hard_kb or "unlimited", files, hard_files or "unlimited"))]
+
+
+def repair(dry_run=False, state_dir=None, env=None, runner=None):
+    """Mend what doctor finds, where mending is safe. Returns {"actions": [...], "left": [...]}.
+
+    Never deletes or modifies user data and never touches a timestamp in a dataset:
+    damaged state is set aside (renamed), not deleted.
+    """
+    ctx = _ctx(state_dir, env)
+    ctx.slurm = Slurm(runner)
+    return _repair(ctx, dry_run)
+
+
+def _set_aside(path, dry_run):
+    target = "%s.corrupt-%s" % (path, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    if not dry_run:
+        os.rename(path, target)
+    return target
+
+
+def _repair(ctx, dry_run):
+    store = ctx.store
+    actions, left = [], []
+    act = actions.append
+    if os.path.isdir(store.dir) and _loose_permissions(store):
+        act("set state permissions to 0700 (dirs) / 0600 (files) in %s" % store.dir)
+        if not dry_run:
+            _fix_permissions(store)
+    try:
+        cfg = store.load_config()
+    except StateError as e:
+        target = _set_aside(store.config_path, dry_run)
+        act("set the damaged config aside as %s" % target)
+        left.append("%s; run `%s init` again" % (e, PROG))
+        cfg = None
+    try:
+        store.load_registry()
+    except StateError:
+        act("set the damaged registry aside as %s" % _set_aside(store.registry_path, dry_run))
+        actions.extend(_restore_registry(ctx, cfg, dry_run, left))
+    for c in _check_checkpoints(ctx, _registry_or_none(store)):
+        if c.fix == "checkpoint":
+            name = c.name.split(":", 1)[1]
+            act("set checkpoint %s aside as %s; the next refresh starts over" % (
+                name, _set_aside(store.checkpoint_path(name), dry_run)))
+    for name, path, rec, dead in _stale_locks(store):
+        if dead and not _lock_is_held(path):
+            act("remove the stale lock of %r (pid %s on this host is gone)" % (name, rec["pid"]))
+            if not dry_run:
+                os.unlink(path)
+        elif not dead:
+            left.append("lock %s names pid %s on host %s: not provably dead, left alone" % (
+                path, rec.get("pid"), rec.get("host")))
+    if cfg is not None:
+        reg = _registry_or_none(store)
+        for ds in sorted((reg or {}).get("datasets", {}).values(), key=lambda d: d["name"]):
+            if root_present(ds["path"]) and read_sentinel(ds["path"]) is None:
+                if os.path.lexists(sentinel_path(ds["path"])):
+                    left.append("%s exists but is not ours; move it away, then repair again"
+                                % sentinel_path(ds["path"]))
+                    continue
+                act("rewrite the missing sentinel of %r in %s" % (ds["name"], ds["path"]))
+                if not dry_run:
+                    create_sentinel(ds["path"], ds)
+        if reg is not None:
+            actions.extend(_repair_schedule(ctx, cfg, reg, dry_run, left))
+    return {"actions": actions, "left": left, "dry_run": bool(dry_run)}
+
+
+def _registry_or_none(store):
+    try:
+        return store.load_registry()
+    except StateError:
+        return None
+
+
+def _fix_permissions(store):
+    for p in _loose_permissions(store):
+        st = os.lstat(p)
+        want = 0o700 if stat.S_ISDIR(st.st_mode) or p.endswith("job.sh") else 0o600
+        os.chmod(p, want)
+
+
+def _restore_registry(ctx, cfg, dry_run, left):
+    """The last good backup, else a registry rebuilt from the sentinels under the scratch root."""
+    store = ctx.store
+    try:
+        backup = read_json(store.backup_path, "registry backup")
+    except StateError:
+        backup = None
+    if backup is not None and isinstance(backup.get("datasets"), dict):
+        if not dry_run:
+            atomic_write(store.registry_path, dump_json(backup))
+        return ["restore the registry from its last good backup %s (%d datasets)" % (
+            store.backup_path, len(backup["datasets"]))]
+    root = scratch_root_of(cfg, ctx.env) if cfg else None
+    if not root or not os.path.isdir(root):
+        left.append("no backup and no scratch root to search for sentinels: re-add your "
+                    "datasets with `%s add`" % PROG)
+        if not dry_run:
+            atomic_write(store.registry_path, dump_json({"format": FORMAT, "datasets": {}}))
+        return ["start an empty registry"]
+    found = _find_sentinels(root)
+    keep = (utc_date(ctx.now) + datetime.timedelta(days=14)).isoformat()
+    prof = profile_of(cfg)
+    datasets = {}
+    for path, doc in found:
+        name = doc.get("name")
+        if not isinstance(name, str) or not NAME_RE.match(name) or name in datasets:
+            continue
+        datasets[name] = {"name": name, "path": path, "keep_until": keep,
+                          "cadence_days": min(prof["default_cadence"], purge_days_of(cfg) - 5),
+                          "approval": None, "enabled": True, "added": doc.get("added"),
+                          "last_refresh": doc.get("last_refresh"), "last_refresh_start": None,
+                          "last_mode": None, "last_run": None, "last_total_entries": None,
+                          "recovered": iso(time.time())}
+    if not dry_run:
+        atomic_write(store.registry_path, dump_json({"format": FORMAT, "datasets": datasets}))
+    for name in sorted(datasets):
+        left.append("dataset %r was recovered from its sentinel: its keep-until date (now %s), "
+                    "cadence and approval could not be recovered; set them with `%s extend "
+                    "--name %s`" % (name, keep, PROG, name))
+    return ["rebuild the registry from %d sentinel(s) found under %s" % (len(datasets), root)]
+
+
+def _find_sentinels(root, max_depth=4):
+    """(dataset root, sentinel doc) for sentinels up to max_depth levels below root.
+
+    Bounded on purpose: a scratch root may hold millions of entries.
+    """
+    found = []
+    stack = [(root, 0)]
+    while stack:
+        path, depth = stack.pop()
+        doc = read_sentinel(path) if path != root else None
+        if doc is not None:
+            found.append((path, doc))
+            continue    # datasets do not nest
+        if depth >= max_depth:
+            continue
+        try:
+            fd = open_dir(path)
+            try:
+                names = list_dir(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            continue
+        for n in reversed(names):
+            child = os.path.join(path, os.fsdecode(n))
+            try:
+                if stat.S_ISDIR(os.lstat(child).st_mode):
+                    stack.append((child, depth + 1))
+            except OSError:
+                pass
+    return sorted(found)
+
+
+def _repair_schedule(ctx, cfg, reg, dry_run, left):
+    actions = []
+    try:
+        checks = _check_schedule(ctx, cfg, reg)
+    except Failure as e:
+        left.append("schedule: %s" % e)
+        return actions
+    fixes = set(c.fix for c in checks if c.fix)
+    if "duplicates" in fixes:
+        jobs = ctx.slurm.pending(JOB_NAME)
+        for job, _ in jobs[1:]:
+            actions.append("cancel duplicate pending job %s (keeping %s)" % (job, jobs[0][0]))
+            if not dry_run:
+                ctx.slurm.cancel(job)
+    if "reinstall" in fixes:
+        actions.append("reinstall the schedule with %s %s" % (sys.executable, script_path()))
+        if not dry_run:
+            doc = load_schedule(ctx.store)
+            _install_cron(ctx, doc.get("method") or "auto", None, None, None, None, None, None,
+                          False, True)
+    for c in checks:
+        if c.level == "fail" and not c.fix and c.name != "schedule":
+            left.append(c.message)
+        elif c.name == "schedule" and c.level == "fail":
+            left.append(c.message)
+    return actions
+
 # ---------------------------------------------------------------- output
 
 
@@ -2528,9 +3084,9 @@ def cmd_refresh(args, ctx):
 
 
 def cmd_extend(args, ctx):
-    e = _extend(ctx, args.name, args.keep_until, args.approval)
-    say(ctx, "%s: kept until %s; approval: %s; %s mode" % (e["name"], e["keep_until"],
-                                                          e["approval"] or "none", e["mode"]))
+    e = _extend(ctx, args.name, args.keep_until, args.approval, args.cadence_days)
+    say(ctx, "%s: kept until %s; every %d days; approval: %s; %s mode" % (
+        e["name"], e["keep_until"], e["cadence_days"], e["approval"] or "none", e["mode"]))
     return EXIT_OK
 
 
@@ -2593,8 +3149,35 @@ def cmd_uninstall_cron(args, ctx):
     return EXIT_OK
 
 
-def cmd_not_yet(args, ctx):
-    raise Failure("`%s` is not available in this version yet" % args.command)
+def cmd_doctor(args, ctx):
+    ctx.slurm = Slurm()
+    report = _doctor(ctx)
+    if args.json:
+        emit_json(ctx, report)
+    else:
+        marks = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
+        for c in report["checks"]:
+            say(ctx, "%s %-22s %s" % (marks[c["level"]], c["name"], c["message"]))
+        fails = sum(1 for c in report["checks"] if not c["ok"])
+        say(ctx, "%s" % ("healthy" if report["ok"] else "%d problem(s); `%s repair --dry-run` "
+                         "shows what can be mended" % (fails, PROG)))
+    return EXIT_OK if report["ok"] else EXIT_FAIL
+
+
+def cmd_repair(args, ctx):
+    ctx.slurm = Slurm()
+    out = _repair(ctx, args.dry_run)
+    if args.json:
+        emit_json(ctx, out)
+        return EXIT_OK
+    verb = "would " if args.dry_run else ""
+    for a in out["actions"]:
+        say(ctx, "%s%s" % (verb, a))
+    for text in out["left"]:
+        say(ctx, "left for you: %s" % text)
+    if not out["actions"]:
+        say(ctx, "nothing to repair")
+    return EXIT_OK
 
 # ---------------------------------------------------------------- parser
 
@@ -2759,10 +3342,13 @@ def build_parser():
     p = _sub(subs, "extend", cmd_extend, "change keep-until, record an approval",
              "Move a dataset's keep-until date and/or record the site's approval to refresh it.",
              "  scratch-keepalive extend --name genomes --keep-until 2027-09-30\n"
-             "  scratch-keepalive extend --name genomes --approval 'INC0012345'\n")
+             "  scratch-keepalive extend --name genomes --approval 'INC0012345'\n"
+             "  scratch-keepalive extend --name genomes --cadence-days 14\n")
     add_name_argument(p)
     p.add_argument("--keep-until", metavar="YYYY-MM-DD", help="the new last day (inclusive)")
     p.add_argument("--approval", metavar="TEXT", help="ticket or words of the site's exemption")
+    p.add_argument("--cadence-days", type=_int_range(1, 3650), metavar="N",
+                   help="days between refreshes (br200: at least 14)")
 
     for name, func, verb in (("enable", cmd_enable, "resume refreshing a dataset"),
                              ("disable", cmd_disable, "pause refreshing a dataset")):
@@ -2803,13 +3389,21 @@ def build_parser():
              "Delete the job script, remove our scrontab block (other lines kept), then cancel "
              "pending jobs named scratch-keepalive. Exit 0 when nothing was installed.",
              "  scratch-keepalive uninstall-cron\n")
-    p = _sub(subs, "doctor", cmd_not_yet, "check the setup for problems",
-             "Check the environment, state, datasets, locks and schedule.",
-             "  scratch-keepalive doctor\n")
+    p = _sub(subs, "doctor", cmd_doctor, "check the setup for problems",
+             "Check the environment, the state files, every dataset (root, sentinel, keep-until, "
+             "overdue, errors, approval), locks, the schedule and the scratch quota. Exit 0 when "
+             "healthy, 1 when anything needs attention; each finding says what to do.",
+             "  scratch-keepalive doctor\n  scratch-keepalive doctor --json\n")
     add_json_argument(p)
-    p = _sub(subs, "repair", cmd_not_yet, "mend what doctor finds",
-             "Mend damaged state safely.", "  scratch-keepalive repair --dry-run\n")
-    p.add_argument("--dry-run", action="store_true")
+    p = _sub(subs, "repair", cmd_repair, "mend what doctor finds",
+             "Mend what is safe to mend: a damaged registry (set aside, restored from its backup "
+             "or rebuilt from the sentinels), unreadable or orphaned checkpoints, stale locks of "
+             "dead processes, missing sentinels, duplicate pending jobs, a schedule whose paths "
+             "moved. It never deletes or modifies your data and never touches timestamps.",
+             "  scratch-keepalive repair --dry-run   # list what it would do\n"
+             "  scratch-keepalive repair\n")
+    p.add_argument("--dry-run", action="store_true", help="list what it would do; change nothing")
+    add_json_argument(p)
     return parser
 
 # ---------------------------------------------------------------- main

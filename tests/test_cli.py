@@ -524,7 +524,8 @@ def test_combine_exit_codes():
 
 def test_extend(cli, ds, env):
     before = state_files(env["state"])
-    assert_error(cli("extend", "--name", "ds"), 2, "--keep-until")
+    assert_error(cli("extend", "--name", "ds"), 2, "--cadence-days")
+    assert_error(cli("extend", "--name", "ds", "--cadence-days", "26"), 2, "too long")
     assert_error(cli("extend", "--name", "ds", "--keep-until", "2029-01-01"), 2, "in the past")
     assert_error(cli("extend", "--name", "ds", "--keep-until", "2031-13-01"), 2, "real date")
     assert_error(cli("extend", "--name", "nope", "--keep-until", "2031-01-01"), 2, "no dataset")
