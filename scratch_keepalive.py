@@ -737,18 +737,122 @@ def list_dir(fd):
     return sorted([n.encode(enc, "surrogateescape") for n in os.listdir(fd)])
 
 
+def list_dir_typed(fd):
+    """(names, is-directory flags) of an open directory in byte order, from d_type.
+
+    Needs os.scandir on a file descriptor (Python 3.7+). Where d_type is
+    unknown, DirEntry.is_dir() falls back to an lstat.
+    """
+    enc = sys.getfilesystemencoding()
+    items = []
+    it = os.scandir(fd)
+    try:
+        for e in it:
+            try:
+                d = e.is_dir(follow_symlinks=False)
+            except OSError:
+                d = False
+            items.append((e.name.encode(enc, "surrogateescape"), d))
+    finally:
+        it.close()
+    items.sort()
+    return [n for n, _ in items], [d for _, d in items]
+
+
+PARALLEL_OK = sys.version_info >= (3, 7) and hasattr(socket, "CMSG_SPACE") and hasattr(os, "fork")
+
+
+def default_workers():
+    """Worker processes for a walk: 2 where two CPUs are ours and Python can pass fds."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return 2 if (PARALLEL_OK and cpus >= 2) else 1
+
+
+def _worker_loop(sock, touch_atime, touch, dry_run, skip_ns, risk_ns, purge_ns, root_dev):
+    """A walk worker: lstat (and touch) each batch of names, reply with the batch's counts.
+
+    Runs in a forked process. A batch is (id, names) with the directory's fd in
+    SCM_RIGHTS; the reply is (id, counts, first errors, error count).
+    """
+    import pickle
+    import struct
+    lstat = os.stat
+    fd_size = struct.calcsize("i")
+    while True:
+        try:
+            msg, anc, _, _ = sock.recvmsg(1 << 22, socket.CMSG_SPACE(fd_size))
+        except InterruptedError:
+            continue
+        if not msg:
+            return
+        fd = struct.unpack("i", anc[0][2][:fd_size])[0]
+        batch_id, names = pickle.loads(msg)
+        touched = skipped = at_risk = b_risk = elig = b_elig = nerr = 0
+        errs = []
+        for name in names:
+            try:
+                st = lstat(name, dir_fd=fd, follow_symlinks=False)
+            except OSError as e:
+                nerr += 1
+                if len(errs) < MAX_LOGGED_ERRORS:
+                    errs.append((name, e.errno or errno.EIO))
+                continue
+            mode = st.st_mode
+            if mode & 0o170000 == 0o040000 and st.st_dev != root_dev:
+                skipped += 1        # a mount point
+                continue
+            a = st.st_atime_ns
+            if a < risk_ns:
+                at_risk += 1
+                regular = mode & 0o170000 == 0o100000
+                if regular:
+                    b_risk += st.st_size
+                if a < purge_ns:
+                    elig += 1
+                    if regular:
+                        b_elig += st.st_size
+            if touch:
+                if a >= skip_ns:
+                    skipped += 1
+                elif dry_run:
+                    touched += 1
+                else:
+                    err = touch_atime(fd, name)
+                    if err:
+                        nerr += 1
+                        if len(errs) < MAX_LOGGED_ERRORS:
+                            errs.append((name, err))
+                    else:
+                        touched += 1
+        os.close(fd)
+        sock.sendall(pickle.dumps((batch_id, (touched, skipped, at_risk, b_risk, elig, b_elig),
+                                   errs, nerr), 2))
+
+
 class Frame(object):
     """One directory on the walk's explicit stack."""
-    __slots__ = ("fd", "name", "names", "idx", "ident", "results", "res_base")
+    __slots__ = ("fd", "name", "names", "dirs", "idx", "ident", "results", "res_base", "parent")
 
-    def __init__(self, fd, name, names, ident):
+    def __init__(self, fd, name, names, ident, dirs=None, parent=None):
         self.fd = fd
         self.name = name            # component name in the parent (bytes), None for the root
         self.names = names          # sorted entry names (bytes)
+        self.dirs = dirs            # parallel walk: d_type says "directory", per name
         self.idx = 0                # next name to consume
         self.ident = ident          # (st_dev, st_ino), to check a reopen via ".."
         self.results = None         # visit results computed ahead for names[res_base:...]
         self.res_base = 0
+        self.parent = parent        # the parent frame (paths for error messages)
+
+    def components(self):
+        comps, f = [], self
+        while f is not None and f.name is not None:
+            comps.append(f.name)
+            f = f.parent
+        return comps[::-1]
 
 
 class Counts(object):
@@ -781,7 +885,7 @@ class Walker(object):
     after the last checkpoint.
     """
 
-    def __init__(self, root, mode, thresholds, dry_run=False, threads=1):
+    def __init__(self, root, mode, thresholds, dry_run=False, threads=1, workers=1):
         self.root = root
         self.root_b = os.fsencode(root)
         self.touch = mode == "touch"
@@ -795,13 +899,19 @@ class Walker(object):
         self.stop_reason = None
         self.touch_atime = _load_utimensat() if (self.touch and not dry_run) else None
         self.pool = None
+        self.workers = workers if (PARALLEL_OK and self.threads == 1 and workers > 1) else 1
+        self.procs = []             # parallel walk: [pid, socket, batches in flight]
+        self.inflight = {}          # batch id -> (worker index, frame)
+        self.next_batch = 0
 
     # -- errors
-    def _error(self, name, err):
+    def _error(self, name, err, frame=None, count=True):
         """Count an entry that vanished or denied access; log the first ones' paths."""
-        self.counts.errors += 1
+        if count:
+            self.counts.errors += 1
         if len(self.error_paths) < MAX_LOGGED_ERRORS:
-            path = b"/".join([self.root_b] + self._components() + ([name] if name else []))
+            comps = frame.components() if frame is not None else self._components()
+            path = b"/".join([self.root_b] + comps + ([name] if name else []))
             self.error_paths.append("%s: %s" % (display_path(path), os.strerror(err)))
 
     def _components(self):
@@ -825,9 +935,18 @@ class Walker(object):
             return st, err == 0, err
         return st, False, 0
 
-    def _visit_many(self, dir_fd, names):
+    def _visit_many(self, dir_fd, names, stop_at_dir=False):
+        """Visit names in order; with stop_at_dir, end after the first subdirectory."""
         visit = self._visit
-        return [visit(dir_fd, n) for n in names]
+        if not stop_at_dir:
+            return [visit(dir_fd, n) for n in names]
+        out = []
+        for n in names:
+            r = visit(dir_fd, n)
+            out.append(r)
+            if r[0] is not None and r[0].st_mode & 0o170000 == 0o040000:
+                break       # its subtree comes next: nothing is done ahead of the cursor
+        return out
 
     def _batch(self, frame, limit):
         """Visit the next batch of a frame's entries, in parallel when threads > 1."""
@@ -835,7 +954,7 @@ class Walker(object):
         end = min(len(frame.names), start + limit)
         names = frame.names[start:end]
         if self.pool is None or len(names) < 2 * self.threads:
-            frame.results = self._visit_many(frame.fd, names)
+            frame.results = self._visit_many(frame.fd, names, stop_at_dir=self.pool is None)
         else:
             step = (len(names) + self.threads - 1) // self.threads
             parts = [names[i:i + step] for i in range(0, len(names), step)]
@@ -880,12 +999,16 @@ class Walker(object):
             self._error(name, e.errno or errno.EIO)
             return False
         try:
-            names = list_dir(fd)
+            if self.workers > 1:
+                names, dirs = list_dir_typed(fd)
+            else:
+                names, dirs = list_dir(fd), None
         except OSError as e:
             os.close(fd)
             self._error(name, e.errno or errno.EIO)
             return False
-        self.stack.append(Frame(fd, name, names, (st.st_dev, st.st_ino)))
+        parent = self.stack[-1] if self.stack else None
+        self.stack.append(Frame(fd, name, names, (st.st_dev, st.st_ino), dirs, parent))
         if len(self.stack) > MAX_OPEN_DIRS:
             # WARNING: deep trees would exhaust file descriptors; close an ancestor's fd
             # and reopen it through ".." when the walk climbs back (see _pop).
@@ -923,6 +1046,7 @@ class Walker(object):
         if self.pool is not None:
             self.pool.shutdown(wait=True)
             self.pool = None
+        self._stop_workers()
 
     # -- cursor
     def cursor(self):
@@ -956,10 +1080,13 @@ class Walker(object):
             self._account(st, touched, err, None)
         try:
             fd = open_dir(self.root_b)
-            names = list_dir(fd)
+            if self.workers > 1:
+                names, dirs = list_dir_typed(fd)
+            else:
+                names, dirs = list_dir(fd), None
         except OSError as e:
             raise Failure("cannot list the dataset root %s (%s)" % (self.root, e.strerror))
-        self.stack.append(Frame(fd, None, names, (st.st_dev, st.st_ino)))
+        self.stack.append(Frame(fd, None, names, (st.st_dev, st.st_ino), dirs))
         if cursor is not None:
             self._seek([decode_name(c) for c in cursor.get("path", [])],
                        bool(cursor.get("subtree_done")))
@@ -996,6 +1123,8 @@ class Walker(object):
         point (checkpoints, progress). should_stop() returns a reason or None.
         """
         self._start(cursor)
+        if self.workers > 1:
+            return self._run_parallel(max_entries, deadline, should_stop, on_tick, tick_every)
         if self.threads > 1:
             import concurrent.futures
             self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.threads)
@@ -1012,6 +1141,9 @@ class Walker(object):
                 next_tick = counts.entries_seen + tick_every
                 if on_tick is not None:
                     on_tick(self)
+            if max_entries is not None and counts.entries_seen >= max_entries:
+                self.stop_reason = "max-entries"    # exact, even inside a computed batch
+                return False
             if frame.results is None or frame.idx >= frame.res_base + len(frame.results):
                 # A batch boundary: the place to honour budgets and signals.
                 reason = self._stop_reason(max_entries, deadline, should_stop)
@@ -1029,6 +1161,153 @@ class Walker(object):
             if st is not None and stat.S_ISDIR(st.st_mode) and st.st_dev == self.root_dev:
                 self._push(frame.fd, name, st)
         return True
+
+    # -- the parallel walk: this process orders, worker processes stat and touch
+    def _spawn_workers(self):
+        for _ in range(self.workers):
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            pid = os.fork()
+            if pid == 0:    # the worker; it never returns into the caller's code
+                code = 1
+                try:
+                    mine.close()
+                    for _, other, _ in self.procs:
+                        other.close()
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent decides
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    _worker_loop(theirs, self.touch_atime, self.touch, self.dry_run,
+                                 self.skip_ns, self.risk_ns, self.purge_ns, self.root_dev)
+                    code = 0
+                finally:
+                    os._exit(code)
+            theirs.close()
+            self.procs.append([pid, mine, 0])
+
+    def _stop_workers(self):
+        for pid, sock, _ in self.procs:
+            with contextlib.suppress(OSError):
+                sock.close()        # EOF: the worker exits
+        for pid, _, _ in self.procs:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        self.procs = []
+        self.inflight = {}
+
+    def _send(self, frame, names):
+        """Hand a batch to the least busy worker; wait for replies when all are busy."""
+        import array
+        import pickle
+        while True:
+            w = min(range(len(self.procs)), key=lambda i: self.procs[i][2])
+            if self.procs[w][2] < 4:
+                break
+            self._collect(block=True)
+        batch_id = self.next_batch
+        self.next_batch += 1
+        data = pickle.dumps((batch_id, names), 2)
+        self.procs[w][1].sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                           array.array("i", [frame.fd]))])
+        self.procs[w][2] += 1
+        self.inflight[batch_id] = (w, frame)
+
+    def _collect(self, block):
+        """Read the replies that are there (block: wait for at least one)."""
+        import pickle
+        import select
+        busy = [p for p in self.procs if p[2] > 0]
+        if not busy:
+            return
+        ready, _, _ = select.select([p[1] for p in busy], [], [], None if block else 0)
+        c = self.counts
+        for sock in ready:
+            data = sock.recv(1 << 22)
+            if not data:
+                raise Failure("a walk worker process died; run refresh again to resume")
+            batch_id, (touched, skipped, at_risk, b_risk, elig, b_elig), errs, nerr = \
+                pickle.loads(data)
+            w, frame = self.inflight.pop(batch_id)
+            self.procs[w][2] -= 1
+            c.entries_touched += touched
+            c.entries_skipped += skipped
+            c.entries_at_risk += at_risk
+            c.bytes_at_risk += b_risk
+            c.entries_purge_eligible += elig
+            c.bytes_purge_eligible += b_elig
+            c.errors += nerr
+            for name, err in errs:
+                self._error(name, err, frame, count=False)
+
+    def sync(self):
+        """Wait until every batch handed out is done: counts and cursor then agree."""
+        while self.inflight:
+            self._collect(block=True)
+
+    def _run_parallel(self, max_entries, deadline, should_stop, on_tick, tick_every):
+        self._spawn_workers()
+        counts = self.counts
+        stack = self.stack
+        next_tick = counts.entries_seen + tick_every
+        while stack:
+            frame = stack[-1]
+            if frame.idx >= len(frame.names):
+                self._pop()
+                continue
+            if counts.entries_seen >= next_tick:
+                next_tick = counts.entries_seen + tick_every
+                self._collect(block=False)
+                if on_tick is not None:
+                    on_tick(self)
+            reason = self._stop_reason(max_entries, deadline, should_stop)
+            if reason:
+                self.sync()
+                self.stop_reason = reason
+                return False
+            # A batch: the next names of this directory, up to and including a subdirectory
+            # (whose own entries must come next in the walk's order).
+            start = frame.idx
+            end = min(len(frame.names), start + BATCH)
+            if max_entries is not None:
+                end = min(end, start + max_entries - counts.entries_seen)
+            dirs = frame.dirs
+            k = start
+            while k < end:
+                k += 1
+                if dirs[k - 1]:
+                    break
+            self._send(frame, frame.names[start:k])
+            counts.entries_seen += k - start
+            frame.idx = k
+            if dirs[k - 1]:
+                self._enter(frame, frame.names[k - 1])
+        self.sync()
+        return True
+
+    def _enter(self, frame, name):
+        """Descend into a subdirectory found by d_type, unless it is another filesystem."""
+        try:
+            fd = open_dir(name, dir_fd=frame.fd)
+        except OSError as e:
+            if e.errno != errno.ENOTDIR:
+                self._error(name, e.errno or errno.EIO, frame)
+            return
+        try:
+            st = os.fstat(fd)
+            if st.st_dev != self.root_dev:
+                os.close(fd)            # a mount point: the worker counts it as skipped
+                return
+            names, dirs = list_dir_typed(fd)
+        except OSError as e:
+            os.close(fd)
+            self._error(name, e.errno or errno.EIO, frame)
+            return
+        self.stack.append(Frame(fd, name, names, (st.st_dev, st.st_ino), dirs, frame))
+        if len(self.stack) > MAX_OPEN_DIRS:
+            old = self.stack[-MAX_OPEN_DIRS - 1]
+            if old.fd is not None and len(self.stack) - MAX_OPEN_DIRS - 1 > 0:
+                os.close(old.fd)
+                old.fd = None
 
     def _stop_reason(self, max_entries, deadline, should_stop):
         if should_stop is not None:
@@ -1420,7 +1699,8 @@ def _remove(ctx, name):
 
 class RefreshOptions(object):
     def __init__(self, name=None, due=False, check=False, dry_run=False, max_seconds=None,
-                 max_entries=None, threads=None, checkpoint_every=CHECKPOINT_SECONDS):
+                 max_entries=None, threads=None, checkpoint_every=CHECKPOINT_SECONDS,
+                 workers=None):
         self.name = name
         self.due = due
         self.check = check
@@ -1429,6 +1709,7 @@ class RefreshOptions(object):
         self.max_entries = max_entries
         self.threads = threads
         self.checkpoint_every = checkpoint_every
+        self.workers = workers
 
 
 class Budget(object):
@@ -1454,14 +1735,15 @@ def empty_result(name, mode):
 
 def refresh(name=None, due=False, check=False, dry_run=False, max_seconds=None,
             max_entries=None, threads=None, state_dir=None, env=None, should_stop=None,
-            progress=None):
+            progress=None, workers=None):
     """Refresh (or check) datasets. Returns {"results": [...], "exit_code": N, "notes": [...]}.
 
     should_stop() may return "term" or "int" to stop the walk at the next
     entry, with the checkpoint saved. No printing, no signal handlers.
     """
     ctx = _ctx(state_dir, env)
-    opts = RefreshOptions(name, due, check, dry_run, max_seconds, max_entries, threads)
+    opts = RefreshOptions(name, due, check, dry_run, max_seconds, max_entries, threads,
+                          workers=workers)
     return _refresh(ctx, opts, should_stop=should_stop, progress=progress)
 
 
@@ -1581,8 +1863,10 @@ def _walk_dataset(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
     walk_started = ckpt.get("walk_started") if resumed else iso(started)
     done_before = int(ckpt.get("entries_done", 0)) if resumed else 0
     totals = Counts(ckpt.get("totals") if resumed else None)
-    threads = opts.threads or (8 if ctx.env.get("SLURM_JOB_ID") else 1)
-    walker = Walker(ds["path"], mode, thresholds, dry_run=opts.dry_run, threads=threads)
+    threads = opts.threads or (8 if ctx.env.get("SLURM_JOB_ID") and not opts.workers else 1)
+    workers = opts.workers or (default_workers() if threads == 1 else 1)
+    walker = Walker(ds["path"], mode, thresholds, dry_run=opts.dry_run, threads=threads,
+                    workers=workers)
     log_path, log = (None, None) if opts.dry_run else store.new_log(name, started, mode)
     skip_d, risk_d, purge_d = thresholds_days(cfg, cadence)
     timing = {"checkpoint_seconds": 0.0, "checkpoints": 0}
@@ -1617,6 +1901,7 @@ def _walk_dataset(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
     def on_tick(w):
         t = time.monotonic()
         if t - ticks["last_ckpt"] >= opts.checkpoint_every:
+            w.sync()        # do the work, then record the cursor
             save_checkpoint(w.cursor(), w.counts.entries_seen)
             ticks["last_ckpt"] = time.monotonic()
         if progress is not None and t - ticks["last_progress"] >= PROGRESS_SECONDS:
@@ -3056,7 +3341,7 @@ def stop_signals():
 
 def cmd_refresh(args, ctx):
     opts = RefreshOptions(args.name, args.due, args.check, args.dry_run, args.max_seconds,
-                          args.max_entries, args.threads, args.checkpoint_every)
+                          args.max_entries, args.threads, args.checkpoint_every, args.workers)
     progress = Progress(ctx.err)
     doc = None
     if args.scheduled:
@@ -3333,6 +3618,9 @@ def build_parser():
                    help="stop after N entries (whole command); resume next time")
     p.add_argument("--threads", type=_int_range(1, 64), metavar="N",
                    help="parallel metadata operations (default 8 in a Slurm job, else 1)")
+    p.add_argument("--workers", type=_int_range(1, 64), metavar="N",
+                   help="processes sharing the metadata work (default 2 where 2 CPUs are "
+                        "available, else 1)")
     p.add_argument("--checkpoint-every", type=_positive_seconds, metavar="S",
                    default=CHECKPOINT_SECONDS, help="seconds between checkpoints (default 30)")
     p.add_argument("--scheduled", choices=("scrontab", "sbatch", "resume"),
