@@ -133,6 +133,10 @@ MAX_OPEN_DIRS = 64              # directory fds kept open; deeper ones reopen vi
 MAX_LOGGED_ERRORS = 100
 KEEP_LOGS = 20
 BATCH = 256                     # entries stat'ed per batch (and per budget check)
+# Parallel walk messages: a batch is at most BATCH names of at most 255 bytes; a reply
+# carries at most MAX_LOGGED_ERRORS names. Both fit, with pickle's overhead.
+BATCH_MESSAGE_MAX = 1 << 17
+REPLY_MESSAGE_MAX = 1 << 16
 
 # Linux utimensat(2) constants.
 UTIME_NOW = (1 << 30) - 1
@@ -783,7 +787,7 @@ def _worker_loop(sock, touch_atime, touch, dry_run, skip_ns, risk_ns, purge_ns, 
     fd_size = struct.calcsize("i")
     while True:
         try:
-            msg, anc, _, _ = sock.recvmsg(1 << 22, socket.CMSG_SPACE(fd_size))
+            msg, anc, _, _ = sock.recvmsg(BATCH_MESSAGE_MAX, socket.CMSG_SPACE(fd_size))
         except InterruptedError:
             continue
         if not msg:
@@ -1222,7 +1226,7 @@ class Walker(object):
         ready, _, _ = select.select([p[1] for p in busy], [], [], None if block else 0)
         c = self.counts
         for sock in ready:
-            data = sock.recv(1 << 22)
+            data = sock.recv(REPLY_MESSAGE_MAX)
             if not data:
                 raise Failure("a walk worker process died; run refresh again to resume")
             batch_id, (touched, skipped, at_risk, b_risk, elig, b_elig), errs, nerr = \
@@ -1918,8 +1922,11 @@ def _walk_dataset(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
             save_checkpoint(walker.cursor(), walker.counts.entries_seen)
     except BaseException:
         # A crash in the walk: keep the position reached so far, then let it propagate.
+        # The cursor is recorded only once the work before it is done (sync); if that
+        # fails, the last periodic checkpoint stands.
         if walker.stack:
             with contextlib.suppress(Exception):
+                walker.sync()
                 save_checkpoint(walker.cursor(), walker.counts.entries_seen)
         if log is not None:
             write_log("end crashed entries_seen=%d" % walker.counts.entries_seen)
