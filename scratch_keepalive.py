@@ -2690,8 +2690,8 @@ def _loose_permissions(store):
             except OSError:
                 continue
             want = 0o700 if stat.S_ISDIR(st.st_mode) else (0o700 if name == "job.sh" else 0o600)
-            if stat.S_ISLNK(st.st_mode):
-                continue
+            if stat.S_ISLNK(st.st_mode) or (name.startswith("slurm-") and name.endswith(".out")):
+                continue    # Slurm creates its job logs with the job's umask
             if stat.S_IMODE(st.st_mode) != want:
                 loose.append(p)
     return loose

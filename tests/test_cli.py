@@ -684,3 +684,43 @@ def test_internal_error_is_one_line(cli, ds, monkeypatch):
     monkeypatch.setattr(sk, "_list", broken)
     monkeypatch.delenv("SCRATCH_KEEPALIVE_DEBUG", raising=False)
     assert_error(cli("list"), 1, "internal error", "ZeroDivisionError")
+
+
+def test_progress_line_on_a_terminal_only(cli, generic, monkeypatch):
+    """On a terminal, stderr shows a live progress line with the share done; in a pipe, nothing."""
+    import pty
+    d = generic["scratch"] / "ds"
+    for i in range(10):
+        (d / ("d%d" % i)).mkdir(parents=True)
+        for j in range(300):
+            (d / ("d%d" % i) / str(j)).write_bytes(b"")
+    assert cli("add", "--name", "ds", "--path", d, "--keep-until", KEEP).rc == 0
+    assert cli("refresh", "--name", "ds", "--check").rc == 0      # gives a total for the share
+    monkeypatch.setattr(sk, "PROGRESS_SECONDS", 0.0)
+    r = cli("refresh", "--name", "ds", "--check")
+    assert r.rc == 0 and r.err == ""                              # StringIO: not a terminal
+    master, slave = pty.openpty()
+    tty = os.fdopen(slave, "w")
+    old = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = open(os.devnull, "w"), tty
+    try:
+        rc = sk.main(["refresh", "--name", "ds", "--check", "--workers", "1"])
+    finally:
+        sys.stdout.close()
+        sys.stdout, sys.stderr = old
+        tty.close()
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    assert rc == 0
+    text = seen.decode("utf-8", "replace")
+    assert "\rds: " in text.replace("\r\x1b[K", "\r") and " entries, " in text and "/s" in text
+    assert "%" in text, text
+    assert text.endswith("\r\x1b[K"), text[-40:]                   # the line is cleared at the end

@@ -144,3 +144,4 @@ def test_sigterm_and_ctrl_c_checkpoint(tmp_path):
     r = run_script("refresh", "--name", "big", "--json", env=env)
     x = json.loads(r.out)["results"][0]
     assert r.rc == 0 and x["resumed"] is True and not ckpt.exists()
+
