@@ -775,6 +775,40 @@ def default_workers():
     return 2 if (PARALLEL_OK and cpus >= 2) else 1
 
 
+# Filesystems whose metadata calls wait on a network round trip: threads overlap the waits.
+NETWORK_FS = ("lustre", "nfs", "nfs4", "gpfs", "beegfs", "cifs", "smb3", "ceph", "panfs",
+              "wekafs", "9p", "fuse.glusterfs", "afs")
+
+
+def fs_type(path):
+    """The filesystem type of the mount holding path (from /proc/self/mounts), or None."""
+    best, kind = "", None
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                mnt = parts[1].replace("\\040", " ")
+                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                    best, kind = mnt, parts[2]
+    except OSError:
+        return None
+    return kind
+
+
+def default_parallelism(path, env):
+    """(threads, workers) for a walk when the user chose neither.
+
+    On a network filesystem each lstat/utimensat waits on the metadata server:
+    8 threads keep 8 calls in flight. On a local disk the cost is CPU: two
+    worker processes where two CPUs are ours.
+    """
+    if fs_type(path) in NETWORK_FS:
+        return 8, 1
+    return 1, default_workers()
+
+
 def _worker_loop(sock, touch_atime, touch, dry_run, skip_ns, risk_ns, purge_ns, root_dev):
     """A walk worker: lstat (and touch) each batch of names, reply with the batch's counts.
 
@@ -1867,8 +1901,9 @@ def _walk_dataset(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
     walk_started = ckpt.get("walk_started") if resumed else iso(started)
     done_before = int(ckpt.get("entries_done", 0)) if resumed else 0
     totals = Counts(ckpt.get("totals") if resumed else None)
-    threads = opts.threads or (8 if ctx.env.get("SLURM_JOB_ID") and not opts.workers else 1)
-    workers = opts.workers or (default_workers() if threads == 1 else 1)
+    threads, workers = default_parallelism(ds["path"], ctx.env)
+    if opts.threads or opts.workers:
+        threads, workers = opts.threads or 1, opts.workers or 1
     walker = Walker(ds["path"], mode, thresholds, dry_run=opts.dry_run, threads=threads,
                     workers=workers)
     log_path, log = (None, None) if opts.dry_run else store.new_log(name, started, mode)
@@ -3624,10 +3659,11 @@ def build_parser():
     p.add_argument("--max-entries", type=_int_range(0), metavar="N",
                    help="stop after N entries (whole command); resume next time")
     p.add_argument("--threads", type=_int_range(1, 64), metavar="N",
-                   help="parallel metadata operations (default 8 in a Slurm job, else 1)")
+                   help="metadata calls in flight (default 8 on Lustre, NFS and other network "
+                        "filesystems, else 1)")
     p.add_argument("--workers", type=_int_range(1, 64), metavar="N",
-                   help="processes sharing the metadata work (default 2 where 2 CPUs are "
-                        "available, else 1)")
+                   help="processes sharing the metadata work on a local disk (default 2 where "
+                        "2 CPUs are available, else 1)")
     p.add_argument("--checkpoint-every", type=_positive_seconds, metavar="S",
                    default=CHECKPOINT_SECONDS, help="seconds between checkpoints (default 30)")
     p.add_argument("--scheduled", choices=("scrontab", "sbatch", "resume"),

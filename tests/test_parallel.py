@@ -89,3 +89,11 @@ def test_refresh_cli_workers_option(cli, generic):
     assert [a["results"][0][k] for k in keys] == [b["results"][0][k] for k in keys]
     r = cli("refresh", "--name", "ds", "--workers", "0")
     assert r.rc == 2 and "out of range" in r.err
+
+
+def test_default_parallelism_follows_the_filesystem(tmp_path, monkeypatch):
+    kind = sk.fs_type(str(tmp_path))
+    assert kind and kind not in sk.NETWORK_FS
+    assert sk.default_parallelism(str(tmp_path), {}) == (1, sk.default_workers())
+    monkeypatch.setattr(sk, "fs_type", lambda path: "lustre")
+    assert sk.default_parallelism("/N/scratch/alice/x", {}) == (8, 1)
