@@ -2833,7 +2833,11 @@ def _check_dataset(ctx, cfg, root, ds):
                                                                             name))]
     out.append(Check("root:" + name, "ok", "dataset %r: %s is present" % (name, path)))
     sentinel = read_sentinel(path)
-    if sentinel is None or sentinel.get("name") != name:
+    if sentinel is None and os.path.lexists(sentinel_path(path)):
+        out.append(Check("sentinel:" + name, "fail", "dataset %r: %s is not ours (another tool's "
+                         "file or a symlink); move it away, then run `%s repair`" % (
+                             name, sentinel_path(path), PROG)))
+    elif sentinel is None or sentinel.get("name") != name:
         out.append(Check("sentinel:" + name, "fail", "dataset %r: its sentinel %s is %s; repair "
                          "rewrites it" % (name, sentinel_path(path), "missing" if sentinel is None
                                           else "naming %r" % sentinel.get("name")),
@@ -2992,7 +2996,12 @@ def repair(dry_run=False, state_dir=None, env=None, runner=None):
 
 
 def _set_aside(path, dry_run):
-    target = "%s.corrupt-%s" % (path, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    """Rename a damaged file to PATH.corrupt-TIME (never over an earlier copy)."""
+    base = "%s.corrupt-%s" % (path, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    target, n = base, 1
+    while os.path.lexists(target):
+        n += 1
+        target = "%s-%d" % (base, n)
     if not dry_run:
         os.rename(path, target)
     return target
@@ -3013,12 +3022,13 @@ def _repair(ctx, dry_run):
         act("set the damaged config aside as %s" % target)
         left.append("%s; run `%s init` again" % (e, PROG))
         cfg = None
-    try:
-        store.load_registry()
-    except StateError:
+    reg = _registry_or_none(store)
+    if reg is None and os.path.exists(store.registry_path):
         act("set the damaged registry aside as %s" % _set_aside(store.registry_path, dry_run))
-        actions.extend(_restore_registry(ctx, cfg, dry_run, left))
-    for c in _check_checkpoints(ctx, _registry_or_none(store)):
+        restored, reg = _restore_registry(ctx, cfg, dry_run, left)
+        act(restored)
+    # In a dry run `reg` is the registry as it would be after the step above.
+    for c in _check_checkpoints(ctx, reg):
         if c.fix == "checkpoint":
             name = c.name.split(":", 1)[1]
             act("set checkpoint %s aside as %s; the next refresh starts over" % (
@@ -3028,22 +3038,30 @@ def _repair(ctx, dry_run):
             act("remove the stale lock of %r (pid %s on this host is gone)" % (name, rec["pid"]))
             if not dry_run:
                 os.unlink(path)
-        elif not dead:
+        elif dead:
+            left.append("lock %s is still held although pid %s is gone: a process it started "
+                        "holds it; end that process, then repair again" % (path, rec.get("pid")))
+        else:
             left.append("lock %s names pid %s on host %s: not provably dead, left alone" % (
                 path, rec.get("pid"), rec.get("host")))
-    if cfg is not None:
-        reg = _registry_or_none(store)
-        for ds in sorted((reg or {}).get("datasets", {}).values(), key=lambda d: d["name"]):
-            if root_present(ds["path"]) and read_sentinel(ds["path"]) is None:
-                if os.path.lexists(sentinel_path(ds["path"])):
-                    left.append("%s exists but is not ours; move it away, then repair again"
-                                % sentinel_path(ds["path"]))
-                    continue
+    if cfg is not None and reg is not None:
+        for ds in sorted(reg.get("datasets", {}).values(), key=lambda d: d["name"]):
+            if not root_present(ds["path"]):
+                continue
+            found = read_sentinel(ds["path"])
+            if found is None and os.path.lexists(sentinel_path(ds["path"])):
+                left.append("%s exists but is not ours; move it away, then repair again"
+                            % sentinel_path(ds["path"]))
+            elif found is None:
                 act("rewrite the missing sentinel of %r in %s" % (ds["name"], ds["path"]))
                 if not dry_run:
                     create_sentinel(ds["path"], ds)
-        if reg is not None:
-            actions.extend(_repair_schedule(ctx, cfg, reg, dry_run, left))
+            elif found.get("name") != ds["name"]:
+                act("rewrite the sentinel of %r in %s (it named %r)" % (
+                    ds["name"], ds["path"], found.get("name")))
+                if not dry_run:
+                    update_sentinel(ds["path"], ds)
+        actions.extend(_repair_schedule(ctx, cfg, reg, dry_run, left))
     return {"actions": actions, "left": left, "dry_run": bool(dry_run)}
 
 
@@ -3062,7 +3080,10 @@ def _fix_permissions(store):
 
 
 def _restore_registry(ctx, cfg, dry_run, left):
-    """The last good backup, else a registry rebuilt from the sentinels under the scratch root."""
+    """The last good backup, else a registry rebuilt from the sentinels under the scratch root.
+
+    Returns (what was done, the registry now in place or, in a dry run, that would be).
+    """
     store = ctx.store
     try:
         backup = read_json(store.backup_path, "registry backup")
@@ -3071,15 +3092,16 @@ def _restore_registry(ctx, cfg, dry_run, left):
     if backup is not None and isinstance(backup.get("datasets"), dict):
         if not dry_run:
             atomic_write(store.registry_path, dump_json(backup))
-        return ["restore the registry from its last good backup %s (%d datasets)" % (
-            store.backup_path, len(backup["datasets"]))]
+        return ("restore the registry from its last good backup %s (%d datasets)" % (
+            store.backup_path, len(backup["datasets"])), backup)
     root = scratch_root_of(cfg, ctx.env) if cfg else None
     if not root or not os.path.isdir(root):
         left.append("no backup and no scratch root to search for sentinels: re-add your "
                     "datasets with `%s add`" % PROG)
+        empty = {"format": FORMAT, "datasets": {}}
         if not dry_run:
-            atomic_write(store.registry_path, dump_json({"format": FORMAT, "datasets": {}}))
-        return ["start an empty registry"]
+            atomic_write(store.registry_path, dump_json(empty))
+        return "start an empty registry", empty
     found = _find_sentinels(root)
     keep = (utc_date(ctx.now) + datetime.timedelta(days=14)).isoformat()
     prof = profile_of(cfg)
@@ -3094,13 +3116,15 @@ def _restore_registry(ctx, cfg, dry_run, left):
                           "last_refresh": doc.get("last_refresh"), "last_refresh_start": None,
                           "last_mode": None, "last_run": None, "last_total_entries": None,
                           "recovered": iso(time.time())}
+    rebuilt = {"format": FORMAT, "datasets": datasets}
     if not dry_run:
-        atomic_write(store.registry_path, dump_json({"format": FORMAT, "datasets": datasets}))
+        atomic_write(store.registry_path, dump_json(rebuilt))
     for name in sorted(datasets):
         left.append("dataset %r was recovered from its sentinel: its keep-until date (now %s), "
                     "cadence and approval could not be recovered; set them with `%s extend "
                     "--name %s`" % (name, keep, PROG, name))
-    return ["rebuild the registry from %d sentinel(s) found under %s" % (len(datasets), root)]
+    return ("rebuild the registry from %d sentinel(s) found under %s" % (len(datasets), root),
+            rebuilt)
 
 
 def _find_sentinels(root, max_depth=4):

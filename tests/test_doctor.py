@@ -1,0 +1,907 @@
+"""doctor and repair: every fault injected for real, named, mended, and the data left alone.
+
+Each test breaks something the way it breaks in life (a registry cut short by
+a full disk, a refresh killed with SIGKILL, a sentinel deleted by hand, a
+script moved after install-cron, an scancel on a scrontab job), then checks:
+doctor names it (exit 1, the check in --json with ok=false), repair mends it,
+doctor then passes for that check, and no entry of the dataset changed:
+atime, mtime, size and mode of every entry, taken with snapshot() before and
+after. Dataset atimes are aged to 2020 first, so that any read of a file or
+listing of a directory would move them even on a relatime mount.
+
+Slurm is installed on this machine, so a setup without a schedule has doctor
+fail on "schedule". Tests that are not about the schedule run with PATH set to
+an empty directory: the Slurm commands are then not found, "schedule" is only
+a warning, and doctor's exit code says exactly whether the injected fault is
+seen. The schedule faults run against the real Slurm test bed as the ordinary
+user `slurmtest` (tools/slurm-testbed.sh start).
+"""
+import fcntl
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import KEEP, SCRIPT, Result, make_dataset, run_script, snapshot
+import scratch_keepalive as sk
+
+OLD = 1600000000            # 2020-09-13: the atime every dataset entry starts with
+SENTINEL = ".scratch-keepalive"
+CHECK_KEYS = {"name", "ok", "level", "message"}
+PLAIN_CHECKS = {"python", "config", "registry", "scratch-root", "state-dir", "schedule",
+                "schedule-paths", "schedule-cadence", "schedule-jobs", "schedule-block",
+                "schedule-account", "quota"}
+DATASET_CHECKS = {"checkpoint", "lock", "root", "sentinel", "location", "keep-until", "overdue",
+                  "errors", "approval"}
+
+
+# ------------------------------------------------------------------ helpers
+
+def age(root):
+    """Set the atime of every entry below root (root included) to OLD, keeping mtime."""
+    for key in snapshot(root):
+        p = os.path.join(str(root), key) if key != "." else str(root)
+        st = os.lstat(p)
+        os.utime(p, ns=(OLD * 10 ** 9, st.st_mtime_ns), follow_symlinks=False)
+
+
+def doctor(cli):
+    """(exit code, report, {check name: check}) of `doctor --json`."""
+    r = cli("doctor", "--json")
+    assert r.rc in (0, 1), r
+    report = r.json()
+    return r.rc, report, {c["name"]: c for c in report["checks"]}
+
+
+def repair(cli, *extra):
+    r = cli("repair", "--json", *extra)
+    assert r.rc == 0, r
+    return r.json()
+
+
+def assert_named(cli, name, level="fail", *words):
+    """doctor exits 1 (for a fail) and names the check with that level; returns the check."""
+    rc, report, checks = doctor(cli)
+    assert name in checks, (name, report)
+    c = checks[name]
+    assert c["level"] == level and c["ok"] is (level != "fail"), c
+    for w in words:
+        assert w in c["message"], (w, c)
+    if level == "fail":
+        assert rc == 1 and report["ok"] is False, report
+    return c
+
+
+def assert_passes(cli, name):
+    """doctor exits 0 and the check is absent or ok."""
+    rc, report, checks = doctor(cli)
+    assert name not in checks or checks[name]["level"] == "ok", checks.get(name)
+    assert rc == 0 and report["ok"] is True, [c for c in report["checks"] if not c["ok"]]
+
+
+def state_bytes(state):
+    """Every directory and file under the state dir: mode and bytes (or the link target)."""
+    out = {}
+    for dirpath, dirs, files in os.walk(str(state)):
+        rel = os.path.relpath(dirpath, str(state))
+        out[rel + "/"] = stat.S_IMODE(os.lstat(dirpath).st_mode)
+        for f in files:
+            p = os.path.join(dirpath, f)
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                out[os.path.join(rel, f)] = ("link", os.readlink(p))
+            else:
+                with open(p, "rb") as fh:
+                    out[os.path.join(rel, f)] = (stat.S_IMODE(st.st_mode), fh.read())
+    return out
+
+
+def write_private(path, data):
+    """Write a state file the way the tool does (0600), so that only the injected fault shows."""
+    fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def plain(actions):
+    """Actions with the set-aside time stamps blanked, for comparing two runs."""
+    return sorted(re.sub(r"corrupt-\d{8}T\d{6}Z", "corrupt-T", a) for a in actions)
+
+
+def mend(cli, setup):
+    """`repair --dry-run`, which must change nothing, then `repair`, which must do just what
+    the dry run listed. Returns the real run's {"actions", "left"}."""
+    files, data = state_bytes(setup["state"]), snapshot(setup["scratch"])
+    dry = repair(cli, "--dry-run")
+    assert dry["dry_run"] is True, dry
+    assert state_bytes(setup["state"]) == files, "repair --dry-run changed the state dir"
+    assert snapshot(setup["scratch"]) == data, "repair --dry-run changed the data"
+    out = repair(cli)
+    assert out["dry_run"] is False
+    assert plain(dry["actions"]) == plain(out["actions"]), (dry, out)
+    return out
+
+
+def set_aside_copies(path):
+    """Files named PATH.corrupt-<UTC time>[-N] next to path."""
+    d, base = os.path.split(str(path))
+    pat = re.compile(re.escape(base) + r"\.corrupt-\d{8}T\d{6}Z([-.]\w+)?$")
+    return sorted(os.path.join(d, f) for f in os.listdir(d) if pat.match(f))
+
+
+def without(snap, *keys):
+    return dict((k, v) for k, v in snap.items() if k not in keys)
+
+
+# ------------------------------------------------------------------ fixtures
+
+@pytest.fixture
+def no_slurm(tmp_path, monkeypatch):
+    """PATH holds nothing: Slurm's commands (and lfs) are not found by the tool."""
+    empty = tmp_path / "emptybin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    assert shutil.which("squeue") is None and shutil.which("scontrol") is None
+    return empty
+
+
+@pytest.fixture
+def real_clock(monkeypatch):
+    """The policy clock at the real time: `added` and `last_refresh` are real times, so on the
+    fixed 2030 clock every dataset would be overdue."""
+    monkeypatch.setenv("SCRATCH_KEEPALIVE_NOW", sk.iso(time.time()))
+
+
+@pytest.fixture
+def healthy(cli, generic, no_slurm, real_clock):
+    """A generic setup with dataset `ds` (registry backup present), aged, and doctor exit 0."""
+    d = make_dataset(generic["scratch"])
+    assert cli("add", "--name", "ds", "--path", d, "--keep-until", KEEP).rc == 0
+    assert cli("extend", "--name", "ds", "--keep-until", KEEP).rc == 0   # leaves a backup
+    assert (generic["state"] / "registry.json.bak").is_file()
+    age(generic["scratch"])
+    rc, report, checks = doctor(cli)
+    assert rc == 0 and report["ok"] is True, report
+    assert checks["schedule"]["level"] == "warn", checks["schedule"]   # Slurm hidden
+    return dict(generic, ds=d)
+
+
+# ------------------------------------------------------------------ 13. JSON shape
+
+def test_json_shape_and_exit_code(cli, healthy):
+    def shape(rc, report):
+        assert set(report) >= {"ok", "checks"} and isinstance(report["ok"], bool)
+        assert report["checks"], report
+        for c in report["checks"]:
+            assert set(c) == CHECK_KEYS, c
+            assert isinstance(c["name"], str) and isinstance(c["message"], str) and c["message"]
+            assert c["level"] in ("ok", "warn", "fail") and c["ok"] is (c["level"] != "fail"), c
+            base, _, name = c["name"].partition(":")
+            assert (c["name"] in PLAIN_CHECKS if not name else
+                    base in DATASET_CHECKS and sk.NAME_RE.match(name)), c
+        assert report["ok"] is all(c["ok"] for c in report["checks"])
+        assert rc == (0 if report["ok"] else 1)
+
+    rc, report, checks = doctor(cli)
+    shape(rc, report)
+    assert report["ok"] is True
+    for name in ("python", "config", "registry", "scratch-root", "state-dir", "root:ds",
+                 "schedule"):
+        assert name in checks, report
+    os.unlink(str(healthy["ds"] / SENTINEL))
+    rc, report, checks = doctor(cli)
+    shape(rc, report)
+    assert report["ok"] is False and rc == 1
+    # As users run it: a real process, text and JSON, same exit codes.
+    r = run_script("doctor", "--json")
+    assert r.rc == 1 and r.json()["ok"] is False, r
+    shape(r.rc, r.json())
+    r = run_script("doctor")
+    assert r.rc == 1 and "sentinel:ds" in r.out and "FAIL" in r.out, r
+
+
+# ------------------------------------------------------------------ 1. damaged registry
+
+@pytest.mark.parametrize("damage", ["truncated", "garbled"])
+def test_damaged_registry_restored_from_backup(cli, healthy, damage):
+    reg = healthy["state"] / "registry.json"
+    good = reg.read_bytes()
+    bad = good[:len(good) // 2] if damage == "truncated" else \
+        bytes(random.Random(7).getrandbits(8) for _ in range(len(good)))
+    write_private(reg, bad)
+    before = snapshot(healthy["scratch"])
+    assert cli("list").rc != 0
+    assert_named(cli, "registry", "fail", str(reg))
+    out = mend(cli, healthy)
+    assert any("registry aside" in a for a in out["actions"]), out
+    assert any("backup" in a for a in out["actions"]), out
+    aside = set_aside_copies(reg)
+    assert len(aside) == 1 and open(aside[0], "rb").read() == bad, aside
+    assert_passes(cli, "registry")
+    r = cli("list", "--json")
+    assert r.rc == 0, r
+    assert [(d["name"], d["path"]) for d in r.json()] == [("ds", str(healthy["ds"]))]
+    assert snapshot(healthy["scratch"]) == before
+
+
+# ------------------------------------------------------------------ 2. no backup: rebuild
+
+def test_damaged_registry_without_backup_rebuilt_from_sentinels(cli, healthy):
+    scratch, state = healthy["scratch"], healthy["state"]
+    other = make_dataset(scratch / "deep" / "er", "two")
+    assert cli("add", "--name", "two", "--path", other, "--keep-until", "2031-01-01",
+               "--cadence-days", "7", "--approval", "RT-1234").rc == 0
+    age(scratch)
+    reg = state / "registry.json"
+    write_private(reg, reg.read_bytes()[:40])
+    os.unlink(str(state / "registry.json.bak"))
+    before = snapshot(scratch)
+    assert_named(cli, "registry", "fail")
+    out = mend(cli, healthy)
+    assert any("rebuild the registry from 2 sentinel" in a for a in out["actions"]), out
+    for name in ("ds", "two"):
+        said = [t for t in out["left"] if repr(name) in t]
+        assert len(said) == 1, out
+        assert "keep-until" in said[0] and "approval" in said[0], said
+    r = cli("list", "--json")
+    assert r.rc == 0, r
+    got = dict((d["name"], d) for d in r.json())
+    assert sorted(got) == ["ds", "two"]
+    assert got["ds"]["path"] == str(healthy["ds"]) and got["two"]["path"] == str(other)
+    assert got["two"]["approval"] is None      # not recoverable: the user must say it again
+    assert_passes(cli, "registry")
+    assert snapshot(scratch) == before
+
+
+# ------------------------------------------------------------------ 3. kill -9 a lock holder
+
+def children(pid):
+    """Pids whose parent is pid (the walk's forked workers)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open("/proc/%s/stat" % d) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(d))
+    return out
+
+
+def gone(pid):
+    """True when pid has exited (a zombie has exited: its descriptors, locks included, are
+    closed)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def test_stale_lock_of_killed_refresh(cli, healthy):
+    state, scratch = healthy["state"], healthy["scratch"]
+    big = scratch / "big"
+    big.mkdir()
+    for i in range(100):            # 100,100 entries; hard links make them in about a second
+        sub = big / ("d%03d" % i)
+        sub.mkdir()
+        seed = sub / "f0000"
+        seed.write_bytes(b"")
+        for j in range(1, 1000):
+            os.link(str(seed), str(sub / ("f%04d" % j)))
+    assert cli("add", "--name", "big", "--path", big, "--keep-until", KEEP).rc == 0
+    lock = state / "locks" / "big.lock"
+    p = subprocess.Popen([sys.executable, str(SCRIPT), "refresh", "--name", "big"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert p.poll() is None, "the refresh ended before it was seen holding its lock"
+            assert time.monotonic() < deadline, "the refresh never recorded itself in its lock"
+            try:
+                rec = json.loads(lock.read_text() or "null")
+            except (OSError, ValueError):
+                rec = None
+            if rec and rec.get("pid") == p.pid:
+                break
+            time.sleep(0.002)
+        os.kill(p.pid, signal.SIGSTOP)      # alive, holding the lock, going nowhere
+        rc, report, checks = doctor(cli)
+        assert "lock:big" not in checks, checks["lock:big"]     # a live holder is no fault
+        out = mend(cli, healthy)
+        assert lock.exists() and not any("lock" in a for a in out["actions"]), out
+        workers = children(p.pid)
+        os.kill(p.pid, signal.SIGKILL)
+        assert p.wait(30) == -signal.SIGKILL
+        # The walk's worker processes share the lock's open file; they exit on their own when
+        # the killed parent's end of their socket closes. Wait for that (no orphans left).
+        deadline = time.monotonic() + 30
+        while not all(gone(w) for w in workers):
+            assert time.monotonic() < deadline, [w for w in workers if not gone(w)]
+            time.sleep(0.05)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    before = snapshot(scratch)
+    assert_named(cli, "lock:big", "fail", "gone", str(p.pid))
+    out = mend(cli, healthy)
+    assert any("stale lock" in a and "'big'" in a for a in out["actions"]), out
+    assert not lock.exists()
+    assert_passes(cli, "lock:big")
+    assert snapshot(scratch) == before
+    r = cli("refresh", "--name", "big", "--json")
+    assert r.rc == 0, r
+    res = r.json()["results"][0]
+    assert res["complete"] is True and res["entries_done"] == 100102, res
+
+
+# ------------------------------------------------------------------ 4. sentinel
+
+def test_deleted_sentinel_is_rewritten(cli, healthy):
+    ds = healthy["ds"]
+    os.unlink(str(ds / SENTINEL))
+    before = snapshot(healthy["scratch"])
+    assert_named(cli, "sentinel:ds", "fail", "missing")
+    out = mend(cli, healthy)
+    assert any("sentinel" in a and "'ds'" in a for a in out["actions"]), out
+    st = os.lstat(str(ds / SENTINEL))
+    assert stat.S_ISREG(st.st_mode)
+    doc = json.loads((ds / SENTINEL).read_text())
+    assert doc["name"] == "ds" and doc["tool"] == "scratch-keepalive", doc
+    assert_passes(cli, "sentinel:ds")
+    after = snapshot(healthy["scratch"])
+    # Creating a file in the dataset root moves that directory's mtime (the kernel does it);
+    # its atime, and every other entry, must be as they were.
+    key = os.path.join("ds", SENTINEL)
+    root_before, root_after = before.pop("ds"), after.pop("ds")
+    assert root_after[0] == root_before[0] and root_after[2:] == root_before[2:]
+    assert without(after, key) == before
+
+
+@pytest.mark.parametrize("foreign", ["file", "symlink"])
+def test_foreign_file_in_sentinel_place_is_left_alone(cli, healthy, tmp_path, foreign):
+    ds = healthy["ds"]
+    path = ds / SENTINEL
+    os.unlink(str(path))
+    target = tmp_path / "elsewhere"
+    if foreign == "file":
+        path.write_bytes(b"somebody else's notes\n")
+    else:
+        os.symlink(str(target), str(path))
+    age(healthy["scratch"])
+    before = snapshot(healthy["scratch"])
+    assert_named(cli, "sentinel:ds", "fail")
+    out = mend(cli, healthy)
+    assert not any("sentinel" in a for a in out["actions"]), out
+    assert any(str(path) in t and "not ours" in t for t in out["left"]), out
+    assert snapshot(healthy["scratch"]) == before       # its atime too: repair never read it
+    if foreign == "file":
+        assert path.read_bytes() == b"somebody else's notes\n"
+    else:
+        assert os.readlink(str(path)) == str(target) and not os.path.lexists(str(target))
+    assert_named(cli, "sentinel:ds", "fail")        # still there: it is the user's to move
+
+
+def test_doctor_does_not_promise_to_rewrite_a_foreign_sentinel(cli, healthy):
+    """A file that is not ours is not "missing", and repair will not rewrite it."""
+    (healthy["ds"] / SENTINEL).write_bytes(b"somebody else's notes\n")
+    c = assert_named(cli, "sentinel:ds", "fail")
+    assert "missing" not in c["message"] and "repair rewrites it" not in c["message"], c
+
+
+def test_sentinel_naming_another_dataset_is_not_left_unsaid(cli, healthy):
+    """doctor says repair rewrites it: repair must then rewrite it, or say why it did not."""
+    path = healthy["ds"] / SENTINEL
+    doc = json.loads(path.read_text())
+    doc["name"] = "other"
+    path.write_text(json.dumps(doc))
+    age(healthy["scratch"])
+    before = snapshot(healthy["scratch"])
+    assert_named(cli, "sentinel:ds", "fail", "naming 'other'")
+    out = mend(cli, healthy)
+    assert any(str(path) in t or "'ds'" in t for t in out["actions"] + out["left"]), out
+    assert without(snapshot(healthy["scratch"]), os.path.join("ds", SENTINEL)) == \
+        without(before, os.path.join("ds", SENTINEL))
+
+
+# ------------------------------------------------------------------ 5. permissions
+
+def test_loose_state_permissions_restored(cli, healthy):
+    state = healthy["state"]
+    os.chmod(str(state), 0o755)
+    os.chmod(str(state / "registry.json"), 0o644)
+    before = snapshot(healthy["scratch"])
+    assert_named(cli, "state-dir", "fail", "registry.json")
+    out = mend(cli, healthy)
+    assert any("permissions" in a for a in out["actions"]), out
+    assert stat.S_IMODE(os.stat(str(state)).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(str(state / "registry.json")).st_mode) == 0o600
+    assert_passes(cli, "state-dir")
+    assert snapshot(healthy["scratch"]) == before
+
+
+# ------------------------------------------------------------------ 6. checkpoints
+
+def test_orphaned_and_unreadable_checkpoints_set_aside(cli, healthy):
+    ck = healthy["state"] / "checkpoints"
+    ghost_bytes = json.dumps({"format": 1, "dataset": "ghost", "path": "/nowhere",
+                              "mode": "touch", "entries_done": 5}).encode()
+    garbage = bytes(random.Random(3).getrandbits(8) for _ in range(300))
+    write_private(ck / "ghost.json", ghost_bytes)
+    write_private(ck / "ds.json", garbage)
+    before = snapshot(healthy["scratch"])
+    assert_named(cli, "checkpoint:ghost", "fail", "no registered dataset")
+    assert_named(cli, "checkpoint:ds", "fail", "damaged")
+    out = mend(cli, healthy)
+    for name in ("ghost", "ds"):
+        assert any("checkpoint %s aside" % name in a for a in out["actions"]), out
+    for name, data in (("ghost", ghost_bytes), ("ds", garbage)):
+        assert not (ck / (name + ".json")).exists()
+        aside = set_aside_copies(ck / (name + ".json"))
+        assert len(aside) == 1 and open(aside[0], "rb").read() == data, aside
+    assert_passes(cli, "checkpoint:ghost")
+    assert_passes(cli, "checkpoint:ds")
+    assert snapshot(healthy["scratch"]) == before
+    r = cli("refresh", "--name", "ds", "--json")
+    assert r.rc == 0, r
+    res = r.json()["results"][0]
+    assert res["resumed"] is False and res["complete"] is True, res
+
+
+def test_set_aside_never_overwrites_an_earlier_copy(cli, healthy):
+    """Damaged state is set aside, not deleted: a second set-aside within the same second
+    must not replace the first copy (the name has one-second resolution)."""
+    ck = healthy["state"] / "checkpoints" / "ds.json"
+    while time.time() % 1 > 0.5:        # both repairs inside one second (each takes ms)
+        time.sleep(0.01)
+    for data in (b"first damaged copy", b"second damaged copy"):
+        write_private(ck, data)
+        repair(cli)
+    kept = sorted(open(f, "rb").read() for f in set_aside_copies(ck))
+    assert kept == [b"first damaged copy", b"second damaged copy"], kept
+
+
+def test_checkpoint_of_another_path_set_aside_and_walk_starts_over(cli, healthy):
+    """A real partial walk's checkpoint, left behind when the dataset is re-added elsewhere."""
+    assert cli("refresh", "--name", "ds", "--max-entries", "2").rc == 3
+    ck = healthy["state"] / "checkpoints" / "ds.json"
+    doc = json.loads(ck.read_text())
+    doc["path"] = doc["path"] + "-old"
+    write_private(ck, json.dumps(doc).encode())
+    assert_named(cli, "checkpoint:ds", "fail", "not its current path")
+    mend(cli, healthy)
+    assert not ck.exists() and len(set_aside_copies(ck)) == 1
+    assert_passes(cli, "checkpoint:ds")
+    res = cli("refresh", "--name", "ds", "--json").json()["results"][0]
+    assert res["resumed"] is False and res["complete"] is True, res
+
+
+# ------------------------------------------------------------------ 7. missing root
+
+def test_missing_root_is_named_and_never_recreated(cli, healthy):
+    ds = healthy["ds"]
+    moved = healthy["scratch"] / "ds-moved-away"
+    os.rename(str(ds), str(moved))
+    before = snapshot(healthy["scratch"])
+    assert_named(cli, "root:ds", "fail", "missing", str(ds))
+    out = mend(cli, healthy)
+    assert not any("sentinel" in a for a in out["actions"]), out
+    assert not os.path.lexists(str(ds))             # no root, no sentinel: data never created
+    assert snapshot(healthy["scratch"]) == before
+    assert_named(cli, "root:ds", "fail", "missing")
+
+
+# ------------------------------------------------------------------ 8. keep-until
+
+def test_keep_until_soon_and_expired_are_warnings(cli, healthy, monkeypatch):
+    today = sk.utc_date(time.time())
+    soon = (today + sk.datetime.timedelta(days=10)).isoformat()
+    assert cli("extend", "--name", "ds", "--keep-until", soon).rc == 0
+    rc, report, checks = doctor(cli)
+    c = checks["keep-until:ds"]
+    assert c["level"] == "warn" and c["ok"] is True and soon in c["message"], c
+    assert "10 days" in c["message"], c
+    assert rc == 0 and report["ok"] is True, report
+    later = sk.datetime.datetime.combine(today + sk.datetime.timedelta(days=11),
+                                         sk.datetime.time(12))
+    monkeypatch.setenv("SCRATCH_KEEPALIVE_NOW", later.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    rc, report, checks = doctor(cli)
+    c = checks["keep-until:ds"]
+    assert c["level"] == "warn" and "expired" in c["message"], c
+    assert "overdue:ds" not in checks and "approval:ds" not in checks   # no longer protected
+    assert rc == 0 and report["ok"] is True, report
+
+
+# ------------------------------------------------------------------ 9. overdue
+
+def test_overdue_after_cadence_plus_two_days(cli, healthy, monkeypatch):
+    r = cli("refresh", "--name", "ds", "--json")
+    assert r.rc == 0, r
+    last = sk.parse_iso(cli("list", "--json").json()[0]["last_refresh"])
+    age(healthy["scratch"])
+    before = snapshot(healthy["scratch"])
+
+    def at(seconds_after):
+        monkeypatch.setenv("SCRATCH_KEEPALIVE_NOW", sk.iso(last + seconds_after))
+
+    at(16 * sk.DAY - 60)         # cadence 14 + 2 days, a minute short: not yet
+    rc, report, checks = doctor(cli)
+    assert "overdue:ds" not in checks and rc == 0, report
+    at(16 * sk.DAY + 60)
+    assert_named(cli, "overdue:ds", "fail", "16 days")
+    at(17 * sk.DAY)
+    assert_named(cli, "overdue:ds", "fail")
+    out = mend(cli, healthy)           # nothing repair may do: it never refreshes
+    assert out["actions"] == [], out
+    assert snapshot(healthy["scratch"]) == before
+
+
+# ------------------------------------------------------------------ 10. approval (br200)
+
+def test_br200_without_approval_warns_with_at_risk_counts(cli, env, no_slurm, real_clock,
+                                                          monkeypatch):
+    monkeypatch.setenv("SCRATCH_KEEPALIVE_SCRATCH_ROOT", str(env["scratch"]))
+    r = cli("init")
+    assert r.rc == 0, r
+    assert json.loads((env["state"] / "config.json").read_text())["profile"] == "br200"
+    d = make_dataset(env["scratch"])
+    assert cli("add", "--name", "ds", "--path", d, "--keep-until", KEEP).rc == 0
+    age(env["scratch"])
+    c = assert_named(cli, "approval:ds", "warn", "no site approval")
+    assert "at risk" not in c["message"], c        # no complete run yet
+    r = cli("refresh", "--name", "ds", "--json")
+    assert r.rc == 0, r
+    res = r.json()["results"][0]
+    assert res["mode"] == "check" and res["complete"] and res["entries_at_risk"] > 0, res
+    before = snapshot(env["scratch"])
+    rc, report, checks = doctor(cli)
+    c = checks["approval:ds"]
+    assert c["level"] == "warn" and c["ok"] is True, c
+    assert "%s entries (%s) at risk" % (sk.human_count(res["entries_at_risk"]),
+                                        sk.human_bytes(res["bytes_at_risk"])) in c["message"], c
+    assert "%s (%s) purge-eligible" % (
+        sk.human_count(res["entries_purge_eligible"]),
+        sk.human_bytes(res["bytes_purge_eligible"])) in c["message"], c
+    assert rc == 0 and report["ok"] is True, report
+    assert snapshot(env["scratch"]) == before
+    assert cli("extend", "--name", "ds", "--approval", "RT 123456").rc == 0
+    assert_passes(cli, "approval:ds")
+
+
+# ------------------------------------------------------------------ 12. dry run, several faults
+
+def test_repair_dry_run_lists_every_action_and_changes_nothing(cli, healthy):
+    state, ds = healthy["state"], healthy["ds"]
+    write_private(state / "registry.json", b'{"format": 1, "datasets": {"ds": {"na')
+    write_private(state / "checkpoints" / "ghost.json",
+                  json.dumps({"format": 1, "dataset": "ghost", "path": "/gone"}).encode())
+    os.unlink(str(ds / SENTINEL))
+    rc, report, checks = doctor(cli)
+    assert rc == 1 and checks["registry"]["ok"] is False, report
+    files = state_bytes(state)
+    data = snapshot(healthy["scratch"])
+    dry = repair(cli, "--dry-run")
+    assert dry["dry_run"] is True
+    r = cli("repair", "--dry-run")
+    assert r.rc == 0 and "would set the damaged registry aside" in r.out, r
+    assert state_bytes(state) == files
+    assert snapshot(healthy["scratch"]) == data
+    done = repair(cli)
+    for words in ("registry aside", "restore the registry", "checkpoint ghost aside",
+                  "sentinel of 'ds'"):
+        assert any(words in a for a in done["actions"]), (words, done)
+        assert any(words in a for a in dry["actions"]), (words, dry)
+    assert plain(dry["actions"]) == plain(done["actions"])
+    rc, report, checks = doctor(cli)
+    assert rc == 0, [c for c in report["checks"] if not c["ok"]]
+
+
+# ------------------------------------------------------------------ 11. the schedule, real Slurm
+
+SLURM_USER = "slurmtest"
+USER_PATH = "/usr/local/bin:/usr/bin:/bin"
+USER_PYTHON = "/usr/bin/python3"
+
+
+def slurm_up():
+    try:
+        r = subprocess.run(["scontrol", "ping"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0 and b" is UP" in r.stdout
+
+
+def require_slurm():
+    if slurm_up() and os.geteuid() == 0 and os.access(USER_PYTHON, os.X_OK):
+        try:
+            import pwd
+            pwd.getpwnam(SLURM_USER)
+            return
+        except KeyError:
+            pass
+    why = "the Slurm test bed is not up (`scontrol ping`; tools/slurm-testbed.sh start as root)"
+    if os.environ.get("SCRATCH_KEEPALIVE_REQUIRE_SLURM") == "1":
+        pytest.fail(why)
+    pytest.skip(why)
+
+
+def require_scrontab():
+    r = sh(["scrontab", "-l"], user=SLURM_USER, check=False)
+    if "scrontab is disabled" in r[1] + r[2]:
+        why = "scrontab is disabled on the test bed (SLURM_TESTBED_SCRON=0)"
+        if os.environ.get("SCRATCH_KEEPALIVE_REQUIRE_SLURM") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
+
+
+def sh(argv, user=None, check=True, timeout=60):
+    cmd = (["runuser", "-u", user, "--"] if user else []) + [str(a) for a in argv]
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+    out, err = p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
+    if check:
+        assert p.returncode == 0, (cmd, p.returncode, out, err)
+    return p.returncode, out, err
+
+
+def our_jobs():
+    """[(job id, state, reason, command)] of slurmtest's jobs named scratch-keepalive."""
+    _, out, _ = sh(["squeue", "-u", SLURM_USER, "--name=scratch-keepalive", "--noheader",
+                    "--format=%i|%T|%r|%o"])
+    jobs = [tuple(line.split("|", 3)) for line in out.splitlines() if line.strip()]
+    return sorted(jobs, key=lambda j: int(j[0]))
+
+
+def wait_done(job_id, timeout=90):
+    """Poll until the job has ended (`scontrol show job` keeps ended jobs for minutes)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _, out, _ = sh(["scontrol", "-o", "show", "job", job_id], check=False)
+        m = re.search(r"\bJobState=(\S+)", out)
+        live = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED")
+        if m and m.group(1) not in live:
+            return m.group(1)
+        assert time.monotonic() < deadline, "job %s did not end: %s" % (job_id, out)
+        time.sleep(0.2)
+
+
+def first_run(u):
+    """The chain job that install-cron (or repair) submitted with --begin=now: wait for it to
+    run, then return the pending jobs (its successor)."""
+    job = json.loads((u.state / "schedule.json").read_text())["job_id"]
+    assert job, "no job id recorded"
+    assert wait_done(job) == "COMPLETED", job
+    return settle()
+
+
+def settle(timeout=90):
+    """Wait until no chain job is starting or running, and return the pending ones."""
+    deadline = time.monotonic() + timeout
+    while True:
+        jobs = our_jobs()
+        busy = [j for j in jobs if j[1] != "PENDING" or j[2] not in ("BeginTime", "Dependency")]
+        if not busy:
+            return jobs
+        assert time.monotonic() < deadline, jobs
+        time.sleep(0.2)
+
+
+class SlurmUser(object):
+    """A state dir, scratch root and copy of the script owned by slurmtest, run as slurmtest."""
+
+    def __init__(self, base):
+        self.base = base
+        self.script = base / "a" / "scratch_keepalive.py"
+        self.state = base / "state"
+        self.scratch = base / "scratch"
+        self.script.parent.mkdir()
+        shutil.copy(str(SCRIPT), str(self.script))
+        os.chmod(str(self.script.parent), 0o755)
+        os.chmod(str(self.script), 0o644)
+        self.scratch.mkdir()
+        make_dataset(self.scratch)
+        sh(["chown", "-R", "%s:%s" % (SLURM_USER, SLURM_USER), self.scratch])
+
+    def run(self, *argv, **kw):
+        script = kw.pop("script", self.script)
+        rc, out, err = sh(["env", "-i", "PATH=" + USER_PATH, "HOME=/home/" + SLURM_USER,
+                           "USER=" + SLURM_USER, "LOGNAME=" + SLURM_USER, "TZ=UTC",
+                           "SCRATCH_KEEPALIVE_HOME=%s" % self.state, USER_PYTHON, script]
+                          + list(argv), user=SLURM_USER, check=False, timeout=120)
+        return Result(rc, out, err)
+
+    def doctor(self, **kw):
+        r = self.run("doctor", "--json", **kw)
+        assert r.rc in (0, 1), r
+        report = r.json()
+        return r.rc, report, {c["name"]: c for c in report["checks"]}
+
+    def repair(self, *extra, **kw):
+        r = self.run("repair", "--json", *extra, **kw)
+        assert r.rc == 0, r
+        return r.json()
+
+    def slurm_side(self):
+        return our_jobs(), sh(["scrontab", "-l"], user=SLURM_USER, check=False)
+
+    def mend(self, **kw):
+        """repair --dry-run changes nothing (state, jobs, crontab); repair does what it listed."""
+        before = state_bytes(self.state), self.slurm_side()
+        dry = self.repair("--dry-run", **kw)
+        assert dry["dry_run"] is True and (state_bytes(self.state), self.slurm_side()) == before
+        out = self.repair(**kw)
+        assert plain(dry["actions"]) == plain(out["actions"]), (dry, out)
+        return out
+
+
+def clean_slurm_user():
+    sh(["scancel", "-u", SLURM_USER], check=False)
+    sh(["scrontab", "-r"], user=SLURM_USER, check=False)
+
+
+USER_LOCK = "/tmp/scratch-keepalive-slurmtest.lock"      # tests/test_slurm.py takes it too
+
+
+@pytest.fixture
+def slurm_turn():
+    """Every test file that uses the one Slurm test user takes turns through one flock: two
+    files' jobs, crontabs and scancels must never mix (test_slurm.py also restarts the bed)."""
+    fd = os.open(USER_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    deadline = time.monotonic() + 600
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.fail("%s stayed locked for 600 s by another test run" % USER_LOCK)
+                time.sleep(0.2)
+        require_slurm()
+        yield
+    finally:
+        os.close(fd)        # releases the flock
+
+
+@pytest.fixture
+def slurm_user(slurm_turn, world_tmp):
+    u = None
+    try:
+        clean_slurm_user()
+        u = SlurmUser(world_tmp)
+        r = u.run("init", "--profile", "generic", "--scratch-root", u.scratch)
+        assert r.rc == 0, r
+        r = u.run("add", "--name", "ds", "--path", u.scratch / "ds", "--keep-until", KEEP)
+        assert r.rc == 0, r
+        yield u
+    finally:
+        if u is not None:
+            script = u.script if u.script.exists() else u.base / "b" / "scratch_keepalive.py"
+            if script.exists():
+                u.run("uninstall-cron", script=script)
+        clean_slurm_user()
+
+
+def install(u, method):
+    if method == "scrontab":
+        require_scrontab()
+    r = u.run("install-cron", "--method", method, "--json")
+    assert r.rc == 0, r
+    return r.json()
+
+
+@pytest.mark.slurm
+def test_slurm_chain_after_its_first_run_is_healthy(slurm_user):
+    """install-cron, the first job runs: doctor must then find nothing wrong at all."""
+    u = slurm_user
+    install(u, "sbatch")
+    assert len(first_run(u)) == 1
+    logs = sorted(os.listdir(str(u.state / "logs")))
+    modes = dict((f, oct(stat.S_IMODE(os.lstat(str(u.state / "logs" / f)).st_mode)))
+                 for f in logs)
+    rc, report, checks = u.doctor()
+    assert rc == 0, ([c for c in report["checks"] if not c["ok"]], modes)
+
+
+@pytest.mark.slurm
+def test_slurm_duplicate_pending_job_cancelled(slurm_user):
+    u = slurm_user
+    install(u, "sbatch")
+    jobs = first_run(u)        # the first chain job runs at once and queues its successor
+    assert len(jobs) == 1, jobs
+    chain = jobs[0][0]
+    rc, report, checks = u.doctor()
+    assert "schedule-jobs" not in checks and checks["schedule"]["ok"], report
+    rc, out, err = sh(["sbatch", "--parsable", "--job-name=scratch-keepalive",
+                       "--begin=now+10days", "--wrap", "true"], user=SLURM_USER)
+    extra = out.strip().split(";")[0]
+    rc, report, checks = u.doctor()
+    c = checks.get("schedule-jobs")
+    assert rc == 1 and c and c["ok"] is False, report
+    assert "2 pending" in c["message"] and chain in c["message"] and extra in c["message"], c
+    out = u.mend()
+    assert any("cancel duplicate pending job %s" % extra in a for a in out["actions"]), out
+    jobs = settle()
+    assert [j[0] for j in jobs] == [chain], jobs
+    assert jobs[0][3].endswith("job.sh"), jobs       # the chain's own job survives
+    rc, report, checks = u.doctor()
+    assert "schedule-jobs" not in checks and checks["schedule"]["ok"], report
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("method", ["sbatch", "scrontab"])
+def test_slurm_script_moved_after_install(slurm_user, method):
+    u = slurm_user
+    old = u.script
+    install(u, method)
+    first_run(u) if method == "sbatch" else settle()
+    new_dir = u.base / "b"
+    new_dir.mkdir()
+    os.chmod(str(new_dir), 0o755)
+    new = new_dir / "scratch_keepalive.py"
+    os.rename(str(old), str(new))
+    rc, report, checks = u.doctor(script=new)
+    c = checks.get("schedule-paths")
+    assert rc == 1 and c and c["ok"] is False and str(old) in c["message"], report
+    out = u.mend(script=new)
+    assert any("reinstall the schedule" in a and str(new) in a for a in out["actions"]), out
+    jobs = first_run(u) if method == "sbatch" else settle()
+    assert len(jobs) == 1, jobs
+    if method == "sbatch":
+        text = (u.state / "job.sh").read_text()
+    else:
+        text = sh(["scrontab", "-l"], user=SLURM_USER)[1]
+    assert str(new) in text and str(old) not in text, text
+    assert json.loads((u.state / "schedule.json").read_text())["script"] == str(new)
+    rc, report, checks = u.doctor(script=new)
+    assert "schedule-paths" not in checks and checks["schedule"]["ok"], report
+    assert "schedule-jobs" not in checks and "schedule-block" not in checks, report
+
+
+@pytest.mark.slurm
+def test_slurm_disabled_scrontab_block_reinstalled(slurm_user):
+    u = slurm_user
+    install(u, "scrontab")
+    jobs = settle()
+    assert len(jobs) == 1, jobs
+    sh(["scancel", jobs[0][0]], user=SLURM_USER)
+    deadline = time.monotonic() + 30
+    while "#DISABLED:" not in sh(["scrontab", "-l"], user=SLURM_USER)[1]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    rc, report, checks = u.doctor()
+    c = checks.get("schedule-block")
+    assert rc == 1 and c and c["ok"] is False and "DISABLED" in c["message"], report
+    out = u.mend()
+    assert any("reinstall the schedule" in a for a in out["actions"]), out
+    text = sh(["scrontab", "-l"], user=SLURM_USER)[1]
+    assert "#DISABLED" not in text and text.count(sk.SCRON_BEGIN) == 1, text
+    jobs = settle()
+    assert len(jobs) == 1 and jobs[0][1] == "PENDING", jobs
+    rc, report, checks = u.doctor()
+    assert "schedule-block" not in checks and checks["schedule"]["ok"], report
+    assert "schedule-jobs" not in checks, report
+
+
+@pytest.mark.slurm
+def test_slurm_nothing_installed_while_datasets_enabled(cli, generic, real_clock, slurm_turn):
+    d = make_dataset(generic["scratch"])
+    assert cli("add", "--name", "ds", "--path", d, "--keep-until", KEEP).rc == 0
+    c = assert_named(cli, "schedule", "fail", "no schedule is installed", "install-cron")
+    out = mend(cli, generic)
+    assert any(c["message"] in t for t in out["left"]), out     # repair cannot pick an account
+    assert_named(cli, "schedule", "fail")
+    assert cli("disable", "--name", "ds").rc == 0
+    rc, report, checks = doctor(cli)
+    assert checks["schedule"]["level"] == "ok", checks["schedule"]
