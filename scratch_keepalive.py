@@ -137,6 +137,8 @@ BATCH = 256                     # entries stat'ed per batch (and per budget chec
 # carries at most MAX_LOGGED_ERRORS names. Both fit, with pickle's overhead.
 BATCH_MESSAGE_MAX = 1 << 17
 REPLY_MESSAGE_MAX = 1 << 16
+MAX_SEGMENTS = 16               # directories (fds) per parallel batch
+THREAD_BATCH = 32               # entries per batch for threads: spread latency-bound work
 
 # Linux utimensat(2) constants.
 UTIME_NOW = (1 << 30) - 1
@@ -809,65 +811,79 @@ def default_parallelism(path, env):
     return 1, default_workers()
 
 
-def _worker_loop(sock, touch_atime, touch, dry_run, skip_ns, risk_ns, purge_ns, root_dev):
-    """A walk worker: lstat (and touch) each batch of names, reply with the batch's counts.
+def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purge_ns,
+                   root_dev):
+    """lstat (and touch) every name of every (dir fd, names) segment, closing each fd.
 
-    Runs in a forked process. A batch is (id, names) with the directory's fd in
-    SCM_RIGHTS; the reply is (id, counts, first errors, error count).
+    The per-entry work of a parallel walk, in a worker process or thread.
+    Returns ((touched, skipped, at risk, bytes at risk, purge-eligible, bytes
+    eligible), [(segment index, name, errno)] for the first errors, error count).
     """
-    import pickle
-    import struct
     lstat = os.stat
-    fd_size = struct.calcsize("i")
+    touched = skipped = at_risk = b_risk = elig = b_elig = nerr = 0
+    errs = []
+    for seg, (fd, names) in enumerate(segments):
+        try:
+            for name in names:
+                try:
+                    st = lstat(name, dir_fd=fd, follow_symlinks=False)
+                except OSError as e:
+                    nerr += 1
+                    if len(errs) < MAX_LOGGED_ERRORS:
+                        errs.append((seg, name, e.errno or errno.EIO))
+                    continue
+                mode = st.st_mode
+                if mode & 0o170000 == 0o040000 and st.st_dev != root_dev:
+                    skipped += 1        # a mount point
+                    continue
+                a = st.st_atime_ns
+                if a < risk_ns:
+                    at_risk += 1
+                    regular = mode & 0o170000 == 0o100000
+                    if regular:
+                        b_risk += st.st_size
+                    if a < purge_ns:
+                        elig += 1
+                        if regular:
+                            b_elig += st.st_size
+                if touch:
+                    if a >= skip_ns:
+                        skipped += 1
+                    elif dry_run:
+                        touched += 1
+                    else:
+                        err = touch_atime(fd, name)
+                        if err:
+                            nerr += 1
+                            if len(errs) < MAX_LOGGED_ERRORS:
+                                errs.append((seg, name, err))
+                        else:
+                            touched += 1
+        finally:
+            os.close(fd)
+    return (touched, skipped, at_risk, b_risk, elig, b_elig), errs, nerr
+
+
+def _worker_loop(sock, params):
+    """A walk worker process: batches arrive with their directories' fds (SCM_RIGHTS)."""
+    import array
+    import pickle
+    fd_size = array.array("i").itemsize
     while True:
         try:
-            msg, anc, _, _ = sock.recvmsg(BATCH_MESSAGE_MAX, socket.CMSG_SPACE(fd_size))
+            msg, anc, _, _ = sock.recvmsg(BATCH_MESSAGE_MAX,
+                                          socket.CMSG_SPACE(MAX_SEGMENTS * fd_size))
         except InterruptedError:
             continue
         if not msg:
             return
-        fd = struct.unpack("i", anc[0][2][:fd_size])[0]
-        batch_id, names = pickle.loads(msg)
-        touched = skipped = at_risk = b_risk = elig = b_elig = nerr = 0
-        errs = []
-        for name in names:
-            try:
-                st = lstat(name, dir_fd=fd, follow_symlinks=False)
-            except OSError as e:
-                nerr += 1
-                if len(errs) < MAX_LOGGED_ERRORS:
-                    errs.append((name, e.errno or errno.EIO))
-                continue
-            mode = st.st_mode
-            if mode & 0o170000 == 0o040000 and st.st_dev != root_dev:
-                skipped += 1        # a mount point
-                continue
-            a = st.st_atime_ns
-            if a < risk_ns:
-                at_risk += 1
-                regular = mode & 0o170000 == 0o100000
-                if regular:
-                    b_risk += st.st_size
-                if a < purge_ns:
-                    elig += 1
-                    if regular:
-                        b_elig += st.st_size
-            if touch:
-                if a >= skip_ns:
-                    skipped += 1
-                elif dry_run:
-                    touched += 1
-                else:
-                    err = touch_atime(fd, name)
-                    if err:
-                        nerr += 1
-                        if len(errs) < MAX_LOGGED_ERRORS:
-                            errs.append((name, err))
-                    else:
-                        touched += 1
-        os.close(fd)
-        sock.sendall(pickle.dumps((batch_id, (touched, skipped, at_risk, b_risk, elig, b_elig),
-                                   errs, nerr), 2))
+        fds = array.array("i")
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[:len(data) - len(data) % fd_size])
+        batch_id, name_lists = pickle.loads(msg)
+        result = _process_batch(list(zip(fds, name_lists)), *params)
+        sock.sendall(pickle.dumps((batch_id,) + result, 2))
 
 
 class Frame(object):
@@ -937,9 +953,19 @@ class Walker(object):
         self.stop_reason = None
         self.touch_atime = _load_utimensat() if (self.touch and not dry_run) else None
         self.pool = None
-        self.workers = workers if (PARALLEL_OK and self.threads == 1 and workers > 1) else 1
-        self.procs = []             # parallel walk: [pid, socket, batches in flight]
-        self.inflight = {}          # batch id -> (worker index, frame)
+        self.workers = workers if (PARALLEL_OK and workers > 1) else 1
+        # The parallel engine (Python 3.7+, where scandir on a dir fd gives d_type):
+        # worker processes for CPU-bound walks, threads for latency-bound ones.
+        if self.workers > 1:
+            self.engine = "process"
+        elif self.threads > 1 and PARALLEL_OK:
+            self.engine = "thread"
+        else:
+            self.engine = None
+        self.procs = []             # worker processes: [pid, socket, batches in flight]
+        self.inflight = {}          # batch id -> (process index or future, segment frames)
+        self.pending = []           # the batch being built: [frame, dup'ed fd, names]
+        self.pending_n = 0
         self.next_batch = 0
 
     # -- errors
@@ -1037,7 +1063,7 @@ class Walker(object):
             self._error(name, e.errno or errno.EIO)
             return False
         try:
-            if self.workers > 1:
+            if self.engine:
                 names, dirs = list_dir_typed(fd)
             else:
                 names, dirs = list_dir(fd), None
@@ -1118,7 +1144,7 @@ class Walker(object):
             self._account(st, touched, err, None)
         try:
             fd = open_dir(self.root_b)
-            if self.workers > 1:
+            if self.engine:
                 names, dirs = list_dir_typed(fd)
             else:
                 names, dirs = list_dir(fd), None
@@ -1161,7 +1187,7 @@ class Walker(object):
         point (checkpoints, progress). should_stop() returns a reason or None.
         """
         self._start(cursor)
-        if self.workers > 1:
+        if self.engine:
             return self._run_parallel(max_entries, deadline, should_stop, on_tick, tick_every)
         if self.threads > 1:
             import concurrent.futures
@@ -1200,8 +1226,28 @@ class Walker(object):
                 self._push(frame.fd, name, st)
         return True
 
-    # -- the parallel walk: this process orders, worker processes stat and touch
-    def _spawn_workers(self):
+    # -- the parallel walk: this process keeps the order; workers stat and touch
+    #
+    # Entries go into batches in exactly the walk's order; a batch spans directories
+    # (one segment per directory, each with a dup of its fd). Counts are taken when
+    # an entry is batched, so budgets are exact; the cursor is recorded only after
+    # sync(), when every batch handed out is done.
+
+    def _start_engine(self):
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        fd_budget = max(2 * MAX_SEGMENTS, (min(soft, 4096) - 2 * MAX_OPEN_DIRS) // 2)
+        self.max_inflight = max(2, fd_budget // MAX_SEGMENTS)
+        self.params = (self.touch_atime, self.touch, self.dry_run, self.skip_ns, self.risk_ns,
+                       self.purge_ns, self.root_dev)
+        if self.engine == "thread":
+            import concurrent.futures
+            self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.threads)
+            self.batch_size = THREAD_BATCH
+            self.max_inflight = min(self.max_inflight, 2 * self.threads)
+            return
+        self.batch_size = BATCH
+        self.max_inflight = min(self.max_inflight, 4 * self.workers)
         for _ in range(self.workers):
             mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             pid = os.fork()
@@ -1213,8 +1259,7 @@ class Walker(object):
                         other.close()
                     signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent decides
                     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                    _worker_loop(theirs, self.touch_atime, self.touch, self.dry_run,
-                                 self.skip_ns, self.risk_ns, self.purge_ns, self.root_dev)
+                    _worker_loop(theirs, self.params)
                     code = 0
                 finally:
                     os._exit(code)
@@ -1222,6 +1267,10 @@ class Walker(object):
             self.procs.append([pid, mine, 0])
 
     def _stop_workers(self):
+        for seg in self.pending:
+            with contextlib.suppress(OSError):
+                os.close(seg[1])
+        self.pending, self.pending_n = [], 0
         for pid, sock, _ in self.procs:
             with contextlib.suppress(OSError):
                 sock.close()        # EOF: the worker exits
@@ -1233,57 +1282,91 @@ class Walker(object):
         self.procs = []
         self.inflight = {}
 
-    def _send(self, frame, names):
-        """Hand a batch to the least busy worker; wait for replies when all are busy."""
-        import array
-        import pickle
-        while True:
-            w = min(range(len(self.procs)), key=lambda i: self.procs[i][2])
-            if self.procs[w][2] < 4:
-                break
+    def _append(self, frame, names):
+        if self.pending and self.pending[-1][0] is frame:
+            self.pending[-1][2].extend(names)
+        else:
+            self.pending.append([frame, os.dup(frame.fd), list(names)])
+        self.pending_n += len(names)
+        if self.pending_n >= self.batch_size or len(self.pending) >= MAX_SEGMENTS:
+            self._flush()
+
+    def _flush(self):
+        """Hand the batch being built to a worker; wait for replies while all are busy."""
+        if not self.pending:
+            return
+        while len(self.inflight) >= self.max_inflight:
             self._collect(block=True)
+        segs, self.pending, self.pending_n = self.pending, [], 0
+        frames = [seg[0] for seg in segs]
         batch_id = self.next_batch
         self.next_batch += 1
-        data = pickle.dumps((batch_id, names), 2)
-        self.procs[w][1].sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                           array.array("i", [frame.fd]))])
+        if self.engine == "thread":
+            fut = self.pool.submit(_process_batch, [(seg[1], seg[2]) for seg in segs],
+                                   *self.params)
+            self.inflight[batch_id] = (fut, frames)
+            return
+        import array
+        import pickle
+        w = min(range(len(self.procs)), key=lambda i: self.procs[i][2])
+        data = pickle.dumps((batch_id, [seg[2] for seg in segs]), 2)
+        try:
+            self.procs[w][1].sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                               array.array("i", [seg[1] for seg in segs]))])
+        finally:
+            for seg in segs:
+                os.close(seg[1])
         self.procs[w][2] += 1
-        self.inflight[batch_id] = (w, frame)
+        self.inflight[batch_id] = (w, frames)
 
     def _collect(self, block):
-        """Read the replies that are there (block: wait for at least one)."""
+        """Take in the replies that are there (block: wait for at least one)."""
+        if not self.inflight:
+            return
+        if self.engine == "thread":
+            import concurrent.futures
+            futs = dict((v[0], k) for k, v in self.inflight.items())
+            done, _ = concurrent.futures.wait(list(futs), timeout=None if block else 0,
+                                              return_when=concurrent.futures.FIRST_COMPLETED)
+            for fut in done:
+                _, frames = self.inflight.pop(futs[fut])
+                self._tally(frames, fut.result())
+            return
         import pickle
         import select
-        busy = [p for p in self.procs if p[2] > 0]
-        if not busy:
-            return
-        ready, _, _ = select.select([p[1] for p in busy], [], [], None if block else 0)
-        c = self.counts
+        busy = [p[1] for p in self.procs if p[2] > 0]
+        ready, _, _ = select.select(busy, [], [], None if block else 0)
         for sock in ready:
             data = sock.recv(REPLY_MESSAGE_MAX)
             if not data:
                 raise Failure("a walk worker process died; run refresh again to resume")
-            batch_id, (touched, skipped, at_risk, b_risk, elig, b_elig), errs, nerr = \
-                pickle.loads(data)
-            w, frame = self.inflight.pop(batch_id)
+            reply = pickle.loads(data)
+            w, frames = self.inflight.pop(reply[0])
             self.procs[w][2] -= 1
-            c.entries_touched += touched
-            c.entries_skipped += skipped
-            c.entries_at_risk += at_risk
-            c.bytes_at_risk += b_risk
-            c.entries_purge_eligible += elig
-            c.bytes_purge_eligible += b_elig
-            c.errors += nerr
-            for name, err in errs:
-                self._error(name, err, frame, count=False)
+            self._tally(frames, reply[1:])
+
+    def _tally(self, frames, result):
+        (touched, skipped, at_risk, b_risk, elig, b_elig), errs, nerr = result
+        c = self.counts
+        c.entries_touched += touched
+        c.entries_skipped += skipped
+        c.entries_at_risk += at_risk
+        c.bytes_at_risk += b_risk
+        c.entries_purge_eligible += elig
+        c.bytes_purge_eligible += b_elig
+        c.errors += nerr
+        for seg, name, err in errs:
+            self._error(name, err, frames[seg], count=False)
 
     def sync(self):
-        """Wait until every batch handed out is done: counts and cursor then agree."""
-        while self.inflight:
-            self._collect(block=True)
+        """Wait until every entry batched so far is done: counts and cursor then agree."""
+        if self.engine:
+            self._flush()
+            while self.inflight:
+                self._collect(block=True)
 
     def _run_parallel(self, max_entries, deadline, should_stop, on_tick, tick_every):
-        self._spawn_workers()
+        self._start_engine()
         counts = self.counts
         stack = self.stack
         next_tick = counts.entries_seen + tick_every
@@ -1302,10 +1385,10 @@ class Walker(object):
                 self.sync()
                 self.stop_reason = reason
                 return False
-            # A batch: the next names of this directory, up to and including a subdirectory
-            # (whose own entries must come next in the walk's order).
+            # The next names of this directory, up to and including a subdirectory, whose
+            # own entries come next in the walk's order.
             start = frame.idx
-            end = min(len(frame.names), start + BATCH)
+            end = min(len(frame.names), start + self.batch_size)
             if max_entries is not None:
                 end = min(end, start + max_entries - counts.entries_seen)
             dirs = frame.dirs
@@ -1314,7 +1397,7 @@ class Walker(object):
                 k += 1
                 if dirs[k - 1]:
                     break
-            self._send(frame, frame.names[start:k])
+            self._append(frame, frame.names[start:k])
             counts.entries_seen += k - start
             frame.idx = k
             if dirs[k - 1]:
