@@ -2186,10 +2186,7 @@ class Slurm(object):
         return self.runner(argv, input_text)
 
     def require(self, argv, what, input_text=None):
-        res = self.run(argv, input_text)
-        if res is None:
-            raise Failure("`%s` is not installed here: Slurm is needed for scheduling; run this "
-                          "on the cluster's login node" % argv[0])
+        res = self.require_installed(argv, input_text)
         if res.rc != 0:
             raise slurm_failure(what, res)
         return res
@@ -2207,7 +2204,15 @@ class Slurm(object):
             return "disabled", slurm_reason(res)
         if "no crontab for" in text:
             return "empty", ""
+        self.check_controller()
         raise slurm_failure("reading your scrontab (`scrontab -l`)", res)
+
+    def check_controller(self):
+        """Raise a clear Failure when the controller does not answer `scontrol ping`."""
+        ping = self.run(["scontrol", "ping"])
+        if ping is not None and (ping.rc != 0 or "UP" not in ping.out):
+            raise Failure("the Slurm controller is unreachable (`scontrol ping`: %s); try again "
+                          "later" % slurm_reason(ping))
 
     def install_crontab(self, text):
         self.require(["scrontab", "-"], "installing the scrontab", input_text=text)
@@ -2240,10 +2245,15 @@ class Slurm(object):
 
     def test_only(self, argv_tail):
         """`sbatch --test-only`: None when Slurm would accept the job, else its reason."""
-        res = self.run(["sbatch", "--test-only"] + argv_tail)
-        if res is None:
-            return "sbatch is not installed"
+        res = self.require_installed(["sbatch", "--test-only"] + argv_tail)
         return None if res.rc == 0 else slurm_reason(res)
+
+    def require_installed(self, argv, input_text=None):
+        res = self.run(argv, input_text)
+        if res is None:
+            raise Failure("`%s` is not installed here: Slurm is needed for scheduling; run this "
+                          "on the cluster's login node" % argv[0])
+        return res
 
 
 def parse_slurm_time(text):
@@ -2350,7 +2360,10 @@ class Schedule(object):
 
     def command(self):
         """The job's command: absolute paths, state dir and scratch root passed explicitly."""
-        return "cd %s && SCRATCH_KEEPALIVE_SCRATCH_ROOT=%s exec %s %s --state-dir %s refresh " \
+        # unset: the job must not inherit the installer's SCRATCH_KEEPALIVE_* (sbatch exports
+        # the submitter's environment, and every successor passes it on).
+        return "cd %s && unset SCRATCH_KEEPALIVE_NOW SCRATCH_KEEPALIVE_HOME && " \
+               "SCRATCH_KEEPALIVE_SCRATCH_ROOT=%s exec %s %s --state-dir %s refresh " \
                "--due --scheduled %s --max-seconds %d" % (
                    shell_quote(self.store.dir), shell_quote(self.cfg["scratch_root"]),
                    shell_quote(self.python), shell_quote(self.script),
@@ -2515,13 +2528,28 @@ def _install_cron(ctx, method, account, partition, cpus, mem, time_limit, cadenc
         return info
     store.ensure()
     if method == "scrontab":
+        # The chain's pending jobs are listed BEFORE the crontab is installed: afterwards the
+        # cron job has the same name, and an scancel would disable it (#DISABLED:).
+        chain_jobs = ctx.slurm.pending(JOB_NAME) if old and old.get("method") == "sbatch" else []
         ctx.slurm.install_crontab(merge_crontab(current, text))
-        if old and old.get("method") == "sbatch":
-            _remove_chain(ctx)
+        if chain_jobs or (old and old.get("method") == "sbatch"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(sched.job_script)
+            for job, _ in chain_jobs:
+                ctx.slurm.cancel(job)
     else:
-        info["job_id"] = _install_chain(ctx, sched)
-        if old and old.get("method") == "scrontab":
-            _remove_cron_block(ctx)
+        _check_request(ctx, sched)
+        # Our scrontab block goes first, so that no scancel ever reaches its cron job; it
+        # comes back if the chain cannot be installed.
+        kind, crontab = ctx.slurm.crontab() if ctx.slurm.run(["scrontab", "--help"]) \
+            is not None else ("missing", None)
+        removed = _remove_cron_block(ctx) if kind == "ok" else []
+        try:
+            info["job_id"] = _install_chain(ctx, sched)
+        except BaseException:
+            if removed:
+                ctx.slurm.install_crontab(crontab)
+            raise
     doc = sched.as_dict()
     doc.update(installed=iso(time.time()), job_id=info["job_id"],
                last_run=(old or {}).get("last_run"))
@@ -2532,10 +2560,6 @@ def _install_cron(ctx, method, account, partition, cpus, mem, time_limit, cadenc
 def _install_chain(ctx, sched):
     """Write the job script and leave exactly one pending chain job. Returns its id."""
     slurm = ctx.slurm
-    test = slurm.test_only(sched.request_options() + ["--wrap", "true"])
-    if test is not None:
-        raise slurm_failure("checking the job request (`sbatch --test-only`)",
-                            CommandResult([], 1, "", test))
     try:
         with open(sched.job_script, "rb") as f:
             previous = f.read()
@@ -2553,6 +2577,14 @@ def _install_chain(ctx, sched):
         else:
             atomic_write(sched.job_script, previous, 0o700)
         raise
+
+
+def _check_request(ctx, sched):
+    """Let Slurm judge the request before anything changes (`sbatch --test-only`)."""
+    reason = ctx.slurm.test_only(sched.request_options() + ["--wrap", "true"])
+    if reason is not None:
+        raise slurm_failure("checking the job request (`sbatch --test-only`)",
+                            CommandResult([], 1, "", reason))
 
 
 def _remove_chain(ctx):
