@@ -864,6 +864,24 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
     return (touched, skipped, at_risk, b_risk, elig, b_elig), errs, nerr
 
 
+def _close_inherited_fds(keep):
+    """In a forked worker: close every fd but stdio and keep.
+
+    The worker must not hold the dataset's lock (a worker left behind, e.g. stopped, would
+    keep the lock from the next run), the log, or the other workers' sockets.
+    """
+    try:
+        fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:
+        fds = range(3, 1024)
+    for fd in fds:
+        if fd > 2 and fd != keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 def _worker_loop(sock, params):
     """A walk worker process: batches arrive with their directories' fds (SCM_RIGHTS)."""
     import array
@@ -1254,11 +1272,12 @@ class Walker(object):
             if pid == 0:    # the worker; it never returns into the caller's code
                 code = 1
                 try:
-                    mine.close()
-                    for _, other, _ in self.procs:
-                        other.close()
-                    signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent decides
-                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    _close_inherited_fds(keep=theirs.fileno())
+                    # A signal to the process group (Ctrl-C, Slurm's TERM at the time
+                    # limit) is the parent's to act on: it finishes the batches in flight,
+                    # checkpoints and closes the sockets, and the worker then exits on EOF.
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN)
                     _worker_loop(theirs, self.params)
                     code = 0
                 finally:
