@@ -96,4 +96,4 @@ def test_default_parallelism_follows_the_filesystem(tmp_path, monkeypatch):
     assert kind and kind not in sk.NETWORK_FS
     assert sk.default_parallelism(str(tmp_path), {}) == (1, sk.default_workers())
     monkeypatch.setattr(sk, "fs_type", lambda path: "lustre")
-    assert sk.default_parallelism("/N/scratch/alice/x", {}) == (8, 1)
+    assert sk.default_parallelism("/N/scratch/alice/x", {}) == (16, 1)

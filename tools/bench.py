@@ -35,8 +35,9 @@ What it does, all in a temporary directory under --workdir (default /tmp):
   * a latency simulation: an LD_PRELOAD shim adds --latency-ms to every
     stat-family and utimensat call under the latency tree (counting the calls
     in a shared map, so forked workers count too), and the tool runs with
-    --threads 1, 8 and 16 (and, when it has --workers, a strictly sequential
-    baseline "--threads 1 --workers 1" and --workers 8 and 16);
+    --threads 1, 8, 16 and 32 (when it has --workers, the baseline is the
+    strictly sequential "--threads 1 --workers 1", and --workers 8, 16 and 32
+    run too);
   * prints a table headed by the machine's description, writes every figure
     to --json FILE, and ends with PASS/FAIL per target (informational: the
     exit status is 0 unless the benchmark itself failed).
@@ -1328,6 +1329,8 @@ class Bench(object):
         if workers:
             v.append(("--threads 1 --workers 1", ["--threads", "1", "--workers", "1"]))
         for n in a.threads_list:
+            if workers and n == 1:
+                continue        # the baseline above is the single-thread run
             v.append(("--threads %d" % n, ["--threads", str(n)]))
         if workers:
             for n in a.threads_list:
@@ -1719,12 +1722,12 @@ def parse_args(argv):
     p.add_argument("--latency-ms", type=float, default=0.5,
                    help="delay the shim adds per call (default 0.5)")
     p.add_argument("--latency-entries", type=int, default=None,
-                   help="entries in the latency tree (default 5,000; 1,000 with --quick)")
+                   help="entries in the latency tree (default 10,000; 1,000 with --quick)")
     p.add_argument("--latency-tree", choices=("flat", "deep"), default="flat",
                    help="latency tree layout: flat (10 dirs of ~500 files, default) or deep "
                         "(4 levels of small directories)")
-    p.add_argument("--threads-list", default="1,8,16",
-                   help="--threads values for the latency runs (default 1,8,16)")
+    p.add_argument("--threads-list", default="1,8,16,32",
+                   help="--threads values for the latency runs (default 1,8,16,32)")
     p.add_argument("--tool-threads", type=int, default=None,
                    help="pass --threads N to the tool in the main runs (default: the "
                         "tool's default)")
@@ -1751,7 +1754,7 @@ def parse_args(argv):
     if a.scale is None:
         a.scale = 0.01 if a.quick else 1.0
     if a.latency_entries is None:
-        a.latency_entries = 1000 if a.quick else 5000
+        a.latency_entries = 1000 if a.quick else 10000
     if a.repeat < 1:
         p.error("--repeat must be at least 1")
     if a.scale <= 0:
