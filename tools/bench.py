@@ -1614,6 +1614,9 @@ def render(report, out):
     for name, (state, text) in verdicts.items():
         parts.append("%s %s (%s)" % (name, state, text))
     w("TARGETS: " + " | ".join(parts) + "\n")
+    if report.get("config", {}).get("quick"):
+        w("(--quick: the trees are too small for the targets, where start-up dominates; "
+          "run without --quick to judge them)\n")
 
 
 def fmt_s(x):
@@ -1840,7 +1843,27 @@ def main(argv=None):
         log("figures written to %s" % args.json)
     if interrupted:
         return 130
-    return 1 if crashed else 0
+    bad = failed_runs(b.report)
+    if bad:
+        log("a timed command exited non-zero: %s" % ", ".join(bad))
+    return 1 if (crashed or bad) else 0
+
+
+def failed_runs(node, where=""):
+    """Names of the report's entries whose "rc" (one code or a list) is non-zero."""
+    out = []
+    if isinstance(node, dict):
+        rc = node.get("rc")
+        codes = rc if isinstance(rc, list) else [rc]
+        if any(isinstance(x, int) and not isinstance(x, bool) and x != 0 for x in codes):
+            out.append(where or "?")
+        for k, v in node.items():
+            if k != "rc":
+                out.extend(failed_runs(v, "%s/%s" % (where, k) if where else str(k)))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out.extend(failed_runs(v, "%s[%d]" % (where, i)))
+    return out
 
 
 if __name__ == "__main__":
