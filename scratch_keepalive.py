@@ -140,6 +140,8 @@ BATCH_MESSAGE_MAX = 1 << 17
 REPLY_MESSAGE_MAX = 1 << 16
 MAX_SEGMENTS = 16               # directories (fds) per parallel batch
 THREAD_BATCH = 32               # entries per batch for threads: spread latency-bound work
+_SCHEDULE_LOCKS = {}            # lock path -> [fd, depth] while this process holds it
+SCHEDULE_LOCK_WAIT = 120        # seconds a schedule change waits for another one
 
 # Linux utimensat(2) constants.
 UTIME_NOW = (1 << 30) - 1
@@ -445,14 +447,57 @@ class Store(object):
                              % (self.registry_path, PROG))
         return doc
 
+    # The store's own locks start with a dot, which no dataset name can (NAME_RE), so a
+    # dataset called "registry" never shares a lock file with the registry.
     @contextlib.contextmanager
     def registry_lock(self):
         self.ensure()
-        fd = os.open(os.path.join(self.lock_dir, "registry.lock"),
+        fd = os.open(os.path.join(self.lock_dir, ".registry.lock"),
                      os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def schedule_lock(self, wait=None):
+        """One schedule change at a time (install, uninstall, a job submitting its successor):
+        two chain jobs checking squeue at once could otherwise each submit one. Reentrant."""
+        path = os.path.join(self.lock_dir, ".schedule.lock")
+        held = _SCHEDULE_LOCKS.get(path)
+        if held:
+            held[1] += 1
+            try:
+                yield
+            finally:
+                held[1] -= 1
+            return
+        self.ensure()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            deadline = time.monotonic() + (SCHEDULE_LOCK_WAIT if wait is None else wait)
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                        raise
+                    if time.monotonic() >= deadline:
+                        raise BusyError("another %s is changing the schedule (%s); try again "
+                                        "when it has finished" % (PROG, lock_holder(path)))
+                    time.sleep(0.2)
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                     "since": iso(time.time())}).encode("ascii"))
+            _SCHEDULE_LOCKS[path] = [fd, 1]
+            try:
+                yield
+            finally:
+                del _SCHEDULE_LOCKS[path]
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
         finally:
             os.close(fd)
 
@@ -2532,6 +2577,16 @@ def _choose_method(ctx, method):
 
 def _install_cron(ctx, method, account, partition, cpus, mem, time_limit, cadence_days,
                   dry_run, reinstall):
+    args = (ctx, method, account, partition, cpus, mem, time_limit, cadence_days, dry_run,
+            reinstall)
+    if dry_run:
+        return _install_cron_locked(*args)
+    with ctx.store.schedule_lock():
+        return _install_cron_locked(*args)
+
+
+def _install_cron_locked(ctx, method, account, partition, cpus, mem, time_limit,
+                         cadence_days, dry_run, reinstall):
     store = ctx.store
     cfg = ctx.config()
     old = load_schedule(store)
@@ -2671,6 +2726,11 @@ def uninstall_cron(state_dir=None, env=None, runner=None):
 
 
 def _uninstall_cron(ctx):
+    with ctx.store.schedule_lock():
+        return _uninstall_cron_locked(ctx)
+
+
+def _uninstall_cron_locked(ctx):
     store = ctx.store
     try:
         load_schedule(store)
@@ -2721,10 +2781,13 @@ def _scheduled_before(ctx, method):
     if not os.path.exists(job_script):
         return doc, "the job script is gone (uninstalled): no successor submitted"
     try:
-        if ctx.slurm.pending(JOB_NAME):
-            return doc, "a successor is already pending"
-        job = ctx.slurm.submit(["--begin=now+%ddays" % int(doc.get("cadence_days") or 14),
-                                job_script])
+        with ctx.store.schedule_lock():
+            if not os.path.exists(job_script):
+                return doc, "the job script is gone (uninstalled): no successor submitted"
+            if ctx.slurm.pending(JOB_NAME):
+                return doc, "a successor is already pending"
+            job = ctx.slurm.submit(["--begin=now+%ddays" % int(doc.get("cadence_days") or 14),
+                                    job_script])
         return doc, "successor job %s submitted" % job
     except Failure as e:
         return doc, "could not submit the successor: %s" % e
@@ -2735,7 +2798,8 @@ def _scheduled_after(ctx, method, doc, code, results):
     said = None
     if code == EXIT_STOPPED and doc is not None:
         try:
-            said = _continue_soon(ctx, method, doc)
+            with ctx.store.schedule_lock():
+                said = _continue_soon(ctx, method, doc)
         except Failure as e:
             said = "could not schedule a continuation: %s" % e
     if doc is not None:
@@ -2952,8 +3016,8 @@ def _stale_locks(store):
         return found
     host = socket.gethostname()
     for f in files:
-        if f == "registry.lock":
-            continue
+        if f.startswith("."):
+            continue        # the store's own locks, not a dataset's
         path = os.path.join(store.lock_dir, f)
         rec = _lock_record(path)
         if not rec:

@@ -569,6 +569,51 @@ def test_remove_busy_exits_4(cli, ds, env):
     assert cli("list", "--json").json()[0]["name"] == "ds"
 
 
+
+def test_datasets_named_like_the_stores_own_locks_refresh(cli, generic):
+    """A dataset's lock and the store's locks never share a file: a dataset called
+    "registry" refreshes, and the registry update at its end does not wait on its own lock."""
+    for name in ("registry", "schedule"):
+        d = make_dataset(generic["scratch"], name)
+        assert cli("add", "--name", name, "--path", d, "--keep-until", KEEP).rc == 0
+        p = subprocess.run([sys.executable, str(SCRIPT), "refresh", "--name", name],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        assert p.returncode == 0, p
+        assert cli("status", "--name", name, "--json").json()["last_refresh"]
+
+
+HOLD_SCHEDULE_LOCK = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import scratch_keepalive as sk
+lock = sk.Store(sys.argv[2]).schedule_lock()
+lock.__enter__()
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_schedule_change_while_another_holds_the_schedule_lock_exits_4(cli, generic,
+                                                                        monkeypatch):
+    """One schedule change at a time: uninstall-cron waits for the lock, then gives up with
+    exit 4 naming the holder, and changes nothing; the lock dies with its holder."""
+    state = generic["state"]
+    job_sh = state / "job.sh"
+    job_sh.write_text("#!/bin/sh\n")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_SCHEDULE_LOCK, str(SCRIPT.parent),
+                               str(state)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        monkeypatch.setattr(sk, "SCHEDULE_LOCK_WAIT", 0.5)
+        assert_error(cli("uninstall-cron"), 4, "changing the schedule", "pid %d" % holder.pid)
+        assert job_sh.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with sk.Store(str(state)).schedule_lock(wait=0):
+        pass
+
+
 # ------------------------------------------------------------------ state files
 
 def test_damaged_registry_is_never_overwritten(cli, ds, env):

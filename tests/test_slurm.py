@@ -540,6 +540,31 @@ def test_chain_job_without_its_script_does_not_resubmit(make_world):
     assert "job script is gone" in (w.logs / ("slurm-%s.out" % p["id"])).read_text()
 
 
+
+@pytest.mark.slurm
+def test_two_chain_jobs_running_at_once_leave_one_successor(make_world):
+    """A duplicate chain job (queued by hand) released together with the real one: both
+    run at once on the two CPUs, each checks squeue and would submit a successor. The
+    schedule lock makes the second see the first's: exactly one job is left pending."""
+    w = make_world()
+    _, p = w.install_sbatch()
+    r = as_user(["sbatch", "--parsable", "--begin=now+1hour", str(w.job_sh)])
+    assert r.rc == 0, r
+    dup = r.out.strip().split(";")[0]
+    for job in (p["id"], dup):
+        w.fire(job)
+    done = [wait_done(job) for job in (p["id"], dup)]
+    assert all(f["JobState"] == "COMPLETED" for f in done), done
+    settle()
+    left = pending()
+    assert len(left) == 1, jobs()
+    logs = [(w.logs / ("slurm-%s.out" % job)).read_text() for job in (p["id"], dup)]
+    said = sorted("submitted" if ("successor job %s submitted" % left[0]["id"]) in text
+                  else "pending" if "a successor is already pending" in text else text
+                  for text in logs)
+    assert said == ["pending", "submitted"], logs
+
+
 # ---------------------------------------------------------------- 5. continuation
 
 def manual_run(w, method, extra="--max-entries 5"):
