@@ -1611,12 +1611,14 @@ def render(report, out):
     verdicts = targets(report)
     report["verdicts"] = verdicts
     parts = []
+    quick = report.get("config", {}).get("quick")
     for name, (state, text) in verdicts.items():
-        parts.append("%s %s (%s)" % (name, state, text))
-    w("TARGETS: " + " | ".join(parts) + "\n")
-    if report.get("config", {}).get("quick"):
-        w("(--quick: the trees are too small for the targets, where start-up dominates; "
-          "run without --quick to judge them)\n")
+        parts.append("%s (%s)" % (name, text) if quick else "%s %s (%s)" % (name, state, text))
+    if quick:
+        w("TARGETS not judged: with --quick the trees are so small that start-up dominates; "
+          "run without --quick to judge them. Figures: " + " | ".join(parts) + "\n")
+    else:
+        w("TARGETS: " + " | ".join(parts) + "\n")
 
 
 def fmt_s(x):
