@@ -50,6 +50,7 @@ import contextlib
 import datetime
 import errno
 import fcntl
+import itertools
 import json
 import os
 import re
@@ -140,6 +141,7 @@ BATCH_MESSAGE_MAX = 1 << 17
 REPLY_MESSAGE_MAX = 1 << 16
 MAX_SEGMENTS = 16               # directories (fds) per parallel batch
 THREAD_BATCH = 32               # entries per batch for threads: spread latency-bound work
+LIST_CHUNK = 4096               # directory entries encoded at a time
 _SCHEDULE_LOCKS = {}            # lock path -> [fd, depth] while this process holds it
 SCHEDULE_LOCK_WAIT = 120        # seconds a schedule change waits for another one
 
@@ -794,28 +796,29 @@ def list_dir_typed(fd):
     and the sorted indexes in names of the entries d_type says are directories.
 
     Needs os.scandir on a file descriptor (Python 3.7+). Where d_type is
-    unknown, DirEntry.is_dir() falls back to an lstat. The names are encoded
-    in one call and the directories located by bisection: a per-name Python
-    step here is a visible share of a whole walk.
+    unknown, DirEntry.is_dir() falls back to an lstat. Names are encoded a
+    chunk at a time in one call (no name holds a NUL), so a huge directory
+    never holds its listing twice; directories are then found by bisection.
     """
     enc = sys.getfilesystemencoding()
     names, dirnames = [], []
-    add = names.append
     it = os.scandir(fd)
     try:
-        for e in it:
-            n = e.name
-            add(n)
-            try:
-                if e.is_dir(follow_symlinks=False):
-                    dirnames.append(n)
-            except OSError:
-                pass
+        while True:
+            ents = list(itertools.islice(it, LIST_CHUNK))
+            if not ents:
+                break
+            chunk = [e.name for e in ents]
+            for e in ents:
+                try:
+                    if e.is_dir(follow_symlinks=False):
+                        dirnames.append(e.name)
+                except OSError:
+                    pass
+            ents = None
+            names.extend("\0".join(chunk).encode(enc, "surrogateescape").split(b"\0"))
     finally:
         it.close()
-    if not names:
-        return [], []
-    names = "\0".join(names).encode(enc, "surrogateescape").split(b"\0")    # no NUL in a name
     names.sort()
     bisect_left = bisect.bisect_left
     return names, sorted(bisect_left(names, d.encode(enc, "surrogateescape")) for d in dirnames)
