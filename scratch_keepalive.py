@@ -844,6 +844,7 @@ NETWORK_FS = ("lustre", "nfs", "nfs4", "gpfs", "beegfs", "cifs", "smb3", "ceph",
 
 def fs_type(path):
     """The filesystem type of the mount holding path (from /proc/self/mounts), or None."""
+    path = os.path.realpath(path)       # a symlink on the way may lead onto another mount
     best, kind = "", None
     try:
         with open("/proc/self/mounts") as f:

@@ -97,3 +97,15 @@ def test_default_parallelism_follows_the_filesystem(tmp_path, monkeypatch):
     assert sk.default_parallelism(str(tmp_path), {}) == (1, sk.default_workers())
     monkeypatch.setattr(sk, "fs_type", lambda path: "lustre")
     assert sk.default_parallelism("/N/scratch/alice/x", {}) == (16, 1)
+
+
+def test_fs_type_follows_a_symlink_onto_another_mount(tmp_path):
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("needs /dev/shm")
+    here, there = sk.fs_type(str(tmp_path)), sk.fs_type("/dev/shm")
+    if here == there:
+        pytest.skip("the temp dir and /dev/shm are the same kind of filesystem (%s)" % here)
+    link = tmp_path / "link"
+    os.symlink("/dev/shm", str(link))
+    assert sk.fs_type(str(link)) == there
+    assert sk.fs_type(str(link / "x")) == there
