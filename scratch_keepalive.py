@@ -2782,8 +2782,6 @@ def _scheduled_before(ctx, method):
     if method != "sbatch" or doc is None:
         return doc, None
     job_script = doc.get("job_script") or os.path.join(ctx.store.dir, "job.sh")
-    if not os.path.exists(job_script):
-        return doc, "the job script is gone (uninstalled): no successor submitted"
     try:
         with ctx.store.schedule_lock():
             if not os.path.exists(job_script):
