@@ -770,6 +770,7 @@ def _load_utimensat():
             return get_errno() or errno.EIO
 
         touch_atime.keep = times      # keep the array alive with the function
+        touch_atime.raw = (func, addr, get_errno)     # for the per-entry loop, unwrapped
         _utimensat = touch_atime
     return _utimensat
 
@@ -882,6 +883,8 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
     eligible), [(segment index, name, errno)] for the first errors, error count).
     """
     lstat = os.stat
+    if touch and not dry_run:
+        utimensat, times, get_errno = touch_atime.raw
     touched = skipped = at_risk = b_risk = elig = b_elig = nerr = 0
     errs = []
     for seg, (fd, names) in enumerate(segments):
@@ -913,14 +916,12 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
                         skipped += 1
                     elif dry_run:
                         touched += 1
+                    elif utimensat(fd, name, times, AT_SYMLINK_NOFOLLOW):
+                        nerr += 1
+                        if len(errs) < MAX_LOGGED_ERRORS:
+                            errs.append((seg, name, get_errno() or errno.EIO))
                     else:
-                        err = touch_atime(fd, name)
-                        if err:
-                            nerr += 1
-                            if len(errs) < MAX_LOGGED_ERRORS:
-                                errs.append((seg, name, err))
-                        else:
-                            touched += 1
+                        touched += 1
         finally:
             os.close(fd)
     return (touched, skipped, at_risk, b_risk, elig, b_elig), errs, nerr

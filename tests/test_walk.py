@@ -769,6 +769,60 @@ def test_permission_denied_subdirectory_is_an_error_and_the_walk_completes(world
         assert os.lstat(str(root / rel)).st_atime_ns == OLD_NS
 
 
+
+def test_entries_of_another_owner_are_errors_in_touch_mode_and_the_rest_is_touched(
+        world_tmp, engine):
+    """A labmate's file in a shared dataset: lstat works, utimensat is refused (only the
+    owner, or a writer, may set times). Each such entry is an error named in the log with
+    its reason; every other entry is touched; the walk completes and exits 1."""
+    runner = nonroot_runner()
+    if runner is None or os.geteuid() != 0:
+        pytest.skip("needs root to make files of another owner, and setpriv to run as nobody")
+    prefix, python = runner
+    state, scratch, home = world_tmp / "state", world_tmp / "scratch", world_tmp / "home"
+    root = scratch / "ds"
+    for d in (home, root / "sub"):
+        d.mkdir(parents=True)
+    for rel in ("a_mine.txt", "b_theirs.txt", "sub/c_theirs.txt", "sub/d_mine.txt"):
+        (root / rel).write_bytes(b"data")
+    for p in [home, scratch] + [Path(dp) / n for dp, dns, fns in os.walk(str(scratch))
+                                for n in dns + fns]:
+        os.chown(str(p), 65534, 65534)
+    for rel in ("b_theirs.txt", "sub/c_theirs.txt"):
+        os.chown(str(root / rel), 0, 0)
+        os.chmod(str(root / rel), 0o644)
+    for p in [root] + [Path(dp) / n for dp, dns, fns in os.walk(str(root)) for n in dns + fns]:
+        set_atime_ns(str(p), OLD_NS)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "TZ": "UTC",
+           "SCRATCH_KEEPALIVE_HOME": str(state), "SCRATCH_KEEPALIVE_NOW": NOW}
+
+    def run(*argv):
+        return tool(env, *argv, prefix=prefix, python=python)
+
+    assert run("init", "--profile", "generic", "--scratch-root", scratch).rc == 0
+    assert run("add", "--name", "ds", "--path", root, "--keep-until", KEEP).rc == 0
+    for rel in ("", "sub"):
+        set_atime_ns(str(root / rel), OLD_NS)
+    mtimes = dict((rel, os.lstat(str(root / rel)).st_mtime_ns)
+                  for rel in ("b_theirs.txt", "sub/c_theirs.txt"))
+    r = run("refresh", "--name", "ds", "--json", *engine)
+    assert r.rc == 1, r
+    res = only_result(r)
+    assert res["complete"] is True
+    # root, sentinel, a_mine, b_theirs, sub, sub/c_theirs, sub/d_mine
+    assert res["entries_seen"] == 7
+    assert res["errors"] == 2
+    assert res["entries_touched"] == 5
+    log = Path(res["log"]).read_bytes().decode("utf-8", "replace")
+    assert "b_theirs.txt" in log and "c_theirs.txt" in log
+    assert "not permitted" in log or "Permission denied" in log, log
+    for rel in ("b_theirs.txt", "sub/c_theirs.txt"):
+        st = os.lstat(str(root / rel))
+        assert st.st_atime_ns == OLD_NS and st.st_mtime_ns == mtimes[rel]
+    for rel in ("a_mine.txt", "sub", "sub/d_mine.txt"):
+        assert os.lstat(str(root / rel)).st_atime_ns != OLD_NS, rel
+
+
 # --------------------------------------------------------------------------- 7. mount points
 
 
