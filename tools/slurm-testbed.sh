@@ -582,6 +582,10 @@ cmd_selftest() {
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 
+# The daemons keep the working directory they start in, and every job step inherits it:
+# start them from / so a deleted checkout never becomes a job's missing cwd.
+case "${1:-}" in start|restart|reset) cd / ;; esac
+
 case "${1:-}" in
     start)    require_root; cmd_start ;;
     stop)     require_root; cmd_stop ;;
