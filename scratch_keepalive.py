@@ -2009,6 +2009,10 @@ def _refresh(ctx, opts, should_stop=None, progress=None):
                      "where it stopped. Run the rest as a job: `sbatch -A ACCOUNT -p general "
                      "-t 2:00:00 --mem=2G --wrap \"%s refresh\"`, or schedule it with "
                      "`%s install-cron --account ACCOUNT`" % (max_seconds // 60, PROG, PROG))
+    if opts.workers and opts.workers > 1 and not PARALLEL_OK and chosen:
+        notes.append("--workers needs Python 3.7 or newer (this is %d.%d): the walk runs in "
+                     "one process; --threads N overlaps metadata calls on any version"
+                     % sys.version_info[:2])
     budget = Budget(max_seconds, opts.max_entries)
     results, codes = [], []
     for ds, st, reason in refused:

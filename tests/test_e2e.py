@@ -145,3 +145,28 @@ def test_sigterm_and_ctrl_c_checkpoint(tmp_path):
     x = json.loads(r.out)["results"][0]
     assert r.rc == 0 and x["resumed"] is True and not ckpt.exists()
 
+
+
+def test_workers_and_threads_give_the_same_counts_under_each_python(python, tmp_path):
+    """--workers 2 and --threads 4 count what a one-process walk counts on every version;
+    where worker processes are not available (3.6) the run says so in one note."""
+    scratch, env = setup_env(tmp_path)
+    d = make_dataset(scratch, files=40)
+
+    def run(*a):
+        return run_script(*a, python=python, env=env)
+    assert run("init", "--profile", "generic", "--scratch-root", scratch).rc == 0
+    assert run("add", "--name", "ds", "--path", d, "--keep-until", KEEP).rc == 0
+    version = tuple(int(x) for x in subprocess.check_output(
+        [python, "-c", "import sys; print('%d %d' % sys.version_info[:2])"]).split())
+    keys = ("entries_seen", "entries_at_risk", "bytes_at_risk", "errors")
+    counts = {}
+    for args in (("--workers", "1"), ("--workers", "2"), ("--threads", "4")):
+        r = run("refresh", "--name", "ds", "--check", "--json", *args)
+        assert r.rc == 0, r
+        doc = json.loads(r.out)
+        counts[args] = [doc["results"][0][k] for k in keys]
+        said = any("--workers needs Python 3.7" in n for n in doc["notes"])
+        assert said == (args == ("--workers", "2") and version < (3, 7)), doc["notes"]
+    assert counts[("--workers", "2")] == counts[("--workers", "1")] == counts[("--threads", "4")]
+    assert counts[("--workers", "1")][0] == len(snapshot(d))
