@@ -60,6 +60,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 
@@ -3836,6 +3837,8 @@ def add_state_dir_argument(p, top=False):
 
 
 def _sub(subs, name, func, help_text, description, examples):
+    description = "\n\n".join(textwrap.fill(par, 79, break_on_hyphens=False)
+                                for par in description.split("\n\n"))
     p = subs.add_parser(name, help=help_text, description=description,
                         epilog="examples:\n" + examples,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
