@@ -1407,6 +1407,8 @@ class Walker(object):
         try:
             self.procs[w][1].sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                array.array("i", [seg[1] for seg in segs]))])
+        except (BrokenPipeError, ConnectionResetError):
+            raise self._worker_died(w)
         finally:
             for seg in segs:
                 os.close(seg[1])
@@ -1431,13 +1433,37 @@ class Walker(object):
         busy = [p[1] for p in self.procs if p[2] > 0]
         ready, _, _ = select.select(busy, [], [], None if block else 0)
         for sock in ready:
-            data = sock.recv(REPLY_MESSAGE_MAX)
+            try:
+                data = sock.recv(REPLY_MESSAGE_MAX)
+            except ConnectionResetError:
+                data = b""
             if not data:
-                raise Failure("a walk worker process died; run refresh again to resume")
+                raise self._worker_died([p[1] for p in self.procs].index(sock))
             reply = pickle.loads(data)
             w, frames = self.inflight.pop(reply[0])
             self.procs[w][2] -= 1
             self._tally(frames, reply[1:])
+
+    def _worker_died(self, w):
+        """The Failure for worker w gone (OOM killer, a stray kill): how it ended, if known."""
+        pid = self.procs[w][0]
+        how = ""
+        try:
+            for _ in range(50):
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    if os.WIFSIGNALED(status):
+                        sig = os.WTERMSIG(status)
+                        how = " (killed by signal %d%s)" % (
+                            sig, ", perhaps out of memory" if sig == signal.SIGKILL else "")
+                    elif os.WIFEXITED(status):
+                        how = " (exit status %d)" % os.WEXITSTATUS(status)
+                    break
+                time.sleep(0.01)
+        except ChildProcessError:
+            pass
+        return Failure("walk worker process %d died%s; progress up to the last checkpoint is "
+                       "kept: run refresh again to resume" % (pid, how))
 
     def _tally(self, frames, result):
         (touched, skipped, at_risk, b_risk, elig, b_elig), errs, nerr = result

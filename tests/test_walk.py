@@ -1314,6 +1314,37 @@ def test_sigterm_to_process_group_while_workers_hold_batches_exits_3(big_state, 
     assert res["entries_seen"] + res2["entries_seen"] == total
 
 
+
+def test_a_worker_process_killed_alone_fails_the_run_cleanly_and_resume_is_exact(
+        big_state, tree200k):
+    """One worker killed (the OOM killer picks a process, not a group): the run ends with
+    exit 1 and a result naming the worker and the signal, the checkpoint is the last one
+    written before (never past a lost batch), and the next run completes exactly."""
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs /proc to find the worker processes")
+    ds, total = big_state(tree200k)
+    proc = ds.popen("--checkpoint-every", "0.05", "--workers", "2")
+    try:
+        wait_for_progress(ds, proc, 0, "the first checkpoint")
+        victim = poll(lambda: children_of(proc.pid), "the worker processes")[0]
+        os.kill(victim, signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 1, (out[-500:], err[-1000:])
+    res = json.loads(out.decode("utf-8"))["results"][0]
+    assert res["complete"] is False
+    assert "worker process %d died (killed by signal 9" % victim in res["reason"], res
+    ck = ds.checkpoint()
+    assert ck is not None and 0 < ck["entries_done"] < total
+    r, res2 = ds.refresh("--workers", "2")
+    assert r.rc == 0, r
+    assert res2["resumed"] is True
+    assert ck["entries_done"] + res2["entries_seen"] == total
+
+
 # --------------------------------------------------------------------------- 12. lock
 
 
