@@ -1272,6 +1272,17 @@ def process_state(pid):
         return f.read().rsplit(b")", 1)[1].split()[0].decode()
 
 
+@contextlib.contextmanager
+def reaped(proc):
+    """Whatever fails inside, the walk's process group is not left running."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
 def test_sigterm_to_process_group_while_workers_hold_batches_exits_3(big_state, tree200k):
     """Slurm (time limit, scancel) sends SIGCONT and SIGTERM to every process of the job.
 
@@ -1284,7 +1295,7 @@ def test_sigterm_to_process_group_while_workers_hold_batches_exits_3(big_state, 
         pytest.skip("needs /proc to find the worker processes")
     ds, total = big_state(tree200k)
     proc = ds.popen("--checkpoint-every", "0.05", "--workers", "2")
-    try:
+    with reaped(proc):
         wait_for_progress(ds, proc, 0, "the first checkpoint")
         workers = poll(lambda: children_of(proc.pid), "the worker processes")
         for w in workers:
@@ -1300,10 +1311,6 @@ def test_sigterm_to_process_group_while_workers_hold_batches_exits_3(big_state, 
         os.killpg(proc.pid, signal.SIGTERM)
         os.killpg(proc.pid, signal.SIGCONT)
         out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
     assert proc.returncode == 3, (out[-500:], err[-1000:])
     res = json.loads(out.decode("utf-8"))["results"][0]
     assert res["complete"] is False
@@ -1312,7 +1319,6 @@ def test_sigterm_to_process_group_while_workers_hold_batches_exits_3(big_state, 
     r, res2 = ds.refresh("--workers", "2")
     assert r.rc == 0, r
     assert res["entries_seen"] + res2["entries_seen"] == total
-
 
 
 def test_a_worker_process_killed_alone_fails_the_run_cleanly_and_resume_is_exact(
@@ -1324,15 +1330,11 @@ def test_a_worker_process_killed_alone_fails_the_run_cleanly_and_resume_is_exact
         pytest.skip("needs /proc to find the worker processes")
     ds, total = big_state(tree200k)
     proc = ds.popen("--checkpoint-every", "0.05", "--workers", "2")
-    try:
+    with reaped(proc):
         wait_for_progress(ds, proc, 0, "the first checkpoint")
         victim = poll(lambda: children_of(proc.pid), "the worker processes")[0]
         os.kill(victim, signal.SIGKILL)
         out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
     assert proc.returncode == 1, (out[-500:], err[-1000:])
     res = json.loads(out.decode("utf-8"))["results"][0]
     assert res["complete"] is False
