@@ -143,7 +143,7 @@ REPLY_MESSAGE_MAX = 1 << 16
 MAX_SEGMENTS = 16               # directories (fds) per parallel batch
 THREAD_BATCH = 32               # entries per batch for threads: spread latency-bound work
 LIST_CHUNK = 4096               # directory entries encoded at a time
-_SCHEDULE_LOCKS = {}            # lock path -> [fd, depth] while this process holds it
+_SCHEDULE_LOCKS = set()         # schedule lock paths this process holds
 SCHEDULE_LOCK_WAIT = 120        # seconds a schedule change waits for another one
 
 # Linux utimensat(2) constants.
@@ -468,41 +468,19 @@ class Store(object):
         """One schedule change at a time (install, uninstall, a job submitting its successor):
         two chain jobs checking squeue at once could otherwise each submit one. Reentrant."""
         path = os.path.join(self.lock_dir, ".schedule.lock")
-        held = _SCHEDULE_LOCKS.get(path)
-        if held:
-            held[1] += 1
-            try:
-                yield
-            finally:
-                held[1] -= 1
+        if path in _SCHEDULE_LOCKS:
+            yield
             return
         self.ensure()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
-        try:
-            deadline = time.monotonic() + (SCHEDULE_LOCK_WAIT if wait is None else wait)
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as e:
-                    if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                        raise
-                    if time.monotonic() >= deadline:
-                        raise BusyError("another %s is changing the schedule (%s); try again "
-                                        "when it has finished" % (PROG, lock_holder(path)))
-                    time.sleep(0.2)
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                     "since": iso(time.time())}).encode("ascii"))
-            _SCHEDULE_LOCKS[path] = [fd, 1]
+        lock = FileLock(path, "another %s is changing the schedule (%%s); try again when it "
+                        "has finished" % PROG,
+                        wait=SCHEDULE_LOCK_WAIT if wait is None else wait)
+        with lock:
+            _SCHEDULE_LOCKS.add(path)
             try:
                 yield
             finally:
-                del _SCHEDULE_LOCKS[path]
-                with contextlib.suppress(OSError):
-                    os.ftruncate(fd, 0)
-        finally:
-            os.close(fd)
+                _SCHEDULE_LOCKS.discard(path)
 
     @contextlib.contextmanager
     def update_registry(self):
@@ -583,27 +561,32 @@ class Store(object):
         return os.path.join(self.lock_dir, name + ".lock")
 
 
-class DatasetLock(object):
-    """An exclusive fcntl lock per dataset. It dies with its holder: no stale lock can block."""
+class FileLock(object):
+    """An exclusive fcntl lock on a file that records its holder's pid, host and start time.
 
-    def __init__(self, store, name):
-        self.store = store
-        self.name = name
-        self.path = store.lock_path(name)
+    It dies with its holder: no stale lock can block. wait: seconds to wait for it; when
+    it stays taken, BusyError(busy % the holder's description).
+    """
+
+    def __init__(self, path, busy, wait=0):
+        self.path, self.busy, self.wait = path, busy, wait
         self.fd = None
 
     def acquire(self):
-        self.store.ensure()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
-            holder = lock_holder(self.path)
-            raise BusyError("dataset %r is busy: %s holds its lock; wait for it to finish "
-                            "(or stop it), then try again" % (self.name, holder))
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    os.close(fd)
+                    raise
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise BusyError(self.busy % lock_holder(self.path))
+                time.sleep(0.2)
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                  "since": iso(time.time())}).encode("ascii"))
@@ -622,6 +605,21 @@ class DatasetLock(object):
 
     def __exit__(self, *exc):
         self.release()
+
+
+class DatasetLock(FileLock):
+    """One refresh (or remove) of a dataset at a time; a second one is refused at once."""
+
+    def __init__(self, store, name):
+        FileLock.__init__(self, store.lock_path(name),
+                          "dataset %r is busy: %%s holds its lock; wait for it to finish (or "
+                          "stop it), then try again" % name)
+        self.store = store
+        self.name = name
+
+    def acquire(self):
+        self.store.ensure()
+        return FileLock.acquire(self)
 
 
 def lock_holder(path):
