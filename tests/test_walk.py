@@ -1283,6 +1283,17 @@ def reaped(proc):
             proc.communicate()
 
 
+@contextlib.contextmanager
+def worker_walk(ds):
+    """A --workers 2 walk past its first checkpoint: (process, worker pids); reaped after."""
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs /proc to find the worker processes")
+    proc = ds.popen("--checkpoint-every", "0.05", "--workers", "2")
+    with reaped(proc):
+        wait_for_progress(ds, proc, 0, "the first checkpoint")
+        yield proc, poll(lambda: children_of(proc.pid), "the worker processes")
+
+
 def test_sigterm_to_process_group_while_workers_hold_batches_exits_3(big_state, tree200k):
     """Slurm (time limit, scancel) sends SIGCONT and SIGTERM to every process of the job.
 
@@ -1291,13 +1302,8 @@ def test_sigterm_to_process_group_while_workers_hold_batches_exits_3(big_state, 
     must stop as a SIGTERM stop does (exit 3, a checkpoint that matches the result), and
     the next run must resume and complete with every entry counted once.
     """
-    if not os.path.isdir("/proc/self"):
-        pytest.skip("needs /proc to find the worker processes")
     ds, total = big_state(tree200k)
-    proc = ds.popen("--checkpoint-every", "0.05", "--workers", "2")
-    with reaped(proc):
-        wait_for_progress(ds, proc, 0, "the first checkpoint")
-        workers = poll(lambda: children_of(proc.pid), "the worker processes")
+    with worker_walk(ds) as (proc, workers):
         for w in workers:
             os.kill(w, signal.SIGSTOP)
         # The main process fills the workers' queues, then sleeps waiting for replies.
@@ -1326,13 +1332,9 @@ def test_a_worker_process_killed_alone_fails_the_run_cleanly_and_resume_is_exact
     """One worker killed (the OOM killer picks a process, not a group): the run ends with
     exit 1 and a result naming the worker and the signal, the checkpoint is the last one
     written before (never past a lost batch), and the next run completes exactly."""
-    if not os.path.isdir("/proc/self"):
-        pytest.skip("needs /proc to find the worker processes")
     ds, total = big_state(tree200k)
-    proc = ds.popen("--checkpoint-every", "0.05", "--workers", "2")
-    with reaped(proc):
-        wait_for_progress(ds, proc, 0, "the first checkpoint")
-        victim = poll(lambda: children_of(proc.pid), "the worker processes")[0]
+    with worker_walk(ds) as (proc, workers):
+        victim = workers[0]
         os.kill(victim, signal.SIGKILL)
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, (out[-500:], err[-1000:])
