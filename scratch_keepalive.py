@@ -2257,7 +2257,9 @@ def default_runner(argv, input_text=None, timeout=120):
         p = subprocess.run(argv, input=None if input_text is None else
                            input_text.encode("utf-8", "surrogateescape"),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
-    except FileNotFoundError:
+    except (FileNotFoundError, PermissionError):
+        # WARNING: an unreadable directory in PATH makes a missing command PermissionError
+        # ([Errno 13] Permission denied: 'lfs'), not FileNotFoundError: not runnable here.
         return None
     except subprocess.TimeoutExpired:
         raise Failure("`%s` did not answer within %d s; is the Slurm controller up? "
@@ -2455,6 +2457,20 @@ def job_script_path(store):
     return os.path.join(store.dir, JOB_SCRIPT)
 
 
+def slurm_filename(path):
+    """A path as a Slurm filename pattern that means exactly that path (`%` is `%%`)."""
+    return path.replace("%", "%%")
+
+
+def directive_option(opt):
+    """An option as an #SBATCH line holds it: sbatch reads '"' quotes and '\\' escapes there
+    (a shell would not see this line), so a value with a space or a '#' is double-quoted."""
+    key, sep, value = opt.partition("=")
+    if not sep or not re.search(r"[\s\"'\\#]", value):
+        return opt
+    return '%s="%s"' % (key, value.replace("\\", "\\\\").replace('"', '\\"'))
+
+
 class CronRequest(object):
     """What install-cron was asked for. None: the old schedule's value (with reinstall),
     else the profile's; install_cron()'s keyword arguments are the public form of this."""
@@ -2515,8 +2531,31 @@ class Schedule(object):
         if self.account:
             opts.append("--account=" + self.account)
         opts += ["--cpus-per-task=%d" % self.cpus, "--mem=" + self.mem, "--time=" + self.time,
-                 "--output=" + os.path.join(self.store.log_dir, "slurm-%j.out")]
+                 "--output=" + os.path.join(slurm_filename(self.store.log_dir), "slurm-%j.out")]
         return opts
+
+    def check_paths(self):
+        """Refuse (exit 2) a path that the rendered lines cannot hold, before anything changes.
+
+        WARNING: scrontab splits an #SCRON line at every space, quotes or not, and a crontab
+        entry is one line; sbatch reads quotes in #SBATCH lines (directive_option) but no
+        line break. `%` is escaped where Slurm reads a filename pattern (slurm_filename).
+        """
+        fix = "; choose a state directory without one (--state-dir DIR)"
+        if re.search(r"[\n\r]", self.store.dir):
+            raise UsageError("the state directory %s holds a line break, which no #SBATCH or "
+                             "#SCRON line can hold%s" % (display_path(self.store.dir), fix))
+        if self.method != "scrontab":
+            return
+        if re.search(r"\s", self.store.dir):
+            raise UsageError("the state directory %r holds a space, which an #SCRON line cannot "
+                             "hold (scrontab splits it at spaces)%s, or use --method sbatch"
+                             % (self.store.dir, fix))
+        for what, path in (("scratch root", self.cfg["scratch_root"]),
+                           ("Python interpreter", self.python), ("script", self.script)):
+            if re.search(r"[\n\r]", path):
+                raise UsageError("the %s %s holds a line break, which a crontab entry (one line) "
+                                 "cannot hold; use --method sbatch" % (what, display_path(path)))
 
     def command(self):
         """The job's command: absolute paths, state dir and scratch root passed explicitly."""
@@ -2536,13 +2575,13 @@ class Schedule(object):
             SCRON_BEGIN,
             "# runs %s at %02d:%02d; each run refreshes only the datasets that are due" % (
                 desc, hour, minute),
-            "#SCRON " + " ".join(self.request_options()),
+            "#SCRON " + " ".join(self.request_options()),  # check_paths: no spaces
             "%d %d %s * %s %s" % (minute, hour, dom, dow, self.command()),
             SCRON_END, ""])
 
     def job_text(self):
         lines = ["#!/bin/bash"]
-        lines += ["#SBATCH " + o for o in self.request_options()]
+        lines += ["#SBATCH " + directive_option(o) for o in self.request_options()]
         lines += [
             "#SBATCH --no-requeue",
             "#SBATCH --signal=B:TERM@120",
@@ -2662,8 +2701,10 @@ def _install_cron_locked(ctx, req):
         if method == "auto":
             method = old.get("method") or "auto"
     fields, enabled = _schedule_request(ctx, cfg, old if req.reinstall else None, req)
+    Schedule(ctx.store, cfg, ctx.env, method, **fields).check_paths()  # before asking Slurm
     method, current = _choose_method(ctx, method)
     sched = Schedule(ctx.store, cfg, ctx.env, method, **fields)
+    sched.check_paths()
     info = {"schedule": sched.as_dict(), "text": sched.text(),
             "warnings": _cadence_warnings(sched, enabled), "dry_run": req.dry_run,
             "job_id": None}

@@ -29,7 +29,7 @@ import time
 
 import pytest
 
-from conftest import KEEP, SCRIPT, make_dataset, run_script, snapshot
+from conftest import KEEP, SCRIPT, make_dataset, nonroot_runner, run_script, snapshot
 from slurmbed import (JOB, USER, as_user, crontab, jobs, make_world,  # noqa: F401
                       need_scrontab, settle, slurm_turn, wait_done)
 import scratch_keepalive as sk
@@ -772,3 +772,51 @@ def test_slurm_nothing_installed_while_datasets_enabled(cli, generic, real_clock
     rc, report, checks = doctor(cli)
     assert checks["schedule"]["level"] == "ok", checks["schedule"]
 
+
+# ------------------------------------------------------------------ 14. an unreadable PATH entry
+
+def test_unreadable_path_directory_means_not_installed_and_doctor_prints_every_check(world_tmp):
+    """A directory in PATH that the user may not search makes the lookup of a missing command
+    fail with EACCES, not ENOENT: `lfs`, `squeue` and `scrontab` are then simply not there."""
+    runner = nonroot_runner()
+    if runner is None or os.geteuid() != 0:
+        pytest.skip("needs root to make the fixture and setpriv to run as nobody")
+    prefix, python = runner
+    locked, bin_dir = world_tmp / "locked", world_tmp / "bin"
+    ds = world_tmp / "scratch" / "ds"
+    for d in (locked, bin_dir, world_tmp / "home", world_tmp / "scratch", ds):
+        d.mkdir()
+        os.chown(str(d), 65534, 65534)
+    os.symlink(python, str(bin_dir / "python3"))
+    os.chmod(str(locked), 0)
+    state = world_tmp / "state"
+    env = {"PATH": "%s:%s" % (locked, bin_dir), "HOME": str(world_tmp / "home"), "TZ": "UTC",
+           "SCRATCH_KEEPALIVE_HOME": str(state)}
+
+    def run(*argv):
+        return run_script(*argv, python=python, prefix=prefix, env=env, clean=True)
+
+    assert run("init", "--profile", "generic", "--scratch-root", world_tmp / "scratch").rc == 0
+    assert run("add", "--name", "ds", "--path", ds, "--keep-until", KEEP).rc == 0
+    r = run("doctor", "--json")
+    assert r.rc in (0, 1) and "Permission denied" not in r.out + r.err, r
+    checks = dict((c["name"], c) for c in r.json()["checks"])
+    for name in ("python", "config", "registry", "scratch-root", "state-dir", "root:ds",
+                 "schedule"):
+        assert name in checks, (name, checks)
+    assert checks["schedule"]["level"] == "warn" and "not installed" in checks["schedule"][
+        "message"], checks["schedule"]
+    text = run("doctor")
+    assert text.rc == r.rc and "Permission denied" not in text.out + text.err, text
+    for name in ("python", "config", "registry", "state-dir", "root:ds", "schedule"):
+        assert re.search(r"(?m)^(ok  |WARN|FAIL) %s\b" % re.escape(name), text.out), text
+    before = state_bytes(state)
+    r = run("install-cron", "--method", "sbatch")
+    assert r.rc == 1 and r.err.count("\n") == 1, r
+    assert r.err.startswith("scratch-keepalive: error: `sbatch` is not installed here"), r
+    assert "Permission denied" not in r.err, r
+    r = run("install-cron")
+    assert r.rc == 1 and "Permission denied" not in r.err and "Slurm is needed" in r.err, r
+    # Nothing installed: no job script, no schedule record (the schedule lock may be made).
+    assert not (state / "job.sh").exists() and not (state / "schedule.json").exists()
+    assert without(state_bytes(state), os.path.join("locks", ".schedule.lock")) == before

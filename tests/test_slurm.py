@@ -431,6 +431,53 @@ def test_install_errors_are_one_line_and_install_nothing(make_world, case):
     assert sorted(j["id"] for j in jobs()) == before, jobs()
 
 
+# ---------------------------------------------------------------- 7b. odd state directories
+
+@pytest.mark.slurm
+def test_state_dir_with_a_space_and_a_percent_runs_and_logs_there(make_world):
+    """sbatch reads quotes in #SBATCH lines, and `%` in --output is a Slurm filename pattern
+    (`%x` is the job name): the chain's first run must write its log in this very directory."""
+    w = make_world(state="state dir %x")
+    w.make_dataset()
+    first, p = w.install_sbatch()
+    assert '#SBATCH --output="%s/slurm-%%j.out"' % str(w.logs).replace("%", "%%") in \
+        w.job_sh.read_text().splitlines()
+    log = w.logs / ("slurm-%s.out" % first)
+    assert log.is_file(), sorted(os.listdir(str(w.logs)))
+    assert "successor job %s submitted" % p["id"] in log.read_text()
+    s = w.status_json()
+    assert s["last_refresh"] and s["last_run"]["complete"], s
+    r = w.tool("uninstall-cron")
+    assert r.rc == 0 and pending() == [] and not w.job_sh.exists(), (r, jobs())
+
+
+REFUSED_STATE_DIRS = [
+    # id, state dir name, install-cron args, regex the error line must match
+    ("space-scrontab", "state dir", ["--method", "scrontab"],
+     r"holds a space, which an #SCRON line cannot hold.*--method sbatch"),
+    ("space-auto", "state dir", [], r"holds a space"),
+    ("newline-sbatch", "state\ndir", ["--method", "sbatch"],
+     r"state\\ndir holds a line break, which no #SBATCH or #SCRON line can hold"),
+    ("newline-scrontab", "state\ndir", ["--method", "scrontab"], r"holds a line break"),
+    ("newline-dry-run", "state\ndir", ["--method", "sbatch", "--dry-run"],
+     r"holds a line break"),
+]
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("case", REFUSED_STATE_DIRS, ids=[c[0] for c in REFUSED_STATE_DIRS])
+def test_state_dir_the_lines_cannot_hold_is_refused_and_nothing_installed(make_world, case):
+    _, state, args, pattern = case
+    w = make_world(state=state)
+    set_crontab(OTHER_CRONTAB)
+    before = sorted(j["id"] for j in jobs())
+    line = one_error_line(w.tool("install-cron", *args), 2)
+    assert re.search(pattern, line), line
+    assert crontab() == OTHER_CRONTAB
+    assert not w.job_sh.exists() and not w.schedule.exists()
+    assert sorted(j["id"] for j in jobs()) == before, jobs()
+
+
 # ---------------------------------------------------------------- 8. --dry-run
 
 @pytest.mark.slurm
@@ -470,6 +517,19 @@ def _check_golden(name, text):
     if os.environ.get("SCRATCH_KEEPALIVE_UPDATE_GOLDEN") == "1":
         path.write_text(text)
     assert text == path.read_text(), "%s differs from the rendering:\n%s" % (path, text)
+
+
+def test_job_script_quotes_an_odd_state_dir_and_escapes_percent():
+    store = sk.Store("/N/u/al ice/st%te \"q\" #x")
+    cfg = {"profile": "generic", "scratch_root": "/N/scratch/al ice", "purge_days": 30}
+    sched = sk.Schedule(store, cfg, {"USER": "alice"}, "sbatch", None, None, 1, "2G",
+                        "2:00:00", 14, python="/usr/bin/python3", script="/opt/s k/sk.py")
+    lines = sched.job_text().splitlines()
+    assert '#SBATCH --output="/N/u/al ice/st%%te \\"q\\" #x/logs/slurm-%j.out"' in lines, lines
+    assert "--output=/N/u/al ice/st%%te \"q\" #x/logs/slurm-%j.out" in sched.request_options()
+    cmd = shlex.split(lines[-1])
+    assert cmd[1] == store.dir and cmd[cmd.index("--state-dir") + 1] == store.dir, cmd
+    assert "SCRATCH_KEEPALIVE_SCRATCH_ROOT=/N/scratch/al ice" in cmd and "/opt/s k/sk.py" in cmd
 
 
 def _check_command(line, method):

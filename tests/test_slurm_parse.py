@@ -181,8 +181,12 @@ def test_test_only_gives_slurms_reason_or_none():
 # ---------------------------------------------------------------- the real runner
 
 def test_default_runner_missing_and_not_runnable_are_none(tmp_path):
-    """Not installed."""
+    """Not installed, and found but not runnable (no execute bit: EACCES, even for root)."""
     assert sk.default_runner([str(tmp_path / "no-such-command")]) is None
+    plain = tmp_path / "lfs"
+    plain.write_text("#!/bin/sh\necho never\n")
+    os.chmod(str(plain), 0o644)
+    assert sk.default_runner([str(plain), "quota"]) is None
     r = sk.default_runner(["sh", "-c", "echo out; echo err >&2; exit 3"])
     assert (r.rc, r.out, r.err) == (3, "out\n", "err\n")
 
