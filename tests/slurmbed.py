@@ -305,7 +305,7 @@ class World(object):
         return json.loads(r.out)
 
     def install_sbatch(self, *extra):
-        """install-cron --method sbatch; wait for its first run; returns (first job, pending job)."""
+        """install-cron --method sbatch and its first run; returns (first job, pending job)."""
         r = self.tool("install-cron", "--method", "sbatch", *extra)
         assert r.rc == 0, r
         m = re.search(r"Submitted job (\d+) ", r.out)

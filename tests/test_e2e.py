@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from conftest import KEEP, NOW, SCRIPT, make_dataset, pyenv_pythons, run_script, snapshot
+from conftest import (KEEP, NOW, SCRIPT, make_dataset, pyenv_pythons, run_command, run_script,
+                      snapshot)
 
 PYTHONS = pyenv_pythons() or [("current", sys.executable)]
 IDS = [v for v, _ in PYTHONS]
@@ -79,12 +80,12 @@ def test_state_written_by_one_python_is_read_by_another(tmp_path):
 def test_python_dash_m(tmp_path):
     scratch, env = setup_env(tmp_path)
     full = dict(os.environ, PYTHONPATH=str(SCRIPT.parent), **env)
-    p = subprocess.run([sys.executable, "-m", "scratch_keepalive", "--version"],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full, cwd=str(tmp_path))
-    assert p.returncode == 0 and p.stdout.decode().startswith("scratch-keepalive ")
-    p = subprocess.run([sys.executable, "-m", "scratch_keepalive", "list", "--json"],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full, cwd=str(tmp_path))
-    assert p.returncode == 0 and json.loads(p.stdout.decode()) == []
+    r = run_command([sys.executable, "-m", "scratch_keepalive", "--version"], env=full,
+                    clean=True, cwd=str(tmp_path))
+    assert r.rc == 0 and r.out.startswith("scratch-keepalive ")
+    r = run_command([sys.executable, "-m", "scratch_keepalive", "list", "--json"], env=full,
+                    clean=True, cwd=str(tmp_path))
+    assert r.rc == 0 and json.loads(r.out) == []
 
 
 def test_copied_file_runs_anywhere(tmp_path):
