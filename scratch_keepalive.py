@@ -1620,14 +1620,17 @@ def dataset_state(store, ds, now):
 
 
 class Context(object):
-    """What one invocation works with: the state dir, the environment, the output streams."""
+    """What one invocation works with: the state dir, the environment, the output streams,
+    and the Slurm handle (made on first use, from `runner` when one is given)."""
 
-    def __init__(self, state_dir=None, env=None, out=None, err=None):
+    def __init__(self, state_dir=None, env=None, out=None, err=None, runner=None):
         self.env = dict(os.environ if env is None else env)
         self.store = Store(state_dir or default_state_dir(self.env))
         self.out = out
         self.err = err
+        self.runner = runner
         self._now = None
+        self._slurm = None
 
     @property
     def now(self):
@@ -1635,12 +1638,18 @@ class Context(object):
             self._now = policy_now(self.env)
         return self._now
 
+    @property
+    def slurm(self):
+        if self._slurm is None:
+            self._slurm = Slurm(self.runner)
+        return self._slurm
+
     def config(self):
         return self.store.require_config()
 
 
-def _ctx(state_dir, env):
-    return Context(state_dir=state_dir, env=env)
+def _ctx(state_dir, env, runner=None):
+    return Context(state_dir=state_dir, env=env, runner=runner)
 
 
 def _get(reg, name):
@@ -2248,7 +2257,9 @@ def default_runner(argv, input_text=None, timeout=120):
         p = subprocess.run(argv, input=None if input_text is None else
                            input_text.encode("utf-8", "surrogateescape"),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
-    except FileNotFoundError:
+    except (FileNotFoundError, PermissionError):
+        # WARNING: an unreadable directory in PATH makes a missing command PermissionError
+        # ([Errno 13] Permission denied: 'lfs'), not FileNotFoundError: not runnable here.
         return None
     except subprocess.TimeoutExpired:
         raise Failure("`%s` did not answer within %d s; is the Slurm controller up? "
@@ -2438,6 +2449,40 @@ def script_path():
     return os.path.abspath(__file__)
 
 
+JOB_SCRIPT = "job.sh"
+
+
+def job_script_path(store):
+    """The chain's job script: always this name in the state directory."""
+    return os.path.join(store.dir, JOB_SCRIPT)
+
+
+def slurm_filename(path):
+    """A path as a Slurm filename pattern that means exactly that path (`%` is `%%`)."""
+    return path.replace("%", "%%")
+
+
+def directive_option(opt):
+    """An option as an #SBATCH line holds it: sbatch reads '"' quotes and '\\' escapes there
+    (a shell would not see this line), so a value with a space or a '#' is double-quoted."""
+    key, sep, value = opt.partition("=")
+    if not sep or not re.search(r"[\s\"'\\#]", value):
+        return opt
+    return '%s="%s"' % (key, value.replace("\\", "\\\\").replace('"', '\\"'))
+
+
+class CronRequest(object):
+    """What install-cron was asked for. None: the old schedule's value (with reinstall),
+    else the profile's; install_cron()'s keyword arguments are the public form of this."""
+
+    def __init__(self, method="auto", account=None, partition=None, cpus=None, mem=None,
+                 time_limit=None, cadence_days=None, dry_run=False, reinstall=False):
+        self.method = method or "auto"
+        self.account, self.partition, self.cpus, self.mem = account, partition, cpus, mem
+        self.time_limit, self.cadence_days = time_limit, cadence_days
+        self.dry_run, self.reinstall = bool(dry_run), bool(reinstall)
+
+
 class Schedule(object):
     """What install-cron installs: the request, the paths, and the texts rendered from them."""
 
@@ -2456,7 +2501,17 @@ class Schedule(object):
         self.python = python or sys.executable
         self.script = script or script_path()
         self.user = current_user(env)
-        self.job_script = os.path.join(store.dir, "job.sh")
+        self.job_script = job_script_path(store)
+
+    @classmethod
+    def from_doc(cls, store, cfg, env, doc, method=None):
+        """The schedule a stored document describes (what an old document lacks: defaults)."""
+        return cls(store, cfg, env, method or doc.get("method") or "sbatch",
+                   account=doc.get("account"), partition=doc.get("partition"),
+                   cpus=int(doc.get("cpus") or 1), mem=doc.get("mem") or "2G",
+                   time_limit=doc.get("time") or "2:00:00",
+                   cadence=int(doc.get("cadence_days") or 14),
+                   python=doc.get("python"), script=doc.get("script"))
 
     def as_dict(self):
         return {"method": self.method, "account": self.account, "partition": self.partition,
@@ -2476,8 +2531,31 @@ class Schedule(object):
         if self.account:
             opts.append("--account=" + self.account)
         opts += ["--cpus-per-task=%d" % self.cpus, "--mem=" + self.mem, "--time=" + self.time,
-                 "--output=" + os.path.join(self.store.log_dir, "slurm-%j.out")]
+                 "--output=" + os.path.join(slurm_filename(self.store.log_dir), "slurm-%j.out")]
         return opts
+
+    def check_paths(self):
+        """Refuse (exit 2) a path that the rendered lines cannot hold, before anything changes.
+
+        WARNING: scrontab splits an #SCRON line at every space, quotes or not, and a crontab
+        entry is one line; sbatch reads quotes in #SBATCH lines (directive_option) but no
+        line break. `%` is escaped where Slurm reads a filename pattern (slurm_filename).
+        """
+        fix = "; choose a state directory without one (--state-dir DIR)"
+        if re.search(r"[\n\r]", self.store.dir):
+            raise UsageError("the state directory %s holds a line break, which no #SBATCH or "
+                             "#SCRON line can hold%s" % (display_path(self.store.dir), fix))
+        if self.method != "scrontab":
+            return
+        if re.search(r"\s", self.store.dir):
+            raise UsageError("the state directory %r holds a space, which an #SCRON line cannot "
+                             "hold (scrontab splits it at spaces)%s, or use --method sbatch"
+                             % (self.store.dir, fix))
+        for what, path in (("scratch root", self.cfg["scratch_root"]),
+                           ("Python interpreter", self.python), ("script", self.script)):
+            if re.search(r"[\n\r]", path):
+                raise UsageError("the %s %s holds a line break, which a crontab entry (one line) "
+                                 "cannot hold; use --method sbatch" % (what, display_path(path)))
 
     def command(self):
         """The job's command: absolute paths, state dir and scratch root passed explicitly."""
@@ -2497,13 +2575,13 @@ class Schedule(object):
             SCRON_BEGIN,
             "# runs %s at %02d:%02d; each run refreshes only the datasets that are due" % (
                 desc, hour, minute),
-            "#SCRON " + " ".join(self.request_options()),
+            "#SCRON " + " ".join(self.request_options()),  # check_paths: no spaces
             "%d %d %s * %s %s" % (minute, hour, dom, dow, self.command()),
             SCRON_END, ""])
 
     def job_text(self):
         lines = ["#!/bin/bash"]
-        lines += ["#SBATCH " + o for o in self.request_options()]
+        lines += ["#SBATCH " + directive_option(o) for o in self.request_options()]
         lines += [
             "#SBATCH --no-requeue",
             "#SBATCH --signal=B:TERM@120",
@@ -2554,27 +2632,26 @@ def install_cron(method="auto", account=None, partition=None, cpus=None, mem=Non
                  time_limit=None, cadence_days=None, dry_run=False, reinstall=False,
                  state_dir=None, env=None, runner=None):
     """Install (or with dry_run, render) the Slurm schedule. Returns a dict describing it."""
-    ctx = _ctx(state_dir, env)
-    ctx.slurm = Slurm(runner)
-    return _install_cron(ctx, method, account, partition, cpus, mem, time_limit, cadence_days,
-                         dry_run, reinstall)
+    ctx = _ctx(state_dir, env, runner)
+    return _install_cron(ctx, CronRequest(method, account, partition, cpus, mem, time_limit,
+                                          cadence_days, dry_run, reinstall))
 
 
-def _schedule_request(ctx, cfg, old, account, partition, cpus, mem, time_limit, cadence_days):
-    """Validate and complete the job request from the options, the old schedule, the profile."""
+def _schedule_request(ctx, cfg, old, req):
+    """Validate and complete the job request from req, the old schedule, the profile.
+
+    Returns (the Schedule's keyword arguments but its method, the enabled datasets)."""
     prof = profile_of(cfg)
     old = old or {}
-    account = account or old.get("account")
+    account = req.account or old.get("account")
     if prof["account_required"] and not account:
         raise UsageError("--account is required on %s (IU rejects jobs without -A); find yours "
                          "with `sacctmgr show assoc user=$USER format=account` or in RT "
                          "Projects" % cfg["profile"])
-    partition = partition or old.get("partition") or prof["partition"]
-    cpus = cpus or old.get("cpus") or prof["cpus"]
-    mem = mem or old.get("mem") or prof["mem"]
+    mem = req.mem or old.get("mem") or prof["mem"]
     if not re.match(r"^\d+[KMGT]?$", mem):
         raise UsageError("--mem %r is not a Slurm memory size; use e.g. 2G or 2048M" % mem)
-    time_limit = time_limit or old.get("time") or prof["time"]
+    time_limit = req.time_limit or old.get("time") or prof["time"]
     seconds = parse_slurm_time(time_limit)
     if seconds is None:
         raise UsageError("--time %r is not a Slurm time limit; use e.g. 2:00:00" % time_limit)
@@ -2583,16 +2660,13 @@ def _schedule_request(ctx, cfg, old, account, partition, cpus, mem, time_limit, 
                          % time_limit)
     reg = ctx.store.load_registry()
     enabled = [d for d in reg["datasets"].values() if d.get("enabled", True)]
-    cadence = (cadence_days or old.get("cadence_days")
+    cadence = (req.cadence_days or old.get("cadence_days")
                or (min(int(d["cadence_days"]) for d in enabled) if enabled else None)
                or prof["default_cadence"])
-    if cadence < prof["min_cadence"]:
-        raise UsageError("--cadence-days %d is below the %s minimum of %d days"
-                         % (cadence, cfg["profile"], prof["min_cadence"]))
-    if cadence > purge_days_of(cfg) - 5:
-        raise UsageError("--cadence-days %d is too long for a %d-day purge; use at most %d"
-                         % (cadence, purge_days_of(cfg), purge_days_of(cfg) - 5))
-    return account, partition, int(cpus), mem, time_limit, int(cadence), enabled
+    return {"account": account, "partition": req.partition or old.get("partition")
+            or prof["partition"], "cpus": int(req.cpus or old.get("cpus") or prof["cpus"]),
+            "mem": mem, "time_limit": time_limit,
+            "cadence": _check_cadence(cfg, int(cadence))}, enabled
 
 
 def _choose_method(ctx, method):
@@ -2609,35 +2683,50 @@ def _choose_method(ctx, method):
     return "sbatch", None
 
 
-def _install_cron(ctx, method, account, partition, cpus, mem, time_limit, cadence_days,
-                  dry_run, reinstall):
-    args = (ctx, method, account, partition, cpus, mem, time_limit, cadence_days, dry_run,
-            reinstall)
-    if dry_run:
-        return _install_cron_locked(*args)
+def _install_cron(ctx, req):
+    if req.dry_run:
+        return _install_cron_locked(ctx, req)
     with ctx.store.schedule_lock():
-        return _install_cron_locked(*args)
+        return _install_cron_locked(ctx, req)
 
 
-def _install_cron_locked(ctx, method, account, partition, cpus, mem, time_limit,
-                         cadence_days, dry_run, reinstall):
-    store = ctx.store
+def _install_cron_locked(ctx, req):
+    """Validate, render, then install: nothing changes until every check has passed."""
     cfg = ctx.config()
-    old = load_schedule(store)
-    if reinstall:
+    old = load_schedule(ctx.store)
+    method = req.method
+    if req.reinstall:
         if old is None:
             raise UsageError("no schedule is installed; run `%s install-cron` first" % PROG)
         if method == "auto":
             method = old.get("method") or "auto"
-    account, partition, cpus, mem, time_limit, cadence, enabled = _schedule_request(
-        ctx, cfg, old if reinstall else None, account, partition, cpus, mem, time_limit,
-        cadence_days)
+    fields, enabled = _schedule_request(ctx, cfg, old if req.reinstall else None, req)
+    Schedule(ctx.store, cfg, ctx.env, method, **fields).check_paths()  # before asking Slurm
     method, current = _choose_method(ctx, method)
-    sched = Schedule(store, cfg, ctx.env, method, account, partition, cpus, mem, time_limit,
-                     cadence)
-    warnings = []
-    every = cadence
+    sched = Schedule(ctx.store, cfg, ctx.env, method, **fields)
+    sched.check_paths()
+    info = {"schedule": sched.as_dict(), "text": sched.text(),
+            "warnings": _cadence_warnings(sched, enabled), "dry_run": req.dry_run,
+            "job_id": None}
+    if req.dry_run:
+        return info
+    ctx.store.ensure()
     if method == "scrontab":
+        _install_block(ctx, sched, old, current)
+    else:
+        info["job_id"] = _install_chain_instead(ctx, sched)
+    doc = sched.as_dict()
+    doc.update(installed=iso(time.time()), job_id=info["job_id"],
+               last_run=(old or {}).get("last_run"))
+    save_schedule(ctx.store, doc)
+    return info
+
+
+def _cadence_warnings(sched, enabled):
+    """What the user should know: a cadence cron cannot keep, datasets it serves late."""
+    warnings = []
+    cadence = every = sched.cadence
+    if sched.method == "scrontab":
         (_, _, _, lo, hi, desc), every = cron_schedule(cadence)
         if every != cadence:
             warnings.append("cron cannot run every %d days; the schedule runs on %s (every %d "
@@ -2652,40 +2741,37 @@ def _install_cron_locked(ctx, method, account, partition, cpus, mem, time_limit,
                             "refreshed every %d days: set `%s extend --name %s --cadence-days "
                             "%d`" % (d["name"], c, every, (c // every + 1) * every, PROG,
                                      d["name"], every))
-    text = sched.text()
-    info = {"schedule": sched.as_dict(), "text": text, "warnings": warnings,
-            "dry_run": bool(dry_run), "job_id": None}
-    if dry_run:
-        return info
-    store.ensure()
-    if method == "scrontab":
-        # The chain's pending jobs are listed BEFORE the crontab is installed: afterwards the
-        # cron job has the same name, and an scancel would disable it (#DISABLED:).
-        chain_jobs = ctx.slurm.pending(JOB_NAME) if old and old.get("method") == "sbatch" else []
-        ctx.slurm.install_crontab(merge_crontab(current, text))
-        if chain_jobs or (old and old.get("method") == "sbatch"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(sched.job_script)
-            for job, _ in chain_jobs:
-                ctx.slurm.cancel(job)
-    else:
-        _check_request(ctx, sched)
-        # Our scrontab block goes first, so that no scancel ever reaches its cron job; it
-        # comes back if the chain cannot be installed.
-        kind, crontab = ctx.slurm.crontab() if ctx.slurm.run(["scrontab", "--help"]) \
-            is not None else ("missing", None)
-        removed = _remove_cron_block(ctx) if kind == "ok" else []
-        try:
-            info["job_id"] = _install_chain(ctx, sched)
-        except BaseException:
-            if removed:
-                ctx.slurm.install_crontab(crontab)
-            raise
-    doc = sched.as_dict()
-    doc.update(installed=iso(time.time()), job_id=info["job_id"],
-               last_run=(old or {}).get("last_run"))
-    save_schedule(store, doc)
-    return info
+    return warnings
+
+
+def _install_block(ctx, sched, old, current):
+    """Our block into the scrontab; then the old chain (if any) goes."""
+    from_chain = bool(old and old.get("method") == "sbatch")
+    # The chain's pending jobs are listed BEFORE the crontab is installed: afterwards the
+    # cron job has the same name, and an scancel would disable it (#DISABLED:).
+    chain_jobs = ctx.slurm.pending(JOB_NAME) if from_chain else []
+    ctx.slurm.install_crontab(merge_crontab(current, sched.text()))
+    if from_chain:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sched.job_script)
+        for job, _ in chain_jobs:
+            ctx.slurm.cancel(job)
+
+
+def _install_chain_instead(ctx, sched):
+    """The chain in place of our scrontab block (if any). Returns the first job's id."""
+    _check_request(ctx, sched)
+    # Our scrontab block goes first, so that no scancel ever reaches its cron job; it
+    # comes back if the chain cannot be installed.
+    kind, crontab = ctx.slurm.crontab() if ctx.slurm.run(["scrontab", "--help"]) \
+        is not None else ("missing", None)
+    removed = _remove_cron_block(ctx) if kind == "ok" else []
+    try:
+        return _install_chain(ctx, sched)
+    except BaseException:
+        if removed:
+            ctx.slurm.install_crontab(crontab)
+        raise
 
 
 def _install_chain(ctx, sched):
@@ -2718,13 +2804,18 @@ def _check_request(ctx, sched):
                             CommandResult([], 1, "", reason))
 
 
+def _remove_job_script(store):
+    """Delete the job script, so that no running chain job resubmits itself."""
+    path = job_script_path(store)
+    if not os.path.exists(path):
+        return []
+    os.unlink(path)
+    return ["job script %s" % path]
+
+
 def _remove_chain(ctx):
-    """Delete the job script (so no running job resubmits), then cancel pending chain jobs."""
-    removed = []
-    path = os.path.join(ctx.store.dir, "job.sh")
-    if os.path.exists(path):
-        os.unlink(path)
-        removed.append("job script %s" % path)
+    """Delete the job script, then cancel pending chain (and continuation) jobs."""
+    removed = _remove_job_script(ctx.store)
     for name in (JOB_NAME, RESUME_JOB_NAME):
         try:
             jobs = ctx.slurm.pending(name)
@@ -2754,8 +2845,7 @@ def _remove_cron_block(ctx):
 
 def uninstall_cron(state_dir=None, env=None, runner=None):
     """Remove the schedule: job script, scrontab block, pending jobs. Returns what was removed."""
-    ctx = _ctx(state_dir, env)
-    ctx.slurm = Slurm(runner)
+    ctx = _ctx(state_dir, env, runner)
     return _uninstall_cron(ctx)
 
 
@@ -2770,11 +2860,7 @@ def _uninstall_cron_locked(ctx):
         load_schedule(store)
     except StateError:
         pass            # a damaged record must not keep a schedule alive
-    removed = []
-    path = os.path.join(store.dir, "job.sh")
-    if os.path.exists(path):
-        os.unlink(path)
-        removed.append("job script %s" % path)
+    removed = _remove_job_script(store)
     # Order matters: the block goes before any scancel, because scancel on a scrontab job
     # only comments its lines out (#DISABLED:).
     removed += _remove_cron_block(ctx) if ctx.slurm.run(["scrontab", "--help"]) is not None \
@@ -2811,7 +2897,7 @@ def _scheduled_before(ctx, method):
     doc = load_schedule(ctx.store)
     if method != "sbatch" or doc is None:
         return doc, None
-    job_script = doc.get("job_script") or os.path.join(ctx.store.dir, "job.sh")
+    job_script = doc.get("job_script") or job_script_path(ctx.store)
     try:
         with ctx.store.schedule_lock():
             if not os.path.exists(job_script):
@@ -2851,17 +2937,13 @@ def _continue_soon(ctx, method, doc):
         if jobs:
             slurm.set_start(jobs[0][0], "now+1hour")
             return "pending job %s moved to start in an hour" % jobs[0][0]
-        job_script = doc.get("job_script") or os.path.join(ctx.store.dir, "job.sh")
+        job_script = doc.get("job_script") or job_script_path(ctx.store)
         if not os.path.exists(job_script):
             return None
         return "continuation job %s submitted" % slurm.submit(["--begin=now+1hour", job_script])
     if slurm.pending(RESUME_JOB_NAME):
         return "a continuation is already pending"
-    cfg = ctx.config()
-    sched = Schedule(ctx.store, cfg, ctx.env, "resume", doc.get("account"), doc.get("partition"),
-                     int(doc.get("cpus") or 1), doc.get("mem") or "2G", doc.get("time") or
-                     "2:00:00", int(doc.get("cadence_days") or 14), doc.get("python"),
-                     doc.get("script"))
+    sched = Schedule.from_doc(ctx.store, ctx.config(), ctx.env, doc, method="resume")
     opts = [o.replace("--job-name=" + JOB_NAME, "--job-name=" + RESUME_JOB_NAME)
             for o in sched.request_options()]
     job = slurm.submit(opts + ["--begin=now+1hour", "--no-requeue", "--wrap", sched.command()])
@@ -2883,8 +2965,7 @@ class Check(object):
 
 def doctor(state_dir=None, env=None, runner=None):
     """Check everything; returns {"ok": bool, "checks": [{"name", "ok", "level", "message"}]}."""
-    ctx = _ctx(state_dir, env)
-    ctx.slurm = Slurm(runner)
+    ctx = _ctx(state_dir, env, runner)
     return _doctor(ctx)
 
 
@@ -2977,7 +3058,7 @@ def _loose_permissions(store):
                 st = os.lstat(p)
             except OSError:
                 continue
-            want = 0o700 if stat.S_ISDIR(st.st_mode) else (0o700 if name == "job.sh" else 0o600)
+            want = 0o700 if stat.S_ISDIR(st.st_mode) else (0o700 if name == JOB_SCRIPT else 0o600)
             if stat.S_ISLNK(st.st_mode) or (name.startswith("slurm-") and name.endswith(".out")):
                 continue    # Slurm creates its job logs with the job's umask
             if stat.S_IMODE(st.st_mode) != want:
@@ -3166,6 +3247,14 @@ def _check_schedule(ctx, cfg, reg):
                          "%s minimum of %d; run `%s install-cron --cadence-days %d`" % (
                              doc.get("cadence_days"), cfg["profile"], prof["min_cadence"], PROG,
                              prof["min_cadence"])))
+    return out + _check_schedule_jobs(ctx, cfg, doc)
+
+
+def _check_schedule_jobs(ctx, cfg, doc):
+    """What Slurm holds of the installed schedule: its jobs, its block, its request."""
+    prof = profile_of(cfg)
+    slurm = ctx.slurm
+    out = []
     try:
         jobs = slurm.pending(JOB_NAME)
     except Failure as e:
@@ -3187,11 +3276,11 @@ def _check_schedule(ctx, cfg, reg):
             out.append(Check("schedule-block", "fail", "the scrontab block was disabled "
                              "(#DISABLED:, after an scancel of its job); repair reinstalls it",
                              fix="reinstall"))
-    elif not jobs and not os.environ.get("SLURM_JOB_ID"):
+    elif not jobs and not ctx.env.get("SLURM_JOB_ID"):
         out.append(Check("schedule-jobs", "fail", "no pending %s job: the chain is broken; "
                          "repair reinstalls it" % JOB_NAME, fix="reinstall"))
     if doc.get("account") or prof["account_required"]:
-        sched = _schedule_from_doc(ctx, cfg, doc)
+        sched = Schedule.from_doc(ctx.store, cfg, ctx.env, doc)
         reason = slurm.test_only(sched.request_options() + ["--wrap", "true"])
         if reason is not None:
             out.append(Check("schedule-account", "fail", "Slurm would reject the scheduled job: "
@@ -3206,13 +3295,6 @@ def _our_block(text):
     start = text.index(SCRON_BEGIN)
     end = text.find(SCRON_END, start)
     return text[start:] if end < 0 else text[start:end]
-
-
-def _schedule_from_doc(ctx, cfg, doc):
-    return Schedule(ctx.store, cfg, ctx.env, doc.get("method") or "sbatch", doc.get("account"),
-                    doc.get("partition"), int(doc.get("cpus") or 1), doc.get("mem") or "2G",
-                    doc.get("time") or "2:00:00", int(doc.get("cadence_days") or 14),
-                    doc.get("python"), doc.get("script"))
 
 
 def _check_quota(ctx, root):
@@ -3243,8 +3325,7 @@ def repair(dry_run=False, state_dir=None, env=None, runner=None):
     Never deletes or modifies user data and never touches a timestamp in a dataset:
     damaged state is set aside (renamed), not deleted.
     """
-    ctx = _ctx(state_dir, env)
-    ctx.slurm = Slurm(runner)
+    ctx = _ctx(state_dir, env, runner)
     return _repair(ctx, dry_run)
 
 
@@ -3328,7 +3409,7 @@ def _registry_or_none(store):
 def _fix_permissions(store):
     for p in _loose_permissions(store):
         st = os.lstat(p)
-        want = 0o700 if stat.S_ISDIR(st.st_mode) or p.endswith("job.sh") else 0o600
+        want = 0o700 if stat.S_ISDIR(st.st_mode) or os.path.basename(p) == JOB_SCRIPT else 0o600
         os.chmod(p, want)
 
 
@@ -3431,8 +3512,7 @@ def _repair_schedule(ctx, cfg, reg, dry_run, left):
         actions.append("reinstall the schedule with %s %s" % (sys.executable, script_path()))
         if not dry_run:
             doc = load_schedule(ctx.store)
-            _install_cron(ctx, doc.get("method") or "auto", None, None, None, None, None, None,
-                          False, True)
+            _install_cron(ctx, CronRequest(doc.get("method"), reinstall=True))
     for c in checks:
         if c.level == "fail" and not c.fix and c.name != "schedule":
             left.append(c.message)
@@ -3613,7 +3693,6 @@ def cmd_status(args, ctx):
         for line in _status_lines(e):
             say(ctx, line)
     if args.name is None:
-        ctx.slurm = Slurm()
         for line in _schedule_lines(ctx):
             say(ctx, line)
     return EXIT_OK
@@ -3664,7 +3743,6 @@ def cmd_refresh(args, ctx):
     progress = Progress(ctx.err)
     doc = None
     if args.scheduled:
-        ctx.slurm = Slurm()
         doc, said = _scheduled_before(ctx, args.scheduled)
         if said:
             note(ctx, said, to_err=True)
@@ -3716,9 +3794,9 @@ def cmd_remove(args, ctx):
 
 
 def cmd_install_cron(args, ctx):
-    ctx.slurm = Slurm()
-    info = _install_cron(ctx, args.method, args.account, args.partition, args.cpus, args.mem,
-                         args.time, args.cadence_days, args.dry_run, args.reinstall)
+    info = _install_cron(ctx, CronRequest(args.method, args.account, args.partition, args.cpus,
+                                          args.mem, args.time, args.cadence_days, args.dry_run,
+                                          args.reinstall))
     for w in info["warnings"]:
         ctx.err.write("%s: warning: %s\n" % (PROG, w))
     if args.json:
@@ -3744,7 +3822,6 @@ def cmd_install_cron(args, ctx):
 
 
 def cmd_uninstall_cron(args, ctx):
-    ctx.slurm = Slurm()
     removed = _uninstall_cron(ctx)["removed"]
     if removed:
         say(ctx, "Removed: " + "; ".join(removed))
@@ -3754,7 +3831,6 @@ def cmd_uninstall_cron(args, ctx):
 
 
 def cmd_doctor(args, ctx):
-    ctx.slurm = Slurm()
     report = _doctor(ctx)
     if args.json:
         emit_json(ctx, report)
@@ -3769,7 +3845,6 @@ def cmd_doctor(args, ctx):
 
 
 def cmd_repair(args, ctx):
-    ctx.slurm = Slurm()
     out = _repair(ctx, args.dry_run)
     if args.json:
         emit_json(ctx, out)

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from conftest import KEEP, NOW, REPO, SCRIPT
+from conftest import KEEP, NOW, REPO, SCRIPT, run_script
 import scratch_keepalive as sk
 
 DRIVER = textwrap.dedent(r'''
@@ -90,8 +90,7 @@ def test_api_surface():
 
 
 def test_versions_agree():
-    out = subprocess.run([sys.executable, str(SCRIPT), "--version"],
-                         stdout=subprocess.PIPE).stdout.decode().strip()
+    out = run_script("--version").out.strip()
     assert out == "scratch-keepalive " + sk.__version__
     pyproject = (REPO / "pyproject.toml").read_text()
     assert 'version = {attr = "scratch_keepalive.__version__"}' in pyproject

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import KEEP, NOW_EPOCH, DAY, SCRIPT, make_dataset, set_atime, snapshot
+from conftest import KEEP, NOW_EPOCH, DAY, SCRIPT, make_dataset, run_script, set_atime, snapshot
 import scratch_keepalive as sk
 
 LIST_KEYS = {"name", "path", "enabled", "keep_until", "cadence_days", "approval", "mode",
@@ -576,9 +576,8 @@ def test_datasets_named_like_the_stores_own_locks_refresh(cli, generic):
     for name in ("registry", "schedule"):
         d = make_dataset(generic["scratch"], name)
         assert cli("add", "--name", name, "--path", d, "--keep-until", KEEP).rc == 0
-        p = subprocess.run([sys.executable, str(SCRIPT), "refresh", "--name", name],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
-        assert p.returncode == 0, p
+        r = run_script("refresh", "--name", name, timeout=60)
+        assert r.rc == 0, r
         assert cli("status", "--name", name, "--json").json()["last_refresh"]
 
 
