@@ -3443,8 +3443,62 @@ def _repair_schedule(ctx, cfg, reg, dry_run, left):
 # ---------------------------------------------------------------- output
 
 
+def invoked_as():
+    """How the user ran this file, for the hints: `python3 PATH`, `python3 -m MODULE`, or PROG.
+
+    PROG where this module is not __main__ (the pip console script, or main() called by
+    another program) and for the launcher tools/install.sh writes, which runs
+    DIR/share/scratch-keepalive/scratch_keepalive.py for the command `scratch-keepalive`.
+    """
+    if __name__ != "__main__":
+        return PROG
+    spec = globals().get("__spec__")
+    if spec is not None and spec.name:
+        return "python3 -m " + spec.name
+    path = sys.argv[0] if sys.argv and sys.argv[0] else "scratch_keepalive.py"
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(parent) == PROG and os.path.basename(os.path.dirname(parent)) == "share":
+        return PROG
+    return "python3 " + shell_quote(path)
+
+
+def rewrite_hints(text, form):
+    """Every `scratch-keepalive ARGS` hint in text, as the user runs the tool: `form ARGS`.
+
+    Messages keep saying PROG; this one rewrite (applied by main() to stdout and stderr)
+    adapts every hint, whichever part of the code wrote it.
+    """
+    if form == PROG:
+        return text
+    text = text.replace("`%s " % PROG, "`%s " % form)
+    if "'" not in form:     # also inside "..." (sbatch --wrap "scratch-keepalive refresh")
+        text = text.replace('"%s ' % PROG, '"%s ' % form)
+    return text
+
+
+class HintStream(object):
+    """A text stream whose hints show the form the user ran (see rewrite_hints).
+
+    `raw` is the stream itself, for text that must stay exact: JSON and job scripts.
+    """
+
+    def __init__(self, stream, form):
+        self.raw = stream
+        self.form = form
+
+    def write(self, text):
+        return self.raw.write(rewrite_hints(text, self.form))
+
+    def __getattr__(self, name):
+        return getattr(self.raw, name)
+
+
+def raw_stream(stream):
+    return stream.raw if isinstance(stream, HintStream) else stream
+
+
 def emit_json(ctx, obj):
-    ctx.out.write(json.dumps(obj, sort_keys=True, indent=2) + "\n")
+    raw_stream(ctx.out).write(json.dumps(obj, sort_keys=True, indent=2) + "\n")
 
 
 def say(ctx, text=""):
@@ -3563,8 +3617,8 @@ def cmd_list(args, ctx):
         emit_json(ctx, entries)
         return EXIT_OK
     if not entries:
-        say(ctx, "No datasets registered. Add one: %s add --name NAME --path DIR "
-                 "--keep-until YYYY-MM-DD" % PROG)
+        say(ctx, "No datasets registered. Add one: `%s add --name NAME --path DIR "
+                 "--keep-until YYYY-MM-DD`" % PROG)
         return EXIT_OK
     rows = [[e["name"], e["state"], e["mode"], e["keep_until"], e["last_refresh"] or "never",
              display_path(e["path"])] for e in entries]
@@ -3605,8 +3659,8 @@ def cmd_status(args, ctx):
         return EXIT_OK
     entries = [data] if isinstance(data, dict) else data
     if not entries:
-        say(ctx, "No datasets registered. Add one: %s add --name NAME --path DIR "
-                 "--keep-until YYYY-MM-DD" % PROG)
+        say(ctx, "No datasets registered. Add one: `%s add --name NAME --path DIR "
+                 "--keep-until YYYY-MM-DD`" % PROG)
     for i, e in enumerate(entries):
         if i:
             say(ctx)
@@ -3729,7 +3783,7 @@ def cmd_install_cron(args, ctx):
         say(ctx, "Would install (%s):" % ("a block in your scrontab" if sched["method"] ==
                                          "scrontab" else "this job script, %s, and submit it"
                                          % sched["job_script"]))
-        ctx.out.write(info["text"])
+        raw_stream(ctx.out).write(info["text"])     # exactly what would be installed
         return EXIT_OK
     if sched["method"] == "scrontab":
         say(ctx, "Installed a scrontab block (see `scrontab -l`): refresh --due every %d days."
@@ -4021,9 +4075,12 @@ def build_parser():
 
 def main(argv=None):
     """Run one command. Returns the exit code; never calls sys.exit."""
-    if argv is None:
-        argv = sys.argv[1:]
     out, err = sys.stdout, sys.stderr
+    if argv is None:        # run as a command: hints show how it was run
+        argv = sys.argv[1:]
+        form = invoked_as()
+        if form != PROG:
+            out, err = HintStream(out, form), HintStream(err, form)
     try:
         args = build_parser().parse_args(list(argv))
         ctx = Context(state_dir=args.state_dir, out=out, err=err)
