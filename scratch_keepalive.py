@@ -256,6 +256,11 @@ def human_count(n):
     return "{:,}".format(n)
 
 
+def plural(n, word, words=None):
+    """'1 error', '2 errors', '1,024 entries': the count and the word it takes."""
+    return "%s %s" % (human_count(n), word if n == 1 else (words or word + "s"))
+
+
 def human_bytes(n):
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if n < 1024 or unit == "PiB":
@@ -1784,6 +1789,9 @@ def _add(ctx, name, path, keep_until, cadence_days, approval):
         raise UsageError("--path %s is not a directory" % path)
     real = os.path.realpath(path)
     real_root = os.path.realpath(root)
+    if real == real_root:
+        raise UsageError("--path %s is the scratch root itself, which cannot be a dataset; "
+                         "register a directory below it (one per dataset)" % path)
     if not is_below(real, real_root):
         raise UsageError("--path %s (really %s) is not below the scratch root %s; only datasets "
                          "on scratch need keeping alive" % (path, real, real_root))
@@ -2957,7 +2965,11 @@ def _check_environment(ctx, cfg, root):
             problems.append("%s %s group/other access (dirs should be 0700, files 0600)"
                             % (", ".join(loose[:3]) + (" ..." if len(loose) > 3 else ""),
                                "has" if len(loose) == 1 else "have"))
-    if problems:
+    if not os.path.isdir(store.dir):
+        out.append(Check("state-dir", "fail", "state directory %s %s; `%s init` creates it" % (
+            store.dir, "is not a directory" if os.path.lexists(store.dir) else "does not exist",
+            PROG)))
+    elif problems:
         out.append(Check("state-dir", "fail", "state directory %s: %s" % (
             store.dir, "; ".join(problems)), fix="permissions" if _loose_permissions(store)
             or not os.access(store.dir, os.W_OK | os.X_OK) else None))
@@ -3517,30 +3529,46 @@ def table(rows, headers):
     return "\n".join(lines)
 
 
+# Why a walk stopped early (the result's "stopped"), in words.
+STOP_WORDS = {
+    "int": "interrupted (Ctrl-C)",
+    "term": "stopped by a signal (SIGTERM)",
+    "hup": "stopped by a signal (SIGHUP: the terminal closed)",
+    "max-seconds": "stopped at its time limit",
+    "max-entries": "stopped at --max-entries",
+}
+
+
 def describe_result(r):
     """One line that tells a person what a refresh did to one dataset."""
     name = r["name"]
     if r.get("reason"):
         return "%s: not refreshed: %s" % (name, r["reason"])
     dry = "(dry run) " if r.get("dry_run") else ""
+    # WARNING: a stopped run's counts cover only the entries it reached; say so, or
+    # "touched 9 of 9 entries" reads as a complete walk.
+    upto = "" if r["complete"] else " before it stopped"
     if r["mode"] == "touch":
         verb = "would touch" if r.get("dry_run") else "touched"
-        body = "%s%s %s of %s entries (%s accessed recently, skipped)" % (
-            dry, verb, human_count(r["entries_touched"]), human_count(r["entries_seen"]),
+        body = "%s%s %s of %s%s (%s accessed recently, skipped)" % (
+            dry, verb, human_count(r["entries_touched"]),
+            plural(r["entries_seen"], "entry", "entries"), upto,
             human_count(r["entries_skipped"]))
     else:
-        body = "%schecked %s entries: %s at risk (%s), %s purge-eligible (%s)" % (
-            dry, human_count(r["entries_seen"]), human_count(r["entries_at_risk"]),
-            human_bytes(r["bytes_at_risk"]), human_count(r["entries_purge_eligible"]),
-            human_bytes(r["bytes_purge_eligible"]))
+        body = "%schecked %s%s: %s at risk (%s), %s purge-eligible (%s)" % (
+            dry, plural(r["entries_seen"], "entry", "entries"), upto,
+            human_count(r["entries_at_risk"]), human_bytes(r["bytes_at_risk"]),
+            human_count(r["entries_purge_eligible"]), human_bytes(r["bytes_purge_eligible"]))
     if r["errors"]:
-        body += "; %s errors (vanished or permission denied%s)" % (
-            human_count(r["errors"]), ", listed in " + r["log"] if r.get("log") else "")
+        body += "; %s (vanished or permission denied%s)" % (
+            plural(r["errors"], "error"), ", listed in " + r["log"] if r.get("log") else "")
     if r["complete"]:
         state = "complete" + (", resumed" if r["resumed"] else "")
     else:
-        state = "stopped (%s) with %s entries done; %s" % (
-            r.get("stopped") or "?", human_count(r.get("entries_done", 0)),
+        stopped = r.get("stopped")
+        state = "NOT complete: %s with %s of the walk done; %s" % (
+            STOP_WORDS.get(stopped, "stopped (%s)" % (stopped or "unknown reason")),
+            plural(r.get("entries_done", 0), "entry", "entries"),
             "nothing was saved (dry run)" if r.get("dry_run")
             else "run refresh again to resume from the checkpoint")
     return "%s: %s; %s" % (name, body, state)
@@ -3606,8 +3634,11 @@ def cmd_add(args, ctx):
                   "risk (IU forbids refreshing access times to avoid the purge). Record an "
                   "exemption with `%s extend --name %s --approval TICKET`"
              % (entry["name"], PROG, entry["name"]))
-    say(ctx, "Next: `%s refresh --name %s` now, and `%s install-cron` to schedule it."
-        % (PROG, entry["name"], PROG))
+    account = " --account ACCOUNT" if profile_of(ctx.config())["account_required"] else ""
+    say(ctx, "Next: `%s refresh --name %s` now, and `%s install-cron%s` to schedule it%s."
+        % (PROG, entry["name"], PROG, account, " (ACCOUNT: your Slurm account; `sacctmgr show "
+                                               "assoc user=$USER format=account` lists yours)"
+           if account else ""))
     return EXIT_OK
 
 
@@ -3817,8 +3848,8 @@ def cmd_doctor(args, ctx):
         for c in report["checks"]:
             say(ctx, "%s %-22s %s" % (marks[c["level"]], c["name"], c["message"]))
         fails = sum(1 for c in report["checks"] if not c["ok"])
-        say(ctx, "%s" % ("healthy" if report["ok"] else "%d problem(s); `%s repair --dry-run` "
-                         "shows what can be mended" % (fails, PROG)))
+        say(ctx, "%s" % ("healthy" if report["ok"] else "%s; `%s repair --dry-run` "
+                         "shows what can be mended" % (plural(fails, "problem"), PROG)))
     return EXIT_OK if report["ok"] else EXIT_FAIL
 
 
@@ -3901,7 +3932,8 @@ def _positive_seconds(text):
 
 
 def add_json_argument(p):
-    p.add_argument("--json", action="store_true", help="print JSON (see the contract) instead of text")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON instead of text (its keys: README.md, \"JSON output\")")
 
 
 def add_name_argument(p, required=True, help_text="the dataset's name"):
@@ -3979,8 +4011,11 @@ def build_parser():
              "resumes where it stopped.",
              "  scratch-keepalive refresh                       # every enabled dataset\n"
              "  scratch-keepalive refresh --name genomes --check\n"
-             "  scratch-keepalive refresh --due --max-seconds 6600   # what the schedule runs\n"
-             "  scratch-keepalive refresh --name genomes --dry-run   # walk, change nothing\n")
+             "  scratch-keepalive refresh --name genomes --dry-run   # walk, change nothing\n"
+             "  # what the schedule runs: the job's time limit (%s) less %d minutes\n"
+             "  scratch-keepalive refresh --due --max-seconds %d\n"
+             % (PROFILES[DEFAULT_PROFILE]["time"], JOB_MARGIN_SECONDS // 60,
+                parse_slurm_time(PROFILES[DEFAULT_PROFILE]["time"]) - JOB_MARGIN_SECONDS))
     add_name_argument(p, required=False, help_text="only this dataset")
     p.add_argument("--due", action="store_true",
                    help="only datasets that are due (or have a checkpoint)")
