@@ -1871,11 +1871,17 @@ def _status(ctx, name=None):
     reg = ctx.store.load_registry()
     if name is not None:
         ds = _get(reg, name)
-        return _status_entry(ctx, ctx.config(), ds)
+        entry = _status_entry(ctx, ctx.config(), ds)
+        entry["schedule"] = schedule_summary(ctx)
+        return entry
     if not reg["datasets"]:
         return []
     cfg = ctx.config()
-    return [_status_entry(ctx, cfg, reg["datasets"][n]) for n in sorted(reg["datasets"])]
+    entries = [_status_entry(ctx, cfg, reg["datasets"][n]) for n in sorted(reg["datasets"])]
+    sched = schedule_summary(ctx)
+    for e in entries:
+        e["schedule"] = None if sched is None else dict(sched)
+    return entries
 
 # ---------------------------------------------------------------- API: extend, enable, remove
 
@@ -2809,6 +2815,33 @@ def schedule_status(ctx):
     except Failure as e:
         info["error"] = str(e)
     return info
+
+
+def schedule_summary(ctx):
+    """The `schedule` key of `status --json`: None, or the installed method and next run.
+
+    None comes from the state alone (no schedule.json: nothing is installed, and Slurm is
+    not asked). An installed schedule's next run is the start time Slurm gives its pending
+    job, as the text of `status` shows it; null with "error" when squeue cannot tell.
+    """
+    if load_schedule(ctx.store) is None:
+        return None
+    if getattr(ctx, "slurm", None) is None:
+        ctx.slurm = Slurm()
+    info = schedule_status(ctx)
+    if info is None:
+        return None
+    return {"method": info["method"], "cadence_days": info["cadence_days"],
+            "installed": info["installed"], "next_run": slurm_time_utc(info["next_run"]),
+            "pending_jobs": info["pending_jobs"], "error": info.get("error")}
+
+
+def slurm_time_utc(text):
+    """squeue's local `2026-12-04T03:53:00` as UTC `2026-12-04T03:53:00Z`; None if not a time."""
+    try:
+        return iso(time.mktime(time.strptime(text or "", "%Y-%m-%dT%H:%M:%S")))
+    except (ValueError, OverflowError):
+        return None
 
 
 def _scheduled_before(ctx, method):
