@@ -1867,20 +1867,24 @@ def _status_entry(ctx, cfg, ds):
     return entry
 
 
-def _status(ctx, name=None):
+def _status(ctx, name=None, with_schedule=True):
+    """with_schedule=False leaves out the `schedule` key (and its squeue call): the text
+    shows the schedule once, below the datasets."""
     reg = ctx.store.load_registry()
     if name is not None:
         ds = _get(reg, name)
         entry = _status_entry(ctx, ctx.config(), ds)
-        entry["schedule"] = schedule_summary(ctx)
+        if with_schedule:
+            entry["schedule"] = schedule_summary(ctx)
         return entry
     if not reg["datasets"]:
         return []
     cfg = ctx.config()
     entries = [_status_entry(ctx, cfg, reg["datasets"][n]) for n in sorted(reg["datasets"])]
-    sched = schedule_summary(ctx)
-    for e in entries:
-        e["schedule"] = None if sched is None else dict(sched)
+    if with_schedule:
+        sched = schedule_summary(ctx)
+        for e in entries:
+            e["schedule"] = None if sched is None else dict(sched)
     return entries
 
 # ---------------------------------------------------------------- API: extend, enable, remove
@@ -3717,7 +3721,7 @@ def _status_lines(e):
 
 
 def cmd_status(args, ctx):
-    data = _status(ctx, args.name)
+    data = _status(ctx, args.name, with_schedule=args.json)
     if args.json:
         emit_json(ctx, data)
         return EXIT_OK
