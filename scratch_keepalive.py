@@ -256,6 +256,11 @@ def human_count(n):
     return "{:,}".format(n)
 
 
+def plural(n, word, words=None):
+    """'1 error', '2 errors', '1,024 entries': the count and the word it takes."""
+    return "%s %s" % (human_count(n), word if n == 1 else (words or word + "s"))
+
+
 def human_bytes(n):
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if n < 1024 or unit == "PiB":
@@ -1793,6 +1798,9 @@ def _add(ctx, name, path, keep_until, cadence_days, approval):
         raise UsageError("--path %s is not a directory" % path)
     real = os.path.realpath(path)
     real_root = os.path.realpath(root)
+    if real == real_root:
+        raise UsageError("--path %s is the scratch root itself, which cannot be a dataset; "
+                         "register a directory below it (one per dataset)" % path)
     if not is_below(real, real_root):
         raise UsageError("--path %s (really %s) is not below the scratch root %s; only datasets "
                          "on scratch need keeping alive" % (path, real, real_root))
@@ -1868,15 +1876,25 @@ def _status_entry(ctx, cfg, ds):
     return entry
 
 
-def _status(ctx, name=None):
+def _status(ctx, name=None, with_schedule=True):
+    """with_schedule=False leaves out the `schedule` key (and its squeue call): the text
+    shows the schedule once, below the datasets."""
     reg = ctx.store.load_registry()
     if name is not None:
         ds = _get(reg, name)
-        return _status_entry(ctx, ctx.config(), ds)
+        entry = _status_entry(ctx, ctx.config(), ds)
+        if with_schedule:
+            entry["schedule"] = schedule_summary(ctx)
+        return entry
     if not reg["datasets"]:
         return []
     cfg = ctx.config()
-    return [_status_entry(ctx, cfg, reg["datasets"][n]) for n in sorted(reg["datasets"])]
+    entries = [_status_entry(ctx, cfg, reg["datasets"][n]) for n in sorted(reg["datasets"])]
+    if with_schedule:
+        sched = schedule_summary(ctx)
+        for e in entries:
+            e["schedule"] = None if sched is None else dict(sched)
+    return entries
 
 # ---------------------------------------------------------------- API: extend, enable, remove
 
@@ -2889,6 +2907,33 @@ def schedule_status(ctx):
     return info
 
 
+def schedule_summary(ctx):
+    """The `schedule` key of `status --json`: None, or the installed method and next run.
+
+    None comes from the state alone (no schedule.json: nothing is installed, and Slurm is
+    not asked). An installed schedule's next run is the start time Slurm gives its pending
+    job, as the text of `status` shows it; null with "error" when squeue cannot tell.
+    """
+    if load_schedule(ctx.store) is None:
+        return None
+    if getattr(ctx, "slurm", None) is None:
+        ctx.slurm = Slurm()
+    info = schedule_status(ctx)
+    if info is None:
+        return None
+    return {"method": info["method"], "cadence_days": info["cadence_days"],
+            "installed": info["installed"], "next_run": slurm_time_utc(info["next_run"]),
+            "pending_jobs": info["pending_jobs"], "error": info.get("error")}
+
+
+def slurm_time_utc(text):
+    """squeue's local `2026-12-04T03:53:00` as UTC `2026-12-04T03:53:00Z`; None if not a time."""
+    try:
+        return iso(time.mktime(time.strptime(text or "", "%Y-%m-%dT%H:%M:%S")))
+    except (ValueError, OverflowError):
+        return None
+
+
 def _scheduled_before(ctx, method):
     """A chain job submits its successor first, so a crash in this run keeps the chain alive."""
     if not ctx.env.get("SLURM_JOB_ID"):
@@ -3038,7 +3083,11 @@ def _check_environment(ctx, cfg, root):
             problems.append("%s %s group/other access (dirs should be 0700, files 0600)"
                             % (", ".join(loose[:3]) + (" ..." if len(loose) > 3 else ""),
                                "has" if len(loose) == 1 else "have"))
-    if problems:
+    if not os.path.isdir(store.dir):
+        out.append(Check("state-dir", "fail", "state directory %s %s; `%s init` creates it" % (
+            store.dir, "is not a directory" if os.path.lexists(store.dir) else "does not exist",
+            PROG)))
+    elif problems:
         out.append(Check("state-dir", "fail", "state directory %s: %s" % (
             store.dir, "; ".join(problems)), fix="permissions" if _loose_permissions(store)
             or not os.access(store.dir, os.W_OK | os.X_OK) else None))
@@ -3523,8 +3572,62 @@ def _repair_schedule(ctx, cfg, reg, dry_run, left):
 # ---------------------------------------------------------------- output
 
 
+def invoked_as():
+    """How the user ran this file, for the hints: `python3 PATH`, `python3 -m MODULE`, or PROG.
+
+    PROG where this module is not __main__ (the pip console script, or main() called by
+    another program) and for the launcher tools/install.sh writes, which runs
+    DIR/share/scratch-keepalive/scratch_keepalive.py for the command `scratch-keepalive`.
+    """
+    if __name__ != "__main__":
+        return PROG
+    spec = globals().get("__spec__")
+    if spec is not None and spec.name:
+        return "python3 -m " + spec.name
+    path = sys.argv[0] if sys.argv and sys.argv[0] else "scratch_keepalive.py"
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(parent) == PROG and os.path.basename(os.path.dirname(parent)) == "share":
+        return PROG
+    return "python3 " + shell_quote(path)
+
+
+def rewrite_hints(text, form):
+    """Every `scratch-keepalive ARGS` hint in text, as the user runs the tool: `form ARGS`.
+
+    Messages keep saying PROG; this one rewrite (applied by main() to stdout and stderr)
+    adapts every hint, whichever part of the code wrote it.
+    """
+    if form == PROG:
+        return text
+    text = text.replace("`%s " % PROG, "`%s " % form)
+    if "'" not in form:     # also inside "..." (sbatch --wrap "scratch-keepalive refresh")
+        text = text.replace('"%s ' % PROG, '"%s ' % form)
+    return text
+
+
+class HintStream(object):
+    """A text stream whose hints show the form the user ran (see rewrite_hints).
+
+    `raw` is the stream itself, for text that must stay exact: JSON and job scripts.
+    """
+
+    def __init__(self, stream, form):
+        self.raw = stream
+        self.form = form
+
+    def write(self, text):
+        return self.raw.write(rewrite_hints(text, self.form))
+
+    def __getattr__(self, name):
+        return getattr(self.raw, name)
+
+
+def raw_stream(stream):
+    return stream.raw if isinstance(stream, HintStream) else stream
+
+
 def emit_json(ctx, obj):
-    ctx.out.write(json.dumps(obj, sort_keys=True, indent=2) + "\n")
+    raw_stream(ctx.out).write(json.dumps(obj, sort_keys=True, indent=2) + "\n")
 
 
 def say(ctx, text=""):
@@ -3543,30 +3646,46 @@ def table(rows, headers):
     return "\n".join(lines)
 
 
+# Why a walk stopped early (the result's "stopped"), in words.
+STOP_WORDS = {
+    "int": "interrupted (Ctrl-C)",
+    "term": "stopped by a signal (SIGTERM)",
+    "hup": "stopped by a signal (SIGHUP: the terminal closed)",
+    "max-seconds": "stopped at its time limit",
+    "max-entries": "stopped at --max-entries",
+}
+
+
 def describe_result(r):
     """One line that tells a person what a refresh did to one dataset."""
     name = r["name"]
     if r.get("reason"):
         return "%s: not refreshed: %s" % (name, r["reason"])
     dry = "(dry run) " if r.get("dry_run") else ""
+    # WARNING: a stopped run's counts cover only the entries it reached; say so, or
+    # "touched 9 of 9 entries" reads as a complete walk.
+    upto = "" if r["complete"] else " before it stopped"
     if r["mode"] == "touch":
         verb = "would touch" if r.get("dry_run") else "touched"
-        body = "%s%s %s of %s entries (%s accessed recently, skipped)" % (
-            dry, verb, human_count(r["entries_touched"]), human_count(r["entries_seen"]),
+        body = "%s%s %s of %s%s (%s accessed recently, skipped)" % (
+            dry, verb, human_count(r["entries_touched"]),
+            plural(r["entries_seen"], "entry", "entries"), upto,
             human_count(r["entries_skipped"]))
     else:
-        body = "%schecked %s entries: %s at risk (%s), %s purge-eligible (%s)" % (
-            dry, human_count(r["entries_seen"]), human_count(r["entries_at_risk"]),
-            human_bytes(r["bytes_at_risk"]), human_count(r["entries_purge_eligible"]),
-            human_bytes(r["bytes_purge_eligible"]))
+        body = "%schecked %s%s: %s at risk (%s), %s purge-eligible (%s)" % (
+            dry, plural(r["entries_seen"], "entry", "entries"), upto,
+            human_count(r["entries_at_risk"]), human_bytes(r["bytes_at_risk"]),
+            human_count(r["entries_purge_eligible"]), human_bytes(r["bytes_purge_eligible"]))
     if r["errors"]:
-        body += "; %s errors (vanished or permission denied%s)" % (
-            human_count(r["errors"]), ", listed in " + r["log"] if r.get("log") else "")
+        body += "; %s (vanished or permission denied%s)" % (
+            plural(r["errors"], "error"), ", listed in " + r["log"] if r.get("log") else "")
     if r["complete"]:
         state = "complete" + (", resumed" if r["resumed"] else "")
     else:
-        state = "stopped (%s) with %s entries done; %s" % (
-            r.get("stopped") or "?", human_count(r.get("entries_done", 0)),
+        stopped = r.get("stopped")
+        state = "NOT complete: %s with %s of the walk done; %s" % (
+            STOP_WORDS.get(stopped, "stopped (%s)" % (stopped or "unknown reason")),
+            plural(r.get("entries_done", 0), "entry", "entries"),
             "nothing was saved (dry run)" if r.get("dry_run")
             else "run refresh again to resume from the checkpoint")
     return "%s: %s; %s" % (name, body, state)
@@ -3632,8 +3751,11 @@ def cmd_add(args, ctx):
                   "risk (IU forbids refreshing access times to avoid the purge). Record an "
                   "exemption with `%s extend --name %s --approval TICKET`"
              % (entry["name"], PROG, entry["name"]))
-    say(ctx, "Next: `%s refresh --name %s` now, and `%s install-cron` to schedule it."
-        % (PROG, entry["name"], PROG))
+    account = " --account ACCOUNT" if profile_of(ctx.config())["account_required"] else ""
+    say(ctx, "Next: `%s refresh --name %s` now, and `%s install-cron%s` to schedule it%s."
+        % (PROG, entry["name"], PROG, account, " (ACCOUNT: your Slurm account; `sacctmgr show "
+                                               "assoc user=$USER format=account` lists yours)"
+           if account else ""))
     return EXIT_OK
 
 
@@ -3643,8 +3765,8 @@ def cmd_list(args, ctx):
         emit_json(ctx, entries)
         return EXIT_OK
     if not entries:
-        say(ctx, "No datasets registered. Add one: %s add --name NAME --path DIR "
-                 "--keep-until YYYY-MM-DD" % PROG)
+        say(ctx, "No datasets registered. Add one: `%s add --name NAME --path DIR "
+                 "--keep-until YYYY-MM-DD`" % PROG)
         return EXIT_OK
     rows = [[e["name"], e["state"], e["mode"], e["keep_until"], e["last_refresh"] or "never",
              display_path(e["path"])] for e in entries]
@@ -3679,14 +3801,14 @@ def _status_lines(e):
 
 
 def cmd_status(args, ctx):
-    data = _status(ctx, args.name)
+    data = _status(ctx, args.name, with_schedule=args.json)
     if args.json:
         emit_json(ctx, data)
         return EXIT_OK
     entries = [data] if isinstance(data, dict) else data
     if not entries:
-        say(ctx, "No datasets registered. Add one: %s add --name NAME --path DIR "
-                 "--keep-until YYYY-MM-DD" % PROG)
+        say(ctx, "No datasets registered. Add one: `%s add --name NAME --path DIR "
+                 "--keep-until YYYY-MM-DD`" % PROG)
     for i, e in enumerate(entries):
         if i:
             say(ctx)
@@ -3807,7 +3929,7 @@ def cmd_install_cron(args, ctx):
         say(ctx, "Would install (%s):" % ("a block in your scrontab" if sched["method"] ==
                                          "scrontab" else "this job script, %s, and submit it"
                                          % sched["job_script"]))
-        ctx.out.write(info["text"])
+        raw_stream(ctx.out).write(info["text"])     # exactly what would be installed
         return EXIT_OK
     if sched["method"] == "scrontab":
         say(ctx, "Installed a scrontab block (see `scrontab -l`): refresh --due every %d days."
@@ -3839,8 +3961,8 @@ def cmd_doctor(args, ctx):
         for c in report["checks"]:
             say(ctx, "%s %-22s %s" % (marks[c["level"]], c["name"], c["message"]))
         fails = sum(1 for c in report["checks"] if not c["ok"])
-        say(ctx, "%s" % ("healthy" if report["ok"] else "%d problem(s); `%s repair --dry-run` "
-                         "shows what can be mended" % (fails, PROG)))
+        say(ctx, "%s" % ("healthy" if report["ok"] else "%s; `%s repair --dry-run` "
+                         "shows what can be mended" % (plural(fails, "problem"), PROG)))
     return EXIT_OK if report["ok"] else EXIT_FAIL
 
 
@@ -3922,7 +4044,8 @@ def _positive_seconds(text):
 
 
 def add_json_argument(p):
-    p.add_argument("--json", action="store_true", help="print JSON (see the contract) instead of text")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON instead of text (its keys: README.md, \"JSON output\")")
 
 
 def add_name_argument(p, required=True, help_text="the dataset's name"):
@@ -4000,8 +4123,11 @@ def build_parser():
              "resumes where it stopped.",
              "  scratch-keepalive refresh                       # every enabled dataset\n"
              "  scratch-keepalive refresh --name genomes --check\n"
-             "  scratch-keepalive refresh --due --max-seconds 6600   # what the schedule runs\n"
-             "  scratch-keepalive refresh --name genomes --dry-run   # walk, change nothing\n")
+             "  scratch-keepalive refresh --name genomes --dry-run   # walk, change nothing\n"
+             "  # what the schedule runs: the job's time limit (%s) less %d minutes\n"
+             "  scratch-keepalive refresh --due --max-seconds %d\n"
+             % (PROFILES[DEFAULT_PROFILE]["time"], JOB_MARGIN_SECONDS // 60,
+                parse_slurm_time(PROFILES[DEFAULT_PROFILE]["time"]) - JOB_MARGIN_SECONDS))
     add_name_argument(p, required=False, help_text="only this dataset")
     p.add_argument("--due", action="store_true",
                    help="only datasets that are due (or have a checkpoint)")
@@ -4096,9 +4222,12 @@ def build_parser():
 
 def main(argv=None):
     """Run one command. Returns the exit code; never calls sys.exit."""
-    if argv is None:
-        argv = sys.argv[1:]
     out, err = sys.stdout, sys.stderr
+    if argv is None:        # run as a command: hints show how it was run
+        argv = sys.argv[1:]
+        form = invoked_as()
+        if form != PROG:
+            out, err = HintStream(out, form), HintStream(err, form)
     try:
         args = build_parser().parse_args(list(argv))
         ctx = Context(state_dir=args.state_dir, out=out, err=err)

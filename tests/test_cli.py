@@ -213,7 +213,8 @@ def test_add_bad_paths(cli, generic, tmp_path):
     os.symlink(str(outside), str(scratch / "escape"))
     before = state_files(generic["state"])
     cases = [(scratch / "nope", "does not exist"), (scratch / "file", "not a directory"),
-             (outside, "not below the scratch root"), (scratch, "not below the scratch root"),
+             (outside, "not below the scratch root"),
+             (scratch, "the scratch root itself, which cannot be a dataset"),
              (scratch / "escape", "not below the scratch root")]
     for path, words in cases:
         assert_error(cli("add", "--name", "x", "--path", path, "--keep-until", KEEP), 2, words)
