@@ -18,7 +18,7 @@ import pytest
 
 from conftest import KEEP, REPO, SCRIPT, Result, make_dataset, run_script
 import scratch_keepalive as sk
-from test_slurm import make_world  # noqa: F401  (the real-Slurm fixture, with its user lock)
+from slurmbed import make_world  # noqa: F401  (the real-Slurm fixture, with its user lock)
 
 README = (REPO / "README.md").read_text()
 ERROR = "scratch-keepalive: error: "
@@ -294,17 +294,16 @@ def test_status_json_schedule_is_null_without_a_schedule(cli, generic, monkeypat
 def test_status_json_schedule_parses_squeue(generic, tmp_path):
     """The pending job's start time, as squeue prints it (local time), in UTC."""
     d = make_dataset(generic["scratch"])
-    ctx = sk.Context()
-    sk._add(ctx, "ds", str(d), KEEP, None, None)
-    ctx.store.ensure()
-    sk.save_schedule(ctx.store, {"method": "sbatch", "cadence_days": 14,
-                                 "installed": "2029-12-31T00:00:00Z"})
     calls = []
 
     def runner(argv, input_text=None):
         calls.append(argv)
         return sk.CommandResult(argv, 0, "1234 2030-01-14T03:53:00\n", "")
-    ctx.slurm = sk.Slurm(runner)
+    ctx = sk.Context(runner=runner)
+    sk._add(ctx, "ds", str(d), KEEP, None, None)
+    ctx.store.ensure()
+    sk.save_schedule(ctx.store, {"method": "sbatch", "cadence_days": 14,
+                                 "installed": "2029-12-31T00:00:00Z"})
     e = sk._status(ctx, "ds")
     assert e["schedule"] == {"method": "sbatch", "cadence_days": 14,
                              "installed": "2029-12-31T00:00:00Z",
