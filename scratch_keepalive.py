@@ -4030,7 +4030,9 @@ def build_parser():
 
     p = _sub(subs, "list", cmd_list, "list datasets",
              "List the registered datasets with their state: missing, expired, disabled, "
-             "partial, never, due or ok.",
+             "partial, never, due (cadence - 1 days since the last complete walk of its "
+             "mode) or ok; and the risk the last complete walk found: purge-eligible, "
+             "at-risk or none.",
              "  scratch-keepalive list\n  scratch-keepalive list --json\n")
     add_json_argument(p)
 
@@ -4050,7 +4052,10 @@ def build_parser():
              "  scratch-keepalive refresh --name genomes --dry-run   # walk, change nothing\n")
     add_name_argument(p, required=False, help_text="only this dataset")
     p.add_argument("--due", action="store_true",
-                   help="only datasets that are due (or have a checkpoint)")
+                   help="what the schedule runs: only datasets never walked, with a "
+                   "checkpoint, or whose last complete walk of their mode started at least "
+                   "(cadence - schedule cadence + 1) days ago (24 hours when the two are "
+                   "equal); a check walk or dry run never counts for a touch-mode dataset")
     p.add_argument("--check", action="store_true", help="check mode: touch nothing, report risk")
     p.add_argument("--dry-run", action="store_true",
                    help="walk and report; write nothing (no checkpoint, no timestamps)")

@@ -99,13 +99,13 @@ def test_a_check_walk_does_not_make_a_touch_dataset_look_refreshed(cli, ds, env,
     edit_entry(env, "ds", last_refresh_start=old, last_touch_start=old)
     r = cli("refresh", "--name", "ds", "--check", "--json")
     assert r.rc == 0 and r.json()["results"][0]["mode"] == "check", r
+    monkeypatch.setenv("SCRATCH_KEEPALIVE_NOW", sk.iso(time.time() + 60))
+    r = cli("refresh", "--due", "--dry-run", "--json")
+    assert [x["name"] for x in r.json()["results"]] == ["ds"], r
+    assert r.json()["results"][0]["mode"] == "touch"
     entry = registry(env)["datasets"]["ds"]
     assert entry["last_touch_start"] == old and entry["last_mode"] == "check"
     assert entry["last_check_start"] and entry["last_check_start"] != old
-    monkeypatch.setenv("SCRATCH_KEEPALIVE_NOW", sk.iso(time.time() + 60))
-    r = cli("refresh", "--due", "--json")
-    assert [x["name"] for x in r.json()["results"]] == ["ds"], r
-    assert r.json()["results"][0]["mode"] == "touch"
 
 
 def test_dry_runs_and_stopped_walks_record_nothing(cli, ds, env):
@@ -648,3 +648,17 @@ def test_a_due_run_restarts_a_manual_walk_stopped_a_day_ago(cli, ds, env, monkey
     r = cli("refresh", "--due", "--json")
     x = r.json()["results"][0]
     assert r.rc == 0 and x["resumed"] is True and x["complete"] is True, r
+
+
+def test_help_and_readme_say_the_rule(cli):
+    r = cli("refresh", "--help")
+    assert r.rc == 0
+    text = " ".join(r.out.split())
+    assert "(cadence - schedule cadence + 1) days ago (24 hours when the two are equal)" in text
+    assert "a check walk or dry run never counts for a touch-mode dataset" in text
+    text = " ".join(cli("list", "--help").out.split())
+    assert "due (cadence - 1 days since the last complete walk of its mode)" in text
+    assert "purge-eligible, at-risk or none" in text
+    readme = " ".join((Path(sk.__file__).parent / "README.md").read_text().split())
+    assert "started less than C − S + 1 days ago" in readme
+    assert "larger of the dataset's cadence and the installed schedule's" in readme
