@@ -1604,8 +1604,103 @@ def root_present(path):
         return False
 
 
-def dataset_state(store, ds, now):
-    """missing, expired, disabled, partial, never, due or ok: the first that applies."""
+def _walk_start_text(ds, mode):
+    """The recorded start of the last complete walk of this mode (ISO text), or None.
+
+    A registry written before last_touch_start and last_check_start existed knows only
+    the last complete walk of either mode: it stands for the mode it was in.
+    """
+    key = "last_%s_start" % mode
+    if key in ds:
+        text = ds[key]
+    elif ds.get("last_mode") == mode:
+        text = ds.get("last_refresh_start") or ds.get("last_refresh")
+    else:
+        text = None
+    return text if isinstance(text, str) else None
+
+
+def walk_start(ds, mode):
+    """When the last complete walk of this mode (touch or check) started (epoch), or None."""
+    text = _walk_start_text(ds, mode)
+    return parse_iso(text) if text else None
+
+
+def record_walk(ds, mode, walk_started, finished):
+    """What a complete, non-dry-run walk records in its registry entry (ISO times).
+
+    Only such a walk may call this: a check walk moves only the check record, so a
+    touch-mode dataset never looks refreshed by one; dry runs and stopped walks record
+    nothing. last_refresh, last_refresh_start and last_mode cover either mode.
+    """
+    for m in ("touch", "check"):
+        ds["last_%s_start" % m] = _walk_start_text(ds, m)     # an older registry's, kept
+    ds["last_%s_start" % mode] = walk_started
+    ds["last_refresh"] = finished
+    ds["last_refresh_start"] = walk_started
+    ds["last_mode"] = mode
+
+
+def schedule_cadence(store):
+    """The installed schedule's cadence in days, or None (none installed, or unreadable:
+    doctor reports that; the rules then fall back to the dataset's own cadence)."""
+    try:
+        doc = load_schedule(store)
+    except StateError:
+        return None
+    cadence = doc.get("cadence_days") if isinstance(doc, dict) else None
+    if isinstance(cadence, bool) or not isinstance(cadence, int) or cadence < 1:
+        return None
+    return cadence
+
+
+def threshold_cadence(ds, sched_cadence):
+    """The cadence the skip and at-risk thresholds assume: a dataset is walked no more
+    often than the schedule runs, so the larger of its cadence and the schedule's."""
+    return max(int(ds["cadence_days"]), sched_cadence or 0)
+
+
+def is_due(last_start, cadence, sched_cadence, now):
+    """The schedule's due rule (`refresh --due`), for a dataset of one mode.
+
+    Due unless its last complete walk of that mode started less than (cadence -
+    schedule cadence + 1) days ago; the schedule's cadence is the installed one, else
+    the dataset's own (24 hours). Why: a complete touch walk at W leaves entries up to
+    skip days old, and the run after one that skips the dataset can be schedule cadence
+    + 3 days away; this rule keeps the next walk within cadence + 4 days of W.
+    """
+    if last_start is None:
+        return True
+    need = int(cadence) - int(sched_cadence or cadence) + 1
+    return now - last_start >= need * DAY
+
+
+def resumable(ckpt, ds, mode, due_run, sched_cadence, now):
+    """Whether a walk continues from this checkpoint instead of starting over.
+
+    Only a walk of the same mode and path continues. And a `refresh --due` run starts
+    over a walk that another refresh began (a manual one, stopped) once that walk is due
+    by the rule: completing it would record its old start, so the schedule's next walk
+    would come a full run too late for the entries it reached back then. Walks that
+    `refresh --due` began always continue (a long walk spread over many continuations
+    must finish).
+    """
+    if ckpt is None or ckpt.get("mode") != mode or ckpt.get("path") != ds["path"]:
+        return False
+    if not due_run or ckpt.get("due_run", True) is not False:
+        return True
+    text = ckpt.get("walk_started")
+    started = parse_iso(text) if isinstance(text, str) else None
+    return not is_due(started, threshold_cadence(ds, sched_cadence), sched_cadence, now)
+
+
+def dataset_state(store, ds, now, mode=None):
+    """missing, expired, disabled, partial, never, due or ok: the first that applies.
+
+    `due` is for people: cadence - 1 days since the start of the last complete walk of
+    the dataset's mode (mode; None: the mode of its last walk). `refresh --due` selects
+    by is_due() instead.
+    """
     if not root_present(ds["path"]):
         return "missing"
     if parse_date(ds["keep_until"]) < utc_date(now):
@@ -1616,10 +1711,27 @@ def dataset_state(store, ds, now):
         return "partial"
     if not ds.get("last_refresh"):
         return "never"
-    start = parse_iso(ds.get("last_refresh_start") or ds["last_refresh"])
-    if now - start >= (int(ds["cadence_days"]) - 1) * DAY:
+    start = walk_start(ds, mode or ds.get("last_mode") or "touch")
+    if start is None or now - start >= (int(ds["cadence_days"]) - 1) * DAY:
         return "due"
     return "ok"
+
+
+def risk_of(ds):
+    """What the last complete walk of either mode found: purge-eligible, at-risk, none;
+    None before any complete walk (or when the registry does not say)."""
+    if not ds.get("last_refresh"):
+        return None
+    totals = ds.get("last_totals")
+    if not isinstance(totals, dict):
+        run = ds.get("last_run")
+        whole = isinstance(run, dict) and run.get("complete") and not run.get("resumed")
+        totals = run if whole else None
+    if totals is None:
+        return None
+    if totals.get("entries_purge_eligible"):
+        return "purge-eligible"
+    return "at-risk" if totals.get("entries_at_risk") else "none"
 
 # ---------------------------------------------------------------- context
 
@@ -1815,6 +1927,7 @@ def _add(ctx, name, path, keep_until, cadence_days, approval):
         ds = {"name": name, "path": real, "keep_until": keep, "cadence_days": int(cadence),
               "approval": approval, "enabled": True, "added": iso(time.time()),
               "last_refresh": None, "last_refresh_start": None, "last_mode": None,
+              "last_touch_start": None, "last_check_start": None,
               "last_run": None, "last_total_entries": None}
         created = create_sentinel(real, ds)
         try:
@@ -1827,11 +1940,12 @@ def _add(ctx, name, path, keep_until, cadence_days, approval):
 
 
 def _list_entry(ctx, cfg, ds):
+    mode = dataset_mode(cfg, ds)
     return {"name": ds["name"], "path": ds["path"], "enabled": bool(ds.get("enabled", True)),
             "keep_until": ds["keep_until"], "cadence_days": int(ds["cadence_days"]),
-            "approval": ds.get("approval"), "mode": dataset_mode(cfg, ds),
+            "approval": ds.get("approval"), "mode": mode,
             "last_refresh": ds.get("last_refresh"), "last_mode": ds.get("last_mode"),
-            "state": dataset_state(ctx.store, ds, ctx.now)}
+            "state": dataset_state(ctx.store, ds, ctx.now, mode), "risk": risk_of(ds)}
 
 
 def list_datasets(state_dir=None, env=None):
@@ -1866,13 +1980,14 @@ def _status_entry(ctx, cfg, ds):
     entry["last_run"] = ds.get("last_run")
     entry["last_refresh_start"] = ds.get("last_refresh_start")
     entry["added"] = ds.get("added")
+    entry["last_touch_start"] = _walk_start_text(ds, "touch")
+    entry["last_check_start"] = _walk_start_text(ds, "check")
+    cadence = threshold_cadence(ds, schedule_cadence(ctx.store))
     entry["thresholds_days"] = dict(zip(("skip", "at_risk", "purge"),
-                                        thresholds_days(cfg, int(ds["cadence_days"]))))
-    if ds.get("last_refresh"):
-        start = parse_iso(ds.get("last_refresh_start") or ds["last_refresh"])
-        entry["next_due"] = iso(start + (int(ds["cadence_days"]) - 1) * DAY)
-    else:
-        entry["next_due"] = None
+                                        thresholds_days(cfg, cadence)))
+    start = walk_start(ds, entry["mode"])     # as `state` counts it: the mode's last walk
+    entry["next_due"] = (None if start is None or not ds.get("last_refresh")
+                         else iso(start + (int(ds["cadence_days"]) - 1) * DAY))
     return entry
 
 
@@ -2015,6 +2130,7 @@ def refresh(name=None, due=False, check=False, dry_run=False, max_seconds=None,
 def _select(ctx, cfg, reg, opts):
     """The datasets to walk, and results for the ones named but not walkable."""
     now = ctx.now
+    sched_cadence = schedule_cadence(ctx.store) if opts.due else None
     chosen, refused = [], []
     if opts.name is not None:
         ds = _get(reg, opts.name)
@@ -2038,7 +2154,9 @@ def _select(ctx, cfg, reg, opts):
         if st == "missing":
             refused.append((ds, st, "its root %s is missing (purged or moved?)" % ds["path"]))
             continue
-        if opts.due and st not in ("partial", "never", "due"):
+        if opts.due and st != "partial" and not is_due(
+                walk_start(ds, dataset_mode(cfg, ds, opts.check)), ds["cadence_days"],
+                sched_cadence, now):
             continue
         chosen.append(ds)
     return chosen, refused
@@ -2123,12 +2241,14 @@ def _walk_dataset(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
     store = ctx.store
     name = ds["name"]
     started = time.time()
-    cadence = int(ds["cadence_days"])
+    sched_cadence = schedule_cadence(store)
+    cadence = threshold_cadence(ds, sched_cadence)
     thresholds = thresholds_ns(cfg, cadence, ctx.now)
     ckpt = None if opts.dry_run else store.load_checkpoint_quiet(name)
-    if ckpt is not None and (ckpt.get("mode") != mode or ckpt.get("path") != ds["path"]):
-        ckpt = None     # another mode's (or another path's) position: start over
+    if not resumable(ckpt, ds, mode, opts.due, sched_cadence, ctx.now):
+        ckpt = None     # another mode's or path's position, or a stale manual one: start over
     resumed = ckpt is not None
+    due_run = ckpt.get("due_run", True) is not False if resumed else bool(opts.due)
     walk_started = ckpt.get("walk_started") if resumed else iso(started)
     done_before = int(ckpt.get("entries_done", 0)) if resumed else 0
     totals = Counts(ckpt.get("totals") if resumed else None)
@@ -2160,7 +2280,7 @@ def _walk_dataset(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
         store.save_checkpoint(name, {
             "dataset": name, "path": ds["path"], "mode": mode, "cursor": cursor,
             "entries_done": done_before + seen, "totals": run_totals.as_dict(),
-            "walk_started": walk_started, "updated": iso(time.time()),
+            "walk_started": walk_started, "updated": iso(time.time()), "due_run": due_run,
             "pid": os.getpid(), "host": socket.gethostname()})
         timing["checkpoint_seconds"] += time.monotonic() - t0
         timing["checkpoints"] += 1
@@ -2246,9 +2366,7 @@ def _walk_dataset(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
         if cur is not None:
             cur["last_run"] = last_run
             if complete:
-                cur["last_refresh"] = iso(finished)
-                cur["last_refresh_start"] = walk_started
-                cur["last_mode"] = mode
+                record_walk(cur, mode, walk_started, iso(finished))
                 cur["last_total_entries"] = done_before + counts.entries_seen
                 cur["last_totals"] = totals.as_dict()
     if complete and mode == "touch" and cur is not None:
@@ -3768,9 +3886,10 @@ def cmd_list(args, ctx):
         say(ctx, "No datasets registered. Add one: `%s add --name NAME --path DIR "
                  "--keep-until YYYY-MM-DD`" % PROG)
         return EXIT_OK
-    rows = [[e["name"], e["state"], e["mode"], e["keep_until"], e["last_refresh"] or "never",
-             display_path(e["path"])] for e in entries]
-    say(ctx, table(rows, ["NAME", "STATE", "MODE", "KEEP-UNTIL", "LAST-REFRESH", "PATH"]))
+    rows = [[e["name"], e["state"], e["risk"] or "-", e["mode"], e["keep_until"],
+             e["last_refresh"] or "never", display_path(e["path"])] for e in entries]
+    say(ctx, table(rows, ["NAME", "STATE", "RISK", "MODE", "KEEP-UNTIL", "LAST-REFRESH",
+                          "PATH"]))
     return EXIT_OK
 
 
@@ -3787,6 +3906,8 @@ def _status_lines(e):
         % (t["skip"], t["at_risk"], t["purge"]))
     add("  last refresh:  %s" % ("%s (%s mode)" % (e["last_refresh"], e["last_mode"])
                                  if e["last_refresh"] else "never"))
+    if e["risk"]:
+        add("  risk:          %s (what the last complete walk found)" % e["risk"])
     run = e.get("last_run")
     if run:
         add("  last run:      %s; %s" % (run.get("finished"), describe_result(run).split(": ", 1)[1]))
@@ -4107,7 +4228,9 @@ def build_parser():
 
     p = _sub(subs, "list", cmd_list, "list datasets",
              "List the registered datasets with their state: missing, expired, disabled, "
-             "partial, never, due or ok.",
+             "partial, never, due (cadence - 1 days since the last complete walk of its "
+             "mode) or ok; and the risk the last complete walk found: purge-eligible, "
+             "at-risk or none.",
              "  scratch-keepalive list\n  scratch-keepalive list --json\n")
     add_json_argument(p)
 
@@ -4130,7 +4253,10 @@ def build_parser():
                 parse_slurm_time(PROFILES[DEFAULT_PROFILE]["time"]) - JOB_MARGIN_SECONDS))
     add_name_argument(p, required=False, help_text="only this dataset")
     p.add_argument("--due", action="store_true",
-                   help="only datasets that are due (or have a checkpoint)")
+                   help="what the schedule runs: only datasets never walked, with a "
+                   "checkpoint, or whose last complete walk of their mode started at least "
+                   "(cadence - schedule cadence + 1) days ago (24 hours when the two are "
+                   "equal); a check walk or dry run never counts for a touch-mode dataset")
     p.add_argument("--check", action="store_true", help="check mode: touch nothing, report risk")
     p.add_argument("--dry-run", action="store_true",
                    help="walk and report; write nothing (no checkpoint, no timestamps)")

@@ -46,7 +46,9 @@ def pin_last_start(env, name, epoch):
     """Recorded times are real; pin the last run's start to the policy clock for due tests."""
     path = env["state"] / "registry.json"
     reg = json.loads(path.read_text())
-    reg["datasets"][name]["last_refresh_start"] = sk.iso(epoch)
+    ds = reg["datasets"][name]
+    ds["last_refresh_start"] = sk.iso(epoch)
+    ds["last_%s_start" % ds["last_mode"]] = sk.iso(epoch)      # what the due rules read
     path.write_text(json.dumps(reg))
 
 
@@ -408,10 +410,15 @@ def test_refresh_due_selects_only_due(cli, ds, env, monkeypatch):
     assert [x["name"] for x in cli("refresh", "--due", "--json").json()["results"]] == ["ds"]
 
 
-def test_refresh_due_takes_partial(cli, ds, monkeypatch):
+def test_refresh_due_takes_partial(cli, ds, env, monkeypatch):
     assert cli("refresh", "--name", "ds").rc == 0
     monkeypatch.setenv("SCRATCH_KEEPALIVE_NOW", sk.iso(NOW_EPOCH + 14 * DAY))
     assert cli("refresh", "--name", "ds", "--max-entries", "3").rc == 3
+    # Recorded times are real: pin the stopped walk's start to the policy clock (a --due
+    # run starts over a manual walk that is already due again by the rule).
+    ckpt = env["state"] / "checkpoints" / "ds.json"
+    doc = json.loads(ckpt.read_text())
+    ckpt.write_text(json.dumps(dict(doc, walk_started=sk.iso(NOW_EPOCH + 14 * DAY))))
     monkeypatch.setenv("SCRATCH_KEEPALIVE_NOW", sk.iso(NOW_EPOCH + 14 * DAY + 60))
     r = cli("refresh", "--due", "--json")
     assert r.json()["results"][0]["resumed"] is True
