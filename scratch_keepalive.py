@@ -3032,11 +3032,13 @@ def schedule_summary(ctx):
     not asked). An installed schedule's next run is the start time Slurm gives its pending
     job, as the text of `status` shows it; null with "error" when squeue cannot tell.
     """
-    if load_schedule(ctx.store) is None:
-        return None
-    if getattr(ctx, "slurm", None) is None:
-        ctx.slurm = Slurm()
-    info = schedule_status(ctx)
+    try:
+        if load_schedule(ctx.store) is None:
+            return None
+        info = schedule_status(ctx)
+    except StateError as e:     # a damaged record: say so, and still show the dataset
+        return {"method": None, "cadence_days": None, "installed": None, "next_run": None,
+                "pending_jobs": [], "error": str(e)}
     if info is None:
         return None
     return {"method": info["method"], "cadence_days": info["cadence_days"],

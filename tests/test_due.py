@@ -331,8 +331,7 @@ def chain_offsets(store, env):
     """What the chain does: (its successor's delay, a stopped run's continuation delay),
     read from the sbatch calls of the tool's own _scheduled_before and _continue_soon."""
     fake = FakeSlurm()
-    ctx = sk.Context(state_dir=store.dir, env=dict(env, SLURM_JOB_ID="1"))
-    ctx.slurm = sk.Slurm(runner=fake)
+    ctx = sk.Context(state_dir=store.dir, env=dict(env, SLURM_JOB_ID="1"), runner=fake)
     doc, said = sk._scheduled_before(ctx, "sbatch")
     assert "submitted" in said, said
     successor = begin_offset(fake.calls)
