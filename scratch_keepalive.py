@@ -1976,7 +1976,7 @@ def refresh(name=None, due=False, check=False, dry_run=False, max_seconds=None,
             progress=None, workers=None):
     """Refresh (or check) datasets. Returns {"results": [...], "exit_code": N, "notes": [...]}.
 
-    should_stop() may return "term" or "int" to stop the walk at the next
+    should_stop() may return "term", "hup" or "int" to stop the walk at the next
     entry, with the checkpoint saved. No printing, no signal handlers.
     """
     ctx = _ctx(state_dir, env)
@@ -2084,12 +2084,43 @@ def _refresh_one(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
     name = ds["name"]
     if not root_present(ds["path"]):
         raise Failure("dataset %r: its root %s is missing" % (name, ds["path"]))
+    _test_pause(ctx.env, "before-lock")
     lock = None if opts.dry_run else DatasetLock(store, name).acquire()
     try:
-        return _walk_dataset(ctx, cfg, ds, mode, opts, budget, should_stop, progress)
+        # Read again under the lock: a `remove` (or a remove and re-add elsewhere) may have
+        # finished since the registry was read, and its data must not be walked.
+        current = store.load_registry()["datasets"].get(name)
+        if current is None or current.get("path") != ds["path"]:
+            return _gone_result(ds, mode, current, opts)
+        return _walk_dataset(ctx, cfg, current, mode, opts, budget, should_stop, progress)
     finally:
         if lock is not None:
             lock.release()
+
+
+def _gone_result(ds, mode, current, opts):
+    """The result for a dataset removed (or moved) while this refresh was starting."""
+    r = empty_result(ds["name"], mode)
+    r["reason"] = ("it was removed while this refresh was starting; nothing was walked"
+                   if current is None else "its path changed to %s while this refresh was "
+                   "starting; nothing was walked (refresh it again)" % display_path(current["path"]))
+    return r, (EXIT_FAIL if opts.name is not None else EXIT_OK)
+
+
+def _test_pause(env, point):
+    """A test seam, not an interface: with _SCRATCH_KEEPALIVE_TEST_PAUSE=POINT:DIR the run
+    creates DIR/POINT.waiting at this point and waits (60 s at most) for DIR/POINT.go, so a
+    test can run another command in a window that is otherwise too short to hit."""
+    spec = env.get("_SCRATCH_KEEPALIVE_TEST_PAUSE", "")
+    want, _, directory = spec.partition(":")
+    if want != point or not directory:
+        return
+    with open(os.path.join(directory, point + ".waiting"), "w"):
+        pass
+    deadline = time.monotonic() + 60
+    while not os.path.exists(os.path.join(directory, point + ".go")) and \
+            time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _walk_dataset(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
@@ -3641,15 +3672,24 @@ def _schedule_lines(ctx):
 
 @contextlib.contextmanager
 def stop_signals():
-    """SIGTERM and SIGINT ask the walk to stop and checkpoint; handlers restored on exit."""
+    """SIGTERM, SIGHUP and SIGINT ask the walk to stop and checkpoint; handlers restored on exit.
+
+    SIGHUP is a closed terminal or a dropped SSH session: the walk stops as for SIGTERM
+    (exit 3, progress checkpointed, lock released) instead of dying with its progress lost.
+    Forked worker processes inherit the handler, so a hangup sent to the whole process
+    group does not kill them under the main process.
+    """
     flag = {"reason": None}
+    reasons = {signal.SIGINT: "int", signal.SIGTERM: "term"}
+    if hasattr(signal, "SIGHUP"):
+        reasons[signal.SIGHUP] = "hup"
 
     def handler(signum, frame):
-        flag["reason"] = "int" if signum == signal.SIGINT else "term"
+        flag["reason"] = reasons.get(signum, "term")
 
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in reasons:
             previous[sig] = signal.signal(sig, handler)
     try:
         yield lambda: flag["reason"]

@@ -1,0 +1,255 @@
+"""Interruptions, races and smaller defects (issue 9 items 6 and 8), each through real
+processes and real files: a refresh stopped by SIGHUP, `remove` racing a starting refresh,
+a full state directory (a small tmpfs), a symlink inside the state directory, a closed
+output pipe, non-UTF-8 names on a strict UTF-8 stdout, and .ci/run's test-bed condition.
+"""
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import KEEP, NOW, NOW_EPOCH, REPO, SCRIPT, run_script, set_atime
+
+OLD_ATIME = NOW_EPOCH - 400 * 86400     # older than any threshold: a walk would touch it
+
+
+def tool_env(state, **extra):
+    env = {"SCRATCH_KEEPALIVE_HOME": str(state), "SCRATCH_KEEPALIVE_NOW": NOW, "TZ": "UTC"}
+    env.update(extra)
+    return env
+
+
+def run(state, *argv, **extra):
+    return run_script(*argv, env=tool_env(state, **extra))
+
+
+def setup_dataset(state, scratch, path, name="ds"):
+    r = run(state, "init", "--profile", "generic", "--scratch-root", scratch)
+    assert r.rc == 0, r
+    r = run(state, "add", "--name", name, "--path", path, "--keep-until", KEEP)
+    assert r.rc == 0, r
+
+
+def poll(condition, what, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %ss waiting for %s" % (timeout, what))
+        time.sleep(0.005)
+
+
+def read_doc(path):
+    try:
+        with open(str(path), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def atimes(root):
+    """{relative path: atime_ns} of the files below root but the sentinel (lstat; listing moves
+    no atime that matters here: only files' atimes are compared)."""
+    out = {}
+    for dirpath, dirs, files in os.walk(str(root)):
+        for n in files:
+            if n == ".scratch-keepalive":
+                continue
+            p = os.path.join(dirpath, n)
+            out[os.path.relpath(p, str(root))] = os.lstat(p).st_atime_ns
+    return out
+
+
+@contextlib.contextmanager
+def reaped(proc):
+    """Whatever fails inside, the process group is not left running."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
+def popen_refresh(state, *argv, **extra):
+    """`refresh --json ARGS` in its own process group (a signal can reach its workers too)."""
+    env = dict(os.environ)
+    env.update(tool_env(state, **extra))
+    cmd = [sys.executable, str(SCRIPT), "refresh", "--json"] + [str(a) for a in argv]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            start_new_session=True)
+
+
+# --------------------------------------------------------------------------- SIGHUP
+
+
+@pytest.fixture(scope="module")
+def shm_tree():
+    """100,000 empty files in 200 directories, on tmpfs where there is one (fast to build)."""
+    shm = "/dev/shm"
+    base = tempfile.mkdtemp(prefix="sk-test-small-", dir=shm if os.access(
+        shm, os.W_OK | os.X_OK) else None)
+    scratch = os.path.join(base, "scratch")
+    root = os.path.join(scratch, "tree")
+    os.makedirs(root)
+    for j in range(200):
+        d = os.path.join(root, "d%03d" % j)
+        os.mkdir(d)
+        for i in range(500):
+            os.close(os.open(os.path.join(d, "f%03d" % i), os.O_WRONLY | os.O_CREAT, 0o644))
+    yield Path(scratch), Path(root), 200 * 501 + 2     # + the root and the sentinel
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.parametrize("engine, target", [(("--workers", "1"), "pid"),
+                                            (("--workers", "2"), "group")],
+                         ids=["serial-to-pid", "workers-to-group"])
+def test_sighup_mid_walk_checkpoints_exits_3_and_resume_completes(tmp_path, shm_tree, engine,
+                                                                 target):
+    """A dropped SSH session (SIGHUP to the tool, or to its whole process group with its
+    worker processes) stops the walk as SIGTERM does: exit 3, a checkpoint, a last-run record,
+    the lock released (doctor finds no stale lock); the next run resumes and completes."""
+    scratch, root, total = shm_tree
+    state = tmp_path / "state"
+    setup_dataset(state, scratch, root)
+    checkpoint = state / "checkpoints" / "ds.json"
+    proc = popen_refresh(state, "--name", "ds", "--checkpoint-every", "0.05", *engine)
+    with reaped(proc):
+        def started():
+            if proc.poll() is not None:
+                raise AssertionError("refresh ended before its first checkpoint: %r"
+                                     % (proc.communicate(),))
+            doc = read_doc(checkpoint)
+            return doc and doc["entries_done"] > 0
+        poll(started, "the first checkpoint")
+        if target == "group":
+            os.killpg(proc.pid, signal.SIGHUP)
+        else:
+            os.kill(proc.pid, signal.SIGHUP)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, (proc.returncode, out[-500:], err[-1000:])
+    assert b"Traceback" not in err, err
+    res = json.loads(out.decode("utf-8"))["results"][0]
+    assert res["complete"] is False and res["stopped"] == "hup", res
+    ck = read_doc(checkpoint)
+    assert ck is not None and ck["entries_done"] == res["entries_seen"] > 0
+
+    st = run(state, "status", "--name", "ds", "--json")
+    assert st.rc == 0, st
+    last = st.json()["last_run"]
+    assert last is not None and last["finished"] and last["stopped"] == "hup", last
+    assert st.json()["checkpoint"]["entries_done"] == ck["entries_done"]
+
+    doc = run(state, "doctor", "--json")
+    locks = [c for c in doc.json()["checks"] if c["name"].startswith("lock:")]
+    assert locks == [], locks
+
+    r = run(state, "refresh", "--name", "ds", "--json", *engine)
+    assert r.rc == 0, r
+    res2 = r.json()["results"][0]
+    assert res2["complete"] is True and res2["resumed"] is True, res2
+    assert res2["entries_done"] == total
+    assert res["entries_seen"] + res2["entries_seen"] == total
+    assert not checkpoint.exists()
+
+
+def test_main_restores_the_sighup_handler(cli, generic, env):
+    """main() installs its SIGHUP handler only while it walks, and puts back whatever was
+    there before (here a handler of the caller's own)."""
+    root = env["scratch"] / "ds"
+    root.mkdir()
+    (root / "f").write_text("x")
+    assert cli("add", "--name", "ds", "--path", root, "--keep-until", KEEP).rc == 0
+
+    def mine(signum, frame):
+        pass
+    old = signal.signal(signal.SIGHUP, mine)
+    try:
+        r = cli("refresh", "--name", "ds")
+        assert r.rc == 0, r
+        assert signal.getsignal(signal.SIGHUP) is mine
+    finally:
+        signal.signal(signal.SIGHUP, old)
+
+
+# --------------------------------------------------------------------------- remove racing refresh
+
+
+def small_dataset(scratch, name="ds", files=40):
+    root = Path(scratch) / name
+    (root / "sub").mkdir(parents=True)
+    for i in range(files):
+        (root / "sub" / ("f%02d" % i)).write_bytes(b"x")
+    for p in (root / "sub").iterdir():
+        set_atime(p, OLD_ATIME)
+    return root
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["refresh-name", "refresh-all"])
+def test_remove_while_a_refresh_starts_walks_nothing(tmp_path, named):
+    """The refresh has read the registry but not yet taken the dataset's lock when `remove`
+    runs (a test seam holds it there). It must then walk nothing of the removed dataset,
+    leave no checkpoint or log, and say why: exit 1 when the dataset was named, 0 when it
+    was one of all the datasets."""
+    scratch, state, pause = tmp_path / "scratch", tmp_path / "state", tmp_path / "pause"
+    scratch.mkdir()
+    pause.mkdir()
+    root = small_dataset(scratch)
+    setup_dataset(state, scratch, root)
+    before = atimes(root)
+    argv = ["--name", "ds"] if named else []
+    proc = popen_refresh(state, *argv, _SCRATCH_KEEPALIVE_TEST_PAUSE="before-lock:%s" % pause)
+    with reaped(proc):
+        poll(lambda: (pause / "before-lock.waiting").exists() or proc.poll() is not None,
+             "the refresh to reach the seam")
+        assert proc.poll() is None, proc.communicate()
+        r = run(state, "remove", "--name", "ds")
+        assert r.rc == 0, r
+        (pause / "before-lock.go").touch()
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == (1 if named else 0), (out, err)
+    res = json.loads(out.decode("utf-8"))["results"][0]
+    assert res["entries_seen"] == 0 and res["entries_touched"] == 0, res
+    assert "removed while this refresh was starting; nothing was walked" in res["reason"]
+    assert atimes(root) == before
+    assert not (state / "checkpoints" / "ds.json").exists()
+    assert not (state / "logs" / "ds").exists() or not os.listdir(str(state / "logs" / "ds"))
+    assert run(state, "list", "--json").json() == []
+
+
+def test_remove_and_readd_elsewhere_while_a_refresh_starts_walks_neither(tmp_path):
+    """Removed and added again under the same name at another path: the starting refresh
+    walks neither the old path nor (unasked) the new one, and says the path changed."""
+    scratch, state, pause = tmp_path / "scratch", tmp_path / "state", tmp_path / "pause"
+    scratch.mkdir()
+    pause.mkdir()
+    old, new = small_dataset(scratch, "old"), small_dataset(scratch, "new")
+    setup_dataset(state, scratch, old)
+    before = (atimes(old), atimes(new))
+    proc = popen_refresh(state, "--name", "ds",
+                         _SCRATCH_KEEPALIVE_TEST_PAUSE="before-lock:%s" % pause)
+    with reaped(proc):
+        poll(lambda: (pause / "before-lock.waiting").exists() or proc.poll() is not None,
+             "the refresh to reach the seam")
+        assert run(state, "remove", "--name", "ds").rc == 0
+        assert run(state, "add", "--name", "ds", "--path", new, "--keep-until", KEEP).rc == 0
+        (pause / "before-lock.go").touch()
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, (out, err)
+    res = json.loads(out.decode("utf-8"))["results"][0]
+    assert res["entries_seen"] == 0, res
+    assert "path changed to %s" % new in res["reason"], res
+    assert (atimes(old), atimes(new)) == before
+    assert not (state / "checkpoints" / "ds.json").exists()
