@@ -77,8 +77,11 @@ PROG = "scratch-keepalive"
 FORMAT = 1                      # format version of every JSON state file
 SENTINEL = ".scratch-keepalive"
 JOB_NAME = "scratch-keepalive"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# WARNING: \Z, not $: "$" also matches before a trailing newline ("evil\n" would pass).
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 DAY = 86400
+# A write failed because the disk or the user's quota is full.
+FULL_ERRNOS = tuple(getattr(errno, n) for n in ("ENOSPC", "EDQUOT") if hasattr(errno, n))
 
 EXIT_OK = 0
 EXIT_FAIL = 1
@@ -346,8 +349,12 @@ def atomic_write(path, data, mode=0o600):
     Temp file in the same directory, flush, fsync, os.replace, fsync the directory.
     """
     directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                                   dir=directory)
+    except OSError as e:
+        raise_if_full(e, path)
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), mode)
@@ -355,11 +362,28 @@ def atomic_write(path, data, mode=0o600):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        raise_if_full(e, path)
         raise
     fsync_dir(directory)
+
+
+def raise_if_full(e, path):
+    """A write to path failed with e: when the disk or the quota is full, say so and name it.
+
+    (The OSError of a failed write() names no file, and permissions are not the problem.)
+    """
+    if isinstance(e, OSError) and e.errno in FULL_ERRNOS:
+        raise Failure(full_message(e, path)) from None
+
+
+def full_message(e, path=None):
+    where = display_path(path) if path else "the state directory or the dataset"
+    return ("cannot write %s: the disk or quota is full (%s); free some space there (see "
+            "`df -h` and `quota`), or use another state directory (--state-dir)"
+            % (where, e.strerror))
 
 
 def dump_json(obj):
@@ -587,9 +611,14 @@ class FileLock(object):
                     os.close(fd)
                     raise BusyError(self.busy % lock_holder(self.path))
                 time.sleep(0.2)
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "since": iso(time.time())}).encode("ascii"))
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                     "since": iso(time.time())}).encode("ascii"))
+        except OSError as e:
+            os.close(fd)
+            raise_if_full(e, self.path)
+            raise
         self.fd = fd
         return self
 
@@ -1787,7 +1816,9 @@ def _add(ctx, name, path, keep_until, cadence_days, approval):
     if not is_below(real, real_root):
         raise UsageError("--path %s (really %s) is not below the scratch root %s; only datasets "
                          "on scratch need keeping alive" % (path, real, real_root))
-    with store.update_registry() as reg:
+    # The registry is saved when update_registry() exits, so the rollback sits outside it:
+    # a failed save (a full state directory) must not leave the new sentinel behind.
+    with _sentinel_rollback(real) as created, store.update_registry() as reg:
         if name in reg["datasets"]:
             raise UsageError("a dataset named %r is already registered; choose another name or "
                              "`%s remove --name %s` first" % (name, PROG, name))
@@ -1799,14 +1830,23 @@ def _add(ctx, name, path, keep_until, cadence_days, approval):
               "approval": approval, "enabled": True, "added": iso(time.time()),
               "last_refresh": None, "last_refresh_start": None, "last_mode": None,
               "last_run": None, "last_total_entries": None}
-        created = create_sentinel(real, ds)
-        try:
-            reg["datasets"][name] = ds
-        except BaseException:
-            if created:
-                delete_sentinel(real)
-            raise
+        if create_sentinel(real, ds):
+            created.append(real)
+        reg["datasets"][name] = ds
     return _list_entry(ctx, cfg, ds)
+
+
+@contextlib.contextmanager
+def _sentinel_rollback(root):
+    """Yields a list; when the block fails after a path was appended to it (a sentinel this
+    call created), that sentinel is deleted again."""
+    created = []
+    try:
+        yield created
+    except BaseException:
+        if created:
+            delete_sentinel(root)
+        raise
 
 
 def _list_entry(ctx, cfg, ds):
@@ -2093,6 +2133,9 @@ def _refresh_one(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
         if current is None or current.get("path") != ds["path"]:
             return _gone_result(ds, mode, current, opts)
         return _walk_dataset(ctx, cfg, current, mode, opts, budget, should_stop, progress)
+    except OSError as e:
+        raise_if_full(e, e.filename or store.dir)     # the log or the record: name the place
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -2101,9 +2144,11 @@ def _refresh_one(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
 def _gone_result(ds, mode, current, opts):
     """The result for a dataset removed (or moved) while this refresh was starting."""
     r = empty_result(ds["name"], mode)
-    r["reason"] = ("it was removed while this refresh was starting; nothing was walked"
-                   if current is None else "its path changed to %s while this refresh was "
-                   "starting; nothing was walked (refresh it again)" % display_path(current["path"]))
+    if current is None:
+        r["reason"] = "it was removed while this refresh was starting; nothing was walked"
+    else:
+        r["reason"] = ("its path changed to %s while this refresh was starting; nothing was "
+                       "walked (refresh it again)" % display_path(current["path"]))
     return r, (EXIT_FAIL if opts.name is not None else EXIT_OK)
 
 
@@ -4077,6 +4122,9 @@ def main(argv=None):
         err.write("%s: error: interrupted\n" % PROG)
         return EXIT_INTERRUPTED
     except OSError as e:
+        if e.errno in FULL_ERRNOS:
+            err.write("%s: error: %s\n" % (PROG, full_message(e, e.filename)))
+            return EXIT_FAIL
         err.write("%s: error: %s; check the path and its permissions\n" % (PROG, e))
         return EXIT_FAIL
     except Exception as e:     # a bug: still one line, never a traceback, unless asked

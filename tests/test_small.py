@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KEEP, NOW, NOW_EPOCH, REPO, SCRIPT, run_script, set_atime
+from conftest import KEEP, NOW, NOW_EPOCH, REPO, SCRIPT, run_script, set_atime, sk
 
 OLD_ATIME = NOW_EPOCH - 400 * 86400     # older than any threshold: a walk would touch it
 
@@ -253,3 +253,106 @@ def test_remove_and_readd_elsewhere_while_a_refresh_starts_walks_neither(tmp_pat
     assert "path changed to %s" % new in res["reason"], res
     assert (atimes(old), atimes(new)) == before
     assert not (state / "checkpoints" / "ds.json").exists()
+
+
+# --------------------------------------------------------------------------- names
+
+
+def test_name_with_a_trailing_newline_is_refused(tmp_path):
+    """`$` in NAME_RE matched before a trailing newline: `add --name $'evil\\n'` exited 0 and
+    made logs/evil<newline>/. Now it is invalid input (exit 2) and nothing is written."""
+    scratch, state = tmp_path / "scratch", tmp_path / "state"
+    scratch.mkdir()
+    root = small_dataset(scratch)
+    r = run(state, "init", "--profile", "generic", "--scratch-root", scratch)
+    assert r.rc == 0, r
+    before = sorted(os.listdir(str(state)))
+    r = run(state, "add", "--name", "evil\n", "--path", root, "--keep-until", KEEP)
+    assert r.rc == 2, r
+    assert r.err.startswith("scratch-keepalive: error: invalid dataset name 'evil\\n'"), r
+    assert len(r.err.splitlines()) == 1, r
+    assert sorted(os.listdir(str(state))) == before
+    assert os.listdir(str(state / "logs")) == []
+    assert not (root / ".scratch-keepalive").exists()
+    assert run(state, "list", "--json").json() == []
+    for bad in ("evil\n", "ok\r\n", "a" * 64 + "\n"):
+        with pytest.raises(sk.UsageError):
+            sk.check_name(bad)
+    assert sk.check_name("a" * 64) == "a" * 64
+
+
+# --------------------------------------------------------------------------- a full state dir
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MiB tmpfs mounted at tmp_path/state (root only), unmounted afterwards."""
+    mnt = tmp_path / "state"
+    mnt.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root")
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mnt)],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if p.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here: %s" % p.stderr.decode(errors="replace").strip())
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
+
+
+def fill(directory):
+    """Fill the filesystem of directory; returns the filler file."""
+    filler = Path(directory) / "filler"
+    fd = os.open(str(filler), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (65536, 4096, 512, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_full_state_dir_add_names_the_file_and_leaves_no_sentinel(tmp_path, small_tmpfs):
+    """The registry save of `add` fails on a full state directory: exit 1 with one line that
+    names the file and says the disk or quota is full (not "permissions"); the sentinel the
+    add wrote is deleted again, the registry is as it was, no temp file stays; once there
+    is room, adding the directory (under any name) works."""
+    scratch, state = tmp_path / "scratch", small_tmpfs
+    scratch.mkdir()
+    root = small_dataset(scratch)
+    r = run(state, "init", "--profile", "generic", "--scratch-root", scratch)
+    assert r.rc == 0, r
+    filler = fill(state)
+    before = sorted(os.listdir(str(state)))
+    r = run(state, "add", "--name", "ds", "--path", root, "--keep-until", KEEP)
+    assert r.rc == 1, r
+    lines = r.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("scratch-keepalive: error: cannot write %s"
+                                                   % state), r
+    assert "the disk or quota is full (No space left on device)" in lines[0], r
+    assert "permissions" not in lines[0], r
+    assert not (root / ".scratch-keepalive").exists()
+    assert sorted(os.listdir(str(state))) == before        # no registry, no temp file
+    filler.unlink()
+    r = run(state, "add", "--name", "other", "--path", root, "--keep-until", KEEP)
+    assert r.rc == 0, r
+    assert [e["name"] for e in run(state, "list", "--json").json()] == ["other"]
+
+
+def test_full_state_dir_during_refresh_says_full_and_names_the_file(tmp_path, small_tmpfs):
+    """A refresh whose record cannot be written (state directory full) says so, naming the
+    file, in one line, and exits 1."""
+    scratch, state = tmp_path / "scratch", small_tmpfs
+    scratch.mkdir()
+    root = small_dataset(scratch)
+    setup_dataset(state, scratch, root)
+    fill(state)
+    r = run(state, "refresh", "--name", "ds")
+    assert r.rc == 1, r
+    assert "Traceback" not in r.err, r
+    text = r.out + r.err
+    assert "the disk or quota is full (No space left on device)" in text, r
+    assert re.search(r"cannot write %s/\S+" % re.escape(str(state)), text), r
