@@ -156,6 +156,9 @@ AT_FDCWD = -100
 AT_SYMLINK_NOFOLLOW = 0x100
 
 O_NOATIME = getattr(os, "O_NOATIME", 0)
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 O_DIR_FLAGS = (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
                | getattr(os, "O_CLOEXEC", 0))
 
@@ -479,8 +482,8 @@ class Store(object):
     @contextlib.contextmanager
     def registry_lock(self):
         self.ensure()
-        fd = os.open(os.path.join(self.lock_dir, ".registry.lock"),
-                     os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        fd = open_nofollow(os.path.join(self.lock_dir, ".registry.lock"),
+                           os.O_RDWR | os.O_CREAT | O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -563,22 +566,53 @@ class Store(object):
         with contextlib.suppress(FileExistsError):
             os.makedirs(d, mode=0o700)
         # Names sort by start time: prune_logs() keeps the newest by name.
-        path = os.path.join(d, "%s.%06d-%s-%d.log" % (
-            time.strftime("%Y%m%dT%H%M%S", time.gmtime(started)),
-            int((started % 1) * 1e6), mode, os.getpid()))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0),
-                     0o600)
-        return path, os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
+        base = "%s.%06d-%s-%d.log" % (time.strftime("%Y%m%dT%H%M%S", time.gmtime(started)),
+                                      int((started % 1) * 1e6), mode, os.getpid())
+        dfd = self.open_dir("logs", name)
+        try:
+            fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_APPEND | O_NOFOLLOW | O_CLOEXEC,
+                         0o600, dir_fd=dfd)
+        finally:
+            os.close(dfd)
+        return (os.path.join(d, base),
+                os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace"))
 
     def prune_logs(self, name, keep=KEEP_LOGS):
-        d = self.dataset_log_dir(name)
         try:
-            logs = sorted(f for f in os.listdir(d) if f.endswith(".log"))
-        except OSError:
+            dfd = self.open_dir("logs", name)
+        except (OSError, StateError):
             return
-        for f in logs[:-keep] if keep else logs:
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(d, f))
+        try:
+            logs = sorted(f for f in os.listdir(dfd) if f.endswith(".log"))
+            for f in logs[:-keep] if keep else logs:
+                with contextlib.suppress(OSError):
+                    os.unlink(f, dir_fd=dfd)
+        finally:
+            os.close(dfd)
+
+    def open_dir(self, *parts):
+        """A descriptor of the directory self.dir/parts..., never through a symlink.
+
+        WARNING: the state directory is ours, and nothing in it is followed: a symlink at
+        logs/NAME made log pruning delete files wherever it pointed. (The state directory
+        itself may be reached through a symlink.)
+        """
+        fd = os.open(self.dir, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        try:
+            for i, part in enumerate(parts):
+                try:
+                    sub = os.open(part, os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC,
+                                  dir_fd=fd)
+                except OSError as e:
+                    if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    raise not_followed(os.path.join(self.dir, *parts[:i + 1])) from None
+                os.close(fd)
+                fd = sub
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     # -- locks
     def lock_path(self, name):
@@ -597,7 +631,7 @@ class FileLock(object):
         self.fd = None
 
     def acquire(self):
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT | O_CLOEXEC, 0o600)
         deadline = time.monotonic() + self.wait
         while True:
             try:
@@ -649,6 +683,23 @@ class DatasetLock(FileLock):
     def acquire(self):
         self.store.ensure()
         return FileLock.acquire(self)
+
+
+def not_followed(path):
+    return StateError("%s is a symlink (or not a directory); %s never follows one inside its "
+                      "state directory; delete it (`rm %s`: what a link points to is not "
+                      "touched), then run the command again" % (display_path(path), PROG,
+                                                               display_path(path)))
+
+
+def open_nofollow(path, flags, mode=0o600):
+    """os.open of a file in the state directory that refuses a symlink with a StateError."""
+    try:
+        return os.open(path, flags | O_NOFOLLOW, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise not_followed(path) from None
+        raise
 
 
 def lock_holder(path):
@@ -3002,6 +3053,7 @@ def _diagnose(ctx):
                                       "from the sentinels" % e, fix="registry"))
     root = scratch_root_of(cfg, ctx.env) if cfg else None
     checks += _check_environment(ctx, cfg, root)
+    checks += _check_state_links(store)
     checks += _check_checkpoints(ctx, reg)
     checks += _check_locks(ctx)
     if cfg and reg is not None:
@@ -3041,6 +3093,25 @@ def _check_environment(ctx, cfg, root):
         out.append(Check("state-dir", "ok", "state directory %s is private and writable"
                          % store.dir))
     return out
+
+
+def _check_state_links(store):
+    """Symlinks inside the state directory: never followed, so what they meant is not done."""
+    links = []
+    for dirpath, dirs, files in os.walk(store.dir):     # os.walk does not follow them either
+        for name in sorted(dirs + files):
+            p = os.path.join(dirpath, name)
+            if os.path.islink(p):
+                links.append(p)
+    if not links:
+        return []
+    return [Check("state-links", "fail", "%s %s a symlink inside the state directory, which %s "
+                  "never follows (a refresh does not log through one); delete %s (`rm`: what "
+                  "a link points to is not touched)" % (
+                      ", ".join(display_path(p) for p in links[:3]) + (
+                          " ..." if len(links) > 3 else ""),
+                      "is" if len(links) == 1 else "are each", PROG,
+                      "it" if len(links) == 1 else "them"))]
 
 
 def _loose_permissions(store):
@@ -3094,7 +3165,7 @@ def _check_checkpoints(ctx, reg):
 
 def _lock_record(path):
     try:
-        with open(path) as f:
+        with os.fdopen(os.open(path, os.O_RDONLY | O_NOFOLLOW)) as f:
             text = f.read()
         return json.loads(text) if text.strip() else None
     except (OSError, ValueError):
@@ -3103,7 +3174,7 @@ def _lock_record(path):
 
 def _lock_is_held(path):
     try:
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_RDWR | O_NOFOLLOW)
     except OSError:
         return False
     try:

@@ -356,3 +356,75 @@ def test_full_state_dir_during_refresh_says_full_and_names_the_file(tmp_path, sm
     text = r.out + r.err
     assert "the disk or quota is full (No space left on device)" in text, r
     assert re.search(r"cannot write %s/\S+" % re.escape(str(state)), text), r
+
+
+# --------------------------------------------------------------------------- symlinks in the state dir
+
+
+def tree_contents(root):
+    return {p.name: p.read_bytes() for p in Path(root).iterdir()}
+
+
+def test_symlink_at_logs_name_is_never_followed(tmp_path):
+    """A symlink at logs/NAME pointing at a directory of files: log pruning deleted 11 of 30
+    of them. The refresh now refuses to log through it (exit 1, naming it), nothing in the
+    target changes, pruning leaves it alone, and doctor names the link."""
+    scratch, state = tmp_path / "scratch", tmp_path / "state"
+    scratch.mkdir()
+    root = small_dataset(scratch)
+    setup_dataset(state, scratch, root)
+    target = tmp_path / "precious"
+    target.mkdir()
+    for i in range(30):
+        (target / ("20200101T0000%02d.000000-touch-1.log" % i)).write_text("keep %d\n" % i)
+    (target / "notes.txt").write_text("mine\n")
+    before = tree_contents(target)
+    link = state / "logs" / "ds"
+    os.symlink(str(target), str(link))
+    for _ in range(2):
+        r = run(state, "refresh", "--name", "ds")
+        assert r.rc == 1, r
+        assert "%s is a symlink" % link in r.out, r
+        assert "Traceback" not in r.err, r
+    assert tree_contents(target) == before
+    sk.Store(str(state)).prune_logs("ds", keep=0)
+    assert tree_contents(target) == before
+    assert os.path.islink(str(link))
+
+    d = run(state, "doctor", "--json")
+    assert d.rc == 1, d
+    found = [c for c in d.json()["checks"] if c["name"] == "state-links"]
+    assert len(found) == 1 and not found[0]["ok"], d.json()
+    assert str(link) in found[0]["message"] and "rm" in found[0]["message"], found
+    assert tree_contents(target) == before
+
+    os.unlink(str(link))        # what the message says to do
+    r = run(state, "refresh", "--name", "ds")
+    assert r.rc == 0, r
+    assert len(os.listdir(str(state / "logs" / "ds"))) == 1
+    assert tree_contents(target) == before
+
+
+def test_symlink_at_a_lock_file_is_never_followed(tmp_path):
+    """A symlink at locks/NAME.lock: taking the lock truncated and overwrote its target.
+    Now the refresh refuses (exit 1, naming it) and the target keeps its bytes."""
+    scratch, state = tmp_path / "scratch", tmp_path / "state"
+    scratch.mkdir()
+    root = small_dataset(scratch)
+    setup_dataset(state, scratch, root)
+    target = tmp_path / "precious.txt"
+    target.write_bytes(b"do not truncate me\n")
+    link = state / "locks" / "ds.lock"
+    with contextlib.suppress(FileNotFoundError):
+        link.unlink()
+    os.symlink(str(target), str(link))
+    before = atimes(root)
+    r = run(state, "refresh", "--name", "ds")
+    assert r.rc == 1, r
+    assert "%s is a symlink" % link in r.out + r.err, r
+    assert target.read_bytes() == b"do not truncate me\n"
+    assert atimes(root) == before
+    d = run(state, "doctor", "--json")
+    assert d.rc == 1 and any(c["name"] == "state-links" and str(link) in c["message"]
+                             for c in d.json()["checks"]), d
+    assert target.read_bytes() == b"do not truncate me\n"
