@@ -54,6 +54,7 @@ import itertools
 import json
 import os
 import re
+import select
 import signal
 import socket
 import stat
@@ -89,6 +90,7 @@ EXIT_USAGE = 2
 EXIT_STOPPED = 3
 EXIT_BUSY = 4
 EXIT_INTERRUPTED = 130
+EXIT_PIPE = 141         # 128 + SIGPIPE: what a shell reports for git in `git log | head -1`
 # With several datasets, the command's exit code is the first of these that
 # any of them produced.
 EXIT_PRIORITY = (EXIT_INTERRUPTED, EXIT_FAIL, EXIT_STOPPED, EXIT_BUSY, EXIT_OK)
@@ -3958,7 +3960,8 @@ examples:
 exit codes:
   0 done, 1 failed or entry errors or doctor found a problem, 2 usage or invalid input
   (nothing changed), 3 stopped early (progress checkpointed), 4 busy (locked by another
-  process), 130 interrupted (progress checkpointed)
+  process), 130 interrupted (progress checkpointed), 141 the output pipe was closed
+  (`list | head -1`: the command ends quietly, as git does)
 
 state: $SCRATCH_KEEPALIVE_HOME, else $XDG_STATE_HOME/scratch-keepalive, else
   ~/.local/state/scratch-keepalive (or --state-dir DIR). SCRATCH_KEEPALIVE_SCRATCH_ROOT
@@ -4183,9 +4186,16 @@ def main(argv=None):
     try:
         args = build_parser().parse_args(list(argv))
         ctx = Context(state_dir=args.state_dir, out=out, err=err)
-        return int(args.func(args, ctx) or 0)
+        code = int(args.func(args, ctx) or 0)
+        out.flush()     # a closed pipe shows here when all the output fit in the buffer
+        return code
     except _ParserExit as e:
-        return e.status
+        return flushed(out, e.status)
+    except BrokenPipeError as e:
+        if output_closed(out):
+            return quiet_after_closed_pipe(out)
+        err.write("%s: error: %s; check the path and its permissions\n" % (PROG, e))
+        return EXIT_FAIL
     except Failure as e:
         err.write("%s: error: %s\n" % (PROG, e))
         return e.exit_code
@@ -4204,6 +4214,39 @@ def main(argv=None):
         err.write("%s: error: internal error (%s: %s); rerun with SCRATCH_KEEPALIVE_DEBUG=1 "
                   "for a traceback and report it\n" % (PROG, type(e).__name__, e))
         return EXIT_FAIL
+
+
+def flushed(stream, code):
+    """code, once stream is flushed; EXIT_PIPE (quietly) when its reader has gone away."""
+    try:
+        stream.flush()
+    except BrokenPipeError:
+        return quiet_after_closed_pipe(stream)
+    return quiet_after_closed_pipe(stream) if output_closed(stream) else code
+
+
+def output_closed(stream):
+    """True when nobody reads stream any more (the reader of a pipe or socket went away)."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, ValueError, OSError):
+        return False
+    p = select.poll()
+    p.register(fd, select.POLLOUT)
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in p.poll(0))
+
+
+def quiet_after_closed_pipe(stream):
+    """The reader of the output went away (`list | head -1`): end quietly, as git does.
+
+    The descriptor is pointed at /dev/null so that the interpreter's last flush of what is
+    still buffered cannot print "Exception ignored ... BrokenPipeError" at exit.
+    """
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    return EXIT_PIPE
 
 
 if __name__ == "__main__":

@@ -428,3 +428,49 @@ def test_symlink_at_a_lock_file_is_never_followed(tmp_path):
     assert d.rc == 1 and any(c["name"] == "state-links" and str(link) in c["message"]
                              for c in d.json()["checks"]), d
     assert target.read_bytes() == b"do not truncate me\n"
+
+
+# --------------------------------------------------------------------------- closed output pipe
+
+
+def run_into_closed_pipe(*argv):
+    """Run the tool with stdout a pipe nobody reads any more (as after `| head -0` exited)."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = subprocess.run([sys.executable, str(SCRIPT)] + [str(a) for a in argv], stdout=w,
+                           stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=120)
+    finally:
+        os.close(w)
+    return p.returncode, p.stderr.decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("argv", [["list"], ["list", "--json"], ["status"],
+                                  ["status", "--json"], ["status", "--name", "ds00"],
+                                  ["refresh", "--json"], ["refresh"], ["doctor"], ["--help"]],
+                         ids=lambda a: " ".join(a))
+def test_closed_output_pipe_ends_quietly(cli, generic, env, argv):
+    """`list | head -0` printed "error: [Errno 32] Broken pipe; check the path and its
+    permissions" and exited 1. Now: no text at all on stderr, exit 141 (128 + SIGPIPE, what
+    the shell reports for git), and the work is done (a refresh records its run). 25
+    datasets make the text of `status` larger than the output buffer, so the pipe breaks
+    in the middle of the output as well as at its end."""
+    for i in range(25):
+        root = env["scratch"] / ("ds%02d" % i)
+        root.mkdir()
+        (root / "f").write_text("x")
+        assert cli("add", "--name", "ds%02d" % i, "--path", root, "--keep-until", KEEP).rc == 0
+    rc, err = run_into_closed_pipe(*argv)
+    assert (rc, err) == (141, ""), (rc, err)
+    if argv[0] == "refresh":
+        assert all(e["last_refresh"] for e in cli("list", "--json").json())
+
+
+def test_broken_pipe_of_something_else_is_still_an_error(cli, generic, env, monkeypatch):
+    """Only the closing of the tool's own output is quiet: a broken pipe elsewhere (here
+    raised by the command while its output is fine) is still reported."""
+    def broken(args, ctx):
+        raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr(sk, "cmd_list", broken)     # build_parser() looks it up per call
+    r = cli("list")
+    assert r.rc == 1 and "Broken pipe" in r.err, r
