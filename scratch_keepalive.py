@@ -3597,11 +3597,25 @@ def emit_json(ctx, obj):
 
 
 def say(ctx, text=""):
-    ctx.out.write(text + "\n")
+    write_safely(ctx.out, text + "\n")
 
 
 def note(ctx, text, to_err=False):
-    (ctx.err if to_err else ctx.out).write("note: %s\n" % text)
+    write_safely(ctx.err if to_err else ctx.out, "note: %s\n" % text)
+
+
+def write_safely(stream, text):
+    """Write text; what the stream cannot encode is written escaped instead of failing.
+
+    A path that is not valid UTF-8 is held decoded with surrogateescape: on a strict UTF-8
+    stdout (PYTHONIOENCODING=utf-8:strict) printing it raised UnicodeEncodeError after the
+    command had done its work. Paths should go through display_path(); this is the net.
+    """
+    try:
+        stream.write(text)
+    except UnicodeEncodeError:
+        enc = getattr(stream, "encoding", None) or "ascii"
+        stream.write(text.encode(enc, "backslashreplace").decode(enc, "replace"))
 
 
 def table(rows, headers):
@@ -3695,7 +3709,7 @@ def cmd_add(args, ctx):
         emit_json(ctx, entry)
         return EXIT_OK
     say(ctx, "Added %r: %s, kept until %s, refreshed every %d days, %s mode" % (
-        entry["name"], entry["path"], entry["keep_until"], entry["cadence_days"], entry["mode"]))
+        entry["name"], display_path(entry["path"]), entry["keep_until"], entry["cadence_days"], entry["mode"]))
     if entry["mode"] == "check":
         note(ctx, "%r has no site approval: refresh will only check it and report what is at "
                   "risk (IU forbids refreshing access times to avoid the purge). Record an "

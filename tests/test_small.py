@@ -474,3 +474,70 @@ def test_broken_pipe_of_something_else_is_still_an_error(cli, generic, env, monk
     monkeypatch.setattr(sk, "cmd_list", broken)     # build_parser() looks it up per call
     r = cli("list")
     assert r.rc == 1 and "Broken pipe" in r.err, r
+
+
+# --------------------------------------------------------------------------- non-UTF-8 names
+
+
+def test_non_utf8_dataset_path_on_a_strict_utf8_stdout(tmp_path):
+    """A directory whose name is not valid UTF-8, with PYTHONIOENCODING=utf-8:strict: `add`
+    registered it and then exited 1 with "internal error (UnicodeEncodeError)". Now every
+    command prints the path escaped and exits 0, and the registry holds the exact bytes."""
+    scratch, state = tmp_path / "scratch", tmp_path / "state"
+    scratch.mkdir()
+    raw = os.path.join(os.fsencode(str(scratch)), b"caf\xe9 \xff")
+    os.mkdir(raw)
+    with open(os.path.join(raw, b"f"), "wb") as f:
+        f.write(b"x")
+    path = os.fsdecode(raw)         # surrogateescape: subprocess passes the bytes back
+    strict = {"PYTHONIOENCODING": "utf-8:strict"}
+    r = run(state, "init", "--profile", "generic", "--scratch-root", scratch, **strict)
+    assert r.rc == 0, r
+    r = run(state, "add", "--name", "cafe", "--path", path, "--keep-until", KEEP, **strict)
+    assert r.rc == 0, r
+    assert r.err == "", r
+    assert "caf\\udce9 \\udcff" in r.out or "caf\\xe9 \\xff" in r.out, r
+    assert os.path.exists(os.path.join(raw, b".scratch-keepalive"))
+    entries = run(state, "list", "--json", **strict).json()
+    assert os.fsencode(entries[0]["path"]) == raw
+    for argv in (["list"], ["status"], ["status", "--name", "cafe"], ["refresh"],
+                 ["refresh", "--name", "cafe", "--json"], ["remove", "--name", "cafe"]):
+        r = run(state, *argv, **strict)
+        assert r.rc == 0 and "error" not in r.err, (argv, r)
+    assert run(state, "list", "--json").json() == []
+
+
+# --------------------------------------------------------------------------- .ci/run
+
+
+def ci_testbed_condition():
+    """The condition of .ci/run's `if ...; then` that starts the Slurm test bed."""
+    text = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    found = [m.group(1) for m in re.finditer(r"^if (.*); then$", text, re.M)
+             if "slurm-testbed.sh" in m.group(1)]
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.mark.parametrize("uid, has_script, starts", [("0", True, True), ("1000", True, False),
+                                                     ("0", False, False),
+                                                     ("1000", False, False)])
+def test_ci_starts_the_testbed_only_as_root_where_the_script_is(tmp_path, uid, has_script,
+                                                               starts):
+    """`[ "$(id -u)" = 0 ] && [ -x S ] || [ -f S ]` started the test bed whenever the
+    script existed, root or not. The condition is run by bash as .ci/run runs it, with an
+    `id` that reports the uid under test."""
+    fakebin = tmp_path / "bin"
+    fakebin.mkdir()
+    (fakebin / "id").write_text('#!/bin/sh\n[ "$1" = -u ] && echo %s\n' % uid)
+    (fakebin / "id").chmod(0o755)
+    work = tmp_path / "checkout"
+    (work / "tools").mkdir(parents=True)
+    if has_script:
+        shutil.copy2(str(REPO / "tools" / "slurm-testbed.sh"), str(work / "tools"))
+    script = "if %s; then echo start; else echo skip; fi" % ci_testbed_condition()
+    p = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=str(work),
+                       env=dict(os.environ, PATH="%s:%s" % (fakebin, os.environ["PATH"])),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    assert p.returncode == 0, p
+    assert p.stdout.strip() == ("start" if starts else "skip"), p
