@@ -195,6 +195,20 @@ class StateError(Failure):
     exit_code = EXIT_FAIL
 
 
+class DiskFullError(Failure, OSError):
+    """A write failed because the disk or the quota is full; the message names the file.
+
+    Still an OSError with its errno, so that code which tolerates a failed write (a record
+    that is only informative) keeps tolerating it.
+    """
+
+    def __init__(self, code, message, filename=None):
+        OSError.__init__(self, code, message, filename)
+
+    def __str__(self):
+        return self.strerror
+
+
 class _ParserExit(Exception):
     """argparse wanted to exit (after --help or --version)."""
 
@@ -380,8 +394,8 @@ def raise_if_full(e, path):
 
     (The OSError of a failed write() names no file, and permissions are not the problem.)
     """
-    if isinstance(e, OSError) and e.errno in FULL_ERRNOS:
-        raise Failure(full_message(e, path)) from None
+    if isinstance(e, OSError) and e.errno in FULL_ERRNOS and not isinstance(e, DiskFullError):
+        raise DiskFullError(e.errno, full_message(e, path), path) from None
 
 
 def full_message(e, path=None):
