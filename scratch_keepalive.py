@@ -3723,7 +3723,8 @@ def cmd_add(args, ctx):
         emit_json(ctx, entry)
         return EXIT_OK
     say(ctx, "Added %r: %s, kept until %s, refreshed every %d days, %s mode" % (
-        entry["name"], display_path(entry["path"]), entry["keep_until"], entry["cadence_days"], entry["mode"]))
+        entry["name"], display_path(entry["path"]), entry["keep_until"], entry["cadence_days"],
+        entry["mode"]))
     if entry["mode"] == "check":
         note(ctx, "%r has no site approval: refresh will only check it and report what is at "
                   "risk (IU forbids refreshing access times to avoid the purge). Record an "
