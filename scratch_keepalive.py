@@ -54,6 +54,7 @@ import itertools
 import json
 import os
 import re
+import select
 import signal
 import socket
 import stat
@@ -77,8 +78,11 @@ PROG = "scratch-keepalive"
 FORMAT = 1                      # format version of every JSON state file
 SENTINEL = ".scratch-keepalive"
 JOB_NAME = "scratch-keepalive"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# WARNING: \Z, not $: "$" also matches before a trailing newline ("evil\n" would pass).
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 DAY = 86400
+# A write failed because the disk or the user's quota is full.
+FULL_ERRNOS = tuple(getattr(errno, n) for n in ("ENOSPC", "EDQUOT") if hasattr(errno, n))
 
 EXIT_OK = 0
 EXIT_FAIL = 1
@@ -86,6 +90,7 @@ EXIT_USAGE = 2
 EXIT_STOPPED = 3
 EXIT_BUSY = 4
 EXIT_INTERRUPTED = 130
+EXIT_PIPE = 141         # 128 + SIGPIPE: what a shell reports for git in `git log | head -1`
 # With several datasets, the command's exit code is the first of these that
 # any of them produced.
 EXIT_PRIORITY = (EXIT_INTERRUPTED, EXIT_FAIL, EXIT_STOPPED, EXIT_BUSY, EXIT_OK)
@@ -153,6 +158,9 @@ AT_FDCWD = -100
 AT_SYMLINK_NOFOLLOW = 0x100
 
 O_NOATIME = getattr(os, "O_NOATIME", 0)
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 O_DIR_FLAGS = (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
                | getattr(os, "O_CLOEXEC", 0))
 
@@ -185,6 +193,20 @@ class BusyError(Failure):
 class StateError(Failure):
     """A state file cannot be read; `repair` mends it (exit 1)."""
     exit_code = EXIT_FAIL
+
+
+class DiskFullError(Failure, OSError):
+    """A write failed because the disk or the quota is full; the message names the file.
+
+    Still an OSError with its errno, so that code which tolerates a failed write (a record
+    that is only informative) keeps tolerating it.
+    """
+
+    def __init__(self, code, message, filename=None):
+        OSError.__init__(self, code, message, filename)
+
+    def __str__(self):
+        return self.strerror
 
 
 class _ParserExit(Exception):
@@ -351,8 +373,12 @@ def atomic_write(path, data, mode=0o600):
     Temp file in the same directory, flush, fsync, os.replace, fsync the directory.
     """
     directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                                   dir=directory)
+    except OSError as e:
+        raise_if_full(e, path)
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), mode)
@@ -360,11 +386,28 @@ def atomic_write(path, data, mode=0o600):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        raise_if_full(e, path)
         raise
     fsync_dir(directory)
+
+
+def raise_if_full(e, path):
+    """A write to path failed with e: when the disk or the quota is full, say so and name it.
+
+    (The OSError of a failed write() names no file, and permissions are not the problem.)
+    """
+    if isinstance(e, OSError) and e.errno in FULL_ERRNOS and not isinstance(e, DiskFullError):
+        raise DiskFullError(e.errno, full_message(e, path), path) from None
+
+
+def full_message(e, path=None):
+    where = display_path(path) if path else "the state directory or the dataset"
+    return ("cannot write %s: the disk or quota is full (%s); free some space there (see "
+            "`df -h` and `quota`), or use another state directory (--state-dir)"
+            % (where, e.strerror))
 
 
 def dump_json(obj):
@@ -460,8 +503,8 @@ class Store(object):
     @contextlib.contextmanager
     def registry_lock(self):
         self.ensure()
-        fd = os.open(os.path.join(self.lock_dir, ".registry.lock"),
-                     os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        fd = open_nofollow(os.path.join(self.lock_dir, ".registry.lock"),
+                           os.O_RDWR | os.O_CREAT | O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -544,22 +587,53 @@ class Store(object):
         with contextlib.suppress(FileExistsError):
             os.makedirs(d, mode=0o700)
         # Names sort by start time: prune_logs() keeps the newest by name.
-        path = os.path.join(d, "%s.%06d-%s-%d.log" % (
-            time.strftime("%Y%m%dT%H%M%S", time.gmtime(started)),
-            int((started % 1) * 1e6), mode, os.getpid()))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0),
-                     0o600)
-        return path, os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
+        base = "%s.%06d-%s-%d.log" % (time.strftime("%Y%m%dT%H%M%S", time.gmtime(started)),
+                                      int((started % 1) * 1e6), mode, os.getpid())
+        dfd = self.open_dir("logs", name)
+        try:
+            fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_APPEND | O_NOFOLLOW | O_CLOEXEC,
+                         0o600, dir_fd=dfd)
+        finally:
+            os.close(dfd)
+        return (os.path.join(d, base),
+                os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace"))
 
     def prune_logs(self, name, keep=KEEP_LOGS):
-        d = self.dataset_log_dir(name)
         try:
-            logs = sorted(f for f in os.listdir(d) if f.endswith(".log"))
-        except OSError:
+            dfd = self.open_dir("logs", name)
+        except (OSError, StateError):
             return
-        for f in logs[:-keep] if keep else logs:
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(d, f))
+        try:
+            logs = sorted(f for f in os.listdir(dfd) if f.endswith(".log"))
+            for f in logs[:-keep] if keep else logs:
+                with contextlib.suppress(OSError):
+                    os.unlink(f, dir_fd=dfd)
+        finally:
+            os.close(dfd)
+
+    def open_dir(self, *parts):
+        """A descriptor of the directory self.dir/parts..., never through a symlink.
+
+        WARNING: the state directory is ours, and nothing in it is followed: a symlink at
+        logs/NAME made log pruning delete files wherever it pointed. (The state directory
+        itself may be reached through a symlink.)
+        """
+        fd = os.open(self.dir, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        try:
+            for i, part in enumerate(parts):
+                try:
+                    sub = os.open(part, os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC,
+                                  dir_fd=fd)
+                except OSError as e:
+                    if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    raise not_followed(os.path.join(self.dir, *parts[:i + 1])) from None
+                os.close(fd)
+                fd = sub
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     # -- locks
     def lock_path(self, name):
@@ -578,7 +652,7 @@ class FileLock(object):
         self.fd = None
 
     def acquire(self):
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT | O_CLOEXEC, 0o600)
         deadline = time.monotonic() + self.wait
         while True:
             try:
@@ -592,9 +666,14 @@ class FileLock(object):
                     os.close(fd)
                     raise BusyError(self.busy % lock_holder(self.path))
                 time.sleep(0.2)
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "since": iso(time.time())}).encode("ascii"))
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                     "since": iso(time.time())}).encode("ascii"))
+        except OSError as e:
+            os.close(fd)
+            raise_if_full(e, self.path)
+            raise
         self.fd = fd
         return self
 
@@ -625,6 +704,23 @@ class DatasetLock(FileLock):
     def acquire(self):
         self.store.ensure()
         return FileLock.acquire(self)
+
+
+def not_followed(path):
+    return StateError("%s is a symlink (or not a directory); %s never follows one inside its "
+                      "state directory; delete it (`rm %s`: what a link points to is not "
+                      "touched), then run the command again" % (display_path(path), PROG,
+                                                               display_path(path)))
+
+
+def open_nofollow(path, flags, mode=0o600):
+    """os.open of a file in the state directory that refuses a symlink with a StateError."""
+    try:
+        return os.open(path, flags | O_NOFOLLOW, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise not_followed(path) from None
+        raise
 
 
 def lock_holder(path):
@@ -1916,7 +2012,9 @@ def _add(ctx, name, path, keep_until, cadence_days, approval):
     if not is_below(real, real_root):
         raise UsageError("--path %s (really %s) is not below the scratch root %s; only datasets "
                          "on scratch need keeping alive" % (path, real, real_root))
-    with store.update_registry() as reg:
+    # The registry is saved when update_registry() exits, so the rollback sits outside it:
+    # a failed save (a full state directory) must not leave the new sentinel behind.
+    with _sentinel_rollback(real) as created, store.update_registry() as reg:
         if name in reg["datasets"]:
             raise UsageError("a dataset named %r is already registered; choose another name or "
                              "`%s remove --name %s` first" % (name, PROG, name))
@@ -1929,14 +2027,23 @@ def _add(ctx, name, path, keep_until, cadence_days, approval):
               "last_refresh": None, "last_refresh_start": None, "last_mode": None,
               "last_touch_start": None, "last_check_start": None,
               "last_run": None, "last_total_entries": None}
-        created = create_sentinel(real, ds)
-        try:
-            reg["datasets"][name] = ds
-        except BaseException:
-            if created:
-                delete_sentinel(real)
-            raise
+        if create_sentinel(real, ds):
+            created.append(real)
+        reg["datasets"][name] = ds
     return _list_entry(ctx, cfg, ds)
+
+
+@contextlib.contextmanager
+def _sentinel_rollback(root):
+    """Yields a list; when the block fails after a path was appended to it (a sentinel this
+    call created), that sentinel is deleted again."""
+    created = []
+    try:
+        yield created
+    except BaseException:
+        if created:
+            delete_sentinel(root)
+        raise
 
 
 def _list_entry(ctx, cfg, ds):
@@ -2118,7 +2225,7 @@ def refresh(name=None, due=False, check=False, dry_run=False, max_seconds=None,
             progress=None, workers=None):
     """Refresh (or check) datasets. Returns {"results": [...], "exit_code": N, "notes": [...]}.
 
-    should_stop() may return "term" or "int" to stop the walk at the next
+    should_stop() may return "term", "hup" or "int" to stop the walk at the next
     entry, with the checkpoint saved. No printing, no signal handlers.
     """
     ctx = _ctx(state_dir, env)
@@ -2229,12 +2336,48 @@ def _refresh_one(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
     name = ds["name"]
     if not root_present(ds["path"]):
         raise Failure("dataset %r: its root %s is missing" % (name, ds["path"]))
+    _test_pause(ctx.env, "before-lock")
     lock = None if opts.dry_run else DatasetLock(store, name).acquire()
     try:
-        return _walk_dataset(ctx, cfg, ds, mode, opts, budget, should_stop, progress)
+        # Read again under the lock: a `remove` (or a remove and re-add elsewhere) may have
+        # finished since the registry was read, and its data must not be walked.
+        current = store.load_registry()["datasets"].get(name)
+        if current is None or current.get("path") != ds["path"]:
+            return _gone_result(ds, mode, current, opts)
+        return _walk_dataset(ctx, cfg, current, mode, opts, budget, should_stop, progress)
+    except OSError as e:
+        raise_if_full(e, e.filename or store.dir)     # the log or the record: name the place
+        raise
     finally:
         if lock is not None:
             lock.release()
+
+
+def _gone_result(ds, mode, current, opts):
+    """The result for a dataset removed (or moved) while this refresh was starting."""
+    r = empty_result(ds["name"], mode)
+    if current is None:
+        r["reason"] = "it was removed while this refresh was starting; nothing was walked"
+    else:
+        r["reason"] = ("its path changed to %s while this refresh was starting; nothing was "
+                       "walked (refresh it again)" % display_path(current["path"]))
+    return r, (EXIT_FAIL if opts.name is not None else EXIT_OK)
+
+
+def _test_pause(env, point):
+    """A test seam, not an interface: with _SCRATCH_KEEPALIVE_TEST_PAUSE=POINT:DIR the run
+    creates DIR/POINT.waiting at this point and waits (60 s at most) for DIR/POINT.go, so a
+    test can run another command in a window that is otherwise too short to hit."""
+    spec = env.get("_SCRATCH_KEEPALIVE_TEST_PAUSE", "")
+    want, _, directory = spec.partition(":")
+    if want != point or not directory:
+        return
+    with open(os.path.join(directory, point + ".waiting"), "w"):
+        pass
+    deadline = time.monotonic() + 60
+    while not os.path.exists(os.path.join(directory, point + ".go")) and \
+            time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _walk_dataset(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
@@ -3172,6 +3315,7 @@ def _diagnose(ctx):
                                       "from the sentinels" % e, fix="registry"))
     root = scratch_root_of(cfg, ctx.env) if cfg else None
     checks += _check_environment(ctx, cfg, root)
+    checks += _check_state_links(store)
     checks += _check_checkpoints(ctx, reg)
     checks += _check_locks(ctx)
     if cfg and reg is not None:
@@ -3215,6 +3359,25 @@ def _check_environment(ctx, cfg, root):
         out.append(Check("state-dir", "ok", "state directory %s is private and writable"
                          % store.dir))
     return out
+
+
+def _check_state_links(store):
+    """Symlinks inside the state directory: never followed, so what they meant is not done."""
+    links = []
+    for dirpath, dirs, files in os.walk(store.dir):     # os.walk does not follow them either
+        for name in sorted(dirs + files):
+            p = os.path.join(dirpath, name)
+            if os.path.islink(p):
+                links.append(p)
+    if not links:
+        return []
+    return [Check("state-links", "fail", "%s %s a symlink inside the state directory, which %s "
+                  "never follows (a refresh does not log through one); delete %s (`rm`: what "
+                  "a link points to is not touched)" % (
+                      ", ".join(display_path(p) for p in links[:3]) + (
+                          " ..." if len(links) > 3 else ""),
+                      "is" if len(links) == 1 else "are each", PROG,
+                      "it" if len(links) == 1 else "them"))]
 
 
 def _loose_permissions(store):
@@ -3268,7 +3431,7 @@ def _check_checkpoints(ctx, reg):
 
 def _lock_record(path):
     try:
-        with open(path) as f:
+        with os.fdopen(os.open(path, os.O_RDONLY | O_NOFOLLOW)) as f:
             text = f.read()
         return json.loads(text) if text.strip() else None
     except (OSError, ValueError):
@@ -3277,7 +3440,7 @@ def _lock_record(path):
 
 def _lock_is_held(path):
     try:
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_RDWR | O_NOFOLLOW)
     except OSError:
         return False
     try:
@@ -3751,11 +3914,25 @@ def emit_json(ctx, obj):
 
 
 def say(ctx, text=""):
-    ctx.out.write(text + "\n")
+    write_safely(ctx.out, text + "\n")
 
 
 def note(ctx, text, to_err=False):
-    (ctx.err if to_err else ctx.out).write("note: %s\n" % text)
+    write_safely(ctx.err if to_err else ctx.out, "note: %s\n" % text)
+
+
+def write_safely(stream, text):
+    """Write text; what the stream cannot encode is written escaped instead of failing.
+
+    A path that is not valid UTF-8 is held decoded with surrogateescape: on a strict UTF-8
+    stdout (PYTHONIOENCODING=utf-8:strict) printing it raised UnicodeEncodeError after the
+    command had done its work. Paths should go through display_path(); this is the net.
+    """
+    try:
+        stream.write(text)
+    except UnicodeEncodeError:
+        enc = getattr(stream, "encoding", None) or "ascii"
+        stream.write(text.encode(enc, "backslashreplace").decode(enc, "replace"))
 
 
 def table(rows, headers):
@@ -3865,7 +4042,8 @@ def cmd_add(args, ctx):
         emit_json(ctx, entry)
         return EXIT_OK
     say(ctx, "Added %r: %s, kept until %s, refreshed every %d days, %s mode" % (
-        entry["name"], entry["path"], entry["keep_until"], entry["cadence_days"], entry["mode"]))
+        entry["name"], display_path(entry["path"]), entry["keep_until"], entry["cadence_days"],
+        entry["mode"]))
     if entry["mode"] == "check":
         note(ctx, "%r has no site approval: refresh will only check it and report what is at "
                   "risk (IU forbids refreshing access times to avoid the purge). Record an "
@@ -3965,15 +4143,24 @@ def _schedule_lines(ctx):
 
 @contextlib.contextmanager
 def stop_signals():
-    """SIGTERM and SIGINT ask the walk to stop and checkpoint; handlers restored on exit."""
+    """SIGTERM, SIGHUP and SIGINT ask the walk to stop and checkpoint; handlers restored on exit.
+
+    SIGHUP is a closed terminal or a dropped SSH session: the walk stops as for SIGTERM
+    (exit 3, progress checkpointed, lock released) instead of dying with its progress lost.
+    Forked worker processes inherit the handler, so a hangup sent to the whole process
+    group does not kill them under the main process.
+    """
     flag = {"reason": None}
+    reasons = {signal.SIGINT: "int", signal.SIGTERM: "term"}
+    if hasattr(signal, "SIGHUP"):
+        reasons[signal.SIGHUP] = "hup"
 
     def handler(signum, frame):
-        flag["reason"] = "int" if signum == signal.SIGINT else "term"
+        flag["reason"] = reasons.get(signum, "term")
 
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in reasons:
             previous[sig] = signal.signal(sig, handler)
     try:
         yield lambda: flag["reason"]
@@ -4122,7 +4309,8 @@ examples:
 exit codes:
   0 done, 1 failed or entry errors or doctor found a problem, 2 usage or invalid input
   (nothing changed), 3 stopped early (progress checkpointed), 4 busy (locked by another
-  process), 130 interrupted (progress checkpointed)
+  process), 130 interrupted (progress checkpointed), 141 the output pipe was closed
+  (`list | head -1`: the command ends quietly, as git does)
 
 state: $SCRATCH_KEEPALIVE_HOME, else $XDG_STATE_HOME/scratch-keepalive, else
   ~/.local/state/scratch-keepalive (or --state-dir DIR). SCRATCH_KEEPALIVE_SCRATCH_ROOT
@@ -4359,9 +4547,16 @@ def main(argv=None):
     try:
         args = build_parser().parse_args(list(argv))
         ctx = Context(state_dir=args.state_dir, out=out, err=err)
-        return int(args.func(args, ctx) or 0)
+        code = int(args.func(args, ctx) or 0)
+        out.flush()     # a closed pipe shows here when all the output fit in the buffer
+        return code
     except _ParserExit as e:
-        return e.status
+        return flushed(out, e.status)
+    except BrokenPipeError as e:
+        if output_closed(out):
+            return quiet_after_closed_pipe(out)
+        err.write("%s: error: %s; check the path and its permissions\n" % (PROG, e))
+        return EXIT_FAIL
     except Failure as e:
         err.write("%s: error: %s\n" % (PROG, e))
         return e.exit_code
@@ -4369,6 +4564,9 @@ def main(argv=None):
         err.write("%s: error: interrupted\n" % PROG)
         return EXIT_INTERRUPTED
     except OSError as e:
+        if e.errno in FULL_ERRNOS:
+            err.write("%s: error: %s\n" % (PROG, full_message(e, e.filename)))
+            return EXIT_FAIL
         err.write("%s: error: %s; check the path and its permissions\n" % (PROG, e))
         return EXIT_FAIL
     except Exception as e:     # a bug: still one line, never a traceback, unless asked
@@ -4377,6 +4575,39 @@ def main(argv=None):
         err.write("%s: error: internal error (%s: %s); rerun with SCRATCH_KEEPALIVE_DEBUG=1 "
                   "for a traceback and report it\n" % (PROG, type(e).__name__, e))
         return EXIT_FAIL
+
+
+def flushed(stream, code):
+    """code, once stream is flushed; EXIT_PIPE (quietly) when its reader has gone away."""
+    try:
+        stream.flush()
+    except BrokenPipeError:
+        return quiet_after_closed_pipe(stream)
+    return quiet_after_closed_pipe(stream) if output_closed(stream) else code
+
+
+def output_closed(stream):
+    """True when nobody reads stream any more (the reader of a pipe or socket went away)."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, ValueError, OSError):
+        return False
+    p = select.poll()
+    p.register(fd, select.POLLOUT)
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in p.poll(0))
+
+
+def quiet_after_closed_pipe(stream):
+    """The reader of the output went away (`list | head -1`): end quietly, as git does.
+
+    The descriptor is pointed at /dev/null so that the interpreter's last flush of what is
+    still buffered cannot print "Exception ignored ... BrokenPipeError" at exit.
+    """
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    return EXIT_PIPE
 
 
 if __name__ == "__main__":
