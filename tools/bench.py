@@ -976,7 +976,6 @@ class Bench(object):
         a, t = self.args, self.trees["latency"]
         counts_file = os.path.join(self.builddir, "shim-counts")
         lat = {"latency_ms": a.latency_ms, "entries": t.entries, "title": t.title}
-        self.report["latency"] = lat
         log("latency: warm-up (untimed) tool --check --threads 1 without the shim")
         self.run_tool(t.key, check=True, extra=["--threads", "1"])
         variants = latency_variants()
@@ -1001,6 +1000,7 @@ class Bench(object):
         lat["anomalies"] = ["%s: the shim delayed %s calls for %s entries"
                             % (k, fmt_int(s["delayed_calls"]), fmt_int(t.entries))
                             for k, s in summary.items() if s["delayed_calls"] < t.entries]
+        self.report["latency"] = lat
 
     # -- cleanup
     def cleanup(self):
