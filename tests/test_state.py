@@ -76,7 +76,35 @@ def no_slurm(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def shm(env, monkeypatch):
+    """State and scratch on tmpfs (no fsync waits on a shared disk): the generator runs
+    thousands of commands."""
+    base = Path(tempfile.mkdtemp(prefix="sk-gen-", dir="/dev/shm" if os.path.isdir("/dev/shm")
+                                 else None))
+    (base / "scratch").mkdir()
+    env.update(state=base / "state", scratch=base / "scratch")
+    monkeypatch.setenv("SCRATCH_KEEPALIVE_HOME", str(base / "state"))
+    yield env
+    shutil.rmtree(str(base), ignore_errors=True)
+
+
+@pytest.fixture
+def shm_generic(shm, cli):
+    assert cli("init", "--profile", "generic", "--scratch-root", shm["scratch"]).rc == 0
+    return shm
+
+
+@pytest.fixture
 def two(cli, generic, no_slurm, monkeypatch):
+    return make_two(cli, generic, monkeypatch)
+
+
+@pytest.fixture
+def shm_two(cli, shm_generic, no_slurm, monkeypatch):
+    return make_two(cli, shm_generic, monkeypatch)
+
+
+def make_two(cli, generic, monkeypatch):
     """Datasets `ds` (kept until KEEP, defaults) and `keep` (2031-01-01, every 7 days, with
     an approval), both refreshed once, with a registry backup equal to the registry."""
     monkeypatch.setenv("SCRATCH_KEEPALIVE_NOW", sk.iso(time.time()))
@@ -443,3 +471,209 @@ def test_temp_files_of_killed_writes_are_cleaned_but_not_a_live_ones(cli, two):
     assert len([a for a in r.json()["actions"] if a.startswith("remove ")]) == 2, r
     assert not [f for f in os.listdir(str(state)) if f.endswith(".tmp")]
     assert cli("doctor").rc == 0
+
+
+# ------------------------------------------------------------------ 6. the generator
+#
+# Each state document of a small real setup is derived into malformed variants: every field
+# (nested ones too) deleted, null, of a wrong type, out of range; and the whole file cut
+# short, empty, nested too deeply, not UTF-8, not an object, of a newer format, a directory.
+# Each variant runs in-process, from a fresh copy, through commands that read state: a
+# damaged file through all of them, a damaged field through a slice of four (consecutive
+# fields take consecutive slices, so every command meets every document's damage), then
+# repair and doctor.
+
+COMMANDS = [["list"], ["status"], ["status", "--name", "ds"], ["refresh"], ["refresh", "--due"],
+            ["extend", "--name", "ds", "--keep-until", KEEP], ["enable", "--name", "ds"],
+            ["disable", "--name", "ds"], ["remove", "--name", "ds"],
+            ["add", "--name", "new", "--path", "{scratch}/new", "--keep-until", KEEP],
+            ["install-cron", "--dry-run"], ["uninstall-cron"], ["doctor"], ["repair"],
+            ["repair", "--dry-run"]]
+DELETE = object()
+
+
+def wrong_values(value):
+    """Values of other types than value, and out-of-range ones of its own."""
+    out = [DELETE, None]
+    if isinstance(value, bool):
+        out += [1]
+    elif isinstance(value, int):
+        out += [-1, "7"]
+    elif isinstance(value, str):
+        out += [7, "2030-02-30" if value[:2] in ("19", "20") else ""]
+    elif isinstance(value, list):
+        out += [[None]]
+    elif isinstance(value, dict):
+        out += [[value]]
+    else:
+        out += [{}]
+    return out
+
+
+def field_variants(root, path=()):
+    """(label, document) for each field of root (recursively) set to each wrong value."""
+    doc = root
+    for p in path:
+        doc = doc[p]
+    for key in sorted(doc):
+        if (path == () and key == "format") or path + (key,) == ("datasets", "keep"):
+            continue    # the format has its own variants below; `keep` is the valid entry
+        for bad in wrong_values(doc[key]):
+            new = json.loads(json.dumps(root))
+            target = new
+            for p in path:
+                target = target[p]
+            if bad is DELETE:
+                del target[key]
+            else:
+                target[key] = bad
+            yield ("%s=%s" % (".".join(path + (key,)), "deleted" if bad is DELETE
+                              else json.dumps(bad)), json.dumps(new).encode())
+        counts = isinstance(doc[key], dict) and all(type(v) is int for v in doc[key].values())
+        if isinstance(doc[key], dict) and len(path) < 3 and not counts:
+            for v in field_variants(root, path + (key,)):
+                yield v
+
+
+def file_variants(data):
+    doc = json.loads(data.decode())
+    newer = dict(doc, format=sk.FORMAT + 1)
+    return [("truncated", data[:len(data) // 2]), ("empty", b""),
+            ("deep nesting", b"[" * 100000), ("not UTF-8", b"\xff\xfe" + data[2:]),
+            ("a list", b"[]"), ("null", b"null"), ("a string", b'"x"'),
+            ("no format", json.dumps(dict((k, v) for k, v in doc.items() if k != "format"))
+             .encode()), ("format '1'", json.dumps(dict(doc, format="1")).encode()),
+            ("format 0", json.dumps(dict(doc, format=0)).encode()),
+            ("newer", json.dumps(newer).encode()), ("directory", None)]
+
+
+@pytest.fixture
+def template(cli, shm_two, tmp_path):
+    """The setup of `two` plus a checkpoint, a schedule record and a dead holder's lock
+    record: every kind of state document, each valid. Returns (setup, saved copies)."""
+    two = shm_two
+    state, scratch = two["state"], two["scratch"]
+    assert cli("refresh", "--name", "ds", "--max-entries", "2", "--threads", "1").rc == 3
+    for _ in range(2):      # the backup becomes equal to the registry again
+        assert cli("enable", "--name", "keep").rc == 0
+    (scratch / "new").mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    write_private(state / "locks" / "ds.lock", json.dumps(
+        {"pid": dead.pid, "host": sk.socket.gethostname(), "since": sk.iso(time.time())})
+        .encode())
+    now = sk.iso(time.time())
+    write_private(state / "schedule.json", sk.dump_json({
+        "format": 1, "method": "sbatch", "cadence_days": 7, "account": None,
+        "partition": "general", "cpus": 1, "mem": "2G", "time": "2:00:00",
+        "python": sys.executable, "script": str(SCRIPT), "job_script": str(state / "job.sh"),
+        "installed": now, "job_id": "17", "state_dir": str(state), "scratch_root": str(scratch),
+        "last_run": {"job_id": "17", "finished": now, "exit_code": 0, "continuation": None,
+                     "datasets": ["ds", "keep"]}}))
+    saved = two["state"].parent / "saved"
+    shutil.copytree(str(state), str(saved / "state"), symlinks=True)
+    shutil.copytree(str(scratch), str(saved / "scratch"), symlinks=True)
+    assert cli("doctor").rc == 1        # only the dead holder's lock: repair removes it
+    return two, saved
+
+
+def restore(setup, saved):
+    for name in ("state", "scratch"):
+        shutil.rmtree(str(setup[name]))
+        shutil.copytree(str(saved / name), str(setup[name]), symlinks=True)
+
+
+def plant(path, data):
+    if data is None:
+        if os.path.lexists(str(path)):
+            os.unlink(str(path))
+        os.mkdir(str(path), 0o700)
+    else:
+        write_private(path, data)
+
+
+@contextlib.contextmanager
+def one_cpu():
+    """Walks on one CPU run in this process (no worker processes): the generator stays fast."""
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(old)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+DOCUMENTS = {"config": "config.json", "registry": "registry.json",
+             "checkpoint": "checkpoints/ds.json", "schedule": "schedule.json",
+             "lock": "locks/ds.lock"}
+# What doctor may still name after repair: what only the user can mend.
+LEFT_FOR_USER = {"config": {"config"}, "registry": set(), "checkpoint": set(),
+                 "schedule": set(), "lock": set()}
+NEWER = {"config": {"config"}, "registry": {"registry"}, "checkpoint": {"checkpoint:ds"},
+         "schedule": {"schedule"}, "lock": set()}
+
+
+def run_variant(cli, setup, saved, doc, label, data, argv):
+    path = setup["state"] / DOCUMENTS[doc]
+    restore(setup, saved)
+    plant(path, data)
+    argv = [a.format(scratch=setup["scratch"]) for a in argv]
+    r = cli(*argv)
+    what = (doc, label, argv, r)
+    assert r.rc in (0, 1, 2, 3, 4), what
+    assert "internal error" not in r.err + r.out and "Traceback" not in r.err, what
+    errors = [line for line in r.err.splitlines() if "error:" in line]
+    assert len(errors) <= 1, what
+    if errors:
+        assert errors[0].startswith("scratch-keepalive: error: "), what
+        assert str(path) in errors[0], what
+    if label == "newer":
+        assert path.read_bytes() == data, ("newer file changed", what)
+    return r
+
+
+def after_repair(cli, setup, saved, doc, label, data):
+    """repair leaves the valid entries as they were and doctor names only what is the user's."""
+    path = setup["state"] / DOCUMENTS[doc]
+    restore(setup, saved)
+    plant(path, data)
+    r = cli("repair")
+    assert r.rc == 0, (doc, label, r)
+    if not (doc == "registry" and label == "newer"):
+        good = json.loads((saved / "state" / "registry.json").read_text())["datasets"]
+        if doc == "registry" and "registry" not in r.out:
+            good = json.loads(data.decode())["datasets"]    # valid as it is: left alone
+        assert reg_doc(setup["state"])["datasets"] == good, (doc, label, r)
+    r = cli("doctor", "--json")
+    failed = set(c["name"] for c in r.json()["checks"] if not c["ok"])
+    allowed = NEWER[doc] if label == "newer" else LEFT_FOR_USER[doc]
+    assert failed <= allowed, (doc, label, r.out)
+
+
+def variants(saved, doc):
+    data = (saved / "state" / DOCUMENTS[doc]).read_bytes()
+    out = list(field_variants(json.loads(data.decode())))
+    if doc != "lock":
+        out += file_variants(data)
+    else:       # a lock record has no format: only damage; its file stays a file (flock)
+        out += [v for v in file_variants(data) if v[0] in ("truncated", "empty", "deep nesting",
+                                                            "not UTF-8", "a list", "null")]
+    return out
+
+
+@pytest.mark.parametrize("doc", sorted(DOCUMENTS))
+def test_generated_malformed_state(cli, template, doc, monkeypatch):
+    setup, saved = template
+    cases = variants(saved, doc)
+    assert len(cases) >= 15, cases
+    monkeypatch.setenv("LANGUAGE", "C")     # argparse's gettext then looks up no catalogue
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("LINES", "24")
+    fields = len(cases) - len(file_variants(b"{}")) if doc != "lock" else len(cases) - 6
+    with one_cpu():
+        for i, (label, data) in enumerate(cases):
+            argvs = COMMANDS if i >= fields else \
+                [COMMANDS[(4 * i + j) % len(COMMANDS)] for j in range(4)]
+            for argv in argvs:
+                run_variant(cli, setup, saved, doc, label, data, argv)
+            after_repair(cli, setup, saved, doc, label, data)
