@@ -3492,12 +3492,9 @@ def _check_dataset(ctx, cfg, root, ds):
 def _check_schedule(ctx, cfg, reg):
     prof = profile_of(cfg)
     enabled = [d for d in reg["datasets"].values() if d.get("enabled", True)]
-    try:
-        doc = load_schedule(ctx.store)
-    except StateError as e:
-        return [Check("schedule", "fail", "%s%s" % (e, ", then `%s install-cron` again" % PROG
-                                                    if isinstance(e, InvalidState) else ""),
-                      fix=_state_fix(e, "schedule"))]
+    doc, failed = _schedule_record(ctx)
+    if failed:
+        return failed
     slurm = ctx.slurm
     if slurm.run(["squeue", "--version"]) is None:
         return [Check("schedule", "warn", "Slurm is not installed here (not on a cluster?): "
@@ -3552,6 +3549,16 @@ def _check_schedule(ctx, cfg, reg):
                              "%s; run `%s install-cron` with a valid --account/--partition" % (
                                  reason, PROG)))
     return out
+
+
+def _schedule_record(ctx):
+    """(the schedule record, None), or (None, [the check that says why it cannot be used])."""
+    try:
+        return load_schedule(ctx.store), None
+    except StateError as e:
+        return None, [Check("schedule", "fail", "%s%s" % (
+            e, ", then `%s install-cron` again" % PROG if isinstance(e, InvalidState) else ""),
+            fix=_state_fix(e, "schedule"))]
 
 
 def _our_block(text):
