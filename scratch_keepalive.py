@@ -77,12 +77,15 @@ __all__ = [
 PROG = "scratch-keepalive"
 FORMAT = 1                      # format version of every JSON state file
 SENTINEL = ".scratch-keepalive"
+SENTINEL_SETTINGS = ("keep_until", "cadence_days", "approval")   # recorded for a rebuild
 JOB_NAME = "scratch-keepalive"
 # WARNING: \Z, not $: "$" also matches before a trailing newline ("evil\n" would pass).
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 DAY = 86400
 # A write failed because the disk or the user's quota is full.
 FULL_ERRNOS = tuple(getattr(errno, n) for n in ("ENOSPC", "EDQUOT") if hasattr(errno, n))
+TIME_MIN = 0.0                  # the instants this tool computes with: 1970 to 8999
+TIME_MAX = float(calendar.timegm((9000, 1, 1, 0, 0, 0)))
 
 EXIT_OK = 0
 EXIT_FAIL = 1
@@ -271,6 +274,9 @@ def policy_now(env):
     if t is None:
         raise UsageError("SCRATCH_KEEPALIVE_NOW=%r is not an ISO-8601 time; use e.g. "
                          "2026-08-01T03:00:00Z, or unset it" % text)
+    if not TIME_MIN <= t < TIME_MAX:
+        raise UsageError("SCRATCH_KEEPALIVE_NOW=%r lies outside the years 1970 to 8999; use "
+                         "e.g. 2026-08-01T03:00:00Z, or unset it" % text)
     return t
 
 
@@ -370,11 +376,13 @@ def fsync_dir(path):
 def atomic_write(path, data, mode=0o600):
     """Write bytes to path so that a crash leaves the old file or the new one, never a mix.
 
-    Temp file in the same directory, flush, fsync, os.replace, fsync the directory.
+    Temp file in the same directory (.NAME.PID.XXXXXXXX.tmp), flush, fsync, os.replace,
+    fsync the directory; then the temp files that killed writes of NAME left behind go.
     """
     directory = os.path.dirname(path) or "."
+    base = os.path.basename(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+        fd, tmp = tempfile.mkstemp(prefix=".%s.%d." % (base, os.getpid()), suffix=".tmp",
                                    dir=directory)
     except OSError as e:
         raise_if_full(e, path)
@@ -392,6 +400,41 @@ def atomic_write(path, data, mode=0o600):
         raise_if_full(e, path)
         raise
     fsync_dir(directory)
+    for stale in stale_temps(directory, base):
+        with contextlib.suppress(OSError):
+            os.unlink(stale)
+
+
+# atomic_write's temp files; older ones have no pid in their names.
+_TEMP_RE = re.compile(r"^\.(.+?)\.(?:(\d{1,10})\.)?[a-z0-9_]{8}\.tmp$")
+TEMP_STALE_SECONDS = 60
+
+
+def stale_temps(directory, base=None):
+    """Temp files of atomic writes (of file `base`, or any) that were killed: older than a
+    minute and, where the name records it, of a process that is gone. A live writer's temp
+    file is never among them (its pid lives; on another host sharing the directory, it has
+    been writing for a minute)."""
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    found = []
+    for n in names:
+        m = _TEMP_RE.match(n)
+        if not m or (base is not None and m.group(1) != base):
+            continue
+        p = os.path.join(directory, n)
+        try:
+            st = os.lstat(p)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or time.time() - st.st_mtime < TEMP_STALE_SECONDS:
+            continue
+        if m.group(2) and int(m.group(2)) < 2 ** 31 and _pid_alive(int(m.group(2))):
+            continue
+        found.append(p)
+    return found
 
 
 def raise_if_full(e, path):
@@ -414,31 +457,281 @@ def dump_json(obj):
     return (json.dumps(obj, sort_keys=True, indent=2) + "\n").encode("ascii")
 
 
-def read_json(path, kind):
-    """Read a state document. None when absent; StateError when damaged or too new.
+class UnreadableState(StateError):
+    """A state file exists but cannot be read (permissions): it may be intact, never rebuild it."""
+
+
+class NewerState(StateError):
+    """A state file written by a newer scratch-keepalive: refused, never deleted or overwritten."""
+
+
+class InvalidState(StateError):
+    """A state file that is damaged or breaks its schema: `repair` sets it aside and mends it."""
+
+
+def _json_loads(raw):
+    """Parse JSON bytes; ValueError for anything that is not a UTF-8 JSON text.
+
+    WARNING: json.loads recurses once per nesting level: '[' * 100000 raises RecursionError,
+    which is not a ValueError.
+    """
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("nested too deeply")
+
+
+def _owner_hint(path, e):
+    """What to say about a state file the kernel will not let us read."""
+    try:
+        uid = os.stat(path).st_uid
+    except OSError:
+        uid = None
+    if uid is not None and uid != os.getuid():
+        try:
+            import pwd
+            owner = "%s (uid %d)" % (pwd.getpwuid(uid).pw_name, uid)
+        except (ImportError, KeyError):
+            owner = "uid %d" % uid
+        return ("it belongs to %s, not to you (written by `sudo %s ...`?); run `sudo chown "
+                "$USER %s`, then try again" % (owner, PROG, shell_quote(path)))
+    return "run `chmod u+rw %s`, then try again" % shell_quote(path)
+
+
+def read_json(path, kind, schema=None):
+    """Read a state document. None when absent; a StateError when it cannot be used.
 
     Rule for versions: a document carries "format": N. This version reads
     formats 1..FORMAT; a larger N was written by a newer scratch-keepalive and
-    is refused (upgrade), never overwritten.
+    is refused (NewerState: upgrade), never deleted or overwritten. A file we
+    may not read is UnreadableState (it may be intact); a damaged one, or one
+    that breaks `schema` (see check_doc), is InvalidState.
     """
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
         return None
-    except OSError as e:
-        raise StateError("cannot read the %s %s (%s); check its permissions or run "
-                         "`%s repair`" % (kind, path, e.strerror, PROG))
+    except (PermissionError, OSError) as e:
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise UnreadableState("cannot read the %s %s (%s): %s" % (
+                kind, path, e.strerror, _owner_hint(path, e)))
+        raise InvalidState("cannot read the %s %s (%s); run `%s repair` (it sets the file "
+                           "aside)" % (kind, path, e.strerror, PROG))
     try:
-        doc = json.loads(raw.decode("utf-8"))
+        doc = _json_loads(raw)
     except ValueError as e:
-        raise StateError("the %s %s is damaged (%s); run `%s repair`" % (kind, path, e, PROG))
-    if not isinstance(doc, dict) or not isinstance(doc.get("format"), int):
-        raise StateError("the %s %s has no format version; run `%s repair`" % (kind, path, PROG))
-    if doc["format"] > FORMAT:
-        raise StateError("the %s %s was written by a newer scratch-keepalive (format %d); "
-                         "upgrade this one (it is %s)" % (kind, path, doc["format"], __version__))
+        raise InvalidState("the %s %s is damaged (%s); run `%s repair`" % (kind, path, e, PROG))
+    fmt = doc.get("format") if isinstance(doc, dict) else None
+    if not _is_int(fmt) or fmt < 1:
+        raise InvalidState("the %s %s has no format version; run `%s repair`"
+                           % (kind, path, PROG))
+    if fmt > FORMAT:
+        raise NewerState("the %s %s was written by a newer scratch-keepalive (format %d); "
+                         "upgrade this one (it is %s); the file is left as it is"
+                         % (kind, path, fmt, __version__))
+    if schema is not None:
+        problems = check_doc(doc, schema)
+        if problems:
+            raise InvalidState(invalid_message(kind, path, problems[0]))
     return doc
+
+# ---------------------------------------------------------------- state schemas
+#
+# Every document is checked on read, so that no command meets a wrong type deep inside.
+# A schema maps a field to (required, check); a check returns None when the value is
+# good, else what the value should be. Unknown keys are ignored: newer versions (and
+# other parts of this one) add fields, and an older reader must still work.
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int(lo, hi):
+    def check(v):
+        if not _is_int(v) or not lo <= v <= hi:
+            return "a whole number from %d to %d" % (lo, hi)
+    return check
+
+
+def _str(v):
+    if not isinstance(v, str) or not v or "\0" in v:
+        return "a non-empty string"
+
+
+def _abs_path(v):
+    if _str(v) or not v.startswith("/"):
+        return "an absolute path"
+
+
+def _bool(v):
+    if not isinstance(v, bool):
+        return "true or false"
+
+
+def _one_of(*values):
+    def check(v):
+        if v not in values:
+            return "one of %s" % ", ".join(map(str, values))
+    return check
+
+
+def _time(v):
+    """An ISO time this tool can compute with (years 1970 to 8999)."""
+    t = parse_iso(v) if isinstance(v, str) else None
+    if t is None or not TIME_MIN <= t < TIME_MAX:
+        return "an ISO time such as 2026-08-01T03:00:00Z"
+
+
+def _date(v):
+    if not isinstance(v, str) or parse_date(v) is None or not "1970" <= v < "9000":
+        return "a date YYYY-MM-DD"
+
+
+def _null_or(check):
+    def nullable(v):
+        if v is not None and check(v):
+            return "null or " + check(v)
+    return nullable
+
+
+def _counts(v):
+    if not isinstance(v, dict) or any(_int(0, 2 ** 63)(v.get(f, 0)) for f in Counts.FIELDS):
+        return "an object of counts (whole numbers of at least 0)"
+
+
+def _object(schema):
+    """A check for an object that must follow schema."""
+    def check(v):
+        problems = check_doc(v, schema)
+        if problems:
+            field, want = problems[0]
+            return want if field is None else "an object whose %s is %s" % (field, want)
+    return check
+
+
+def _list_of(check, what):
+    def check_list(v):
+        if not isinstance(v, list) or any(check(x) for x in v):
+            return "a list of %s" % what
+    return check_list
+
+
+def check_doc(doc, schema):
+    """[(field, what it should be)] for each field of doc that breaks schema (field None:
+    doc is not an object)."""
+    if not isinstance(doc, dict):
+        return [(None, "an object")]
+    problems = []
+    for field in sorted(schema):
+        required, check = schema[field]
+        if field not in doc:
+            if required:
+                problems.append((field, "present (it is missing)"))
+            continue
+        want = check(doc[field])
+        if want:
+            problems.append((field, want))
+    return problems
+
+
+def invalid_message(kind, path, problem, entry=None):
+    field, want = problem
+    where = "dataset %r: " % entry if entry is not None else ""
+    return ("the %s %s is invalid: %s%s should be %s; run `%s repair` (it keeps a copy of the "
+            "file)" % (kind, path, where, "it" if field is None else "field %r" % field, want,
+                       PROG))
+
+
+def _name(v):
+    if not isinstance(v, str) or not NAME_RE.match(v) or v.endswith("\n"):
+        return "a dataset name (letters, digits, '.', '_' or '-')"
+
+
+def _cursor(v):
+    path = v.get("path") if isinstance(v, dict) else None
+    if (not isinstance(path, list) or any(_str(c) or "/" in c for c in path)
+            or _bool(v.get("subtree_done", False))):
+        return "a walk position {\"path\": [names], \"subtree_done\": true|false}"
+
+
+def _slurm_time(v):
+    if not isinstance(v, str) or parse_slurm_time(v) is None:
+        return "a Slurm time limit such as 2:00:00"
+
+
+def _slurm_mem(v):
+    if not isinstance(v, str) or not re.match(r"^\d+[KMGT]?$", v):
+        return "a Slurm memory size such as 2G"
+
+
+def _run(v):
+    """A refresh result as the registry keeps it (`last_run`), as far as the tool reads it."""
+    schema = dict(RUN_SCHEMA)
+    schema.update((f, (True, _COUNT)) for f in Counts.FIELDS)
+    return _object(schema)(v)
+
+
+_COUNT = _int(0, 2 ** 63)
+_OPT_TIME = (False, _null_or(_time))
+CONFIG_SCHEMA = {
+    "profile": (True, _one_of(*sorted(PROFILES))), "scratch_root": (True, _abs_path),
+    "purge_days": (False, _null_or(_int(6, 3650))), "created": _OPT_TIME, "updated": _OPT_TIME,
+}
+RUN_SCHEMA = {
+    "name": (True, _name), "mode": (True, _one_of("touch", "check")),
+    "complete": (True, _bool), "resumed": (True, _bool), "dry_run": (False, _bool),
+    "reason": (False, _null_or(_str)), "stopped": (False, _null_or(_str)),
+    "log": (False, _null_or(_str)), "entries_done": (False, _COUNT),
+    "started": _OPT_TIME, "finished": _OPT_TIME,
+}
+ENTRY_SCHEMA = {
+    "name": (True, _name), "path": (True, _abs_path), "keep_until": (True, _date),
+    "cadence_days": (True, _int(1, 3650)), "approval": (False, _null_or(_str)),
+    "enabled": (False, _bool), "added": _OPT_TIME, "last_refresh": _OPT_TIME,
+    "last_refresh_start": _OPT_TIME, "last_touch_start": _OPT_TIME,
+    "last_check_start": _OPT_TIME, "last_mode": (False, _null_or(_one_of("touch", "check"))),
+    "last_run": (False, _null_or(_run)), "last_total_entries": (False, _null_or(_COUNT)),
+    "last_totals": (False, _null_or(_counts)),
+}
+CHECKPOINT_SCHEMA = {
+    "dataset": (True, _name), "path": (True, _abs_path), "mode": (True, _one_of("touch", "check")),
+    "cursor": (False, _null_or(_cursor)), "entries_done": (True, _COUNT),
+    "totals": (False, _null_or(_counts)), "walk_started": _OPT_TIME, "updated": _OPT_TIME,
+    "pid": (False, _null_or(_COUNT)), "host": (False, _null_or(_str)),
+}
+SCHEDULE_RUN_SCHEMA = {
+    "job_id": (False, _null_or(_str)), "finished": _OPT_TIME,
+    "exit_code": (False, _null_or(_int(0, 255))), "continuation": (False, _null_or(_str)),
+    "datasets": (False, _null_or(_list_of(_str, "names"))),
+}
+SCHEDULE_SCHEMA = {
+    "method": (True, _one_of("scrontab", "sbatch")), "cadence_days": (True, _int(1, 3650)),
+    "account": (False, _null_or(_str)), "partition": (False, _null_or(_str)),
+    "cpus": (False, _null_or(_int(1, 100000))), "mem": (False, _null_or(_slurm_mem)),
+    "time": (False, _null_or(_slurm_time)), "python": (False, _null_or(_abs_path)),
+    "script": (False, _null_or(_abs_path)), "job_script": (False, _null_or(_abs_path)),
+    "installed": _OPT_TIME, "job_id": (False, _null_or(_str)),
+    "last_run": (False, _null_or(_object(SCHEDULE_RUN_SCHEMA))),
+}
+LOCK_SCHEMA = {"pid": (True, _int(1, 2 ** 31 - 1)), "host": (True, _str), "since": (False, _str)}
+
+
+def split_entries(datasets, path, kind="registry"):
+    """The registry's entries that follow ENTRY_SCHEMA, and {name: (message, entry)} for the
+    others."""
+    good, bad = {}, {}
+    for key in sorted(datasets):
+        entry = datasets[key]
+        problems = check_doc(entry, ENTRY_SCHEMA)
+        if not problems and entry["name"] != key:
+            problems = [("name", "%r, the name it is registered under" % key)]
+        if problems:
+            bad[key] = (invalid_message(kind, path, problems[0], entry=key), entry)
+        else:
+            good[key] = entry
+    return good, bad
 
 
 class Store(object):
@@ -469,7 +762,7 @@ class Store(object):
 
     # -- config
     def load_config(self):
-        return read_json(self.config_path, "config")
+        return read_json(self.config_path, "config", CONFIG_SCHEMA)
 
     def require_config(self):
         cfg = self.load_config()
@@ -477,10 +770,6 @@ class Store(object):
             raise UsageError("no configuration in %s; run `%s init` first (e.g. "
                              "`%s init --profile generic --scratch-root DIR`)"
                              % (self.dir, PROG, PROG))
-        if cfg.get("profile") not in PROFILES:
-            raise StateError("the config %s names an unknown profile %r; run `%s init "
-                             "--profile br200|generic`" % (self.config_path, cfg.get("profile"),
-                                                           PROG))
         return cfg
 
     def save_config(self, cfg):
@@ -490,13 +779,25 @@ class Store(object):
 
     # -- registry
     def load_registry(self):
-        doc = read_json(self.registry_path, "registry")
+        """The registry; InvalidState naming the first entry that breaks ENTRY_SCHEMA."""
+        reg, bad = self.load_registry_parts()
+        if bad:
+            raise InvalidState(bad[sorted(bad)[0]][0])
+        return reg
+
+    def load_registry_parts(self, path=None, kind="registry"):
+        """(the registry with its valid entries, {name: (message, entry)} for the invalid ones).
+
+        Raises a StateError only when the document as a whole cannot be used."""
+        path = path or self.registry_path
+        doc = read_json(path, kind)
         if doc is None:
-            return {"format": FORMAT, "datasets": {}}
+            return {"format": FORMAT, "datasets": {}}, {}
         if not isinstance(doc.get("datasets"), dict):
-            raise StateError("the registry %s has no datasets table; run `%s repair`"
-                             % (self.registry_path, PROG))
-        return doc
+            raise InvalidState("the %s %s has no datasets table; run `%s repair`"
+                               % (kind, path, PROG))
+        good, bad = split_entries(doc["datasets"], path, kind)
+        return dict(doc, datasets=good), bad
 
     # The store's own locks start with a dot, which no dataset name can (NAME_RE), so a
     # dataset called "registry" never shares a lock file with the registry.
@@ -547,8 +848,10 @@ class Store(object):
             previous = None
         if previous is not None:
             try:
-                json.loads(previous.decode("utf-8"))
-                atomic_write(self.backup_path, previous)
+                doc = _json_loads(previous)
+                if (isinstance(doc, dict) and isinstance(doc.get("datasets"), dict)
+                        and not split_entries(doc["datasets"], self.registry_path)[1]):
+                    atomic_write(self.backup_path, previous)
             except ValueError:
                 pass    # never let a damaged registry replace the last good backup
         reg = dict(reg, format=FORMAT)
@@ -559,13 +862,16 @@ class Store(object):
         return os.path.join(self.checkpoint_dir, name + ".json")
 
     def load_checkpoint(self, name):
-        return read_json(self.checkpoint_path(name), "checkpoint")
+        return read_json(self.checkpoint_path(name), "checkpoint", CHECKPOINT_SCHEMA)
 
     def load_checkpoint_quiet(self, name):
-        """The checkpoint, or None when absent or unreadable (a walk then starts over)."""
+        """The checkpoint, or None when absent or damaged (a walk then starts over).
+
+        One we may not read, or of a newer format, is refused (raised): a walk that started
+        over would overwrite it, then delete it."""
         try:
             return self.load_checkpoint(name)
-        except StateError:
+        except InvalidState:
             return None
 
     def save_checkpoint(self, name, doc):
@@ -724,13 +1030,10 @@ def open_nofollow(path, flags, mode=0o600):
 
 
 def lock_holder(path):
-    try:
-        with open(path, "r") as f:
-            info = json.loads(f.read() or "{}")
-        return "pid %s on host %s (since %s)" % (info.get("pid", "?"), info.get("host", "?"),
-                                                 info.get("since", "?"))
-    except (OSError, ValueError):
+    info = _lock_record(path)
+    if info is None:
         return "another process"
+    return "pid %s on host %s (since %s)" % (info["pid"], info["host"], info.get("since", "?"))
 
 # ---------------------------------------------------------------- sentinel
 
@@ -766,8 +1069,11 @@ def read_sentinel(root):
 
 
 def sentinel_doc(ds):
+    """What the sentinel records: enough to rebuild the dataset's registry entry, settings
+    included (keep-until, cadence, approval), should the registry be lost."""
     return {"tool": PROG, "format": FORMAT, "name": ds["name"], "added": ds.get("added"),
-            "last_refresh": ds.get("last_refresh"),
+            "last_refresh": ds.get("last_refresh"), "keep_until": ds.get("keep_until"),
+            "cadence_days": ds.get("cadence_days"), "approval": ds.get("approval"),
             "about": "This directory is registered with scratch-keepalive as dataset %r. "
                      "Run `scratch-keepalive status --name %s` for its state." % (ds["name"],
                                                                                  ds["name"])}
@@ -2144,6 +2450,8 @@ def _extend(ctx, name, keep_until, approval, cadence_days=None):
             ds["approval"] = approval
         if cadence_days is not None:
             ds["cadence_days"] = int(cadence_days)
+    # The sentinel records the settings too (a registry rebuilt from it keeps them).
+    update_sentinel(ds["path"], ds)
     return _list_entry(ctx, cfg, ds)
 
 
@@ -2172,6 +2480,7 @@ def _remove(ctx, name):
     reg = store.load_registry()
     _get(reg, name)
     with DatasetLock(store, name):
+        store.load_checkpoint_quiet(name)   # refuses one it may not delete (newer, unreadable)
         with store.update_registry() as reg:
             ds = _get(reg, name)
             del reg["datasets"][name]
@@ -2898,7 +3207,7 @@ def strip_crontab(current):
 
 
 def load_schedule(store):
-    return read_json(store.schedule_path, "schedule")
+    return read_json(store.schedule_path, "schedule", SCHEDULE_SCHEMA)
 
 
 def save_schedule(store, doc):
@@ -3137,6 +3446,8 @@ def _uninstall_cron_locked(ctx):
     store = ctx.store
     try:
         load_schedule(store)
+    except NewerState:
+        raise           # a newer version's record is never deleted
     except StateError:
         pass            # a damaged record must not keep a schedule alive
     removed = _remove_job_script(store)
@@ -3300,24 +3611,14 @@ def _diagnose(ctx):
     add = checks.append
     add(Check("python", "ok" if sys.version_info >= (3, 6) else "fail",
               "Python %s at %s" % (sys.version.split()[0], sys.executable)))
-    cfg = reg = None
-    try:
-        cfg = store.load_config()
-        add(Check("config", "ok", "config %s is readable" % store.config_path) if cfg else
-            Check("config", "fail", "no configuration in %s; run `%s init`" % (store.dir, PROG)))
-    except StateError as e:
-        add(Check("config", "fail", str(e), fix="config"))
-    try:
-        reg = store.load_registry()
-        add(Check("registry", "ok", "registry lists %d dataset(s)" % len(reg["datasets"])))
-    except StateError as e:
-        add(Check("registry", "fail", "%s; repair restores the last good backup or rebuilds it "
-                                      "from the sentinels" % e, fix="registry"))
+    cfg, reg, bad, state_checks = _check_state_files(ctx)
+    checks += state_checks
     root = scratch_root_of(cfg, ctx.env) if cfg else None
     checks += _check_environment(ctx, cfg, root)
     checks += _check_state_links(store)
-    checks += _check_checkpoints(ctx, reg)
+    checks += _check_checkpoints(ctx, reg, bad)
     checks += _check_locks(ctx)
+    checks += _check_temp_files(store)
     if cfg and reg is not None:
         for name in sorted(reg["datasets"]):
             checks += _check_dataset(ctx, cfg, root, reg["datasets"][name])
@@ -3325,6 +3626,51 @@ def _diagnose(ctx):
     if root:
         checks += _check_quota(ctx, root)
     return checks
+
+
+def _state_fix(e, fix):
+    """What repair can do about a StateError: set a damaged file aside, never one that may
+    be intact (unreadable) or that a newer version wrote."""
+    return fix if isinstance(e, InvalidState) else None
+
+
+def _check_state_files(ctx):
+    """(config, registry of the valid entries, {name: (message, entry)}, checks)."""
+    store = ctx.store
+    out, cfg, reg, bad = [], None, None, {}
+    try:
+        cfg = store.load_config()
+        out.append(Check("config", "ok", "config %s is readable" % store.config_path) if cfg else
+                   Check("config", "fail", "no configuration in %s; run `%s init`"
+                         % (store.dir, PROG)))
+    except StateError as e:
+        out.append(Check("config", "fail", str(e), fix=_state_fix(e, "config")))
+    try:
+        reg, bad = store.load_registry_parts()
+        n = len(reg["datasets"]) + len(bad)
+        out.append(Check("registry", "fail" if bad else "ok", "registry lists %d dataset(s)%s"
+                         % (n, "; %d invalid (below): repair mends them from the backup or "
+                            "their sentinels" % len(bad) if bad else ""),
+                         fix="registry" if bad else None))
+    except StateError as e:
+        out.append(Check("registry", "fail", "%s%s" % (e, "; repair restores the last good "
+                                                          "backup or rebuilds it from the "
+                                                          "sentinels" if isinstance(
+                                                              e, InvalidState) else ""),
+                         fix=_state_fix(e, "registry")))
+    for name in sorted(bad):
+        out.append(Check("entry:" + display_path(name)[:64], "fail", bad[name][0],
+                         fix="registry"))
+    return cfg, reg, bad, out
+
+
+def _check_temp_files(store):
+    temps = stale_temps(store.dir) + stale_temps(store.checkpoint_dir)
+    if not temps:
+        return []
+    return [Check("temp-files", "warn", "%d temp file(s) left by interrupted writes (%s%s); "
+                  "repair removes them" % (len(temps), temps[0], " ..." if len(temps) > 1
+                                           else ""), fix="temp")]
 
 
 def _check_environment(ctx, cfg, root):
@@ -3398,7 +3744,8 @@ def _loose_permissions(store):
     return loose
 
 
-def _check_checkpoints(ctx, reg):
+def _check_checkpoints(ctx, reg, bad=()):
+    """bad: names of invalid registry entries, whose checkpoints repair keeps."""
     out = []
     store = ctx.store
     try:
@@ -3407,11 +3754,14 @@ def _check_checkpoints(ctx, reg):
         return out
     for f in names:
         name = f[:-len(".json")]
+        if name in bad:
+            continue
         try:
             ck = store.load_checkpoint(name)
         except StateError as e:
-            out.append(Check("checkpoint:" + name, "fail", "%s; repair sets it aside and the "
-                             "next refresh starts over" % e, fix="checkpoint"))
+            out.append(Check("checkpoint:" + name, "fail", "%s%s" % (
+                e, "; repair sets it aside and the next refresh starts over"
+                if isinstance(e, InvalidState) else ""), fix=_state_fix(e, "checkpoint")))
             continue
         ds = (reg or {}).get("datasets", {}).get(name) if reg is not None else None
         if reg is not None and ds is None:
@@ -3430,12 +3780,14 @@ def _check_checkpoints(ctx, reg):
 
 
 def _lock_record(path):
+    """The holder a lock file records, or None (released, or not a record LOCK_SCHEMA allows)."""
     try:
-        with os.fdopen(os.open(path, os.O_RDONLY | O_NOFOLLOW)) as f:
-            text = f.read()
-        return json.loads(text) if text.strip() else None
+        with os.fdopen(os.open(path, os.O_RDONLY | O_NOFOLLOW), "rb") as f:
+            raw = f.read(65536)
+        rec = _json_loads(raw) if raw.strip() else None
     except (OSError, ValueError):
         return None
+    return rec if rec is not None and not check_doc(rec, LOCK_SCHEMA) else None
 
 
 def _lock_is_held(path):
@@ -3553,10 +3905,9 @@ def _check_dataset(ctx, cfg, root, ds):
 def _check_schedule(ctx, cfg, reg):
     prof = profile_of(cfg)
     enabled = [d for d in reg["datasets"].values() if d.get("enabled", True)]
-    try:
-        doc = load_schedule(ctx.store)
-    except StateError as e:
-        return [Check("schedule", "fail", "%s; run `%s install-cron` again" % (e, PROG))]
+    doc, failed = _schedule_record(ctx)
+    if failed:
+        return failed
     slurm = ctx.slurm
     if slurm.run(["squeue", "--version"]) is None:
         return [Check("schedule", "warn", "Slurm is not installed here (not on a cluster?): "
@@ -3621,6 +3972,16 @@ def _check_schedule_jobs(ctx, cfg, doc):
     return out
 
 
+def _schedule_record(ctx):
+    """(the schedule record, None), or (None, [the check that says why it cannot be used])."""
+    try:
+        return load_schedule(ctx.store), None
+    except StateError as e:
+        return None, [Check("schedule", "fail", "%s%s" % (
+            e, ", then `%s install-cron` again" % PROG if isinstance(e, InvalidState) else ""),
+            fix=_state_fix(e, "schedule"))]
+
+
 def _our_block(text):
     if not text or SCRON_BEGIN not in text:
         return None
@@ -3661,14 +4022,22 @@ def repair(dry_run=False, state_dir=None, env=None, runner=None):
     return _repair(ctx, dry_run)
 
 
-def _set_aside(path, dry_run):
-    """Rename a damaged file to PATH.corrupt-TIME (never over an earlier copy)."""
+def _set_aside(path, dry_run, copy=False):
+    """Rename a damaged file to PATH.corrupt-TIME (never over an earlier copy).
+
+    copy: keep a copy there instead (for a file about to be replaced by atomic_write, so
+    that no moment passes without one in place)."""
     base = "%s.corrupt-%s" % (path, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
     target, n = base, 1
     while os.path.lexists(target):
         n += 1
         target = "%s-%d" % (base, n)
-    if not dry_run:
+    if dry_run:
+        return target
+    if copy and stat.S_ISREG(os.lstat(path).st_mode):
+        with open(path, "rb") as f:
+            atomic_write(target, f.read())
+    else:
         os.rename(path, target)
     return target
 
@@ -3681,24 +4050,49 @@ def _repair(ctx, dry_run):
         act("set state permissions to 0700 (dirs) / 0600 (files) in %s" % store.dir)
         if not dry_run:
             _fix_permissions(store)
-    try:
-        cfg = store.load_config()
-    except StateError as e:
-        target = _set_aside(store.config_path, dry_run)
-        act("set the damaged config aside as %s" % target)
-        left.append("%s; run `%s init` again" % (e, PROG))
-        cfg = None
-    reg = _registry_or_none(store)
-    if reg is None and os.path.exists(store.registry_path):
-        act("set the damaged registry aside as %s" % _set_aside(store.registry_path, dry_run))
-        restored, reg = _restore_registry(ctx, cfg, dry_run, left)
-        act(restored)
-    # In a dry run `reg` is the registry as it would be after the step above.
-    for c in _check_checkpoints(ctx, reg):
+    cfg = _repair_config(store, dry_run, act, left)
+    # In a dry run `reg` is the registry as it would be after this step.
+    reg = _repair_registry(ctx, cfg, dry_run, act, left)
+    bad = {} if reg is not None else _registry_bad_names(store)
+    for c in _check_checkpoints(ctx, reg, bad):
         if c.fix == "checkpoint":
             name = c.name.split(":", 1)[1]
             act("set checkpoint %s aside as %s; the next refresh starts over" % (
                 name, _set_aside(store.checkpoint_path(name), dry_run)))
+        elif c.level == "fail" and c.fix is None:
+            left.append(c.message)
+    _repair_locks(store, dry_run, act, left)
+    for path in stale_temps(store.dir) + stale_temps(store.checkpoint_dir):
+        act("remove the temp file %s (an interrupted write's)" % path)
+        if not dry_run:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    if cfg is not None and reg is not None:
+        _repair_sentinels(reg, dry_run, act, left)
+        _repair_schedule_doc(store, dry_run, act, left)
+        actions.extend(_repair_schedule(ctx, cfg, reg, dry_run, left))
+    return {"actions": actions, "left": left, "dry_run": bool(dry_run)}
+
+
+def _repair_config(store, dry_run, act, left):
+    try:
+        return store.load_config()
+    except InvalidState as e:
+        act("set the damaged config aside as %s" % _set_aside(store.config_path, dry_run))
+        left.append("%s; run `%s init` again" % (e, PROG))
+    except StateError as e:
+        left.append("%s (repair leaves the config as it is)" % e)
+    return None
+
+
+def _registry_bad_names(store):
+    try:
+        return store.load_registry_parts()[1]
+    except StateError:
+        return {}
+
+
+def _repair_locks(store, dry_run, act, left):
     for name, path, rec, dead in _stale_locks(store):
         if dead and not _lock_is_held(path):
             act("remove the stale lock of %r (pid %s on this host is gone)" % (name, rec["pid"]))
@@ -3710,32 +4104,41 @@ def _repair(ctx, dry_run):
         else:
             left.append("lock %s names pid %s on host %s: not provably dead, left alone" % (
                 path, rec.get("pid"), rec.get("host")))
-    if cfg is not None and reg is not None:
-        for ds in sorted(reg.get("datasets", {}).values(), key=lambda d: d["name"]):
-            if not root_present(ds["path"]):
-                continue
-            found = read_sentinel(ds["path"])
-            if found is None and os.path.lexists(sentinel_path(ds["path"])):
-                left.append("%s exists but is not ours; move it away, then repair again"
-                            % sentinel_path(ds["path"]))
-            elif found is None:
-                act("rewrite the missing sentinel of %r in %s" % (ds["name"], ds["path"]))
-                if not dry_run:
-                    create_sentinel(ds["path"], ds)
-            elif found.get("name") != ds["name"]:
-                act("rewrite the sentinel of %r in %s (it named %r)" % (
-                    ds["name"], ds["path"], found.get("name")))
-                if not dry_run:
-                    update_sentinel(ds["path"], ds)
-        actions.extend(_repair_schedule(ctx, cfg, reg, dry_run, left))
-    return {"actions": actions, "left": left, "dry_run": bool(dry_run)}
 
 
-def _registry_or_none(store):
+def _repair_sentinels(reg, dry_run, act, left):
+    """Rewrite missing or misnamed sentinels, and ones that do not record the settings."""
+    for ds in sorted(reg.get("datasets", {}).values(), key=lambda d: d["name"]):
+        if not root_present(ds["path"]):
+            continue
+        found = read_sentinel(ds["path"])
+        if found is None and os.path.lexists(sentinel_path(ds["path"])):
+            left.append("%s exists but is not ours; move it away, then repair again"
+                        % sentinel_path(ds["path"]))
+        elif found is None:
+            act("rewrite the missing sentinel of %r in %s" % (ds["name"], ds["path"]))
+            if not dry_run:
+                create_sentinel(ds["path"], ds)
+        elif found.get("name") != ds["name"]:
+            act("rewrite the sentinel of %r in %s (it named %r)" % (
+                ds["name"], ds["path"], found.get("name")))
+            if not dry_run:
+                update_sentinel(ds["path"], ds)
+        elif any(found.get(k) != ds.get(k) for k in SENTINEL_SETTINGS):
+            act("record the keep-until, cadence and approval of %r in its sentinel" % ds["name"])
+            if not dry_run:
+                update_sentinel(ds["path"], ds)
+
+
+def _repair_schedule_doc(store, dry_run, act, left):
     try:
-        return store.load_registry()
-    except StateError:
-        return None
+        load_schedule(store)
+    except InvalidState as e:
+        act("set the damaged schedule record aside as %s" % _set_aside(store.schedule_path,
+                                                                        dry_run))
+        left.append("%s; run `%s install-cron` again to record the schedule" % (e, PROG))
+    except StateError as e:
+        left.append("%s (repair leaves the schedule record as it is)" % e)
 
 
 def _fix_permissions(store):
@@ -3745,52 +4148,139 @@ def _fix_permissions(store):
         os.chmod(p, want)
 
 
-def _restore_registry(ctx, cfg, dry_run, left):
-    """The last good backup, else a registry rebuilt from the sentinels under the scratch root.
+def _repair_registry(ctx, cfg, dry_run, act, left):
+    """The registry, mended where it is damaged: None when it is not to be touched.
 
-    Returns (what was done, the registry now in place or, in a dry run, that would be).
+    Unreadable (another owner's?) or newer: it may be intact, so it is only reported. A
+    document that cannot be used at all: the last good backup, else a rebuild from the
+    sentinels. Invalid entries: every valid one is kept as it is; each invalid one comes
+    from the backup where that has it valid, else from its sentinel.
     """
     store = ctx.store
     try:
-        backup = read_json(store.backup_path, "registry backup")
-    except StateError:
+        reg, bad = store.load_registry_parts()
+    except InvalidState:
+        reg, bad = None, {}
+    except StateError as e:
+        left.append("%s (repair leaves the registry as it is: it may be intact)" % e)
+        return None
+    if reg is not None and not bad:
+        return reg
+    if reg is not None and cfg is None:
+        left.append("the registry has %d invalid dataset(s) and the config is unusable: run "
+                    "`%s init`, then repair again" % (len(bad), PROG))
+        return None
+    act("set the damaged registry aside as %s" % _set_aside(store.registry_path, dry_run,
+                                                            copy=reg is not None))
+    backup, backup_bad = _registry_backup(store)
+    if reg is None:
+        restored, reg, bad = _restore_registry(ctx, cfg, backup, backup_bad, left)
+        act(restored)
         backup = None
-    if backup is not None and isinstance(backup.get("datasets"), dict):
-        if not dry_run:
-            atomic_write(store.registry_path, dump_json(backup))
+    datasets = dict(reg["datasets"])
+    found = []
+    for name in sorted(bad):
+        entry = _mend_entry(ctx, cfg, name, bad[name][1], backup, found, act, left)
+        if entry is not None:
+            datasets[name] = entry
+    reg = dict(reg, datasets=datasets, format=FORMAT)
+    if not dry_run:
+        atomic_write(store.registry_path, dump_json(reg))
+    return reg
+
+
+def _registry_backup(store):
+    """(the backup registry of valid entries, its invalid ones), or (None, {})."""
+    try:
+        return store.load_registry_parts(store.backup_path, "registry backup")
+    except StateError:
+        return None, {}
+
+
+def _restore_registry(ctx, cfg, backup, backup_bad, left):
+    """The last good backup, else a registry rebuilt from the sentinels under the scratch root.
+
+    Returns (what was done, the registry, {name: (message, entry)} still to mend).
+    """
+    store = ctx.store
+    if backup is not None and (backup["datasets"] or backup_bad):
         return ("restore the registry from its last good backup %s (%d datasets)" % (
-            store.backup_path, len(backup["datasets"])), backup)
+            store.backup_path, len(backup["datasets"]) + len(backup_bad)), backup,
+            backup_bad if cfg is not None else {})
     root = scratch_root_of(cfg, ctx.env) if cfg else None
     if not root or not os.path.isdir(root):
         left.append("no backup and no scratch root to search for sentinels: re-add your "
                     "datasets with `%s add`" % PROG)
-        empty = {"format": FORMAT, "datasets": {}}
-        if not dry_run:
-            atomic_write(store.registry_path, dump_json(empty))
-        return "start an empty registry", empty
-    found = _find_sentinels(root)
-    keep = (utc_date(ctx.now) + datetime.timedelta(days=14)).isoformat()
-    prof = profile_of(cfg)
+        return "start an empty registry", {"format": FORMAT, "datasets": {}}, {}
     datasets = {}
-    for path, doc in found:
+    for path, doc in _find_sentinels(root):
         name = doc.get("name")
-        if not isinstance(name, str) or not NAME_RE.match(name) or name in datasets:
-            continue
-        datasets[name] = {"name": name, "path": path, "keep_until": keep,
-                          "cadence_days": min(prof["default_cadence"], purge_days_of(cfg) - 5),
-                          "approval": None, "enabled": True, "added": doc.get("added"),
-                          "last_refresh": doc.get("last_refresh"), "last_refresh_start": None,
-                          "last_mode": None, "last_run": None, "last_total_entries": None,
-                          "recovered": iso(time.time())}
-    rebuilt = {"format": FORMAT, "datasets": datasets}
-    if not dry_run:
-        atomic_write(store.registry_path, dump_json(rebuilt))
-    for name in sorted(datasets):
-        left.append("dataset %r was recovered from its sentinel: its keep-until date (now %s), "
-                    "cadence and approval could not be recovered; set them with `%s extend "
-                    "--name %s`" % (name, keep, PROG, name))
+        if not _name(name) and name not in datasets:
+            datasets[name] = _rebuilt_entry(ctx, cfg, name, path, doc, left)
     return ("rebuild the registry from %d sentinel(s) found under %s" % (len(datasets), root),
-            rebuilt)
+            {"format": FORMAT, "datasets": datasets}, {})
+
+
+def _mend_entry(ctx, cfg, name, entry, backup, found, act, left):
+    """An invalid entry's replacement: the backup's, else one rebuilt from its sentinel
+    (found: the sentinels under the scratch root, searched once). None: none to be had."""
+    old = (backup or {}).get("datasets", {}).get(name)
+    if old is not None:
+        act("restore dataset %r from the backup %s" % (name, ctx.store.backup_path))
+        return old
+    path = entry.get("path") if isinstance(entry, dict) else None
+    doc = read_sentinel(path) if isinstance(path, str) and not _abs_path(path) else None
+    if doc is None or doc.get("name") != name:
+        root = scratch_root_of(cfg, ctx.env)
+        if not found and root and os.path.isdir(root):
+            found.extend(_find_sentinels(root))
+        path, doc = next(((p, d) for p, d in found if d.get("name") == name), (None, None))
+    if doc is None:
+        left.append("dataset %r is invalid and no sentinel names it: it was dropped from the "
+                    "registry (a copy is kept aside); re-add it with `%s add`" % (name, PROG))
+        act("drop the invalid dataset %r" % name)
+        return None
+    act("rebuild the invalid dataset %r from its sentinel in %s" % (name, path))
+    return _rebuilt_entry(ctx, cfg, name, path, doc, left)
+
+
+def _rebuilt_entry(ctx, cfg, name, path, doc, left):
+    """A registry entry from a sentinel. Settings an older sentinel does not record get
+    today's defaults, and `left` says so."""
+    prof = profile_of(cfg)
+    guessed = []
+    keep = doc.get("keep_until")
+    if _date(keep):
+        keep = (utc_date(ctx.now) + datetime.timedelta(days=14)).isoformat()
+        guessed.append("keep-until (now %s)" % keep)
+    cadence = doc.get("cadence_days")
+    if _int(prof["min_cadence"], purge_days_of(cfg) - 5)(cadence):
+        cadence = min(prof["default_cadence"], purge_days_of(cfg) - 5)
+        guessed.append("cadence (now %d days)" % cadence)
+    approval = doc.get("approval")
+    if "approval" not in doc or (approval is not None and _check_approval_quiet(approval)):
+        approval = None
+        guessed.append("approval (now none)")
+    if guessed:
+        left.append("dataset %r was recovered from an older sentinel that does not record its %s"
+                    "; set them with `%s extend --name %s`" % (name, ", ".join(guessed), PROG,
+                                                              name))
+    last = doc.get("last_refresh")
+    return {"name": name, "path": path, "keep_until": keep, "cadence_days": cadence,
+            "approval": approval, "enabled": True,
+            "added": doc.get("added") if not _time(doc.get("added")) else None,
+            "last_refresh": last if not _time(last) else None, "last_refresh_start": None,
+            "last_mode": None, "last_run": None, "last_total_entries": None,
+            "recovered": iso(time.time())}
+
+
+def _check_approval_quiet(text):
+    """What is wrong with an approval read from a sentinel, or None."""
+    try:
+        _check_approval(text if isinstance(text, str) else None)
+    except UsageError as e:
+        return str(e)
+    return None if isinstance(text, str) else "not a string"
 
 
 def _find_sentinels(root, max_depth=4):
