@@ -1035,37 +1035,219 @@ def lock_holder(path):
         return "another process"
     return "pid %s on host %s (since %s)" % (info["pid"], info["host"], info.get("since", "?"))
 
+# ---------------------------------------------------------------- dataset root (containment)
+
+
+class ContainmentError(Failure):
+    """The dataset root cannot be reached from the scratch root without following a symlink."""
+
+
+O_PATH_DIR = (getattr(os, "O_PATH", os.O_RDONLY) | getattr(os, "O_DIRECTORY", 0)
+              | getattr(os, "O_CLOEXEC", 0))
+
+
+def _root_base(path, scratch_root):
+    """(directory to start from, components below it) for a dataset root.
+
+    The scratch root itself may be reached through a symlink (as /N/scratch may be), so the
+    walk starts there; a path recorded against its real place starts from that. A path
+    below neither (the scratch root was moved) starts from "/": a recorded root is a real
+    path, so no component of it may be a symlink either.
+    """
+    bases = [scratch_root, os.path.realpath(scratch_root)] if scratch_root else []
+    for base in bases + ["/"]:
+        if is_below(path, base):
+            rest = path[len(base.rstrip("/")):]
+            return base, [c for c in rest.split("/") if c]
+    raise ContainmentError("the dataset root %s is not an absolute path below the scratch "
+                           "root; re-add the dataset" % display_path(path))
+
+
+def open_dataset_root(path, scratch_root=None):
+    """An fd (O_PATH where Linux has it) of the dataset root `path`, opened one component
+    at a time from the scratch root with O_NOFOLLOW, so that a symlink between the two is
+    refused (ContainmentError) and a swap made later cannot redirect what the fd names.
+
+    Everything done inside a dataset (walk, sentinel) goes through this fd.
+    """
+    base, comps = _root_base(path, scratch_root)
+    try:
+        fd = os.open(base, O_PATH_DIR)
+    except OSError as e:
+        raise Failure("cannot open %s (%s)" % (display_path(base), e.strerror))
+    here = base
+    try:
+        for comp in comps:
+            try:
+                nxt = os.open(comp, O_PATH_DIR | getattr(os, "O_NOFOLLOW", 0), dir_fd=fd)
+            except OSError as e:
+                raise _containment_error(path, fd, here, comp, e)
+            os.close(fd)
+            fd, here = nxt, os.path.join(here, comp)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _containment_error(path, dir_fd, here, comp, err):
+    where = os.path.join(here, comp)
+    try:
+        st = os.stat(comp, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        try:
+            target = " -> %s" % display_path(os.readlink(comp, dir_fd=dir_fd))
+        except OSError:
+            target = ""
+        return ContainmentError(
+            "%s is a symlink (%s%s) between the scratch root and the dataset root %s; a walk "
+            "never follows one: put the directory back, or remove the dataset and add its new "
+            "place" % (display_path(where), display_path(comp), target, display_path(path)))
+    if st is not None:
+        return ContainmentError("%s is not a directory, so the dataset root %s cannot be "
+                                "reached" % (display_path(where), display_path(path)))
+    return Failure("cannot reach the dataset root %s: %s (%s)" % (
+        display_path(path), display_path(where), err.strerror))
+
+
+def dataset_root_fd(ctx, ds):
+    """open_dataset_root() for a registered dataset, from the scratch root in force."""
+    try:
+        cfg = ctx.store.load_config()
+    except StateError:
+        cfg = None
+    return open_dataset_root(ds["path"], scratch_root_of(cfg, ctx.env) if cfg else None)
+
+
+@contextlib.contextmanager
+def _root_fd_of(root):
+    """root as a dataset-root fd: an int is used as is; a path is opened safely (from "/")."""
+    if isinstance(root, int):
+        yield root
+        return
+    fd = open_dataset_root(os.fsdecode(root))
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
 # ---------------------------------------------------------------- sentinel
+#
+# The sentinel is a regular file of SENTINEL_SIZE bytes: the JSON document, then spaces,
+# then a newline. It is only ever rewritten by ONE pwrite of its whole length at offset 0,
+# never truncated, never replaced by a rename (that would move the root's mtime): a failed
+# or killed rewrite (over quota, RLIMIT_FSIZE, SIGKILL between two pages) leaves a prefix of
+# the new bytes over the old ones. The document starts with the same fixed header on every
+# rewrite (tool and name), so even such a mix is still recognised as ours. Sentinels written
+# by 1.0.0 (indented JSON of any size) are read as they are and padded on their next rewrite.
+# WARNING: every open here is O_NONBLOCK|O_NOFOLLOW and refuses anything but a regular file:
+# a FIFO at the sentinel path would otherwise hang the command (and its lock) for good.
+
+SENTINEL_SIZE = 4096
+SENTINEL_HEAD = re.compile(br'\A\{"tool": "scratch-keepalive", "name": "([A-Za-z0-9][A-Za-z0-9._-]'
+                           br'{0,63})", ')
+O_SENTINEL = os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 def sentinel_path(root):
     return os.path.join(root, SENTINEL)
 
 
-def read_sentinel(root):
-    """The sentinel's JSON when it is a regular file written by this tool, else None."""
-    path = sentinel_path(root)
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | O_NOATIME)
-    except OSError as e:
-        if e.errno == errno.EPERM and O_NOATIME:
-            try:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-            except OSError:
-                return None
-        else:
-            return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        raw = os.read(fd, 65536)
-    finally:
-        os.close(fd)
+def encode_sentinel(doc):
+    """The sentinel's bytes: the header, the other keys sorted, padded to SENTINEL_SIZE."""
+    rest = dict((k, v) for k, v in doc.items() if k not in ("tool", "name"))
+    body = json.dumps(rest, sort_keys=True, ensure_ascii=False)
+    text = '{"tool": %s, "name": %s%s' % (json.dumps(PROG), json.dumps(doc["name"]),
+                                          ", " + body[1:] if rest else "}")
+    data = text.encode("utf-8")
+    if len(data) >= SENTINEL_SIZE:
+        # Cannot happen within the documented limits (name <= 64, approval <= 500
+        # characters); refused rather than written torn.
+        raise Failure("the sentinel of dataset %r would be %d bytes, more than the %d it "
+                      "holds; shorten its approval text with `%s extend --approval`" % (
+                          doc["name"], len(data), SENTINEL_SIZE - 1, PROG))
+    return data + b" " * (SENTINEL_SIZE - 1 - len(data)) + b"\n"
+
+
+def decode_sentinel(raw):
+    """The sentinel's document if these bytes are ours (old or new layout, or a torn
+    rewrite of ours: then just its tool and name), else None."""
     try:
         doc = json.loads(raw.decode("utf-8"))
-    except ValueError:
+    except (ValueError, RecursionError):
+        doc = None
+    if isinstance(doc, dict):
+        return doc if doc.get("tool") == PROG else None
+    m = SENTINEL_HEAD.match(raw)
+    return {"tool": PROG, "name": m.group(1).decode("ascii"), "torn": True} if m else None
+
+
+def _open_sentinel(root_fd, flags):
+    """(fd, None) of the regular file at the sentinel path, or (None, why not)."""
+    try:
+        fd = os.open(SENTINEL, flags | O_SENTINEL, dir_fd=root_fd)
+    except OSError as e:
+        if e.errno == errno.EPERM and flags & O_NOATIME:
+            return _open_sentinel(root_fd, flags & ~O_NOATIME)
+        if e.errno == errno.ELOOP:
+            return None, "a symlink"
+        return None, "missing" if e.errno == errno.ENOENT else e.strerror
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as e:
+        os.close(fd)
+        return None, e.strerror
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        return None, "not a regular file (%s)" % file_kind(mode)
+    return fd, None
+
+
+def file_kind(mode):
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symlink"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _read_fd(fd):
+    return os.pread(fd, max(SENTINEL_SIZE, 65536), 0)
+
+
+def sentinel_problem(root_fd):
+    """Why the sentinel path holds nothing of ours: "missing", "a symlink", "not a regular
+    file (a FIFO)", "another tool's file", or None when it is ours."""
+    fd, why = _open_sentinel(root_fd, os.O_RDONLY | O_NOATIME)
+    if fd is None:
+        return why
+    try:
+        return None if decode_sentinel(_read_fd(fd)) else "another tool's file"
+    except OSError as e:
+        return e.strerror
+    finally:
+        os.close(fd)
+
+
+def read_sentinel(root):
+    """The sentinel's JSON when it is a regular file written by this tool, else None.
+
+    root: the dataset root's fd (open_dataset_root) or its path.
+    """
+    try:
+        with _root_fd_of(root) as root_fd:
+            fd, _ = _open_sentinel(root_fd, os.O_RDONLY | O_NOATIME)
+            if fd is None:
+                return None
+            try:
+                return decode_sentinel(_read_fd(fd))
+            finally:
+                os.close(fd)
+    except (Failure, OSError):
         return None
-    return doc if isinstance(doc, dict) and doc.get("tool") == PROG else None
 
 
 def sentinel_doc(ds):
@@ -1085,46 +1267,70 @@ def create_sentinel(root, ds):
     An existing sentinel of ours naming the same dataset is rewritten in place.
     Returns True when this call created the file.
     """
-    path = sentinel_path(root)
-    data = dump_json(sentinel_doc(ds))
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    data = encode_sentinel(sentinel_doc(ds))
+    with _root_fd_of(root) as root_fd:
+        return _create_sentinel_at(root_fd, root, ds, data)
+
+
+def _create_sentinel_at(root_fd, root, ds, data):
+    path = sentinel_path(root if not isinstance(root, int) else ds["path"])
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_SENTINEL
     try:
-        fd = os.open(path, flags, 0o644)
+        fd = os.open(SENTINEL, flags, 0o644, dir_fd=root_fd)
     except FileExistsError:
-        existing = read_sentinel(root)
+        existing = read_sentinel(root_fd)
         if existing is None:
             raise UsageError("%s exists and was not written by scratch-keepalive (or is a "
-                             "symlink); move it away, then add again" % path)
+                             "symlink or not a regular file); move it away, then add again"
+                             % display_path(path))
         if existing.get("name") != ds["name"]:
             raise UsageError("%s says this directory is dataset %r (registered in another "
                              "state directory?); remove it there, or delete the file"
-                             % (path, existing.get("name")))
-        update_sentinel(root, ds)
+                             % (display_path(path), existing.get("name")))
+        update_sentinel(root_fd, ds)
         return False
     except OSError as e:
         raise UsageError("cannot create %s (%s); check the directory's permissions"
-                         % (path, e.strerror))
+                         % (display_path(path), e.strerror))
     try:
-        os.write(fd, data)
-    finally:
+        _pwrite_all(fd, data)
+    except OSError as e:
         os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(SENTINEL, dir_fd=root_fd)
+        raise Failure("cannot write %s (%s); free some space (or quota) on scratch, then add "
+                      "again" % (display_path(path), e.strerror))
+    os.close(fd)
     return True
 
 
+def _pwrite_all(fd, data):
+    """ONE pwrite of data at offset 0; a short write is an error (ENOSPC: what else)."""
+    n = os.pwrite(fd, data, 0)
+    if n != len(data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
 def update_sentinel(root, ds):
-    """Rewrite our sentinel in place (the directory's mtime does not move). False if not ours."""
-    if read_sentinel(root) is None:
+    """Rewrite our sentinel in place: one pwrite of its whole (fixed) length at offset 0,
+    never a truncation or a rename, so the root's mtime does not move and a failure or a
+    kill leaves a file still recognised as ours. False if it is not ours or the write failed.
+    """
+    try:
+        data = encode_sentinel(sentinel_doc(ds))
+        with _root_fd_of(root) as root_fd:
+            fd, _ = _open_sentinel(root_fd, os.O_RDWR)
+    except (Failure, OSError):
+        return False
+    if fd is None:
         return False
     try:
-        fd = os.open(sentinel_path(root), os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        return False
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if decode_sentinel(_read_fd(fd)) is None:
             return False
-        data = dump_json(sentinel_doc(ds))
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0) if hasattr(os, "pwrite") else os.write(fd, data)
+        if st.st_size > len(data):      # an old, longer sentinel: pad over all of it
+            data = data[:-1] + b" " * (st.st_size - len(data)) + b"\n"
+        _pwrite_all(fd, data)
     except OSError:
         return False
     finally:
@@ -1134,12 +1340,13 @@ def update_sentinel(root, ds):
 
 def delete_sentinel(root):
     """Delete the sentinel only when it is our regular file. True when deleted."""
-    if read_sentinel(root) is None:
-        return False
     try:
-        os.unlink(sentinel_path(root))
-        return True
-    except OSError:
+        with _root_fd_of(root) as root_fd:
+            if read_sentinel(root_fd) is None:
+                return False
+            os.unlink(SENTINEL, dir_fd=root_fd)
+            return True
+    except (Failure, OSError):
         return False
 
 # ---------------------------------------------------------------- walker and cursor
@@ -1156,6 +1363,7 @@ def _load_utimensat():
             import ctypes
             libc = ctypes.CDLL(None, use_errno=True)
             func = libc.utimensat
+            futimens = libc.futimens        # glibc's utimensat refuses a NULL path
         except (ImportError, OSError, AttributeError):
             raise Failure("this system offers no utimensat(2) through ctypes, so atime cannot "
                           "be set without rewriting mtime; run with --check")
@@ -1166,12 +1374,19 @@ def _load_utimensat():
         times = (Timespec * 2)(Timespec(0, UTIME_NOW), Timespec(0, UTIME_OMIT))
         func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int]
         func.restype = ctypes.c_int
+        futimens.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        futimens.restype = ctypes.c_int
         addr = ctypes.addressof(times)
         get_errno = ctypes.get_errno
 
         def touch_atime(dir_fd, name):
-            """atime = now, mtime untouched, the link itself. 0 or an errno."""
-            if func(dir_fd, name, addr, AT_SYMLINK_NOFOLLOW) == 0:
+            """atime = now, mtime untouched, the link itself. 0 or an errno.
+
+            name None: the directory dir_fd itself (futimens)."""
+            if name is None:
+                if futimens(dir_fd, addr) == 0:
+                    return 0
+            elif func(dir_fd, name, addr, AT_SYMLINK_NOFOLLOW) == 0:
                 return 0
             return get_errno() or errno.EIO
 
@@ -1183,13 +1398,20 @@ def _load_utimensat():
 
 def open_dir(name, dir_fd=None):
     """Open a directory without following a symlink and, where allowed, without moving its atime."""
+    return open_dir_ex(name, dir_fd)[0]
+
+
+def open_dir_ex(name, dir_fd=None):
+    """(fd, quiet) as open_dir; quiet is False when O_NOATIME was refused, so listing the
+    directory may move its atime (the kernel allows O_NOATIME only to the owner)."""
     kw = {} if dir_fd is None else {"dir_fd": dir_fd}
-    if O_NOATIME:
-        try:
-            return os.open(name, O_DIR_FLAGS | O_NOATIME, **kw)
-        except PermissionError:
-            pass    # O_NOATIME needs ownership; fall back to a plain open
-    return os.open(name, O_DIR_FLAGS, **kw)
+    if not O_NOATIME:
+        return os.open(name, O_DIR_FLAGS, **kw), True
+    try:
+        return os.open(name, O_DIR_FLAGS | O_NOATIME, **kw), True
+    except PermissionError:
+        pass    # O_NOATIME needs ownership (or CAP_FOWNER); fall back to a plain open
+    return os.open(name, O_DIR_FLAGS, **kw), False
 
 
 def list_dir(fd):
@@ -1267,6 +1489,41 @@ def fs_type(path):
     return kind
 
 
+_MOUNTINFO_ESCAPE = re.compile(br"\\([0-7]{3})")
+
+
+def decode_mountinfo_path(field):
+    """A mount point as /proc/self/mountinfo writes it, octal escapes (\\040 ...) decoded."""
+    return _MOUNTINFO_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), field)
+
+
+def mount_tree(root_fd, mountinfo="/proc/self/mountinfo"):
+    """{directory below the root (tuple of names): set of its entries that are mount points}.
+
+    Every mount point strictly below the dataset root, bind mounts of the same filesystem
+    included (st_dev alone cannot see those). The root's path comes from the kernel
+    (/proc/self/fd), in the same namespace as the mount table. Empty where neither exists.
+    """
+    try:
+        root = os.readlink("/proc/self/fd/%d" % root_fd).encode(
+            sys.getfilesystemencoding(), "surrogateescape")
+        with open(mountinfo, "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError:
+        return {}
+    prefix = root.rstrip(b"/") + b"/"
+    tree = {}
+    for line in lines:
+        fields = line.split(b" ")
+        if len(fields) < 5:
+            continue
+        mnt = decode_mountinfo_path(fields[4])
+        if mnt.startswith(prefix) and len(mnt) > len(prefix):
+            comps = tuple(c for c in mnt[len(prefix):].split(b"/") if c)
+            tree.setdefault(comps[:-1], set()).add(comps[-1])
+    return tree
+
+
 def default_parallelism(path, env):
     """(threads, workers) for a walk when the user chose neither.
 
@@ -1281,17 +1538,19 @@ def default_parallelism(path, env):
 
 
 def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purge_ns,
-                   root_dev):
+                   root_dev, euid):
     """lstat (and touch) every name of every (dir fd, names) segment, closing each fd.
 
     The per-entry work of a parallel walk, in a worker process or thread.
     Returns ((touched, skipped, at risk, bytes at risk, purge-eligible, bytes
-    eligible), [(segment index, name, errno)] for the first errors, error count).
+    eligible, not owned, at risk and not owned), [(segment index, name, errno)]
+    for the first errors, error count). euid 0: every entry counts as ours.
     """
     lstat = os.stat
     if touch and not dry_run:
         utimensat, times, get_errno = touch_atime.raw
     touched = skipped = at_risk = b_risk = elig = b_elig = nerr = 0
+    not_owned = risk_not_owned = 0
     errs = []
     for seg, (fd, names) in enumerate(segments):
         try:
@@ -1308,6 +1567,9 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
                     skipped += 1        # a mount point
                     continue
                 a = st.st_atime_ns
+                # Another owner's entry: setting its atime needs ownership, so touch mode
+                # does not attempt it (see Walker._account, the same rule).
+                theirs = touch and euid and st.st_uid != euid
                 if a < risk_ns:
                     at_risk += 1
                     regular = mode & 0o170000 == 0o100000
@@ -1317,9 +1579,13 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
                         elig += 1
                         if regular:
                             b_elig += st.st_size
+                    if theirs:
+                        risk_not_owned += 1
                 if touch:
                     if a >= skip_ns:
                         skipped += 1
+                    elif theirs:
+                        not_owned += 1
                     elif dry_run:
                         touched += 1
                     elif utimensat(fd, name, times, AT_SYMLINK_NOFOLLOW):
@@ -1330,7 +1596,7 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
                         touched += 1
         finally:
             os.close(fd)
-    return (touched, skipped, at_risk, b_risk, elig, b_elig), errs, nerr
+    return (touched, skipped, at_risk, b_risk, elig, b_elig, not_owned, risk_not_owned), errs, nerr
 
 
 def _close_inherited_fds(keep):
@@ -1376,9 +1642,10 @@ def _worker_loop(sock, params):
 
 class Frame(object):
     """One directory on the walk's explicit stack."""
-    __slots__ = ("fd", "name", "names", "dirs", "idx", "ident", "results", "res_base", "parent")
+    __slots__ = ("fd", "name", "names", "dirs", "idx", "ident", "results", "res_base", "parent",
+                 "mounts")
 
-    def __init__(self, fd, name, names, ident, dirs=None, parent=None):
+    def __init__(self, fd, name, names, ident, dirs=None, parent=None, mounts=frozenset()):
         self.fd = fd
         self.name = name            # component name in the parent (bytes), None for the root
         self.names = names          # sorted entry names (bytes)
@@ -1388,6 +1655,7 @@ class Frame(object):
         self.results = None         # visit results computed ahead for names[res_base:...]
         self.res_base = 0
         self.parent = parent        # the parent frame (paths for error messages)
+        self.mounts = mounts        # names in this directory that are mount points (mountinfo)
 
     def components(self):
         comps, f = [], self
@@ -1399,7 +1667,8 @@ class Frame(object):
 
 class Counts(object):
     FIELDS = ("entries_seen", "entries_touched", "entries_skipped", "entries_at_risk",
-              "bytes_at_risk", "entries_purge_eligible", "bytes_purge_eligible", "errors")
+              "bytes_at_risk", "entries_purge_eligible", "bytes_purge_eligible", "errors",
+              "entries_not_owned", "entries_at_risk_not_owned", "dirs_listed_not_owned")
 
     def __init__(self, doc=None):
         for f in self.FIELDS:
@@ -1427,8 +1696,12 @@ class Walker(object):
     after the last checkpoint.
     """
 
-    def __init__(self, root, mode, thresholds, dry_run=False, threads=1, workers=1):
+    def __init__(self, root, mode, thresholds, dry_run=False, threads=1, workers=1,
+                 root_fd=None):
         self.root = root
+        self.root_fd = root_fd      # open_dataset_root()'s fd: the walk starts from it
+        self.euid = os.geteuid()    # 0 (root) may set any atime: everything counts as ours
+        self.mount_tree = {}        # mount points below the root (see mount_tree())
         self.root_b = os.fsencode(root)
         self.touch = mode == "touch"
         self.dry_run = dry_run
@@ -1470,7 +1743,7 @@ class Walker(object):
         return [f.name for f in self.stack[1:]]
 
     # -- visiting one entry (runs in worker threads when threads > 1)
-    def _visit(self, dir_fd, name):
+    def _visit(self, dir_fd, name, mounts=frozenset()):
         """lstat one entry and touch it when touch mode and its atime is old.
 
         Returns (st, touched, err): touched is True/False, err an errno or 0.
@@ -1480,21 +1753,21 @@ class Walker(object):
         except OSError as e:
             return None, False, e.errno or errno.EIO
         if (self.touch and st.st_atime_ns < self.skip_ns
-                and not (stat.S_ISDIR(st.st_mode) and st.st_dev != self.root_dev)):
+                and not self._is_mount(st, name, mounts) and not self._theirs(st)):
             if self.dry_run:
                 return st, True, 0
             err = self.touch_atime(dir_fd, name)
             return st, err == 0, err
         return st, False, 0
 
-    def _visit_many(self, dir_fd, names, stop_at_dir=False):
+    def _visit_many(self, dir_fd, names, stop_at_dir=False, mounts=frozenset()):
         """Visit names in order; with stop_at_dir, end after the first subdirectory."""
         visit = self._visit
         if not stop_at_dir:
-            return [visit(dir_fd, n) for n in names]
+            return [visit(dir_fd, n, mounts) for n in names]
         out = []
         for n in names:
-            r = visit(dir_fd, n)
+            r = visit(dir_fd, n, mounts)
             out.append(r)
             if r[0] is not None and r[0].st_mode & 0o170000 == 0o040000:
                 break       # its subtree comes next: nothing is done ahead of the cursor
@@ -1506,26 +1779,39 @@ class Walker(object):
         end = min(len(frame.names), start + limit)
         names = frame.names[start:end]
         if self.pool is None or len(names) < 2 * self.threads:
-            frame.results = self._visit_many(frame.fd, names, stop_at_dir=self.pool is None)
+            frame.results = self._visit_many(frame.fd, names, stop_at_dir=self.pool is None,
+                                             mounts=frame.mounts)
         else:
             step = (len(names) + self.threads - 1) // self.threads
             parts = [names[i:i + step] for i in range(0, len(names), step)]
-            futures = [self.pool.submit(self._visit_many, frame.fd, p) for p in parts]
+            futures = [self.pool.submit(self._visit_many, frame.fd, p, False, frame.mounts)
+                       for p in parts]
             frame.results = [r for fut in futures for r in fut.result()]
         frame.res_base = start
 
+    # -- the per-entry rules (the parallel engine's copy is _process_batch)
+    def _is_mount(self, st, name, mounts):
+        """A mount point: another filesystem's root, or a name the mount table lists here
+        (a bind mount, of the same filesystem or of a file). Neither entered nor touched."""
+        return name in mounts or (stat.S_ISDIR(st.st_mode) and st.st_dev != self.root_dev)
+
+    def _theirs(self, st):
+        """Touch mode and another owner's entry: its atime is not ours to set (not tried)."""
+        return self.touch and self.euid != 0 and st.st_uid != self.euid
+
     # -- accounting for one entry
-    def _account(self, st, touched, err, name):
+    def _account(self, st, touched, err, name, mounts=frozenset(), seen=True):
         c = self.counts
-        c.entries_seen += 1
+        if seen:
+            c.entries_seen += 1
         if st is None:
             self._error(name, err)
             return
-        is_dir = stat.S_ISDIR(st.st_mode)
-        if is_dir and st.st_dev != self.root_dev:
+        if self._is_mount(st, name, mounts):
             c.entries_skipped += 1       # a mount point: neither entered nor touched
             return
         atime = st.st_atime_ns
+        theirs = self._theirs(st)
         if atime < self.risk_ns:
             c.entries_at_risk += 1
             if stat.S_ISREG(st.st_mode):
@@ -1534,22 +1820,31 @@ class Walker(object):
                 c.entries_purge_eligible += 1
                 if stat.S_ISREG(st.st_mode):
                     c.bytes_purge_eligible += st.st_size
+            if theirs:
+                c.entries_at_risk_not_owned += 1
         if self.touch:
             if touched:
                 c.entries_touched += 1
             elif err:
                 self._error(name, err)
+            elif theirs and atime < self.skip_ns:
+                c.entries_not_owned += 1
             else:
                 c.entries_skipped += 1
 
     # -- the stack
     def _push(self, parent_fd, name, st):
-        """Open and list a subdirectory; push it. Errors are counted, never raised."""
+        """Open and list a subdirectory; push it. Errors are counted, never raised.
+
+        st is the lstat taken before this listing (which may move the atime of a
+        directory of another owner: counted in dirs_listed_not_owned)."""
         try:
-            fd = open_dir(name, dir_fd=parent_fd)
+            fd, quiet = open_dir_ex(name, dir_fd=parent_fd)
         except OSError as e:
             self._error(name, e.errno or errno.EIO)
             return False
+        if not quiet:
+            self.counts.dirs_listed_not_owned += 1
         try:
             if self.engine:
                 names, dirs = list_dir_typed(fd)
@@ -1560,7 +1855,8 @@ class Walker(object):
             self._error(name, e.errno or errno.EIO)
             return False
         parent = self.stack[-1] if self.stack else None
-        self.stack.append(Frame(fd, name, names, (st.st_dev, st.st_ino), dirs, parent))
+        self.stack.append(Frame(fd, name, names, (st.st_dev, st.st_ino), dirs, parent,
+                                self._mounts_below(parent, name)))
         if len(self.stack) > MAX_OPEN_DIRS:
             # WARNING: deep trees would exhaust file descriptors; close an ancestor's fd
             # and reopen it through ".." when the walk climbs back (see _pop).
@@ -1569,6 +1865,13 @@ class Walker(object):
                 os.close(old.fd)
                 old.fd = None
         return True
+
+    def _mounts_below(self, parent, name):
+        """The names of mount points in the directory parent/name (usually none)."""
+        if not self.mount_tree:
+            return frozenset()
+        comps = (parent.components() if parent is not None else []) + [name]
+        return self.mount_tree.get(tuple(comps), frozenset())
 
     def _pop(self):
         child = self.stack.pop()
@@ -1613,35 +1916,51 @@ class Walker(object):
                 "subtree_done": True}
 
     def _start(self, cursor):
-        """Visit the root (unless the cursor says it is done) and set up the stack."""
+        """Visit the root (unless the cursor says it is done) and set up the stack.
+
+        The root is opened from root_fd (open_dataset_root: no symlink on the way) when
+        given, and stat'ed through its fd before it is listed.
+        """
+        fd = self._open_root()
         try:
-            st = os.lstat(self.root_b)
-        except OSError as e:
-            raise Failure("cannot read the dataset root %s (%s)" % (self.root, e.strerror))
-        if not stat.S_ISDIR(st.st_mode):
-            raise Failure("the dataset root %s is not a directory" % self.root)
-        self.root_dev = st.st_dev
-        if cursor is None:
-            touched, err = False, 0
-            if self.touch and st.st_atime_ns < self.skip_ns:
-                if self.dry_run:
-                    touched = True
-                else:
-                    err = self.touch_atime(AT_FDCWD, self.root_b)
-                    touched = err == 0
-            self._account(st, touched, err, None)
-        try:
-            fd = open_dir(self.root_b)
+            st = os.fstat(fd)
+            self.root_dev = st.st_dev
+            if cursor is None:
+                touched, err = False, 0
+                if self.touch and st.st_atime_ns < self.skip_ns and not self._theirs(st):
+                    if self.dry_run:
+                        touched = True
+                    else:
+                        err = self.touch_atime(fd, None)
+                        touched = err == 0
+                self._account(st, touched, err, None)
+            self.mount_tree = mount_tree(fd)
             if self.engine:
                 names, dirs = list_dir_typed(fd)
             else:
                 names, dirs = list_dir(fd), None
         except OSError as e:
+            os.close(fd)
             raise Failure("cannot list the dataset root %s (%s)" % (self.root, e.strerror))
-        self.stack.append(Frame(fd, None, names, (st.st_dev, st.st_ino), dirs))
+        self.stack.append(Frame(fd, None, names, (st.st_dev, st.st_ino), dirs, None,
+                                self.mount_tree.get((), frozenset())))
         if cursor is not None:
             self._seek([decode_name(c) for c in cursor.get("path", [])],
                        bool(cursor.get("subtree_done")))
+
+    def _open_root(self):
+        """The root's directory fd (O_NOATIME where ours); dirs_listed_not_owned if not."""
+        try:
+            if self.root_fd is not None:
+                fd, quiet = open_dir_ex(".", dir_fd=self.root_fd)
+            else:
+                fd, quiet = open_dir_ex(self.root_b)
+        except OSError as e:
+            raise Failure("cannot open the dataset root %s (%s)" % (
+                self.root, "not a directory" if e.errno == errno.ENOTDIR else e.strerror))
+        if not quiet:
+            self.counts.dirs_listed_not_owned += 1
+        return fd
 
     def _seek(self, path, subtree_done):
         """Position the stack just after `path` without visiting anything before it."""
@@ -1657,7 +1976,7 @@ class Walker(object):
                     st = os.stat(comp, dir_fd=frame.fd, follow_symlinks=False)
                 except OSError:
                     return      # gone since the checkpoint: carry on after it
-                if not stat.S_ISDIR(st.st_mode) or st.st_dev != self.root_dev:
+                if not stat.S_ISDIR(st.st_mode) or self._is_mount(st, comp, frame.mounts):
                     return
                 if not self._push(frame.fd, comp, st):
                     return
@@ -1708,8 +2027,9 @@ class Walker(object):
             name = frame.names[frame.idx]
             st, touched, err = frame.results[frame.idx - frame.res_base]
             frame.idx += 1
-            self._account(st, touched, err, name)
-            if st is not None and stat.S_ISDIR(st.st_mode) and st.st_dev == self.root_dev:
+            self._account(st, touched, err, name, frame.mounts)
+            if (st is not None and stat.S_ISDIR(st.st_mode)
+                    and not self._is_mount(st, name, frame.mounts)):
                 self._push(frame.fd, name, st)
         return True
 
@@ -1726,7 +2046,7 @@ class Walker(object):
         fd_budget = max(2 * MAX_SEGMENTS, (min(soft, 4096) - 2 * MAX_OPEN_DIRS) // 2)
         self.max_inflight = max(2, fd_budget // MAX_SEGMENTS)
         self.params = (self.touch_atime, self.touch, self.dry_run, self.skip_ns, self.risk_ns,
-                       self.purge_ns, self.root_dev)
+                       self.purge_ns, self.root_dev, self.euid)
         if self.engine == "thread":
             import concurrent.futures
             self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.threads)
@@ -1771,6 +2091,14 @@ class Walker(object):
         self.inflight = {}
 
     def _append(self, frame, names):
+        if frame.mounts:
+            # Mount points the mount table lists (bind mounts): never handed to a worker,
+            # which sees only st_dev; counted as skipped here.
+            kept = [n for n in names if n not in frame.mounts]
+            self.counts.entries_skipped += len(names) - len(kept)
+            names = kept
+        if not names:
+            return      # WARNING: an empty segment would reach a worker as one name, b""
         if self.pending and self.pending[-1][0] is frame:
             self.pending[-1][2].extend(names)
         else:
@@ -1871,8 +2199,11 @@ class Walker(object):
                        "kept: run refresh again to resume" % (pid, how))
 
     def _tally(self, frames, result):
-        (touched, skipped, at_risk, b_risk, elig, b_elig), errs, nerr = result
+        (touched, skipped, at_risk, b_risk, elig, b_elig, not_owned, risk_not_owned), errs, \
+            nerr = result
         c = self.counts
+        c.entries_not_owned += not_owned
+        c.entries_at_risk_not_owned += risk_not_owned
         c.entries_touched += touched
         c.entries_skipped += skipped
         c.entries_at_risk += at_risk
@@ -1921,7 +2252,9 @@ class Walker(object):
             j = bisect_left(dirs, start)
             is_dir = j < len(dirs) and dirs[j] < end
             k = dirs[j] + 1 if is_dir else end
-            self._append(frame, frame.names[start:k])
+            # The subdirectory itself is batched by _enter, once its stat is known to come
+            # from before its listing.
+            self._append(frame, frame.names[start:k - 1 if is_dir else k])
             counts.entries_seen += k - start
             frame.idx = k
             if is_dir:
@@ -1930,24 +2263,41 @@ class Walker(object):
         return True
 
     def _enter(self, frame, name):
-        """Descend into a subdirectory found by d_type, unless it is another filesystem."""
+        """Batch a subdirectory found by d_type and descend into it, unless it is a mount point.
+
+        The entry's stat must come from before its listing. Listed through O_NOATIME, the
+        listing moves nothing, so a worker stats it as usual; where the kernel refused
+        O_NOATIME (another owner's directory), its fstat, taken here before the listing, is
+        what is counted (it is not ours, so touch mode would not touch it anyway).
+        """
+        if name in frame.mounts:
+            self._append(frame, [name])     # counted as skipped, never entered
+            return
         try:
-            fd = open_dir(name, dir_fd=frame.fd)
+            fd, quiet = open_dir_ex(name, dir_fd=frame.fd)
         except OSError as e:
+            self._append(frame, [name])
             if e.errno != errno.ENOTDIR:
                 self._error(name, e.errno or errno.EIO, frame)
             return
         try:
             st = os.fstat(fd)
+            if st.st_dev != self.root_dev or quiet:
+                self._append(frame, [name])     # another filesystem: the worker skips it
+            else:
+                self._account(st, False, 0, name, seen=False)
             if st.st_dev != self.root_dev:
-                os.close(fd)            # a mount point: the worker counts it as skipped
+                os.close(fd)
                 return
+            if not quiet:
+                self.counts.dirs_listed_not_owned += 1
             names, dirs = list_dir_typed(fd)
         except OSError as e:
             os.close(fd)
             self._error(name, e.errno or errno.EIO, frame)
             return
-        self.stack.append(Frame(fd, name, names, (st.st_dev, st.st_ino), dirs, frame))
+        self.stack.append(Frame(fd, name, names, (st.st_dev, st.st_ino), dirs, frame,
+                                self._mounts_below(frame, name)))
         if len(self.stack) > MAX_OPEN_DIRS:
             old = self.stack[-MAX_OPEN_DIRS - 1]
             if old.fd is not None and len(self.stack) - MAX_OPEN_DIRS - 1 > 0:
@@ -2333,10 +2683,22 @@ def _add(ctx, name, path, keep_until, cadence_days, approval):
               "last_refresh": None, "last_refresh_start": None, "last_mode": None,
               "last_touch_start": None, "last_check_start": None,
               "last_run": None, "last_total_entries": None}
-        if create_sentinel(real, ds):
-            created.append(real)
+        root_fd = _add_root_fd(real, root)
+        try:
+            if create_sentinel(root_fd, ds):
+                created.append(real)
+        finally:
+            os.close(root_fd)
         reg["datasets"][name] = ds
     return _list_entry(ctx, cfg, ds)
+
+
+def _add_root_fd(real, scratch_root):
+    """The new dataset's root fd, reached from the scratch root without a symlink."""
+    try:
+        return open_dataset_root(real, scratch_root)
+    except Failure as e:
+        raise UsageError(str(e))
 
 
 @contextlib.contextmanager
@@ -2484,11 +2846,22 @@ def _remove(ctx, name):
         with store.update_registry() as reg:
             ds = _get(reg, name)
             del reg["datasets"][name]
-        sentinel_deleted = delete_sentinel(ds["path"])
+        sentinel_deleted = _delete_sentinel_of(ctx, ds)
         store.delete_checkpoint(name)
     with contextlib.suppress(OSError):
         os.unlink(store.lock_path(name))
     return {"name": name, "path": ds["path"], "sentinel_deleted": sentinel_deleted}
+
+def _delete_sentinel_of(ctx, ds):
+    """Delete a dataset's sentinel through its root fd; never through a symlinked parent."""
+    try:
+        root_fd = dataset_root_fd(ctx, ds)
+    except Failure:
+        return False
+    try:
+        return delete_sentinel(root_fd)
+    finally:
+        os.close(root_fd)
 
 # ---------------------------------------------------------------- refresh engine
 
@@ -2653,13 +3026,25 @@ def _refresh_one(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
         current = store.load_registry()["datasets"].get(name)
         if current is None or current.get("path") != ds["path"]:
             return _gone_result(ds, mode, current, opts)
-        return _walk_dataset(ctx, cfg, current, mode, opts, budget, should_stop, progress)
+        return _walk_from_root(ctx, cfg, current, mode, opts, budget, should_stop, progress)
     except OSError as e:
         raise_if_full(e, e.filename or store.dir)     # the log or the record: name the place
         raise
     finally:
         if lock is not None:
             lock.release()
+
+
+def _walk_from_root(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
+    """Walk from the root's fd, reached from the scratch root without following a symlink."""
+    try:
+        root_fd = dataset_root_fd(ctx, ds)      # refused when a symlink is on the way
+    except Failure as e:
+        raise Failure("dataset %r: %s" % (ds["name"], e))
+    try:
+        return _walk_dataset(ctx, cfg, ds, mode, opts, budget, should_stop, progress, root_fd)
+    finally:
+        os.close(root_fd)
 
 
 def _gone_result(ds, mode, current, opts):
@@ -2689,7 +3074,7 @@ def _test_pause(env, point):
         time.sleep(0.01)
 
 
-def _walk_dataset(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
+def _walk_dataset(ctx, cfg, ds, mode, opts, budget, should_stop, progress, root_fd=None):
     store = ctx.store
     name = ds["name"]
     started = time.time()
@@ -2708,7 +3093,7 @@ def _walk_dataset(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
     if opts.threads or opts.workers:
         threads, workers = opts.threads or 1, opts.workers or 1
     walker = Walker(ds["path"], mode, thresholds, dry_run=opts.dry_run, threads=threads,
-                    workers=workers)
+                    workers=workers, root_fd=root_fd)
     log_path, log = (None, None) if opts.dry_run else store.new_log(name, started, mode)
     skip_d, risk_d, purge_d = thresholds_days(cfg, cadence)
     timing = {"checkpoint_seconds": 0.0, "checkpoints": 0}
@@ -2822,7 +3207,7 @@ def _walk_dataset(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
                 cur["last_total_entries"] = done_before + counts.entries_seen
                 cur["last_totals"] = totals.as_dict()
     if complete and mode == "touch" and cur is not None:
-        update_sentinel(ds["path"], cur)
+        update_sentinel(ds["path"] if root_fd is None else root_fd, cur)
     store.prune_logs(name)
     return result, code
 
@@ -3849,17 +4234,15 @@ def _check_dataset(ctx, cfg, root, ds):
         return [Check("root:" + name, "fail", "dataset %r: its root %s is missing (purged, moved "
                       "or renamed?); restore it or `%s remove --name %s`" % (name, path, PROG,
                                                                             name))]
+    try:
+        root_fd = dataset_root_fd(ctx, ds)
+    except Failure as e:
+        return [Check("root:" + name, "fail", "dataset %r: %s" % (name, e))]
     out.append(Check("root:" + name, "ok", "dataset %r: %s is present" % (name, path)))
-    sentinel = read_sentinel(path)
-    if sentinel is None and os.path.lexists(sentinel_path(path)):
-        out.append(Check("sentinel:" + name, "fail", "dataset %r: %s is not ours (another tool's "
-                         "file or a symlink); move it away, then run `%s repair`" % (
-                             name, sentinel_path(path), PROG)))
-    elif sentinel is None or sentinel.get("name") != name:
-        out.append(Check("sentinel:" + name, "fail", "dataset %r: its sentinel %s is %s; repair "
-                         "rewrites it" % (name, sentinel_path(path), "missing" if sentinel is None
-                                          else "naming %r" % sentinel.get("name")),
-                         fix="sentinel"))
+    try:
+        out += _check_sentinel(name, path, root_fd)
+    finally:
+        os.close(root_fd)
     if root and not is_below(path, os.path.realpath(root)):
         out.append(Check("location:" + name, "fail", "dataset %r (%s) is no longer below the "
                          "scratch root %s" % (name, path, root)))
@@ -3900,6 +4283,20 @@ def _check_dataset(ctx, cfg, root, ds):
                                                  human_bytes(t.get("bytes_purge_eligible", 0)))
                              if t else "", PROG, name)))
     return out
+
+
+def _check_sentinel(name, path, root_fd):
+    """The sentinel check of one dataset, read through its root fd (never blocking)."""
+    sentinel, why = read_sentinel(root_fd), sentinel_problem(root_fd)
+    if sentinel is None and why != "missing":
+        return [Check("sentinel:" + name, "fail", "dataset %r: %s is not ours (%s); move it "
+                      "away, then run `%s repair`" % (name, sentinel_path(path), why, PROG))]
+    if sentinel is None or sentinel.get("name") != name:
+        return [Check("sentinel:" + name, "fail", "dataset %r: its sentinel %s is %s; repair "
+                      "rewrites it" % (name, sentinel_path(path), "missing" if sentinel is None
+                                       else "naming %r" % sentinel.get("name")),
+                      fix="sentinel")]
+    return []
 
 
 def _check_schedule(ctx, cfg, reg):
@@ -4068,7 +4465,7 @@ def _repair(ctx, dry_run):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
     if cfg is not None and reg is not None:
-        _repair_sentinels(reg, dry_run, act, left)
+        _repair_sentinels(ctx, reg, dry_run, act, left)
         _repair_schedule_doc(store, dry_run, act, left)
         actions.extend(_repair_schedule(ctx, cfg, reg, dry_run, left))
     return {"actions": actions, "left": left, "dry_run": bool(dry_run)}
@@ -4106,28 +4503,43 @@ def _repair_locks(store, dry_run, act, left):
                 path, rec.get("pid"), rec.get("host")))
 
 
-def _repair_sentinels(reg, dry_run, act, left):
-    """Rewrite missing or misnamed sentinels, and ones that do not record the settings."""
+def _repair_sentinels(ctx, reg, dry_run, act, left):
+    """Rewrite missing or misnamed sentinels, and ones that do not record the settings,
+    through each root's fd (never into a directory reached through a symlink)."""
     for ds in sorted(reg.get("datasets", {}).values(), key=lambda d: d["name"]):
         if not root_present(ds["path"]):
             continue
-        found = read_sentinel(ds["path"])
-        if found is None and os.path.lexists(sentinel_path(ds["path"])):
-            left.append("%s exists but is not ours; move it away, then repair again"
-                        % sentinel_path(ds["path"]))
-        elif found is None:
-            act("rewrite the missing sentinel of %r in %s" % (ds["name"], ds["path"]))
-            if not dry_run:
-                create_sentinel(ds["path"], ds)
-        elif found.get("name") != ds["name"]:
-            act("rewrite the sentinel of %r in %s (it named %r)" % (
-                ds["name"], ds["path"], found.get("name")))
-            if not dry_run:
-                update_sentinel(ds["path"], ds)
-        elif any(found.get(k) != ds.get(k) for k in SENTINEL_SETTINGS):
-            act("record the keep-until, cadence and approval of %r in its sentinel" % ds["name"])
-            if not dry_run:
-                update_sentinel(ds["path"], ds)
+        try:
+            root_fd = dataset_root_fd(ctx, ds)
+        except Failure as e:
+            left.append("dataset %r: %s (no sentinel is written there)" % (ds["name"], e))
+            continue
+        try:
+            _repair_sentinel(ds, root_fd, dry_run, act, left)
+        finally:
+            os.close(root_fd)
+
+
+def _repair_sentinel(ds, root_fd, dry_run, act, left):
+    """Rewrite one dataset's missing, misnamed or settings-less sentinel."""
+    found = read_sentinel(root_fd)
+    why = sentinel_problem(root_fd) if found is None else None
+    if found is None and why != "missing":
+        left.append("%s exists but is not ours (%s); move it away, then repair again"
+                    % (sentinel_path(ds["path"]), why))
+    elif found is None:
+        act("rewrite the missing sentinel of %r in %s" % (ds["name"], ds["path"]))
+        if not dry_run:
+            create_sentinel(root_fd, ds)
+    elif found.get("name") != ds["name"]:
+        act("rewrite the sentinel of %r in %s (it named %r)" % (
+            ds["name"], ds["path"], found.get("name")))
+        if not dry_run:
+            update_sentinel(root_fd, ds)
+    elif any(found.get(k) != ds.get(k) for k in SENTINEL_SETTINGS):
+        act("record the keep-until, cadence and approval of %r in its sentinel" % ds["name"])
+        if not dry_run:
+            update_sentinel(root_fd, ds)
 
 
 def _repair_schedule_doc(store, dry_run, act, left):
@@ -4288,6 +4700,7 @@ def _find_sentinels(root, max_depth=4):
 
     Bounded on purpose: a scratch root may hold millions of entries.
     """
+    root = os.path.realpath(root)   # recorded paths are real, as `add` records them
     found = []
     stack = [(root, 0)]
     while stack:
@@ -4463,6 +4876,14 @@ def describe_result(r):
             dry, plural(r["entries_seen"], "entry", "entries"), upto,
             human_count(r["entries_at_risk"]), human_bytes(r["bytes_at_risk"]),
             human_count(r["entries_purge_eligible"]), human_bytes(r["bytes_purge_eligible"]))
+    if r.get("entries_not_owned"):
+        body += ("; %s of other users not refreshed (only an entry's owner can set its "
+                 "access time), %s of them at risk" % (
+                     plural(r["entries_not_owned"], "entry", "entries"),
+                     human_count(r.get("entries_at_risk_not_owned", 0))))
+    if r.get("dirs_listed_not_owned") and r["mode"] == "check":
+        body += ("; %s of other users had to be listed, which may have moved their access "
+                 "times" % plural(r["dirs_listed_not_owned"], "directory", "directories"))
     if r["errors"]:
         body += "; %s (vanished or permission denied%s)" % (
             plural(r["errors"], "error"), ", listed in " + r["log"] if r.get("log") else "")

@@ -766,11 +766,12 @@ def test_permission_denied_subdirectory_is_an_error_and_the_walk_completes(world
 
 
 
-def test_entries_of_another_owner_are_errors_in_touch_mode_and_the_rest_is_touched(
+def test_entries_of_another_owner_are_not_attempted_in_touch_mode_and_the_rest_is_touched(
         world_tmp, engine):
-    """A labmate's file in a shared dataset: lstat works, utimensat is refused (only the
-    owner, or a writer, may set times). Each such entry is an error named in the log with
-    its reason; every other entry is touched; the walk completes and exits 1."""
+    """A labmate's file in a shared dataset: lstat works, but setting its atime needs
+    ownership. Such entries are not attempted and are not errors: they are counted in
+    entries_not_owned (and at risk, being old); every other entry is touched; the walk
+    completes and exits 0 (issue 9 item 5; this test expected errors and exit 1 before)."""
     runner = nonroot_runner()
     if runner is None or os.geteuid() != 0:
         pytest.skip("needs root to make files of another owner, and setpriv to run as nobody")
@@ -802,16 +803,17 @@ def test_entries_of_another_owner_are_errors_in_touch_mode_and_the_rest_is_touch
     mtimes = dict((rel, os.lstat(str(root / rel)).st_mtime_ns)
                   for rel in ("b_theirs.txt", "sub/c_theirs.txt"))
     r = run("refresh", "--name", "ds", "--json", *engine)
-    assert r.rc == 1, r
+    assert r.rc == 0, r
     res = only_result(r)
     assert res["complete"] is True
     # root, sentinel, a_mine, b_theirs, sub, sub/c_theirs, sub/d_mine
     assert res["entries_seen"] == 7
-    assert res["errors"] == 2
+    assert res["errors"] == 0
+    assert res["entries_not_owned"] == 2
+    assert res["entries_at_risk_not_owned"] == 2
     assert res["entries_touched"] == 5
     log = Path(res["log"]).read_bytes().decode("utf-8", "replace")
-    assert "b_theirs.txt" in log and "c_theirs.txt" in log
-    assert "not permitted" in log or "Permission denied" in log, log
+    assert "b_theirs.txt" not in log and "c_theirs.txt" not in log, log
     for rel in ("b_theirs.txt", "sub/c_theirs.txt"):
         st = os.lstat(str(root / rel))
         assert st.st_atime_ns == OLD_NS and st.st_mtime_ns == mtimes[rel]
