@@ -54,6 +54,7 @@ import itertools
 import json
 import os
 import re
+import select
 import signal
 import socket
 import stat
@@ -76,9 +77,15 @@ __all__ = [
 PROG = "scratch-keepalive"
 FORMAT = 1                      # format version of every JSON state file
 SENTINEL = ".scratch-keepalive"
+SENTINEL_SETTINGS = ("keep_until", "cadence_days", "approval")   # recorded for a rebuild
 JOB_NAME = "scratch-keepalive"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# WARNING: \Z, not $: "$" also matches before a trailing newline ("evil\n" would pass).
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 DAY = 86400
+# A write failed because the disk or the user's quota is full.
+FULL_ERRNOS = tuple(getattr(errno, n) for n in ("ENOSPC", "EDQUOT") if hasattr(errno, n))
+TIME_MIN = 0.0                  # the instants this tool computes with: 1970 to 8999
+TIME_MAX = float(calendar.timegm((9000, 1, 1, 0, 0, 0)))
 
 EXIT_OK = 0
 EXIT_FAIL = 1
@@ -86,6 +93,7 @@ EXIT_USAGE = 2
 EXIT_STOPPED = 3
 EXIT_BUSY = 4
 EXIT_INTERRUPTED = 130
+EXIT_PIPE = 141         # 128 + SIGPIPE: what a shell reports for git in `git log | head -1`
 # With several datasets, the command's exit code is the first of these that
 # any of them produced.
 EXIT_PRIORITY = (EXIT_INTERRUPTED, EXIT_FAIL, EXIT_STOPPED, EXIT_BUSY, EXIT_OK)
@@ -153,6 +161,9 @@ AT_FDCWD = -100
 AT_SYMLINK_NOFOLLOW = 0x100
 
 O_NOATIME = getattr(os, "O_NOATIME", 0)
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 O_DIR_FLAGS = (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
                | getattr(os, "O_CLOEXEC", 0))
 
@@ -185,6 +196,20 @@ class BusyError(Failure):
 class StateError(Failure):
     """A state file cannot be read; `repair` mends it (exit 1)."""
     exit_code = EXIT_FAIL
+
+
+class DiskFullError(Failure, OSError):
+    """A write failed because the disk or the quota is full; the message names the file.
+
+    Still an OSError with its errno, so that code which tolerates a failed write (a record
+    that is only informative) keeps tolerating it.
+    """
+
+    def __init__(self, code, message, filename=None):
+        OSError.__init__(self, code, message, filename)
+
+    def __str__(self):
+        return self.strerror
 
 
 class _ParserExit(Exception):
@@ -249,11 +274,19 @@ def policy_now(env):
     if t is None:
         raise UsageError("SCRATCH_KEEPALIVE_NOW=%r is not an ISO-8601 time; use e.g. "
                          "2026-08-01T03:00:00Z, or unset it" % text)
+    if not TIME_MIN <= t < TIME_MAX:
+        raise UsageError("SCRATCH_KEEPALIVE_NOW=%r lies outside the years 1970 to 8999; use "
+                         "e.g. 2026-08-01T03:00:00Z, or unset it" % text)
     return t
 
 
 def human_count(n):
     return "{:,}".format(n)
+
+
+def plural(n, word, words=None):
+    """'1 error', '2 errors', '1,024 entries': the count and the word it takes."""
+    return "%s %s" % (human_count(n), word if n == 1 else (words or word + "s"))
 
 
 def human_bytes(n):
@@ -343,11 +376,17 @@ def fsync_dir(path):
 def atomic_write(path, data, mode=0o600):
     """Write bytes to path so that a crash leaves the old file or the new one, never a mix.
 
-    Temp file in the same directory, flush, fsync, os.replace, fsync the directory.
+    Temp file in the same directory (.NAME.PID.XXXXXXXX.tmp), flush, fsync, os.replace,
+    fsync the directory; then the temp files that killed writes of NAME left behind go.
     """
     directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=directory)
+    base = os.path.basename(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".%s.%d." % (base, os.getpid()), suffix=".tmp",
+                                   dir=directory)
+    except OSError as e:
+        raise_if_full(e, path)
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), mode)
@@ -355,42 +394,344 @@ def atomic_write(path, data, mode=0o600):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        raise_if_full(e, path)
         raise
     fsync_dir(directory)
+    for stale in stale_temps(directory, base):
+        with contextlib.suppress(OSError):
+            os.unlink(stale)
+
+
+# atomic_write's temp files; older ones have no pid in their names.
+_TEMP_RE = re.compile(r"^\.(.+?)\.(?:(\d{1,10})\.)?[a-z0-9_]{8}\.tmp$")
+TEMP_STALE_SECONDS = 60
+
+
+def stale_temps(directory, base=None):
+    """Temp files of atomic writes (of file `base`, or any) that were killed: older than a
+    minute and, where the name records it, of a process that is gone. A live writer's temp
+    file is never among them (its pid lives; on another host sharing the directory, it has
+    been writing for a minute)."""
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    found = []
+    for n in names:
+        m = _TEMP_RE.match(n)
+        if not m or (base is not None and m.group(1) != base):
+            continue
+        p = os.path.join(directory, n)
+        try:
+            st = os.lstat(p)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or time.time() - st.st_mtime < TEMP_STALE_SECONDS:
+            continue
+        if m.group(2) and int(m.group(2)) < 2 ** 31 and _pid_alive(int(m.group(2))):
+            continue
+        found.append(p)
+    return found
+
+
+def raise_if_full(e, path):
+    """A write to path failed with e: when the disk or the quota is full, say so and name it.
+
+    (The OSError of a failed write() names no file, and permissions are not the problem.)
+    """
+    if isinstance(e, OSError) and e.errno in FULL_ERRNOS and not isinstance(e, DiskFullError):
+        raise DiskFullError(e.errno, full_message(e, path), path) from None
+
+
+def full_message(e, path=None):
+    where = display_path(path) if path else "the state directory or the dataset"
+    return ("cannot write %s: the disk or quota is full (%s); free some space there (see "
+            "`df -h` and `quota`), or use another state directory (--state-dir)"
+            % (where, e.strerror))
 
 
 def dump_json(obj):
     return (json.dumps(obj, sort_keys=True, indent=2) + "\n").encode("ascii")
 
 
-def read_json(path, kind):
-    """Read a state document. None when absent; StateError when damaged or too new.
+class UnreadableState(StateError):
+    """A state file exists but cannot be read (permissions): it may be intact, never rebuild it."""
+
+
+class NewerState(StateError):
+    """A state file written by a newer scratch-keepalive: refused, never deleted or overwritten."""
+
+
+class InvalidState(StateError):
+    """A state file that is damaged or breaks its schema: `repair` sets it aside and mends it."""
+
+
+def _json_loads(raw):
+    """Parse JSON bytes; ValueError for anything that is not a UTF-8 JSON text.
+
+    WARNING: json.loads recurses once per nesting level: '[' * 100000 raises RecursionError,
+    which is not a ValueError.
+    """
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("nested too deeply")
+
+
+def _owner_hint(path, e):
+    """What to say about a state file the kernel will not let us read."""
+    try:
+        uid = os.stat(path).st_uid
+    except OSError:
+        uid = None
+    if uid is not None and uid != os.getuid():
+        try:
+            import pwd
+            owner = "%s (uid %d)" % (pwd.getpwuid(uid).pw_name, uid)
+        except (ImportError, KeyError):
+            owner = "uid %d" % uid
+        return ("it belongs to %s, not to you (written by `sudo %s ...`?); run `sudo chown "
+                "$USER %s`, then try again" % (owner, PROG, shell_quote(path)))
+    return "run `chmod u+rw %s`, then try again" % shell_quote(path)
+
+
+def read_json(path, kind, schema=None):
+    """Read a state document. None when absent; a StateError when it cannot be used.
 
     Rule for versions: a document carries "format": N. This version reads
     formats 1..FORMAT; a larger N was written by a newer scratch-keepalive and
-    is refused (upgrade), never overwritten.
+    is refused (NewerState: upgrade), never deleted or overwritten. A file we
+    may not read is UnreadableState (it may be intact); a damaged one, or one
+    that breaks `schema` (see check_doc), is InvalidState.
     """
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
         return None
-    except OSError as e:
-        raise StateError("cannot read the %s %s (%s); check its permissions or run "
-                         "`%s repair`" % (kind, path, e.strerror, PROG))
+    except (PermissionError, OSError) as e:
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise UnreadableState("cannot read the %s %s (%s): %s" % (
+                kind, path, e.strerror, _owner_hint(path, e)))
+        raise InvalidState("cannot read the %s %s (%s); run `%s repair` (it sets the file "
+                           "aside)" % (kind, path, e.strerror, PROG))
     try:
-        doc = json.loads(raw.decode("utf-8"))
+        doc = _json_loads(raw)
     except ValueError as e:
-        raise StateError("the %s %s is damaged (%s); run `%s repair`" % (kind, path, e, PROG))
-    if not isinstance(doc, dict) or not isinstance(doc.get("format"), int):
-        raise StateError("the %s %s has no format version; run `%s repair`" % (kind, path, PROG))
-    if doc["format"] > FORMAT:
-        raise StateError("the %s %s was written by a newer scratch-keepalive (format %d); "
-                         "upgrade this one (it is %s)" % (kind, path, doc["format"], __version__))
+        raise InvalidState("the %s %s is damaged (%s); run `%s repair`" % (kind, path, e, PROG))
+    fmt = doc.get("format") if isinstance(doc, dict) else None
+    if not _is_int(fmt) or fmt < 1:
+        raise InvalidState("the %s %s has no format version; run `%s repair`"
+                           % (kind, path, PROG))
+    if fmt > FORMAT:
+        raise NewerState("the %s %s was written by a newer scratch-keepalive (format %d); "
+                         "upgrade this one (it is %s); the file is left as it is"
+                         % (kind, path, fmt, __version__))
+    if schema is not None:
+        problems = check_doc(doc, schema)
+        if problems:
+            raise InvalidState(invalid_message(kind, path, problems[0]))
     return doc
+
+# ---------------------------------------------------------------- state schemas
+#
+# Every document is checked on read, so that no command meets a wrong type deep inside.
+# A schema maps a field to (required, check); a check returns None when the value is
+# good, else what the value should be. Unknown keys are ignored: newer versions (and
+# other parts of this one) add fields, and an older reader must still work.
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int(lo, hi):
+    def check(v):
+        if not _is_int(v) or not lo <= v <= hi:
+            return "a whole number from %d to %d" % (lo, hi)
+    return check
+
+
+def _str(v):
+    if not isinstance(v, str) or not v or "\0" in v:
+        return "a non-empty string"
+
+
+def _abs_path(v):
+    if _str(v) or not v.startswith("/"):
+        return "an absolute path"
+
+
+def _bool(v):
+    if not isinstance(v, bool):
+        return "true or false"
+
+
+def _one_of(*values):
+    def check(v):
+        if v not in values:
+            return "one of %s" % ", ".join(map(str, values))
+    return check
+
+
+def _time(v):
+    """An ISO time this tool can compute with (years 1970 to 8999)."""
+    t = parse_iso(v) if isinstance(v, str) else None
+    if t is None or not TIME_MIN <= t < TIME_MAX:
+        return "an ISO time such as 2026-08-01T03:00:00Z"
+
+
+def _date(v):
+    if not isinstance(v, str) or parse_date(v) is None or not "1970" <= v < "9000":
+        return "a date YYYY-MM-DD"
+
+
+def _null_or(check):
+    def nullable(v):
+        if v is not None and check(v):
+            return "null or " + check(v)
+    return nullable
+
+
+def _counts(v):
+    if not isinstance(v, dict) or any(_int(0, 2 ** 63)(v.get(f, 0)) for f in Counts.FIELDS):
+        return "an object of counts (whole numbers of at least 0)"
+
+
+def _object(schema):
+    """A check for an object that must follow schema."""
+    def check(v):
+        problems = check_doc(v, schema)
+        if problems:
+            field, want = problems[0]
+            return want if field is None else "an object whose %s is %s" % (field, want)
+    return check
+
+
+def _list_of(check, what):
+    def check_list(v):
+        if not isinstance(v, list) or any(check(x) for x in v):
+            return "a list of %s" % what
+    return check_list
+
+
+def check_doc(doc, schema):
+    """[(field, what it should be)] for each field of doc that breaks schema (field None:
+    doc is not an object)."""
+    if not isinstance(doc, dict):
+        return [(None, "an object")]
+    problems = []
+    for field in sorted(schema):
+        required, check = schema[field]
+        if field not in doc:
+            if required:
+                problems.append((field, "present (it is missing)"))
+            continue
+        want = check(doc[field])
+        if want:
+            problems.append((field, want))
+    return problems
+
+
+def invalid_message(kind, path, problem, entry=None):
+    field, want = problem
+    where = "dataset %r: " % entry if entry is not None else ""
+    return ("the %s %s is invalid: %s%s should be %s; run `%s repair` (it keeps a copy of the "
+            "file)" % (kind, path, where, "it" if field is None else "field %r" % field, want,
+                       PROG))
+
+
+def _name(v):
+    if not isinstance(v, str) or not NAME_RE.match(v) or v.endswith("\n"):
+        return "a dataset name (letters, digits, '.', '_' or '-')"
+
+
+def _cursor(v):
+    path = v.get("path") if isinstance(v, dict) else None
+    if (not isinstance(path, list) or any(_str(c) or "/" in c for c in path)
+            or _bool(v.get("subtree_done", False))):
+        return "a walk position {\"path\": [names], \"subtree_done\": true|false}"
+
+
+def _slurm_time(v):
+    if not isinstance(v, str) or parse_slurm_time(v) is None:
+        return "a Slurm time limit such as 2:00:00"
+
+
+def _slurm_mem(v):
+    if not isinstance(v, str) or not re.match(r"^\d+[KMGT]?$", v):
+        return "a Slurm memory size such as 2G"
+
+
+def _run(v):
+    """A refresh result as the registry keeps it (`last_run`), as far as the tool reads it."""
+    schema = dict(RUN_SCHEMA)
+    schema.update((f, (True, _COUNT)) for f in Counts.FIELDS)
+    return _object(schema)(v)
+
+
+_COUNT = _int(0, 2 ** 63)
+_OPT_TIME = (False, _null_or(_time))
+CONFIG_SCHEMA = {
+    "profile": (True, _one_of(*sorted(PROFILES))), "scratch_root": (True, _abs_path),
+    "purge_days": (False, _null_or(_int(6, 3650))), "created": _OPT_TIME, "updated": _OPT_TIME,
+}
+RUN_SCHEMA = {
+    "name": (True, _name), "mode": (True, _one_of("touch", "check")),
+    "complete": (True, _bool), "resumed": (True, _bool), "dry_run": (False, _bool),
+    "reason": (False, _null_or(_str)), "stopped": (False, _null_or(_str)),
+    "log": (False, _null_or(_str)), "entries_done": (False, _COUNT),
+    "started": _OPT_TIME, "finished": _OPT_TIME,
+}
+ENTRY_SCHEMA = {
+    "name": (True, _name), "path": (True, _abs_path), "keep_until": (True, _date),
+    "cadence_days": (True, _int(1, 3650)), "approval": (False, _null_or(_str)),
+    "enabled": (False, _bool), "added": _OPT_TIME, "last_refresh": _OPT_TIME,
+    "last_refresh_start": _OPT_TIME, "last_touch_start": _OPT_TIME,
+    "last_check_start": _OPT_TIME, "last_mode": (False, _null_or(_one_of("touch", "check"))),
+    "last_run": (False, _null_or(_run)), "last_total_entries": (False, _null_or(_COUNT)),
+    "last_totals": (False, _null_or(_counts)),
+}
+CHECKPOINT_SCHEMA = {
+    "dataset": (True, _name), "path": (True, _abs_path), "mode": (True, _one_of("touch", "check")),
+    "cursor": (False, _null_or(_cursor)), "entries_done": (True, _COUNT),
+    "totals": (False, _null_or(_counts)), "walk_started": _OPT_TIME, "updated": _OPT_TIME,
+    "pid": (False, _null_or(_COUNT)), "host": (False, _null_or(_str)),
+}
+SCHEDULE_RUN_SCHEMA = {
+    "job_id": (False, _null_or(_str)), "finished": _OPT_TIME,
+    "exit_code": (False, _null_or(_int(0, 255))), "continuation": (False, _null_or(_str)),
+    "datasets": (False, _null_or(_list_of(_str, "names"))),
+}
+SCHEDULE_SCHEMA = {
+    "method": (True, _one_of("scrontab", "sbatch")), "cadence_days": (True, _int(1, 3650)),
+    "account": (False, _null_or(_str)), "partition": (False, _null_or(_str)),
+    "cpus": (False, _null_or(_int(1, 100000))), "mem": (False, _null_or(_slurm_mem)),
+    "time": (False, _null_or(_slurm_time)), "python": (False, _null_or(_abs_path)),
+    "script": (False, _null_or(_abs_path)), "job_script": (False, _null_or(_abs_path)),
+    "installed": _OPT_TIME, "job_id": (False, _null_or(_str)),
+    "last_run": (False, _null_or(_object(SCHEDULE_RUN_SCHEMA))),
+}
+LOCK_SCHEMA = {"pid": (True, _int(1, 2 ** 31 - 1)), "host": (True, _str), "since": (False, _str)}
+
+
+def split_entries(datasets, path, kind="registry"):
+    """The registry's entries that follow ENTRY_SCHEMA, and {name: (message, entry)} for the
+    others."""
+    good, bad = {}, {}
+    for key in sorted(datasets):
+        entry = datasets[key]
+        problems = check_doc(entry, ENTRY_SCHEMA)
+        if not problems and entry["name"] != key:
+            problems = [("name", "%r, the name it is registered under" % key)]
+        if problems:
+            bad[key] = (invalid_message(kind, path, problems[0], entry=key), entry)
+        else:
+            good[key] = entry
+    return good, bad
 
 
 class Store(object):
@@ -421,7 +762,7 @@ class Store(object):
 
     # -- config
     def load_config(self):
-        return read_json(self.config_path, "config")
+        return read_json(self.config_path, "config", CONFIG_SCHEMA)
 
     def require_config(self):
         cfg = self.load_config()
@@ -429,10 +770,6 @@ class Store(object):
             raise UsageError("no configuration in %s; run `%s init` first (e.g. "
                              "`%s init --profile generic --scratch-root DIR`)"
                              % (self.dir, PROG, PROG))
-        if cfg.get("profile") not in PROFILES:
-            raise StateError("the config %s names an unknown profile %r; run `%s init "
-                             "--profile br200|generic`" % (self.config_path, cfg.get("profile"),
-                                                           PROG))
         return cfg
 
     def save_config(self, cfg):
@@ -442,21 +779,33 @@ class Store(object):
 
     # -- registry
     def load_registry(self):
-        doc = read_json(self.registry_path, "registry")
+        """The registry; InvalidState naming the first entry that breaks ENTRY_SCHEMA."""
+        reg, bad = self.load_registry_parts()
+        if bad:
+            raise InvalidState(bad[sorted(bad)[0]][0])
+        return reg
+
+    def load_registry_parts(self, path=None, kind="registry"):
+        """(the registry with its valid entries, {name: (message, entry)} for the invalid ones).
+
+        Raises a StateError only when the document as a whole cannot be used."""
+        path = path or self.registry_path
+        doc = read_json(path, kind)
         if doc is None:
-            return {"format": FORMAT, "datasets": {}}
+            return {"format": FORMAT, "datasets": {}}, {}
         if not isinstance(doc.get("datasets"), dict):
-            raise StateError("the registry %s has no datasets table; run `%s repair`"
-                             % (self.registry_path, PROG))
-        return doc
+            raise InvalidState("the %s %s has no datasets table; run `%s repair`"
+                               % (kind, path, PROG))
+        good, bad = split_entries(doc["datasets"], path, kind)
+        return dict(doc, datasets=good), bad
 
     # The store's own locks start with a dot, which no dataset name can (NAME_RE), so a
     # dataset called "registry" never shares a lock file with the registry.
     @contextlib.contextmanager
     def registry_lock(self):
         self.ensure()
-        fd = os.open(os.path.join(self.lock_dir, ".registry.lock"),
-                     os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        fd = open_nofollow(os.path.join(self.lock_dir, ".registry.lock"),
+                           os.O_RDWR | os.O_CREAT | O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -499,8 +848,10 @@ class Store(object):
             previous = None
         if previous is not None:
             try:
-                json.loads(previous.decode("utf-8"))
-                atomic_write(self.backup_path, previous)
+                doc = _json_loads(previous)
+                if (isinstance(doc, dict) and isinstance(doc.get("datasets"), dict)
+                        and not split_entries(doc["datasets"], self.registry_path)[1]):
+                    atomic_write(self.backup_path, previous)
             except ValueError:
                 pass    # never let a damaged registry replace the last good backup
         reg = dict(reg, format=FORMAT)
@@ -511,13 +862,16 @@ class Store(object):
         return os.path.join(self.checkpoint_dir, name + ".json")
 
     def load_checkpoint(self, name):
-        return read_json(self.checkpoint_path(name), "checkpoint")
+        return read_json(self.checkpoint_path(name), "checkpoint", CHECKPOINT_SCHEMA)
 
     def load_checkpoint_quiet(self, name):
-        """The checkpoint, or None when absent or unreadable (a walk then starts over)."""
+        """The checkpoint, or None when absent or damaged (a walk then starts over).
+
+        One we may not read, or of a newer format, is refused (raised): a walk that started
+        over would overwrite it, then delete it."""
         try:
             return self.load_checkpoint(name)
-        except StateError:
+        except InvalidState:
             return None
 
     def save_checkpoint(self, name, doc):
@@ -539,22 +893,53 @@ class Store(object):
         with contextlib.suppress(FileExistsError):
             os.makedirs(d, mode=0o700)
         # Names sort by start time: prune_logs() keeps the newest by name.
-        path = os.path.join(d, "%s.%06d-%s-%d.log" % (
-            time.strftime("%Y%m%dT%H%M%S", time.gmtime(started)),
-            int((started % 1) * 1e6), mode, os.getpid()))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0),
-                     0o600)
-        return path, os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
+        base = "%s.%06d-%s-%d.log" % (time.strftime("%Y%m%dT%H%M%S", time.gmtime(started)),
+                                      int((started % 1) * 1e6), mode, os.getpid())
+        dfd = self.open_dir("logs", name)
+        try:
+            fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_APPEND | O_NOFOLLOW | O_CLOEXEC,
+                         0o600, dir_fd=dfd)
+        finally:
+            os.close(dfd)
+        return (os.path.join(d, base),
+                os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace"))
 
     def prune_logs(self, name, keep=KEEP_LOGS):
-        d = self.dataset_log_dir(name)
         try:
-            logs = sorted(f for f in os.listdir(d) if f.endswith(".log"))
-        except OSError:
+            dfd = self.open_dir("logs", name)
+        except (OSError, StateError):
             return
-        for f in logs[:-keep] if keep else logs:
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(d, f))
+        try:
+            logs = sorted(f for f in os.listdir(dfd) if f.endswith(".log"))
+            for f in logs[:-keep] if keep else logs:
+                with contextlib.suppress(OSError):
+                    os.unlink(f, dir_fd=dfd)
+        finally:
+            os.close(dfd)
+
+    def open_dir(self, *parts):
+        """A descriptor of the directory self.dir/parts..., never through a symlink.
+
+        WARNING: the state directory is ours, and nothing in it is followed: a symlink at
+        logs/NAME made log pruning delete files wherever it pointed. (The state directory
+        itself may be reached through a symlink.)
+        """
+        fd = os.open(self.dir, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        try:
+            for i, part in enumerate(parts):
+                try:
+                    sub = os.open(part, os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC,
+                                  dir_fd=fd)
+                except OSError as e:
+                    if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    raise not_followed(os.path.join(self.dir, *parts[:i + 1])) from None
+                os.close(fd)
+                fd = sub
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     # -- locks
     def lock_path(self, name):
@@ -573,7 +958,7 @@ class FileLock(object):
         self.fd = None
 
     def acquire(self):
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT | O_CLOEXEC, 0o600)
         deadline = time.monotonic() + self.wait
         while True:
             try:
@@ -587,9 +972,14 @@ class FileLock(object):
                     os.close(fd)
                     raise BusyError(self.busy % lock_holder(self.path))
                 time.sleep(0.2)
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "since": iso(time.time())}).encode("ascii"))
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                     "since": iso(time.time())}).encode("ascii"))
+        except OSError as e:
+            os.close(fd)
+            raise_if_full(e, self.path)
+            raise
         self.fd = fd
         return self
 
@@ -622,51 +1012,250 @@ class DatasetLock(FileLock):
         return FileLock.acquire(self)
 
 
-def lock_holder(path):
+def not_followed(path):
+    return StateError("%s is a symlink (or not a directory); %s never follows one inside its "
+                      "state directory; delete it (`rm %s`: what a link points to is not "
+                      "touched), then run the command again" % (display_path(path), PROG,
+                                                               display_path(path)))
+
+
+def open_nofollow(path, flags, mode=0o600):
+    """os.open of a file in the state directory that refuses a symlink with a StateError."""
     try:
-        with open(path, "r") as f:
-            info = json.loads(f.read() or "{}")
-        return "pid %s on host %s (since %s)" % (info.get("pid", "?"), info.get("host", "?"),
-                                                 info.get("since", "?"))
-    except (OSError, ValueError):
+        return os.open(path, flags | O_NOFOLLOW, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise not_followed(path) from None
+        raise
+
+
+def lock_holder(path):
+    info = _lock_record(path)
+    if info is None:
         return "another process"
+    return "pid %s on host %s (since %s)" % (info["pid"], info["host"], info.get("since", "?"))
+
+# ---------------------------------------------------------------- dataset root (containment)
+
+
+class ContainmentError(Failure):
+    """The dataset root cannot be reached from the scratch root without following a symlink."""
+
+
+O_PATH_DIR = (getattr(os, "O_PATH", os.O_RDONLY) | getattr(os, "O_DIRECTORY", 0)
+              | getattr(os, "O_CLOEXEC", 0))
+
+
+def _root_base(path, scratch_root):
+    """(directory to start from, components below it) for a dataset root.
+
+    The scratch root itself may be reached through a symlink (as /N/scratch may be), so the
+    walk starts there; a path recorded against its real place starts from that. A path
+    below neither (the scratch root was moved) starts from "/": a recorded root is a real
+    path, so no component of it may be a symlink either.
+    """
+    bases = [scratch_root, os.path.realpath(scratch_root)] if scratch_root else []
+    for base in bases + ["/"]:
+        if is_below(path, base):
+            rest = path[len(base.rstrip("/")):]
+            return base, [c for c in rest.split("/") if c]
+    raise ContainmentError("the dataset root %s is not an absolute path below the scratch "
+                           "root; re-add the dataset" % display_path(path))
+
+
+def open_dataset_root(path, scratch_root=None):
+    """An fd (O_PATH where Linux has it) of the dataset root `path`, opened one component
+    at a time from the scratch root with O_NOFOLLOW, so that a symlink between the two is
+    refused (ContainmentError) and a swap made later cannot redirect what the fd names.
+
+    Everything done inside a dataset (walk, sentinel) goes through this fd.
+    """
+    base, comps = _root_base(path, scratch_root)
+    try:
+        fd = os.open(base, O_PATH_DIR)
+    except OSError as e:
+        raise Failure("cannot open %s (%s)" % (display_path(base), e.strerror))
+    here = base
+    try:
+        for comp in comps:
+            try:
+                nxt = os.open(comp, O_PATH_DIR | getattr(os, "O_NOFOLLOW", 0), dir_fd=fd)
+            except OSError as e:
+                raise _containment_error(path, fd, here, comp, e)
+            os.close(fd)
+            fd, here = nxt, os.path.join(here, comp)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _containment_error(path, dir_fd, here, comp, err):
+    where = os.path.join(here, comp)
+    try:
+        st = os.stat(comp, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        try:
+            target = " -> %s" % display_path(os.readlink(comp, dir_fd=dir_fd))
+        except OSError:
+            target = ""
+        return ContainmentError(
+            "%s is a symlink (%s%s) between the scratch root and the dataset root %s; a walk "
+            "never follows one: put the directory back, or remove the dataset and add its new "
+            "place" % (display_path(where), display_path(comp), target, display_path(path)))
+    if st is not None:
+        return ContainmentError("%s is not a directory, so the dataset root %s cannot be "
+                                "reached" % (display_path(where), display_path(path)))
+    return Failure("cannot reach the dataset root %s: %s (%s)" % (
+        display_path(path), display_path(where), err.strerror))
+
+
+def dataset_root_fd(ctx, ds):
+    """open_dataset_root() for a registered dataset, from the scratch root in force."""
+    try:
+        cfg = ctx.store.load_config()
+    except StateError:
+        cfg = None
+    return open_dataset_root(ds["path"], scratch_root_of(cfg, ctx.env) if cfg else None)
+
+
+@contextlib.contextmanager
+def _root_fd_of(root):
+    """root as a dataset-root fd: an int is used as is; a path is opened safely (from "/")."""
+    if isinstance(root, int):
+        yield root
+        return
+    fd = open_dataset_root(os.fsdecode(root))
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 # ---------------------------------------------------------------- sentinel
+#
+# The sentinel is a regular file of SENTINEL_SIZE bytes: the JSON document, then spaces,
+# then a newline. It is only ever rewritten by ONE pwrite of its whole length at offset 0,
+# never truncated, never replaced by a rename (that would move the root's mtime): a failed
+# or killed rewrite (over quota, RLIMIT_FSIZE, SIGKILL between two pages) leaves a prefix of
+# the new bytes over the old ones. The document starts with the same fixed header on every
+# rewrite (tool and name), so even such a mix is still recognised as ours. Sentinels written
+# by 1.0.0 (indented JSON of any size) are read as they are and padded on their next rewrite.
+# WARNING: every open here is O_NONBLOCK|O_NOFOLLOW and refuses anything but a regular file:
+# a FIFO at the sentinel path would otherwise hang the command (and its lock) for good.
+
+SENTINEL_SIZE = 4096
+SENTINEL_HEAD = re.compile(br'\A\{"tool": "scratch-keepalive", "name": "([A-Za-z0-9][A-Za-z0-9._-]'
+                           br'{0,63})", ')
+O_SENTINEL = os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 def sentinel_path(root):
     return os.path.join(root, SENTINEL)
 
 
-def read_sentinel(root):
-    """The sentinel's JSON when it is a regular file written by this tool, else None."""
-    path = sentinel_path(root)
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | O_NOATIME)
-    except OSError as e:
-        if e.errno == errno.EPERM and O_NOATIME:
-            try:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-            except OSError:
-                return None
-        else:
-            return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        raw = os.read(fd, 65536)
-    finally:
-        os.close(fd)
+def encode_sentinel(doc):
+    """The sentinel's bytes: the header, the other keys sorted, padded to SENTINEL_SIZE."""
+    rest = dict((k, v) for k, v in doc.items() if k not in ("tool", "name"))
+    body = json.dumps(rest, sort_keys=True, ensure_ascii=False)
+    text = '{"tool": %s, "name": %s%s' % (json.dumps(PROG), json.dumps(doc["name"]),
+                                          ", " + body[1:] if rest else "}")
+    data = text.encode("utf-8")
+    if len(data) >= SENTINEL_SIZE:
+        # Cannot happen within the documented limits (name <= 64, approval <= 500
+        # characters); refused rather than written torn.
+        raise Failure("the sentinel of dataset %r would be %d bytes, more than the %d it "
+                      "holds; shorten its approval text with `%s extend --approval`" % (
+                          doc["name"], len(data), SENTINEL_SIZE - 1, PROG))
+    return data + b" " * (SENTINEL_SIZE - 1 - len(data)) + b"\n"
+
+
+def decode_sentinel(raw):
+    """The sentinel's document if these bytes are ours (old or new layout, or a torn
+    rewrite of ours: then just its tool and name), else None."""
     try:
         doc = json.loads(raw.decode("utf-8"))
-    except ValueError:
+    except (ValueError, RecursionError):
+        doc = None
+    if isinstance(doc, dict):
+        return doc if doc.get("tool") == PROG else None
+    m = SENTINEL_HEAD.match(raw)
+    return {"tool": PROG, "name": m.group(1).decode("ascii"), "torn": True} if m else None
+
+
+def _open_sentinel(root_fd, flags):
+    """(fd, None) of the regular file at the sentinel path, or (None, why not)."""
+    try:
+        fd = os.open(SENTINEL, flags | O_SENTINEL, dir_fd=root_fd)
+    except OSError as e:
+        if e.errno == errno.EPERM and flags & O_NOATIME:
+            return _open_sentinel(root_fd, flags & ~O_NOATIME)
+        if e.errno == errno.ELOOP:
+            return None, "a symlink"
+        return None, "missing" if e.errno == errno.ENOENT else e.strerror
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as e:
+        os.close(fd)
+        return None, e.strerror
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        return None, "not a regular file (%s)" % file_kind(mode)
+    return fd, None
+
+
+def file_kind(mode):
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symlink"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _read_fd(fd):
+    return os.pread(fd, max(SENTINEL_SIZE, 65536), 0)
+
+
+def sentinel_problem(root_fd):
+    """Why the sentinel path holds nothing of ours: "missing", "a symlink", "not a regular
+    file (a FIFO)", "another tool's file", or None when it is ours."""
+    fd, why = _open_sentinel(root_fd, os.O_RDONLY | O_NOATIME)
+    if fd is None:
+        return why
+    try:
+        return None if decode_sentinel(_read_fd(fd)) else "another tool's file"
+    except OSError as e:
+        return e.strerror
+    finally:
+        os.close(fd)
+
+
+def read_sentinel(root):
+    """The sentinel's JSON when it is a regular file written by this tool, else None.
+
+    root: the dataset root's fd (open_dataset_root) or its path.
+    """
+    try:
+        with _root_fd_of(root) as root_fd:
+            fd, _ = _open_sentinel(root_fd, os.O_RDONLY | O_NOATIME)
+            if fd is None:
+                return None
+            try:
+                return decode_sentinel(_read_fd(fd))
+            finally:
+                os.close(fd)
+    except (Failure, OSError):
         return None
-    return doc if isinstance(doc, dict) and doc.get("tool") == PROG else None
 
 
 def sentinel_doc(ds):
+    """What the sentinel records: enough to rebuild the dataset's registry entry, settings
+    included (keep-until, cadence, approval), should the registry be lost."""
     return {"tool": PROG, "format": FORMAT, "name": ds["name"], "added": ds.get("added"),
-            "last_refresh": ds.get("last_refresh"),
+            "last_refresh": ds.get("last_refresh"), "keep_until": ds.get("keep_until"),
+            "cadence_days": ds.get("cadence_days"), "approval": ds.get("approval"),
             "about": "This directory is registered with scratch-keepalive as dataset %r. "
                      "Run `scratch-keepalive status --name %s` for its state." % (ds["name"],
                                                                                  ds["name"])}
@@ -678,46 +1267,70 @@ def create_sentinel(root, ds):
     An existing sentinel of ours naming the same dataset is rewritten in place.
     Returns True when this call created the file.
     """
-    path = sentinel_path(root)
-    data = dump_json(sentinel_doc(ds))
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    data = encode_sentinel(sentinel_doc(ds))
+    with _root_fd_of(root) as root_fd:
+        return _create_sentinel_at(root_fd, root, ds, data)
+
+
+def _create_sentinel_at(root_fd, root, ds, data):
+    path = sentinel_path(root if not isinstance(root, int) else ds["path"])
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_SENTINEL
     try:
-        fd = os.open(path, flags, 0o644)
+        fd = os.open(SENTINEL, flags, 0o644, dir_fd=root_fd)
     except FileExistsError:
-        existing = read_sentinel(root)
+        existing = read_sentinel(root_fd)
         if existing is None:
             raise UsageError("%s exists and was not written by scratch-keepalive (or is a "
-                             "symlink); move it away, then add again" % path)
+                             "symlink or not a regular file); move it away, then add again"
+                             % display_path(path))
         if existing.get("name") != ds["name"]:
             raise UsageError("%s says this directory is dataset %r (registered in another "
                              "state directory?); remove it there, or delete the file"
-                             % (path, existing.get("name")))
-        update_sentinel(root, ds)
+                             % (display_path(path), existing.get("name")))
+        update_sentinel(root_fd, ds)
         return False
     except OSError as e:
         raise UsageError("cannot create %s (%s); check the directory's permissions"
-                         % (path, e.strerror))
+                         % (display_path(path), e.strerror))
     try:
-        os.write(fd, data)
-    finally:
+        _pwrite_all(fd, data)
+    except OSError as e:
         os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(SENTINEL, dir_fd=root_fd)
+        raise Failure("cannot write %s (%s); free some space (or quota) on scratch, then add "
+                      "again" % (display_path(path), e.strerror))
+    os.close(fd)
     return True
 
 
+def _pwrite_all(fd, data):
+    """ONE pwrite of data at offset 0; a short write is an error (ENOSPC: what else)."""
+    n = os.pwrite(fd, data, 0)
+    if n != len(data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
 def update_sentinel(root, ds):
-    """Rewrite our sentinel in place (the directory's mtime does not move). False if not ours."""
-    if read_sentinel(root) is None:
+    """Rewrite our sentinel in place: one pwrite of its whole (fixed) length at offset 0,
+    never a truncation or a rename, so the root's mtime does not move and a failure or a
+    kill leaves a file still recognised as ours. False if it is not ours or the write failed.
+    """
+    try:
+        data = encode_sentinel(sentinel_doc(ds))
+        with _root_fd_of(root) as root_fd:
+            fd, _ = _open_sentinel(root_fd, os.O_RDWR)
+    except (Failure, OSError):
+        return False
+    if fd is None:
         return False
     try:
-        fd = os.open(sentinel_path(root), os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        return False
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if decode_sentinel(_read_fd(fd)) is None:
             return False
-        data = dump_json(sentinel_doc(ds))
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0) if hasattr(os, "pwrite") else os.write(fd, data)
+        if st.st_size > len(data):      # an old, longer sentinel: pad over all of it
+            data = data[:-1] + b" " * (st.st_size - len(data)) + b"\n"
+        _pwrite_all(fd, data)
     except OSError:
         return False
     finally:
@@ -727,12 +1340,13 @@ def update_sentinel(root, ds):
 
 def delete_sentinel(root):
     """Delete the sentinel only when it is our regular file. True when deleted."""
-    if read_sentinel(root) is None:
-        return False
     try:
-        os.unlink(sentinel_path(root))
-        return True
-    except OSError:
+        with _root_fd_of(root) as root_fd:
+            if read_sentinel(root_fd) is None:
+                return False
+            os.unlink(SENTINEL, dir_fd=root_fd)
+            return True
+    except (Failure, OSError):
         return False
 
 # ---------------------------------------------------------------- walker and cursor
@@ -767,13 +1381,20 @@ def _load_utimensat():
 
 def open_dir(name, dir_fd=None):
     """Open a directory without following a symlink and, where allowed, without moving its atime."""
+    return open_dir_ex(name, dir_fd)[0]
+
+
+def open_dir_ex(name, dir_fd=None):
+    """(fd, quiet) as open_dir; quiet is False when O_NOATIME was refused, so listing the
+    directory may move its atime (the kernel allows O_NOATIME only to the owner)."""
     kw = {} if dir_fd is None else {"dir_fd": dir_fd}
-    if O_NOATIME:
-        try:
-            return os.open(name, O_DIR_FLAGS | O_NOATIME, **kw)
-        except PermissionError:
-            pass    # O_NOATIME needs ownership; fall back to a plain open
-    return os.open(name, O_DIR_FLAGS, **kw)
+    if not O_NOATIME:
+        return os.open(name, O_DIR_FLAGS, **kw), True
+    try:
+        return os.open(name, O_DIR_FLAGS | O_NOATIME, **kw), True
+    except PermissionError:
+        pass    # O_NOATIME needs ownership (or CAP_FOWNER); fall back to a plain open
+    return os.open(name, O_DIR_FLAGS, **kw), False
 
 
 def list_dir(fd):
@@ -865,6 +1486,41 @@ def fs_type(path):
     return kind
 
 
+_MOUNTINFO_ESCAPE = re.compile(br"\\([0-7]{3})")
+
+
+def decode_mountinfo_path(field):
+    """A mount point as /proc/self/mountinfo writes it, octal escapes (\\040 ...) decoded."""
+    return _MOUNTINFO_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), field)
+
+
+def mount_tree(root_fd, mountinfo="/proc/self/mountinfo"):
+    """{directory below the root (tuple of names): set of its entries that are mount points}.
+
+    Every mount point strictly below the dataset root, bind mounts of the same filesystem
+    included (st_dev alone cannot see those). The root's path comes from the kernel
+    (/proc/self/fd), in the same namespace as the mount table. Empty where neither exists.
+    """
+    try:
+        root = os.readlink("/proc/self/fd/%d" % root_fd).encode(
+            sys.getfilesystemencoding(), "surrogateescape")
+        with open(mountinfo, "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError:
+        return {}
+    prefix = root.rstrip(b"/") + b"/"
+    tree = {}
+    for line in lines:
+        fields = line.split(b" ")
+        if len(fields) < 5:
+            continue
+        mnt = decode_mountinfo_path(fields[4])
+        if mnt.startswith(prefix) and len(mnt) > len(prefix):
+            comps = tuple(c for c in mnt[len(prefix):].split(b"/") if c)
+            tree.setdefault(comps[:-1], set()).add(comps[-1])
+    return tree
+
+
 def default_parallelism(path, env):
     """(threads, workers) for a walk when the user chose neither.
 
@@ -879,22 +1535,19 @@ def default_parallelism(path, env):
 
 
 def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purge_ns,
-                   root_dev):
+                   root_dev, euid):
     """lstat (and touch) every name of every (dir fd, names) segment, closing each fd.
 
-    The per-entry rules of every walk, whoever runs the batch (this thread, a
-    pool thread, a worker process): a directory on another device is a mount
-    point, skipped; an entry older than the at-risk (purge) threshold is at
-    risk (purge-eligible); in touch mode an entry older than the skip
-    threshold is touched. AT_FDCWD as the fd: names relative to the cwd.
-    Returns ((touched, skipped, at risk, bytes at risk, purge-eligible, bytes
-    eligible): Counts.FIELDS' order, [(segment index, name, errno)] for the first
-    errors, error count).
+    The per-entry rules of every walk, whoever runs the batch: a directory on another
+    device is a mount point, skipped; old entries are at risk or purge-eligible; touch
+    mode touches those older than the skip threshold, unless another owner's (euid 0:
+    every entry is ours). Returns (the sums, in Counts.BATCH's order, [(segment index,
+    name, errno)] for the first errors, error count).
     """
     lstat = os.stat
     if touch and not dry_run:
         utimensat, times, get_errno, _ = touch_atime
-    touched = skipped = at_risk = b_risk = elig = b_elig = nerr = 0
+    touched = skipped = at_risk = b_risk = elig = b_elig = nerr = not_owned = risk_not_owned = 0
     errs = []
     for seg, (fd, names) in enumerate(segments):
         try:
@@ -911,6 +1564,9 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
                     skipped += 1        # a mount point
                     continue
                 a = st.st_atime_ns
+                # Another owner's entry: setting its atime needs ownership, so touch mode
+                # does not attempt it.
+                theirs = touch and euid and st.st_uid != euid
                 if a < risk_ns:
                     at_risk += 1
                     regular = mode & 0o170000 == 0o100000
@@ -920,9 +1576,13 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
                         elig += 1
                         if regular:
                             b_elig += st.st_size
+                    if theirs:
+                        risk_not_owned += 1
                 if touch:
                     if a >= skip_ns:
                         skipped += 1
+                    elif theirs:
+                        not_owned += 1
                     elif dry_run:
                         touched += 1
                     elif utimensat(fd, name, times, AT_SYMLINK_NOFOLLOW):
@@ -932,9 +1592,8 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
                     else:
                         touched += 1
         finally:
-            if fd != AT_FDCWD:
-                os.close(fd)
-    return (touched, skipped, at_risk, b_risk, elig, b_elig), errs, nerr
+            os.close(fd)
+    return (touched, skipped, at_risk, b_risk, elig, b_elig, not_owned, risk_not_owned), errs, nerr
 
 
 def _close_inherited_fds(keep):
@@ -1208,9 +1867,9 @@ def choose_runner(threads, workers):
 
 class Frame(object):
     """One directory on the walk's explicit stack."""
-    __slots__ = ("fd", "name", "names", "dirs", "idx", "ident", "parent")
+    __slots__ = ("fd", "name", "names", "dirs", "idx", "ident", "parent", "mounts")
 
-    def __init__(self, fd, name, names, ident, dirs=None, parent=None):
+    def __init__(self, fd, name, names, ident, dirs=None, parent=None, mounts=frozenset()):
         self.fd = fd                # None while closed: by the fd cap, or reopening failed
         self.name = name            # component name in the parent (bytes), None for the root
         self.names = names          # sorted entry names (bytes)
@@ -1218,6 +1877,7 @@ class Frame(object):
         self.idx = 0                # next name to consume
         self.ident = ident          # (st_dev, st_ino), to check a reopen via ".."
         self.parent = parent        # the parent frame (paths for error messages)
+        self.mounts = mounts        # names in this directory that are mount points (mountinfo)
 
     def components(self):
         comps, f = [], self
@@ -1229,7 +1889,12 @@ class Frame(object):
 
 class Counts(object):
     FIELDS = ("entries_seen", "entries_touched", "entries_skipped", "entries_at_risk",
-              "bytes_at_risk", "entries_purge_eligible", "bytes_purge_eligible", "errors")
+              "bytes_at_risk", "entries_purge_eligible", "bytes_purge_eligible", "errors",
+              "entries_not_owned", "entries_at_risk_not_owned", "dirs_listed_not_owned")
+    # The sums _process_batch returns, in its order.
+    BATCH = ("entries_touched", "entries_skipped", "entries_at_risk", "bytes_at_risk",
+             "entries_purge_eligible", "bytes_purge_eligible", "entries_not_owned",
+             "entries_at_risk_not_owned")
 
     def __init__(self, doc=None):
         for f in self.FIELDS:
@@ -1260,8 +1925,12 @@ class Walker(object):
     the last checkpoint.
     """
 
-    def __init__(self, root, mode, thresholds, dry_run=False, threads=1, workers=1):
+    def __init__(self, root, mode, thresholds, dry_run=False, threads=1, workers=1,
+                 root_fd=None):
         self.root = root
+        self.root_fd = root_fd      # open_dataset_root()'s fd: the walk starts from it
+        self.euid = os.geteuid()    # 0 (root) may set any atime: everything counts as ours
+        self.mount_tree = {}        # mount points below the root (see mount_tree())
         self.root_b = os.fsencode(root)
         self.touch = mode == "touch"
         self.dry_run = dry_run
@@ -1294,7 +1963,8 @@ class Walker(object):
         """Add one finished batch's counts and errors (a frame of None: the root itself)."""
         sums, errs, nerr = result
         c = self.counts
-        for field, n in zip(Counts.FIELDS[1:], sums + (nerr,)):    # all but entries_seen
+        c.errors += nerr
+        for field, n in zip(Counts.BATCH, sums):
             setattr(c, field, getattr(c, field) + n)
         for seg, name, err in errs:
             frame = frames[seg]
@@ -1303,31 +1973,54 @@ class Walker(object):
     def _params(self):
         """The per-entry rules' arguments (_process_batch's after the segments)."""
         return (self.touch_atime, self.touch, self.dry_run, self.skip_ns, self.risk_ns,
-                self.purge_ns, self.root_dev)
+                self.purge_ns, self.root_dev, self.euid)
 
     # -- the stack
     def _enter(self, frame, name):
+        """Batch a subdirectory of frame found by d_type and descend into it, unless it is
+        a mount point (one the mount table lists is counted as skipped, never entered)."""
+        if name in frame.mounts:
+            self._append(frame, [name])
+        else:
+            self._descend(frame, name, batch=True)
+
+    def _descend(self, frame, name, batch=False):
         """Open, list and push a subdirectory of frame, unless it is another filesystem.
 
-        Errors are counted, never raised. Returns True when it was pushed.
+        With batch, its entry is batched too, with a stat from before its listing:
+        listed through O_NOATIME, the listing moves nothing, so the batch stats it as
+        usual; where the kernel refused O_NOATIME (another owner's directory), the entry
+        is done here and now, before the listing. Errors are counted, never raised.
+        Returns True when it was pushed.
         """
         try:
-            fd = open_dir(name, dir_fd=frame.fd)
+            fd, quiet = open_dir_ex(name, dir_fd=frame.fd)
         except OSError as e:
+            if batch:
+                self._append(frame, [name])
             if e.errno != errno.ENOTDIR:    # no longer a directory: its batch stats it as is
                 self._error(name, e.errno or errno.EIO, frame)
             return False
         try:
             st = os.fstat(fd)
-            if st.st_dev != self.root_dev:
-                os.close(fd)            # a mount point: the per-entry rules count it as skipped
+            same_fs = st.st_dev == self.root_dev
+            if batch and (quiet or not same_fs):
+                self._append(frame, [name])     # another filesystem: the rules skip it
+            elif batch:
+                self._tally([frame], _process_batch([(os.dup(frame.fd), [name])],
+                                                    *self._params()))
+            if not same_fs:
+                os.close(fd)
                 return False
+            if not quiet:
+                self.counts.dirs_listed_not_owned += 1
             names, dirs = list_dir_typed(fd)
         except OSError as e:
             os.close(fd)
             self._error(name, e.errno or errno.EIO, frame)
             return False
-        self.stack.append(Frame(fd, name, names, (st.st_dev, st.st_ino), dirs, frame))
+        self.stack.append(Frame(fd, name, names, (st.st_dev, st.st_ino), dirs, frame,
+                                self._mounts_below(frame, name)))
         if len(self.stack) > MAX_OPEN_DIRS + 1:
             # WARNING: deep trees would exhaust file descriptors; close an ancestor's fd
             # (never the root's) and reopen it through ".." when the walk climbs back (_pop).
@@ -1336,6 +2029,12 @@ class Walker(object):
                 os.close(old.fd)
                 old.fd = None
         return True
+
+    def _mounts_below(self, parent, name):
+        """The names of mount points in the directory parent/name (usually none)."""
+        if not self.mount_tree:
+            return frozenset()
+        return self.mount_tree.get(tuple(parent.components() + [name]), frozenset())
 
     def _pop(self):
         """Leave the top directory; reopen its parent through ".." if the fd cap closed it."""
@@ -1381,31 +2080,42 @@ class Walker(object):
                 "subtree_done": True}
 
     def _start(self, cursor):
-        """Visit the root (unless the cursor says it is done) and set up the stack."""
+        """Visit the root (unless the cursor says it is done) and set up the stack.
+
+        The root is opened from root_fd (open_dataset_root: no symlink on the way) when
+        given, and visited through its fd (as "." of it) before it is listed.
+        """
+        fd = self._open_root()
         try:
-            st = os.lstat(self.root_b)
+            st = os.fstat(fd)
+            self.root_dev = st.st_dev
+            if cursor is None:
+                self._tally([None], _process_batch([(os.dup(fd), [b"."])], *self._params()))
+                self.counts.entries_seen += 1
+            self.mount_tree = mount_tree(fd)
+            names, dirs = list_dir_typed(fd)
         except OSError as e:
-            raise Failure("cannot read the dataset root %s (%s)" % (self.root, e.strerror))
-        if not stat.S_ISDIR(st.st_mode):
-            raise Failure("the dataset root %s is not a directory" % self.root)
-        self.root_dev = st.st_dev
-        if cursor is None:
-            # The root is an entry too, visited by its path before it is listed.
-            self._tally([None], _process_batch([(AT_FDCWD, [self.root_b])], *self._params()))
-            self.counts.entries_seen += 1
-        try:
-            fd = open_dir(self.root_b)
-            try:
-                names, dirs = list_dir_typed(fd)
-            except OSError:
-                os.close(fd)
-                raise
-        except OSError as e:
+            os.close(fd)
             raise Failure("cannot list the dataset root %s (%s)" % (self.root, e.strerror))
-        self.stack.append(Frame(fd, None, names, (st.st_dev, st.st_ino), dirs))
+        self.stack.append(Frame(fd, None, names, (st.st_dev, st.st_ino), dirs, None,
+                                self.mount_tree.get((), frozenset())))
         if cursor is not None:
             self._seek([decode_name(c) for c in cursor.get("path", [])],
                        bool(cursor.get("subtree_done")))
+
+    def _open_root(self):
+        """The root's directory fd (O_NOATIME where ours); dirs_listed_not_owned if not."""
+        try:
+            if self.root_fd is not None:
+                fd, quiet = open_dir_ex(".", dir_fd=self.root_fd)
+            else:
+                fd, quiet = open_dir_ex(self.root_b)
+        except OSError as e:
+            raise Failure("cannot open the dataset root %s (%s)" % (
+                self.root, "not a directory" if e.errno == errno.ENOTDIR else e.strerror))
+        if not quiet:
+            self.counts.dirs_listed_not_owned += 1
+        return fd
 
     def _seek(self, path, subtree_done):
         """Position the stack just after `path` without visiting anything before it."""
@@ -1422,7 +2132,8 @@ class Walker(object):
                 st = os.stat(comp, dir_fd=frame.fd, follow_symlinks=False)
             except OSError:
                 return      # gone since the checkpoint: carry on after it
-            if not stat.S_ISDIR(st.st_mode) or not self._enter(frame, comp):
+            if (not stat.S_ISDIR(st.st_mode) or comp in frame.mounts
+                    or not self._descend(frame, comp)):
                 return
 
     # -- the walk
@@ -1469,14 +2180,27 @@ class Walker(object):
         j = bisect.bisect_left(dirs, start)
         is_dir = j < len(dirs) and dirs[j] < end
         k = dirs[j] + 1 if is_dir else end
-        batch = self.batch
-        batch.add(frame, frame.names[start:k])
+        # The subdirectory itself is batched by _enter, its stat from before its listing.
+        self._append(frame, frame.names[start:k - 1 if is_dir else k])
         self.counts.entries_seen += k - start
         frame.idx = k
-        if batch.size >= self.runner.batch_size or len(batch.frames) >= MAX_SEGMENTS:
-            self._flush()
         if is_dir:
             self._enter(frame, frame.names[k - 1])
+
+    def _append(self, frame, names):
+        """Batch names of frame; hand the batch to the runner once it is full."""
+        if frame.mounts:
+            # Mount points the mount table lists (bind mounts): never handed to the rules,
+            # which see only st_dev; counted as skipped here.
+            kept = [n for n in names if n not in frame.mounts]
+            self.counts.entries_skipped += len(names) - len(kept)
+            names = kept
+        if not names:
+            return      # WARNING: an empty segment would reach a worker as one name, b""
+        batch = self.batch
+        batch.add(frame, names)
+        if batch.size >= self.runner.batch_size or len(batch.frames) >= MAX_SEGMENTS:
+            self._flush()
 
     def _flush(self):
         """Hand the batch being built to the runner."""
@@ -1543,8 +2267,103 @@ def root_present(path):
         return False
 
 
-def dataset_state(store, ds, now):
-    """missing, expired, disabled, partial, never, due or ok: the first that applies."""
+def _walk_start_text(ds, mode):
+    """The recorded start of the last complete walk of this mode (ISO text), or None.
+
+    A registry written before last_touch_start and last_check_start existed knows only
+    the last complete walk of either mode: it stands for the mode it was in.
+    """
+    key = "last_%s_start" % mode
+    if key in ds:
+        text = ds[key]
+    elif ds.get("last_mode") == mode:
+        text = ds.get("last_refresh_start") or ds.get("last_refresh")
+    else:
+        text = None
+    return text if isinstance(text, str) else None
+
+
+def walk_start(ds, mode):
+    """When the last complete walk of this mode (touch or check) started (epoch), or None."""
+    text = _walk_start_text(ds, mode)
+    return parse_iso(text) if text else None
+
+
+def record_walk(ds, mode, walk_started, finished):
+    """What a complete, non-dry-run walk records in its registry entry (ISO times).
+
+    Only such a walk may call this: a check walk moves only the check record, so a
+    touch-mode dataset never looks refreshed by one; dry runs and stopped walks record
+    nothing. last_refresh, last_refresh_start and last_mode cover either mode.
+    """
+    for m in ("touch", "check"):
+        ds["last_%s_start" % m] = _walk_start_text(ds, m)     # an older registry's, kept
+    ds["last_%s_start" % mode] = walk_started
+    ds["last_refresh"] = finished
+    ds["last_refresh_start"] = walk_started
+    ds["last_mode"] = mode
+
+
+def schedule_cadence(store):
+    """The installed schedule's cadence in days, or None (none installed, or unreadable:
+    doctor reports that; the rules then fall back to the dataset's own cadence)."""
+    try:
+        doc = load_schedule(store)
+    except StateError:
+        return None
+    cadence = doc.get("cadence_days") if isinstance(doc, dict) else None
+    if isinstance(cadence, bool) or not isinstance(cadence, int) or cadence < 1:
+        return None
+    return cadence
+
+
+def threshold_cadence(ds, sched_cadence):
+    """The cadence the skip and at-risk thresholds assume: a dataset is walked no more
+    often than the schedule runs, so the larger of its cadence and the schedule's."""
+    return max(int(ds["cadence_days"]), sched_cadence or 0)
+
+
+def is_due(last_start, cadence, sched_cadence, now):
+    """The schedule's due rule (`refresh --due`), for a dataset of one mode.
+
+    Due unless its last complete walk of that mode started less than (cadence -
+    schedule cadence + 1) days ago; the schedule's cadence is the installed one, else
+    the dataset's own (24 hours). Why: a complete touch walk at W leaves entries up to
+    skip days old, and the run after one that skips the dataset can be schedule cadence
+    + 3 days away; this rule keeps the next walk within cadence + 4 days of W.
+    """
+    if last_start is None:
+        return True
+    need = int(cadence) - int(sched_cadence or cadence) + 1
+    return now - last_start >= need * DAY
+
+
+def resumable(ckpt, ds, mode, due_run, sched_cadence, now):
+    """Whether a walk continues from this checkpoint instead of starting over.
+
+    Only a walk of the same mode and path continues. And a `refresh --due` run starts
+    over a walk that another refresh began (a manual one, stopped) once that walk is due
+    by the rule: completing it would record its old start, so the schedule's next walk
+    would come a full run too late for the entries it reached back then. Walks that
+    `refresh --due` began always continue (a long walk spread over many continuations
+    must finish).
+    """
+    if ckpt is None or ckpt.get("mode") != mode or ckpt.get("path") != ds["path"]:
+        return False
+    if not due_run or ckpt.get("due_run", True) is not False:
+        return True
+    text = ckpt.get("walk_started")
+    started = parse_iso(text) if isinstance(text, str) else None
+    return not is_due(started, threshold_cadence(ds, sched_cadence), sched_cadence, now)
+
+
+def dataset_state(store, ds, now, mode=None):
+    """missing, expired, disabled, partial, never, due or ok: the first that applies.
+
+    `due` is for people: cadence - 1 days since the start of the last complete walk of
+    the dataset's mode (mode; None: the mode of its last walk). `refresh --due` selects
+    by is_due() instead.
+    """
     if not root_present(ds["path"]):
         return "missing"
     if parse_date(ds["keep_until"]) < utc_date(now):
@@ -1555,23 +2374,43 @@ def dataset_state(store, ds, now):
         return "partial"
     if not ds.get("last_refresh"):
         return "never"
-    start = parse_iso(ds.get("last_refresh_start") or ds["last_refresh"])
-    if now - start >= (int(ds["cadence_days"]) - 1) * DAY:
+    start = walk_start(ds, mode or ds.get("last_mode") or "touch")
+    if start is None or now - start >= (int(ds["cadence_days"]) - 1) * DAY:
         return "due"
     return "ok"
+
+
+def risk_of(ds):
+    """What the last complete walk of either mode found: purge-eligible, at-risk, none;
+    None before any complete walk (or when the registry does not say)."""
+    if not ds.get("last_refresh"):
+        return None
+    totals = ds.get("last_totals")
+    if not isinstance(totals, dict):
+        run = ds.get("last_run")
+        whole = isinstance(run, dict) and run.get("complete") and not run.get("resumed")
+        totals = run if whole else None
+    if totals is None:
+        return None
+    if totals.get("entries_purge_eligible"):
+        return "purge-eligible"
+    return "at-risk" if totals.get("entries_at_risk") else "none"
 
 # ---------------------------------------------------------------- context
 
 
 class Context(object):
-    """What one invocation works with: the state dir, the environment, the output streams."""
+    """What one invocation works with: the state dir, the environment, the output streams,
+    and the Slurm handle (made on first use, from `runner` when one is given)."""
 
-    def __init__(self, state_dir=None, env=None, out=None, err=None):
+    def __init__(self, state_dir=None, env=None, out=None, err=None, runner=None):
         self.env = dict(os.environ if env is None else env)
         self.store = Store(state_dir or default_state_dir(self.env))
         self.out = out
         self.err = err
+        self.runner = runner
         self._now = None
+        self._slurm = None
 
     @property
     def now(self):
@@ -1579,12 +2418,18 @@ class Context(object):
             self._now = policy_now(self.env)
         return self._now
 
+    @property
+    def slurm(self):
+        if self._slurm is None:
+            self._slurm = Slurm(self.runner)
+        return self._slurm
+
     def config(self):
         return self.store.require_config()
 
 
-def _ctx(state_dir, env):
-    return Context(state_dir=state_dir, env=env)
+def _ctx(state_dir, env, runner=None):
+    return Context(state_dir=state_dir, env=env, runner=runner)
 
 
 def _get(reg, name):
@@ -1728,10 +2573,15 @@ def _add(ctx, name, path, keep_until, cadence_days, approval):
         raise UsageError("--path %s is not a directory" % path)
     real = os.path.realpath(path)
     real_root = os.path.realpath(root)
+    if real == real_root:
+        raise UsageError("--path %s is the scratch root itself, which cannot be a dataset; "
+                         "register a directory below it (one per dataset)" % path)
     if not is_below(real, real_root):
         raise UsageError("--path %s (really %s) is not below the scratch root %s; only datasets "
                          "on scratch need keeping alive" % (path, real, real_root))
-    with store.update_registry() as reg:
+    # The registry is saved when update_registry() exits, so the rollback sits outside it:
+    # a failed save (a full state directory) must not leave the new sentinel behind.
+    with _sentinel_rollback(real) as created, store.update_registry() as reg:
         if name in reg["datasets"]:
             raise UsageError("a dataset named %r is already registered; choose another name or "
                              "`%s remove --name %s` first" % (name, PROG, name))
@@ -1742,23 +2592,46 @@ def _add(ctx, name, path, keep_until, cadence_days, approval):
         ds = {"name": name, "path": real, "keep_until": keep, "cadence_days": int(cadence),
               "approval": approval, "enabled": True, "added": iso(time.time()),
               "last_refresh": None, "last_refresh_start": None, "last_mode": None,
+              "last_touch_start": None, "last_check_start": None,
               "last_run": None, "last_total_entries": None}
-        created = create_sentinel(real, ds)
+        root_fd = _add_root_fd(real, root)
         try:
-            reg["datasets"][name] = ds
-        except BaseException:
-            if created:
-                delete_sentinel(real)
-            raise
+            if create_sentinel(root_fd, ds):
+                created.append(real)
+        finally:
+            os.close(root_fd)
+        reg["datasets"][name] = ds
     return _list_entry(ctx, cfg, ds)
 
 
+def _add_root_fd(real, scratch_root):
+    """The new dataset's root fd, reached from the scratch root without a symlink."""
+    try:
+        return open_dataset_root(real, scratch_root)
+    except Failure as e:
+        raise UsageError(str(e))
+
+
+@contextlib.contextmanager
+def _sentinel_rollback(root):
+    """Yields a list; when the block fails after a path was appended to it (a sentinel this
+    call created), that sentinel is deleted again."""
+    created = []
+    try:
+        yield created
+    except BaseException:
+        if created:
+            delete_sentinel(root)
+        raise
+
+
 def _list_entry(ctx, cfg, ds):
+    mode = dataset_mode(cfg, ds)
     return {"name": ds["name"], "path": ds["path"], "enabled": bool(ds.get("enabled", True)),
             "keep_until": ds["keep_until"], "cadence_days": int(ds["cadence_days"]),
-            "approval": ds.get("approval"), "mode": dataset_mode(cfg, ds),
+            "approval": ds.get("approval"), "mode": mode,
             "last_refresh": ds.get("last_refresh"), "last_mode": ds.get("last_mode"),
-            "state": dataset_state(ctx.store, ds, ctx.now)}
+            "state": dataset_state(ctx.store, ds, ctx.now, mode), "risk": risk_of(ds)}
 
 
 def list_datasets(state_dir=None, env=None):
@@ -1793,25 +2666,36 @@ def _status_entry(ctx, cfg, ds):
     entry["last_run"] = ds.get("last_run")
     entry["last_refresh_start"] = ds.get("last_refresh_start")
     entry["added"] = ds.get("added")
+    entry["last_touch_start"] = _walk_start_text(ds, "touch")
+    entry["last_check_start"] = _walk_start_text(ds, "check")
+    cadence = threshold_cadence(ds, schedule_cadence(ctx.store))
     entry["thresholds_days"] = dict(zip(("skip", "at_risk", "purge"),
-                                        thresholds_days(cfg, int(ds["cadence_days"]))))
-    if ds.get("last_refresh"):
-        start = parse_iso(ds.get("last_refresh_start") or ds["last_refresh"])
-        entry["next_due"] = iso(start + (int(ds["cadence_days"]) - 1) * DAY)
-    else:
-        entry["next_due"] = None
+                                        thresholds_days(cfg, cadence)))
+    start = walk_start(ds, entry["mode"])     # as `state` counts it: the mode's last walk
+    entry["next_due"] = (None if start is None or not ds.get("last_refresh")
+                         else iso(start + (int(ds["cadence_days"]) - 1) * DAY))
     return entry
 
 
-def _status(ctx, name=None):
+def _status(ctx, name=None, with_schedule=True):
+    """with_schedule=False leaves out the `schedule` key (and its squeue call): the text
+    shows the schedule once, below the datasets."""
     reg = ctx.store.load_registry()
     if name is not None:
         ds = _get(reg, name)
-        return _status_entry(ctx, ctx.config(), ds)
+        entry = _status_entry(ctx, ctx.config(), ds)
+        if with_schedule:
+            entry["schedule"] = schedule_summary(ctx)
+        return entry
     if not reg["datasets"]:
         return []
     cfg = ctx.config()
-    return [_status_entry(ctx, cfg, reg["datasets"][n]) for n in sorted(reg["datasets"])]
+    entries = [_status_entry(ctx, cfg, reg["datasets"][n]) for n in sorted(reg["datasets"])]
+    if with_schedule:
+        sched = schedule_summary(ctx)
+        for e in entries:
+            e["schedule"] = None if sched is None else dict(sched)
+    return entries
 
 # ---------------------------------------------------------------- API: extend, enable, remove
 
@@ -1839,6 +2723,8 @@ def _extend(ctx, name, keep_until, approval, cadence_days=None):
             ds["approval"] = approval
         if cadence_days is not None:
             ds["cadence_days"] = int(cadence_days)
+    # The sentinel records the settings too (a registry rebuilt from it keeps them).
+    update_sentinel(ds["path"], ds)
     return _list_entry(ctx, cfg, ds)
 
 
@@ -1867,14 +2753,26 @@ def _remove(ctx, name):
     reg = store.load_registry()
     _get(reg, name)
     with DatasetLock(store, name):
+        store.load_checkpoint_quiet(name)   # refuses one it may not delete (newer, unreadable)
         with store.update_registry() as reg:
             ds = _get(reg, name)
             del reg["datasets"][name]
-        sentinel_deleted = delete_sentinel(ds["path"])
+        sentinel_deleted = _delete_sentinel_of(ctx, ds)
         store.delete_checkpoint(name)
     with contextlib.suppress(OSError):
         os.unlink(store.lock_path(name))
     return {"name": name, "path": ds["path"], "sentinel_deleted": sentinel_deleted}
+
+def _delete_sentinel_of(ctx, ds):
+    """Delete a dataset's sentinel through its root fd; never through a symlinked parent."""
+    try:
+        root_fd = dataset_root_fd(ctx, ds)
+    except Failure:
+        return False
+    try:
+        return delete_sentinel(root_fd)
+    finally:
+        os.close(root_fd)
 
 # ---------------------------------------------------------------- refresh engine
 
@@ -1923,7 +2821,7 @@ def refresh(name=None, due=False, check=False, dry_run=False, max_seconds=None,
             progress=None, workers=None):
     """Refresh (or check) datasets. Returns {"results": [...], "exit_code": N, "notes": [...]}.
 
-    should_stop() may return "term" or "int" to stop the walk at the next
+    should_stop() may return "term", "hup" or "int" to stop the walk at the next
     entry, with the checkpoint saved. No printing, no signal handlers.
     """
     ctx = _ctx(state_dir, env)
@@ -1935,6 +2833,7 @@ def refresh(name=None, due=False, check=False, dry_run=False, max_seconds=None,
 def _select(ctx, cfg, reg, opts):
     """The datasets to walk, and results for the ones named but not walkable."""
     now = ctx.now
+    sched_cadence = schedule_cadence(ctx.store) if opts.due else None
     chosen, refused = [], []
     if opts.name is not None:
         ds = _get(reg, opts.name)
@@ -1958,7 +2857,9 @@ def _select(ctx, cfg, reg, opts):
         if st == "missing":
             refused.append((ds, st, "its root %s is missing (purged or moved?)" % ds["path"]))
             continue
-        if opts.due and st not in ("partial", "never", "due"):
+        if opts.due and st != "partial" and not is_due(
+                walk_start(ds, dataset_mode(cfg, ds, opts.check)), ds["cadence_days"],
+                sched_cadence, now):
             continue
         chosen.append(ds)
     return chosen, refused
@@ -2027,17 +2928,65 @@ def _refresh_one(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
     name = ds["name"]
     if not root_present(ds["path"]):
         raise Failure("dataset %r: its root %s is missing" % (name, ds["path"]))
+    _test_pause(ctx.env, "before-lock")
     lock = None if opts.dry_run else DatasetLock(store, name).acquire()
     try:
-        return _walk_dataset(ctx, cfg, ds, mode, opts, budget, should_stop, progress)
+        # Read again under the lock: a `remove` (or a remove and re-add elsewhere) may have
+        # finished since the registry was read, and its data must not be walked.
+        current = store.load_registry()["datasets"].get(name)
+        if current is None or current.get("path") != ds["path"]:
+            return _gone_result(ds, mode, current, opts)
+        return _walk_from_root(ctx, cfg, current, mode, opts, budget, should_stop, progress)
+    except OSError as e:
+        raise_if_full(e, e.filename or store.dir)     # the log or the record: name the place
+        raise
     finally:
         if lock is not None:
             lock.release()
 
 
-def _walk_dataset(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
+def _walk_from_root(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
+    """Walk from the root's fd, reached from the scratch root without following a symlink."""
+    try:
+        root_fd = dataset_root_fd(ctx, ds)      # refused when a symlink is on the way
+    except Failure as e:
+        raise Failure("dataset %r: %s" % (ds["name"], e))
+    try:
+        return _walk_dataset(ctx, cfg, ds, mode, opts, budget, should_stop, progress, root_fd)
+    finally:
+        os.close(root_fd)
+
+
+def _gone_result(ds, mode, current, opts):
+    """The result for a dataset removed (or moved) while this refresh was starting."""
+    r = empty_result(ds["name"], mode)
+    if current is None:
+        r["reason"] = "it was removed while this refresh was starting; nothing was walked"
+    else:
+        r["reason"] = ("its path changed to %s while this refresh was starting; nothing was "
+                       "walked (refresh it again)" % display_path(current["path"]))
+    return r, (EXIT_FAIL if opts.name is not None else EXIT_OK)
+
+
+def _test_pause(env, point):
+    """A test seam, not an interface: with _SCRATCH_KEEPALIVE_TEST_PAUSE=POINT:DIR the run
+    creates DIR/POINT.waiting at this point and waits (60 s at most) for DIR/POINT.go, so a
+    test can run another command in a window that is otherwise too short to hit."""
+    spec = env.get("_SCRATCH_KEEPALIVE_TEST_PAUSE", "")
+    want, _, directory = spec.partition(":")
+    if want != point or not directory:
+        return
+    with open(os.path.join(directory, point + ".waiting"), "w"):
+        pass
+    deadline = time.monotonic() + 60
+    while not os.path.exists(os.path.join(directory, point + ".go")) and \
+            time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _walk_dataset(ctx, cfg, ds, mode, opts, budget, should_stop, progress, root_fd=None):
     """Walk one dataset, its lock held: the steps of a DatasetRun. Returns (result, code)."""
-    run = DatasetRun(ctx, cfg, ds, mode, opts)
+    run = DatasetRun(ctx, cfg, ds, mode, opts, root_fd)
     run.resume_point()
     run.open_log()
     complete = run.walk(budget, should_stop, progress)
@@ -2052,44 +3001,53 @@ class DatasetRun(object):
     """One refresh (or check) of one dataset.
 
     What a run guarantees: it resumes the checkpoint of an unfinished walk in
-    the same mode of the same path, else starts at the root. The cursor is
+    the same mode of the same path (see resumable()), else starts at the root,
+    reached through root_fd when given. The thresholds assume the larger of the
+    dataset's and the schedule's cadence. The cursor is
     checkpointed at least every opts.checkpoint_every seconds and when the
     walk stops, each time after the work before it is done, so a resume
     repeats at most the stretch since the last checkpoint; a crash keeps the
     last position it can record and is logged as one. The log records the
     start, the thresholds, the first errors' paths, the counts and how the
     walk ended. Every run records its result as last_run; a complete one
-    deletes the checkpoint, records last_refresh and the walk's totals, and
-    (touch mode) rewrites the sentinel. A dry run writes nothing at all.
+    deletes the checkpoint, records its mode's walk (record_walk) and totals,
+    and (touch mode) rewrites the sentinel. A dry run writes nothing at all.
     """
 
-    def __init__(self, ctx, cfg, ds, mode, opts):
+    def __init__(self, ctx, cfg, ds, mode, opts, root_fd=None):
         self.ctx, self.store, self.cfg, self.ds, self.mode, self.opts = (
             ctx, ctx.store, cfg, ds, mode, opts)
         self.name = ds["name"]
         self.started = time.time()
-        self.cadence = int(ds["cadence_days"])
+        self.root_fd = root_fd
+        self.sched_cadence = schedule_cadence(ctx.store)
+        self.cadence = threshold_cadence(ds, self.sched_cadence)
         self.cursor = None          # where the walk resumes; None: at the root
         self.resumed = False
         self.walk_started = iso(self.started)
+        self.due_run = bool(opts.due)   # begun by `refresh --due` (see resumable())
         self.done_before = 0        # entries done by the earlier runs of this walk
         self.totals = Counts()      # and their counts
         threads, workers = default_parallelism(ds["path"], ctx.env)
         if opts.threads or opts.workers:
             threads, workers = opts.threads or 1, opts.workers or 1
         self.walker = Walker(ds["path"], mode, thresholds_ns(cfg, self.cadence, ctx.now),
-                             dry_run=opts.dry_run, threads=threads, workers=workers)
+                             dry_run=opts.dry_run, threads=threads, workers=workers,
+                             root_fd=root_fd)
         self.log_path = self.log = None
         self.timing = {"checkpoint_seconds": 0.0, "checkpoints": 0}
         self.progress = None
         self.t_walk = self.last_checkpoint = self.last_progress = 0.0
 
     def resume_point(self):
-        """Take up the checkpoint of this walk; another mode's (or path's) starts over."""
+        """Take up the checkpoint of this walk; another mode's or path's position, or a
+        stale manual one, starts over."""
         ckpt = None if self.opts.dry_run else self.store.load_checkpoint_quiet(self.name)
-        if ckpt is None or ckpt.get("mode") != self.mode or ckpt.get("path") != self.ds["path"]:
+        if not resumable(ckpt, self.ds, self.mode, self.opts.due, self.sched_cadence,
+                         self.ctx.now):
             return
         self.resumed = True
+        self.due_run = ckpt.get("due_run", True) is not False
         self.cursor = ckpt.get("cursor")
         self.walk_started = ckpt.get("walk_started")
         self.done_before = int(ckpt.get("entries_done", 0))
@@ -2157,7 +3115,8 @@ class DatasetRun(object):
             "dataset": self.name, "path": self.ds["path"], "mode": self.mode,
             "cursor": self.walker.cursor(), "entries_done": self.done_before + counts.entries_seen,
             "totals": run_totals.as_dict(), "walk_started": self.walk_started,
-            "updated": iso(time.time()), "pid": os.getpid(), "host": socket.gethostname()})
+            "updated": iso(time.time()), "due_run": self.due_run, "pid": os.getpid(),
+            "host": socket.gethostname()})
         self.timing["checkpoint_seconds"] += time.monotonic() - t0
         self.timing["checkpoints"] += 1
 
@@ -2218,13 +3177,11 @@ class DatasetRun(object):
             if cur is not None:
                 cur["last_run"] = last_run
                 if complete:
-                    cur["last_refresh"] = result["finished"]
-                    cur["last_refresh_start"] = self.walk_started
-                    cur["last_mode"] = self.mode
+                    record_walk(cur, self.mode, self.walk_started, result["finished"])
                     cur["last_total_entries"] = result["entries_done"]
                     cur["last_totals"] = self.totals.as_dict()
         if complete and self.mode == "touch" and cur is not None:
-            update_sentinel(self.ds["path"], cur)
+            update_sentinel(self.ds["path"] if self.root_fd is None else self.root_fd, cur)
         self.store.prune_logs(self.name)
 
 # ---------------------------------------------------------------- Slurm: run, render, install
@@ -2246,7 +3203,9 @@ def default_runner(argv, input_text=None, timeout=120):
         p = subprocess.run(argv, input=None if input_text is None else
                            input_text.encode("utf-8", "surrogateescape"),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
-    except FileNotFoundError:
+    except (FileNotFoundError, PermissionError):
+        # WARNING: an unreadable directory in PATH makes a missing command PermissionError
+        # ([Errno 13] Permission denied: 'lfs'), not FileNotFoundError: not runnable here.
         return None
     except subprocess.TimeoutExpired:
         raise Failure("`%s` did not answer within %d s; is the Slurm controller up? "
@@ -2436,6 +3395,40 @@ def script_path():
     return os.path.abspath(__file__)
 
 
+JOB_SCRIPT = "job.sh"
+
+
+def job_script_path(store):
+    """The chain's job script: always this name in the state directory."""
+    return os.path.join(store.dir, JOB_SCRIPT)
+
+
+def slurm_filename(path):
+    """A path as a Slurm filename pattern that means exactly that path (`%` is `%%`)."""
+    return path.replace("%", "%%")
+
+
+def directive_option(opt):
+    """An option as an #SBATCH line holds it: sbatch reads '"' quotes and '\\' escapes there
+    (a shell would not see this line), so a value with a space or a '#' is double-quoted."""
+    key, sep, value = opt.partition("=")
+    if not sep or not re.search(r"[\s\"'\\#]", value):
+        return opt
+    return '%s="%s"' % (key, value.replace("\\", "\\\\").replace('"', '\\"'))
+
+
+class CronRequest(object):
+    """What install-cron was asked for. None: the old schedule's value (with reinstall),
+    else the profile's; install_cron()'s keyword arguments are the public form of this."""
+
+    def __init__(self, method="auto", account=None, partition=None, cpus=None, mem=None,
+                 time_limit=None, cadence_days=None, dry_run=False, reinstall=False):
+        self.method = method or "auto"
+        self.account, self.partition, self.cpus, self.mem = account, partition, cpus, mem
+        self.time_limit, self.cadence_days = time_limit, cadence_days
+        self.dry_run, self.reinstall = bool(dry_run), bool(reinstall)
+
+
 class Schedule(object):
     """What install-cron installs: the request, the paths, and the texts rendered from them."""
 
@@ -2454,7 +3447,17 @@ class Schedule(object):
         self.python = python or sys.executable
         self.script = script or script_path()
         self.user = current_user(env)
-        self.job_script = os.path.join(store.dir, "job.sh")
+        self.job_script = job_script_path(store)
+
+    @classmethod
+    def from_doc(cls, store, cfg, env, doc, method=None):
+        """The schedule a stored document describes (what an old document lacks: defaults)."""
+        return cls(store, cfg, env, method or doc.get("method") or "sbatch",
+                   account=doc.get("account"), partition=doc.get("partition"),
+                   cpus=int(doc.get("cpus") or 1), mem=doc.get("mem") or "2G",
+                   time_limit=doc.get("time") or "2:00:00",
+                   cadence=int(doc.get("cadence_days") or 14),
+                   python=doc.get("python"), script=doc.get("script"))
 
     def as_dict(self):
         return {"method": self.method, "account": self.account, "partition": self.partition,
@@ -2474,8 +3477,31 @@ class Schedule(object):
         if self.account:
             opts.append("--account=" + self.account)
         opts += ["--cpus-per-task=%d" % self.cpus, "--mem=" + self.mem, "--time=" + self.time,
-                 "--output=" + os.path.join(self.store.log_dir, "slurm-%j.out")]
+                 "--output=" + os.path.join(slurm_filename(self.store.log_dir), "slurm-%j.out")]
         return opts
+
+    def check_paths(self):
+        """Refuse (exit 2) a path that the rendered lines cannot hold, before anything changes.
+
+        WARNING: scrontab splits an #SCRON line at every space, quotes or not, and a crontab
+        entry is one line; sbatch reads quotes in #SBATCH lines (directive_option) but no
+        line break. `%` is escaped where Slurm reads a filename pattern (slurm_filename).
+        """
+        fix = "; choose a state directory without one (--state-dir DIR)"
+        if re.search(r"[\n\r]", self.store.dir):
+            raise UsageError("the state directory %s holds a line break, which no #SBATCH or "
+                             "#SCRON line can hold%s" % (display_path(self.store.dir), fix))
+        if self.method != "scrontab":
+            return
+        if re.search(r"\s", self.store.dir):
+            raise UsageError("the state directory %r holds a space, which an #SCRON line cannot "
+                             "hold (scrontab splits it at spaces)%s, or use --method sbatch"
+                             % (self.store.dir, fix))
+        for what, path in (("scratch root", self.cfg["scratch_root"]),
+                           ("Python interpreter", self.python), ("script", self.script)):
+            if re.search(r"[\n\r]", path):
+                raise UsageError("the %s %s holds a line break, which a crontab entry (one line) "
+                                 "cannot hold; use --method sbatch" % (what, display_path(path)))
 
     def command(self):
         """The job's command: absolute paths, state dir and scratch root passed explicitly."""
@@ -2495,13 +3521,13 @@ class Schedule(object):
             SCRON_BEGIN,
             "# runs %s at %02d:%02d; each run refreshes only the datasets that are due" % (
                 desc, hour, minute),
-            "#SCRON " + " ".join(self.request_options()),
+            "#SCRON " + " ".join(self.request_options()),  # check_paths: no spaces
             "%d %d %s * %s %s" % (minute, hour, dom, dow, self.command()),
             SCRON_END, ""])
 
     def job_text(self):
         lines = ["#!/bin/bash"]
-        lines += ["#SBATCH " + o for o in self.request_options()]
+        lines += ["#SBATCH " + directive_option(o) for o in self.request_options()]
         lines += [
             "#SBATCH --no-requeue",
             "#SBATCH --signal=B:TERM@120",
@@ -2539,7 +3565,7 @@ def strip_crontab(current):
 
 
 def load_schedule(store):
-    return read_json(store.schedule_path, "schedule")
+    return read_json(store.schedule_path, "schedule", SCHEDULE_SCHEMA)
 
 
 def save_schedule(store, doc):
@@ -2552,27 +3578,26 @@ def install_cron(method="auto", account=None, partition=None, cpus=None, mem=Non
                  time_limit=None, cadence_days=None, dry_run=False, reinstall=False,
                  state_dir=None, env=None, runner=None):
     """Install (or with dry_run, render) the Slurm schedule. Returns a dict describing it."""
-    ctx = _ctx(state_dir, env)
-    ctx.slurm = Slurm(runner)
-    return _install_cron(ctx, method, account, partition, cpus, mem, time_limit, cadence_days,
-                         dry_run, reinstall)
+    ctx = _ctx(state_dir, env, runner)
+    return _install_cron(ctx, CronRequest(method, account, partition, cpus, mem, time_limit,
+                                          cadence_days, dry_run, reinstall))
 
 
-def _schedule_request(ctx, cfg, old, account, partition, cpus, mem, time_limit, cadence_days):
-    """Validate and complete the job request from the options, the old schedule, the profile."""
+def _schedule_request(ctx, cfg, old, req):
+    """Validate and complete the job request from req, the old schedule, the profile.
+
+    Returns (the Schedule's keyword arguments but its method, the enabled datasets)."""
     prof = profile_of(cfg)
     old = old or {}
-    account = account or old.get("account")
+    account = req.account or old.get("account")
     if prof["account_required"] and not account:
         raise UsageError("--account is required on %s (IU rejects jobs without -A); find yours "
                          "with `sacctmgr show assoc user=$USER format=account` or in RT "
                          "Projects" % cfg["profile"])
-    partition = partition or old.get("partition") or prof["partition"]
-    cpus = cpus or old.get("cpus") or prof["cpus"]
-    mem = mem or old.get("mem") or prof["mem"]
+    mem = req.mem or old.get("mem") or prof["mem"]
     if not re.match(r"^\d+[KMGT]?$", mem):
         raise UsageError("--mem %r is not a Slurm memory size; use e.g. 2G or 2048M" % mem)
-    time_limit = time_limit or old.get("time") or prof["time"]
+    time_limit = req.time_limit or old.get("time") or prof["time"]
     seconds = parse_slurm_time(time_limit)
     if seconds is None:
         raise UsageError("--time %r is not a Slurm time limit; use e.g. 2:00:00" % time_limit)
@@ -2581,16 +3606,13 @@ def _schedule_request(ctx, cfg, old, account, partition, cpus, mem, time_limit, 
                          % time_limit)
     reg = ctx.store.load_registry()
     enabled = [d for d in reg["datasets"].values() if d.get("enabled", True)]
-    cadence = (cadence_days or old.get("cadence_days")
+    cadence = (req.cadence_days or old.get("cadence_days")
                or (min(int(d["cadence_days"]) for d in enabled) if enabled else None)
                or prof["default_cadence"])
-    if cadence < prof["min_cadence"]:
-        raise UsageError("--cadence-days %d is below the %s minimum of %d days"
-                         % (cadence, cfg["profile"], prof["min_cadence"]))
-    if cadence > purge_days_of(cfg) - 5:
-        raise UsageError("--cadence-days %d is too long for a %d-day purge; use at most %d"
-                         % (cadence, purge_days_of(cfg), purge_days_of(cfg) - 5))
-    return account, partition, int(cpus), mem, time_limit, int(cadence), enabled
+    return {"account": account, "partition": req.partition or old.get("partition")
+            or prof["partition"], "cpus": int(req.cpus or old.get("cpus") or prof["cpus"]),
+            "mem": mem, "time_limit": time_limit,
+            "cadence": _check_cadence(cfg, int(cadence))}, enabled
 
 
 def _choose_method(ctx, method):
@@ -2607,35 +3629,50 @@ def _choose_method(ctx, method):
     return "sbatch", None
 
 
-def _install_cron(ctx, method, account, partition, cpus, mem, time_limit, cadence_days,
-                  dry_run, reinstall):
-    args = (ctx, method, account, partition, cpus, mem, time_limit, cadence_days, dry_run,
-            reinstall)
-    if dry_run:
-        return _install_cron_locked(*args)
+def _install_cron(ctx, req):
+    if req.dry_run:
+        return _install_cron_locked(ctx, req)
     with ctx.store.schedule_lock():
-        return _install_cron_locked(*args)
+        return _install_cron_locked(ctx, req)
 
 
-def _install_cron_locked(ctx, method, account, partition, cpus, mem, time_limit,
-                         cadence_days, dry_run, reinstall):
-    store = ctx.store
+def _install_cron_locked(ctx, req):
+    """Validate, render, then install: nothing changes until every check has passed."""
     cfg = ctx.config()
-    old = load_schedule(store)
-    if reinstall:
+    old = load_schedule(ctx.store)
+    method = req.method
+    if req.reinstall:
         if old is None:
             raise UsageError("no schedule is installed; run `%s install-cron` first" % PROG)
         if method == "auto":
             method = old.get("method") or "auto"
-    account, partition, cpus, mem, time_limit, cadence, enabled = _schedule_request(
-        ctx, cfg, old if reinstall else None, account, partition, cpus, mem, time_limit,
-        cadence_days)
+    fields, enabled = _schedule_request(ctx, cfg, old if req.reinstall else None, req)
+    Schedule(ctx.store, cfg, ctx.env, method, **fields).check_paths()  # before asking Slurm
     method, current = _choose_method(ctx, method)
-    sched = Schedule(store, cfg, ctx.env, method, account, partition, cpus, mem, time_limit,
-                     cadence)
-    warnings = []
-    every = cadence
+    sched = Schedule(ctx.store, cfg, ctx.env, method, **fields)
+    sched.check_paths()
+    info = {"schedule": sched.as_dict(), "text": sched.text(),
+            "warnings": _cadence_warnings(sched, enabled), "dry_run": req.dry_run,
+            "job_id": None}
+    if req.dry_run:
+        return info
+    ctx.store.ensure()
     if method == "scrontab":
+        _install_block(ctx, sched, old, current)
+    else:
+        info["job_id"] = _install_chain_instead(ctx, sched)
+    doc = sched.as_dict()
+    doc.update(installed=iso(time.time()), job_id=info["job_id"],
+               last_run=(old or {}).get("last_run"))
+    save_schedule(ctx.store, doc)
+    return info
+
+
+def _cadence_warnings(sched, enabled):
+    """What the user should know: a cadence cron cannot keep, datasets it serves late."""
+    warnings = []
+    cadence = every = sched.cadence
+    if sched.method == "scrontab":
         (_, _, _, lo, hi, desc), every = cron_schedule(cadence)
         if every != cadence:
             warnings.append("cron cannot run every %d days; the schedule runs on %s (every %d "
@@ -2650,40 +3687,37 @@ def _install_cron_locked(ctx, method, account, partition, cpus, mem, time_limit,
                             "refreshed every %d days: set `%s extend --name %s --cadence-days "
                             "%d`" % (d["name"], c, every, (c // every + 1) * every, PROG,
                                      d["name"], every))
-    text = sched.text()
-    info = {"schedule": sched.as_dict(), "text": text, "warnings": warnings,
-            "dry_run": bool(dry_run), "job_id": None}
-    if dry_run:
-        return info
-    store.ensure()
-    if method == "scrontab":
-        # The chain's pending jobs are listed BEFORE the crontab is installed: afterwards the
-        # cron job has the same name, and an scancel would disable it (#DISABLED:).
-        chain_jobs = ctx.slurm.pending(JOB_NAME) if old and old.get("method") == "sbatch" else []
-        ctx.slurm.install_crontab(merge_crontab(current, text))
-        if chain_jobs or (old and old.get("method") == "sbatch"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(sched.job_script)
-            for job, _ in chain_jobs:
-                ctx.slurm.cancel(job)
-    else:
-        _check_request(ctx, sched)
-        # Our scrontab block goes first, so that no scancel ever reaches its cron job; it
-        # comes back if the chain cannot be installed.
-        kind, crontab = ctx.slurm.crontab() if ctx.slurm.run(["scrontab", "--help"]) \
-            is not None else ("missing", None)
-        removed = _remove_cron_block(ctx) if kind == "ok" else []
-        try:
-            info["job_id"] = _install_chain(ctx, sched)
-        except BaseException:
-            if removed:
-                ctx.slurm.install_crontab(crontab)
-            raise
-    doc = sched.as_dict()
-    doc.update(installed=iso(time.time()), job_id=info["job_id"],
-               last_run=(old or {}).get("last_run"))
-    save_schedule(store, doc)
-    return info
+    return warnings
+
+
+def _install_block(ctx, sched, old, current):
+    """Our block into the scrontab; then the old chain (if any) goes."""
+    from_chain = bool(old and old.get("method") == "sbatch")
+    # The chain's pending jobs are listed BEFORE the crontab is installed: afterwards the
+    # cron job has the same name, and an scancel would disable it (#DISABLED:).
+    chain_jobs = ctx.slurm.pending(JOB_NAME) if from_chain else []
+    ctx.slurm.install_crontab(merge_crontab(current, sched.text()))
+    if from_chain:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sched.job_script)
+        for job, _ in chain_jobs:
+            ctx.slurm.cancel(job)
+
+
+def _install_chain_instead(ctx, sched):
+    """The chain in place of our scrontab block (if any). Returns the first job's id."""
+    _check_request(ctx, sched)
+    # Our scrontab block goes first, so that no scancel ever reaches its cron job; it
+    # comes back if the chain cannot be installed.
+    kind, crontab = ctx.slurm.crontab() if ctx.slurm.run(["scrontab", "--help"]) \
+        is not None else ("missing", None)
+    removed = _remove_cron_block(ctx) if kind == "ok" else []
+    try:
+        return _install_chain(ctx, sched)
+    except BaseException:
+        if removed:
+            ctx.slurm.install_crontab(crontab)
+        raise
 
 
 def _install_chain(ctx, sched):
@@ -2716,13 +3750,18 @@ def _check_request(ctx, sched):
                             CommandResult([], 1, "", reason))
 
 
+def _remove_job_script(store):
+    """Delete the job script, so that no running chain job resubmits itself."""
+    path = job_script_path(store)
+    if not os.path.exists(path):
+        return []
+    os.unlink(path)
+    return ["job script %s" % path]
+
+
 def _remove_chain(ctx):
-    """Delete the job script (so no running job resubmits), then cancel pending chain jobs."""
-    removed = []
-    path = os.path.join(ctx.store.dir, "job.sh")
-    if os.path.exists(path):
-        os.unlink(path)
-        removed.append("job script %s" % path)
+    """Delete the job script, then cancel pending chain (and continuation) jobs."""
+    removed = _remove_job_script(ctx.store)
     for name in (JOB_NAME, RESUME_JOB_NAME):
         try:
             jobs = ctx.slurm.pending(name)
@@ -2752,8 +3791,7 @@ def _remove_cron_block(ctx):
 
 def uninstall_cron(state_dir=None, env=None, runner=None):
     """Remove the schedule: job script, scrontab block, pending jobs. Returns what was removed."""
-    ctx = _ctx(state_dir, env)
-    ctx.slurm = Slurm(runner)
+    ctx = _ctx(state_dir, env, runner)
     return _uninstall_cron(ctx)
 
 
@@ -2766,13 +3804,11 @@ def _uninstall_cron_locked(ctx):
     store = ctx.store
     try:
         load_schedule(store)
+    except NewerState:
+        raise           # a newer version's record is never deleted
     except StateError:
         pass            # a damaged record must not keep a schedule alive
-    removed = []
-    path = os.path.join(store.dir, "job.sh")
-    if os.path.exists(path):
-        os.unlink(path)
-        removed.append("job script %s" % path)
+    removed = _remove_job_script(store)
     # Order matters: the block goes before any scancel, because scancel on a scrontab job
     # only comments its lines out (#DISABLED:).
     removed += _remove_cron_block(ctx) if ctx.slurm.run(["scrontab", "--help"]) is not None \
@@ -2801,6 +3837,35 @@ def schedule_status(ctx):
     return info
 
 
+def schedule_summary(ctx):
+    """The `schedule` key of `status --json`: None, or the installed method and next run.
+
+    None comes from the state alone (no schedule.json: nothing is installed, and Slurm is
+    not asked). An installed schedule's next run is the start time Slurm gives its pending
+    job, as the text of `status` shows it; null with "error" when squeue cannot tell.
+    """
+    try:
+        if load_schedule(ctx.store) is None:
+            return None
+        info = schedule_status(ctx)
+    except StateError as e:     # a damaged record: say so, and still show the dataset
+        return {"method": None, "cadence_days": None, "installed": None, "next_run": None,
+                "pending_jobs": [], "error": str(e)}
+    if info is None:
+        return None
+    return {"method": info["method"], "cadence_days": info["cadence_days"],
+            "installed": info["installed"], "next_run": slurm_time_utc(info["next_run"]),
+            "pending_jobs": info["pending_jobs"], "error": info.get("error")}
+
+
+def slurm_time_utc(text):
+    """squeue's local `2026-12-04T03:53:00` as UTC `2026-12-04T03:53:00Z`; None if not a time."""
+    try:
+        return iso(time.mktime(time.strptime(text or "", "%Y-%m-%dT%H:%M:%S")))
+    except (ValueError, OverflowError):
+        return None
+
+
 def _scheduled_before(ctx, method):
     """A chain job submits its successor first, so a crash in this run keeps the chain alive."""
     if not ctx.env.get("SLURM_JOB_ID"):
@@ -2809,7 +3874,7 @@ def _scheduled_before(ctx, method):
     doc = load_schedule(ctx.store)
     if method != "sbatch" or doc is None:
         return doc, None
-    job_script = doc.get("job_script") or os.path.join(ctx.store.dir, "job.sh")
+    job_script = doc.get("job_script") or job_script_path(ctx.store)
     try:
         with ctx.store.schedule_lock():
             if not os.path.exists(job_script):
@@ -2849,17 +3914,13 @@ def _continue_soon(ctx, method, doc):
         if jobs:
             slurm.set_start(jobs[0][0], "now+1hour")
             return "pending job %s moved to start in an hour" % jobs[0][0]
-        job_script = doc.get("job_script") or os.path.join(ctx.store.dir, "job.sh")
+        job_script = doc.get("job_script") or job_script_path(ctx.store)
         if not os.path.exists(job_script):
             return None
         return "continuation job %s submitted" % slurm.submit(["--begin=now+1hour", job_script])
     if slurm.pending(RESUME_JOB_NAME):
         return "a continuation is already pending"
-    cfg = ctx.config()
-    sched = Schedule(ctx.store, cfg, ctx.env, "resume", doc.get("account"), doc.get("partition"),
-                     int(doc.get("cpus") or 1), doc.get("mem") or "2G", doc.get("time") or
-                     "2:00:00", int(doc.get("cadence_days") or 14), doc.get("python"),
-                     doc.get("script"))
+    sched = Schedule.from_doc(ctx.store, ctx.config(), ctx.env, doc, method="resume")
     opts = [o.replace("--job-name=" + JOB_NAME, "--job-name=" + RESUME_JOB_NAME)
             for o in sched.request_options()]
     job = slurm.submit(opts + ["--begin=now+1hour", "--no-requeue", "--wrap", sched.command()])
@@ -2881,8 +3942,7 @@ class Check(object):
 
 def doctor(state_dir=None, env=None, runner=None):
     """Check everything; returns {"ok": bool, "checks": [{"name", "ok", "level", "message"}]}."""
-    ctx = _ctx(state_dir, env)
-    ctx.slurm = Slurm(runner)
+    ctx = _ctx(state_dir, env, runner)
     return _doctor(ctx)
 
 
@@ -2909,23 +3969,14 @@ def _diagnose(ctx):
     add = checks.append
     add(Check("python", "ok" if sys.version_info >= (3, 6) else "fail",
               "Python %s at %s" % (sys.version.split()[0], sys.executable)))
-    cfg = reg = None
-    try:
-        cfg = store.load_config()
-        add(Check("config", "ok", "config %s is readable" % store.config_path) if cfg else
-            Check("config", "fail", "no configuration in %s; run `%s init`" % (store.dir, PROG)))
-    except StateError as e:
-        add(Check("config", "fail", str(e), fix="config"))
-    try:
-        reg = store.load_registry()
-        add(Check("registry", "ok", "registry lists %d dataset(s)" % len(reg["datasets"])))
-    except StateError as e:
-        add(Check("registry", "fail", "%s; repair restores the last good backup or rebuilds it "
-                                      "from the sentinels" % e, fix="registry"))
+    cfg, reg, bad, state_checks = _check_state_files(ctx)
+    checks += state_checks
     root = scratch_root_of(cfg, ctx.env) if cfg else None
     checks += _check_environment(ctx, cfg, root)
-    checks += _check_checkpoints(ctx, reg)
+    checks += _check_state_links(store)
+    checks += _check_checkpoints(ctx, reg, bad)
     checks += _check_locks(ctx)
+    checks += _check_temp_files(store)
     if cfg and reg is not None:
         for name in sorted(reg["datasets"]):
             checks += _check_dataset(ctx, cfg, root, reg["datasets"][name])
@@ -2933,6 +3984,51 @@ def _diagnose(ctx):
     if root:
         checks += _check_quota(ctx, root)
     return checks
+
+
+def _state_fix(e, fix):
+    """What repair can do about a StateError: set a damaged file aside, never one that may
+    be intact (unreadable) or that a newer version wrote."""
+    return fix if isinstance(e, InvalidState) else None
+
+
+def _check_state_files(ctx):
+    """(config, registry of the valid entries, {name: (message, entry)}, checks)."""
+    store = ctx.store
+    out, cfg, reg, bad = [], None, None, {}
+    try:
+        cfg = store.load_config()
+        out.append(Check("config", "ok", "config %s is readable" % store.config_path) if cfg else
+                   Check("config", "fail", "no configuration in %s; run `%s init`"
+                         % (store.dir, PROG)))
+    except StateError as e:
+        out.append(Check("config", "fail", str(e), fix=_state_fix(e, "config")))
+    try:
+        reg, bad = store.load_registry_parts()
+        n = len(reg["datasets"]) + len(bad)
+        out.append(Check("registry", "fail" if bad else "ok", "registry lists %d dataset(s)%s"
+                         % (n, "; %d invalid (below): repair mends them from the backup or "
+                            "their sentinels" % len(bad) if bad else ""),
+                         fix="registry" if bad else None))
+    except StateError as e:
+        out.append(Check("registry", "fail", "%s%s" % (e, "; repair restores the last good "
+                                                          "backup or rebuilds it from the "
+                                                          "sentinels" if isinstance(
+                                                              e, InvalidState) else ""),
+                         fix=_state_fix(e, "registry")))
+    for name in sorted(bad):
+        out.append(Check("entry:" + display_path(name)[:64], "fail", bad[name][0],
+                         fix="registry"))
+    return cfg, reg, bad, out
+
+
+def _check_temp_files(store):
+    temps = stale_temps(store.dir) + stale_temps(store.checkpoint_dir)
+    if not temps:
+        return []
+    return [Check("temp-files", "warn", "%d temp file(s) left by interrupted writes (%s%s); "
+                  "repair removes them" % (len(temps), temps[0], " ..." if len(temps) > 1
+                                           else ""), fix="temp")]
 
 
 def _check_environment(ctx, cfg, root):
@@ -2955,7 +4051,11 @@ def _check_environment(ctx, cfg, root):
             problems.append("%s %s group/other access (dirs should be 0700, files 0600)"
                             % (", ".join(loose[:3]) + (" ..." if len(loose) > 3 else ""),
                                "has" if len(loose) == 1 else "have"))
-    if problems:
+    if not os.path.isdir(store.dir):
+        out.append(Check("state-dir", "fail", "state directory %s %s; `%s init` creates it" % (
+            store.dir, "is not a directory" if os.path.lexists(store.dir) else "does not exist",
+            PROG)))
+    elif problems:
         out.append(Check("state-dir", "fail", "state directory %s: %s" % (
             store.dir, "; ".join(problems)), fix="permissions" if _loose_permissions(store)
             or not os.access(store.dir, os.W_OK | os.X_OK) else None))
@@ -2963,6 +4063,25 @@ def _check_environment(ctx, cfg, root):
         out.append(Check("state-dir", "ok", "state directory %s is private and writable"
                          % store.dir))
     return out
+
+
+def _check_state_links(store):
+    """Symlinks inside the state directory: never followed, so what they meant is not done."""
+    links = []
+    for dirpath, dirs, files in os.walk(store.dir):     # os.walk does not follow them either
+        for name in sorted(dirs + files):
+            p = os.path.join(dirpath, name)
+            if os.path.islink(p):
+                links.append(p)
+    if not links:
+        return []
+    return [Check("state-links", "fail", "%s %s a symlink inside the state directory, which %s "
+                  "never follows (a refresh does not log through one); delete %s (`rm`: what "
+                  "a link points to is not touched)" % (
+                      ", ".join(display_path(p) for p in links[:3]) + (
+                          " ..." if len(links) > 3 else ""),
+                      "is" if len(links) == 1 else "are each", PROG,
+                      "it" if len(links) == 1 else "them"))]
 
 
 def _loose_permissions(store):
@@ -2975,7 +4094,7 @@ def _loose_permissions(store):
                 st = os.lstat(p)
             except OSError:
                 continue
-            want = 0o700 if stat.S_ISDIR(st.st_mode) else (0o700 if name == "job.sh" else 0o600)
+            want = 0o700 if stat.S_ISDIR(st.st_mode) else (0o700 if name == JOB_SCRIPT else 0o600)
             if stat.S_ISLNK(st.st_mode) or (name.startswith("slurm-") and name.endswith(".out")):
                 continue    # Slurm creates its job logs with the job's umask
             if stat.S_IMODE(st.st_mode) != want:
@@ -2983,7 +4102,8 @@ def _loose_permissions(store):
     return loose
 
 
-def _check_checkpoints(ctx, reg):
+def _check_checkpoints(ctx, reg, bad=()):
+    """bad: names of invalid registry entries, whose checkpoints repair keeps."""
     out = []
     store = ctx.store
     try:
@@ -2992,11 +4112,14 @@ def _check_checkpoints(ctx, reg):
         return out
     for f in names:
         name = f[:-len(".json")]
+        if name in bad:
+            continue
         try:
             ck = store.load_checkpoint(name)
         except StateError as e:
-            out.append(Check("checkpoint:" + name, "fail", "%s; repair sets it aside and the "
-                             "next refresh starts over" % e, fix="checkpoint"))
+            out.append(Check("checkpoint:" + name, "fail", "%s%s" % (
+                e, "; repair sets it aside and the next refresh starts over"
+                if isinstance(e, InvalidState) else ""), fix=_state_fix(e, "checkpoint")))
             continue
         ds = (reg or {}).get("datasets", {}).get(name) if reg is not None else None
         if reg is not None and ds is None:
@@ -3015,17 +4138,19 @@ def _check_checkpoints(ctx, reg):
 
 
 def _lock_record(path):
+    """The holder a lock file records, or None (released, or not a record LOCK_SCHEMA allows)."""
     try:
-        with open(path) as f:
-            text = f.read()
-        return json.loads(text) if text.strip() else None
+        with os.fdopen(os.open(path, os.O_RDONLY | O_NOFOLLOW), "rb") as f:
+            raw = f.read(65536)
+        rec = _json_loads(raw) if raw.strip() else None
     except (OSError, ValueError):
         return None
+    return rec if rec is not None and not check_doc(rec, LOCK_SCHEMA) else None
 
 
 def _lock_is_held(path):
     try:
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_RDWR | O_NOFOLLOW)
     except OSError:
         return False
     try:
@@ -3082,17 +4207,15 @@ def _check_dataset(ctx, cfg, root, ds):
         return [Check("root:" + name, "fail", "dataset %r: its root %s is missing (purged, moved "
                       "or renamed?); restore it or `%s remove --name %s`" % (name, path, PROG,
                                                                             name))]
+    try:
+        root_fd = dataset_root_fd(ctx, ds)
+    except Failure as e:
+        return [Check("root:" + name, "fail", "dataset %r: %s" % (name, e))]
     out.append(Check("root:" + name, "ok", "dataset %r: %s is present" % (name, path)))
-    sentinel = read_sentinel(path)
-    if sentinel is None and os.path.lexists(sentinel_path(path)):
-        out.append(Check("sentinel:" + name, "fail", "dataset %r: %s is not ours (another tool's "
-                         "file or a symlink); move it away, then run `%s repair`" % (
-                             name, sentinel_path(path), PROG)))
-    elif sentinel is None or sentinel.get("name") != name:
-        out.append(Check("sentinel:" + name, "fail", "dataset %r: its sentinel %s is %s; repair "
-                         "rewrites it" % (name, sentinel_path(path), "missing" if sentinel is None
-                                          else "naming %r" % sentinel.get("name")),
-                         fix="sentinel"))
+    try:
+        out += _check_sentinel(name, path, root_fd)
+    finally:
+        os.close(root_fd)
     if root and not is_below(path, os.path.realpath(root)):
         out.append(Check("location:" + name, "fail", "dataset %r (%s) is no longer below the "
                          "scratch root %s" % (name, path, root)))
@@ -3135,13 +4258,26 @@ def _check_dataset(ctx, cfg, root, ds):
     return out
 
 
+def _check_sentinel(name, path, root_fd):
+    """The sentinel check of one dataset, read through its root fd (never blocking)."""
+    sentinel, why = read_sentinel(root_fd), sentinel_problem(root_fd)
+    if sentinel is None and why != "missing":
+        return [Check("sentinel:" + name, "fail", "dataset %r: %s is not ours (%s); move it "
+                      "away, then run `%s repair`" % (name, sentinel_path(path), why, PROG))]
+    if sentinel is None or sentinel.get("name") != name:
+        return [Check("sentinel:" + name, "fail", "dataset %r: its sentinel %s is %s; repair "
+                      "rewrites it" % (name, sentinel_path(path), "missing" if sentinel is None
+                                       else "naming %r" % sentinel.get("name")),
+                      fix="sentinel")]
+    return []
+
+
 def _check_schedule(ctx, cfg, reg):
     prof = profile_of(cfg)
     enabled = [d for d in reg["datasets"].values() if d.get("enabled", True)]
-    try:
-        doc = load_schedule(ctx.store)
-    except StateError as e:
-        return [Check("schedule", "fail", "%s; run `%s install-cron` again" % (e, PROG))]
+    doc, failed = _schedule_record(ctx)
+    if failed:
+        return failed
     slurm = ctx.slurm
     if slurm.run(["squeue", "--version"]) is None:
         return [Check("schedule", "warn", "Slurm is not installed here (not on a cluster?): "
@@ -3164,6 +4300,14 @@ def _check_schedule(ctx, cfg, reg):
                          "%s minimum of %d; run `%s install-cron --cadence-days %d`" % (
                              doc.get("cadence_days"), cfg["profile"], prof["min_cadence"], PROG,
                              prof["min_cadence"])))
+    return out + _check_schedule_jobs(ctx, cfg, doc)
+
+
+def _check_schedule_jobs(ctx, cfg, doc):
+    """What Slurm holds of the installed schedule: its jobs, its block, its request."""
+    prof = profile_of(cfg)
+    slurm = ctx.slurm
+    out = []
     try:
         jobs = slurm.pending(JOB_NAME)
     except Failure as e:
@@ -3185,11 +4329,11 @@ def _check_schedule(ctx, cfg, reg):
             out.append(Check("schedule-block", "fail", "the scrontab block was disabled "
                              "(#DISABLED:, after an scancel of its job); repair reinstalls it",
                              fix="reinstall"))
-    elif not jobs and not os.environ.get("SLURM_JOB_ID"):
+    elif not jobs and not ctx.env.get("SLURM_JOB_ID"):
         out.append(Check("schedule-jobs", "fail", "no pending %s job: the chain is broken; "
                          "repair reinstalls it" % JOB_NAME, fix="reinstall"))
     if doc.get("account") or prof["account_required"]:
-        sched = _schedule_from_doc(ctx, cfg, doc)
+        sched = Schedule.from_doc(ctx.store, cfg, ctx.env, doc)
         reason = slurm.test_only(sched.request_options() + ["--wrap", "true"])
         if reason is not None:
             out.append(Check("schedule-account", "fail", "Slurm would reject the scheduled job: "
@@ -3198,19 +4342,22 @@ def _check_schedule(ctx, cfg, reg):
     return out
 
 
+def _schedule_record(ctx):
+    """(the schedule record, None), or (None, [the check that says why it cannot be used])."""
+    try:
+        return load_schedule(ctx.store), None
+    except StateError as e:
+        return None, [Check("schedule", "fail", "%s%s" % (
+            e, ", then `%s install-cron` again" % PROG if isinstance(e, InvalidState) else ""),
+            fix=_state_fix(e, "schedule"))]
+
+
 def _our_block(text):
     if not text or SCRON_BEGIN not in text:
         return None
     start = text.index(SCRON_BEGIN)
     end = text.find(SCRON_END, start)
     return text[start:] if end < 0 else text[start:end]
-
-
-def _schedule_from_doc(ctx, cfg, doc):
-    return Schedule(ctx.store, cfg, ctx.env, doc.get("method") or "sbatch", doc.get("account"),
-                    doc.get("partition"), int(doc.get("cpus") or 1), doc.get("mem") or "2G",
-                    doc.get("time") or "2:00:00", int(doc.get("cadence_days") or 14),
-                    doc.get("python"), doc.get("script"))
 
 
 def _check_quota(ctx, root):
@@ -3241,19 +4388,26 @@ def repair(dry_run=False, state_dir=None, env=None, runner=None):
     Never deletes or modifies user data and never touches a timestamp in a dataset:
     damaged state is set aside (renamed), not deleted.
     """
-    ctx = _ctx(state_dir, env)
-    ctx.slurm = Slurm(runner)
+    ctx = _ctx(state_dir, env, runner)
     return _repair(ctx, dry_run)
 
 
-def _set_aside(path, dry_run):
-    """Rename a damaged file to PATH.corrupt-TIME (never over an earlier copy)."""
+def _set_aside(path, dry_run, copy=False):
+    """Rename a damaged file to PATH.corrupt-TIME (never over an earlier copy).
+
+    copy: keep a copy there instead (for a file about to be replaced by atomic_write, so
+    that no moment passes without one in place)."""
     base = "%s.corrupt-%s" % (path, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
     target, n = base, 1
     while os.path.lexists(target):
         n += 1
         target = "%s-%d" % (base, n)
-    if not dry_run:
+    if dry_run:
+        return target
+    if copy and stat.S_ISREG(os.lstat(path).st_mode):
+        with open(path, "rb") as f:
+            atomic_write(target, f.read())
+    else:
         os.rename(path, target)
     return target
 
@@ -3266,24 +4420,49 @@ def _repair(ctx, dry_run):
         act("set state permissions to 0700 (dirs) / 0600 (files) in %s" % store.dir)
         if not dry_run:
             _fix_permissions(store)
-    try:
-        cfg = store.load_config()
-    except StateError as e:
-        target = _set_aside(store.config_path, dry_run)
-        act("set the damaged config aside as %s" % target)
-        left.append("%s; run `%s init` again" % (e, PROG))
-        cfg = None
-    reg = _registry_or_none(store)
-    if reg is None and os.path.exists(store.registry_path):
-        act("set the damaged registry aside as %s" % _set_aside(store.registry_path, dry_run))
-        restored, reg = _restore_registry(ctx, cfg, dry_run, left)
-        act(restored)
-    # In a dry run `reg` is the registry as it would be after the step above.
-    for c in _check_checkpoints(ctx, reg):
+    cfg = _repair_config(store, dry_run, act, left)
+    # In a dry run `reg` is the registry as it would be after this step.
+    reg = _repair_registry(ctx, cfg, dry_run, act, left)
+    bad = {} if reg is not None else _registry_bad_names(store)
+    for c in _check_checkpoints(ctx, reg, bad):
         if c.fix == "checkpoint":
             name = c.name.split(":", 1)[1]
             act("set checkpoint %s aside as %s; the next refresh starts over" % (
                 name, _set_aside(store.checkpoint_path(name), dry_run)))
+        elif c.level == "fail" and c.fix is None:
+            left.append(c.message)
+    _repair_locks(store, dry_run, act, left)
+    for path in stale_temps(store.dir) + stale_temps(store.checkpoint_dir):
+        act("remove the temp file %s (an interrupted write's)" % path)
+        if not dry_run:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    if cfg is not None and reg is not None:
+        _repair_sentinels(ctx, reg, dry_run, act, left)
+        _repair_schedule_doc(store, dry_run, act, left)
+        actions.extend(_repair_schedule(ctx, cfg, reg, dry_run, left))
+    return {"actions": actions, "left": left, "dry_run": bool(dry_run)}
+
+
+def _repair_config(store, dry_run, act, left):
+    try:
+        return store.load_config()
+    except InvalidState as e:
+        act("set the damaged config aside as %s" % _set_aside(store.config_path, dry_run))
+        left.append("%s; run `%s init` again" % (e, PROG))
+    except StateError as e:
+        left.append("%s (repair leaves the config as it is)" % e)
+    return None
+
+
+def _registry_bad_names(store):
+    try:
+        return store.load_registry_parts()[1]
+    except StateError:
+        return {}
+
+
+def _repair_locks(store, dry_run, act, left):
     for name, path, rec, dead in _stale_locks(store):
         if dead and not _lock_is_held(path):
             act("remove the stale lock of %r (pid %s on this host is gone)" % (name, rec["pid"]))
@@ -3295,87 +4474,198 @@ def _repair(ctx, dry_run):
         else:
             left.append("lock %s names pid %s on host %s: not provably dead, left alone" % (
                 path, rec.get("pid"), rec.get("host")))
-    if cfg is not None and reg is not None:
-        for ds in sorted(reg.get("datasets", {}).values(), key=lambda d: d["name"]):
-            if not root_present(ds["path"]):
-                continue
-            found = read_sentinel(ds["path"])
-            if found is None and os.path.lexists(sentinel_path(ds["path"])):
-                left.append("%s exists but is not ours; move it away, then repair again"
-                            % sentinel_path(ds["path"]))
-            elif found is None:
-                act("rewrite the missing sentinel of %r in %s" % (ds["name"], ds["path"]))
-                if not dry_run:
-                    create_sentinel(ds["path"], ds)
-            elif found.get("name") != ds["name"]:
-                act("rewrite the sentinel of %r in %s (it named %r)" % (
-                    ds["name"], ds["path"], found.get("name")))
-                if not dry_run:
-                    update_sentinel(ds["path"], ds)
-        actions.extend(_repair_schedule(ctx, cfg, reg, dry_run, left))
-    return {"actions": actions, "left": left, "dry_run": bool(dry_run)}
 
 
-def _registry_or_none(store):
+def _repair_sentinels(ctx, reg, dry_run, act, left):
+    """Rewrite missing or misnamed sentinels, and ones that do not record the settings,
+    through each root's fd (never into a directory reached through a symlink)."""
+    for ds in sorted(reg.get("datasets", {}).values(), key=lambda d: d["name"]):
+        if not root_present(ds["path"]):
+            continue
+        try:
+            root_fd = dataset_root_fd(ctx, ds)
+        except Failure as e:
+            left.append("dataset %r: %s (no sentinel is written there)" % (ds["name"], e))
+            continue
+        try:
+            _repair_sentinel(ds, root_fd, dry_run, act, left)
+        finally:
+            os.close(root_fd)
+
+
+def _repair_sentinel(ds, root_fd, dry_run, act, left):
+    """Rewrite one dataset's missing, misnamed or settings-less sentinel."""
+    found = read_sentinel(root_fd)
+    why = sentinel_problem(root_fd) if found is None else None
+    if found is None and why != "missing":
+        left.append("%s exists but is not ours (%s); move it away, then repair again"
+                    % (sentinel_path(ds["path"]), why))
+    elif found is None:
+        act("rewrite the missing sentinel of %r in %s" % (ds["name"], ds["path"]))
+        if not dry_run:
+            create_sentinel(root_fd, ds)
+    elif found.get("name") != ds["name"]:
+        act("rewrite the sentinel of %r in %s (it named %r)" % (
+            ds["name"], ds["path"], found.get("name")))
+        if not dry_run:
+            update_sentinel(root_fd, ds)
+    elif any(found.get(k) != ds.get(k) for k in SENTINEL_SETTINGS):
+        act("record the keep-until, cadence and approval of %r in its sentinel" % ds["name"])
+        if not dry_run:
+            update_sentinel(root_fd, ds)
+
+
+def _repair_schedule_doc(store, dry_run, act, left):
     try:
-        return store.load_registry()
-    except StateError:
-        return None
+        load_schedule(store)
+    except InvalidState as e:
+        act("set the damaged schedule record aside as %s" % _set_aside(store.schedule_path,
+                                                                        dry_run))
+        left.append("%s; run `%s install-cron` again to record the schedule" % (e, PROG))
+    except StateError as e:
+        left.append("%s (repair leaves the schedule record as it is)" % e)
 
 
 def _fix_permissions(store):
     for p in _loose_permissions(store):
         st = os.lstat(p)
-        want = 0o700 if stat.S_ISDIR(st.st_mode) or p.endswith("job.sh") else 0o600
+        want = 0o700 if stat.S_ISDIR(st.st_mode) or os.path.basename(p) == JOB_SCRIPT else 0o600
         os.chmod(p, want)
 
 
-def _restore_registry(ctx, cfg, dry_run, left):
-    """The last good backup, else a registry rebuilt from the sentinels under the scratch root.
+def _repair_registry(ctx, cfg, dry_run, act, left):
+    """The registry, mended where it is damaged: None when it is not to be touched.
 
-    Returns (what was done, the registry now in place or, in a dry run, that would be).
+    Unreadable (another owner's?) or newer: it may be intact, so it is only reported. A
+    document that cannot be used at all: the last good backup, else a rebuild from the
+    sentinels. Invalid entries: every valid one is kept as it is; each invalid one comes
+    from the backup where that has it valid, else from its sentinel.
     """
     store = ctx.store
     try:
-        backup = read_json(store.backup_path, "registry backup")
-    except StateError:
+        reg, bad = store.load_registry_parts()
+    except InvalidState:
+        reg, bad = None, {}
+    except StateError as e:
+        left.append("%s (repair leaves the registry as it is: it may be intact)" % e)
+        return None
+    if reg is not None and not bad:
+        return reg
+    if reg is not None and cfg is None:
+        left.append("the registry has %d invalid dataset(s) and the config is unusable: run "
+                    "`%s init`, then repair again" % (len(bad), PROG))
+        return None
+    act("set the damaged registry aside as %s" % _set_aside(store.registry_path, dry_run,
+                                                            copy=reg is not None))
+    backup, backup_bad = _registry_backup(store)
+    if reg is None:
+        restored, reg, bad = _restore_registry(ctx, cfg, backup, backup_bad, left)
+        act(restored)
         backup = None
-    if backup is not None and isinstance(backup.get("datasets"), dict):
-        if not dry_run:
-            atomic_write(store.registry_path, dump_json(backup))
+    datasets = dict(reg["datasets"])
+    found = []
+    for name in sorted(bad):
+        entry = _mend_entry(ctx, cfg, name, bad[name][1], backup, found, act, left)
+        if entry is not None:
+            datasets[name] = entry
+    reg = dict(reg, datasets=datasets, format=FORMAT)
+    if not dry_run:
+        atomic_write(store.registry_path, dump_json(reg))
+    return reg
+
+
+def _registry_backup(store):
+    """(the backup registry of valid entries, its invalid ones), or (None, {})."""
+    try:
+        return store.load_registry_parts(store.backup_path, "registry backup")
+    except StateError:
+        return None, {}
+
+
+def _restore_registry(ctx, cfg, backup, backup_bad, left):
+    """The last good backup, else a registry rebuilt from the sentinels under the scratch root.
+
+    Returns (what was done, the registry, {name: (message, entry)} still to mend).
+    """
+    store = ctx.store
+    if backup is not None and (backup["datasets"] or backup_bad):
         return ("restore the registry from its last good backup %s (%d datasets)" % (
-            store.backup_path, len(backup["datasets"])), backup)
+            store.backup_path, len(backup["datasets"]) + len(backup_bad)), backup,
+            backup_bad if cfg is not None else {})
     root = scratch_root_of(cfg, ctx.env) if cfg else None
     if not root or not os.path.isdir(root):
         left.append("no backup and no scratch root to search for sentinels: re-add your "
                     "datasets with `%s add`" % PROG)
-        empty = {"format": FORMAT, "datasets": {}}
-        if not dry_run:
-            atomic_write(store.registry_path, dump_json(empty))
-        return "start an empty registry", empty
-    found = _find_sentinels(root)
-    keep = (utc_date(ctx.now) + datetime.timedelta(days=14)).isoformat()
-    prof = profile_of(cfg)
+        return "start an empty registry", {"format": FORMAT, "datasets": {}}, {}
     datasets = {}
-    for path, doc in found:
+    for path, doc in _find_sentinels(root):
         name = doc.get("name")
-        if not isinstance(name, str) or not NAME_RE.match(name) or name in datasets:
-            continue
-        datasets[name] = {"name": name, "path": path, "keep_until": keep,
-                          "cadence_days": min(prof["default_cadence"], purge_days_of(cfg) - 5),
-                          "approval": None, "enabled": True, "added": doc.get("added"),
-                          "last_refresh": doc.get("last_refresh"), "last_refresh_start": None,
-                          "last_mode": None, "last_run": None, "last_total_entries": None,
-                          "recovered": iso(time.time())}
-    rebuilt = {"format": FORMAT, "datasets": datasets}
-    if not dry_run:
-        atomic_write(store.registry_path, dump_json(rebuilt))
-    for name in sorted(datasets):
-        left.append("dataset %r was recovered from its sentinel: its keep-until date (now %s), "
-                    "cadence and approval could not be recovered; set them with `%s extend "
-                    "--name %s`" % (name, keep, PROG, name))
+        if not _name(name) and name not in datasets:
+            datasets[name] = _rebuilt_entry(ctx, cfg, name, path, doc, left)
     return ("rebuild the registry from %d sentinel(s) found under %s" % (len(datasets), root),
-            rebuilt)
+            {"format": FORMAT, "datasets": datasets}, {})
+
+
+def _mend_entry(ctx, cfg, name, entry, backup, found, act, left):
+    """An invalid entry's replacement: the backup's, else one rebuilt from its sentinel
+    (found: the sentinels under the scratch root, searched once). None: none to be had."""
+    old = (backup or {}).get("datasets", {}).get(name)
+    if old is not None:
+        act("restore dataset %r from the backup %s" % (name, ctx.store.backup_path))
+        return old
+    path = entry.get("path") if isinstance(entry, dict) else None
+    doc = read_sentinel(path) if isinstance(path, str) and not _abs_path(path) else None
+    if doc is None or doc.get("name") != name:
+        root = scratch_root_of(cfg, ctx.env)
+        if not found and root and os.path.isdir(root):
+            found.extend(_find_sentinels(root))
+        path, doc = next(((p, d) for p, d in found if d.get("name") == name), (None, None))
+    if doc is None:
+        left.append("dataset %r is invalid and no sentinel names it: it was dropped from the "
+                    "registry (a copy is kept aside); re-add it with `%s add`" % (name, PROG))
+        act("drop the invalid dataset %r" % name)
+        return None
+    act("rebuild the invalid dataset %r from its sentinel in %s" % (name, path))
+    return _rebuilt_entry(ctx, cfg, name, path, doc, left)
+
+
+def _rebuilt_entry(ctx, cfg, name, path, doc, left):
+    """A registry entry from a sentinel. Settings an older sentinel does not record get
+    today's defaults, and `left` says so."""
+    prof = profile_of(cfg)
+    guessed = []
+    keep = doc.get("keep_until")
+    if _date(keep):
+        keep = (utc_date(ctx.now) + datetime.timedelta(days=14)).isoformat()
+        guessed.append("keep-until (now %s)" % keep)
+    cadence = doc.get("cadence_days")
+    if _int(prof["min_cadence"], purge_days_of(cfg) - 5)(cadence):
+        cadence = min(prof["default_cadence"], purge_days_of(cfg) - 5)
+        guessed.append("cadence (now %d days)" % cadence)
+    approval = doc.get("approval")
+    if "approval" not in doc or (approval is not None and _check_approval_quiet(approval)):
+        approval = None
+        guessed.append("approval (now none)")
+    if guessed:
+        left.append("dataset %r was recovered from an older sentinel that does not record its %s"
+                    "; set them with `%s extend --name %s`" % (name, ", ".join(guessed), PROG,
+                                                              name))
+    last = doc.get("last_refresh")
+    return {"name": name, "path": path, "keep_until": keep, "cadence_days": cadence,
+            "approval": approval, "enabled": True,
+            "added": doc.get("added") if not _time(doc.get("added")) else None,
+            "last_refresh": last if not _time(last) else None, "last_refresh_start": None,
+            "last_mode": None, "last_run": None, "last_total_entries": None,
+            "recovered": iso(time.time())}
+
+
+def _check_approval_quiet(text):
+    """What is wrong with an approval read from a sentinel, or None."""
+    try:
+        _check_approval(text if isinstance(text, str) else None)
+    except UsageError as e:
+        return str(e)
+    return None if isinstance(text, str) else "not a string"
 
 
 def _find_sentinels(root, max_depth=4):
@@ -3383,6 +4673,7 @@ def _find_sentinels(root, max_depth=4):
 
     Bounded on purpose: a scratch root may hold millions of entries.
     """
+    root = os.path.realpath(root)   # recorded paths are real, as `add` records them
     found = []
     stack = [(root, 0)]
     while stack:
@@ -3429,8 +4720,7 @@ def _repair_schedule(ctx, cfg, reg, dry_run, left):
         actions.append("reinstall the schedule with %s %s" % (sys.executable, script_path()))
         if not dry_run:
             doc = load_schedule(ctx.store)
-            _install_cron(ctx, doc.get("method") or "auto", None, None, None, None, None, None,
-                          False, True)
+            _install_cron(ctx, CronRequest(doc.get("method"), reinstall=True))
     for c in checks:
         if c.level == "fail" and not c.fix and c.name != "schedule":
             left.append(c.message)
@@ -3441,16 +4731,84 @@ def _repair_schedule(ctx, cfg, reg, dry_run, left):
 # ---------------------------------------------------------------- output
 
 
+def invoked_as():
+    """How the user ran this file, for the hints: `python3 PATH`, `python3 -m MODULE`, or PROG.
+
+    PROG where this module is not __main__ (the pip console script, or main() called by
+    another program) and for the launcher tools/install.sh writes, which runs
+    DIR/share/scratch-keepalive/scratch_keepalive.py for the command `scratch-keepalive`.
+    """
+    if __name__ != "__main__":
+        return PROG
+    spec = globals().get("__spec__")
+    if spec is not None and spec.name:
+        return "python3 -m " + spec.name
+    path = sys.argv[0] if sys.argv and sys.argv[0] else "scratch_keepalive.py"
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(parent) == PROG and os.path.basename(os.path.dirname(parent)) == "share":
+        return PROG
+    return "python3 " + shell_quote(path)
+
+
+def rewrite_hints(text, form):
+    """Every `scratch-keepalive ARGS` hint in text, as the user runs the tool: `form ARGS`.
+
+    Messages keep saying PROG; this one rewrite (applied by main() to stdout and stderr)
+    adapts every hint, whichever part of the code wrote it.
+    """
+    if form == PROG:
+        return text
+    text = text.replace("`%s " % PROG, "`%s " % form)
+    if "'" not in form:     # also inside "..." (sbatch --wrap "scratch-keepalive refresh")
+        text = text.replace('"%s ' % PROG, '"%s ' % form)
+    return text
+
+
+class HintStream(object):
+    """A text stream whose hints show the form the user ran (see rewrite_hints).
+
+    `raw` is the stream itself, for text that must stay exact: JSON and job scripts.
+    """
+
+    def __init__(self, stream, form):
+        self.raw = stream
+        self.form = form
+
+    def write(self, text):
+        return self.raw.write(rewrite_hints(text, self.form))
+
+    def __getattr__(self, name):
+        return getattr(self.raw, name)
+
+
+def raw_stream(stream):
+    return stream.raw if isinstance(stream, HintStream) else stream
+
+
 def emit_json(ctx, obj):
-    ctx.out.write(json.dumps(obj, sort_keys=True, indent=2) + "\n")
+    raw_stream(ctx.out).write(json.dumps(obj, sort_keys=True, indent=2) + "\n")
 
 
 def say(ctx, text=""):
-    ctx.out.write(text + "\n")
+    write_safely(ctx.out, text + "\n")
 
 
 def note(ctx, text, to_err=False):
-    (ctx.err if to_err else ctx.out).write("note: %s\n" % text)
+    write_safely(ctx.err if to_err else ctx.out, "note: %s\n" % text)
+
+
+def write_safely(stream, text):
+    """Write text; what the stream cannot encode is written escaped instead of failing.
+
+    A path that is not valid UTF-8 is held decoded with surrogateescape: on a strict UTF-8
+    stdout (PYTHONIOENCODING=utf-8:strict) printing it raised UnicodeEncodeError after the
+    command had done its work. Paths should go through display_path(); this is the net.
+    """
+    try:
+        stream.write(text)
+    except UnicodeEncodeError:
+        enc = getattr(stream, "encoding", None) or "ascii"
+        stream.write(text.encode(enc, "backslashreplace").decode(enc, "replace"))
 
 
 def table(rows, headers):
@@ -3461,30 +4819,54 @@ def table(rows, headers):
     return "\n".join(lines)
 
 
+# Why a walk stopped early (the result's "stopped"), in words.
+STOP_WORDS = {
+    "int": "interrupted (Ctrl-C)",
+    "term": "stopped by a signal (SIGTERM)",
+    "hup": "stopped by a signal (SIGHUP: the terminal closed)",
+    "max-seconds": "stopped at its time limit",
+    "max-entries": "stopped at --max-entries",
+}
+
+
 def describe_result(r):
     """One line that tells a person what a refresh did to one dataset."""
     name = r["name"]
     if r.get("reason"):
         return "%s: not refreshed: %s" % (name, r["reason"])
     dry = "(dry run) " if r.get("dry_run") else ""
+    # WARNING: a stopped run's counts cover only the entries it reached; say so, or
+    # "touched 9 of 9 entries" reads as a complete walk.
+    upto = "" if r["complete"] else " before it stopped"
     if r["mode"] == "touch":
         verb = "would touch" if r.get("dry_run") else "touched"
-        body = "%s%s %s of %s entries (%s accessed recently, skipped)" % (
-            dry, verb, human_count(r["entries_touched"]), human_count(r["entries_seen"]),
+        body = "%s%s %s of %s%s (%s accessed recently, skipped)" % (
+            dry, verb, human_count(r["entries_touched"]),
+            plural(r["entries_seen"], "entry", "entries"), upto,
             human_count(r["entries_skipped"]))
     else:
-        body = "%schecked %s entries: %s at risk (%s), %s purge-eligible (%s)" % (
-            dry, human_count(r["entries_seen"]), human_count(r["entries_at_risk"]),
-            human_bytes(r["bytes_at_risk"]), human_count(r["entries_purge_eligible"]),
-            human_bytes(r["bytes_purge_eligible"]))
+        body = "%schecked %s%s: %s at risk (%s), %s purge-eligible (%s)" % (
+            dry, plural(r["entries_seen"], "entry", "entries"), upto,
+            human_count(r["entries_at_risk"]), human_bytes(r["bytes_at_risk"]),
+            human_count(r["entries_purge_eligible"]), human_bytes(r["bytes_purge_eligible"]))
+    if r.get("entries_not_owned"):
+        body += ("; %s of other users not refreshed (only an entry's owner can set its "
+                 "access time), %s of them at risk" % (
+                     plural(r["entries_not_owned"], "entry", "entries"),
+                     human_count(r.get("entries_at_risk_not_owned", 0))))
+    if r.get("dirs_listed_not_owned") and r["mode"] == "check":
+        body += ("; %s of other users had to be listed, which may have moved their access "
+                 "times" % plural(r["dirs_listed_not_owned"], "directory", "directories"))
     if r["errors"]:
-        body += "; %s errors (vanished or permission denied%s)" % (
-            human_count(r["errors"]), ", listed in " + r["log"] if r.get("log") else "")
+        body += "; %s (vanished or permission denied%s)" % (
+            plural(r["errors"], "error"), ", listed in " + r["log"] if r.get("log") else "")
     if r["complete"]:
         state = "complete" + (", resumed" if r["resumed"] else "")
     else:
-        state = "stopped (%s) with %s entries done; %s" % (
-            r.get("stopped") or "?", human_count(r.get("entries_done", 0)),
+        stopped = r.get("stopped")
+        state = "NOT complete: %s with %s of the walk done; %s" % (
+            STOP_WORDS.get(stopped, "stopped (%s)" % (stopped or "unknown reason")),
+            plural(r.get("entries_done", 0), "entry", "entries"),
             "nothing was saved (dry run)" if r.get("dry_run")
             else "run refresh again to resume from the checkpoint")
     return "%s: %s; %s" % (name, body, state)
@@ -3544,14 +4926,18 @@ def cmd_add(args, ctx):
         emit_json(ctx, entry)
         return EXIT_OK
     say(ctx, "Added %r: %s, kept until %s, refreshed every %d days, %s mode" % (
-        entry["name"], entry["path"], entry["keep_until"], entry["cadence_days"], entry["mode"]))
+        entry["name"], display_path(entry["path"]), entry["keep_until"], entry["cadence_days"],
+        entry["mode"]))
     if entry["mode"] == "check":
         note(ctx, "%r has no site approval: refresh will only check it and report what is at "
                   "risk (IU forbids refreshing access times to avoid the purge). Record an "
                   "exemption with `%s extend --name %s --approval TICKET`"
              % (entry["name"], PROG, entry["name"]))
-    say(ctx, "Next: `%s refresh --name %s` now, and `%s install-cron` to schedule it."
-        % (PROG, entry["name"], PROG))
+    account = " --account ACCOUNT" if profile_of(ctx.config())["account_required"] else ""
+    say(ctx, "Next: `%s refresh --name %s` now, and `%s install-cron%s` to schedule it%s."
+        % (PROG, entry["name"], PROG, account, " (ACCOUNT: your Slurm account; `sacctmgr show "
+                                               "assoc user=$USER format=account` lists yours)"
+           if account else ""))
     return EXIT_OK
 
 
@@ -3561,12 +4947,13 @@ def cmd_list(args, ctx):
         emit_json(ctx, entries)
         return EXIT_OK
     if not entries:
-        say(ctx, "No datasets registered. Add one: %s add --name NAME --path DIR "
-                 "--keep-until YYYY-MM-DD" % PROG)
+        say(ctx, "No datasets registered. Add one: `%s add --name NAME --path DIR "
+                 "--keep-until YYYY-MM-DD`" % PROG)
         return EXIT_OK
-    rows = [[e["name"], e["state"], e["mode"], e["keep_until"], e["last_refresh"] or "never",
-             display_path(e["path"])] for e in entries]
-    say(ctx, table(rows, ["NAME", "STATE", "MODE", "KEEP-UNTIL", "LAST-REFRESH", "PATH"]))
+    rows = [[e["name"], e["state"], e["risk"] or "-", e["mode"], e["keep_until"],
+             e["last_refresh"] or "never", display_path(e["path"])] for e in entries]
+    say(ctx, table(rows, ["NAME", "STATE", "RISK", "MODE", "KEEP-UNTIL", "LAST-REFRESH",
+                          "PATH"]))
     return EXIT_OK
 
 
@@ -3583,6 +4970,8 @@ def _status_lines(e):
         % (t["skip"], t["at_risk"], t["purge"]))
     add("  last refresh:  %s" % ("%s (%s mode)" % (e["last_refresh"], e["last_mode"])
                                  if e["last_refresh"] else "never"))
+    if e["risk"]:
+        add("  risk:          %s (what the last complete walk found)" % e["risk"])
     run = e.get("last_run")
     if run:
         add("  last run:      %s; %s" % (run.get("finished"), describe_result(run).split(": ", 1)[1]))
@@ -3597,21 +4986,20 @@ def _status_lines(e):
 
 
 def cmd_status(args, ctx):
-    data = _status(ctx, args.name)
+    data = _status(ctx, args.name, with_schedule=args.json)
     if args.json:
         emit_json(ctx, data)
         return EXIT_OK
     entries = [data] if isinstance(data, dict) else data
     if not entries:
-        say(ctx, "No datasets registered. Add one: %s add --name NAME --path DIR "
-                 "--keep-until YYYY-MM-DD" % PROG)
+        say(ctx, "No datasets registered. Add one: `%s add --name NAME --path DIR "
+                 "--keep-until YYYY-MM-DD`" % PROG)
     for i, e in enumerate(entries):
         if i:
             say(ctx)
         for line in _status_lines(e):
             say(ctx, line)
     if args.name is None:
-        ctx.slurm = Slurm()
         for line in _schedule_lines(ctx):
             say(ctx, line)
     return EXIT_OK
@@ -3639,15 +5027,24 @@ def _schedule_lines(ctx):
 
 @contextlib.contextmanager
 def stop_signals():
-    """SIGTERM and SIGINT ask the walk to stop and checkpoint; handlers restored on exit."""
+    """SIGTERM, SIGHUP and SIGINT ask the walk to stop and checkpoint; handlers restored on exit.
+
+    SIGHUP is a closed terminal or a dropped SSH session: the walk stops as for SIGTERM
+    (exit 3, progress checkpointed, lock released) instead of dying with its progress lost.
+    Forked worker processes inherit the handler, so a hangup sent to the whole process
+    group does not kill them under the main process.
+    """
     flag = {"reason": None}
+    reasons = {signal.SIGINT: "int", signal.SIGTERM: "term"}
+    if hasattr(signal, "SIGHUP"):
+        reasons[signal.SIGHUP] = "hup"
 
     def handler(signum, frame):
-        flag["reason"] = "int" if signum == signal.SIGINT else "term"
+        flag["reason"] = reasons.get(signum, "term")
 
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in reasons:
             previous[sig] = signal.signal(sig, handler)
     try:
         yield lambda: flag["reason"]
@@ -3662,7 +5059,6 @@ def cmd_refresh(args, ctx):
     progress = Progress(ctx.err)
     doc = None
     if args.scheduled:
-        ctx.slurm = Slurm()
         doc, said = _scheduled_before(ctx, args.scheduled)
         if said:
             note(ctx, said, to_err=True)
@@ -3714,9 +5110,9 @@ def cmd_remove(args, ctx):
 
 
 def cmd_install_cron(args, ctx):
-    ctx.slurm = Slurm()
-    info = _install_cron(ctx, args.method, args.account, args.partition, args.cpus, args.mem,
-                         args.time, args.cadence_days, args.dry_run, args.reinstall)
+    info = _install_cron(ctx, CronRequest(args.method, args.account, args.partition, args.cpus,
+                                          args.mem, args.time, args.cadence_days, args.dry_run,
+                                          args.reinstall))
     for w in info["warnings"]:
         ctx.err.write("%s: warning: %s\n" % (PROG, w))
     if args.json:
@@ -3727,7 +5123,7 @@ def cmd_install_cron(args, ctx):
         say(ctx, "Would install (%s):" % ("a block in your scrontab" if sched["method"] ==
                                          "scrontab" else "this job script, %s, and submit it"
                                          % sched["job_script"]))
-        ctx.out.write(info["text"])
+        raw_stream(ctx.out).write(info["text"])     # exactly what would be installed
         return EXIT_OK
     if sched["method"] == "scrontab":
         say(ctx, "Installed a scrontab block (see `scrontab -l`): refresh --due every %d days."
@@ -3742,7 +5138,6 @@ def cmd_install_cron(args, ctx):
 
 
 def cmd_uninstall_cron(args, ctx):
-    ctx.slurm = Slurm()
     removed = _uninstall_cron(ctx)["removed"]
     if removed:
         say(ctx, "Removed: " + "; ".join(removed))
@@ -3752,7 +5147,6 @@ def cmd_uninstall_cron(args, ctx):
 
 
 def cmd_doctor(args, ctx):
-    ctx.slurm = Slurm()
     report = _doctor(ctx)
     if args.json:
         emit_json(ctx, report)
@@ -3761,13 +5155,12 @@ def cmd_doctor(args, ctx):
         for c in report["checks"]:
             say(ctx, "%s %-22s %s" % (marks[c["level"]], c["name"], c["message"]))
         fails = sum(1 for c in report["checks"] if not c["ok"])
-        say(ctx, "%s" % ("healthy" if report["ok"] else "%d problem(s); `%s repair --dry-run` "
-                         "shows what can be mended" % (fails, PROG)))
+        say(ctx, "%s" % ("healthy" if report["ok"] else "%s; `%s repair --dry-run` "
+                         "shows what can be mended" % (plural(fails, "problem"), PROG)))
     return EXIT_OK if report["ok"] else EXIT_FAIL
 
 
 def cmd_repair(args, ctx):
-    ctx.slurm = Slurm()
     out = _repair(ctx, args.dry_run)
     if args.json:
         emit_json(ctx, out)
@@ -3800,7 +5193,8 @@ examples:
 exit codes:
   0 done, 1 failed or entry errors or doctor found a problem, 2 usage or invalid input
   (nothing changed), 3 stopped early (progress checkpointed), 4 busy (locked by another
-  process), 130 interrupted (progress checkpointed)
+  process), 130 interrupted (progress checkpointed), 141 the output pipe was closed
+  (`list | head -1`: the command ends quietly, as git does)
 
 state: $SCRATCH_KEEPALIVE_HOME, else $XDG_STATE_HOME/scratch-keepalive, else
   ~/.local/state/scratch-keepalive (or --state-dir DIR). SCRATCH_KEEPALIVE_SCRATCH_ROOT
@@ -3845,7 +5239,8 @@ def _positive_seconds(text):
 
 
 def add_json_argument(p):
-    p.add_argument("--json", action="store_true", help="print JSON (see the contract) instead of text")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON instead of text (its keys: README.md, \"JSON output\")")
 
 
 def add_name_argument(p, required=True, help_text="the dataset's name"):
@@ -3907,7 +5302,9 @@ def build_parser():
 
     p = _sub(subs, "list", cmd_list, "list datasets",
              "List the registered datasets with their state: missing, expired, disabled, "
-             "partial, never, due or ok.",
+             "partial, never, due (cadence - 1 days since the last complete walk of its "
+             "mode) or ok; and the risk the last complete walk found: purge-eligible, "
+             "at-risk or none.",
              "  scratch-keepalive list\n  scratch-keepalive list --json\n")
     add_json_argument(p)
 
@@ -3923,11 +5320,17 @@ def build_parser():
              "resumes where it stopped.",
              "  scratch-keepalive refresh                       # every enabled dataset\n"
              "  scratch-keepalive refresh --name genomes --check\n"
-             "  scratch-keepalive refresh --due --max-seconds 6600   # what the schedule runs\n"
-             "  scratch-keepalive refresh --name genomes --dry-run   # walk, change nothing\n")
+             "  scratch-keepalive refresh --name genomes --dry-run   # walk, change nothing\n"
+             "  # what the schedule runs: the job's time limit (%s) less %d minutes\n"
+             "  scratch-keepalive refresh --due --max-seconds %d\n"
+             % (PROFILES[DEFAULT_PROFILE]["time"], JOB_MARGIN_SECONDS // 60,
+                parse_slurm_time(PROFILES[DEFAULT_PROFILE]["time"]) - JOB_MARGIN_SECONDS))
     add_name_argument(p, required=False, help_text="only this dataset")
     p.add_argument("--due", action="store_true",
-                   help="only datasets that are due (or have a checkpoint)")
+                   help="what the schedule runs: only datasets never walked, with a "
+                   "checkpoint, or whose last complete walk of their mode started at least "
+                   "(cadence - schedule cadence + 1) days ago (24 hours when the two are "
+                   "equal); a check walk or dry run never counts for a touch-mode dataset")
     p.add_argument("--check", action="store_true", help="check mode: touch nothing, report risk")
     p.add_argument("--dry-run", action="store_true",
                    help="walk and report; write nothing (no checkpoint, no timestamps)")
@@ -4019,15 +5422,25 @@ def build_parser():
 
 def main(argv=None):
     """Run one command. Returns the exit code; never calls sys.exit."""
-    if argv is None:
-        argv = sys.argv[1:]
     out, err = sys.stdout, sys.stderr
+    if argv is None:        # run as a command: hints show how it was run
+        argv = sys.argv[1:]
+        form = invoked_as()
+        if form != PROG:
+            out, err = HintStream(out, form), HintStream(err, form)
     try:
         args = build_parser().parse_args(list(argv))
         ctx = Context(state_dir=args.state_dir, out=out, err=err)
-        return int(args.func(args, ctx) or 0)
+        code = int(args.func(args, ctx) or 0)
+        out.flush()     # a closed pipe shows here when all the output fit in the buffer
+        return code
     except _ParserExit as e:
-        return e.status
+        return flushed(out, e.status)
+    except BrokenPipeError as e:
+        if output_closed(out):
+            return quiet_after_closed_pipe(out)
+        err.write("%s: error: %s; check the path and its permissions\n" % (PROG, e))
+        return EXIT_FAIL
     except Failure as e:
         err.write("%s: error: %s\n" % (PROG, e))
         return e.exit_code
@@ -4035,6 +5448,9 @@ def main(argv=None):
         err.write("%s: error: interrupted\n" % PROG)
         return EXIT_INTERRUPTED
     except OSError as e:
+        if e.errno in FULL_ERRNOS:
+            err.write("%s: error: %s\n" % (PROG, full_message(e, e.filename)))
+            return EXIT_FAIL
         err.write("%s: error: %s; check the path and its permissions\n" % (PROG, e))
         return EXIT_FAIL
     except Exception as e:     # a bug: still one line, never a traceback, unless asked
@@ -4043,6 +5459,39 @@ def main(argv=None):
         err.write("%s: error: internal error (%s: %s); rerun with SCRATCH_KEEPALIVE_DEBUG=1 "
                   "for a traceback and report it\n" % (PROG, type(e).__name__, e))
         return EXIT_FAIL
+
+
+def flushed(stream, code):
+    """code, once stream is flushed; EXIT_PIPE (quietly) when its reader has gone away."""
+    try:
+        stream.flush()
+    except BrokenPipeError:
+        return quiet_after_closed_pipe(stream)
+    return quiet_after_closed_pipe(stream) if output_closed(stream) else code
+
+
+def output_closed(stream):
+    """True when nobody reads stream any more (the reader of a pipe or socket went away)."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, ValueError, OSError):
+        return False
+    p = select.poll()
+    p.register(fd, select.POLLOUT)
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in p.poll(0))
+
+
+def quiet_after_closed_pipe(stream):
+    """The reader of the output went away (`list | head -1`): end quietly, as git does.
+
+    The descriptor is pointed at /dev/null so that the interpreter's last flush of what is
+    still buffered cannot print "Exception ignored ... BrokenPipeError" at exit.
+    """
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    return EXIT_PIPE
 
 
 if __name__ == "__main__":

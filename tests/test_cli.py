@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import KEEP, NOW_EPOCH, DAY, SCRIPT, make_dataset, set_atime, snapshot
+from conftest import KEEP, NOW_EPOCH, DAY, SCRIPT, make_dataset, run_script, set_atime, snapshot
 import scratch_keepalive as sk
 
 LIST_KEYS = {"name", "path", "enabled", "keep_until", "cadence_days", "approval", "mode",
@@ -46,7 +46,9 @@ def pin_last_start(env, name, epoch):
     """Recorded times are real; pin the last run's start to the policy clock for due tests."""
     path = env["state"] / "registry.json"
     reg = json.loads(path.read_text())
-    reg["datasets"][name]["last_refresh_start"] = sk.iso(epoch)
+    ds = reg["datasets"][name]
+    ds["last_refresh_start"] = sk.iso(epoch)
+    ds["last_%s_start" % ds["last_mode"]] = sk.iso(epoch)      # what the due rules read
     path.write_text(json.dumps(reg))
 
 
@@ -213,7 +215,8 @@ def test_add_bad_paths(cli, generic, tmp_path):
     os.symlink(str(outside), str(scratch / "escape"))
     before = state_files(generic["state"])
     cases = [(scratch / "nope", "does not exist"), (scratch / "file", "not a directory"),
-             (outside, "not below the scratch root"), (scratch, "not below the scratch root"),
+             (outside, "not below the scratch root"),
+             (scratch, "the scratch root itself, which cannot be a dataset"),
              (scratch / "escape", "not below the scratch root")]
     for path, words in cases:
         assert_error(cli("add", "--name", "x", "--path", path, "--keep-until", KEEP), 2, words)
@@ -407,10 +410,15 @@ def test_refresh_due_selects_only_due(cli, ds, env, monkeypatch):
     assert [x["name"] for x in cli("refresh", "--due", "--json").json()["results"]] == ["ds"]
 
 
-def test_refresh_due_takes_partial(cli, ds, monkeypatch):
+def test_refresh_due_takes_partial(cli, ds, env, monkeypatch):
     assert cli("refresh", "--name", "ds").rc == 0
     monkeypatch.setenv("SCRATCH_KEEPALIVE_NOW", sk.iso(NOW_EPOCH + 14 * DAY))
     assert cli("refresh", "--name", "ds", "--max-entries", "3").rc == 3
+    # Recorded times are real: pin the stopped walk's start to the policy clock (a --due
+    # run starts over a manual walk that is already due again by the rule).
+    ckpt = env["state"] / "checkpoints" / "ds.json"
+    doc = json.loads(ckpt.read_text())
+    ckpt.write_text(json.dumps(dict(doc, walk_started=sk.iso(NOW_EPOCH + 14 * DAY))))
     monkeypatch.setenv("SCRATCH_KEEPALIVE_NOW", sk.iso(NOW_EPOCH + 14 * DAY + 60))
     r = cli("refresh", "--due", "--json")
     assert r.json()["results"][0]["resumed"] is True
@@ -576,9 +584,8 @@ def test_datasets_named_like_the_stores_own_locks_refresh(cli, generic):
     for name in ("registry", "schedule"):
         d = make_dataset(generic["scratch"], name)
         assert cli("add", "--name", name, "--path", d, "--keep-until", KEEP).rc == 0
-        p = subprocess.run([sys.executable, str(SCRIPT), "refresh", "--name", name],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
-        assert p.returncode == 0, p
+        r = run_script("refresh", "--name", name, timeout=60)
+        assert r.rc == 0, r
         assert cli("status", "--name", name, "--json").json()["last_refresh"]
 
 

@@ -14,9 +14,8 @@ fail on "schedule". Tests that are not about the schedule run with PATH set to
 an empty directory: the Slurm commands are then not found, "schedule" is only
 a warning, and doctor's exit code says exactly whether the injected fault is
 seen. The schedule faults run against the real Slurm test bed as the ordinary
-user `slurmtest` (tools/slurm-testbed.sh start).
+user `slurmtest` (tools/slurm-testbed.sh start), through tests/slurmbed.py.
 """
-import fcntl
 import json
 import os
 import random
@@ -30,7 +29,9 @@ import time
 
 import pytest
 
-from conftest import KEEP, SCRIPT, Result, make_dataset, run_script, snapshot
+from conftest import KEEP, SCRIPT, make_dataset, nonroot_runner, run_script, snapshot
+from slurmbed import (JOB, USER, as_user, crontab, jobs, make_world,  # noqa: F401
+                      need_scrontab, settle, slurm_turn, wait_done)
 import scratch_keepalive as sk
 
 OLD = 1600000000            # 2020-09-13: the atime every dataset entry starts with
@@ -247,16 +248,17 @@ def test_damaged_registry_without_backup_rebuilt_from_sentinels(cli, healthy):
     assert_named(cli, "registry", "fail")
     out = mend(cli, healthy)
     assert any("rebuild the registry from 2 sentinel" in a for a in out["actions"]), out
-    for name in ("ds", "two"):
-        said = [t for t in out["left"] if repr(name) in t]
-        assert len(said) == 1, out
-        assert "keep-until" in said[0] and "approval" in said[0], said
+    # The sentinels record keep-until, cadence and approval: nothing is guessed, nothing lost
+    # (older sentinels without them: tests/test_state.py).
+    assert not [t for t in out["left"] if "'ds'" in t or "'two'" in t], out
     r = cli("list", "--json")
     assert r.rc == 0, r
     got = dict((d["name"], d) for d in r.json())
     assert sorted(got) == ["ds", "two"]
     assert got["ds"]["path"] == str(healthy["ds"]) and got["two"]["path"] == str(other)
-    assert got["two"]["approval"] is None      # not recoverable: the user must say it again
+    assert (got["two"]["keep_until"], got["two"]["cadence_days"], got["two"]["approval"]) == \
+        ("2031-01-01", 7, "RT-1234")
+    assert (got["ds"]["keep_until"], got["ds"]["approval"]) == (KEEP, None)
     assert_passes(cli, "registry")
     assert snapshot(scratch) == before
 
@@ -609,71 +611,9 @@ def test_repair_dry_run_lists_every_action_and_changes_nothing(cli, healthy):
 
 # ------------------------------------------------------------------ 11. the schedule, real Slurm
 
-SLURM_USER = "slurmtest"
-USER_PATH = "/usr/local/bin:/usr/bin:/bin"
-USER_PYTHON = "/usr/bin/python3"
-
-
-def slurm_up():
-    try:
-        r = subprocess.run(["scontrol", "ping"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return r.returncode == 0 and b" is UP" in r.stdout
-
-
-def require_slurm():
-    if slurm_up() and os.geteuid() == 0 and os.access(USER_PYTHON, os.X_OK):
-        try:
-            import pwd
-            pwd.getpwnam(SLURM_USER)
-            return
-        except KeyError:
-            pass
-    why = "the Slurm test bed is not up (`scontrol ping`; tools/slurm-testbed.sh start as root)"
-    if os.environ.get("SCRATCH_KEEPALIVE_REQUIRE_SLURM") == "1":
-        pytest.fail(why)
-    pytest.skip(why)
-
-
-def require_scrontab():
-    r = sh(["scrontab", "-l"], user=SLURM_USER, check=False)
-    if "scrontab is disabled" in r[1] + r[2]:
-        why = "scrontab is disabled on the test bed (SLURM_TESTBED_SCRON=0)"
-        if os.environ.get("SCRATCH_KEEPALIVE_REQUIRE_SLURM") == "1":
-            pytest.fail(why)
-        pytest.skip(why)
-
-
-def sh(argv, user=None, check=True, timeout=60):
-    cmd = (["runuser", "-u", user, "--"] if user else []) + [str(a) for a in argv]
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
-    out, err = p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
-    if check:
-        assert p.returncode == 0, (cmd, p.returncode, out, err)
-    return p.returncode, out, err
-
-
-def our_jobs():
-    """[(job id, state, reason, command)] of slurmtest's jobs named scratch-keepalive."""
-    _, out, _ = sh(["squeue", "-u", SLURM_USER, "--name=scratch-keepalive", "--noheader",
-                    "--format=%i|%T|%r|%o"])
-    jobs = [tuple(line.split("|", 3)) for line in out.splitlines() if line.strip()]
-    return sorted(jobs, key=lambda j: int(j[0]))
-
-
-def wait_done(job_id, timeout=90):
-    """Poll until the job has ended (`scontrol show job` keeps ended jobs for minutes)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        _, out, _ = sh(["scontrol", "-o", "show", "job", job_id], check=False)
-        m = re.search(r"\bJobState=(\S+)", out)
-        live = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED")
-        if m and m.group(1) not in live:
-            return m.group(1)
-        assert time.monotonic() < deadline, "job %s did not end: %s" % (job_id, out)
-        time.sleep(0.2)
+def chain_jobs():
+    """The test user's jobs named scratch-keepalive, as settle() leaves them."""
+    return settle(JOB)
 
 
 def first_run(u):
@@ -681,122 +621,48 @@ def first_run(u):
     run, then return the pending jobs (its successor)."""
     job = json.loads((u.state / "schedule.json").read_text())["job_id"]
     assert job, "no job id recorded"
-    assert wait_done(job) == "COMPLETED", job
-    return settle()
+    assert wait_done(job)["JobState"] == "COMPLETED", job
+    return chain_jobs()
 
 
-def settle(timeout=90):
-    """Wait until no chain job is starting or running, and return the pending ones."""
-    deadline = time.monotonic() + timeout
-    while True:
-        jobs = our_jobs()
-        busy = [j for j in jobs if j[1] != "PENDING" or j[2] not in ("BeginTime", "Dependency")]
-        if not busy:
-            return jobs
-        assert time.monotonic() < deadline, jobs
-        time.sleep(0.2)
+def u_doctor(u, **kw):
+    r = u.tool("doctor", "--json", **kw)
+    assert r.rc in (0, 1), r
+    report = r.json()
+    return r.rc, report, {c["name"]: c for c in report["checks"]}
 
 
-class SlurmUser(object):
-    """A state dir, scratch root and copy of the script owned by slurmtest, run as slurmtest."""
-
-    def __init__(self, base):
-        self.base = base
-        self.script = base / "a" / "scratch_keepalive.py"
-        self.state = base / "state"
-        self.scratch = base / "scratch"
-        self.script.parent.mkdir()
-        shutil.copy(str(SCRIPT), str(self.script))
-        os.chmod(str(self.script.parent), 0o755)
-        os.chmod(str(self.script), 0o644)
-        self.scratch.mkdir()
-        make_dataset(self.scratch)
-        sh(["chown", "-R", "%s:%s" % (SLURM_USER, SLURM_USER), self.scratch])
-
-    def run(self, *argv, **kw):
-        script = kw.pop("script", self.script)
-        rc, out, err = sh(["env", "-i", "PATH=" + USER_PATH, "HOME=/home/" + SLURM_USER,
-                           "USER=" + SLURM_USER, "LOGNAME=" + SLURM_USER, "TZ=UTC",
-                           "SCRATCH_KEEPALIVE_HOME=%s" % self.state, USER_PYTHON, script]
-                          + list(argv), user=SLURM_USER, check=False, timeout=120)
-        return Result(rc, out, err)
-
-    def doctor(self, **kw):
-        r = self.run("doctor", "--json", **kw)
-        assert r.rc in (0, 1), r
-        report = r.json()
-        return r.rc, report, {c["name"]: c for c in report["checks"]}
-
-    def repair(self, *extra, **kw):
-        r = self.run("repair", "--json", *extra, **kw)
-        assert r.rc == 0, r
-        return r.json()
-
-    def slurm_side(self):
-        return our_jobs(), sh(["scrontab", "-l"], user=SLURM_USER, check=False)
-
-    def mend(self, **kw):
-        """repair --dry-run changes nothing (state, jobs, crontab); repair does what it listed."""
-        before = state_bytes(self.state), self.slurm_side()
-        dry = self.repair("--dry-run", **kw)
-        assert dry["dry_run"] is True and (state_bytes(self.state), self.slurm_side()) == before
-        out = self.repair(**kw)
-        assert plain(dry["actions"]) == plain(out["actions"]), (dry, out)
-        return out
+def u_repair(u, *extra, **kw):
+    r = u.tool("repair", "--json", *extra, **kw)
+    assert r.rc == 0, r
+    return r.json()
 
 
-def clean_slurm_user():
-    sh(["scancel", "-u", SLURM_USER], check=False)
-    sh(["scrontab", "-r"], user=SLURM_USER, check=False)
-
-
-USER_LOCK = "/tmp/scratch-keepalive-slurmtest.lock"      # tests/test_slurm.py takes it too
+def u_mend(u, **kw):
+    """repair --dry-run changes nothing (state, jobs, crontab); repair does what it listed."""
+    before = state_bytes(u.state), jobs(), crontab()
+    dry = u_repair(u, "--dry-run", **kw)
+    assert dry["dry_run"] is True and (state_bytes(u.state), jobs(), crontab()) == before
+    out = u_repair(u, **kw)
+    assert plain(dry["actions"]) == plain(out["actions"]), (dry, out)
+    return out
 
 
 @pytest.fixture
-def slurm_turn():
-    """Every test file that uses the one Slurm test user takes turns through one flock: two
-    files' jobs, crontabs and scancels must never mix (test_slurm.py also restarts the bed)."""
-    fd = os.open(USER_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
-    deadline = time.monotonic() + 600
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    pytest.fail("%s stayed locked for 600 s by another test run" % USER_LOCK)
-                time.sleep(0.2)
-        require_slurm()
-        yield
-    finally:
-        os.close(fd)        # releases the flock
-
-
-@pytest.fixture
-def slurm_user(slurm_turn, world_tmp):
-    u = None
-    try:
-        clean_slurm_user()
-        u = SlurmUser(world_tmp)
-        r = u.run("init", "--profile", "generic", "--scratch-root", u.scratch)
-        assert r.rc == 0, r
-        r = u.run("add", "--name", "ds", "--path", u.scratch / "ds", "--keep-until", KEEP)
-        assert r.rc == 0, r
-        yield u
-    finally:
-        if u is not None:
-            script = u.script if u.script.exists() else u.base / "b" / "scratch_keepalive.py"
-            if script.exists():
-                u.run("uninstall-cron", script=script)
-        clean_slurm_user()
+def slurm_user(make_world):
+    """A World of the test user's with dataset `ds` registered."""
+    u = make_world()
+    make_dataset(u.scratch)
+    subprocess.run(["chown", "-R", "%s:%s" % (USER, USER), str(u.scratch)], check=True)
+    r = u.tool("add", "--name", "ds", "--path", u.scratch / "ds", "--keep-until", KEEP)
+    assert r.rc == 0, r
+    return u
 
 
 def install(u, method):
     if method == "scrontab":
-        require_scrontab()
-    r = u.run("install-cron", "--method", method, "--json")
+        need_scrontab()
+    r = u.tool("install-cron", "--method", method, "--json")
     assert r.rc == 0, r
     return r.json()
 
@@ -810,7 +676,7 @@ def test_slurm_chain_after_its_first_run_is_healthy(slurm_user):
     logs = sorted(os.listdir(str(u.state / "logs")))
     modes = dict((f, oct(stat.S_IMODE(os.lstat(str(u.state / "logs" / f)).st_mode)))
                  for f in logs)
-    rc, report, checks = u.doctor()
+    rc, report, checks = u_doctor(u)
     assert rc == 0, ([c for c in report["checks"] if not c["ok"]], modes)
 
 
@@ -820,22 +686,23 @@ def test_slurm_duplicate_pending_job_cancelled(slurm_user):
     install(u, "sbatch")
     jobs = first_run(u)        # the first chain job runs at once and queues its successor
     assert len(jobs) == 1, jobs
-    chain = jobs[0][0]
-    rc, report, checks = u.doctor()
+    chain = jobs[0]["id"]
+    rc, report, checks = u_doctor(u)
     assert "schedule-jobs" not in checks and checks["schedule"]["ok"], report
-    rc, out, err = sh(["sbatch", "--parsable", "--job-name=scratch-keepalive",
-                       "--begin=now+10days", "--wrap", "true"], user=SLURM_USER)
-    extra = out.strip().split(";")[0]
-    rc, report, checks = u.doctor()
+    r = as_user(["sbatch", "--parsable", "--job-name=scratch-keepalive",
+                 "--begin=now+10days", "--wrap", "true"])
+    assert r.rc == 0, r
+    extra = r.out.strip().split(";")[0]
+    rc, report, checks = u_doctor(u)
     c = checks.get("schedule-jobs")
     assert rc == 1 and c and c["ok"] is False, report
     assert "2 pending" in c["message"] and chain in c["message"] and extra in c["message"], c
-    out = u.mend()
+    out = u_mend(u)
     assert any("cancel duplicate pending job %s" % extra in a for a in out["actions"]), out
-    jobs = settle()
-    assert [j[0] for j in jobs] == [chain], jobs
-    assert jobs[0][3].endswith("job.sh"), jobs       # the chain's own job survives
-    rc, report, checks = u.doctor()
+    jobs = chain_jobs()
+    assert [j["id"] for j in jobs] == [chain], jobs
+    assert jobs[0]["command"].endswith("job.sh"), jobs       # the chain's own job survives
+    rc, report, checks = u_doctor(u)
     assert "schedule-jobs" not in checks and checks["schedule"]["ok"], report
 
 
@@ -845,26 +712,26 @@ def test_slurm_script_moved_after_install(slurm_user, method):
     u = slurm_user
     old = u.script
     install(u, method)
-    first_run(u) if method == "sbatch" else settle()
-    new_dir = u.base / "b"
+    first_run(u) if method == "sbatch" else chain_jobs()
+    new_dir = u.root / "b"
     new_dir.mkdir()
     os.chmod(str(new_dir), 0o755)
     new = new_dir / "scratch_keepalive.py"
     os.rename(str(old), str(new))
-    rc, report, checks = u.doctor(script=new)
+    rc, report, checks = u_doctor(u, script=new)
     c = checks.get("schedule-paths")
     assert rc == 1 and c and c["ok"] is False and str(old) in c["message"], report
-    out = u.mend(script=new)
+    out = u_mend(u, script=new)
     assert any("reinstall the schedule" in a and str(new) in a for a in out["actions"]), out
-    jobs = first_run(u) if method == "sbatch" else settle()
+    jobs = first_run(u) if method == "sbatch" else chain_jobs()
     assert len(jobs) == 1, jobs
     if method == "sbatch":
         text = (u.state / "job.sh").read_text()
     else:
-        text = sh(["scrontab", "-l"], user=SLURM_USER)[1]
+        text = crontab()
     assert str(new) in text and str(old) not in text, text
     assert json.loads((u.state / "schedule.json").read_text())["script"] == str(new)
-    rc, report, checks = u.doctor(script=new)
+    rc, report, checks = u_doctor(u, script=new)
     assert "schedule-paths" not in checks and checks["schedule"]["ok"], report
     assert "schedule-jobs" not in checks and "schedule-block" not in checks, report
 
@@ -873,23 +740,23 @@ def test_slurm_script_moved_after_install(slurm_user, method):
 def test_slurm_disabled_scrontab_block_reinstalled(slurm_user):
     u = slurm_user
     install(u, "scrontab")
-    jobs = settle()
+    jobs = chain_jobs()
     assert len(jobs) == 1, jobs
-    sh(["scancel", jobs[0][0]], user=SLURM_USER)
+    assert as_user(["scancel", jobs[0]["id"]]).rc == 0
     deadline = time.monotonic() + 30
-    while "#DISABLED:" not in sh(["scrontab", "-l"], user=SLURM_USER)[1]:
+    while "#DISABLED:" not in crontab():
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    rc, report, checks = u.doctor()
+    rc, report, checks = u_doctor(u)
     c = checks.get("schedule-block")
     assert rc == 1 and c and c["ok"] is False and "DISABLED" in c["message"], report
-    out = u.mend()
+    out = u_mend(u)
     assert any("reinstall the schedule" in a for a in out["actions"]), out
-    text = sh(["scrontab", "-l"], user=SLURM_USER)[1]
+    text = crontab()
     assert "#DISABLED" not in text and text.count(sk.SCRON_BEGIN) == 1, text
-    jobs = settle()
-    assert len(jobs) == 1 and jobs[0][1] == "PENDING", jobs
-    rc, report, checks = u.doctor()
+    jobs = chain_jobs()
+    assert len(jobs) == 1 and jobs[0]["state"] == "PENDING", jobs
+    rc, report, checks = u_doctor(u)
     assert "schedule-block" not in checks and checks["schedule"]["ok"], report
     assert "schedule-jobs" not in checks, report
 
@@ -905,3 +772,52 @@ def test_slurm_nothing_installed_while_datasets_enabled(cli, generic, real_clock
     assert cli("disable", "--name", "ds").rc == 0
     rc, report, checks = doctor(cli)
     assert checks["schedule"]["level"] == "ok", checks["schedule"]
+
+
+# ------------------------------------------------------------------ 14. an unreadable PATH entry
+
+def test_unreadable_path_directory_means_not_installed_and_doctor_prints_every_check(world_tmp):
+    """A directory in PATH that the user may not search makes the lookup of a missing command
+    fail with EACCES, not ENOENT: `lfs`, `squeue` and `scrontab` are then simply not there."""
+    runner = nonroot_runner()
+    if runner is None or os.geteuid() != 0:
+        pytest.skip("needs root to make the fixture and setpriv to run as nobody")
+    prefix, python = runner
+    locked, bin_dir = world_tmp / "locked", world_tmp / "bin"
+    ds = world_tmp / "scratch" / "ds"
+    for d in (locked, bin_dir, world_tmp / "home", world_tmp / "scratch", ds):
+        d.mkdir()
+        os.chown(str(d), 65534, 65534)
+    os.symlink(python, str(bin_dir / "python3"))
+    os.chmod(str(locked), 0)
+    state = world_tmp / "state"
+    env = {"PATH": "%s:%s" % (locked, bin_dir), "HOME": str(world_tmp / "home"), "TZ": "UTC",
+           "SCRATCH_KEEPALIVE_HOME": str(state)}
+
+    def run(*argv):
+        return run_script(*argv, python=python, prefix=prefix, env=env, clean=True)
+
+    assert run("init", "--profile", "generic", "--scratch-root", world_tmp / "scratch").rc == 0
+    assert run("add", "--name", "ds", "--path", ds, "--keep-until", KEEP).rc == 0
+    r = run("doctor", "--json")
+    assert r.rc in (0, 1) and "Permission denied" not in r.out + r.err, r
+    checks = dict((c["name"], c) for c in r.json()["checks"])
+    for name in ("python", "config", "registry", "scratch-root", "state-dir", "root:ds",
+                 "schedule"):
+        assert name in checks, (name, checks)
+    assert checks["schedule"]["level"] == "warn" and "not installed" in checks["schedule"][
+        "message"], checks["schedule"]
+    text = run("doctor")
+    assert text.rc == r.rc and "Permission denied" not in text.out + text.err, text
+    for name in ("python", "config", "registry", "state-dir", "root:ds", "schedule"):
+        assert re.search(r"(?m)^(ok  |WARN|FAIL) %s\b" % re.escape(name), text.out), text
+    before = state_bytes(state)
+    r = run("install-cron", "--method", "sbatch")
+    assert r.rc == 1 and r.err.count("\n") == 1, r
+    assert r.err.startswith("scratch-keepalive: error: `sbatch` is not installed here"), r
+    assert "Permission denied" not in r.err, r
+    r = run("install-cron")
+    assert r.rc == 1 and "Permission denied" not in r.err and "Slurm is needed" in r.err, r
+    # Nothing installed: no job script, no schedule record (the schedule lock may be made).
+    assert not (state / "job.sh").exists() and not (state / "schedule.json").exists()
+    assert without(state_bytes(state), os.path.join("locks", ".schedule.lock")) == before

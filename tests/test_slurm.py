@@ -14,338 +14,35 @@ once to disable it and once to restore it (a class-scoped fixture, restored in `
 The golden-file and cadence tests are pure and run everywhere. Regenerate the golden files
 with SCRATCH_KEEPALIVE_UPDATE_GOLDEN=1, then read them before committing.
 """
-import calendar
-import contextlib
 import datetime
-import fcntl
 import json
 import os
-import pwd
 import re
 import shlex
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SCRIPT, Result, set_atime, snapshot
+from conftest import snapshot
+from slurmbed import (JOB, PY, SLURM_MISSING, USER, as_user, clean_user, crontab,  # noqa: F401
+                      jobs, make_world, pending, set_crontab, settle, show_job, slurm_epoch,
+                      restart_testbed, user_lock, wait_done)
 import scratch_keepalive as sk
 
-USER = "slurmtest"
-PY = "/usr/bin/python3"         # readable by the test user (pyenv's under /root are not)
-TESTBED = REPO / "tools" / "slurm-testbed.sh"
 GOLDEN = Path(__file__).resolve().parent / "golden"
-JOB = sk.JOB_NAME
 RESUME = sk.RESUME_JOB_NAME
 DAY = 86400
-# Every test file that uses the one Slurm test user takes turns through this lock (flock),
-# tests/test_doctor.py included: two files' jobs, crontabs and scancels must never mix.
-USER_LOCK = "/tmp/scratch-keepalive-slurmtest.lock"
-LOCK_WAIT = 600
 ERROR = "scratch-keepalive: error:"
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-            "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
 # Other people's lines in a crontab: a comment, an entry with its #SCRON line (it never runs
 # during a test: 1 January) and a line Slurm disabled after a scancel. Kept byte for byte.
 OTHER_CRONTAB = ("# my own crontab: keep these lines exactly\n"
                  "#SCRON --job-name=other-job --time=00:05:00\n"
                  "0 0 1 1 * /bin/true other entry\n"
                  "#DISABLED: 30 3 * * 0 /bin/echo was-cancelled\n")
-
-
-# ---------------------------------------------------------------- can the Slurm tests run?
-
-def _slurm_missing():
-    """Why the Slurm tests cannot run here, or None."""
-    if os.geteuid() != 0:
-        return "the Slurm tests run as root (they switch to %s with runuser)" % USER
-    if not shutil.which("runuser"):
-        return "runuser is not installed"
-    try:
-        pwd.getpwnam(USER)
-    except KeyError:
-        return "user %s does not exist (bash tools/slurm-testbed.sh start creates it)" % USER
-    if not os.access(PY, os.X_OK):
-        return "%s is missing" % PY
-    if not shutil.which("scontrol"):
-        return "Slurm is not installed (bash tools/slurm-testbed.sh start)"
-    try:
-        p = subprocess.run(["scontrol", "ping"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           timeout=20)
-        answer = p.stdout.decode("utf-8", "replace").strip()
-    except subprocess.TimeoutExpired:
-        answer = "no answer within 20 s"
-    if "UP" not in answer:
-        return "the Slurm controller is not up (`scontrol ping`: %s); run bash " \
-               "tools/slurm-testbed.sh start" % (answer or "nothing")
-    return None
-
-
-SLURM_MISSING = _slurm_missing()
-
-
-def need_slurm():
-    """Skip (or, with SCRATCH_KEEPALIVE_REQUIRE_SLURM=1, fail) when the test bed is not usable.
-
-    Called from the test's own call (through make_world), not from a fixture, so that pytest
-    reports every such skip at this one line: one folded reason line for the whole module.
-    """
-    if SLURM_MISSING:
-        if os.environ.get("SCRATCH_KEEPALIVE_REQUIRE_SLURM") == "1":
-            pytest.fail("SCRATCH_KEEPALIVE_REQUIRE_SLURM=1 but the Slurm test bed is not usable: "
-                        + SLURM_MISSING, pytrace=False)
-        pytest.skip("Slurm test bed not usable: " + SLURM_MISSING)
-
-
-# ---------------------------------------------------------------- running things as the user
-
-def user_env(extra=None):
-    """The test user's whole environment: nothing leaks in from root's (pyenv, SLURM_*, NOW)."""
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": pwd.getpwnam(USER).pw_dir,
-           "USER": USER, "LOGNAME": USER, "LANG": "C.UTF-8", "TZ": "UTC"}
-    env.update(extra or {})
-    return env
-
-
-def as_user(argv, env=None, input_text=None, timeout=60):
-    """Run argv as the test user with a clean environment; Result(rc, out, err)."""
-    cmd = ["runuser", "-u", USER, "--", "env", "-i"]
-    cmd += ["%s=%s" % kv for kv in sorted(user_env(env).items())]
-    cmd += [str(a) for a in argv]
-    p = subprocess.run(cmd, input=None if input_text is None else input_text.encode(),
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
-    return Result(p.returncode, p.stdout.decode("utf-8", "replace"),
-                  p.stderr.decode("utf-8", "replace"))
-
-
-def crontab():
-    """The test user's crontab text ('' when there is none)."""
-    r = as_user(["scrontab", "-l"])
-    if r.rc == 0:
-        return r.out
-    assert "no crontab for" in r.out + r.err, r
-    return ""
-
-
-def set_crontab(text):
-    r = as_user(["scrontab", "-"], input_text=text)
-    assert r.rc == 0, r
-    assert crontab() == text
-
-
-def jobs():
-    """[{id, name, state, reason, start}] of every job of the test user that squeue shows."""
-    r = as_user(["squeue", "--me", "--noheader", "--format=%i|%j|%T|%r|%S"])
-    assert r.rc == 0, r
-    rows = []
-    for line in r.out.splitlines():
-        if line.strip():
-            i, n, st, reason, start = line.strip().split("|")
-            rows.append({"id": i, "name": n, "state": st, "reason": reason, "start": start})
-    return rows
-
-
-def pending(name=JOB):
-    return [j for j in jobs() if j["name"] == name and j["state"] == "PENDING"]
-
-
-def show_job(job_id):
-    """`scontrol show job` as a dict of its Key=Value fields."""
-    r = as_user(["scontrol", "-o", "show", "job", str(job_id)])
-    assert r.rc == 0, r
-    fields = {}
-    for token in r.out.split():
-        if "=" in token:
-            k, v = token.split("=", 1)
-            fields.setdefault(k, v)
-    return fields
-
-
-def wait_done(job_id, timeout=90):
-    """Poll until the job has ended; its final `scontrol show job` fields."""
-    deadline = time.monotonic() + timeout
-    while True:
-        f = show_job(job_id)
-        if f.get("JobState") in TERMINAL:
-            return f
-        assert time.monotonic() < deadline, "job %s did not end within %d s: %r" % (
-            job_id, timeout, f)
-        time.sleep(0.2)
-
-
-def settle(timeout=60):
-    """Wait until none of the user's jobs runs or is about to start (only future ones left).
-
-    A just-submitted job may be PENDING with Reason=None for 1-2 s before it starts.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = jobs()
-        busy = [j for j in rows if j["state"] != "PENDING" or j["reason"] != "BeginTime"]
-        if not busy:
-            return rows
-        assert time.monotonic() < deadline, "jobs still busy after %d s: %r" % (timeout, busy)
-        time.sleep(0.2)
-
-
-def slurm_epoch(text):
-    """A Slurm time (the user's TZ is UTC) as epoch seconds."""
-    return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))
-
-
-def clean_user():
-    """Leave nothing of the test user's in Slurm: crontab first (scancel disables its lines)."""
-    as_user(["scrontab", "-r"])
-    as_user(["scancel", "--user", USER])
-    deadline = time.monotonic() + 30
-    while jobs() and time.monotonic() < deadline:
-        time.sleep(0.2)
-
-
-_held = {"fd": None, "depth": 0}
-
-
-@contextlib.contextmanager
-def user_lock():
-    """Hold the test user's lock (re-entrant in this process: flock is per open file)."""
-    if _held["depth"] == 0:
-        fd = os.open(USER_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
-        deadline = time.monotonic() + LOCK_WAIT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    os.close(fd)
-                    pytest.fail("%s stayed locked for %d s by another test run" % (
-                        USER_LOCK, LOCK_WAIT), pytrace=False)
-                time.sleep(0.2)
-        _held["fd"] = fd
-    _held["depth"] += 1
-    try:
-        yield
-    finally:
-        _held["depth"] -= 1
-        if _held["depth"] == 0:
-            os.close(_held["fd"])       # closing the only descriptor releases the flock
-            _held["fd"] = None
-
-
-class World(object):
-    """A copy of the tool, a state dir and a scratch root, all usable by the test user."""
-
-    def __init__(self, root, profile):
-        self.root = root
-        self.script = root / "scratch_keepalive.py"
-        self.state = root / "state"
-        self.scratch = root / "scratch"
-        self.job_sh = self.state / "job.sh"
-        self.schedule = self.state / "schedule.json"
-        self.logs = self.state / "logs"
-        shutil.copyfile(str(SCRIPT), str(self.script))
-        os.chmod(str(self.script), 0o644)
-        for d in (self.state, self.scratch):
-            d.mkdir()
-            shutil.chown(str(d), USER, USER)
-        if profile == "br200":
-            r = self.tool("init", env={"SCRATCH_KEEPALIVE_SCRATCH_ROOT": str(self.scratch)})
-        else:
-            r = self.tool("init", "--profile", "generic", "--scratch-root", self.scratch)
-        assert r.rc == 0, r
-
-    def tool(self, *args, env=None, timeout=120):
-        e = {"SCRATCH_KEEPALIVE_HOME": str(self.state)}
-        e.update(env or {})
-        return as_user([PY, self.script] + list(args), env=e, timeout=timeout)
-
-    def command_prefix(self):
-        return "%s %s --state-dir %s" % (PY, self.script, self.state)
-
-    def make_dataset(self, name="ds", files=12, age_days=60):
-        """A dataset (files, a subdirectory, a symlink) owned by the user, atimes aged; added."""
-        d = self.scratch / name
-        (d / "sub").mkdir(parents=True)
-        for i in range(files):
-            (d / ("f%02d" % i)).write_bytes(b"x" * (i + 1))
-            (d / "sub" / ("g%02d" % i)).write_bytes(b"y")
-        os.symlink("f00", str(d / "link"))
-        subprocess.run(["chown", "-R", "-h", "%s:%s" % (USER, USER), str(d)], check=True)
-        keep = (datetime.date.today() + datetime.timedelta(days=365)).isoformat()
-        r = self.tool("add", "--name", name, "--path", d, "--keep-until", keep)
-        assert r.rc == 0, r
-        self.age(d, age_days)
-        return d
-
-    @staticmethod
-    def age(d, days):
-        old = time.time() - days * DAY
-        for rel in snapshot(d):
-            set_atime(d if rel == "." else d / rel, old)
-
-    def status(self):
-        r = self.tool("status")
-        assert r.rc == 0, r
-        return r.out
-
-    def status_json(self, name="ds"):
-        r = self.tool("status", "--name", name, "--json")
-        assert r.rc == 0, r
-        return json.loads(r.out)
-
-    def install_sbatch(self, *extra):
-        """install-cron --method sbatch; wait for its first run; returns (first job, pending job)."""
-        r = self.tool("install-cron", "--method", "sbatch", *extra)
-        assert r.rc == 0, r
-        m = re.search(r"Submitted job (\d+) ", r.out)
-        assert m, r
-        first = wait_done(m.group(1))
-        assert first["JobState"] == "COMPLETED", first
-        settle()
-        p = pending()
-        assert len(p) == 1, p
-        return m.group(1), p[0]
-
-    def fire(self, job_id):
-        """Start a pending chain job now, as its owner may."""
-        r = as_user(["scontrol", "update", "JobId=%s" % job_id, "StartTime=now"])
-        assert r.rc == 0, r
-
-
-@pytest.fixture
-def make_world():
-    """make_world(profile) -> World. The first call checks the test bed and takes the test
-    user's lock; at the end everything of the user's is removed from Slurm and disk."""
-    made = []
-    with contextlib.ExitStack() as stack:
-
-        def make(profile="generic"):
-            if not made:
-                need_slurm()
-                stack.enter_context(user_lock())
-                clean_user()
-            root = Path(tempfile.mkdtemp(prefix="sk-slurm-", dir="/tmp"))
-            os.chmod(str(root), 0o755)
-            made.append(root)
-            return World(root, profile)
-
-        try:
-            yield make
-        finally:
-            if made:
-                try:
-                    for root in made:
-                        if (root / "state").exists():
-                            as_user([PY, root / "scratch_keepalive.py", "uninstall-cron"],
-                                    env={"SCRATCH_KEEPALIVE_HOME": str(root / "state")})
-                finally:
-                    clean_user()
-                    for root in made:
-                        shutil.rmtree(str(root), ignore_errors=True)
 
 
 def one_error_line(r, code):
@@ -621,13 +318,6 @@ def test_stopped_scrontab_run_submits_one_resume_job(make_world):
 
 # ---------------------------------------------------------------- 6. scrontab disabled
 
-def _testbed(scron):
-    env = dict(os.environ, SLURM_TESTBED_SCRON=scron)
-    p = subprocess.run(["bash", str(TESTBED), "start"], env=env, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, timeout=240)
-    assert p.returncode == 0, p.stdout.decode("utf-8", "replace")[-3000:]
-
-
 @pytest.fixture(scope="class")
 def scrontab_disabled():
     """The test bed restarted without ScronParameters=enable; restored afterwards, always."""
@@ -637,13 +327,13 @@ def scrontab_disabled():
     with user_lock():
         try:
             clean_user()
-            _testbed("0")
+            restart_testbed("0")
             r = as_user(["scrontab", "-l"])
             assert r.rc == 1 and "scrontab is disabled" in r.err, r
             yield
         finally:
             clean_user()
-            _testbed("1")
+            restart_testbed("1")
 
 
 @pytest.mark.slurm
@@ -741,6 +431,53 @@ def test_install_errors_are_one_line_and_install_nothing(make_world, case):
     assert sorted(j["id"] for j in jobs()) == before, jobs()
 
 
+# ---------------------------------------------------------------- 7b. odd state directories
+
+@pytest.mark.slurm
+def test_state_dir_with_a_space_and_a_percent_runs_and_logs_there(make_world):
+    """sbatch reads quotes in #SBATCH lines, and `%` in --output is a Slurm filename pattern
+    (`%x` is the job name): the chain's first run must write its log in this very directory."""
+    w = make_world(state="state dir %x")
+    w.make_dataset()
+    first, p = w.install_sbatch()
+    assert '#SBATCH --output="%s/slurm-%%j.out"' % str(w.logs).replace("%", "%%") in \
+        w.job_sh.read_text().splitlines()
+    log = w.logs / ("slurm-%s.out" % first)
+    assert log.is_file(), sorted(os.listdir(str(w.logs)))
+    assert "successor job %s submitted" % p["id"] in log.read_text()
+    s = w.status_json()
+    assert s["last_refresh"] and s["last_run"]["complete"], s
+    r = w.tool("uninstall-cron")
+    assert r.rc == 0 and pending() == [] and not w.job_sh.exists(), (r, jobs())
+
+
+REFUSED_STATE_DIRS = [
+    # id, state dir name, install-cron args, regex the error line must match
+    ("space-scrontab", "state dir", ["--method", "scrontab"],
+     r"holds a space, which an #SCRON line cannot hold.*--method sbatch"),
+    ("space-auto", "state dir", [], r"holds a space"),
+    ("newline-sbatch", "state\ndir", ["--method", "sbatch"],
+     r"state\\ndir holds a line break, which no #SBATCH or #SCRON line can hold"),
+    ("newline-scrontab", "state\ndir", ["--method", "scrontab"], r"holds a line break"),
+    ("newline-dry-run", "state\ndir", ["--method", "sbatch", "--dry-run"],
+     r"holds a line break"),
+]
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("case", REFUSED_STATE_DIRS, ids=[c[0] for c in REFUSED_STATE_DIRS])
+def test_state_dir_the_lines_cannot_hold_is_refused_and_nothing_installed(make_world, case):
+    _, state, args, pattern = case
+    w = make_world(state=state)
+    set_crontab(OTHER_CRONTAB)
+    before = sorted(j["id"] for j in jobs())
+    line = one_error_line(w.tool("install-cron", *args), 2)
+    assert re.search(pattern, line), line
+    assert crontab() == OTHER_CRONTAB
+    assert not w.job_sh.exists() and not w.schedule.exists()
+    assert sorted(j["id"] for j in jobs()) == before, jobs()
+
+
 # ---------------------------------------------------------------- 8. --dry-run
 
 @pytest.mark.slurm
@@ -780,6 +517,19 @@ def _check_golden(name, text):
     if os.environ.get("SCRATCH_KEEPALIVE_UPDATE_GOLDEN") == "1":
         path.write_text(text)
     assert text == path.read_text(), "%s differs from the rendering:\n%s" % (path, text)
+
+
+def test_job_script_quotes_an_odd_state_dir_and_escapes_percent():
+    store = sk.Store("/N/u/al ice/st%te \"q\" #x")
+    cfg = {"profile": "generic", "scratch_root": "/N/scratch/al ice", "purge_days": 30}
+    sched = sk.Schedule(store, cfg, {"USER": "alice"}, "sbatch", None, None, 1, "2G",
+                        "2:00:00", 14, python="/usr/bin/python3", script="/opt/s k/sk.py")
+    lines = sched.job_text().splitlines()
+    assert '#SBATCH --output="/N/u/al ice/st%%te \\"q\\" #x/logs/slurm-%j.out"' in lines, lines
+    assert "--output=/N/u/al ice/st%%te \"q\" #x/logs/slurm-%j.out" in sched.request_options()
+    cmd = shlex.split(lines[-1])
+    assert cmd[1] == store.dir and cmd[cmd.index("--state-dir") + 1] == store.dir, cmd
+    assert "SCRATCH_KEEPALIVE_SCRATCH_ROOT=/N/scratch/al ice" in cmd and "/opt/s k/sk.py" in cmd
 
 
 def _check_command(line, method):

@@ -5,50 +5,34 @@
     python3 tools/bench.py --quick          # small preset, a smoke test
     python3 tools/bench.py --scale 0.1 --json /tmp/bench.json
 
-Standard library only (Python 3.6+); gcc is optional: with it the benchmark
-builds a C stat walker (the stat floor), a C atime-reset helper and the
-LD_PRELOAD latency shim; without it the stat floor is `find DIR -printf ''`
-and the latency simulation is skipped.
+Standard library only (Python 3.6+), and gcc (or cc): it compiles a C stat walker
+(the stat floor), a C atime-reset helper and an LD_PRELOAD latency shim, the evidence
+behind the README's figures. In a temporary directory under --workdir it builds
+trees (wide: 200 dirs x 2,500 files; deep: 6 levels of ~50 entries; sparse: 4 files of
+1 TiB apparent size; for memory, flat trees of 1M and 100k entries and one directory
+of 200k; all shrunk by --scale) and measures:
 
-What it does, all in a temporary directory under --workdir (default /tmp):
+  * whole processes, interleaved round by round (medians of --repeat runs after an
+    untimed warm-up, warm caches): tool touch with every atime 60 days old,
+    `find DIR -exec touch -a -c -h {} +` on the same, tool --check, the stat floor,
+    tool touch with every entry recent (all skipped);
+  * peak RSS (wait4's ru_maxrss) and the sampled PSS summed over the tool's process
+    tree; the checkpoint's share of the walk (the tool's --json "timing"; no timed run
+    lasts a checkpoint interval, so one run with --checkpoint-every forced short gives
+    the cost of one checkpoint);
+  * with the shim adding --latency-ms to every stat/utimensat call under the latency
+    tree (calls counted in a shared map, forked workers included): the sequential
+    "--threads 1 --workers 1" against --threads and --workers 8, 16 and 32.
 
-  * builds test trees: wide (200 dirs x 2,500 files), deep (6 levels of
-    directories, ~50 entries each), sparse (4 files of 1 TiB apparent size),
-    and two flat trees of 1M and 100k entries for the memory measurement;
-    --scale F shrinks them, --quick is a small preset;
-  * times whole processes, interleaved round by round (medians of --repeat
-    runs, after one untimed warm-up pass per tree; caches are warm, never
-    dropped):
-      tool touch mode with every entry's atime reset to 60 days ago,
-      find DIR -exec touch -a -c -h {} +   (atimes reset the same way first),
-      tool --check,
-      the stat floor (C walker: openat/fdopendir/readdir + fstatat
-        AT_SYMLINK_NOFOLLOW on every entry; else find DIR -printf ''),
-      tool touch mode with every entry recent (all skipped);
-  * peak RSS of each tool process (wait4's ru_maxrss), the checkpoint's share
-    of the walk (the tool's --json "timing" when present; when no timed run
-    lasts a checkpoint interval, one run with --checkpoint-every forced short
-    gives the cost of one checkpoint);
-  * peak RSS at 1M and at 100k entries (check and touch mode), plus one
-    directory of 200k entries; for tools that fork worker processes, also the
-    sampled peak PSS summed over the process tree;
-  * a latency simulation: an LD_PRELOAD shim adds --latency-ms to every
-    stat-family and utimensat call under the latency tree (counting the calls
-    in a shared map, so forked workers count too), and the tool runs with
-    --threads 1, 8, 16 and 32 (when it has --workers, the baseline is the
-    strictly sequential "--threads 1 --workers 1", and --workers 8, 16 and 32
-    run too);
-  * prints a table headed by the machine's description, writes every figure
-    to --json FILE, and ends with PASS/FAIL per target (informational: the
-    exit status is 0 unless the benchmark itself failed).
+It prints a table headed by the machine's description, writes every figure to --json
+FILE and ends with PASS/FAIL per target; it exits non-zero only when it, or a timed
+command, failed.
 """
 
 import argparse
 import json
 import os
 import platform
-import re
-import shlex
 import shutil
 import signal
 import statistics
@@ -64,7 +48,10 @@ from pathlib import Path
 TOOL = Path(__file__).resolve().parent.parent / "scratch_keepalive.py"
 OLD_DAYS = 60                   # "old": atime 60 days ago (the tool's skip threshold is 11)
 DAY = 86400
-TIB = 1 << 40
+TOOL_CHECKPOINT_S = 30.0        # the tool's default --checkpoint-every
+SINGLE_DIR_ENTRIES = 200000     # the one-directory memory tree, before --scale
+PARALLEL = (8, 16, 32)          # --threads N and --workers N in the latency runs
+PHASES = ("wide", "deep", "sparse", "memory", "latency")
 
 TARGETS = {
     "touch_vs_find": 1.0,       # tool touch <= 1.0x find -exec touch
@@ -369,55 +356,6 @@ int utimensat(int fd, const char *p, const void *times, int fl) {
 }
 """
 
-# Run under the shim: how long each way of calling stat/utimensat takes.
-SHIM_PROBE = r"""
-import ctypes, ctypes.util, json, os, sys, time
-tree, outside, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
-sub = sorted(x for x in os.listdir(fd) if x.startswith("d"))[0]
-dfd = os.open(sub, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-name = sorted(os.listdir(dfd))[0]
-bname = name.encode()
-path = os.path.join(tree, sub, name)
-res = {}
-
-def timeit(label, fn, count=n):
-    fn()
-    t = time.perf_counter()
-    for _ in range(count):
-        fn()
-    res[label] = (time.perf_counter() - t) / count * 1e3
-
-class TS(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-times = (TS * 2)(TS(0, (1 << 30) - 1), TS(0, (1 << 30) - 2))
-
-def cfunc(lib):
-    f = lib.utimensat
-    f.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int]
-    f.restype = ctypes.c_int
-    return lambda: f(dfd, bname, ctypes.addressof(times), 0x100)
-
-timeit("os.stat(name, dir_fd=fd, follow_symlinks=False)",
-       lambda: os.stat(name, dir_fd=dfd, follow_symlinks=False))
-timeit("os.lstat(path)", lambda: os.lstat(path))
-try:
-    entries, how = list(os.scandir(dfd))[:n + 1], "os.scandir(fd)"
-except TypeError:       # Python < 3.7: no scandir on an fd
-    entries, how = list(os.scandir(os.path.join(tree, sub)))[:n + 1], "os.scandir(path)"
-it = iter(entries)
-timeit(how + " DirEntry.stat(follow_symlinks=False)",
-       lambda: next(it).stat(follow_symlinks=False), count=len(entries) - 1)
-timeit("os.utime(name, dir_fd=fd, follow_symlinks=False)",
-       lambda: os.utime(name, dir_fd=dfd, follow_symlinks=False))
-timeit("ctypes CDLL(None).utimensat (the tool's binding)",
-       cfunc(ctypes.CDLL(None, use_errno=True)))
-libc_name = ctypes.util.find_library("c") or "libc.so.6"
-timeit("ctypes CDLL(%r).utimensat" % libc_name, cfunc(ctypes.CDLL(libc_name, use_errno=True)))
-timeit("control: os.lstat(outside the tree)", lambda: os.lstat(outside))
-print(json.dumps(res))
-"""
-
 # ---------------------------------------------------------------- small helpers
 
 T0 = time.time()
@@ -428,37 +366,21 @@ def log(msg):
     sys.stderr.flush()
 
 
+def fmt(pattern, x, scale=1.0):
+    """x * scale formatted by pattern, or "n/a" when there is no figure."""
+    return "n/a" if x is None else pattern % (x * scale)
+
+
 def fmt_int(n):
     return "n/a" if n is None else "{:,}".format(int(n))
 
 
 def fmt_rate(n):
-    if n is None:
-        return "n/a"
-    if n >= 100:
-        return "{:,.0f}".format(n)
-    return "{:.1f}".format(n)
-
-
-def fmt_ratio(x):
-    return "n/a" if x is None else "%.2fx" % x
+    return "n/a" if n is None else "{:,.0f}".format(n) if n >= 100 else "{:.1f}".format(n)
 
 
 def fmt_mb(kb):
-    return "n/a" if kb is None else "%.1f MB" % (kb / 1024.0)
-
-
-def fmt_share(x):
-    return "n/a" if x is None else "%.3f%%" % (100.0 * x)
-
-
-def fmt_bytes(n):
-    if n is None:
-        return "n/a"
-    for unit, size in (("TiB", TIB), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return "%.1f %s" % (float(n) / size, unit)
-    return "%d B" % n
+    return fmt("%.1f MB", kb, 1 / 1024.0)
 
 
 def median(xs):
@@ -466,32 +388,46 @@ def median(xs):
     return statistics.median(xs) if xs else None
 
 
+def peak(xs):
+    xs = [x for x in xs if x is not None]
+    return max(xs) if xs else None
+
+
 def ratio(a, b):
-    if a is None or b is None or b <= 0:
-        return None
-    return a / b
-
-
-def exit_code_of(status):
-    if os.WIFEXITED(status):
-        return os.WEXITSTATUS(status)
-    if os.WIFSIGNALED(status):
-        return -os.WTERMSIG(status)
-    return 255
-
-
-def first_line(argv):
-    try:
-        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL)
-        out = p.communicate()[0].decode("utf-8", "replace").strip().splitlines()
-        return out[0] if out else None
-    except OSError:
-        return None
+    return None if a is None or b is None or b <= 0 else a / b
 
 
 def tail(text, lines=8):
     return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def first_line(argv):
+    try:
+        out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL).stdout
+    except OSError:
+        return None
+    lines = out.decode("utf-8", "replace").strip().splitlines()
+    return lines[0] if lines else None
+
+
+def proc_value(path, key):
+    """The rest of the first line of a /proc file that starts with `key`, or None."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key):
+                    return line[len(key):].strip(" \t:\n")
+    except OSError:
+        pass
+    return None
+
+
+def proc_kb(path, key):
+    value = proc_value(path, key)
+    return int(value.split()[0]) if value else None
+
+# ---------------------------------------------------------------- processes
 
 
 def _proc_children(pid):
@@ -505,17 +441,6 @@ def _proc_children(pid):
     return kids
 
 
-def _proc_kb(path, key):
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 class TreeSampler(threading.Thread):
     """Samples the summed RSS and PSS of a process and its descendants (worker
     processes included) every `interval` seconds. A lower bound of the peak: a
@@ -527,56 +452,47 @@ class TreeSampler(threading.Thread):
         self.pid = pid
         self.interval = interval
         self.done = threading.Event()
-        self.peak_rss_kb = 0
-        self.peak_pss_kb = 0
-        self.max_procs = 0
+        self.peak_rss_kb = self.peak_pss_kb = self.max_procs = 0
 
     def run(self):
         while not self.done.is_set():
             pids, todo = [], [self.pid]
             while todo:
-                p = todo.pop()
-                pids.append(p)
-                todo.extend(_proc_children(p))
-            rss = pss = 0
-            n = 0
+                pids.append(todo.pop())
+                todo.extend(_proc_children(pids[-1]))
+            rss = pss = n = 0
             for p in pids:
-                r = _proc_kb("/proc/%d/status" % p, "VmRSS:")
-                if r is None:
-                    continue
-                n += 1
-                rss += r
-                q = _proc_kb("/proc/%d/smaps_rollup" % p, "Pss:")
-                pss += q if q is not None else r
+                r = proc_kb("/proc/%d/status" % p, "VmRSS:")
+                if r is not None:
+                    q = proc_kb("/proc/%d/smaps_rollup" % p, "Pss:")
+                    n, rss, pss = n + 1, rss + r, pss + (r if q is None else q)
             self.peak_rss_kb = max(self.peak_rss_kb, rss)
             self.peak_pss_kb = max(self.peak_pss_kb, pss)
             self.max_procs = max(self.max_procs, n)
             self.done.wait(self.interval)
 
 
-def run_proc(argv, env=None, timeout=None, cwd=None, sample=False):
-    """Run one process; time it as a whole. Returns a dict with seconds, rc, maxrss_kb,
-    cpu seconds, stdout and stderr. A timeout kills it (rc -9, timed_out True). With
-    sample, also the peak summed RSS/PSS of the process tree (sum_rss_kb, sum_pss_kb)."""
-    out = tempfile.TemporaryFile()
-    err = tempfile.TemporaryFile()
+def run_proc(argv, env=None, timeout=None, sample=False):
+    """Run one process; time it as a whole. Returns a dict with seconds, rc (-N: killed by
+    signal N), maxrss_kb, cpu_seconds, stdout and stderr. A timeout kills it (timed_out).
+    With sample, also the peak summed RSS/PSS of the process tree (sum_rss_kb, sum_pss_kb,
+    max_procs)."""
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
     killed = []
     t0 = time.perf_counter()
-    p = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
-                         cwd=cwd)
-    sampler = None
-    if sample:
-        sampler = TreeSampler(p.pid)
+    p = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
+    sampler = TreeSampler(p.pid) if sample else None
+    if sampler:
         sampler.start()
-    timer = None
+
+    def kill():
+        killed.append(True)
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+        except OSError:
+            pass
+    timer = threading.Timer(timeout or 0, kill)
     if timeout:
-        def kill():
-            killed.append(True)
-            try:
-                os.kill(p.pid, signal.SIGKILL)
-            except OSError:
-                pass
-        timer = threading.Timer(timeout, kill)
         timer.daemon = True
         timer.start()
     while True:
@@ -586,223 +502,134 @@ def run_proc(argv, env=None, timeout=None, cwd=None, sample=False):
         except InterruptedError:
             continue
     seconds = time.perf_counter() - t0
-    if timer is not None:
-        timer.cancel()
-    if sampler is not None:
+    timer.cancel()
+    p.returncode = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
+    res = {"argv": [str(a) for a in argv], "seconds": seconds, "rc": p.returncode,
+           "maxrss_kb": ru.ru_maxrss, "cpu_seconds": ru.ru_utime + ru.ru_stime,
+           "timed_out": bool(killed)}
+    for key, f in (("stdout", out), ("stderr", err)):
+        f.seek(0)
+        res[key] = f.read().decode("utf-8", "replace")
+        f.close()
+    if sampler:
         sampler.done.set()
         sampler.join()
-    rc = exit_code_of(status)
-    p.returncode = rc
-    out.seek(0)
-    err.seek(0)
-    res = {"argv": [str(a) for a in argv], "seconds": seconds, "rc": rc,
-           "maxrss_kb": ru.ru_maxrss, "cpu_seconds": ru.ru_utime + ru.ru_stime,
-           "stdout": out.read().decode("utf-8", "replace"),
-           "stderr": err.read().decode("utf-8", "replace"), "timed_out": bool(killed)}
-    if sampler is not None:
         res.update({"sum_rss_kb": sampler.peak_rss_kb, "sum_pss_kb": sampler.peak_pss_kb,
                     "max_procs": sampler.max_procs})
-    out.close()
-    err.close()
     return res
 
 
 def parse_tool_json(stdout):
+    """The first result of the tool's --json output, or an empty dict."""
     try:
-        doc = json.loads(stdout)
+        doc = json.loads(stdout[max(0, stdout.find("{")):])
     except ValueError:
-        i = stdout.find("{")
-        if i < 0:
-            return None
-        try:
-            doc = json.loads(stdout[i:])
-        except ValueError:
-            return None
+        return {}
     results = doc.get("results") if isinstance(doc, dict) else None
-    return results[0] if results else None
+    return results[0] if results else {}
 
 # ---------------------------------------------------------------- the machine
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key = line.split(":", 1)[0].strip().lower()
-                if key in ("model name", "hardware", "cpu model", "processor") and ":" in line:
-                    value = line.split(":", 1)[1].strip()
-                    if value and not value.isdigit():
-                        return value
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def mount_of(path):
-    """(device, mount point, fs type, options) of the mount holding path."""
+    """(mount point, fs type, options) of the mount holding path."""
     path = os.path.realpath(path)
-    best = None
+    best = (None, None, None)
     try:
         with open("/proc/self/mounts") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) < 4:
-                    continue
+            for parts in (line.split() for line in f):
                 mnt = parts[1].replace("\\040", " ")
-                if path == mnt or path.startswith(mnt.rstrip("/") + "/"):
-                    if best is None or len(mnt) >= len(best[1]):
-                        best = (parts[0], mnt, parts[2], parts[3])
-    except OSError:
+                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) \
+                        and len(mnt) >= len(best[0] or ""):
+                    best = (mnt, parts[2], parts[3])
+    except (OSError, IndexError):
         pass
     return best
 
 
 def machine_info(workdir, gcc):
-    m = mount_of(workdir)
-    try:
-        cpus_usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus_usable = None
-    try:
-        glibc = os.confstr("CS_GNU_LIBC_VERSION")
-    except (AttributeError, ValueError, OSError):
-        glibc = None
+    """What a reader needs to compare figures from two runs."""
+    mnt, fs_type, fs_options = mount_of(workdir)
+    mem_kb = proc_kb("/proc/meminfo", "MemTotal:")
     return {
         "hostname": platform.node(),
-        "cpu_model": cpu_model(),
+        "cpu_model": proc_value("/proc/cpuinfo", "model name") or platform.machine(),
         "cores": os.cpu_count(),
-        "cores_usable": cpus_usable,
+        "cores_usable": len(os.sched_getaffinity(0)),
         "kernel": "%s %s" % (platform.system(), platform.release()),
         "machine": platform.machine(),
         "workdir": os.path.realpath(workdir),
-        "fs_type": m[2] if m else None,
-        "fs_mount": m[1] if m else None,
-        "fs_options": m[3] if m else None,
+        "fs_type": fs_type, "fs_mount": mnt, "fs_options": fs_options,
         "python": "%s (%s)" % (platform.python_version(), sys.executable),
-        "glibc": glibc,
-        "gcc": first_line([gcc, "--version"]) if gcc else None,
+        "glibc": os.confstr("CS_GNU_LIBC_VERSION")
+        if "CS_GNU_LIBC_VERSION" in os.confstr_names else None,
+        "gcc": first_line([gcc, "--version"]),
         "find": first_line(["find", "--version"]),
-        "memory_mb": memory_mb(),
-        "loadavg_at_start": load_avg(),
+        "memory_mb": mem_kb // 1024 if mem_kb else None,
+        "loadavg_at_start": " ".join("%.2f" % x for x in os.getloadavg()),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
 
-def memory_mb():
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) // 1024
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def load_avg():
-    try:
-        return " ".join("%.2f" % x for x in os.getloadavg())
-    except OSError:
-        return None
-
-# ---------------------------------------------------------------- C builds
-
-
 def build_c(gcc, builddir):
-    """Compile the helper and the shim. Returns (helper path or None, shim path or None, notes)."""
-    notes = []
-    helper = shim = None
-    if not gcc:
-        notes.append("gcc not found: stat floor is `find DIR -printf ''`, atime resets use "
-                     "Python, latency simulation skipped")
-        return helper, shim, notes
-    src = os.path.join(builddir, "benchhelper.c")
-    with open(src, "w") as f:
-        f.write(HELPER_C)
-    exe = os.path.join(builddir, "benchhelper")
-    r = run_proc([gcc, "-O2", "-o", exe, src])
-    if r["rc"] == 0:
-        helper = exe
-    else:
-        notes.append("C helper did not compile (using find/Python instead): "
-                     + tail(r["stderr"], 3))
-    src = os.path.join(builddir, "shim.c")
-    with open(src, "w") as f:
-        f.write(SHIM_C)
-    so = os.path.join(builddir, "shim.so")
-    r = run_proc([gcc, "-shared", "-fPIC", "-O2", "-o", so, src, "-ldl"])
-    if r["rc"] == 0:
-        shim = so
-    else:
-        notes.append("latency shim did not compile (latency simulation skipped): "
-                     + tail(r["stderr"], 3))
-    return helper, shim, notes
+    """Compiles the stat/atime helper and the latency shim; returns their paths."""
+    paths = []
+    for name, source, flags in (("benchhelper", HELPER_C, []),
+                                ("shim.so", SHIM_C, ["-shared", "-fPIC"])):
+        src = os.path.join(builddir, name.split(".")[0] + ".c")
+        with open(src, "w") as f:
+            f.write(source)
+        paths.append(os.path.join(builddir, name))
+        r = run_proc([gcc] + flags + ["-O2", "-o", paths[-1], src, "-ldl"])
+        if r["rc"] != 0:
+            raise RuntimeError("%s did not compile: %s" % (src, tail(r["stderr"], 5)))
+    return paths
 
 # ---------------------------------------------------------------- trees
 
 
-O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-O_DIRFLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+O_DIRFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
-class Builder(object):
-    """Creates files fast (os.open/os.close relative to a directory fd), with progress lines."""
+def make_files(dfd, count, pattern):
+    for j in range(count):
+        os.close(os.open(pattern % j, O_CREATE, 0o644, dir_fd=dfd))
 
-    def __init__(self, label, total):
-        self.label = label
-        self.total = total
-        self.done = 0
-        self.t0 = time.time()
-        self.next_report = self.t0 + 5
 
-    def files(self, dfd, count, fmt):
-        for j in range(count):
-            os.close(os.open(fmt % j, O_CREATE, 0o644, dir_fd=dfd))
-        self.done += count
-        now = time.time()
-        if now >= self.next_report:
-            self.next_report = now + 5
-            log("  %s: %s/%s entries (%s/s)"
-                % (self.label, fmt_int(self.done), fmt_int(self.total),
-                   fmt_rate(self.done / (now - self.t0))))
+def make_dir(dfd, name):
+    """Creates directory `name` in dfd; returns an fd on it (the caller closes it)."""
+    os.mkdir(name, 0o755, dir_fd=dfd)
+    return os.open(name, O_DIRFLAGS, dir_fd=dfd)
 
 
 def flat_layout(entries):
     """(dirs, files per dir) for a flat tree of about `entries` entries, 2,500 per dir."""
-    files = max(1, min(2500, int(entries)))
-    dirs = max(1, int(round(float(entries) / 2500)))
-    return dirs, files
+    return max(1, int(round(float(entries) / 2500))), max(1, min(2500, int(entries)))
 
 
-def build_flat(root, dirs, files, label):
+def build_flat(root, dirs, files):
     os.mkdir(root)
-    b = Builder(label, dirs * (files + 1))
     rfd = os.open(root, O_DIRFLAGS)
     try:
         for i in range(dirs):
-            name = "d%04d" % i
-            os.mkdir(name, 0o755, dir_fd=rfd)
-            dfd = os.open(name, O_DIRFLAGS, dir_fd=rfd)
+            dfd = make_dir(rfd, "d%04d" % i)
             try:
-                b.files(dfd, files, "f%05d")
+                make_files(dfd, files, "f%05d")
             finally:
                 os.close(dfd)
-            b.done += 1
     finally:
         os.close(rfd)
     return 1 + dirs * (files + 1)
 
 
-def build_single(root, files, label):
+def build_single(root, files):
     os.mkdir(root)
-    b = Builder(label, files)
     rfd = os.open(root, O_DIRFLAGS)
     try:
-        step = 2500
-        for start in range(0, files, step):
-            count = min(step, files - start)
-            b.files(rfd, count, "file-%%08d-%d.dat" % start)
+        for start in range(0, files, 2500):
+            make_files(rfd, min(2500, files - start), "file-%%08d-%d.dat" % start)
     finally:
         os.close(rfd)
     return 1 + files
@@ -820,18 +647,14 @@ def deep_layout(target, levels=6):
     return 2, 3
 
 
-def build_deep(root, levels, fanout, per_dir, label):
+def build_deep(root, levels, fanout, per_dir):
     os.mkdir(root)
-    b = Builder(label, deep_dirs(fanout, levels) * per_dir)
 
     def fill(dfd, level):
         nsub = fanout if level < levels else 0
-        b.files(dfd, per_dir - nsub, "f%03d")
+        make_files(dfd, per_dir - nsub, "f%03d")
         for k in range(nsub):
-            name = "d%02d" % k
-            os.mkdir(name, 0o755, dir_fd=dfd)
-            b.done += 1
-            cfd = os.open(name, O_DIRFLAGS, dir_fd=dfd)
+            cfd = make_dir(dfd, "d%02d" % k)
             try:
                 fill(cfd, level + 1)
             finally:
@@ -845,36 +668,13 @@ def build_deep(root, levels, fanout, per_dir, label):
     return 1 + deep_dirs(fanout, levels) * per_dir
 
 
-def build_sparse(root, count, size):
-    """count sparse files of `size` bytes; falls back to smaller sizes when the fs refuses."""
+def build_sparse(root, count=4, size=1 << 40):
+    """count sparse files of `size` bytes (1 TiB): the walk must never read a file."""
     os.mkdir(root)
-    for s in (size, 1 << 36, 1 << 30):
-        try:
-            for i in range(count):
-                p = os.path.join(root, "huge%d.bin" % i)
-                with open(p, "wb"):
-                    pass
-                os.truncate(p, s)
-            return 1 + count, s
-        except OSError as e:
-            log("  sparse: %s bytes refused (%s), trying smaller" % (fmt_int(s), e.strerror))
-            for i in range(count):
-                try:
-                    os.unlink(os.path.join(root, "huge%d.bin" % i))
-                except OSError:
-                    pass
-    raise RuntimeError("cannot create sparse files in %s" % root)
-
-
-def allocated_bytes(root):
-    total = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        for n in filenames:
-            try:
-                total += os.lstat(os.path.join(dirpath, n)).st_blocks * 512
-            except OSError:
-                pass
-    return total
+    for i in range(count):
+        with open(os.path.join(root, "huge%d.bin" % i), "wb") as f:
+            f.truncate(size)
+    return 1 + count
 
 
 def add_specials(root, outside):
@@ -884,11 +684,8 @@ def add_specials(root, outside):
     os.symlink(outside, os.path.join(root, "zz-link-outside-dir"))
     os.symlink(os.path.join(outside, "f000"), os.path.join(root, "zz-link-outside-file"))
     os.symlink(os.path.join(outside, "no-such-file"), os.path.join(root, "zz-link-dangling"))
-    n = 3
-    if hasattr(os, "mkfifo"):
-        os.mkfifo(os.path.join(root, "zz-fifo"))
-        n += 1
-    return n
+    os.mkfifo(os.path.join(root, "zz-fifo"))
+    return 4
 
 
 class Tree(object):
@@ -899,18 +696,19 @@ class Tree(object):
         self.created = None         # entries the builder made (before the tool's sentinel)
         self.entries = None         # entries the stat walk counts after `add`
         self.build_seconds = None
-        self.extra = {}
 
 # ---------------------------------------------------------------- the bench
 
 
 class Bench(object):
-    def __init__(self, args):
+    """One benchmark run: its temporary directory, the compiled helpers, the trees, and
+    the report each phase adds its figures to."""
+
+    def __init__(self, args, gcc):
         self.args = args
-        self.gcc = shutil.which("gcc") or shutil.which("cc")
-        self.base = None
-        self.helper = None
-        self.shim = None
+        self.gcc = gcc
+        self.base = self.scratch = self.state = self.outside = self.builddir = None
+        self.helper = self.shim = None
         self.notes = []
         self.trees = {}
         self.report = {"version": 1, "targets": TARGETS, "trees": {}, "memory": None,
@@ -918,54 +716,55 @@ class Bench(object):
         self.tool_env = dict((k, v) for k, v in os.environ.items()
                              if not k.startswith("SCRATCH_KEEPALIVE_"))
 
+    def run(self):
+        """The phases in order; each one writes its own key of self.report."""
+        self.setup()
+        self.build_trees()
+        for key in ("wide", "deep", "sparse"):
+            if key in self.trees:
+                log("== timing %s ==" % key)
+                self.bench_tree(self.trees[key])
+        if "mem1m" in self.trees:
+            log("== memory ==")
+            self.bench_memory()
+        # Later figures plug in here, each as one method writing its own report key and
+        # one renderer in SECTIONS (and a target in TARGETS if it gets one): "bytes per
+        # entry" from the memory trees' growth (self.report["memory"]), and "status time",
+        # `status` over a registry of many datasets.
+        if "latency" in self.trees:
+            log("== latency ==")
+            self.bench_latency()
+
     # -- setup
     def setup(self):
         a = self.args
         os.makedirs(a.workdir, exist_ok=True)
         self.base = tempfile.mkdtemp(prefix="skbench-", dir=a.workdir)
-        self.scratch = os.path.join(self.base, "scratch")
-        self.state = os.path.join(self.base, "state")
-        self.outside = os.path.join(self.base, "outside")
-        self.builddir = os.path.join(self.base, "build")
+        self.scratch, self.state, self.outside, self.builddir = (
+            os.path.join(self.base, d) for d in ("scratch", "state", "outside", "build"))
         for d in (self.scratch, self.outside, self.builddir):
             os.mkdir(d)
         for i in range(100):
             os.close(os.open(os.path.join(self.outside, "f%03d" % i), O_CREATE, 0o644))
-        self.helper, self.shim, notes = build_c(self.gcc, self.builddir)
-        self.notes.extend(notes)
+        self.helper, self.shim = build_c(self.gcc, self.builddir)
         self.report["machine"] = machine_info(self.base, self.gcc)
         self.report["config"] = {
             "workdir": self.base, "scale": a.scale, "quick": a.quick, "repeat": a.repeat,
             "latency_ms": a.latency_ms, "latency_entries": a.latency_entries,
-            "threads_list": a.threads_list, "tool": str(a.tool),
-            "tool_threads_main": a.tool_threads,
-            "checkpoint_every": a.checkpoint_every,
-            "tool_args": a.tool_args,
-            "tool_checkpoint_interval": a.tool_checkpoint_interval,
-            "stat_floor": ("C walker (fstatat AT_SYMLINK_NOFOLLOW, single thread)"
-                           if self.helper else "find DIR -printf ''"),
-            "atime_reset": ("C helper (utimensat, UTIME_OMIT mtime, post-order)"
-                            if self.helper else "Python os.utime (mtime kept), post-order"),
-            "old_days": OLD_DAYS,
-            "cache": "warm: one untimed warm-up pass per tree before its timed runs; "
-                     "caches are not dropped",
-        }
-        if not a.no_tool:
-            r = run_proc([sys.executable, str(a.tool), "--version"], env=self.tool_env)
-            self.report["tool_version"] = (r["stdout"].strip() or r["stderr"].strip()) \
-                if r["rc"] == 0 else None
-            if r["rc"] != 0:
-                raise RuntimeError("%s --version failed (rc %d): %s"
-                                   % (a.tool, r["rc"], tail(r["stderr"])))
-            self.tool_call(["init", "--profile", "generic", "--scratch-root", self.scratch,
-                            "--purge-days", "30"])
-            # Start-up costs, to read the small trees' figures by.
-            py, tv = [], []
-            for _ in range(5):
-                py.append(run_proc([sys.executable, "-c", "pass"])["seconds"])
-                tv.append(run_proc([sys.executable, str(a.tool), "--version"],
-                                   env=self.tool_env)["seconds"])
-            self.report["startup"] = {"python_pass_s": median(py), "tool_version_s": median(tv)}
+            "parallel": list(PARALLEL), "tool": str(a.tool), "old_days": OLD_DAYS,
+            "tool_checkpoint_interval": TOOL_CHECKPOINT_S}
+        r = run_proc([sys.executable, str(a.tool), "--version"], env=self.tool_env)
+        if r["rc"] != 0:
+            raise RuntimeError("%s --version failed (rc %d): %s"
+                               % (a.tool, r["rc"], tail(r["stderr"])))
+        self.report["tool_version"] = r["stdout"].strip() or r["stderr"].strip()
+        self.tool_call(["init", "--profile", "generic", "--scratch-root", self.scratch,
+                        "--purge-days", "30"])
+        # Start-up costs, part of every tool figure: the small trees' are read by them.
+        py = [run_proc([sys.executable, "-c", "pass"])["seconds"] for _ in range(5)]
+        tv = [run_proc([sys.executable, str(a.tool), "--version"], env=self.tool_env)["seconds"]
+              for _ in range(5)]
+        self.report["startup"] = {"python_pass_s": median(py), "tool_version_s": median(tv)}
 
     def tool_argv(self, args):
         return [sys.executable, str(self.args.tool), "--state-dir", self.state] + list(args)
@@ -974,438 +773,234 @@ class Bench(object):
         r = run_proc(self.tool_argv(args), env=self.tool_env, timeout=self.args.timeout)
         if r["rc"] != 0:
             raise RuntimeError("tool %s failed (rc %d): %s"
-                               % (" ".join(args[:1]), r["rc"], tail(r["stderr"] + r["stdout"])))
-        return r
+                               % (args[0], r["rc"], tail(r["stderr"] + r["stdout"])))
 
     # -- trees
-    def make_tree(self, key, title, build):
+    def make_tree(self, key, title, build, specials=False):
         path = os.path.join(self.scratch, key)
         t = Tree(key, title, path)
         log("building %s: %s" % (key, title))
         t0 = time.time()
-        t.created = build(path)
+        t.created = build(path) + (add_specials(path, self.outside) if specials else 0)
         t.build_seconds = time.time() - t0
-        log("  %s: %s entries in %.1f s (%s/s)" % (key, fmt_int(t.created), t.build_seconds,
-                                                   fmt_rate(t.created / max(t.build_seconds,
-                                                                            1e-9))))
-        if not self.args.no_tool:
-            self.tool_call(["add", "--name", key, "--path", path, "--keep-until", "2099-12-31",
-                            "--cadence-days", "14"])
-        t.entries = self.count_entries(path)
+        log("  %s: %s entries in %.1f s" % (key, fmt_int(t.created), t.build_seconds))
+        self.tool_call(["add", "--name", key, "--path", path, "--keep-until", "2099-12-31",
+                        "--cadence-days", "14"])
+        r = run_proc([self.helper, "walk", path])
+        if r["rc"] != 0:
+            raise RuntimeError("stat walk failed on %s: %s" % (path, r["stderr"]))
+        t.entries = int(r["stdout"].split()[0])
         self.trees[key] = t
-        return t
 
     def build_trees(self):
-        a = self.args
-        s = a.scale
-        want = a.only
-        specials = not a.no_special
-
-        def with_specials(fn):
-            def build(path):
-                n = fn(path)
-                return n + (add_specials(path, self.outside) if specials else 0)
-            return build
-
+        s, want = self.args.scale, self.args.only
         if "wide" in want:
             dirs, files = flat_layout(500000 * s)
             self.make_tree("wide", "%s dirs x %s files" % (fmt_int(dirs), fmt_int(files)),
-                           with_specials(lambda p: build_flat(p, dirs, files, "wide")))
+                           lambda p: build_flat(p, dirs, files), specials=True)
         if "deep" in want:
             fanout, per_dir = deep_layout(273050 * s)
             self.make_tree("deep", "6 levels, %d subdirs and %d entries per dir"
                            % (fanout, per_dir),
-                           with_specials(lambda p: build_deep(p, 6, fanout, per_dir, "deep")))
+                           lambda p: build_deep(p, 6, fanout, per_dir), specials=True)
         if "sparse" in want:
-            holder = {}
-
-            def sparse(p):
-                n, size = build_sparse(p, 4, TIB)
-                holder["size"] = size
-                return n
-            t = self.make_tree("sparse", "4 sparse files of 1 TiB apparent size", sparse)
-            t.extra["file_size"] = holder["size"]
-            t.extra["allocated_bytes"] = allocated_bytes(t.path)
-            if holder["size"] != TIB:
-                t.title = "4 sparse files of %s (1 TiB refused)" % fmt_bytes(holder["size"])
+            try:
+                self.make_tree("sparse", "4 sparse files of 1 TiB apparent size", build_sparse)
+            except OSError as e:
+                self.notes.append("sparse tree skipped: the filesystem refused 1 TiB files (%s)"
+                                  % e.strerror)
         if "memory" in want:
             for key, n in (("mem100k", 100000 * s), ("mem1m", 1000000 * s)):
                 dirs, files = flat_layout(n)
                 self.make_tree(key, "%s dirs x %s files" % (fmt_int(dirs), fmt_int(files)),
-                               lambda p, d=dirs, f=files, k=key: build_flat(p, d, f, k))
-            if a.single_dir_entries:
-                n = max(1, int(a.single_dir_entries * s))
-                self.make_tree("mem1dir", "one directory of %s files" % fmt_int(n),
-                               lambda p: build_single(p, n, "mem1dir"))
-        if "latency" in want and self.shim and not a.no_tool:
-            n = a.latency_entries
-            if a.latency_tree == "deep":
-                fo, per = deep_layout(n, levels=4)
-                self.make_tree("latency", "4 levels, %d subdirs and %d entries per dir"
-                               % (fo, per), lambda p: build_deep(p, 4, fo, per, "latency"))
-            else:
-                files = max(1, (n - 11) // 10)
-                self.make_tree("latency", "10 dirs x %s files" % fmt_int(files),
-                               lambda p: build_flat(p, 10, files, "latency"))
-
-    def count_entries(self, path):
-        if self.helper:
-            r = run_proc([self.helper, "walk", path])
-            try:
-                return int(r["stdout"].split()[0])
-            except (ValueError, IndexError):
-                raise RuntimeError("stat walk failed on %s: %s" % (path, r["stderr"]))
-        n = 1
-        for dirpath, dirnames, filenames in os.walk(path):
-            n += len(dirnames) + len(filenames)
-        return n
+                               lambda p, d=dirs, f=files: build_flat(p, d, f))
+            n = max(1, int(SINGLE_DIR_ENTRIES * s))
+            self.make_tree("mem1dir", "one directory of %s files" % fmt_int(n),
+                           lambda p: build_single(p, n))
+        if "latency" in want:
+            files = max(1, (self.args.latency_entries - 11) // 10)
+            self.make_tree("latency", "10 dirs x %s files" % fmt_int(files),
+                           lambda p: build_flat(p, 10, files))
 
     # -- commands
-    def reset_atimes(self, path):
+    def reset_atimes(self, t):
         old = int(time.time()) - OLD_DAYS * DAY
-        if self.helper:
-            r = run_proc([self.helper, "reset", path, str(old)])
-            if r["rc"] != 0:
-                raise RuntimeError("atime reset failed on %s: %s"
-                                   % (path, r["stderr"] + r["stdout"]))
-            return
-        old_ns = old * 10 ** 9
-        for dirpath, dirnames, filenames in os.walk(path, topdown=False):
-            for n in dirnames + filenames:
-                p = os.path.join(dirpath, n)
-                st = os.lstat(p)
-                os.utime(p, ns=(old_ns, st.st_mtime_ns), follow_symlinks=False)
-        st = os.lstat(path)
-        os.utime(path, ns=(old_ns, st.st_mtime_ns), follow_symlinks=False)
+        r = run_proc([self.helper, "reset", t.path, str(old)])
+        if r["rc"] != 0:
+            raise RuntimeError("atime reset failed on %s: %s" % (t.path, r["stderr"] + r["stdout"]))
 
-    def floor_argv(self, kind, path):
+    def floor_argv(self, kind, t):
         if kind == "find_touch":
-            return ["find", path, "-exec", "touch", "-a", "-c", "-h", "{}", "+"]
-        if self.helper:
-            return [self.helper, "walk", path]
-        return ["find", path, "-printf", ""]
+            return ["find", t.path, "-exec", "touch", "-a", "-c", "-h", "{}", "+"]
+        return [self.helper, "walk", t.path]
 
-    def run_floor(self, kind, path):
-        r = run_proc(self.floor_argv(kind, path), timeout=self.args.timeout)
-        rec = {"seconds": r["seconds"], "rc": r["rc"], "maxrss_kb": r["maxrss_kb"],
-               "cpu_seconds": r["cpu_seconds"]}
+    def refresh_argv(self, name, check=False, extra=()):
+        return self.tool_argv(["refresh", "--name", name, "--json"] + list(extra)
+                              + (["--check"] if check else []))
+
+    def timed(self, kind, t):
+        """One run of a CMD_LABELS command on tree t; the 'old' ones after an atime reset."""
+        if kind in ("tool_touch_old", "find_touch"):
+            self.reset_atimes(t)
+        if kind.startswith("tool"):
+            return self.run_tool(t.key, check=kind == "tool_check")
+        return self.run_floor(kind, t)
+
+    def run_floor(self, kind, t):
+        r = run_proc(self.floor_argv(kind, t), timeout=self.args.timeout)
+        rec = dict((k, r[k]) for k in ("seconds", "rc", "maxrss_kb", "cpu_seconds"))
         if r["rc"] != 0:
             rec["stderr"] = tail(r["stderr"])
-            log("  WARNING: %s exited %d: %s"
-                % (" ".join(r["argv"][:3]), r["rc"], tail(r["stderr"], 2)))
+            log("  WARNING: %s exited %d: %s" % (r["argv"][0], r["rc"], tail(r["stderr"], 2)))
         return rec
 
-    def refresh_argv(self, name, check=False, threads=None, main=True, extra=()):
-        argv = ["refresh", "--name", name, "--json"] + list(extra)
-        if check:
-            argv.append("--check")
-        if threads is not None:
-            argv += ["--threads", str(threads)]
-        if main and self.args.checkpoint_every is not None:
-            argv += ["--checkpoint-every", "%g" % self.args.checkpoint_every]
-        if main and self.args.tool_args:
-            argv += shlex.split(self.args.tool_args)
-        return self.tool_argv(argv)
-
-    def run_tool(self, name, check=False, threads=None, env=None, main=True, extra=(),
-                 sample=False):
-        r = run_proc(self.refresh_argv(name, check, threads, main, extra),
-                     env=env or self.tool_env, timeout=self.args.timeout, sample=sample)
-        rec = {"seconds": r["seconds"], "rc": r["rc"], "maxrss_kb": r["maxrss_kb"],
-               "cpu_seconds": r["cpu_seconds"], "timed_out": r["timed_out"]}
-        for k in ("sum_rss_kb", "sum_pss_kb", "max_procs"):
-            if k in r:
-                rec[k] = r[k]
+    def run_tool(self, name, check=False, env=None, extra=(), sample=False):
+        """One timed `refresh`, with the figures of its --json result."""
+        r = run_proc(self.refresh_argv(name, check, extra), env=env or self.tool_env,
+                     timeout=self.args.timeout, sample=sample)
+        rec = dict((k, r[k]) for k in ("seconds", "rc", "maxrss_kb", "cpu_seconds", "timed_out",
+                                       "sum_rss_kb", "sum_pss_kb", "max_procs") if k in r)
         res = parse_tool_json(r["stdout"])
-        if res is not None:
-            for k in ("mode", "complete", "resumed", "entries_seen", "entries_touched",
-                      "entries_skipped", "entries_at_risk", "bytes_at_risk",
-                      "entries_purge_eligible", "bytes_purge_eligible", "errors"):
-                rec[k] = res.get(k)
-            timing = res.get("timing")
-            if isinstance(timing, dict):
-                rec["timing"] = timing
-                ck, wk = timing.get("checkpoint_seconds"), timing.get("walk_seconds")
-                if isinstance(ck, (int, float)) and isinstance(wk, (int, float)) and wk > 0:
-                    rec["checkpoint_share"] = ck / wk
-        if r["rc"] != 0 or res is None or not res.get("complete") or res.get("resumed"):
+        for k in ("mode", "complete", "resumed", "entries_seen", "entries_touched",
+                  "entries_skipped", "entries_at_risk", "bytes_at_risk",
+                  "entries_purge_eligible", "bytes_purge_eligible", "errors"):
+            rec[k] = res.get(k)
+        if isinstance(res.get("timing"), dict):
+            rec["timing"] = res["timing"]
+            rec["checkpoint_share"] = ratio(res["timing"].get("checkpoint_seconds"),
+                                            res["timing"].get("walk_seconds"))
+        if r["rc"] != 0 or not res.get("complete") or res.get("resumed"):
             rec["stderr"] = tail(r["stderr"])
             log("  WARNING: tool refresh %s%s: rc %d, complete=%s resumed=%s: %s"
-                % (name, " --check" if check else "", r["rc"],
-                   None if res is None else res.get("complete"),
-                   None if res is None else res.get("resumed"),
-                   tail(r["stderr"] + ("" if res is not None else r["stdout"]), 3)))
+                % (name, " --check" if check else "", r["rc"], res.get("complete"),
+                   res.get("resumed"), tail(r["stderr"] + ("" if res else r["stdout"]), 3)))
         return rec
 
     # -- phase 1: timed trees
     def bench_tree(self, t):
-        a = self.args
+        """Interleaved rounds on one tree: every round runs the five commands in the same
+        order, so drift on the machine falls on all of them alike."""
         runs = dict((k, []) for k, _ in CMD_LABELS)
-        thr = a.tool_threads
         log("warm-up (untimed) on %s: stat walk + tool --check" % t.key)
-        self.run_floor("stat_walk", t.path)
-        warm = self.run_tool(t.key, check=True, threads=thr)
-        if warm["rc"] != 0:
-            log("  tool --check failed in the warm-up on %s; timing it anyway" % t.key)
-        for i in range(a.repeat):
-            log("%s: round %d/%d" % (t.key, i + 1, a.repeat))
-            self.reset_atimes(t.path)
-            runs["tool_touch_old"].append(self.run_tool(t.key, threads=thr))
-            self.reset_atimes(t.path)
-            runs["find_touch"].append(self.run_floor("find_touch", t.path))
-            runs["tool_check"].append(self.run_tool(t.key, check=True, threads=thr))
-            runs["stat_walk"].append(self.run_floor("stat_walk", t.path))
-            runs["tool_touch_recent"].append(self.run_tool(t.key, threads=thr))
+        self.run_floor("stat_walk", t)
+        self.run_tool(t.key, check=True)
+        for i in range(self.args.repeat):
+            log("%s: round %d/%d" % (t.key, i + 1, self.args.repeat))
+            for k, _ in CMD_LABELS:
+                runs[k].append(self.timed(k, t))
         summary = dict((k, summarize(runs[k], t.entries)) for k in runs)
-        rat = {
-            "touch_vs_find": ratio(summary["tool_touch_old"]["median_s"],
-                                   summary["find_touch"]["median_s"]),
-            "check_vs_walk": ratio(summary["tool_check"]["median_s"],
-                                   summary["stat_walk"]["median_s"]),
-            "skipped_vs_walk": ratio(summary["tool_touch_recent"]["median_s"],
-                                     summary["stat_walk"]["median_s"]),
-        }
-        anomalies = []
-        for k in ("tool_touch_old", "tool_check", "tool_touch_recent"):
-            for r in runs[k]:
-                seen = r.get("entries_seen")
-                if r["rc"] != 0:
-                    anomalies.append("%s: exit %d" % (k, r["rc"]))
-                elif seen is not None and seen != t.entries:
-                    anomalies.append("%s: entries_seen %s, the stat walk counts %s"
-                                     % (k, fmt_int(seen), fmt_int(t.entries)))
-                if r.get("errors"):
-                    anomalies.append("%s: %s errors" % (k, fmt_int(r["errors"])))
-            if k == "tool_touch_old":
-                for r in runs[k]:
-                    if r.get("entries_touched") is not None and r.get("entries_seen") \
-                            and r["entries_touched"] != r["entries_seen"]:
-                        anomalies.append("touch, all old: touched %s of %s entries"
-                                         % (fmt_int(r["entries_touched"]),
-                                            fmt_int(r["entries_seen"])))
-            if k == "tool_touch_recent":
-                for r in runs[k]:
-                    if r.get("entries_touched"):
-                        anomalies.append("touch, all recent: touched %s entries (expected 0)"
-                                         % fmt_int(r["entries_touched"]))
-        commands = {
-            "tool_touch_old": self.refresh_argv(t.key, threads=thr),
-            "find_touch": self.floor_argv("find_touch", t.path),
-            "tool_check": self.refresh_argv(t.key, check=True, threads=thr),
-            "stat_walk": self.floor_argv("stat_walk", t.path),
-            "tool_touch_recent": self.refresh_argv(t.key, threads=thr),
-            "atime_reset": ([self.helper, "reset", t.path, "<now - %d days>" % OLD_DAYS]
-                            if self.helper else ["<python os.utime walk>", t.path]),
-        }
+        med = dict((k, s["median_s"]) for k, s in summary.items())
+        commands = dict((k, self.refresh_argv(t.key, check=k == "tool_check")
+                         if k.startswith("tool") else self.floor_argv(k, t))
+                        for k, _ in CMD_LABELS)
+        commands["atime_reset"] = [self.helper, "reset", t.path, "<now - %d days>" % OLD_DAYS]
         self.report.setdefault("commands", commands)
         self.report["trees"][t.key] = {
             "title": t.title, "path": t.path, "entries": t.entries, "created": t.created,
-            "commands": commands,
-            "build_seconds": t.build_seconds, "extra": t.extra,
-            "summary": summary, "ratios": rat, "anomalies": sorted(set(anomalies)),
-            "runs": runs,
+            "commands": commands, "build_seconds": t.build_seconds, "summary": summary,
+            "ratios": {"touch_vs_find": ratio(med["tool_touch_old"], med["find_touch"]),
+                       "check_vs_walk": ratio(med["tool_check"], med["stat_walk"]),
+                       "skipped_vs_walk": ratio(med["tool_touch_recent"], med["stat_walk"])},
+            "anomalies": tree_anomalies(runs, t.entries), "runs": runs,
         }
 
     # -- phase 2: memory
     def bench_memory(self):
-        small, big = self.trees["mem100k"], self.trees["mem1m"]
-        order = [small, big] + ([self.trees["mem1dir"]] if "mem1dir" in self.trees else [])
-        thr = self.args.tool_threads
+        """Peak memory of check and touch mode on the memory trees: ru_maxrss of the
+        largest process, and the sampled PSS summed over the tool's process tree."""
+        order = [self.trees[k] for k in ("mem100k", "mem1m", "mem1dir")]
         log("memory: warm-up (untimed) stat walks")
         for t in order:
-            self.run_floor("stat_walk", t.path)
+            self.run_floor("stat_walk", t)
         runs = {"check": {}, "touch": {}}
-        reps = max(1, self.args.memory_repeat)
-        for i in range(reps):
-            for t in order:
-                log("memory: %s --check (%s entries), run %d/%d"
-                    % (t.key, fmt_int(t.entries), i + 1, reps))
-                runs["check"].setdefault(t.key, []).append(
-                    self.run_tool(t.key, check=True, threads=thr, sample=True))
-            for t in order:
-                self.reset_atimes(t.path)
-                log("memory: %s touch, all old (%s entries), run %d/%d"
-                    % (t.key, fmt_int(t.entries), i + 1, reps))
-                runs["touch"].setdefault(t.key, []).append(
-                    self.run_tool(t.key, threads=thr, sample=True))
-        mem = {"entries": dict((t.key, t.entries) for t in order), "runs": runs,
-               "titles": dict((t.key, t.title) for t in order), "summary": {}}
         for mode in ("check", "touch"):
             for t in order:
-                rs = runs[mode][t.key]
-                mem["summary"]["%s_%s" % (mode, t.key)] = {
-                    "peak_rss_kb": max(r["maxrss_kb"] for r in rs),
-                    "sum_rss_kb": max(r.get("sum_rss_kb") or 0 for r in rs),
-                    "sum_pss_kb": max(r.get("sum_pss_kb") or 0 for r in rs),
-                    "max_procs": max(r.get("max_procs") or 0 for r in rs),
-                    "median_s": median([r["seconds"] for r in rs]),
-                    "entries_seen": rs[-1].get("entries_seen"),
-                    "rc": [r["rc"] for r in rs],
-                    "checkpoint_share": median([r.get("checkpoint_share") for r in rs]),
-                    "checkpoints": rs[-1].get("timing", {}).get("checkpoints"),
-                }
-        self.report["memory"] = mem
-        self.probe_checkpoints(big, runs["check"][big.key])
+                if mode == "touch":
+                    self.reset_atimes(t)
+                log("memory: %s %s (%s entries)" % (t.key, mode, fmt_int(t.entries)))
+                runs[mode][t.key] = [self.run_tool(t.key, check=mode == "check", sample=True)]
+        self.report["memory"] = {
+            "entries": dict((t.key, t.entries) for t in order), "runs": runs,
+            "titles": dict((t.key, t.title) for t in order),
+            "summary": dict(("%s_%s" % (mode, t.key), summarize(runs[mode][t.key], t.entries))
+                            for mode in runs for t in order)}
+        self.probe_checkpoints(self.trees["mem1m"], runs["check"]["mem1m"])
 
     def probe_checkpoints(self, t, check_runs):
         """Runs this short write no checkpoint at the tool's interval; force ~10 with
         --checkpoint-every to learn what one costs."""
-        walks = [r.get("timing", {}).get("walk_seconds") for r in check_runs]
-        walk = median(walks)
+        walk = median([r.get("timing", {}).get("walk_seconds") for r in check_runs])
         if walk is None:
             return
         every = max(0.01, round(walk / 10.0, 3))
         log("checkpoints: %s --check --checkpoint-every %g" % (t.key, every))
-        rec = self.run_tool(t.key, check=True, threads=self.args.tool_threads, main=False,
-                            extra=["--checkpoint-every", "%g" % every])
-        probe = {"tree": t.key, "checkpoint_every": every, "rc": rec["rc"],
-                 "timing": rec.get("timing")}
+        rec = self.run_tool(t.key, check=True, extra=["--checkpoint-every", "%g" % every])
         timing = rec.get("timing") or {}
-        n = timing.get("checkpoints")
-        if rec["rc"] == 0 and n:
-            per = timing["checkpoint_seconds"] / n
-            probe.update({"checkpoints": n, "seconds_per_checkpoint": per,
+        probe = {"tree": t.key, "checkpoint_every": every, "rc": rec["rc"], "timing": timing}
+        if rec["rc"] == 0 and timing.get("checkpoints"):
+            per = timing["checkpoint_seconds"] / timing["checkpoints"]
+            probe.update({"checkpoints": timing["checkpoints"], "seconds_per_checkpoint": per,
                           "share_at_forced_interval": rec.get("checkpoint_share"),
-                          "share_at_default_interval":
-                              per / self.args.tool_checkpoint_interval})
+                          "share_at_default_interval": per / TOOL_CHECKPOINT_S})
         self.report["checkpoint_probe"] = probe
 
     # -- phase 3: latency
     def shim_env(self, counts_file, prefix):
         env = dict(self.tool_env)
-        env["LD_PRELOAD"] = self.shim + ((" " + env["LD_PRELOAD"]) if env.get("LD_PRELOAD")
-                                         else "")
+        env["LD_PRELOAD"] = " ".join(x for x in (self.shim, env.get("LD_PRELOAD")) if x)
         env["BENCH_SHIM_DELAY_US"] = "%g" % (self.args.latency_ms * 1000.0)
         env["BENCH_SHIM_PREFIX"] = prefix
         env["BENCH_SHIM_COUNTS"] = counts_file
         return env
 
     @staticmethod
-    def zero_counts(counts_file):
-        with open(counts_file, "wb") as f:
-            f.write(b"\0" * (16 * len(SHIM_NAMES)))
-
-    @staticmethod
     def read_counts(counts_file):
-        """{symbol: {"delayed": n, "passed": n}} from the shim's shared counters; zeroes them."""
-        with open(counts_file, "rb") as f:
-            raw = f.read()
-        out = {}
-        if len(raw) >= 16 * len(SHIM_NAMES):
-            vals = struct.unpack("=%dQ" % (2 * len(SHIM_NAMES)), raw[:16 * len(SHIM_NAMES)])
-            for i, name in enumerate(SHIM_NAMES):
-                if vals[2 * i] or vals[2 * i + 1]:
-                    out[name] = {"delayed": vals[2 * i], "passed": vals[2 * i + 1]}
-        Bench.zero_counts(counts_file)
-        return out
-
-    def probe_shim(self, t, counts_file):
-        self.zero_counts(counts_file)
-        r = run_proc([sys.executable, "-c", SHIM_PROBE, t.path,
-                      os.path.join(self.outside, "f001"), "100"],
-                     env=self.shim_env(counts_file, os.path.realpath(t.path)), timeout=120)
-        counts = self.read_counts(counts_file)
-        if r["rc"] != 0:
-            raise RuntimeError("shim probe failed: " + tail(r["stderr"]))
-        per_call = json.loads(r["stdout"].strip().splitlines()[-1])
-        threshold = 0.8 * self.args.latency_ms
-        probe = {"ms_per_call": per_call, "counts": counts, "delayed": {}}
-        for k, v in per_call.items():
-            probe["delayed"][k] = v >= threshold
-        return probe
-
-    def tool_options(self):
-        """The option names `refresh --help` lists (cached)."""
-        if getattr(self, "_tool_options", None) is None:
-            r = run_proc(self.tool_argv(["refresh", "--help"]), env=self.tool_env)
-            self._tool_options = set(re.findall(r"(--[a-z][a-z0-9-]*)", r["stdout"]))
-        return self._tool_options
-
-    def latency_variants(self):
-        """(label, extra refresh arguments) per run; the first one is the baseline."""
-        a = self.args
-        workers = "--workers" in self.tool_options()
-        v = []
-        if workers:
-            v.append(("--threads 1 --workers 1", ["--threads", "1", "--workers", "1"]))
-        for n in a.threads_list:
-            if workers and n == 1:
-                continue        # the baseline above is the single-thread run
-            v.append(("--threads %d" % n, ["--threads", str(n)]))
-        if workers:
-            for n in a.threads_list:
-                if n > 1:
-                    v.append(("--workers %d" % n, ["--workers", str(n)]))
-        return v
+        """{symbol: {"delayed": n, "passed": n}} from the shim's shared counters (a
+        missing file reads as none); leaves the file zeroed for the next run."""
+        size = 16 * len(SHIM_NAMES)
+        try:
+            with open(counts_file, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raw = b""
+        with open(counts_file, "wb") as f:      # the shim maps it, never creates it
+            f.write(b"\0" * size)
+        vals = struct.unpack("=%dQ" % (2 * len(SHIM_NAMES)), raw[:size]) \
+            if len(raw) >= size else [0] * (2 * len(SHIM_NAMES))
+        return dict((name, {"delayed": vals[2 * i], "passed": vals[2 * i + 1]})
+                    for i, name in enumerate(SHIM_NAMES) if vals[2 * i] or vals[2 * i + 1])
 
     def bench_latency(self):
-        a = self.args
-        t = self.trees["latency"]
+        """Every variant in check and touch mode under the shim, interleaved round by round;
+        speed-ups against the strictly sequential baseline."""
+        a, t = self.args, self.trees["latency"]
         counts_file = os.path.join(self.builddir, "shim-counts")
-        log("latency: probing the shim (+%.2f ms per call)" % a.latency_ms)
-        lat = {"latency_ms": a.latency_ms, "entries": t.entries, "threads_supported": None,
-               "title": t.title}
-        self.report["latency"] = lat
-        try:
-            lat["probe"] = self.probe_shim(t, counts_file)
-        except Exception as e:
-            lat["probe"] = {"error": str(e), "ms_per_call": {}, "delayed": {}}
-            log("  WARNING: the shim probe failed (going on): %s" % e)
-        for k, v in lat["probe"]["ms_per_call"].items():
-            log("  %-60s %.3f ms/call" % (k, v))
-        eff = lat["probe"]["ms_per_call"].get("os.stat(name, dir_fd=fd, follow_symlinks=False)")
-        lat["effective_ms"] = eff
+        lat = {"latency_ms": a.latency_ms, "entries": t.entries, "title": t.title}
         log("latency: warm-up (untimed) tool --check --threads 1 without the shim")
-        warm = run_proc(self.refresh_argv(t.key, check=True, threads=1, main=False),
-                        env=self.tool_env, timeout=a.timeout)
-        if warm["rc"] == 2:
-            lat["threads_supported"] = False
-            lat["note"] = "threads: not supported by this version (%s)" % tail(warm["stderr"], 1)
-            log("  " + lat["note"])
-            return
-        lat["threads_supported"] = True
-        variants = self.latency_variants()
+        self.run_tool(t.key, check=True, extra=["--threads", "1"])
+        variants = latency_variants()
         lat["variants"] = [label for label, _ in variants]
         env = self.shim_env(counts_file, os.path.realpath(t.path))
-        self.zero_counts(counts_file)
-        runs = {}
+        self.read_counts(counts_file)
+        runs = dict(("%s %s" % (mode, label), []) for mode in ("check", "touch")
+                    for label, _ in variants)
         for i in range(a.repeat):
             for mode in ("check", "touch"):
                 for label, extra in variants:
                     if mode == "touch":
-                        self.reset_atimes(t.path)
+                        self.reset_atimes(t)
                     log("latency: round %d/%d, %s, %s" % (i + 1, a.repeat, mode, label))
-                    rec = self.run_tool(t.key, check=(mode == "check"), env=env, main=False,
-                                        extra=extra)
+                    rec = self.run_tool(t.key, check=mode == "check", env=env, extra=extra)
                     rec["shim_counts"] = self.read_counts(counts_file)
-                    runs.setdefault("%s %s" % (mode, label), []).append(rec)
-        summary = {}
-        for mode in ("check", "touch"):
-            base = runs["%s %s" % (mode, variants[0][0])]
-            base_s = median([r["seconds"] for r in base if r["rc"] == 0])
-            base_w = median([r.get("timing", {}).get("walk_seconds") for r in base])
-            for label, extra in variants:
-                key = "%s %s" % (mode, label)
-                rs = runs[key]
-                med = median([r["seconds"] for r in rs if r["rc"] == 0])
-                walk = median([r.get("timing", {}).get("walk_seconds") for r in rs])
-                delayed = sum(v["delayed"] for v in rs[-1]["shim_counts"].values())
-                summary[key] = {
-                    "mode": mode, "variant": label, "args": extra, "median_s": med,
-                    "baseline": label == variants[0][0],
-                    "entries_per_s": ratio(t.entries, med),
-                    "speedup": ratio(base_s, med),
-                    "walk_seconds": walk,
-                    "walk_speedup": ratio(base_w, walk),
-                    "peak_rss_kb": max(r["maxrss_kb"] for r in rs),
-                    "cpu_seconds": median([r["cpu_seconds"] for r in rs]),
-                    "delayed_calls": delayed,
-                    "shim_counts": rs[-1]["shim_counts"],
-                    "rc": [r["rc"] for r in rs],
-                    "entries_touched": rs[-1].get("entries_touched"),
-                }
+                    runs["%s %s" % (mode, label)].append(rec)
         lat["runs"] = runs
-        lat["summary"] = summary
+        lat["summary"] = summary = latency_summary(runs, variants, t.entries)
+        # Every entry is stat'ed once under the tree: fewer delayed calls means the shim
+        # missed a call the tool makes, and the figures would not show the latency.
+        lat["anomalies"] = ["%s: the shim delayed %s calls for %s entries"
+                            % (k, fmt_int(s["delayed_calls"]), fmt_int(t.entries))
+                            for k, s in summary.items() if s["delayed_calls"] < t.entries]
+        self.report["latency"] = lat
 
     # -- cleanup
     def cleanup(self):
@@ -1415,293 +1010,288 @@ class Bench(object):
             log("kept %s (--keep)" % self.base)
             return
         log("cleaning up %s" % self.base)
-        if shutil.which("rm"):
-            subprocess.call(["rm", "-rf", "--one-file-system", self.base])
-        if os.path.isdir(self.base):
-            shutil.rmtree(self.base, ignore_errors=True)
+        subprocess.call(["rm", "-rf", "--one-file-system", self.base])
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def latency_variants():
+    """(label, extra refresh arguments) per latency run; the first one is the baseline."""
+    variants = [("--threads 1 --workers 1", ["--threads", "1", "--workers", "1"])]
+    for opt in ("--threads", "--workers"):
+        variants += [("%s %d" % (opt, n), [opt, str(n)]) for n in PARALLEL]
+    return variants
 
 
 def summarize(runs, entries):
-    secs = [r["seconds"] for r in runs if r.get("rc") == 0]
-    med = median(secs)
-    timings = [r.get("timing") for r in runs if r.get("timing")]
+    """Median and spread of one command's runs, peak memory, and the tool's counts."""
+    secs = [r["seconds"] for r in runs if r["rc"] == 0]
+    timings = [r.get("timing") or {} for r in runs]
+    last = runs[-1]
     return {
-        "n": len(secs),
-        "median_s": med,
-        "min_s": min(secs) if secs else None,
-        "max_s": max(secs) if secs else None,
-        "entries_per_s": ratio(entries, med),
-        "peak_rss_kb": max(r["maxrss_kb"] for r in runs) if runs else None,
-        "cpu_s": median([r.get("cpu_seconds") for r in runs]),
+        "n": len(secs), "median_s": median(secs), "min_s": min(secs) if secs else None,
+        "max_s": peak(secs), "entries_per_s": ratio(entries, median(secs)),
+        "peak_rss_kb": peak([r["maxrss_kb"] for r in runs]),
+        "sum_pss_kb": peak([r.get("sum_pss_kb") for r in runs]),
+        "max_procs": peak([r.get("max_procs") for r in runs]),
+        "cpu_s": median([r["cpu_seconds"] for r in runs]),
         "checkpoint_share": median([r.get("checkpoint_share") for r in runs]),
-        "checkpoints": max([t.get("checkpoints", 0) or 0 for t in timings]) if timings else None,
-        "walk_s": median([t.get("walk_seconds") for t in timings]) if timings else None,
-        "entries_seen": runs[-1].get("entries_seen") if runs else None,
-        "entries_touched": runs[-1].get("entries_touched") if runs else None,
-        "bytes_at_risk": runs[-1].get("bytes_at_risk") if runs else None,
-        "failed_runs": len([r for r in runs if r.get("rc") != 0]),
+        "checkpoints": peak([t.get("checkpoints") for t in timings]),
+        "walk_s": median([t.get("walk_seconds") for t in timings]),
+        "entries_seen": last.get("entries_seen"), "entries_touched": last.get("entries_touched"),
+        "bytes_at_risk": last.get("bytes_at_risk"),
+        "rc": [r["rc"] for r in runs], "failed_runs": len(runs) - len(secs),
     }
+
+
+def tree_anomalies(runs, entries):
+    """What the tool's own counts say went wrong in a tree's timed runs."""
+    out = set()
+    for k in ("tool_touch_old", "tool_check", "tool_touch_recent"):
+        for r in runs[k]:
+            seen, touched = r.get("entries_seen"), r.get("entries_touched")
+            if r["rc"] != 0:
+                out.add("%s: exit %d" % (k, r["rc"]))
+            elif seen is not None and seen != entries:
+                out.add("%s: entries_seen %s, the stat walk counts %s"
+                        % (k, fmt_int(seen), fmt_int(entries)))
+            if r.get("errors"):
+                out.add("%s: %s errors" % (k, fmt_int(r["errors"])))
+            if k == "tool_touch_old" and touched is not None and seen and touched != seen:
+                out.add("touch, all old: touched %s of %s entries"
+                        % (fmt_int(touched), fmt_int(seen)))
+            if k == "tool_touch_recent" and touched:
+                out.add("touch, all recent: touched %s entries (expected 0)" % fmt_int(touched))
+    return sorted(out)
+
+
+def latency_summary(runs, variants, entries):
+    """Per mode and variant: the summary of its runs and its speed-up over the mode's
+    baseline, whole-process and from the tool's own walk_seconds (without start-up)."""
+    summary = {}
+    for mode in ("check", "touch"):
+        base = summarize(runs["%s %s" % (mode, variants[0][0])], entries)
+        for label, extra in variants:
+            rs = runs["%s %s" % (mode, label)]
+            s = summarize(rs, entries)
+            s.update({"mode": mode, "variant": label, "args": extra,
+                      "baseline": label == variants[0][0],
+                      "speedup": ratio(base["median_s"], s["median_s"]),
+                      "walk_speedup": ratio(base["walk_s"], s["walk_s"]),
+                      "shim_counts": rs[-1]["shim_counts"],
+                      "delayed_calls": sum(v["delayed"] for v in rs[-1]["shim_counts"].values())})
+            summary["%s %s" % (mode, label)] = s
+    return summary
 
 # ---------------------------------------------------------------- the report
 
 
-def render(report, out):
-    w = out.write
-    m = report.get("machine", {})
-    c = report.get("config", {})
-    w("scratch-keepalive benchmark\n")
-    w("=" * 78 + "\n")
-    w("machine : %s, %s cores (%s usable), %s MB RAM, %s\n"
-      % (m.get("cpu_model"), m.get("cores"), m.get("cores_usable"), m.get("memory_mb"),
-         m.get("machine")))
-    w("kernel  : %s, %s\n" % (m.get("kernel"), m.get("glibc") or "libc ?"))
-    w("workdir : %s on %s (%s, %s)\n" % (m.get("workdir"), m.get("fs_mount"), m.get("fs_type"),
-                                         m.get("fs_options")))
-    w("python  : %s\n" % m.get("python"))
-    w("tools   : %s; %s\n" % (m.get("gcc") or "no gcc", m.get("find")))
-    w("tool    : %s (%s)\n" % (report.get("tool_version"), c.get("tool")))
-    w("run     : %s, host %s, load %s at start%s\n"
-      % (m.get("date"), m.get("hostname"), m.get("loadavg_at_start"),
-         ", SLURM_JOB_ID set" if m.get("slurm_job_id") else ""))
-    w("method  : scale %s%s, medians of %d interleaved runs of whole processes; %s.\n"
-      % (c.get("scale"), " (--quick)" if c.get("quick") else "", c.get("repeat"),
-         c.get("cache")))
-    w("          'old' = every atime reset to %d days ago before the run (untimed, %s);\n"
-      "          'recent' = right after a touch run. Stat floor: %s.\n"
-      % (c.get("old_days"), c.get("atime_reset"), c.get("stat_floor")))
-    w("          Tool threads in the main runs: %s%s; checkpoint interval: %s.\n"
-      % ("--threads %s" % c["tool_threads_main"] if c.get("tool_threads_main")
-         else "the tool's default",
-         " (extra arguments: %s)" % c["tool_args"] if c.get("tool_args") else "",
-         "--checkpoint-every %g" % c["checkpoint_every"] if c.get("checkpoint_every")
-         else "the tool's default"))
-    st = report.get("startup")
-    if st:
-        w("start-up: `python -c pass` %.0f ms, `scratch_keepalive.py --version` %.0f ms "
-          "(medians of 5; part of every tool figure)\n"
-          % (1000 * st["python_pass_s"], 1000 * st["tool_version_s"]))
-    for n in report.get("notes", []):
-        w("note    : %s\n" % n)
+def table(w, header, rows, left=1):
+    """Writes header and rows in columns as wide as their widest cell: the first `left`
+    columns (what was run) and the last (notes) left-aligned, the figures right-aligned."""
+    rows = [header] + rows
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for r in rows:
+        w("  ".join(c.ljust(n) if i < left or i == len(r) - 1 else c.rjust(n)
+                    for i, (c, n) in enumerate(zip(r, widths))).rstrip() + "\n")
+
+
+def render_header(report, w):
+    m, c, st = report["machine"], report["config"], report["startup"]
+    w("scratch-keepalive benchmark\n" + "=" * 78 + "\n")
+    for label, text in [
+            ("machine", "%(cpu_model)s, %(cores)s cores (%(cores_usable)s usable), "
+                        "%(memory_mb)s MB RAM, %(machine)s" % m),
+            ("kernel", "%s, %s" % (m["kernel"], m["glibc"] or "libc ?")),
+            ("workdir", "%(workdir)s on %(fs_mount)s (%(fs_type)s, %(fs_options)s)" % m),
+            ("python", m["python"]), ("tools", "%(gcc)s; %(find)s" % m),
+            ("tool", "%s (%s), its default --threads/--workers"
+                     % (report["tool_version"], c["tool"])),
+            ("run", "%s, host %s, load %s at start%s"
+                    % (m["date"], m["hostname"], m["loadavg_at_start"],
+                       ", SLURM_JOB_ID set" if m["slurm_job_id"] else "")),
+            ("method", "scale %s%s, medians of %d interleaved runs of whole processes, warm "
+                       "caches (one untimed warm-up pass per tree, never dropped); 'old' = "
+                       "every atime reset to %d days ago first (C helper, untimed); 'recent' "
+                       "= right after a touch run; stat floor: C walker, fstatat "
+                       "AT_SYMLINK_NOFOLLOW, one thread"
+                       % (c["scale"], " (--quick)" if c["quick"] else "", c["repeat"],
+                          c["old_days"])),
+            ("start-up", "`python -c pass` %.0f ms, `scratch_keepalive.py --version` %.0f ms "
+                         "(medians of 5; part of every tool figure)"
+                         % (1000 * st["python_pass_s"], 1000 * st["tool_version_s"]))] \
+            + [("note", n) for n in report["notes"]]:
+        w("%-8s: %s\n" % (label, text))
     cmds = report.get("commands")
     if cmds:
         w("timed command lines (first tree; the others differ only in name and path):\n")
         for k, label in CMD_LABELS + [("atime_reset", "untimed, before each 'old' run")]:
-            if k in cmds:
-                w("  %-31s %s\n"
-                  % (label if k != "stat_walk" else "stat floor", " ".join(cmds[k])))
+            w("  %-31s %s\n" % (label, " ".join(cmds[k])))
 
-    labels = dict(CMD_LABELS)
-    for key, tr in report.get("trees", {}).items():
+
+def run_notes(k, s):
+    notes = []
+    if k.startswith("tool"):
+        notes.append("seen %s" % fmt_int(s["entries_seen"]))
+    if k in ("tool_touch_old", "tool_touch_recent"):
+        notes.append("touched %s" % fmt_int(s["entries_touched"]))
+    if k.startswith("tool") and s["checkpoints"]:
+        notes.append("%d checkpoints" % s["checkpoints"])
+    if s["failed_runs"]:
+        notes.append("%d FAILED" % s["failed_runs"])
+    return ", ".join(notes)
+
+
+def render_trees(report, w):
+    for key, tr in report["trees"].items():
         w("\n== %s: %s, %s entries (built in %.1f s) ==\n"
-          % (key, tr["title"], fmt_int(tr["entries"]), tr["build_seconds"] or 0))
-        w("%-32s %9s %9s %11s %9s %10s %s\n"
-          % ("command", "median s", "min s", "entries/s", "peak RSS", "ckpt/walk", "notes"))
-        for k, _ in CMD_LABELS:
-            s = tr["summary"][k]
-            label = labels[k]
-            if k == "stat_walk":
-                label = "C stat walk" if "C walker" in c.get("stat_floor", "") \
-                    else "find -printf ''"
-            notes = []
-            if k.startswith("tool"):
-                if s.get("entries_seen") is not None:
-                    notes.append("seen %s" % fmt_int(s["entries_seen"]))
-                if k != "tool_check" and s.get("entries_touched") is not None:
-                    notes.append("touched %s" % fmt_int(s["entries_touched"]))
-                if s.get("checkpoints"):
-                    notes.append("%d checkpoints" % s["checkpoints"])
-                if key == "sparse" and k == "tool_touch_old" and s.get("bytes_at_risk"):
-                    notes.append("at risk %s" % fmt_bytes(s["bytes_at_risk"]))
-            if s.get("failed_runs"):
-                notes.append("%d FAILED" % s["failed_runs"])
-            w("%-32s %9s %9s %11s %9s %10s %s\n"
-              % (label, fmt_s(s["median_s"]), fmt_s(s["min_s"]), fmt_rate(s["entries_per_s"]),
-                 fmt_mb(s["peak_rss_kb"]) if k.startswith("tool") else "",
-                 fmt_share(s["checkpoint_share"]) if k.startswith("tool") else "",
-                 ", ".join(notes)))
-        r = tr["ratios"]
+          % (key, tr["title"], fmt_int(tr["entries"]), tr["build_seconds"]))
+        rows = [["C stat walk" if k == "stat_walk" else label, fmt("%.3f", s["median_s"]),
+                 fmt("%.3f", s["min_s"]), fmt_rate(s["entries_per_s"]),
+                 fmt_mb(s["peak_rss_kb"]) if k.startswith("tool") else "", run_notes(k, s)]
+                for k, label in CMD_LABELS for s in [tr["summary"][k]]]
+        table(w, ["command", "median s", "min s", "entries/s", "peak RSS", "notes"], rows)
         w("ratios: touch / find-touch %s | check / stat walk %s | all-skipped / stat walk %s\n"
-          % (fmt_ratio(r["touch_vs_find"]), fmt_ratio(r["check_vs_walk"]),
-             fmt_ratio(r["skipped_vs_walk"])))
+          % tuple(fmt("%.2fx", tr["ratios"][k])
+                  for k in ("touch_vs_find", "check_vs_walk", "skipped_vs_walk")))
         if key == "sparse":
-            ex = tr.get("extra", {})
-            w("sparse: apparent size %s, allocated %s; so few entries that process start-up "
-              "dominates: not used for the targets\n"
-              % (fmt_bytes(4 * ex.get("file_size", 0)), fmt_bytes(ex.get("allocated_bytes"))))
-        for a in tr.get("anomalies", []):
+            w("sparse: so few entries that start-up dominates: not used for the targets\n")
+        for a in tr["anomalies"]:
             w("CHECK: %s\n" % a)
 
-    mem = report.get("memory")
-    if mem:
-        w("\n== memory: tool peak RSS (wait4 ru_maxrss: the largest single process) and "
-          "the process tree's sampled peak PSS sum ==\n")
-        w("%-9s %11s %10s %10s %6s %8s %10s %10s %6s %8s\n"
-          % ("tree", "entries", "check RSS", "check PSS", "procs", "check s",
-             "touch RSS", "touch PSS", "procs", "touch s"))
-        for key in ("mem100k", "mem1m", "mem1dir"):
-            if "check_" + key not in mem["summary"]:
-                continue
-            cs = mem["summary"]["check_" + key]
-            ts = mem["summary"]["touch_" + key]
-            w("%-9s %11s %10s %10s %6s %8s %10s %10s %6s %8s\n"
-              % (key, fmt_int(mem["entries"][key]), fmt_mb(cs["peak_rss_kb"]),
-                 fmt_mb(cs.get("sum_pss_kb")), cs.get("max_procs"), fmt_s(cs["median_s"]),
-                 fmt_mb(ts["peak_rss_kb"]), fmt_mb(ts.get("sum_pss_kb")), ts.get("max_procs"),
-                 fmt_s(ts["median_s"])))
-            for s in (cs, ts):
-                if any(rc != 0 for rc in s["rc"]):
-                    w("CHECK: %s exit codes %s\n" % (key, s["rc"]))
-        g = [mem["summary"][m + "_mem1m"]["peak_rss_kb"] - mem["summary"][m + "_mem100k"]
-             ["peak_rss_kb"] for m in ("check", "touch")]
-        w("growth from %s to %s entries: check %+.1f MB, touch %+.1f MB\n"
-          % (fmt_int(mem["entries"]["mem100k"]), fmt_int(mem["entries"]["mem1m"]),
-             g[0] / 1024.0, g[1] / 1024.0))
-        if "check_mem1dir" in mem["summary"]:
-            w("mem1dir (%s) is the same walk with every entry in one directory: memory that "
-              "grows with a directory's size shows here (not used for the targets)\n"
-              % mem["titles"]["mem1dir"])
-    cp = report.get("checkpoint_probe")
-    if cp:
-        if cp.get("checkpoints"):
-            w("checkpoints: %s --check --checkpoint-every %g wrote %d checkpoints, %.2f ms each, "
-              "%s of the walk; at the tool's %g s interval that is %s\n"
-              % (cp["tree"], cp["checkpoint_every"], cp["checkpoints"],
-                 1000 * cp["seconds_per_checkpoint"], fmt_share(cp["share_at_forced_interval"]),
-                 c.get("tool_checkpoint_interval", 30), fmt_share(cp["share_at_default_interval"])))
-        else:
-            w("checkpoints: forced run (%s --checkpoint-every %g) gave no figure (rc %s, "
-              "timing %s)\n" % (cp["tree"], cp["checkpoint_every"], cp["rc"], cp["timing"]))
 
-    lat = report.get("latency")
-    if lat:
-        w("\n== latency: LD_PRELOAD shim, +%.2f ms per stat/utimensat call under the tree "
-          "(%s: %s entries) ==\n" % (lat["latency_ms"], lat.get("title"),
-                                     fmt_int(lat["entries"])))
-        probe = lat.get("probe", {})
-        if probe.get("error"):
-            w("  probe failed: %s\n" % probe["error"])
-        for k, v in probe.get("ms_per_call", {}).items():
-            w("  probe %-58s %7.3f ms %s"
-              % (k, v, "delayed\n" if probe["delayed"][k] else "not delayed\n"))
-        if lat.get("threads_supported") is False:
-            w("%s\n" % lat.get("note", "threads: not supported by this version"))
-        elif lat.get("summary"):
-            w("%-6s %-24s %9s %10s %9s %10s %9s %s\n"
-              % ("mode", "tool arguments", "median s", "entries/s", "speed-up", "walk s-up",
-                 "peak RSS", "delayed calls"))
-            base = None
-            for key, s in lat["summary"].items():
-                if s.get("baseline"):
-                    base = s["variant"]
-                w("%-6s %-24s %9s %10s %9s %10s %9s %s\n"
-                  % (s["mode"], s["variant"], fmt_s(s["median_s"]),
-                     fmt_rate(s["entries_per_s"]), fmt_ratio(s["speedup"]),
-                     fmt_ratio(s["walk_speedup"]), fmt_mb(s["peak_rss_kb"]),
-                     fmt_int(s["delayed_calls"])))
-                if any(rc != 0 for rc in s["rc"]):
-                    w("CHECK: %s exit codes %s\n" % (key, s["rc"]))
-            w("(speed-up: whole process vs `%s`; walk s-up: the same from the tool's own "
-              "walk_seconds, without start-up; peak RSS: the largest single process)\n" % base)
-            if lat.get("effective_ms"):
-                w("(one delayed call measures %.3f ms here (nanosleep overshoot included): "
-                  "delayed calls x that / threads is the latency floor)\n"
-                  % lat["effective_ms"])
+def render_memory(report, w):
+    mem = report["memory"]
+    if not mem:
+        return
+    w("\n== memory: tool peak RSS (wait4 ru_maxrss: the largest single process) and "
+      "the process tree's sampled peak PSS sum ==\n")
+    ms = mem["summary"]
+    table(w, ["tree", "entries", "check RSS", "check PSS", "procs", "check s", "touch RSS",
+              "touch PSS", "procs", "touch s", ""],
+          [[key, fmt_int(mem["entries"][key])]
+           + [x for s in (ms["check_" + key], ms["touch_" + key])
+              for x in (fmt_mb(s["peak_rss_kb"]), fmt_mb(s["sum_pss_kb"]), str(s["max_procs"]),
+                        fmt("%.3f", s["median_s"]))]
+           + [" ".join("%s FAILED (exit %s)" % (m, ms[m + "_" + key]["rc"])
+                       for m in ("check", "touch") if any(ms[m + "_" + key]["rc"]))]
+           for key in ("mem100k", "mem1m", "mem1dir")])
+    w("growth from %s to %s entries: check %+.1f MB, touch %+.1f MB\n"
+      % ((fmt_int(mem["entries"]["mem100k"]), fmt_int(mem["entries"]["mem1m"]))
+         + tuple((ms[m + "_mem1m"]["peak_rss_kb"] - ms[m + "_mem100k"]["peak_rss_kb"]) / 1024.0
+                 for m in ("check", "touch"))))
+    w("mem1dir (%s) is the same walk with every entry in one directory: memory that grows "
+      "with a directory's size shows here (not used for the targets)\n"
+      % mem["titles"]["mem1dir"])
+    cp = report.get("checkpoint_probe") or {}
+    if cp.get("checkpoints"):
+        w("checkpoints: %s --check --checkpoint-every %g wrote %d checkpoints, %.2f ms each, "
+          "%.3f%% of the walk; at the tool's %g s interval that is %.3f%%\n"
+          % (cp["tree"], cp["checkpoint_every"], cp["checkpoints"],
+             1000 * cp["seconds_per_checkpoint"], 100 * cp["share_at_forced_interval"],
+             TOOL_CHECKPOINT_S, 100 * cp["share_at_default_interval"]))
+    elif cp:
+        w("checkpoints: the forced run (%s --checkpoint-every %g) gave no figure (rc %s, "
+          "timing %s)\n" % (cp["tree"], cp["checkpoint_every"], cp["rc"], cp["timing"]))
 
-    w("\n")
-    verdicts = targets(report)
-    report["verdicts"] = verdicts
-    parts = []
-    quick = report.get("config", {}).get("quick")
-    for name, (state, text) in verdicts.items():
-        parts.append("%s (%s)" % (name, text) if quick else "%s %s (%s)" % (name, state, text))
-    if quick:
-        w("TARGETS not judged: with --quick the trees are so small that start-up dominates; "
-          "run without --quick to judge them. Figures: " + " | ".join(parts) + "\n")
+
+def render_latency(report, w):
+    lat = report["latency"]
+    if not lat:
+        return
+    w("\n== latency: LD_PRELOAD shim, +%.2f ms per stat/utimensat call under the tree "
+      "(%s: %s entries) ==\n" % (lat["latency_ms"], lat["title"], fmt_int(lat["entries"])))
+    table(w, ["mode", "tool arguments", "median s", "entries/s", "speed-up", "walk s-up",
+              "peak RSS", "delayed calls", ""],
+          [[s["mode"], s["variant"], fmt("%.3f", s["median_s"]), fmt_rate(s["entries_per_s"]),
+            fmt("%.2fx", s["speedup"]), fmt("%.2fx", s["walk_speedup"]),
+            fmt_mb(s["peak_rss_kb"]), fmt_int(s["delayed_calls"]),
+            "%d FAILED" % s["failed_runs"] if s["failed_runs"] else ""]
+           for s in lat["summary"].values()], left=2)
+    w("(speed-up: whole process vs `%s`; walk s-up: the same from the tool's own "
+      "walk_seconds, without start-up; peak RSS: the largest single process)\n"
+      % lat["variants"][0])
+    base = lat["summary"]["check " + lat["variants"][0]]
+    if base["walk_s"] and base["delayed_calls"]:
+        w("(the sequential check walk took %.3f ms per delayed call: the delay, nanosleep's "
+          "overshoot and the tool's own work)\n" % (1000 * base["walk_s"] / base["delayed_calls"]))
+    for a in lat["anomalies"]:
+        w("CHECK: %s\n" % a)
+
+
+def render_targets(report, w):
+    if report["config"]["quick"]:
+        w("\nTARGETS not judged: with --quick the trees are so small that start-up "
+          "dominates; run without --quick to judge them. Figures: "
+          + " | ".join("%s (%s)" % (name, text)
+                       for name, (_, text) in report["verdicts"].items()) + "\n")
     else:
-        w("TARGETS: " + " | ".join(parts) + "\n")
+        w("\nTARGETS: " + " | ".join("%s %s (%s)" % (name, state, text)
+                                     for name, (state, text) in report["verdicts"].items())
+          + "\n")
 
 
-def fmt_s(x):
-    return "n/a" if x is None else "%.3f" % x
+# The report's sections, in order; each writes what its part of the report holds.
+SECTIONS = (render_header, render_trees, render_memory, render_latency, render_targets)
+
+# ---------------------------------------------------------------- the targets
+
+
+def worst_ratio(trees, key):
+    vals = [(t["ratios"][key], k) for k, t in trees if t["ratios"][key] is not None]
+    if not vals:
+        return ("n/a", "no data")
+    x, k = max(vals)
+    return ("PASS" if x <= TARGETS[key] else "FAIL",
+            "%.2fx %s, limit %.1fx" % (x, k, TARGETS[key]))
+
+
+def threads_verdict(lat):
+    best = {}
+    for s in (lat or {}).get("summary", {}).values():
+        if not s["baseline"] and s["speedup"] is not None \
+                and s["speedup"] > best.get(s["mode"], (0,))[0]:
+            best[s["mode"]] = (s["speedup"], s["variant"])
+    if not best:
+        return ("n/a", "not measured")
+    return ("PASS" if min(best.values())[0] >= TARGETS["threads_speedup"] else "FAIL",
+            "%s at %.2f ms" % (", ".join("%s %.1fx with %s" % (m, b[0], b[1])
+                                         for m, b in sorted(best.items())), lat["latency_ms"]))
+
+
+def memory_verdict(mem):
+    if not mem:
+        return ("n/a", "not measured")
+    ss = [mem["summary"]["check_mem1m"], mem["summary"]["touch_mem1m"]]
+    rss = max(x["peak_rss_kb"] for x in ss) / 1024.0
+    pss = max(x["sum_pss_kb"] for x in ss) / 1024.0
+    return ("PASS" if max(rss, pss) <= TARGETS["rss_mb_1m"] else "FAIL",
+            "largest process %.1f MB, %d process(es) together %.1f MB PSS, at %s entries"
+            % (rss, max(x["max_procs"] for x in ss), pss, fmt_int(mem["entries"]["mem1m"])))
+
+
+def checkpoint_verdict(cp):
+    """No timed run lasts the tool's checkpoint interval, so the target is judged on the
+    forced probe: the cost of one checkpoint against one interval of walking."""
+    if not cp.get("checkpoints"):
+        return ("n/a", "not measured" if not cp else "the forced probe wrote no checkpoint")
+    x = cp["share_at_default_interval"]
+    return ("PASS" if x <= TARGETS["checkpoint_share"] else "FAIL",
+            "%.2f ms per checkpoint = %.3f%% at one per %g s"
+            % (1000 * cp["seconds_per_checkpoint"], 100 * x, TOOL_CHECKPOINT_S))
 
 
 def targets(report):
-    """PASS/FAIL/n/a per target, with the figure it was judged on."""
-    v = {}
-    trees = [(k, t) for k, t in report.get("trees", {}).items() if k != "sparse"]
-
-    def worst(key, limit, label):
-        vals = [(t["ratios"][key], k) for k, t in trees if t["ratios"].get(key) is not None]
-        if not vals:
-            return ("n/a", "no data")
-        x, k = max(vals)
-        return ("PASS" if x <= limit else "FAIL", "%.2fx %s, limit %.1fx" % (x, k, limit))
-
-    v["touch<=1.0x find-touch"] = worst("touch_vs_find", TARGETS["touch_vs_find"], "touch")
-    v["check<=1.5x stat-walk"] = worst("check_vs_walk", TARGETS["check_vs_walk"], "check")
-    v["all-skipped<=1.5x stat-walk"] = worst("skipped_vs_walk", TARGETS["skipped_vs_walk"],
-                                             "skipped")
-    lat = report.get("latency")
-    if not lat or lat.get("threads_supported") is None:
-        v["threads>=10x"] = ("n/a", "not measured")
-    elif lat.get("threads_supported") is False:
-        v["threads>=10x"] = ("n/a", "threads: not supported by this version")
-    else:
-        best = {}
-        for s in lat["summary"].values():
-            if not s.get("baseline") and s["speedup"] is not None:
-                cur = best.get(s["mode"])
-                if cur is None or s["speedup"] > cur[0]:
-                    best[s["mode"]] = (s["speedup"], s["variant"])
-        if not best:
-            v["threads>=10x"] = ("n/a", "no data")
-        else:
-            lo = min(best.values())
-            text = ", ".join("%s %.1fx with %s" % (m, b[0], b[1])
-                             for m, b in sorted(best.items()))
-            v["threads>=10x"] = ("PASS" if lo[0] >= TARGETS["threads_speedup"] else "FAIL",
-                                 "%s at %.2f ms" % (text, lat["latency_ms"]))
-    mem = report.get("memory")
-    if mem:
-        ss = [mem["summary"]["check_mem1m"], mem["summary"]["touch_mem1m"]]
-        rss = max(x["peak_rss_kb"] for x in ss) / 1024.0
-        pss = max(x.get("sum_pss_kb") or 0 for x in ss) / 1024.0
-        procs = max(x.get("max_procs") or 1 for x in ss)
-        worst_mb = max(rss, pss)
-        v["RSS<=32MB@1M"] = ("PASS" if worst_mb <= TARGETS["rss_mb_1m"] else "FAIL",
-                             "largest process %.1f MB, %d process(es) together %.1f MB PSS, "
-                             "at %s entries" % (rss, procs, pss,
-                                                fmt_int(mem["entries"]["mem1m"])))
-    else:
-        v["RSS<=32MB@1M"] = ("n/a", "not measured")
-    shares = []
-    for k, t in trees:
-        for cmd in ("tool_touch_old", "tool_check", "tool_touch_recent"):
-            s = t["summary"][cmd].get("checkpoint_share")
-            if s is not None:
-                shares.append((s, "%s %s" % (k, cmd), t["summary"][cmd].get("checkpoints")))
-    if mem:
-        for k, s in mem["summary"].items():
-            if s.get("checkpoint_share") is not None:
-                shares.append((s["checkpoint_share"], k, s.get("checkpoints")))
-    cp = report.get("checkpoint_probe") or {}
-    if shares and not any(n for _, _, n in shares) and cp.get("checkpoints"):
-        x = cp["share_at_default_interval"]
-        v["checkpoint<=2%"] = ("PASS" if x <= TARGETS["checkpoint_share"] else "FAIL",
-                               "no timed run lasted a checkpoint interval; %.2f ms per "
-                               "checkpoint = %.3f%% at one per %g s"
-                               % (1000 * cp["seconds_per_checkpoint"], 100 * x,
-                                  report.get("config", {}).get("tool_checkpoint_interval", 30)))
-    elif shares and not any(n for _, _, n in shares):
-        v["checkpoint<=2%"] = ("n/a", "no run wrote a checkpoint (all shorter than the tool's "
-                                      "interval; --checkpoint-every S forces some)")
-    elif shares:
-        x, where, n = max(shares)
-        v["checkpoint<=2%"] = ("PASS" if x <= TARGETS["checkpoint_share"] else "FAIL",
-                               "max %.3f%% (%s, %s checkpoints)" % (100 * x, where, n))
-    else:
-        v["checkpoint<=2%"] = ("n/a", "the tool reports no timing")
-    return v
+    """PASS/FAIL/n/a per target, with the figure it was judged on. The sparse tree's
+    figures are the interpreter's start-up, so it judges none."""
+    trees = [(k, t) for k, t in report["trees"].items() if k != "sparse"]
+    return {
+        "touch<=1.0x find-touch": worst_ratio(trees, "touch_vs_find"),
+        "check<=1.5x stat-walk": worst_ratio(trees, "check_vs_walk"),
+        "all-skipped<=1.5x stat-walk": worst_ratio(trees, "skipped_vs_walk"),
+        "threads>=10x": threads_verdict(report["latency"]),
+        "RSS<=32MB@1M": memory_verdict(report["memory"]),
+        "checkpoint<=2%": checkpoint_verdict(report.get("checkpoint_probe") or {}),
+    }
 
 # ---------------------------------------------------------------- main
 
@@ -1717,112 +1307,59 @@ def parse_args(argv):
                    help="small preset for smoke tests (scale 0.01, 1,000-entry latency tree)")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per command (>= 3 for "
                    "a median worth quoting; default 3)")
-    p.add_argument("--single-dir-entries", type=int, default=200000,
-                   help="entries (before --scale) of the extra one-directory memory tree; "
-                        "0 = none (default 200,000)")
-    p.add_argument("--memory-repeat", type=int, default=1,
-                   help="runs per mode on the memory trees (default 1)")
     p.add_argument("--json", metavar="FILE", help="write every figure to FILE")
     p.add_argument("--keep", action="store_true", help="keep the temp trees and state")
     p.add_argument("--latency-ms", type=float, default=0.5,
                    help="delay the shim adds per call (default 0.5)")
-    p.add_argument("--latency-entries", type=int, default=None,
-                   help="entries in the latency tree (default 10,000; 1,000 with --quick)")
-    p.add_argument("--latency-tree", choices=("flat", "deep"), default="flat",
-                   help="latency tree layout: flat (10 dirs of ~500 files, default) or deep "
-                        "(4 levels of small directories)")
-    p.add_argument("--threads-list", default="1,8,16,32",
-                   help="--threads values for the latency runs (default 1,8,16,32)")
-    p.add_argument("--tool-threads", type=int, default=None,
-                   help="pass --threads N to the tool in the main runs (default: the "
-                        "tool's default)")
-    p.add_argument("--tool-args", default="", metavar="ARGS",
-                   help="extra refresh arguments for the main and memory runs, e.g. "
-                        "\"--workers 1\"")
-    p.add_argument("--checkpoint-every", type=float, default=None, metavar="S",
-                   help="pass --checkpoint-every S to the tool in the main runs, to measure "
-                        "the checkpoint's share on runs shorter than its default interval")
-    p.add_argument("--tool-checkpoint-interval", type=float, default=30.0, metavar="S",
-                   help="the tool's default checkpoint interval, to extrapolate the forced "
-                        "checkpoint probe's cost per checkpoint (default 30)")
-    p.add_argument("--only", default="wide,deep,sparse,memory,latency",
-                   help="comma-separated phases (default: all of wide,deep,sparse,memory,"
-                        "latency)")
-    p.add_argument("--no-special", action="store_true",
-                   help="no symlinks/FIFO in the wide and deep trees")
+    p.add_argument("--only", default=",".join(PHASES),
+                   help="comma-separated phases (default: all of %(default)s)")
     p.add_argument("--timeout", type=float, default=1800,
                    help="kill a process after this many seconds (default 1800)")
-    p.add_argument("--tool", type=Path, default=TOOL, help="the tool (default %(default)s)")
-    p.add_argument("--no-tool", action="store_true",
-                   help="harness only: build trees, time the floors, probe the shim")
+    p.add_argument("--tool", type=Path, default=TOOL,
+                   help="the tool, e.g. an older copy to compare (default %(default)s)")
     a = p.parse_args(argv)
     if a.scale is None:
         a.scale = 0.01 if a.quick else 1.0
-    if a.latency_entries is None:
-        a.latency_entries = 1000 if a.quick else 10000
+    a.latency_entries = 1000 if a.quick else 10000
     if a.repeat < 1:
         p.error("--repeat must be at least 1")
     if a.scale <= 0:
         p.error("--scale must be positive")
-    a.threads_list = sorted(set(int(x) for x in a.threads_list.split(",") if x.strip()))
     a.only = set(x.strip() for x in a.only.split(",") if x.strip())
-    unknown = a.only - {"wide", "deep", "sparse", "memory", "latency"}
-    if unknown:
-        p.error("unknown phase(s) in --only: %s" % ", ".join(sorted(unknown)))
+    if a.only - set(PHASES):
+        p.error("unknown phase(s) in --only: %s" % ", ".join(sorted(a.only - set(PHASES))))
     a.workdir = os.path.abspath(a.workdir)
     return a
 
 
+def failed_runs(node, where=""):
+    """Names of the report's entries whose "rc" (one code or a list) is non-zero."""
+    out = []
+    if isinstance(node, dict):
+        codes = node.get("rc") if isinstance(node.get("rc"), list) else [node.get("rc")]
+        if any(isinstance(x, int) and not isinstance(x, bool) and x != 0 for x in codes):
+            out.append(where or "?")
+        for k, v in node.items():
+            out.extend(failed_runs(v, "%s/%s" % (where, k) if where else str(k)))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out.extend(failed_runs(v, "%s[%d]" % (where, i)))
+    return out
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if not args.no_tool and not args.tool.exists():
-        sys.stderr.write("bench: %s does not exist (use --no-tool to exercise the harness)\n"
-                         % args.tool)
-        return 2
-    b = Bench(args)
-    crashed = False
-    interrupted = False
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    for missing, why in ((not args.tool.exists(), "%s does not exist" % args.tool),
+                         (not gcc, "no gcc or cc on PATH (the stat floor and the latency "
+                                   "shim are C)")):
+        if missing:
+            sys.stderr.write("bench: %s\n" % why)
+            return 2
+    b = Bench(args, gcc)
+    crashed = interrupted = False
     try:
-        b.setup()
-        b.build_trees()
-        if args.no_tool:
-            for t in b.trees.values():
-                log("harness: %s %s entries; floors" % (t.key, fmt_int(t.entries)))
-                runs = {"find_touch": [], "stat_walk": []}
-                b.run_floor("stat_walk", t.path)
-                for _ in range(args.repeat):
-                    b.reset_atimes(t.path)
-                    runs["find_touch"].append(b.run_floor("find_touch", t.path))
-                    runs["stat_walk"].append(b.run_floor("stat_walk", t.path))
-                b.report["trees"][t.key] = {
-                    "title": t.title, "entries": t.entries, "build_seconds": t.build_seconds,
-                    "floors": dict((k, summarize(v, t.entries)) for k, v in runs.items())}
-                for k, v in runs.items():
-                    s = summarize(v, t.entries)
-                    print("%-8s %-10s median %s s, %s entries/s"
-                          % (t.key, k, fmt_s(s["median_s"]), fmt_rate(s["entries_per_s"])))
-            if b.shim and "latency" in args.only:
-                lt = b.make_tree("latency", "10 dirs", lambda p: build_flat(
-                    p, 10, max(1, (args.latency_entries - 11) // 10), "latency"))
-                probe = b.probe_shim(lt, os.path.join(b.builddir, "shim-counts"))
-                for k, v in probe["ms_per_call"].items():
-                    print("probe %-60s %.3f ms %s" % (k, v, "delayed" if probe["delayed"][k]
-                                                      else "not delayed"))
-                print("shim counts: %s" % probe["counts"])
-                b.report["latency"] = {"probe": probe}
-        else:
-            for key in ("wide", "deep", "sparse"):
-                if key in b.trees:
-                    log("== timing %s ==" % key)
-                    b.bench_tree(b.trees[key])
-            if "mem1m" in b.trees:
-                log("== memory ==")
-                b.bench_memory()
-            if "latency" in b.trees:
-                log("== latency ==")
-                b.bench_latency()
-            elif "latency" in args.only:
-                b.notes.append("latency simulation skipped (needs gcc and the shim)")
+        b.run()
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted")
@@ -1831,10 +1368,11 @@ def main(argv=None):
         traceback.print_exc()
     finally:
         b.cleanup()
-    if not args.no_tool and (b.report.get("trees") or b.report.get("memory")
-                             or b.report.get("latency")):
+    if b.report["trees"] or b.report["memory"] or b.report["latency"]:
         try:
-            render(b.report, sys.stdout)
+            b.report["verdicts"] = targets(b.report)
+            for section in SECTIONS:
+                section(b.report, sys.stdout.write)
         except Exception:
             crashed = True
             traceback.print_exc()
@@ -1843,29 +1381,10 @@ def main(argv=None):
             json.dump(b.report, f, indent=2, sort_keys=True, default=str)
             f.write("\n")
         log("figures written to %s" % args.json)
-    if interrupted:
-        return 130
     bad = failed_runs(b.report)
     if bad:
         log("a timed command exited non-zero: %s" % ", ".join(bad))
-    return 1 if (crashed or bad) else 0
-
-
-def failed_runs(node, where=""):
-    """Names of the report's entries whose "rc" (one code or a list) is non-zero."""
-    out = []
-    if isinstance(node, dict):
-        rc = node.get("rc")
-        codes = rc if isinstance(rc, list) else [rc]
-        if any(isinstance(x, int) and not isinstance(x, bool) and x != 0 for x in codes):
-            out.append(where or "?")
-        for k, v in node.items():
-            if k != "rc":
-                out.extend(failed_runs(v, "%s/%s" % (where, k) if where else str(k)))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            out.extend(failed_runs(v, "%s[%d]" % (where, i)))
-    return out
+    return 130 if interrupted else 1 if (crashed or bad) else 0
 
 
 if __name__ == "__main__":
