@@ -85,17 +85,15 @@ HELPER_C = r"""
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
 #ifndef O_NOATIME
 #define O_NOATIME 0
 #endif
 
-static long long n_entries, n_errors;
-static int do_reset;
-static struct timespec times_[2];
-static int noatime = O_NOATIME;
+static long long n_entries = 1, n_errors;
+static int do_reset, noatime = O_NOATIME;
+static struct timespec times_[2] = {{0, 0}, {0, UTIME_OMIT}};
 
 static int open_dir(int dfd, const char *name) {
     int flags = O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC;
@@ -107,86 +105,78 @@ static int open_dir(int dfd, const char *name) {
     return fd;
 }
 
+static void reset(int dfd, const char *name) {
+    if (do_reset && utimensat(dfd, name, times_, AT_SYMLINK_NOFOLLOW) != 0)
+        n_errors++;
+}
+
 static void walk(int dfd) {
     DIR *d = fdopendir(dfd);
     struct dirent *e;
+    struct stat st;
+    int sub;
     if (d == NULL) {
         n_errors++;
         close(dfd);
         return;
     }
     while ((e = readdir(d)) != NULL) {
-        struct stat st;
-        int fd = dirfd(d);
-        const char *n = e->d_name;
-        if (n[0] == '.' && (n[1] == 0 || (n[1] == '.' && n[2] == 0)))
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
             continue;
-        if (fstatat(fd, n, &st, AT_SYMLINK_NOFOLLOW) != 0) {
+        if (fstatat(dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0) {
             n_errors++;
             continue;
         }
         n_entries++;
-        if (S_ISDIR(st.st_mode)) {
-            int c = open_dir(fd, n);
-            if (c < 0)
-                n_errors++;
-            else
-                walk(c);
-        }
-        if (do_reset && utimensat(fd, n, times_, AT_SYMLINK_NOFOLLOW) != 0)
+        if (S_ISDIR(st.st_mode) && (sub = open_dir(dirfd(d), e->d_name)) < 0)
             n_errors++;
+        else if (S_ISDIR(st.st_mode))
+            walk(sub);
+        reset(dirfd(d), e->d_name);
     }
     closedir(d);
 }
 
 int main(int argc, char **argv) {
     struct stat st;
-    if (argc < 3 || (strcmp(argv[1], "walk") && strcmp(argv[1], "reset"))
-        || (!strcmp(argv[1], "reset") && argc < 4)) {
+    int fd = -1;
+    do_reset = argc == 4 && !strcmp(argv[1], "reset");
+    if (!do_reset && (argc != 3 || strcmp(argv[1], "walk"))) {
         fprintf(stderr, "usage: %s walk DIR | reset DIR EPOCH\n", argv[0]);
         return 2;
     }
-    if (!strcmp(argv[1], "reset")) {
-        do_reset = 1;
+    if (do_reset)
         times_[0].tv_sec = (time_t)atoll(argv[3]);
-        times_[0].tv_nsec = 0;
-        times_[1].tv_sec = 0;
-        times_[1].tv_nsec = UTIME_OMIT;
-    }
-    if (lstat(argv[2], &st) != 0) {
+    if (lstat(argv[2], &st) != 0
+            || (S_ISDIR(st.st_mode) && (fd = open_dir(AT_FDCWD, argv[2])) < 0)) {
         perror(argv[2]);
         return 2;
     }
-    n_entries = 1;
-    if (S_ISDIR(st.st_mode)) {
-        int fd = open_dir(AT_FDCWD, argv[2]);
-        if (fd < 0) {
-            perror(argv[2]);
-            return 2;
-        }
+    if (fd >= 0)
         walk(fd);
-    }
-    if (do_reset && utimensat(AT_FDCWD, argv[2], times_, AT_SYMLINK_NOFOLLOW) != 0)
-        n_errors++;
+    reset(AT_FDCWD, argv[2]);
     printf("%lld %lld\n", n_entries, n_errors);
     return n_errors ? 1 : 0;
 }
 """
 
-# Order of the shim's counters (must match its enum).
-SHIM_NAMES = ["fstatat", "fstatat64", "__fxstatat", "__fxstatat64", "lstat", "lstat64",
-              "__lxstat", "__lxstat64", "stat", "stat64", "__xstat", "__xstat64", "statx",
-              "utimensat"]
+# The shim's wrappers, in the order of its shared counters: (symbol, signature).
+SHIM_FUNCS = [("fstatat", "AT"), ("fstatat64", "AT"), ("__fxstatat", "XAT"),
+              ("__fxstatat64", "XAT"), ("lstat", "PATH"), ("lstat64", "PATH"),
+              ("__lxstat", "XPATH"), ("__lxstat64", "XPATH"), ("stat", "PATH"),
+              ("stat64", "PATH"), ("__xstat", "XPATH"), ("__xstat64", "XPATH"),
+              ("statx", "STATX"), ("utimensat", "UTIMENSAT")]
+SHIM_NAMES = [name for name, _ in SHIM_FUNCS]
 
-# The shim declares nothing from <sys/stat.h>: older glibc headers define
-# lstat & co. as inline wrappers, which would clash with these definitions.
 SHIM_C = r"""
 /* LD_PRELOAD latency shim: sleeps BENCH_SHIM_DELAY_US microseconds in every
    stat-family and utimensat call whose target lies under BENCH_SHIM_PREFIX
    (every call when it is unset), then calls the real function. With
    BENCH_SHIM_COUNTS=FILE it counts calls per symbol, delayed and passed, as
    2 x I_N unsigned 64-bit integers in FILE, mapped shared: processes forked
-   from the tool (which may leave through _exit) add to the same counters. */
+   from the tool (which may leave through _exit) add to the same counters.
+   It declares nothing from <sys/stat.h>: older glibc headers define lstat
+   & co. as inline wrappers, which would clash with these definitions. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
@@ -200,161 +190,105 @@ SHIM_C = r"""
 #include <unistd.h>
 
 #define SHIM_AT_FDCWD (-100)
+#define I_N @N@
 
-enum { I_FSTATAT, I_FSTATAT64, I_FXSTATAT, I_FXSTATAT64, I_LSTAT, I_LSTAT64,
-       I_LXSTAT, I_LXSTAT64, I_STAT, I_STAT64, I_XSTAT, I_XSTAT64, I_STATX,
-       I_UTIMENSAT, I_N };
-static const char *names[I_N] = {
-    "fstatat", "fstatat64", "__fxstatat", "__fxstatat64", "lstat", "lstat64",
-    "__lxstat", "__lxstat64", "stat", "stat64", "__xstat", "__xstat64", "statx",
-    "utimensat" };
+static const char *names[I_N] = {@NAMES@};
 static void *real[I_N];
 static uint64_t local_counts[2 * I_N];
 static uint64_t *counts = local_counts;  /* [2i] delayed, [2i+1] passed */
-static long long delay_ns;
+static long long delay_ns = 500000;
 static char prefix[4096];
 static size_t prefix_len;
 
 __attribute__((constructor)) static void shim_init(void) {
-    const char *us = getenv("BENCH_SHIM_DELAY_US");
-    const char *p = getenv("BENCH_SHIM_PREFIX");
-    delay_ns = us ? (long long)(atof(us) * 1000.0) : 500000;
+    const char *us = getenv("BENCH_SHIM_DELAY_US"), *p = getenv("BENCH_SHIM_PREFIX");
+    const char *path = getenv("BENCH_SHIM_COUNTS");
+    void *m;
+    int fd;
+    if (us)
+        delay_ns = (long long)(atof(us) * 1000.0);
     if (p && *p && strlen(p) < sizeof prefix) {
         strcpy(prefix, p);
         prefix_len = strlen(prefix);
         while (prefix_len > 1 && prefix[prefix_len - 1] == '/')
             prefix[--prefix_len] = 0;
     }
-}
-
-__attribute__((constructor)) static void shim_map_counts(void) {
-    const char *path = getenv("BENCH_SHIM_COUNTS");
-    size_t size = sizeof local_counts;
-    void *m;
-    int fd;
-    if (!path || !*path)
-        return;
-    fd = open(path, O_RDWR | O_CLOEXEC);
-    if (fd < 0)
-        return;
-    if (ftruncate(fd, (off_t)size) == 0) {
-        m = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (path && *path && (fd = open(path, O_RDWR | O_CLOEXEC)) >= 0) {
+        m = ftruncate(fd, sizeof local_counts) ? MAP_FAILED : mmap(
+            NULL, sizeof local_counts, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
         if (m != MAP_FAILED)
             counts = (uint64_t *)m;
+        close(fd);
     }
-    close(fd);
 }
 
 static void *resolve(int i) {
-    void *f = real[i];
-    if (f == NULL) {
-        f = dlsym(RTLD_NEXT, names[i]);
-        if (f == NULL)
-            f = dlvsym(RTLD_NEXT, names[i], "GLIBC_2.2.5");
-        if (f == NULL)
-            f = dlvsym(RTLD_NEXT, names[i], "GLIBC_2.4");
-        if (f == NULL)
-            f = dlvsym(RTLD_NEXT, names[i], "GLIBC_2.0");
-        real[i] = f;
-    }
-    return f;
+    static const char *versions[] = {"GLIBC_2.2.5", "GLIBC_2.4", "GLIBC_2.0"};
+    unsigned v;
+    if (real[i] == NULL)
+        real[i] = dlsym(RTLD_NEXT, names[i]);
+    for (v = 0; real[i] == NULL && v < 3; v++)
+        real[i] = dlvsym(RTLD_NEXT, names[i], versions[v]);
+    return real[i];
 }
 
-static int under_prefix(const char *p) {
-    return strncmp(p, prefix, prefix_len) == 0
-        && (p[prefix_len] == 0 || p[prefix_len] == '/' || prefix_len == 1);
-}
-
+/* Whether the call's target, or for a relative path its directory, is under the prefix. */
 static int wanted(int dirfd, const char *path) {
-    char buf[4096];
-    ssize_t n = -1;
-    int r = 0, saved = errno;
-    if (delay_ns <= 0)
-        return 0;
-    if (prefix_len == 0)
-        return 1;
+    char buf[4096], link[64];
+    const char *dir = buf;
+    ssize_t n;
+    int r, saved = errno;
+    if (delay_ns <= 0 || prefix_len == 0)
+        return delay_ns > 0;
     if (path && path[0] == '/') {
-        r = under_prefix(path);
+        dir = path;
+    } else if (dirfd == SHIM_AT_FDCWD) {
+        dir = getcwd(buf, sizeof buf);
     } else {
-        if (dirfd == SHIM_AT_FDCWD) {
-            if (getcwd(buf, sizeof buf))
-                n = (ssize_t)strlen(buf);
-        } else {
-            char lp[64];
-            snprintf(lp, sizeof lp, "/proc/self/fd/%d", dirfd);
-            n = readlink(lp, buf, sizeof buf - 1);
-            if (n >= 0)
-                buf[n] = 0;
-        }
-        if (n >= 0)
-            r = under_prefix(buf);
+        snprintf(link, sizeof link, "/proc/self/fd/%d", dirfd);
+        n = readlink(link, buf, sizeof buf - 1);
+        if (n < 0)
+            dir = NULL;
+        else
+            buf[n] = 0;
     }
+    r = dir && strncmp(dir, prefix, prefix_len) == 0
+        && (dir[prefix_len] == 0 || dir[prefix_len] == '/' || prefix_len == 1);
     errno = saved;
     return r;
 }
 
 static void gate(int i, int dirfd, const char *path) {
-    if (wanted(dirfd, path)) {
-        struct timespec t;
-        int saved = errno;
-        t.tv_sec = (time_t)(delay_ns / 1000000000LL);
-        t.tv_nsec = (long)(delay_ns % 1000000000LL);
-        while (nanosleep(&t, &t) == -1 && errno == EINTR)
-            ;
-        errno = saved;
-        __atomic_fetch_add(&counts[2 * i], 1, __ATOMIC_RELAXED);
-    } else {
-        __atomic_fetch_add(&counts[2 * i + 1], 1, __ATOMIC_RELAXED);
+    int hit = wanted(dirfd, path), saved = errno;
+    struct timespec t = {(time_t)(delay_ns / 1000000000LL), (long)(delay_ns % 1000000000LL)};
+    while (hit && nanosleep(&t, &t) == -1 && errno == EINTR)
+        ;
+    errno = saved;
+    __atomic_fetch_add(&counts[2 * i + !hit], 1, __ATOMIC_RELAXED);
+}
+
+/* One wrapper per symbol: params is its parameter list, args the call passing them on. */
+#define WRAP(i, name, params, dirfd, args) \
+    int name params { \
+        if (resolve(i) == NULL) { errno = ENOSYS; return -1; } \
+        gate(i, dirfd, p); \
+        return ((int (*) params)real[i]) args; \
     }
-}
+#define AT(i, name) WRAP(i, name, (int fd, const char *p, void *b, int fl), fd, (fd, p, b, fl))
+#define XAT(i, name) \
+    WRAP(i, name, (int v, int fd, const char *p, void *b, int fl), fd, (v, fd, p, b, fl))
+#define PATH(i, name) WRAP(i, name, (const char *p, void *b), SHIM_AT_FDCWD, (p, b))
+#define XPATH(i, name) WRAP(i, name, (int v, const char *p, void *b), SHIM_AT_FDCWD, (v, p, b))
+#define STATX(i, name) \
+    WRAP(i, name, (int fd, const char *p, int fl, unsigned m, void *b), fd, (fd, p, fl, m, b))
+#define UTIMENSAT(i, name) \
+    WRAP(i, name, (int fd, const char *p, const void *t, int fl), fd, (fd, p, t, fl))
 
-#define MISSING(i) do { if (resolve(i) == NULL) { errno = ENOSYS; return -1; } } while (0)
-
-typedef int (*at_fn)(int, const char *, void *, int);
-typedef int (*xat_fn)(int, int, const char *, void *, int);
-typedef int (*path_fn)(const char *, void *);
-typedef int (*xpath_fn)(int, const char *, void *);
-typedef int (*statx_fn)(int, const char *, int, unsigned int, void *);
-typedef int (*utimensat_fn)(int, const char *, const void *, int);
-
-#define AT_WRAP(fname, idx) \
-    int fname(int fd, const char *p, void *b, int fl) { \
-        MISSING(idx); gate(idx, fd, p); return ((at_fn)real[idx])(fd, p, b, fl); }
-#define XAT_WRAP(fname, idx) \
-    int fname(int ver, int fd, const char *p, void *b, int fl) { \
-        MISSING(idx); gate(idx, fd, p); return ((xat_fn)real[idx])(ver, fd, p, b, fl); }
-#define PATH_WRAP(fname, idx) \
-    int fname(const char *p, void *b) { \
-        MISSING(idx); gate(idx, SHIM_AT_FDCWD, p); return ((path_fn)real[idx])(p, b); }
-#define XPATH_WRAP(fname, idx) \
-    int fname(int ver, const char *p, void *b) { \
-        MISSING(idx); gate(idx, SHIM_AT_FDCWD, p); return ((xpath_fn)real[idx])(ver, p, b); }
-
-AT_WRAP(fstatat, I_FSTATAT)
-AT_WRAP(fstatat64, I_FSTATAT64)
-XAT_WRAP(__fxstatat, I_FXSTATAT)
-XAT_WRAP(__fxstatat64, I_FXSTATAT64)
-PATH_WRAP(lstat, I_LSTAT)
-PATH_WRAP(lstat64, I_LSTAT64)
-XPATH_WRAP(__lxstat, I_LXSTAT)
-XPATH_WRAP(__lxstat64, I_LXSTAT64)
-PATH_WRAP(stat, I_STAT)
-PATH_WRAP(stat64, I_STAT64)
-XPATH_WRAP(__xstat, I_XSTAT)
-XPATH_WRAP(__xstat64, I_XSTAT64)
-
-int statx(int fd, const char *p, int fl, unsigned int mask, void *b) {
-    MISSING(I_STATX);
-    gate(I_STATX, fd, p);
-    return ((statx_fn)real[I_STATX])(fd, p, fl, mask, b);
-}
-
-int utimensat(int fd, const char *p, const void *times, int fl) {
-    MISSING(I_UTIMENSAT);
-    gate(I_UTIMENSAT, fd, p);
-    return ((utimensat_fn)real[I_UTIMENSAT])(fd, p, times, fl);
-}
-"""
+@WRAPPERS@
+""".replace("@N@", str(len(SHIM_FUNCS))).replace(
+    "@NAMES@", ", ".join('"%s"' % name for name in SHIM_NAMES)).replace(
+    "@WRAPPERS@", "\n".join("%s(%d, %s)" % (sig, i, name)
+                            for i, (name, sig) in enumerate(SHIM_FUNCS)))
 
 # ---------------------------------------------------------------- small helpers
 
