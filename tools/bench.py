@@ -30,6 +30,7 @@ command, failed.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -43,6 +44,7 @@ import tempfile
 import threading
 import time
 import traceback
+import types
 from pathlib import Path
 
 TOOL = Path(__file__).resolve().parent.parent / "scratch_keepalive.py"
@@ -382,7 +384,6 @@ class TreeSampler(threading.Thread):
 
     def __init__(self, pid, interval=0.02):
         threading.Thread.__init__(self)
-        self.daemon = True
         self.pid = pid
         self.interval = interval
         self.done = threading.Event()
@@ -412,35 +413,23 @@ def run_proc(argv, env=None, timeout=None, sample=False):
     With sample, also the peak summed RSS/PSS of the process tree (sum_rss_kb, sum_pss_kb,
     max_procs)."""
     out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-    killed = []
     t0 = time.perf_counter()
     p = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
     sampler = TreeSampler(p.pid) if sample else None
-    if sampler:
-        sampler.start()
-
-    def kill():
-        killed.append(True)
-        try:
-            os.kill(p.pid, signal.SIGKILL)
-        except OSError:
-            pass
-    timer = threading.Timer(timeout or 0, kill)
-    if timeout:
-        timer.daemon = True
-        timer.start()
-    while True:
-        try:
-            _, status, ru = os.wait4(p.pid, 0)
-            break
-        except InterruptedError:
-            continue
+    timer = threading.Timer(timeout, os.kill, (p.pid, signal.SIGKILL)) if timeout else None
+    for thread in (sampler, timer):
+        if thread:
+            thread.daemon = True
+            thread.start()
+    _, status, ru = os.wait4(p.pid, 0)      # wait4: the child's own ru_maxrss
     seconds = time.perf_counter() - t0
-    timer.cancel()
+    if timer:
+        timer.cancel()
     p.returncode = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
     res = {"argv": [str(a) for a in argv], "seconds": seconds, "rc": p.returncode,
            "maxrss_kb": ru.ru_maxrss, "cpu_seconds": ru.ru_utime + ru.ru_stime,
-           "timed_out": bool(killed)}
+           "timed_out": bool(timeout) and p.returncode == -signal.SIGKILL
+           and seconds >= timeout}
     for key, f in (("stdout", out), ("stderr", err)):
         f.seek(0)
         res[key] = f.read().decode("utf-8", "replace")
@@ -453,13 +442,20 @@ def run_proc(argv, env=None, timeout=None, sample=False):
     return res
 
 
+def check_rc(r, what):
+    """r, a run_proc result, unless its process failed: then RuntimeError naming `what`."""
+    if r["rc"] != 0:
+        raise RuntimeError("%s failed (rc %d): %s"
+                           % (what, r["rc"], tail(r["stderr"] + r["stdout"])))
+    return r
+
+
 def parse_tool_json(stdout):
     """The first result of the tool's --json output, or an empty dict."""
     try:
-        doc = json.loads(stdout[max(0, stdout.find("{")):])
-    except ValueError:
+        results = json.loads(stdout[max(0, stdout.find("{")):]).get("results")
+    except (ValueError, AttributeError):
         return {}
-    results = doc.get("results") if isinstance(doc, dict) else None
     return results[0] if results else {}
 
 # ---------------------------------------------------------------- the machine
@@ -515,16 +511,14 @@ def build_c(gcc, builddir):
         with open(src, "w") as f:
             f.write(source)
         paths.append(os.path.join(builddir, name))
-        r = run_proc([gcc] + flags + ["-O2", "-o", paths[-1], src, "-ldl"])
-        if r["rc"] != 0:
-            raise RuntimeError("%s did not compile: %s" % (src, tail(r["stderr"], 5)))
+        check_rc(run_proc([gcc] + flags + ["-O2", "-o", paths[-1], src, "-ldl"]),
+                 "compiling " + src)
     return paths
 
 # ---------------------------------------------------------------- trees
 
 
 O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-O_DIRFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 def make_files(dfd, count, pattern):
@@ -532,10 +526,15 @@ def make_files(dfd, count, pattern):
         os.close(os.open(pattern % j, O_CREATE, 0o644, dir_fd=dfd))
 
 
-def make_dir(dfd, name):
-    """Creates directory `name` in dfd; returns an fd on it (the caller closes it)."""
+@contextlib.contextmanager
+def new_dir(name, dfd=None):
+    """Creates directory `name` (in dfd) and yields an fd on it."""
     os.mkdir(name, 0o755, dir_fd=dfd)
-    return os.open(name, O_DIRFLAGS, dir_fd=dfd)
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dfd)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def flat_layout(entries):
@@ -544,28 +543,17 @@ def flat_layout(entries):
 
 
 def build_flat(root, dirs, files):
-    os.mkdir(root)
-    rfd = os.open(root, O_DIRFLAGS)
-    try:
+    with new_dir(root) as rfd:
         for i in range(dirs):
-            dfd = make_dir(rfd, "d%04d" % i)
-            try:
+            with new_dir("d%04d" % i, rfd) as dfd:
                 make_files(dfd, files, "f%05d")
-            finally:
-                os.close(dfd)
-    finally:
-        os.close(rfd)
     return 1 + dirs * (files + 1)
 
 
 def build_single(root, files):
-    os.mkdir(root)
-    rfd = os.open(root, O_DIRFLAGS)
-    try:
+    with new_dir(root) as rfd:
         for start in range(0, files, 2500):
             make_files(rfd, min(2500, files - start), "file-%%08d-%d.dat" % start)
-    finally:
-        os.close(rfd)
     return 1 + files
 
 
@@ -582,23 +570,15 @@ def deep_layout(target, levels=6):
 
 
 def build_deep(root, levels, fanout, per_dir):
-    os.mkdir(root)
-
     def fill(dfd, level):
         nsub = fanout if level < levels else 0
         make_files(dfd, per_dir - nsub, "f%03d")
         for k in range(nsub):
-            cfd = make_dir(dfd, "d%02d" % k)
-            try:
+            with new_dir("d%02d" % k, dfd) as cfd:
                 fill(cfd, level + 1)
-            finally:
-                os.close(cfd)
 
-    rfd = os.open(root, O_DIRFLAGS)
-    try:
+    with new_dir(root) as rfd:
         fill(rfd, 0)
-    finally:
-        os.close(rfd)
     return 1 + deep_dirs(fanout, levels) * per_dir
 
 
@@ -621,16 +601,6 @@ def add_specials(root, outside):
     os.mkfifo(os.path.join(root, "zz-fifo"))
     return 4
 
-
-class Tree(object):
-    def __init__(self, key, title, path):
-        self.key = key
-        self.title = title
-        self.path = path
-        self.created = None         # entries the builder made (before the tool's sentinel)
-        self.entries = None         # entries the stat walk counts after `add`
-        self.build_seconds = None
-
 # ---------------------------------------------------------------- the bench
 
 
@@ -651,7 +621,8 @@ class Bench(object):
                              if not k.startswith("SCRATCH_KEEPALIVE_"))
 
     def run(self):
-        """The phases in order; each one writes its own key of self.report."""
+        """The phases in order; each one writes its own key of self.report. A later figure
+        plugs in as one more method here and one renderer in SECTIONS."""
         self.setup()
         self.build_trees()
         for key in ("wide", "deep", "sparse"):
@@ -661,10 +632,6 @@ class Bench(object):
         if "mem1m" in self.trees:
             log("== memory ==")
             self.bench_memory()
-        # Later figures plug in here, each as one method writing its own report key and
-        # one renderer in SECTIONS (and a target in TARGETS if it gets one): "bytes per
-        # entry" from the memory trees' growth (self.report["memory"]), and "status time",
-        # `status` over a registry of many datasets.
         if "latency" in self.trees:
             log("== latency ==")
             self.bench_latency()
@@ -687,51 +654,49 @@ class Bench(object):
             "latency_ms": a.latency_ms, "latency_entries": a.latency_entries,
             "parallel": list(PARALLEL), "tool": str(a.tool), "old_days": OLD_DAYS,
             "tool_checkpoint_interval": TOOL_CHECKPOINT_S}
-        r = run_proc([sys.executable, str(a.tool), "--version"], env=self.tool_env)
-        if r["rc"] != 0:
-            raise RuntimeError("%s --version failed (rc %d): %s"
-                               % (a.tool, r["rc"], tail(r["stderr"])))
-        self.report["tool_version"] = r["stdout"].strip() or r["stderr"].strip()
+        # Start-up costs, part of every tool figure (the small trees' are read by them):
+        # medians of 5 after an untimed first run.
+        version = [check_rc(run_proc([sys.executable, str(a.tool), "--version"],
+                                     env=self.tool_env), "%s --version" % a.tool)
+                   for _ in range(6)]
+        self.report["tool_version"] = version[0]["stdout"].strip() or version[0]["stderr"].strip()
+        py = [run_proc([sys.executable, "-c", "pass"])["seconds"] for _ in range(5)]
+        self.report["startup"] = {"python_pass_s": median(py),
+                                  "tool_version_s": median([r["seconds"] for r in version[1:]])}
         self.tool_call(["init", "--profile", "generic", "--scratch-root", self.scratch,
                         "--purge-days", "30"])
-        # Start-up costs, part of every tool figure: the small trees' are read by them.
-        py = [run_proc([sys.executable, "-c", "pass"])["seconds"] for _ in range(5)]
-        tv = [run_proc([sys.executable, str(a.tool), "--version"], env=self.tool_env)["seconds"]
-              for _ in range(5)]
-        self.report["startup"] = {"python_pass_s": median(py), "tool_version_s": median(tv)}
 
     def tool_argv(self, args):
         return [sys.executable, str(self.args.tool), "--state-dir", self.state] + list(args)
 
     def tool_call(self, args):
-        r = run_proc(self.tool_argv(args), env=self.tool_env, timeout=self.args.timeout)
-        if r["rc"] != 0:
-            raise RuntimeError("tool %s failed (rc %d): %s"
-                               % (args[0], r["rc"], tail(r["stderr"] + r["stdout"])))
+        check_rc(run_proc(self.tool_argv(args), env=self.tool_env, timeout=self.args.timeout),
+                 "tool " + args[0])
 
     # -- trees
     def make_tree(self, key, title, build, specials=False):
-        path = os.path.join(self.scratch, key)
-        t = Tree(key, title, path)
+        """Builds a tree, adds it as a dataset; `created` counts the entries the builder
+        made, `entries` those the stat walk counts after `add`."""
+        t = types.SimpleNamespace(key=key, title=title, path=os.path.join(self.scratch, key))
         log("building %s: %s" % (key, title))
         t0 = time.time()
-        t.created = build(path) + (add_specials(path, self.outside) if specials else 0)
+        t.created = build(t.path) + (add_specials(t.path, self.outside) if specials else 0)
         t.build_seconds = time.time() - t0
         log("  %s: %s entries in %.1f s" % (key, fmt_int(t.created), t.build_seconds))
-        self.tool_call(["add", "--name", key, "--path", path, "--keep-until", "2099-12-31",
+        self.tool_call(["add", "--name", key, "--path", t.path, "--keep-until", "2099-12-31",
                         "--cadence-days", "14"])
-        r = run_proc([self.helper, "walk", path])
-        if r["rc"] != 0:
-            raise RuntimeError("stat walk failed on %s: %s" % (path, r["stderr"]))
+        r = check_rc(run_proc([self.helper, "walk", t.path]), "stat walk on " + t.path)
         t.entries = int(r["stdout"].split()[0])
         self.trees[key] = t
+
+    def make_flat(self, key, dirs, files, specials=False):
+        self.make_tree(key, "%s dirs x %s files" % (fmt_int(dirs), fmt_int(files)),
+                       lambda p: build_flat(p, dirs, files), specials)
 
     def build_trees(self):
         s, want = self.args.scale, self.args.only
         if "wide" in want:
-            dirs, files = flat_layout(500000 * s)
-            self.make_tree("wide", "%s dirs x %s files" % (fmt_int(dirs), fmt_int(files)),
-                           lambda p: build_flat(p, dirs, files), specials=True)
+            self.make_flat("wide", *flat_layout(500000 * s), specials=True)
         if "deep" in want:
             fanout, per_dir = deep_layout(273050 * s)
             self.make_tree("deep", "6 levels, %d subdirs and %d entries per dir"
@@ -744,24 +709,18 @@ class Bench(object):
                 self.notes.append("sparse tree skipped: the filesystem refused 1 TiB files (%s)"
                                   % e.strerror)
         if "memory" in want:
-            for key, n in (("mem100k", 100000 * s), ("mem1m", 1000000 * s)):
-                dirs, files = flat_layout(n)
-                self.make_tree(key, "%s dirs x %s files" % (fmt_int(dirs), fmt_int(files)),
-                               lambda p, d=dirs, f=files: build_flat(p, d, f))
+            self.make_flat("mem100k", *flat_layout(100000 * s))
+            self.make_flat("mem1m", *flat_layout(1000000 * s))
             n = max(1, int(SINGLE_DIR_ENTRIES * s))
             self.make_tree("mem1dir", "one directory of %s files" % fmt_int(n),
                            lambda p: build_single(p, n))
         if "latency" in want:
-            files = max(1, (self.args.latency_entries - 11) // 10)
-            self.make_tree("latency", "10 dirs x %s files" % fmt_int(files),
-                           lambda p: build_flat(p, 10, files))
+            self.make_flat("latency", 10, max(1, (self.args.latency_entries - 11) // 10))
 
     # -- commands
     def reset_atimes(self, t):
         old = int(time.time()) - OLD_DAYS * DAY
-        r = run_proc([self.helper, "reset", t.path, str(old)])
-        if r["rc"] != 0:
-            raise RuntimeError("atime reset failed on %s: %s" % (t.path, r["stderr"] + r["stdout"]))
+        check_rc(run_proc([self.helper, "reset", t.path, str(old)]), "atime reset on " + t.path)
 
     def floor_argv(self, kind, t):
         if kind == "find_touch":
@@ -792,13 +751,13 @@ class Bench(object):
         """One timed `refresh`, with the figures of its --json result."""
         r = run_proc(self.refresh_argv(name, check, extra), env=env or self.tool_env,
                      timeout=self.args.timeout, sample=sample)
+        res = parse_tool_json(r["stdout"])
         rec = dict((k, r[k]) for k in ("seconds", "rc", "maxrss_kb", "cpu_seconds", "timed_out",
                                        "sum_rss_kb", "sum_pss_kb", "max_procs") if k in r)
-        res = parse_tool_json(r["stdout"])
-        for k in ("mode", "complete", "resumed", "entries_seen", "entries_touched",
-                  "entries_skipped", "entries_at_risk", "bytes_at_risk",
-                  "entries_purge_eligible", "bytes_purge_eligible", "errors"):
-            rec[k] = res.get(k)
+        rec.update((k, res.get(k)) for k in (
+            "mode", "complete", "resumed", "entries_seen", "entries_touched", "entries_skipped",
+            "entries_at_risk", "bytes_at_risk", "entries_purge_eligible",
+            "bytes_purge_eligible", "errors"))
         if isinstance(res.get("timing"), dict):
             rec["timing"] = res["timing"]
             rec["checkpoint_share"] = ratio(res["timing"].get("checkpoint_seconds"),
@@ -881,26 +840,24 @@ class Bench(object):
     # -- phase 3: latency
     def shim_env(self, counts_file, prefix):
         env = dict(self.tool_env)
-        env["LD_PRELOAD"] = " ".join(x for x in (self.shim, env.get("LD_PRELOAD")) if x)
-        env["BENCH_SHIM_DELAY_US"] = "%g" % (self.args.latency_ms * 1000.0)
-        env["BENCH_SHIM_PREFIX"] = prefix
-        env["BENCH_SHIM_COUNTS"] = counts_file
+        env.update({"LD_PRELOAD": " ".join(x for x in (self.shim, env.get("LD_PRELOAD")) if x),
+                    "BENCH_SHIM_DELAY_US": "%g" % (self.args.latency_ms * 1000.0),
+                    "BENCH_SHIM_PREFIX": prefix, "BENCH_SHIM_COUNTS": counts_file})
         return env
 
     @staticmethod
     def read_counts(counts_file):
         """{symbol: {"delayed": n, "passed": n}} from the shim's shared counters (a
         missing file reads as none); leaves the file zeroed for the next run."""
-        size = 16 * len(SHIM_NAMES)
+        n = 2 * len(SHIM_NAMES)
         try:
             with open(counts_file, "rb") as f:
-                raw = f.read()
+                raw = f.read(8 * n)
         except FileNotFoundError:
             raw = b""
         with open(counts_file, "wb") as f:      # the shim maps it, never creates it
-            f.write(b"\0" * size)
-        vals = struct.unpack("=%dQ" % (2 * len(SHIM_NAMES)), raw[:size]) \
-            if len(raw) >= size else [0] * (2 * len(SHIM_NAMES))
+            f.write(b"\0" * (8 * n))
+        vals = struct.unpack("=%dQ" % n, raw.ljust(8 * n, b"\0"))
         return dict((name, {"delayed": vals[2 * i], "passed": vals[2 * i + 1]})
                     for i, name in enumerate(SHIM_NAMES) if vals[2 * i] or vals[2 * i + 1])
 
@@ -909,11 +866,9 @@ class Bench(object):
         speed-ups against the strictly sequential baseline."""
         a, t = self.args, self.trees["latency"]
         counts_file = os.path.join(self.builddir, "shim-counts")
-        lat = {"latency_ms": a.latency_ms, "entries": t.entries, "title": t.title}
         log("latency: warm-up (untimed) tool --check --threads 1 without the shim")
         self.run_tool(t.key, check=True, extra=["--threads", "1"])
         variants = latency_variants()
-        lat["variants"] = [label for label, _ in variants]
         env = self.shim_env(counts_file, os.path.realpath(t.path))
         self.read_counts(counts_file)
         runs = dict(("%s %s" % (mode, label), []) for mode in ("check", "touch")
@@ -927,14 +882,15 @@ class Bench(object):
                     rec = self.run_tool(t.key, check=mode == "check", env=env, extra=extra)
                     rec["shim_counts"] = self.read_counts(counts_file)
                     runs["%s %s" % (mode, label)].append(rec)
-        lat["runs"] = runs
-        lat["summary"] = summary = latency_summary(runs, variants, t.entries)
+        summary = latency_summary(runs, variants, t.entries)
         # Every entry is stat'ed once under the tree: fewer delayed calls means the shim
         # missed a call the tool makes, and the figures would not show the latency.
-        lat["anomalies"] = ["%s: the shim delayed %s calls for %s entries"
-                            % (k, fmt_int(s["delayed_calls"]), fmt_int(t.entries))
-                            for k, s in summary.items() if s["delayed_calls"] < t.entries]
-        self.report["latency"] = lat
+        self.report["latency"] = {
+            "latency_ms": a.latency_ms, "entries": t.entries, "title": t.title,
+            "variants": [label for label, _ in variants], "runs": runs, "summary": summary,
+            "anomalies": ["%s: the shim delayed %s calls for %s entries"
+                          % (k, fmt_int(s["delayed_calls"]), fmt_int(t.entries))
+                          for k, s in summary.items() if s["delayed_calls"] < t.entries]}
 
     # -- cleanup
     def cleanup(self):
