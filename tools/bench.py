@@ -5,28 +5,24 @@
     python3 tools/bench.py --quick          # small preset, a smoke test
     python3 tools/bench.py --scale 0.1 --json /tmp/bench.json
 
-Standard library only (Python 3.6+), and gcc (or cc): it compiles a C stat walker
-(the stat floor), a C atime-reset helper and an LD_PRELOAD latency shim, the evidence
-behind the README's figures. In a temporary directory under --workdir it builds
-trees (wide: 200 dirs x 2,500 files; deep: 6 levels of ~50 entries; sparse: 4 files of
-1 TiB apparent size; for memory, flat trees of 1M and 100k entries and one directory
-of 200k; all shrunk by --scale) and measures:
+Standard library only (Python 3.6+), and gcc (or cc) for the C stat walker (the stat
+floor), atime-reset helper and LD_PRELOAD latency shim it compiles. Under --workdir it
+builds trees (wide: 200 dirs x 2,500 files; deep: 6 levels of ~50 entries; sparse: 4
+files of 1 TiB; for memory, flat trees of 1M and 100k entries and one directory of 200k;
+all shrunk by --scale) and measures:
 
   * whole processes, interleaved round by round (medians of --repeat runs after an
     untimed warm-up, warm caches): tool touch with every atime 60 days old,
     `find DIR -exec touch -a -c -h {} +` on the same, tool --check, the stat floor,
     tool touch with every entry recent (all skipped);
-  * peak RSS (wait4's ru_maxrss) and the sampled PSS summed over the tool's process
-    tree; the checkpoint's share of the walk (the tool's --json "timing"; no timed run
-    lasts a checkpoint interval, so one run with --checkpoint-every forced short gives
-    the cost of one checkpoint);
+  * peak RSS (wait4's ru_maxrss), the sampled PSS summed over the tool's process tree,
+    and the cost of one checkpoint (a run with --checkpoint-every forced short);
   * with the shim adding --latency-ms to every stat/utimensat call under the latency
-    tree (calls counted in a shared map, forked workers included): the sequential
-    "--threads 1 --workers 1" against --threads and --workers 8, 16 and 32.
+    tree: "--threads 1 --workers 1" against --threads and --workers 8, 16 and 32.
 
 It prints a table headed by the machine's description, writes every figure to --json
-FILE and ends with PASS/FAIL per target; it exits non-zero only when it, or a timed
-command, failed.
+FILE and ends with PASS/FAIL per target; it exits non-zero when it, or a timed command,
+failed.
 """
 
 import argparse
@@ -54,6 +50,9 @@ TOOL_CHECKPOINT_S = 30.0        # the tool's default --checkpoint-every
 SINGLE_DIR_ENTRIES = 200000     # the one-directory memory tree, before --scale
 PARALLEL = (8, 16, 32)          # --threads N and --workers N in the latency runs
 PHASES = ("wide", "deep", "sparse", "memory", "latency")
+# (label, extra refresh arguments) per latency run; the first one is the baseline.
+LATENCY_VARIANTS = [("--threads 1 --workers 1", ["--threads", "1", "--workers", "1"])] + [
+    ("%s %d" % (opt, n), [opt, str(n)]) for opt in ("--threads", "--workers") for n in PARALLEL]
 
 TARGETS = {
     "touch_vs_find": 1.0,       # tool touch <= 1.0x find -exec touch
@@ -78,10 +77,10 @@ HELPER_C = r"""
 /* bench helper: "walk DIR" stats every entry (fstatat, AT_SYMLINK_NOFOLLOW)
    depth-first without following symlinks; "reset DIR EPOCH" also sets every
    entry's atime to EPOCH (mtime omitted), each directory after its contents
-   so that listing it does not move its atime again. Prints "entries errors". */
+   so that listing it does not move its atime again. Prints "entries errors".
+   Directories are opened O_NOATIME: the trees are the bench's own. */
 #define _GNU_SOURCE
 #include <dirent.h>
-#include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -89,22 +88,12 @@ HELPER_C = r"""
 #include <sys/stat.h>
 #include <unistd.h>
 
-#ifndef O_NOATIME
-#define O_NOATIME 0
-#endif
-
 static long long n_entries = 1, n_errors;
-static int do_reset, noatime = O_NOATIME;
+static int do_reset;
 static struct timespec times_[2] = {{0, 0}, {0, UTIME_OMIT}};
 
 static int open_dir(int dfd, const char *name) {
-    int flags = O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC;
-    int fd = openat(dfd, name, flags | noatime);
-    if (fd < 0 && errno == EPERM && noatime) {
-        noatime = 0;
-        fd = openat(dfd, name, flags);
-    }
-    return fd;
+    return openat(dfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC | O_NOATIME);
 }
 
 static void reset(int dfd, const char *name) {
@@ -236,23 +225,18 @@ static void *resolve(int i) {
 
 /* Whether the call's target, or for a relative path its directory, is under the prefix. */
 static int wanted(int dirfd, const char *path) {
-    char buf[4096], link[64];
-    const char *dir = buf;
+    char buf[4096], link[64] = "/proc/self/cwd";
+    const char *dir = path;
     ssize_t n;
     int r, saved = errno;
     if (delay_ns <= 0 || prefix_len == 0)
         return delay_ns > 0;
-    if (path && path[0] == '/') {
-        dir = path;
-    } else if (dirfd == SHIM_AT_FDCWD) {
-        dir = getcwd(buf, sizeof buf);
-    } else {
-        snprintf(link, sizeof link, "/proc/self/fd/%d", dirfd);
+    if (!path || path[0] != '/') {
+        if (dirfd != SHIM_AT_FDCWD)
+            snprintf(link, sizeof link, "/proc/self/fd/%d", dirfd);
         n = readlink(link, buf, sizeof buf - 1);
-        if (n < 0)
-            dir = NULL;
-        else
-            buf[n] = 0;
+        buf[n < 0 ? 0 : n] = 0;
+        dir = n < 0 ? NULL : buf;
     }
     r = dir && strncmp(dir, prefix, prefix_len) == 0
         && (dir[prefix_len] == 0 || dir[prefix_len] == '/' || prefix_len == 1);
@@ -337,16 +321,6 @@ def tail(text, lines=8):
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def first_line(argv):
-    try:
-        out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL).stdout
-    except OSError:
-        return None
-    lines = out.decode("utf-8", "replace").strip().splitlines()
-    return lines[0] if lines else None
-
-
 def proc_value(path, key):
     """The rest of the first line of a /proc file that starts with `key`, or None."""
     try:
@@ -377,34 +351,25 @@ def _proc_children(pid):
     return kids
 
 
-class TreeSampler(threading.Thread):
-    """Samples the summed RSS and PSS of a process and its descendants (worker
-    processes included) every `interval` seconds. A lower bound of the peak: a
-    spike between two samples is missed; ru_maxrss is exact but per process."""
-
-    def __init__(self, pid, interval=0.02):
-        threading.Thread.__init__(self)
-        self.pid = pid
-        self.interval = interval
-        self.done = threading.Event()
-        self.peak_rss_kb = self.peak_pss_kb = self.max_procs = 0
-
-    def run(self):
-        while not self.done.is_set():
-            pids, todo = [], [self.pid]
-            while todo:
-                pids.append(todo.pop())
-                todo.extend(_proc_children(pids[-1]))
-            rss = pss = n = 0
-            for p in pids:
-                r = proc_kb("/proc/%d/status" % p, "VmRSS:")
-                if r is not None:
-                    q = proc_kb("/proc/%d/smaps_rollup" % p, "Pss:")
-                    n, rss, pss = n + 1, rss + r, pss + (r if q is None else q)
-            self.peak_rss_kb = max(self.peak_rss_kb, rss)
-            self.peak_pss_kb = max(self.peak_pss_kb, pss)
-            self.max_procs = max(self.max_procs, n)
-            self.done.wait(self.interval)
+def sample_tree(pid, peaks, done, interval=0.02):
+    """Until `done` is set, samples the summed RSS and PSS of process pid and its
+    descendants (worker processes included) every `interval` seconds, keeping the peaks
+    in `peaks`. A lower bound of the peak: a spike between two samples is missed;
+    ru_maxrss is exact but per process."""
+    while not done.is_set():
+        pids, todo = [], [pid]
+        while todo:
+            pids.append(todo.pop())
+            todo.extend(_proc_children(pids[-1]))
+        rss = pss = n = 0
+        for p in pids:
+            r = proc_kb("/proc/%d/status" % p, "VmRSS:")
+            if r is not None:
+                q = proc_kb("/proc/%d/smaps_rollup" % p, "Pss:")
+                n, rss, pss = n + 1, rss + r, pss + (r if q is None else q)
+        for key, now in (("sum_rss_kb", rss), ("sum_pss_kb", pss), ("max_procs", n)):
+            peaks[key] = max(peaks[key], now)
+        done.wait(interval)
 
 
 def run_proc(argv, env=None, timeout=None, sample=False):
@@ -413,9 +378,10 @@ def run_proc(argv, env=None, timeout=None, sample=False):
     With sample, also the peak summed RSS/PSS of the process tree (sum_rss_kb, sum_pss_kb,
     max_procs)."""
     out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    peaks, done = dict.fromkeys(("sum_rss_kb", "sum_pss_kb", "max_procs"), 0), threading.Event()
     t0 = time.perf_counter()
     p = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
-    sampler = TreeSampler(p.pid) if sample else None
+    sampler = threading.Thread(target=sample_tree, args=(p.pid, peaks, done)) if sample else None
     timer = threading.Timer(timeout, os.kill, (p.pid, signal.SIGKILL)) if timeout else None
     for thread in (sampler, timer):
         if thread:
@@ -423,6 +389,7 @@ def run_proc(argv, env=None, timeout=None, sample=False):
             thread.start()
     _, status, ru = os.wait4(p.pid, 0)      # wait4: the child's own ru_maxrss
     seconds = time.perf_counter() - t0
+    done.set()
     if timer:
         timer.cancel()
     p.returncode = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
@@ -435,10 +402,8 @@ def run_proc(argv, env=None, timeout=None, sample=False):
         res[key] = f.read().decode("utf-8", "replace")
         f.close()
     if sampler:
-        sampler.done.set()
         sampler.join()
-        res.update({"sum_rss_kb": sampler.peak_rss_kb, "sum_pss_kb": sampler.peak_pss_kb,
-                    "max_procs": sampler.max_procs})
+        res.update(peaks)
     return res
 
 
@@ -493,8 +458,8 @@ def machine_info(workdir, gcc):
         "python": "%s (%s)" % (platform.python_version(), sys.executable),
         "glibc": os.confstr("CS_GNU_LIBC_VERSION")
         if "CS_GNU_LIBC_VERSION" in os.confstr_names else None,
-        "gcc": first_line([gcc, "--version"]),
-        "find": first_line(["find", "--version"]),
+        "gcc": run_proc([gcc, "--version"])["stdout"].partition("\n")[0],
+        "find": run_proc(["find", "--version"])["stdout"].partition("\n")[0],
         "memory_mb": mem_kb // 1024 if mem_kb else None,
         "loadavg_at_start": " ".join("%.2f" % x for x in os.getloadavg()),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
@@ -868,7 +833,7 @@ class Bench(object):
         counts_file = os.path.join(self.builddir, "shim-counts")
         log("latency: warm-up (untimed) tool --check --threads 1 without the shim")
         self.run_tool(t.key, check=True, extra=["--threads", "1"])
-        variants = latency_variants()
+        variants = LATENCY_VARIANTS
         env = self.shim_env(counts_file, os.path.realpath(t.path))
         self.read_counts(counts_file)
         runs = dict(("%s %s" % (mode, label), []) for mode in ("check", "touch")
@@ -902,14 +867,6 @@ class Bench(object):
         log("cleaning up %s" % self.base)
         subprocess.call(["rm", "-rf", "--one-file-system", self.base])
         shutil.rmtree(self.base, ignore_errors=True)
-
-
-def latency_variants():
-    """(label, extra refresh arguments) per latency run; the first one is the baseline."""
-    variants = [("--threads 1 --workers 1", ["--threads", "1", "--workers", "1"])]
-    for opt in ("--threads", "--workers"):
-        variants += [("%s %d" % (opt, n), [opt, str(n)]) for n in PARALLEL]
-    return variants
 
 
 def summarize(runs, entries):
@@ -1019,16 +976,12 @@ def render_header(report, w):
 
 
 def run_notes(k, s):
-    notes = []
-    if k.startswith("tool"):
-        notes.append("seen %s" % fmt_int(s["entries_seen"]))
-    if k in ("tool_touch_old", "tool_touch_recent"):
-        notes.append("touched %s" % fmt_int(s["entries_touched"]))
-    if k.startswith("tool") and s["checkpoints"]:
-        notes.append("%d checkpoints" % s["checkpoints"])
-    if s["failed_runs"]:
-        notes.append("%d FAILED" % s["failed_runs"])
-    return ", ".join(notes)
+    tool, touch = k.startswith("tool"), k in ("tool_touch_old", "tool_touch_recent")
+    return ", ".join(text for show, text in (
+        (tool, "seen %s" % fmt_int(s["entries_seen"])),
+        (touch, "touched %s" % fmt_int(s["entries_touched"])),
+        (tool and s["checkpoints"], "%s checkpoints" % s["checkpoints"]),
+        (s["failed_runs"], "%d FAILED" % s["failed_runs"])) if show)
 
 
 def render_trees(report, w):
@@ -1109,15 +1062,11 @@ def render_latency(report, w):
 
 
 def render_targets(report, w):
-    if report["config"]["quick"]:
-        w("\nTARGETS not judged: with --quick the trees are so small that start-up "
-          "dominates; run without --quick to judge them. Figures: "
-          + " | ".join("%s (%s)" % (name, text)
-                       for name, (_, text) in report["verdicts"].items()) + "\n")
-    else:
-        w("\nTARGETS: " + " | ".join("%s %s (%s)" % (name, state, text)
-                                     for name, (state, text) in report["verdicts"].items())
-          + "\n")
+    quick = report["config"]["quick"]
+    w("\nTARGETS" + (" not judged: with --quick the trees are so small that start-up "
+                     "dominates; run without --quick to judge them. Figures" if quick else "")
+      + ": " + " | ".join("%s%s (%s)" % (name, "" if quick else " " + state, text)
+                          for name, (state, text) in report["verdicts"].items()) + "\n")
 
 
 # The report's sections, in order; each writes what its part of the report holds.
@@ -1240,12 +1189,11 @@ def failed_runs(node, where=""):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     gcc = shutil.which("gcc") or shutil.which("cc")
-    for missing, why in ((not args.tool.exists(), "%s does not exist" % args.tool),
-                         (not gcc, "no gcc or cc on PATH (the stat floor and the latency "
-                                   "shim are C)")):
-        if missing:
-            sys.stderr.write("bench: %s\n" % why)
-            return 2
+    why = ("%s does not exist" % args.tool if not args.tool.exists() else None if gcc
+           else "no gcc or cc on PATH (the stat floor and the latency shim are C)")
+    if why:
+        sys.stderr.write("bench: %s\n" % why)
+        return 2
     b = Bench(args, gcc)
     crashed = interrupted = False
     try:
