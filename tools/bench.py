@@ -6,20 +6,12 @@
     python3 tools/bench.py --scale 0.1 --json /tmp/bench.json
 
 Standard library only (Python 3.6+), and gcc (or cc) for the C stat walker (the stat
-floor), atime-reset helper and LD_PRELOAD latency shim it compiles. Under --workdir it
-builds trees (wide: 200 dirs x 2,500 files; deep: 6 levels of ~50 entries; sparse: 4
-files of 1 TiB; for memory, flat trees of 1M and 100k entries and one directory of 200k;
-all shrunk by --scale) and measures:
-
-  * whole processes, interleaved round by round (medians of --repeat runs after an
-    untimed warm-up, warm caches): tool touch with every atime 60 days old,
-    `find DIR -exec touch -a -c -h {} +` on the same, tool --check, the stat floor,
-    tool touch with every entry recent (all skipped);
-  * peak RSS (wait4's ru_maxrss), the sampled PSS summed over the tool's process tree,
-    and the cost of one checkpoint (a run with --checkpoint-every forced short);
-  * with the shim adding --latency-ms to every stat/utimensat call under the latency
-    tree: "--threads 1 --workers 1" against --threads and --workers 8, 16 and 32.
-
+floor), atime-reset helper and LD_PRELOAD latency shim it compiles. It builds trees
+under --workdir (wide, deep, four sparse 1 TiB files) and times whole processes,
+interleaved round by round: the tool in touch and check mode against `find -exec touch`
+and the stat floor; its peak memory at 1M and 100k entries and in one directory of
+200k; the cost of a checkpoint; and, with the shim adding --latency-ms to every
+stat/utimensat call, the sequential walk against --threads and --workers 8, 16 and 32.
 It prints a table headed by the machine's description, writes every figure to --json
 FILE and ends with PASS/FAIL per target; it exits non-zero when it, or a timed command,
 failed.
@@ -198,12 +190,8 @@ __attribute__((constructor)) static void shim_init(void) {
     int fd;
     if (us)
         delay_ns = (long long)(atof(us) * 1000.0);
-    if (p && *p && strlen(p) < sizeof prefix) {
-        strcpy(prefix, p);
-        prefix_len = strlen(prefix);
-        while (prefix_len > 1 && prefix[prefix_len - 1] == '/')
-            prefix[--prefix_len] = 0;
-    }
+    if (p && strlen(p) < sizeof prefix)     /* a real path: no trailing '/' */
+        prefix_len = strlen(strcpy(prefix, p));
     if (path && *path && (fd = open(path, O_RDWR | O_CLOEXEC)) >= 0) {
         m = ftruncate(fd, sizeof local_counts) ? MAP_FAILED : mmap(
             NULL, sizeof local_counts, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
@@ -239,7 +227,7 @@ static int wanted(int dirfd, const char *path) {
         dir = n < 0 ? NULL : buf;
     }
     r = dir && strncmp(dir, prefix, prefix_len) == 0
-        && (dir[prefix_len] == 0 || dir[prefix_len] == '/' || prefix_len == 1);
+        && (dir[prefix_len] == 0 || dir[prefix_len] == '/');
     errno = saved;
     return r;
 }
@@ -608,10 +596,10 @@ class Bench(object):
         self.base = tempfile.mkdtemp(prefix="skbench-", dir=a.workdir)
         self.scratch, self.state, self.outside, self.builddir = (
             os.path.join(self.base, d) for d in ("scratch", "state", "outside", "build"))
-        for d in (self.scratch, self.outside, self.builddir):
+        for d in (self.scratch, self.builddir):
             os.mkdir(d)
-        for i in range(100):
-            os.close(os.open(os.path.join(self.outside, "f%03d" % i), O_CREATE, 0o644))
+        with new_dir(self.outside) as fd:
+            make_files(fd, 100, "f%03d")
         self.helper, self.shim = build_c(self.gcc, self.builddir)
         self.report["machine"] = machine_info(self.base, self.gcc)
         self.report["config"] = {
@@ -687,7 +675,10 @@ class Bench(object):
         old = int(time.time()) - OLD_DAYS * DAY
         check_rc(run_proc([self.helper, "reset", t.path, str(old)]), "atime reset on " + t.path)
 
-    def floor_argv(self, kind, t):
+    def command_argv(self, kind, t):
+        """The command line of a CMD_LABELS command on tree t."""
+        if kind.startswith("tool"):
+            return self.refresh_argv(t.key, check=kind == "tool_check")
         if kind == "find_touch":
             return ["find", t.path, "-exec", "touch", "-a", "-c", "-h", "{}", "+"]
         return [self.helper, "walk", t.path]
@@ -704,8 +695,14 @@ class Bench(object):
             return self.run_tool(t.key, check=kind == "tool_check")
         return self.run_floor(kind, t)
 
+    def run_mode(self, t, mode, **kw):
+        """One tool run on tree t in `mode`: "check", or "touch" after an atime reset."""
+        if mode == "touch":
+            self.reset_atimes(t)
+        return self.run_tool(t.key, check=mode == "check", **kw)
+
     def run_floor(self, kind, t):
-        r = run_proc(self.floor_argv(kind, t), timeout=self.args.timeout)
+        r = run_proc(self.command_argv(kind, t), timeout=self.args.timeout)
         rec = dict((k, r[k]) for k in ("seconds", "rc", "maxrss_kb", "cpu_seconds"))
         if r["rc"] != 0:
             rec["stderr"] = tail(r["stderr"])
@@ -748,9 +745,7 @@ class Bench(object):
                 runs[k].append(self.timed(k, t))
         summary = dict((k, summarize(runs[k], t.entries)) for k in runs)
         med = dict((k, s["median_s"]) for k, s in summary.items())
-        commands = dict((k, self.refresh_argv(t.key, check=k == "tool_check")
-                         if k.startswith("tool") else self.floor_argv(k, t))
-                        for k, _ in CMD_LABELS)
+        commands = dict((k, self.command_argv(k, t)) for k, _ in CMD_LABELS)
         commands["atime_reset"] = [self.helper, "reset", t.path, "<now - %d days>" % OLD_DAYS]
         self.report.setdefault("commands", commands)
         self.report["trees"][t.key] = {
@@ -773,10 +768,8 @@ class Bench(object):
         runs = {"check": {}, "touch": {}}
         for mode in ("check", "touch"):
             for t in order:
-                if mode == "touch":
-                    self.reset_atimes(t)
                 log("memory: %s %s (%s entries)" % (t.key, mode, fmt_int(t.entries)))
-                runs[mode][t.key] = [self.run_tool(t.key, check=mode == "check", sample=True)]
+                runs[mode][t.key] = [self.run_mode(t, mode, sample=True)]
         self.report["memory"] = {
             "entries": dict((t.key, t.entries) for t in order), "runs": runs,
             "titles": dict((t.key, t.title) for t in order),
@@ -814,15 +807,12 @@ class Bench(object):
     def read_counts(counts_file):
         """{symbol: {"delayed": n, "passed": n}} from the shim's shared counters (a
         missing file reads as none); leaves the file zeroed for the next run."""
-        n = 2 * len(SHIM_NAMES)
-        try:
-            with open(counts_file, "rb") as f:
-                raw = f.read(8 * n)
-        except FileNotFoundError:
-            raw = b""
-        with open(counts_file, "wb") as f:      # the shim maps it, never creates it
-            f.write(b"\0" * (8 * n))
-        vals = struct.unpack("=%dQ" % n, raw.ljust(8 * n, b"\0"))
+        size = 16 * len(SHIM_NAMES)
+        with open(counts_file, "a+b") as f:     # the shim maps it, never creates it
+            f.seek(0)
+            vals = struct.unpack("=%dQ" % (size // 8), f.read(size).ljust(size, b"\0"))
+            f.truncate(0)
+            f.write(b"\0" * size)
         return dict((name, {"delayed": vals[2 * i], "passed": vals[2 * i + 1]})
                     for i, name in enumerate(SHIM_NAMES) if vals[2 * i] or vals[2 * i + 1])
 
@@ -841,10 +831,8 @@ class Bench(object):
         for i in range(a.repeat):
             for mode in ("check", "touch"):
                 for label, extra in variants:
-                    if mode == "touch":
-                        self.reset_atimes(t)
                     log("latency: round %d/%d, %s, %s" % (i + 1, a.repeat, mode, label))
-                    rec = self.run_tool(t.key, check=mode == "check", env=env, extra=extra)
+                    rec = self.run_mode(t, mode, env=env, extra=extra)
                     rec["shim_counts"] = self.read_counts(counts_file)
                     runs["%s %s" % (mode, label)].append(rec)
         summary = latency_summary(runs, variants, t.entries)
@@ -957,10 +945,9 @@ def render_header(report, w):
                     % (m["date"], m["hostname"], m["loadavg_at_start"],
                        ", SLURM_JOB_ID set" if m["slurm_job_id"] else "")),
             ("method", "scale %s%s, medians of %d interleaved runs of whole processes, warm "
-                       "caches (one untimed warm-up pass per tree, never dropped); 'old' = "
-                       "every atime reset to %d days ago first (C helper, untimed); 'recent' "
-                       "= right after a touch run; stat floor: C walker, fstatat "
-                       "AT_SYMLINK_NOFOLLOW, one thread"
+                       "caches (an untimed warm-up per tree); 'old' = every atime reset to %d "
+                       "days ago first (C helper, untimed); 'recent' = right after a touch "
+                       "run; stat floor: C walker, fstatat AT_SYMLINK_NOFOLLOW, one thread"
                        % (c["scale"], " (--quick)" if c["quick"] else "", c["repeat"],
                           c["old_days"])),
             ("start-up", "`python -c pass` %.0f ms, `scratch_keepalive.py --version` %.0f ms "
@@ -1087,9 +1074,8 @@ def worst_ratio(trees, key):
 def threads_verdict(lat):
     best = {}
     for s in (lat or {}).get("summary", {}).values():
-        if not s["baseline"] and s["speedup"] is not None \
-                and s["speedup"] > best.get(s["mode"], (0,))[0]:
-            best[s["mode"]] = (s["speedup"], s["variant"])
+        if not s["baseline"] and s["speedup"] is not None:
+            best[s["mode"]] = max(best.get(s["mode"], (0, "")), (s["speedup"], s["variant"]))
     if not best:
         return ("n/a", "not measured")
     return ("PASS" if min(best.values())[0] >= TARGETS["threads_speedup"] else "FAIL",
@@ -1157,33 +1143,27 @@ def parse_args(argv):
     p.add_argument("--tool", type=Path, default=TOOL,
                    help="the tool, e.g. an older copy to compare (default %(default)s)")
     a = p.parse_args(argv)
-    if a.scale is None:
-        a.scale = 0.01 if a.quick else 1.0
+    a.scale = (0.01 if a.quick else 1.0) if a.scale is None else a.scale
     a.latency_entries = 1000 if a.quick else 10000
-    if a.repeat < 1:
-        p.error("--repeat must be at least 1")
-    if a.scale <= 0:
-        p.error("--scale must be positive")
     a.only = set(x.strip() for x in a.only.split(",") if x.strip())
-    if a.only - set(PHASES):
-        p.error("unknown phase(s) in --only: %s" % ", ".join(sorted(a.only - set(PHASES))))
     a.workdir = os.path.abspath(a.workdir)
+    for bad, why in ((a.repeat < 1, "--repeat must be at least 1"),
+                     (a.scale <= 0, "--scale must be positive"),
+                     (a.only - set(PHASES), "unknown phase(s) in --only: %s"
+                      % ", ".join(sorted(a.only - set(PHASES))))):
+        if bad:
+            p.error(why)
     return a
 
 
-def failed_runs(node, where=""):
-    """Names of the report's entries whose "rc" (one code or a list) is non-zero."""
-    out = []
-    if isinstance(node, dict):
-        codes = node.get("rc") if isinstance(node.get("rc"), list) else [node.get("rc")]
-        if any(isinstance(x, int) and not isinstance(x, bool) and x != 0 for x in codes):
-            out.append(where or "?")
-        for k, v in node.items():
-            out.extend(failed_runs(v, "%s/%s" % (where, k) if where else str(k)))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            out.extend(failed_runs(v, "%s[%d]" % (where, i)))
-    return out
+def failed_runs(node, where="report"):
+    """Where in the report a run's exit code ("rc") is not 0."""
+    if isinstance(node, list):
+        node = dict(("%d" % i, v) for i, v in enumerate(node))
+    if not isinstance(node, dict):
+        return []
+    bad = [where] if isinstance(node.get("rc"), int) and node["rc"] != 0 else []
+    return bad + [x for k, v in node.items() for x in failed_runs(v, where + "/" + k)]
 
 
 def main(argv=None):
