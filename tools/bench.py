@@ -80,49 +80,41 @@ HELPER_C = r"""
 #include <sys/stat.h>
 #include <unistd.h>
 
-static long long n_entries = 1, n_errors;
+static long long n_entries, n_errors;
 static int do_reset;
 static struct timespec times_[2] = {{0, 0}, {0, UTIME_OMIT}};
 
-static int open_dir(int dfd, const char *name) {
-    return openat(dfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC | O_NOATIME);
-}
-
-static void reset(int dfd, const char *name) {
+/* Stats `name` in dfd; a directory's entries are visited before its atime is reset. */
+static void visit(int dfd, const char *name) {
+    struct stat st;
+    struct dirent *e;
+    DIR *d;
+    int fd;
+    if (fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) != 0) {
+        perror(name);
+        n_errors++;
+        return;
+    }
+    n_entries++;
+    if (S_ISDIR(st.st_mode)) {
+        fd = openat(dfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC | O_NOATIME);
+        if (fd < 0 || (d = fdopendir(fd)) == NULL) {
+            perror(name);
+            n_errors++;
+            if (fd >= 0)
+                close(fd);
+        } else {
+            while ((e = readdir(d)) != NULL)
+                if (strcmp(e->d_name, ".") && strcmp(e->d_name, ".."))
+                    visit(dirfd(d), e->d_name);
+            closedir(d);
+        }
+    }
     if (do_reset && utimensat(dfd, name, times_, AT_SYMLINK_NOFOLLOW) != 0)
         n_errors++;
 }
 
-static void walk(int dfd) {
-    DIR *d = fdopendir(dfd);
-    struct dirent *e;
-    struct stat st;
-    int sub;
-    if (d == NULL) {
-        n_errors++;
-        close(dfd);
-        return;
-    }
-    while ((e = readdir(d)) != NULL) {
-        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
-            continue;
-        if (fstatat(dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0) {
-            n_errors++;
-            continue;
-        }
-        n_entries++;
-        if (S_ISDIR(st.st_mode) && (sub = open_dir(dirfd(d), e->d_name)) < 0)
-            n_errors++;
-        else if (S_ISDIR(st.st_mode))
-            walk(sub);
-        reset(dirfd(d), e->d_name);
-    }
-    closedir(d);
-}
-
 int main(int argc, char **argv) {
-    struct stat st;
-    int fd = -1;
     do_reset = argc == 4 && !strcmp(argv[1], "reset");
     if (!do_reset && (argc != 3 || strcmp(argv[1], "walk"))) {
         fprintf(stderr, "usage: %s walk DIR | reset DIR EPOCH\n", argv[0]);
@@ -130,14 +122,7 @@ int main(int argc, char **argv) {
     }
     if (do_reset)
         times_[0].tv_sec = (time_t)atoll(argv[3]);
-    if (lstat(argv[2], &st) != 0
-            || (S_ISDIR(st.st_mode) && (fd = open_dir(AT_FDCWD, argv[2])) < 0)) {
-        perror(argv[2]);
-        return 2;
-    }
-    if (fd >= 0)
-        walk(fd);
-    reset(AT_FDCWD, argv[2]);
+    visit(AT_FDCWD, argv[2]);
     printf("%lld %lld\n", n_entries, n_errors);
     return n_errors ? 1 : 0;
 }
@@ -416,17 +401,13 @@ def parse_tool_json(stdout):
 
 def mount_of(path):
     """(mount point, fs type, options) of the mount holding path."""
-    path = os.path.realpath(path)
-    best = (None, None, None)
-    try:
-        with open("/proc/self/mounts") as f:
-            for parts in (line.split() for line in f):
-                mnt = parts[1].replace("\\040", " ")
-                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) \
-                        and len(mnt) >= len(best[0] or ""):
-                    best = (mnt, parts[2], parts[3])
-    except (OSError, IndexError):
-        pass
+    path, best = os.path.realpath(path), (None, None, None)
+    with open("/proc/self/mounts") as f:
+        for _, mnt, fs_type, options in (line.split()[:4] for line in f):
+            mnt = mnt.replace("\\040", " ")
+            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) \
+                    and len(mnt) >= len(best[0] or ""):     # the last mount there wins
+                best = (mnt, fs_type, options)
     return best
 
 
@@ -796,13 +777,6 @@ class Bench(object):
         self.report["checkpoint_probe"] = probe
 
     # -- phase 3: latency
-    def shim_env(self, counts_file, prefix):
-        env = dict(self.tool_env)
-        env.update({"LD_PRELOAD": " ".join(x for x in (self.shim, env.get("LD_PRELOAD")) if x),
-                    "BENCH_SHIM_DELAY_US": "%g" % (self.args.latency_ms * 1000.0),
-                    "BENCH_SHIM_PREFIX": prefix, "BENCH_SHIM_COUNTS": counts_file})
-        return env
-
     @staticmethod
     def read_counts(counts_file):
         """{symbol: {"delayed": n, "passed": n}} from the shim's shared counters (a
@@ -824,7 +798,9 @@ class Bench(object):
         log("latency: warm-up (untimed) tool --check --threads 1 without the shim")
         self.run_tool(t.key, check=True, extra=["--threads", "1"])
         variants = LATENCY_VARIANTS
-        env = self.shim_env(counts_file, os.path.realpath(t.path))
+        env = dict(self.tool_env, BENCH_SHIM_DELAY_US="%g" % (a.latency_ms * 1000.0),
+                   BENCH_SHIM_PREFIX=os.path.realpath(t.path), BENCH_SHIM_COUNTS=counts_file,
+                   LD_PRELOAD=" ".join(x for x in (self.shim, os.environ.get("LD_PRELOAD")) if x))
         self.read_counts(counts_file)
         runs = dict(("%s %s" % (mode, label), []) for mode in ("check", "touch")
                     for label, _ in variants)
@@ -904,17 +880,16 @@ def latency_summary(runs, variants, entries):
     baseline, whole-process and from the tool's own walk_seconds (without start-up)."""
     summary = {}
     for mode in ("check", "touch"):
-        base = summarize(runs["%s %s" % (mode, variants[0][0])], entries)
         for label, extra in variants:
             rs = runs["%s %s" % (mode, label)]
-            s = summarize(rs, entries)
+            s = summary["%s %s" % (mode, label)] = summarize(rs, entries)
+            base = summary["%s %s" % (mode, variants[0][0])]   # the first variant's
             s.update({"mode": mode, "variant": label, "args": extra,
                       "baseline": label == variants[0][0],
                       "speedup": ratio(base["median_s"], s["median_s"]),
                       "walk_speedup": ratio(base["walk_s"], s["walk_s"]),
                       "shim_counts": rs[-1]["shim_counts"],
                       "delayed_calls": sum(v["delayed"] for v in rs[-1]["shim_counts"].values())})
-            summary["%s %s" % (mode, label)] = s
     return summary
 
 # ---------------------------------------------------------------- the report
@@ -996,15 +971,12 @@ def render_memory(report, w):
     w("\n== memory: tool peak RSS (wait4 ru_maxrss: the largest single process) and "
       "the process tree's sampled peak PSS sum ==\n")
     ms = mem["summary"]
-    table(w, ["tree", "entries", "check RSS", "check PSS", "procs", "check s", "touch RSS",
-              "touch PSS", "procs", "touch s", ""],
-          [[key, fmt_int(mem["entries"][key])]
-           + [x for s in (ms["check_" + key], ms["touch_" + key])
-              for x in (fmt_mb(s["peak_rss_kb"]), fmt_mb(s["sum_pss_kb"]), str(s["max_procs"]),
-                        fmt("%.3f", s["median_s"]))]
-           + [" ".join("%s FAILED (exit %s)" % (m, ms[m + "_" + key]["rc"])
-                       for m in ("check", "touch") if any(ms[m + "_" + key]["rc"]))]
-           for key in ("mem100k", "mem1m", "mem1dir")])
+    table(w, ["tree", "mode", "entries", "peak RSS", "PSS sum", "procs", "median s", ""],
+          [[key, mode, fmt_int(mem["entries"][key]), fmt_mb(s["peak_rss_kb"]),
+            fmt_mb(s["sum_pss_kb"]), str(s["max_procs"]), fmt("%.3f", s["median_s"]),
+            "FAILED (exit %s)" % s["rc"] if any(s["rc"]) else ""]
+           for mode in ("check", "touch") for key in ("mem100k", "mem1m", "mem1dir")
+           for s in [ms[mode + "_" + key]]], left=2)
     w("growth from %s to %s entries: check %+.1f MB, touch %+.1f MB\n"
       % ((fmt_int(mem["entries"]["mem100k"]), fmt_int(mem["entries"]["mem1m"]))
          + tuple((ms[m + "_mem1m"]["peak_rss_kb"] - ms[m + "_mem100k"]["peak_rss_kb"]) / 1024.0
@@ -1019,9 +991,6 @@ def render_memory(report, w):
           % (cp["tree"], cp["checkpoint_every"], cp["checkpoints"],
              1000 * cp["seconds_per_checkpoint"], 100 * cp["share_at_forced_interval"],
              TOOL_CHECKPOINT_S, 100 * cp["share_at_default_interval"]))
-    elif cp:
-        w("checkpoints: the forced run (%s --checkpoint-every %g) gave no figure (rc %s, "
-          "timing %s)\n" % (cp["tree"], cp["checkpoint_every"], cp["rc"], cp["timing"]))
 
 
 def render_latency(report, w):
