@@ -769,10 +769,10 @@ class Bench(object):
     # -- phase 3: latency
     @staticmethod
     def read_counts(counts_file):
-        """{symbol: {"delayed": n, "passed": n}} from the shim's shared counters (a
-        missing file reads as none); leaves the file zeroed for the next run."""
+        """{symbol: {"delayed": n, "passed": n}} from the shim's shared counters (none
+        before the first run); leaves the file zeroed for the next run."""
         size = 16 * len(SHIM_NAMES)
-        with open(counts_file, "a+b") as f:     # the shim maps it, never creates it
+        with open(counts_file, "a+b") as f:     # created here: the shim only maps it
             f.seek(0)
             vals = struct.unpack("=%dQ" % (size // 8), f.read(size).ljust(size, b"\0"))
             f.truncate(0)
@@ -787,26 +787,26 @@ class Bench(object):
         counts_file = os.path.join(self.builddir, "shim-counts")
         log("latency: warm-up (untimed) tool --check --threads 1 without the shim")
         self.run_tool(t.key, check=True, extra=["--threads", "1"])
-        variants = LATENCY_VARIANTS
         env = dict(self.tool_env, BENCH_SHIM_DELAY_US="%g" % (a.latency_ms * 1000.0),
                    BENCH_SHIM_PREFIX=os.path.realpath(t.path), BENCH_SHIM_COUNTS=counts_file,
                    LD_PRELOAD=" ".join(x for x in (self.shim, os.environ.get("LD_PRELOAD")) if x))
         self.read_counts(counts_file)
         runs = dict(("%s %s" % (mode, label), []) for mode in ("check", "touch")
-                    for label, _ in variants)
+                    for label, _ in LATENCY_VARIANTS)
         for i in range(a.repeat):
             for mode in ("check", "touch"):
-                for label, extra in variants:
+                for label, extra in LATENCY_VARIANTS:
                     log("latency: round %d/%d, %s, %s" % (i + 1, a.repeat, mode, label))
                     rec = self.run_mode(t, mode, env=env, extra=extra)
                     rec["shim_counts"] = self.read_counts(counts_file)
                     runs["%s %s" % (mode, label)].append(rec)
-        summary = latency_summary(runs, variants, t.entries)
+        summary = latency_summary(runs, LATENCY_VARIANTS, t.entries)
         # Every entry is stat'ed once under the tree: fewer delayed calls means the shim
         # missed a call the tool makes, and the figures would not show the latency.
         self.report["latency"] = {
             "latency_ms": a.latency_ms, "entries": t.entries, "title": t.title,
-            "variants": [label for label, _ in variants], "runs": runs, "summary": summary,
+            "variants": [label for label, _ in LATENCY_VARIANTS], "runs": runs,
+            "summary": summary,
             "anomalies": ["%s: the shim delayed %s calls for %s entries"
                           % (k, fmt_int(s["delayed_calls"]), fmt_int(t.entries))
                           for k, s in summary.items() if s["delayed_calls"] < t.entries]}
