@@ -2451,18 +2451,45 @@ def init(profile=None, scratch_root=None, purge_days=None, state_dir=None, env=N
 def _init(ctx, profile, scratch_root, purge_days):
     store = ctx.store
     old = store.load_config()
-    reg = store.load_registry()
-    datasets = reg["datasets"]
+    datasets = store.load_registry()["datasets"]
     if profile is not None and profile not in PROFILES:
         raise UsageError("unknown profile %r; choose br200 or generic" % profile)
     name = profile or (old or {}).get("profile") or DEFAULT_PROFILE
-    prof = PROFILES[name]
     if old and old.get("profile") != name and datasets:
         raise UsageError("the profile is %s and %d dataset(s) are registered; remove them before "
                          "changing the profile to %s" % (old.get("profile"), len(datasets), name))
-    same_profile = bool(old) and old.get("profile") == name
-    root = (ctx.env.get("SCRATCH_KEEPALIVE_SCRATCH_ROOT") or scratch_root
-            or (old.get("scratch_root") if same_profile else None))
+    same = old if (old and old.get("profile") == name) else {}
+    root = _init_root(ctx, name, scratch_root or same.get("scratch_root"))
+    purge = _init_purge_days(name, purge_days) or same.get("purge_days") or \
+        PROFILES[name]["purge_days"]
+    warnings = _init_state_dir_warnings(store, name, root)
+    for ds in datasets.values():
+        if not is_below(ds["path"], root):
+            raise UsageError("dataset %r (%s) would not lie below the new scratch root %s; "
+                             "remove it first" % (ds["name"], ds["path"], root))
+        if int(ds["cadence_days"]) > purge - 5:
+            raise UsageError("dataset %r has a %d-day cadence, too long for a %d-day purge; "
+                             "lower it first" % (ds["name"], int(ds["cadence_days"]), purge))
+    cfg = {"profile": name, "scratch_root": root, "purge_days": int(purge)}
+    changed = dict((k, (old or {}).get(k)) for k in cfg) != cfg
+    if changed:
+        cfg["created"] = (old or {}).get("created") or iso(time.time())
+        cfg["updated"] = iso(time.time())
+        store.save_config(cfg)
+    else:
+        cfg = old
+        store.ensure()
+    with contextlib.suppress(OSError):
+        os.chmod(store.dir, 0o700)      # a pre-existing directory too: state is private
+    return {"config": dict((k, cfg[k]) for k in ("profile", "scratch_root", "purge_days")),
+            "changed": changed, "state_dir": store.dir, "warnings": warnings}
+
+
+def _init_root(ctx, name, given):
+    """The scratch root: the variable, then the option (or the recorded one), then the
+    profile's; its real path."""
+    prof = PROFILES[name]
+    root = ctx.env.get("SCRATCH_KEEPALIVE_SCRATCH_ROOT") or given
     if not root:
         if prof["scratch_root"]:
             root = prof["scratch_root"].format(user=current_user(ctx.env))
@@ -2475,45 +2502,32 @@ def _init(ctx, profile, scratch_root, purge_days):
         hint = " (not on BR200? use --profile generic --scratch-root DIR)" if name == "br200" else ""
         raise UsageError("the scratch root %s does not exist or is not a directory%s"
                          % (root, hint))
-    root = os.path.realpath(root)
-    if purge_days is not None:
-        if prof["purge_days_fixed"] and purge_days != prof["purge_days"]:
-            raise UsageError("the br200 purge rule is fixed at %d days; --purge-days is for the "
-                             "generic profile" % prof["purge_days"])
-        if purge_days < prof["min_cadence"] + 5 or purge_days > 3650:
-            raise UsageError("--purge-days must be between %d and 3650"
-                             % (prof["min_cadence"] + 5))
-    purge = purge_days or (old.get("purge_days") if same_profile else None) or prof["purge_days"]
-    state_real = os.path.realpath(store.dir)
-    warnings = []
-    if overlaps(state_real, root):
-        if name == "br200":
-            raise UsageError("the state directory %s lies inside the scratch root %s, where the "
-                             "purge would delete it; choose another with --state-dir or "
-                             "SCRATCH_KEEPALIVE_HOME" % (store.dir, root))
-        warnings.append("the state directory %s lies inside the scratch root %s: a purge could "
-                        "delete it; prefer a directory in your home" % (store.dir, root))
-    for ds in datasets.values():
-        if not is_below(ds["path"], root):
-            raise UsageError("dataset %r (%s) would not lie below the new scratch root %s; "
-                             "remove it first" % (ds["name"], ds["path"], root))
-        if int(ds["cadence_days"]) > purge - 5:
-            raise UsageError("dataset %r has a %d-day cadence, too long for a %d-day purge; "
-                             "lower it first" % (ds["name"], int(ds["cadence_days"]), purge))
-    cfg = {"profile": name, "scratch_root": root, "purge_days": int(purge)}
-    current = dict((k, (old or {}).get(k)) for k in cfg)
-    changed = current != cfg
-    if changed:
-        cfg["created"] = (old or {}).get("created") or iso(time.time())
-        cfg["updated"] = iso(time.time())
-        store.save_config(cfg)
-    else:
-        cfg = old
-        store.ensure()
-    with contextlib.suppress(OSError):
-        os.chmod(store.dir, 0o700)      # a pre-existing directory too: state is private
-    return {"config": dict((k, cfg[k]) for k in ("profile", "scratch_root", "purge_days")),
-            "changed": changed, "state_dir": store.dir, "warnings": warnings}
+    return os.path.realpath(root)
+
+
+def _init_purge_days(name, purge_days):
+    """--purge-days checked against the profile (None when not given)."""
+    prof = PROFILES[name]
+    if purge_days is None:
+        return None
+    if prof["purge_days_fixed"] and purge_days != prof["purge_days"]:
+        raise UsageError("the br200 purge rule is fixed at %d days; --purge-days is for the "
+                         "generic profile" % prof["purge_days"])
+    if purge_days < prof["min_cadence"] + 5 or purge_days > 3650:
+        raise UsageError("--purge-days must be between %d and 3650" % (prof["min_cadence"] + 5))
+    return purge_days
+
+
+def _init_state_dir_warnings(store, name, root):
+    """A state directory inside scratch: refused on br200, a warning elsewhere."""
+    if not overlaps(os.path.realpath(store.dir), root):
+        return []
+    if name == "br200":
+        raise UsageError("the state directory %s lies inside the scratch root %s, where the "
+                         "purge would delete it; choose another with --state-dir or "
+                         "SCRATCH_KEEPALIVE_HOME" % (store.dir, root))
+    return ["the state directory %s lies inside the scratch root %s: a purge could "
+            "delete it; prefer a directory in your home" % (store.dir, root)]
 
 
 def add_dataset(name, path, keep_until, cadence_days=None, approval=None, state_dir=None,

@@ -5,31 +5,20 @@
     python3 tools/bench.py --quick          # small preset, a smoke test
     python3 tools/bench.py --scale 0.1 --json /tmp/bench.json
 
-Standard library only (Python 3.6+), and gcc (or cc): it compiles a C stat walker
-(the stat floor), a C atime-reset helper and an LD_PRELOAD latency shim, the evidence
-behind the README's figures. In a temporary directory under --workdir it builds
-trees (wide: 200 dirs x 2,500 files; deep: 6 levels of ~50 entries; sparse: 4 files of
-1 TiB apparent size; for memory, flat trees of 1M and 100k entries and one directory
-of 200k; all shrunk by --scale) and measures:
-
-  * whole processes, interleaved round by round (medians of --repeat runs after an
-    untimed warm-up, warm caches): tool touch with every atime 60 days old,
-    `find DIR -exec touch -a -c -h {} +` on the same, tool --check, the stat floor,
-    tool touch with every entry recent (all skipped);
-  * peak RSS (wait4's ru_maxrss) and the sampled PSS summed over the tool's process
-    tree; the checkpoint's share of the walk (the tool's --json "timing"; no timed run
-    lasts a checkpoint interval, so one run with --checkpoint-every forced short gives
-    the cost of one checkpoint);
-  * with the shim adding --latency-ms to every stat/utimensat call under the latency
-    tree (calls counted in a shared map, forked workers included): the sequential
-    "--threads 1 --workers 1" against --threads and --workers 8, 16 and 32.
-
+Standard library only (Python 3.6+), and gcc (or cc) for the C stat walker (the stat
+floor), atime-reset helper and LD_PRELOAD latency shim it compiles. It builds trees
+under --workdir (wide, deep, four sparse 1 TiB files) and times whole processes,
+interleaved round by round: the tool in touch and check mode against `find -exec touch`
+and the stat floor; its peak memory at 1M and 100k entries and in one directory of
+200k; the cost of a checkpoint; and, with the shim adding --latency-ms to every
+stat/utimensat call, the sequential walk against --threads and --workers 8, 16 and 32.
 It prints a table headed by the machine's description, writes every figure to --json
-FILE and ends with PASS/FAIL per target; it exits non-zero only when it, or a timed
-command, failed.
+FILE and ends with PASS/FAIL per target; it exits non-zero when it, or a timed command,
+failed.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -43,150 +32,109 @@ import tempfile
 import threading
 import time
 import traceback
+import types
 from pathlib import Path
 
 TOOL = Path(__file__).resolve().parent.parent / "scratch_keepalive.py"
 OLD_DAYS = 60                   # "old": atime 60 days ago (the tool's skip threshold is 11)
-DAY = 86400
 TOOL_CHECKPOINT_S = 30.0        # the tool's default --checkpoint-every
 SINGLE_DIR_ENTRIES = 200000     # the one-directory memory tree, before --scale
 PARALLEL = (8, 16, 32)          # --threads N and --workers N in the latency runs
 PHASES = ("wide", "deep", "sparse", "memory", "latency")
+# (label, extra refresh arguments) per latency run; the first one is the baseline.
+LATENCY_VARIANTS = [("--threads 1 --workers 1", ["--threads", "1", "--workers", "1"])] + [
+    ("%s %d" % (opt, n), [opt, str(n)]) for opt in ("--threads", "--workers") for n in PARALLEL]
 
-TARGETS = {
-    "touch_vs_find": 1.0,       # tool touch <= 1.0x find -exec touch
-    "check_vs_walk": 1.5,       # tool check <= 1.5x C stat walk
-    "skipped_vs_walk": 1.5,     # tool all-skipped <= 1.5x C stat walk
-    "threads_speedup": 10.0,    # >= 10x at 0.5 ms latency
-    "rss_mb_1m": 32.0,          # peak RSS <= 32 MB at 1M entries
-    "checkpoint_share": 0.02,   # checkpoint <= 2% of the walk
-}
+# The six targets' limits; targets() judges each, under the names the report shows.
+TARGETS = {"touch_vs_find": 1.0, "check_vs_walk": 1.5, "skipped_vs_walk": 1.5,
+           "threads_speedup": 10.0, "rss_mb_1m": 32.0, "checkpoint_share": 0.02}
 
-CMD_LABELS = [
-    ("tool_touch_old", "tool touch, all old"),
-    ("find_touch", "find -exec touch -a -c -h {} +"),
-    ("tool_check", "tool --check"),
-    ("stat_walk", "stat floor"),
-    ("tool_touch_recent", "tool touch, all recent"),
-]
+# The timed commands of a tree round, in their order: (key, label).
+CMD_LABELS = [("tool_touch_old", "tool touch, all old"),
+              ("find_touch", "find -exec touch -a -c -h {} +"), ("tool_check", "tool --check"),
+              ("stat_walk", "stat floor"), ("tool_touch_recent", "tool touch, all recent")]
 
 # ---------------------------------------------------------------- C sources
 
 HELPER_C = r"""
-/* bench helper: "walk DIR" stats every entry (fstatat, AT_SYMLINK_NOFOLLOW)
-   depth-first without following symlinks; "reset DIR EPOCH" also sets every
-   entry's atime to EPOCH (mtime omitted), each directory after its contents
-   so that listing it does not move its atime again. Prints "entries errors". */
+/* bench helper: "walk DIR" stats every entry (fstatat, AT_SYMLINK_NOFOLLOW) depth-first,
+   never following a symlink; "reset DIR EPOCH" also sets every entry's atime to EPOCH
+   (mtime omitted), each directory after its contents so that listing it does not move its
+   atime again. Prints "entries errors". Directories are opened O_NOATIME (the trees are
+   the bench's own). */
 #define _GNU_SOURCE
 #include <dirent.h>
-#include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
-
-#ifndef O_NOATIME
-#define O_NOATIME 0
-#endif
 
 static long long n_entries, n_errors;
 static int do_reset;
-static struct timespec times_[2];
-static int noatime = O_NOATIME;
+static struct timespec times_[2] = {{0, 0}, {0, UTIME_OMIT}};
 
-static int open_dir(int dfd, const char *name) {
-    int flags = O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC;
-    int fd = openat(dfd, name, flags | noatime);
-    if (fd < 0 && errno == EPERM && noatime) {
-        noatime = 0;
-        fd = openat(dfd, name, flags);
-    }
-    return fd;
-}
-
-static void walk(int dfd) {
-    DIR *d = fdopendir(dfd);
+/* Stats `name` in dfd; a directory's entries are visited before its atime is reset. */
+static void visit(int dfd, const char *name) {
+    struct stat st;
     struct dirent *e;
-    if (d == NULL) {
+    DIR *d;
+    int fd;
+    if (fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) != 0) {
+        perror(name);
         n_errors++;
-        close(dfd);
         return;
     }
-    while ((e = readdir(d)) != NULL) {
-        struct stat st;
-        int fd = dirfd(d);
-        const char *n = e->d_name;
-        if (n[0] == '.' && (n[1] == 0 || (n[1] == '.' && n[2] == 0)))
-            continue;
-        if (fstatat(fd, n, &st, AT_SYMLINK_NOFOLLOW) != 0) {
+    n_entries++;
+    if (S_ISDIR(st.st_mode)) {
+        fd = openat(dfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC | O_NOATIME);
+        if (fd < 0 || (d = fdopendir(fd)) == NULL) {
+            perror(name);
             n_errors++;
-            continue;
+            if (fd >= 0)
+                close(fd);
+        } else {
+            while ((e = readdir(d)) != NULL)
+                if (strcmp(e->d_name, ".") && strcmp(e->d_name, ".."))
+                    visit(dirfd(d), e->d_name);
+            closedir(d);
         }
-        n_entries++;
-        if (S_ISDIR(st.st_mode)) {
-            int c = open_dir(fd, n);
-            if (c < 0)
-                n_errors++;
-            else
-                walk(c);
-        }
-        if (do_reset && utimensat(fd, n, times_, AT_SYMLINK_NOFOLLOW) != 0)
-            n_errors++;
     }
-    closedir(d);
+    if (do_reset && utimensat(dfd, name, times_, AT_SYMLINK_NOFOLLOW) != 0)
+        n_errors++;
 }
 
 int main(int argc, char **argv) {
-    struct stat st;
-    if (argc < 3 || (strcmp(argv[1], "walk") && strcmp(argv[1], "reset"))
-        || (!strcmp(argv[1], "reset") && argc < 4)) {
+    do_reset = argc == 4 && !strcmp(argv[1], "reset");
+    if (!do_reset && (argc != 3 || strcmp(argv[1], "walk"))) {
         fprintf(stderr, "usage: %s walk DIR | reset DIR EPOCH\n", argv[0]);
         return 2;
     }
-    if (!strcmp(argv[1], "reset")) {
-        do_reset = 1;
+    if (do_reset)
         times_[0].tv_sec = (time_t)atoll(argv[3]);
-        times_[0].tv_nsec = 0;
-        times_[1].tv_sec = 0;
-        times_[1].tv_nsec = UTIME_OMIT;
-    }
-    if (lstat(argv[2], &st) != 0) {
-        perror(argv[2]);
-        return 2;
-    }
-    n_entries = 1;
-    if (S_ISDIR(st.st_mode)) {
-        int fd = open_dir(AT_FDCWD, argv[2]);
-        if (fd < 0) {
-            perror(argv[2]);
-            return 2;
-        }
-        walk(fd);
-    }
-    if (do_reset && utimensat(AT_FDCWD, argv[2], times_, AT_SYMLINK_NOFOLLOW) != 0)
-        n_errors++;
+    visit(AT_FDCWD, argv[2]);
     printf("%lld %lld\n", n_entries, n_errors);
     return n_errors ? 1 : 0;
 }
 """
 
-# Order of the shim's counters (must match its enum).
-SHIM_NAMES = ["fstatat", "fstatat64", "__fxstatat", "__fxstatat64", "lstat", "lstat64",
-              "__lxstat", "__lxstat64", "stat", "stat64", "__xstat", "__xstat64", "statx",
-              "utimensat"]
+# The shim's wrappers, in the order of its shared counters: (symbol, signature).
+SHIM_FUNCS = [("fstatat", "AT"), ("fstatat64", "AT"), ("__fxstatat", "XAT"),
+              ("__fxstatat64", "XAT"), ("lstat", "PATH"), ("lstat64", "PATH"),
+              ("__lxstat", "XPATH"), ("__lxstat64", "XPATH"), ("stat", "PATH"),
+              ("stat64", "PATH"), ("__xstat", "XPATH"), ("__xstat64", "XPATH"),
+              ("statx", "STATX"), ("utimensat", "UTIMENSAT")]
+SHIM_NAMES = [name for name, _ in SHIM_FUNCS]
 
-# The shim declares nothing from <sys/stat.h>: older glibc headers define
-# lstat & co. as inline wrappers, which would clash with these definitions.
 SHIM_C = r"""
-/* LD_PRELOAD latency shim: sleeps BENCH_SHIM_DELAY_US microseconds in every
-   stat-family and utimensat call whose target lies under BENCH_SHIM_PREFIX
-   (every call when it is unset), then calls the real function. With
-   BENCH_SHIM_COUNTS=FILE it counts calls per symbol, delayed and passed, as
-   2 x I_N unsigned 64-bit integers in FILE, mapped shared: processes forked
-   from the tool (which may leave through _exit) add to the same counters. */
+/* LD_PRELOAD latency shim: sleeps BENCH_SHIM_DELAY_US microseconds in every stat-family
+   and utimensat call whose target lies under BENCH_SHIM_PREFIX (every call when it is
+   unset), then calls the real function. With BENCH_SHIM_COUNTS=FILE it counts calls per
+   symbol, delayed and passed, as 2 x I_N unsigned 64-bit integers in FILE, mapped shared:
+   processes forked from the tool (which may leave through _exit) add to the same counters.
+   It declares nothing from <sys/stat.h>: older glibc headers define lstat & co. as inline
+   wrappers, which would clash with these definitions. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
@@ -200,161 +148,96 @@ SHIM_C = r"""
 #include <unistd.h>
 
 #define SHIM_AT_FDCWD (-100)
+#define I_N @N@
 
-enum { I_FSTATAT, I_FSTATAT64, I_FXSTATAT, I_FXSTATAT64, I_LSTAT, I_LSTAT64,
-       I_LXSTAT, I_LXSTAT64, I_STAT, I_STAT64, I_XSTAT, I_XSTAT64, I_STATX,
-       I_UTIMENSAT, I_N };
-static const char *names[I_N] = {
-    "fstatat", "fstatat64", "__fxstatat", "__fxstatat64", "lstat", "lstat64",
-    "__lxstat", "__lxstat64", "stat", "stat64", "__xstat", "__xstat64", "statx",
-    "utimensat" };
+static const char *names[I_N] = {@NAMES@};
 static void *real[I_N];
 static uint64_t local_counts[2 * I_N];
 static uint64_t *counts = local_counts;  /* [2i] delayed, [2i+1] passed */
-static long long delay_ns;
+static long long delay_ns = 500000;
 static char prefix[4096];
 static size_t prefix_len;
 
 __attribute__((constructor)) static void shim_init(void) {
-    const char *us = getenv("BENCH_SHIM_DELAY_US");
-    const char *p = getenv("BENCH_SHIM_PREFIX");
-    delay_ns = us ? (long long)(atof(us) * 1000.0) : 500000;
-    if (p && *p && strlen(p) < sizeof prefix) {
-        strcpy(prefix, p);
-        prefix_len = strlen(prefix);
-        while (prefix_len > 1 && prefix[prefix_len - 1] == '/')
-            prefix[--prefix_len] = 0;
-    }
-}
-
-__attribute__((constructor)) static void shim_map_counts(void) {
+    const char *us = getenv("BENCH_SHIM_DELAY_US"), *p = getenv("BENCH_SHIM_PREFIX");
     const char *path = getenv("BENCH_SHIM_COUNTS");
-    size_t size = sizeof local_counts;
     void *m;
     int fd;
-    if (!path || !*path)
-        return;
-    fd = open(path, O_RDWR | O_CLOEXEC);
-    if (fd < 0)
-        return;
-    if (ftruncate(fd, (off_t)size) == 0) {
-        m = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (us)
+        delay_ns = (long long)(atof(us) * 1000.0);
+    if (p && strlen(p) < sizeof prefix)     /* a real path: no trailing '/' */
+        prefix_len = strlen(strcpy(prefix, p));
+    if (path && *path && (fd = open(path, O_RDWR | O_CLOEXEC)) >= 0) {
+        m = ftruncate(fd, sizeof local_counts) ? MAP_FAILED : mmap(
+            NULL, sizeof local_counts, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
         if (m != MAP_FAILED)
             counts = (uint64_t *)m;
+        close(fd);
     }
-    close(fd);
 }
 
 static void *resolve(int i) {
-    void *f = real[i];
-    if (f == NULL) {
-        f = dlsym(RTLD_NEXT, names[i]);
-        if (f == NULL)
-            f = dlvsym(RTLD_NEXT, names[i], "GLIBC_2.2.5");
-        if (f == NULL)
-            f = dlvsym(RTLD_NEXT, names[i], "GLIBC_2.4");
-        if (f == NULL)
-            f = dlvsym(RTLD_NEXT, names[i], "GLIBC_2.0");
-        real[i] = f;
-    }
-    return f;
+    static const char *versions[] = {"GLIBC_2.2.5", "GLIBC_2.4", "GLIBC_2.0"};
+    unsigned v;
+    if (real[i] == NULL)
+        real[i] = dlsym(RTLD_NEXT, names[i]);
+    for (v = 0; real[i] == NULL && v < 3; v++)
+        real[i] = dlvsym(RTLD_NEXT, names[i], versions[v]);
+    return real[i];
 }
 
-static int under_prefix(const char *p) {
-    return strncmp(p, prefix, prefix_len) == 0
-        && (p[prefix_len] == 0 || p[prefix_len] == '/' || prefix_len == 1);
-}
-
+/* Whether the call's target, or for a relative path its directory, is under the prefix. */
 static int wanted(int dirfd, const char *path) {
-    char buf[4096];
-    ssize_t n = -1;
-    int r = 0, saved = errno;
-    if (delay_ns <= 0)
-        return 0;
-    if (prefix_len == 0)
-        return 1;
-    if (path && path[0] == '/') {
-        r = under_prefix(path);
-    } else {
-        if (dirfd == SHIM_AT_FDCWD) {
-            if (getcwd(buf, sizeof buf))
-                n = (ssize_t)strlen(buf);
-        } else {
-            char lp[64];
-            snprintf(lp, sizeof lp, "/proc/self/fd/%d", dirfd);
-            n = readlink(lp, buf, sizeof buf - 1);
-            if (n >= 0)
-                buf[n] = 0;
-        }
-        if (n >= 0)
-            r = under_prefix(buf);
+    char buf[4096], link[64] = "/proc/self/cwd";
+    const char *dir = path;
+    ssize_t n;
+    int r, saved = errno;
+    if (delay_ns <= 0 || prefix_len == 0)
+        return delay_ns > 0;
+    if (!path || path[0] != '/') {
+        if (dirfd != SHIM_AT_FDCWD)
+            snprintf(link, sizeof link, "/proc/self/fd/%d", dirfd);
+        n = readlink(link, buf, sizeof buf - 1);
+        buf[n < 0 ? 0 : n] = 0;
+        dir = n < 0 ? NULL : buf;
     }
+    r = dir && strncmp(dir, prefix, prefix_len) == 0
+        && (dir[prefix_len] == 0 || dir[prefix_len] == '/');
     errno = saved;
     return r;
 }
 
 static void gate(int i, int dirfd, const char *path) {
-    if (wanted(dirfd, path)) {
-        struct timespec t;
-        int saved = errno;
-        t.tv_sec = (time_t)(delay_ns / 1000000000LL);
-        t.tv_nsec = (long)(delay_ns % 1000000000LL);
-        while (nanosleep(&t, &t) == -1 && errno == EINTR)
-            ;
-        errno = saved;
-        __atomic_fetch_add(&counts[2 * i], 1, __ATOMIC_RELAXED);
-    } else {
-        __atomic_fetch_add(&counts[2 * i + 1], 1, __ATOMIC_RELAXED);
+    int hit = wanted(dirfd, path), saved = errno;
+    struct timespec t = {(time_t)(delay_ns / 1000000000LL), (long)(delay_ns % 1000000000LL)};
+    while (hit && nanosleep(&t, &t) == -1 && errno == EINTR)
+        ;
+    errno = saved;
+    __atomic_fetch_add(&counts[2 * i + !hit], 1, __ATOMIC_RELAXED);
+}
+
+/* One wrapper per symbol: params is its parameter list, args the call passing them on. */
+#define WRAP(i, name, params, dirfd, args) \
+    int name params { \
+        if (resolve(i) == NULL) { errno = ENOSYS; return -1; } \
+        gate(i, dirfd, p); \
+        return ((int (*) params)real[i]) args; \
     }
-}
+#define AT(i, name) WRAP(i, name, (int fd, const char *p, void *b, int fl), fd, (fd, p, b, fl))
+#define XAT(i, name) \
+    WRAP(i, name, (int v, int fd, const char *p, void *b, int fl), fd, (v, fd, p, b, fl))
+#define PATH(i, name) WRAP(i, name, (const char *p, void *b), SHIM_AT_FDCWD, (p, b))
+#define XPATH(i, name) WRAP(i, name, (int v, const char *p, void *b), SHIM_AT_FDCWD, (v, p, b))
+#define STATX(i, name) \
+    WRAP(i, name, (int fd, const char *p, int fl, unsigned m, void *b), fd, (fd, p, fl, m, b))
+#define UTIMENSAT(i, name) \
+    WRAP(i, name, (int fd, const char *p, const void *t, int fl), fd, (fd, p, t, fl))
 
-#define MISSING(i) do { if (resolve(i) == NULL) { errno = ENOSYS; return -1; } } while (0)
-
-typedef int (*at_fn)(int, const char *, void *, int);
-typedef int (*xat_fn)(int, int, const char *, void *, int);
-typedef int (*path_fn)(const char *, void *);
-typedef int (*xpath_fn)(int, const char *, void *);
-typedef int (*statx_fn)(int, const char *, int, unsigned int, void *);
-typedef int (*utimensat_fn)(int, const char *, const void *, int);
-
-#define AT_WRAP(fname, idx) \
-    int fname(int fd, const char *p, void *b, int fl) { \
-        MISSING(idx); gate(idx, fd, p); return ((at_fn)real[idx])(fd, p, b, fl); }
-#define XAT_WRAP(fname, idx) \
-    int fname(int ver, int fd, const char *p, void *b, int fl) { \
-        MISSING(idx); gate(idx, fd, p); return ((xat_fn)real[idx])(ver, fd, p, b, fl); }
-#define PATH_WRAP(fname, idx) \
-    int fname(const char *p, void *b) { \
-        MISSING(idx); gate(idx, SHIM_AT_FDCWD, p); return ((path_fn)real[idx])(p, b); }
-#define XPATH_WRAP(fname, idx) \
-    int fname(int ver, const char *p, void *b) { \
-        MISSING(idx); gate(idx, SHIM_AT_FDCWD, p); return ((xpath_fn)real[idx])(ver, p, b); }
-
-AT_WRAP(fstatat, I_FSTATAT)
-AT_WRAP(fstatat64, I_FSTATAT64)
-XAT_WRAP(__fxstatat, I_FXSTATAT)
-XAT_WRAP(__fxstatat64, I_FXSTATAT64)
-PATH_WRAP(lstat, I_LSTAT)
-PATH_WRAP(lstat64, I_LSTAT64)
-XPATH_WRAP(__lxstat, I_LXSTAT)
-XPATH_WRAP(__lxstat64, I_LXSTAT64)
-PATH_WRAP(stat, I_STAT)
-PATH_WRAP(stat64, I_STAT64)
-XPATH_WRAP(__xstat, I_XSTAT)
-XPATH_WRAP(__xstat64, I_XSTAT64)
-
-int statx(int fd, const char *p, int fl, unsigned int mask, void *b) {
-    MISSING(I_STATX);
-    gate(I_STATX, fd, p);
-    return ((statx_fn)real[I_STATX])(fd, p, fl, mask, b);
-}
-
-int utimensat(int fd, const char *p, const void *times, int fl) {
-    MISSING(I_UTIMENSAT);
-    gate(I_UTIMENSAT, fd, p);
-    return ((utimensat_fn)real[I_UTIMENSAT])(fd, p, times, fl);
-}
-"""
+@WRAPPERS@
+""".replace("@N@", str(len(SHIM_FUNCS))).replace(
+    "@NAMES@", ", ".join('"%s"' % name for name in SHIM_NAMES)).replace(
+    "@WRAPPERS@", "\n".join("%s(%d, %s)" % (sig, i, name)
+                            for i, (name, sig) in enumerate(SHIM_FUNCS)))
 
 # ---------------------------------------------------------------- small helpers
 
@@ -401,16 +284,6 @@ def tail(text, lines=8):
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def first_line(argv):
-    try:
-        out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL).stdout
-    except OSError:
-        return None
-    lines = out.decode("utf-8", "replace").strip().splitlines()
-    return lines[0] if lines else None
-
-
 def proc_value(path, key):
     """The rest of the first line of a /proc file that starts with `key`, or None."""
     try:
@@ -441,35 +314,25 @@ def _proc_children(pid):
     return kids
 
 
-class TreeSampler(threading.Thread):
-    """Samples the summed RSS and PSS of a process and its descendants (worker
-    processes included) every `interval` seconds. A lower bound of the peak: a
-    spike between two samples is missed; ru_maxrss is exact but per process."""
-
-    def __init__(self, pid, interval=0.02):
-        threading.Thread.__init__(self)
-        self.daemon = True
-        self.pid = pid
-        self.interval = interval
-        self.done = threading.Event()
-        self.peak_rss_kb = self.peak_pss_kb = self.max_procs = 0
-
-    def run(self):
-        while not self.done.is_set():
-            pids, todo = [], [self.pid]
-            while todo:
-                pids.append(todo.pop())
-                todo.extend(_proc_children(pids[-1]))
-            rss = pss = n = 0
-            for p in pids:
-                r = proc_kb("/proc/%d/status" % p, "VmRSS:")
-                if r is not None:
-                    q = proc_kb("/proc/%d/smaps_rollup" % p, "Pss:")
-                    n, rss, pss = n + 1, rss + r, pss + (r if q is None else q)
-            self.peak_rss_kb = max(self.peak_rss_kb, rss)
-            self.peak_pss_kb = max(self.peak_pss_kb, pss)
-            self.max_procs = max(self.max_procs, n)
-            self.done.wait(self.interval)
+def sample_tree(pid, peaks, done, interval=0.02):
+    """Until `done` is set, samples the summed RSS and PSS of process pid and its
+    descendants (worker processes included) every `interval` seconds, keeping the peaks
+    in `peaks`. A lower bound of the peak: a spike between two samples is missed;
+    ru_maxrss is exact but per process."""
+    while not done.is_set():
+        pids, todo = [], [pid]
+        while todo:
+            pids.append(todo.pop())
+            todo.extend(_proc_children(pids[-1]))
+        rss = pss = n = 0
+        for p in pids:
+            r = proc_kb("/proc/%d/status" % p, "VmRSS:")
+            if r is not None:
+                q = proc_kb("/proc/%d/smaps_rollup" % p, "Pss:")
+                n, rss, pss = n + 1, rss + r, pss + (r if q is None else q)
+        for key, now in (("sum_rss_kb", rss), ("sum_pss_kb", pss), ("max_procs", n)):
+            peaks[key] = max(peaks[key], now)
+        done.wait(interval)
 
 
 def run_proc(argv, env=None, timeout=None, sample=False):
@@ -478,54 +341,49 @@ def run_proc(argv, env=None, timeout=None, sample=False):
     With sample, also the peak summed RSS/PSS of the process tree (sum_rss_kb, sum_pss_kb,
     max_procs)."""
     out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-    killed = []
+    peaks, done = dict.fromkeys(("sum_rss_kb", "sum_pss_kb", "max_procs"), 0), threading.Event()
     t0 = time.perf_counter()
     p = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
-    sampler = TreeSampler(p.pid) if sample else None
-    if sampler:
-        sampler.start()
-
-    def kill():
-        killed.append(True)
-        try:
-            os.kill(p.pid, signal.SIGKILL)
-        except OSError:
-            pass
-    timer = threading.Timer(timeout or 0, kill)
-    if timeout:
-        timer.daemon = True
-        timer.start()
-    while True:
-        try:
-            _, status, ru = os.wait4(p.pid, 0)
-            break
-        except InterruptedError:
-            continue
+    sampler = threading.Thread(target=sample_tree, args=(p.pid, peaks, done)) if sample else None
+    timer = threading.Timer(timeout, os.kill, (p.pid, signal.SIGKILL)) if timeout else None
+    for thread in (sampler, timer):
+        if thread:
+            thread.daemon = True
+            thread.start()
+    _, status, ru = os.wait4(p.pid, 0)      # wait4: the child's own ru_maxrss
     seconds = time.perf_counter() - t0
-    timer.cancel()
+    done.set()
+    if timer:
+        timer.cancel()
     p.returncode = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
     res = {"argv": [str(a) for a in argv], "seconds": seconds, "rc": p.returncode,
            "maxrss_kb": ru.ru_maxrss, "cpu_seconds": ru.ru_utime + ru.ru_stime,
-           "timed_out": bool(killed)}
+           "timed_out": bool(timeout) and p.returncode == -signal.SIGKILL
+           and seconds >= timeout}
     for key, f in (("stdout", out), ("stderr", err)):
         f.seek(0)
         res[key] = f.read().decode("utf-8", "replace")
         f.close()
     if sampler:
-        sampler.done.set()
         sampler.join()
-        res.update({"sum_rss_kb": sampler.peak_rss_kb, "sum_pss_kb": sampler.peak_pss_kb,
-                    "max_procs": sampler.max_procs})
+        res.update(peaks)
     return res
+
+
+def check_rc(r, what):
+    """r, a run_proc result, unless its process failed: then RuntimeError naming `what`."""
+    if r["rc"] != 0:
+        raise RuntimeError("%s failed (rc %d): %s"
+                           % (what, r["rc"], tail(r["stderr"] + r["stdout"])))
+    return r
 
 
 def parse_tool_json(stdout):
     """The first result of the tool's --json output, or an empty dict."""
     try:
-        doc = json.loads(stdout[max(0, stdout.find("{")):])
-    except ValueError:
+        results = json.loads(stdout[max(0, stdout.find("{")):]).get("results")
+    except (ValueError, AttributeError):
         return {}
-    results = doc.get("results") if isinstance(doc, dict) else None
     return results[0] if results else {}
 
 # ---------------------------------------------------------------- the machine
@@ -533,17 +391,13 @@ def parse_tool_json(stdout):
 
 def mount_of(path):
     """(mount point, fs type, options) of the mount holding path."""
-    path = os.path.realpath(path)
-    best = (None, None, None)
-    try:
-        with open("/proc/self/mounts") as f:
-            for parts in (line.split() for line in f):
-                mnt = parts[1].replace("\\040", " ")
-                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) \
-                        and len(mnt) >= len(best[0] or ""):
-                    best = (mnt, parts[2], parts[3])
-    except (OSError, IndexError):
-        pass
+    path, best = os.path.realpath(path), (None, None, None)
+    with open("/proc/self/mounts") as f:
+        for _, mnt, fs_type, options in (line.split()[:4] for line in f):
+            mnt = mnt.replace("\\040", " ")
+            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) \
+                    and len(mnt) >= len(best[0] or ""):     # the last mount there wins
+                best = (mnt, fs_type, options)
     return best
 
 
@@ -563,8 +417,8 @@ def machine_info(workdir, gcc):
         "python": "%s (%s)" % (platform.python_version(), sys.executable),
         "glibc": os.confstr("CS_GNU_LIBC_VERSION")
         if "CS_GNU_LIBC_VERSION" in os.confstr_names else None,
-        "gcc": first_line([gcc, "--version"]),
-        "find": first_line(["find", "--version"]),
+        "gcc": run_proc([gcc, "--version"])["stdout"].partition("\n")[0],
+        "find": run_proc(["find", "--version"])["stdout"].partition("\n")[0],
         "memory_mb": mem_kb // 1024 if mem_kb else None,
         "loadavg_at_start": " ".join("%.2f" % x for x in os.getloadavg()),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
@@ -581,16 +435,14 @@ def build_c(gcc, builddir):
         with open(src, "w") as f:
             f.write(source)
         paths.append(os.path.join(builddir, name))
-        r = run_proc([gcc] + flags + ["-O2", "-o", paths[-1], src, "-ldl"])
-        if r["rc"] != 0:
-            raise RuntimeError("%s did not compile: %s" % (src, tail(r["stderr"], 5)))
+        check_rc(run_proc([gcc] + flags + ["-O2", "-o", paths[-1], src, "-ldl"]),
+                 "compiling " + src)
     return paths
 
 # ---------------------------------------------------------------- trees
 
 
 O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-O_DIRFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 def make_files(dfd, count, pattern):
@@ -598,10 +450,15 @@ def make_files(dfd, count, pattern):
         os.close(os.open(pattern % j, O_CREATE, 0o644, dir_fd=dfd))
 
 
-def make_dir(dfd, name):
-    """Creates directory `name` in dfd; returns an fd on it (the caller closes it)."""
+@contextlib.contextmanager
+def new_dir(name, dfd=None):
+    """Creates directory `name` (in dfd) and yields an fd on it."""
     os.mkdir(name, 0o755, dir_fd=dfd)
-    return os.open(name, O_DIRFLAGS, dir_fd=dfd)
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dfd)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def flat_layout(entries):
@@ -610,28 +467,17 @@ def flat_layout(entries):
 
 
 def build_flat(root, dirs, files):
-    os.mkdir(root)
-    rfd = os.open(root, O_DIRFLAGS)
-    try:
+    with new_dir(root) as rfd:
         for i in range(dirs):
-            dfd = make_dir(rfd, "d%04d" % i)
-            try:
+            with new_dir("d%04d" % i, rfd) as dfd:
                 make_files(dfd, files, "f%05d")
-            finally:
-                os.close(dfd)
-    finally:
-        os.close(rfd)
     return 1 + dirs * (files + 1)
 
 
 def build_single(root, files):
-    os.mkdir(root)
-    rfd = os.open(root, O_DIRFLAGS)
-    try:
+    with new_dir(root) as rfd:
         for start in range(0, files, 2500):
             make_files(rfd, min(2500, files - start), "file-%%08d-%d.dat" % start)
-    finally:
-        os.close(rfd)
     return 1 + files
 
 
@@ -648,23 +494,15 @@ def deep_layout(target, levels=6):
 
 
 def build_deep(root, levels, fanout, per_dir):
-    os.mkdir(root)
-
     def fill(dfd, level):
         nsub = fanout if level < levels else 0
         make_files(dfd, per_dir - nsub, "f%03d")
         for k in range(nsub):
-            cfd = make_dir(dfd, "d%02d" % k)
-            try:
+            with new_dir("d%02d" % k, dfd) as cfd:
                 fill(cfd, level + 1)
-            finally:
-                os.close(cfd)
 
-    rfd = os.open(root, O_DIRFLAGS)
-    try:
+    with new_dir(root) as rfd:
         fill(rfd, 0)
-    finally:
-        os.close(rfd)
     return 1 + deep_dirs(fanout, levels) * per_dir
 
 
@@ -687,16 +525,6 @@ def add_specials(root, outside):
     os.mkfifo(os.path.join(root, "zz-fifo"))
     return 4
 
-
-class Tree(object):
-    def __init__(self, key, title, path):
-        self.key = key
-        self.title = title
-        self.path = path
-        self.created = None         # entries the builder made (before the tool's sentinel)
-        self.entries = None         # entries the stat walk counts after `add`
-        self.build_seconds = None
-
 # ---------------------------------------------------------------- the bench
 
 
@@ -717,7 +545,8 @@ class Bench(object):
                              if not k.startswith("SCRATCH_KEEPALIVE_"))
 
     def run(self):
-        """The phases in order; each one writes its own key of self.report."""
+        """The phases in order; each one writes its own key of self.report. A later figure
+        plugs in as one more method here and one renderer in SECTIONS."""
         self.setup()
         self.build_trees()
         for key in ("wide", "deep", "sparse"):
@@ -727,10 +556,6 @@ class Bench(object):
         if "mem1m" in self.trees:
             log("== memory ==")
             self.bench_memory()
-        # Later figures plug in here, each as one method writing its own report key and
-        # one renderer in SECTIONS (and a target in TARGETS if it gets one): "bytes per
-        # entry" from the memory trees' growth (self.report["memory"]), and "status time",
-        # `status` over a registry of many datasets.
         if "latency" in self.trees:
             log("== latency ==")
             self.bench_latency()
@@ -742,10 +567,10 @@ class Bench(object):
         self.base = tempfile.mkdtemp(prefix="skbench-", dir=a.workdir)
         self.scratch, self.state, self.outside, self.builddir = (
             os.path.join(self.base, d) for d in ("scratch", "state", "outside", "build"))
-        for d in (self.scratch, self.outside, self.builddir):
+        for d in (self.scratch, self.builddir):
             os.mkdir(d)
-        for i in range(100):
-            os.close(os.open(os.path.join(self.outside, "f%03d" % i), O_CREATE, 0o644))
+        with new_dir(self.outside) as fd:
+            make_files(fd, 100, "f%03d")
         self.helper, self.shim = build_c(self.gcc, self.builddir)
         self.report["machine"] = machine_info(self.base, self.gcc)
         self.report["config"] = {
@@ -753,51 +578,49 @@ class Bench(object):
             "latency_ms": a.latency_ms, "latency_entries": a.latency_entries,
             "parallel": list(PARALLEL), "tool": str(a.tool), "old_days": OLD_DAYS,
             "tool_checkpoint_interval": TOOL_CHECKPOINT_S}
-        r = run_proc([sys.executable, str(a.tool), "--version"], env=self.tool_env)
-        if r["rc"] != 0:
-            raise RuntimeError("%s --version failed (rc %d): %s"
-                               % (a.tool, r["rc"], tail(r["stderr"])))
-        self.report["tool_version"] = r["stdout"].strip() or r["stderr"].strip()
+        # Start-up costs, part of every tool figure (the small trees' are read by them):
+        # medians of 5 after an untimed first run.
+        version = [check_rc(run_proc([sys.executable, str(a.tool), "--version"],
+                                     env=self.tool_env), "%s --version" % a.tool)
+                   for _ in range(6)]
+        self.report["tool_version"] = version[0]["stdout"].strip() or version[0]["stderr"].strip()
+        py = [run_proc([sys.executable, "-c", "pass"])["seconds"] for _ in range(5)]
+        self.report["startup"] = {"python_pass_s": median(py),
+                                  "tool_version_s": median([r["seconds"] for r in version[1:]])}
         self.tool_call(["init", "--profile", "generic", "--scratch-root", self.scratch,
                         "--purge-days", "30"])
-        # Start-up costs, part of every tool figure: the small trees' are read by them.
-        py = [run_proc([sys.executable, "-c", "pass"])["seconds"] for _ in range(5)]
-        tv = [run_proc([sys.executable, str(a.tool), "--version"], env=self.tool_env)["seconds"]
-              for _ in range(5)]
-        self.report["startup"] = {"python_pass_s": median(py), "tool_version_s": median(tv)}
 
     def tool_argv(self, args):
         return [sys.executable, str(self.args.tool), "--state-dir", self.state] + list(args)
 
     def tool_call(self, args):
-        r = run_proc(self.tool_argv(args), env=self.tool_env, timeout=self.args.timeout)
-        if r["rc"] != 0:
-            raise RuntimeError("tool %s failed (rc %d): %s"
-                               % (args[0], r["rc"], tail(r["stderr"] + r["stdout"])))
+        check_rc(run_proc(self.tool_argv(args), env=self.tool_env, timeout=self.args.timeout),
+                 "tool " + args[0])
 
     # -- trees
     def make_tree(self, key, title, build, specials=False):
-        path = os.path.join(self.scratch, key)
-        t = Tree(key, title, path)
+        """Builds a tree, adds it as a dataset; `created` counts the entries the builder
+        made, `entries` those the stat walk counts after `add`."""
+        t = types.SimpleNamespace(key=key, title=title, path=os.path.join(self.scratch, key))
         log("building %s: %s" % (key, title))
         t0 = time.time()
-        t.created = build(path) + (add_specials(path, self.outside) if specials else 0)
+        t.created = build(t.path) + (add_specials(t.path, self.outside) if specials else 0)
         t.build_seconds = time.time() - t0
         log("  %s: %s entries in %.1f s" % (key, fmt_int(t.created), t.build_seconds))
-        self.tool_call(["add", "--name", key, "--path", path, "--keep-until", "2099-12-31",
+        self.tool_call(["add", "--name", key, "--path", t.path, "--keep-until", "2099-12-31",
                         "--cadence-days", "14"])
-        r = run_proc([self.helper, "walk", path])
-        if r["rc"] != 0:
-            raise RuntimeError("stat walk failed on %s: %s" % (path, r["stderr"]))
+        r = check_rc(run_proc([self.helper, "walk", t.path]), "stat walk on " + t.path)
         t.entries = int(r["stdout"].split()[0])
         self.trees[key] = t
+
+    def make_flat(self, key, dirs, files, specials=False):
+        self.make_tree(key, "%s dirs x %s files" % (fmt_int(dirs), fmt_int(files)),
+                       lambda p: build_flat(p, dirs, files), specials)
 
     def build_trees(self):
         s, want = self.args.scale, self.args.only
         if "wide" in want:
-            dirs, files = flat_layout(500000 * s)
-            self.make_tree("wide", "%s dirs x %s files" % (fmt_int(dirs), fmt_int(files)),
-                           lambda p: build_flat(p, dirs, files), specials=True)
+            self.make_flat("wide", *flat_layout(500000 * s), specials=True)
         if "deep" in want:
             fanout, per_dir = deep_layout(273050 * s)
             self.make_tree("deep", "6 levels, %d subdirs and %d entries per dir"
@@ -810,26 +633,23 @@ class Bench(object):
                 self.notes.append("sparse tree skipped: the filesystem refused 1 TiB files (%s)"
                                   % e.strerror)
         if "memory" in want:
-            for key, n in (("mem100k", 100000 * s), ("mem1m", 1000000 * s)):
-                dirs, files = flat_layout(n)
-                self.make_tree(key, "%s dirs x %s files" % (fmt_int(dirs), fmt_int(files)),
-                               lambda p, d=dirs, f=files: build_flat(p, d, f))
+            self.make_flat("mem100k", *flat_layout(100000 * s))
+            self.make_flat("mem1m", *flat_layout(1000000 * s))
             n = max(1, int(SINGLE_DIR_ENTRIES * s))
             self.make_tree("mem1dir", "one directory of %s files" % fmt_int(n),
                            lambda p: build_single(p, n))
         if "latency" in want:
-            files = max(1, (self.args.latency_entries - 11) // 10)
-            self.make_tree("latency", "10 dirs x %s files" % fmt_int(files),
-                           lambda p: build_flat(p, 10, files))
+            self.make_flat("latency", 10, max(1, (self.args.latency_entries - 11) // 10))
 
     # -- commands
     def reset_atimes(self, t):
-        old = int(time.time()) - OLD_DAYS * DAY
-        r = run_proc([self.helper, "reset", t.path, str(old)])
-        if r["rc"] != 0:
-            raise RuntimeError("atime reset failed on %s: %s" % (t.path, r["stderr"] + r["stdout"]))
+        old = int(time.time()) - OLD_DAYS * 86400
+        check_rc(run_proc([self.helper, "reset", t.path, str(old)]), "atime reset on " + t.path)
 
-    def floor_argv(self, kind, t):
+    def command_argv(self, kind, t):
+        """The command line of a CMD_LABELS command on tree t."""
+        if kind.startswith("tool"):
+            return self.refresh_argv(t.key, check=kind == "tool_check")
         if kind == "find_touch":
             return ["find", t.path, "-exec", "touch", "-a", "-c", "-h", "{}", "+"]
         return [self.helper, "walk", t.path]
@@ -846,8 +666,14 @@ class Bench(object):
             return self.run_tool(t.key, check=kind == "tool_check")
         return self.run_floor(kind, t)
 
+    def run_mode(self, t, mode, **kw):
+        """One tool run on tree t in `mode`: "check", or "touch" after an atime reset."""
+        if mode == "touch":
+            self.reset_atimes(t)
+        return self.run_tool(t.key, check=mode == "check", **kw)
+
     def run_floor(self, kind, t):
-        r = run_proc(self.floor_argv(kind, t), timeout=self.args.timeout)
+        r = run_proc(self.command_argv(kind, t), timeout=self.args.timeout)
         rec = dict((k, r[k]) for k in ("seconds", "rc", "maxrss_kb", "cpu_seconds"))
         if r["rc"] != 0:
             rec["stderr"] = tail(r["stderr"])
@@ -858,13 +684,13 @@ class Bench(object):
         """One timed `refresh`, with the figures of its --json result."""
         r = run_proc(self.refresh_argv(name, check, extra), env=env or self.tool_env,
                      timeout=self.args.timeout, sample=sample)
+        res = parse_tool_json(r["stdout"])
         rec = dict((k, r[k]) for k in ("seconds", "rc", "maxrss_kb", "cpu_seconds", "timed_out",
                                        "sum_rss_kb", "sum_pss_kb", "max_procs") if k in r)
-        res = parse_tool_json(r["stdout"])
-        for k in ("mode", "complete", "resumed", "entries_seen", "entries_touched",
-                  "entries_skipped", "entries_at_risk", "bytes_at_risk",
-                  "entries_purge_eligible", "bytes_purge_eligible", "errors"):
-            rec[k] = res.get(k)
+        rec.update((k, res.get(k)) for k in (
+            "mode", "complete", "resumed", "entries_seen", "entries_touched", "entries_skipped",
+            "entries_at_risk", "bytes_at_risk", "entries_purge_eligible",
+            "bytes_purge_eligible", "errors"))
         if isinstance(res.get("timing"), dict):
             rec["timing"] = res["timing"]
             rec["checkpoint_share"] = ratio(res["timing"].get("checkpoint_seconds"),
@@ -890,9 +716,7 @@ class Bench(object):
                 runs[k].append(self.timed(k, t))
         summary = dict((k, summarize(runs[k], t.entries)) for k in runs)
         med = dict((k, s["median_s"]) for k, s in summary.items())
-        commands = dict((k, self.refresh_argv(t.key, check=k == "tool_check")
-                         if k.startswith("tool") else self.floor_argv(k, t))
-                        for k, _ in CMD_LABELS)
+        commands = dict((k, self.command_argv(k, t)) for k, _ in CMD_LABELS)
         commands["atime_reset"] = [self.helper, "reset", t.path, "<now - %d days>" % OLD_DAYS]
         self.report.setdefault("commands", commands)
         self.report["trees"][t.key] = {
@@ -915,10 +739,8 @@ class Bench(object):
         runs = {"check": {}, "touch": {}}
         for mode in ("check", "touch"):
             for t in order:
-                if mode == "touch":
-                    self.reset_atimes(t)
                 log("memory: %s %s (%s entries)" % (t.key, mode, fmt_int(t.entries)))
-                runs[mode][t.key] = [self.run_tool(t.key, check=mode == "check", sample=True)]
+                runs[mode][t.key] = [self.run_mode(t, mode, sample=True)]
         self.report["memory"] = {
             "entries": dict((t.key, t.entries) for t in order), "runs": runs,
             "titles": dict((t.key, t.title) for t in order),
@@ -945,28 +767,16 @@ class Bench(object):
         self.report["checkpoint_probe"] = probe
 
     # -- phase 3: latency
-    def shim_env(self, counts_file, prefix):
-        env = dict(self.tool_env)
-        env["LD_PRELOAD"] = " ".join(x for x in (self.shim, env.get("LD_PRELOAD")) if x)
-        env["BENCH_SHIM_DELAY_US"] = "%g" % (self.args.latency_ms * 1000.0)
-        env["BENCH_SHIM_PREFIX"] = prefix
-        env["BENCH_SHIM_COUNTS"] = counts_file
-        return env
-
     @staticmethod
     def read_counts(counts_file):
-        """{symbol: {"delayed": n, "passed": n}} from the shim's shared counters (a
-        missing file reads as none); leaves the file zeroed for the next run."""
+        """{symbol: {"delayed": n, "passed": n}} from the shim's shared counters (none
+        before the first run); leaves the file zeroed for the next run."""
         size = 16 * len(SHIM_NAMES)
-        try:
-            with open(counts_file, "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
-            raw = b""
-        with open(counts_file, "wb") as f:      # the shim maps it, never creates it
+        with open(counts_file, "a+b") as f:     # created here: the shim only maps it
+            f.seek(0)
+            vals = struct.unpack("=%dQ" % (size // 8), f.read(size).ljust(size, b"\0"))
+            f.truncate(0)
             f.write(b"\0" * size)
-        vals = struct.unpack("=%dQ" % (2 * len(SHIM_NAMES)), raw[:size]) \
-            if len(raw) >= size else [0] * (2 * len(SHIM_NAMES))
         return dict((name, {"delayed": vals[2 * i], "passed": vals[2 * i + 1]})
                     for i, name in enumerate(SHIM_NAMES) if vals[2 * i] or vals[2 * i + 1])
 
@@ -975,32 +785,31 @@ class Bench(object):
         speed-ups against the strictly sequential baseline."""
         a, t = self.args, self.trees["latency"]
         counts_file = os.path.join(self.builddir, "shim-counts")
-        lat = {"latency_ms": a.latency_ms, "entries": t.entries, "title": t.title}
         log("latency: warm-up (untimed) tool --check --threads 1 without the shim")
         self.run_tool(t.key, check=True, extra=["--threads", "1"])
-        variants = latency_variants()
-        lat["variants"] = [label for label, _ in variants]
-        env = self.shim_env(counts_file, os.path.realpath(t.path))
+        env = dict(self.tool_env, BENCH_SHIM_DELAY_US="%g" % (a.latency_ms * 1000.0),
+                   BENCH_SHIM_PREFIX=os.path.realpath(t.path), BENCH_SHIM_COUNTS=counts_file,
+                   LD_PRELOAD=" ".join(x for x in (self.shim, os.environ.get("LD_PRELOAD")) if x))
         self.read_counts(counts_file)
         runs = dict(("%s %s" % (mode, label), []) for mode in ("check", "touch")
-                    for label, _ in variants)
+                    for label, _ in LATENCY_VARIANTS)
         for i in range(a.repeat):
             for mode in ("check", "touch"):
-                for label, extra in variants:
-                    if mode == "touch":
-                        self.reset_atimes(t)
+                for label, extra in LATENCY_VARIANTS:
                     log("latency: round %d/%d, %s, %s" % (i + 1, a.repeat, mode, label))
-                    rec = self.run_tool(t.key, check=mode == "check", env=env, extra=extra)
+                    rec = self.run_mode(t, mode, env=env, extra=extra)
                     rec["shim_counts"] = self.read_counts(counts_file)
                     runs["%s %s" % (mode, label)].append(rec)
-        lat["runs"] = runs
-        lat["summary"] = summary = latency_summary(runs, variants, t.entries)
+        summary = latency_summary(runs, LATENCY_VARIANTS, t.entries)
         # Every entry is stat'ed once under the tree: fewer delayed calls means the shim
         # missed a call the tool makes, and the figures would not show the latency.
-        lat["anomalies"] = ["%s: the shim delayed %s calls for %s entries"
-                            % (k, fmt_int(s["delayed_calls"]), fmt_int(t.entries))
-                            for k, s in summary.items() if s["delayed_calls"] < t.entries]
-        self.report["latency"] = lat
+        self.report["latency"] = {
+            "latency_ms": a.latency_ms, "entries": t.entries, "title": t.title,
+            "variants": [label for label, _ in LATENCY_VARIANTS], "runs": runs,
+            "summary": summary,
+            "anomalies": ["%s: the shim delayed %s calls for %s entries"
+                          % (k, fmt_int(s["delayed_calls"]), fmt_int(t.entries))
+                          for k, s in summary.items() if s["delayed_calls"] < t.entries]}
 
     # -- cleanup
     def cleanup(self):
@@ -1012,14 +821,6 @@ class Bench(object):
         log("cleaning up %s" % self.base)
         subprocess.call(["rm", "-rf", "--one-file-system", self.base])
         shutil.rmtree(self.base, ignore_errors=True)
-
-
-def latency_variants():
-    """(label, extra refresh arguments) per latency run; the first one is the baseline."""
-    variants = [("--threads 1 --workers 1", ["--threads", "1", "--workers", "1"])]
-    for opt in ("--threads", "--workers"):
-        variants += [("%s %d" % (opt, n), [opt, str(n)]) for n in PARALLEL]
-    return variants
 
 
 def summarize(runs, entries):
@@ -1044,14 +845,12 @@ def summarize(runs, entries):
 
 
 def tree_anomalies(runs, entries):
-    """What the tool's own counts say went wrong in a tree's timed runs."""
+    """What the tool's own counts say went wrong in a tree's timed runs (exits: FAILED)."""
     out = set()
     for k in ("tool_touch_old", "tool_check", "tool_touch_recent"):
         for r in runs[k]:
             seen, touched = r.get("entries_seen"), r.get("entries_touched")
-            if r["rc"] != 0:
-                out.add("%s: exit %d" % (k, r["rc"]))
-            elif seen is not None and seen != entries:
+            if seen is not None and seen != entries:
                 out.add("%s: entries_seen %s, the stat walk counts %s"
                         % (k, fmt_int(seen), fmt_int(entries)))
             if r.get("errors"):
@@ -1069,17 +868,16 @@ def latency_summary(runs, variants, entries):
     baseline, whole-process and from the tool's own walk_seconds (without start-up)."""
     summary = {}
     for mode in ("check", "touch"):
-        base = summarize(runs["%s %s" % (mode, variants[0][0])], entries)
         for label, extra in variants:
             rs = runs["%s %s" % (mode, label)]
-            s = summarize(rs, entries)
+            s = summary["%s %s" % (mode, label)] = summarize(rs, entries)
+            base = summary["%s %s" % (mode, variants[0][0])]   # the first variant's
             s.update({"mode": mode, "variant": label, "args": extra,
                       "baseline": label == variants[0][0],
                       "speedup": ratio(base["median_s"], s["median_s"]),
                       "walk_speedup": ratio(base["walk_s"], s["walk_s"]),
                       "shim_counts": rs[-1]["shim_counts"],
                       "delayed_calls": sum(v["delayed"] for v in rs[-1]["shim_counts"].values())})
-            summary["%s %s" % (mode, label)] = s
     return summary
 
 # ---------------------------------------------------------------- the report
@@ -1110,10 +908,9 @@ def render_header(report, w):
                     % (m["date"], m["hostname"], m["loadavg_at_start"],
                        ", SLURM_JOB_ID set" if m["slurm_job_id"] else "")),
             ("method", "scale %s%s, medians of %d interleaved runs of whole processes, warm "
-                       "caches (one untimed warm-up pass per tree, never dropped); 'old' = "
-                       "every atime reset to %d days ago first (C helper, untimed); 'recent' "
-                       "= right after a touch run; stat floor: C walker, fstatat "
-                       "AT_SYMLINK_NOFOLLOW, one thread"
+                       "caches (an untimed warm-up per tree); 'old' = every atime reset to %d "
+                       "days ago first (C helper, untimed); 'recent' = right after a touch "
+                       "run; stat floor: C walker, fstatat AT_SYMLINK_NOFOLLOW, one thread"
                        % (c["scale"], " (--quick)" if c["quick"] else "", c["repeat"],
                           c["old_days"])),
             ("start-up", "`python -c pass` %.0f ms, `scratch_keepalive.py --version` %.0f ms "
@@ -1129,16 +926,12 @@ def render_header(report, w):
 
 
 def run_notes(k, s):
-    notes = []
-    if k.startswith("tool"):
-        notes.append("seen %s" % fmt_int(s["entries_seen"]))
-    if k in ("tool_touch_old", "tool_touch_recent"):
-        notes.append("touched %s" % fmt_int(s["entries_touched"]))
-    if k.startswith("tool") and s["checkpoints"]:
-        notes.append("%d checkpoints" % s["checkpoints"])
-    if s["failed_runs"]:
-        notes.append("%d FAILED" % s["failed_runs"])
-    return ", ".join(notes)
+    tool, touch = k.startswith("tool"), k in ("tool_touch_old", "tool_touch_recent")
+    return ", ".join(text for show, text in (
+        (tool, "seen %s" % fmt_int(s["entries_seen"])),
+        (touch, "touched %s" % fmt_int(s["entries_touched"])),
+        (tool and s["checkpoints"], "%s checkpoints" % s["checkpoints"]),
+        (s["failed_runs"], "%d FAILED" % s["failed_runs"])) if show)
 
 
 def render_trees(report, w):
@@ -1166,15 +959,12 @@ def render_memory(report, w):
     w("\n== memory: tool peak RSS (wait4 ru_maxrss: the largest single process) and "
       "the process tree's sampled peak PSS sum ==\n")
     ms = mem["summary"]
-    table(w, ["tree", "entries", "check RSS", "check PSS", "procs", "check s", "touch RSS",
-              "touch PSS", "procs", "touch s", ""],
-          [[key, fmt_int(mem["entries"][key])]
-           + [x for s in (ms["check_" + key], ms["touch_" + key])
-              for x in (fmt_mb(s["peak_rss_kb"]), fmt_mb(s["sum_pss_kb"]), str(s["max_procs"]),
-                        fmt("%.3f", s["median_s"]))]
-           + [" ".join("%s FAILED (exit %s)" % (m, ms[m + "_" + key]["rc"])
-                       for m in ("check", "touch") if any(ms[m + "_" + key]["rc"]))]
-           for key in ("mem100k", "mem1m", "mem1dir")])
+    table(w, ["tree", "mode", "entries", "peak RSS", "PSS sum", "procs", "median s", ""],
+          [[key, mode, fmt_int(mem["entries"][key]), fmt_mb(s["peak_rss_kb"]),
+            fmt_mb(s["sum_pss_kb"]), str(s["max_procs"]), fmt("%.3f", s["median_s"]),
+            "FAILED (exit %s)" % s["rc"] if any(s["rc"]) else ""]
+           for mode in ("check", "touch") for key in ("mem100k", "mem1m", "mem1dir")
+           for s in [ms[mode + "_" + key]]], left=2)
     w("growth from %s to %s entries: check %+.1f MB, touch %+.1f MB\n"
       % ((fmt_int(mem["entries"]["mem100k"]), fmt_int(mem["entries"]["mem1m"]))
          + tuple((ms[m + "_mem1m"]["peak_rss_kb"] - ms[m + "_mem100k"]["peak_rss_kb"]) / 1024.0
@@ -1189,9 +979,6 @@ def render_memory(report, w):
           % (cp["tree"], cp["checkpoint_every"], cp["checkpoints"],
              1000 * cp["seconds_per_checkpoint"], 100 * cp["share_at_forced_interval"],
              TOOL_CHECKPOINT_S, 100 * cp["share_at_default_interval"]))
-    elif cp:
-        w("checkpoints: the forced run (%s --checkpoint-every %g) gave no figure (rc %s, "
-          "timing %s)\n" % (cp["tree"], cp["checkpoint_every"], cp["rc"], cp["timing"]))
 
 
 def render_latency(report, w):
@@ -1219,15 +1006,11 @@ def render_latency(report, w):
 
 
 def render_targets(report, w):
-    if report["config"]["quick"]:
-        w("\nTARGETS not judged: with --quick the trees are so small that start-up "
-          "dominates; run without --quick to judge them. Figures: "
-          + " | ".join("%s (%s)" % (name, text)
-                       for name, (_, text) in report["verdicts"].items()) + "\n")
-    else:
-        w("\nTARGETS: " + " | ".join("%s %s (%s)" % (name, state, text)
-                                     for name, (state, text) in report["verdicts"].items())
-          + "\n")
+    quick = report["config"]["quick"]
+    w("\nTARGETS" + (" not judged: with --quick the trees are so small that start-up "
+                     "dominates; run without --quick to judge them. Figures" if quick else "")
+      + ": " + " | ".join("%s%s (%s)" % (name, "" if quick else " " + state, text)
+                          for name, (state, text) in report["verdicts"].items()) + "\n")
 
 
 # The report's sections, in order; each writes what its part of the report holds.
@@ -1248,9 +1031,8 @@ def worst_ratio(trees, key):
 def threads_verdict(lat):
     best = {}
     for s in (lat or {}).get("summary", {}).values():
-        if not s["baseline"] and s["speedup"] is not None \
-                and s["speedup"] > best.get(s["mode"], (0,))[0]:
-            best[s["mode"]] = (s["speedup"], s["variant"])
+        if not s["baseline"] and s["speedup"] is not None:
+            best[s["mode"]] = max(best.get(s["mode"], (0, "")), (s["speedup"], s["variant"]))
     if not best:
         return ("n/a", "not measured")
     return ("PASS" if min(best.values())[0] >= TARGETS["threads_speedup"] else "FAIL",
@@ -1318,42 +1100,35 @@ def parse_args(argv):
     p.add_argument("--tool", type=Path, default=TOOL,
                    help="the tool, e.g. an older copy to compare (default %(default)s)")
     a = p.parse_args(argv)
-    if a.scale is None:
-        a.scale = 0.01 if a.quick else 1.0
+    a.scale = (0.01 if a.quick else 1.0) if a.scale is None else a.scale
     a.latency_entries = 1000 if a.quick else 10000
-    if a.repeat < 1:
-        p.error("--repeat must be at least 1")
-    if a.scale <= 0:
-        p.error("--scale must be positive")
     a.only = set(x.strip() for x in a.only.split(",") if x.strip())
-    if a.only - set(PHASES):
-        p.error("unknown phase(s) in --only: %s" % ", ".join(sorted(a.only - set(PHASES))))
     a.workdir = os.path.abspath(a.workdir)
+    for bad, why in ((a.repeat < 1, "--repeat must be at least 1"),
+                     (a.scale <= 0, "--scale must be positive"),
+                     (a.only - set(PHASES), "unknown phase(s) in --only: %s"
+                      % ", ".join(sorted(a.only - set(PHASES))))):
+        if bad:
+            p.error(why)
     return a
 
 
-def failed_runs(node, where=""):
-    """Names of the report's entries whose "rc" (one code or a list) is non-zero."""
-    out = []
-    if isinstance(node, dict):
-        codes = node.get("rc") if isinstance(node.get("rc"), list) else [node.get("rc")]
-        if any(isinstance(x, int) and not isinstance(x, bool) and x != 0 for x in codes):
-            out.append(where or "?")
-        for k, v in node.items():
-            out.extend(failed_runs(v, "%s/%s" % (where, k) if where else str(k)))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            out.extend(failed_runs(v, "%s[%d]" % (where, i)))
-    return out
+def failed_runs(node, where="report"):
+    """Where in the report a run's exit code ("rc") is not 0."""
+    if isinstance(node, list):
+        node = dict(("%d" % i, v) for i, v in enumerate(node))
+    if not isinstance(node, dict):
+        return []
+    bad = [where] if isinstance(node.get("rc"), int) and node["rc"] != 0 else []
+    return bad + [x for k, v in node.items() for x in failed_runs(v, where + "/" + k)]
 
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     gcc = shutil.which("gcc") or shutil.which("cc")
-    for missing, why in ((not args.tool.exists(), "%s does not exist" % args.tool),
-                         (not gcc, "no gcc or cc on PATH (the stat floor and the latency "
-                                   "shim are C)")):
-        if missing:
+    for bad, why in ((not args.tool.exists(), "%s does not exist" % args.tool),
+                     (not gcc, "no gcc or cc on PATH (the stat floor and the latency shim are C)")):
+        if bad:
             sys.stderr.write("bench: %s\n" % why)
             return 2
     b = Bench(args, gcc)
@@ -1378,8 +1153,7 @@ def main(argv=None):
             traceback.print_exc()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(b.report, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
+            f.write(json.dumps(b.report, indent=2, sort_keys=True, default=str) + "\n")
         log("figures written to %s" % args.json)
     bad = failed_runs(b.report)
     if bad:
