@@ -1356,14 +1356,15 @@ _utimensat = None
 
 
 def _load_utimensat():
-    """ctypes binding of utimensat(2): Python's os.utime cannot leave mtime alone."""
+    """ctypes binding of utimensat(2) (Python's os.utime cannot leave mtime alone), for
+    the per-entry loop to call unwrapped: (utimensat, times = atime now and mtime
+    untouched, get_errno, the array times points to, kept alive with it)."""
     global _utimensat
     if _utimensat is None:
         try:
             import ctypes
             libc = ctypes.CDLL(None, use_errno=True)
             func = libc.utimensat
-            futimens = libc.futimens        # glibc's utimensat refuses a NULL path
         except (ImportError, OSError, AttributeError):
             raise Failure("this system offers no utimensat(2) through ctypes, so atime cannot "
                           "be set without rewriting mtime; run with --check")
@@ -1374,25 +1375,7 @@ def _load_utimensat():
         times = (Timespec * 2)(Timespec(0, UTIME_NOW), Timespec(0, UTIME_OMIT))
         func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int]
         func.restype = ctypes.c_int
-        futimens.argtypes = [ctypes.c_int, ctypes.c_void_p]
-        futimens.restype = ctypes.c_int
-        addr = ctypes.addressof(times)
-        get_errno = ctypes.get_errno
-
-        def touch_atime(dir_fd, name):
-            """atime = now, mtime untouched, the link itself. 0 or an errno.
-
-            name None: the directory dir_fd itself (futimens)."""
-            if name is None:
-                if futimens(dir_fd, addr) == 0:
-                    return 0
-            elif func(dir_fd, name, addr, AT_SYMLINK_NOFOLLOW) == 0:
-                return 0
-            return get_errno() or errno.EIO
-
-        touch_atime.keep = times      # keep the array alive with the function
-        touch_atime.raw = (func, addr, get_errno)     # for the per-entry loop, unwrapped
-        _utimensat = touch_atime
+        _utimensat = (func, ctypes.addressof(times), ctypes.get_errno, times)
     return _utimensat
 
 
@@ -1420,15 +1403,29 @@ def list_dir(fd):
     return sorted([n.encode(enc, "surrogateescape") for n in os.listdir(fd)])
 
 
+SCANDIR_FD = os.scandir in os.supports_fd       # Python 3.7+
+
+
+def _is_dir_at(fd, name):
+    try:
+        return stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False    # gone or denied: the per-entry rules count it
+
+
 def list_dir_typed(fd):
     """(names, directory positions) of an open directory: names as bytes in byte order,
-    and the sorted indexes in names of the entries d_type says are directories.
+    and the sorted indexes in names of the entries that are directories.
 
-    Needs os.scandir on a file descriptor (Python 3.7+). Where d_type is
-    unknown, DirEntry.is_dir() falls back to an lstat. Names are encoded a
-    chunk at a time in one call (no name holds a NUL), so a huge directory
-    never holds its listing twice; directories are then found by bisection.
+    With os.scandir on a file descriptor (Python 3.7+), d_type says which are
+    directories; where it is unknown, DirEntry.is_dir() falls back to an lstat.
+    Names are encoded a chunk at a time in one call (no name holds a NUL), so a
+    huge directory never holds its listing twice; directories are then found
+    by bisection. Older Pythons lstat every name.
     """
+    if not SCANDIR_FD:
+        names = list_dir(fd)
+        return names, [i for i, n in enumerate(names) if _is_dir_at(fd, n)]
     enc = sys.getfilesystemencoding()
     names, dirnames = [], []
     it = os.scandir(fd)
@@ -1541,16 +1538,16 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
                    root_dev, euid):
     """lstat (and touch) every name of every (dir fd, names) segment, closing each fd.
 
-    The per-entry work of a parallel walk, in a worker process or thread.
-    Returns ((touched, skipped, at risk, bytes at risk, purge-eligible, bytes
-    eligible, not owned, at risk and not owned), [(segment index, name, errno)]
-    for the first errors, error count). euid 0: every entry counts as ours.
+    The per-entry rules of every walk, whoever runs the batch: a directory on another
+    device is a mount point, skipped; old entries are at risk or purge-eligible; touch
+    mode touches those older than the skip threshold, unless another owner's (euid 0:
+    every entry is ours). Returns (the sums, in Counts.BATCH's order, [(segment index,
+    name, errno)] for the first errors, error count).
     """
     lstat = os.stat
     if touch and not dry_run:
-        utimensat, times, get_errno = touch_atime.raw
-    touched = skipped = at_risk = b_risk = elig = b_elig = nerr = 0
-    not_owned = risk_not_owned = 0
+        utimensat, times, get_errno, _ = touch_atime
+    touched = skipped = at_risk = b_risk = elig = b_elig = nerr = not_owned = risk_not_owned = 0
     errs = []
     for seg, (fd, names) in enumerate(segments):
         try:
@@ -1568,7 +1565,7 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
                     continue
                 a = st.st_atime_ns
                 # Another owner's entry: setting its atime needs ownership, so touch mode
-                # does not attempt it (see Walker._account, the same rule).
+                # does not attempt it.
                 theirs = touch and euid and st.st_uid != euid
                 if a < risk_ns:
                     at_risk += 1
@@ -1621,6 +1618,12 @@ def _worker_loop(sock, params):
     """A walk worker process: batches arrive with their directories' fds (SCM_RIGHTS)."""
     import array
     import pickle
+    _close_inherited_fds(keep=sock.fileno())
+    # A signal to the process group (Ctrl-C, Slurm's TERM at the time limit) is the
+    # parent's to act on: it finishes the batches in flight, checkpoints and closes the
+    # sockets, and the worker then exits on EOF.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     fd_size = array.array("i").itemsize
     while True:
         try:
@@ -1640,20 +1643,239 @@ def _worker_loop(sock, params):
         sock.sendall(pickle.dumps((batch_id,) + result, 2))
 
 
+def _max_inflight():
+    """Batches in flight the fd limit allows: each holds up to MAX_SEGMENTS fds."""
+    import resource
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    fd_budget = max(2 * MAX_SEGMENTS, (min(soft, 4096) - 2 * MAX_OPEN_DIRS) // 2)
+    return max(2, fd_budget // MAX_SEGMENTS)
+
+
+class Batch(object):
+    """Entries in the walk's order, one segment per directory: its frame, a dup of its fd
+    (the walk may close the frame's own fd before the batch is done) and the names."""
+
+    def __init__(self):
+        self.frames = []
+        self.fds = []
+        self.names = []
+        self.size = 0
+
+    def add(self, frame, names):
+        if self.frames and self.frames[-1] is frame:
+            self.names[-1].extend(names)
+        else:
+            self.fds.append(os.dup(frame.fd))
+            self.frames.append(frame)
+            self.names.append(names)
+        self.size += len(names)
+
+    def segments(self):
+        return list(zip(self.fds, self.names))
+
+    def close(self):
+        """Close the fds of a batch that no runner took (or that a worker got copies of)."""
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = []
+
+
+class InlineRunner(object):
+    """Runs each batch as it is handed over, in this thread: the sequential walk.
+
+    The runners' interface: submit(batch) takes a batch and its fds; collect(block)
+    takes in finished batches (block: wait for one); drain() waits for all; close().
+    Each finished batch goes to done(frames, _process_batch's result), in this thread.
+    """
+    batch_size = BATCH
+
+    def __init__(self, params, done, count=1):
+        self.params = params        # _process_batch's arguments after the segments
+        self.done = done
+        self.inflight = {}          # batch key -> its frames, for the error paths
+
+    def submit(self, batch):
+        self.done(batch.frames, _process_batch(batch.segments(), *self.params))
+
+    def collect(self, block):
+        pass
+
+    def drain(self):
+        while self.inflight:
+            self.collect(block=True)
+
+    def close(self):
+        pass
+
+
+class ThreadRunner(InlineRunner):
+    """Batches run on a thread pool: a latency-bound walk (a network filesystem) keeps
+    that many metadata calls in flight."""
+    batch_size = THREAD_BATCH
+
+    def __init__(self, params, done, count):
+        import concurrent.futures
+        InlineRunner.__init__(self, params, done)
+        self.futures = concurrent.futures
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=count)
+        self.max_inflight = min(_max_inflight(), 2 * count)
+
+    def submit(self, batch):
+        while len(self.inflight) >= self.max_inflight:
+            self.collect(block=True)
+        fut = self.pool.submit(_process_batch, batch.segments(), *self.params)
+        self.inflight[fut] = batch.frames
+
+    def collect(self, block):
+        if not self.inflight:
+            return
+        done, _ = self.futures.wait(list(self.inflight), timeout=None if block else 0,
+                                    return_when=self.futures.FIRST_COMPLETED)
+        for fut in done:
+            self.done(self.inflight.pop(fut), fut.result())
+
+    def close(self):
+        self.pool.shutdown(wait=True)
+
+
+class Worker(object):
+    """A forked walk worker: its pid, this process's end of its socket, batches it holds."""
+
+    def __init__(self, pid, sock):
+        self.pid = pid
+        self.sock = sock
+        self.batches = 0
+
+
+class ProcessRunner(InlineRunner):
+    """Batches go to forked worker processes with dups of their directories' fds
+    (SCM_RIGHTS): a CPU-bound walk (a local disk) uses more than one CPU."""
+    batch_size = BATCH
+
+    def __init__(self, params, done, count):
+        InlineRunner.__init__(self, params, done)
+        self.max_inflight = min(_max_inflight(), 4 * count)
+        self.next_id = 0
+        self.workers = []
+        try:
+            for _ in range(count):
+                self.workers.append(self._fork())
+        except BaseException:
+            self.close()
+            raise
+
+    def _fork(self):
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:    # the worker; it never returns into the caller's code
+            code = 1
+            try:
+                _worker_loop(theirs, self.params)
+                code = 0
+            finally:
+                os._exit(code)
+        theirs.close()
+        return Worker(pid, mine)
+
+    def submit(self, batch):
+        import array
+        import pickle
+        if len(self.inflight) >= self.max_inflight:
+            self.collect(block=False)
+        if len(self.inflight) >= self.max_inflight:
+            # Every worker has a backlog: rather than sleep, this process does the batch
+            # itself (the counts are sums, so the order they arrive in is moot).
+            return InlineRunner.submit(self, batch)
+        w = min(self.workers, key=lambda w: w.batches)
+        # Names travel NUL-joined (a name never holds a NUL): far cheaper than a pickled list.
+        data = pickle.dumps((self.next_id, [b"\0".join(names) for names in batch.names]), 2)
+        try:
+            w.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                     array.array("i", batch.fds))])
+        except (BrokenPipeError, ConnectionResetError):
+            raise self._died(w)
+        finally:
+            batch.close()       # the worker holds its own copies now
+        w.batches += 1
+        self.inflight[self.next_id] = batch.frames
+        self.next_id += 1
+
+    def collect(self, block):
+        import select
+        busy = [w.sock for w in self.workers if w.batches]
+        if not busy:
+            return
+        ready = select.select(busy, [], [], None if block else 0)[0]
+        for w in self.workers:
+            if w.sock in ready:
+                self._receive(w)
+
+    def _receive(self, w):
+        import pickle
+        try:
+            data = w.sock.recv(REPLY_MESSAGE_MAX)
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            raise self._died(w)
+        reply = pickle.loads(data)
+        w.batches -= 1
+        self.done(self.inflight.pop(reply[0]), reply[1:])
+
+    def _died(self, w):
+        """The Failure for worker w gone (OOM killer, a stray kill): how it ended, if known."""
+        how = ""
+        with contextlib.suppress(ChildProcessError):
+            for _ in range(50):
+                done, status = os.waitpid(w.pid, os.WNOHANG)
+                if done and os.WIFSIGNALED(status):
+                    sig = os.WTERMSIG(status)
+                    how = " (killed by signal %d%s)" % (
+                        sig, ", perhaps out of memory" if sig == signal.SIGKILL else "")
+                elif done and os.WIFEXITED(status):
+                    how = " (exit status %d)" % os.WEXITSTATUS(status)
+                if done:
+                    break
+                time.sleep(0.01)
+        return Failure("walk worker process %d died%s; progress up to the last checkpoint is "
+                       "kept: run refresh again to resume" % (w.pid, how))
+
+    def close(self):
+        for w in self.workers:
+            with contextlib.suppress(OSError):
+                w.sock.close()        # EOF: the worker exits
+        for w in self.workers:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(w.pid, 0)
+        self.workers = []
+        self.inflight = {}
+
+
+def choose_runner(threads, workers):
+    """(runner class, how many it runs): the one place that decides how a walk runs.
+
+    Worker processes when more than one is asked for and Python can pass fds
+    (3.7+), else threads when more than one is asked for, else inline.
+    """
+    if workers > 1 and PARALLEL_OK:
+        return ProcessRunner, workers
+    if threads > 1:
+        return ThreadRunner, threads
+    return InlineRunner, 1
+
+
 class Frame(object):
     """One directory on the walk's explicit stack."""
-    __slots__ = ("fd", "name", "names", "dirs", "idx", "ident", "results", "res_base", "parent",
-                 "mounts")
+    __slots__ = ("fd", "name", "names", "dirs", "idx", "ident", "parent", "mounts")
 
     def __init__(self, fd, name, names, ident, dirs=None, parent=None, mounts=frozenset()):
-        self.fd = fd
+        self.fd = fd                # None while closed: by the fd cap, or reopening failed
         self.name = name            # component name in the parent (bytes), None for the root
         self.names = names          # sorted entry names (bytes)
-        self.dirs = dirs            # parallel walk: sorted indexes of names d_type calls dirs
+        self.dirs = dirs            # sorted indexes of the names that are directories
         self.idx = 0                # next name to consume
         self.ident = ident          # (st_dev, st_ino), to check a reopen via ".."
-        self.results = None         # visit results computed ahead for names[res_base:...]
-        self.res_base = 0
         self.parent = parent        # the parent frame (paths for error messages)
         self.mounts = mounts        # names in this directory that are mount points (mountinfo)
 
@@ -1669,6 +1891,10 @@ class Counts(object):
     FIELDS = ("entries_seen", "entries_touched", "entries_skipped", "entries_at_risk",
               "bytes_at_risk", "entries_purge_eligible", "bytes_purge_eligible", "errors",
               "entries_not_owned", "entries_at_risk_not_owned", "dirs_listed_not_owned")
+    # The sums _process_batch returns, in its order.
+    BATCH = ("entries_touched", "entries_skipped", "entries_at_risk", "bytes_at_risk",
+             "entries_purge_eligible", "bytes_purge_eligible", "entries_not_owned",
+             "entries_at_risk_not_owned")
 
     def __init__(self, doc=None):
         for f in self.FIELDS:
@@ -1691,9 +1917,12 @@ class Walker(object):
     or before it in that order is done. Resuming skips those entries by
     bisecting each level's sorted listing, without re-walking them.
 
-    Work may run ahead of the cursor (batches, threads); it is idempotent (a
-    second atime touch is harmless), so a resume repeats at most the stretch
-    after the last checkpoint.
+    This process lists, keeps the stack, the cursor and the budgets, and cuts
+    batches in the walk's order (counted when batched: budgets are exact); a
+    runner (choose_runner) applies the per-entry rules (_process_batch) to them.
+    That work may run ahead of the cursor: it is idempotent, and the cursor is
+    recorded only after sync(), so a resume repeats at most the stretch after
+    the last checkpoint.
     """
 
     def __init__(self, root, mode, thresholds, dry_run=False, threads=1, workers=1,
@@ -1706,28 +1935,16 @@ class Walker(object):
         self.touch = mode == "touch"
         self.dry_run = dry_run
         self.skip_ns, self.risk_ns, self.purge_ns = thresholds
-        self.threads = max(1, int(threads or 1))
         self.counts = Counts()
         self.error_paths = []
         self.stack = []
         self.root_dev = None
         self.stop_reason = None
         self.touch_atime = _load_utimensat() if (self.touch and not dry_run) else None
-        self.pool = None
-        self.workers = workers if (PARALLEL_OK and workers > 1) else 1
-        # The parallel engine (Python 3.7+, where scandir on a dir fd gives d_type):
-        # worker processes for CPU-bound walks, threads for latency-bound ones.
-        if self.workers > 1:
-            self.engine = "process"
-        elif self.threads > 1 and PARALLEL_OK:
-            self.engine = "thread"
-        else:
-            self.engine = None
-        self.procs = []             # worker processes: [pid, socket, batches in flight]
-        self.inflight = {}          # batch id -> (process index or future, segment frames)
-        self.pending = []           # the batch being built: [frame, dup'ed fd, names]
-        self.pending_n = 0
-        self.next_batch = 0
+        self.runner_class, self.runner_count = choose_runner(max(1, int(threads or 1)),
+                                                             max(1, int(workers or 1)))
+        self.runner = None          # started by run(), once the root's device is known
+        self.batch = Batch()        # entries batched, not yet handed to the runner
 
     # -- errors
     def _error(self, name, err, frame=None, count=True):
@@ -1742,126 +1959,73 @@ class Walker(object):
     def _components(self):
         return [f.name for f in self.stack[1:]]
 
-    # -- visiting one entry (runs in worker threads when threads > 1)
-    def _visit(self, dir_fd, name, mounts=frozenset()):
-        """lstat one entry and touch it when touch mode and its atime is old.
-
-        Returns (st, touched, err): touched is True/False, err an errno or 0.
-        """
-        try:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        except OSError as e:
-            return None, False, e.errno or errno.EIO
-        if (self.touch and st.st_atime_ns < self.skip_ns
-                and not self._is_mount(st, name, mounts) and not self._theirs(st)):
-            if self.dry_run:
-                return st, True, 0
-            err = self.touch_atime(dir_fd, name)
-            return st, err == 0, err
-        return st, False, 0
-
-    def _visit_many(self, dir_fd, names, stop_at_dir=False, mounts=frozenset()):
-        """Visit names in order; with stop_at_dir, end after the first subdirectory."""
-        visit = self._visit
-        if not stop_at_dir:
-            return [visit(dir_fd, n, mounts) for n in names]
-        out = []
-        for n in names:
-            r = visit(dir_fd, n, mounts)
-            out.append(r)
-            if r[0] is not None and r[0].st_mode & 0o170000 == 0o040000:
-                break       # its subtree comes next: nothing is done ahead of the cursor
-        return out
-
-    def _batch(self, frame, limit):
-        """Visit the next batch of a frame's entries, in parallel when threads > 1."""
-        start = frame.idx
-        end = min(len(frame.names), start + limit)
-        names = frame.names[start:end]
-        if self.pool is None or len(names) < 2 * self.threads:
-            frame.results = self._visit_many(frame.fd, names, stop_at_dir=self.pool is None,
-                                             mounts=frame.mounts)
-        else:
-            step = (len(names) + self.threads - 1) // self.threads
-            parts = [names[i:i + step] for i in range(0, len(names), step)]
-            futures = [self.pool.submit(self._visit_many, frame.fd, p, False, frame.mounts)
-                       for p in parts]
-            frame.results = [r for fut in futures for r in fut.result()]
-        frame.res_base = start
-
-    # -- the per-entry rules (the parallel engine's copy is _process_batch)
-    def _is_mount(self, st, name, mounts):
-        """A mount point: another filesystem's root, or a name the mount table lists here
-        (a bind mount, of the same filesystem or of a file). Neither entered nor touched."""
-        return name in mounts or (stat.S_ISDIR(st.st_mode) and st.st_dev != self.root_dev)
-
-    def _theirs(self, st):
-        """Touch mode and another owner's entry: its atime is not ours to set (not tried)."""
-        return self.touch and self.euid != 0 and st.st_uid != self.euid
-
-    # -- accounting for one entry
-    def _account(self, st, touched, err, name, mounts=frozenset(), seen=True):
+    def _tally(self, frames, result):
+        """Add one finished batch's counts and errors (a frame of None: the root itself)."""
+        sums, errs, nerr = result
         c = self.counts
-        if seen:
-            c.entries_seen += 1
-        if st is None:
-            self._error(name, err)
-            return
-        if self._is_mount(st, name, mounts):
-            c.entries_skipped += 1       # a mount point: neither entered nor touched
-            return
-        atime = st.st_atime_ns
-        theirs = self._theirs(st)
-        if atime < self.risk_ns:
-            c.entries_at_risk += 1
-            if stat.S_ISREG(st.st_mode):
-                c.bytes_at_risk += st.st_size
-            if atime < self.purge_ns:
-                c.entries_purge_eligible += 1
-                if stat.S_ISREG(st.st_mode):
-                    c.bytes_purge_eligible += st.st_size
-            if theirs:
-                c.entries_at_risk_not_owned += 1
-        if self.touch:
-            if touched:
-                c.entries_touched += 1
-            elif err:
-                self._error(name, err)
-            elif theirs and atime < self.skip_ns:
-                c.entries_not_owned += 1
-            else:
-                c.entries_skipped += 1
+        c.errors += nerr
+        for field, n in zip(Counts.BATCH, sums):
+            setattr(c, field, getattr(c, field) + n)
+        for seg, name, err in errs:
+            frame = frames[seg]
+            self._error(name if frame is not None else None, err, frame, count=False)
+
+    def _params(self):
+        """The per-entry rules' arguments (_process_batch's after the segments)."""
+        return (self.touch_atime, self.touch, self.dry_run, self.skip_ns, self.risk_ns,
+                self.purge_ns, self.root_dev, self.euid)
 
     # -- the stack
-    def _push(self, parent_fd, name, st):
-        """Open and list a subdirectory; push it. Errors are counted, never raised.
+    def _enter(self, frame, name):
+        """Batch a subdirectory of frame found by d_type and descend into it, unless it is
+        a mount point (one the mount table lists is counted as skipped, never entered)."""
+        if name in frame.mounts:
+            self._append(frame, [name])
+        else:
+            self._descend(frame, name, batch=True)
 
-        st is the lstat taken before this listing (which may move the atime of a
-        directory of another owner: counted in dirs_listed_not_owned)."""
+    def _descend(self, frame, name, batch=False):
+        """Open, list and push a subdirectory of frame, unless it is another filesystem.
+
+        With batch, its entry is batched too, with a stat from before its listing:
+        listed through O_NOATIME, the listing moves nothing, so the batch stats it as
+        usual; where the kernel refused O_NOATIME (another owner's directory), the entry
+        is done here and now, before the listing. Errors are counted, never raised.
+        Returns True when it was pushed.
+        """
         try:
-            fd, quiet = open_dir_ex(name, dir_fd=parent_fd)
+            fd, quiet = open_dir_ex(name, dir_fd=frame.fd)
         except OSError as e:
-            self._error(name, e.errno or errno.EIO)
+            if batch:
+                self._append(frame, [name])
+            if e.errno != errno.ENOTDIR:    # no longer a directory: its batch stats it as is
+                self._error(name, e.errno or errno.EIO, frame)
             return False
-        if not quiet:
-            self.counts.dirs_listed_not_owned += 1
         try:
-            if self.engine:
-                names, dirs = list_dir_typed(fd)
-            else:
-                names, dirs = list_dir(fd), None
+            st = os.fstat(fd)
+            same_fs = st.st_dev == self.root_dev
+            if batch and (quiet or not same_fs):
+                self._append(frame, [name])     # another filesystem: the rules skip it
+            elif batch:
+                self._tally([frame], _process_batch([(os.dup(frame.fd), [name])],
+                                                    *self._params()))
+            if not same_fs:
+                os.close(fd)
+                return False
+            if not quiet:
+                self.counts.dirs_listed_not_owned += 1
+            names, dirs = list_dir_typed(fd)
         except OSError as e:
             os.close(fd)
-            self._error(name, e.errno or errno.EIO)
+            self._error(name, e.errno or errno.EIO, frame)
             return False
-        parent = self.stack[-1] if self.stack else None
-        self.stack.append(Frame(fd, name, names, (st.st_dev, st.st_ino), dirs, parent,
-                                self._mounts_below(parent, name)))
-        if len(self.stack) > MAX_OPEN_DIRS:
+        self.stack.append(Frame(fd, name, names, (st.st_dev, st.st_ino), dirs, frame,
+                                self._mounts_below(frame, name)))
+        if len(self.stack) > MAX_OPEN_DIRS + 1:
             # WARNING: deep trees would exhaust file descriptors; close an ancestor's fd
-            # and reopen it through ".." when the walk climbs back (see _pop).
+            # (never the root's) and reopen it through ".." when the walk climbs back (_pop).
             old = self.stack[-MAX_OPEN_DIRS - 1]
-            if old.fd is not None and len(self.stack) - MAX_OPEN_DIRS - 1 > 0:
+            if old.fd is not None:
                 os.close(old.fd)
                 old.fd = None
         return True
@@ -1870,14 +2034,16 @@ class Walker(object):
         """The names of mount points in the directory parent/name (usually none)."""
         if not self.mount_tree:
             return frozenset()
-        comps = (parent.components() if parent is not None else []) + [name]
-        return self.mount_tree.get(tuple(comps), frozenset())
+        return self.mount_tree.get(tuple(parent.components() + [name]), frozenset())
 
     def _pop(self):
+        """Leave the top directory; reopen its parent through ".." if the fd cap closed it."""
         child = self.stack.pop()
         if self.stack and self.stack[-1].fd is None:
             parent = self.stack[-1]
             try:
+                if child.fd is None:        # its own reopening failed: no way up from it
+                    raise OSError(errno.EBADF, os.strerror(errno.EBADF))
                 fd = open_dir("..", dir_fd=child.fd)
                 st = os.fstat(fd)
                 if (st.st_dev, st.st_ino) != parent.ident:
@@ -1887,21 +2053,19 @@ class Walker(object):
             except OSError as e:
                 self._error(None, e.errno or errno.EIO)
                 parent.idx = len(parent.names)      # cannot continue this directory
-                parent.results = None
-                parent.fd = -1
-        if child.fd is not None and child.fd >= 0:
+        if child.fd is not None:
             os.close(child.fd)
 
     def close(self):
+        self.batch.close()
         while self.stack:
             f = self.stack.pop()
-            if f.fd is not None and f.fd >= 0:
+            if f.fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(f.fd)
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
-            self.pool = None
-        self._stop_workers()
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None
 
     # -- cursor
     def cursor(self):
@@ -1919,26 +2083,17 @@ class Walker(object):
         """Visit the root (unless the cursor says it is done) and set up the stack.
 
         The root is opened from root_fd (open_dataset_root: no symlink on the way) when
-        given, and stat'ed through its fd before it is listed.
+        given, and visited through its fd (as "." of it) before it is listed.
         """
         fd = self._open_root()
         try:
             st = os.fstat(fd)
             self.root_dev = st.st_dev
             if cursor is None:
-                touched, err = False, 0
-                if self.touch and st.st_atime_ns < self.skip_ns and not self._theirs(st):
-                    if self.dry_run:
-                        touched = True
-                    else:
-                        err = self.touch_atime(fd, None)
-                        touched = err == 0
-                self._account(st, touched, err, None)
+                self._tally([None], _process_batch([(os.dup(fd), [b"."])], *self._params()))
+                self.counts.entries_seen += 1
             self.mount_tree = mount_tree(fd)
-            if self.engine:
-                names, dirs = list_dir_typed(fd)
-            else:
-                names, dirs = list_dir(fd), None
+            names, dirs = list_dir_typed(fd)
         except OSError as e:
             os.close(fd)
             raise Failure("cannot list the dataset root %s (%s)" % (self.root, e.strerror))
@@ -1967,21 +2122,18 @@ class Walker(object):
         for depth, comp in enumerate(path):
             frame = self.stack[-1]
             i = bisect.bisect_left(frame.names, comp)
-            if i < len(frame.names) and frame.names[i] == comp:
-                frame.idx = i + 1
-                last = depth == len(path) - 1
-                if last and subtree_done:
-                    return
-                try:
-                    st = os.stat(comp, dir_fd=frame.fd, follow_symlinks=False)
-                except OSError:
-                    return      # gone since the checkpoint: carry on after it
-                if not stat.S_ISDIR(st.st_mode) or self._is_mount(st, comp, frame.mounts):
-                    return
-                if not self._push(frame.fd, comp, st):
-                    return
-            else:
+            if i == len(frame.names) or frame.names[i] != comp:
                 frame.idx = i   # the cursor's entry is gone; resume at its successor
+                return
+            frame.idx = i + 1
+            if depth == len(path) - 1 and subtree_done:
+                return
+            try:
+                st = os.stat(comp, dir_fd=frame.fd, follow_symlinks=False)
+            except OSError:
+                return      # gone since the checkpoint: carry on after it
+            if (not stat.S_ISDIR(st.st_mode) or comp in frame.mounts
+                    or not self._descend(frame, comp)):
                 return
 
     # -- the walk
@@ -1993,15 +2145,10 @@ class Walker(object):
         point (checkpoints, progress). should_stop() returns a reason or None.
         """
         self._start(cursor)
-        if self.engine:
-            return self._run_parallel(max_entries, deadline, should_stop, on_tick, tick_every)
-        if self.threads > 1:
-            import concurrent.futures
-            self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.threads)
-        batch = BATCH if self.threads == 1 else max(BATCH, 64 * self.threads)
+        self.runner = self.runner_class(self._params(), self._tally, self.runner_count)
         counts = self.counts
-        next_tick = counts.entries_seen + tick_every
         stack = self.stack
+        next_tick = counts.entries_seen + tick_every
         while stack:
             frame = stack[-1]
             if frame.idx >= len(frame.names):
@@ -2009,232 +2156,7 @@ class Walker(object):
                 continue
             if counts.entries_seen >= next_tick:
                 next_tick = counts.entries_seen + tick_every
-                if on_tick is not None:
-                    on_tick(self)
-            if max_entries is not None and counts.entries_seen >= max_entries:
-                self.stop_reason = "max-entries"    # exact, even inside a computed batch
-                return False
-            if frame.results is None or frame.idx >= frame.res_base + len(frame.results):
-                # A batch boundary: the place to honour budgets and signals.
-                reason = self._stop_reason(max_entries, deadline, should_stop)
-                if reason:
-                    self.stop_reason = reason
-                    return False
-                limit = batch
-                if max_entries is not None:
-                    limit = min(limit, max_entries - counts.entries_seen)
-                self._batch(frame, limit)
-            name = frame.names[frame.idx]
-            st, touched, err = frame.results[frame.idx - frame.res_base]
-            frame.idx += 1
-            self._account(st, touched, err, name, frame.mounts)
-            if (st is not None and stat.S_ISDIR(st.st_mode)
-                    and not self._is_mount(st, name, frame.mounts)):
-                self._push(frame.fd, name, st)
-        return True
-
-    # -- the parallel walk: this process keeps the order; workers stat and touch
-    #
-    # Entries go into batches in exactly the walk's order; a batch spans directories
-    # (one segment per directory, each with a dup of its fd). Counts are taken when
-    # an entry is batched, so budgets are exact; the cursor is recorded only after
-    # sync(), when every batch handed out is done.
-
-    def _start_engine(self):
-        import resource
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        fd_budget = max(2 * MAX_SEGMENTS, (min(soft, 4096) - 2 * MAX_OPEN_DIRS) // 2)
-        self.max_inflight = max(2, fd_budget // MAX_SEGMENTS)
-        self.params = (self.touch_atime, self.touch, self.dry_run, self.skip_ns, self.risk_ns,
-                       self.purge_ns, self.root_dev, self.euid)
-        if self.engine == "thread":
-            import concurrent.futures
-            self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.threads)
-            self.batch_size = THREAD_BATCH
-            self.max_inflight = min(self.max_inflight, 2 * self.threads)
-            return
-        self.batch_size = BATCH
-        self.max_inflight = min(self.max_inflight, 4 * self.workers)
-        for _ in range(self.workers):
-            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            pid = os.fork()
-            if pid == 0:    # the worker; it never returns into the caller's code
-                code = 1
-                try:
-                    _close_inherited_fds(keep=theirs.fileno())
-                    # A signal to the process group (Ctrl-C, Slurm's TERM at the time
-                    # limit) is the parent's to act on: it finishes the batches in flight,
-                    # checkpoints and closes the sockets, and the worker then exits on EOF.
-                    signal.signal(signal.SIGINT, signal.SIG_IGN)
-                    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-                    _worker_loop(theirs, self.params)
-                    code = 0
-                finally:
-                    os._exit(code)
-            theirs.close()
-            self.procs.append([pid, mine, 0])
-
-    def _stop_workers(self):
-        for seg in self.pending:
-            with contextlib.suppress(OSError):
-                os.close(seg[1])
-        self.pending, self.pending_n = [], 0
-        for pid, sock, _ in self.procs:
-            with contextlib.suppress(OSError):
-                sock.close()        # EOF: the worker exits
-        for pid, _, _ in self.procs:
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
-        self.procs = []
-        self.inflight = {}
-
-    def _append(self, frame, names):
-        if frame.mounts:
-            # Mount points the mount table lists (bind mounts): never handed to a worker,
-            # which sees only st_dev; counted as skipped here.
-            kept = [n for n in names if n not in frame.mounts]
-            self.counts.entries_skipped += len(names) - len(kept)
-            names = kept
-        if not names:
-            return      # WARNING: an empty segment would reach a worker as one name, b""
-        if self.pending and self.pending[-1][0] is frame:
-            self.pending[-1][2].extend(names)
-        else:
-            self.pending.append([frame, os.dup(frame.fd), list(names)])
-        self.pending_n += len(names)
-        if self.pending_n >= self.batch_size or len(self.pending) >= MAX_SEGMENTS:
-            self._flush()
-
-    def _flush(self):
-        """Hand the batch being built to a worker; wait for replies while all are busy."""
-        if not self.pending:
-            return
-        if len(self.inflight) >= self.max_inflight:
-            self._collect(block=False)
-        segs, self.pending, self.pending_n = self.pending, [], 0
-        frames = [seg[0] for seg in segs]
-        if len(self.inflight) >= self.max_inflight:
-            if self.engine == "thread":
-                while len(self.inflight) >= self.max_inflight:
-                    self._collect(block=True)
-            else:
-                # Every worker has a backlog: rather than sleep, the main process does this
-                # batch itself (the counts are sums, so the order they arrive in is moot).
-                self._tally(frames, _process_batch([(seg[1], seg[2]) for seg in segs],
-                                                   *self.params))
-                return
-        batch_id = self.next_batch
-        self.next_batch += 1
-        if self.engine == "thread":
-            fut = self.pool.submit(_process_batch, [(seg[1], seg[2]) for seg in segs],
-                                   *self.params)
-            self.inflight[batch_id] = (fut, frames)
-            return
-        import array
-        import pickle
-        w = min(range(len(self.procs)), key=lambda i: self.procs[i][2])
-        # Names travel NUL-joined (a name never holds a NUL): far cheaper than a pickled list.
-        data = pickle.dumps((batch_id, [b"\0".join(seg[2]) for seg in segs]), 2)
-        try:
-            self.procs[w][1].sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                               array.array("i", [seg[1] for seg in segs]))])
-        except (BrokenPipeError, ConnectionResetError):
-            raise self._worker_died(w)
-        finally:
-            for seg in segs:
-                os.close(seg[1])
-        self.procs[w][2] += 1
-        self.inflight[batch_id] = (w, frames)
-
-    def _collect(self, block):
-        """Take in the replies that are there (block: wait for at least one)."""
-        if not self.inflight:
-            return
-        if self.engine == "thread":
-            import concurrent.futures
-            futs = dict((v[0], k) for k, v in self.inflight.items())
-            done, _ = concurrent.futures.wait(list(futs), timeout=None if block else 0,
-                                              return_when=concurrent.futures.FIRST_COMPLETED)
-            for fut in done:
-                _, frames = self.inflight.pop(futs[fut])
-                self._tally(frames, fut.result())
-            return
-        import pickle
-        import select
-        busy = [p[1] for p in self.procs if p[2] > 0]
-        ready, _, _ = select.select(busy, [], [], None if block else 0)
-        for sock in ready:
-            try:
-                data = sock.recv(REPLY_MESSAGE_MAX)
-            except ConnectionResetError:
-                data = b""
-            if not data:
-                raise self._worker_died([p[1] for p in self.procs].index(sock))
-            reply = pickle.loads(data)
-            w, frames = self.inflight.pop(reply[0])
-            self.procs[w][2] -= 1
-            self._tally(frames, reply[1:])
-
-    def _worker_died(self, w):
-        """The Failure for worker w gone (OOM killer, a stray kill): how it ended, if known."""
-        pid = self.procs[w][0]
-        how = ""
-        try:
-            for _ in range(50):
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    if os.WIFSIGNALED(status):
-                        sig = os.WTERMSIG(status)
-                        how = " (killed by signal %d%s)" % (
-                            sig, ", perhaps out of memory" if sig == signal.SIGKILL else "")
-                    elif os.WIFEXITED(status):
-                        how = " (exit status %d)" % os.WEXITSTATUS(status)
-                    break
-                time.sleep(0.01)
-        except ChildProcessError:
-            pass
-        return Failure("walk worker process %d died%s; progress up to the last checkpoint is "
-                       "kept: run refresh again to resume" % (pid, how))
-
-    def _tally(self, frames, result):
-        (touched, skipped, at_risk, b_risk, elig, b_elig, not_owned, risk_not_owned), errs, \
-            nerr = result
-        c = self.counts
-        c.entries_not_owned += not_owned
-        c.entries_at_risk_not_owned += risk_not_owned
-        c.entries_touched += touched
-        c.entries_skipped += skipped
-        c.entries_at_risk += at_risk
-        c.bytes_at_risk += b_risk
-        c.entries_purge_eligible += elig
-        c.bytes_purge_eligible += b_elig
-        c.errors += nerr
-        for seg, name, err in errs:
-            self._error(name, err, frames[seg], count=False)
-
-    def sync(self):
-        """Wait until every entry batched so far is done: counts and cursor then agree."""
-        if self.engine:
-            self._flush()
-            while self.inflight:
-                self._collect(block=True)
-
-    def _run_parallel(self, max_entries, deadline, should_stop, on_tick, tick_every):
-        self._start_engine()
-        counts = self.counts
-        stack = self.stack
-        next_tick = counts.entries_seen + tick_every
-        bisect_left = bisect.bisect_left
-        while stack:
-            frame = stack[-1]
-            if frame.idx >= len(frame.names):
-                self._pop()
-                continue
-            if counts.entries_seen >= next_tick:
-                next_tick = counts.entries_seen + tick_every
-                self._collect(block=False)
+                self.runner.collect(block=False)
                 if on_tick is not None:
                     on_tick(self)
             reason = self._stop_reason(max_entries, deadline, should_stop)
@@ -2242,67 +2164,55 @@ class Walker(object):
                 self.sync()
                 self.stop_reason = reason
                 return False
-            # The next names of this directory, up to and including a subdirectory, whose
-            # own entries come next in the walk's order.
-            start = frame.idx
-            end = min(len(frame.names), start + self.batch_size)
+            limit = next_tick - counts.entries_seen     # a tick lands between two entries
             if max_entries is not None:
-                end = min(end, start + max_entries - counts.entries_seen)
-            dirs = frame.dirs
-            j = bisect_left(dirs, start)
-            is_dir = j < len(dirs) and dirs[j] < end
-            k = dirs[j] + 1 if is_dir else end
-            # The subdirectory itself is batched by _enter, once its stat is known to come
-            # from before its listing.
-            self._append(frame, frame.names[start:k - 1 if is_dir else k])
-            counts.entries_seen += k - start
-            frame.idx = k
-            if is_dir:
-                self._enter(frame, frame.names[k - 1])
+                limit = min(limit, max_entries - counts.entries_seen)
+            self._take(frame, limit)
         self.sync()
         return True
 
-    def _enter(self, frame, name):
-        """Batch a subdirectory found by d_type and descend into it, unless it is a mount point.
+    def _take(self, frame, limit):
+        """Batch frame's next names (at most limit) up to and including a subdirectory,
+        whose own entries come next in the walk's order; then enter it."""
+        start = frame.idx
+        end = min(len(frame.names), start + self.runner.batch_size, start + limit)
+        dirs = frame.dirs
+        j = bisect.bisect_left(dirs, start)
+        is_dir = j < len(dirs) and dirs[j] < end
+        k = dirs[j] + 1 if is_dir else end
+        # The subdirectory itself is batched by _enter, its stat from before its listing.
+        self._append(frame, frame.names[start:k - 1 if is_dir else k])
+        self.counts.entries_seen += k - start
+        frame.idx = k
+        if is_dir:
+            self._enter(frame, frame.names[k - 1])
 
-        The entry's stat must come from before its listing. Listed through O_NOATIME, the
-        listing moves nothing, so a worker stats it as usual; where the kernel refused
-        O_NOATIME (another owner's directory), its fstat, taken here before the listing, is
-        what is counted (it is not ours, so touch mode would not touch it anyway).
-        """
-        if name in frame.mounts:
-            self._append(frame, [name])     # counted as skipped, never entered
-            return
-        try:
-            fd, quiet = open_dir_ex(name, dir_fd=frame.fd)
-        except OSError as e:
-            self._append(frame, [name])
-            if e.errno != errno.ENOTDIR:
-                self._error(name, e.errno or errno.EIO, frame)
-            return
-        try:
-            st = os.fstat(fd)
-            if st.st_dev != self.root_dev or quiet:
-                self._append(frame, [name])     # another filesystem: the worker skips it
-            else:
-                self._account(st, False, 0, name, seen=False)
-            if st.st_dev != self.root_dev:
-                os.close(fd)
-                return
-            if not quiet:
-                self.counts.dirs_listed_not_owned += 1
-            names, dirs = list_dir_typed(fd)
-        except OSError as e:
-            os.close(fd)
-            self._error(name, e.errno or errno.EIO, frame)
-            return
-        self.stack.append(Frame(fd, name, names, (st.st_dev, st.st_ino), dirs, frame,
-                                self._mounts_below(frame, name)))
-        if len(self.stack) > MAX_OPEN_DIRS:
-            old = self.stack[-MAX_OPEN_DIRS - 1]
-            if old.fd is not None and len(self.stack) - MAX_OPEN_DIRS - 1 > 0:
-                os.close(old.fd)
-                old.fd = None
+    def _append(self, frame, names):
+        """Batch names of frame; hand the batch to the runner once it is full."""
+        if frame.mounts:
+            # Mount points the mount table lists (bind mounts): never handed to the rules,
+            # which see only st_dev; counted as skipped here.
+            kept = [n for n in names if n not in frame.mounts]
+            self.counts.entries_skipped += len(names) - len(kept)
+            names = kept
+        if not names:
+            return      # WARNING: an empty segment would reach a worker as one name, b""
+        batch = self.batch
+        batch.add(frame, names)
+        if batch.size >= self.runner.batch_size or len(batch.frames) >= MAX_SEGMENTS:
+            self._flush()
+
+    def _flush(self):
+        """Hand the batch being built to the runner."""
+        batch, self.batch = self.batch, Batch()
+        if batch.frames:
+            self.runner.submit(batch)
+
+    def sync(self):
+        """Wait until every entry batched so far is done: counts and cursor then agree."""
+        if self.runner is not None:
+            self._flush()
+            self.runner.drain()
 
     def _stop_reason(self, max_entries, deadline, should_stop):
         if should_stop is not None:
@@ -2314,6 +2224,7 @@ class Walker(object):
         if deadline is not None and time.monotonic() >= deadline:
             return "max-seconds"
         return None
+
 
 # ---------------------------------------------------------------- policy
 
@@ -2910,9 +2821,12 @@ class Budget(object):
         return None
 
 
-def empty_result(name, mode):
+def empty_result(name, mode, reason=None):
+    """The result of a dataset not walked, and why."""
     result = {"name": name, "mode": mode, "complete": False, "resumed": False}
     result.update(Counts().as_dict())
+    if reason is not None:
+        result["reason"] = reason
     return result
 
 
@@ -2989,8 +2903,7 @@ def _refresh(ctx, opts, should_stop=None, progress=None):
     budget = Budget(max_seconds, opts.max_entries)
     results, codes = [], []
     for ds, st, reason in refused:
-        r = empty_result(ds["name"], dataset_mode(cfg, ds, opts.check))
-        r["reason"] = reason
+        r = empty_result(ds["name"], dataset_mode(cfg, ds, opts.check), reason)
         r["state"] = st
         results.append(r)
         codes.append(EXIT_FAIL)
@@ -3006,19 +2919,16 @@ def _refresh(ctx, opts, should_stop=None, progress=None):
                          "--approval TICKET`" % (ds["name"], PROG, ds["name"]))
         reason = budget.exhausted()
         if reason:
-            r = empty_result(ds["name"], mode)
-            r["reason"] = "not started: the %s budget was used up" % reason
+            r = empty_result(ds["name"], mode, "not started: the %s budget was used up" % reason)
             results.append(r)
             codes.append(EXIT_STOPPED)
             continue
         try:
             r, code = _refresh_one(ctx, cfg, ds, mode, opts, budget, should_stop, progress)
         except BusyError as e:
-            r, code = empty_result(ds["name"], mode), EXIT_BUSY
-            r["reason"] = str(e)
+            r, code = empty_result(ds["name"], mode, str(e)), EXIT_BUSY
         except Failure as e:
-            r, code = empty_result(ds["name"], mode), e.exit_code
-            r["reason"] = str(e)
+            r, code = empty_result(ds["name"], mode, str(e)), e.exit_code
         results.append(r)
         codes.append(code)
         if code == EXIT_INTERRUPTED:
@@ -3089,141 +2999,204 @@ def _test_pause(env, point):
 
 
 def _walk_dataset(ctx, cfg, ds, mode, opts, budget, should_stop, progress, root_fd=None):
-    store = ctx.store
-    name = ds["name"]
-    started = time.time()
-    sched_cadence = schedule_cadence(store)
-    cadence = threshold_cadence(ds, sched_cadence)
-    thresholds = thresholds_ns(cfg, cadence, ctx.now)
-    ckpt = None if opts.dry_run else store.load_checkpoint_quiet(name)
-    if not resumable(ckpt, ds, mode, opts.due, sched_cadence, ctx.now):
-        ckpt = None     # another mode's or path's position, or a stale manual one: start over
-    resumed = ckpt is not None
-    due_run = ckpt.get("due_run", True) is not False if resumed else bool(opts.due)
-    walk_started = ckpt.get("walk_started") if resumed else iso(started)
-    done_before = int(ckpt.get("entries_done", 0)) if resumed else 0
-    totals = Counts(ckpt.get("totals") if resumed else None)
-    threads, workers = default_parallelism(ds["path"], ctx.env)
-    if opts.threads or opts.workers:
-        threads, workers = opts.threads or 1, opts.workers or 1
-    walker = Walker(ds["path"], mode, thresholds, dry_run=opts.dry_run, threads=threads,
-                    workers=workers, root_fd=root_fd)
-    log_path, log = (None, None) if opts.dry_run else store.new_log(name, started, mode)
-    skip_d, risk_d, purge_d = thresholds_days(cfg, cadence)
-    timing = {"checkpoint_seconds": 0.0, "checkpoints": 0}
+    """Walk one dataset, its lock held: the steps of a DatasetRun. Returns (result, code)."""
+    run = DatasetRun(ctx, cfg, ds, mode, opts, root_fd)
+    run.resume_point()
+    run.open_log()
+    complete = run.walk(budget, should_stop, progress)
+    result = run.result(complete)
+    run.close_log(result)
+    if not opts.dry_run:
+        run.record(result)
+    return result, result["exit_code"]
 
-    def write_log(line):
-        if log is not None:
-            log.write("%s %s\n" % (iso(time.time()), line))
 
-    write_log("start dataset=%s path=%s mode=%s pid=%d host=%s version=%s" % (
-        name, display_path(ds["path"]), mode, os.getpid(), socket.gethostname(), __version__))
-    write_log("thresholds skip_days=%d at_risk_days=%d purge_days=%d now=%s%s" % (
-        skip_d, risk_d, purge_d, iso(ctx.now), " resumed entries_done=%d" % done_before
-        if resumed else ""))
+class DatasetRun(object):
+    """One refresh (or check) of one dataset.
 
-    def save_checkpoint(cursor, seen):
-        if opts.dry_run:
+    What a run guarantees: it resumes the checkpoint of an unfinished walk in
+    the same mode of the same path (see resumable()), else starts at the root,
+    reached through root_fd when given. The thresholds assume the larger of the
+    dataset's and the schedule's cadence. The cursor is
+    checkpointed at least every opts.checkpoint_every seconds and when the
+    walk stops, each time after the work before it is done, so a resume
+    repeats at most the stretch since the last checkpoint; a crash keeps the
+    last position it can record and is logged as one. The log records the
+    start, the thresholds, the first errors' paths, the counts and how the
+    walk ended. Every run records its result as last_run; a complete one
+    deletes the checkpoint, records its mode's walk (record_walk) and totals,
+    and (touch mode) rewrites the sentinel. A dry run writes nothing at all.
+    """
+
+    def __init__(self, ctx, cfg, ds, mode, opts, root_fd=None):
+        self.ctx, self.store, self.cfg, self.ds, self.mode, self.opts = (
+            ctx, ctx.store, cfg, ds, mode, opts)
+        self.name = ds["name"]
+        self.started = time.time()
+        self.root_fd = root_fd
+        self.sched_cadence = schedule_cadence(ctx.store)
+        self.cadence = threshold_cadence(ds, self.sched_cadence)
+        self.cursor = None          # where the walk resumes; None: at the root
+        self.resumed = False
+        self.walk_started = iso(self.started)
+        self.due_run = bool(opts.due)   # begun by `refresh --due` (see resumable())
+        self.done_before = 0        # entries done by the earlier runs of this walk
+        self.totals = Counts()      # and their counts
+        threads, workers = default_parallelism(ds["path"], ctx.env)
+        if opts.threads or opts.workers:
+            threads, workers = opts.threads or 1, opts.workers or 1
+        self.walker = Walker(ds["path"], mode, thresholds_ns(cfg, self.cadence, ctx.now),
+                             dry_run=opts.dry_run, threads=threads, workers=workers,
+                             root_fd=root_fd)
+        self.log_path = self.log = None
+        self.timing = {"checkpoint_seconds": 0.0, "checkpoints": 0}
+        self.progress = None
+        self.t_walk = self.last_checkpoint = self.last_progress = 0.0
+
+    def resume_point(self):
+        """Take up the checkpoint of this walk; another mode's or path's position, or a
+        stale manual one, starts over."""
+        ckpt = None if self.opts.dry_run else self.store.load_checkpoint_quiet(self.name)
+        if not resumable(ckpt, self.ds, self.mode, self.opts.due, self.sched_cadence,
+                         self.ctx.now):
+            return
+        self.resumed = True
+        self.due_run = ckpt.get("due_run", True) is not False
+        self.cursor = ckpt.get("cursor")
+        self.walk_started = ckpt.get("walk_started")
+        self.done_before = int(ckpt.get("entries_done", 0))
+        self.totals = Counts(ckpt.get("totals"))
+
+    def write_log(self, line):
+        if self.log is not None:
+            self.log.write("%s %s\n" % (iso(time.time()), line))
+
+    def open_log(self):
+        """A new log (none for a dry run), opened with what this run is and where it starts."""
+        if self.opts.dry_run:
+            return
+        self.log_path, self.log = self.store.new_log(self.name, self.started, self.mode)
+        skip_d, risk_d, purge_d = thresholds_days(self.cfg, self.cadence)
+        self.write_log("start dataset=%s path=%s mode=%s pid=%d host=%s version=%s" % (
+            self.name, display_path(self.ds["path"]), self.mode, os.getpid(),
+            socket.gethostname(), __version__))
+        self.write_log("thresholds skip_days=%d at_risk_days=%d purge_days=%d now=%s%s" % (
+            skip_d, risk_d, purge_d, iso(self.ctx.now), " resumed entries_done=%d"
+            % self.done_before if self.resumed else ""))
+
+    def walk(self, budget, should_stop, progress):
+        """Walk from the resume point within the budget. Returns True when complete."""
+        walker = self.walker
+        self.progress = progress
+        self.t_walk = self.last_checkpoint = time.monotonic()
+        try:
+            complete = walker.run(cursor=self.cursor, max_entries=budget.entries_left,
+                                  deadline=budget.deadline, should_stop=should_stop,
+                                  on_tick=self.on_tick)
+            if not complete:
+                self.save_checkpoint()
+        except BaseException:
+            self.crashed()
+            raise
+        finally:
+            self.timing["walk_seconds"] = round(time.monotonic() - self.t_walk, 6)
+            walker.close()
+        if budget.entries_left is not None:
+            budget.entries_left -= walker.counts.entries_seen
+        return complete
+
+    def on_tick(self, walker):
+        t = time.monotonic()
+        if t - self.last_checkpoint >= self.opts.checkpoint_every:
+            walker.sync()        # do the work, then record the cursor
+            self.save_checkpoint()
+            self.last_checkpoint = time.monotonic()
+        if self.progress is not None and t - self.last_progress >= PROGRESS_SECONDS:
+            self.last_progress = t
+            seen = walker.counts.entries_seen
+            self.progress(self.name, self.done_before + seen, seen, t - self.t_walk,
+                          self.ds.get("last_total_entries"))
+
+    def save_checkpoint(self):
+        """Record the walker's cursor; only once the work before it is done (sync)."""
+        if self.opts.dry_run:
             return
         t0 = time.monotonic()
-        run_totals = Counts(totals.as_dict())
-        run_totals.add(walker.counts)
-        store.save_checkpoint(name, {
-            "dataset": name, "path": ds["path"], "mode": mode, "cursor": cursor,
-            "entries_done": done_before + seen, "totals": run_totals.as_dict(),
-            "walk_started": walk_started, "updated": iso(time.time()), "due_run": due_run,
-            "pid": os.getpid(), "host": socket.gethostname()})
-        timing["checkpoint_seconds"] += time.monotonic() - t0
-        timing["checkpoints"] += 1
+        counts = self.walker.counts
+        run_totals = Counts(self.totals.as_dict())
+        run_totals.add(counts)
+        self.store.save_checkpoint(self.name, {
+            "dataset": self.name, "path": self.ds["path"], "mode": self.mode,
+            "cursor": self.walker.cursor(), "entries_done": self.done_before + counts.entries_seen,
+            "totals": run_totals.as_dict(), "walk_started": self.walk_started,
+            "updated": iso(time.time()), "due_run": self.due_run, "pid": os.getpid(),
+            "host": socket.gethostname()})
+        self.timing["checkpoint_seconds"] += time.monotonic() - t0
+        self.timing["checkpoints"] += 1
 
-    ticks = {"last_ckpt": time.monotonic(), "last_progress": 0.0}
-    t_walk = time.monotonic()
+    def crashed(self):
+        """A crash in the walk: keep the position reached so far, and log the crash.
 
-    def on_tick(w):
-        t = time.monotonic()
-        if t - ticks["last_ckpt"] >= opts.checkpoint_every:
-            w.sync()        # do the work, then record the cursor
-            save_checkpoint(w.cursor(), w.counts.entries_seen)
-            ticks["last_ckpt"] = time.monotonic()
-        if progress is not None and t - ticks["last_progress"] >= PROGRESS_SECONDS:
-            ticks["last_progress"] = t
-            progress(name, done_before + w.counts.entries_seen, w.counts.entries_seen,
-                     t - t_walk, ds.get("last_total_entries"))
-
-    complete = False
-    try:
-        complete = walker.run(cursor=ckpt.get("cursor") if resumed else None,
-                              max_entries=budget.entries_left, deadline=budget.deadline,
-                              should_stop=should_stop, on_tick=on_tick)
-        if not complete:
-            save_checkpoint(walker.cursor(), walker.counts.entries_seen)
-    except BaseException:
-        # A crash in the walk: keep the position reached so far, then let it propagate.
-        # The cursor is recorded only once the work before it is done (sync); if that
-        # fails, the last periodic checkpoint stands.
-        if walker.stack:
+        The cursor is recorded only once the work before it is done (sync); if
+        that fails, the last periodic checkpoint stands.
+        """
+        if self.walker.stack:
             with contextlib.suppress(Exception):
-                walker.sync()
-                save_checkpoint(walker.cursor(), walker.counts.entries_seen)
-        if log is not None:
-            write_log("end crashed entries_seen=%d" % walker.counts.entries_seen)
-            log.close()
-        raise
-    finally:
-        walk_seconds = time.monotonic() - t_walk
-        walker.close()
-    if budget.entries_left is not None:
-        budget.entries_left -= walker.counts.entries_seen
-    counts = walker.counts
-    finished = time.time()
-    result = {"name": name, "mode": mode, "complete": complete, "resumed": resumed}
-    result.update(counts.as_dict())
-    result["entries_done"] = done_before + counts.entries_seen
-    result["started"] = iso(started)
-    result["finished"] = iso(finished)
-    result["dry_run"] = bool(opts.dry_run)
-    result["stopped"] = None if complete else walker.stop_reason
-    result["log"] = log_path
-    timing["walk_seconds"] = round(walk_seconds, 6)
-    timing["checkpoint_seconds"] = round(timing["checkpoint_seconds"], 6)
-    result["timing"] = timing
-    if complete and counts.errors:
-        code = EXIT_FAIL
-    elif complete:
-        code = EXIT_OK
-    elif walker.stop_reason == "int":
-        code = EXIT_INTERRUPTED
-    else:
-        code = EXIT_STOPPED
-    result["exit_code"] = code
-    if log is not None:
+                self.walker.sync()
+                self.save_checkpoint()
+        if self.log is not None:
+            self.write_log("end crashed entries_seen=%d" % self.walker.counts.entries_seen)
+            self.log.close()
+
+    def result(self, complete):
+        """The run's result document, its exit code included."""
+        counts, stopped = self.walker.counts, self.walker.stop_reason
+        self.timing["checkpoint_seconds"] = round(self.timing["checkpoint_seconds"], 6)
+        result = dict(counts.as_dict(), name=self.name, mode=self.mode, complete=complete,
+                      resumed=self.resumed, entries_done=self.done_before + counts.entries_seen,
+                      started=iso(self.started), finished=iso(time.time()),
+                      dry_run=bool(self.opts.dry_run), stopped=None if complete else stopped,
+                      log=self.log_path, timing=self.timing)
+        if complete:
+            result["exit_code"] = EXIT_FAIL if counts.errors else EXIT_OK
+        else:
+            result["exit_code"] = EXIT_INTERRUPTED if stopped == "int" else EXIT_STOPPED
+        return result
+
+    def close_log(self, result):
+        """The log's last lines: the first errors' paths, the counts, how the walk ended."""
+        if self.log is None:
+            return
+        walker, counts = self.walker, self.walker.counts
         for line in walker.error_paths:
-            write_log("error %s" % line)
+            self.write_log("error %s" % line)
         if counts.errors > len(walker.error_paths):
-            write_log("error ... and %d more" % (counts.errors - len(walker.error_paths)))
-        write_log("counts " + " ".join("%s=%d" % kv for kv in sorted(counts.as_dict().items())))
-        write_log("end %s%s exit=%d" % ("complete" if complete else "stopped",
-                                        "" if complete else " reason=%s" % walker.stop_reason,
-                                        code))
-        log.close()
-    if opts.dry_run:
-        return result, code
-    if complete:
-        totals.add(counts)
-        store.delete_checkpoint(name)
-    last_run = dict((k, v) for k, v in result.items() if k != "timing")
-    with store.update_registry() as reg:
-        cur = reg["datasets"].get(name)
-        if cur is not None:
-            cur["last_run"] = last_run
-            if complete:
-                record_walk(cur, mode, walk_started, iso(finished))
-                cur["last_total_entries"] = done_before + counts.entries_seen
-                cur["last_totals"] = totals.as_dict()
-    if complete and mode == "touch" and cur is not None:
-        update_sentinel(ds["path"] if root_fd is None else root_fd, cur)
-    store.prune_logs(name)
-    return result, code
+            self.write_log("error ... and %d more" % (counts.errors - len(walker.error_paths)))
+        self.write_log("counts " + " ".join("%s=%d" % kv
+                                            for kv in sorted(counts.as_dict().items())))
+        self.write_log("end %s%s exit=%d" % (
+            "complete" if result["complete"] else "stopped",
+            "" if result["complete"] else " reason=%s" % walker.stop_reason, result["exit_code"]))
+        self.log.close()
+
+    def record(self, result):
+        """Store what the run did in the registry, the checkpoint and the sentinel."""
+        complete = result["complete"]
+        if complete:
+            self.totals.add(self.walker.counts)
+            self.store.delete_checkpoint(self.name)
+        last_run = dict((k, v) for k, v in result.items() if k != "timing")
+        with self.store.update_registry() as reg:
+            cur = reg["datasets"].get(self.name)
+            if cur is not None:
+                cur["last_run"] = last_run
+                if complete:
+                    record_walk(cur, self.mode, self.walk_started, result["finished"])
+                    cur["last_total_entries"] = result["entries_done"]
+                    cur["last_totals"] = self.totals.as_dict()
+        if complete and self.mode == "touch" and cur is not None:
+            update_sentinel(self.ds["path"] if self.root_fd is None else self.root_fd, cur)
+        self.store.prune_logs(self.name)
 
 # ---------------------------------------------------------------- Slurm: run, render, install
 
