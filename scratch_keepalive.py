@@ -1758,6 +1758,16 @@ class ProcessRunner(InlineRunner):
         self.max_inflight = min(_max_inflight(), 4 * count)
         self.next_id = 0
         self.workers = []
+        # Memory: what the workers need is imported here, once, and every object this
+        # process has so far is moved out of the collector's reach (gc.freeze), so that
+        # neither an import nor a collection in a worker copies the pages it shares.
+        import array        # noqa: F401
+        import gc
+        import pickle       # noqa: F401
+        self.frozen = hasattr(gc, "freeze")
+        if self.frozen:
+            gc.collect()
+            gc.freeze()
         try:
             for _ in range(count):
                 self.workers.append(self._fork())
@@ -1849,6 +1859,10 @@ class ProcessRunner(InlineRunner):
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(w.pid, 0)
         self.workers = []
+        if self.frozen:
+            import gc
+            gc.unfreeze()
+            self.frozen = False
         self.inflight = {}
 
 

@@ -68,3 +68,22 @@ def test_max_entries_touches_exactly_the_first_n_entries_on_every_engine(python,
             touched = [rel for rel in order
                        if os.lstat(os.path.join(root, rel) if rel else root).st_atime_ns != OLD_NS]
             assert touched == order[:k], (engine, k)
+
+
+@pytest.mark.skipif(not hasattr(__import__("gc"), "get_freeze_count"), reason="Python 3.7+")
+def test_worker_processes_leave_the_collector_as_they_found_it(cli, env):
+    """The process runner freezes the collector while its workers share this process's
+    pages; main() returns with nothing frozen (the API leaves no global change behind)."""
+    import gc
+    root = env["scratch"] / "ds"
+    root.mkdir()
+    for i in range(50):
+        (root / ("f%d" % i)).write_bytes(b"x")
+    assert cli("init", "--profile", "generic", "--scratch-root", env["scratch"]).rc == 0
+    assert cli("add", "--name", "ds", "--path", root, "--keep-until", KEEP).rc == 0
+    gc.collect()
+    assert gc.get_freeze_count() == 0
+    r = cli("refresh", "--name", "ds", "--workers", "2", "--json")
+    assert r.rc == 0 and r.json()["results"][0]["entries_seen"] == 52, r
+    assert gc.get_freeze_count() == 0
+    assert gc.isenabled()
