@@ -3,9 +3,11 @@
 Every test runs with a fixed policy clock (SCRATCH_KEEPALIVE_NOW), TZ=UTC and
 its own state directory; nothing reads or writes the real ~/.local/state.
 """
+import contextlib
 import io
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -214,3 +216,15 @@ def world_tmp():
     yield Path(d)
     subprocess.run(["chmod", "-R", "u+rwx", d])
     shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def reaped(proc):
+    """Whatever fails inside, the process group of proc (started with its own session) is
+    not left running."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KEEP, NOW, NOW_EPOCH, REPO, SCRIPT, run_script, set_atime, sk
+from conftest import KEEP, NOW, NOW_EPOCH, REPO, SCRIPT, reaped, run_script, set_atime, sk
 
 OLD_ATIME = NOW_EPOCH - 400 * 86400     # older than any threshold: a walk would touch it
 
@@ -70,17 +70,6 @@ def atimes(root):
             p = os.path.join(dirpath, n)
             out[os.path.relpath(p, str(root))] = os.lstat(p).st_atime_ns
     return out
-
-
-@contextlib.contextmanager
-def reaped(proc):
-    """Whatever fails inside, the process group is not left running."""
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
 
 
 def popen_refresh(state, *argv, **extra):

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DAY, KEEP, NOW, NOW_EPOCH, SCRIPT, nonroot_runner, run_script, sk
+from conftest import DAY, KEEP, NOW, NOW_EPOCH, SCRIPT, nonroot_runner, reaped, run_script, sk
 
 NOW_NS = int(NOW_EPOCH) * 10 ** 9
 DAY_NS = DAY * 10 ** 9
@@ -765,7 +765,6 @@ def test_permission_denied_subdirectory_is_an_error_and_the_walk_completes(world
         assert os.lstat(str(root / rel)).st_atime_ns == OLD_NS
 
 
-
 def test_entries_of_another_owner_are_not_attempted_in_touch_mode_and_the_rest_is_touched(
         world_tmp, engine):
     """A labmate's file in a shared dataset: lstat works, but setting its atime needs
@@ -1270,17 +1269,6 @@ def children_of(pid):
 def process_state(pid):
     with open("/proc/%d/stat" % pid, "rb") as f:
         return f.read().rsplit(b")", 1)[1].split()[0].decode()
-
-
-@contextlib.contextmanager
-def reaped(proc):
-    """Whatever fails inside, the walk's process group is not left running."""
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
 
 
 @contextlib.contextmanager
