@@ -13,12 +13,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import KEEP, NOW, NOW_EPOCH, REPO, SCRIPT, reaped, run_script, set_atime, sk
+from conftest import KEEP, NOW, NOW_EPOCH, REPO, SCRIPT, poll, reaped, run_script, set_atime, sk
 
 OLD_ATIME = NOW_EPOCH - 400 * 86400     # older than any threshold: a walk would touch it
 
@@ -38,17 +37,6 @@ def setup_dataset(state, scratch, path, name="ds"):
     assert r.rc == 0, r
     r = run(state, "add", "--name", name, "--path", path, "--keep-until", KEEP)
     assert r.rc == 0, r
-
-
-def poll(condition, what, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %ss waiting for %s" % (timeout, what))
-        time.sleep(0.005)
 
 
 def read_doc(path):

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DAY, KEEP, NOW, NOW_EPOCH, SCRIPT, nonroot_runner, reaped, run_script, sk
+from conftest import DAY, KEEP, NOW, NOW_EPOCH, SCRIPT, nonroot_runner, poll, reaped, run_script, sk
 
 NOW_NS = int(NOW_EPOCH) * 10 ** 9
 DAY_NS = DAY * 10 ** 9
@@ -172,18 +172,6 @@ def make_socket(path):
     finally:
         os.chdir(old)
         s.close()
-
-
-def poll(condition, what, timeout=60.0, interval=0.002):
-    """Call condition() until it returns something true; fail after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %ss waiting for %s" % (timeout, what))
-        time.sleep(interval)
 
 
 def rm_rf(path):
