@@ -1643,6 +1643,17 @@ def _worker_loop(sock, params):
         sock.sendall(pickle.dumps((batch_id,) + result, 2))
 
 
+def release_free_memory():
+    """Give the C heap's free pages back to the system (glibc's malloc_trim), so that pages
+    freed before a fork (the file's parse tree, see holds_parse_tree) are not copied into
+    every worker's share. A no-op where the C library has no malloc_trim."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, ImportError):
+        pass
+
+
 def _max_inflight():
     """Batches in flight the fd limit allows: each holds up to MAX_SEGMENTS fds."""
     import resource
@@ -1768,6 +1779,7 @@ class ProcessRunner(InlineRunner):
         if self.frozen:
             gc.collect()
             gc.freeze()
+        release_free_memory()
         try:
             for _ in range(count):
                 self.workers.append(self._fork())
@@ -5451,13 +5463,16 @@ def build_parser():
 def main(argv=None):
     """Run one command. Returns the exit code; never calls sys.exit."""
     out, err = sys.stdout, sys.stderr
-    if argv is None:        # run as a command: hints show how it was run
+    as_command = argv is None
+    if as_command:          # run as a command: hints show how it was run
         argv = sys.argv[1:]
         form = invoked_as()
         if form != PROG:
             out, err = HintStream(out, form), HintStream(err, form)
     try:
         args = build_parser().parse_args(list(argv))
+        if as_command and args.command in WALK_COMMANDS and holds_parse_tree():
+            reexec_by_compile()
         ctx = Context(state_dir=args.state_dir, out=out, err=err)
         code = int(args.func(args, ctx) or 0)
         out.flush()     # a closed pipe shows here when all the output fit in the buffer
@@ -5487,6 +5502,40 @@ def main(argv=None):
         err.write("%s: error: internal error (%s: %s); rerun with SCRATCH_KEEPALIVE_DEBUG=1 "
                   "for a traceback and report it\n" % (PROG, type(e).__name__, e))
         return EXIT_FAIL
+
+
+WALK_COMMANDS = ("refresh", "rescue")
+
+
+def holds_parse_tree():
+    """True when this file runs as `python3 scratch_keepalive.py` (not -m, not imported).
+
+    CPython keeps the parse tree of a script it runs that way for as long as the script
+    runs: about 10 MB for this file, which every worker process of a walk shares.
+    """
+    return (__name__ == "__main__" and globals().get("__spec__") is None
+            and not globals().get("_SCRATCH_KEEPALIVE_RECOMPILED"))
+
+
+def reexec_by_compile():
+    """Run this command again in the same process (exec: same pid, fds and signals) with the
+    file compiled by runpy, which frees the parse tree before the walk starts. Only a walk
+    does this; when exec is impossible the command simply goes on here."""
+    path = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if not sys.executable or not os.path.isfile(path):
+        return
+    try:
+        flags = subprocess._args_from_interpreter_flags()
+    except Exception:       # private helper; without it, the flags are lost, nothing else
+        flags = []
+    stub = ("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], "
+            "{'_SCRATCH_KEEPALIVE_RECOMPILED': True}, '__main__')")
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    with contextlib.suppress(OSError):
+        os.execv(sys.executable, [sys.executable] + flags + ["-c", stub, sys.argv[0]]
+                 + sys.argv[1:])
 
 
 def flushed(stream, code):

@@ -518,3 +518,34 @@ def test_ci_starts_the_testbed_only_as_root_where_the_script_is(tmp_path, uid, h
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
     assert p.returncode == 0, p
     assert p.stdout.strip() == ("start" if starts else "skip"), p
+
+
+def test_a_script_walk_runs_recompiled_in_the_same_process(tmp_path):
+    """`python3 scratch_keepalive.py refresh` re-executes itself with the file compiled by
+    runpy, so the walk does not hold the script's parse tree (about 10 MB of every worker's
+    share). The pid stays the one the caller (Slurm, a shell) waits for, the interpreter's
+    flags are kept, and hints still name the script as it was run."""
+    scratch, state, pause = tmp_path / "scratch", tmp_path / "state", tmp_path / "pause"
+    scratch.mkdir()
+    pause.mkdir()
+    root = small_dataset(scratch)
+    setup_dataset(state, scratch, root)
+    env = tool_env(state, _SCRATCH_KEEPALIVE_TEST_PAUSE="before-lock:%s" % pause)
+    proc = subprocess.Popen([sys.executable, "-B", str(SCRIPT), "refresh", "--name", "ds"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with reaped(proc):
+        poll(lambda: (pause / "before-lock.waiting").exists() or proc.poll() is not None,
+             "the refresh to reach the seam")
+        assert proc.poll() is None, proc.communicate()
+        with open("/proc/%d/cmdline" % proc.pid, "rb") as f:
+            cmdline = f.read().split(b"\0")
+        (pause / "before-lock.go").touch()
+        out, err = proc.communicate(timeout=60)
+    assert b"-B" in cmdline and b"-c" in cmdline and b"runpy" in b" ".join(cmdline), cmdline
+    assert cmdline[-3:-1] == [b"--name", b"ds"], cmdline
+    assert proc.returncode == 0, (out, err)
+    assert b"ds: refreshed" in out or b"ds: touched" in out or b"complete" in out, out
+    r = subprocess.run([sys.executable, str(SCRIPT), "refresh", "--name", "nope"], env=env,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert r.returncode == 2, r
+    assert ("`python3 %s list`" % SCRIPT).encode() in r.stderr, r.stderr
