@@ -151,6 +151,9 @@ REPLY_MESSAGE_MAX = 1 << 16
 MAX_SEGMENTS = 16               # directories (fds) per parallel batch
 THREAD_BATCH = 32               # entries per batch for threads: spread latency-bound work
 LIST_CHUNK = 4096               # directory entries encoded at a time
+# What a walk found vanished since the walk before (see forensics()).
+FORENSICS_ZERO = {"entries_vanished": 0, "bytes_vanished": 0, "entries_likely_purged": 0,
+                  "bytes_likely_purged": 0}
 _SCHEDULE_LOCKS = set()         # schedule lock paths this process holds
 SCHEDULE_LOCK_WAIT = 120        # seconds a schedule change waits for another one
 
@@ -693,13 +696,18 @@ ENTRY_SCHEMA = {
     "last_refresh_start": _OPT_TIME, "last_touch_start": _OPT_TIME,
     "last_check_start": _OPT_TIME, "last_mode": (False, _null_or(_one_of("touch", "check"))),
     "last_run": (False, _null_or(_run)), "last_total_entries": (False, _null_or(_COUNT)),
-    "last_totals": (False, _null_or(_counts)),
+    "last_totals": (False, _null_or(_counts)), "manifest": (False, _bool),
+    "forensics": (False, _null_or(_object(dict(
+        [(f, (True, _COUNT)) for f in sorted(FORENSICS_ZERO)]
+        + [("walk_started", _OPT_TIME), ("previous_walk_started", _OPT_TIME)])))),
 }
 CHECKPOINT_SCHEMA = {
     "dataset": (True, _name), "path": (True, _abs_path), "mode": (True, _one_of("touch", "check")),
     "cursor": (False, _null_or(_cursor)), "entries_done": (True, _COUNT),
     "totals": (False, _null_or(_counts)), "walk_started": _OPT_TIME, "updated": _OPT_TIME,
     "pid": (False, _null_or(_COUNT)), "host": (False, _null_or(_str)),
+    "manifest": (False, _null_or(_object({"offset": (True, _COUNT),
+                                           "entries": (True, _COUNT)}))),
 }
 SCHEDULE_RUN_SCHEMA = {
     "job_id": (False, _null_or(_str)), "finished": _OPT_TIME,
@@ -883,6 +891,54 @@ class Store(object):
 
     def checkpoint_exists(self, name):
         return os.path.exists(self.checkpoint_path(name))
+
+    # -- manifests
+    def manifest_dir(self, name):
+        return os.path.join(self.dir, "manifests", name)
+
+    def partial_manifest_path(self, name):
+        return os.path.join(self.manifest_dir(name), "partial.skm")
+
+    def manifests(self, name):
+        """The complete manifests of dataset name, newest first: [(number, path)]."""
+        d = self.manifest_dir(name)
+        try:
+            files = os.listdir(d)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        found = []
+        for f in files:
+            m = re.match(r"^manifest-(\d{1,9})\.skm$", f)
+            if m:
+                found.append((int(m.group(1)), os.path.join(d, f)))
+        return sorted(found, reverse=True)
+
+    def ensure_manifest_dir(self, name):
+        for d in (os.path.dirname(self.manifest_dir(name)), self.manifest_dir(name)):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(d, 0o700)
+        os.close(self.open_dir("manifests", name))      # never through a symlink
+        return self.manifest_dir(name)
+
+    def keep_manifest(self, name, partial):
+        """Make the complete manifest partial the newest; keep MANIFEST_KEEP of them."""
+        have = self.manifests(name)
+        number = have[0][0] + 1 if have else 1
+        path = os.path.join(self.manifest_dir(name), "manifest-%06d.skm" % number)
+        os.replace(partial, path)
+        fsync_dir(self.manifest_dir(name))
+        for _, old in have[MANIFEST_KEEP - 1:]:
+            with contextlib.suppress(OSError):
+                os.unlink(old)
+        return path
+
+    def delete_manifests(self, name):
+        d = self.manifest_dir(name)
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            for f in os.listdir(d):
+                if f.endswith(".skm"):
+                    os.unlink(os.path.join(d, f))
+            os.rmdir(d)
 
     # -- logs
     def dataset_log_dir(self, name):
@@ -1535,20 +1591,27 @@ def default_parallelism(path, env):
 
 
 def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purge_ns,
-                   root_dev, euid):
+                   root_dev, euid, record=False):
     """lstat (and touch) every name of every (dir fd, names) segment, closing each fd.
 
     The per-entry rules of every walk, whoever runs the batch: a directory on another
     device is a mount point, skipped; old entries are at risk or purge-eligible; touch
     mode touches those older than the skip threshold, unless another owner's (euid 0:
     every entry is ours). Returns (the sums, in Counts.BATCH's order, [(segment index,
-    name, errno)] for the first errors, error count).
+    name, errno)] for the first errors, error count, the manifest's columns or None).
+    With record, each name gets one manifest record, in order (see ManifestWriter): its
+    kind code, size and atime in seconds as found (before any touch).
     """
     lstat = os.stat
     if touch and not dry_run:
         utimensat, times, get_errno, _ = touch_atime
     touched = skipped = at_risk = b_risk = elig = b_elig = nerr = not_owned = risk_not_owned = 0
     errs = []
+    if record:
+        import array
+        kinds, sizes, atimes = bytearray(), array.array("q"), array.array("q")
+        put_kind, put_size, put_atime, kind_of = (kinds.append, sizes.append, atimes.append,
+                                                  _KIND_OF_FMT.get)
     for seg, (fd, names) in enumerate(segments):
         try:
             for name in names:
@@ -1558,12 +1621,24 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
                     nerr += 1
                     if len(errs) < MAX_LOGGED_ERRORS:
                         errs.append((seg, name, e.errno or errno.EIO))
+                    if record:
+                        put_kind(K_GONE if e.errno == errno.ENOENT else K_UNKNOWN)
+                        put_size(0)
+                        put_atime(0)
                     continue
                 mode = st.st_mode
                 if mode & 0o170000 == 0o040000 and st.st_dev != root_dev:
                     skipped += 1        # a mount point
+                    if record:
+                        put_kind(K_UNKNOWN)
+                        put_size(0)
+                        put_atime(0)
                     continue
                 a = st.st_atime_ns
+                if record:
+                    put_size(st.st_size)
+                    put_atime(a // 1000000000)
+                    code = kind_of(mode & 0o170000, K_OTHER)
                 # Another owner's entry: setting its atime needs ownership, so touch mode
                 # does not attempt it.
                 theirs = touch and euid and st.st_uid != euid
@@ -1591,9 +1666,15 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
                             errs.append((seg, name, get_errno() or errno.EIO))
                     else:
                         touched += 1
+                        if record:
+                            code |= K_TOUCHED
+                if record:
+                    put_kind(code)
         finally:
             os.close(fd)
-    return (touched, skipped, at_risk, b_risk, elig, b_elig, not_owned, risk_not_owned), errs, nerr
+    cols = (bytes(kinds), _le(sizes), _le(atimes)) if record else None
+    return ((touched, skipped, at_risk, b_risk, elig, b_elig, not_owned, risk_not_owned), errs,
+            nerr, cols)
 
 
 def _close_inherited_fds(keep):
@@ -1671,6 +1752,7 @@ class Batch(object):
         self.fds = []
         self.names = []
         self.size = 0
+        self.tag = None             # (sequence number, frames): what done() is given
 
     def add(self, frame, names):
         if self.frames and self.frames[-1] is frame:
@@ -1697,17 +1779,17 @@ class InlineRunner(object):
 
     The runners' interface: submit(batch) takes a batch and its fds; collect(block)
     takes in finished batches (block: wait for one); drain() waits for all; close().
-    Each finished batch goes to done(frames, _process_batch's result), in this thread.
+    Each finished batch goes to done(batch.tag, _process_batch's result), in this thread.
     """
     batch_size = BATCH
 
     def __init__(self, params, done, count=1):
         self.params = params        # _process_batch's arguments after the segments
         self.done = done
-        self.inflight = {}          # batch key -> its frames, for the error paths
+        self.inflight = {}          # batch key -> its tag
 
     def submit(self, batch):
-        self.done(batch.frames, _process_batch(batch.segments(), *self.params))
+        self.done(batch.tag, _process_batch(batch.segments(), *self.params))
 
     def collect(self, block):
         pass
@@ -1736,7 +1818,7 @@ class ThreadRunner(InlineRunner):
         while len(self.inflight) >= self.max_inflight:
             self.collect(block=True)
         fut = self.pool.submit(_process_batch, batch.segments(), *self.params)
-        self.inflight[fut] = batch.frames
+        self.inflight[fut] = batch.tag
 
     def collect(self, block):
         if not self.inflight:
@@ -1820,7 +1902,7 @@ class ProcessRunner(InlineRunner):
         finally:
             batch.close()       # the worker holds its own copies now
         w.batches += 1
-        self.inflight[self.next_id] = batch.frames
+        self.inflight[self.next_id] = batch.tag
         self.next_id += 1
 
     def collect(self, block):
@@ -1893,9 +1975,12 @@ def choose_runner(threads, workers):
 
 class Frame(object):
     """One directory on the walk's explicit stack."""
-    __slots__ = ("fd", "name", "names", "dirs", "idx", "ident", "parent", "mounts")
+    __slots__ = ("fd", "name", "names", "dirs", "idx", "ident", "parent", "mounts", "key")
 
     def __init__(self, fd, name, names, ident, dirs=None, parent=None, mounts=frozenset()):
+        # key: the path from the root, NUL between components (b"" for the root), as the
+        # manifest keys entries
+        self.key = b"" if parent is None else child_key(parent.key, name)
         self.fd = fd                # None while closed: by the fd cap, or reopening failed
         self.name = name            # component name in the parent (bytes), None for the root
         self.names = names          # sorted entry names (bytes)
@@ -1911,6 +1996,10 @@ class Frame(object):
             comps.append(f.name)
             f = f.parent
         return comps[::-1]
+
+
+def child_key(key, name):
+    return key + b"\0" + name if key else name
 
 
 class Counts(object):
@@ -1952,8 +2041,10 @@ class Walker(object):
     """
 
     def __init__(self, root, mode, thresholds, dry_run=False, threads=1, workers=1,
-                 root_fd=None):
+                 root_fd=None, manifest=None):
         self.root = root
+        self.manifest = manifest    # a ManifestWriter: every entry is recorded, in order
+        self.seq = 0                # batches cut so far (their order in the manifest)
         self.root_fd = root_fd      # open_dataset_root()'s fd: the walk starts from it
         self.euid = os.geteuid()    # 0 (root) may set any atime: everything counts as ours
         self.mount_tree = {}        # mount points below the root (see mount_tree())
@@ -1985,9 +2076,13 @@ class Walker(object):
     def _components(self):
         return [f.name for f in self.stack[1:]]
 
-    def _tally(self, frames, result):
-        """Add one finished batch's counts and errors (a frame of None: the root itself)."""
-        sums, errs, nerr = result
+    def _tally(self, tag, result):
+        """Add one finished batch's counts and errors (a frame of None: the root itself),
+        and its records to the manifest."""
+        seq, frames = tag
+        sums, errs, nerr, cols = result
+        if cols is not None:
+            self.manifest.done(seq, cols)
         c = self.counts
         c.errors += nerr
         for field, n in zip(Counts.BATCH, sums):
@@ -1999,7 +2094,31 @@ class Walker(object):
     def _params(self):
         """The per-entry rules' arguments (_process_batch's after the segments)."""
         return (self.touch_atime, self.touch, self.dry_run, self.skip_ns, self.risk_ns,
-                self.purge_ns, self.root_dev, self.euid)
+                self.purge_ns, self.root_dev, self.euid, self.manifest is not None)
+
+    def _now(self, frame, fd, name):
+        """Apply the rules to the entry name of directory fd at once, in its place in the
+        walk's order (after what is batched so far). frame None: the root itself."""
+        self._flush()
+        batch = Batch()
+        batch.fds.append(os.dup(fd))
+        batch.frames.append(frame)
+        batch.names.append([name])
+        self._cut(batch)
+        self._tally(batch.tag, _process_batch(batch.segments(), *self._params()))
+
+    def _cut(self, batch):
+        """Number the batch and tell the manifest which entries it holds."""
+        batch.tag = (self.seq, batch.frames)
+        if self.manifest is not None:
+            self.manifest.expect(self.seq, [
+                (f.key, b"\0".join(n), len(n)) if f is not None else (b"", b"", 1)
+                for f, n in zip(batch.frames, batch.names)])
+        self.seq += 1
+
+    def _unlisted(self, key):
+        if self.manifest is not None:
+            self.manifest.unlisted(key)
 
     # -- the stack
     def _enter(self, frame, name):
@@ -2026,6 +2145,7 @@ class Walker(object):
                 self._append(frame, [name])
             if e.errno != errno.ENOTDIR:    # no longer a directory: its batch stats it as is
                 self._error(name, e.errno or errno.EIO, frame)
+                self._unlisted(child_key(frame.key, name))
             return False
         try:
             st = os.fstat(fd)
@@ -2033,10 +2153,10 @@ class Walker(object):
             if batch and (quiet or not same_fs):
                 self._append(frame, [name])     # another filesystem: the rules skip it
             elif batch:
-                self._tally([frame], _process_batch([(os.dup(frame.fd), [name])],
-                                                    *self._params()))
+                self._now(frame, frame.fd, name)
             if not same_fs:
                 os.close(fd)
+                self._unlisted(child_key(frame.key, name))
                 return False
             if not quiet:
                 self.counts.dirs_listed_not_owned += 1
@@ -2044,6 +2164,7 @@ class Walker(object):
         except OSError as e:
             os.close(fd)
             self._error(name, e.errno or errno.EIO, frame)
+            self._unlisted(child_key(frame.key, name))
             return False
         self.stack.append(Frame(fd, name, names, (st.st_dev, st.st_ino), dirs, frame,
                                 self._mounts_below(frame, name)))
@@ -2078,6 +2199,7 @@ class Walker(object):
                 parent.fd = fd
             except OSError as e:
                 self._error(None, e.errno or errno.EIO)
+                self._unlisted(parent.key)
                 parent.idx = len(parent.names)      # cannot continue this directory
         if child.fd is not None:
             os.close(child.fd)
@@ -2116,7 +2238,7 @@ class Walker(object):
             st = os.fstat(fd)
             self.root_dev = st.st_dev
             if cursor is None:
-                self._tally([None], _process_batch([(os.dup(fd), [b"."])], *self._params()))
+                self._now(None, fd, b".")
                 self.counts.entries_seen += 1
             self.mount_tree = mount_tree(fd)
             names, dirs = list_dir_typed(fd)
@@ -2220,6 +2342,9 @@ class Walker(object):
             # which see only st_dev; counted as skipped here.
             kept = [n for n in names if n not in frame.mounts]
             self.counts.entries_skipped += len(names) - len(kept)
+            for n in names:
+                if n in frame.mounts:
+                    self._unlisted(child_key(frame.key, n))
             names = kept
         if not names:
             return      # WARNING: an empty segment would reach a worker as one name, b""
@@ -2232,6 +2357,7 @@ class Walker(object):
         """Hand the batch being built to the runner."""
         batch, self.batch = self.batch, Batch()
         if batch.frames:
+            self._cut(batch)
             self.runner.submit(batch)
 
     def sync(self):
@@ -2250,6 +2376,463 @@ class Walker(object):
         if deadline is not None and time.monotonic() >= deadline:
             return "max-seconds"
         return None
+
+
+# ---------------------------------------------------------------- manifests
+#
+# A manifest lists every entry a walk found, in the walk's order, as found (before any
+# touch). File: MANIFEST_MAGIC, a JSON header line, then records, each a tag byte and
+# struct "<II" (length, count) before its data:
+#   C  a chunk of entries: zlib of (segment table, names, kinds, sizes, atimes), see
+#      ManifestWriter._encode; chunks are independent, so a reader needs one at a time
+#   U  directories the walk could not list (or finish): entries below them are unknown
+#   E  the trailer (JSON: entries, walk_finished), written once the walk is complete
+# and, after E, "<Q": the trailer record's offset. A partial manifest (the walk still
+# going or stopped) has no E; the checkpoint records how far it is valid.
+# Entry keys are relative paths with NUL between components ("" is the root): NUL sorts
+# below every byte a name may hold, so byte order of keys is the walk's order
+# (component-wise: run/x before run-2.txt), and merges compare keys in C.
+
+MANIFEST_MAGIC = b"SKMANIFEST\n"
+MANIFEST_FORMAT = 1
+MANIFEST_CHUNK = 16384          # entries per chunk (the writer's buffer)
+MANIFEST_LEVEL = 6              # zlib level
+MANIFEST_KEEP = 2               # complete manifests kept per dataset
+K_FILE, K_DIR, K_LINK, K_OTHER = 0, 1, 2, 3
+K_TOUCHED = 4                   # flag: this walk set the entry's atime
+K_UNKNOWN = 8                   # lstat failed (not ENOENT): there, state unknown
+K_GONE = 9                      # vanished while the walk listed it: not an entry
+KIND_NAMES = {K_FILE: "file", K_DIR: "dir", K_LINK: "symlink", K_OTHER: "other",
+              K_UNKNOWN: "unknown"}
+_KIND_OF_FMT = {0o100000: K_FILE, 0o040000: K_DIR, 0o120000: K_LINK}
+_BIG_ENDIAN = sys.byteorder == "big"
+
+
+def kind_name(code):
+    return KIND_NAMES.get(code & ~K_TOUCHED, "unknown")
+
+
+def key_path(key):
+    """An entry key -> its path relative to the root (bytes; b"." for the root)."""
+    return key.replace(b"\0", b"/") if key else b"."
+
+
+def _le(arr):
+    """array arr as little-endian bytes (the manifest's byte order on every machine)."""
+    import array
+    if _BIG_ENDIAN:
+        arr = array.array(arr.typecode, arr)
+        arr.byteswap()
+    return arr.tobytes()
+
+
+def _from_le(typecode, data):
+    import array
+    arr = array.array(typecode)
+    arr.frombytes(data)
+    if _BIG_ENDIAN:
+        arr.byteswap()
+    return arr
+
+
+class ManifestChunk(object):
+    """One decoded chunk: keys (walk order), kinds (bytes), sizes and atimes (arrays)."""
+    __slots__ = ("keys", "kinds", "sizes", "atimes")
+
+    def __init__(self, keys, kinds, sizes, atimes):
+        self.keys, self.kinds, self.sizes, self.atimes = keys, kinds, sizes, atimes
+
+
+def decode_chunk(data, count):
+    """A C record's data -> ManifestChunk (raises ValueError when it does not add up)."""
+    import struct
+    import zlib
+    raw = zlib.decompress(data)
+    nseg, nent, names_len = struct.unpack_from("<III", raw, 0)
+    if nent != count:
+        raise ValueError("entry count")
+    table = _from_le("I", raw[12:12 + 12 * nseg])
+    dpos = 12 + 12 * nseg
+    pos = dpos + sum(table[1::3])
+    name_list = raw[pos:pos + names_len].split(b"\0") if nent else []
+    pos += names_len
+    keys, prev = [], b""
+    kinds = raw[pos:pos + nent]
+    sizes = _from_le("q", raw[pos + nent:pos + 9 * nent])
+    atimes = _from_le("q", raw[pos + 9 * nent:pos + 17 * nent])
+    if len(name_list) != nent or len(kinds) != nent or len(atimes) != nent:
+        raise ValueError("lengths")
+    i = 0
+    for s in range(nseg):
+        shared, slen, n = table[3 * s], table[3 * s + 1], table[3 * s + 2]
+        prev = prev[:shared] + raw[dpos:dpos + slen]
+        dpos += slen
+        seg = name_list[i:i + n]
+        if prev:
+            pre = prev + b"\0"
+            keys.extend([pre + x for x in seg])
+        else:
+            keys.extend(seg)
+        i += n
+    if i != nent:
+        raise ValueError("segments")
+    return ManifestChunk(keys, kinds, sizes, atimes)
+
+
+class Manifest(object):
+    """A manifest on disk, read as a stream: header (dict), trailer (dict, None when the
+    walk that wrote it did not complete), chunks(), entries(), unlisted keys seen so far."""
+
+    def __init__(self, path):
+        self.path = path
+        self.f = open(path, "rb")
+        try:
+            if self.f.read(len(MANIFEST_MAGIC)) != MANIFEST_MAGIC:
+                raise self._bad("not a manifest")
+            self.header = json.loads(self.f.readline().decode("utf-8"))
+            if not isinstance(self.header, dict):
+                raise self._bad("header")
+            if self.header.get("format", 0) > MANIFEST_FORMAT:
+                raise StateError("the manifest %s has format %s; this version reads up to %d: "
+                                 "upgrade scratch-keepalive" % (path, self.header.get("format"),
+                                                                MANIFEST_FORMAT))
+            self.start = self.f.tell()
+            self.trailer = self._read_trailer()
+        except (ValueError, UnicodeDecodeError) as e:
+            self.f.close()
+            raise self._bad(str(e))
+        except BaseException:
+            self.f.close()
+            raise
+        self.unlisted = set()
+
+    def _bad(self, why):
+        return StateError("the manifest %s is damaged (%s); the next complete walk writes a new "
+                          "one" % (self.path, why))
+
+    def _read_trailer(self):
+        import struct
+        size = os.fstat(self.f.fileno()).st_size
+        if size < self.start + 17:
+            return None
+        self.f.seek(size - 8)
+        off = struct.unpack("<Q", self.f.read(8))[0]
+        if not self.start <= off < size - 8:
+            return None
+        self.f.seek(off)
+        head = self.f.read(9)
+        if len(head) != 9 or head[:1] != b"E":
+            return None
+        length = struct.unpack("<II", head[1:])[0]
+        if off + 9 + length != size - 8:
+            return None
+        doc = json.loads(self.f.read(length).decode("utf-8"))
+        return doc if isinstance(doc, dict) else None
+
+    def close(self):
+        self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def records(self, end=None):
+        """(tag, count, data) of each record from the first, up to offset end."""
+        import struct
+        f = self.f
+        f.seek(self.start)
+        while end is None or f.tell() < end:
+            head = f.read(9)
+            if not head:
+                return
+            if len(head) != 9:
+                raise self._bad("truncated record")
+            tag = head[:1]
+            length, count = struct.unpack("<II", head[1:])
+            if tag == b"E":
+                return
+            data = f.read(length)
+            if len(data) != length or tag not in (b"C", b"U"):
+                raise self._bad("truncated record")
+            yield tag, count, data
+
+    def chunks(self, end=None):
+        """Each chunk, decoded, in the walk's order; U records add to self.unlisted."""
+        import zlib
+        for tag, count, data in self.records(end):
+            try:
+                if tag == b"U":
+                    self.unlisted.update(decode_unlisted(data, count))
+                    continue
+                yield decode_chunk(data, count)
+            except (ValueError, IndexError, zlib.error) as e:
+                raise self._bad("chunk: %s" % e)
+
+    def entries(self, end=None):
+        """(key, kind code, size, atime seconds) of every entry, in the walk's order."""
+        for c in self.chunks(end):
+            for i, key in enumerate(c.keys):
+                if c.kinds[i] != K_GONE:
+                    yield key, c.kinds[i], c.sizes[i], c.atimes[i]
+
+
+def decode_unlisted(data, count):
+    import zlib
+    raw = zlib.decompress(data)
+    lengths = _from_le("I", raw[:4 * count])
+    keys, pos = [], 4 * count
+    for n in lengths:
+        keys.append(raw[pos:pos + n])
+        pos += n
+    if pos != len(raw):
+        raise ValueError("unlisted lengths")
+    return keys
+
+
+class ManifestWriter(object):
+    """Writes a walk's manifest as it goes: batches arrive out of order from the runners
+    and are put back in the walk's order (expect() in order, done() in any); a chunk is
+    compressed on a thread of its own (zlib lets go of the GIL) and written in order.
+
+    The file is written in place (it is partial until finish(), which adds the trailer);
+    position() is what a checkpoint records, and a resume truncates the file back to it.
+    """
+
+    def __init__(self, path, header=None, resume=None):
+        import struct
+        self.struct = struct
+        self.path = path
+        flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        self.fd = os.open(path, flags, 0o600)
+        try:
+            if resume:
+                os.ftruncate(self.fd, resume["offset"])
+                os.lseek(self.fd, resume["offset"], os.SEEK_SET)
+                self.entries = resume["entries"]
+            else:
+                os.ftruncate(self.fd, 0)
+                head = MANIFEST_MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n"
+                self._write(head)
+                self.entries = 0
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.offset = os.lseek(self.fd, 0, os.SEEK_CUR)
+        self.expected = {}          # seq -> segments [(dir key, names blob, count)]
+        self.ready = {}             # seq -> (kinds, sizes, atimes) bytes
+        self.next_seq = None
+        self._new_chunk()
+        self.unlisted_keys = []
+        self.pending = None         # (thread, result holder) compressing the last chunk
+        self.failed = None
+
+    def _new_chunk(self):
+        self.seg_dirs, self.seg_counts, self.names = [], [], []
+        self.kinds, self.sizes, self.atimes = [], [], []
+        self.count = 0
+
+    def _write(self, data):
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+
+    # -- batches, in the walk's order
+    def expect(self, seq, segments):
+        if self.next_seq is None:
+            self.next_seq = seq
+        self.expected[seq] = segments
+
+    def done(self, seq, columns):
+        self.ready[seq] = columns
+        while self.next_seq in self.ready:
+            cols = self.ready.pop(self.next_seq)
+            segs = self.expected.pop(self.next_seq)
+            self.next_seq += 1
+            self._add(segs, cols)
+
+    def _add(self, segs, cols):
+        for d, blob, n in segs:
+            self.seg_dirs.append(d)
+            self.seg_counts.append(n)
+            self.names.append(blob)
+        self.kinds.append(cols[0])
+        self.sizes.append(cols[1])
+        self.atimes.append(cols[2])
+        self.count += len(cols[0])
+        if self.count >= MANIFEST_CHUNK:
+            self._emit()
+
+    def unlisted(self, key):
+        """A directory the walk could not list or finish: what is below it is unknown."""
+        self.unlisted_keys.append(key)
+
+    # -- chunks
+    def _encode(self):
+        """The chunk being built, uncompressed: "<III" (segments, entries, names length),
+        per segment "<III" (bytes shared with the previous segment's directory key, length
+        of the rest, entries), the rests, the names (NUL between), kinds, sizes, atimes."""
+        import array
+        table, rests, prev = array.array("I"), [], b""
+        for d, n in zip(self.seg_dirs, self.seg_counts):
+            shared = len(os.path.commonprefix([prev, d])) if prev else 0
+            table.extend((shared, len(d) - shared, n))
+            rests.append(d[shared:])
+            prev = d
+        names = b"\0".join(self.names)
+        return b"".join([self.struct.pack("<III", len(self.seg_dirs), self.count, len(names)),
+                         _le(table), b"".join(rests), names, b"".join(self.kinds),
+                         b"".join(self.sizes), b"".join(self.atimes)])
+
+    def _emit(self):
+        """Hand the chunk being built to the compressing thread (after the last one)."""
+        self._flush_unlisted()
+        if not self.count:
+            return
+        raw, count = self._encode(), self.count
+        self._new_chunk()
+        self._wait()
+        holder = []
+
+        def work():
+            import zlib
+            holder.append(zlib.compress(raw, MANIFEST_LEVEL))
+        t = threading.Thread(target=work, name="manifest-zlib")
+        t.daemon = True
+        t.start()
+        self.pending = (t, holder, count)
+
+    def _wait(self):
+        """Write the chunk the thread compressed (waiting for it)."""
+        if self.pending is None:
+            return
+        t, holder, count = self.pending
+        t.join()
+        self.pending = None
+        if not holder:
+            raise Failure("compressing the manifest %s failed" % self.path)
+        self._record(b"C", holder[0], count)
+        self.entries += count
+
+    def _record(self, tag, data, count):
+        self._write(tag + self.struct.pack("<II", len(data), count) + data)
+
+    def _flush_unlisted(self):
+        import array
+        import zlib
+        if not self.unlisted_keys:
+            return
+        keys, self.unlisted_keys = self.unlisted_keys, []
+        self._wait()        # U goes after every chunk that precedes it in the walk
+        lengths = array.array("I", [len(k) for k in keys])
+        self._record(b"U", zlib.compress(_le(lengths) + b"".join(keys)), len(keys))
+
+    def position(self):
+        """Everything so far on disk (fsync'ed): the checkpoint's {"offset", "entries"}.
+        Only call when every expected batch is done (the walk's sync())."""
+        self._emit()
+        self._wait()
+        os.fsync(self.fd)
+        return {"offset": os.lseek(self.fd, 0, os.SEEK_CUR), "entries": self.entries}
+
+    def finish(self, trailer):
+        """Write what is left and the trailer: the manifest is complete."""
+        pos = self.position()
+        trailer = dict(trailer, entries=pos["entries"])
+        data = json.dumps(trailer, sort_keys=True).encode()
+        self._record(b"E", data, 0)
+        self._write(self.struct.pack("<Q", pos["offset"]))
+        os.fsync(self.fd)
+        self.close()
+        return pos["entries"]
+
+    def close(self):
+        if self.pending is not None:
+            self.pending[0].join()
+            self.pending = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def vanished(prev, new):
+    """The entries of manifest prev that manifest new lacks, in the walk's order:
+    (key, kind, size, atime), each read once (both in walk order: one pass, a chunk of
+    each in memory). Entries below a directory new could not list are unknown, not
+    vanished; so are entries prev could not stat."""
+    import bisect as _bisect
+    old = prev.chunks()
+    cur, start = None, 0
+
+    def below_unlisted(key):
+        i = key.find(b"\0")
+        while i >= 0:
+            if key[:i] in new.unlisted:
+                return True
+            i = key.find(b"\0", i + 1)
+        return key in new.unlisted
+
+    def take(hi, present):
+        """prev's entries up to key hi (None: all) missing from the set present."""
+        nonlocal cur, start
+        while True:
+            if cur is None or start >= len(cur.keys):
+                cur = next(old, None)
+                start = 0
+                if cur is None:
+                    return
+            keys = cur.keys
+            end = len(keys) if hi is None else _bisect.bisect_right(keys, hi, start)
+            for i in range(start, end):
+                k = keys[i]
+                if k not in present and cur.kinds[i] < K_UNKNOWN and not below_unlisted(k):
+                    yield k, cur.kinds[i], cur.sizes[i], cur.atimes[i]
+            start = end
+            if end < len(keys):
+                return
+    for chunk in new.chunks():
+        if chunk.keys:
+            for item in take(chunk.keys[-1], set(chunk.keys)):
+                yield item
+    for item in take(None, ()):
+        yield item
+
+
+def partial_matches(path, walk_started, position):
+    """True when path is the partial manifest of the walk begun at walk_started and holds
+    at least what the checkpoint's position says."""
+    try:
+        with Manifest(path) as m:
+            ok = m.header.get("walk_started") == walk_started and m.trailer is None
+            return ok and os.fstat(m.f.fileno()).st_size >= int(position["offset"])
+    except (OSError, Failure, TypeError, KeyError, ValueError):
+        return False
+
+
+def compare_manifests(prev_path, new_path, purge_days):
+    """forensics() of two manifest files, with the start of the walk prev records."""
+    with Manifest(prev_path) as prev, Manifest(new_path) as new:
+        out = forensics(prev, new, purge_days)
+        out["previous_walk_started"] = prev.header.get("walk_started")
+    return out
+
+
+def forensics(prev, new, purge_days):
+    """Counts of what vanished between two manifests: likely purged when its last atime
+    was older than purge_days at the start of the walk that wrote new."""
+    cutoff = new.header["now"] - purge_days * 86400
+    out = dict.fromkeys(("entries_vanished", "bytes_vanished", "entries_likely_purged",
+                         "bytes_likely_purged"), 0)
+    for _, kind, size, atime in vanished(prev, new):
+        size = size if kind & ~K_TOUCHED == K_FILE else 0
+        out["entries_vanished"] += 1
+        out["bytes_vanished"] += size
+        if atime < cutoff:
+            out["entries_likely_purged"] += 1
+            out["bytes_likely_purged"] += size
+    return out
 
 
 # ---------------------------------------------------------------- policy
@@ -2799,6 +3382,7 @@ def _remove(ctx, name):
             del reg["datasets"][name]
         sentinel_deleted = _delete_sentinel_of(ctx, ds)
         store.delete_checkpoint(name)
+        store.delete_manifests(name)
     with contextlib.suppress(OSError):
         os.unlink(store.lock_path(name))
     return {"name": name, "path": ds["path"], "sentinel_deleted": sentinel_deleted}
@@ -2820,8 +3404,9 @@ def _delete_sentinel_of(ctx, ds):
 class RefreshOptions(object):
     def __init__(self, name=None, due=False, check=False, dry_run=False, max_seconds=None,
                  max_entries=None, threads=None, checkpoint_every=CHECKPOINT_SECONDS,
-                 workers=None):
+                 workers=None, no_manifest=False):
         self.name = name
+        self.no_manifest = no_manifest
         self.due = due
         self.check = check
         self.dry_run = dry_run
@@ -2858,7 +3443,7 @@ def empty_result(name, mode, reason=None):
 
 def refresh(name=None, due=False, check=False, dry_run=False, max_seconds=None,
             max_entries=None, threads=None, state_dir=None, env=None, should_stop=None,
-            progress=None, workers=None):
+            progress=None, workers=None, no_manifest=False):
     """Refresh (or check) datasets. Returns {"results": [...], "exit_code": N, "notes": [...]}.
 
     should_stop() may return "term", "hup" or "int" to stop the walk at the next
@@ -2866,7 +3451,7 @@ def refresh(name=None, due=False, check=False, dry_run=False, max_seconds=None,
     """
     ctx = _ctx(state_dir, env)
     opts = RefreshOptions(name, due, check, dry_run, max_seconds, max_entries, threads,
-                          workers=workers)
+                          workers=workers, no_manifest=no_manifest)
     return _refresh(ctx, opts, should_stop=should_stop, progress=progress)
 
 
@@ -3029,7 +3614,9 @@ def _walk_dataset(ctx, cfg, ds, mode, opts, budget, should_stop, progress, root_
     run = DatasetRun(ctx, cfg, ds, mode, opts, root_fd)
     run.resume_point()
     run.open_log()
+    run.open_manifest()
     complete = run.walk(budget, should_stop, progress)
+    run.finish_manifest(complete)
     result = run.result(complete)
     run.close_log(result)
     if not opts.dry_run:
@@ -3052,6 +3639,9 @@ class DatasetRun(object):
     walk ended. Every run records its result as last_run; a complete one
     deletes the checkpoint, records its mode's walk (record_walk) and totals,
     and (touch mode) rewrites the sentinel. A dry run writes nothing at all.
+    Unless manifests are off, the walk writes its manifest as it goes (resumed
+    with the checkpoint); only a complete walk's manifest becomes the newest,
+    and then what vanished since the one before is counted (forensics).
     """
 
     def __init__(self, ctx, cfg, ds, mode, opts, root_fd=None):
@@ -3075,6 +3665,11 @@ class DatasetRun(object):
                              dry_run=opts.dry_run, threads=threads, workers=workers,
                              root_fd=root_fd)
         self.log_path = self.log = None
+        self.manifest = None        # the ManifestWriter of this walk
+        self.manifest_resume = None     # the checkpoint's manifest position
+        self.manifest_note = None   # why this walk leaves no manifest, if it should have
+        self.forensics = None
+        self.manifest_path = None   # the manifest this walk completed
         self.timing = {"checkpoint_seconds": 0.0, "checkpoints": 0}
         self.progress = None
         self.t_walk = self.last_checkpoint = self.last_progress = 0.0
@@ -3092,6 +3687,7 @@ class DatasetRun(object):
         self.walk_started = ckpt.get("walk_started")
         self.done_before = int(ckpt.get("entries_done", 0))
         self.totals = Counts(ckpt.get("totals"))
+        self.manifest_resume = ckpt.get("manifest")
 
     def write_log(self, line):
         if self.log is not None:
@@ -3109,6 +3705,48 @@ class DatasetRun(object):
         self.write_log("thresholds skip_days=%d at_risk_days=%d purge_days=%d now=%s%s" % (
             skip_d, risk_d, purge_d, iso(self.ctx.now), " resumed entries_done=%d"
             % self.done_before if self.resumed else ""))
+
+    def wants_manifest(self):
+        return not (self.opts.dry_run or getattr(self.opts, "no_manifest", False)
+                    or self.ds.get("manifest") is False)
+
+    def open_manifest(self):
+        """Start this walk's manifest, or take up the partial one a resumed walk left."""
+        if not self.wants_manifest():
+            return
+        path = self.store.partial_manifest_path(self.name)
+        if self.resumed:
+            if not self.manifest_resume or not partial_matches(path, self.walk_started,
+                                                               self.manifest_resume):
+                self.manifest_note = ("this walk resumed without the start of its manifest; "
+                                      "the next complete walk writes one")
+                self.write_log("manifest none (%s)" % self.manifest_note)
+                return
+            self.manifest = ManifestWriter(path, resume=self.manifest_resume)
+        else:
+            self.store.ensure_manifest_dir(self.name)
+            self.manifest = ManifestWriter(path, header={
+                "format": MANIFEST_FORMAT, "dataset": self.name, "root": self.ds["path"],
+                "mode": self.mode, "walk_started": self.walk_started, "now": self.ctx.now,
+                "thresholds_days": list(thresholds_days(self.cfg, self.cadence)),
+                "purge_days": purge_days_of(self.cfg)})
+        self.walker.manifest = self.manifest
+
+    def finish_manifest(self, complete):
+        """A complete walk's manifest becomes the newest; then what vanished is counted."""
+        writer, self.manifest = self.manifest, None
+        if writer is None:
+            return
+        if not complete:
+            writer.close()
+            return
+        writer.finish({"walk_finished": iso(time.time())})
+        previous = self.store.manifests(self.name)
+        self.forensics = dict(FORENSICS_ZERO, previous_walk_started=None)
+        if previous:
+            self.forensics = compare_manifests(previous[0][1], writer.path,
+                                               purge_days_of(self.cfg))
+        self.manifest_path = self.store.keep_manifest(self.name, writer.path)
 
     def walk(self, budget, should_stop, progress):
         """Walk from the resume point within the budget. Returns True when complete."""
@@ -3156,7 +3794,8 @@ class DatasetRun(object):
             "cursor": self.walker.cursor(), "entries_done": self.done_before + counts.entries_seen,
             "totals": run_totals.as_dict(), "walk_started": self.walk_started,
             "updated": iso(time.time()), "due_run": self.due_run, "pid": os.getpid(),
-            "host": socket.gethostname()})
+            "host": socket.gethostname(),
+            "manifest": self.manifest.position() if self.manifest is not None else None})
         self.timing["checkpoint_seconds"] += time.monotonic() - t0
         self.timing["checkpoints"] += 1
 
@@ -3170,6 +3809,9 @@ class DatasetRun(object):
             with contextlib.suppress(Exception):
                 self.walker.sync()
                 self.save_checkpoint()
+        if self.manifest is not None:
+            with contextlib.suppress(Exception):
+                self.manifest.close()
         if self.log is not None:
             self.write_log("end crashed entries_seen=%d" % self.walker.counts.entries_seen)
             self.log.close()
@@ -3183,6 +3825,12 @@ class DatasetRun(object):
                       started=iso(self.started), finished=iso(time.time()),
                       dry_run=bool(self.opts.dry_run), stopped=None if complete else stopped,
                       log=self.log_path, timing=self.timing)
+        result.update(FORENSICS_ZERO)
+        if self.forensics is not None:
+            result.update(self.forensics)
+        result["manifest"] = self.manifest_path
+        if self.manifest_note:
+            result["manifest_note"] = self.manifest_note
         if complete:
             result["exit_code"] = EXIT_FAIL if counts.errors else EXIT_OK
         else:
@@ -3220,6 +3868,8 @@ class DatasetRun(object):
                     record_walk(cur, self.mode, self.walk_started, result["finished"])
                     cur["last_total_entries"] = result["entries_done"]
                     cur["last_totals"] = self.totals.as_dict()
+                    if self.forensics is not None:
+                        cur["forensics"] = dict(self.forensics, walk_started=self.walk_started)
         if complete and self.mode == "touch" and cur is not None:
             update_sentinel(self.ds["path"] if self.root_fd is None else self.root_fd, cur)
         self.store.prune_logs(self.name)
@@ -5095,7 +5745,8 @@ def stop_signals():
 
 def cmd_refresh(args, ctx):
     opts = RefreshOptions(args.name, args.due, args.check, args.dry_run, args.max_seconds,
-                          args.max_entries, args.threads, args.checkpoint_every, args.workers)
+                          args.max_entries, args.threads, args.checkpoint_every, args.workers,
+                          no_manifest=args.no_manifest)
     progress = Progress(ctx.err)
     doc = None
     if args.scheduled:
@@ -5386,6 +6037,9 @@ def build_parser():
                         "2 CPUs are available, else 1)")
     p.add_argument("--checkpoint-every", type=_positive_seconds, metavar="S",
                    default=CHECKPOINT_SECONDS, help="seconds between checkpoints (default 30)")
+    p.add_argument("--no-manifest", action="store_true",
+                   help="write no manifest of this walk (`files`, `rescue` and the vanished "
+                        "counts keep using the last one)")
     p.add_argument("--scheduled", choices=("scrontab", "sbatch", "resume"),
                    help=argparse.SUPPRESS)
     add_json_argument(p)
