@@ -2469,8 +2469,7 @@ def decode_chunk(data, count):
         dpos += slen
         seg = name_list[i:i + n]
         if prev:
-            pre = prev + b"\0"
-            keys.extend([pre + x for x in seg])
+            keys.extend(map((prev + b"\0").__add__, seg))
         else:
             keys.extend(seg)
         i += n
@@ -2785,10 +2784,12 @@ def vanished(prev, new):
                     return
             keys = cur.keys
             end = len(keys) if hi is None else _bisect.bisect_right(keys, hi, start)
-            for i in range(start, end):
-                k = keys[i]
-                if k not in present and cur.kinds[i] < K_UNKNOWN and not below_unlisted(k):
-                    yield k, cur.kinds[i], cur.sizes[i], cur.atimes[i]
+            span = keys[start:end] if start or end < len(keys) else keys
+            if not present.issuperset(span):        # the usual case: nothing vanished
+                for i in range(start, end):
+                    k = keys[i]
+                    if k not in present and cur.kinds[i] < K_UNKNOWN and not below_unlisted(k):
+                        yield k, cur.kinds[i], cur.sizes[i], cur.atimes[i]
             start = end
             if end < len(keys):
                 return
@@ -2796,7 +2797,7 @@ def vanished(prev, new):
         if chunk.keys:
             for item in take(chunk.keys[-1], set(chunk.keys)):
                 yield item
-    for item in take(None, ()):
+    for item in take(None, frozenset()):
         yield item
 
 
@@ -3140,10 +3141,11 @@ def _init_state_dir_warnings(store, name, root):
 
 
 def add_dataset(name, path, keep_until, cadence_days=None, approval=None, state_dir=None,
-                env=None):
-    """Register a dataset and write its sentinel. Returns the dataset's list entry."""
+                env=None, manifest=True):
+    """Register a dataset and write its sentinel. Returns the dataset's list entry.
+    manifest=False: its walks write no manifest (no `files`, `rescue` or vanished counts)."""
     ctx = _ctx(state_dir, env)
-    return _add(ctx, name, path, keep_until, cadence_days, approval)
+    return _add(ctx, name, path, keep_until, cadence_days, approval, manifest=manifest)
 
 
 def _check_keep_until(text, now):
@@ -3178,7 +3180,7 @@ def _check_approval(text):
     return text
 
 
-def _add(ctx, name, path, keep_until, cadence_days, approval):
+def _add(ctx, name, path, keep_until, cadence_days, approval, manifest=True):
     store = ctx.store
     cfg = ctx.config()
     check_name(name)
@@ -3217,6 +3219,8 @@ def _add(ctx, name, path, keep_until, cadence_days, approval):
               "last_refresh": None, "last_refresh_start": None, "last_mode": None,
               "last_touch_start": None, "last_check_start": None,
               "last_run": None, "last_total_entries": None}
+        if not manifest:
+            ds["manifest"] = False
         root_fd = _add_root_fd(real, root)
         try:
             if create_sentinel(root_fd, ds):
@@ -3254,7 +3258,8 @@ def _list_entry(ctx, cfg, ds):
             "keep_until": ds["keep_until"], "cadence_days": int(ds["cadence_days"]),
             "approval": ds.get("approval"), "mode": mode,
             "last_refresh": ds.get("last_refresh"), "last_mode": ds.get("last_mode"),
-            "state": dataset_state(ctx.store, ds, ctx.now, mode), "risk": risk_of(ds)}
+            "state": dataset_state(ctx.store, ds, ctx.now, mode), "risk": risk_of(ds),
+            "keep_manifests": ds.get("manifest") is not False}
 
 
 def list_datasets(state_dir=None, env=None):
@@ -3294,10 +3299,27 @@ def _status_entry(ctx, cfg, ds):
     cadence = threshold_cadence(ds, schedule_cadence(ctx.store))
     entry["thresholds_days"] = dict(zip(("skip", "at_risk", "purge"),
                                         thresholds_days(cfg, cadence)))
+    entry["vanished"] = ds.get("forensics")
+    entry["manifest"] = manifest_info(ctx.store, ds["name"])
     start = walk_start(ds, entry["mode"])     # as `state` counts it: the mode's last walk
     entry["next_due"] = (None if start is None or not ds.get("last_refresh")
                          else iso(start + (int(ds["cadence_days"]) - 1) * DAY))
     return entry
+
+
+def manifest_info(store, name):
+    """The newest complete manifest of a dataset: {path, walk_started, mode, entries, bytes,
+    kept}, or None."""
+    have = store.manifests(name)
+    if not have:
+        return None
+    try:
+        with Manifest(have[0][1]) as m:
+            return {"path": have[0][1], "walk_started": m.header.get("walk_started"),
+                    "mode": m.header.get("mode"), "entries": (m.trailer or {}).get("entries"),
+                    "bytes": os.fstat(m.f.fileno()).st_size, "kept": len(have)}
+    except (OSError, Failure):
+        return None
 
 
 def _status(ctx, name=None, with_schedule=True):
@@ -3323,17 +3345,20 @@ def _status(ctx, name=None, with_schedule=True):
 # ---------------------------------------------------------------- API: extend, enable, remove
 
 
-def extend(name, keep_until=None, approval=None, cadence_days=None, state_dir=None, env=None):
-    """Move a keep-until date, record a site approval, change the cadence. Returns the entry."""
-    return _extend(_ctx(state_dir, env), name, keep_until, approval, cadence_days)
+def extend(name, keep_until=None, approval=None, cadence_days=None, state_dir=None, env=None,
+           manifest=None):
+    """Move a keep-until date, record a site approval, change the cadence, turn manifests
+    on or off (manifest True/False). Returns the entry."""
+    return _extend(_ctx(state_dir, env), name, keep_until, approval, cadence_days,
+                   manifest=manifest)
 
 
-def _extend(ctx, name, keep_until, approval, cadence_days=None):
+def _extend(ctx, name, keep_until, approval, cadence_days=None, manifest=None):
     cfg = ctx.config()
     check_name(name)
-    if keep_until is None and approval is None and cadence_days is None:
-        raise UsageError("extend needs --keep-until YYYY-MM-DD, --approval TEXT or "
-                         "--cadence-days N")
+    if keep_until is None and approval is None and cadence_days is None and manifest is None:
+        raise UsageError("extend needs --keep-until YYYY-MM-DD, --approval TEXT, "
+                         "--cadence-days N, --manifest or --no-manifest")
     keep = _check_keep_until(keep_until, ctx.now) if keep_until is not None else None
     approval = _check_approval(approval)
     if cadence_days is not None:
@@ -3346,6 +3371,8 @@ def _extend(ctx, name, keep_until, approval, cadence_days=None):
             ds["approval"] = approval
         if cadence_days is not None:
             ds["cadence_days"] = int(cadence_days)
+        if manifest is not None:
+            ds["manifest"] = bool(manifest)
     # The sentinel records the settings too (a registry rebuilt from it keeps them).
     update_sentinel(ds["path"], ds)
     return _list_entry(ctx, cfg, ds)
@@ -4667,6 +4694,7 @@ def _diagnose(ctx):
     checks += _check_checkpoints(ctx, reg, bad)
     checks += _check_locks(ctx)
     checks += _check_temp_files(store)
+    checks += _check_manifest_space(store)
     if cfg and reg is not None:
         for name in sorted(reg["datasets"]):
             checks += _check_dataset(ctx, cfg, root, reg["datasets"][name])
@@ -4710,6 +4738,29 @@ def _check_state_files(ctx):
         out.append(Check("entry:" + display_path(name)[:64], "fail", bad[name][0],
                          fix="registry"))
     return cfg, reg, bad, out
+
+
+def _check_manifest_space(store):
+    """Warn when the manifests take more than a tenth of the state directory's free space."""
+    used = 0
+    for dirpath, _, files in os.walk(os.path.join(store.dir, "manifests")):
+        for f in files:
+            with contextlib.suppress(OSError):
+                used += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
+    try:
+        st = os.statvfs(store.dir)
+    except OSError:
+        return []
+    free = st.f_bavail * st.f_frsize
+    if not used:
+        return []
+    if used <= free // 10:
+        return [Check("manifests", "ok", "manifests take %s (%s free in the state directory)"
+                      % (human_bytes(used), human_bytes(free)))]
+    return [Check("manifests", "warn", "manifests take %s, more than a tenth of the %s free in "
+                  "the state directory; free space there, or `%s extend --name NAME "
+                  "--no-manifest` for the largest datasets" % (
+                      human_bytes(used), human_bytes(free), PROG))]
 
 
 def _check_temp_files(store):
@@ -5547,6 +5598,13 @@ def describe_result(r):
     if r.get("dirs_listed_not_owned") and r["mode"] == "check":
         body += ("; %s of other users had to be listed, which may have moved their access "
                  "times" % plural(r["dirs_listed_not_owned"], "directory", "directories"))
+    if r.get("entries_vanished"):
+        body += "; %s vanished since the walk before (%s), %s of them likely purged (%s): " \
+                "`%s files --name %s --vanished` lists them" % (
+                    plural(r["entries_vanished"], "entry", "entries"),
+                    human_bytes(r.get("bytes_vanished", 0)),
+                    human_count(r.get("entries_likely_purged", 0)),
+                    human_bytes(r.get("bytes_likely_purged", 0)), PROG, name)
     if r["errors"]:
         body += "; %s (vanished or permission denied%s)" % (
             plural(r["errors"], "error"), ", listed in " + r["log"] if r.get("log") else "")
@@ -5611,7 +5669,8 @@ def cmd_init(args, ctx):
 
 
 def cmd_add(args, ctx):
-    entry = _add(ctx, args.name, args.path, args.keep_until, args.cadence_days, args.approval)
+    entry = _add(ctx, args.name, args.path, args.keep_until, args.cadence_days, args.approval,
+                 manifest=not args.no_manifest)
     if args.json:
         emit_json(ctx, entry)
         return EXIT_OK
@@ -5667,6 +5726,19 @@ def _status_lines(e):
         add("  last run:      %s; %s" % (run.get("finished"), describe_result(run).split(": ", 1)[1]))
         if run.get("log"):
             add("  last log:      %s" % run["log"])
+    v = e.get("vanished")
+    if v and v.get("previous_walk_started"):
+        add("  vanished:      %s (%s) between the walks of %s and %s; %s likely purged (%s)%s"
+            % (plural(v["entries_vanished"], "entry", "entries"), human_bytes(v["bytes_vanished"]),
+               v["previous_walk_started"], v.get("walk_started"),
+               human_count(v["entries_likely_purged"]), human_bytes(v["bytes_likely_purged"]),
+               "; `%s files --name %s --vanished` lists them" % (PROG, e["name"])
+               if v["entries_vanished"] else ""))
+    m = e.get("manifest")
+    if m:
+        add("  manifest:      %s of the %s walk of %s, %s on disk (`%s files --name %s` lists "
+            "them)" % (plural(m["entries"] or 0, "entry", "entries"), m["mode"],
+                       m["walk_started"], human_bytes(m["bytes"]), PROG, e["name"]))
     ck = e["checkpoint"]
     add("  checkpoint:    %s" % ("none" if not ck else "%s entries done (%s mode, saved %s)" % (
         human_count(ck["entries_done"]), ck["mode"], ck["updated"])))
@@ -5773,9 +5845,11 @@ def cmd_refresh(args, ctx):
 
 
 def cmd_extend(args, ctx):
-    e = _extend(ctx, args.name, args.keep_until, args.approval, args.cadence_days)
-    say(ctx, "%s: kept until %s; every %d days; approval: %s; %s mode" % (
-        e["name"], e["keep_until"], e["cadence_days"], e["approval"] or "none", e["mode"]))
+    e = _extend(ctx, args.name, args.keep_until, args.approval, args.cadence_days,
+                manifest=args.manifest)
+    say(ctx, "%s: kept until %s; every %d days; approval: %s; %s mode%s" % (
+        e["name"], e["keep_until"], e["cadence_days"], e["approval"] or "none", e["mode"],
+        "" if e["keep_manifests"] else "; no manifests"))
     return EXIT_OK
 
 
@@ -5989,6 +6063,10 @@ def build_parser():
                    help="days between refreshes (br200: at least 14; default 14)")
     p.add_argument("--approval", metavar="TEXT",
                    help="the site's approval to refresh access times (ticket or exemption)")
+    p.add_argument("--no-manifest", action="store_true",
+                   help="its walks keep no manifest (the list behind `files`, `rescue` and "
+                        "the vanished counts); for the rare dataset whose list the state "
+                        "directory cannot hold")
     add_json_argument(p)
 
     p = _sub(subs, "list", cmd_list, "list datasets",
@@ -6054,6 +6132,11 @@ def build_parser():
     p.add_argument("--approval", metavar="TEXT", help="ticket or words of the site's exemption")
     p.add_argument("--cadence-days", type=_int_range(1, 3650), metavar="N",
                    help="days between refreshes (br200: at least 14)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--manifest", dest="manifest", action="store_const", const=True,
+                   help="keep a manifest of each walk again (the default)")
+    g.add_argument("--no-manifest", dest="manifest", action="store_const", const=False,
+                   help="keep no manifest of its walks")
 
     for name, func, verb in (("enable", cmd_enable, "resume refreshing a dataset"),
                              ("disable", cmd_disable, "pause refreshing a dataset")):
