@@ -4224,11 +4224,12 @@ class Schedule(object):
         """The job's command: absolute paths, state dir and scratch root passed explicitly."""
         # unset: the job must not inherit the installer's SCRATCH_KEEPALIVE_* (sbatch exports
         # the submitter's environment, and every successor passes it on).
+        # -c LOADER: the script loaded from its bytecode (see LOADER), not compiled anew.
         return "cd %s && unset SCRATCH_KEEPALIVE_NOW SCRATCH_KEEPALIVE_HOME && " \
-               "SCRATCH_KEEPALIVE_SCRATCH_ROOT=%s exec %s %s --state-dir %s refresh " \
+               "SCRATCH_KEEPALIVE_SCRATCH_ROOT=%s exec %s -c %s %s --state-dir %s refresh " \
                "--due --scheduled %s --max-seconds %d" % (
                    shell_quote(self.store.dir), shell_quote(self.cfg["scratch_root"]),
-                   shell_quote(self.python), shell_quote(self.script),
+                   shell_quote(self.python), shell_quote(LOADER), shell_quote(self.script),
                    shell_quote(self.store.dir), self.method, self.max_seconds())
 
     def cron_block(self):
@@ -5482,7 +5483,7 @@ def invoked_as():
     if __name__ != "__main__":
         return PROG
     spec = globals().get("__spec__")
-    if spec is not None and spec.name:
+    if spec is not None and spec.name and not globals().get("_SCRATCH_KEEPALIVE_RECOMPILED"):
         return "python3 -m " + spec.name
     path = sys.argv[0] if sys.argv and sys.argv[0] else "scratch_keepalive.py"
     parent = os.path.dirname(os.path.abspath(path))
@@ -6256,7 +6257,8 @@ def holds_parse_tree():
 
 def reexec_by_compile():
     """Run this command again in the same process (exec: same pid, fds and signals) with the
-    file compiled by runpy, which frees the parse tree before the walk starts. Only a walk
+    file loaded as an import loads it: from its cached bytecode (__pycache__) when there
+    is one, else compiled with the parse tree freed before the walk starts. Only a walk
     does this; when exec is impossible the command simply goes on here."""
     path = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     if not sys.executable or not os.path.isfile(path):
@@ -6265,14 +6267,23 @@ def reexec_by_compile():
         flags = subprocess._args_from_interpreter_flags()
     except Exception:       # private helper; without it, the flags are lost, nothing else
         flags = []
-    stub = ("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], "
-            "{'_SCRATCH_KEEPALIVE_RECOMPILED': True}, '__main__')")
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
     with contextlib.suppress(OSError):
-        os.execv(sys.executable, [sys.executable] + flags + ["-c", stub, sys.argv[0]]
+        os.execv(sys.executable, [sys.executable] + flags + ["-c", LOADER, sys.argv[0]]
                  + sys.argv[1:])
+
+
+# `python3 -c LOADER SCRIPT ARGS` runs SCRIPT as `python3 SCRIPT ARGS` would, but loaded
+# as an import loads a module: from __pycache__ when the bytecode there is current (and
+# written there when the directory is writable). Compiling this file costs about 18 MB at
+# its peak, which a walk then never gets back; loading its bytecode, about 1 MB. The
+# scheduled job runs the tool this way (Schedule.command).
+LOADER = ('import importlib.util as u, sys; sys.argv = sys.argv[1:]; '
+          's = u.spec_from_file_location("__main__", sys.argv[0]); m = u.module_from_spec(s); '
+          'm._SCRATCH_KEEPALIVE_RECOMPILED = True; sys.modules["__main__"] = m; '
+          's.loader.exec_module(m)')
 
 
 def flushed(stream, code):

@@ -536,7 +536,8 @@ def _check_command(line, method):
     cmd = shlex.split(line)
     assert cmd[0] == "cd" and cmd[1].startswith("/"), cmd
     i = cmd.index("exec")
-    assert cmd[i + 1] == "/usr/bin/python3" and cmd[i + 2] == "/opt/sk/scratch_keepalive.py"
+    assert cmd[i + 1:i + 5] == ["/usr/bin/python3", "-c", sk.LOADER,
+                                "/opt/sk/scratch_keepalive.py"], cmd
     assert cmd[cmd.index("--state-dir") + 1] == "/N/u/alice/BigRed200/.local/state/" \
                                                 "scratch-keepalive"
     assert "SCRATCH_KEEPALIVE_SCRATCH_ROOT=/N/scratch/alice" in cmd

@@ -522,7 +522,8 @@ def test_ci_starts_the_testbed_only_as_root_where_the_script_is(tmp_path, uid, h
 
 def test_a_script_walk_runs_recompiled_in_the_same_process(tmp_path):
     """`python3 scratch_keepalive.py refresh` re-executes itself with the file compiled by
-    runpy, so the walk does not hold the script's parse tree (about 10 MB of every worker's
+    importlib (cached bytecode, or a compile whose parse tree is freed), so the walk does
+    not hold the script's parse tree (about 10 MB of every worker's
     share). The pid stays the one the caller (Slurm, a shell) waits for, the interpreter's
     flags are kept, and hints still name the script as it was run."""
     scratch, state, pause = tmp_path / "scratch", tmp_path / "state", tmp_path / "pause"
@@ -541,7 +542,7 @@ def test_a_script_walk_runs_recompiled_in_the_same_process(tmp_path):
             cmdline = f.read().split(b"\0")
         (pause / "before-lock.go").touch()
         out, err = proc.communicate(timeout=60)
-    assert b"-B" in cmdline and b"-c" in cmdline and b"runpy" in b" ".join(cmdline), cmdline
+    assert b"-B" in cmdline and b"-c" in cmdline and b"spec_from_file_location" in b" ".join(cmdline), cmdline
     assert cmdline[-3:-1] == [b"--name", b"ds"], cmdline
     assert proc.returncode == 0, (out, err)
     assert b"ds: refreshed" in out or b"ds: touched" in out or b"complete" in out, out
@@ -549,3 +550,34 @@ def test_a_script_walk_runs_recompiled_in_the_same_process(tmp_path):
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert r.returncode == 2, r
     assert ("`python3 %s list`" % SCRIPT).encode() in r.stderr, r.stderr
+
+
+def test_the_loader_runs_the_script_from_its_bytecode_with_a_smaller_peak(tmp_path):
+    """The scheduled job's `python3 -c LOADER SCRIPT ARGS` (LOADER: see the module) runs the
+    script as `python3 SCRIPT ARGS` does (output, exit code, hints) but from __pycache__,
+    so its peak memory stays clear of the compile's (about 18 MB for this file)."""
+    copy = tmp_path / "bin" / "scratch_keepalive.py"
+    copy.parent.mkdir()
+    shutil.copy(str(SCRIPT), str(copy))
+
+    def peak(*argv):
+        code = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], "
+                "stdout=subprocess.PIPE, stderr=subprocess.PIPE); "
+                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode); "
+                "sys.stdout.flush(); sys.stdout.buffer.write(r.stdout + b'|' + r.stderr)")
+        env = dict(os.environ)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)    # as on a user's shell
+        out = subprocess.run([sys.executable, "-c", code] + list(argv), env=env,
+                             stdout=subprocess.PIPE).stdout
+        head, _, rest = out.partition(b"\n")
+        kb, rc = map(int, head.split())
+        return kb, rc, rest
+    loader = [sys.executable, "-c", sk.LOADER, str(copy)]
+    assert peak(*(loader + ["--version"]))[1] == 0      # writes the bytecode
+    assert list((copy.parent / "__pycache__").glob("scratch_keepalive.*.pyc"))
+    script_kb, rc1, out1 = peak(sys.executable, str(copy), "list", "--state-dir",
+                                str(tmp_path / "none"))
+    loader_kb, rc2, out2 = peak(*(loader + ["list", "--state-dir", str(tmp_path / "none")]))
+    assert (rc1, out1) == (rc2, out2), (out1, out2)
+    assert ("`python3 %s init`" % copy).encode() in out2 or rc2 == 0, out2
+    assert loader_kb < script_kb - 5 * 1024, (loader_kb, script_kb)

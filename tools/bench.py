@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import platform
+import random
 import shutil
 import signal
 import statistics
@@ -47,12 +48,15 @@ LATENCY_VARIANTS = [("--threads 1 --workers 1", ["--threads", "1", "--workers", 
 
 # The six targets' limits; targets() judges each, under the names the report shows.
 TARGETS = {"touch_vs_find": 1.0, "check_vs_walk": 1.5, "skipped_vs_walk": 1.5,
-           "threads_speedup": 10.0, "rss_mb_1m": 32.0, "checkpoint_share": 0.02}
+           "threads_speedup": 10.0, "rss_mb_1m": 32.0, "checkpoint_share": 0.02,
+           "manifest_bytes": 16.0}
 
 # The timed commands of a tree round, in their order: (key, label).
 CMD_LABELS = [("tool_touch_old", "tool touch, all old"),
               ("find_touch", "find -exec touch -a -c -h {} +"), ("tool_check", "tool --check"),
-              ("stat_walk", "stat floor"), ("tool_touch_recent", "tool touch, all recent")]
+              ("stat_walk", "stat floor"), ("tool_touch_recent", "tool touch, all recent"),
+              ("tool_touch_old_nomf", "tool touch, all old, --no-manifest"),
+              ("tool_check_nomf", "tool --check --no-manifest")]
 
 # ---------------------------------------------------------------- C sources
 
@@ -439,15 +443,32 @@ def build_c(gcc, builddir):
                  "compiling " + src)
     return paths
 
+def tool_loader(path):
+    """The tool's LOADER (the `python3 -c` text its scheduled job runs it with), or None.
+    Read without parsing the whole file: a child inherits this process's peak RSS (fork),
+    and ru_maxrss of every tool run would show it."""
+    import ast
+    import re
+    with open(str(path)) as f:
+        m = re.search(r"^LOADER = (\(.*?\))\n", f.read(), re.S | re.M)
+    return ast.literal_eval(m.group(1)) if m else None
+
 # ---------------------------------------------------------------- trees
 
 
 O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
-def make_files(dfd, count, pattern):
+def make_files(dfd, count, pattern, varied=None):
+    """count empty files; with varied (a random.Random), each of a random apparent size
+    (a hole: no data written) and atime, as a manifest of real data would see them."""
     for j in range(count):
-        os.close(os.open(pattern % j, O_CREATE, 0o644, dir_fd=dfd))
+        fd = os.open(pattern % j, O_CREATE, 0o644, dir_fd=dfd)
+        if varied is not None:
+            os.ftruncate(fd, int(varied.lognormvariate(10, 3)) % (1 << 40))
+            at = time.time() - varied.uniform(0, 60 * 86400)
+            os.utime(fd, (at, at - varied.uniform(0, 86400 * 300)))
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -466,11 +487,12 @@ def flat_layout(entries):
     return max(1, int(round(float(entries) / 2500))), max(1, min(2500, int(entries)))
 
 
-def build_flat(root, dirs, files):
+def build_flat(root, dirs, files, varied=False):
+    rng = random.Random(7) if varied else None
     with new_dir(root) as rfd:
         for i in range(dirs):
             with new_dir("d%04d" % i, rfd) as dfd:
-                make_files(dfd, files, "f%05d")
+                make_files(dfd, files, "f%05d", rng)
     return 1 + dirs * (files + 1)
 
 
@@ -541,8 +563,11 @@ class Bench(object):
         self.trees = {}
         self.report = {"version": 1, "targets": TARGETS, "trees": {}, "memory": None,
                        "latency": None, "notes": self.notes}
+        # As on a user's shell: bytecode may be cached (the scheduled job's form needs it).
         self.tool_env = dict((k, v) for k, v in os.environ.items()
-                             if not k.startswith("SCRATCH_KEEPALIVE_"))
+                             if not k.startswith("SCRATCH_KEEPALIVE_")
+                             and k != "PYTHONDONTWRITEBYTECODE")
+        self.loader = tool_loader(args.tool)
 
     def run(self):
         """The phases in order; each one writes its own key of self.report. A later figure
@@ -580,18 +605,27 @@ class Bench(object):
             "tool_checkpoint_interval": TOOL_CHECKPOINT_S}
         # Start-up costs, part of every tool figure (the small trees' are read by them):
         # medians of 5 after an untimed first run.
-        version = [check_rc(run_proc([sys.executable, str(a.tool), "--version"],
+        version = [check_rc(run_proc(self.tool_base() + ["--version"],
                                      env=self.tool_env), "%s --version" % a.tool)
                    for _ in range(6)]
+        script = run_proc([sys.executable, str(a.tool), "--version"], env=self.tool_env)
         self.report["tool_version"] = version[0]["stdout"].strip() or version[0]["stderr"].strip()
         py = [run_proc([sys.executable, "-c", "pass"])["seconds"] for _ in range(5)]
         self.report["startup"] = {"python_pass_s": median(py),
-                                  "tool_version_s": median([r["seconds"] for r in version[1:]])}
+                                  "tool_version_s": median([r["seconds"] for r in version[1:]]),
+                                  "form": "job" if self.loader else "script",
+                                  "peak_rss_kb": version[-1]["maxrss_kb"],
+                                  "script_peak_rss_kb": script["maxrss_kb"]}
         self.tool_call(["init", "--profile", "generic", "--scratch-root", self.scratch,
                         "--purge-days", "30"])
 
+    def tool_base(self):
+        """The tool as its scheduled job runs it (`python3 -c LOADER TOOL`: from its cached
+        bytecode), or as `python3 TOOL` for a version without LOADER."""
+        return [sys.executable] + (["-c", self.loader] if self.loader else []) + [str(self.args.tool)]
+
     def tool_argv(self, args):
-        return [sys.executable, str(self.args.tool), "--state-dir", self.state] + list(args)
+        return self.tool_base() + ["--state-dir", self.state] + list(args)
 
     def tool_call(self, args):
         check_rc(run_proc(self.tool_argv(args), env=self.tool_env, timeout=self.args.timeout),
@@ -613,14 +647,15 @@ class Bench(object):
         t.entries = int(r["stdout"].split()[0])
         self.trees[key] = t
 
-    def make_flat(self, key, dirs, files, specials=False):
-        self.make_tree(key, "%s dirs x %s files" % (fmt_int(dirs), fmt_int(files)),
-                       lambda p: build_flat(p, dirs, files), specials)
+    def make_flat(self, key, dirs, files, specials=False, varied=False):
+        self.make_tree(key, "%s dirs x %s files%s" % (
+            fmt_int(dirs), fmt_int(files), ", random sizes and atimes" if varied else ""),
+            lambda p: build_flat(p, dirs, files, varied), specials)
 
     def build_trees(self):
         s, want = self.args.scale, self.args.only
         if "wide" in want:
-            self.make_flat("wide", *flat_layout(500000 * s), specials=True)
+            self.make_flat("wide", *flat_layout(500000 * s), specials=True, varied=True)
         if "deep" in want:
             fanout, per_dir = deep_layout(273050 * s)
             self.make_tree("deep", "6 levels, %d subdirs and %d entries per dir"
@@ -649,7 +684,8 @@ class Bench(object):
     def command_argv(self, kind, t):
         """The command line of a CMD_LABELS command on tree t."""
         if kind.startswith("tool"):
-            return self.refresh_argv(t.key, check=kind == "tool_check")
+            return self.refresh_argv(t.key, check=kind.startswith("tool_check"),
+                                     extra=["--no-manifest"] if kind.endswith("_nomf") else [])
         if kind == "find_touch":
             return ["find", t.path, "-exec", "touch", "-a", "-c", "-h", "{}", "+"]
         return [self.helper, "walk", t.path]
@@ -660,10 +696,11 @@ class Bench(object):
 
     def timed(self, kind, t):
         """One run of a CMD_LABELS command on tree t; the 'old' ones after an atime reset."""
-        if kind in ("tool_touch_old", "find_touch"):
+        if kind in ("tool_touch_old", "find_touch", "tool_touch_old_nomf"):
             self.reset_atimes(t)
         if kind.startswith("tool"):
-            return self.run_tool(t.key, check=kind == "tool_check")
+            return self.run_tool(t.key, check=kind.startswith("tool_check"),
+                                 extra=["--no-manifest"] if kind.endswith("_nomf") else [])
         return self.run_floor(kind, t)
 
     def run_mode(self, t, mode, **kw):
@@ -691,6 +728,10 @@ class Bench(object):
             "mode", "complete", "resumed", "entries_seen", "entries_touched", "entries_skipped",
             "entries_at_risk", "bytes_at_risk", "entries_purge_eligible",
             "bytes_purge_eligible", "errors"))
+        if res.get("manifest"):
+            with contextlib.suppress(OSError):
+                rec["manifest"] = {"bytes": os.path.getsize(res["manifest"]),
+                                   "entries": res.get("entries_seen")}
         if isinstance(res.get("timing"), dict):
             rec["timing"] = res["timing"]
             rec["checkpoint_share"] = ratio(res["timing"].get("checkpoint_seconds"),
@@ -709,7 +750,8 @@ class Bench(object):
         runs = dict((k, []) for k, _ in CMD_LABELS)
         log("warm-up (untimed) on %s: stat walk + tool --check" % t.key)
         self.run_floor("stat_walk", t)
-        self.run_tool(t.key, check=True)
+        first = self.run_tool(t.key, check=True)    # the tree's own sizes and atimes
+        mf = first.get("manifest") or {}
         for i in range(self.args.repeat):
             log("%s: round %d/%d" % (t.key, i + 1, self.args.repeat))
             for k, _ in CMD_LABELS:
@@ -724,7 +766,11 @@ class Bench(object):
             "commands": commands, "build_seconds": t.build_seconds, "summary": summary,
             "ratios": {"touch_vs_find": ratio(med["tool_touch_old"], med["find_touch"]),
                        "check_vs_walk": ratio(med["tool_check"], med["stat_walk"]),
-                       "skipped_vs_walk": ratio(med["tool_touch_recent"], med["stat_walk"])},
+                       "skipped_vs_walk": ratio(med["tool_touch_recent"], med["stat_walk"]),
+                       "touch_manifest_cost": ratio(med["tool_touch_old"],
+                                                    med["tool_touch_old_nomf"]),
+                       "check_manifest_cost": ratio(med["tool_check"], med["tool_check_nomf"])},
+            "manifest": dict(mf, bytes_per_entry=ratio(mf.get("bytes"), mf.get("entries"))),
             "anomalies": tree_anomalies(runs, t.entries), "runs": runs,
         }
 
@@ -902,8 +948,10 @@ def render_header(report, w):
             ("kernel", "%s, %s" % (m["kernel"], m["glibc"] or "libc ?")),
             ("workdir", "%(workdir)s on %(fs_mount)s (%(fs_type)s, %(fs_options)s)" % m),
             ("python", m["python"]), ("tools", "%(gcc)s; %(find)s" % m),
-            ("tool", "%s (%s), its default --threads/--workers"
-                     % (report["tool_version"], c["tool"])),
+            ("tool", "%s (%s), its default --threads/--workers, run %s"
+                     % (report["tool_version"], c["tool"],
+                        "as its scheduled job runs it: `python3 -c LOADER TOOL` (bytecode "
+                        "from __pycache__)" if st.get("form") == "job" else "as `python3 TOOL`")),
             ("run", "%s, host %s, load %s at start%s"
                     % (m["date"], m["hostname"], m["loadavg_at_start"],
                        ", SLURM_JOB_ID set" if m["slurm_job_id"] else "")),
@@ -913,9 +961,11 @@ def render_header(report, w):
                        "run; stat floor: C walker, fstatat AT_SYMLINK_NOFOLLOW, one thread"
                        % (c["scale"], " (--quick)" if c["quick"] else "", c["repeat"],
                           c["old_days"])),
-            ("start-up", "`python -c pass` %.0f ms, `scratch_keepalive.py --version` %.0f ms "
-                         "(medians of 5; part of every tool figure)"
-                         % (1000 * st["python_pass_s"], 1000 * st["tool_version_s"]))] \
+            ("start-up", "`python -c pass` %.0f ms, the tool's `--version` %.0f ms "
+                         "(medians of 5; part of every tool figure); peak RSS of `--version`: "
+                         "%s, and %s as `python3 TOOL` (compiling the file)"
+                         % (1000 * st["python_pass_s"], 1000 * st["tool_version_s"],
+                            fmt_mb(st.get("peak_rss_kb")), fmt_mb(st.get("script_peak_rss_kb"))))] \
             + [("note", n) for n in report["notes"]]:
         w("%-8s: %s\n" % (label, text))
     cmds = report.get("commands")
@@ -946,6 +996,13 @@ def render_trees(report, w):
         w("ratios: touch / find-touch %s | check / stat walk %s | all-skipped / stat walk %s\n"
           % tuple(fmt("%.2fx", tr["ratios"][k])
                   for k in ("touch_vs_find", "check_vs_walk", "skipped_vs_walk")))
+        mf = tr.get("manifest") or {}
+        w("manifest: %s bytes for %s entries = %s bytes per entry (first walk: the tree's own "
+          "sizes and atimes); walk with / without it: touch %s, check %s\n"
+          % (fmt_int(mf.get("bytes")), fmt_int(mf.get("entries")),
+             fmt("%.2f", mf.get("bytes_per_entry")),
+             fmt("%.2fx", tr["ratios"].get("touch_manifest_cost")),
+             fmt("%.2fx", tr["ratios"].get("check_manifest_cost"))))
         if key == "sparse":
             w("sparse: so few entries that start-up dominates: not used for the targets\n")
         for a in tr["anomalies"]:
@@ -1073,7 +1130,16 @@ def targets(report):
         "threads>=10x": threads_verdict(report["latency"]),
         "RSS<=32MB@1M": memory_verdict(report["memory"]),
         "checkpoint<=2%": checkpoint_verdict(report.get("checkpoint_probe") or {}),
+        "manifest<=16B/entry": manifest_verdict(report["trees"].get("wide")),
     }
+
+
+def manifest_verdict(tree):
+    x = ((tree or {}).get("manifest") or {}).get("bytes_per_entry")
+    if x is None:
+        return ("n/a", "not measured")
+    return ("PASS" if x <= TARGETS["manifest_bytes"] else "FAIL",
+            "%.2f bytes per entry on the wide tree" % x)
 
 # ---------------------------------------------------------------- main
 
