@@ -1592,26 +1592,19 @@ def default_parallelism(path, env):
 
 def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purge_ns,
                    root_dev, euid, record=False):
-    """lstat (and touch) every name of every (dir fd, names) segment, closing each fd.
-
-    The per-entry rules of every walk, whoever runs the batch: a directory on another
-    device is a mount point, skipped; old entries are at risk or purge-eligible; touch
-    mode touches those older than the skip threshold, unless another owner's (euid 0:
-    every entry is ours). Returns (the sums, in Counts.BATCH's order, [(segment index,
-    name, errno)] for the first errors, error count, the manifest's columns or None).
-    With record, each name gets one manifest record, in order (see ManifestWriter): its
-    kind code, size and atime in seconds as found (before any touch).
+    """lstat (and touch) every name of every (dir fd, names) segment, closing each fd: the
+    per-entry rules of every walk. A directory on another device is a mount point, skipped;
+    old entries are at risk or purge-eligible; touch mode touches those older than the skip
+    threshold, unless another owner's (euid 0: all are ours). Returns (the sums, in
+    Counts.BATCH's order, [(segment, name, errno)] of the first errors, error count, and with
+    record every name's manifest record, in order: kind, size, atime as found (_Columns)).
     """
     lstat = os.stat
     if touch and not dry_run:
         utimensat, times, get_errno, _ = touch_atime
     touched = skipped = at_risk = b_risk = elig = b_elig = nerr = not_owned = risk_not_owned = 0
-    errs = []
-    if record:
-        import array
-        kinds, sizes, atimes = bytearray(), array.array("q"), array.array("q")
-        put_kind, put_size, put_atime, kind_of = (kinds.append, sizes.append, atimes.append,
-                                                  _KIND_OF_FMT.get)
+    errs, cols = [], (_Columns() if record else None)
+    put_kind, put_size, put_atime, kind_of = cols.appenders() if record else (None,) * 4
     for seg, (fd, names) in enumerate(segments):
         try:
             for name in names:
@@ -1619,62 +1612,69 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
                     st = lstat(name, dir_fd=fd, follow_symlinks=False)
                 except OSError as e:
                     nerr += 1
-                    if len(errs) < MAX_LOGGED_ERRORS:
-                        errs.append((seg, name, e.errno or errno.EIO))
-                    if record:
-                        put_kind(K_GONE if e.errno == errno.ENOENT else K_UNKNOWN)
-                        put_size(0)
-                        put_atime(0)
+                    _entry_error(errs, seg, name, e.errno, cols)
                     continue
                 mode = st.st_mode
                 if mode & 0o170000 == 0o040000 and st.st_dev != root_dev:
                     skipped += 1        # a mount point
-                    if record:
-                        put_kind(K_UNKNOWN)
-                        put_size(0)
-                        put_atime(0)
+                    _entry_error(None, seg, name, None, cols)
                     continue
                 a = st.st_atime_ns
-                if record:
-                    put_size(st.st_size)
-                    put_atime(a // 1000000000)
-                    code = kind_of(mode & 0o170000, K_OTHER)
-                # Another owner's entry: setting its atime needs ownership, so touch mode
-                # does not attempt it.
+                # Setting another owner's atime needs ownership: touch mode does not try.
                 theirs = touch and euid and st.st_uid != euid
                 if a < risk_ns:
+                    size = st.st_size if mode & 0o170000 == 0o100000 else 0
                     at_risk += 1
-                    regular = mode & 0o170000 == 0o100000
-                    if regular:
-                        b_risk += st.st_size
+                    b_risk += size
                     if a < purge_ns:
                         elig += 1
-                        if regular:
-                            b_elig += st.st_size
-                    if theirs:
-                        risk_not_owned += 1
+                        b_elig += size
+                    risk_not_owned += bool(theirs)
+                code = 0
                 if touch:
                     if a >= skip_ns:
                         skipped += 1
                     elif theirs:
                         not_owned += 1
-                    elif dry_run:
-                        touched += 1
-                    elif utimensat(fd, name, times, AT_SYMLINK_NOFOLLOW):
+                    elif not dry_run and utimensat(fd, name, times, AT_SYMLINK_NOFOLLOW):
                         nerr += 1
-                        if len(errs) < MAX_LOGGED_ERRORS:
-                            errs.append((seg, name, get_errno() or errno.EIO))
+                        _entry_error(errs, seg, name, get_errno(), None)
                     else:
                         touched += 1
-                        if record:
-                            code |= K_TOUCHED
+                        code = K_TOUCHED
                 if record:
-                    put_kind(code)
+                    put_kind(kind_of(mode & 0o170000, K_OTHER) | code)
+                    put_size(st.st_size)
+                    put_atime(a // 1000000000)
         finally:
             os.close(fd)
-    cols = (bytes(kinds), _le(sizes), _le(atimes)) if record else None
     return ((touched, skipped, at_risk, b_risk, elig, b_elig, not_owned, risk_not_owned), errs,
-            nerr, cols)
+            nerr, cols.as_bytes() if record else None)
+
+
+class _Columns(object):
+    """A batch's manifest records: kind codes, sizes, atimes (see _process_batch)."""
+
+    def __init__(self):
+        import array
+        self.kinds, self.sizes, self.atimes = bytearray(), array.array("q"), array.array("q")
+
+    def appenders(self):
+        return self.kinds.append, self.sizes.append, self.atimes.append, _KIND_OF_FMT.get
+
+    def as_bytes(self):
+        return bytes(self.kinds), _le(self.sizes), _le(self.atimes)
+
+
+def _entry_error(errs, seg, name, err, cols):
+    """An entry the rules could not apply to: its error kept among the first ones logged
+    (errs None: not an error, a mount point), its manifest record (cols) says so."""
+    if errs is not None and len(errs) < MAX_LOGGED_ERRORS:
+        errs.append((seg, name, err or errno.EIO))
+    if cols is not None:
+        cols.kinds.append(K_GONE if err == errno.ENOENT else K_UNKNOWN)
+        cols.sizes.append(0)
+        cols.atimes.append(0)
 
 
 def _close_inherited_fds(keep):
