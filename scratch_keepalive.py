@@ -2451,12 +2451,12 @@ def decode_chunk(data, count):
     nseg, nent, names_len = struct.unpack_from("<III", raw, 0)
     if nent != count:
         raise ValueError("entry count")
-    table = _from_le("I", raw[12:12 + 12 * nseg])
-    dpos = 12 + 12 * nseg
-    pos = dpos + sum(table[1::3])
+    table = _from_le("I", raw[12:12 + 8 * nseg])
+    dpos = 12 + 8 * nseg
+    pos = dpos + sum(table[0::2])
     name_list = raw[pos:pos + names_len].split(b"\0") if nent else []
     pos += names_len
-    keys, prev = [], b""
+    keys = []
     kinds = raw[pos:pos + nent]
     sizes = _from_le("q", raw[pos + nent:pos + 9 * nent])
     atimes = _from_le("q", raw[pos + 9 * nent:pos + 17 * nent])
@@ -2464,14 +2464,13 @@ def decode_chunk(data, count):
         raise ValueError("lengths")
     i = 0
     for s in range(nseg):
-        shared, slen, n = table[3 * s], table[3 * s + 1], table[3 * s + 2]
-        prev = prev[:shared] + raw[dpos:dpos + slen]
-        dpos += slen
+        dlen, n = table[2 * s], table[2 * s + 1]
         seg = name_list[i:i + n]
-        if prev:
-            keys.extend(map((prev + b"\0").__add__, seg))
+        if dlen:
+            keys.extend(map((raw[dpos:dpos + dlen] + b"\0").__add__, seg))
         else:
             keys.extend(seg)
+        dpos += dlen
         i += n
     if i != nent:
         raise ValueError("segments")
@@ -2671,18 +2670,17 @@ class ManifestWriter(object):
     # -- chunks
     def _encode(self):
         """The chunk being built, uncompressed: "<III" (segments, entries, names length),
-        per segment "<III" (bytes shared with the previous segment's directory key, length
-        of the rest, entries), the rests, the names (NUL between), kinds, sizes, atimes."""
+        per segment "<II" (length of its directory's key, entries), the directory keys,
+        the names (NUL between), kinds, sizes, atimes. (zlib takes care of the keys'
+        shared prefixes.)"""
         import array
-        table, rests, prev = array.array("I"), [], b""
+        table = array.array("I")
         for d, n in zip(self.seg_dirs, self.seg_counts):
-            shared = len(os.path.commonprefix([prev, d])) if prev else 0
-            table.extend((shared, len(d) - shared, n))
-            rests.append(d[shared:])
-            prev = d
+            table.append(len(d))
+            table.append(n)
         names = b"\0".join(self.names)
         return b"".join([self.struct.pack("<III", len(self.seg_dirs), self.count, len(names)),
-                         _le(table), b"".join(rests), names, b"".join(self.kinds),
+                         _le(table), b"".join(self.seg_dirs), names, b"".join(self.kinds),
                          b"".join(self.sizes), b"".join(self.atimes)])
 
     def _emit(self):
@@ -3771,8 +3769,15 @@ class DatasetRun(object):
         previous = self.store.manifests(self.name)
         self.forensics = dict(FORENSICS_ZERO, previous_walk_started=None)
         if previous:
-            self.forensics = compare_manifests(previous[0][1], writer.path,
-                                               purge_days_of(self.cfg))
+            try:
+                self.forensics = compare_manifests(previous[0][1], writer.path,
+                                                   purge_days_of(self.cfg))
+            except (Failure, OSError) as e:
+                # What vanished stays unknown this time; the walk and its manifest stand.
+                self.forensics = None
+                self.manifest_note = "what vanished is not known: %s" % (
+                    e if isinstance(e, Failure) else "%s: %s" % (previous[0][1], e.strerror))
+                self.write_log("manifest compare failed (%s)" % self.manifest_note)
         self.manifest_path = self.store.keep_manifest(self.name, writer.path)
 
     def walk(self, budget, should_stop, progress):
@@ -5606,6 +5611,8 @@ def describe_result(r):
                     human_bytes(r.get("bytes_vanished", 0)),
                     human_count(r.get("entries_likely_purged", 0)),
                     human_bytes(r.get("bytes_likely_purged", 0)), PROG, name)
+    if r.get("manifest_note"):
+        body += "; " + r["manifest_note"]
     if r["errors"]:
         body += "; %s (vanished or permission denied%s)" % (
             plural(r["errors"], "error"), ", listed in " + r["log"] if r.get("log") else "")
