@@ -308,7 +308,7 @@ def test_status_json_schedule_parses_squeue(generic, tmp_path):
     assert e["schedule"] == {"method": "sbatch", "cadence_days": 14,
                              "installed": "2029-12-31T00:00:00Z",
                              "next_run": "2030-01-14T03:53:00Z", "pending_jobs": ["1234"],
-                             "error": None}, e
+                             "error": None, "mail_user": None}, e
     assert [a[0] for a in calls] == ["squeue"]
     assert sk.slurm_time_utc("N/A") is None
 
