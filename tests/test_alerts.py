@@ -327,8 +327,11 @@ def test_brief_check_mode_risk_purge_eligible_and_at_risk(cli, generic):
     alerts = _alerts(cli)
     assert [(a["name"], a["kind"]) for a in alerts] == [("aging", "at-risk"),
                                                         ("old", "purge-eligible")], alerts
-    assert alerts[0]["message"].startswith("10 entries (4.0 KiB) at risk, found by the check walk")
-    assert alerts[1]["message"].startswith("10 entries (4.0 KiB) purge-eligible, 10 at risk (4.0 KiB)")
+    # 10 entries; the bytes are the sentinel's 4 KiB and the files' 9 B
+    assert alerts[0]["message"].startswith("10 entries (4.0 KiB) at risk, found by the check "
+                                           "walk of "), alerts
+    assert alerts[1]["message"].startswith("10 entries (4.0 KiB) purge-eligible, 10 at risk "
+                                           "(4.0 KiB), found by the check walk of "), alerts
     assert alerts[1]["command"] == "scratch-keepalive status --name old"
     # A touch walk since: they were refreshed, nothing to say.
     assert cli("refresh", "--name", "old").rc == 0
