@@ -25,6 +25,7 @@ Commands:
   init            choose the profile (br200 or generic) and scratch root
   add             register a dataset with a keep-until date
   list, status    show datasets, their state, last runs and checkpoints
+                  (status --brief: only what needs attention, for ~/.bashrc)
   refresh         walk datasets now (touch or check mode), resumably
   extend          move a keep-until date, record a site approval
   enable, disable pause or resume one dataset
