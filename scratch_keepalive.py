@@ -2832,8 +2832,9 @@ def _brief_dataset(ds, today):
             ", listed in " + display_path(run["log"]) if run.get("log") else ""), status_cmd))
     if days_left <= BRIEF_KEEP_DAYS:
         found.append(("keep-until", "kept only until %s (%s): after that it is no longer "
-                      "refreshed" % (ds["keep_until"], "today" if days_left == 0 else
-                                     "in " + plural(days_left, "day")), extend_cmd))
+                      "refreshed or checked" % (ds["keep_until"], "today" if days_left == 0
+                                                else "in " + plural(days_left, "day")),
+                      extend_cmd))
     if not found:
         return None
     return _alert(name, found[0][0], "; ".join(words for _, words, _ in found), found[0][2])
@@ -5291,8 +5292,8 @@ def _cmd_status_brief(args, ctx):
         emit_json(ctx, alerts)
         return EXIT_OK
     for a in alerts:
-        say(ctx, "%s: %s: %s: `%s`" % (PROG, a["name"] or "schedule", a["message"],
-                                        a["command"]))
+        say(ctx, "%s: %s: %s; run `%s`" % (PROG, a["name"] or "schedule", a["message"],
+                                            a["command"]))
     return EXIT_OK
 
 

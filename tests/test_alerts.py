@@ -309,8 +309,8 @@ def _alerts(cli):
     assert len(text) == len(alerts), (text, alerts)
     for line, a in zip(text, alerts):
         assert set(a) == {"name", "kind", "message", "command"}, a
-        assert line == "scratch-keepalive: %s: %s: `%s`" % (a["name"] or "schedule",
-                                                            a["message"], a["command"])
+        assert line == "scratch-keepalive: %s: %s; run `%s`" % (a["name"] or "schedule",
+                                                                a["message"], a["command"])
     return alerts
 
 
