@@ -3865,9 +3865,9 @@ def _schedule_request(ctx, cfg, old, req):
                          % time_limit)
     mail_user = req.mail_user if req.mail_user is not None else old.get("mail_user")
     if mail_user is not None and _mail_user(mail_user):
-        raise UsageError("--mail-user %r is not an address Slurm can be given here: use one "
-                         "word like jdoe@iu.edu (one '@'; letters, digits and . _ + - only)"
-                         % (mail_user,))
+        raise UsageError("--mail-user %r is not an address this tool passes to Slurm (one "
+                         "word with one '@'; letters, digits, '.', '_', '+' and '-' only); "
+                         "give one like jdoe@iu.edu" % (mail_user,))
     reg = ctx.store.load_registry()
     enabled = [d for d in reg["datasets"].values() if d.get("enabled", True)]
     cadence = (req.cadence_days or old.get("cadence_days")
