@@ -68,7 +68,7 @@ import time
 
 __all__ = [
     "main", "Failure", "UsageError", "BusyError", "StateError",
-    "init", "add_dataset", "list_datasets", "status", "refresh",
+    "init", "add_dataset", "list_datasets", "status", "brief", "refresh",
     "extend", "set_enabled", "remove_dataset", "doctor", "repair",
     "install_cron", "uninstall_cron", "__version__",
 ]

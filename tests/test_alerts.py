@@ -306,6 +306,7 @@ def _alerts(cli):
     r = brief(cli, "--json")
     text = brief(cli).out.splitlines()
     alerts = r.json()
+    assert sk.brief() == alerts
     assert len(text) == len(alerts), (text, alerts)
     for line, a in zip(text, alerts):
         assert set(a) == {"name", "kind", "message", "command"}, a

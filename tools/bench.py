@@ -11,7 +11,8 @@ under --workdir (wide, deep, four sparse 1 TiB files) and times whole processes,
 interleaved round by round: the tool in touch and check mode against `find -exec touch`
 and the stat floor; its peak memory at 1M and 100k entries and in one directory of
 200k; the cost of a checkpoint; and, with the shim adding --latency-ms to every
-stat/utimensat call, the sequential walk against --threads and --workers 8, 16 and 32.
+stat/utimensat call, the sequential walk against --threads and --workers 8, 16 and 32;
+and `status --brief` with 50 registered datasets (the brief phase).
 It prints a table headed by the machine's description, writes every figure to --json
 FILE and ends with PASS/FAIL per target; it exits non-zero when it, or a timed command,
 failed.
