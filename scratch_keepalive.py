@@ -3020,7 +3020,8 @@ def refresh(name=None, due=False, check=False, dry_run=False, max_seconds=None,
 
     should_stop() may return "term", "hup" or "int" to stop the walk at the next
     entry, with the checkpoint saved. No printing, no signal handlers. fail_on_risk:
-    exit_code is risk_exit_code()'s, and "risk" names the datasets that made it 1.
+    exit_code is risk_exit_code()'s, and "risk" lists (name, what was found) for the
+    datasets whose walk made it 1.
     """
     ctx = _ctx(state_dir, env)
     opts = RefreshOptions(name, due, check, dry_run, max_seconds, max_entries, threads,
