@@ -25,6 +25,7 @@ Commands:
   init            choose the profile (br200 or generic) and scratch root
   add             register a dataset with a keep-until date
   list, status    show datasets, their state, last runs and checkpoints
+                  (status --brief: only what needs attention, for ~/.bashrc)
   refresh         walk datasets now (touch or check mode), resumably
   extend          move a keep-until date, record a site approval
   enable, disable pause or resume one dataset
@@ -67,7 +68,7 @@ import time
 
 __all__ = [
     "main", "Failure", "UsageError", "BusyError", "StateError",
-    "init", "add_dataset", "list_datasets", "status", "refresh",
+    "init", "add_dataset", "list_datasets", "status", "brief", "refresh",
     "extend", "set_enabled", "remove_dataset", "doctor", "repair",
     "install_cron", "uninstall_cron", "__version__",
 ]
@@ -81,6 +82,12 @@ SENTINEL_SETTINGS = ("keep_until", "cadence_days", "approval")   # recorded for 
 JOB_NAME = "scratch-keepalive"
 # WARNING: \Z, not $: "$" also matches before a trailing newline ("evil\n" would pass).
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+# install-cron --mail-user: one '@', no space, quote, '#' or shell character, so that the
+# address stays one word on an #SCRON line (split at spaces), in an #SBATCH line and in a
+# shell; no leading '-' (an option to sbatch).
+MAIL_RE = re.compile(r"^[A-Za-z0-9_+][A-Za-z0-9._+-]{0,63}@"
+                     r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+                     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\Z")
 DAY = 86400
 # A write failed because the disk or the user's quota is full.
 FULL_ERRNOS = tuple(getattr(errno, n) for n in ("ENOSPC", "EDQUOT") if hasattr(errno, n))
@@ -669,6 +676,11 @@ def _slurm_mem(v):
         return "a Slurm memory size such as 2G"
 
 
+def _mail_user(v):
+    if not isinstance(v, str) or not MAIL_RE.match(v):
+        return "an e-mail address such as jdoe@iu.edu"
+
+
 def _run(v):
     """A refresh result as the registry keeps it (`last_run`), as far as the tool reads it."""
     schema = dict(RUN_SCHEMA)
@@ -713,6 +725,10 @@ SCHEDULE_RUN_SCHEMA = {
     "job_id": (False, _null_or(_str)), "finished": _OPT_TIME,
     "exit_code": (False, _null_or(_int(0, 255))), "continuation": (False, _null_or(_str)),
     "datasets": (False, _null_or(_list_of(_str, "names"))),
+    # refresh --fail-on-risk: the code the run had before the risk found made it 1, and
+    # the datasets whose risk did.
+    "exit_code_before_risk": (False, _null_or(_int(0, 255))),
+    "risk": (False, _null_or(_list_of(_str, "names"))),
 }
 SCHEDULE_SCHEMA = {
     "method": (True, _one_of("scrontab", "sbatch")), "cadence_days": (True, _int(1, 3650)),
@@ -722,6 +738,7 @@ SCHEDULE_SCHEMA = {
     "script": (False, _null_or(_abs_path)), "job_script": (False, _null_or(_abs_path)),
     "installed": _OPT_TIME, "job_id": (False, _null_or(_str)),
     "last_run": (False, _null_or(_object(SCHEDULE_RUN_SCHEMA))),
+    "mail_user": (False, _null_or(_mail_user)),
 }
 LOCK_SCHEMA = {"pid": (True, _int(1, 2 ** 31 - 1)), "host": (True, _str), "since": (False, _str)}
 
@@ -3340,6 +3357,145 @@ def _status(ctx, name=None, with_schedule=True):
             e["schedule"] = None if sched is None else dict(sched)
     return entries
 
+
+def brief(state_dir=None, env=None):
+    """What needs attention, as `status --brief --json` prints it: a list of {"name" (None
+    for the schedule), "kind", "message", "command"}; empty when nothing does."""
+    return _brief(_ctx(state_dir, env))
+
+
+BRIEF_KEEP_DAYS = 7             # status --brief tells of a keep-until this close
+
+
+def _brief(ctx):
+    """One alert per dataset that needs attention, then one for the schedule.
+
+    It reads the state directory only: no walk, no stat of a dataset, no Slurm command,
+    so that it can run at every login (from ~/.bashrc) and stay fast however many
+    datasets there are and however slow scratch or the Slurm controller is.
+    """
+    datasets = ctx.store.load_registry()["datasets"]
+    today = utc_date(ctx.now)
+    alerts = [a for a in (_brief_dataset(datasets[n], today) for n in sorted(datasets)) if a]
+    sched = _brief_schedule(ctx, datasets, today)
+    return alerts + ([sched] if sched else [])
+
+
+def _alert(name, kind, message, command):
+    return {"name": name, "kind": kind, "message": message, "command": command}
+
+
+def _last_walk_totals(ds):
+    """The counts of the last complete walk (of either mode) as a whole, or {}."""
+    totals = ds.get("last_totals")
+    if isinstance(totals, dict):
+        return totals
+    run = ds.get("last_run")
+    return run if isinstance(run, dict) and run.get("complete") and not run.get("resumed") else {}
+
+
+def _brief_dataset(ds, today):
+    """The alert for one dataset, or None: its most urgent kind and command, and every
+    finding in the message. A keep-until that passed more than a week ago says nothing:
+    the dataset was let go."""
+    name = ds["name"]
+    days_left = (parse_date(ds["keep_until"]) - today).days
+    status_cmd = "%s status --name %s" % (PROG, name)
+    extend_cmd = "%s extend --name %s --keep-until YYYY-MM-DD" % (PROG, name)
+    if days_left < -BRIEF_KEEP_DAYS:
+        return None
+    if days_left < 0:
+        return _alert(name, "keep-until", "its keep-until date %s has passed: it is no longer "
+                      "refreshed or checked" % ds["keep_until"], extend_cmd)
+    found = []              # (kind, words, command), most urgent first
+    totals, run = _last_walk_totals(ds), ds.get("last_run") or {}
+    when = (ds.get("last_refresh") or "")[:10]
+    # The key comes with purge forensics: the merge of a walk's manifest with the last one.
+    purged = run if run.get("complete") else totals
+    if purged.get("entries_likely_purged", 0) > 0:
+        found.append(("likely-purged", "%s (%s) likely purged by the site before the walk of "
+                      "%s" % (plural(purged["entries_likely_purged"], "entry", "entries"),
+                              human_bytes(purged.get("bytes_likely_purged", 0)), when),
+                      status_cmd))
+    if ds.get("last_mode") == "check" and totals.get("entries_purge_eligible", 0) > 0:
+        found.append(("purge-eligible", "%s (%s) purge-eligible, %s at risk (%s), found by the "
+                      "check walk of %s: copy what you need somewhere safe" % (
+                          plural(totals["entries_purge_eligible"], "entry", "entries"),
+                          human_bytes(totals.get("bytes_purge_eligible", 0)),
+                          human_count(totals.get("entries_at_risk", 0)),
+                          human_bytes(totals.get("bytes_at_risk", 0)), when), status_cmd))
+    elif ds.get("last_mode") == "check" and totals.get("entries_at_risk", 0) > 0:
+        found.append(("at-risk", "%s (%s) at risk, found by the check walk of %s: copy what "
+                      "you need somewhere safe" % (
+                          plural(totals["entries_at_risk"], "entry", "entries"),
+                          human_bytes(totals.get("bytes_at_risk", 0)), when), status_cmd))
+    if run.get("errors", 0) > 0:
+        found.append(("errors", "its last run (%s) had %s%s" % (
+            (run.get("finished") or "?")[:10], plural(run["errors"], "error"),
+            ", listed in " + display_path(run["log"]) if run.get("log") else ""), status_cmd))
+    if days_left <= BRIEF_KEEP_DAYS:
+        found.append(("keep-until", "kept only until %s (%s): after that it is no longer "
+                      "refreshed or checked" % (ds["keep_until"], "today" if days_left == 0
+                                                else "in " + plural(days_left, "day")),
+                      extend_cmd))
+    if not found:
+        return None
+    return _alert(name, found[0][0], "; ".join(words for _, words, _ in found), found[0][2])
+
+
+def _brief_schedule(ctx, datasets, today):
+    """The schedule's alert, or None: missing (datasets to keep, no schedule), failed (its
+    last run failed, or its record cannot be read), silent (no scheduled run has reported
+    for cadence + 3 days since the last report or the install)."""
+    live = [d for d in datasets.values() if d.get("enabled", True)
+            and parse_date(d["keep_until"]) >= today]
+    try:
+        doc = load_schedule(ctx.store)
+    except StateError:
+        return _alert(None, "failed", "its record in the state directory cannot be read",
+                      "%s doctor" % PROG)
+    if doc is None:
+        if not live:
+            return None
+        cfg = ctx.store.load_config() or {}
+        account = cfg.get("profile") in PROFILES and profile_of(cfg)["account_required"]
+        return _alert(None, "missing", "none is installed, so %s refreshed or checked only "
+                      "when you run refresh" % ("%s is" % live[0]["name"] if len(live) == 1 else
+                                                "%d datasets are" % len(live)),
+                      "%s install-cron%s" % (PROG, " --account ACCOUNT" if account else ""))
+    last = doc.get("last_run") or {}
+    failed = _scheduled_run_failed(last)
+    if failed:
+        log = os.path.join(ctx.store.log_dir, "slurm-%s.out" % last["job_id"]) \
+            if last.get("job_id") else None
+        return _alert(None, "failed", "its last run (job %s, %s) %s%s" % (
+            last.get("job_id") or "?", (last.get("finished") or "?")[:10], failed,
+            "; its log: " + display_path(log) if log else ""), "%s doctor" % PROG)
+    times = [parse_iso(t) for t in (doc.get("installed"), last.get("finished"))
+             if isinstance(t, str)]
+    since = max(times) if times else None
+    limit = int(doc.get("cadence_days") or 14) + 3
+    if live and since is not None and ctx.now - since > limit * DAY:
+        return _alert(None, "silent", "no scheduled run has reported since %s (more than %d "
+                      "days: cadence + 3)" % (iso(since)[:10], limit), "%s doctor" % PROG)
+    return None
+
+
+def _scheduled_run_failed(last):
+    """How a scheduled run's record says it failed, or None. A stop whose continuation was
+    booked did not fail, nor did a run that --fail-on-risk made exit 1 (the datasets say
+    that risk)."""
+    code = last.get("exit_code_before_risk", last.get("exit_code"))
+    if code in (None, EXIT_OK):
+        return None
+    said = last.get("continuation")
+    if code == EXIT_STOPPED:
+        if said and not said.startswith(CONTINUATION_FAILED):
+            return None
+        return "stopped before its walk completed, and %s" % (
+            said or "no continuation was booked")
+    return "failed (exit %d)" % code
+
 # ---------------------------------------------------------------- API: extend, enable, remove
 
 
@@ -3429,7 +3585,7 @@ def _delete_sentinel_of(ctx, ds):
 class RefreshOptions(object):
     def __init__(self, name=None, due=False, check=False, dry_run=False, max_seconds=None,
                  max_entries=None, threads=None, checkpoint_every=CHECKPOINT_SECONDS,
-                 workers=None, no_manifest=False):
+                 workers=None, no_manifest=False, fail_on_risk=False):
         self.name = name
         self.no_manifest = no_manifest
         self.due = due
@@ -3440,6 +3596,7 @@ class RefreshOptions(object):
         self.threads = threads
         self.checkpoint_every = checkpoint_every
         self.workers = workers
+        self.fail_on_risk = bool(fail_on_risk)
 
 
 class Budget(object):
@@ -3468,15 +3625,18 @@ def empty_result(name, mode, reason=None):
 
 def refresh(name=None, due=False, check=False, dry_run=False, max_seconds=None,
             max_entries=None, threads=None, state_dir=None, env=None, should_stop=None,
-            progress=None, workers=None, no_manifest=False):
+            progress=None, workers=None, no_manifest=False, fail_on_risk=False):
     """Refresh (or check) datasets. Returns {"results": [...], "exit_code": N, "notes": [...]}.
 
     should_stop() may return "term", "hup" or "int" to stop the walk at the next
-    entry, with the checkpoint saved. No printing, no signal handlers.
+    entry, with the checkpoint saved. No printing, no signal handlers. fail_on_risk:
+    exit_code is risk_exit_code()'s, and "risk" lists (name, what was found) for the
+    datasets whose walk made it 1.
     """
     ctx = _ctx(state_dir, env)
     opts = RefreshOptions(name, due, check, dry_run, max_seconds, max_entries, threads,
-                          workers=workers, no_manifest=no_manifest)
+                          workers=workers, no_manifest=no_manifest,
+                          fail_on_risk=fail_on_risk)
     return _refresh(ctx, opts, should_stop=should_stop, progress=progress)
 
 
@@ -3569,7 +3729,52 @@ def _refresh(ctx, opts, should_stop=None, progress=None):
         codes.append(code)
         if code == EXIT_INTERRUPTED:
             break
-    return {"results": results, "exit_code": combine_exit_codes(codes), "notes": notes}
+    out = {"results": results, "exit_code": combine_exit_codes(codes), "notes": notes}
+    if opts.fail_on_risk:
+        out["risk"], out["codes"] = risk_found(ctx, results), codes
+        out["exit_code"] = risk_exit_code(codes, out["risk"])
+        if out["risk"]:
+            notes.append("--fail-on-risk: exit 1, because of %s" % "; ".join(
+                "%s (%s)" % (n, why) for n, why in out["risk"]))
+    return out
+
+
+def risk_found(ctx, results):
+    """[(name, what)] for the walks `refresh --fail-on-risk` fails on: a complete check walk
+    that found purge-eligible entries, or a walk of either mode that found entries likely
+    purged since the previous complete walk.
+
+    WARNING: a result counts one invocation; a walk completed by a resumed run is judged
+    by the whole walk's totals, which the registry holds once the run is recorded.
+    """
+    try:
+        datasets = ctx.store.load_registry()["datasets"]
+    except StateError:
+        datasets = {}
+    found = []
+    for r in results:
+        why = []
+        eligible = r.get("entries_purge_eligible", 0)
+        if r.get("resumed") and not r.get("dry_run"):
+            totals = (datasets.get(r["name"]) or {}).get("last_totals") or {}
+            eligible = max(eligible, totals.get("entries_purge_eligible", 0))
+        if r.get("complete") and r.get("mode") == "check" and eligible > 0:
+            why.append("%s purge-eligible" % plural(eligible, "entry", "entries"))
+        # The key comes with purge forensics (the manifest merge at a walk's end).
+        if r.get("entries_likely_purged", 0) > 0:
+            why.append("%s likely purged" % plural(r["entries_likely_purged"], "entry",
+                                                   "entries"))
+        if why:
+            found.append((r["name"], ", ".join(why)))
+    return found
+
+
+def risk_exit_code(codes, risk, continued=False):
+    """The exit code of `refresh --fail-on-risk`: the first of 130, 1, 3, 4, 0 that any
+    dataset produced, as without it, where risk found counts as a 1, and (continued: a
+    scheduled run that booked the continuation of its stopped walks) a stop as a 0."""
+    codes = [EXIT_OK if c == EXIT_STOPPED and continued else c for c in codes]
+    return combine_exit_codes(codes + ([EXIT_FAIL] if risk else []))
 
 
 def _refresh_one(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
@@ -3911,6 +4116,7 @@ class DatasetRun(object):
 SCRON_BEGIN = "# BEGIN scratch-keepalive: managed by `scratch-keepalive install-cron`; do not edit"
 SCRON_END = "# END scratch-keepalive"
 RESUME_JOB_NAME = JOB_NAME + "-resume"
+CONTINUATION_FAILED = "could not schedule a continuation"
 JOB_MARGIN_SECONDS = 300        # the refresh stops this long before the job's time limit
 
 
@@ -4144,18 +4350,20 @@ class CronRequest(object):
     else the profile's; install_cron()'s keyword arguments are the public form of this."""
 
     def __init__(self, method="auto", account=None, partition=None, cpus=None, mem=None,
-                 time_limit=None, cadence_days=None, dry_run=False, reinstall=False):
+                 time_limit=None, cadence_days=None, dry_run=False, reinstall=False,
+                 mail_user=None):
         self.method = method or "auto"
         self.account, self.partition, self.cpus, self.mem = account, partition, cpus, mem
         self.time_limit, self.cadence_days = time_limit, cadence_days
         self.dry_run, self.reinstall = bool(dry_run), bool(reinstall)
+        self.mail_user = mail_user
 
 
 class Schedule(object):
     """What install-cron installs: the request, the paths, and the texts rendered from them."""
 
     def __init__(self, store, cfg, env, method, account, partition, cpus, mem, time_limit,
-                 cadence, python=None, script=None):
+                 cadence, python=None, script=None, mail_user=None):
         self.store = store
         self.cfg = cfg
         self.env = env
@@ -4170,6 +4378,9 @@ class Schedule(object):
         self.script = script or script_path()
         self.user = current_user(env)
         self.job_script = job_script_path(store)
+        # Slurm mails this address when the job fails, and the job runs refresh
+        # --fail-on-risk, so that risk found by a walk is such a failure.
+        self.mail_user = mail_user
 
     @classmethod
     def from_doc(cls, store, cfg, env, doc, method=None):
@@ -4179,14 +4390,18 @@ class Schedule(object):
                    cpus=int(doc.get("cpus") or 1), mem=doc.get("mem") or "2G",
                    time_limit=doc.get("time") or "2:00:00",
                    cadence=int(doc.get("cadence_days") or 14),
-                   python=doc.get("python"), script=doc.get("script"))
+                   python=doc.get("python"), script=doc.get("script"),
+                   mail_user=doc.get("mail_user"))
 
     def as_dict(self):
-        return {"method": self.method, "account": self.account, "partition": self.partition,
-                "cpus": self.cpus, "mem": self.mem, "time": self.time,
-                "cadence_days": self.cadence, "python": self.python, "script": self.script,
-                "job_script": self.job_script if self.method == "sbatch" else None,
-                "state_dir": self.store.dir, "scratch_root": self.cfg["scratch_root"]}
+        doc = {"method": self.method, "account": self.account, "partition": self.partition,
+               "cpus": self.cpus, "mem": self.mem, "time": self.time,
+               "cadence_days": self.cadence, "python": self.python, "script": self.script,
+               "job_script": self.job_script if self.method == "sbatch" else None,
+               "state_dir": self.store.dir, "scratch_root": self.cfg["scratch_root"]}
+        if self.mail_user:      # only then: without it, install-cron prints what it did before
+            doc["mail_user"] = self.mail_user
+        return doc
 
     def max_seconds(self):
         limit = parse_slurm_time(self.time)
@@ -4200,6 +4415,8 @@ class Schedule(object):
             opts.append("--account=" + self.account)
         opts += ["--cpus-per-task=%d" % self.cpus, "--mem=" + self.mem, "--time=" + self.time,
                  "--output=" + os.path.join(slurm_filename(self.store.log_dir), "slurm-%j.out")]
+        if self.mail_user:      # MAIL_RE: one word, no quoting needed anywhere
+            opts += ["--mail-type=FAIL", "--mail-user=" + self.mail_user]
         return opts
 
     def check_paths(self):
@@ -4232,10 +4449,11 @@ class Schedule(object):
         # -c LOADER: the script loaded from its bytecode (see LOADER), not compiled anew.
         return "cd %s && unset SCRATCH_KEEPALIVE_NOW SCRATCH_KEEPALIVE_HOME && " \
                "SCRATCH_KEEPALIVE_SCRATCH_ROOT=%s exec %s -c %s %s --state-dir %s refresh " \
-               "--due --scheduled %s --max-seconds %d" % (
+               "--due%s --scheduled %s --max-seconds %d" % (
                    shell_quote(self.store.dir), shell_quote(self.cfg["scratch_root"]),
                    shell_quote(self.python), shell_quote(LOADER), shell_quote(self.script),
-                   shell_quote(self.store.dir), self.method, self.max_seconds())
+                   shell_quote(self.store.dir), " --fail-on-risk" if self.mail_user else "",
+                   self.method, self.max_seconds())
 
     def cron_block(self):
         (cad, dom, dow, lo, hi, desc), _ = cron_schedule(self.cadence)
@@ -4299,11 +4517,14 @@ def save_schedule(store, doc):
 
 def install_cron(method="auto", account=None, partition=None, cpus=None, mem=None,
                  time_limit=None, cadence_days=None, dry_run=False, reinstall=False,
-                 state_dir=None, env=None, runner=None):
-    """Install (or with dry_run, render) the Slurm schedule. Returns a dict describing it."""
+                 state_dir=None, env=None, runner=None, mail_user=None):
+    """Install (or with dry_run, render) the Slurm schedule. Returns a dict describing it.
+
+    mail_user: Slurm mails that address when a scheduled job fails, and the job runs
+    `refresh --due --fail-on-risk` (risk found is such a failure)."""
     ctx = _ctx(state_dir, env, runner)
     return _install_cron(ctx, CronRequest(method, account, partition, cpus, mem, time_limit,
-                                          cadence_days, dry_run, reinstall))
+                                          cadence_days, dry_run, reinstall, mail_user))
 
 
 def _schedule_request(ctx, cfg, old, req):
@@ -4327,6 +4548,11 @@ def _schedule_request(ctx, cfg, old, req):
     if seconds < 600:
         raise UsageError("--time %s is too short for a refresh; give at least 0:10:00"
                          % time_limit)
+    mail_user = req.mail_user if req.mail_user is not None else old.get("mail_user")
+    if mail_user is not None and _mail_user(mail_user):
+        raise UsageError("--mail-user %r is not an address this tool passes to Slurm (one "
+                         "word with one '@'; letters, digits, '.', '_', '+' and '-' only); "
+                         "give one like jdoe@iu.edu" % (mail_user,))
     reg = ctx.store.load_registry()
     enabled = [d for d in reg["datasets"].values() if d.get("enabled", True)]
     cadence = (req.cadence_days or old.get("cadence_days")
@@ -4334,7 +4560,7 @@ def _schedule_request(ctx, cfg, old, req):
                or prof["default_cadence"])
     return {"account": account, "partition": req.partition or old.get("partition")
             or prof["partition"], "cpus": int(req.cpus or old.get("cpus") or prof["cpus"]),
-            "mem": mem, "time_limit": time_limit,
+            "mem": mem, "time_limit": time_limit, "mail_user": mail_user,
             "cadence": _check_cadence(cfg, int(cadence))}, enabled
 
 
@@ -4550,7 +4776,7 @@ def schedule_status(ctx):
         return None
     info = {"method": doc.get("method"), "cadence_days": doc.get("cadence_days"),
             "installed": doc.get("installed"), "last_run": doc.get("last_run"),
-            "next_run": None, "pending_jobs": None}
+            "mail_user": doc.get("mail_user"), "next_run": None, "pending_jobs": None}
     try:
         jobs = ctx.slurm.pending(JOB_NAME)
         info["pending_jobs"] = [j for j, _ in jobs]
@@ -4573,12 +4799,13 @@ def schedule_summary(ctx):
         info = schedule_status(ctx)
     except StateError as e:     # a damaged record: say so, and still show the dataset
         return {"method": None, "cadence_days": None, "installed": None, "next_run": None,
-                "pending_jobs": [], "error": str(e)}
+                "pending_jobs": [], "error": str(e), "mail_user": None}
     if info is None:
         return None
     return {"method": info["method"], "cadence_days": info["cadence_days"],
             "installed": info["installed"], "next_run": slurm_time_utc(info["next_run"]),
-            "pending_jobs": info["pending_jobs"], "error": info.get("error")}
+            "pending_jobs": info["pending_jobs"], "error": info.get("error"),
+            "mail_user": info["mail_user"]}
 
 
 def slurm_time_utc(text):
@@ -4611,23 +4838,32 @@ def _scheduled_before(ctx, method):
         return doc, "could not submit the successor: %s" % e
 
 
-def _scheduled_after(ctx, method, doc, code, results):
-    """After a stopped run, one continuation soon; record the outcome for status and doctor."""
-    said = None
+def _scheduled_after(ctx, method, doc, code, results, risk=None, codes=None):
+    """After a stopped run, one continuation soon; record the outcome for status and doctor.
+
+    Returns (what was done, the job's exit code). With risk (refresh --fail-on-risk: the
+    risk found, and codes, each dataset's exit code) the code is risk_exit_code()'s: a
+    stop whose continuation is booked is no failure to mail about.
+    """
+    said = booked = None
     if code == EXIT_STOPPED and doc is not None:
         try:
             with ctx.store.schedule_lock():
                 said = _continue_soon(ctx, method, doc)
+            booked = said is not None
         except Failure as e:
-            said = "could not schedule a continuation: %s" % e
+            said = "%s: %s" % (CONTINUATION_FAILED, e)
+    final = code if risk is None else risk_exit_code(codes or [code], risk, booked)
     if doc is not None:
         doc = load_schedule(ctx.store) or doc
         doc["last_run"] = {"job_id": ctx.env.get("SLURM_JOB_ID"), "finished": iso(time.time()),
-                           "exit_code": code, "continuation": said,
+                           "exit_code": final, "continuation": said,
                            "datasets": [r["name"] for r in results]}
+        if risk is not None:
+            doc["last_run"].update(exit_code_before_risk=code, risk=[n for n, _ in risk])
         with contextlib.suppress(OSError):
             save_schedule(ctx.store, doc)
-    return said
+    return said, final
 
 
 def _continue_soon(ctx, method, doc):
@@ -5756,6 +5992,8 @@ def _status_lines(e):
 
 
 def cmd_status(args, ctx):
+    if args.brief:
+        return _cmd_status_brief(args, ctx)
     data = _status(ctx, args.name, with_schedule=args.json)
     if args.json:
         emit_json(ctx, data)
@@ -5775,6 +6013,22 @@ def cmd_status(args, ctx):
     return EXIT_OK
 
 
+def _cmd_status_brief(args, ctx):
+    """Nothing when nothing needs attention, else one line per alert, its command last."""
+    if args.name is not None:
+        raise UsageError("status --brief covers every dataset and the schedule, so it takes no "
+                         "--name; `%s status --name %s` shows that one in full"
+                         % (PROG, args.name))
+    alerts = _brief(ctx)
+    if args.json:
+        emit_json(ctx, alerts)
+        return EXIT_OK
+    for a in alerts:
+        say(ctx, "%s: %s: %s; run `%s`" % (PROG, a["name"] or "schedule", a["message"],
+                                            a["command"]))
+    return EXIT_OK
+
+
 def _schedule_lines(ctx):
     info = schedule_status(ctx)
     if info is None:
@@ -5787,6 +6041,9 @@ def _schedule_lines(ctx):
         lines.append("  next run:      %s" % (
             "%s (job %s)" % (info["next_run"], info["pending_jobs"][0]) if info["pending_jobs"]
             else "NONE PENDING: the chain is broken; run `%s doctor`" % PROG))
+    if info.get("mail_user"):
+        lines.append("  mail:          to %s when a run fails (the job runs refresh "
+                     "--fail-on-risk: risk found is a failure)" % info["mail_user"])
     run = info.get("last_run")
     lines.append("  last run:      %s" % ("never" if not run else "job %s finished %s, exit %s%s"
                                         % (run.get("job_id"), run.get("finished"),
@@ -5826,7 +6083,7 @@ def stop_signals():
 def cmd_refresh(args, ctx):
     opts = RefreshOptions(args.name, args.due, args.check, args.dry_run, args.max_seconds,
                           args.max_entries, args.threads, args.checkpoint_every, args.workers,
-                          no_manifest=args.no_manifest)
+                          no_manifest=args.no_manifest, fail_on_risk=args.fail_on_risk)
     progress = Progress(ctx.err)
     doc = None
     if args.scheduled:
@@ -5838,8 +6095,11 @@ def cmd_refresh(args, ctx):
             out = _refresh(ctx, opts, should_stop=should_stop, progress=progress)
         finally:
             progress.clear()
+    code = out["exit_code"]
     if args.scheduled:
-        said = _scheduled_after(ctx, args.scheduled, doc, out["exit_code"], out["results"])
+        before = combine_exit_codes(out["codes"]) if args.fail_on_risk else code
+        said, code = _scheduled_after(ctx, args.scheduled, doc, before, out["results"],
+                                      out.get("risk"), out.get("codes"))
         if said:
             out["notes"].append(said)
     if args.json:
@@ -5849,7 +6109,7 @@ def cmd_refresh(args, ctx):
             say(ctx, describe_result(r))
     for text in out["notes"]:
         note(ctx, text, to_err=args.json)
-    return out["exit_code"]
+    return code
 
 
 def cmd_extend(args, ctx):
@@ -5885,7 +6145,7 @@ def cmd_remove(args, ctx):
 def cmd_install_cron(args, ctx):
     info = _install_cron(ctx, CronRequest(args.method, args.account, args.partition, args.cpus,
                                           args.mem, args.time, args.cadence_days, args.dry_run,
-                                          args.reinstall))
+                                          args.reinstall, args.mail_user))
     for w in info["warnings"]:
         ctx.err.write("%s: warning: %s\n" % (PROG, w))
     if args.json:
@@ -5907,6 +6167,9 @@ def cmd_install_cron(args, ctx):
     say(ctx, "Request: partition %s, account %s, %d CPU, %s, %s. Logs: %s" % (
         sched["partition"] or "(default)", sched["account"] or "(default)", sched["cpus"],
         sched["mem"], sched["time"], ctx.store.log_dir))
+    if sched.get("mail_user"):
+        say(ctx, "Slurm mails %s when a run fails; the job runs refresh --fail-on-risk, so "
+                 "entries at risk of the purge count as a failure." % sched["mail_user"])
     return EXIT_OK
 
 
@@ -6086,9 +6349,19 @@ def build_parser():
     add_json_argument(p)
 
     p = _sub(subs, "status", cmd_status, "show datasets in detail",
-             "Show each dataset's state, thresholds, last run, checkpoint and sentinel.",
-             "  scratch-keepalive status\n  scratch-keepalive status --name genomes --json\n")
+             "Show each dataset's state, thresholds, last run, checkpoint and sentinel.\n\n"
+             "--brief prints nothing when nothing needs attention, else one line per "
+             "dataset that does (purge-eligible or at-risk entries found by a check walk, "
+             "entries likely purged, errors in its last run, a keep-until within %d days) and "
+             "one for the schedule (missing, failed, or silent: no scheduled run has reported "
+             "for cadence + 3 days), each ending with the command to run. It reads the state "
+             "directory only (no walk, no Slurm command), for ~/.bashrc." % BRIEF_KEEP_DAYS,
+             "  scratch-keepalive status\n  scratch-keepalive status --name genomes --json\n"
+             "  scratch-keepalive status --brief     # in ~/.bashrc: "
+             "case $- in *i*) scratch-keepalive status --brief;; esac\n")
     add_name_argument(p, required=False, help_text="only this dataset")
+    p.add_argument("--brief", action="store_true",
+                   help="only what needs attention, one line each (nothing when all is well)")
     add_json_argument(p)
 
     p = _sub(subs, "refresh", cmd_refresh, "walk datasets now (touch or check mode)",
@@ -6126,6 +6399,13 @@ def build_parser():
     p.add_argument("--no-manifest", action="store_true",
                    help="write no manifest of this walk (`files`, `rescue` and the vanished "
                         "counts keep using the last one)")
+    p.add_argument("--fail-on-risk", action="store_true",
+                   help="exit 1 when a complete check walk found purge-eligible entries, or "
+                        "a walk of either mode found entries likely purged since the previous "
+                        "one (what install-cron --mail-user runs, so that Slurm mails you); "
+                        "only the exit code changes. Precedence: 130, then 1 (a failure or "
+                        "this risk), then 3, 4, 0; in a scheduled job, a stop whose "
+                        "continuation was booked counts as 0")
     p.add_argument("--scheduled", choices=("scrontab", "sbatch", "resume"),
                    help=argparse.SUPPRESS)
     add_json_argument(p)
@@ -6165,7 +6445,8 @@ def build_parser():
              "`refresh --due` with this interpreter and this file's absolute paths.",
              "  scratch-keepalive install-cron --account r00000 --dry-run   # show, change nothing\n"
              "  scratch-keepalive install-cron --account r00000\n"
-             "  scratch-keepalive install-cron --account r00000 --method sbatch --time 4:00:00\n")
+             "  scratch-keepalive install-cron --account r00000 --method sbatch --time 4:00:00\n"
+             "  scratch-keepalive install-cron --account r00000 --mail-user jdoe@iu.edu\n")
     p.add_argument("--method", choices=("auto", "scrontab", "sbatch"), default="auto",
                    help="auto (default): scrontab where it works, else the sbatch chain")
     p.add_argument("--account", metavar="A", help="Slurm account (required on br200)")
@@ -6179,6 +6460,10 @@ def build_parser():
     p.add_argument("--reinstall", action="store_true",
                    help="reinstall the recorded schedule with this interpreter and file "
                         "(after an upgrade or a move)")
+    p.add_argument("--mail-user", metavar="ADDR",
+                   help="Slurm mails ADDR when a run fails (--mail-type=FAIL), and the job "
+                        "runs refresh --due --fail-on-risk: purge-eligible entries (check "
+                        "mode) or entries likely purged make it fail")
     add_json_argument(p)
 
     p = _sub(subs, "uninstall-cron", cmd_uninstall_cron, "remove the Slurm schedule",

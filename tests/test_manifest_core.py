@@ -217,3 +217,29 @@ def test_doctor_warns_when_manifests_crowd_the_state_directory(tmp_path):
         assert "--no-manifest" in checks["manifests"]["message"]
     finally:
         subprocess.run(["umount", str(fs)])
+
+
+def test_fail_on_risk_exits_1_for_entries_likely_purged_in_touch_mode(cli, generic):
+    """A touch-mode dataset (nothing purge-eligible is left after a touch walk) whose old
+    files vanish between two walks: only --fail-on-risk turns that into exit 1."""
+    root = generic["scratch"] / "ds"
+    root.mkdir()
+    for i in range(6):
+        (root / ("f%d" % i)).write_bytes(b"z" * 5)
+        os.utime(str(root / ("f%d" % i)), (NOW_EPOCH - 45 * DAY, NOW_EPOCH - 45 * DAY))
+    setup(cli, generic, root)
+    r = cli("refresh", "--name", "ds", "--fail-on-risk", "--json")
+    assert r.rc == 0, r         # touched: purge-eligible as found, but in touch mode
+    assert r.json()["results"][0]["entries_touched"] == 8      # root, sentinel, 6 files
+    os.unlink(str(root / "f1"))
+    os.unlink(str(root / "f2"))
+    plain = cli("refresh", "--name", "ds", "--json")
+    assert plain.rc == 0, plain
+    res = plain.json()["results"][0]
+    assert (res["entries_likely_purged"], res["bytes_likely_purged"]) == (2, 10), res
+    os.unlink(str(root / "f3"))
+    r = cli("refresh", "--name", "ds", "--fail-on-risk", "--json")
+    assert r.rc == 1, r
+    # The touch walks set f3's atime to the real clock, years before the policy clock.
+    assert r.json()["results"][0]["entries_likely_purged"] == 1, r
+    assert r.json()["results"][0]["entries_vanished"] == 1

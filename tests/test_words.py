@@ -129,8 +129,8 @@ def test_json_and_install_cron_text_are_not_rewritten(generic):
     assert r.rc == 0, r
     assert "# Managed by `scratch-keepalive install-cron`; `scratch-keepalive uninstall-cron`" \
         in r.out, r
-    assert "exec %s %s --state-dir" % (shlex.quote(sys.executable), shlex.quote(str(SCRIPT))) \
-        in r.out, r
+    assert "exec %s -c %s %s --state-dir" % (
+        shlex.quote(sys.executable), shlex.quote(sk.LOADER), shlex.quote(str(SCRIPT))) in r.out, r
     r = run([sys.executable, "scratch_keepalive.py", "install-cron", "--method", "sbatch",
              "--dry-run", "--json"], cwd=REPO)
     assert r.rc == 0, r
@@ -308,7 +308,7 @@ def test_status_json_schedule_parses_squeue(generic, tmp_path):
     assert e["schedule"] == {"method": "sbatch", "cadence_days": 14,
                              "installed": "2029-12-31T00:00:00Z",
                              "next_run": "2030-01-14T03:53:00Z", "pending_jobs": ["1234"],
-                             "error": None}, e
+                             "error": None, "mail_user": None}, e
     assert [a[0] for a in calls] == ["squeue"]
     assert sk.slurm_time_utc("N/A") is None
 

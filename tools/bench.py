@@ -11,7 +11,8 @@ under --workdir (wide, deep, four sparse 1 TiB files) and times whole processes,
 interleaved round by round: the tool in touch and check mode against `find -exec touch`
 and the stat floor; its peak memory at 1M and 100k entries and in one directory of
 200k; the cost of a checkpoint; and, with the shim adding --latency-ms to every
-stat/utimensat call, the sequential walk against --threads and --workers 8, 16 and 32.
+stat/utimensat call, the sequential walk against --threads and --workers 8, 16 and 32;
+and `status --brief` with 50 registered datasets (the brief phase).
 It prints a table headed by the machine's description, writes every figure to --json
 FILE and ends with PASS/FAIL per target; it exits non-zero when it, or a timed command,
 failed.
@@ -41,7 +42,8 @@ OLD_DAYS = 60                   # "old": atime 60 days ago (the tool's skip thre
 TOOL_CHECKPOINT_S = 30.0        # the tool's default --checkpoint-every
 SINGLE_DIR_ENTRIES = 200000     # the one-directory memory tree, before --scale
 PARALLEL = (8, 16, 32)          # --threads N and --workers N in the latency runs
-PHASES = ("wide", "deep", "sparse", "memory", "latency")
+PHASES = ("wide", "deep", "sparse", "memory", "latency", "brief")
+BRIEF_DATASETS = 50             # registered for the `status --brief` timing
 # (label, extra refresh arguments) per latency run; the first one is the baseline.
 LATENCY_VARIANTS = [("--threads 1 --workers 1", ["--threads", "1", "--workers", "1"])] + [
     ("%s %d" % (opt, n), [opt, str(n)]) for opt in ("--threads", "--workers") for n in PARALLEL]
@@ -562,7 +564,7 @@ class Bench(object):
         self.notes = []
         self.trees = {}
         self.report = {"version": 1, "targets": TARGETS, "trees": {}, "memory": None,
-                       "latency": None, "notes": self.notes}
+                       "latency": None, "brief": None, "notes": self.notes}
         # As on a user's shell: bytecode may be cached (the scheduled job's form needs it).
         self.tool_env = dict((k, v) for k, v in os.environ.items()
                              if not k.startswith("SCRATCH_KEEPALIVE_")
@@ -584,6 +586,9 @@ class Bench(object):
         if "latency" in self.trees:
             log("== latency ==")
             self.bench_latency()
+        if "brief" in self.args.only:
+            log("== status --brief ==")
+            self.bench_brief()
 
     # -- setup
     def setup(self):
@@ -857,6 +862,32 @@ class Bench(object):
                           % (k, fmt_int(s["delayed_calls"]), fmt_int(t.entries))
                           for k, s in summary.items() if s["delayed_calls"] < t.entries]}
 
+    # -- phase 4: status --brief
+    def bench_brief(self):
+        """`status --brief` (what ~/.bashrc runs at each login) with BRIEF_DATASETS tiny
+        datasets in a state directory of their own, each walked once in check mode so that
+        the registry holds what a real one does: the median of --repeat whole processes."""
+        state, root = os.path.join(self.base, "brief-state"), os.path.join(self.scratch, "brief")
+        os.mkdir(root)
+
+        def tool(*args):
+            return check_rc(run_proc([sys.executable, str(self.args.tool), "--state-dir", state]
+                                     + list(args), env=self.tool_env, timeout=self.args.timeout),
+                            "tool " + " ".join(args[:2]))
+        tool("init", "--profile", "generic", "--scratch-root", root, "--purge-days", "30")
+        for i in range(BRIEF_DATASETS):
+            path = os.path.join(root, "d%02d" % i)
+            with new_dir(path) as fd:
+                make_files(fd, 3, "f%d")
+            tool("add", "--name", "d%02d" % i, "--path", path, "--keep-until", "2099-12-31")
+        tool("refresh", "--check")
+        tool("status", "--brief")           # untimed warm-up
+        runs = [tool("status", "--brief") for _ in range(self.args.repeat)]
+        self.report["brief"] = {
+            "datasets": BRIEF_DATASETS, "median_s": median([r["seconds"] for r in runs]),
+            "lines": len(runs[-1]["stdout"].splitlines()),
+            "runs": [dict((k, r[k]) for k in ("seconds", "rc", "maxrss_kb")) for r in runs]}
+
     # -- cleanup
     def cleanup(self):
         if not self.base or not os.path.isdir(self.base):
@@ -1070,8 +1101,17 @@ def render_targets(report, w):
                           for name, (state, text) in report["verdicts"].items()) + "\n")
 
 
+def render_brief(report, w):
+    b = report["brief"]
+    if b:
+        w("\n== status --brief with %d datasets (each checked once): %.0f ms (median of %d "
+          "whole processes, start-up included), %d line(s) printed ==\n"
+          % (b["datasets"], 1000 * b["median_s"], len(b["runs"]), b["lines"]))
+
+
 # The report's sections, in order; each writes what its part of the report holds.
-SECTIONS = (render_header, render_trees, render_memory, render_latency, render_targets)
+SECTIONS = (render_header, render_trees, render_memory, render_latency, render_brief,
+            render_targets)
 
 # ---------------------------------------------------------------- the targets
 
@@ -1209,7 +1249,7 @@ def main(argv=None):
         traceback.print_exc()
     finally:
         b.cleanup()
-    if b.report["trees"] or b.report["memory"] or b.report["latency"]:
+    if b.report["trees"] or b.report["memory"] or b.report["latency"] or b.report["brief"]:
         try:
             b.report["verdicts"] = targets(b.report)
             for section in SECTIONS:
