@@ -4846,7 +4846,10 @@ def _scheduled_after(ctx, method, doc, code, results, risk=None, codes=None):
     stop whose continuation is booked is no failure to mail about.
     """
     said = booked = None
-    if code == EXIT_STOPPED and doc is not None:
+    # Any walk a budget stopped needs its continuation, whatever another dataset's walk
+    # ended with (entry errors make the run's code 1, not 3).
+    stopped = code == EXIT_STOPPED or any(r.get("exit_code") == EXIT_STOPPED for r in results)
+    if stopped and doc is not None:
         try:
             with ctx.store.schedule_lock():
                 said = _continue_soon(ctx, method, doc)

@@ -297,6 +297,31 @@ def test_stopped_sbatch_run_moves_the_pending_job_to_an_hour(make_world):
 
 
 @pytest.mark.slurm
+def test_a_stopped_walk_gets_its_continuation_when_another_dataset_had_errors(make_world):
+    """Dataset a-err has an entry the job's user may not stat (exit 1 for it); b is stopped
+    by the budget (exit 3). The run ends 1, and b's walk must still be continued within
+    the hour, not a whole cadence later."""
+    w = make_world()
+    _, p = w.install_sbatch()
+    d = w.scratch / "a-err" / "locked"
+    d.mkdir(parents=True)
+    (d / "x").write_bytes(b"x")
+    subprocess.run(["chown", "-R", "%s:%s" % (USER, USER), str(w.scratch / "a-err")], check=True)
+    os.chmod(str(d), 0o600)         # listable by its owner, but no entry in it can be stat'ed
+    keep = (datetime.date.today() + datetime.timedelta(days=365)).isoformat()
+    assert w.tool("add", "--name", "a-err", "--path", w.scratch / "a-err",
+                  "--keep-until", keep).rc == 0
+    w.make_dataset(name="b", files=20)
+    f = manual_run(w, "sbatch", extra="--max-entries 8")
+    assert f["ExitCode"] == "1:0", f
+    settle()
+    assert [j["id"] for j in pending()] == [p["id"]], jobs()
+    start = slurm_epoch(show_job(p["id"])["StartTime"])
+    assert abs(start - (time.time() + 3600)) < 240, show_job(p["id"])
+    assert "moved to start in an hour" in w.status(), w.status()
+
+
+@pytest.mark.slurm
 def test_stopped_scrontab_run_submits_one_resume_job(make_world):
     w = make_world()
     r = w.tool("install-cron", "--method", "scrontab")
