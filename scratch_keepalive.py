@@ -3410,7 +3410,8 @@ def _delete_sentinel_of(ctx, ds):
 # between double quotes with C escapes (\n, \t, \", \\, \ooo for other bytes): git's
 # quoting (`git ls-files` with core.quotePath=false) plus octal for bytes that are not
 # UTF-8, so a line never holds a raw newline or tab and a quoted line starts with ".
-# `-0` prints the raw bytes, NUL-terminated, for rsync --from0 and tar --null.
+# `-0` prints the raw bytes, NUL-terminated, for rsync --from0 and tar --null. The root
+# itself and the sentinel are never listed.
 
 FILES_KINDS = ("at-risk", "purge-eligible", "vanished")
 REASON_PURGED = "likely purged"         # last atime older than purge days at the newer walk
@@ -3561,13 +3562,15 @@ class FileList(object):
             self.close()
 
     def _entries(self):
-        """Every entry but the sentinel; with a cutoff, those not touched by the walk whose
-        atime (as found) lies below it. Entries the walk could not stat have no atime: they
-        are listed only without a class."""
+        """Every entry but the root and the sentinel; with a cutoff, those not touched by
+        the walk whose atime (as found) lies below it. Entries the walk could not stat have
+        no atime: they are listed only without a class."""
         cut = self.cutoff(self.header)
         sentinel = SENTINEL.encode()
         for key, kind, size, atime in self.manifests[0].entries():
-            if key == sentinel:
+            # WARNING: never the root: rsync --files-from takes "." for the root's contents
+            # and would copy every file directly in it, listed or not.
+            if key == sentinel or key == b"":
                 continue
             if cut is not None and (kind & K_TOUCHED or kind == K_UNKNOWN or atime >= cut):
                 continue
@@ -6354,7 +6357,7 @@ def build_parser():
     p = _sub(subs, "files", cmd_files, "list the entries of the last walk: at risk, vanished",
              "List entries of the dataset's last complete walk (its manifest, in the state "
              "directory), classified as of that walk, one path per line relative to the "
-             "dataset root: every entry, or those at risk, purge-eligible, or (--vanished) gone "
+             "dataset root (the root itself is not listed): every entry, or those at risk, purge-eligible, or (--vanished) gone "
              "since the walk before, each with its reason: \"likely purged\" (last access "
              "older than purge days at the newer walk) or \"deleted or moved\", after a tab. "
              "A path holding a control character, '\"', '\\' or bytes that are not UTF-8 is "

@@ -18,6 +18,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -188,12 +189,11 @@ def test_quoting_is_gits_for_names_that_are_utf8(tmp_path):
 
 
 def test_files_lists_every_entry_in_the_walks_order_with_the_root(cli, odd):
-    """Without a class: every entry of the last walk but the sentinel, in the walk's order
-    (run/x after run-2.txt? no: run, run/x, then run-2.txt), the root as "."."""
+    """Without a class: every entry of the last walk but the root and the sentinel, in the
+    walk's order (run, run/x, then run-2.txt: component-wise, not whole-path byte order)."""
     r = cli("files", "--name", "ds")
     assert r.rc == 0, r
-    want = [b"."] + [p for p in walk_order(os.fsencode(str(odd["root"])))
-                     if p != b".scratch-keepalive"]
+    want = [p for p in walk_order(os.fsencode(str(odd["root"]))) if p != b".scratch-keepalive"]
     assert lines_of(r.out) == want
     i = want.index
     assert i(b"run") < i(b"run/x") < i(b"run-2.txt")
@@ -236,7 +236,7 @@ def test_older_than_alone_and_with_a_class(cli, odd):
     assert got == [p for p in order if p in spec and spec[p][1] < NOW_EPOCH - 30 * DAY]
     r = cli("files", "--name", "ds", "--older-than", "0.5", "-0")
     got = [os.fsencode(p) for p in r.out.split("\0")[:-1]]
-    assert got == [b"."] + [p for p in order if p in spec]     # everything but the sentinel
+    assert got == [p for p in order if p in spec]     # all but the root and the sentinel
     r = cli("files", "--name", "ds", "--at-risk", "--older-than", "30", "-0")
     assert [os.fsencode(p) for p in r.out.split("\0")[:-1]] == \
         [p for p in order if p in spec and spec[p][1] < NOW_EPOCH - 30 * DAY]
@@ -256,7 +256,7 @@ def test_json_lines_keys_and_a_path_that_is_not_utf8(cli, odd):
                                                     False)
     assert d["atime"] == sk.iso(odd["spec"][b"new\nline"][1])
     assert by_path["run"]["kind"] == "dir" and by_path["alink"]["kind"] == "symlink"
-    assert by_path["."]["kind"] == "dir"
+    assert "." not in by_path and "" not in by_path
     api = list(sk.files("ds", state_dir=str(odd["state"])))
     assert api == docs and "files" in sk.__all__
 
@@ -344,6 +344,9 @@ def test_files_errors_of_the_api_come_before_the_first_entry(generic, cli):
         sk.files("ds", kind="vanished", state_dir=state)
     assert [d["path"] for d in sk.files("ds", kind="at_risk", older_than=31,
                                         state_dir=state)] == ["f"]
+    set_atime(str(root), OLD)
+    refresh(cli, "--check")
+    assert [d["path"] for d in sk.files("ds", older_than=31, state_dir=state)] == ["f"]
 
 
 def test_a_damaged_manifest_is_one_line_exit_1(cli, generic, env):
@@ -426,3 +429,148 @@ def test_files_into_a_closed_pipe_ends_quietly(shm_tmp, monkeypatch):
         assert p.returncode == 141, (form, err)
         assert err.count("\n") == 1 and err.startswith("scratch-keepalive: ds: entries as "
                                                        "of"), (form, err)
+
+
+# --------------------------------------------------------------------------- rsync and tar
+
+
+def readme_block(marker):
+    text = (REPO / "README.md").read_text()
+    m = re.search(re.escape(marker) + r"\s*```sh\n(.*?)```", text, re.S)
+    assert m, "no ```sh block after %r in README.md" % marker
+    return m.group(1)
+
+
+def rsync_version():
+    exe = shutil.which("rsync")
+    if exe is None:
+        return None
+    out = subprocess.run([exe, "--version"], stdout=subprocess.PIPE).stdout.decode()
+    m = re.search(r"version\s+(\d+)\.(\d+)\.(\d+)", out)
+    return tuple(int(x) for x in m.groups()) if m else (0, 0, 0)
+
+
+def reads_move_atimes(d):
+    """True when reading a file with an old atime moves it here (relatime or strictatime):
+    what makes "no atime moved" mean something."""
+    p = os.path.join(str(d), "atime-probe")
+    with open(p, "wb") as f:
+        f.write(b"probe")
+    old = time.time() - 3 * DAY
+    set_atime(p, old)
+    with open(p, "rb") as f:
+        f.read()
+    moved = os.lstat(p).st_atime_ns != int(old) * 10 ** 9
+    os.unlink(p)
+    return moved
+
+
+RESCUE_AGES = {   # path: (kind, age in days)
+    b"old file": (b"o" * 10, 20),
+    b"recent file": (b"r" * 11, 1),
+    b"-leading-dash": (b"d" * 12, 40),
+    b"new\nline": (b"n" * 13, 20),
+    b"tab\tand space ": (b"t" * 14, 40),
+    b"bad\xff\xfeutf8": (b"b" * 15, 20),
+    b"q\"uote\\back": (b"q" * 16, 1),
+    b"alink": ("link", 40),
+    b"old dir": ("dir", 40),                   # at risk, its contents recent
+    b"old dir/recent inside": (b"i" * 17, 1),
+    b"young dir": ("dir", 1),              # not at risk, some contents are
+    b"young dir/old inside": (b"j" * 18, 40),
+    b"young dir/recent inside": (b"k" * 19, 1),
+    b"young dir/deep": ("dir", 1),
+    b"young dir/deep/-x\n\xff": (b"l" * 20, 20),
+    b"run": ("dir", 20),
+    b"run/x": (b"m" * 21, 20),
+    b"run-2.txt": (b"p" * 22, 20),
+}
+
+
+def test_readme_rsync_and_tar_copy_exactly_the_at_risk_entries_and_move_no_atime(
+        cli, generic, env, tmp_path, monkeypatch):
+    """The README's block, run as printed (only ROOT, DEST and the command's path changed):
+    `files --at-risk -0 | rsync -a --open-noatime --from0 --files-from=-` copies exactly the
+    at-risk entries, odd names included (a listed directory is created, never filled with
+    what is not listed), and `... | tar --atime-preserve=system --null --no-recursion`
+    archives exactly them, in the walk's order; no atime in the dataset moves but a
+    symlink's, which readlink(2) moves whatever the flags.
+
+    The policy clock is today here, so that every atime lies in the real past: the kernel
+    never moves an atime that lies in the future, which would make "unchanged" vacuous."""
+    version = rsync_version()
+    if version is None:
+        pytest.skip("rsync is not installed (`apt-get install -y rsync`; .ci/run does it)")
+    if version < (3, 2, 3):
+        pytest.skip("rsync %d.%d.%d has no --open-noatime (3.2.3 and later)" % version)
+    today = int(time.time()) // DAY * DAY
+    monkeypatch.setenv("SCRATCH_KEEPALIVE_NOW", sk.iso(today))
+    RESCUE_SPEC = dict((p, (kind, today - days * DAY))
+                       for p, (kind, days) in RESCUE_AGES.items())
+    root = generic["scratch"] / "genomes"
+    build(root, RESCUE_SPEC)
+    assert cli("add", "--name", "genomes", "--path", root, "--keep-until",
+               sk.utc_date(today + 30 * DAY).isoformat()).rc == 0
+    set_atime(str(root), today - 20 * DAY)      # the root is at risk too: never listed
+    set_atime(str(root / ".scratch-keepalive"), today - DAY)
+    r = cli("refresh", "--name", "genomes", "--check", "--json")
+    assert r.rc == 0, r
+    cutoff = today - 13 * DAY
+    rb = os.fsencode(str(root))
+    at_risk = [p for p in walk_order(rb) if p in RESCUE_SPEC and RESCUE_SPEC[p][1] < cutoff]
+    assert r.json()["results"][0]["entries_at_risk"] == len(at_risk) + 1   # and the root
+    listed = cli("files", "--name", "genomes", "--at-risk", "-0").out
+    assert [os.fsencode(p) for p in listed.split("\0")[:-1]] == at_risk
+    assert reads_move_atimes(root), "reads do not move atimes here: the test proves nothing"
+
+    dest = tmp_path / "safe" / "genomes-at-risk"
+    dest.parent.mkdir()
+    block = readme_block("<!-- test: files rsync tar -->")
+    block, n = re.subn(r"(?m)^ROOT=\S+", "ROOT=%s" % sk.shell_quote(str(root)), block)
+    assert n == 1, block
+    block, n = re.subn(r"(?m)^DEST=\S+", "DEST=%s" % sk.shell_quote(str(dest)), block)
+    assert n == 1, block
+    block = re.sub(r"(?m)^scratch-keepalive ", "%s %s " % (
+        sk.shell_quote(sys.executable), sk.shell_quote(str(SCRIPT))), block)
+    before = snapshot(root)
+    r = run_command(["bash", "-euo", "pipefail", "-c", block])
+    assert r.rc == 0, r
+    after = snapshot(root)
+    # atimes (and mtimes, sizes, modes) unchanged: all of them but a symlink's own atime,
+    # which reading its target (readlink(2), which both tools must do) moves and no flag
+    # can keep (the README says so)
+    moved = sorted(p for p in before if before[p] != after[p])
+    assert moved == ["alink"], moved
+    assert after["alink"][1:] == before["alink"][1:]
+
+    # rsync: exactly the at-risk entries, and the directories that lead to them
+    db = os.fsencode(str(dest))
+    copied = {}
+    for dirpath, dirs, names in os.walk(db):
+        for n in dirs + names:
+            p = os.path.join(dirpath, n)
+            copied[os.path.relpath(p, db)] = os.lstat(p)
+    risky = set(at_risk)
+    leading = set(os.path.dirname(p) for p in risky) - {b""}
+    assert set(p for p, st in copied.items() if not stat.S_ISDIR(st.st_mode)) == \
+        set(p for p in risky if RESCUE_SPEC[p][0] != "dir")
+    assert set(p for p, st in copied.items() if stat.S_ISDIR(st.st_mode)) == \
+        set(p for p in risky if RESCUE_SPEC[p][0] == "dir") | leading
+    for p in risky:
+        src, dst = os.path.join(rb, p), os.path.join(db, p)
+        kind = RESCUE_SPEC[p][0]
+        if kind == "link":
+            assert os.readlink(dst) == os.readlink(src) and stat.S_ISLNK(copied[p].st_mode)
+        elif kind != "dir":
+            with open(dst, "rb") as f:
+                assert f.read() == kind
+            assert copied[p].st_mtime_ns == os.lstat(src).st_mtime_ns      # rsync -a
+    assert b"old dir/recent inside" not in copied and b"young dir/old inside" in copied
+
+    # tar: exactly the at-risk entries, in the walk's order, nothing from inside them
+    with tarfile.open(str(dest) + ".tar") as tf:
+        members = tf.getmembers()
+    assert [os.fsencode(m.name).rstrip(b"/") for m in members] == at_risk
+    for m in members:
+        kind = RESCUE_SPEC[os.fsencode(m.name).rstrip(b"/")][0]
+        assert (m.isdir(), m.issym()) == (kind == "dir", kind == "link"), m.name
