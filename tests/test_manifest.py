@@ -574,3 +574,192 @@ def test_readme_rsync_and_tar_copy_exactly_the_at_risk_entries_and_move_no_atime
     for m in members:
         kind = RESCUE_SPEC[os.fsencode(m.name).rstrip(b"/")][0]
         assert (m.isdir(), m.issym()) == (kind == "dir", kind == "link"), m.name
+
+
+# --------------------------------------------------------------------------- purge forensics
+
+
+PURGE_SPEC = {          # path: (contents, "dir" or "link"; atime), before the purge
+    b"keep": ("dir", RECENT),
+    b"keep/a": (b"a" * 3, RECENT),
+    b"old1": (b"o" * 10, OLD),
+    b"new1": (b"n" * 7, RECENT),
+    b"risky1": (b"r" * 9, RISKY),
+    b"odd\nname \xff": (b"d" * 8, OLD),
+    b"alink": ("link", OLD),
+    b"sub": ("dir", RECENT),
+    b"sub/old2": (b"p" * 20, OLD),
+    b"sub/stays": (b"s" * 2, OLD),
+    b"gone": ("dir", OLD),
+    b"gone/new3": (b"g" * 6, RECENT),
+    b"gone/old3": (b"h" * 4, OLD),
+    b"locked": ("dir", RECENT),
+    b"locked/secret_new": (b"x" * 3, RECENT),
+    b"locked/secret_old": (b"y" * 5, OLD),
+}
+# What a site's purge (old) and a user's cleanup (recent) delete between the two walks.
+DELETED = [b"old1", b"new1", b"risky1", b"odd\nname \xff", b"alink", b"sub/old2", b"gone"]
+DELETED_BELOW = [b"gone/new3", b"gone/old3"]
+UNREADABLE = b"locked"           # chmod 000 after the first walk: unknown, never vanished
+
+
+def test_a_purge_between_two_walks_is_reported_exactly(world_tmp):
+    """Old files deleted as a site's purge would, recent ones as a user would, a directory
+    made unreadable (and a file deleted inside it) between two check walks: the second
+    walk's vanished and likely-purged counts and bytes are exact, `files --vanished` lists
+    exactly those names with the right reasons, and nothing below the unreadable directory
+    is called vanished. The tool runs as `nobody`, so that chmod 000 really denies it."""
+    runner = nonroot_runner()
+    if runner is None:
+        pytest.skip("no way to run as an unprivileged user here (needs setpriv and "
+                    "/usr/bin/python3 when running as root)")
+    prefix, python = runner
+    state, scratch, home = world_tmp / "state", world_tmp / "scratch", world_tmp / "home"
+    root = scratch / "ds"
+    home.mkdir()
+    build(root, PURGE_SPEC)
+    if os.geteuid() == 0:
+        for p in [home, scratch] + [Path(dp) / n for dp, dns, fns in os.walk(str(scratch))
+                                    for n in dns + fns]:
+            os.lchown(str(p), 65534, 65534)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "TZ": "UTC", "LANG": "C.UTF-8",
+           "SCRATCH_KEEPALIVE_HOME": str(state), "SCRATCH_KEEPALIVE_NOW": sk.iso(NOW_EPOCH)}
+
+    def run(*argv):
+        return run_script(*argv, prefix=prefix, python=python, env=env, clean=True)
+
+    def run0(*argv):
+        """Paths a -0 run prints (raw bytes: not UTF-8 text)."""
+        p = subprocess.run(list(prefix) + [python, str(SCRIPT)] + list(argv) + ["-0"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, timeout=120)
+        assert p.returncode == 0, p
+        return p.stdout.split(b"\0")[:-1]
+
+    assert run("init", "--profile", "generic", "--scratch-root", scratch).rc == 0
+    assert run("add", "--name", "ds", "--path", root, "--keep-until", KEEP).rc == 0
+    set_atime(str(root), RECENT)
+    r = run("refresh", "--name", "ds", "--check", "--json")
+    assert r.rc == 0, r
+    first = r.json()["results"][0]
+    assert first["entries_vanished"] == 0 and first["previous_walk_started"] is None, first
+    order = walk_order(os.fsencode(str(root)))
+
+    rb = os.fsencode(str(root))
+    for rel in DELETED:
+        path = os.path.join(rb, rel)
+        if PURGE_SPEC[rel][0] == "dir":
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    os.unlink(os.path.join(rb, b"locked/secret_old"))    # gone, but the tool cannot know
+    os.chmod(os.path.join(rb, UNREADABLE), 0)
+    r = run("refresh", "--name", "ds", "--check", "--json")
+    assert r.rc == 1, r             # the unreadable directory is an entry error
+    res = r.json()["results"][0]
+    assert res["complete"] is True and res["errors"] >= 1, res
+
+    vanished = [p for p in order if p in DELETED or p in DELETED_BELOW]
+    purge_line = NOW_EPOCH - 30 * DAY
+
+    def size(p):
+        kind = PURGE_SPEC[p][0]
+        return 0 if kind in ("dir", "link") else len(kind)
+    purged = [p for p in vanished if PURGE_SPEC[p][1] < purge_line]
+    assert len(vanished) == 9 and len(purged) == 6      # the fixture is what it says
+    assert (res["entries_vanished"], res["bytes_vanished"], res["entries_likely_purged"],
+            res["bytes_likely_purged"]) == (len(vanished), sum(map(size, vanished)),
+                                            len(purged), sum(map(size, purged))), res
+    assert (res["bytes_vanished"], res["bytes_likely_purged"]) == (64, 42)
+    assert res["previous_walk_started"] == first["started"], (res, first)
+
+    want = [(p, "likely purged" if p in purged else "deleted or moved") for p in vanished]
+    r = run("files", "--name", "ds", "--vanished")
+    assert r.rc == 0, r
+    got = [(unquote(line.rsplit("\t", 1)[0]), line.rsplit("\t", 1)[1])
+           for line in r.out.split("\n")[:-1]]
+    assert got == want
+    assert '"odd\\nname \\377"\tlikely purged' in r.out.split("\n")
+    assert re.match(r"scratch-keepalive: ds: entries that vanished between the check walk "
+                    r"started \S+ and the check walk started \S+ \(less than a minute ago\)\n"
+                    r"\Z", r.err), r.err
+    r = run("files", "--name", "ds", "--vanished", "--json")
+    docs = [json.loads(x) for x in r.out.splitlines()]
+    assert [(base64.b64decode(d["path_b64"]) if "path_b64" in d else d["path"].encode(),
+             d["reason"]) for d in docs] == want
+    assert [d["kind"] for d in docs if d["path"] in ("gone", "alink")] == ["symlink", "dir"]
+    assert run0("files", "--name", "ds", "--vanished") == vanished
+    assert run0("files", "--name", "ds", "--vanished", "--older-than", "30") == purged
+    # the newest walk could not read locked/: what was there is unknown, not vanished
+    assert not any(p.startswith(b"locked/") for p, _ in got)
+    listed = run0("files", "--name", "ds")
+    assert b"locked" in listed and not any(p.startswith(b"locked/") for p in listed)
+
+
+# --------------------------------------------------------------------------- manifest order
+
+
+def test_manifest_order_is_the_walks_on_odd_names(cli, odd, env):
+    """The manifest holds every entry once, in the walk's order: depth-first, a directory's
+    names in byte order (so run, run/x, then run-2.txt: component-wise, not the byte order
+    of whole paths, where run-2.txt would come before run/x)."""
+    (_, path), = sk.Store(str(env["state"])).manifests("ds")
+    with sk.Manifest(path) as m:
+        keys = [sk.key_path(k) for k, _, _, _ in m.entries()]
+        assert m.trailer["entries"] == len(keys)
+    want = [b"."] + walk_order(os.fsencode(str(odd["root"])))
+    assert keys == want
+    assert keys != [b"."] + sorted(keys[1:])        # whole-path byte order differs here
+    assert keys.index(b"run/x") < keys.index(b"run-2.txt")
+    assert b"dir with space/-inner\n" in keys and b"bad\xff\xfe" in keys
+
+
+def test_a_manifest_survives_sigkill_mid_walk_and_resume(shm_tmp, monkeypatch):
+    """The tool's process group killed outright twice in the middle of a check walk; the
+    walk resumes with its partial manifest, and the manifest the completed walk leaves
+    lists every entry exactly once, in the walk's order, under the first run's start."""
+    scratch, state = shm_tmp / "scratch", shm_tmp / "state"
+    scratch.mkdir()
+    monkeypatch.setenv("SCRATCH_KEEPALIVE_HOME", str(state))
+    big_tree(scratch / "ds", 60000)
+    assert run_script("init", "--profile", "generic", "--scratch-root", scratch).rc == 0
+    assert run_script("add", "--name", "ds", "--path", scratch / "ds", "--keep-until",
+                      KEEP).rc == 0
+    ckpt = state / "checkpoints" / "ds.json"
+
+    def checkpoint_of(pid, past):
+        try:
+            doc = json.loads(ckpt.read_text())
+        except (OSError, ValueError):
+            return None
+        man = doc.get("manifest") or {}
+        return doc if doc.get("pid") == pid and man.get("entries", 0) > past else None
+
+    past, started = 0, None
+    for _ in range(2):
+        p = subprocess.Popen([sys.executable, str(SCRIPT), "refresh", "--name", "ds", "--check",
+                              "--json", "--checkpoint-every", "0.01"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, start_new_session=True)
+        with reaped(p):
+            doc = poll(lambda: checkpoint_of(p.pid, past) or p.poll() is not None,
+                       "a checkpoint with manifest entries")
+            if p.poll() is not None:
+                pytest.fail("the walk ended before it could be killed: %r" % (p.communicate(),))
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+        assert p.returncode == -signal.SIGKILL
+        started = started or doc["walk_started"]
+        assert doc["walk_started"] == started
+        past = doc["manifest"]["entries"]
+        assert (state / "manifests" / "ds" / "partial.skm").exists()
+        assert sk.Store(str(state)).manifests("ds") == []
+    r = run_script("refresh", "--name", "ds", "--check", "--json")
+    assert r.rc == 0, r
+    res = r.json()["results"][0]
+    assert res["complete"] and res["resumed"] and "manifest_note" not in res, res
+    (_, path), = sk.Store(str(state)).manifests("ds")
+    with sk.Manifest(path) as m:
+        assert m.header["walk_started"] == started
+        keys = [k for k, _, _, _ in m.entries()]
+    want = [b""] + [k.replace(b"/", b"\0") for k in walk_order(os.fsencode(str(scratch / "ds")))]
+    assert len(keys) == len(set(keys)) == 60000 + 60 + 2      # files, dirs, root, sentinel
+    assert keys == want
