@@ -2577,6 +2577,7 @@ class Manifest(object):
             for i, key in enumerate(c.keys):
                 if c.kinds[i] != K_GONE:
                     yield key, c.kinds[i], c.sizes[i], c.atimes[i]
+            c = key = None      # not held while the next chunk is decoded: one at a time
 
 
 def decode_unlisted(data, count):
@@ -2780,6 +2781,7 @@ def vanished(prev, new):
         nonlocal cur, start
         while True:
             if cur is None or start >= len(cur.keys):
+                cur = keys = None       # not held while the next chunk is decoded
                 cur = next(old, None)
                 start = 0
                 if cur is None:
@@ -2797,6 +2799,7 @@ def vanished(prev, new):
         if chunk.keys:
             for item in take(chunk.keys[-1], set(chunk.keys)):
                 yield item
+        chunk = item = None     # as above: one chunk of each manifest in memory
     for item in take(None, ()):
         yield item
 
