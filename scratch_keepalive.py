@@ -29,7 +29,7 @@ Commands:
   extend          move a keep-until date, record a site approval
   enable, disable pause or resume one dataset
   remove          unregister a dataset (its data is never touched)
-  files           list what the last walk found at risk, purge-eligible or vanished
+  files           list what the last walk found at risk, or saw vanish
   install-cron    schedule refresh with Slurm (scrontab or a batch chain)
   uninstall-cron  remove the schedule
   doctor, repair  find and mend what has gone wrong
@@ -3624,7 +3624,10 @@ def files_header(listing, now):
     def walk(h):
         return "the %s walk started %s" % (h.get("mode", "?"), h.get("walk_started", "?"))
     h = listing.header
-    age = _age_words(now - float(h["now"]))
+    try:
+        age = _age_words(now - float(h["now"]))
+    except (KeyError, TypeError, ValueError):
+        age = "age unknown"
     what = {None: "entries", "at-risk": "entries at risk", "purge-eligible":
             "purge-eligible entries", "vanished": "entries that vanished"}[listing.kind]
     if listing.older_than is not None:
@@ -6360,8 +6363,8 @@ def build_parser():
     p = _sub(subs, "files", cmd_files, "list the entries of the last walk: at risk, vanished",
              "List entries of the dataset's last complete walk (its manifest, in the state "
              "directory), classified as of that walk, one path per line relative to the "
-             "dataset root (the root itself is not listed): every entry, or those at risk, purge-eligible, or (--vanished) gone "
-             "since the walk before, each with its reason: \"likely purged\" (last access "
+             "dataset root (the root itself is not listed): every entry, or those at risk, "
+             "purge-eligible, or (--vanished) gone since the walk before, each with its reason: \"likely purged\" (last access "
              "older than purge days at the newer walk) or \"deleted or moved\", after a tab. "
              "A path holding a control character, '\"', '\\' or bytes that are not UTF-8 is "
              "printed in double quotes with C escapes (git's quoting; \\ooo for such bytes); "
@@ -6375,7 +6378,8 @@ def build_parser():
              "  scratch-keepalive files --name genomes --vanished\n"
              "  scratch-keepalive files --name genomes --older-than 20 --json\n"
              "  scratch-keepalive files --name genomes --at-risk -0 |\n"
-             "      rsync -a --open-noatime --from0 --files-from=- /N/scratch/$USER/genomes DEST\n")
+             "      rsync -a --open-noatime --from0 --files-from=- /N/scratch/$USER/genomes "
+             "DEST\n")
     add_name_argument(p)
     which = p.add_mutually_exclusive_group()
     for flag, text in (("at-risk", "only entries at risk (not accessed for the at-risk days; "
