@@ -30,6 +30,7 @@ Commands:
   extend          move a keep-until date, record a site approval
   enable, disable pause or resume one dataset
   remove          unregister a dataset (its data is never touched)
+  files           list what the last walk found at risk, or saw vanish
   install-cron    schedule refresh with Slurm (scrontab or a batch chain)
   uninstall-cron  remove the schedule
   doctor, repair  find and mend what has gone wrong
@@ -70,7 +71,7 @@ __all__ = [
     "main", "Failure", "UsageError", "BusyError", "StateError",
     "init", "add_dataset", "list_datasets", "status", "brief", "refresh",
     "extend", "set_enabled", "remove_dataset", "doctor", "repair",
-    "install_cron", "uninstall_cron", "__version__",
+    "install_cron", "uninstall_cron", "files", "__version__",
 ]
 
 # ---------------------------------------------------------------- constants
@@ -2591,6 +2592,7 @@ class Manifest(object):
             for i, key in enumerate(c.keys):
                 if c.kinds[i] != K_GONE:
                     yield key, c.kinds[i], c.sizes[i], c.atimes[i]
+            c = key = None      # not held while the next chunk is decoded: one at a time
 
 
 def decode_unlisted(data, count):
@@ -2793,6 +2795,7 @@ def vanished(prev, new):
         nonlocal cur, start
         while True:
             if cur is None or start >= len(cur.keys):
+                cur = keys = None       # not held while the next chunk is decoded
                 cur = next(old, None)
                 start = 0
                 if cur is None:
@@ -2812,6 +2815,7 @@ def vanished(prev, new):
         if chunk.keys:
             for item in take(chunk.keys[-1], set(chunk.keys)):
                 yield item
+        chunk = item = None     # as above: one chunk of each manifest in memory
     for item in take(None, frozenset()):
         yield item
 
@@ -3578,6 +3582,287 @@ def _delete_sentinel_of(ctx, ds):
         return delete_sentinel(root_fd)
     finally:
         os.close(root_fd)
+
+# ---------------------------------------------------------------- API: files
+#
+# `files` lists entries of the last complete manifest (or what vanished between the two
+# newest), classified as of the walk that wrote it, streamed: one chunk of the manifest
+# and one batch of output lines in memory, whatever the number of entries.
+#
+# Text output is one path per line, relative to the dataset root. A path that holds a
+# control character, a double quote, a backslash or bytes that are not UTF-8 is printed
+# between double quotes with C escapes (\n, \t, \", \\, \ooo for other bytes): git's
+# quoting (`git ls-files` with core.quotePath=false) plus octal for bytes that are not
+# UTF-8, so a line never holds a raw newline or tab and a quoted line starts with ".
+# `-0` prints the raw bytes, NUL-terminated, for rsync --from0 and tar --null. The root
+# itself and the sentinel are never listed.
+
+FILES_KINDS = ("at-risk", "purge-eligible", "vanished")
+REASON_PURGED = "likely purged"         # last atime older than purge days at the newer walk
+REASON_DELETED = "deleted or moved"
+FILES_BATCH = 4096                      # output lines written at a time
+_NEEDS_QUOTE = re.compile("[\x00-\x1f\x7f-\x9f\"\\\\\u2028\u2029\udc80-\udcff]")
+_C_ESCAPES = {"\a": "\\a", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\v": "\\v", "\f": "\\f",
+              "\r": "\\r", '"': '\\"', "\\": "\\\\"}
+
+
+def quote_path(path):
+    """A path (bytes) -> one line of text: as it is, or quoted C-style (see above)."""
+    text = path.decode("utf-8", "surrogateescape")
+    if not _NEEDS_QUOTE.search(text):
+        return text
+    out = ['"']
+    for c in text:
+        if not _NEEDS_QUOTE.match(c):
+            out.append(c)
+        elif c in _C_ESCAPES:
+            out.append(_C_ESCAPES[c])
+        else:       # other controls, and each byte that is not UTF-8
+            out.extend("\\%03o" % b for b in c.encode("utf-8", "surrogateescape"))
+    out.append('"')
+    return "".join(out)
+
+
+def _atime_text(t):
+    try:
+        return iso(t)
+    except (OverflowError, ValueError, OSError):     # beyond what gmtime can show
+        return None
+
+
+def file_doc(key, kind, size, atime, reason=None):
+    """One entry as `files --json` prints it (and files() yields it)."""
+    import base64
+    rel = key_path(key)
+    doc = {"kind": kind_name(kind), "size": size}
+    try:
+        doc["path"] = rel.decode("utf-8")
+    except UnicodeDecodeError:
+        doc["path"] = rel.decode("utf-8", "replace")
+        doc["path_b64"] = base64.b64encode(rel).decode("ascii")
+    known = kind & ~K_TOUCHED != K_UNKNOWN
+    doc["atime"] = _atime_text(atime) if known else None
+    doc["touched"] = bool(kind & K_TOUCHED) if known else False
+    if reason is not None:
+        doc["reason"] = reason
+    return doc
+
+
+def _check_files_kind(kind):
+    if kind is None:
+        return None
+    k = str(kind).replace("_", "-")
+    if k not in FILES_KINDS:
+        raise UsageError("unknown kind of file list %r; use one of %s, or none for every "
+                         "entry" % (kind, ", ".join(FILES_KINDS)))
+    return k
+
+
+def _check_older_than(days):
+    if days is None:
+        return None
+    try:
+        value = float(days)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not 0 <= value < 1e6:      # also NaN and infinity
+        raise UsageError("--older-than %r is not a number of days (0 or more, e.g. 13)"
+                         % (days,))
+    return value
+
+
+class FileList(object):
+    """The entries `files` lists, from the newest complete manifest (for "vanished": what
+    the one before it holds and it lacks). Open on creation; items() streams
+    (key, kind, size, atime, reason) and closes the manifests when done."""
+
+    def __init__(self, store, name, kind, older_than):
+        self.name, self.kind, self.older_than = name, kind, older_than
+        self.manifests = []
+        try:
+            self._open(store)
+        except BaseException:
+            self.close()
+            raise
+        self.header = self.manifests[0].header
+        self.trailer = self.manifests[0].trailer
+
+    def _open(self, store):
+        need = 2 if self.kind == "vanished" else 1
+        for _ in range(5):      # a walk finishing now may delete the oldest as we open it
+            found = store.manifests(self.name)
+            if len(found) < need:
+                raise self._missing(len(found))
+            try:
+                self.manifests = [Manifest(path) for _, path in found[:need]]
+                break
+            except FileNotFoundError:
+                self.close()
+        else:
+            raise StateError("the manifests of %r keep changing (a walk is finishing); "
+                             "run the command again" % self.name)
+        for m in self.manifests:
+            if m.trailer is None:
+                raise StateError("the manifest %s is not complete; the next complete walk "
+                                 "(`%s refresh --name %s`) writes one" % (m.path, PROG,
+                                                                          self.name))
+
+    def _missing(self, have):
+        if have == 0:
+            return Failure("no complete walk of %r has left a manifest yet; run `%s refresh "
+                           "--name %s` (check mode touches nothing) to make one"
+                           % (self.name, PROG, self.name))
+        return Failure("only one complete walk of %r has left a manifest; what vanished is "
+                       "known after the next one: run `%s refresh --name %s` again later"
+                       % (self.name, PROG, self.name))
+
+    def close(self):
+        for m in self.manifests:
+            m.close()
+
+    def cutoff(self, header):
+        """Entries with an atime below this (epoch seconds) are listed; None: all."""
+        now = float(header["now"])
+        cut = []
+        if self.kind == "at-risk":
+            cut.append(now - float(header["thresholds_days"][1]) * DAY)
+        elif self.kind == "purge-eligible":
+            cut.append(now - float(header["purge_days"]) * DAY)
+        if self.older_than is not None:
+            cut.append(now - self.older_than * DAY)
+        return min(cut) if cut else None
+
+    def items(self):
+        try:
+            try:
+                source = self._vanished() if self.kind == "vanished" else self._entries()
+                for item in source:
+                    yield item
+            except (KeyError, TypeError, ValueError, IndexError) as e:
+                raise StateError("the manifest of %r has a header this version cannot use "
+                                 "(%s); the next complete walk writes a new one"
+                                 % (self.name, e))
+        finally:
+            self.close()
+
+    def _entries(self):
+        """Every entry but the root and the sentinel; with a cutoff, those not touched by
+        the walk whose atime (as found) lies below it. Entries the walk could not stat have
+        no atime: they are listed only without a class."""
+        cut = self.cutoff(self.header)
+        sentinel = SENTINEL.encode()
+        for key, kind, size, atime in self.manifests[0].entries():
+            # WARNING: never the root: rsync --files-from takes "." for the root's contents
+            # and would copy every file directly in it, listed or not.
+            if key == sentinel or key == b"":
+                continue
+            if cut is not None and (kind & K_TOUCHED or kind == K_UNKNOWN or atime >= cut):
+                continue
+            yield key, kind, size, atime, None
+
+    def _vanished(self):
+        """What the older manifest holds and the newer lacks, with the reason: likely purged
+        when its last atime was older than purge days at the newer walk's start (as the
+        refresh result counts it)."""
+        new, old = self.manifests
+        purged = float(new.header["now"]) - float(new.header["purge_days"]) * DAY
+        cut = self.cutoff(new.header)
+        sentinel = SENTINEL.encode()
+        for key, kind, size, atime in vanished(old, new):
+            if key == sentinel or (cut is not None and atime >= cut):
+                continue
+            yield key, kind, size, atime, REASON_PURGED if atime < purged else REASON_DELETED
+
+
+def files(name, kind=None, older_than=None, state_dir=None, env=None):
+    """The entries of dataset name's last complete walk, as an iterator of dicts (path,
+    kind, size, atime ISO, touched; path_b64 for a path that is not UTF-8; for
+    kind="vanished", reason). kind: None (every entry), "at-risk", "purge-eligible" or
+    "vanished"; older_than: days. Errors (unknown dataset, no manifest) are raised here,
+    before the first entry; the manifest is read as the iterator is."""
+    listing = _files(_ctx(state_dir, env), name, kind, older_than)
+    return (file_doc(*item) for item in listing.items())
+
+
+def _files(ctx, name, kind, older_than):
+    kind, older_than = _check_files_kind(kind), _check_older_than(older_than)
+    ctx.config()
+    _get(ctx.store.load_registry(), name)
+    return FileList(ctx.store, name, kind, older_than)
+
+
+def _age_words(seconds):
+    """'3 days ago', '5 hours ago', '1 minute ago', 'less than a minute ago'."""
+    seconds = max(0, int(seconds))
+    for unit, size in (("day", DAY), ("hour", 3600), ("minute", 60)):
+        if seconds >= 2 * size or (unit == "minute" and seconds >= size):
+            return plural(seconds // size, unit) + " ago"
+    return "less than a minute ago"
+
+
+def files_header(listing, now):
+    """The one line on stderr that says which walk a list comes from and how old it is."""
+    def walk(h):
+        return "the %s walk started %s" % (h.get("mode", "?"), h.get("walk_started", "?"))
+    h = listing.header
+    try:
+        age = _age_words(now - float(h["now"]))
+    except (KeyError, TypeError, ValueError):
+        age = "age unknown"
+    what = {None: "entries", "at-risk": "entries at risk", "purge-eligible":
+            "purge-eligible entries", "vanished": "entries that vanished"}[listing.kind]
+    if listing.older_than is not None:
+        what += " not accessed for %g days" % listing.older_than
+    if listing.kind == "vanished":
+        return "%s: %s: %s between %s and %s (%s)" % (
+            PROG, listing.name, what, walk(listing.manifests[1].header), walk(h), age)
+    return "%s: %s: %s as of %s (%s; %s in that walk)" % (
+        PROG, listing.name, what, walk(h), age,
+        plural(int(listing.trailer.get("entries", 0)), "entry", "entries"))
+
+
+def _files_formatter(args, kind):
+    """The function that turns one item of a FileList into its output bytes."""
+    def nul(key, kind, size, atime, reason):
+        return key_path(key) + b"\0"
+
+    def jsonl(*item):
+        return (json.dumps(file_doc(*item), sort_keys=True, ensure_ascii=False)
+                + "\n").encode("utf-8")
+
+    def text(key, kind, size, atime, reason):
+        # WARNING: the reason goes after a tab: quote_path never leaves a raw tab in a path.
+        tail = "\n" if reason is None else "\t%s\n" % reason
+        return (quote_path(key_path(key)) + tail).encode("utf-8")
+    return nul if args.null else jsonl if args.json else text
+
+
+def cmd_files(args, ctx):
+    listing = _files(ctx, args.name, args.kind, args.older_than)
+    items = listing.items()
+    try:
+        write_safely(ctx.err, files_header(listing, ctx.now) + "\n")
+        out = raw_stream(ctx.out)
+        out.flush()
+        # Bytes, whatever the locale: -0 must pass names exactly, and text is UTF-8.
+        buf = getattr(out, "buffer", None)
+        if buf is not None:
+            write = buf.write
+        else:       # a text stream without bytes underneath (main() called in-process)
+            def write(data):
+                out.write(data.decode("utf-8", "surrogateescape"))
+        line = _files_formatter(args, listing.kind)
+        batch = []
+        for item in items:
+            batch.append(line(*item))
+            if len(batch) >= FILES_BATCH:
+                write(b"".join(batch))
+                batch = []
+        write(b"".join(batch))
+    finally:
+        items.close()
+        listing.close()
+    return EXIT_OK
 
 # ---------------------------------------------------------------- refresh engine
 
@@ -6277,6 +6562,14 @@ def _positive_seconds(text):
     return value
 
 
+def _days(text):
+    try:
+        return _check_older_than(text)
+    except UsageError:
+        raise argparse.ArgumentTypeError("%r is not a number of days (0 or more, e.g. 13)"
+                                         % text)
+
+
 def add_json_argument(p):
     p.add_argument("--json", action="store_true",
                    help="print JSON instead of text (its keys: README.md, \"JSON output\")")
@@ -6440,6 +6733,45 @@ def build_parser():
              "touched. A dataset being refreshed cannot be removed (exit 4).",
              "  scratch-keepalive remove --name genomes\n")
     add_name_argument(p)
+
+    p = _sub(subs, "files", cmd_files, "list the entries of the last walk: at risk, vanished",
+             "List entries of the dataset's last complete walk (its manifest, in the state "
+             "directory), classified as of that walk, one path per line relative to the "
+             "dataset root (the root itself is not listed): every entry, or those at risk, "
+             "purge-eligible, or (--vanished) gone since the walk before, each with its reason: \"likely purged\" (last access "
+             "older than purge days at the newer walk) or \"deleted or moved\", after a tab. "
+             "A path holding a control character, '\"', '\\' or bytes that are not UTF-8 is "
+             "printed in double quotes with C escapes (git's quoting; \\ooo for such bytes); "
+             "-0 prints raw bytes, NUL-terminated, for rsync --from0 and tar --null. One line "
+             "on stderr names the walk and its age. Nothing is walked or touched.\n\n"
+             "Exit codes: 0 listed (also when nothing matches); 1 no complete walk has left a "
+             "manifest yet (--vanished: fewer than two), or a manifest is damaged; 2 unknown "
+             "dataset, bad DAYS, two classes, -0 with --json; 141 the reader of the output "
+             "went away (`files | head`).",
+             "  scratch-keepalive files --name genomes --at-risk\n"
+             "  scratch-keepalive files --name genomes --vanished\n"
+             "  scratch-keepalive files --name genomes --older-than 20 --json\n"
+             "  scratch-keepalive files --name genomes --at-risk -0 |\n"
+             "      rsync -a --open-noatime --from0 --files-from=- /N/scratch/$USER/genomes "
+             "DEST\n")
+    add_name_argument(p)
+    which = p.add_mutually_exclusive_group()
+    for flag, text in (("at-risk", "only entries at risk (not accessed for the at-risk days; "
+                                   "br200: 13) and not touched by that walk"),
+                       ("purge-eligible", "only entries not accessed for purge days"),
+                       ("vanished", "entries of the walk before that the last walk no longer "
+                                    "found, each with its reason")):
+        which.add_argument("--" + flag, dest="kind", action="store_const", const=flag,
+                           help=text)
+    p.add_argument("--older-than", type=_days, metavar="DAYS",
+                   help="only entries not accessed for DAYS days before that walk's start "
+                        "(with a class: both)")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("-0", "--null", dest="null", action="store_true",
+                      help="raw paths, each ended by a NUL byte (rsync --from0, tar --null)")
+    form.add_argument("--json", action="store_true",
+                      help="JSON Lines: one object per entry (path, kind, size, atime, touched; "
+                           "path_b64 when the path is not UTF-8; reason with --vanished)")
 
     p = _sub(subs, "install-cron", cmd_install_cron, "schedule refresh with Slurm",
              "Install exactly one recurring Slurm entry for you: a block in your scrontab, or, "

@@ -1,0 +1,782 @@
+"""Tests of what the manifests give a user: `files` (every entry, at risk, purge-eligible,
+vanished), its output forms, its errors, and the proofs with the real tools it feeds
+(rsync --from0 and tar --null), a purge simulated between two walks, the walk's order on
+odd names, and a manifest that survives a SIGKILL and resume.
+
+Listing a directory moves its atime (relatime moves it when older than a day), so these
+tests look at the trees only through conftest's snapshot(), which lists with O_NOATIME.
+"""
+
+import base64
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import (DAY, KEEP, NOW_EPOCH, REPO, SCRIPT, nonroot_runner, poll, reaped,
+                      run_command, run_script, sk, snapshot)
+
+OLD = NOW_EPOCH - 40 * DAY          # older than purge days (30): purge-eligible and at risk
+RISKY = NOW_EPOCH - 20 * DAY        # at risk (13 days), not purge-eligible
+RECENT = NOW_EPOCH - 1 * DAY        # neither
+ODD_NAMES = [b"run", b"run/x", b"run-2.txt", b"sp ace", b"tab\there", b"new\nline",
+             b"caf\xc3\xa9", b"bad\xff\xfe", b"-dash", b'q"uote', b"back\\slash",
+             b"dir with space", b"dir with space/-inner\n"]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def set_atime(path, epoch):
+    """atime = epoch exactly, mtime kept, the link itself (never its target)."""
+    st = os.lstat(path)
+    os.utime(path, ns=(int(epoch) * 10 ** 9, st.st_mtime_ns), follow_symlinks=False)
+
+
+def build(root, spec):
+    """A tree from {relative path (bytes): (kind, atime)}: kind "dir", "link" or the file's
+    bytes. Atimes are set last, deepest first, so that building moves none of them."""
+    root = os.fsencode(str(root))
+    os.makedirs(root, exist_ok=True)
+    for rel in sorted(spec):
+        kind, _ = spec[rel]
+        path = os.path.join(root, rel)
+        if kind == "dir":
+            os.makedirs(path, exist_ok=True)
+        elif kind == "link":
+            os.symlink(b"target-" + os.path.basename(rel), path)
+        else:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(kind)
+    for rel in sorted(spec, key=lambda r: -r.count(b"/")):
+        set_atime(os.path.join(root, rel), spec[rel][1])
+
+
+def walk_order(root):
+    """Every entry below root (bytes, relative), as the walk visits them: depth-first, the
+    names of a directory in byte order, a directory before what it holds. Computed here
+    independently of the tool, listing with O_NOATIME."""
+    out = []
+
+    def visit(rel):
+        path = os.path.join(root, rel) if rel else root
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOATIME", 0))
+        try:
+            names = sorted(os.fsencode(n) for n in os.listdir(fd))
+        finally:
+            os.close(fd)
+        for n in names:
+            child = os.path.join(rel, n) if rel else n
+            out.append(child)
+            if stat.S_ISDIR(os.lstat(os.path.join(root, child)).st_mode):
+                visit(child)
+    visit(b"")
+    return out
+
+
+def unquote(line):
+    """The inverse of the text output's quoting (git's C style plus \\ooo bytes)."""
+    if not line.startswith('"'):
+        return line.encode("utf-8")
+    assert line.endswith('"') and len(line) >= 2, line
+    body, out, i = line[1:-1], bytearray(), 0
+    simple = {"a": 7, "b": 8, "t": 9, "n": 10, "v": 11, "f": 12, "r": 13, '"': 34, "\\": 92}
+    while i < len(body):
+        c = body[i]
+        if c != "\\":
+            assert c != '"', line
+            out += c.encode("utf-8")
+            i += 1
+        elif body[i + 1] in simple:
+            out.append(simple[body[i + 1]])
+            i += 2
+        else:
+            assert re.match(r"[0-3][0-7]{2}", body[i + 1:i + 4]), line
+            out.append(int(body[i + 1:i + 4], 8))
+            i += 4
+    return bytes(out)
+
+
+def state_bytes(state):
+    """Every file under the state dir with its bytes: what "changed nothing" compares."""
+    out = {}
+    for dirpath, _, names in os.walk(str(state)):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, str(state))] = f.read()
+    return out
+
+
+def lines_of(out):
+    return [unquote(x) for x in out.split("\n")[:-1]]
+
+
+def refresh(cli, *args):
+    r = cli("refresh", "--name", "ds", "--json", *args)
+    assert r.rc in (0, 1), r
+    return r.json()["results"][0]
+
+
+@pytest.fixture
+def odd(cli, generic):
+    """Dataset ds (generic profile: skip 11 days, at risk 13, purge 30) of odd names with
+    atimes of each class, walked once in check mode."""
+    root = generic["scratch"] / "ds"
+    ages = [OLD, RISKY, RECENT]
+    spec = {}
+    for i, name in enumerate(ODD_NAMES):
+        kind = "dir" if name in (b"run", b"dir with space") else b"x" * (i + 1)
+        spec[name] = (kind, ages[i % 3])
+    spec[b"alink"] = ("link", RISKY)
+    build(root, spec)
+    assert cli("add", "--name", "ds", "--path", root, "--keep-until", KEEP).rc == 0
+    set_atime(str(root), RECENT)
+    set_atime(str(root / ".scratch-keepalive"), OLD)    # in the manifest, never in a list
+    res = refresh(cli, "--check")
+    assert res["complete"], res
+    return dict(generic, root=root, spec=spec, result=res)
+
+
+# --------------------------------------------------------------------------- quoting
+
+
+@pytest.mark.parametrize("raw, text", [
+    (b"plain.txt", "plain.txt"), (b"sp ace", "sp ace"), (b"-dash", "-dash"),
+    (b"caf\xc3\xa9", "caf\u00e9"), (b"new\nline", '"new\\nline"'), (b"tab\there", '"tab\\there"'),
+    (b'q"uote', '"q\\"uote"'), (b"back\\slash", '"back\\\\slash"'), (b"bad\xff\xfe",
+                                                                     '"bad\\377\\376"'),
+    (b"bell\x07\x1b", '"bell\\a\\033"'), (b"c1\xc2\x85", '"c1\\302\\205"'),
+    (b"del\x7f", '"del\\177"'), (b"sep\xe2\x80\xa8", '"sep\\342\\200\\250"'),
+])
+def test_quote_path(raw, text):
+    assert sk.quote_path(raw) == text
+    assert unquote(text) == raw
+    assert "\n" not in text and "\t" not in text
+
+
+def test_quoting_is_gits_for_names_that_are_utf8(tmp_path):
+    """Where a name is valid UTF-8 without C1 controls, the quoting is exactly git's
+    (`git ls-files` with core.quotePath=false)."""
+    git = shutil.which("git")
+    if git is None:
+        pytest.skip("git is not installed")
+    names = [b"sp ace", b"tab\there", b"new\nline", b"caf\xc3\xa9", b'q"uote',
+             b"back\\slash", b"bell\x07", b"esc\x1b[0m", b"cr\r", b"-dash"]
+    repo = os.fsencode(str(tmp_path))
+    subprocess.run([git, "init", "-q", str(tmp_path)], check=True)
+    for n in names:
+        with open(os.path.join(repo, n), "wb") as f:
+            f.write(b"x")
+    subprocess.run([git, "-C", str(tmp_path), "add", "-A"], check=True)
+    out = subprocess.run([git, "-c", "core.quotePath=false", "-C", str(tmp_path), "ls-files"],
+                         stdout=subprocess.PIPE, check=True).stdout.decode("utf-8")
+    assert sorted(out.split("\n")[:-1]) == sorted(sk.quote_path(n) for n in names)
+
+
+# --------------------------------------------------------------------------- files: lists
+
+
+def test_files_lists_every_entry_in_the_walks_order_but_the_root(cli, odd):
+    """Without a class: every entry of the last walk but the root and the sentinel, in the
+    walk's order (run, run/x, then run-2.txt: component-wise, not whole-path byte order)."""
+    r = cli("files", "--name", "ds")
+    assert r.rc == 0, r
+    want = [p for p in walk_order(os.fsencode(str(odd["root"]))) if p != b".scratch-keepalive"]
+    assert lines_of(r.out) == want
+    i = want.index
+    assert i(b"run") < i(b"run/x") < i(b"run-2.txt")
+    assert '"new\\nline"' in r.out.split("\n") and '"bad\\377\\376"' in r.out.split("\n")
+    assert r.err.count("\n") == 1, r
+    assert re.match(r"scratch-keepalive: ds: entries as of the check walk started "
+                    r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(less than a minute ago; 16 entries "
+                    r"in that walk\)\n\Z", r.err), r.err
+
+
+@pytest.mark.parametrize("flag, cutoff", [("--at-risk", NOW_EPOCH - 13 * DAY),
+                                          ("--purge-eligible", NOW_EPOCH - 30 * DAY)])
+def test_classes_are_exactly_the_walks_counts(cli, odd, flag, cutoff):
+    """--at-risk and --purge-eligible list exactly the entries whose atime (as the walk
+    found it) lies beyond the line, as many as the refresh result counted, with its bytes."""
+    r = cli("files", "--name", "ds", flag, "--json")
+    assert r.rc == 0, r
+    docs = [json.loads(x) for x in r.out.splitlines()]
+    paths = [base64.b64decode(d["path_b64"]) if "path_b64" in d else d["path"].encode()
+             for d in docs]
+    spec = odd["spec"]
+    want = [p for p in walk_order(os.fsencode(str(odd["root"]))) if p in spec and
+            spec[p][1] < cutoff]
+    assert paths == want and want
+    res = odd["result"]
+    key = "at_risk" if flag == "--at-risk" else "purge_eligible"
+    # the sentinel is old too: counted by the walk, never listed
+    assert res["entries_" + key] == len(want) + 1
+    assert res["bytes_" + key] == sum(d["size"] for d in docs if d["kind"] == "file") + \
+        os.lstat(str(odd["root"] / ".scratch-keepalive")).st_size
+    assert "entries at risk" in r.err if flag == "--at-risk" else "purge-eligible" in r.err
+
+
+def test_older_than_alone_and_with_a_class(cli, odd):
+    spec = odd["spec"]
+    order = walk_order(os.fsencode(str(odd["root"])))
+    r = cli("files", "--name", "ds", "--older-than", "30", "-0")
+    assert r.rc == 0, r
+    got = [os.fsencode(p) for p in r.out.split("\0")[:-1]]
+    assert got == [p for p in order if p in spec and spec[p][1] < NOW_EPOCH - 30 * DAY]
+    r = cli("files", "--name", "ds", "--older-than", "0.5", "-0")
+    got = [os.fsencode(p) for p in r.out.split("\0")[:-1]]
+    assert got == [p for p in order if p in spec]     # all but the root and the sentinel
+    r = cli("files", "--name", "ds", "--at-risk", "--older-than", "30", "-0")
+    assert [os.fsencode(p) for p in r.out.split("\0")[:-1]] == \
+        [p for p in order if p in spec and spec[p][1] < NOW_EPOCH - 30 * DAY]
+    assert "not accessed for 30 days" in r.err
+
+
+def test_json_lines_keys_and_a_path_that_is_not_utf8(cli, odd):
+    r = cli("files", "--name", "ds", "--json")
+    docs = [json.loads(x) for x in r.out.splitlines()]
+    by_path = dict((d["path"], d) for d in docs)
+    bad = [d for d in docs if "path_b64" in d]
+    assert len(bad) == 1 and base64.b64decode(bad[0]["path_b64"]) == b"bad\xff\xfe"
+    assert bad[0]["path"] == "bad\ufffd\ufffd"
+    d = by_path["new\nline"]
+    assert set(d) == {"path", "kind", "size", "atime", "touched"}
+    assert (d["kind"], d["size"], d["touched"]) == ("file", ODD_NAMES.index(b"new\nline") + 1,
+                                                    False)
+    assert d["atime"] == sk.iso(odd["spec"][b"new\nline"][1])
+    assert by_path["run"]["kind"] == "dir" and by_path["alink"]["kind"] == "symlink"
+    assert "." not in by_path and "" not in by_path
+    api = list(sk.files("ds", state_dir=str(odd["state"])))
+    assert api == docs and "files" in sk.__all__
+
+
+def test_touched_entries_are_not_at_risk(cli, generic):
+    """In touch mode the walk set the old entries' atimes: they are in the manifest (with
+    the atime found and touched: true) but no longer at risk or older than anything."""
+    root = generic["scratch"] / "t"
+    build(root, {b"old": (b"o", OLD), b"recent": (b"r", RECENT)})
+    assert cli("add", "--name", "ds", "--path", root, "--keep-until", KEEP).rc == 0
+    set_atime(str(root), RECENT)
+    res = refresh(cli)
+    assert res["mode"] == "touch" and res["entries_touched"] == 2, res   # old, sentinel
+    docs = [json.loads(x) for x in cli("files", "--name", "ds", "--json").out.splitlines()]
+    old = [d for d in docs if d["path"] == "old"][0]
+    assert old["touched"] is True and old["atime"] == sk.iso(OLD)
+    for flag in ("--at-risk", "--purge-eligible"):
+        r = cli("files", "--name", "ds", flag)
+        assert (r.rc, r.out) == (0, ""), r
+    assert cli("files", "--name", "ds", "--older-than", "5").out == ""
+    assert "the touch walk started" in r.err
+
+
+# --------------------------------------------------------------------------- files: errors
+
+
+def assert_error(r, rc, *words):
+    assert r.rc == rc, r
+    assert r.out == "" and r.err.count("\n") == 1, r
+    assert r.err.startswith("scratch-keepalive: error: "), r
+    for w in words:
+        assert w in r.err, (w, r.err)
+
+
+def test_files_errors_are_one_line_with_their_exit_code_and_change_nothing(cli, generic, env):
+    root = generic["scratch"] / "ds"
+    build(root, {b"f": (b"x", OLD)})
+    assert cli("add", "--name", "ds", "--path", root, "--keep-until", KEEP).rc == 0
+    before = state_bytes(env["state"])
+    assert_error(cli("files", "--name", "ds"), 1, "no complete walk of 'ds' has left a "
+                 "manifest yet", "`scratch-keepalive refresh --name ds`")
+    assert state_bytes(env["state"]) == before
+    refresh(cli, "--check")
+    before = state_bytes(env["state"])
+    cases = [
+        (("--name", "nope"), 2, "no dataset named 'nope'", "`scratch-keepalive list`"),
+        (("--name", "bad name!"), 2, "invalid dataset name"),
+        (("--name", "ds", "--vanished"), 1, "only one complete walk of 'ds'",
+         "`scratch-keepalive refresh --name ds`"),
+        (("--name", "ds", "--older-than", "x"), 2, "argument --older-than: 'x' is not a "
+         "number of days"),
+        (("--name", "ds", "--older-than=-1"), 2, "'-1' is not a number of days"),
+        # -0 is an option, so argparse takes a bare -1 for one too
+        (("--name", "ds", "--older-than", "-1"), 2, "--older-than: expected one argument"),
+        (("--name", "ds", "--older-than", "nan"), 2, "'nan' is not a number of days"),
+        (("--name", "ds", "--at-risk", "--purge-eligible"), 2, "argument --purge-eligible: "
+         "not allowed with argument --at-risk"),
+        (("--name", "ds", "--vanished", "--at-risk"), 2, "not allowed with argument"),
+        (("--name", "ds", "-0", "--json"), 2, "argument --json: not allowed with argument "
+         "-0/--null"),
+        (("--name", "ds", "--bogus"), 2, "unrecognized arguments: --bogus"),
+    ]
+    for argv, rc, *words in cases:
+        assert_error(cli("files", *argv), rc, *words)
+        assert state_bytes(env["state"]) == before, argv
+
+
+def test_files_errors_of_the_api_come_before_the_first_entry(generic, cli):
+    state = str(generic["state"])
+    with pytest.raises(sk.UsageError, match="no dataset named 'nope'"):
+        sk.files("nope", state_dir=state)
+    root = generic["scratch"] / "ds"
+    build(root, {b"f": (b"x", OLD)})
+    assert cli("add", "--name", "ds", "--path", root, "--keep-until", KEEP).rc == 0
+    with pytest.raises(sk.Failure, match="no complete walk") as e:
+        sk.files("ds", state_dir=state)
+    assert e.value.exit_code == 1
+    set_atime(str(root), RECENT)
+    refresh(cli, "--check")
+    with pytest.raises(sk.UsageError, match="unknown kind of file list 'risky'"):
+        sk.files("ds", kind="risky", state_dir=state)
+    with pytest.raises(sk.UsageError, match="not a number of days"):
+        sk.files("ds", older_than=-3, state_dir=state)
+    with pytest.raises(sk.Failure, match="only one complete walk"):
+        sk.files("ds", kind="vanished", state_dir=state)
+    assert [d["path"] for d in sk.files("ds", kind="at_risk", older_than=31,
+                                        state_dir=state)] == ["f"]
+    set_atime(str(root), OLD)
+    refresh(cli, "--check")
+    assert [d["path"] for d in sk.files("ds", older_than=31, state_dir=state)] == ["f"]
+
+
+def test_a_damaged_manifest_is_one_line_exit_1(cli, generic, env):
+    root = generic["scratch"] / "ds"
+    build(root, {b"f": (b"x", OLD)})
+    assert cli("add", "--name", "ds", "--path", root, "--keep-until", KEEP).rc == 0
+    refresh(cli, "--check")
+    (_, path), = sk.Store(str(env["state"])).manifests("ds")
+    with open(path, "r+b") as f:
+        f.seek(len(sk.MANIFEST_MAGIC) + 200)
+        f.write(b"garbage" * 4)
+    assert_error(cli("files", "--name", "ds"), 1, "is damaged")
+
+
+# --------------------------------------------------------------------------- files: streams
+
+
+def big_tree(root, n):
+    """n empty files, 1,000 per directory."""
+    root = os.fsencode(str(root))
+    os.mkdir(root)
+    for i in range(n):
+        if i % 1000 == 0:
+            d = os.path.join(root, b"d%04d" % (i // 1000))
+            os.mkdir(d)
+        os.close(os.open(os.path.join(d, b"file-with-a-longish-name-%07d" % i),
+                         os.O_CREAT | os.O_WRONLY, 0o644))
+
+
+# ru_maxrss of a child counts the memory of the process it was forked from (Linux keeps
+# the high-water mark across fork and exec): the tool is started from a small interpreter
+# with posix_spawn, never straight from pytest (~50 MB).
+RSS_HELPER = r"""
+import os, sys
+pid = os.posix_spawn(sys.executable, [sys.executable] + sys.argv[1:], os.environ,
+                     file_actions=[(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)])
+_, status, usage = os.wait4(pid, 0)
+print(os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1, usage.ru_maxrss)
+"""
+
+
+def peak_rss_kb(argv):
+    """Peak RSS (KiB) of `python3 ARGV`, its output thrown away."""
+    p = subprocess.run([sys.executable, "-c", RSS_HELPER] + [str(a) for a in argv],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=300)
+    assert p.returncode == 0, p
+    rc, rss = p.stdout.split()
+    assert rc == b"0", p
+    return int(rss)
+
+
+def test_files_streams_memory_stays_flat_from_20k_to_200k_entries(shm_tmp, monkeypatch):
+    """A list is never built in memory: the peak RSS of `files` (text, -0, --json, and
+    --vanished, which merges two manifests) on a 200,000-entry dataset is within 4 MiB of
+    that on a 20,000-entry one (measured: 1.1 to 2.0 MiB more; 800,000 entries take no
+    more than 200,000)."""
+    scratch, state = shm_tmp / "scratch", shm_tmp / "state"
+    scratch.mkdir()
+    monkeypatch.setenv("SCRATCH_KEEPALIVE_HOME", str(state))
+    big_tree(scratch / "small", 20000)
+    big_tree(scratch / "large", 200000)
+    assert run_script("init", "--profile", "generic", "--scratch-root", scratch).rc == 0
+    for name in ("small", "large"):
+        assert run_script("add", "--name", name, "--path", scratch / name,
+                          "--keep-until", KEEP).rc == 0
+        r = run_script("refresh", "--name", name, "--check")
+        assert r.rc == 0, r
+    for name in ("small", "large"):         # a second walk: --vanished merges two
+        os.unlink(str(scratch / name / "d0001" / "file-with-a-longish-name-0001000"))
+        assert run_script("refresh", "--name", name, "--check").rc == 0
+    for form in ([], ["-0"], ["--json"], ["--vanished", "--json"]):
+        rss = dict((name, peak_rss_kb([SCRIPT, "files", "--name", name] + form))
+                   for name in ("small", "large"))
+        assert rss["large"] - rss["small"] < 4096, (form, rss)
+
+
+def test_files_into_a_closed_pipe_ends_quietly(shm_tmp, monkeypatch):
+    """`files | head -c 100`: the reader goes away mid-list; the command ends with 141 and
+    nothing on stderr but its header line."""
+    scratch = shm_tmp / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("SCRATCH_KEEPALIVE_HOME", str(shm_tmp / "state"))
+    big_tree(scratch / "ds", 20000)
+    assert run_script("init", "--profile", "generic", "--scratch-root", scratch).rc == 0
+    assert run_script("add", "--name", "ds", "--path", scratch / "ds", "--keep-until",
+                      KEEP).rc == 0
+    assert run_script("refresh", "--name", "ds", "--check").rc == 0
+    for form in ([], ["-0"], ["--json"]):
+        p = subprocess.run(["bash", "-c", '"$@" | head -c 100 >/dev/null; exit "${PIPESTATUS[0]}"',
+                            "sh", sys.executable, str(SCRIPT), "files", "--name", "ds"] + form,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+        err = p.stderr.decode()
+        assert p.returncode == 141, (form, err)
+        assert err.count("\n") == 1 and err.startswith("scratch-keepalive: ds: entries as "
+                                                       "of"), (form, err)
+
+
+# --------------------------------------------------------------------------- rsync and tar
+
+
+def readme_block(marker):
+    text = (REPO / "README.md").read_text()
+    m = re.search(re.escape(marker) + r"\s*```sh\n(.*?)```", text, re.S)
+    assert m, "no ```sh block after %r in README.md" % marker
+    return m.group(1)
+
+
+def rsync_version():
+    exe = shutil.which("rsync")
+    if exe is None:
+        return None
+    out = subprocess.run([exe, "--version"], stdout=subprocess.PIPE).stdout.decode()
+    m = re.search(r"version\s+(\d+)\.(\d+)\.(\d+)", out)
+    return tuple(int(x) for x in m.groups()) if m else (0, 0, 0)
+
+
+def reads_move_atimes(d):
+    """True when reading a file with an old atime moves it here (relatime or strictatime):
+    what makes "no atime moved" mean something."""
+    p = os.path.join(str(d), "atime-probe")
+    with open(p, "wb") as f:
+        f.write(b"probe")
+    old = time.time() - 3 * DAY
+    set_atime(p, old)
+    with open(p, "rb") as f:
+        f.read()
+    moved = os.lstat(p).st_atime_ns != int(old) * 10 ** 9
+    os.unlink(p)
+    return moved
+
+
+RESCUE_AGES = {   # path: (kind, age in days)
+    b"old file": (b"o" * 10, 20),
+    b"recent file": (b"r" * 11, 1),
+    b"-leading-dash": (b"d" * 12, 40),
+    b"new\nline": (b"n" * 13, 20),
+    b"tab\tand space ": (b"t" * 14, 40),
+    b"bad\xff\xfeutf8": (b"b" * 15, 20),
+    b"q\"uote\\back": (b"q" * 16, 1),
+    b"alink": ("link", 40),
+    b"old dir": ("dir", 40),                   # at risk, its contents recent
+    b"old dir/recent inside": (b"i" * 17, 1),
+    b"young dir": ("dir", 1),              # not at risk, some contents are
+    b"young dir/old inside": (b"j" * 18, 40),
+    b"young dir/recent inside": (b"k" * 19, 1),
+    b"young dir/deep": ("dir", 1),
+    b"young dir/deep/-x\n\xff": (b"l" * 20, 20),
+    b"run": ("dir", 20),
+    b"run/x": (b"m" * 21, 20),
+    b"run-2.txt": (b"p" * 22, 20),
+}
+
+
+def test_readme_rsync_and_tar_copy_exactly_the_at_risk_entries_and_move_no_atime(
+        cli, generic, env, tmp_path, monkeypatch):
+    """The README's block, run as printed (only ROOT, DEST and the command's path changed):
+    `files --at-risk -0 | rsync -a --open-noatime --from0 --files-from=-` copies exactly the
+    at-risk entries, odd names included (a listed directory is created, never filled with
+    what is not listed), and `... | tar --atime-preserve=system --null --no-recursion`
+    archives exactly them, in the walk's order; no atime in the dataset moves but a
+    symlink's, which readlink(2) moves whatever the flags.
+
+    The policy clock is today here, so that every atime lies in the real past: the kernel
+    never moves an atime that lies in the future, which would make "unchanged" vacuous."""
+    version = rsync_version()
+    if version is None:
+        pytest.skip("rsync is not installed (`apt-get install -y rsync`; .ci/run does it)")
+    if version < (3, 2, 3):
+        pytest.skip("rsync %d.%d.%d has no --open-noatime (3.2.3 and later)" % version)
+    today = int(time.time()) // DAY * DAY
+    monkeypatch.setenv("SCRATCH_KEEPALIVE_NOW", sk.iso(today))
+    RESCUE_SPEC = dict((p, (kind, today - days * DAY))
+                       for p, (kind, days) in RESCUE_AGES.items())
+    root = generic["scratch"] / "genomes"
+    build(root, RESCUE_SPEC)
+    assert cli("add", "--name", "genomes", "--path", root, "--keep-until",
+               sk.utc_date(today + 30 * DAY).isoformat()).rc == 0
+    set_atime(str(root), today - 20 * DAY)      # the root is at risk too: never listed
+    set_atime(str(root / ".scratch-keepalive"), today - DAY)
+    r = cli("refresh", "--name", "genomes", "--check", "--json")
+    assert r.rc == 0, r
+    cutoff = today - 13 * DAY
+    rb = os.fsencode(str(root))
+    at_risk = [p for p in walk_order(rb) if p in RESCUE_SPEC and RESCUE_SPEC[p][1] < cutoff]
+    assert r.json()["results"][0]["entries_at_risk"] == len(at_risk) + 1   # and the root
+    listed = cli("files", "--name", "genomes", "--at-risk", "-0").out
+    assert [os.fsencode(p) for p in listed.split("\0")[:-1]] == at_risk
+    assert reads_move_atimes(root), "reads do not move atimes here: the test proves nothing"
+
+    dest = tmp_path / "safe" / "genomes-at-risk"
+    dest.parent.mkdir()
+    block = readme_block("<!-- test: files rsync tar -->")
+    block, n = re.subn(r"(?m)^ROOT=\S+", "ROOT=%s" % sk.shell_quote(str(root)), block)
+    assert n == 1, block
+    block, n = re.subn(r"(?m)^DEST=\S+", "DEST=%s" % sk.shell_quote(str(dest)), block)
+    assert n == 1, block
+    block = re.sub(r"(?m)^scratch-keepalive ", "%s %s " % (
+        sk.shell_quote(sys.executable), sk.shell_quote(str(SCRIPT))), block)
+    before = snapshot(root)
+    r = run_command(["bash", "-euo", "pipefail", "-c", block])
+    assert r.rc == 0, r
+    after = snapshot(root)
+    # atimes (and mtimes, sizes, modes) unchanged: all of them but a symlink's own atime,
+    # which reading its target (readlink(2), which both tools must do) moves and no flag
+    # can keep (the README says so)
+    moved = sorted(p for p in before if before[p] != after[p])
+    assert moved == ["alink"], moved
+    assert after["alink"][1:] == before["alink"][1:]
+
+    # rsync: exactly the at-risk entries, and the directories that lead to them
+    db = os.fsencode(str(dest))
+    copied = {}
+    for dirpath, dirs, names in os.walk(db):
+        for n in dirs + names:
+            p = os.path.join(dirpath, n)
+            copied[os.path.relpath(p, db)] = os.lstat(p)
+    risky = set(at_risk)
+    leading = set()             # every directory above an at-risk entry
+    for p in risky:
+        while os.path.dirname(p):
+            p = os.path.dirname(p)
+            leading.add(p)
+    assert set(p for p, st in copied.items() if not stat.S_ISDIR(st.st_mode)) == \
+        set(p for p in risky if RESCUE_SPEC[p][0] != "dir")
+    assert set(p for p, st in copied.items() if stat.S_ISDIR(st.st_mode)) == \
+        set(p for p in risky if RESCUE_SPEC[p][0] == "dir") | leading
+    for p in risky:
+        src, dst = os.path.join(rb, p), os.path.join(db, p)
+        kind = RESCUE_SPEC[p][0]
+        if kind == "link":
+            assert os.readlink(dst) == os.readlink(src) and stat.S_ISLNK(copied[p].st_mode)
+        elif kind != "dir":
+            with open(dst, "rb") as f:
+                assert f.read() == kind
+            assert copied[p].st_mtime_ns == os.lstat(src).st_mtime_ns      # rsync -a
+    assert b"old dir/recent inside" not in copied and b"young dir/old inside" in copied
+
+    # tar: exactly the at-risk entries, in the walk's order, nothing from inside them
+    with tarfile.open(str(dest) + ".tar") as tf:
+        members = tf.getmembers()
+    assert [os.fsencode(m.name).rstrip(b"/") for m in members] == at_risk
+    for m in members:
+        kind = RESCUE_SPEC[os.fsencode(m.name).rstrip(b"/")][0]
+        assert (m.isdir(), m.issym()) == (kind == "dir", kind == "link"), m.name
+
+
+# --------------------------------------------------------------------------- purge forensics
+
+
+PURGE_SPEC = {          # path: (contents, "dir" or "link"; atime), before the purge
+    b"keep": ("dir", RECENT),
+    b"keep/a": (b"a" * 3, RECENT),
+    b"old1": (b"o" * 10, OLD),
+    b"new1": (b"n" * 7, RECENT),
+    b"risky1": (b"r" * 9, RISKY),
+    b"odd\nname \xff": (b"d" * 8, OLD),
+    b"alink": ("link", OLD),
+    b"sub": ("dir", RECENT),
+    b"sub/old2": (b"p" * 20, OLD),
+    b"sub/stays": (b"s" * 2, OLD),
+    b"gone": ("dir", OLD),
+    b"gone/new3": (b"g" * 6, RECENT),
+    b"gone/old3": (b"h" * 4, OLD),
+    b"locked": ("dir", RECENT),
+    b"locked/secret_new": (b"x" * 3, RECENT),
+    b"locked/secret_old": (b"y" * 5, OLD),
+}
+# What a site's purge (old) and a user's cleanup (recent) delete between the two walks.
+DELETED = [b"old1", b"new1", b"risky1", b"odd\nname \xff", b"alink", b"sub/old2", b"gone"]
+DELETED_BELOW = [b"gone/new3", b"gone/old3"]
+UNREADABLE = b"locked"           # chmod 000 after the first walk: unknown, never vanished
+
+
+def test_a_purge_between_two_walks_is_reported_exactly(world_tmp):
+    """Old files deleted as a site's purge would, recent ones as a user would, a directory
+    made unreadable (and a file deleted inside it) between two check walks: the second
+    walk's vanished and likely-purged counts and bytes are exact, `files --vanished` lists
+    exactly those names with the right reasons, and nothing below the unreadable directory
+    is called vanished. The tool runs as `nobody`, so that chmod 000 really denies it."""
+    runner = nonroot_runner()
+    if runner is None:
+        pytest.skip("no way to run as an unprivileged user here (needs setpriv and "
+                    "/usr/bin/python3 when running as root)")
+    prefix, python = runner
+    state, scratch, home = world_tmp / "state", world_tmp / "scratch", world_tmp / "home"
+    root = scratch / "ds"
+    home.mkdir()
+    build(root, PURGE_SPEC)
+    if os.geteuid() == 0:
+        for p in [home, scratch] + [Path(dp) / n for dp, dns, fns in os.walk(str(scratch))
+                                    for n in dns + fns]:
+            os.lchown(str(p), 65534, 65534)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "TZ": "UTC", "LANG": "C.UTF-8",
+           "SCRATCH_KEEPALIVE_HOME": str(state), "SCRATCH_KEEPALIVE_NOW": sk.iso(NOW_EPOCH)}
+
+    def run(*argv):
+        return run_script(*argv, prefix=prefix, python=python, env=env, clean=True)
+
+    def run0(*argv):
+        """Paths a -0 run prints (raw bytes: not UTF-8 text)."""
+        p = subprocess.run(list(prefix) + [python, str(SCRIPT)] + list(argv) + ["-0"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, timeout=120)
+        assert p.returncode == 0, p
+        return p.stdout.split(b"\0")[:-1]
+
+    assert run("init", "--profile", "generic", "--scratch-root", scratch).rc == 0
+    assert run("add", "--name", "ds", "--path", root, "--keep-until", KEEP).rc == 0
+    set_atime(str(root), RECENT)
+    r = run("refresh", "--name", "ds", "--check", "--json")
+    assert r.rc == 0, r
+    first = r.json()["results"][0]
+    assert first["entries_vanished"] == 0 and first["previous_walk_started"] is None, first
+    order = walk_order(os.fsencode(str(root)))
+
+    rb = os.fsencode(str(root))
+    for rel in DELETED:
+        path = os.path.join(rb, rel)
+        if PURGE_SPEC[rel][0] == "dir":
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    os.unlink(os.path.join(rb, b"locked/secret_old"))    # gone, but the tool cannot know
+    os.chmod(os.path.join(rb, UNREADABLE), 0)
+    r = run("refresh", "--name", "ds", "--check", "--json")
+    assert r.rc == 1, r             # the unreadable directory is an entry error
+    res = r.json()["results"][0]
+    assert res["complete"] is True and res["errors"] >= 1, res
+
+    vanished = [p for p in order if p in DELETED or p in DELETED_BELOW]
+    purge_line = NOW_EPOCH - 30 * DAY
+
+    def size(p):
+        kind = PURGE_SPEC[p][0]
+        return 0 if kind in ("dir", "link") else len(kind)
+    purged = [p for p in vanished if PURGE_SPEC[p][1] < purge_line]
+    assert len(vanished) == 9 and len(purged) == 6      # the fixture is what it says
+    assert (res["entries_vanished"], res["bytes_vanished"], res["entries_likely_purged"],
+            res["bytes_likely_purged"]) == (len(vanished), sum(map(size, vanished)),
+                                            len(purged), sum(map(size, purged))), res
+    assert (res["bytes_vanished"], res["bytes_likely_purged"]) == (64, 42)
+    assert res["previous_walk_started"] == first["started"], (res, first)
+
+    want = [(p, "likely purged" if p in purged else "deleted or moved") for p in vanished]
+    r = run("files", "--name", "ds", "--vanished")
+    assert r.rc == 0, r
+    got = [(unquote(line.rsplit("\t", 1)[0]), line.rsplit("\t", 1)[1])
+           for line in r.out.split("\n")[:-1]]
+    assert got == want
+    assert '"odd\\nname \\377"\tlikely purged' in r.out.split("\n")
+    assert re.match(r"scratch-keepalive: ds: entries that vanished between the check walk "
+                    r"started \S+ and the check walk started \S+ \(less than a minute ago\)\n"
+                    r"\Z", r.err), r.err
+    r = run("files", "--name", "ds", "--vanished", "--json")
+    docs = [json.loads(x) for x in r.out.splitlines()]
+    assert [(base64.b64decode(d["path_b64"]) if "path_b64" in d else d["path"].encode(),
+             d["reason"]) for d in docs] == want
+    assert [d["kind"] for d in docs if d["path"] in ("gone", "alink")] == ["symlink", "dir"]
+    assert run0("files", "--name", "ds", "--vanished") == vanished
+    assert run0("files", "--name", "ds", "--vanished", "--older-than", "30") == purged
+    # the newest walk could not read locked/: what was there is unknown, not vanished
+    assert not any(p.startswith(b"locked/") for p, _ in got)
+    listed = run0("files", "--name", "ds")
+    assert b"locked" in listed and not any(p.startswith(b"locked/") for p in listed)
+
+
+# --------------------------------------------------------------------------- manifest order
+
+
+def test_manifest_order_is_the_walks_on_odd_names(cli, odd, env):
+    """The manifest holds every entry once, in the walk's order: depth-first, a directory's
+    names in byte order (so run, run/x, then run-2.txt: component-wise, not the byte order
+    of whole paths, where run-2.txt would come before run/x)."""
+    (_, path), = sk.Store(str(env["state"])).manifests("ds")
+    with sk.Manifest(path) as m:
+        keys = [sk.key_path(k) for k, _, _, _ in m.entries()]
+        assert m.trailer["entries"] == len(keys)
+    want = [b"."] + walk_order(os.fsencode(str(odd["root"])))
+    assert keys == want
+    assert keys != [b"."] + sorted(keys[1:])        # whole-path byte order differs here
+    assert keys.index(b"run/x") < keys.index(b"run-2.txt")
+    assert b"dir with space/-inner\n" in keys and b"bad\xff\xfe" in keys
+
+
+def test_a_manifest_survives_sigkill_mid_walk_and_resume(shm_tmp, monkeypatch):
+    """The tool's process group killed outright twice in the middle of a check walk; the
+    walk resumes with its partial manifest, and the manifest the completed walk leaves
+    lists every entry exactly once, in the walk's order, under the first run's start."""
+    scratch, state = shm_tmp / "scratch", shm_tmp / "state"
+    scratch.mkdir()
+    monkeypatch.setenv("SCRATCH_KEEPALIVE_HOME", str(state))
+    big_tree(scratch / "ds", 60000)
+    assert run_script("init", "--profile", "generic", "--scratch-root", scratch).rc == 0
+    assert run_script("add", "--name", "ds", "--path", scratch / "ds", "--keep-until",
+                      KEEP).rc == 0
+    ckpt = state / "checkpoints" / "ds.json"
+
+    def checkpoint_of(pid, past):
+        try:
+            doc = json.loads(ckpt.read_text())
+        except (OSError, ValueError):
+            return None
+        man = doc.get("manifest") or {}
+        return doc if doc.get("pid") == pid and man.get("entries", 0) > past else None
+
+    past, started = 0, None
+    for _ in range(2):
+        p = subprocess.Popen([sys.executable, str(SCRIPT), "refresh", "--name", "ds", "--check",
+                              "--json", "--checkpoint-every", "0.01"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, start_new_session=True)
+        with reaped(p):
+            doc = poll(lambda: checkpoint_of(p.pid, past) or p.poll() is not None,
+                       "a checkpoint with manifest entries")
+            if p.poll() is not None:
+                pytest.fail("the walk ended before it could be killed: %r" % (p.communicate(),))
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+        assert p.returncode == -signal.SIGKILL
+        started = started or doc["walk_started"]
+        assert doc["walk_started"] == started
+        past = doc["manifest"]["entries"]
+        assert (state / "manifests" / "ds" / "partial.skm").exists()
+        assert sk.Store(str(state)).manifests("ds") == []
+    r = run_script("refresh", "--name", "ds", "--check", "--json")
+    assert r.rc == 0, r
+    res = r.json()["results"][0]
+    assert res["complete"] and res["resumed"] and "manifest_note" not in res, res
+    (_, path), = sk.Store(str(state)).manifests("ds")
+    with sk.Manifest(path) as m:
+        assert m.header["walk_started"] == started
+        keys = [k for k, _, _, _ in m.entries()]
+    want = [b""] + [k.replace(b"/", b"\0") for k in walk_order(os.fsencode(str(scratch / "ds")))]
+    assert len(keys) == len(set(keys)) == 60000 + 60 + 2      # files, dirs, root, sentinel
+    assert keys == want
