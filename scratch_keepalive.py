@@ -3414,25 +3414,28 @@ def _brief_dataset(ds, today):
     found = []              # (kind, words, command), most urgent first
     totals, run = _last_walk_totals(ds), ds.get("last_run") or {}
     when = (ds.get("last_refresh") or "")[:10]
-    # The key comes with purge forensics: the merge of a walk's manifest with the last one.
-    purged = run if run.get("complete") else totals
+    # Purge forensics: what the newest complete walk's manifest lacks of the one before.
+    purged = ds.get("forensics") or (run if run.get("complete") else totals)
+    files_cmd = "%s files --name %s" % (PROG, name)
     if purged.get("entries_likely_purged", 0) > 0:
         found.append(("likely-purged", "%s (%s) likely purged by the site before the walk of "
                       "%s" % (plural(purged["entries_likely_purged"], "entry", "entries"),
                               human_bytes(purged.get("bytes_likely_purged", 0)), when),
-                      status_cmd))
+                      files_cmd + " --vanished"))
     if ds.get("last_mode") == "check" and totals.get("entries_purge_eligible", 0) > 0:
         found.append(("purge-eligible", "%s (%s) purge-eligible, %s at risk (%s), found by the "
                       "check walk of %s: copy what you need somewhere safe" % (
                           plural(totals["entries_purge_eligible"], "entry", "entries"),
                           human_bytes(totals.get("bytes_purge_eligible", 0)),
                           human_count(totals.get("entries_at_risk", 0)),
-                          human_bytes(totals.get("bytes_at_risk", 0)), when), status_cmd))
+                          human_bytes(totals.get("bytes_at_risk", 0)), when),
+                      files_cmd + " --purge-eligible"))
     elif ds.get("last_mode") == "check" and totals.get("entries_at_risk", 0) > 0:
         found.append(("at-risk", "%s (%s) at risk, found by the check walk of %s: copy what "
                       "you need somewhere safe" % (
                           plural(totals["entries_at_risk"], "entry", "entries"),
-                          human_bytes(totals.get("bytes_at_risk", 0)), when), status_cmd))
+                          human_bytes(totals.get("bytes_at_risk", 0)), when),
+                      files_cmd + " --at-risk"))
     if run.get("errors", 0) > 0:
         found.append(("errors", "its last run (%s) had %s%s" % (
             (run.get("finished") or "?")[:10], plural(run["errors"], "error"),

@@ -333,7 +333,7 @@ def test_brief_check_mode_risk_purge_eligible_and_at_risk(cli, generic):
                                            "walk of "), alerts
     assert alerts[1]["message"].startswith("10 entries (4.0 KiB) purge-eligible, 10 at risk "
                                            "(4.0 KiB), found by the check walk of "), alerts
-    assert alerts[1]["command"] == "scratch-keepalive status --name old"
+    assert alerts[1]["command"] == "scratch-keepalive files --name old --purge-eligible"
     # A touch walk since: they were refreshed, nothing to say.
     assert cli("refresh", "--name", "old").rc == 0
     assert [a["name"] for a in _alerts(cli)] == ["aging"]
@@ -341,17 +341,23 @@ def test_brief_check_mode_risk_purge_eligible_and_at_risk(cli, generic):
 
 def test_brief_likely_purged_and_errors_from_the_last_run(cli, generic):
     _, store = healthy(cli, generic)
-    run = store.load_registry()["datasets"]["ds"]["last_run"]
-    edit_entry(store, "ds", last_run=dict(run, entries_likely_purged=3, bytes_likely_purged=4096))
+    entry = store.load_registry()["datasets"]["ds"]
+    run, found = entry["last_run"], entry["forensics"]
+    # What the merge of the last two manifests found (the registry's forensics).
+    edit_entry(store, "ds", forensics=dict(found, entries_likely_purged=3,
+                                           bytes_likely_purged=4096))
     alerts = _alerts(cli)
     assert [(a["name"], a["kind"]) for a in alerts] == [("ds", "likely-purged")], alerts
     assert alerts[0]["message"].startswith("3 entries (4.0 KiB) likely purged by the site")
-    edit_entry(store, "ds", last_run=dict(run, errors=2, log="/st/logs/ds/x.log"))
+    assert alerts[0]["command"] == "scratch-keepalive files --name ds --vanished"
+    edit_entry(store, "ds", forensics=found, last_run=dict(run, errors=2,
+                                                           log="/st/logs/ds/x.log"))
     alerts = _alerts(cli)
     assert [(a["name"], a["kind"]) for a in alerts] == [("ds", "errors")], alerts
     assert "had 2 errors, listed in /st/logs/ds/x.log" in alerts[0]["message"], alerts
     # Both: one line, the most urgent kind first, every finding in the message.
-    edit_entry(store, "ds", last_run=dict(run, errors=1, entries_likely_purged=1))
+    edit_entry(store, "ds", last_run=dict(run, errors=1),
+               forensics=dict(found, entries_likely_purged=1))
     alerts = _alerts(cli)
     assert [a["kind"] for a in alerts] == ["likely-purged"], alerts
     assert "had 1 error" in alerts[0]["message"], alerts
@@ -484,9 +490,9 @@ def test_brief_runs_no_slurm_command_and_says_the_same_without_slurm(cli, generi
     lines = outs[0].splitlines()
     assert len(lines) == 1 and lines[0].startswith("scratch-keepalive: old: "), lines
     # As run here (python3 PATH), the hint takes that form; JSON keeps PROG's.
-    assert lines[0].endswith("`python3 %s status --name old`" % shlex.quote(
+    assert lines[0].endswith("`python3 %s files --name old --purge-eligible`" % shlex.quote(
         str(Path(sk.__file__)))), lines
-    assert json.loads(outs[1])[0]["command"] == "scratch-keepalive status --name old"
+    assert json.loads(outs[1])[0]["command"] == "scratch-keepalive files --name old --purge-eligible"
 
 
 def test_brief_is_fast_with_50_datasets(cli, generic):

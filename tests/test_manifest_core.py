@@ -237,6 +237,9 @@ def test_fail_on_risk_exits_1_for_entries_likely_purged_in_touch_mode(cli, gener
     assert plain.rc == 0, plain
     res = plain.json()["results"][0]
     assert (res["entries_likely_purged"], res["bytes_likely_purged"]) == (2, 10), res
+    brief = cli("status", "--brief", "--json").json()
+    assert [(a["name"], a["kind"], a["command"]) for a in brief if a["name"]] == [
+        ("ds", "likely-purged", "scratch-keepalive files --name ds --vanished")], brief
     os.unlink(str(root / "f3"))
     r = cli("refresh", "--name", "ds", "--fail-on-risk", "--json")
     assert r.rc == 1, r
