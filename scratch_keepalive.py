@@ -4566,7 +4566,8 @@ class RescueRun(object):
                     return      # the file shrank: the size check after the copy says so
                 start += n
                 self.counts["bytes_copied"] += n
-                _test_pause(self.ctx.env, "rescue-copying")
+                if start < end:
+                    _test_pause(self.ctx.env, "rescue-copying")     # a file half copied
                 reason = self.stop_reason(self.budget, self.should_stop)
                 if reason:
                     self.stopped = reason
