@@ -78,7 +78,7 @@ __all__ = [
 PROG = "scratch-keepalive"
 FORMAT = 1                      # format version of every JSON state file
 SENTINEL = ".scratch-keepalive"
-SENTINEL_SETTINGS = ("keep_until", "cadence_days", "approval")   # recorded for a rebuild
+SENTINEL_SETTINGS = ("keep_until", "cadence_days", "approval", "rescue_to")  # for a rebuild
 JOB_NAME = "scratch-keepalive"
 # WARNING: \Z, not $: "$" also matches before a trailing newline ("evil\n" would pass).
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
@@ -1314,6 +1314,7 @@ def sentinel_doc(ds):
     return {"tool": PROG, "format": FORMAT, "name": ds["name"], "added": ds.get("added"),
             "last_refresh": ds.get("last_refresh"), "keep_until": ds.get("keep_until"),
             "cadence_days": ds.get("cadence_days"), "approval": ds.get("approval"),
+            "rescue_to": ds.get("rescue_to"),
             "about": "This directory is registered with scratch-keepalive as dataset %r. "
                      "Run `scratch-keepalive status --name %s` for its state." % (ds["name"],
                                                                                  ds["name"])}
@@ -3943,6 +3944,7 @@ class DatasetRun(object):
 RESCUE_SELECTIONS = ("at-risk", "all", "skip")   # skip: what could age out (scheduled)
 RESCUE_MARGIN = 0.05            # room wanted beyond the bytes to copy
 RESCUE_CHUNK = 1 << 24          # bytes per copy call: budgets and signals are checked between
+RESCUE_PATH_MAX = 1024          # a destination's path (the sentinel records it)
 RESCUE_LISTED = 100             # not-rescued entries named in the result (the log has all)
 RESCUE_TEMP_FORMAT = ".scratch-keepalive-rescue.%s.%d.%s.tmp"
 RESCUE_TEMP_RE = re.compile(r"^\.scratch-keepalive-rescue\.([A-Za-z0-9_-]{1,32})\.(\d{1,10})\."
@@ -4003,9 +4005,9 @@ def check_rescue_dest(ctx, cfg, dataset_path, to, flag="--to"):
 
     UsageError when it is, contains or lies below the scratch root or the dataset (a copy
     there is purged with the rest), or exists and is not a directory."""
-    if not to or "\0" in to:
-        raise UsageError("%s needs a directory (on BR200: /N/project/<project> or "
-                         "/N/slate/$USER)" % flag)
+    if not to or "\0" in to or len(to) > RESCUE_PATH_MAX:
+        raise UsageError("%s needs a directory, a path of at most %d characters (on BR200: "
+                         "/N/project/<project> or /N/slate/$USER)" % (flag, RESCUE_PATH_MAX))
     path = os.path.abspath(to)
     head, tail = path, []
     while not os.path.lexists(head):
@@ -4013,6 +4015,9 @@ def check_rescue_dest(ctx, cfg, dataset_path, to, flag="--to"):
         tail.append(part)
     real = os.path.join(os.path.realpath(head), *reversed(tail)) if tail else \
         os.path.realpath(head)
+    if len(real) > RESCUE_PATH_MAX:
+        raise UsageError("%s %s is really %s, longer than %d characters; give a shorter path"
+                         % (flag, display_path(to), display_path(real), RESCUE_PATH_MAX))
     if not os.path.isdir(os.path.realpath(head)):
         raise UsageError("%s %s: %s is not a directory; give a directory to copy into"
                          % (flag, display_path(to), display_path(head)))
@@ -6313,8 +6318,10 @@ def _rebuilt_entry(ctx, cfg, name, path, doc, left):
                     "; set them with `%s extend --name %s`" % (name, ", ".join(guessed), PROG,
                                                               name))
     last = doc.get("last_refresh")
+    rescue_to = doc.get("rescue_to")
     return {"name": name, "path": path, "keep_until": keep, "cadence_days": cadence,
             "approval": approval, "enabled": True,
+            "rescue_to": None if _abs_path(rescue_to) else rescue_to,
             "added": doc.get("added") if not _time(doc.get("added")) else None,
             "last_refresh": last if not _time(last) else None, "last_refresh_start": None,
             "last_mode": None, "last_run": None, "last_total_entries": None,

@@ -165,10 +165,10 @@ def test_second_rescue_skips_what_is_there_and_never_overwrites_a_newer_file(ds,
     assert r.rc == 0, r
     newer = dest / "old" / "a.txt"
     newer.write_bytes(b"edited at the destination\n")
-    os.utime(str(newer), ns=(time.time_ns(), mtime_of(root / "old" / "a.txt") + 10 ** 9))
+    os.utime(str(newer), ns=(int(time.time() * 1e9), mtime_of(root / "old" / "a.txt") + 10 ** 9))
     stale = dest / "top.txt"
     stale.write_bytes(b"an older copy, shorter\n"[:5])
-    os.utime(str(stale), ns=(time.time_ns(), mtime_of(root / "top.txt") - 10 ** 9))
+    os.utime(str(stale), ns=(int(time.time() * 1e9), mtime_of(root / "top.txt") - 10 ** 9))
     r, res = rescue(cli, dest, "--all")
     assert r.rc == 0, r
     assert newer.read_bytes() == b"edited at the destination\n"
@@ -560,3 +560,44 @@ def test_remove_deletes_the_rescue_checkpoint_and_no_copy(ds, cli):
     assert cli("remove", "--name", "ds").rc == 0
     assert not ck.exists()
     assert (ds["dest"]).exists()
+
+
+def test_the_sentinel_records_rescue_to_and_a_rebuilt_registry_keeps_it(generic, cli):
+    root = generic["scratch"] / "ds"
+    root.mkdir()
+    safe = generic["tmp"] / "safe"
+    assert cli("add", "--name", "ds", "--path", root, "--keep-until", KEEP, "--rescue-to",
+               safe).rc == 0
+    assert json.loads((root / sk.SENTINEL).read_text())["rescue_to"] == str(safe)
+    state = generic["state"]
+    (state / "registry.json").write_bytes(b'{"format": 1, "datas')
+    assert not (state / "registry.json.bak").exists()      # one save only: no backup yet
+    r = cli("repair")
+    assert r.rc == 0, r
+    assert json.loads(cli("list", "--json").out)[0]["rescue_to"] == str(safe)
+    assert cli("extend", "--name", "ds", "--rescue-to", "none").rc == 0
+    assert json.loads((root / sk.SENTINEL).read_text())["rescue_to"] is None
+    assert [line for line in cli("doctor").out.splitlines() if "sentinel:" in line
+            and not line.startswith("ok")] == []
+    assert "in its sentinel" not in cli("repair", "--dry-run").out    # it is up to date
+
+
+def test_rescue_to_another_filesystem_and_by_read_and_write_alone(ds, cli, shm_tmp,
+                                                                  monkeypatch):
+    """Onto tmpfs from the test's disk (copy_file_range may refuse across filesystems), and
+    with neither copy_file_range nor sendfile: the same exact, sparse copy."""
+    root = ds["root"]
+    src = listing(root)
+    src.pop(sk.SENTINEL)
+    r, res = rescue(cli, shm_tmp / "copy", "--all")
+    assert r.rc == 0, r
+    assert listing(shm_tmp / "copy") == src
+    monkeypatch.delattr(os, "copy_file_range", raising=False)
+    monkeypatch.delattr(os, "sendfile", raising=False)
+    r, res = rescue(cli, ds["tmp"] / "plain", "--all")
+    assert r.rc == 0, r
+    for dest in (shm_tmp / "copy", ds["tmp"] / "plain"):
+        for rel, kind in src.items():
+            if kind == "file":
+                assert (dest / rel).read_bytes() == (root / rel).read_bytes(), rel
+        assert os.lstat(str(dest / "old" / "sparse.img")).st_blocks * 512 < 1 << 20
