@@ -4177,6 +4177,16 @@ def _rescue(ctx, opts, budget, should_stop=None, progress=None):
     if not root_present(ds["path"]):
         raise Failure("dataset %r: its root %s is missing (purged or moved?); nothing to rescue"
                       % (ds["name"], display_path(ds["path"])))
+    notes = []
+    if budget.deadline is None and on_login_node(cfg, ctx.env) and not opts.dry_run:
+        # Copying costs CPU time too (the kernel's, with copy_file_range or sendfile).
+        seconds = profile_of(cfg)["login_node_budget"]
+        budget.deadline = time.monotonic() + seconds
+        notes.append("on a login node (no SLURM_JOB_ID): this rescue stops after %d minutes "
+                     "(IU kills login-node processes after 20 CPU minutes); run it again to "
+                     "resume, or run it as a job: `sbatch -A ACCOUNT -p general -t 2:00:00 "
+                     "--mem=2G --wrap \"%s rescue --name %s --to %s\"`" % (
+                         seconds // 60, PROG, ds["name"], shell_quote(dest)))
     lock = None if opts.dry_run else DatasetLock(store, ds["name"]).acquire()
     try:
         current = store.load_registry()["datasets"].get(ds["name"])
@@ -4194,7 +4204,7 @@ def _rescue(ctx, opts, budget, should_stop=None, progress=None):
             raise Failure("dataset %r: %s" % (ds["name"], e))
         try:
             run = RescueRun(ctx, current, dest, opts, manifests[0][1], root_fd)
-            return run.go(budget, should_stop, progress)
+            return dict(run.go(budget, should_stop, progress), notes=notes)
         finally:
             os.close(root_fd)
     except OSError as e:
@@ -6636,6 +6646,8 @@ def _status_lines(e):
                                                           e["next_due"] or "now"))
     t = e["thresholds_days"]
     add("  approval:      %s" % (e["approval"] or "none"))
+    if e.get("rescue_to"):
+        add("  rescue to:     %s (after each scheduled walk)" % display_path(e["rescue_to"]))
     add("  thresholds:    touch if not accessed for %d days; at risk after %d; purge after %d"
         % (t["skip"], t["at_risk"], t["purge"]))
     add("  last refresh:  %s" % ("%s (%s mode)" % (e["last_refresh"], e["last_mode"])
@@ -6798,6 +6810,8 @@ def cmd_rescue(args, ctx):
         emit_json(ctx, r)
     else:
         say(ctx, describe_rescue(r))
+    for text in r["notes"]:
+        note(ctx, text, to_err=args.json)
     return r["exit_code"]
 
 

@@ -601,3 +601,52 @@ def test_rescue_to_another_filesystem_and_by_read_and_write_alone(ds, cli, shm_t
             if kind == "file":
                 assert (dest / rel).read_bytes() == (root / rel).read_bytes(), rel
         assert os.lstat(str(dest / "old" / "sparse.img")).st_blocks * 512 < 1 << 20
+
+
+def test_progress_line_on_a_terminal_and_a_status_line(ds, cli, monkeypatch):
+    import pty
+    monkeypatch.setattr(sk, "PROGRESS_SECONDS", 0.0)
+    master, slave = pty.openpty()
+    tty = os.fdopen(slave, "w")
+    old = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = open(os.devnull, "w"), tty
+    try:
+        rc = sk.main(["rescue", "--name", "ds", "--to", str(ds["dest"]), "--all"])
+    finally:
+        sys.stdout.close()
+        sys.stdout, sys.stderr = old
+        tty.close()
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    assert rc == 0
+    text = seen.decode("utf-8", "replace")
+    assert "\rds: rescued " in text.replace("\r\x1b[K", "\r") and " entries, " in text, text
+    assert text.endswith("\r\x1b[K"), text[-40:]
+    r = cli("rescue", "--name", "ds", "--to", ds["dest"])
+    assert r.rc == 0 and r.err == ""                    # not a terminal: no progress
+    assert cli("extend", "--name", "ds", "--rescue-to", ds["dest"]).rc == 0
+    assert "rescue to:     %s" % ds["dest"] in cli("status", "--name", "ds").out
+
+
+def test_br200_login_node_rescue_gets_a_budget_and_a_hint(cli, env, monkeypatch):
+    monkeypatch.setenv("SCRATCH_KEEPALIVE_SCRATCH_ROOT", str(env["scratch"]))
+    assert cli("init").rc == 0
+    d = env["scratch"] / "ds"
+    d.mkdir()
+    (d / "f").write_bytes(b"x")
+    assert cli("add", "--name", "ds", "--path", d, "--keep-until", KEEP).rc == 0
+    assert cli("refresh", "--name", "ds").rc == 0
+    r = cli("rescue", "--name", "ds", "--to", env["tmp"] / "slate")
+    assert r.rc == 0 and "login node" in r.out and "15 minutes" in r.out, r
+    assert "sbatch" in r.out and (env["tmp"] / "slate" / "f").exists()
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    r = cli("rescue", "--name", "ds", "--to", env["tmp"] / "slate")
+    assert r.rc == 0 and "login node" not in r.out, r
