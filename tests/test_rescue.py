@@ -20,6 +20,7 @@ import pytest
 
 from conftest import DAY, KEEP, NOW, NOW_EPOCH, SCRIPT, nonroot_runner, poll, reaped, \
     run_script, set_atime, sk, snapshot
+from slurmbed import USER, as_user, make_world, pending, settle, wait_done  # noqa: F401
 
 OLD = 1577836800.0                      # 2020-01-01: old by policy AND in the real past
 RECENT = NOW_EPOCH - 2 * DAY            # not at risk (at-risk line: 13 days, generic 30/14)
@@ -650,3 +651,46 @@ def test_br200_login_node_rescue_gets_a_budget_and_a_hint(cli, env, monkeypatch)
     monkeypatch.setenv("SLURM_JOB_ID", "1")
     r = cli("rescue", "--name", "ds", "--to", env["tmp"] / "slate")
     assert r.rc == 0 and "login node" not in r.out, r
+
+
+@pytest.mark.slurm
+def test_real_slurm_stopped_scheduled_rescue_books_a_continuation_that_finishes_it(
+        make_world):
+    """Against the real Slurm test bed, as an ordinary user: a scheduled run (sbatch chain)
+    whose walk completes but whose rescue the budget stops exits 3 and moves the pending
+    job to an hour from now; that job, fired, finishes the rescue although no walk is due,
+    and the destination holds every entry the walk found old."""
+    w = make_world("br200")                # no approval: every walk is a check walk
+    _, p = w.install_sbatch("--account", "r12345")     # its first run finds nothing to walk
+    d = w.make_dataset(files=20)
+    safe = w.root / "slate"
+    safe.mkdir()
+    shutil.chown(str(safe), USER, USER)
+    r = w.tool("extend", "--name", "ds", "--rescue-to", safe)
+    assert r.rc == 0, r
+    entries = len(snapshot(d))
+    cmd = "cd %s && %s refresh --due --scheduled sbatch --max-entries %d" % (
+        w.state, w.command_prefix(), entries + 2)
+    out = w.root / "manual"
+    out.mkdir()
+    shutil.chown(str(out), USER, USER)
+    r = as_user(["sbatch", "--parsable", "--job-name=sk-manual",
+                 "--output=%s/manual-%%j.out" % out, "--wrap", cmd])
+    assert r.rc == 0, r
+    f = wait_done(r.out.strip().split(";")[0])
+    log = "".join(x.read_text() for x in out.glob("*.out"))
+    assert f["ExitCode"] == "3:0", (f, log)
+    assert "rescue: ds: copied" in log and "NOT complete" in log, log
+    settle()
+    assert [j["id"] for j in pending()] == [p["id"]]
+    st = w.status()
+    assert "pending job %s moved to start in an hour" % p["id"] in st, st
+    assert len(listing(safe)) < entries - 2
+    w.fire(p["id"])
+    g = wait_done(p["id"])
+    assert g["JobState"] == "COMPLETED", g
+    want = listing(d)
+    want.pop(sk.SENTINEL)
+    assert listing(safe) == want
+    assert not (w.state / "checkpoints" / "rescue" / "ds.json").exists()
+    assert w.status_json()["last_run"]["entries_seen"] == entries      # not walked again
