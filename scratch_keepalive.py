@@ -45,6 +45,7 @@ __version__ = "1.0.0"
 # ---------------------------------------------------------------- imports
 
 import argparse
+import binascii
 import bisect
 import calendar
 import contextlib
@@ -4390,6 +4391,10 @@ class RescueRun(object):
                 self.one(comps, code)
             except _RescueStop:
                 return False
+            except OSError as e:        # the destination refused a look (EACCES, EIO, ...)
+                if e.errno in FULL_ERRNOS or isinstance(e, DiskFullError):
+                    raise
+                self.failed(b"/".join(comps), e.strerror or str(e))
             self.counts["entries_done"] += 1
             self.cursor = key
             self.tick(progress)
@@ -4724,6 +4729,10 @@ class RescueRun(object):
         self.write_log("not-rescued %s %s%s" % (reason, text, ": " + why if why else ""))
         if len(self.not_rescued) < RESCUE_LISTED:
             item = {"path": encode_name(path), "reason": reason}
+            try:
+                path.decode("utf-8")
+            except UnicodeDecodeError:
+                item["path_b64"] = binascii.b2a_base64(path).decode("ascii").strip()
             if why:
                 item["why"] = why
             self.not_rescued.append(item)

@@ -694,3 +694,37 @@ def test_real_slurm_stopped_scheduled_rescue_books_a_continuation_that_finishes_
     assert listing(safe) == want
     assert not (w.state / "checkpoints" / "rescue" / "ds.json").exists()
     assert w.status_json()["last_run"]["entries_seen"] == entries      # not walked again
+
+
+def test_odd_names_are_rescued_and_a_cursor_on_one_resumes_exactly(generic, cli):
+    root = generic["scratch"] / "ds"
+    root.mkdir()
+    names = [b"caf\xe9", b"new\nline", b"sp ace", "\u00e9t\u00e9".encode(), b"-dash"]
+    broot = os.fsencode(str(root))
+    for n in names:
+        os.mkdir(os.path.join(broot, n + b".d"))
+        with open(os.path.join(broot, n + b".d", n), "wb") as f:
+            f.write(n)
+    for p in [Path(dp) / n for dp, dns, fns in os.walk(str(root)) for n in dns + fns]:
+        set_atime(p, OLD)
+    assert cli("add", "--name", "ds", "--path", root, "--keep-until", KEEP).rc == 0
+    assert cli("refresh", "--name", "ds", "--check").rc == 0
+    dest = generic["tmp"] / "safe"
+    codes = []
+    for _ in range(20):
+        r = cli("rescue", "--name", "ds", "--to", dest, "--max-entries", "1", "--json")
+        codes.append(r.rc)
+        if r.rc == 0:
+            break
+        assert r.rc == 3, r
+    assert codes[-1] == 0 and len(codes) == 2 * len(names), codes    # one entry a run
+    bdest = os.fsencode(str(dest))
+    for n in names:
+        with open(os.path.join(bdest, n + b".d", n), "rb") as f:
+            assert f.read() == n
+    os.chmod(os.path.join(broot, b"caf\xe9.d", b"caf\xe9"), 0o644)
+    os.utime(os.path.join(bdest, b"caf\xe9.d", b"caf\xe9"), (time.time(), time.time() + 99))
+    r = cli("rescue", "--name", "ds", "--to", dest, "--json")
+    item = json.loads(r.out)["not_rescued"][0]
+    assert item["reason"] == "newer-destination"
+    assert item["path_b64"] == "Y2Fm6S5kL2NhZuk="          # caf\xe9.d/caf\xe9
