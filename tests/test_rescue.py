@@ -728,3 +728,26 @@ def test_odd_names_are_rescued_and_a_cursor_on_one_resumes_exactly(generic, cli)
     item = json.loads(r.out)["not_rescued"][0]
     assert item["reason"] == "newer-destination"
     assert item["path_b64"] == "Y2Fm6S5kL2NhZuk="          # caf\xe9.d/caf\xe9
+
+
+def test_readme_json_section_names_every_key_rescue_prints(ds, cli):
+    import re
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = re.search(r"^### JSON output\n(.*?)(?=^##)", readme, re.S | re.M).group(1)
+    named = set(re.findall(r"`([a-z_0-9]+)`", section))
+    docs = []
+    for extra in (["--all", "--max-entries", "3"], ["--all"], ["--dry-run"]):
+        r, res = rescue(cli, ds["dest"], *extra)
+        docs.append(res)
+    assert cli("extend", "--name", "ds", "--rescue-to", ds["dest"]).rc == 0
+    docs.append(json.loads(cli("list", "--json").out))
+    for doc in docs:
+        stack, keys = [doc], set()
+        while stack:
+            x = stack.pop()
+            if isinstance(x, dict):
+                keys.update(x)
+                stack.extend(x.values())
+            elif isinstance(x, list):
+                stack.extend(x)
+        assert keys <= named, sorted(keys - named)
