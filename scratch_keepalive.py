@@ -4274,10 +4274,10 @@ class RescueRun(object):
             self.resume_point()
             self.plan(m)
             check_rescue_room(self.ctx, self.dest, self.total_bytes)
-        self.open_dest()
-        self.open_log()
-        self.t0 = self.last_checkpoint = time.monotonic()
         try:
+            self.open_dest()
+            self.open_log()
+            self.t0 = self.last_checkpoint = time.monotonic()
             with Manifest(self.manifest_path) as m:
                 complete = self.copy_all(m, budget, should_stop, progress)
             self.leave(0)
@@ -4752,7 +4752,7 @@ class RescueRun(object):
     def crashed(self):
         with contextlib.suppress(Exception):
             self.leave(0)
-        if not self.opts.dry_run:
+        if not self.opts.dry_run and self.cursor is not None:   # there is a position to keep
             with contextlib.suppress(Exception):
                 self.save_checkpoint()
         if self.log is not None:

@@ -751,3 +751,28 @@ def test_readme_json_section_names_every_key_rescue_prints(ds, cli):
             elif isinstance(x, list):
                 stack.extend(x)
         assert keys <= named, sorted(keys - named)
+
+
+def test_a_destination_that_cannot_be_made_is_one_error_line_and_leaves_no_state(ds, cli):
+    if os.geteuid() == 0:
+        pytest.skip("root may create directories anywhere")
+    locked = ds["tmp"] / "locked"
+    locked.mkdir(mode=0o555)
+    r, _ = rescue(cli, locked / "copy")
+    assert r.rc == 1 and r.err.count("\n") == 1 and "cannot create" in r.err, r
+    assert not (ds["state"] / "checkpoints" / "rescue").exists()
+
+
+def test_a_destination_on_a_read_only_mount_is_one_error_line_and_leaves_no_state(ds, cli):
+    # the room check counts a sparse file at its size: leave the 64 MiB one out
+    os.unlink(str(ds["root"] / "old" / "sparse.img"))
+    assert cli("refresh", "--name", "ds", "--check").rc == 0
+    mnt = small_fs(ds["tmp"])
+    try:
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        r, _ = rescue(cli, mnt / "copy")
+        assert r.rc == 1 and r.err.count("\n") == 1 and "cannot create" in r.err, r
+        assert "Read-only file system" in r.err
+        assert not (ds["state"] / "checkpoints" / "rescue").exists()
+    finally:
+        subprocess.run(["umount", str(mnt)])
