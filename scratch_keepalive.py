@@ -6911,6 +6911,7 @@ examples:
   scratch-keepalive init
   scratch-keepalive add --name genomes --path /N/scratch/$USER/genomes --keep-until 2027-03-31
   scratch-keepalive refresh --name genomes        # check mode: reports what is at risk
+  scratch-keepalive rescue --name genomes --to /N/project/mylab/genomes   # copy it off scratch
   scratch-keepalive install-cron --account r00000
 
 exit codes:
