@@ -776,3 +776,35 @@ def test_a_destination_on_a_read_only_mount_is_one_error_line_and_leaves_no_stat
         assert not (ds["state"] / "checkpoints" / "rescue").exists()
     finally:
         subprocess.run(["umount", str(mnt)])
+
+
+def test_sigterm_mid_copy_exits_3_removes_its_temp_file_and_resumes(generic, cli, tmp_path):
+    root = generic["scratch"] / "ds"
+    root.mkdir()
+    (root / "a.txt").write_bytes(b"first")
+    (root / "big.bin").write_bytes(os.urandom(40 << 20))
+    (root / "c.txt").write_bytes(b"last")
+    for n in ("a.txt", "big.bin", "c.txt"):
+        set_atime(root / n, OLD)
+    assert cli("add", "--name", "ds", "--path", root, "--keep-until", KEEP).rc == 0
+    assert cli("refresh", "--name", "ds", "--check").rc == 0
+    dest, pause = tmp_path / "safe", tmp_path / "pause"
+    pause.mkdir()
+    env = dict(os.environ, _SCRATCH_KEEPALIVE_TEST_PAUSE="rescue-copying:%s" % pause)
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "rescue", "--name", "ds", "--to",
+                             str(dest), "--json"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    with reaped(proc):
+        poll(lambda: (pause / "rescue-copying.waiting").exists(), "the copy to pause")
+        proc.send_signal(signal.SIGTERM)
+        (pause / "rescue-copying.go").write_bytes(b"")
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, (out, err)
+    res = json.loads(out.decode())
+    assert res["stopped"] == "term" and res["complete"] is False
+    assert sorted(os.listdir(str(dest))) == ["a.txt"]       # no temporary file left
+    r = cli("rescue", "--name", "ds", "--to", dest, "--json")
+    assert r.rc == 0, r
+    assert json.loads(r.out)["resumed"] is True
+    assert sorted(os.listdir(str(dest))) == ["a.txt", "big.bin", "c.txt"]
+    assert (dest / "big.bin").read_bytes() == (root / "big.bin").read_bytes()
