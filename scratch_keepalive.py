@@ -4227,6 +4227,7 @@ class _Level(object):
 
     def __init__(self, name, src, dst, error=None, meta=None):
         self.name, self.src, self.dst, self.error, self.meta = name, src, dst, error, meta
+        self.shed = False       # its fds closed to stay within MAX_OPEN_DIRS (see shed())
 
 
 class RescueRun(object):
@@ -4627,7 +4628,34 @@ class RescueRun(object):
         self.leave(keep)
         for name in comps[len(self.stack) - 1:]:
             self.stack.append(self.push(self.stack[-1], name, created_counts))
+            self.shed()
         return self.stack[-1]
+
+    def shed(self):
+        """Keep the fds of at most MAX_OPEN_DIRS levels open (a tree may be deeper than
+        the fd limit allows): the level that many below the top closes its fds, and
+        reopens them through ".." of its child when the copy comes back to it (leave()).
+        Not where the child could not give them back (an error, or, in a dry run, not
+        there at the destination)."""
+        i = len(self.stack) - 1 - MAX_OPEN_DIRS
+        if i < 1:
+            return
+        level, child = self.stack[i], self.stack[i + 1]
+        if level.shed or level.src is None or child.src is None or (
+                level.dst is not None and child.dst is None):
+            return
+        os.close(level.src)
+        if level.dst is not None:
+            os.close(level.dst)
+        level.src = level.dst = None
+        level.shed = True
+
+    def unshed(self, level, child):
+        """Reopen a shed level from its child's fds (".." is never a symlink)."""
+        level.src = os.open("..", O_DIR_FLAGS, dir_fd=child.src)
+        if child.dst is not None:
+            level.dst = os.open("..", O_DIR_FLAGS, dir_fd=child.dst)
+        level.shed = False
 
     def push(self, parent, name, counts):
         """The level of directory name below parent: its source opened (O_NOFOLLOW,
@@ -4677,6 +4705,8 @@ class RescueRun(object):
         and mtime now that its contents are done."""
         while len(self.stack) > keep:
             level = self.stack.pop()
+            if self.stack and self.stack[-1].shed:
+                self.unshed(self.stack[-1], level)     # before its mode may forbid ".."
             if level.dst is not None:
                 if not self.opts.dry_run and level.meta is not None:
                     with contextlib.suppress(OSError):

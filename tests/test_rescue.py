@@ -808,3 +808,52 @@ def test_sigterm_mid_copy_exits_3_removes_its_temp_file_and_resumes(generic, cli
     assert json.loads(r.out)["resumed"] is True
     assert sorted(os.listdir(str(dest))) == ["a.txt", "big.bin", "c.txt"]
     assert (dest / "big.bin").read_bytes() == (root / "big.bin").read_bytes()
+
+
+def _limit_fds():
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+
+def test_a_tree_deeper_than_path_max_is_rescued_with_256_fds(generic, cli, tmp_path):
+    """1,200 nested directories (a path beyond PATH_MAX) with a file every 100 levels: the
+    rescue keeps only so many directories open, and comes back up through "..", so the
+    copy is complete, every directory with its mode, with 256 fds allowed."""
+    depth = 1200
+    root = generic["scratch"] / "ds"
+    root.mkdir()
+    fd = os.open(str(root), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for i in range(depth):
+            if i % 100 == 0:
+                os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+            os.mkdir("level-%04d" % i, 0o750 if i % 2 else 0o700, dir_fd=fd)
+            nfd = os.open("level-%04d" % i, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        os.close(os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+    dest = tmp_path / "safe"
+    try:
+        deep_rescue(cli, root, dest, depth)
+    finally:    # shutil.rmtree (pytest's cleanup) recurses, and fails beyond ~1000 levels
+        subprocess.run(["rm", "-rf", "--", str(root), str(dest)], check=True)
+
+
+def deep_rescue(cli, root, dest, depth):
+    assert cli("add", "--name", "ds", "--path", root, "--keep-until", KEEP).rc == 0
+    assert cli("refresh", "--name", "ds", "--check").rc == 0
+    r = run_script("rescue", "--name", "ds", "--to", dest, "--all", "--json",
+                   preexec_fn=_limit_fds)
+    assert r.rc == 0, r
+    res = json.loads(r.out)
+    assert res["errors"] == 0 and res["dirs_created"] == depth
+    assert res["entries_copied"] == depth // 100 + 1
+
+    def kinds(top):
+        out = subprocess.run(["find", str(top), "-mindepth", "1", "-not", "-name", sk.SENTINEL,
+                              "-printf", "%d %y %m\\n"], stdout=subprocess.PIPE,
+                             check=True).stdout.decode().splitlines()
+        return sorted(out)
+    assert kinds(dest) == kinds(root)
