@@ -31,6 +31,7 @@ Commands:
   enable, disable pause or resume one dataset
   remove          unregister a dataset (its data is never touched)
   files           list what the last walk found at risk, or saw vanish
+  rescue          copy what is at risk to safe storage (reads without moving atimes)
   install-cron    schedule refresh with Slurm (scrontab or a batch chain)
   uninstall-cron  remove the schedule
   doctor, repair  find and mend what has gone wrong
@@ -46,6 +47,7 @@ __version__ = "1.0.0"
 # ---------------------------------------------------------------- imports
 
 import argparse
+import binascii
 import bisect
 import calendar
 import contextlib
@@ -71,7 +73,8 @@ __all__ = [
     "main", "Failure", "UsageError", "BusyError", "StateError",
     "init", "add_dataset", "list_datasets", "status", "brief", "refresh",
     "extend", "set_enabled", "remove_dataset", "doctor", "repair",
-    "install_cron", "uninstall_cron", "files", "__version__",
+    "install_cron", "uninstall_cron", "files", "rescue",
+    "__version__",
 ]
 
 # ---------------------------------------------------------------- constants
@@ -79,7 +82,7 @@ __all__ = [
 PROG = "scratch-keepalive"
 FORMAT = 1                      # format version of every JSON state file
 SENTINEL = ".scratch-keepalive"
-SENTINEL_SETTINGS = ("keep_until", "cadence_days", "approval")   # recorded for a rebuild
+SENTINEL_SETTINGS = ("keep_until", "cadence_days", "approval", "rescue_to")  # for a rebuild
 JOB_NAME = "scratch-keepalive"
 # WARNING: \Z, not $: "$" also matches before a trailing newline ("evil\n" would pass).
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
@@ -710,6 +713,7 @@ ENTRY_SCHEMA = {
     "last_check_start": _OPT_TIME, "last_mode": (False, _null_or(_one_of("touch", "check"))),
     "last_run": (False, _null_or(_run)), "last_total_entries": (False, _null_or(_COUNT)),
     "last_totals": (False, _null_or(_counts)), "manifest": (False, _bool),
+    "rescue_to": (False, _null_or(_abs_path)),
     "forensics": (False, _null_or(_object(dict(
         [(f, (True, _COUNT)) for f in sorted(FORENSICS_ZERO)]
         + [("walk_started", _OPT_TIME), ("previous_walk_started", _OPT_TIME)])))),
@@ -1330,6 +1334,7 @@ def sentinel_doc(ds):
     return {"tool": PROG, "format": FORMAT, "name": ds["name"], "added": ds.get("added"),
             "last_refresh": ds.get("last_refresh"), "keep_until": ds.get("keep_until"),
             "cadence_days": ds.get("cadence_days"), "approval": ds.get("approval"),
+            "rescue_to": ds.get("rescue_to"),
             "about": "This directory is registered with scratch-keepalive as dataset %r. "
                      "Run `scratch-keepalive status --name %s` for its state." % (ds["name"],
                                                                                  ds["name"])}
@@ -3160,11 +3165,14 @@ def _init_state_dir_warnings(store, name, root):
 
 
 def add_dataset(name, path, keep_until, cadence_days=None, approval=None, state_dir=None,
-                env=None, manifest=True):
+                env=None, manifest=True, rescue_to=None):
     """Register a dataset and write its sentinel. Returns the dataset's list entry.
-    manifest=False: its walks write no manifest (no `files`, `rescue` or vanished counts)."""
+
+    manifest=False: its walks write no manifest (no `files`, `rescue` or vanished counts).
+    rescue_to: a directory every scheduled walk then rescues to (see rescue())."""
     ctx = _ctx(state_dir, env)
-    return _add(ctx, name, path, keep_until, cadence_days, approval, manifest=manifest)
+    return _add(ctx, name, path, keep_until, cadence_days, approval, rescue_to,
+                manifest=manifest)
 
 
 def _check_keep_until(text, now):
@@ -3199,7 +3207,7 @@ def _check_approval(text):
     return text
 
 
-def _add(ctx, name, path, keep_until, cadence_days, approval, manifest=True):
+def _add(ctx, name, path, keep_until, cadence_days, approval, rescue_to=None, manifest=True):
     store = ctx.store
     cfg = ctx.config()
     check_name(name)
@@ -3223,6 +3231,7 @@ def _add(ctx, name, path, keep_until, cadence_days, approval, manifest=True):
     if not is_below(real, real_root):
         raise UsageError("--path %s (really %s) is not below the scratch root %s; only datasets "
                          "on scratch need keeping alive" % (path, real, real_root))
+    rescue_dest = _check_rescue_to(ctx, cfg, real, rescue_to)
     # The registry is saved when update_registry() exits, so the rollback sits outside it:
     # a failed save (a full state directory) must not leave the new sentinel behind.
     with _sentinel_rollback(real) as created, store.update_registry() as reg:
@@ -3240,6 +3249,8 @@ def _add(ctx, name, path, keep_until, cadence_days, approval, manifest=True):
               "last_run": None, "last_total_entries": None}
         if not manifest:
             ds["manifest"] = False
+        if rescue_dest:
+            ds["rescue_to"] = rescue_dest
         root_fd = _add_root_fd(real, root)
         try:
             if create_sentinel(root_fd, ds):
@@ -3248,6 +3259,16 @@ def _add(ctx, name, path, keep_until, cadence_days, approval, manifest=True):
             os.close(root_fd)
         reg["datasets"][name] = ds
     return _list_entry(ctx, cfg, ds)
+
+
+def _check_rescue_to(ctx, cfg, dataset_path, text):
+    """--rescue-to of add and extend: None (not given), "" (none: clear it) or the real
+    path of a destination check_rescue_dest() accepts."""
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return ""
+    return check_rescue_dest(ctx, cfg, dataset_path, text, "--rescue-to")
 
 
 def _add_root_fd(real, scratch_root):
@@ -3278,7 +3299,8 @@ def _list_entry(ctx, cfg, ds):
             "approval": ds.get("approval"), "mode": mode,
             "last_refresh": ds.get("last_refresh"), "last_mode": ds.get("last_mode"),
             "state": dataset_state(ctx.store, ds, ctx.now, mode), "risk": risk_of(ds),
-            "keep_manifests": ds.get("manifest") is not False}
+            "keep_manifests": ds.get("manifest") is not False,
+            "rescue_to": ds.get("rescue_to")}
 
 
 def list_datasets(state_dir=None, env=None):
@@ -3507,19 +3529,21 @@ def _scheduled_run_failed(last):
 
 
 def extend(name, keep_until=None, approval=None, cadence_days=None, state_dir=None, env=None,
-           manifest=None):
-    """Move a keep-until date, record a site approval, change the cadence, turn manifests
-    on or off (manifest True/False). Returns the entry."""
-    return _extend(_ctx(state_dir, env), name, keep_until, approval, cadence_days,
+           rescue_to=None, manifest=None):
+    """Move a keep-until date, record a site approval, change the cadence, set (or with
+    "none" clear) the directory scheduled walks rescue to, turn manifests on or off
+    (manifest True/False). Returns the entry."""
+    return _extend(_ctx(state_dir, env), name, keep_until, approval, cadence_days, rescue_to,
                    manifest=manifest)
 
 
-def _extend(ctx, name, keep_until, approval, cadence_days=None, manifest=None):
+def _extend(ctx, name, keep_until, approval, cadence_days=None, rescue_to=None, manifest=None):
     cfg = ctx.config()
     check_name(name)
-    if keep_until is None and approval is None and cadence_days is None and manifest is None:
+    if (keep_until is None and approval is None and cadence_days is None and rescue_to is None
+            and manifest is None):
         raise UsageError("extend needs --keep-until YYYY-MM-DD, --approval TEXT, "
-                         "--cadence-days N, --manifest or --no-manifest")
+                         "--cadence-days N, --rescue-to DIR, --manifest or --no-manifest")
     keep = _check_keep_until(keep_until, ctx.now) if keep_until is not None else None
     approval = _check_approval(approval)
     if cadence_days is not None:
@@ -3534,6 +3558,9 @@ def _extend(ctx, name, keep_until, approval, cadence_days=None, manifest=None):
             ds["cadence_days"] = int(cadence_days)
         if manifest is not None:
             ds["manifest"] = bool(manifest)
+        rescue_dest = _check_rescue_to(ctx, cfg, ds["path"], rescue_to)
+        if rescue_dest is not None:
+            ds["rescue_to"] = rescue_dest or None
     # The sentinel records the settings too (a registry rebuilt from it keeps them).
     update_sentinel(ds["path"], ds)
     return _list_entry(ctx, cfg, ds)
@@ -3570,6 +3597,7 @@ def _remove(ctx, name):
             del reg["datasets"][name]
         sentinel_deleted = _delete_sentinel_of(ctx, ds)
         store.delete_checkpoint(name)
+        delete_rescue_checkpoint(store, name)
         store.delete_manifests(name)
     with contextlib.suppress(OSError):
         os.unlink(store.lock_path(name))
@@ -3987,9 +4015,8 @@ def _refresh(ctx, opts, should_stop=None, progress=None):
     budget = Budget(max_seconds, opts.max_entries)
     results, codes = [], []
     for ds, st, reason in refused:
-        r = empty_result(ds["name"], dataset_mode(cfg, ds, opts.check), reason)
-        r["state"] = st
-        results.append(r)
+        results.append(dict(empty_result(ds["name"], dataset_mode(cfg, ds, opts.check), reason),
+                            state=st))
         codes.append(EXIT_FAIL)
     if not chosen and not refused:
         notes.append("nothing to refresh: no enabled, unexpired dataset%s"
@@ -4013,18 +4040,30 @@ def _refresh(ctx, opts, should_stop=None, progress=None):
             r, code = empty_result(ds["name"], mode, str(e)), EXIT_BUSY
         except Failure as e:
             r, code = empty_result(ds["name"], mode, str(e)), e.exit_code
+        if opts.due and not opts.dry_run and r.get("complete"):
+            rescued, rescue_code = _scheduled_rescue(ctx, ds["name"], budget, should_stop)
+            if rescued is not None:
+                r["rescue"] = rescued
+                code = combine_exit_codes([code, rescue_code])
         results.append(r)
         codes.append(code)
         if code == EXIT_INTERRUPTED:
             break
+    if opts.due and not opts.dry_run and EXIT_INTERRUPTED not in codes:
+        _finish_rescues(ctx, cfg, chosen, budget, should_stop, results, codes)
     out = {"results": results, "exit_code": combine_exit_codes(codes), "notes": notes}
     if opts.fail_on_risk:
-        out["risk"], out["codes"] = risk_found(ctx, results), codes
-        out["exit_code"] = risk_exit_code(codes, out["risk"])
-        if out["risk"]:
-            notes.append("--fail-on-risk: exit 1, because of %s" % "; ".join(
-                "%s (%s)" % (n, why) for n, why in out["risk"]))
+        _fail_on_risk(ctx, out, codes)
     return out
+
+
+def _fail_on_risk(ctx, out, codes):
+    """refresh --fail-on-risk: the exit code counts the risk found as a failure."""
+    out["risk"], out["codes"] = risk_found(ctx, out["results"]), codes
+    out["exit_code"] = risk_exit_code(codes, out["risk"])
+    if out["risk"]:
+        out["notes"].append("--fail-on-risk: exit 1, because of %s" % "; ".join(
+            "%s (%s)" % (n, why) for n, why in out["risk"]))
 
 
 def risk_found(ctx, results):
@@ -4063,6 +4102,22 @@ def risk_exit_code(codes, risk, continued=False):
     scheduled run that booked the continuation of its stopped walks) a stop as a 0."""
     codes = [EXIT_OK if c == EXIT_STOPPED and continued else c for c in codes]
     return combine_exit_codes(codes + ([EXIT_FAIL] if risk else []))
+
+
+def _finish_rescues(ctx, cfg, walked, budget, should_stop, results, codes):
+    """The scheduled rescues a budget stopped, of datasets this run did not walk: each is
+    taken up where it stopped (its walk is complete; the continuation job exists for it)."""
+    names = set(ds["name"] for ds in walked)
+    for name, ds in sorted(ctx.store.load_registry()["datasets"].items()):
+        if name in names or not ds.get("enabled", True) or not pending_rescue(ctx.store, ds):
+            continue
+        r = empty_result(name, dataset_mode(cfg, ds), "not due; its scheduled rescue, stopped "
+                                                      "before, was taken up")
+        r["rescue"], code = _scheduled_rescue(ctx, name, budget, should_stop)
+        results.append(r)
+        codes.append(code)
+        if code == EXIT_INTERRUPTED:
+            break
 
 
 def _refresh_one(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
@@ -4398,6 +4453,983 @@ class DatasetRun(object):
         if complete and self.mode == "touch" and cur is not None:
             update_sentinel(self.ds["path"] if self.root_fd is None else self.root_fd, cur)
         self.store.prune_logs(self.name)
+
+# ---------------------------------------------------------------- rescue
+#
+# `rescue` copies entries of a dataset's last complete manifest to safe storage, as
+# DIR/<path relative to the root>. What it promises:
+#   * never a disguised refresh: files are read with O_NOATIME (the kernel allows it to
+#     their owner only, so another owner's files are listed as not rescued, never read);
+#     a symlink's atime, which readlink(2) moves, is put back at once; directories are
+#     opened, never listed, on the source side;
+#   * never following a symlink: sources are opened from the dataset root's fd, and the
+#     destination from DIR's fd, one component at a time with O_NOFOLLOW;
+#   * every file and symlink is written to a temporary name (RESCUE_TEMP_RE) in its
+#     destination directory and renamed into place complete; a rescue killed outright
+#     leaves only those, and a later one removes them in every directory it enters;
+#   * nothing is deleted but its own temporary files; a destination newer than the
+#     source is never overwritten; one with the same size and mtime is skipped.
+# The cursor (the last manifest key done, walk order) is checkpointed outside scratch in
+# checkpoints/rescue/NAME.json. (Not checkpoints/NAME.rescue.json: "NAME.rescue" is a
+# valid dataset name, whose walk checkpoint that would be.)
+
+RESCUE_SELECTIONS = ("at-risk", "all", "skip")   # skip: what could age out (scheduled)
+RESCUE_MARGIN = 0.05            # room wanted beyond the bytes to copy
+RESCUE_CHUNK = 1 << 24          # bytes per copy call: budgets and signals are checked between
+RESCUE_PATH_MAX = 1024          # a destination's path (the sentinel records it)
+RESCUE_LISTED = 100             # not-rescued entries named in the result (the log has all)
+RESCUE_TEMP_FORMAT = ".scratch-keepalive-rescue.%s.%d.%s.tmp"
+RESCUE_TEMP_RE = re.compile(r"^\.scratch-keepalive-rescue\.([A-Za-z0-9_-]{1,32})\.(\d{1,10})\."
+                            r"[a-z0-9]{8}\.tmp\Z")
+RESCUE_FOREIGN_STALE = 3600     # seconds before another host's temp file counts as left over
+# What a rescue did not copy, and why (the result's not_rescued reasons).
+NOT_RESCUED_WORDS = {
+    "other-owner": "of another owner (only a file's owner may read it without moving its "
+                   "access time)",
+    "newer-destination": "the destination is newer (never overwritten)",
+    "special": "not a file, directory or symlink (FIFO, socket or device)",
+    "error": "error",
+}
+
+
+def _rescue_cursor(v):
+    if not isinstance(v, list) or any(_str(c) or "/" in c for c in v):
+        return "a list of names"
+
+
+RESCUE_CHECKPOINT_SCHEMA = {
+    "dataset": (True, _name), "path": (True, _abs_path), "to": (True, _abs_path),
+    "selection": (True, _one_of(*RESCUE_SELECTIONS)), "manifest_walk_started": (True, _time),
+    "cursor": (False, _null_or(_rescue_cursor)), "entries_done": (True, _COUNT),
+    "bytes_copied": (True, _COUNT), "started": _OPT_TIME, "updated": _OPT_TIME,
+    "pid": (False, _null_or(_COUNT)), "host": (False, _null_or(_str)),
+}
+
+
+def rescue_checkpoint_path(store, name):
+    return os.path.join(store.checkpoint_dir, "rescue", name + ".json")
+
+
+def load_rescue_checkpoint(store, name):
+    """The rescue checkpoint of dataset name; None when absent or damaged (start over)."""
+    try:
+        return read_json(rescue_checkpoint_path(store, name), "rescue checkpoint",
+                         RESCUE_CHECKPOINT_SCHEMA)
+    except InvalidState:
+        return None
+
+
+def save_rescue_checkpoint(store, name, doc):
+    store.ensure()
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(os.path.dirname(rescue_checkpoint_path(store, name)), 0o700)
+    os.close(store.open_dir("checkpoints", "rescue"))     # never through a symlink
+    atomic_write(rescue_checkpoint_path(store, name), dump_json(dict(doc, format=FORMAT)))
+
+
+def delete_rescue_checkpoint(store, name):
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        os.unlink(rescue_checkpoint_path(store, name))
+
+
+def check_rescue_dest(ctx, cfg, dataset_path, to, flag="--to"):
+    """The real absolute path of a rescue destination (it need not exist yet).
+
+    UsageError when it is, contains or lies below the scratch root or the dataset (a copy
+    there is purged with the rest), or exists and is not a directory."""
+    if not to or "\0" in to or len(to) > RESCUE_PATH_MAX:
+        raise UsageError("%s needs a directory, a path of at most %d characters (on BR200: "
+                         "/N/project/<project> or /N/slate/$USER)" % (flag, RESCUE_PATH_MAX))
+    path = os.path.abspath(to)
+    head, tail = path, []
+    while not os.path.lexists(head):
+        head, part = os.path.split(head)
+        tail.append(part)
+    real = os.path.join(os.path.realpath(head), *reversed(tail)) if tail else \
+        os.path.realpath(head)
+    if len(real) > RESCUE_PATH_MAX:
+        raise UsageError("%s %s is really %s, longer than %d characters; give a shorter path"
+                         % (flag, display_path(to), display_path(real), RESCUE_PATH_MAX))
+    if not os.path.isdir(os.path.realpath(head)):
+        raise UsageError("%s %s: %s is not a directory; give a directory to copy into"
+                         % (flag, display_path(to), display_path(head)))
+    root = scratch_root_of(cfg, ctx.env)
+    for place, what in ((dataset_path, "the dataset"), (root, "the scratch root"),
+                        (os.path.realpath(root), "the scratch root")):
+        if overlaps(real, place):
+            raise UsageError(
+                "%s %s (really %s) %s %s %s: a copy there is purged with the rest; give a "
+                "directory on safe storage (on BR200: Slate-Project /N/project/<project>, or "
+                "Slate /N/slate/$USER)" % (
+                    flag, display_path(to), display_path(real),
+                    "is" if real == place else "lies inside" if is_below(real, place)
+                    else "contains", what, display_path(place)))
+    return real
+
+
+def mount_of(path):
+    """(mount point, source, filesystem type) of the mount holding path, or None."""
+    best = None
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                mnt = parts[1].replace("\\040", " ")
+                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and (
+                        best is None or len(mnt) >= len(best[0])):
+                    best = (mnt, parts[0], parts[2])
+    except OSError:
+        return None
+    return best
+
+
+def _quota_number(text):
+    text = text.rstrip("*")
+    return int(text) if text.isdigit() else None
+
+
+def parse_quota_table(text):
+    """[(filesystem, used KiB, soft limit KiB, hard limit KiB)] from the table `quota -w`
+    or `lfs quota` prints. Rows that do not parse are left out; a name too long for its
+    column may stand alone on its line, with its numbers on the next one."""
+    rows, pending, header = [], None, False
+    for line in text.splitlines():
+        tok = line.split()
+        if not tok:
+            continue
+        if tok[0] == "Filesystem":
+            header = True
+            continue
+        if not header:
+            continue
+        if len(tok) == 1 and _quota_number(tok[0]) is None:
+            pending = tok[0]
+            continue
+        if _quota_number(tok[0]) is None:
+            fs, nums = tok[0], tok[1:]
+        elif pending is not None:
+            fs, nums = pending, tok
+        else:
+            continue
+        pending = None
+        vals = [_quota_number(t) for t in nums[:3]]
+        if len(vals) == 3 and None not in vals:
+            rows.append((fs, vals[0], vals[1], vals[2]))
+    return rows
+
+
+def quota_room(row):
+    """Bytes the user may still write under a quota row; None when it sets no limit."""
+    _, used, soft, hard = row
+    limits = [v for v in (soft, hard) if v > 0]
+    if not limits:
+        return None
+    return max(0, min(limits) - used) * 1024
+
+
+def user_quota_room(ctx, path, runner=None):
+    """(bytes the user's quota still allows below path, what was asked), or None when no
+    quota can be read there: `lfs quota -u USER DIR` on Lustre, else `quota -w -u USER`
+    (its row for path's mount). Missing commands and odd output are not errors."""
+    runner = runner or ctx.slurm.runner
+    mount = mount_of(path)
+    user = current_user(ctx.env)
+    if mount is not None and mount[2] == "lustre":
+        argv = ["lfs", "quota", "-u", user, path]
+        res = runner(argv)
+        rows = parse_quota_table(res.out) if res is not None and res.rc == 0 else []
+        rows = rows[:1]
+    else:
+        argv = ["quota", "-w", "-u", user]
+        res = runner(argv)
+        # quota exits 1 when a limit is exceeded: its table still says by how much.
+        rows = parse_quota_table(res.out) if res is not None else []
+        rows = [r for r in rows if mount is not None and r[0] in (mount[0], mount[1])]
+    rooms = [x for x in (quota_room(r) for r in rows) if x is not None]
+    return (min(rooms), " ".join(argv)) if rooms else None
+
+
+def check_rescue_room(ctx, dest, need, runner=None):
+    """UsageError when dest's filesystem, or the user's quota there, lacks room for need
+    bytes plus RESCUE_MARGIN."""
+    want = int(need * (1 + RESCUE_MARGIN))
+    if need <= 0:
+        return
+    place = dest
+    while not os.path.lexists(place):
+        place = os.path.dirname(place)
+    try:
+        st = os.statvfs(place)
+    except OSError as e:
+        raise Failure("cannot see how much room %s has (%s)" % (display_path(place), e.strerror))
+    free = st.f_bavail * st.f_frsize
+    if free < want:
+        raise UsageError("%s has %s free, too little for the %s to copy plus %d%%; free some "
+                         "space there or rescue somewhere else; nothing was copied" % (
+                             display_path(place), human_bytes(free), human_bytes(need),
+                             int(RESCUE_MARGIN * 100)))
+    quota = user_quota_room(ctx, place, runner)
+    if quota is not None and quota[0] < want:
+        raise UsageError("your quota at %s allows %s more, too little for the %s to copy plus "
+                         "%d%% (`%s`); free some space there or rescue somewhere else; nothing "
+                         "was copied" % (display_path(place), human_bytes(quota[0]),
+                                         human_bytes(need), int(RESCUE_MARGIN * 100), quota[1]))
+
+
+class RescueOptions(object):
+    def __init__(self, name, to, all=False, dry_run=False, max_seconds=None, max_entries=None,
+                 checkpoint_every=CHECKPOINT_SECONDS, selection=None):
+        self.name, self.to, self.dry_run = name, to, dry_run
+        self.selection = selection or ("all" if all else "at-risk")
+        self.max_seconds, self.max_entries = max_seconds, max_entries
+        self.checkpoint_every = checkpoint_every
+
+
+def rescue(name, to, all=False, dry_run=False, max_seconds=None, max_entries=None,
+           state_dir=None, env=None, should_stop=None, progress=None,
+           checkpoint_every=CHECKPOINT_SECONDS):
+    """Copy the entries of dataset name's last complete walk that were at risk (all=True:
+    every entry) to directory `to`, resumably. Returns the result (see README, "JSON
+    output"), its exit_code included; raises UsageError (nothing copied) for a destination
+    it refuses. should_stop() as for refresh(); progress(name, entries_done,
+    entries_total, bytes_copied, bytes_total, seconds) is called now and then."""
+    ctx = _ctx(state_dir, env)
+    opts = RescueOptions(name, to, all, dry_run, max_seconds, max_entries, checkpoint_every)
+    return _rescue(ctx, opts, Budget(max_seconds, max_entries), should_stop, progress)
+
+
+def _rescue(ctx, opts, budget, should_stop=None, progress=None):
+    """One rescue, the dataset's lock held (none for a dry run). Returns the result."""
+    store = ctx.store
+    cfg = ctx.config()
+    ds = _get(store.load_registry(), opts.name)
+    dest = check_rescue_dest(ctx, cfg, ds["path"], opts.to)
+    if not root_present(ds["path"]):
+        raise Failure("dataset %r: its root %s is missing (purged or moved?); nothing to rescue"
+                      % (ds["name"], display_path(ds["path"])))
+    notes = []
+    if budget.deadline is None and on_login_node(cfg, ctx.env) and not opts.dry_run:
+        # Copying costs CPU time too (the kernel's, with copy_file_range or sendfile).
+        seconds = profile_of(cfg)["login_node_budget"]
+        budget.deadline = time.monotonic() + seconds
+        notes.append("on a login node (no SLURM_JOB_ID): this rescue stops after %d minutes "
+                     "(IU kills login-node processes after 20 CPU minutes); run it again to "
+                     "resume, or run it as a job: `sbatch -A ACCOUNT -p general -t 2:00:00 "
+                     "--mem=2G --wrap \"%s rescue --name %s --to %s\"`" % (
+                         seconds // 60, PROG, ds["name"], shell_quote(dest)))
+    lock = None if opts.dry_run else DatasetLock(store, ds["name"]).acquire()
+    try:
+        current = store.load_registry()["datasets"].get(ds["name"])
+        if current is None or current["path"] != ds["path"]:
+            raise Failure("dataset %r was removed or moved while this rescue was starting; "
+                          "nothing was copied" % ds["name"])
+        manifests = store.manifests(ds["name"])
+        if not manifests:
+            raise Failure("dataset %r has no complete walk to rescue from yet; run `%s refresh "
+                          "--name %s` first (a check walk reads no data and moves no access "
+                          "time)" % (ds["name"], PROG, ds["name"]))
+        try:
+            root_fd = dataset_root_fd(ctx, current)
+        except Failure as e:
+            raise Failure("dataset %r: %s" % (ds["name"], e))
+        try:
+            run = RescueRun(ctx, current, dest, opts, manifests[0][1], root_fd)
+            return dict(run.go(budget, should_stop, progress), notes=notes)
+        finally:
+            os.close(root_fd)
+    except OSError as e:
+        raise_if_full(e, e.filename or dest)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+class _RescueStop(Exception):
+    """A budget or a signal stopped the rescue inside a file's copy."""
+
+
+class _Level(object):
+    """One directory on the way to the current entry, on both sides: the source's fd (None
+    when it could not be opened: error says why), the destination's (None in a dry run
+    where it does not exist yet), and the source's mode and mtime to give it when left."""
+
+    def __init__(self, name, src, dst, error=None, meta=None):
+        self.name, self.src, self.dst, self.error, self.meta = name, src, dst, error, meta
+        self.shed = False       # its fds closed to stay within MAX_OPEN_DIRS (see shed())
+
+
+class RescueRun(object):
+    """One rescue of one dataset from one manifest.
+
+    Steps: read the manifest's classification line; take up the checkpoint of the same
+    rescue (dataset path, destination, selection and manifest), else start at the first
+    entry; add up what needs copying (quick check against the destination) and refuse a
+    destination without room; then copy entry by entry in walk order, keeping a stack of
+    open directories on both sides, checkpointing the cursor at least every
+    checkpoint_every seconds and when stopped. Directories get their source's mode and
+    mtime when the copy leaves them (their contents first, or the mtime would move).
+    """
+
+    def __init__(self, ctx, ds, dest, opts, manifest_path, root_fd):
+        self.ctx, self.store, self.ds, self.dest, self.opts = ctx, ctx.store, ds, dest, opts
+        self.name = ds["name"]
+        self.manifest_path = manifest_path
+        self.root_fd = root_fd
+        self.started = time.time()
+        self.euid = os.geteuid()
+        self.host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:32] or "host"
+        self.cursor = None          # the last key done (bytes), None: none yet
+        self.resumed = False
+        self.done_before = self.copied_before = 0
+        self.stack = []
+        self.counts = dict((k, 0) for k in RESCUE_COUNTS)
+        self.not_rescued = []       # the first RESCUE_LISTED of them
+        self.stopped = None
+        self.log_path = self.log = None
+        self.total_entries = self.total_bytes = 0
+        self.copy_calls = ["copy_file_range", "sendfile", "read"]
+        self.walk_started = None
+        self.last_checkpoint = self.last_progress = self.t0 = 0.0
+
+    # -- setting up
+    def go(self, budget, should_stop, progress):
+        self.budget, self.should_stop = budget, should_stop
+        with Manifest(self.manifest_path) as m:
+            if m.trailer is None:
+                raise StateError("the manifest %s is not complete; run `%s refresh --name %s` "
+                                 "to finish the walk" % (m.path, PROG, self.name))
+            self.walk_started = m.header.get("walk_started")
+            self.line = self.selection_line(m.header)
+            self.resume_point()
+            self.plan(m)
+            check_rescue_room(self.ctx, self.dest, self.total_bytes)
+        try:
+            self.open_dest()
+            self.open_log()
+            self.t0 = self.last_checkpoint = time.monotonic()
+            with Manifest(self.manifest_path) as m:
+                complete = self.copy_all(m, budget, should_stop, progress)
+            self.leave(0)
+        except BaseException:
+            self.crashed()
+            raise
+        return self.finish(complete, budget)
+
+    def selection_line(self, header):
+        """The atime (seconds) below which an entry is selected; None: every entry."""
+        if self.opts.selection == "all":
+            return None
+        try:
+            skip_d, risk_d = header["thresholds_days"][:2]
+            now = float(header["now"])
+        except (KeyError, TypeError, ValueError):
+            raise StateError("the manifest %s has no thresholds; the next complete walk "
+                             "writes a new one" % self.manifest_path)
+        return now - (skip_d if self.opts.selection == "skip" else risk_d) * DAY
+
+    def selected(self, key, code, atime):
+        if not key or key == SENTINEL.encode("ascii"):
+            return False        # the root is DIR itself; the sentinel is ours
+        if self.line is None:
+            return True
+        return not code & K_TOUCHED and code != K_UNKNOWN and atime < self.line
+
+    def resume_point(self):
+        if self.opts.dry_run:
+            return
+        ck = load_rescue_checkpoint(self.store, self.name)
+        if ck is None or (ck["path"], ck["to"], ck["selection"], ck["manifest_walk_started"]) \
+                != (self.ds["path"], self.dest, self.opts.selection, self.walk_started):
+            return              # another rescue's position: start over (the quick check
+            # makes that cheap)
+        self.resumed = True
+        if ck.get("cursor") is not None:
+            self.cursor = b"\0".join(decode_name(c) for c in ck["cursor"])
+        self.done_before = ck["entries_done"]
+        self.copied_before = ck["bytes_copied"]
+
+    def entries(self, m):
+        """The selected entries after the cursor: (key, kind code, size)."""
+        for key, code, size, atime in m.entries():
+            if self.cursor is not None and key <= self.cursor:
+                continue
+            if self.selected(key, code, atime):
+                yield key, code, size
+
+    def plan(self, m):
+        """Count the entries to go, and the bytes the regular files among them still need
+        (those the quick check would not skip), for the room check and the progress."""
+        dest = os.fsencode(self.dest)
+        for key, code, size in self.entries(m):
+            self.total_entries += 1
+            if code & ~K_TOUCHED != K_FILE:
+                continue
+            try:
+                st = os.lstat(os.path.join(dest, key_path(key)))
+            except OSError:
+                st = None
+            if st is None or not stat.S_ISREG(st.st_mode) or st.st_size != size:
+                self.total_bytes += size
+
+    def open_dest(self):
+        """DIR's fd (DIR made, 0700, when missing), the bottom of the destination stack."""
+        if not os.path.isdir(self.dest):
+            if self.opts.dry_run:
+                self.stack = [_Level(None, self.root_fd, None)]
+                return
+            try:
+                os.makedirs(self.dest, 0o700)
+            except OSError as e:
+                raise_if_full(e, self.dest)
+                raise Failure("cannot create %s (%s); create it yourself or give another "
+                              "directory" % (display_path(self.dest), e.strerror))
+        try:
+            fd = os.open(self.dest, O_DIR_FLAGS)
+        except OSError as e:
+            raise Failure("cannot open %s (%s)" % (display_path(self.dest), e.strerror))
+        self.stack = [_Level(None, self.root_fd, fd)]
+        if not self.opts.dry_run:
+            self.remove_temps(fd)
+
+    def open_log(self):
+        if self.opts.dry_run:
+            return
+        self.log_path, self.log = self.store.new_log(self.name, self.started, "rescue")
+        self.write_log("start rescue dataset=%s path=%s to=%s selection=%s manifest=%s "
+                       "walk_started=%s pid=%d host=%s version=%s%s" % (
+                           self.name, display_path(self.ds["path"]), display_path(self.dest),
+                           self.opts.selection, self.manifest_path, self.walk_started,
+                           os.getpid(), socket.gethostname(), __version__,
+                           " resumed entries_done=%d" % self.done_before if self.resumed
+                           else ""))
+
+    def write_log(self, line):
+        if self.log is not None:
+            self.log.write("%s %s\n" % (iso(time.time()), line))
+
+    # -- the copy
+    def copy_all(self, m, budget, should_stop, progress):
+        """Copy every selected entry after the cursor. True when all are done."""
+        for key, code, size in self.entries(m):
+            reason = self.stop_reason(budget, should_stop)
+            if reason:
+                self.stopped = reason
+                return False
+            comps = key.split(b"\0")
+            try:
+                self.one(comps, code)
+            except _RescueStop:
+                return False
+            except OSError as e:        # the destination refused a look (EACCES, EIO, ...)
+                if e.errno in FULL_ERRNOS or isinstance(e, DiskFullError):
+                    raise
+                self.failed(b"/".join(comps), e.strerror or str(e))
+            self.counts["entries_done"] += 1
+            self.cursor = key
+            self.tick(progress)
+        return True
+
+    def stop_reason(self, budget, should_stop):
+        if should_stop is not None:
+            reason = should_stop()
+            if reason:
+                return reason
+        if budget.deadline is not None and time.monotonic() >= budget.deadline:
+            return "max-seconds"
+        if budget.entries_left is not None and \
+                self.counts["entries_done"] >= budget.entries_left:
+            return "max-entries"
+        return None
+
+    def tick(self, progress):
+        t = time.monotonic()
+        if not self.opts.dry_run and t - self.last_checkpoint >= self.opts.checkpoint_every:
+            self.save_checkpoint()
+            self.last_checkpoint = time.monotonic()
+        if progress is not None and t - self.last_progress >= PROGRESS_SECONDS:
+            self.last_progress = t
+            progress(self.name, self.counts["entries_done"], self.total_entries,
+                     self.counts["bytes_copied"], self.total_bytes, t - self.t0)
+
+    def one(self, comps, code):
+        """Rescue one entry, by what it is now (the manifest says what it was)."""
+        path = b"/".join(comps)
+        level = self.enter(comps[:-1])
+        if level.error:
+            return self.failed(path, level.error)
+        name = comps[-1]
+        try:
+            st = os.lstat(name, dir_fd=level.src)
+        except OSError as e:
+            return self.failed(path, "vanished since the walk" if e.errno == errno.ENOENT
+                               else e.strerror)
+        if stat.S_ISDIR(st.st_mode):
+            top = self.enter(comps, created_counts=True)
+            if top.error:
+                self.failed(path, top.error)
+            return None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            return self.not_copied(path, "special")
+        if self.euid != 0 and st.st_uid != self.euid:
+            return self.not_copied(path, "other-owner")
+        have = self.dest_stat(level, name)
+        if have is not None:
+            if stat.S_ISDIR(have.st_mode):
+                return self.failed(path, "a directory is in its place at the destination")
+            if self.same(st, have, level, name):
+                self.counts["entries_skipped"] += 1
+                self.counts["bytes_skipped"] += st.st_size if stat.S_ISREG(st.st_mode) else 0
+                return None
+            if have.st_mtime_ns > st.st_mtime_ns:
+                return self.not_copied(path, "newer-destination")
+        if self.opts.dry_run:
+            self.counts["entries_copied"] += 1
+            self.counts["bytes_copied"] += st.st_size if stat.S_ISREG(st.st_mode) else 0
+            return None
+        try:
+            if stat.S_ISLNK(st.st_mode):
+                self.copy_link(level, name, st)
+            else:
+                self.copy_file(level, name, path)
+        except _RescueStop:
+            raise
+        except _NotOwned:
+            return self.not_copied(path, "other-owner")
+        except OSError as e:
+            if e.errno in FULL_ERRNOS:
+                raise DiskFullError(e.errno, "cannot write %s: the destination's disk or quota "
+                                    "is full (%s); free some space there and run rescue again "
+                                    "(it resumes)" % (display_path(os.path.join(
+                                        os.fsencode(self.dest), path)), e.strerror))
+            return self.failed(path, e.strerror or str(e))
+        except _Changed as e:
+            return self.failed(path, str(e))
+        self.counts["entries_copied"] += 1
+        return None
+
+    def same(self, st, have, level, name):
+        """rsync's quick check: same kind, same size and mtime (a symlink: same target)."""
+        if stat.S_ISLNK(st.st_mode):
+            if not stat.S_ISLNK(have.st_mode) or level.dst is None:
+                return False
+            try:
+                return os.readlink(name, dir_fd=level.dst) == self.read_link(level, name, st)
+            except OSError:
+                return False
+        if not stat.S_ISREG(have.st_mode) or have.st_size != st.st_size:
+            return False
+        # A destination that keeps whole seconds only (some network filesystems) matches
+        # on the seconds.
+        return have.st_mtime_ns == st.st_mtime_ns or (
+            have.st_mtime_ns % 10 ** 9 == 0 and have.st_mtime_ns // 10 ** 9 ==
+            st.st_mtime_ns // 10 ** 9)
+
+    def dest_stat(self, level, name):
+        if level.dst is None:
+            return None
+        try:
+            return os.lstat(name, dir_fd=level.dst)
+        except FileNotFoundError:
+            return None
+
+    def read_link(self, level, name, st):
+        """The target of a source symlink; readlink(2) moves the link's atime: put back."""
+        target = os.readlink(name, dir_fd=level.src)
+        with contextlib.suppress(OSError):
+            # A symlink's mtime cannot change (only a new link replaces it): writing back
+            # the one just read rolls back nothing.
+            os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=level.src,
+                     follow_symlinks=False)
+        return target
+
+    def temp_name(self):
+        return RESCUE_TEMP_FORMAT % (self.host, os.getpid(), "".join(
+            "abcdefghijklmnopqrstuvwxyz0123456789"[b % 36] for b in os.urandom(8)))
+
+    def copy_link(self, level, name, st):
+        target = self.read_link(level, name, st)
+        tmp = self.temp_name()
+        os.symlink(target, tmp, dir_fd=level.dst)
+        try:
+            os.utime(tmp, ns=(int(time.time() * 1e9), st.st_mtime_ns), dir_fd=level.dst,
+                     follow_symlinks=False)
+            os.replace(tmp, name, src_dir_fd=level.dst, dst_dir_fd=level.dst)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=level.dst)
+            raise
+
+    def copy_file(self, level, name, path):
+        """Copy a regular file's data extents into a temporary file, then rename it."""
+        try:
+            src = os.open(name, os.O_RDONLY | O_NOFOLLOW | O_NOATIME | os.O_NONBLOCK
+                          | O_CLOEXEC, dir_fd=level.src)
+        except PermissionError as e:
+            if e.errno == errno.EPERM:
+                raise _NotOwned()
+            raise
+        try:
+            before = os.fstat(src)
+            if not stat.S_ISREG(before.st_mode):
+                raise _Changed("changed into another kind of entry since the walk")
+            tmp = self.temp_name()
+            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+                          0o600, dir_fd=level.dst)
+            try:
+                try:
+                    self.copy_data(src, out, before.st_size)
+                    os.ftruncate(out, before.st_size)   # a hole at the end stays a hole
+                    os.chmod(out, stat.S_IMODE(before.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
+                    os.utime(out, ns=(int(time.time() * 1e9), before.st_mtime_ns))
+                finally:
+                    os.close(out)
+                after = os.fstat(src)
+                if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+                    raise _Changed("changed while it was copied (still being written?); run "
+                                   "rescue again when it is finished")
+                os.replace(tmp, name, src_dir_fd=level.dst, dst_dir_fd=level.dst)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=level.dst)
+                raise
+        finally:
+            os.close(src)
+
+    def copy_data(self, src, out, size):
+        """Copy the data extents of src (SEEK_DATA/SEEK_HOLE) to the same offsets of out."""
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(src, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    return      # only a hole from pos on
+                start = pos     # no sparse support here: all of it is data
+            try:
+                end = min(size, os.lseek(src, start, os.SEEK_HOLE))
+            except OSError:
+                end = size
+            while start < end:
+                n = self.copy_range(src, out, start, min(RESCUE_CHUNK, end - start))
+                if n <= 0:
+                    return      # the file shrank: the size check after the copy says so
+                start += n
+                self.counts["bytes_copied"] += n
+                if start < end:
+                    _test_pause(self.ctx.env, "rescue-copying")     # a file half copied
+                reason = self.stop_reason(self.budget, self.should_stop)
+                if reason:
+                    self.stopped = reason
+                    raise _RescueStop()
+            pos = end
+
+    def copy_range(self, src, out, offset, count):
+        """Up to count bytes at offset, by the best call that works here."""
+        while True:
+            how = self.copy_calls[0]
+            try:
+                if how == "copy_file_range" and hasattr(os, "copy_file_range"):
+                    return os.copy_file_range(src, out, count, offset, offset)
+                if how == "sendfile" and hasattr(os, "sendfile"):
+                    os.lseek(out, offset, os.SEEK_SET)
+                    return os.sendfile(out, src, offset, count)
+                if how == "read":
+                    data = os.pread(src, count, offset)
+                    written = 0
+                    while written < len(data):
+                        written += os.pwrite(out, data[written:], offset + written)
+                    return len(data)
+            except OSError as e:
+                if how == "read" or e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS,
+                                                    errno.EOPNOTSUPP, errno.EBADF):
+                    raise
+            self.copy_calls.pop(0)
+
+    # -- the directory stacks
+    def enter(self, comps, created_counts=False):
+        """Make the stacks hold the directories comps (from the root), opening (and on the
+        destination, creating) what is missing; leave the others. Returns the top level."""
+        keep = 1
+        while keep < len(self.stack) and keep - 1 < len(comps) and \
+                self.stack[keep].name == comps[keep - 1]:
+            keep += 1
+        self.leave(keep)
+        for name in comps[len(self.stack) - 1:]:
+            self.stack.append(self.push(self.stack[-1], name, created_counts))
+            self.shed()
+        return self.stack[-1]
+
+    def shed(self):
+        """Keep the fds of at most MAX_OPEN_DIRS levels open (a tree may be deeper than
+        the fd limit allows): the level that many below the top closes its fds, and
+        reopens them through ".." of its child when the copy comes back to it (leave()).
+        Not where the child could not give them back (an error, or, in a dry run, not
+        there at the destination)."""
+        i = len(self.stack) - 1 - MAX_OPEN_DIRS
+        if i < 1:
+            return
+        level, child = self.stack[i], self.stack[i + 1]
+        if level.shed or level.src is None or child.src is None or (
+                level.dst is not None and child.dst is None):
+            return
+        os.close(level.src)
+        if level.dst is not None:
+            os.close(level.dst)
+        level.src = level.dst = None
+        level.shed = True
+
+    def unshed(self, level, child):
+        """Reopen a shed level from its child's fds (".." is never a symlink)."""
+        level.src = os.open("..", O_DIR_FLAGS, dir_fd=child.src)
+        if child.dst is not None:
+            level.dst = os.open("..", O_DIR_FLAGS, dir_fd=child.dst)
+        level.shed = False
+
+    def push(self, parent, name, counts):
+        """The level of directory name below parent: its source opened (O_NOFOLLOW,
+        O_NOATIME), its destination opened or made (0700 while it is filled)."""
+        if parent.error:
+            return _Level(name, None, None, parent.error)
+        try:
+            st = os.lstat(name, dir_fd=parent.src)
+            if not stat.S_ISDIR(st.st_mode):
+                return _Level(name, None, None, "its directory %s is no longer a directory"
+                              % display_path(name))
+            src = open_dir_ex(name, parent.src)[0]
+        except OSError as e:
+            return _Level(name, None, None, "its directory %s cannot be opened (%s)" % (
+                display_path(name), "vanished since the walk" if e.errno == errno.ENOENT
+                else e.strerror))
+        level = _Level(name, src, None, meta=(st.st_mode, st.st_mtime_ns))
+        try:
+            have = self.dest_stat(parent, name)
+            if have is None:
+                if self.opts.dry_run:       # would be made
+                    self.counts["dirs_created"] += 1
+                    return level
+                os.mkdir(name, 0o700, dir_fd=parent.dst)
+                self.counts["dirs_created"] += 1
+            elif not stat.S_ISDIR(have.st_mode):
+                level.error = ("%s exists at the destination and is not a directory (a "
+                               "symlink there is never followed)" % display_path(name))
+                return level
+            elif counts:
+                self.counts["entries_skipped"] += 1
+            level.dst = os.open(name, O_DIR_FLAGS, dir_fd=parent.dst)
+            if self.opts.dry_run:
+                return level
+            mode = os.fstat(level.dst).st_mode
+            if self.euid != 0 and mode & 0o700 != 0o700:
+                os.chmod(level.dst, stat.S_IMODE(mode) | 0o700)   # the final mode on leaving
+            if have is not None:
+                self.remove_temps(level.dst)
+        except OSError as e:
+            raise_if_full(e, os.path.join(self.dest, os.fsdecode(name)))
+            level.error = "its destination directory cannot be made (%s)" % e.strerror
+        return level
+
+    def leave(self, keep):
+        """Close the levels above keep; each destination directory gets its source's mode
+        and mtime now that its contents are done."""
+        while len(self.stack) > keep:
+            level = self.stack.pop()
+            if self.stack and self.stack[-1].shed:
+                self.unshed(self.stack[-1], level)     # before its mode may forbid ".."
+            if level.dst is not None:
+                if not self.opts.dry_run and level.meta is not None:
+                    with contextlib.suppress(OSError):
+                        os.chmod(level.dst, stat.S_IMODE(level.meta[0]))
+                        os.utime(level.dst, ns=(int(time.time() * 1e9), level.meta[1]))
+                os.close(level.dst)
+            if level.src is not None and level.src != self.root_fd:
+                os.close(level.src)
+        if keep == 0:
+            self.stack = []
+
+    def remove_temps(self, dfd):
+        """Delete the temporary files of dead rescues in an open destination directory."""
+        try:
+            names = os.listdir(dfd)
+        except OSError:
+            return
+        for n in names:
+            m = RESCUE_TEMP_RE.match(n)
+            if not m:
+                continue
+            try:
+                st = os.lstat(n, dir_fd=dfd)
+            except OSError:
+                continue
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+                continue
+            if m.group(1) == self.host:
+                if _pid_alive(int(m.group(2))) and int(m.group(2)) != os.getpid():
+                    continue
+            elif time.time() - st.st_mtime < RESCUE_FOREIGN_STALE:
+                continue        # another host's: it may still be writing
+            with contextlib.suppress(OSError):
+                os.unlink(n, dir_fd=dfd)
+                self.counts["temps_removed"] += 1
+
+    # -- outcomes
+    def not_copied(self, path, reason):
+        self.counts["entries_not_rescued"] += 1
+        self.counts[RESCUE_REASON_COUNTS[reason]] += 1
+        self.listed(path, reason)
+
+    def failed(self, path, why):
+        self.counts["entries_not_rescued"] += 1
+        self.counts["errors"] += 1
+        self.listed(path, "error", why)
+
+    def listed(self, path, reason, why=None):
+        text = display_path(path)
+        self.write_log("not-rescued %s %s%s" % (reason, text, ": " + why if why else ""))
+        if len(self.not_rescued) < RESCUE_LISTED:
+            item = {"path": encode_name(path), "reason": reason}
+            try:
+                path.decode("utf-8")
+            except UnicodeDecodeError:
+                item["path_b64"] = binascii.b2a_base64(path).decode("ascii").strip()
+            if why:
+                item["why"] = why
+            self.not_rescued.append(item)
+
+    # -- checkpoint, result
+    def save_checkpoint(self):
+        save_rescue_checkpoint(self.store, self.name, {
+            "dataset": self.name, "path": self.ds["path"], "to": self.dest,
+            "selection": self.opts.selection, "manifest_walk_started": self.walk_started,
+            "cursor": None if self.cursor is None else [
+                encode_name(c) for c in self.cursor.split(b"\0")],
+            "entries_done": self.done_before + self.counts["entries_done"],
+            "bytes_copied": self.copied_before + self.counts["bytes_copied"],
+            "started": iso(self.started), "updated": iso(time.time()), "pid": os.getpid(),
+            "host": socket.gethostname()})
+
+    def crashed(self):
+        with contextlib.suppress(Exception):
+            self.leave(0)
+        if not self.opts.dry_run and self.cursor is not None:   # there is a position to keep
+            with contextlib.suppress(Exception):
+                self.save_checkpoint()
+        if self.log is not None:
+            self.write_log("end crashed entries_done=%d" % self.counts["entries_done"])
+            self.log.close()
+            self.log = None
+
+    def finish(self, complete, budget):
+        if budget.entries_left is not None:
+            budget.entries_left -= self.counts["entries_done"]
+        if not self.opts.dry_run:
+            if complete:
+                delete_rescue_checkpoint(self.store, self.name)
+            else:
+                self.save_checkpoint()
+        result = dict(self.counts, name=self.name, to=self.dest,
+                      selection=self.opts.selection, dry_run=bool(self.opts.dry_run),
+                      complete=complete, resumed=self.resumed,
+                      stopped=None if complete else self.stopped,
+                      manifest=self.manifest_path, walk_started=self.walk_started,
+                      entries_total=self.total_entries, bytes_total=self.total_bytes,
+                      entries_done_total=self.done_before + self.counts["entries_done"],
+                      bytes_copied_total=self.copied_before + self.counts["bytes_copied"],
+                      not_rescued=self.not_rescued, started=iso(self.started),
+                      finished=iso(time.time()), log=self.log_path)
+        if complete:
+            result["exit_code"] = EXIT_FAIL if self.counts["errors"] else EXIT_OK
+        else:
+            result["exit_code"] = EXIT_INTERRUPTED if self.stopped == "int" else EXIT_STOPPED
+        if self.log is not None:
+            self.write_log("counts " + " ".join("%s=%d" % kv for kv in sorted(
+                self.counts.items())))
+            self.write_log("end %s%s exit=%d" % ("complete" if complete else "stopped",
+                                                 "" if complete else " reason=%s" % self.stopped,
+                                                 result["exit_code"]))
+            self.log.close()
+            self.log = None
+            self.store.prune_logs(self.name)
+        return result
+
+
+class _NotOwned(Exception):
+    """O_NOATIME refused: the file is another owner's (read it, and its atime would move)."""
+
+
+class _Changed(Exception):
+    """The source changed under the copy; the message says how."""
+
+
+RESCUE_REASON_COUNTS = {"other-owner": "entries_not_owned",
+                        "newer-destination": "entries_newer_destination",
+                        "special": "entries_special"}
+RESCUE_COUNTS = ("entries_done", "entries_copied", "bytes_copied", "dirs_created",
+                 "entries_skipped", "bytes_skipped", "entries_not_rescued", "entries_not_owned",
+                 "entries_newer_destination", "entries_special", "errors", "temps_removed")
+
+
+def _scheduled_rescue(ctx, name, budget, should_stop):
+    """After a complete scheduled walk (or to finish one a budget stopped), rescue what could
+    age out before the schedule's next run to the dataset's rescue_to. (result, code)."""
+    ds = ctx.store.load_registry()["datasets"].get(name)
+    if ds is None or not ds.get("rescue_to"):
+        return None, EXIT_OK
+    opts = RescueOptions(name, ds["rescue_to"], selection="skip")
+    try:
+        r = _rescue(ctx, opts, budget, should_stop)
+    except BusyError as e:
+        return {"name": name, "to": ds["rescue_to"], "complete": False, "reason": str(e),
+                "exit_code": EXIT_BUSY}, EXIT_BUSY
+    except Failure as e:
+        return {"name": name, "to": ds["rescue_to"], "complete": False, "reason": str(e),
+                "exit_code": EXIT_FAIL}, EXIT_FAIL
+    return r, r["exit_code"]
+
+
+def pending_rescue(store, ds):
+    """True when a scheduled rescue of ds stopped before it was done."""
+    try:
+        ck = load_rescue_checkpoint(store, ds["name"])
+    except StateError:
+        return False
+    return bool(ck and ds.get("rescue_to") and ck["selection"] == "skip")
+
+
+def describe_rescue(r):
+    """One line that tells a person what a rescue did."""
+    name = r["name"]
+    if r.get("reason"):
+        return "%s: not rescued: %s" % (name, r["reason"])
+    dry = "(dry run) would copy" if r.get("dry_run") else "copied"
+    body = "%s %s (%s) to %s" % (dry, plural(r["entries_copied"], "entry", "entries"),
+                                 human_bytes(r["bytes_copied"]), display_path(r["to"]))
+    if r["dirs_created"]:
+        body += ", %s made" % plural(r["dirs_created"], "directory", "directories")
+    body += "; %s already there (same size and mtime)" % human_count(r["entries_skipped"])
+    if r["entries_not_rescued"]:
+        parts = []
+        for key, word in (("entries_not_owned", "of another owner"),
+                          ("entries_newer_destination", "newer at the destination (kept)"),
+                          ("entries_special", "FIFOs, sockets or devices"),
+                          ("errors", "errors")):
+            if r[key]:
+                parts.append("%s %s" % (human_count(r[key]), word))
+        body += "; NOT rescued: %s (%s)%s" % (
+            human_count(r["entries_not_rescued"]), ", ".join(parts),
+            ", listed in " + r["log"] if r.get("log") else "")
+    if r["complete"]:
+        state = "complete" + (", resumed" if r["resumed"] else "")
+    else:
+        stopped = r.get("stopped")
+        state = "NOT complete: %s; %s" % (
+            STOP_WORDS.get(stopped, "stopped (%s)" % (stopped or "unknown reason")),
+            "nothing was saved (dry run)" if r.get("dry_run")
+            else "run rescue again to resume from the checkpoint")
+    return "%s: %s; %s" % (name, body, state)
+
 
 # ---------------------------------------------------------------- Slurm: run, render, install
 
@@ -5136,7 +6168,9 @@ def _scheduled_after(ctx, method, doc, code, results, risk=None, codes=None):
     said = booked = None
     # Any walk a budget stopped needs its continuation, whatever another dataset's walk
     # ended with (entry errors make the run's code 1, not 3).
-    stopped = code == EXIT_STOPPED or any(r.get("exit_code") == EXIT_STOPPED for r in results)
+    stopped = code == EXIT_STOPPED or any(
+        EXIT_STOPPED in (r.get("exit_code"), (r.get("rescue") or {}).get("exit_code"))
+        for r in results)
     if stopped and doc is not None:
         try:
             with ctx.store.schedule_lock():
@@ -5925,8 +6959,10 @@ def _rebuilt_entry(ctx, cfg, name, path, doc, left):
                     "; set them with `%s extend --name %s`" % (name, ", ".join(guessed), PROG,
                                                               name))
     last = doc.get("last_refresh")
+    rescue_to = doc.get("rescue_to")
     return {"name": name, "path": path, "keep_until": keep, "cadence_days": cadence,
             "approval": approval, "enabled": True,
+            "rescue_to": None if _abs_path(rescue_to) else rescue_to,
             "added": doc.get("added") if not _time(doc.get("added")) else None,
             "last_refresh": last if not _time(last) else None, "last_refresh_start": None,
             "last_mode": None, "last_run": None, "last_total_entries": None,
@@ -6205,7 +7241,7 @@ def cmd_init(args, ctx):
 
 def cmd_add(args, ctx):
     entry = _add(ctx, args.name, args.path, args.keep_until, args.cadence_days, args.approval,
-                 manifest=not args.no_manifest)
+                 args.rescue_to, manifest=not args.no_manifest)
     if args.json:
         emit_json(ctx, entry)
         return EXIT_OK
@@ -6250,6 +7286,8 @@ def _status_lines(e):
                                                           e["next_due"] or "now"))
     t = e["thresholds_days"]
     add("  approval:      %s" % (e["approval"] or "none"))
+    if e.get("rescue_to"):
+        add("  rescue to:     %s (after each scheduled walk)" % display_path(e["rescue_to"]))
     add("  thresholds:    touch if not accessed for %d days; at risk after %d; purge after %d"
         % (t["skip"], t["at_risk"], t["purge"]))
     add("  last refresh:  %s" % ("%s (%s mode)" % (e["last_refresh"], e["last_mode"])
@@ -6398,6 +7436,8 @@ def cmd_refresh(args, ctx):
     else:
         for r in out["results"]:
             say(ctx, describe_result(r))
+            if r.get("rescue"):
+                say(ctx, "  rescue: " + describe_rescue(r["rescue"]))
     for text in out["notes"]:
         note(ctx, text, to_err=args.json)
     return code
@@ -6405,7 +7445,7 @@ def cmd_refresh(args, ctx):
 
 def cmd_extend(args, ctx):
     e = _extend(ctx, args.name, args.keep_until, args.approval, args.cadence_days,
-                manifest=args.manifest)
+                args.rescue_to, manifest=args.manifest)
     say(ctx, "%s: kept until %s; every %d days; approval: %s; %s mode%s" % (
         e["name"], e["keep_until"], e["cadence_days"], e["approval"] or "none", e["mode"],
         "" if e["keep_manifests"] else "; no manifests"))
@@ -6423,6 +7463,34 @@ def cmd_disable(args, ctx):
     say(ctx, "%s: disabled; it is not refreshed until `%s enable --name %s`"
         % (e["name"], PROG, e["name"]))
     return EXIT_OK
+
+
+def cmd_rescue(args, ctx):
+    opts = RescueOptions(args.name, args.to, args.all, args.dry_run, args.max_seconds,
+                         args.max_entries, args.checkpoint_every)
+    shown = Progress(ctx.err)
+
+    def progress(name, done, total, copied, bytes_total, seconds):
+        if shown.active:
+            shown.stream.write("\r\033[K%s: rescued %s of %s entries, %s of %s" % (
+                name, human_count(done), human_count(total), human_bytes(copied),
+                human_bytes(bytes_total)))
+            shown.stream.flush()
+            shown.shown = True
+
+    with stop_signals() as should_stop:
+        try:
+            r = _rescue(ctx, opts, Budget(args.max_seconds, args.max_entries), should_stop,
+                        progress)
+        finally:
+            shown.clear()
+    if args.json:
+        emit_json(ctx, r)
+    else:
+        say(ctx, describe_rescue(r))
+    for text in r["notes"]:
+        note(ctx, text, to_err=args.json)
+    return r["exit_code"]
 
 
 def cmd_remove(args, ctx):
@@ -6515,6 +7583,7 @@ examples:
   scratch-keepalive init
   scratch-keepalive add --name genomes --path /N/scratch/$USER/genomes --keep-until 2027-03-31
   scratch-keepalive refresh --name genomes        # check mode: reports what is at risk
+  scratch-keepalive rescue --name genomes --to /N/project/mylab/genomes   # copy it off scratch
   scratch-keepalive install-cron --account r00000
 
 exit codes:
@@ -6582,6 +7651,12 @@ def add_name_argument(p, required=True, help_text="the dataset's name"):
     p.add_argument("--name", required=required, metavar="NAME", help=help_text)
 
 
+def add_rescue_to_argument(p):
+    p.add_argument("--rescue-to", metavar="DIR",
+                   help="every scheduled walk then rescues what could age out before the next "
+                        "run to DIR (as `rescue`; off scratch); `none` clears it")
+
+
 def add_state_dir_argument(p, top=False):
     p.add_argument("--state-dir", metavar="DIR", default=None if top else argparse.SUPPRESS,
                    help="state directory (default: $SCRATCH_KEEPALIVE_HOME, else "
@@ -6633,6 +7708,7 @@ def build_parser():
                    help="days between refreshes (br200: at least 14; default 14)")
     p.add_argument("--approval", metavar="TEXT",
                    help="the site's approval to refresh access times (ticket or exemption)")
+    add_rescue_to_argument(p)
     p.add_argument("--no-manifest", action="store_true",
                    help="its walks keep no manifest (the list behind `files`, `rescue` and "
                         "the vanished counts); for the rare dataset whose list the state "
@@ -6724,6 +7800,42 @@ def build_parser():
                    help="keep a manifest of each walk again (the default)")
     g.add_argument("--no-manifest", dest="manifest", action="store_const", const=False,
                    help="keep no manifest of its walks")
+    add_rescue_to_argument(p)
+
+    p = _sub(subs, "rescue", cmd_rescue, "copy what is at risk to safe storage",
+             "Copy the entries the dataset's last complete walk found at risk (--all: every "
+             "entry) to DIR/<path below the dataset root>: files (sparse ones stay sparse), "
+             "symlinks as links, directories with their modes, mtimes kept. Sources are read "
+             "with O_NOATIME, so a rescue never refreshes what it copies; files of another "
+             "owner cannot be read that way and are listed as not rescued. Each file is "
+             "written under a temporary name and renamed when complete; one already there "
+             "with the same size and mtime is skipped, and a newer one is never overwritten."
+             "\n\nRefused (exit 2, nothing copied): a DIR that is, contains or lies inside "
+             "the scratch root or the dataset, and a DIR whose filesystem or quota lacks room "
+             "for the bytes to copy plus 5%. Stopped by --max-seconds, --max-entries or a "
+             "signal (exit 3, Ctrl-C 130), it resumes from its checkpoint; exit 4 while a "
+             "refresh or rescue of the dataset runs.",
+             "  scratch-keepalive refresh --name genomes      # check: what is at risk?\n"
+             "  scratch-keepalive files --name genomes --at-risk\n"
+             "  scratch-keepalive rescue --name genomes --to /N/project/myproject/genomes "
+             "--dry-run\n"
+             "  scratch-keepalive rescue --name genomes --to /N/project/myproject/genomes\n"
+             "  scratch-keepalive rescue --name genomes --to /N/slate/$USER/genomes --all\n")
+    add_name_argument(p)
+    p.add_argument("--to", required=True, metavar="DIR",
+                   help="where to copy to, off scratch (BR200: /N/project/<project>/... or "
+                        "/N/slate/$USER/...); made when missing")
+    p.add_argument("--all", action="store_true",
+                   help="every entry of the walk, not only the at-risk ones")
+    p.add_argument("--dry-run", action="store_true",
+                   help="say what would be copied; write nothing")
+    p.add_argument("--max-seconds", type=_positive_seconds, metavar="S",
+                   help="stop after S seconds; resume next time")
+    p.add_argument("--max-entries", type=_int_range(0), metavar="N",
+                   help="stop after N entries; resume next time")
+    p.add_argument("--checkpoint-every", type=_positive_seconds, metavar="S",
+                   default=CHECKPOINT_SECONDS, help=argparse.SUPPRESS)
+    add_json_argument(p)
 
     for name, func, verb in (("enable", cmd_enable, "resume refreshing a dataset"),
                              ("disable", cmd_disable, "pause refreshing a dataset")):
