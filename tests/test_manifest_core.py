@@ -246,3 +246,25 @@ def test_fail_on_risk_exits_1_for_entries_likely_purged_in_touch_mode(cli, gener
     # The touch walks set f3's atime to the real clock, years before the policy clock.
     assert r.json()["results"][0]["entries_likely_purged"] == 1, r
     assert r.json()["results"][0]["entries_vanished"] == 1
+
+
+def test_the_keys_digest_does_not_depend_on_how_batches_were_cut(cli, big):
+    """Walks of the same tree inline, with worker processes and with threads cut their
+    batches differently (256, 256 with the inline fallback, 32 entries), yet their digests
+    agree; one file less, and they differ (and the merge then runs and finds it)."""
+    setup(cli, None, big)
+    state = big.parent.parent / "state"
+    digests = []
+    for argv in (["--workers", "1", "--threads", "1"], ["--workers", "2"], ["--threads", "4"]):
+        r = cli("refresh", "--name", "ds", "--check", "--json", *argv)
+        assert r.rc == 0, r
+        with sk.Manifest(r.json()["results"][0]["manifest"]) as m:
+            digests.append(m.trailer["keys_digest"])
+        assert r.json()["results"][0]["entries_vanished"] == 0
+    assert digests[0] and len(set(digests)) == 1, digests
+    os.unlink(str(big / "d3" / "f01234"))
+    r = cli("refresh", "--name", "ds", "--check", "--json")
+    res = r.json()["results"][0]
+    with sk.Manifest(res["manifest"]) as m:
+        assert m.trailer["keys_digest"] != digests[0]
+    assert res["entries_vanished"] == 1, res
