@@ -1668,7 +1668,7 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
                 if record:
                     put_kind(kind_of(mode & 0o170000, K_OTHER) | code)
                     put_size(st.st_size)
-                    put_atime(a // 1000000000)
+                    put_atime(a)    # in ns: a division per entry costs more than zlib
         finally:
             os.close(fd)
     return ((touched, skipped, at_risk, b_risk, elig, b_elig, not_owned, risk_not_owned), errs,
@@ -2473,7 +2473,8 @@ def from_byte_planes(data, n):
 
 
 class ManifestChunk(object):
-    """One decoded chunk: keys (walk order), kinds (bytes), sizes and atimes (arrays)."""
+    """One decoded chunk: keys (walk order), kinds (bytes), sizes and atimes (arrays;
+    atimes in ns)."""
     __slots__ = ("keys", "kinds", "sizes", "atimes")
 
     def __init__(self, keys, kinds, sizes, atimes):
@@ -2610,7 +2611,7 @@ class Manifest(object):
         for c in self.chunks(end):
             for i, key in enumerate(c.keys):
                 if c.kinds[i] != K_GONE:
-                    yield key, c.kinds[i], c.sizes[i], c.atimes[i]
+                    yield key, c.kinds[i], c.sizes[i], c.atimes[i] // 1000000000
             c = key = None      # not held while the next chunk is decoded: one at a time
 
 
@@ -2839,7 +2840,7 @@ def vanished(prev, new):
                 for i in range(start, end):
                     k = keys[i]
                     if k not in present and cur.kinds[i] < K_UNKNOWN and not below_unlisted(k):
-                        yield k, cur.kinds[i], cur.sizes[i], cur.atimes[i]
+                        yield k, cur.kinds[i], cur.sizes[i], cur.atimes[i] // 1000000000
             start = end
             if end < len(keys):
                 return
