@@ -1620,14 +1620,14 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
     old entries are at risk or purge-eligible; touch mode touches those older than the skip
     threshold, unless another owner's (euid 0: all are ours). Returns (the sums, in
     Counts.BATCH's order, [(segment, name, errno)] of the first errors, error count, and with
-    record every name's manifest record, in order: kind, size, atime as found (_Columns)).
+    record every name's manifest record, in order: kind, size, atime as found (_columns)).
     """
     lstat = os.stat
     if touch and not dry_run:
         utimensat, times, get_errno, _ = touch_atime
     touched = skipped = at_risk = b_risk = elig = b_elig = nerr = not_owned = risk_not_owned = 0
-    errs, cols = [], (_Columns() if record else None)
-    put_kind, put_size, put_atime, kind_of = cols.appenders() if record else (None,) * 4
+    errs, recs, touched_at = [], ([] if record else None), []
+    keep = recs.append if record else None
     for seg, (fd, names) in enumerate(segments):
         try:
             for name in names:
@@ -1635,12 +1635,12 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
                     st = lstat(name, dir_fd=fd, follow_symlinks=False)
                 except OSError as e:
                     nerr += 1
-                    _entry_error(errs, seg, name, e.errno, cols)
+                    _entry_error(errs, seg, name, e.errno, recs)
                     continue
                 mode = st.st_mode
                 if mode & 0o170000 == 0o040000 and st.st_dev != root_dev:
                     skipped += 1        # a mount point
-                    _entry_error(None, seg, name, None, cols)
+                    _entry_error(None, seg, name, None, recs)
                     continue
                 a = st.st_atime_ns
                 # Setting another owner's atime needs ownership: touch mode does not try.
@@ -1653,7 +1653,6 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
                         elig += 1
                         b_elig += size
                     risk_not_owned += bool(theirs)
-                code = 0
                 if touch:
                     if a >= skip_ns:
                         skipped += 1
@@ -1664,40 +1663,44 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
                         _entry_error(errs, seg, name, get_errno(), None)
                     else:
                         touched += 1
-                        code = K_TOUCHED
+                        if record:
+                            touched_at.append(len(recs))
                 if record:
-                    put_kind(kind_of(mode & 0o170000, K_OTHER) | code)
-                    put_size(st.st_size)
-                    put_atime(a)    # in ns: a division per entry costs more than zlib
+                    keep(st)        # the columns come from the stats once the batch is done
         finally:
             os.close(fd)
     return ((touched, skipped, at_risk, b_risk, elig, b_elig, not_owned, risk_not_owned), errs,
-            nerr, cols.as_bytes() if record else None)
+            nerr, _columns(recs, touched_at) if record else None)
 
 
-class _Columns(object):
-    """A batch's manifest records: kind codes, sizes, atimes (see _process_batch)."""
-
-    def __init__(self):
-        import array
-        self.kinds, self.sizes, self.atimes = bytearray(), array.array("q"), array.array("q")
-
-    def appenders(self):
-        return self.kinds.append, self.sizes.append, self.atimes.append, _KIND_OF_FMT.get
-
-    def as_bytes(self):
-        return bytes(self.kinds), _le(self.sizes), _le(self.atimes)
+def _columns(recs, touched_at):
+    """A batch's manifest records from its entries' stats (a _NoStat where there is none):
+    kind codes, sizes, atimes in ns (a division per entry costs more than zlib saves)."""
+    import array
+    kind_of = _KIND_OF_FMT.get
+    kinds = bytearray([kind_of(r.st_mode & 0o170000, K_OTHER) for r in recs])
+    for i in touched_at:
+        kinds[i] |= K_TOUCHED
+    return (bytes(kinds), _le(array.array("q", [r.st_size for r in recs])),
+            _le(array.array("q", [r.st_atime_ns for r in recs])))
 
 
-def _entry_error(errs, seg, name, err, cols):
+class _NoStat(object):
+    """The record of an entry the rules could not apply to: its mode's type bits, which no
+    file has, map to K_GONE or K_UNKNOWN (see _KIND_OF_FMT)."""
+    __slots__ = ("st_mode", "st_size", "st_atime_ns")
+
+    def __init__(self, mode):
+        self.st_mode, self.st_size, self.st_atime_ns = mode, 0, 0
+
+
+def _entry_error(errs, seg, name, err, recs):
     """An entry the rules could not apply to: its error kept among the first ones logged
-    (errs None: not an error, a mount point), its manifest record (cols) says so."""
+    (errs None: not an error, a mount point), its manifest record (recs) says so."""
     if errs is not None and len(errs) < MAX_LOGGED_ERRORS:
         errs.append((seg, name, err or errno.EIO))
-    if cols is not None:
-        cols.kinds.append(K_GONE if err == errno.ENOENT else K_UNKNOWN)
-        cols.sizes.append(0)
-        cols.atimes.append(0)
+    if recs is not None:
+        recs.append(_STAT_GONE if err == errno.ENOENT else _STAT_UNKNOWN)
 
 
 def _close_inherited_fds(keep):
@@ -2427,7 +2430,9 @@ K_UNKNOWN = 8                   # lstat failed (not ENOENT): there, state unknow
 K_GONE = 9                      # vanished while the walk listed it: not an entry
 KIND_NAMES = {K_FILE: "file", K_DIR: "dir", K_LINK: "symlink", K_OTHER: "other",
               K_UNKNOWN: "unknown"}
-_KIND_OF_FMT = {0o100000: K_FILE, 0o040000: K_DIR, 0o120000: K_LINK}
+_KIND_OF_FMT = {0o100000: K_FILE, 0o040000: K_DIR, 0o120000: K_LINK,
+                0o110000: K_GONE, 0o170000: K_UNKNOWN}     # the last two: _NoStat's
+_STAT_GONE, _STAT_UNKNOWN = _NoStat(0o110000), _NoStat(0o170000)
 _BIG_ENDIAN = sys.byteorder == "big"
 
 
