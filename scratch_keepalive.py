@@ -1549,20 +1549,8 @@ NETWORK_FS = ("lustre", "nfs", "nfs4", "gpfs", "beegfs", "cifs", "smb3", "ceph",
 
 def fs_type(path):
     """The filesystem type of the mount holding path (from /proc/self/mounts), or None."""
-    path = os.path.realpath(path)       # a symlink on the way may lead onto another mount
-    best, kind = "", None
-    try:
-        with open("/proc/self/mounts") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) < 3:
-                    continue
-                mnt = parts[1].replace("\\040", " ")
-                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-                    best, kind = mnt, parts[2]
-    except OSError:
-        return None
-    return kind
+    found = mount_of(os.path.realpath(path))    # a symlink may lead onto another mount
+    return found[2] if found else None
 
 
 _MOUNTINFO_ESCAPE = re.compile(br"\\([0-7]{3})")
