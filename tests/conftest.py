@@ -241,3 +241,30 @@ def poll(condition, what, timeout=60.0, interval=0.002):
         if time.monotonic() > deadline:
             raise AssertionError("timed out after %ss waiting for %s" % (timeout, what))
         time.sleep(interval)
+
+
+def on_a_terminal(argv):
+    """main(argv) in-process with stderr on a pseudo-terminal (stdout to /dev/null), as a
+    person at a shell sees it: (exit code, what the terminal got)."""
+    import pty
+    master, slave = pty.openpty()
+    tty = os.fdopen(slave, "w")
+    old = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = open(os.devnull, "w"), tty
+    try:
+        rc = sk.main(argv)
+    finally:
+        sys.stdout.close()
+        sys.stdout, sys.stderr = old
+        tty.close()
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    return rc, seen.decode("utf-8", "replace")

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from conftest import KEEP, NOW_EPOCH, DAY, SCRIPT, make_dataset, run_script, set_atime, snapshot
+from conftest import KEEP, NOW_EPOCH, DAY, SCRIPT, make_dataset, on_a_terminal, run_script, \
+    set_atime, snapshot
 import scratch_keepalive as sk
 
 LIST_KEYS = {"name", "path", "enabled", "keep_until", "cadence_days", "approval", "mode",
@@ -740,7 +741,6 @@ def test_internal_error_is_one_line(cli, ds, monkeypatch):
 
 def test_progress_line_on_a_terminal_only(cli, generic, monkeypatch):
     """On a terminal, stderr shows a live progress line with the share done; in a pipe, nothing."""
-    import pty
     d = generic["scratch"] / "ds"
     for i in range(10):
         (d / ("d%d" % i)).mkdir(parents=True)
@@ -751,28 +751,8 @@ def test_progress_line_on_a_terminal_only(cli, generic, monkeypatch):
     monkeypatch.setattr(sk, "PROGRESS_SECONDS", 0.0)
     r = cli("refresh", "--name", "ds", "--check")
     assert r.rc == 0 and r.err == ""                              # StringIO: not a terminal
-    master, slave = pty.openpty()
-    tty = os.fdopen(slave, "w")
-    old = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = open(os.devnull, "w"), tty
-    try:
-        rc = sk.main(["refresh", "--name", "ds", "--check", "--workers", "1"])
-    finally:
-        sys.stdout.close()
-        sys.stdout, sys.stderr = old
-        tty.close()
-    seen = b""
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        seen += chunk
-    os.close(master)
+    rc, text = on_a_terminal(["refresh", "--name", "ds", "--check", "--workers", "1"])
     assert rc == 0
-    text = seen.decode("utf-8", "replace")
     assert "\rds: " in text.replace("\r\x1b[K", "\r") and " entries, " in text and "/s" in text
     assert "%" in text, text
     assert text.endswith("\r\x1b[K"), text[-40:]                   # the line is cleared at the end

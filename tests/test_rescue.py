@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DAY, KEEP, NOW, NOW_EPOCH, SCRIPT, nonroot_runner, poll, reaped, \
-    run_script, set_atime, sk, snapshot
+    on_a_terminal, run_script, set_atime, sk, snapshot
 from slurmbed import USER, as_user, make_world, pending, settle, wait_done  # noqa: F401
 
 OLD = 1577836800.0                      # 2020-01-01: old by policy AND in the real past
@@ -605,30 +605,9 @@ def test_rescue_to_another_filesystem_and_by_read_and_write_alone(ds, cli, shm_t
 
 
 def test_progress_line_on_a_terminal_and_a_status_line(ds, cli, monkeypatch):
-    import pty
     monkeypatch.setattr(sk, "PROGRESS_SECONDS", 0.0)
-    master, slave = pty.openpty()
-    tty = os.fdopen(slave, "w")
-    old = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = open(os.devnull, "w"), tty
-    try:
-        rc = sk.main(["rescue", "--name", "ds", "--to", str(ds["dest"]), "--all"])
-    finally:
-        sys.stdout.close()
-        sys.stdout, sys.stderr = old
-        tty.close()
-    seen = b""
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        seen += chunk
-    os.close(master)
+    rc, text = on_a_terminal(["rescue", "--name", "ds", "--to", str(ds["dest"]), "--all"])
     assert rc == 0
-    text = seen.decode("utf-8", "replace")
     assert "\rds: rescued " in text.replace("\r\x1b[K", "\r") and " entries, " in text, text
     assert text.endswith("\r\x1b[K"), text[-40:]
     r = cli("rescue", "--name", "ds", "--to", ds["dest"])
