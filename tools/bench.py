@@ -3,19 +3,16 @@
 
     python3 tools/bench.py                  # default sizes: a few minutes
     python3 tools/bench.py --quick          # small preset, a smoke test
-    python3 tools/bench.py --scale 0.1 --json /tmp/bench.json
+    python3 tools/bench.py --before OLD/scratch_keepalive.py --json /tmp/bench.json
 
-Standard library only (Python 3.6+), and gcc (or cc) for the C stat walker (the stat
-floor), atime-reset helper and LD_PRELOAD latency shim it compiles. It builds trees
-under --workdir (wide, deep, four sparse 1 TiB files) and times whole processes,
-interleaved round by round: the tool in touch and check mode against `find -exec touch`
-and the stat floor; its peak memory at 1M and 100k entries and in one directory of
-200k; the cost of a checkpoint; and, with the shim adding --latency-ms to every
-stat/utimensat call, the sequential walk against --threads and --workers 8, 16 and 32;
-and `status --brief` with 50 registered datasets (the brief phase).
-It prints a table headed by the machine's description, writes every figure to --json
-FILE and ends with PASS/FAIL per target; it exits non-zero when it, or a timed command,
-failed.
+Standard library only (Python 3.6+), and gcc for the C stat walk (the floor), the atime
+reset and the LD_PRELOAD latency shim it compiles. It times whole processes in
+interleaved rounds: touch and check mode against `find -exec touch` and the stat floor
+on a wide and a deep tree; peak memory at 100k and 1M entries and in one directory; a
+checkpoint's cost; --threads and --workers with the shim's delay on every stat and
+utimensat; and `status --brief` with 50 datasets. --before OLD runs an earlier copy in
+the same rounds. It prints a report, writes every figure to --json FILE, ends with
+PASS/FAIL per target, and exits non-zero when it or a timed command failed.
 """
 
 import argparse
@@ -42,7 +39,9 @@ OLD_DAYS = 60                   # "old": atime 60 days ago (the tool's skip thre
 TOOL_CHECKPOINT_S = 30.0        # the tool's default --checkpoint-every
 SINGLE_DIR_ENTRIES = 200000     # the one-directory memory tree, before --scale
 PARALLEL = (8, 16, 32)          # --threads N and --workers N in the latency runs
-PHASES = ("wide", "deep", "sparse", "memory", "latency", "brief")
+LATENCY_MS = 0.5                # what the shim adds to each call under the latency tree
+TIMEOUT_S = 1800                # a process running longer is killed
+PHASES = ("wide", "deep", "memory", "latency", "brief")
 BRIEF_DATASETS = 50             # registered for the `status --brief` timing
 # (label, extra refresh arguments) per latency run; the first one is the baseline.
 LATENCY_VARIANTS = [("--threads 1 --workers 1", ["--threads", "1", "--workers", "1"])] + [
@@ -59,6 +58,17 @@ CMD_LABELS = [("tool_touch_old", "tool touch, all old"),
               ("stat_walk", "stat floor"), ("tool_touch_recent", "tool touch, all recent"),
               ("tool_touch_old_nomf", "tool touch, all old, --no-manifest"),
               ("tool_check_nomf", "tool --check --no-manifest")]
+# With --before OLD, OLD's commands join each round; VS_BEFORE pairs a command of this
+# version with OLD's. OLD writes no manifest: the fair pairs are --no-manifest's.
+BEFORE_LABELS = [("before_touch_old", "before: touch, all old"),
+                 ("before_check", "before: --check"),
+                 ("before_touch_recent", "before: touch, all recent")]
+VS_BEFORE = [("touch", "tool_touch_old_nomf", "before_touch_old"),
+             ("check", "tool_check_nomf", "before_check"),
+             ("touch, manifests on", "tool_touch_old", "before_touch_old"),
+             ("check, manifests on", "tool_check", "before_check"),
+             ("all recent, manifests on", "tool_touch_recent", "before_touch_recent")]
+BEFORE_LATENCY = ("before: --threads 32", ["--threads", "32"])
 
 # ---------------------------------------------------------------- C sources
 
@@ -498,13 +508,6 @@ def build_flat(root, dirs, files, varied=False):
     return 1 + dirs * (files + 1)
 
 
-def build_single(root, files):
-    with new_dir(root) as rfd:
-        for start in range(0, files, 2500):
-            make_files(rfd, min(2500, files - start), "file-%%08d-%d.dat" % start)
-    return 1 + files
-
-
 def deep_dirs(fanout, levels):
     return sum(fanout ** k for k in range(levels + 1))
 
@@ -528,15 +531,6 @@ def build_deep(root, levels, fanout, per_dir):
     with new_dir(root) as rfd:
         fill(rfd, 0)
     return 1 + deep_dirs(fanout, levels) * per_dir
-
-
-def build_sparse(root, count=4, size=1 << 40):
-    """count sparse files of `size` bytes (1 TiB): the walk must never read a file."""
-    os.mkdir(root)
-    for i in range(count):
-        with open(os.path.join(root, "huge%d.bin" % i), "wb") as f:
-            f.truncate(size)
-    return 1 + count
 
 
 def add_specials(root, outside):
@@ -570,13 +564,16 @@ class Bench(object):
                              if not k.startswith("SCRATCH_KEEPALIVE_")
                              and k != "PYTHONDONTWRITEBYTECODE")
         self.loader = tool_loader(args.tool)
+        # Who runs a tool command: this version ("tool") and, with --before, the old one.
+        self.who = ["tool"] + (["before"] if args.before else [])
+        self.labels = CMD_LABELS + (BEFORE_LABELS if args.before else [])
 
     def run(self):
         """The phases in order; each one writes its own key of self.report. A later figure
         plugs in as one more method here and one renderer in SECTIONS."""
         self.setup()
         self.build_trees()
-        for key in ("wide", "deep", "sparse"):
+        for key in ("wide", "deep"):
             if key in self.trees:
                 log("== timing %s ==" % key)
                 self.bench_tree(self.trees[key])
@@ -595,8 +592,9 @@ class Bench(object):
         a = self.args
         os.makedirs(a.workdir, exist_ok=True)
         self.base = tempfile.mkdtemp(prefix="skbench-", dir=a.workdir)
-        self.scratch, self.state, self.outside, self.builddir = (
-            os.path.join(self.base, d) for d in ("scratch", "state", "outside", "build"))
+        self.scratch, self.outside, self.builddir = (
+            os.path.join(self.base, d) for d in ("scratch", "outside", "build"))
+        self.state = dict((who, os.path.join(self.base, "state-" + who)) for who in self.who)
         for d in (self.scratch, self.builddir):
             os.mkdir(d)
         with new_dir(self.outside) as fd:
@@ -605,8 +603,9 @@ class Bench(object):
         self.report["machine"] = machine_info(self.base, self.gcc)
         self.report["config"] = {
             "workdir": self.base, "scale": a.scale, "quick": a.quick, "repeat": a.repeat,
-            "latency_ms": a.latency_ms, "latency_entries": a.latency_entries,
+            "latency_ms": LATENCY_MS, "latency_entries": a.latency_entries,
             "parallel": list(PARALLEL), "tool": str(a.tool), "old_days": OLD_DAYS,
+            "before": str(a.before) if a.before else None,
             "tool_checkpoint_interval": TOOL_CHECKPOINT_S}
         # Start-up costs, part of every tool figure (the small trees' are read by them):
         # medians of 5 after an untimed first run.
@@ -621,20 +620,27 @@ class Bench(object):
                                   "form": "job" if self.loader else "script",
                                   "peak_rss_kb": version[-1]["maxrss_kb"],
                                   "script_peak_rss_kb": script["maxrss_kb"]}
-        self.tool_call(["init", "--profile", "generic", "--scratch-root", self.scratch,
-                        "--purge-days", "30"])
+        if a.before:
+            self.report["before_version"] = check_rc(run_proc(
+                self.tool_base("before") + ["--version"], env=self.tool_env),
+                "%s --version" % a.before)["stdout"].strip()
+        for who in self.who:
+            self.tool_call(["init", "--profile", "generic", "--scratch-root", self.scratch,
+                            "--purge-days", "30"], who)
 
-    def tool_base(self):
+    def tool_base(self, who="tool"):
         """The tool as its scheduled job runs it (`python3 -c LOADER TOOL`: from its cached
-        bytecode), or as `python3 TOOL` for a version without LOADER."""
-        return [sys.executable] + (["-c", self.loader] if self.loader else []) + [str(self.args.tool)]
+        bytecode), or as `python3 TOOL` for a version without LOADER. The --before copy is
+        loaded by this version's LOADER too, so that both start alike."""
+        tool = self.args.before if who == "before" else self.args.tool
+        return [sys.executable] + (["-c", self.loader] if self.loader else []) + [str(tool)]
 
-    def tool_argv(self, args):
-        return self.tool_base() + ["--state-dir", self.state] + list(args)
+    def tool_argv(self, args, who="tool"):
+        return self.tool_base(who) + ["--state-dir", self.state[who]] + list(args)
 
-    def tool_call(self, args):
-        check_rc(run_proc(self.tool_argv(args), env=self.tool_env, timeout=self.args.timeout),
-                 "tool " + args[0])
+    def tool_call(self, args, who="tool"):
+        check_rc(run_proc(self.tool_argv(args, who), env=self.tool_env,
+                          timeout=TIMEOUT_S), "%s %s" % (who, args[0]))
 
     # -- trees
     def make_tree(self, key, title, build, specials=False):
@@ -646,8 +652,9 @@ class Bench(object):
         t.created = build(t.path) + (add_specials(t.path, self.outside) if specials else 0)
         t.build_seconds = time.time() - t0
         log("  %s: %s entries in %.1f s" % (key, fmt_int(t.created), t.build_seconds))
-        self.tool_call(["add", "--name", key, "--path", t.path, "--keep-until", "2099-12-31",
-                        "--cadence-days", "14"])
+        for who in self.who:
+            self.tool_call(["add", "--name", key, "--path", t.path, "--keep-until",
+                            "2099-12-31", "--cadence-days", "14"], who)
         r = check_rc(run_proc([self.helper, "walk", t.path]), "stat walk on " + t.path)
         t.entries = int(r["stdout"].split()[0])
         self.trees[key] = t
@@ -666,18 +673,12 @@ class Bench(object):
             self.make_tree("deep", "6 levels, %d subdirs and %d entries per dir"
                            % (fanout, per_dir),
                            lambda p: build_deep(p, 6, fanout, per_dir), specials=True)
-        if "sparse" in want:
-            try:
-                self.make_tree("sparse", "4 sparse files of 1 TiB apparent size", build_sparse)
-            except OSError as e:
-                self.notes.append("sparse tree skipped: the filesystem refused 1 TiB files (%s)"
-                                  % e.strerror)
         if "memory" in want:
             self.make_flat("mem100k", *flat_layout(100000 * s))
             self.make_flat("mem1m", *flat_layout(1000000 * s))
             n = max(1, int(SINGLE_DIR_ENTRIES * s))
             self.make_tree("mem1dir", "one directory of %s files" % fmt_int(n),
-                           lambda p: build_single(p, n))
+                           lambda p: build_flat(p, 1, n))
         if "latency" in want:
             self.make_flat("latency", 10, max(1, (self.args.latency_entries - 11) // 10))
 
@@ -687,25 +688,24 @@ class Bench(object):
         check_rc(run_proc([self.helper, "reset", t.path, str(old)]), "atime reset on " + t.path)
 
     def command_argv(self, kind, t):
-        """The command line of a CMD_LABELS command on tree t."""
-        if kind.startswith("tool"):
-            return self.refresh_argv(t.key, check=kind.startswith("tool_check"),
-                                     extra=["--no-manifest"] if kind.endswith("_nomf") else [])
+        """The command line of a command of self.labels on tree t."""
+        if tool_kind(kind):
+            return self.refresh_argv(t.key, **tool_kind(kind))
         if kind == "find_touch":
             return ["find", t.path, "-exec", "touch", "-a", "-c", "-h", "{}", "+"]
         return [self.helper, "walk", t.path]
 
-    def refresh_argv(self, name, check=False, extra=()):
+    def refresh_argv(self, name, check=False, extra=(), who="tool"):
         return self.tool_argv(["refresh", "--name", name, "--json"] + list(extra)
-                              + (["--check"] if check else []))
+                              + (["--check"] if check else []), who)
 
     def timed(self, kind, t):
-        """One run of a CMD_LABELS command on tree t; the 'old' ones after an atime reset."""
-        if kind in ("tool_touch_old", "find_touch", "tool_touch_old_nomf"):
+        """One run of a command of self.labels on tree t; the 'old' ones after an atime
+        reset."""
+        if "touch_old" in kind or kind == "find_touch":
             self.reset_atimes(t)
-        if kind.startswith("tool"):
-            return self.run_tool(t.key, check=kind.startswith("tool_check"),
-                                 extra=["--no-manifest"] if kind.endswith("_nomf") else [])
+        if tool_kind(kind):
+            return self.run_tool(t.key, **tool_kind(kind))
         return self.run_floor(kind, t)
 
     def run_mode(self, t, mode, **kw):
@@ -715,17 +715,17 @@ class Bench(object):
         return self.run_tool(t.key, check=mode == "check", **kw)
 
     def run_floor(self, kind, t):
-        r = run_proc(self.command_argv(kind, t), timeout=self.args.timeout)
+        r = run_proc(self.command_argv(kind, t), timeout=TIMEOUT_S)
         rec = dict((k, r[k]) for k in ("seconds", "rc", "maxrss_kb", "cpu_seconds"))
         if r["rc"] != 0:
             rec["stderr"] = tail(r["stderr"])
             log("  WARNING: %s exited %d: %s" % (r["argv"][0], r["rc"], tail(r["stderr"], 2)))
         return rec
 
-    def run_tool(self, name, check=False, env=None, extra=(), sample=False):
+    def run_tool(self, name, check=False, env=None, extra=(), sample=False, who="tool"):
         """One timed `refresh`, with the figures of its --json result."""
-        r = run_proc(self.refresh_argv(name, check, extra), env=env or self.tool_env,
-                     timeout=self.args.timeout, sample=sample)
+        r = run_proc(self.refresh_argv(name, check, extra, who), env=env or self.tool_env,
+                     timeout=TIMEOUT_S, sample=sample)
         res = parse_tool_json(r["stdout"])
         rec = dict((k, r[k]) for k in ("seconds", "rc", "maxrss_kb", "cpu_seconds", "timed_out",
                                        "sum_rss_kb", "sum_pss_kb", "max_procs") if k in r)
@@ -743,8 +743,8 @@ class Bench(object):
                                             res["timing"].get("walk_seconds"))
         if r["rc"] != 0 or not res.get("complete") or res.get("resumed"):
             rec["stderr"] = tail(r["stderr"])
-            log("  WARNING: tool refresh %s%s: rc %d, complete=%s resumed=%s: %s"
-                % (name, " --check" if check else "", r["rc"], res.get("complete"),
+            log("  WARNING: %s refresh %s%s: rc %d, complete=%s resumed=%s: %s"
+                % (who, name, " --check" if check else "", r["rc"], res.get("complete"),
                    res.get("resumed"), tail(r["stderr"] + ("" if res else r["stdout"]), 3)))
         return rec
 
@@ -752,18 +752,20 @@ class Bench(object):
     def bench_tree(self, t):
         """Interleaved rounds on one tree: every round runs the five commands in the same
         order, so drift on the machine falls on all of them alike."""
-        runs = dict((k, []) for k, _ in CMD_LABELS)
+        runs = dict((k, []) for k, _ in self.labels)
         log("warm-up (untimed) on %s: stat walk + tool --check" % t.key)
         self.run_floor("stat_walk", t)
         first = self.run_tool(t.key, check=True)    # the tree's own sizes and atimes
+        if self.args.before:
+            self.run_tool(t.key, check=True, who="before")
         mf = first.get("manifest") or {}
         for i in range(self.args.repeat):
             log("%s: round %d/%d" % (t.key, i + 1, self.args.repeat))
-            for k, _ in CMD_LABELS:
+            for k, _ in self.labels:
                 runs[k].append(self.timed(k, t))
         summary = dict((k, summarize(runs[k], t.entries)) for k in runs)
         med = dict((k, s["median_s"]) for k, s in summary.items())
-        commands = dict((k, self.command_argv(k, t)) for k, _ in CMD_LABELS)
+        commands = dict((k, self.command_argv(k, t)) for k, _ in self.labels)
         commands["atime_reset"] = [self.helper, "reset", t.path, "<now - %d days>" % OLD_DAYS]
         self.report.setdefault("commands", commands)
         self.report["trees"][t.key] = {
@@ -775,6 +777,7 @@ class Bench(object):
                        "touch_manifest_cost": ratio(med["tool_touch_old"],
                                                     med["tool_touch_old_nomf"]),
                        "check_manifest_cost": ratio(med["tool_check"], med["tool_check_nomf"])},
+            "vs_before": vs_before(summary) if self.args.before else None,
             "manifest": dict(mf, bytes_per_entry=ratio(mf.get("bytes"), mf.get("entries"))),
             "anomalies": tree_anomalies(runs, t.entries), "runs": runs,
         }
@@ -787,11 +790,14 @@ class Bench(object):
         log("memory: warm-up (untimed) stat walks")
         for t in order:
             self.run_floor("stat_walk", t)
-        runs = {"check": {}, "touch": {}}
-        for mode in ("check", "touch"):
+        runs = dict((("before " if who == "before" else "") + mode, {})
+                    for who in self.who for mode in ("check", "touch"))
+        for label in runs:
             for t in order:
-                log("memory: %s %s (%s entries)" % (t.key, mode, fmt_int(t.entries)))
-                runs[mode][t.key] = [self.run_mode(t, mode, sample=True)]
+                log("memory: %s %s (%s entries)" % (t.key, label, fmt_int(t.entries)))
+                who = "before" if label.startswith("before") else "tool"
+                runs[label][t.key] = [self.run_mode(t, label.split()[-1], sample=True,
+                                                    who=who)]
         self.report["memory"] = {
             "entries": dict((t.key, t.entries) for t in order), "runs": runs,
             "titles": dict((t.key, t.title) for t in order),
@@ -838,25 +844,27 @@ class Bench(object):
         counts_file = os.path.join(self.builddir, "shim-counts")
         log("latency: warm-up (untimed) tool --check --threads 1 without the shim")
         self.run_tool(t.key, check=True, extra=["--threads", "1"])
-        env = dict(self.tool_env, BENCH_SHIM_DELAY_US="%g" % (a.latency_ms * 1000.0),
+        env = dict(self.tool_env, BENCH_SHIM_DELAY_US="%g" % (LATENCY_MS * 1000.0),
                    BENCH_SHIM_PREFIX=os.path.realpath(t.path), BENCH_SHIM_COUNTS=counts_file,
                    LD_PRELOAD=" ".join(x for x in (self.shim, os.environ.get("LD_PRELOAD")) if x))
         self.read_counts(counts_file)
+        variants = LATENCY_VARIANTS + ([BEFORE_LATENCY] if a.before else [])
         runs = dict(("%s %s" % (mode, label), []) for mode in ("check", "touch")
-                    for label, _ in LATENCY_VARIANTS)
+                    for label, _ in variants)
         for i in range(a.repeat):
             for mode in ("check", "touch"):
-                for label, extra in LATENCY_VARIANTS:
+                for label, extra in variants:
                     log("latency: round %d/%d, %s, %s" % (i + 1, a.repeat, mode, label))
-                    rec = self.run_mode(t, mode, env=env, extra=extra)
+                    rec = self.run_mode(t, mode, env=env, extra=extra,
+                                        who="before" if label.startswith("before") else "tool")
                     rec["shim_counts"] = self.read_counts(counts_file)
                     runs["%s %s" % (mode, label)].append(rec)
-        summary = latency_summary(runs, LATENCY_VARIANTS, t.entries)
+        summary = latency_summary(runs, variants, t.entries)
         # Every entry is stat'ed once under the tree: fewer delayed calls means the shim
         # missed a call the tool makes, and the figures would not show the latency.
         self.report["latency"] = {
-            "latency_ms": a.latency_ms, "entries": t.entries, "title": t.title,
-            "variants": [label for label, _ in LATENCY_VARIANTS], "runs": runs,
+            "latency_ms": LATENCY_MS, "entries": t.entries, "title": t.title,
+            "variants": [label for label, _ in variants], "runs": runs,
             "summary": summary,
             "anomalies": ["%s: the shim delayed %s calls for %s entries"
                           % (k, fmt_int(s["delayed_calls"]), fmt_int(t.entries))
@@ -872,7 +880,7 @@ class Bench(object):
 
         def tool(*args):
             return check_rc(run_proc([sys.executable, str(self.args.tool), "--state-dir", state]
-                                     + list(args), env=self.tool_env, timeout=self.args.timeout),
+                                     + list(args), env=self.tool_env, timeout=TIMEOUT_S),
                             "tool " + " ".join(args[:2]))
         tool("init", "--profile", "generic", "--scratch-root", root, "--purge-days", "30")
         for i in range(BRIEF_DATASETS):
@@ -892,12 +900,33 @@ class Bench(object):
     def cleanup(self):
         if not self.base or not os.path.isdir(self.base):
             return
-        if self.args.keep:
-            log("kept %s (--keep)" % self.base)
-            return
         log("cleaning up %s" % self.base)
         subprocess.call(["rm", "-rf", "--one-file-system", self.base])
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+def tool_kind(kind):
+    """run_tool's arguments for a tool command of CMD_LABELS or BEFORE_LABELS (who runs
+    it, check or touch mode, extra arguments); None for a floor."""
+    who = kind.partition("_")[0]
+    if who not in ("tool", "before"):
+        return None
+    return {"who": who, "check": "_check" in kind,
+            "extra": ["--no-manifest"] if kind.endswith("_nomf") else []}
+
+
+def vs_before(summary):
+    """Per VS_BEFORE pair: this version's median over the --before copy's, and the noise
+    it is judged against: the larger spread ((max - min) / median) of the two commands'
+    runs in this same session."""
+    out = {}
+    for name, now, then in VS_BEFORE:
+        a, b = summary[now], summary[then]
+        spread = [ratio(s["max_s"] - s["min_s"], s["median_s"]) for s in (a, b)
+                  if s["median_s"] is not None]
+        out[name] = {"ratio": ratio(a["median_s"], b["median_s"]),
+                     "noise": max(spread) if len(spread) == 2 else None}
+    return out
 
 
 def summarize(runs, entries):
@@ -924,7 +953,7 @@ def summarize(runs, entries):
 def tree_anomalies(runs, entries):
     """What the tool's own counts say went wrong in a tree's timed runs (exits: FAILED)."""
     out = set()
-    for k in ("tool_touch_old", "tool_check", "tool_touch_recent"):
+    for k in [k for k in runs if k.endswith(("_touch_old", "_check", "_touch_recent"))]:
         for r in runs[k]:
             seen, touched = r.get("entries_seen"), r.get("entries_touched")
             if seen is not None and seen != entries:
@@ -932,11 +961,10 @@ def tree_anomalies(runs, entries):
                         % (k, fmt_int(seen), fmt_int(entries)))
             if r.get("errors"):
                 out.add("%s: %s errors" % (k, fmt_int(r["errors"])))
-            if k == "tool_touch_old" and touched is not None and seen and touched != seen:
-                out.add("touch, all old: touched %s of %s entries"
-                        % (fmt_int(touched), fmt_int(seen)))
-            if k == "tool_touch_recent" and touched:
-                out.add("touch, all recent: touched %s entries (expected 0)" % fmt_int(touched))
+            if k.endswith("_touch_old") and touched is not None and seen and touched != seen:
+                out.add("%s: touched %s of %s entries" % (k, fmt_int(touched), fmt_int(seen)))
+            if k.endswith("_touch_recent") and touched:
+                out.add("%s: touched %s entries (expected 0)" % (k, fmt_int(touched)))
     return sorted(out)
 
 
@@ -950,6 +978,7 @@ def latency_summary(runs, variants, entries):
             s = summary["%s %s" % (mode, label)] = summarize(rs, entries)
             base = summary["%s %s" % (mode, variants[0][0])]   # the first variant's
             s.update({"mode": mode, "variant": label, "args": extra,
+                      "who": "before" if label.startswith("before") else "tool",
                       "baseline": label == variants[0][0],
                       "speedup": ratio(base["median_s"], s["median_s"]),
                       "walk_speedup": ratio(base["walk_s"], s["walk_s"]),
@@ -983,6 +1012,8 @@ def render_header(report, w):
                      % (report["tool_version"], c["tool"],
                         "as its scheduled job runs it: `python3 -c LOADER TOOL` (bytecode "
                         "from __pycache__)" if st.get("form") == "job" else "as `python3 TOOL`")),
+            ("before", "%s (%s), timed in the same rounds, loaded the same way; its own state"
+                       " directory" % (report.get("before_version"), c["before"])),
             ("run", "%s, host %s, load %s at start%s"
                     % (m["date"], m["hostname"], m["loadavg_at_start"],
                        ", SLURM_JOB_ID set" if m["slurm_job_id"] else "")),
@@ -998,16 +1029,19 @@ def render_header(report, w):
                          % (1000 * st["python_pass_s"], 1000 * st["tool_version_s"],
                             fmt_mb(st.get("peak_rss_kb")), fmt_mb(st.get("script_peak_rss_kb"))))] \
             + [("note", n) for n in report["notes"]]:
-        w("%-8s: %s\n" % (label, text))
+        if label != "before" or c["before"]:
+            w("%-8s: %s\n" % (label, text))
     cmds = report.get("commands")
     if cmds:
         w("timed command lines (first tree; the others differ only in name and path):\n")
-        for k, label in CMD_LABELS + [("atime_reset", "untimed, before each 'old' run")]:
-            w("  %-31s %s\n" % (label, " ".join(cmds[k])))
+        for k, label in CMD_LABELS + BEFORE_LABELS + [
+                ("atime_reset", "untimed, before each 'old' run")]:
+            if k in cmds:
+                w("  %-31s %s\n" % (label, " ".join(cmds[k])))
 
 
 def run_notes(k, s):
-    tool, touch = k.startswith("tool"), k in ("tool_touch_old", "tool_touch_recent")
+    tool, touch = bool(tool_kind(k)), k.endswith(("_touch_old", "_touch_recent"))
     return ", ".join(text for show, text in (
         (tool, "seen %s" % fmt_int(s["entries_seen"])),
         (touch, "touched %s" % fmt_int(s["entries_touched"])),
@@ -1021,8 +1055,9 @@ def render_trees(report, w):
           % (key, tr["title"], fmt_int(tr["entries"]), tr["build_seconds"]))
         rows = [["C stat walk" if k == "stat_walk" else label, fmt("%.3f", s["median_s"]),
                  fmt("%.3f", s["min_s"]), fmt_rate(s["entries_per_s"]),
-                 fmt_mb(s["peak_rss_kb"]) if k.startswith("tool") else "", run_notes(k, s)]
-                for k, label in CMD_LABELS for s in [tr["summary"][k]]]
+                 fmt_mb(s["peak_rss_kb"]) if tool_kind(k) else "", run_notes(k, s)]
+                for k, label in CMD_LABELS + BEFORE_LABELS if k in tr["summary"]
+                for s in [tr["summary"][k]]]
         table(w, ["command", "median s", "min s", "entries/s", "peak RSS", "notes"], rows)
         w("ratios: touch / find-touch %s | check / stat walk %s | all-skipped / stat walk %s\n"
           % tuple(fmt("%.2fx", tr["ratios"][k])
@@ -1034,8 +1069,11 @@ def render_trees(report, w):
              fmt("%.2f", mf.get("bytes_per_entry")),
              fmt("%.2fx", tr["ratios"].get("touch_manifest_cost")),
              fmt("%.2fx", tr["ratios"].get("check_manifest_cost"))))
-        if key == "sparse":
-            w("sparse: so few entries that start-up dominates: not used for the targets\n")
+        if tr.get("vs_before"):
+            w("this version / before: %s (noise: the larger spread of the two commands' runs)\n"
+              % " | ".join("%s %s (noise %s)" % (name, fmt("%.2fx", v["ratio"]),
+                                                   fmt("%.0f%%", v["noise"], 100))
+                           for name, _, _ in VS_BEFORE for v in [tr["vs_before"][name]]))
         for a in tr["anomalies"]:
             w("CHECK: %s\n" % a)
 
@@ -1051,7 +1089,7 @@ def render_memory(report, w):
           [[key, mode, fmt_int(mem["entries"][key]), fmt_mb(s["peak_rss_kb"]),
             fmt_mb(s["sum_pss_kb"]), str(s["max_procs"]), fmt("%.3f", s["median_s"]),
             "FAILED (exit %s)" % s["rc"] if any(s["rc"]) else ""]
-           for mode in ("check", "touch") for key in ("mem100k", "mem1m", "mem1dir")
+           for mode in mem["runs"] for key in ("mem100k", "mem1m", "mem1dir")
            for s in [ms[mode + "_" + key]]], left=2)
     w("growth from %s to %s entries: check %+.1f MB, touch %+.1f MB\n"
       % ((fmt_int(mem["entries"]["mem100k"]), fmt_int(mem["entries"]["mem1m"]))
@@ -1128,7 +1166,7 @@ def worst_ratio(trees, key):
 def threads_verdict(lat):
     best = {}
     for s in (lat or {}).get("summary", {}).values():
-        if not s["baseline"] and s["speedup"] is not None:
+        if not s["baseline"] and s["speedup"] is not None and s["who"] == "tool":
             best[s["mode"]] = max(best.get(s["mode"], (0, "")), (s["speedup"], s["variant"]))
     if not best:
         return ("n/a", "not measured")
@@ -1160,9 +1198,8 @@ def checkpoint_verdict(cp):
 
 
 def targets(report):
-    """PASS/FAIL/n/a per target, with the figure it was judged on. The sparse tree's
-    figures are the interpreter's start-up, so it judges none."""
-    trees = [(k, t) for k, t in report["trees"].items() if k != "sparse"]
+    """PASS/FAIL/n/a per target, with the figure it was judged on."""
+    trees = list(report["trees"].items())
     return {
         "touch<=1.0x find-touch": worst_ratio(trees, "touch_vs_find"),
         "check<=1.5x stat-walk": worst_ratio(trees, "check_vs_walk"),
@@ -1171,6 +1208,7 @@ def targets(report):
         "RSS<=32MB@1M": memory_verdict(report["memory"]),
         "checkpoint<=2%": checkpoint_verdict(report.get("checkpoint_probe") or {}),
         "manifest<=16B/entry": manifest_verdict(report["trees"].get("wide")),
+        "no-slower-than-before": before_verdict(trees),
     }
 
 
@@ -1180,6 +1218,19 @@ def manifest_verdict(tree):
         return ("n/a", "not measured")
     return ("PASS" if x <= TARGETS["manifest_bytes"] else "FAIL",
             "%.2f bytes per entry on the wide tree" % x)
+
+
+def before_verdict(trees):
+    """With --before: this version's --no-manifest walks (the engines the two versions
+    share; the old one writes no manifest) against the old copy's, within the noise."""
+    pairs = [(v["ratio"], v["noise"], "%s %s" % (name, k)) for k, t in trees
+             for name, v in (t.get("vs_before") or {}).items()
+             if "manifest" not in name and v["ratio"] is not None and v["noise"] is not None]
+    if not pairs:
+        return ("n/a", "not measured (--before OLD)")
+    bad = [p for p in pairs if p[0] > 1 + p[1]]
+    x, noise, where = max(bad or pairs, key=lambda p: p[0] - p[1])
+    return ("FAIL" if bad else "PASS", "%.2fx %s, noise %.0f%%" % (x, where, 100 * noise))
 
 # ---------------------------------------------------------------- main
 
@@ -1196,15 +1247,12 @@ def parse_args(argv):
     p.add_argument("--repeat", type=int, default=3, help="timed runs per command (>= 3 for "
                    "a median worth quoting; default 3)")
     p.add_argument("--json", metavar="FILE", help="write every figure to FILE")
-    p.add_argument("--keep", action="store_true", help="keep the temp trees and state")
-    p.add_argument("--latency-ms", type=float, default=0.5,
-                   help="delay the shim adds per call (default 0.5)")
     p.add_argument("--only", default=",".join(PHASES),
                    help="comma-separated phases (default: all of %(default)s)")
-    p.add_argument("--timeout", type=float, default=1800,
-                   help="kill a process after this many seconds (default 1800)")
     p.add_argument("--tool", type=Path, default=TOOL,
-                   help="the tool, e.g. an older copy to compare (default %(default)s)")
+                   help="the tool (default %(default)s)")
+    p.add_argument("--before", type=Path, metavar="OLD",
+                   help="an earlier copy of the tool, timed in the same rounds to compare")
     a = p.parse_args(argv)
     a.scale = (0.01 if a.quick else 1.0) if a.scale is None else a.scale
     a.latency_entries = 1000 if a.quick else 10000
@@ -1233,6 +1281,8 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     gcc = shutil.which("gcc") or shutil.which("cc")
     for bad, why in ((not args.tool.exists(), "%s does not exist" % args.tool),
+                     (args.before and not args.before.exists(),
+                      "%s does not exist" % args.before),
                      (not gcc, "no gcc or cc on PATH (the stat floor and the latency shim are C)")):
         if bad:
             sys.stderr.write("bench: %s\n" % why)
