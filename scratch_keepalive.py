@@ -2409,7 +2409,7 @@ class Walker(object):
 
 MANIFEST_MAGIC = b"SKMANIFEST\n"
 MANIFEST_FORMAT = 1
-MANIFEST_CHUNK = 16384          # entries per chunk (the writer's buffer)
+MANIFEST_CHUNK = 8192           # entries per chunk (the writer's buffer)
 MANIFEST_LEVEL = 1              # zlib level: 6 took 8 times as long, for 5% less
 MANIFEST_KEEP = 2               # complete manifests kept per dataset
 K_FILE, K_DIR, K_LINK, K_OTHER = 0, 1, 2, 3
@@ -2621,6 +2621,17 @@ def decode_unlisted(data, count):
     return keys
 
 
+def _sha1():
+    """A new SHA-1 object, from CPython's own _sha1 where it is there: hashlib loads
+    OpenSSL's libcrypto, which adds almost 4 MB to the walk's peak memory."""
+    try:
+        import _sha1
+        return _sha1.sha1()
+    except ImportError:
+        import hashlib
+        return hashlib.sha1()
+
+
 class ManifestWriter(object):
     """Writes a walk's manifest as it goes: batches arrive out of order from the runners
     and are put back in the walk's order (expect() in order, done() in any); a chunk is
@@ -2653,8 +2664,7 @@ class ManifestWriter(object):
         # A digest of the keys alone, in order, however the batches were cut: two manifests
         # with the same one hold the same entries, and their merge can be skipped. (Not
         # kept across a resume: a resumed walk's manifest is merged the long way.)
-        import hashlib
-        self.digest = None if resume else hashlib.sha1()
+        self.digest = None if resume else _sha1()
         self.digest_dir = None
         self.expected = {}          # seq -> segments [(dir key, names blob, count)]
         self.ready = {}             # seq -> (kinds, sizes, atimes) bytes
@@ -2713,33 +2723,42 @@ class ManifestWriter(object):
 
     # -- chunks
     def _encode(self):
-        """The chunk being built, uncompressed: "<III" (segments, entries, names length),
-        per segment "<II" (length of its directory's key, entries), the directory keys,
-        the names (NUL between), kinds, sizes and atimes (in byte_planes). (zlib takes
-        care of the keys' shared prefixes.)"""
+        """The chunk being built, uncompressed, as a list of pieces: "<III" (segments,
+        entries, names length), per segment "<II" (length of its directory's key, entries),
+        the directory keys, the names (NUL between), kinds, sizes and atimes (in
+        byte_planes). (zlib takes care of the keys' shared prefixes.) The pieces are fed to
+        zlib one by one: joining them would hold the chunk twice more."""
         import array
         table = array.array("I")
         for d, n in zip(self.seg_dirs, self.seg_counts):
             table.append(len(d))
             table.append(n)
-        names = b"\0".join(self.names)
-        return b"".join([self.struct.pack("<III", len(self.seg_dirs), self.count, len(names)),
-                         _le(table), b"".join(self.seg_dirs), names, b"".join(self.kinds),
-                         byte_planes(b"".join(self.sizes)), byte_planes(b"".join(self.atimes))])
+        names = [b"\0"] * (2 * len(self.names) - 1) if self.names else []
+        names[::2] = self.names
+        size = sum(len(x) for x in names)
+        return [self.struct.pack("<III", len(self.seg_dirs), self.count, size), _le(table),
+                b"".join(self.seg_dirs)] + names + [
+                b"".join(self.kinds), byte_planes(b"".join(self.sizes)),
+                byte_planes(b"".join(self.atimes))]
 
     def _emit(self):
         """Hand the chunk being built to the compressing thread (after the last one)."""
         self._flush_unlisted()
         if not self.count:
             return
-        raw, count = self._encode(), self.count
+        pieces, count = self._encode(), self.count
         self._new_chunk()
         self._wait()
         holder = []
 
         def work():
             import zlib
-            holder.append(zlib.compress(raw, MANIFEST_LEVEL))
+            z = zlib.compressobj(MANIFEST_LEVEL)
+            out = []
+            pieces.reverse()
+            while pieces:               # each piece let go of once it is compressed
+                out.append(z.compress(pieces.pop()))
+            holder.append(b"".join(out) + z.flush())
         t = threading.Thread(target=work, name="manifest-zlib")
         t.daemon = True
         t.start()
