@@ -6,7 +6,7 @@
     python3 tools/bench.py --before OLD/scratch_keepalive.py --json /tmp/bench.json
 
 Standard library only (Python 3.6+), and gcc for the C stat walk (the floor), the atime
-reset and the LD_PRELOAD latency shim it compiles. It times whole processes in
+reset (bench_walk.c) and the LD_PRELOAD latency shim (bench_shim.c) it compiles. It times whole processes in
 interleaved rounds: touch and check mode against `find -exec touch` and the stat floor
 on a wide and a deep tree; peak memory at 100k and 1M entries and in one directory; a
 checkpoint's cost; --threads and --workers with the shim's delay on every stat and
@@ -72,188 +72,17 @@ BEFORE_LATENCY = ("before: --threads 32", ["--threads", "32"])
 
 # ---------------------------------------------------------------- C sources
 
-HELPER_C = r"""
-/* bench helper: "walk DIR" stats every entry (fstatat, AT_SYMLINK_NOFOLLOW) depth-first,
-   never following a symlink; "reset DIR EPOCH" also sets every entry's atime to EPOCH
-   (mtime omitted), each directory after its contents so that listing it does not move its
-   atime again. Prints "entries errors". Directories are opened O_NOATIME (the trees are
-   the bench's own). */
-#define _GNU_SOURCE
-#include <dirent.h>
-#include <fcntl.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
-static long long n_entries, n_errors;
-static int do_reset;
-static struct timespec times_[2] = {{0, 0}, {0, UTIME_OMIT}};
-
-/* Stats `name` in dfd; a directory's entries are visited before its atime is reset. */
-static void visit(int dfd, const char *name) {
-    struct stat st;
-    struct dirent *e;
-    DIR *d;
-    int fd;
-    if (fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) != 0) {
-        perror(name);
-        n_errors++;
-        return;
-    }
-    n_entries++;
-    if (S_ISDIR(st.st_mode)) {
-        fd = openat(dfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC | O_NOATIME);
-        if (fd < 0 || (d = fdopendir(fd)) == NULL) {
-            perror(name);
-            n_errors++;
-            if (fd >= 0)
-                close(fd);
-        } else {
-            while ((e = readdir(d)) != NULL)
-                if (strcmp(e->d_name, ".") && strcmp(e->d_name, ".."))
-                    visit(dirfd(d), e->d_name);
-            closedir(d);
-        }
-    }
-    if (do_reset && utimensat(dfd, name, times_, AT_SYMLINK_NOFOLLOW) != 0)
-        n_errors++;
-}
-
-int main(int argc, char **argv) {
-    do_reset = argc == 4 && !strcmp(argv[1], "reset");
-    if (!do_reset && (argc != 3 || strcmp(argv[1], "walk"))) {
-        fprintf(stderr, "usage: %s walk DIR | reset DIR EPOCH\n", argv[0]);
-        return 2;
-    }
-    if (do_reset)
-        times_[0].tv_sec = (time_t)atoll(argv[3]);
-    visit(AT_FDCWD, argv[2]);
-    printf("%lld %lld\n", n_entries, n_errors);
-    return n_errors ? 1 : 0;
-}
-"""
-
-# The shim's wrappers, in the order of its shared counters: (symbol, signature).
+# Beside this file: the stat floor and atime reset, and the LD_PRELOAD latency shim.
+HELPER_SRC, SHIM_SRC = (Path(__file__).resolve().parent / n
+                        for n in ("bench_walk.c", "bench_shim.c"))
+# The shim's wrappers, in the order of its shared counters: (symbol, signature); build_c
+# writes them into its shim_table.h.
 SHIM_FUNCS = [("fstatat", "AT"), ("fstatat64", "AT"), ("__fxstatat", "XAT"),
               ("__fxstatat64", "XAT"), ("lstat", "PATH"), ("lstat64", "PATH"),
               ("__lxstat", "XPATH"), ("__lxstat64", "XPATH"), ("stat", "PATH"),
               ("stat64", "PATH"), ("__xstat", "XPATH"), ("__xstat64", "XPATH"),
               ("statx", "STATX"), ("utimensat", "UTIMENSAT")]
 SHIM_NAMES = [name for name, _ in SHIM_FUNCS]
-
-SHIM_C = r"""
-/* LD_PRELOAD latency shim: sleeps BENCH_SHIM_DELAY_US microseconds in every stat-family
-   and utimensat call whose target lies under BENCH_SHIM_PREFIX (every call when it is
-   unset), then calls the real function. With BENCH_SHIM_COUNTS=FILE it counts calls per
-   symbol, delayed and passed, as 2 x I_N unsigned 64-bit integers in FILE, mapped shared:
-   processes forked from the tool (which may leave through _exit) add to the same counters.
-   It declares nothing from <sys/stat.h>: older glibc headers define lstat & co. as inline
-   wrappers, which would clash with these definitions. */
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <errno.h>
-#include <fcntl.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/mman.h>
-#include <time.h>
-#include <unistd.h>
-
-#define SHIM_AT_FDCWD (-100)
-#define I_N @N@
-
-static const char *names[I_N] = {@NAMES@};
-static void *real[I_N];
-static uint64_t local_counts[2 * I_N];
-static uint64_t *counts = local_counts;  /* [2i] delayed, [2i+1] passed */
-static long long delay_ns = 500000;
-static char prefix[4096];
-static size_t prefix_len;
-
-__attribute__((constructor)) static void shim_init(void) {
-    const char *us = getenv("BENCH_SHIM_DELAY_US"), *p = getenv("BENCH_SHIM_PREFIX");
-    const char *path = getenv("BENCH_SHIM_COUNTS");
-    void *m;
-    int fd;
-    if (us)
-        delay_ns = (long long)(atof(us) * 1000.0);
-    if (p && strlen(p) < sizeof prefix)     /* a real path: no trailing '/' */
-        prefix_len = strlen(strcpy(prefix, p));
-    if (path && *path && (fd = open(path, O_RDWR | O_CLOEXEC)) >= 0) {
-        m = ftruncate(fd, sizeof local_counts) ? MAP_FAILED : mmap(
-            NULL, sizeof local_counts, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-        if (m != MAP_FAILED)
-            counts = (uint64_t *)m;
-        close(fd);
-    }
-}
-
-static void *resolve(int i) {
-    static const char *versions[] = {"GLIBC_2.2.5", "GLIBC_2.4", "GLIBC_2.0"};
-    unsigned v;
-    if (real[i] == NULL)
-        real[i] = dlsym(RTLD_NEXT, names[i]);
-    for (v = 0; real[i] == NULL && v < 3; v++)
-        real[i] = dlvsym(RTLD_NEXT, names[i], versions[v]);
-    return real[i];
-}
-
-/* Whether the call's target, or for a relative path its directory, is under the prefix. */
-static int wanted(int dirfd, const char *path) {
-    char buf[4096], link[64] = "/proc/self/cwd";
-    const char *dir = path;
-    ssize_t n;
-    int r, saved = errno;
-    if (delay_ns <= 0 || prefix_len == 0)
-        return delay_ns > 0;
-    if (!path || path[0] != '/') {
-        if (dirfd != SHIM_AT_FDCWD)
-            snprintf(link, sizeof link, "/proc/self/fd/%d", dirfd);
-        n = readlink(link, buf, sizeof buf - 1);
-        buf[n < 0 ? 0 : n] = 0;
-        dir = n < 0 ? NULL : buf;
-    }
-    r = dir && strncmp(dir, prefix, prefix_len) == 0
-        && (dir[prefix_len] == 0 || dir[prefix_len] == '/');
-    errno = saved;
-    return r;
-}
-
-static void gate(int i, int dirfd, const char *path) {
-    int hit = wanted(dirfd, path), saved = errno;
-    struct timespec t = {(time_t)(delay_ns / 1000000000LL), (long)(delay_ns % 1000000000LL)};
-    while (hit && nanosleep(&t, &t) == -1 && errno == EINTR)
-        ;
-    errno = saved;
-    __atomic_fetch_add(&counts[2 * i + !hit], 1, __ATOMIC_RELAXED);
-}
-
-/* One wrapper per symbol: params is its parameter list, args the call passing them on. */
-#define WRAP(i, name, params, dirfd, args) \
-    int name params { \
-        if (resolve(i) == NULL) { errno = ENOSYS; return -1; } \
-        gate(i, dirfd, p); \
-        return ((int (*) params)real[i]) args; \
-    }
-#define AT(i, name) WRAP(i, name, (int fd, const char *p, void *b, int fl), fd, (fd, p, b, fl))
-#define XAT(i, name) \
-    WRAP(i, name, (int v, int fd, const char *p, void *b, int fl), fd, (v, fd, p, b, fl))
-#define PATH(i, name) WRAP(i, name, (const char *p, void *b), SHIM_AT_FDCWD, (p, b))
-#define XPATH(i, name) WRAP(i, name, (int v, const char *p, void *b), SHIM_AT_FDCWD, (v, p, b))
-#define STATX(i, name) \
-    WRAP(i, name, (int fd, const char *p, int fl, unsigned m, void *b), fd, (fd, p, fl, m, b))
-#define UTIMENSAT(i, name) \
-    WRAP(i, name, (int fd, const char *p, const void *t, int fl), fd, (fd, p, t, fl))
-
-@WRAPPERS@
-""".replace("@N@", str(len(SHIM_FUNCS))).replace(
-    "@NAMES@", ", ".join('"%s"' % name for name in SHIM_NAMES)).replace(
-    "@WRAPPERS@", "\n".join("%s(%d, %s)" % (sig, i, name)
-                            for i, (name, sig) in enumerate(SHIM_FUNCS)))
 
 # ---------------------------------------------------------------- small helpers
 
@@ -444,15 +273,16 @@ def machine_info(workdir, gcc):
 
 def build_c(gcc, builddir):
     """Compiles the stat/atime helper and the latency shim; returns their paths."""
+    with open(os.path.join(builddir, "shim_table.h"), "w") as f:
+        f.write("#define I_N %d\n#define SHIM_NAMES %s\n#define SHIM_WRAPPERS %s\n" % (
+            len(SHIM_FUNCS), ", ".join('"%s"' % name for name in SHIM_NAMES),
+            " ".join("%s(%d, %s)" % (sig, i, name) for i, (name, sig) in enumerate(SHIM_FUNCS))))
     paths = []
-    for name, source, flags in (("benchhelper", HELPER_C, []),
-                                ("shim.so", SHIM_C, ["-shared", "-fPIC"])):
-        src = os.path.join(builddir, name.split(".")[0] + ".c")
-        with open(src, "w") as f:
-            f.write(source)
+    for name, src, flags in (("benchhelper", HELPER_SRC, []),
+                             ("shim.so", SHIM_SRC, ["-shared", "-fPIC"])):
         paths.append(os.path.join(builddir, name))
-        check_rc(run_proc([gcc] + flags + ["-O2", "-o", paths[-1], src, "-ldl"]),
-                 "compiling " + src)
+        check_rc(run_proc([gcc] + flags + ["-O2", "-I", builddir, "-o", paths[-1], str(src),
+                                           "-ldl"]), "compiling %s" % src)
     return paths
 
 def tool_loader(path):
