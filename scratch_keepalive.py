@@ -2723,11 +2723,10 @@ class ManifestWriter(object):
 
     # -- chunks
     def _encode(self):
-        """The chunk being built, uncompressed, as a list of pieces: "<III" (segments,
+        """The chunk being built, uncompressed, in one bytes: "<III" (segments,
         entries, names length), per segment "<II" (length of its directory's key, entries),
         the directory keys, the names (NUL between), kinds, sizes and atimes (in
-        byte_planes). (zlib takes care of the keys' shared prefixes.) The pieces are fed to
-        zlib one by one: joining them would hold the chunk twice more."""
+        byte_planes). (zlib takes care of the keys' shared prefixes.)"""
         import array
         table = array.array("I")
         for d, n in zip(self.seg_dirs, self.seg_counts):
@@ -2736,29 +2735,24 @@ class ManifestWriter(object):
         names = [b"\0"] * (2 * len(self.names) - 1) if self.names else []
         names[::2] = self.names
         size = sum(len(x) for x in names)
-        return [self.struct.pack("<III", len(self.seg_dirs), self.count, size), _le(table),
-                b"".join(self.seg_dirs)] + names + [
-                b"".join(self.kinds), byte_planes(b"".join(self.sizes)),
-                byte_planes(b"".join(self.atimes))]
+        return b"".join([self.struct.pack("<III", len(self.seg_dirs), self.count, size),
+                         _le(table), b"".join(self.seg_dirs)] + names + [
+                         b"".join(self.kinds), byte_planes(b"".join(self.sizes)),
+                         byte_planes(b"".join(self.atimes))])
 
     def _emit(self):
         """Hand the chunk being built to the compressing thread (after the last one)."""
         self._flush_unlisted()
         if not self.count:
             return
-        pieces, count = self._encode(), self.count
+        raw, count = self._encode(), self.count
         self._new_chunk()
         self._wait()
         holder = []
 
-        def work():
+        def work():         # one call: the thread needs the GIL back once per chunk
             import zlib
-            z = zlib.compressobj(MANIFEST_LEVEL)
-            out = []
-            pieces.reverse()
-            while pieces:               # each piece let go of once it is compressed
-                out.append(z.compress(pieces.pop()))
-            holder.append(b"".join(out) + z.flush())
+            holder.append(zlib.compress(raw, MANIFEST_LEVEL))
         t = threading.Thread(target=work, name="manifest-zlib")
         t.daemon = True
         t.start()
