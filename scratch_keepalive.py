@@ -155,11 +155,13 @@ MAX_OPEN_DIRS = 64              # directory fds kept open; deeper ones reopen vi
 MAX_LOGGED_ERRORS = 100
 KEEP_LOGS = 20
 BATCH = 256                     # entries stat'ed per batch (and per budget check)
-# Parallel walk messages: a batch is at most BATCH names of at most 255 bytes; a reply
-# carries at most MAX_LOGGED_ERRORS names. Both fit, with pickle's overhead.
-BATCH_MESSAGE_MAX = 1 << 17
+PROCESS_BATCH = 2 * BATCH       # per batch for worker processes: fewer messages to pay for
+# Parallel walk messages: a batch is at most PROCESS_BATCH names of at most 255 bytes; a
+# reply carries at most MAX_LOGGED_ERRORS names. Both fit, with pickle's overhead (the
+# sockets' send buffers are set to hold the larger).
+BATCH_MESSAGE_MAX = 1 << 18
 REPLY_MESSAGE_MAX = 1 << 16
-MAX_SEGMENTS = 16               # directories (fds) per parallel batch
+MAX_SEGMENTS = 32               # directories (fds) per parallel batch
 THREAD_BATCH = 32               # entries per batch for threads: spread latency-bound work
 LIST_CHUNK = 4096               # directory entries encoded at a time
 # What a walk found vanished since the walk before (see forensics()).
@@ -1594,7 +1596,8 @@ def default_parallelism(path, env):
     On a network filesystem each lstat/utimensat waits on the metadata server:
     NETWORK_THREADS threads keep that many calls in flight (the Lustre client
     bounds what reaches the server at once: mdc.*.max_rpcs_in_flight). On a
-    local disk the cost is CPU: two worker processes where two CPUs are ours.
+    local disk the cost is CPU: two processes (this one and a worker) where two CPUs
+    are ours.
     """
     if fs_type(path) in NETWORK_FS:
         return NETWORK_THREADS, 1
@@ -1608,14 +1611,14 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
     old entries are at risk or purge-eligible; touch mode touches those older than the skip
     threshold, unless another owner's (euid 0: all are ours). Returns (the sums, in
     Counts.BATCH's order, [(segment, name, errno)] of the first errors, error count, and with
-    record every name's manifest record, in order: kind, size, atime as found (_columns)).
+    record the names' manifest records, in order, in columns: see _new_columns).
     """
-    lstat = os.stat
     if touch and not dry_run:
         utimensat, times, get_errno, _ = touch_atime
     touched = skipped = at_risk = b_risk = elig = b_elig = nerr = not_owned = risk_not_owned = 0
-    errs, recs, touched_at = [], ([] if record else None), []
-    keep = recs.append if record else None
+    errs, touched_at, lstat = [], [], os.stat
+    cols = _new_columns() if record else None
+    add_type, add_size, add_atime = [c.append for c in cols] if record else (None,) * 3
     for seg, (fd, names) in enumerate(segments):
         try:
             for name in names:
@@ -1623,14 +1626,18 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
                     st = lstat(name, dir_fd=fd, follow_symlinks=False)
                 except OSError as e:
                     nerr += 1
-                    _entry_error(errs, seg, name, e.errno, recs)
+                    _entry_error(errs, seg, name, e.errno, cols)
                     continue
                 mode = st.st_mode
                 if mode & 0o170000 == 0o040000 and st.st_dev != root_dev:
                     skipped += 1        # a mount point
-                    _entry_error(None, seg, name, None, recs)
+                    _entry_error(None, seg, name, None, cols)
                     continue
                 a = st.st_atime_ns
+                if record:
+                    add_type(mode >> 12)
+                    add_size(st.st_size)
+                    add_atime(a)
                 # Setting another owner's atime needs ownership: touch mode does not try.
                 theirs = touch and euid and st.st_uid != euid
                 if a < risk_ns:
@@ -1652,43 +1659,40 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
                     else:
                         touched += 1
                         if record:
-                            touched_at.append(len(recs))
-                if record:
-                    keep(st)        # the columns come from the stats once the batch is done
+                            touched_at.append(len(cols[0]) - 1)
         finally:
             os.close(fd)
     return ((touched, skipped, at_risk, b_risk, elig, b_elig, not_owned, risk_not_owned), errs,
-            nerr, _columns(recs, touched_at) if record else None)
+            nerr, _column_bytes(cols, touched_at) if record else None)
 
 
-def _columns(recs, touched_at):
-    """A batch's manifest records from its entries' stats (a _NoStat where there is none):
-    kind codes, sizes, atimes in ns (a division per entry costs more than zlib saves)."""
+def _new_columns():
+    """A batch's manifest columns, filled as its entries go by: file types (st_mode >> 12,
+    which _KIND_OF_TYPE maps to kind codes in one call), sizes, and atimes in ns as found
+    (a division per entry costs more than zlib saves)."""
     import array
-    kind_of = _KIND_OF_FMT.get
-    kinds = bytearray([kind_of(r.st_mode & 0o170000, K_OTHER) for r in recs])
+    return bytearray(), array.array("q"), array.array("q")
+
+
+def _column_bytes(cols, touched_at):
+    """The columns as a manifest chunk takes them: kind codes (K_TOUCHED where this walk
+    touched the entry), sizes, atimes."""
+    kinds = cols[0].translate(_KIND_OF_TYPE)
     for i in touched_at:
         kinds[i] |= K_TOUCHED
-    return (bytes(kinds), _le(array.array("q", [r.st_size for r in recs])),
-            _le(array.array("q", [r.st_atime_ns for r in recs])))
+    return bytes(kinds), _le(cols[1]), _le(cols[2])
 
 
-class _NoStat(object):
-    """The record of an entry the rules could not apply to: its mode's type bits, which no
-    file has, map to K_GONE or K_UNKNOWN (see _KIND_OF_FMT)."""
-    __slots__ = ("st_mode", "st_size", "st_atime_ns")
-
-    def __init__(self, mode):
-        self.st_mode, self.st_size, self.st_atime_ns = mode, 0, 0
-
-
-def _entry_error(errs, seg, name, err, recs):
+def _entry_error(errs, seg, name, err, cols):
     """An entry the rules could not apply to: its error kept among the first ones logged
-    (errs None: not an error, a mount point), its manifest record (recs) says so."""
+    (errs None: not an error, a mount point), its manifest record (cols) says so: a file
+    type no file has, vanished (ENOENT) or unknown, size and atime 0."""
     if errs is not None and len(errs) < MAX_LOGGED_ERRORS:
         errs.append((seg, name, err or errno.EIO))
-    if recs is not None:
-        recs.append(_STAT_GONE if err == errno.ENOENT else _STAT_UNKNOWN)
+    if cols is not None:
+        cols[0].append(_TYPE_GONE if err == errno.ENOENT else _TYPE_UNKNOWN)
+        cols[1].append(0)
+        cols[2].append(0)
 
 
 def _close_inherited_fds(keep):
@@ -1857,8 +1861,12 @@ class Worker(object):
 
 class ProcessRunner(InlineRunner):
     """Batches go to forked worker processes with dups of their directories' fds
-    (SCM_RIGHTS): a CPU-bound walk (a local disk) uses more than one CPU."""
-    batch_size = BATCH
+    (SCM_RIGHTS): a CPU-bound walk (a local disk) uses more than one CPU.
+
+    count is the processes sharing the work, this one included: it forks count - 1
+    workers and takes a batch itself whenever every worker has a backlog (one process
+    per CPU: a third process on two CPUs only adds its own overhead)."""
+    batch_size = PROCESS_BATCH
 
     def __init__(self, params, done, count):
         InlineRunner.__init__(self, params, done)
@@ -1877,7 +1885,7 @@ class ProcessRunner(InlineRunner):
             gc.freeze()
         release_free_memory()
         try:
-            for _ in range(count):
+            for _ in range(count - 1):
                 self.workers.append(self._fork())
         except BaseException:
             self.close()
@@ -1885,6 +1893,8 @@ class ProcessRunner(InlineRunner):
 
     def _fork(self):
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for sock in (mine, theirs):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BATCH_MESSAGE_MAX)
         pid = os.fork()
         if pid == 0:    # the worker; it never returns into the caller's code
             code = 1
@@ -2418,9 +2428,10 @@ K_UNKNOWN = 8                   # lstat failed (not ENOENT): there, state unknow
 K_GONE = 9                      # vanished while the walk listed it: not an entry
 KIND_NAMES = {K_FILE: "file", K_DIR: "dir", K_LINK: "symlink", K_OTHER: "other",
               K_UNKNOWN: "unknown"}
-_KIND_OF_FMT = {0o100000: K_FILE, 0o040000: K_DIR, 0o120000: K_LINK,
-                0o110000: K_GONE, 0o170000: K_UNKNOWN}     # the last two: _NoStat's
-_STAT_GONE, _STAT_UNKNOWN = _NoStat(0o110000), _NoStat(0o170000)
+_TYPE_GONE, _TYPE_UNKNOWN = 0o11, 0o17      # file types (st_mode >> 12) that no file has
+_KIND_OF_TYPE = bytes(bytearray(
+    {0o10: K_FILE, 0o04: K_DIR, 0o12: K_LINK, _TYPE_GONE: K_GONE,
+     _TYPE_UNKNOWN: K_UNKNOWN}.get(t, K_OTHER) for t in range(256)))
 _BIG_ENDIAN = sys.byteorder == "big"
 
 
@@ -3481,20 +3492,18 @@ def _brief_dataset(ds, today):
                       "%s" % (plural(purged["entries_likely_purged"], "entry", "entries"),
                               human_bytes(purged.get("bytes_likely_purged", 0)), when),
                       files_cmd + " --vanished"))
-    if ds.get("last_mode") == "check" and totals.get("entries_purge_eligible", 0) > 0:
-        found.append(("purge-eligible", "%s (%s) purge-eligible, %s at risk (%s), found by the "
-                      "check walk of %s: copy what you need somewhere safe" % (
-                          plural(totals["entries_purge_eligible"], "entry", "entries"),
-                          human_bytes(totals.get("bytes_purge_eligible", 0)),
-                          human_count(totals.get("entries_at_risk", 0)),
-                          human_bytes(totals.get("bytes_at_risk", 0)), when),
-                      files_cmd + " --purge-eligible"))
-    elif ds.get("last_mode") == "check" and totals.get("entries_at_risk", 0) > 0:
-        found.append(("at-risk", "%s (%s) at risk, found by the check walk of %s: copy what "
-                      "you need somewhere safe" % (
-                          plural(totals["entries_at_risk"], "entry", "entries"),
-                          human_bytes(totals.get("bytes_at_risk", 0)), when),
-                      files_cmd + " --at-risk"))
+    risk = None
+    elig, at_risk = totals.get("entries_purge_eligible", 0), totals.get("entries_at_risk", 0)
+    if ds.get("last_mode") == "check" and elig > 0:
+        risk = ("purge-eligible", "%s (%s) purge-eligible, %s at risk (%s)" % (
+            plural(elig, "entry", "entries"), human_bytes(totals.get("bytes_purge_eligible", 0)),
+            human_count(at_risk), human_bytes(totals.get("bytes_at_risk", 0))))
+    elif ds.get("last_mode") == "check" and at_risk > 0:
+        risk = ("at-risk", "%s (%s) at risk" % (plural(at_risk, "entry", "entries"),
+                                                human_bytes(totals.get("bytes_at_risk", 0))))
+    if risk:
+        found.append((risk[0], "%s, found by the check walk of %s: copy what you need somewhere "
+                      "safe" % (risk[1], when), "%s --%s" % (files_cmd, risk[0])))
     if run.get("errors", 0) > 0:
         found.append(("errors", "its last run (%s) had %s%s" % (
             (run.get("finished") or "?")[:10], plural(run["errors"], "error"),
@@ -5435,6 +5444,18 @@ def pending_rescue(store, ds):
     return bool(ck and ds.get("rescue_to") and ck["selection"] == "skip")
 
 
+def run_state(r, command, with_done=False):
+    """How a walk's result r ended, in words: complete (resumed), or not and what now."""
+    if r["complete"]:
+        return "complete" + (", resumed" if r["resumed"] else "")
+    stopped = r.get("stopped")
+    why = STOP_WORDS.get(stopped, "stopped (%s)" % (stopped or "unknown reason"))
+    if with_done:
+        why += " with %s of the walk done" % plural(r.get("entries_done", 0), "entry", "entries")
+    return "NOT complete: %s; %s" % (why, "nothing was saved (dry run)" if r.get("dry_run")
+                                     else "run %s again to resume from the checkpoint" % command)
+
+
 def describe_rescue(r):
     """One line that tells a person what a rescue did."""
     name = r["name"]
@@ -5457,15 +5478,7 @@ def describe_rescue(r):
         body += "; NOT rescued: %s (%s)%s" % (
             human_count(r["entries_not_rescued"]), ", ".join(parts),
             ", listed in " + r["log"] if r.get("log") else "")
-    if r["complete"]:
-        state = "complete" + (", resumed" if r["resumed"] else "")
-    else:
-        stopped = r.get("stopped")
-        state = "NOT complete: %s; %s" % (
-            STOP_WORDS.get(stopped, "stopped (%s)" % (stopped or "unknown reason")),
-            "nothing was saved (dry run)" if r.get("dry_run")
-            else "run rescue again to resume from the checkpoint")
-    return "%s: %s; %s" % (name, body, state)
+    return "%s: %s; %s" % (name, body, run_state(r, "rescue"))
 
 
 # ---------------------------------------------------------------- Slurm: run, render, install
@@ -7216,15 +7229,7 @@ def describe_result(r):
     if r["errors"]:
         body += "; %s (vanished or permission denied%s)" % (
             plural(r["errors"], "error"), ", listed in " + r["log"] if r.get("log") else "")
-    if r["complete"]:
-        state = "complete" + (", resumed" if r["resumed"] else "")
-    else:
-        stopped = r.get("stopped")
-        state = "NOT complete: %s with %s of the walk done; %s" % (
-            STOP_WORDS.get(stopped, "stopped (%s)" % (stopped or "unknown reason")),
-            plural(r.get("entries_done", 0), "entry", "entries"),
-            "nothing was saved (dry run)" if r.get("dry_run")
-            else "run refresh again to resume from the checkpoint")
+    state = run_state(r, "refresh", with_done=True)
     return "%s: %s; %s" % (name, body, state)
 
 
@@ -7679,6 +7684,14 @@ def _days(text):
                                          % text)
 
 
+def add_budget_arguments(p, scope=""):
+    """--max-seconds and --max-entries: what a walk may take before it stops (to resume)."""
+    for flag, kind, meta, what in (("--max-seconds", _positive_seconds, "S", "S seconds"),
+                                   ("--max-entries", _int_range(0), "N", "N entries")):
+        p.add_argument(flag, type=kind, metavar=meta,
+                       help="stop after %s%s; resume next time" % (what, scope))
+
+
 def add_json_argument(p):
     p.add_argument("--json", action="store_true",
                    help="print JSON instead of text (its keys: README.md, \"JSON output\")")
@@ -7796,10 +7809,7 @@ def build_parser():
     p.add_argument("--check", action="store_true", help="check mode: touch nothing, report risk")
     p.add_argument("--dry-run", action="store_true",
                    help="walk and report; write nothing (no checkpoint, no timestamps)")
-    p.add_argument("--max-seconds", type=_positive_seconds, metavar="S",
-                   help="stop after S seconds (whole command); resume next time")
-    p.add_argument("--max-entries", type=_int_range(0), metavar="N",
-                   help="stop after N entries (whole command); resume next time")
+    add_budget_arguments(p, " (whole command)")
     p.add_argument("--threads", type=_int_range(1, 64), metavar="N",
                    help="metadata calls in flight (default 16 on Lustre, NFS and other network "
                         "filesystems, else 1)")
@@ -7866,10 +7876,7 @@ def build_parser():
                    help="every entry of the walk, not only the at-risk ones")
     p.add_argument("--dry-run", action="store_true",
                    help="say what would be copied; write nothing")
-    p.add_argument("--max-seconds", type=_positive_seconds, metavar="S",
-                   help="stop after S seconds; resume next time")
-    p.add_argument("--max-entries", type=_int_range(0), metavar="N",
-                   help="stop after N entries; resume next time")
+    add_budget_arguments(p)
     p.add_argument("--checkpoint-every", type=_positive_seconds, metavar="S",
                    default=CHECKPOINT_SECONDS, help=argparse.SUPPRESS)
     add_json_argument(p)
@@ -7936,21 +7943,23 @@ def build_parser():
              "  scratch-keepalive install-cron --account r00000 --mail-user jdoe@iu.edu\n")
     p.add_argument("--method", choices=("auto", "scrontab", "sbatch"), default="auto",
                    help="auto (default): scrontab where it works, else the sbatch chain")
-    p.add_argument("--account", metavar="A", help="Slurm account (required on br200)")
-    p.add_argument("--partition", metavar="P", help="partition (br200: general)")
-    p.add_argument("--cpus", type=_int_range(1, 256), metavar="N", help="CPUs (default 1)")
-    p.add_argument("--mem", metavar="M", help="memory (default 2G)")
-    p.add_argument("--time", metavar="T", help="time limit (default 2:00:00)")
+    for flag, meta, kind, text in (
+            ("--account", "A", str, "Slurm account (required on br200)"),
+            ("--partition", "P", str, "partition (br200: general)"),
+            ("--cpus", "N", _int_range(1, 256), "CPUs (default 1)"),
+            ("--mem", "M", str, "memory (default 2G)"),
+            ("--time", "T", str, "time limit (default 2:00:00)")):
+        p.add_argument(flag, metavar=meta, type=kind, help=text)
     p.add_argument("--cadence-days", type=_int_range(1, 3650), metavar="N",
                    help="days between runs (default: the smallest dataset cadence)")
-    p.add_argument("--dry-run", action="store_true", help="print what would be installed")
-    p.add_argument("--reinstall", action="store_true",
-                   help="reinstall the recorded schedule with this interpreter and file "
-                        "(after an upgrade or a move)")
     p.add_argument("--mail-user", metavar="ADDR",
                    help="Slurm mails ADDR when a run fails (--mail-type=FAIL), and the job "
                         "runs refresh --due --fail-on-risk: purge-eligible entries (check "
                         "mode) or entries likely purged make it fail")
+    p.add_argument("--reinstall", action="store_true",
+                   help="reinstall the recorded schedule with this interpreter and file "
+                        "(after an upgrade or a move)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be installed")
     add_json_argument(p)
 
     p = _sub(subs, "uninstall-cron", cmd_uninstall_cron, "remove the Slurm schedule",

@@ -91,6 +91,25 @@ def test_refresh_cli_workers_option(cli, generic):
     assert r.rc == 2 and "out of range" in r.err
 
 
+def test_a_worker_batch_of_the_longest_names_fits_its_message(tmp_path):
+    """A directory of names of 255 bytes (NAME_MAX): full worker batches are the largest
+    messages a walk sends; every name arrives and is counted, touched and recorded."""
+    root = tmp_path / "ds"
+    root.mkdir()
+    n = 3 * sk.PROCESS_BATCH + 7
+    for i in range(n):
+        name = ("%05d" % i) + "n" * 250
+        os.close(os.open(str(root / name), os.O_CREAT | os.O_WRONLY, 0o644))
+        set_atime(str(root / name), NOW_EPOCH - 20 * DAY)
+    for kind in ({"workers": 1}, {"workers": 2}):
+        set_atime(str(root), NOW_EPOCH)     # recent: skipped
+        done, counts, _ = walk(root, "touch", kind)
+        assert done and counts["entries_seen"] == n + 1, counts
+        assert counts["entries_touched"] == n and counts["errors"] == 0, counts
+        for i in range(n):
+            set_atime(str(root / (("%05d" % i) + "n" * 250)), NOW_EPOCH - 20 * DAY)
+
+
 def test_default_parallelism_follows_the_filesystem(tmp_path, monkeypatch):
     kind = sk.fs_type(str(tmp_path))
     assert kind and kind not in sk.NETWORK_FS
