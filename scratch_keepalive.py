@@ -155,13 +155,11 @@ MAX_OPEN_DIRS = 64              # directory fds kept open; deeper ones reopen vi
 MAX_LOGGED_ERRORS = 100
 KEEP_LOGS = 20
 BATCH = 256                     # entries stat'ed per batch (and per budget check)
-PROCESS_BATCH = 2 * BATCH       # per batch for worker processes: fewer messages to pay for
-# Parallel walk messages: a batch is at most PROCESS_BATCH names of at most 255 bytes; a
-# reply carries at most MAX_LOGGED_ERRORS names. Both fit, with pickle's overhead (the
-# sockets' send buffers are set to hold the larger).
-BATCH_MESSAGE_MAX = 1 << 18
+# Parallel walk messages: a batch is at most BATCH names of at most 255 bytes; a reply
+# carries at most MAX_LOGGED_ERRORS names. Both fit, with pickle's overhead.
+BATCH_MESSAGE_MAX = 1 << 17
 REPLY_MESSAGE_MAX = 1 << 16
-MAX_SEGMENTS = 32               # directories (fds) per parallel batch
+MAX_SEGMENTS = 16               # directories (fds) per parallel batch
 THREAD_BATCH = 32               # entries per batch for threads: spread latency-bound work
 LIST_CHUNK = 4096               # directory entries encoded at a time
 # What a walk found vanished since the walk before (see forensics()).
@@ -1866,7 +1864,7 @@ class ProcessRunner(InlineRunner):
     count is the processes sharing the work, this one included: it forks count - 1
     workers and takes a batch itself whenever every worker has a backlog (one process
     per CPU: a third process on two CPUs only adds its own overhead)."""
-    batch_size = PROCESS_BATCH
+    batch_size = BATCH
 
     def __init__(self, params, done, count):
         InlineRunner.__init__(self, params, done)
@@ -1893,8 +1891,6 @@ class ProcessRunner(InlineRunner):
 
     def _fork(self):
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        for sock in (mine, theirs):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BATCH_MESSAGE_MAX)
         pid = os.fork()
         if pid == 0:    # the worker; it never returns into the caller's code
             code = 1
@@ -2429,9 +2425,8 @@ K_GONE = 9                      # vanished while the walk listed it: not an entr
 KIND_NAMES = {K_FILE: "file", K_DIR: "dir", K_LINK: "symlink", K_OTHER: "other",
               K_UNKNOWN: "unknown"}
 _TYPE_GONE, _TYPE_UNKNOWN = 0o11, 0o17      # file types (st_mode >> 12) that no file has
-_KIND_OF_TYPE = bytes(bytearray(
-    {0o10: K_FILE, 0o04: K_DIR, 0o12: K_LINK, _TYPE_GONE: K_GONE,
-     _TYPE_UNKNOWN: K_UNKNOWN}.get(t, K_OTHER) for t in range(256)))
+_KIND_OF_TYPE = bytes({0o10: K_FILE, 0o04: K_DIR, 0o12: K_LINK, _TYPE_GONE: K_GONE,
+                       _TYPE_UNKNOWN: K_UNKNOWN}.get(t, K_OTHER) for t in range(256))
 _BIG_ENDIAN = sys.byteorder == "big"
 
 

@@ -96,18 +96,17 @@ def test_a_worker_batch_of_the_longest_names_fits_its_message(tmp_path):
     messages a walk sends; every name arrives and is counted, touched and recorded."""
     root = tmp_path / "ds"
     root.mkdir()
-    n = 3 * sk.PROCESS_BATCH + 7
-    for i in range(n):
-        name = ("%05d" % i) + "n" * 250
-        os.close(os.open(str(root / name), os.O_CREAT | os.O_WRONLY, 0o644))
-        set_atime(str(root / name), NOW_EPOCH - 20 * DAY)
+    n = 3 * sk.BATCH + 7
+    paths = [str(root / (("%05d" % i) + "n" * 250)) for i in range(n)]
+    for p in paths:
+        os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o644))
     for kind in ({"workers": 1}, {"workers": 2}):
+        for p in paths:
+            set_atime(p, NOW_EPOCH - 20 * DAY)
         set_atime(str(root), NOW_EPOCH)     # recent: skipped
         done, counts, _ = walk(root, "touch", kind)
         assert done and counts["entries_seen"] == n + 1, counts
         assert counts["entries_touched"] == n and counts["errors"] == 0, counts
-        for i in range(n):
-            set_atime(str(root / (("%05d" % i) + "n" * 250)), NOW_EPOCH - 20 * DAY)
 
 
 def test_default_parallelism_follows_the_filesystem(tmp_path, monkeypatch):
