@@ -7913,8 +7913,8 @@ def build_parser():
              "  scratch-keepalive files --name genomes --vanished\n"
              "  scratch-keepalive files --name genomes --older-than 20 --json\n"
              "  scratch-keepalive files --name genomes --at-risk -0 |\n"
-             "      rsync -a --open-noatime --from0 --files-from=- /N/scratch/$USER/genomes "
-             "DEST\n")
+             "      tar --atime-preserve=system --null --no-recursion \\\n"
+             "          -C /N/scratch/$USER/genomes -T - -cf DEST.tar\n")
     add_name_argument(p)
     which = p.add_mutually_exclusive_group()
     for flag, text in (("at-risk", "only entries at risk (not accessed for the at-risk days; "

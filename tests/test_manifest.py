@@ -557,28 +557,15 @@ RESCUE_AGES = {   # path: (kind, age in days)
 }
 
 
-def test_readme_rsync_and_tar_copy_exactly_the_at_risk_entries_and_move_no_atime(
-        cli, generic, env, tmp_path, monkeypatch):
-    """The README's block, run as printed (only ROOT, DEST and the command's path changed):
-    `files --at-risk -0 | rsync -a --open-noatime --from0 --files-from=-` copies exactly the
-    at-risk entries, odd names included (a listed directory is created, never filled with
-    what is not listed), and `... | tar --atime-preserve=system --null --no-recursion`
-    archives exactly them, in the walk's order; no atime in the dataset moves but a
-    symlink's, which readlink(2) moves whatever the flags.
-
-    The policy clock is today here, so that every atime lies in the real past: the kernel
-    never moves an atime that lies in the future, which would make "unchanged" vacuous."""
-    version = rsync_version()
-    if version is None:
-        pytest.skip("rsync is not installed (`apt-get install -y rsync`; .ci/run does it)")
-    if version < (3, 2, 3):
-        pytest.skip("rsync %d.%d.%d has no --open-noatime (3.2.3 and later)" % version)
+def at_risk_dataset(cli, root, monkeypatch):
+    """RESCUE_AGES built under `root` and checked, the policy clock at today, so that every
+    atime lies in the real past (the kernel never moves an atime that lies in the future,
+    which would make "unchanged" vacuous). Returns (spec, the at-risk paths in the walk's
+    order, as `files --at-risk -0` lists them)."""
     today = int(time.time()) // DAY * DAY
     monkeypatch.setenv("SCRATCH_KEEPALIVE_NOW", sk.iso(today))
-    RESCUE_SPEC = dict((p, (kind, today - days * DAY))
-                       for p, (kind, days) in RESCUE_AGES.items())
-    root = generic["scratch"] / "genomes"
-    build(root, RESCUE_SPEC)
+    spec = dict((p, (kind, today - days * DAY)) for p, (kind, days) in RESCUE_AGES.items())
+    build(root, spec)
     assert cli("add", "--name", "genomes", "--path", root, "--keep-until",
                sk.utc_date(today + 30 * DAY).isoformat()).rc == 0
     set_atime(str(root), today - 20 * DAY)      # the root is at risk too: never listed
@@ -586,35 +573,99 @@ def test_readme_rsync_and_tar_copy_exactly_the_at_risk_entries_and_move_no_atime
     r = cli("refresh", "--name", "genomes", "--check", "--json")
     assert r.rc == 0, r
     cutoff = today - 13 * DAY
-    rb = os.fsencode(str(root))
-    at_risk = [p for p in walk_order(rb) if p in RESCUE_SPEC and RESCUE_SPEC[p][1] < cutoff]
+    at_risk = [p for p in walk_order(os.fsencode(str(root)))
+               if p in spec and spec[p][1] < cutoff]
     assert r.json()["results"][0]["entries_at_risk"] == len(at_risk) + 1   # and the root
     listed = cli("files", "--name", "genomes", "--at-risk", "-0").out
     assert [os.fsencode(p) for p in listed.split("\0")[:-1]] == at_risk
     assert reads_move_atimes(root), "reads do not move atimes here: the test proves nothing"
+    return spec, at_risk
 
-    dest = tmp_path / "safe" / "genomes-at-risk"
-    dest.parent.mkdir()
-    block = readme_block("<!-- test: files rsync tar -->")
+
+def run_readme_block(marker, root, dest=None):
+    """The README's block run as printed, only ROOT, DEST and the command's path changed;
+    its standard output."""
+    block = readme_block(marker)
+    if "ROOT=" not in block:
+        block = "ROOT=/N/scratch/$USER/genomes\nDEST=/N/slate/$USER/genomes-at-risk\n" + block
     block, n = re.subn(r"(?m)^ROOT=\S+", "ROOT=%s" % sk.shell_quote(str(root)), block)
     assert n == 1, block
     block, n = re.subn(r"(?m)^DEST=\S+", "DEST=%s" % sk.shell_quote(str(dest)), block)
     assert n == 1, block
     block = re.sub(r"(?m)^scratch-keepalive ", "%s %s " % (
         sk.shell_quote(sys.executable), sk.shell_quote(str(SCRIPT))), block)
-    before = snapshot(root)
     r = run_command(["bash", "-euo", "pipefail", "-c", block])
     assert r.rc == 0, r
-    after = snapshot(root)
-    # atimes (and mtimes, sizes, modes) unchanged: all of them but a symlink's own atime,
-    # which reading its target (readlink(2), which both tools must do) moves and no flag
-    # can keep (the README says so)
-    moved = sorted(p for p in before if before[p] != after[p])
-    assert moved == ["alink"], moved
-    assert after["alink"][1:] == before["alink"][1:]
+    return r.out
 
-    # rsync: exactly the at-risk entries, and the directories that lead to them
+
+def moved_entries(before, after):
+    """The entries whose atime, mtime, size or mode changed; a symlink's own atime apart,
+    every other field of it must hold."""
+    moved = sorted(p for p in before if before[p] != after[p])
+    if "alink" in moved:
+        assert after["alink"][1:] == before["alink"][1:]
+    return moved
+
+
+def test_readme_tar_archives_exactly_the_at_risk_entries_and_moves_no_atime(
+        cli, generic, tmp_path, monkeypatch):
+    """The README's tar block: `files --at-risk -0 | tar --atime-preserve=system --null
+    --no-recursion` archives exactly the at-risk entries, odd names included, in the
+    walk's order and nothing from inside a listed directory; no atime in the dataset moves
+    but a symlink's, which readlink(2) moves whatever the flags."""
+    if shutil.which("tar") is None:
+        pytest.skip("tar is not installed")
+    root = generic["scratch"] / "genomes"
+    spec, at_risk = at_risk_dataset(cli, root, monkeypatch)
+    dest = tmp_path / "safe" / "genomes-at-risk"
+    dest.parent.mkdir()
+    before = snapshot(root)
+    run_readme_block("<!-- test: files tar -->", root, dest)
+    assert moved_entries(before, snapshot(root)) == ["alink"]
+    with tarfile.open(str(dest) + ".tar") as tf:
+        members = tf.getmembers()
+        assert [os.fsencode(m.name).rstrip(b"/") for m in members] == at_risk
+        for m in members:
+            kind = spec[os.fsencode(m.name).rstrip(b"/")][0]
+            assert (m.isdir(), m.issym()) == (kind == "dir", kind == "link"), m.name
+            if kind not in ("dir", "link"):
+                assert tf.extractfile(m).read() == kind, m.name
+
+
+def test_readme_rsync_probe_is_right_and_rsync_copies_exactly_the_at_risk_entries(
+        cli, generic, tmp_path, monkeypatch):
+    """The README's rsync probe, then its rsync block, both as printed, against the rsync
+    installed here: the probe's answer must be what the copy then does to the dataset's
+    atimes (keeps: none moves but a symlink's; MOVES: every at-risk file's moved, as the
+    README says), and either way the copy holds exactly the at-risk entries and the
+    directories that lead to them, odd names included, a listed directory never filled
+    with what is not listed."""
+    version = rsync_version()
+    if version is None:
+        pytest.skip("rsync is not installed (`apt-get install -y rsync`; .ci/run does it)")
+    if version < (3, 2, 3):
+        pytest.skip("rsync %d.%d.%d has no --open-noatime (3.2.3 and later)" % version)
+    root = generic["scratch"] / "genomes"
+    spec, at_risk = at_risk_dataset(cli, root, monkeypatch)
+    dest = tmp_path / "safe" / "genomes-at-risk"
+    dest.parent.mkdir()
+    before = snapshot(root)
+    outside = sorted(os.listdir(str(generic["scratch"])))
+    answer = run_readme_block("<!-- test: rsync probe -->", root, dest).strip()
+    assert answer in ("this rsync keeps atimes", "this rsync MOVES atimes: use tar"), answer
+    assert snapshot(root) == before, "the probe touched the dataset"
+    assert sorted(os.listdir(str(generic["scratch"]))) == outside, "the probe left a file"
+    run_readme_block("<!-- test: files rsync -->", root, dest)
+    moved = moved_entries(before, snapshot(root))
+    files = sorted(os.fsdecode(p) for p in at_risk if spec[p][0] not in ("dir", "link"))
+    if answer == "this rsync keeps atimes":
+        assert moved == ["alink"], moved
+    else:
+        assert set(files) <= set(moved), (files, moved)
+
     db = os.fsencode(str(dest))
+    rb = os.fsencode(str(root))
     copied = {}
     for dirpath, dirs, names in os.walk(db):
         for n in dirs + names:
@@ -627,12 +678,12 @@ def test_readme_rsync_and_tar_copy_exactly_the_at_risk_entries_and_move_no_atime
             p = os.path.dirname(p)
             leading.add(p)
     assert set(p for p, st in copied.items() if not stat.S_ISDIR(st.st_mode)) == \
-        set(p for p in risky if RESCUE_SPEC[p][0] != "dir")
+        set(p for p in risky if spec[p][0] != "dir")
     assert set(p for p, st in copied.items() if stat.S_ISDIR(st.st_mode)) == \
-        set(p for p in risky if RESCUE_SPEC[p][0] == "dir") | leading
+        set(p for p in risky if spec[p][0] == "dir") | leading
     for p in risky:
         src, dst = os.path.join(rb, p), os.path.join(db, p)
-        kind = RESCUE_SPEC[p][0]
+        kind = spec[p][0]
         if kind == "link":
             assert os.readlink(dst) == os.readlink(src) and stat.S_ISLNK(copied[p].st_mode)
         elif kind != "dir":
@@ -641,13 +692,37 @@ def test_readme_rsync_and_tar_copy_exactly_the_at_risk_entries_and_move_no_atime
             assert copied[p].st_mtime_ns == os.lstat(src).st_mtime_ns      # rsync -a
     assert b"old dir/recent inside" not in copied and b"young dir/old inside" in copied
 
-    # tar: exactly the at-risk entries, in the walk's order, nothing from inside them
-    with tarfile.open(str(dest) + ".tar") as tf:
-        members = tf.getmembers()
-    assert [os.fsencode(m.name).rstrip(b"/") for m in members] == at_risk
-    for m in members:
-        kind = RESCUE_SPEC[os.fsencode(m.name).rstrip(b"/")][0]
-        assert (m.isdir(), m.issym()) == (kind == "dir", kind == "link"), m.name
+
+FAKE_RSYNC = """#!%s
+# rsync -a --open-noatime SRC DST, as an rsync that does (or does not) honour the flag
+import os, shutil, sys
+fd = os.open(sys.argv[-2], os.O_RDONLY | %s)
+with os.fdopen(fd, "rb") as src, open(sys.argv[-1], "wb") as dst:
+    shutil.copyfileobj(src, dst)
+"""
+
+
+@pytest.mark.parametrize("flags,answer", [
+    ("os.O_NOATIME", "this rsync keeps atimes"),
+    ("0", "this rsync MOVES atimes: use tar")])
+def test_readme_rsync_probe_tells_a_keeping_rsync_from_a_moving_one(
+        generic, tmp_path, monkeypatch, flags, answer):
+    """The probe's two answers, whatever rsync is installed here: with an `rsync` on PATH
+    that opens its source with O_NOATIME it says keeps, with one that does not, MOVES.
+    (The real rsync's answer is checked against what it does, above.)"""
+    root = generic["scratch"] / "genomes"
+    root.mkdir()
+    assert reads_move_atimes(root), "reads do not move atimes here: the test proves nothing"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "rsync"
+    fake.write_text(FAKE_RSYNC % (sys.executable, flags))
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", "%s%s%s" % (bin_dir, os.pathsep, os.environ["PATH"]))
+    outside = sorted(os.listdir(str(generic["scratch"])))
+    assert run_readme_block("<!-- test: rsync probe -->", root, tmp_path / "d").strip() == \
+        answer
+    assert sorted(os.listdir(str(generic["scratch"]))) == outside
 
 
 # --------------------------------------------------------------------------- purge forensics
