@@ -582,16 +582,16 @@ def at_risk_dataset(cli, root, monkeypatch):
     return spec, at_risk
 
 
-def run_readme_block(marker, root, dest=None):
-    """The README's block run as printed, only ROOT, DEST and the command's path changed;
-    its standard output."""
+def run_readme_block(marker, root, dest):
+    """The README's block run as printed, with ROOT and DEST set to root and dest (the
+    block's own lines for them replaced; set first for a block that only uses them, as the
+    README's later blocks use those of its first) and the command's path; its stdout."""
     block = readme_block(marker)
-    if "ROOT=" not in block:
-        block = "ROOT=/N/scratch/$USER/genomes\nDEST=/N/slate/$USER/genomes-at-risk\n" + block
-    block, n = re.subn(r"(?m)^ROOT=\S+", "ROOT=%s" % sk.shell_quote(str(root)), block)
-    assert n == 1, block
-    block, n = re.subn(r"(?m)^DEST=\S+", "DEST=%s" % sk.shell_quote(str(dest)), block)
-    assert n == 1, block
+    for name, value in (("DEST", dest), ("ROOT", root)):
+        line = "%s=%s" % (name, sk.shell_quote(str(value)))
+        block, n = re.subn(r"(?m)^%s=\S+" % name, line, block)
+        assert n <= 1, block
+        block = block if n else line + "\n" + block
     block = re.sub(r"(?m)^scratch-keepalive ", "%s %s " % (
         sk.shell_quote(sys.executable), sk.shell_quote(str(SCRIPT))), block)
     r = run_command(["bash", "-euo", "pipefail", "-c", block])
