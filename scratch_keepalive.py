@@ -685,6 +685,16 @@ def _mail_user(v):
         return "an e-mail address such as jdoe@iu.edu"
 
 
+def _epoch(v):
+    if not _plausible(v, 0, 1e11):
+        return "a time in seconds since 1970"
+
+
+def _purge_file(v):
+    if not isinstance(v, str) or not re.match(r"^purge-\d{1,9}\.skm$", v):
+        return "a purge file name (purge-N.skm)"
+
+
 def _run(v):
     """A refresh result as the registry keeps it (`last_run`), as far as the tool reads it."""
     schema = dict(RUN_SCHEMA)
@@ -717,6 +727,19 @@ ENTRY_SCHEMA = {
     "forensics": (False, _null_or(_object(dict(
         [(f, (True, _COUNT)) for f in sorted(FORENSICS_ZERO)]
         + [("walk_started", _OPT_TIME), ("previous_walk_started", _OPT_TIME)])))),
+    # The latest purge a walk found (see PurgeWriter), kept until a newer one replaces it.
+    "purge": (False, _null_or(_object(dict(
+        [(f, (True, _COUNT)) for f in ("entries_vanished", "bytes_vanished",
+                                       "entries_likely_purged", "bytes_likely_purged")]
+        + [("found", (True, _time)), ("file", (True, _purge_file)), ("seen", _OPT_TIME),
+           ("dest", (False, _null_or(_abs_path))), ("walk_started", _OPT_TIME),
+           ("previous_walk_started", _OPT_TIME), ("now", (False, _null_or(_epoch)))])))),
+    # The last complete, real rescue: which walk's manifest it copied from, to where, and
+    # what it could not copy (copies_cover()).
+    "last_rescue": (False, _null_or(_object({
+        "to": (True, _abs_path), "walk_started": _OPT_TIME, "finished": _OPT_TIME,
+        "entries_not_rescued": (True, _COUNT), "entries_not_owned": (True, _COUNT)}))),
+    "missing_since": _OPT_TIME,
 }
 CHECKPOINT_SCHEMA = {
     "dataset": (True, _name), "path": (True, _abs_path), "mode": (True, _one_of("touch", "check")),
@@ -942,10 +965,14 @@ class Store(object):
         os.close(self.open_dir("manifests", name))      # never through a symlink
         return self.manifest_dir(name)
 
-    def keep_manifest(self, name, partial):
-        """Make the complete manifest partial the newest; keep MANIFEST_KEEP of them."""
+    def keep_manifest(self, name, partial, number=None):
+        """Make the complete manifest partial the newest (number: the one its header
+        says, when that follows the newest); keep MANIFEST_KEEP of them."""
         have = self.manifests(name)
-        number = have[0][0] + 1 if have else 1
+        newest = have[0][0] if have else 0
+        if not (isinstance(number, int) and not isinstance(number, bool) and
+                newest < number < 10 ** 9):
+            number = newest + 1
         path = os.path.join(self.manifest_dir(name), "manifest-%06d.skm" % number)
         os.replace(partial, path)
         fsync_dir(self.manifest_dir(name))
@@ -953,6 +980,18 @@ class Store(object):
             with contextlib.suppress(OSError):
                 os.unlink(old)
         return path
+
+    def purge_record_path(self, name, file):
+        return os.path.join(self.manifest_dir(name), file)
+
+    def prune_purge_records(self, name, keep):
+        """Delete the purge files of dataset name but keep (the one its record names)."""
+        d = self.manifest_dir(name)
+        with contextlib.suppress(OSError):
+            for f in os.listdir(d):
+                if re.match(r"^purge-\d{1,9}\.skm$", f) and f != keep:
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(d, f))
 
     def delete_manifests(self, name):
         d = self.manifest_dir(name)
@@ -1613,10 +1652,12 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
     """
     if touch and not dry_run:
         utimensat, times, get_errno, _ = touch_atime
-    touched = skipped = at_risk = b_risk = elig = b_elig = nerr = not_owned = risk_not_owned = 0
+    touched = skipped = at_risk = b_risk = elig = b_elig = nerr = not_owned = 0
+    risk_not_owned = elig_not_owned = 0
     errs, lstat = [], os.stat
     cols = _new_columns() if record else None
-    add_type, add_size, add_atime = [c.append for c in cols] if record else (None,) * 3
+    add_type, add_size, add_atime, add_mtime = [c.append for c in cols] if record else \
+        (None,) * 4
     for seg, (fd, names) in enumerate(segments):
         try:
             for name in names:
@@ -1634,7 +1675,8 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
                 a = st.st_atime_ns
                 ftype = mode >> 12
                 # Setting another owner's atime needs ownership: touch mode does not try.
-                theirs = touch and euid and st.st_uid != euid
+                # (Counted in either mode: others' entries are not their user's to act on.)
+                theirs = euid and st.st_uid != euid
                 if a < risk_ns:
                     size = st.st_size if mode & 0o170000 == 0o100000 else 0
                     at_risk += 1
@@ -1642,6 +1684,7 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
                     if a < purge_ns:
                         elig += 1
                         b_elig += size
+                        elig_not_owned += bool(theirs)
                     risk_not_owned += bool(theirs)
                 if touch:
                     if a >= skip_ns:
@@ -1658,24 +1701,25 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
                     add_type(ftype)
                     add_size(st.st_size)
                     add_atime(a)
+                    add_mtime(st.st_mtime_ns)
         finally:
             os.close(fd)
-    return ((touched, skipped, at_risk, b_risk, elig, b_elig, not_owned, risk_not_owned), errs,
-            nerr, _column_bytes(cols) if record else None)
+    return ((touched, skipped, at_risk, b_risk, elig, b_elig, not_owned, risk_not_owned,
+             elig_not_owned), errs, nerr, _column_bytes(cols) if record else None)
 
 
 def _new_columns():
     """A batch's manifest columns, filled as its entries go by: file types (st_mode >> 12,
     _TYPE_TOUCHED added where this walk touched the entry; _KIND_OF_TYPE maps them to kind
-    codes in one call), sizes, and atimes in ns as found (a division per entry costs more
-    than zlib saves)."""
+    codes in one call), sizes, and atimes and mtimes in ns as found (a division per entry
+    costs more than zlib saves; the mtime says whether a copy elsewhere is current)."""
     import array
-    return bytearray(), array.array("q"), array.array("q")
+    return bytearray(), array.array("q"), array.array("q"), array.array("q")
 
 
 def _column_bytes(cols):
-    """The columns as a manifest chunk takes them: kind codes, sizes, atimes."""
-    return bytes(cols[0].translate(_KIND_OF_TYPE)), _le(cols[1]), _le(cols[2])
+    """The columns as a manifest chunk takes them: kind codes, sizes, atimes, mtimes."""
+    return bytes(cols[0].translate(_KIND_OF_TYPE)), _le(cols[1]), _le(cols[2]), _le(cols[3])
 
 
 def _entry_error(errs, seg, name, err, cols):
@@ -1688,6 +1732,7 @@ def _entry_error(errs, seg, name, err, cols):
         cols[0].append(_TYPE_GONE if err == errno.ENOENT else _TYPE_UNKNOWN)
         cols[1].append(0)
         cols[2].append(0)
+        cols[3].append(0)
 
 
 def _close_inherited_fds(keep):
@@ -2030,11 +2075,12 @@ def child_key(key, name):
 class Counts(object):
     FIELDS = ("entries_seen", "entries_touched", "entries_skipped", "entries_at_risk",
               "bytes_at_risk", "entries_purge_eligible", "bytes_purge_eligible", "errors",
-              "entries_not_owned", "entries_at_risk_not_owned", "dirs_listed_not_owned")
+              "entries_not_owned", "entries_at_risk_not_owned",
+              "entries_purge_eligible_not_owned", "dirs_listed_not_owned")
     # The sums _process_batch returns, in its order.
     BATCH = ("entries_touched", "entries_skipped", "entries_at_risk", "bytes_at_risk",
              "entries_purge_eligible", "bytes_purge_eligible", "entries_not_owned",
-             "entries_at_risk_not_owned")
+             "entries_at_risk_not_owned", "entries_purge_eligible_not_owned")
 
     def __init__(self, doc=None):
         for f in self.FIELDS:
@@ -2419,7 +2465,7 @@ class Walker(object):
 # (component-wise: run/x before run-2.txt), and merges compare keys in C.
 
 MANIFEST_MAGIC = b"SKMANIFEST\n"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2             # 2: mtimes, and the header says whose manifest it is
 MANIFEST_CHUNK = 4096           # entries per chunk (the writer's buffer; 8192: +0.5 MiB RSS)
 MANIFEST_LEVEL = 1              # zlib level: 6 took 8 times as long, for 5% less
 MANIFEST_KEEP = 2               # complete manifests kept per dataset
@@ -2479,12 +2525,13 @@ def from_byte_planes(data, n):
 
 
 class ManifestChunk(object):
-    """One decoded chunk: keys (walk order), kinds (bytes), sizes and atimes (arrays;
-    atimes in ns)."""
-    __slots__ = ("keys", "kinds", "sizes", "atimes")
+    """One decoded chunk: keys (walk order), kinds (bytes), sizes, atimes and mtimes
+    (arrays; times in ns; mtimes None in a format 1 manifest)."""
+    __slots__ = ("keys", "kinds", "sizes", "atimes", "mtimes")
 
-    def __init__(self, keys, kinds, sizes, atimes):
-        self.keys, self.kinds, self.sizes, self.atimes = keys, kinds, sizes, atimes
+    def __init__(self, keys, kinds, sizes, atimes, mtimes=None):
+        self.keys, self.kinds, self.sizes, self.atimes, self.mtimes = (
+            keys, kinds, sizes, atimes, mtimes)
 
 
 def decode_chunk(data, count):
@@ -2504,6 +2551,11 @@ def decode_chunk(data, count):
     kinds = raw[pos:pos + nent]
     sizes = _from_le("q", from_byte_planes(raw[pos + nent:pos + 9 * nent], nent))
     atimes = _from_le("q", from_byte_planes(raw[pos + 9 * nent:pos + 17 * nent], nent))
+    mtimes = None
+    if len(raw) == pos + 25 * nent and nent:        # format 2: mtimes follow
+        mtimes = _from_le("q", from_byte_planes(raw[pos + 17 * nent:pos + 25 * nent], nent))
+    elif len(raw) != pos + 17 * nent:
+        raise ValueError("lengths")
     if len(name_list) != nent or len(kinds) != nent or len(atimes) != nent:
         raise ValueError("lengths")
     i = 0
@@ -2518,7 +2570,7 @@ def decode_chunk(data, count):
         i += n
     if i != nent:
         raise ValueError("segments")
-    return ManifestChunk(keys, kinds, sizes, atimes)
+    return ManifestChunk(keys, kinds, sizes, atimes, mtimes)
 
 
 class Manifest(object):
@@ -2689,7 +2741,7 @@ class ManifestWriter(object):
 
     def _new_chunk(self):
         self.seg_dirs, self.seg_counts, self.names = [], [], []
-        self.kinds, self.sizes, self.atimes = [], [], []
+        self.kinds, self.sizes, self.atimes, self.mtimes = [], [], [], []
         self.count = 0
 
     def _write(self, data):
@@ -2726,6 +2778,7 @@ class ManifestWriter(object):
         self.kinds.append(cols[0])
         self.sizes.append(cols[1])
         self.atimes.append(cols[2])
+        self.mtimes.append(cols[3])
         self.count += len(cols[0])
         if self.count >= MANIFEST_CHUNK:
             self._emit()
@@ -2738,7 +2791,7 @@ class ManifestWriter(object):
     def _encode(self):
         """The chunk being built, uncompressed, in one bytes: "<III" (segments,
         entries, names length), per segment "<II" (length of its directory's key, entries),
-        the directory keys, the names (NUL between), kinds, sizes and atimes (in
+        the directory keys, the names (NUL between), kinds, sizes, atimes and mtimes (in
         byte_planes). (zlib takes care of the keys' shared prefixes.)"""
         import array
         table = array.array("I")
@@ -2751,7 +2804,8 @@ class ManifestWriter(object):
         return b"".join([self.struct.pack("<III", len(self.seg_dirs), self.count, size),
                          _le(table), b"".join(self.seg_dirs)] + names + [
                          b"".join(self.kinds), byte_planes(b"".join(self.sizes)),
-                         byte_planes(b"".join(self.atimes))])
+                         byte_planes(b"".join(self.atimes)),
+                         byte_planes(b"".join(self.mtimes))])
 
     def _emit(self):
         """Hand the chunk being built to the compressing thread (after the last one)."""
@@ -2827,9 +2881,9 @@ class ManifestWriter(object):
 
 def vanished(prev, new):
     """The entries of manifest prev that manifest new lacks, in the walk's order:
-    (key, kind, size, atime), each read once (both in walk order: one pass, a chunk of
-    each in memory). Entries below a directory new could not list are unknown, not
-    vanished; so are entries prev could not stat."""
+    (key, kind, size, atime seconds, mtime ns or None), each read once (both in walk order:
+    one pass, a chunk of each in memory). Entries below a directory new could not list are
+    unknown, not vanished; so are entries prev could not stat."""
     import bisect as _bisect
     old = prev.chunks()
     cur, start = None, 0
@@ -2856,10 +2910,12 @@ def vanished(prev, new):
             end = len(keys) if hi is None else _bisect.bisect_right(keys, hi, start)
             span = keys[start:end] if start or end < len(keys) else keys
             if not present.issuperset(span):        # the usual case: nothing vanished
+                mt = cur.mtimes
                 for i in range(start, end):
                     k = keys[i]
                     if k not in present and cur.kinds[i] < K_UNKNOWN and not below_unlisted(k):
-                        yield k, cur.kinds[i], cur.sizes[i], cur.atimes[i] // 1000000000
+                        yield (k, cur.kinds[i], cur.sizes[i], cur.atimes[i] // 1000000000,
+                               None if mt is None else mt[i])
             start = end
             if end < len(keys):
                 return
@@ -2883,32 +2939,180 @@ def partial_matches(path, walk_started, position):
         return False
 
 
-def compare_manifests(prev_path, new_path, purge_days):
-    """forensics() of two manifest files, with the start of the walk prev records. When both
-    hold the same keys (their digests say so), nothing vanished: no need to read them."""
-    with Manifest(prev_path) as prev, Manifest(new_path) as new:
-        same = ((prev.trailer or {}).get("keys_digest")
-                and prev.trailer["keys_digest"] == (new.trailer or {}).get("keys_digest"))
-        out = dict(FORENSICS_ZERO) if same else forensics(prev, new, purge_days)
-        out["previous_walk_started"] = prev.header.get("walk_started")
-    return out
+def _plausible(v, lo, hi):
+    """v is a number (not a bool, not NaN) within [lo, hi]."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi
 
 
-def forensics(prev, new, purge_days):
-    """Counts of what vanished between two manifests: likely purged when its last atime
-    was older than purge_days at the start of the walk that wrote new."""
-    cutoff = new.header["now"] - purge_days * 86400
-    out = dict.fromkeys(("entries_vanished", "bytes_vanished", "entries_likely_purged",
-                         "bytes_likely_purged"), 0)
-    for _, kind, size, atime in vanished(prev, new):
+def manifest_problem(h, ds, cfg, now, number=None, root_id=None):
+    """Why the manifest header h cannot stand for a walk of dataset ds (None: it can):
+    another dataset's or another root's, out of its sequence (number: its file's), or
+    values no walk of ds could have written. now: the policy clock; walk starts are real
+    times, checked against when ds was added and the real clock."""
+    if h.get("dataset") != ds["name"] or h.get("root") != ds["path"]:
+        return "it is not this dataset's (it names %r at %s)" % (h.get("dataset"), h.get("root"))
+    if h.get("format", 1) >= 2:
+        if root_id is not None and [h.get("root_dev"), h.get("root_ino")] != list(root_id):
+            return "it is of another directory at the dataset's path"
+        if number is not None and h.get("seq") != number:
+            return "its sequence number %r is not its file's (%d)" % (h.get("seq"), number)
+    prof = profile_of(cfg)
+    started = h.get("walk_started")
+    started = parse_iso(started) if isinstance(started, str) else None
+    added = parse_iso(ds["added"]) if ds.get("added") else 0
+    thresholds = h.get("thresholds_days")
+    if (not _plausible(h.get("now"), 0, now + DAY)
+            or not _plausible(h.get("purge_days"), prof["min_cadence"] + 5, 3650)
+            or started is None or not added - DAY <= started <= time.time() + DAY
+            or not isinstance(thresholds, list) or len(thresholds) != 3
+            or not all(_plausible(t, -3650, 3650) for t in thresholds)):
+        return "its header holds values no walk of this dataset wrote"
+    return None
+
+
+def last_access(kind, atime, walk_now):
+    """An entry's atime as the walk that recorded it left it: that walk's time where it
+    touched the entry, else the atime it found."""
+    return max(atime, walk_now) if kind & K_TOUCHED else atime
+
+
+def likely_purged(kind, atime, prev_now, new_now, purge_days):
+    """THE likely-purged rule: an entry that vanished between two walks was likely taken
+    by the site's purge when purge days had passed, by the later walk, since its last
+    access as the earlier walk left it."""
+    return last_access(kind, atime, prev_now) < new_now - purge_days * DAY
+
+
+def copy_of(dest, key, kind, size, mtime_ns):
+    """The absolute path of a current copy of an entry in a rescue destination (bytes), or
+    None: a regular file with the same size and mtime (a destination that keeps whole
+    seconds matches on the seconds), a directory or symlink of the same kind; an entry whose
+    mtime the manifest lacks (format 1) has none."""
+    if not dest or mtime_ns is None or not key:
+        return None
+    path = os.path.join(os.fsencode(dest), key_path(key))
+    try:
+        st = os.lstat(path)
+    except (OSError, ValueError):
+        return None
+    k = kind & ~K_TOUCHED
+    if k == K_FILE:
+        ok = stat.S_ISREG(st.st_mode) and st.st_size == size and (
+            st.st_mtime_ns == mtime_ns or (st.st_mtime_ns % 10 ** 9 == 0 and
+                                           st.st_mtime_ns // 10 ** 9 == mtime_ns // 10 ** 9))
+    else:
+        ok = (k == K_DIR and stat.S_ISDIR(st.st_mode)) or (k == K_LINK and
+                                                         stat.S_ISLNK(st.st_mode))
+    return path if ok else None
+
+
+# A purge record: what vanished between two complete walks, kept until a newer purge
+# replaces it (the manifests it came from are soon rotated away). File: PURGE_MAGIC, then
+# gzip of JSON lines: a header {dataset, walk_started, previous_walk_started, dest}, then
+# one line per vanished entry {k: key (base64), t: kind, s: size, a: atime, m: mtime ns,
+# p: likely purged, c: a copy in dest when found}.
+PURGE_MAGIC = b"SKPURGE\n"
+PURGE_SEEN_DAYS = 14            # status --brief names an unseen purge this long
+PURGE_COUNTS = ("entries_vanished", "bytes_vanished", "entries_likely_purged",
+                "bytes_likely_purged", "entries_with_copy", "entries_without_copy",
+                "likely_purged_with_copy", "likely_purged_without_copy")
+
+
+class PurgeWriter(object):
+    """Counts what vanished between two manifests, writes the entries to a new purge file
+    (O_EXCL, never through a link) and says whether each had a copy in dest."""
+
+    def __init__(self, dir_fd, name, header):
+        import gzip
+        self.name, self.dir_fd = name, dir_fd
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+                     0o600, dir_fd=dir_fd)
+        self.raw = os.fdopen(fd, "wb")
+        self.raw.write(PURGE_MAGIC)
+        self.z = gzip.GzipFile(fileobj=self.raw, mode="wb", compresslevel=6)
+        self.dest = header.get("dest")
+        self.counts = dict.fromkeys(PURGE_COUNTS, 0)
+        self._line(header)
+
+    def _line(self, doc):
+        self.z.write((json.dumps(doc, sort_keys=True) + "\n").encode("ascii"))
+
+    def add(self, key, kind, size, atime, mtime_ns, purged):
+        import base64
+        c = self.counts
         size = size if kind & ~K_TOUCHED == K_FILE else 0
-        out["entries_vanished"] += 1
-        out["bytes_vanished"] += size
-        if atime < cutoff:
-            out["entries_likely_purged"] += 1
-            out["bytes_likely_purged"] += size
-    return out
+        copied = copy_of(self.dest, key, kind, size, mtime_ns) is not None
+        c["entries_vanished"] += 1
+        c["bytes_vanished"] += size
+        c["entries_with_copy" if copied else "entries_without_copy"] += 1
+        if purged:
+            c["entries_likely_purged"] += 1
+            c["bytes_likely_purged"] += size
+            c["likely_purged_with_copy" if copied else "likely_purged_without_copy"] += 1
+        self._line({"k": base64.b64encode(key).decode("ascii"), "t": kind, "s": size,
+                    "a": atime, "m": mtime_ns, "p": purged, "c": copied})
 
+    def close(self, keep):
+        self.z.close()
+        self.raw.flush()
+        if keep:
+            os.fsync(self.raw.fileno())
+        self.raw.close()
+        if not keep:
+            with contextlib.suppress(OSError):
+                os.unlink(self.name, dir_fd=self.dir_fd)
+
+
+def read_purge(path):
+    """A purge file -> (header, iterator of entry dicts); raises StateError when damaged."""
+    import gzip
+    f = open(path, "rb")
+    try:
+        if f.read(len(PURGE_MAGIC)) != PURGE_MAGIC:
+            raise ValueError("not a purge record")
+        z = gzip.GzipFile(fileobj=f, mode="rb")
+        header = json.loads(z.readline().decode("ascii"))
+        if not isinstance(header, dict):
+            raise ValueError("header")
+    except (OSError, ValueError, EOFError, UnicodeDecodeError) as e:
+        f.close()
+        raise StateError("the purge record %s is damaged (%s); the next purge a walk finds "
+                         "replaces it" % (path, e))
+
+    def entries():
+        import base64
+        try:
+            for line in z:
+                d = json.loads(line.decode("ascii"))
+                d["k"] = base64.b64decode(d["k"])
+                yield d
+        except (OSError, ValueError, EOFError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise StateError("the purge record %s is damaged (%s)" % (path, e))
+        finally:
+            f.close()
+    return header, entries()
+
+
+def find_purge(prev, new, purge_days, out=None):
+    """What vanished between manifests prev and new: the counts (FORENSICS_ZERO's keys and
+    the copy counts) and, with out (a PurgeWriter), each entry written to it. When both
+    hold the same keys (their digests say so), nothing vanished: no need to read them."""
+    same = ((prev.trailer or {}).get("keys_digest")
+            and prev.trailer["keys_digest"] == (new.trailer or {}).get("keys_digest"))
+    counts = dict.fromkeys(PURGE_COUNTS, 0)
+    if not same:
+        prev_now, new_now = float(prev.header["now"]), float(new.header["now"])
+        for key, kind, size, atime, mtime in vanished(prev, new):
+            purged = likely_purged(kind, atime, prev_now, new_now, purge_days)
+            if out is not None:
+                out.add(key, kind, size, atime, mtime, purged)
+            else:
+                size = size if kind & ~K_TOUCHED == K_FILE else 0
+                counts["entries_vanished"] += 1
+                counts["bytes_vanished"] += size
+                counts["entries_likely_purged"] += purged
+                counts["bytes_likely_purged"] += size if purged else 0
+    return out.counts if out is not None else counts
 
 # ---------------------------------------------------------------- policy
 
@@ -3064,21 +3268,118 @@ def dataset_state(store, ds, now, mode=None):
     return "ok"
 
 
-def risk_of(ds):
-    """What the last complete walk of either mode found: purge-eligible, at-risk, none;
-    None before any complete walk (or when the registry does not say)."""
+def last_walk_totals(ds):
+    """The counts of the last complete walk (of either mode) as a whole, or {} (none yet, or
+    the registry does not say)."""
     if not ds.get("last_refresh"):
-        return None
+        return {}
     totals = ds.get("last_totals")
-    if not isinstance(totals, dict):
-        run = ds.get("last_run")
-        whole = isinstance(run, dict) and run.get("complete") and not run.get("resumed")
-        totals = run if whole else None
-    if totals is None:
+    if isinstance(totals, dict):
+        return totals
+    run = ds.get("last_run")
+    return run if isinstance(run, dict) and run.get("complete") and not run.get("resumed") else {}
+
+
+def copies_cover(ds):
+    """How many of the at-risk entries of ds's owner that its last complete walk found have
+    no copy, as its last complete rescue of that walk's manifest left them; None when no
+    such rescue happened (then none of them is known to have a copy)."""
+    r = ds.get("last_rescue")
+    if not isinstance(r, dict) or r.get("walk_started") != ds.get("last_refresh_start"):
         return None
-    if totals.get("entries_purge_eligible"):
+    return max(0, int(r.get("entries_not_rescued", 0)) - int(r.get("entries_not_owned", 0)))
+
+
+def remaining_risk(ds):
+    """What is still at risk after the last complete walk, or None before one: {"at_risk",
+    "purge_eligible" (every owner's), "own_at_risk", "own_purge_eligible" (the user's own,
+    less those with a copy)}. A touch walk refreshed every old entry it could: what it left
+    is others' (its failures are errors). A check walk left all it found."""
+    t = last_walk_totals(ds)
+    if not t:
+        return None
+    theirs_risk = t.get("entries_at_risk_not_owned", 0)
+    theirs_elig = t.get("entries_purge_eligible_not_owned", 0)
+    if ds.get("last_mode") == "touch":
+        at_risk, elig, own_risk, own_elig = theirs_risk, theirs_elig, 0, 0
+    else:
+        at_risk, elig = t.get("entries_at_risk", 0), t.get("entries_purge_eligible", 0)
+        own_risk, own_elig = max(0, at_risk - theirs_risk), max(0, elig - theirs_elig)
+    uncovered = copies_cover(ds)
+    if uncovered is not None:
+        own_risk, own_elig = min(own_risk, uncovered), min(own_elig, uncovered)
+    return {"at_risk": at_risk, "purge_eligible": elig, "own_at_risk": own_risk,
+            "own_purge_eligible": own_elig}
+
+
+def risk_of(ds):
+    """What is still at risk after the last complete walk of either mode, every owner's
+    entries counted: purge-eligible, at-risk or none; None before any complete walk."""
+    rem = remaining_risk(ds)
+    if rem is None:
+        return None
+    if rem["purge_eligible"]:
         return "purge-eligible"
-    return "at-risk" if totals.get("entries_at_risk") else "none"
+    return "at-risk" if rem["at_risk"] else "none"
+
+
+# What needs a dataset's user, most urgent first (the README's JSON section lists them).
+# The schedule is not a dataset's attention: it has its own line and key.
+ATTENTION = (
+    ("missing", "its root is missing"),
+    ("purged", "a purge took entries, and you have not listed them yet"),
+    ("purge-eligible", "entries of yours older than the purge age remain, with no copy"),
+    ("expired", "its keep-until date passed: it is no longer refreshed or checked"),
+    ("at-risk", "entries of yours at risk remain, with no copy"),
+    ("errors", "its last run had entry errors"),
+    ("stalled", "a walk stopped part-way and was not resumed within its cadence"),
+    ("expiring", "its keep-until date is 14 days away or less"),
+)
+ATTENTION_CODES = tuple(code for code, _ in ATTENTION)
+EXPIRING_DAYS = 14
+
+
+def purge_unseen(ds, now):
+    """The dataset's purge record while it still asks to be looked at, else None: until
+    `files --vanished` has listed it, or PURGE_SEEN_DAYS after it was found."""
+    p = ds.get("purge")
+    if not isinstance(p, dict) or p.get("seen"):
+        return None
+    # Counted on the policy clock the finding walk ran on (`now`; the real `found` when
+    # absent), as every other rule is.
+    found = p.get("now") if _plausible(p.get("now"), 0, 1e11) else (
+        parse_iso(p["found"]) if isinstance(p.get("found"), str) else None)
+    return p if found is not None and now - found < PURGE_SEEN_DAYS * DAY else None
+
+
+def attention(ds, now, present=None, checkpoint=None):
+    """THE rule for what about dataset ds needs its user: a list of ATTENTION codes, most
+    urgent first, empty exactly when nothing does. From state alone: present is whether
+    its root is there (None: not looked; then a refresh that found it missing says so),
+    checkpoint its walk checkpoint (or None). Every view and --fail-on-risk follow it."""
+    found = set()
+    if present is False or (present is None and ds.get("missing_since")):
+        found.add("missing")
+    days_left = (parse_date(ds["keep_until"]) - utc_date(now)).days
+    if days_left < 0:
+        found.add("expired")        # no longer protected: nothing else is asked of it
+        return [c for c in ATTENTION_CODES if c in found]
+    if days_left <= EXPIRING_DAYS:
+        found.add("expiring")
+    if purge_unseen(ds, now):
+        found.add("purged")
+    rem = remaining_risk(ds)
+    if rem and rem["own_purge_eligible"]:
+        found.add("purge-eligible")
+    elif rem and rem["own_at_risk"]:
+        found.add("at-risk")
+    if (ds.get("last_run") or {}).get("errors"):
+        found.add("errors")
+    updated = (checkpoint or {}).get("updated")
+    if isinstance(updated, str) and parse_iso(updated) is not None and \
+            now - parse_iso(updated) > int(ds["cadence_days"]) * DAY:
+        found.add("stalled")
+    return [c for c in ATTENTION_CODES if c in found]
 
 # ---------------------------------------------------------------- context
 
@@ -3349,8 +3650,28 @@ def _list_entry(ctx, cfg, ds):
             "approval": ds.get("approval"), "mode": mode,
             "last_refresh": ds.get("last_refresh"), "last_mode": ds.get("last_mode"),
             "state": dataset_state(ctx.store, ds, ctx.now, mode), "risk": risk_of(ds),
+            "attention": attention(ds, ctx.now, root_present(ds["path"]),
+                                   checkpoint_or_none(ctx.store, ds["name"])),
             "keep_manifests": ds.get("manifest") is not False,
             "rescue_to": ds.get("rescue_to")}
+
+
+def checkpoint_or_none(store, name):
+    """The dataset's walk checkpoint, or None (none, or one that cannot be read: doctor
+    tells of that)."""
+    try:
+        return store.load_checkpoint_quiet(name)
+    except StateError:
+        return None
+
+
+def last_purge(ds):
+    """The purge record as `status --json` gives it (`last_purge`), or None."""
+    p = ds.get("purge")
+    if not isinstance(p, dict):
+        return None
+    return dict((k, p.get(k)) for k in PURGE_COUNTS + (
+        "found", "walk_started", "previous_walk_started", "dest", "seen"))
 
 
 def list_datasets(state_dir=None, env=None):
@@ -3391,6 +3712,8 @@ def _status_entry(ctx, cfg, ds):
     entry["thresholds_days"] = dict(zip(("skip", "at_risk", "purge"),
                                         thresholds_days(cfg, cadence)))
     entry["vanished"] = ds.get("forensics")
+    entry["last_purge"] = last_purge(ds)
+    entry["remaining"] = remaining_risk(ds)
     entry["manifest"] = manifest_info(ctx.store, ds["name"])
     start = walk_start(ds, entry["mode"])     # as `state` counts it: the mode's last walk
     entry["next_due"] = (None if start is None or not ds.get("last_refresh")
@@ -3436,15 +3759,12 @@ def _status(ctx, name=None, with_schedule=True):
 
 def brief(state_dir=None, env=None):
     """What needs attention, as `status --brief --json` prints it: a list of {"name" (None
-    for the schedule), "kind", "message", "command"}; empty when nothing does."""
+    for the schedule), "kind", "message", "command", "attention"}; empty when nothing does."""
     return _brief(_ctx(state_dir, env))
 
 
-BRIEF_KEEP_DAYS = 7             # status --brief tells of a keep-until this close
-
-
 def _brief(ctx):
-    """One alert per dataset that needs attention, then one for the schedule.
+    """One alert per dataset whose attention() is not empty, then one for the schedule.
 
     It reads the state directory only: no walk, no stat of a dataset, no Slurm command,
     so that it can run at every login (from ~/.bashrc) and stay fast however many
@@ -3452,72 +3772,78 @@ def _brief(ctx):
     """
     datasets = ctx.store.load_registry()["datasets"]
     today = utc_date(ctx.now)
-    alerts = [a for a in (_brief_dataset(datasets[n], today) for n in sorted(datasets)) if a]
+    alerts = []
+    for n in sorted(datasets):
+        ds = datasets[n]
+        codes = attention(ds, ctx.now, None, checkpoint_or_none(ctx.store, n))
+        if codes:
+            alerts.append(_brief_dataset(ds, codes, ctx.now))
     sched = _brief_schedule(ctx, datasets, today)
     return alerts + ([sched] if sched else [])
 
 
-def _alert(name, kind, message, command):
-    return {"name": name, "kind": kind, "message": message, "command": command}
+def _alert(name, kind, message, command, codes=None):
+    return {"name": name, "kind": kind, "message": message, "command": command,
+            "attention": list(codes or [])}
 
 
-def _last_walk_totals(ds):
-    """The counts of the last complete walk (of either mode) as a whole, or {}."""
-    totals = ds.get("last_totals")
-    if isinstance(totals, dict):
-        return totals
-    run = ds.get("last_run")
-    return run if isinstance(run, dict) and run.get("complete") and not run.get("resumed") else {}
-
-
-def _brief_dataset(ds, today):
-    """The alert for one dataset, or None: its most urgent kind and command, and every
-    finding in the message. A keep-until that passed more than a week ago says nothing:
-    the dataset was let go."""
+def attention_words(ds, code, now):
+    """(what, command) for one attention code of ds: the words every view uses."""
     name = ds["name"]
-    days_left = (parse_date(ds["keep_until"]) - today).days
-    status_cmd = "%s status --name %s" % (PROG, name)
-    extend_cmd = "%s extend --name %s --keep-until YYYY-MM-DD" % (PROG, name)
-    if days_left < -BRIEF_KEEP_DAYS:
-        return None
-    if days_left < 0:
-        return _alert(name, "keep-until", "its keep-until date %s has passed: it is no longer "
-                      "refreshed or checked" % ds["keep_until"], extend_cmd)
-    found = []              # (kind, words, command), most urgent first
-    totals, run = _last_walk_totals(ds), ds.get("last_run") or {}
-    when = (ds.get("last_refresh") or "")[:10]
-    # Purge forensics: what the newest complete walk's manifest lacks of the one before.
-    purged = ds.get("forensics") or (run if run.get("complete") else totals)
     files_cmd = "%s files --name %s" % (PROG, name)
-    if purged.get("entries_likely_purged", 0) > 0:
-        found.append(("likely-purged", "%s (%s) likely purged by the site before the walk of "
-                      "%s" % (plural(purged["entries_likely_purged"], "entry", "entries"),
-                              human_bytes(purged.get("bytes_likely_purged", 0)), when),
-                      files_cmd + " --vanished"))
-    risk = None
-    elig, at_risk = totals.get("entries_purge_eligible", 0), totals.get("entries_at_risk", 0)
-    if ds.get("last_mode") == "check" and elig > 0:
-        risk = ("purge-eligible", "%s (%s) purge-eligible, %s at risk (%s)" % (
-            plural(elig, "entry", "entries"), human_bytes(totals.get("bytes_purge_eligible", 0)),
-            human_count(at_risk), human_bytes(totals.get("bytes_at_risk", 0))))
-    elif ds.get("last_mode") == "check" and at_risk > 0:
-        risk = ("at-risk", "%s (%s) at risk" % (plural(at_risk, "entry", "entries"),
-                                                human_bytes(totals.get("bytes_at_risk", 0))))
-    if risk:
-        found.append((risk[0], "%s, found by the check walk of %s: copy what you need somewhere "
-                      "safe" % (risk[1], when), "%s --%s" % (files_cmd, risk[0])))
-    if run.get("errors", 0) > 0:
-        found.append(("errors", "its last run (%s) had %s%s" % (
-            (run.get("finished") or "?")[:10], plural(run["errors"], "error"),
-            ", listed in " + display_path(run["log"]) if run.get("log") else ""), status_cmd))
-    if days_left <= BRIEF_KEEP_DAYS:
-        found.append(("keep-until", "kept only until %s (%s): after that it is no longer "
-                      "refreshed or checked" % (ds["keep_until"], "today" if days_left == 0
-                                                else "in " + plural(days_left, "day")),
-                      extend_cmd))
-    if not found:
-        return None
-    return _alert(name, found[0][0], "; ".join(words for _, words, _ in found), found[0][2])
+    extend_cmd = "%s extend --name %s --keep-until YYYY-MM-DD" % (PROG, name)
+    when = ds.get("last_refresh") or "?"
+    rem = remaining_risk(ds) or {}
+    if code == "missing":
+        return ("its root %s is missing (purged, moved or renamed?)" % display_path(ds["path"]),
+                "%s status --name %s" % (PROG, name))
+    if code == "purged":
+        return purge_words(ds["purge"]), files_cmd + " --vanished"
+    if code in ("purge-eligible", "at-risk"):
+        n = rem["own_purge_eligible" if code == "purge-eligible" else "own_at_risk"]
+        return ("%s of yours %s after the check walk of %s, with no copy: copy what you need "
+                "somewhere safe" % (plural(n, "entry", "entries"), "older than the purge age "
+                                    "remain" if code == "purge-eligible" else "at risk remain",
+                                    when), "%s --%s" % (files_cmd, code))
+    if code == "expired":
+        return ("its keep-until date %s has passed: it is no longer refreshed or checked"
+                % ds["keep_until"], extend_cmd)
+    if code == "errors":
+        run = ds["last_run"]
+        return ("its last run (%s) had %s%s" % (
+            run.get("finished") or "?", plural(run["errors"], "error"),
+            ", listed in " + display_path(run["log"]) if run.get("log") else ""),
+            "%s status --name %s" % (PROG, name))
+    if code == "stalled":
+        return ("a walk stopped part-way and has not been resumed within its cadence of %d "
+                "days" % int(ds["cadence_days"]), "%s refresh --name %s" % (PROG, name))
+    days_left = (parse_date(ds["keep_until"]) - utc_date(now)).days
+    return ("kept only until %s (%s): after that it is no longer refreshed or checked"
+            % (ds["keep_until"], "today" if days_left == 0 else "in " + plural(days_left, "day")),
+            extend_cmd)
+
+
+def purge_words(p):
+    """What a purge record says, in one phrase."""
+    text = "%s (%s) likely purged between the walks of %s and %s" % (
+        plural(p["entries_likely_purged"], "entry", "entries"),
+        human_bytes(p["bytes_likely_purged"]), p.get("previous_walk_started") or "?",
+        p.get("walk_started") or "?")
+    if p.get("dest"):
+        text += ": %s have a copy in %s, %s lost" % (
+            human_count(p.get("likely_purged_with_copy", 0)), display_path(p["dest"]),
+            human_count(p.get("likely_purged_without_copy", 0)))
+    others = p["entries_vanished"] - p["entries_likely_purged"]
+    if others:
+        text += "; %s more deleted or moved" % human_count(others)
+    return text
+
+
+def _brief_dataset(ds, codes, now):
+    """The alert for one dataset: its most urgent code's kind and command, and every
+    finding in the message."""
+    said = [attention_words(ds, c, now) for c in codes]
+    return _alert(ds["name"], codes[0], "; ".join(w for w, _ in said), said[0][1], codes)
 
 
 def _brief_schedule(ctx, datasets, today):
@@ -3709,7 +4035,10 @@ def _atime_text(t):
         return None
 
 
-def file_doc(key, kind, size, atime, reason=None):
+NO_COPY = object()      # an entry of a list that is not of what vanished: no `copy` key
+
+
+def file_doc(key, kind, size, atime, reason=None, copy=NO_COPY):
     """One entry as `files --json` prints it (and files() yields it)."""
     import base64
     rel = key_path(key)
@@ -3724,6 +4053,8 @@ def file_doc(key, kind, size, atime, reason=None):
     doc["touched"] = bool(kind & K_TOUCHED) if known else False
     if reason is not None:
         doc["reason"] = reason
+    if copy is not NO_COPY:
+        doc["copy"] = None if copy is None else copy.decode("utf-8", "surrogateescape")
     return doc
 
 
@@ -3751,13 +4082,23 @@ def _check_older_than(days):
 
 
 class FileList(object):
-    """The entries `files` lists, from the newest complete manifest (for "vanished": what
-    the one before it holds and it lacks). Open on creation; items() streams
-    (key, kind, size, atime, reason) and closes the manifests when done."""
+    """The entries `files` lists, from the newest complete manifest; for "vanished", the
+    dataset's purge record (what the walk that found the purge saw vanish), else what the
+    manifest before the newest holds and it lacks. Open on creation; items() streams
+    (key, kind, size, atime, reason, copy) and closes its files when done."""
 
-    def __init__(self, store, name, kind, older_than):
-        self.name, self.kind, self.older_than = name, kind, older_than
-        self.manifests = []
+    def __init__(self, store, ds, kind, older_than, cfg, now):
+        self.name, self.kind, self.older_than = ds["name"], kind, older_than
+        self.ds, self.cfg, self.now = ds, cfg, now
+        self.manifests, self.numbers = [], []
+        self.record = self.purge_entries = None
+        self.dest = ds.get("rescue_to") or (ds.get("last_rescue") or {}).get("to")
+        record = ds.get("purge") if kind == "vanished" else None
+        if isinstance(record, dict):
+            self.header, self.purge_entries = read_purge(store.purge_record_path(
+                self.name, record["file"]))
+            self.record, self.dest, self.trailer = record, self.header.get("dest"), None
+            return
         try:
             self._open(store)
         except BaseException:
@@ -3774,6 +4115,7 @@ class FileList(object):
                 raise self._missing(len(found))
             try:
                 self.manifests = [Manifest(path) for _, path in found[:need]]
+                self.numbers = [number for number, _ in found[:need]]
                 break
             except FileNotFoundError:
                 self.close()
@@ -3798,6 +4140,8 @@ class FileList(object):
     def close(self):
         for m in self.manifests:
             m.close()
+        if self.purge_entries is not None:
+            self.purge_entries.close()
 
     def cutoff(self, header):
         """Entries with an atime below this (epoch seconds) are listed; None: all."""
@@ -3814,7 +4158,8 @@ class FileList(object):
     def items(self):
         try:
             try:
-                source = self._vanished() if self.kind == "vanished" else self._entries()
+                source = (self._recorded() if self.record is not None else self._vanished()
+                          if self.kind == "vanished" else self._entries())
                 for item in source:
                     yield item
             except (KeyError, TypeError, ValueError, IndexError) as e:
@@ -3837,20 +4182,43 @@ class FileList(object):
                 continue
             if cut is not None and (kind & K_TOUCHED or kind == K_UNKNOWN or atime >= cut):
                 continue
-            yield key, kind, size, atime, None
+            yield key, kind, size, atime, None, NO_COPY
 
     def _vanished(self):
-        """What the older manifest holds and the newer lacks, with the reason: likely purged
-        when its last atime was older than purge days at the newer walk's start (as the
-        refresh result counts it)."""
+        """What the older manifest holds and the newer lacks, with the reason (the rule
+        the refresh result counts by: likely_purged()) and a current copy in the dataset's
+        rescue destination."""
         new, old = self.manifests
-        purged = float(new.header["now"]) - float(new.header["purge_days"]) * DAY
+        for m, number in zip(self.manifests, self.numbers):
+            why = manifest_problem(m.header, self.ds, self.cfg, self.now, number)
+            if why:
+                raise StateError("what vanished from %r is not known: the manifest %s is not "
+                                 "used: %s" % (self.name, m.path, why))
+        if old.header.get("walk_started", "") > new.header.get("walk_started", "") or \
+                old.header.get("seq", 0) >= new.header.get("seq", 1):
+            raise StateError("what vanished from %r is not known: its two newest manifests are "
+                             "out of order" % self.name)
+        prev_now, new_now = float(old.header["now"]), float(new.header["now"])
+        purge_days = float(new.header["purge_days"])
         cut = self.cutoff(new.header)
         sentinel = SENTINEL.encode()
-        for key, kind, size, atime in vanished(old, new):
+        for key, kind, size, atime, mtime in vanished(old, new):
             if key == sentinel or (cut is not None and atime >= cut):
                 continue
-            yield key, kind, size, atime, REASON_PURGED if atime < purged else REASON_DELETED
+            purged = likely_purged(kind, atime, prev_now, new_now, purge_days)
+            yield (key, kind, size, atime, REASON_PURGED if purged else REASON_DELETED,
+                   copy_of(self.dest, key, kind, size, mtime))
+
+    def _recorded(self):
+        """The purge record's entries, with their copies as they are now."""
+        cut = self.cutoff(self.header) if self.older_than is not None else None
+        sentinel = SENTINEL.encode()
+        for d in self.purge_entries:
+            key, kind, size, atime = d["k"], d["t"], d["s"], d["a"]
+            if key == sentinel or (cut is not None and atime >= cut):
+                continue
+            yield (key, kind, size, atime, REASON_PURGED if d["p"] else REASON_DELETED,
+                   copy_of(self.dest, key, kind, size, d.get("m")))
 
 
 def files(name, kind=None, older_than=None, state_dir=None, env=None):
@@ -3865,9 +4233,9 @@ def files(name, kind=None, older_than=None, state_dir=None, env=None):
 
 def _files(ctx, name, kind, older_than):
     kind, older_than = _check_files_kind(kind), _check_older_than(older_than)
-    ctx.config()
-    _get(ctx.store.load_registry(), name)
-    return FileList(ctx.store, name, kind, older_than)
+    cfg = ctx.config()
+    ds = _get(ctx.store.load_registry(), name)
+    return FileList(ctx.store, ds, kind, older_than, cfg, ctx.now)
 
 
 def _age_words(seconds):
@@ -3892,6 +4260,12 @@ def files_header(listing, now):
             "purge-eligible entries", "vanished": "entries that vanished"}[listing.kind]
     if listing.older_than is not None:
         what += " not accessed for %g days" % listing.older_than
+    if listing.record is not None:
+        r = listing.record
+        return "%s: %s: %s between the walks started %s and %s (the purge found %s, %s)%s" % (
+            PROG, listing.name, what, r.get("previous_walk_started") or "?",
+            r.get("walk_started") or "?", r["found"], age, "; copies looked for in " +
+            display_path(listing.dest) if listing.dest else "")
     if listing.kind == "vanished":
         return "%s: %s: %s between %s and %s (%s)" % (
             PROG, listing.name, what, walk(listing.manifests[1].header), walk(h), age)
@@ -3902,16 +4276,18 @@ def files_header(listing, now):
 
 def _files_formatter(args, kind):
     """The function that turns one item of a FileList into its output bytes."""
-    def nul(key, kind, size, atime, reason):
+    def nul(key, kind, size, atime, reason, copy):
         return key_path(key) + b"\0"
 
     def jsonl(*item):
         return (json.dumps(file_doc(*item), sort_keys=True, ensure_ascii=False)
                 + "\n").encode("utf-8")
 
-    def text(key, kind, size, atime, reason):
+    def text(key, kind, size, atime, reason, copy):
         # WARNING: the reason goes after a tab: quote_path never leaves a raw tab in a path.
         tail = "\n" if reason is None else "\t%s\n" % reason
+        if copy is not NO_COPY:
+            tail = "\t%s\t%s\n" % (reason, "copy: " + quote_path(copy) if copy else "no copy")
         return (quote_path(key_path(key)) + tail).encode("utf-8")
     return nul if args.null else jsonl if args.json else text
 
@@ -3938,10 +4314,31 @@ def cmd_files(args, ctx):
                 write(b"".join(batch))
                 batch = []
         write(b"".join(batch))
+        out.flush()
     finally:
         items.close()
         listing.close()
+    if listing.record is not None and not listing.record.get("seen"):
+        mark_purge_seen(ctx.store, listing.name, listing.record["file"])
     return EXIT_OK
+
+
+def mark_purge_seen(store, name, file):
+    """The user has listed the purge record `file` to its end: status --brief stops naming
+    it. Recorded under the dataset's lock, and not at all while a walk holds it."""
+    lock = DatasetLock(store, name)
+    lock.wait = 0
+    try:
+        lock.acquire()
+    except BusyError:
+        return
+    try:
+        with store.update_registry() as reg:
+            p = (reg["datasets"].get(name) or {}).get("purge")
+            if isinstance(p, dict) and p.get("file") == file and not p.get("seen"):
+                p["seen"] = iso(time.time())
+    finally:
+        lock.release()
 
 # ---------------------------------------------------------------- refresh engine
 
@@ -4066,6 +4463,7 @@ def _refresh(ctx, opts, should_stop=None, progress=None):
         results.append(dict(empty_result(ds["name"], dataset_mode(cfg, ds, opts.check), reason),
                             state=st))
         codes.append(EXIT_FAIL)
+    _record_missing(ctx, [ds for ds, st, _ in refused if st == "missing"], opts)
     if not chosen and not refused:
         notes.append("nothing to refresh: no enabled, unexpired dataset%s"
                      % (" is due" if opts.due else ""))
@@ -4105,6 +4503,18 @@ def _refresh(ctx, opts, should_stop=None, progress=None):
     return out
 
 
+def _record_missing(ctx, gone, opts):
+    """A refresh that finds a dataset's root missing says so in the registry, so that
+    `status --brief` (which looks at no dataset) can tell; its next complete walk clears it."""
+    if not gone or opts.dry_run:
+        return
+    with ctx.store.update_registry() as reg:
+        for ds in gone:
+            cur = reg["datasets"].get(ds["name"])
+            if cur is not None and cur.get("path") == ds["path"] and not cur.get("missing_since"):
+                cur["missing_since"] = iso(time.time())
+
+
 def _fail_on_risk(ctx, out, codes):
     """refresh --fail-on-risk: the exit code counts the risk found as a failure."""
     out["risk"], out["codes"] = risk_found(ctx, out["results"]), codes
@@ -4115,28 +4525,29 @@ def _fail_on_risk(ctx, out, codes):
 
 
 def risk_found(ctx, results):
-    """[(name, what)] for the walks `refresh --fail-on-risk` fails on: a complete check walk
-    that found purge-eligible entries, or a walk of either mode that found entries likely
-    purged since the previous complete walk.
-
-    WARNING: a result counts one invocation; a walk completed by a resumed run is judged
-    by the whole walk's totals, which the registry holds once the run is recorded.
-    """
+    """[(name, what)] for the walks `refresh --fail-on-risk` fails on, read from attention():
+    a complete walk after which entries of the user's older than the purge age remain with
+    no copy (`purge-eligible`: a check walk's), or that found a purge (`purged`). A
+    keep-until, others' entries or an older purge do not fail a run."""
     try:
         datasets = ctx.store.load_registry()["datasets"]
     except StateError:
         datasets = {}
     found = []
     for r in results:
+        ds = datasets.get(r["name"])
+        if ds is None or not r.get("complete"):
+            continue
+        if r.get("dry_run"):        # recorded nothing: judge the counts it found
+            ds = dict(ds, last_totals=dict((f, r.get(f, 0)) for f in Counts.FIELDS),
+                      last_mode=r["mode"], last_refresh=r.get("finished"),
+                      last_refresh_start=None, purge=None)
+        codes = attention(ds, ctx.now)
         why = []
-        eligible = r.get("entries_purge_eligible", 0)
-        if r.get("resumed") and not r.get("dry_run"):
-            totals = (datasets.get(r["name"]) or {}).get("last_totals") or {}
-            eligible = max(eligible, totals.get("entries_purge_eligible", 0))
-        if r.get("complete") and r.get("mode") == "check" and eligible > 0:
-            why.append("%s purge-eligible" % plural(eligible, "entry", "entries"))
-        # The key comes with purge forensics (the manifest merge at a walk's end).
-        if r.get("entries_likely_purged", 0) > 0:
+        if "purge-eligible" in codes:
+            why.append("%s purge-eligible" % plural(remaining_risk(ds)["own_purge_eligible"],
+                                                    "entry", "entries"))
+        if "purged" in codes and r.get("entries_likely_purged"):    # this walk found it
             why.append("%s likely purged" % plural(r["entries_likely_purged"], "entry",
                                                    "entries"))
         if why:
@@ -4290,6 +4701,7 @@ class DatasetRun(object):
         self.manifest_resume = None     # the checkpoint's manifest position
         self.manifest_note = None   # why this walk leaves no manifest, if it should have
         self.forensics = None
+        self.purge = None           # the purge record this walk found, if any
         self.manifest_path = None   # the manifest this walk completed
         self.timing = {"checkpoint_seconds": 0.0, "checkpoints": 0}
         self.progress = None
@@ -4346,12 +4758,20 @@ class DatasetRun(object):
             self.manifest = ManifestWriter(path, resume=self.manifest_resume)
         else:
             self.store.ensure_manifest_dir(self.name)
+            have = self.store.manifests(self.name)
+            dev, ino = self.root_id()
             self.manifest = ManifestWriter(path, header={
                 "format": MANIFEST_FORMAT, "dataset": self.name, "root": self.ds["path"],
+                "root_dev": dev, "root_ino": ino, "seq": have[0][0] + 1 if have else 1,
                 "mode": self.mode, "walk_started": self.walk_started, "now": self.ctx.now,
                 "thresholds_days": list(thresholds_days(self.cfg, self.cadence)),
                 "purge_days": purge_days_of(self.cfg)})
         self.walker.manifest = self.manifest
+
+    def root_id(self):
+        """(st_dev, st_ino) of the dataset's root: a manifest names the directory it lists."""
+        st = os.fstat(self.root_fd) if self.root_fd is not None else os.lstat(self.ds["path"])
+        return st.st_dev, st.st_ino
 
     def finish_manifest(self, complete):
         """A complete walk's manifest becomes the newest; then what vanished is counted."""
@@ -4366,15 +4786,55 @@ class DatasetRun(object):
         self.forensics = dict(FORENSICS_ZERO, previous_walk_started=None)
         if previous:
             try:
-                self.forensics = compare_manifests(previous[0][1], writer.path,
-                                                   purge_days_of(self.cfg))
+                self.forensics = self.compare(previous[0], writer.path)
             except (Failure, OSError) as e:
                 # What vanished stays unknown this time; the walk and its manifest stand.
                 self.forensics = None
                 self.manifest_note = "what vanished is not known: %s" % (
                     e if isinstance(e, Failure) else "%s: %s" % (previous[0][1], e.strerror))
                 self.write_log("manifest compare failed (%s)" % self.manifest_note)
-        self.manifest_path = self.store.keep_manifest(self.name, writer.path)
+        with Manifest(writer.path) as m:
+            number = m.header.get("seq")
+        self.manifest_path = self.store.keep_manifest(self.name, writer.path, number)
+
+    def compare(self, previous, new_path):
+        """What vanished since the previous complete walk's manifest (number, path): the
+        counts, and (when anything did) a new purge record, self.purge. A manifest that is
+        not this dataset's previous walk's is not used (Failure: what vanished is unknown)."""
+        number, prev_path = previous
+        with Manifest(prev_path) as prev, Manifest(new_path) as new:
+            why = manifest_problem(prev.header, self.ds, self.cfg, self.ctx.now, number,
+                                   self.root_id())
+            if why is None and (prev.header.get("walk_started") or "") > self.walk_started:
+                why = "it is newer than this walk"      # (whole seconds: equal is fine)
+            if why is None and prev.header.get("format", 1) >= 2 and \
+                    not prev.header.get("seq", 0) < new.header.get("seq", 0):
+                why = "it is out of sequence"
+            if why is not None:
+                raise StateError("the previous manifest %s is not used: %s" % (prev_path, why))
+            purge_days = int(new.header["purge_days"])
+            dest = self.ds.get("rescue_to") or (self.ds.get("last_rescue") or {}).get("to")
+            dfd = self.store.open_dir("manifests", self.name)
+            fname = "purge-%06d.skm" % int(new.header.get("seq") or number + 1)
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(fname, dir_fd=dfd)        # a crashed walk's, never recorded
+                out = PurgeWriter(dfd, fname, {
+                    "dataset": self.name, "walk_started": self.walk_started, "dest": dest,
+                    "previous_walk_started": prev.header.get("walk_started"),
+                    "now": new.header["now"], "purge_days": purge_days})
+                try:
+                    counts = find_purge(prev, new, purge_days, out)
+                finally:
+                    out.close(keep=out.counts["entries_vanished"] > 0)
+            finally:
+                os.close(dfd)
+            if counts["entries_vanished"]:
+                self.purge = dict(counts, found=iso(time.time()), file=fname, dest=dest,
+                                  now=self.ctx.now,
+                                  walk_started=self.walk_started, seen=None,
+                                  previous_walk_started=prev.header.get("walk_started"))
+            return dict(counts, previous_walk_started=prev.header.get("walk_started"))
 
     def walk(self, budget, should_stop, progress):
         """Walk from the resume point within the budget. Returns True when complete."""
@@ -4453,9 +4913,12 @@ class DatasetRun(object):
                       started=iso(self.started), finished=iso(time.time()),
                       dry_run=bool(self.opts.dry_run), stopped=None if complete else stopped,
                       log=self.log_path, timing=self.timing)
-        result.update(FORENSICS_ZERO)
         if self.forensics is not None:
             result.update(self.forensics)
+        elif self.wants_manifest() and complete:     # compared, and not usable: unknown
+            result.update(dict.fromkeys(FORENSICS_ZERO))
+        else:
+            result.update(FORENSICS_ZERO)
         result["manifest"] = self.manifest_path
         if self.manifest_note:
             result["manifest_note"] = self.manifest_note
@@ -4498,6 +4961,11 @@ class DatasetRun(object):
                     cur["last_totals"] = self.totals.as_dict()
                     if self.forensics is not None:
                         cur["forensics"] = dict(self.forensics, walk_started=self.walk_started)
+                    if self.purge is not None:
+                        cur["purge"] = self.purge
+                    cur.pop("missing_since", None)
+        if complete and cur is not None:
+            self.store.prune_purge_records(self.name, (cur.get("purge") or {}).get("file"))
         if complete and self.mode == "touch" and cur is not None:
             update_sentinel(self.ds["path"] if self.root_fd is None else self.root_fd, cur)
         self.store.prune_logs(self.name)
@@ -4784,9 +5252,12 @@ def _rescue(ctx, opts, budget, should_stop=None, progress=None):
             raise Failure("dataset %r: %s" % (ds["name"], e))
         try:
             run = RescueRun(ctx, current, dest, opts, manifests[0][1], root_fd)
-            return dict(run.go(budget, should_stop, progress), notes=notes)
+            result = dict(run.go(budget, should_stop, progress), notes=notes)
         finally:
             os.close(root_fd)
+        if result["complete"] and not opts.dry_run:
+            record_rescue(store, ds["name"], result)
+        return result
     except OSError as e:
         raise_if_full(e, e.filename or dest)
         raise
@@ -5417,6 +5888,18 @@ RESCUE_REASON_COUNTS = {"other-owner": "entries_not_owned",
 RESCUE_COUNTS = ("entries_done", "entries_copied", "bytes_copied", "dirs_created",
                  "entries_skipped", "bytes_skipped", "entries_not_rescued", "entries_not_owned",
                  "entries_newer_destination", "entries_special", "errors", "temps_removed")
+
+
+def record_rescue(store, name, r):
+    """A complete rescue's record in the registry: the dataset's copies are there (see
+    copies_cover(); a purge record looks for copies in its destination)."""
+    with store.update_registry() as reg:
+        cur = reg["datasets"].get(name)
+        if cur is not None:
+            cur["last_rescue"] = {"to": r["to"], "walk_started": r["walk_started"],
+                                  "finished": r["finished"],
+                                  "entries_not_rescued": r["entries_not_rescued"],
+                                  "entries_not_owned": r["entries_not_owned"]}
 
 
 def _scheduled_rescue(ctx, name, budget, should_stop):
@@ -6266,13 +6749,14 @@ def _continue_soon(ctx, method, doc):
 
 
 class Check(object):
-    """One doctor finding: level ok, warn (worth knowing) or fail (doctor exits 1)."""
+    """One doctor finding: level ok, info (the data, for the user: not the tool's
+    problem), warn or fail (a problem with the tool's machinery: doctor exits 1)."""
 
     def __init__(self, name, level, message, fix=None):
         self.name, self.level, self.message, self.fix = name, level, message, fix
 
     def as_dict(self):
-        return {"name": self.name, "ok": self.level != "fail", "level": self.level,
+        return {"name": self.name, "ok": self.level in ("ok", "info"), "level": self.level,
                 "message": self.message}
 
 
@@ -6284,7 +6768,7 @@ def doctor(state_dir=None, env=None, runner=None):
 
 def _doctor(ctx):
     checks = _diagnose(ctx)
-    return {"ok": all(c.level != "fail" for c in checks),
+    return {"ok": all(c.level in ("ok", "info") for c in checks),
             "checks": [c.as_dict() for c in checks]}
 
 
@@ -6581,14 +7065,6 @@ def _check_dataset(ctx, cfg, root, ds):
                          "scratch root %s" % (name, path, root)))
     keep = parse_date(ds["keep_until"])
     days_left = (keep - utc_date(now)).days
-    if days_left < 0:
-        out.append(Check("keep-until:" + name, "warn", "dataset %r expired on %s and is no longer "
-                         "protected; `%s extend --name %s --keep-until YYYY-MM-DD` to keep it"
-                         % (name, ds["keep_until"], PROG, name)))
-    elif days_left <= 14:
-        out.append(Check("keep-until:" + name, "warn", "dataset %r is protected only until %s "
-                         "(%d days); extend it or move it off scratch" % (
-                             name, ds["keep_until"], days_left)))
     active = ds.get("enabled", True) and days_left >= 0
     cadence = int(ds["cadence_days"])
     last = ds.get("last_refresh")
@@ -6598,23 +7074,17 @@ def _check_dataset(ctx, cfg, root, ds):
                          "the schedule (`%s status`) and run `%s refresh --name %s`" % (
                              name, "last complete refresh %s," % last if last else
                              "never refreshed, added", cadence + 2, PROG, PROG, name)))
-    run = ds.get("last_run") or {}
-    if run.get("errors"):
-        out.append(Check("errors:" + name, "warn", "dataset %r: the last run had %d entry errors "
-                         "(vanished or permission denied); see %s" % (
-                             name, run["errors"], run.get("log"))))
+    # The data is the user's to act on, not a fault of the tool: information.
+    codes = attention(ds, now, True, checkpoint_or_none(ctx.store, name))
+    for code in codes:
+        what, command = attention_words(ds, code, now)
+        out.append(Check("%s:%s" % (code, name), "info", "dataset %r: %s; run `%s`"
+                         % (name, what, command)))
     if dataset_mode(cfg, ds) == "check" and active:
-        t = ds.get("last_totals") or {}
-        out.append(Check("approval:" + name, "warn", "dataset %r has no site approval, so it is "
-                         "only checked, never refreshed%s; copy what you need to Slate or "
+        out.append(Check("approval:" + name, "info", "dataset %r has no site approval, so it is "
+                         "only checked, never refreshed; copy what you need to Slate or "
                          "Slate-Project, or record an exemption with `%s extend --name %s "
-                         "--approval TICKET`" % (
-                             name, "; last complete check: %s entries (%s) at risk, %s (%s) "
-                             "purge-eligible" % (human_count(t.get("entries_at_risk", 0)),
-                                                 human_bytes(t.get("bytes_at_risk", 0)),
-                                                 human_count(t.get("entries_purge_eligible", 0)),
-                                                 human_bytes(t.get("bytes_purge_eligible", 0)))
-                             if t else "", PROG, name)))
+                         "--approval TICKET`" % (name, PROG, name)))
     return out
 
 
@@ -6640,7 +7110,8 @@ def _check_schedule(ctx, cfg, reg):
         return failed
     slurm = ctx.slurm
     if slurm.run(["squeue", "--version"]) is None:
-        return [Check("schedule", "warn", "Slurm is not installed here (not on a cluster?): "
+        # Not a fault of the tool: it works, by hand (status --brief says so too).
+        return [Check("schedule", "info", "Slurm is not installed here (not on a cluster?): "
                       "datasets are refreshed only when you run `%s refresh`" % PROG)]
     if doc is None:
         return [Check("schedule", "fail" if enabled else "ok",
@@ -7314,16 +7785,33 @@ def cmd_list(args, ctx):
         say(ctx, "No datasets registered. Add one: `%s add --name NAME --path DIR "
                  "--keep-until YYYY-MM-DD`" % PROG)
         return EXIT_OK
-    rows = [[e["name"], e["state"], e["risk"] or "-", e["mode"], e["keep_until"],
-             e["last_refresh"] or "never", display_path(e["path"])] for e in entries]
-    say(ctx, table(rows, ["NAME", "STATE", "RISK", "MODE", "KEEP-UNTIL", "LAST-REFRESH",
-                          "PATH"]))
+    rows = [[e["name"], "attention" if e["attention"] and e["state"] == "ok" else e["state"],
+             ",".join(e["attention"]) or "-", e["risk"] or "-",
+             e["mode"], e["keep_until"], e["last_refresh"] or "never", display_path(e["path"])]
+            for e in entries]
+    say(ctx, table(rows, ["NAME", "STATE", "ATTENTION", "RISK", "MODE", "KEEP-UNTIL",
+                          "LAST-REFRESH", "PATH"]))
+    need = [e["name"] for e in entries if e["attention"]]
+    if need:
+        say(ctx, "%s: `%s status --name %s` says what to do" % (
+            "needs attention" if len(need) == 1 else "%d need attention" % len(need), PROG,
+            need[0] if len(need) == 1 else "NAME"))
     return EXIT_OK
 
 
-def _status_lines(e):
-    lines = ["%s: %s (%s mode)" % (e["name"], e["state"], e["mode"])]
+def state_text(e):
+    """A dataset's state for people: never `ok` while its attention is not empty."""
+    if not e["attention"]:
+        return e["state"]
+    return "needs attention: %s%s" % (", ".join(e["attention"]), "" if e["state"] == "ok"
+                                      else " (%s)" % e["state"])
+
+
+def _status_lines(e, ds_words):
+    lines = ["%s: %s (%s mode)" % (e["name"], state_text(e), e["mode"])]
     add = lines.append
+    for what, command in ds_words:
+        add("  attention:     %s; run `%s`" % (what, command))
     add("  path:          %s" % display_path(e["path"]))
     add("  keep until:    %s%s" % (e["keep_until"], "" if e["enabled"] else "  (disabled)"))
     add("  cadence:       every %d days; next due %s" % (e["cadence_days"],
@@ -7337,20 +7825,22 @@ def _status_lines(e):
     add("  last refresh:  %s" % ("%s (%s mode)" % (e["last_refresh"], e["last_mode"])
                                  if e["last_refresh"] else "never"))
     if e["risk"]:
-        add("  risk:          %s (what the last complete walk found)" % e["risk"])
+        rem = e["remaining"]
+        theirs = rem["at_risk"] - rem["own_at_risk"] if e["last_mode"] == "check" else \
+            rem["at_risk"]
+        add("  risk:          %s (still at risk after the last complete walk)%s" % (
+            e["risk"], "; %s of other owners (not yours to refresh or copy)"
+            % plural(theirs, "entry", "entries") if theirs and e["risk"] != "none" else ""))
     run = e.get("last_run")
     if run:
         add("  last run:      %s; %s" % (run.get("finished"), describe_result(run).split(": ", 1)[1]))
         if run.get("log"):
             add("  last log:      %s" % run["log"])
-    v = e.get("vanished")
-    if v and v.get("previous_walk_started"):
-        add("  vanished:      %s (%s) between the walks of %s and %s; %s likely purged (%s)%s"
-            % (plural(v["entries_vanished"], "entry", "entries"), human_bytes(v["bytes_vanished"]),
-               v["previous_walk_started"], v.get("walk_started"),
-               human_count(v["entries_likely_purged"]), human_bytes(v["bytes_likely_purged"]),
-               "; `%s files --name %s --vanished` lists them" % (PROG, e["name"])
-               if v["entries_vanished"] else ""))
+    p = e.get("last_purge")
+    if p:
+        add("  last purge:    found %s: %s; `%s files --name %s --vanished` lists them%s" % (
+            p["found"], purge_words(p), PROG, e["name"],
+            " (listed %s)" % p["seen"] if p.get("seen") else ""))
     m = e.get("manifest")
     if m:
         add("  manifest:      %s of the %s walk of %s, %s on disk (`%s files --name %s` lists "
@@ -7375,10 +7865,13 @@ def cmd_status(args, ctx):
     if not entries:
         say(ctx, "No datasets registered. Add one: `%s add --name NAME --path DIR "
                  "--keep-until YYYY-MM-DD`" % PROG)
+    datasets = ctx.store.load_registry()["datasets"] if entries else {}
     for i, e in enumerate(entries):
         if i:
             say(ctx)
-        for line in _status_lines(e):
+        ds = datasets.get(e["name"])
+        words = [attention_words(ds, c, ctx.now) for c in e["attention"]] if ds else []
+        for line in _status_lines(e, words):
             say(ctx, line)
     if args.name is None:
         for line in _schedule_lines(ctx):
@@ -7590,12 +8083,21 @@ def cmd_doctor(args, ctx):
     if args.json:
         emit_json(ctx, report)
     else:
-        marks = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
+        marks = {"ok": "ok  ", "info": "info", "warn": "WARN", "fail": "FAIL"}
         for c in report["checks"]:
             say(ctx, "%s %-22s %s" % (marks[c["level"]], c["name"], c["message"]))
         fails = sum(1 for c in report["checks"] if not c["ok"])
-        say(ctx, "%s" % ("healthy" if report["ok"] else "%s; `%s repair --dry-run` "
-                         "shows what can be mended" % (plural(fails, "problem"), PROG)))
+        data = sorted(set(c["name"].split(":", 1)[1] for c in report["checks"]
+                          if c["level"] == "info" and c["name"].split(":")[0] in
+                          ATTENTION_CODES))
+        if not report["ok"]:
+            say(ctx, "%s; `%s repair --dry-run` shows what can be mended"
+                % (plural(fails, "problem"), PROG))
+        elif data:
+            say(ctx, "the tool can do its job; %s need%s you (the info lines above)" % (
+                ", ".join(data), "s" if len(data) == 1 else ""))
+        else:
+            say(ctx, "healthy")
     return EXIT_OK if report["ok"] else EXIT_FAIL
 
 
@@ -7778,11 +8280,11 @@ def build_parser():
     p = _sub(subs, "status", cmd_status, "show datasets in detail",
              "Show each dataset's state, thresholds, last run, checkpoint and sentinel.\n\n"
              "--brief prints nothing when nothing needs attention, else one line per "
-             "dataset that does (purge-eligible or at-risk entries found by a check walk, "
-             "entries likely purged, errors in its last run, a keep-until within %d days) and "
+             "dataset that does (its `attention`: %s) and "
              "one for the schedule (missing, failed, or silent: no scheduled run has reported "
              "for cadence + 3 days), each ending with the command to run. It reads the state "
-             "directory only (no walk, no Slurm command), for ~/.bashrc." % BRIEF_KEEP_DAYS,
+             "directory only (no walk, no Slurm command), for ~/.bashrc." % ", ".join(
+                 ATTENTION_CODES),
              "  scratch-keepalive status\n  scratch-keepalive status --name genomes --json\n"
              "  scratch-keepalive status --brief     # in ~/.bashrc: "
              "case $- in *i*) scratch-keepalive status --brief;; esac\n")

@@ -198,16 +198,6 @@ def test_fail_on_risk_passes_what_is_not_purge_eligible_in_check_mode(cli, gener
     assert r.rc == rc and "--fail-on-risk" not in r.out, r
 
 
-def test_fail_on_risk_and_a_likely_purge_in_either_mode():
-    """entries_likely_purged comes with purge forensics; a result that has it fails."""
-    for mode in ("touch", "check"):
-        r = dict(sk.empty_result("ds", mode), complete=True, entries_likely_purged=2)
-        assert sk.risk_found(sk.Context(state_dir="/nonexistent"), [r]) == \
-            [("ds", "2 entries likely purged")]
-    r = dict(sk.empty_result("ds", "touch"), complete=True, entries_purge_eligible=5)
-    assert sk.risk_found(sk.Context(state_dir="/nonexistent"), [r]) == []
-
-
 @pytest.mark.parametrize("codes, risk, continued, want", [
     ([0], False, False, 0), ([0], True, False, 1), ([3], True, False, 1), ([4], True, False, 1),
     ([130], True, False, 130), ([3], False, False, 3), ([3], False, True, 0),
@@ -309,7 +299,8 @@ def _alerts(cli):
     assert sk.brief() == alerts
     assert len(text) == len(alerts), (text, alerts)
     for line, a in zip(text, alerts):
-        assert set(a) == {"name", "kind", "message", "command"}, a
+        assert set(a) == {"name", "kind", "message", "command", "attention"}, a
+        assert a["kind"] == (a["attention"][0] if a["name"] else a["kind"]), a
         assert line == "scratch-keepalive: %s: %s; run `%s`" % (a["name"] or "schedule",
                                                                 a["message"], a["command"])
     return alerts
@@ -328,11 +319,11 @@ def test_brief_check_mode_risk_purge_eligible_and_at_risk(cli, generic):
     alerts = _alerts(cli)
     assert [(a["name"], a["kind"]) for a in alerts] == [("aging", "at-risk"),
                                                         ("old", "purge-eligible")], alerts
-    # 10 entries; the bytes are the sentinel's 4 KiB and the files' 9 B
-    assert alerts[0]["message"].startswith("10 entries (4.0 KiB) at risk, found by the check "
+    # 10 entries, all the user's
+    assert alerts[0]["message"].startswith("10 entries of yours at risk remain after the check "
                                            "walk of "), alerts
-    assert alerts[1]["message"].startswith("10 entries (4.0 KiB) purge-eligible, 10 at risk "
-                                           "(4.0 KiB), found by the check walk of "), alerts
+    assert alerts[1]["message"].startswith("10 entries of yours older than the purge age "
+                                           "remain after the check walk of "), alerts
     assert alerts[1]["command"] == "scratch-keepalive files --name old --purge-eligible"
     # A touch walk since: they were refreshed, nothing to say.
     assert cli("refresh", "--name", "old").rc == 0
@@ -342,43 +333,49 @@ def test_brief_check_mode_risk_purge_eligible_and_at_risk(cli, generic):
 def test_brief_likely_purged_and_errors_from_the_last_run(cli, generic):
     _, store = healthy(cli, generic)
     entry = store.load_registry()["datasets"]["ds"]
-    run, found = entry["last_run"], entry["forensics"]
-    # What the merge of the last two manifests found (the registry's forensics).
-    edit_entry(store, "ds", forensics=dict(found, entries_likely_purged=3,
-                                           bytes_likely_purged=4096))
+    run = entry["last_run"]
+    # The purge record a walk found (found a day ago: within the 14 days it is named).
+    purge = dict(dict.fromkeys(sk.PURGE_COUNTS, 0), entries_vanished=3, bytes_vanished=4096,
+                 entries_likely_purged=3, bytes_likely_purged=4096, file="purge-000002.skm",
+                 found=sk.iso(NOW_EPOCH - DAY), seen=None, dest=None,
+                 walk_started=sk.iso(NOW_EPOCH - DAY), previous_walk_started=None)
+    edit_entry(store, "ds", purge=purge)
     alerts = _alerts(cli)
-    assert [(a["name"], a["kind"]) for a in alerts] == [("ds", "likely-purged")], alerts
-    assert alerts[0]["message"].startswith("3 entries (4.0 KiB) likely purged by the site")
+    assert [(a["name"], a["kind"]) for a in alerts] == [("ds", "purged")], alerts
+    assert alerts[0]["message"].startswith("3 entries (4.0 KiB) likely purged between the walks")
     assert alerts[0]["command"] == "scratch-keepalive files --name ds --vanished"
-    edit_entry(store, "ds", forensics=found, last_run=dict(run, errors=2,
-                                                           log="/st/logs/ds/x.log"))
+    edit_entry(store, "ds", purge=None, last_run=dict(run, errors=2, log="/st/logs/ds/x.log"))
     alerts = _alerts(cli)
     assert [(a["name"], a["kind"]) for a in alerts] == [("ds", "errors")], alerts
     assert "had 2 errors, listed in /st/logs/ds/x.log" in alerts[0]["message"], alerts
     # Both: one line, the most urgent kind first, every finding in the message.
-    edit_entry(store, "ds", last_run=dict(run, errors=1),
-               forensics=dict(found, entries_likely_purged=1))
+    edit_entry(store, "ds", last_run=dict(run, errors=1), purge=dict(
+        purge, entries_likely_purged=1, entries_vanished=1))
     alerts = _alerts(cli)
-    assert [a["kind"] for a in alerts] == ["likely-purged"], alerts
+    assert [a["kind"] for a in alerts] == ["purged"], alerts
+    assert alerts[0]["attention"] == ["purged", "errors"], alerts
     assert "had 1 error" in alerts[0]["message"], alerts
 
 
-def test_brief_keep_until_within_a_week_and_just_past(cli, generic, monkeypatch):
-    healthy(cli, generic, keep="2030-01-08")
+def test_brief_keep_until_within_two_weeks_and_past(cli, generic, monkeypatch):
+    healthy(cli, generic, keep="2030-01-15")
     alerts = _alerts(cli)
-    assert [(a["name"], a["kind"]) for a in alerts] == [("ds", "keep-until")], alerts
-    assert "kept only until 2030-01-08 (in 7 days)" in alerts[0]["message"], alerts
+    assert [(a["name"], a["kind"]) for a in alerts] == [("ds", "expiring")], alerts
+    assert "kept only until 2030-01-15 (in 14 days)" in alerts[0]["message"], alerts
     assert alerts[0]["command"] == "scratch-keepalive extend --name ds --keep-until YYYY-MM-DD"
-    monkeypatch.setenv("SCRATCH_KEEPALIVE_NOW", "2029-12-31T23:00:00Z")     # 8 days before
+    monkeypatch.setenv("SCRATCH_KEEPALIVE_NOW", "2029-12-31T23:00:00Z")     # 15 days before
     assert [a["kind"] for a in _alerts(cli)] == []
-    monkeypatch.setenv("SCRATCH_KEEPALIVE_NOW", "2030-01-08T23:00:00Z")
+    monkeypatch.setenv("SCRATCH_KEEPALIVE_NOW", "2030-01-15T23:00:00Z")
     assert "(today)" in _alerts(cli)[0]["message"]
-    monkeypatch.setenv("SCRATCH_KEEPALIVE_NOW", "2030-01-10T00:00:00Z")
+    monkeypatch.setenv("SCRATCH_KEEPALIVE_NOW", "2030-01-17T00:00:00Z")
     alerts = _alerts(cli)
-    assert [(a["name"], a["kind"]) for a in alerts] == [("ds", "keep-until")], alerts
+    assert [(a["name"], a["kind"]) for a in alerts] == [("ds", "expired")], alerts
     assert "has passed" in alerts[0]["message"], alerts
-    monkeypatch.setenv("SCRATCH_KEEPALIVE_NOW", "2030-01-16T00:00:00Z")     # let go a week ago
-    assert _alerts(cli) == []
+    # Until the user extends or removes it: the registry still names it.
+    monkeypatch.setenv("SCRATCH_KEEPALIVE_NOW", "2030-03-01T00:00:00Z")
+    assert [a["kind"] for a in _alerts(cli)] == ["expired"]
+    assert cli("remove", "--name", "ds").rc == 0
+    assert [a["kind"] for a in _alerts(cli)] == []
 
 
 def test_brief_a_disabled_dataset_only_for_what_else_applies(cli, generic):

@@ -267,16 +267,22 @@ def test_risk_in_list_and_status(cli, ds, env):
         assert cli("status", "--name", "ds", "--json").json()["risk"] == listed["risk"]
         return listed["risk"]
     assert risk() is None
-    assert "ds    never  -     touch" in cli("list").out
+    assert cli("list").out.splitlines()[1].split()[1:5] == ["never", "-", "-", "touch"]
     for p in files:
         set_atime(p, NOW_EPOCH - 40 * DAY)
     assert cli("refresh", "--name", "ds", "--check").rc == 0
     assert risk() == "purge-eligible"
     out = cli("list").out
-    assert out.splitlines()[0].split() == ["NAME", "STATE", "RISK", "MODE", "KEEP-UNTIL",
-                                           "LAST-REFRESH", "PATH"]
-    assert out.splitlines()[1].split()[2] == "purge-eligible"
+    assert out.splitlines()[0].split() == ["NAME", "STATE", "ATTENTION", "RISK", "MODE",
+                                           "KEEP-UNTIL", "LAST-REFRESH", "PATH"]
+    assert out.splitlines()[1].split()[2:4] == ["purge-eligible", "purge-eligible"]
     assert "risk:          purge-eligible" in cli("status", "--name", "ds").out
+    # A touch walk refreshes them all: nothing remains at risk, whatever it found.
+    assert cli("refresh", "--name", "ds").rc == 0
+    assert risk() == "none" and cli("list", "--json").json()[0]["attention"] == []
+    for p in files:
+        set_atime(p, NOW_EPOCH - 40 * DAY)
+    assert cli("refresh", "--name", "ds", "--check").rc == 0
     for p in files:
         set_atime(p, NOW_EPOCH - 20 * DAY)
     assert cli("refresh", "--name", "ds", "--check").rc == 0

@@ -824,12 +824,13 @@ def test_a_purge_between_two_walks_is_reported_exactly(world_tmp):
     want = [(p, "likely purged" if p in purged else "deleted or moved") for p in vanished]
     r = run("files", "--name", "ds", "--vanished")
     assert r.rc == 0, r
-    got = [(unquote(line.rsplit("\t", 1)[0]), line.rsplit("\t", 1)[1])
+    got = [(unquote(line.split("\t")[0]), line.split("\t")[1])
            for line in r.out.split("\n")[:-1]]
     assert got == want
-    assert '"odd\\nname \\377"\tlikely purged' in r.out.split("\n")
-    assert re.match(r"scratch-keepalive: ds: entries that vanished between the check walk "
-                    r"started \S+ and the check walk started \S+ \(less than a minute ago\)\n"
+    assert all(line.endswith("\tno copy") for line in r.out.split("\n")[:-1])
+    assert '"odd\\nname \\377"\tlikely purged\tno copy' in r.out.split("\n")
+    assert re.match(r"scratch-keepalive: ds: entries that vanished between the walks started "
+                    r"\S+Z and \S+Z \(the purge found \S+Z, less than a minute ago\)\n"
                     r"\Z", r.err), r.err
     r = run("files", "--name", "ds", "--vanished", "--json")
     docs = [json.loads(x) for x in r.out.splitlines()]
