@@ -4071,6 +4071,11 @@ def _select(ctx, cfg, reg, opts):
                    "disabled": "it is disabled; `%s enable --name %s` first" % (PROG, ds["name"])}
         if st in reasons:
             refused.append((ds, st, reasons[st]))
+        elif opts.due and st != "partial" and not is_due(
+                walk_start(ds, dataset_mode(cfg, ds, opts.check)), ds["cadence_days"],
+                sched_cadence, now):
+            # --due keeps its meaning with --name: the schedule's rule decides (exit 0).
+            refused.append((ds, "not-due", not_due_reason(cfg, ds, opts, sched_cadence)))
         else:
             chosen.append(ds)
         return chosen, refused
@@ -4088,6 +4093,16 @@ def _select(ctx, cfg, reg, opts):
             continue
         chosen.append(ds)
     return chosen, refused
+
+
+def not_due_reason(cfg, ds, opts, sched_cadence):
+    """Why `refresh --due --name NAME` does not walk NAME now, and when it will."""
+    mode = dataset_mode(cfg, ds, opts.check)
+    last = walk_start(ds, mode)
+    need = int(ds["cadence_days"]) - int(sched_cadence or ds["cadence_days"]) + 1   # is_due's
+    return ("not due until %s (its last complete %s walk started %s); without --due, `%s "
+            "refresh --name %s` walks it now" % (iso(last + need * DAY), mode, iso(last), PROG,
+                                                 ds["name"]))
 
 
 def on_login_node(cfg, env):
@@ -4116,7 +4131,7 @@ def _refresh(ctx, opts, should_stop=None, progress=None):
     for ds, st, reason in refused:
         results.append(dict(empty_result(ds["name"], dataset_mode(cfg, ds, opts.check), reason),
                             state=st))
-        codes.append(EXIT_FAIL)
+        codes.append(EXIT_OK if st == "not-due" else EXIT_FAIL)
     if not chosen and not refused:
         notes.append("nothing to refresh: no enabled, unexpired dataset%s"
                      % (" is due" if opts.due else ""))
@@ -7863,7 +7878,9 @@ def build_parser():
                    help="what the schedule runs: only datasets never walked, with a "
                    "checkpoint, or whose last complete walk of their mode started at least "
                    "(cadence - schedule cadence + 1) days ago (24 hours when the two are "
-                   "equal); a check walk or dry run never counts for a touch-mode dataset")
+                   "equal); a check walk or dry run never counts for a touch-mode dataset. "
+                   "With --name, the same rule: NAME is walked only when due (or with a "
+                   "checkpoint); otherwise it says when it will be, and exits 0")
     p.add_argument("--check", action="store_true", help="check mode: touch nothing, report risk")
     p.add_argument("--dry-run", action="store_true",
                    help="walk and report; write nothing (no checkpoint, no timestamps)")
