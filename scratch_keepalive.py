@@ -46,10 +46,8 @@ __version__ = "1.0.0"
 
 # ---------------------------------------------------------------- imports
 
-import argparse
 import binascii
 import bisect
-import calendar
 import contextlib
 import datetime
 import errno
@@ -58,16 +56,66 @@ import itertools
 import json
 import os
 import re
-import select
-import signal
-import socket
 import stat
-import subprocess
 import sys
-import tempfile
-import textwrap
-import threading
 import time
+
+
+class _LazyModule(object):
+    """A standard module imported where it is first used, not with this one.
+
+    `status --brief` runs at every login and needs none of these; importing them all took
+    about as long as starting the interpreter. The first attribute looked up imports the
+    module and puts it in place of this proxy, so later lookups cost nothing extra.
+    WARNING: a name used while this module is imported (a base class, a default
+    argument, a constant) imports its module at once: still correct, only slower.
+    """
+
+    __slots__ = ("_name",)
+
+    def __init__(self, name):
+        object.__setattr__(self, "_name", name)
+
+    def _module(self):
+        name = object.__getattribute__(self, "_name")
+        module = __import__(name)
+        if globals().get(name) is self:
+            globals()[name] = module
+        return module
+
+    def __getattr__(self, attr):
+        return getattr(self._module(), attr)
+
+    def __setattr__(self, attr, value):     # monkeypatching reaches the module itself
+        setattr(self._module(), attr, value)
+
+    def __delattr__(self, attr):
+        delattr(self._module(), attr)
+
+
+class _LazyPattern(object):
+    """re.compile(*args), compiled where it is first used, for the reason of _LazyModule:
+    the module's patterns that `status --brief` does not use took a third of its import."""
+
+    __slots__ = ("_args", "_compiled")
+
+    def __init__(self, *args):
+        self._args, self._compiled = args, None
+
+    def __getattr__(self, attr):
+        if self._compiled is None:
+            self._compiled = re.compile(*self._args)
+        return getattr(self._compiled, attr)
+
+
+argparse = _LazyModule("argparse")
+select = _LazyModule("select")
+signal = _LazyModule("signal")
+socket = _LazyModule("socket")
+subprocess = _LazyModule("subprocess")
+tempfile = _LazyModule("tempfile")
+textwrap = _LazyModule("textwrap")
+threading = _LazyModule("threading")
 
 __all__ = [
     "main", "Failure", "UsageError", "BusyError", "StateError",
@@ -89,14 +137,14 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 # install-cron --mail-user: one '@', no space, quote, '#' or shell character, so that the
 # address stays one word on an #SCRON line (split at spaces), in an #SBATCH line and in a
 # shell; no leading '-' (an option to sbatch).
-MAIL_RE = re.compile(r"^[A-Za-z0-9_+][A-Za-z0-9._+-]{0,63}@"
-                     r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-                     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\Z")
+MAIL_RE = _LazyPattern(r"^[A-Za-z0-9_+][A-Za-z0-9._+-]{0,63}@"
+                       r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\Z")
 DAY = 86400
 # A write failed because the disk or the user's quota is full.
 FULL_ERRNOS = tuple(getattr(errno, n) for n in ("ENOSPC", "EDQUOT") if hasattr(errno, n))
 TIME_MIN = 0.0                  # the instants this tool computes with: 1970 to 8999
-TIME_MAX = float(calendar.timegm((9000, 1, 1, 0, 0, 0)))
+TIME_MAX = 221845392000.0       # calendar.timegm((9000, 1, 1, 0, 0, 0))
 
 EXIT_OK = 0
 EXIT_FAIL = 1
@@ -256,7 +304,8 @@ def parse_iso(text):
         dt = datetime.datetime(int(y), int(mo), int(d), int(hh or 0), int(mm or 0), int(ss or 0))
     except ValueError:
         return None
-    t = calendar.timegm(dt.timetuple())
+    since = dt - datetime.datetime(1970, 1, 1)     # calendar.timegm, without importing calendar
+    t = since.days * DAY + since.seconds
     if tz and tz != "Z":
         sign = 1 if tz[0] == "+" else -1
         digits = tz[1:].replace(":", "")
@@ -266,10 +315,10 @@ def parse_iso(text):
 
 def parse_date(text):
     """'YYYY-MM-DD' -> datetime.date, or None when it is not a real date."""
-    if not re.match(r"^\d{4}-\d{2}-\d{2}$", text or ""):
+    if len(text or "") != 10 or not re.match(r"^\d{4}-\d{2}-\d{2}$", text):
         return None
-    try:
-        return datetime.datetime.strptime(text, "%Y-%m-%d").date()
+    try:        # not strptime: its first call costs the login line (status --brief) ~2 ms
+        return datetime.date(int(text[:4]), int(text[5:7]), int(text[8:]))
     except ValueError:
         return None
 
@@ -420,7 +469,7 @@ def atomic_write(path, data, mode=0o600):
 
 
 # atomic_write's temp files; older ones have no pid in their names.
-_TEMP_RE = re.compile(r"^\.(.+?)\.(?:(\d{1,10})\.)?[a-z0-9_]{8}\.tmp$")
+_TEMP_RE = _LazyPattern(r"^\.(.+?)\.(?:(\d{1,10})\.)?[a-z0-9_]{8}\.tmp$")
 TEMP_STALE_SECONDS = 60
 
 
@@ -1263,8 +1312,8 @@ def _root_fd_of(root):
 # a FIFO at the sentinel path would otherwise hang the command (and its lock) for good.
 
 SENTINEL_SIZE = 4096
-SENTINEL_HEAD = re.compile(br'\A\{"tool": "scratch-keepalive", "name": "([A-Za-z0-9][A-Za-z0-9._-]'
-                           br'{0,63})", ')
+SENTINEL_HEAD = _LazyPattern(br'\A\{"tool": "scratch-keepalive", "name": '
+                             br'"([A-Za-z0-9][A-Za-z0-9._-]{0,63})", ')
 O_SENTINEL = os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -1568,7 +1617,9 @@ def list_dir_typed(fd):
     return names, sorted(bisect_left(names, d.encode(enc, "surrogateescape")) for d in dirnames)
 
 
-PARALLEL_OK = sys.version_info >= (3, 7) and hasattr(socket, "CMSG_SPACE") and hasattr(os, "fork")
+# _socket: what socket re-exports CMSG_SPACE from, without socket's own imports (see _LazyModule).
+PARALLEL_OK = (sys.version_info >= (3, 7) and hasattr(__import__("_socket"), "CMSG_SPACE")
+               and hasattr(os, "fork"))
 
 
 def default_workers():
@@ -1592,7 +1643,7 @@ def fs_type(path):
     return found[2] if found else None
 
 
-_MOUNTINFO_ESCAPE = re.compile(br"\\([0-7]{3})")
+_MOUNTINFO_ESCAPE = _LazyPattern(br"\\([0-7]{3})")
 
 
 def decode_mountinfo_path(field):
@@ -1784,7 +1835,7 @@ def _worker_loop(sock, params):
 
 def release_free_memory():
     """Give the C heap's free pages back to the system (glibc's malloc_trim), so that pages
-    freed before a fork (the file's parse tree, see holds_parse_tree) are not copied into
+    freed before a fork (the file's parse tree, when it runs as `python3 FILE`) are not copied into
     every worker's share. A no-op where the C library has no malloc_trim."""
     try:
         import ctypes
@@ -4006,7 +4057,7 @@ FILES_KINDS = ("at-risk", "purge-eligible", "vanished")
 REASON_PURGED = "likely purged"         # last atime older than purge days at the newer walk
 REASON_DELETED = "deleted or moved"
 FILES_BATCH = 4096                      # output lines written at a time
-_NEEDS_QUOTE = re.compile("[\x00-\x1f\x7f-\x9f\"\\\\\u2028\u2029\udc80-\udcff]")
+_NEEDS_QUOTE = _LazyPattern("[\x00-\x1f\x7f-\x9f\"\\\\\u2028\u2029\udc80-\udcff]")
 _C_ESCAPES = {"\a": "\\a", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\v": "\\v", "\f": "\\f",
               "\r": "\\r", '"': '\\"', "\\": "\\\\"}
 
@@ -4417,6 +4468,11 @@ def _select(ctx, cfg, reg, opts):
                    "disabled": "it is disabled; `%s enable --name %s` first" % (PROG, ds["name"])}
         if st in reasons:
             refused.append((ds, st, reasons[st]))
+        elif opts.due and st != "partial" and not is_due(
+                walk_start(ds, dataset_mode(cfg, ds, opts.check)), ds["cadence_days"],
+                sched_cadence, now):
+            # --due keeps its meaning with --name: the schedule's rule decides (exit 0).
+            refused.append((ds, "not-due", not_due_reason(cfg, ds, opts, sched_cadence)))
         else:
             chosen.append(ds)
         return chosen, refused
@@ -4434,6 +4490,16 @@ def _select(ctx, cfg, reg, opts):
             continue
         chosen.append(ds)
     return chosen, refused
+
+
+def not_due_reason(cfg, ds, opts, sched_cadence):
+    """Why `refresh --due --name NAME` does not walk NAME now, and when it will."""
+    mode = dataset_mode(cfg, ds, opts.check)
+    last = walk_start(ds, mode)
+    need = int(ds["cadence_days"]) - int(sched_cadence or ds["cadence_days"]) + 1   # is_due's
+    return ("not due until %s (its last complete %s walk started %s); without --due, `%s "
+            "refresh --name %s` walks it now" % (iso(last + need * DAY), mode, iso(last), PROG,
+                                                 ds["name"]))
 
 
 def on_login_node(cfg, env):
@@ -4462,7 +4528,7 @@ def _refresh(ctx, opts, should_stop=None, progress=None):
     for ds, st, reason in refused:
         results.append(dict(empty_result(ds["name"], dataset_mode(cfg, ds, opts.check), reason),
                             state=st))
-        codes.append(EXIT_FAIL)
+        codes.append(EXIT_OK if st == "not-due" else EXIT_FAIL)
     _record_missing(ctx, [ds for ds, st, _ in refused if st == "missing"], opts)
     if not chosen and not refused:
         notes.append("nothing to refresh: no enabled, unexpired dataset%s"
@@ -4995,8 +5061,8 @@ RESCUE_CHUNK = 1 << 24          # bytes per copy call: budgets and signals are c
 RESCUE_PATH_MAX = 1024          # a destination's path (the sentinel records it)
 RESCUE_LISTED = 100             # not-rescued entries named in the result (the log has all)
 RESCUE_TEMP_FORMAT = ".scratch-keepalive-rescue.%s.%d.%s.tmp"
-RESCUE_TEMP_RE = re.compile(r"^\.scratch-keepalive-rescue\.([A-Za-z0-9_-]{1,32})\.(\d{1,10})\."
-                            r"[a-z0-9]{8}\.tmp\Z")
+RESCUE_TEMP_RE = _LazyPattern(r"^\.scratch-keepalive-rescue\.([A-Za-z0-9_-]{1,32})\.(\d{1,10})\."
+                              r"[a-z0-9]{8}\.tmp\Z")
 RESCUE_FOREIGN_STALE = 3600     # seconds before another host's temp file counts as left over
 # What a rescue did not copy, and why (the result's not_rescued reasons).
 NOT_RESCUED_WORDS = {
@@ -8145,16 +8211,21 @@ state: $SCRATCH_KEEPALIVE_HOME, else $XDG_STATE_HOME/scratch-keepalive, else
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of exiting, so main() returns the exit code."""
+def _Parser(**kwargs):
+    """An argparse parser that raises instead of exiting, so main() returns the exit code.
+    (A class made when first needed: argparse is imported only when a command is parsed.)"""
 
-    def error(self, message):
-        raise UsageError("%s; see `%s --help`" % (message, self.prog))
+    class _Parser(argparse.ArgumentParser):
 
-    def exit(self, status=0, message=None):
-        if message:
-            sys.stderr.write(message)
-        raise _ParserExit(status)
+        def error(self, message):
+            raise UsageError("%s; see `%s --help`" % (message, self.prog))
+
+        def exit(self, status=0, message=None):
+            if message:
+                sys.stderr.write(message)
+            raise _ParserExit(status)
+
+    return _Parser(**kwargs)
 
 
 def _int_range(lo, hi=None, what="a whole number"):
@@ -8309,7 +8380,9 @@ def build_parser():
                    help="what the schedule runs: only datasets never walked, with a "
                    "checkpoint, or whose last complete walk of their mode started at least "
                    "(cadence - schedule cadence + 1) days ago (24 hours when the two are "
-                   "equal); a check walk or dry run never counts for a touch-mode dataset")
+                   "equal); a check walk or dry run never counts for a touch-mode dataset. "
+                   "With --name, the same rule: NAME is walked only when due (or with a "
+                   "checkpoint); otherwise it says when it will be, and exits 0")
     p.add_argument("--check", action="store_true", help="check mode: touch nothing, report risk")
     p.add_argument("--dry-run", action="store_true",
                    help="walk and report; write nothing (no checkpoint, no timestamps)")
@@ -8500,9 +8573,7 @@ def main(argv=None):
         if form != PROG:
             out, err = HintStream(out, form), HintStream(err, form)
     try:
-        args = build_parser().parse_args(list(argv))
-        if as_command and args.command in WALK_COMMANDS and holds_parse_tree():
-            reexec_by_compile()
+        args = login_line_args(argv) or build_parser().parse_args(list(argv))
         ctx = Context(state_dir=args.state_dir, out=out, err=err)
         code = int(args.func(args, ctx) or 0)
         out.flush()     # a closed pipe shows here when all the output fit in the buffer
@@ -8534,37 +8605,15 @@ def main(argv=None):
         return EXIT_FAIL
 
 
-WALK_COMMANDS = ("refresh", "rescue")
-
-
-def holds_parse_tree():
-    """True when this file runs as `python3 scratch_keepalive.py` (not -m, not imported).
-
-    CPython keeps the parse tree of a script it runs that way for as long as the script
-    runs: about 10 MB for this file, which every worker process of a walk shares.
-    """
-    return (__name__ == "__main__" and globals().get("__spec__") is None
-            and not globals().get("_SCRATCH_KEEPALIVE_RECOMPILED"))
-
-
-def reexec_by_compile():
-    """Run this command again in the same process (exec: same pid, fds and signals) with the
-    file loaded as an import loads it: from its cached bytecode (__pycache__) when there
-    is one, else compiled with the parse tree freed before the walk starts. Only a walk
-    does this; when exec is impossible the command simply goes on here."""
-    path = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    if not sys.executable or not os.path.isfile(path):
-        return
-    try:
-        flags = subprocess._args_from_interpreter_flags()
-    except Exception:       # private helper; without it, the flags are lost, nothing else
-        flags = []
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    with contextlib.suppress(OSError):
-        os.execv(sys.executable, [sys.executable] + flags + ["-c", LOADER, sys.argv[0]]
-                 + sys.argv[1:])
+def login_line_args(argv):
+    """The arguments of `status --brief` (the login line in ~/.bashrc), or None for any other
+    command line. It runs at every login, and building the whole parser takes about as long
+    as the rest of that command; a test checks that these are what the parser gives."""
+    if list(argv) != ["status", "--brief"]:
+        return None
+    import types
+    return types.SimpleNamespace(state_dir=None, command="status", name=None, brief=True,
+                                 json=False, func=cmd_status)
 
 
 # `python3 -c LOADER SCRIPT ARGS` runs SCRIPT as `python3 SCRIPT ARGS` would, but loaded

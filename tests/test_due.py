@@ -667,3 +667,47 @@ def test_help_and_readme_say_the_rule(cli):
     readme = " ".join((Path(sk.__file__).parent / "README.md").read_text().split())
     assert "started less than C − S + 1 days ago" in readme
     assert "larger of the dataset's cadence and the installed schedule's" in readme
+
+
+def test_due_with_name_walks_the_dataset_only_when_due(cli, ds, env, monkeypatch):
+    """`refresh --due --name NAME` keeps --due's meaning (before, --name overrode it and
+    walked a dataset refreshed the day before): not due, it says until when, walks
+    nothing and exits 0; with a checkpoint, or once due, it walks."""
+    assert cli("refresh", "--name", "ds").rc == 0
+    start = sk.parse_iso(registry(env)["datasets"]["ds"]["last_touch_start"])
+    assert cli("extend", "--name", "ds", "--cadence-days", "14").rc == 0
+    install_schedule_record(env, 7)          # due 14 - 7 + 1 = 8 days after the walk
+    monkeypatch.setenv("SCRATCH_KEEPALIVE_NOW", sk.iso(start + DAY))   # "refreshed yesterday"
+    before = registry(env)["datasets"]["ds"]
+    r = cli("refresh", "--due", "--name", "ds")
+    assert r.rc == 0, r
+    assert r.out.strip() == (
+        "ds: not refreshed: not due until %s (its last complete touch walk started %s); "
+        "without --due, `scratch-keepalive refresh --name ds` walks it now"
+        % (sk.iso(start + 8 * DAY), sk.iso(start))), r
+    assert registry(env)["datasets"]["ds"] == before           # nothing walked, nothing moved
+    x = cli("refresh", "--due", "--name", "ds", "--json").json()["results"]
+    assert [(e["name"], e["state"], e["entries_seen"]) for e in x] == [("ds", "not-due", 0)]
+    # With a checkpoint: walked (it resumes).
+    assert cli("refresh", "--name", "ds", "--max-entries", "2").rc == 3
+    r = cli("refresh", "--due", "--name", "ds", "--json")
+    x = r.json()["results"][0]
+    assert r.rc == 0 and x["complete"] is True and x["entries_seen"] > 0, r
+    # Due: walked.
+    start = sk.parse_iso(registry(env)["datasets"]["ds"]["last_touch_start"])
+    monkeypatch.setenv("SCRATCH_KEEPALIVE_NOW", sk.iso(start + 8 * DAY))
+    r = cli("refresh", "--due", "--name", "ds", "--json")
+    assert r.rc == 0 and r.json()["results"][0]["complete"] is True, r
+    # Disabled, expired or missing: refused as before, exit 1.
+    assert cli("disable", "--name", "ds").rc == 0
+    r = cli("refresh", "--due", "--name", "ds")
+    assert r.rc == 1 and "it is disabled" in r.out, r
+
+
+def test_help_and_readme_say_due_with_name(cli):
+    text = " ".join(cli("refresh", "--help").out.split())
+    assert ("With --name, the same rule: NAME is walked only when due (or with a checkpoint); "
+            "otherwise it says when it will be, and exits 0") in text
+    readme = " ".join((Path(sk.__file__).parent / "README.md").read_text().split())
+    assert ("`refresh --due --name NAME` follows the same rule for NAME: when it is not due, "
+            "it says when it will be and exits 0 without walking") in readme

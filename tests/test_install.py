@@ -25,7 +25,8 @@ PYENV_VERSIONS = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / 
 BASE_PATH = "/usr/bin:/bin"
 SH = "/bin/sh"
 VERSION_LINE = re.compile(r'^__version__ = "([^"]+)"$', re.M)
-EXEC_LINE = re.compile(r"""^exec '([^']*)' '([^']*)' "\$@"$""", re.M)
+# exec PYTHON -c CODE DIR "$@": CODE imports the module from DIR (see install.sh's LAUNCH).
+EXEC_LINE = re.compile(r"""^exec '([^']*)' -S -c '([^']*)' '([^']*)' "\$@"$""", re.M)
 INSTALL_TIMEOUT = 120
 
 
@@ -102,7 +103,8 @@ def exec_line(launcher):
     assert text.startswith("#!/bin/sh\n"), text
     match = EXEC_LINE.search(text)
     assert match, "no exec line in launcher:\n" + text
-    return match.group(1), match.group(2)
+    assert "from scratch_keepalive import main" in match.group(2), text
+    return match.group(1), os.path.join(match.group(3), "scratch_keepalive.py")
 
 
 def write_script(path, text, mode=0o755):
@@ -125,10 +127,14 @@ class Layout:
         self.state = self.home / ".local" / "state" / "scratch-keepalive"
 
     def program_files(self):
-        """Files under the prefix, but not the state dir (~/.local/state)."""
+        """Files under the prefix, but not the state dir (~/.local/state) nor the
+        program's bytecode (see bytecode_files)."""
         state = str(self.state) + os.sep
         return {f for f in files_under(self.prefix)
-                if not str(self.prefix / f).startswith(state)}
+                if not str(self.prefix / f).startswith(state) and "__pycache__" not in f}
+
+    def bytecode_files(self):
+        return {p.name for p in (self.share / "__pycache__").glob("*")}
 
 
 @pytest.fixture
@@ -215,6 +221,7 @@ def test_install_reinstall_upgrade_uninstall(tmp_path, home, minor):
     assert launcher_version(layout, env) == "scratch-keepalive " + version
     assert layout.program_files() == {"bin/scratch-keepalive",
                                           "share/scratch-keepalive/scratch_keepalive.py"}
+    assert layout.bytecode_files() == {Path(cached_path(py, layout.installed)).name}
     state_untouched()
 
     # Again: idempotent, same result, no leftovers.
@@ -259,6 +266,76 @@ def test_install_reinstall_upgrade_uninstall(tmp_path, home, minor):
     assert r.returncode == 0, show(r)
     assert "nothing to remove" in r.stdout, show(r)
     state_untouched()
+
+
+def cached_path(py, source):
+    """Where Python py caches the bytecode of source (its __pycache__ .pyc)."""
+    r = run([py, "-c", "import importlib.util, sys; "
+             "print(importlib.util.cache_from_source(sys.argv[1]))", source], env=make_env("/"))
+    assert r.returncode == 0, show(r)
+    return r.stdout.strip()
+
+
+def loaded_from(result):
+    """The .pyc files a run with PYTHONVERBOSE=1 loaded its code objects from."""
+    return set(re.findall(r"^# code object from '?([^'\n]*\.pyc)'?$", result.stderr, re.M))
+
+
+def peak_rss_kb(argv, env):
+    """The peak RSS of a command (its process alone), and its result."""
+    code = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], "
+            "stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)")
+    r = run([sys.executable, "-c", code] + [str(a) for a in argv], env=env)
+    assert r.returncode == 0, show(r)
+    kb, rc = map(int, r.stdout.split())
+    return kb, rc
+
+
+@pytest.mark.parametrize("minor", ["3.6", "3.13"])
+def test_launcher_loads_the_program_from_its_bytecode(tmp_path, home, minor):
+    """The launcher imports the program, so every start (the login line's `status --brief`
+    above all) loads the bytecode install.sh compiled, even where PYTHONDONTWRITEBYTECODE
+    keeps Python from writing any; it never compiles the file, as `python3 FILE` does at
+    every start, and so it does not carry the compile's parse tree either (about 15 MB at
+    its peak, which a walk started that way kept)."""
+    py = require_pyenv_python(minor)
+    layout = Layout(home)
+    env = make_env(home, PYTHONDONTWRITEBYTECODE="1",
+                   SCRATCH_KEEPALIVE_HOME=tmp_path / "state")
+    r = install("--python", py, env=env)
+    assert r.returncode == 0, show(r)
+    pyc = cached_path(py, layout.installed)
+    assert Path(pyc).is_file(), sorted(files_under(layout.prefix))
+    for argv in (["status", "--brief"], ["list"], ["--version"]):
+        r = run([layout.launcher] + argv, env=dict(env, PYTHONVERBOSE="1"), cwd=tmp_path)
+        assert r.returncode == 0, show(r)
+        assert pyc in loaded_from(r), show(r)
+    # The contrast: `python3 FILE` compiles the file; no bytecode of it is loaded.
+    r = run([py, layout.installed, "list"], env=dict(env, PYTHONVERBOSE="1"), cwd=tmp_path)
+    assert r.returncode == 0 and pyc not in loaded_from(r), show(r)
+    # And what that compile costs in memory, which the launcher never pays.
+    launcher_kb, rc1 = peak_rss_kb([layout.launcher, "list"], env)
+    script_kb, rc2 = peak_rss_kb([py, layout.installed, "list"], env)
+    assert rc1 == rc2 == 0
+    assert launcher_kb < script_kb - 5 * 1024, (launcher_kb, script_kb)
+
+
+def test_launcher_ignores_a_module_of_the_same_name_in_the_current_directory(tmp_path, home):
+    """`python3 -c` puts the current directory first on sys.path; the launcher puts the
+    program's directory there instead, so that a scratch_keepalive.py (or json.py) where
+    the user happens to stand is not what runs."""
+    layout = Layout(home)
+    env = make_env(home)
+    r = install("--python", any_python(), env=env)
+    assert r.returncode == 0, show(r)
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "scratch_keepalive.py").write_text("raise SystemExit('the wrong one')\n")
+    (here / "json.py").write_text("raise SystemExit('the wrong json')\n")
+    r = run([layout.launcher, "--version"], env=env, cwd=here)
+    assert r.returncode == 0, show(r)
+    assert r.stdout.strip() == "scratch-keepalive " + module_version(), show(r)
 
 
 # --- where the source comes from ---------------------------------------------

@@ -520,20 +520,21 @@ def test_ci_starts_the_testbed_only_as_root_where_the_script_is(tmp_path, uid, h
     assert p.stdout.strip() == ("start" if starts else "skip"), p
 
 
-def test_a_script_walk_runs_recompiled_in_the_same_process(tmp_path):
-    """`python3 scratch_keepalive.py refresh` re-executes itself with the file compiled by
-    importlib (cached bytecode, or a compile whose parse tree is freed), so the walk does
-    not hold the script's parse tree (about 10 MB of every worker's
-    share). The pid stays the one the caller (Slurm, a shell) waits for, the interpreter's
-    flags are kept, and hints still name the script as it was run."""
+def test_a_script_walk_runs_as_it_was_started(tmp_path):
+    """`python3 scratch_keepalive.py refresh` runs the walk in the process and with the
+    command line it was started with: no re-execution. Every documented way to run the
+    tool loads it from its bytecode (install.sh's launcher and the README's: see
+    tests/test_install.py and tests/test_words.py; the scheduled job: the loader test
+    below), so a bare script only starts slower and keeps its parse tree, as the README
+    says. Hints still name the script as it was run."""
     scratch, state, pause = tmp_path / "scratch", tmp_path / "state", tmp_path / "pause"
     scratch.mkdir()
     pause.mkdir()
     root = small_dataset(scratch)
     setup_dataset(state, scratch, root)
     env = tool_env(state, _SCRATCH_KEEPALIVE_TEST_PAUSE="before-lock:%s" % pause)
-    proc = subprocess.Popen([sys.executable, "-B", str(SCRIPT), "refresh", "--name", "ds"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    argv = [sys.executable, "-B", str(SCRIPT), "refresh", "--name", "ds"]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     with reaped(proc):
         poll(lambda: (pause / "before-lock.waiting").exists() or proc.poll() is not None,
              "the refresh to reach the seam")
@@ -542,14 +543,14 @@ def test_a_script_walk_runs_recompiled_in_the_same_process(tmp_path):
             cmdline = f.read().split(b"\0")
         (pause / "before-lock.go").touch()
         out, err = proc.communicate(timeout=60)
-    assert b"-B" in cmdline and b"-c" in cmdline and b"spec_from_file_location" in b" ".join(cmdline), cmdline
-    assert cmdline[-3:-1] == [b"--name", b"ds"], cmdline
+    assert cmdline[:-1] == [os.fsencode(a) for a in argv], cmdline
     assert proc.returncode == 0, (out, err)
     assert b"ds: refreshed" in out or b"ds: touched" in out or b"complete" in out, out
     r = subprocess.run([sys.executable, str(SCRIPT), "refresh", "--name", "nope"], env=env,
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert r.returncode == 2, r
     assert ("`python3 %s list`" % SCRIPT).encode() in r.stderr, r.stderr
+    assert not hasattr(sk, "reexec_by_compile")
 
 
 def test_the_loader_runs_the_script_from_its_bytecode_with_a_smaller_peak(tmp_path):
@@ -581,3 +582,33 @@ def test_the_loader_runs_the_script_from_its_bytecode_with_a_smaller_peak(tmp_pa
     assert (rc1, out1) == (rc2, out2), (out1, out2)
     assert ("`python3 %s init`" % copy).encode() in out2 or rc2 == 0, out2
     assert loader_kb < script_kb - 5 * 1024, (loader_kb, script_kb)
+
+
+def test_the_login_line_parses_as_the_parser_does():
+    """`status --brief` (the login line) skips building the parser; what it gets is what
+    the parser gives, and any other command line goes through the parser."""
+    fast = sk.login_line_args(["status", "--brief"])
+    assert vars(fast) == vars(sk.build_parser().parse_args(["status", "--brief"]))
+    for argv in (["status"], ["status", "--brief", "--json"], ["--brief", "status"],
+                 ["--state-dir", "x", "status", "--brief"], []):
+        assert sk.login_line_args(argv) is None, argv
+
+
+def test_the_login_line_imports_only_what_it_needs(tmp_path):
+    """`status --brief` imports none of the modules it does not use (argparse, subprocess,
+    socket, ...): they are imported where first used. Each is still what its name says
+    once used, and a test's monkeypatching through the module reaches the real one."""
+    code = ("import sys; sys.path[0] = sys.argv.pop(1); import scratch_keepalive as m; "
+            "rc = m.main(['status', '--brief']); "
+            "print(' '.join(sorted(set(sys.modules) & set(sys.argv[1:])))); sys.exit(rc)")
+    lazy = ["argparse", "subprocess", "socket", "tempfile", "threading", "textwrap",
+            "signal", "select", "calendar", "_strptime"]
+    env = dict(os.environ, SCRATCH_KEEPALIVE_HOME=str(tmp_path / "state"))
+    r = subprocess.run([sys.executable, "-S", "-c", code, str(REPO)] + lazy, env=env,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    assert r.returncode == 0, r
+    assert r.stdout.strip() == "", r.stdout
+    import socket as real_socket
+    assert sk.socket.gethostname() == real_socket.gethostname()
+    assert sk.subprocess.PIPE == subprocess.PIPE
+    assert sk.MAIL_RE.match("a@b.c") and not sk.MAIL_RE.match("a b@c")

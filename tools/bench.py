@@ -10,7 +10,10 @@ reset (bench_walk.c) and the LD_PRELOAD latency shim (bench_shim.c) it compiles.
 interleaved rounds: touch and check mode against `find -exec touch` and the stat floor
 on a wide and a deep tree; peak memory at 100k and 1M entries and in one directory; a
 checkpoint's cost; --threads and --workers with the shim's delay on every stat and
-utimensat; and `status --brief` with 50 datasets. --before OLD runs an earlier copy in
+utimensat; `status --brief` with 50 datasets; and the login line, `status --brief`
+through each documented install (install.sh's launcher, pip's console script in a venv,
+the README's copy-the-file launcher) against a bare `python3 -c pass`, on CPython 3.6
+and the newest pyenv has (--quick: this Python, no pip). --before OLD runs an earlier copy in
 the same rounds. It prints a report, writes every figure to --json FILE, ends with
 PASS/FAIL per target, and exits non-zero when it or a timed command failed.
 """
@@ -41,7 +44,17 @@ SINGLE_DIR_ENTRIES = 200000     # the one-directory memory tree, before --scale
 PARALLEL = (8, 16, 32)          # --threads N and --workers N in the latency runs
 LATENCY_MS = 0.5                # what the shim adds to each call under the latency tree
 TIMEOUT_S = 1800                # a process running longer is killed
-PHASES = ("wide", "deep", "memory", "latency", "brief")
+PHASES = ("wide", "deep", "memory", "latency", "brief", "login")
+LOGIN_ROUNDS = 21               # interleaved rounds of the login line's forms (--quick: 5)
+LOGIN_DATASETS = 5              # registered (and checked once) for the login line
+PYENV_VERSIONS = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
+README = TOOL.parent / "README.md"
+# The login line's forms: (key, label, judged against the target).
+LOGIN_FORMS = [("pass", "python3 -c pass", False),
+               ("install_sh", "install.sh launcher", True),
+               ("pip", "pip console script", True),
+               ("readme", "README launcher", True),
+               ("script", "python3 FILE", False)]
 BRIEF_DATASETS = 50             # registered for the `status --brief` timing
 # (label, extra refresh arguments) per latency run; the first one is the baseline.
 LATENCY_VARIANTS = [("--threads 1 --workers 1", ["--threads", "1", "--workers", "1"])] + [
@@ -50,7 +63,7 @@ LATENCY_VARIANTS = [("--threads 1 --workers 1", ["--threads", "1", "--workers", 
 # The six targets' limits; targets() judges each, under the names the report shows.
 TARGETS = {"touch_vs_find": 1.0, "check_vs_walk": 1.5, "skipped_vs_walk": 1.5,
            "threads_speedup": 10.0, "rss_mb_1m": 32.0, "checkpoint_share": 0.02,
-           "manifest_bytes": 16.0}
+           "manifest_bytes": 16.0, "login_vs_pass": 2.0}
 
 # The timed commands of a tree round, in their order: (key, label).
 CMD_LABELS = [("tool_touch_old", "tool touch, all old"),
@@ -180,7 +193,7 @@ def sample_tree(pid, peaks, done, interval=0.02):
         done.wait(interval)
 
 
-def run_proc(argv, env=None, timeout=None, sample=False):
+def run_proc(argv, env=None, timeout=None, sample=False, cwd=None):
     """Run one process; time it as a whole. Returns a dict with seconds, rc (-N: killed by
     signal N), maxrss_kb, cpu_seconds, stdout and stderr. A timeout kills it (timed_out).
     With sample, also the peak summed RSS/PSS of the process tree (sum_rss_kb, sum_pss_kb,
@@ -188,7 +201,8 @@ def run_proc(argv, env=None, timeout=None, sample=False):
     out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
     peaks, done = dict.fromkeys(("sum_rss_kb", "sum_pss_kb", "max_procs"), 0), threading.Event()
     t0 = time.perf_counter()
-    p = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
+    p = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
+                         cwd=cwd)
     sampler = threading.Thread(target=sample_tree, args=(p.pid, peaks, done)) if sample else None
     timer = threading.Timer(timeout, os.kill, (p.pid, signal.SIGKILL)) if timeout else None
     for thread in (sampler, timer):
@@ -213,6 +227,19 @@ def run_proc(argv, env=None, timeout=None, sample=False):
         sampler.join()
         res.update(peaks)
     return res
+
+
+def time_quick(argv, env, what):
+    """Seconds a short process takes, timed with less around it than run_proc (no
+    threads, no files): its output to /dev/null, its stderr kept for an error."""
+    t0 = time.perf_counter()
+    p = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE)
+    seconds = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RuntimeError("%s failed (rc %d): %s" % (what, p.returncode, tail(
+            p.stderr.decode("utf-8", "replace"))))
+    return seconds
 
 
 def check_rc(r, what):
@@ -388,7 +415,7 @@ class Bench(object):
         self.notes = []
         self.trees = {}
         self.report = {"version": 1, "targets": TARGETS, "trees": {}, "memory": None,
-                       "latency": None, "brief": None, "notes": self.notes}
+                       "latency": None, "brief": None, "login": None, "notes": self.notes}
         # As on a user's shell: bytecode may be cached (the scheduled job's form needs it).
         self.tool_env = dict((k, v) for k, v in os.environ.items()
                              if not k.startswith("SCRATCH_KEEPALIVE_")
@@ -416,6 +443,9 @@ class Bench(object):
         if "brief" in self.args.only:
             log("== status --brief ==")
             self.bench_brief()
+        if "login" in self.args.only:
+            log("== the login line ==")
+            self.bench_login()
 
     # -- setup
     def setup(self):
@@ -726,6 +756,78 @@ class Bench(object):
             "lines": len(runs[-1]["stdout"].splitlines()),
             "runs": [dict((k, r[k]) for k in ("seconds", "rc", "maxrss_kb")) for r in runs]}
 
+    # -- phase 5: the login line
+    def bench_login(self):
+        """`status --brief` (what ~/.bashrc runs at each login) through each documented
+        install, each installed as its instructions say, against a bare `python3 -c pass`:
+        interleaved rounds (the order turning each round), medians, on each Python of
+        login_pythons(). The state holds LOGIN_DATASETS datasets, each checked once."""
+        a = self.args
+        state, root = os.path.join(self.base, "login-state"), os.path.join(self.scratch, "login")
+        os.mkdir(root)
+        env = dict(self.tool_env, SCRATCH_KEEPALIVE_HOME=state)
+
+        def tool(*args):
+            return check_rc(run_proc([sys.executable, str(a.tool)] + list(args), env=env,
+                                     timeout=TIMEOUT_S), "tool " + " ".join(args[:2]))
+        tool("init", "--profile", "generic", "--scratch-root", root, "--purge-days", "30")
+        for i in range(LOGIN_DATASETS):
+            path = os.path.join(root, "d%d" % i)
+            with new_dir(path) as fd:
+                make_files(fd, 3, "f%d")
+            tool("add", "--name", "d%d" % i, "--path", path, "--keep-until", "2099-12-31")
+        tool("refresh", "--check")
+        rounds = 5 if a.quick else LOGIN_ROUNDS
+        result = {"rounds": rounds, "datasets": LOGIN_DATASETS, "pythons": {}}
+        for py in login_pythons(a.quick):
+            version = check_rc(run_proc([py, "-c", "import platform; print("
+                                         "platform.python_version())"]), py)["stdout"].strip()
+            log("login line on Python %s" % version)
+            home = os.path.join(self.base, "login-" + version)
+            os.mkdir(home)
+            forms, notes = self.login_forms(py, home, env, skip_pip=a.quick)
+            home_env = dict(env, HOME=home)     # the README's launcher names ~/bin
+            times = dict((k, []) for k in forms)
+            keys = list(forms)
+            for i in range(rounds + 1):     # the first round untimed: caches warm
+                for k in keys[i % len(keys):] + keys[:i % len(keys)]:
+                    seconds = time_quick(forms[k], home_env, "login line: %s" % k)
+                    if i:
+                        times[k].append(seconds)
+            med = dict((k, median(v)) for k, v in times.items())
+            result["pythons"][version] = {
+                "python": py, "median_s": med, "notes": notes,
+                "ratios": dict((k, ratio(med[k], med["pass"])) for k in med if k != "pass")}
+        self.report["login"] = result
+
+    def login_forms(self, py, home, env, skip_pip=False):
+        """The commands of the login line on Python py, each form installed under home as
+        documented, and notes on a form that could not be installed."""
+        a = self.args
+        brief = ["status", "--brief"]
+        forms, notes = {"pass": [py, "-c", "pass"]}, {}
+        prefix = os.path.join(home, "prefix")
+        check_rc(run_proc(["sh", str(a.tool.parent / "tools" / "install.sh"), "--prefix",
+                           prefix, "--python", py, "--source", str(a.tool)],
+                          env=dict(env, SCRATCH_KEEPALIVE_HOME=os.path.join(home, "none"))),
+                 "install.sh")
+        forms["install_sh"] = [os.path.join(prefix, "bin", "scratch-keepalive")] + brief
+        if skip_pip:
+            notes["pip"] = "not run with --quick"
+        else:
+            command, why = pip_install(py, home, a.tool, env)
+            if command:
+                forms["pip"] = [command] + brief
+            else:
+                notes["pip"] = why
+        launcher = readme_launcher(home, py, a.tool)
+        if launcher:
+            forms["readme"] = [launcher] + brief
+        else:
+            notes["readme"] = "no copy-the-file launcher in %s" % README
+        forms["script"] = [py, str(a.tool)] + brief
+        return forms, notes
+
     # -- cleanup
     def cleanup(self):
         if not self.base or not os.path.isdir(self.base):
@@ -733,6 +835,69 @@ class Bench(object):
         log("cleaning up %s" % self.base)
         subprocess.call(["rm", "-rf", "--one-file-system", self.base])
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+def login_pythons(quick):
+    """The Pythons the login line is timed on: CPython 3.6 and the newest that pyenv has
+    (else this one); with quick, this one only."""
+    if quick:
+        return [sys.executable]
+    found = []
+    for exe in PYENV_VERSIONS.glob("3.*/bin/python3"):
+        parts = exe.parent.parent.name.split(".")
+        if len(parts) == 3 and all(p.isdigit() for p in parts):
+            found.append((tuple(int(p) for p in parts), str(exe)))
+    found.sort()
+    old = [exe for v, exe in found if v[:2] == (3, 6)]
+    chosen = ([old[-1]] if old else []) + ([found[-1][1]] if found else [])
+    return sorted(set(chosen), key=chosen.index) or [sys.executable]
+
+
+def readme_launcher(home, py, tool):
+    """The README's copy-the-file block run as printed, with home for ~ and py for python3:
+    the launcher it writes (home/bin/scratch-keepalive), or None without that block."""
+    import re
+    try:
+        text = README.read_text()
+    except OSError:
+        return None
+    m = re.search(r"<!-- test: copy the file -->\s*```sh\n(.*?)```", text, re.S)
+    if not m:
+        return None
+    pybin = os.path.join(home, "pybin")
+    os.mkdir(pybin)
+    os.symlink(py, os.path.join(pybin, "python3"))
+    env = dict(os.environ, HOME=home, PATH="%s:%s" % (pybin, os.environ.get("PATH", "")))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    check_rc(run_proc(["bash", "-euo", "pipefail", "-c", m.group(1)], env=env,
+                      cwd=str(tool.parent)), "the README's copy-the-file block")
+    # The launcher names python3: bind it to py, as PATH would at login.
+    launcher = os.path.join(home, "bin", "scratch-keepalive")
+    with open(launcher) as f:
+        text = f.read()
+    with open(launcher, "w") as f:
+        f.write(text.replace("exec python3 ", "exec %s " % py, 1))
+    return launcher
+
+
+def pip_install(py, home, tool, env):
+    """`pip install` of the project (tool's directory) into a fresh venv of py, as the
+    README's pip block does: (the console script, None), or (None, why not)."""
+    src = os.path.join(home, "src")
+    os.mkdir(src)
+    for name in ("pyproject.toml", "README.md", "LICENSE", tool.name):
+        if not (tool.parent / name).exists():
+            return None, "no %s beside %s" % (name, tool)
+        shutil.copy(str(tool.parent / name), src)
+    venv = os.path.join(home, "venv")
+    vpy = os.path.join(venv, "bin", "python")
+    for argv in ([py, "-m", "venv", venv], [vpy, "-m", "pip", "install", "-q", "--upgrade", "pip"],
+                 [vpy, "-m", "pip", "install", "-q", src]):
+        # HOME: a fresh user's, as the README's block is pasted by one (no pip.conf of ours)
+        r = run_proc(argv, env=dict(env, HOME=home), timeout=900)
+        if r["rc"] != 0:
+            return None, "%s failed: %s" % (" ".join(argv[1:4]), tail(r["stderr"], 1))
+    return os.path.join(venv, "bin", "scratch-keepalive"), None
 
 
 def tool_kind(kind):
@@ -969,6 +1134,25 @@ def render_targets(report, w):
                           for name, (state, text) in report["verdicts"].items()) + "\n")
 
 
+def render_login(report, w):
+    lg = report.get("login")
+    if not lg:
+        return
+    w("\n== the login line: `status --brief` (%d datasets) through each documented install, "
+      "medians of %d interleaved rounds ==\n" % (lg["datasets"], lg["rounds"]))
+    rows = []
+    for version, p in sorted(lg["pythons"].items()):
+        row = [version]
+        for key, _, _ in LOGIN_FORMS:
+            s = p["median_s"].get(key)
+            row.append("n/a" if s is None else "%.1f ms%s" % (1000 * s, "" if key == "pass"
+                                                              else " (%.2fx)" % p["ratios"][key]))
+        rows.append(row + ["; ".join("%s: %s" % kv for kv in sorted(p["notes"].items()))])
+    table(w, ["Python"] + [label for _, label, _ in LOGIN_FORMS] + [""], rows)
+    w("(the ratios: against `python3 -c pass` on the same Python; the target, %.1fx, is "
+      "judged on the documented forms, not on a bare `python3 FILE`)\n" % TARGETS["login_vs_pass"])
+
+
 def render_brief(report, w):
     b = report["brief"]
     if b:
@@ -979,7 +1163,7 @@ def render_brief(report, w):
 
 # The report's sections, in order; each writes what its part of the report holds.
 SECTIONS = (render_header, render_trees, render_memory, render_latency, render_brief,
-            render_targets)
+            render_login, render_targets)
 
 # ---------------------------------------------------------------- the targets
 
@@ -1039,7 +1223,20 @@ def targets(report):
         "checkpoint<=2%": checkpoint_verdict(report.get("checkpoint_probe") or {}),
         "manifest<=16B/entry": manifest_verdict(report["trees"].get("wide")),
         "no-slower-than-before": before_verdict(trees),
+        "login<=2.0x python-c-pass": login_verdict(report.get("login")),
     }
+
+
+def login_verdict(lg):
+    """The slowest documented form of the login line, on any of the Pythons."""
+    vals = [(p["ratios"][key], "%s on %s" % (label, version))
+            for version, p in (lg or {}).get("pythons", {}).items()
+            for key, label, judged in LOGIN_FORMS if judged and key in p["ratios"]]
+    if not vals:
+        return ("n/a", "not measured")
+    x, where = max(vals)
+    return ("PASS" if x <= TARGETS["login_vs_pass"] else "FAIL",
+            "%.2fx %s, limit %.1fx" % (x, where, TARGETS["login_vs_pass"]))
 
 
 def manifest_verdict(tree):
@@ -1129,7 +1326,8 @@ def main(argv=None):
         traceback.print_exc()
     finally:
         b.cleanup()
-    if b.report["trees"] or b.report["memory"] or b.report["latency"] or b.report["brief"]:
+    if (b.report["trees"] or b.report["memory"] or b.report["latency"] or b.report["brief"]
+            or b.report["login"]):
         try:
             b.report["verdicts"] = targets(b.report)
             for section in SECTIONS:
