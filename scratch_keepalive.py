@@ -869,6 +869,9 @@ class Store(object):
     def require_config(self):
         cfg = self.load_config()
         if cfg is None:
+            if on_br200():
+                raise UsageError("no configuration in %s; run `%s init` first (the br200 "
+                                 "profile: /N/scratch/$USER, its 30-day purge)" % (self.dir, PROG))
             raise UsageError("no configuration in %s; run `%s init` first (e.g. "
                              "`%s init --profile generic --scratch-root DIR`)"
                              % (self.dir, PROG, PROG))
@@ -2739,7 +2742,7 @@ def decode_unlisted(data, count):
 
 def _sha1():
     """A new SHA-1 object, from CPython's own _sha1 where it is there: hashlib loads
-    OpenSSL's libcrypto, which adds almost 4 MB to the walk's peak memory."""
+    OpenSSL's libcrypto, which adds almost 4 MiB to the walk's peak memory."""
     try:
         import _sha1
         return _sha1.sha1()
@@ -3195,6 +3198,11 @@ def dataset_mode(cfg, ds, force_check=False):
     return "touch" if (profile_of(cfg)["touch_allowed"] or ds.get("approval")) else "check"
 
 
+def on_br200():
+    """True where Big Red 200's scratch filesystem is mounted (the parent of br200's root)."""
+    return os.path.isdir(os.path.dirname(PROFILES["br200"]["scratch_root"]))
+
+
 def scratch_root_of(cfg, env):
     return env.get("SCRATCH_KEEPALIVE_SCRATCH_ROOT") or cfg.get("scratch_root")
 
@@ -3472,7 +3480,10 @@ def _get(reg, name):
     check_name(name)
     ds = reg["datasets"].get(name)
     if ds is None:
-        raise UsageError("no dataset named %r; `%s list` shows the registered ones" % (name, PROG))
+        import difflib
+        close = difflib.get_close_matches(name, sorted(reg["datasets"]), n=1)
+        raise UsageError("no dataset named %r%s; `%s list` shows the registered ones" % (
+            name, " (did you mean %r?)" % close[0] if close else "", PROG))
     return ds
 
 # ---------------------------------------------------------------- API: init, add, list, status
@@ -4519,6 +4530,7 @@ def _refresh(ctx, opts, should_stop=None, progress=None):
                      "where it stopped. Run the rest as a job: `sbatch -A ACCOUNT -p general "
                      "-t 2:00:00 --mem=2G --wrap \"%s refresh\"`, or schedule it with "
                      "`%s install-cron --account ACCOUNT`" % (max_seconds // 60, PROG, PROG))
+    login_note = notes[-1] if notes else None
     if opts.workers and opts.workers > 1 and not PARALLEL_OK and chosen:
         notes.append("--workers needs Python 3.7 or newer (this is %d.%d): the walk runs in "
                      "one process; --threads N overlaps metadata calls on any version"
@@ -4561,6 +4573,9 @@ def _refresh(ctx, opts, should_stop=None, progress=None):
         codes.append(code)
         if code == EXIT_INTERRUPTED:
             break
+    walked = codes[len(refused):]
+    if login_note and walked and all(c == EXIT_BUSY for c in walked):
+        notes.remove(login_note)        # nothing ran here: no budget to speak of
     if opts.due and not opts.dry_run and EXIT_INTERRUPTED not in codes:
         _finish_rescues(ctx, cfg, chosen, budget, should_stop, results, codes)
     out = {"results": results, "exit_code": combine_exit_codes(codes), "notes": notes}
@@ -5372,6 +5387,8 @@ class RescueRun(object):
         self.stack = []
         self.counts = dict((k, 0) for k in RESCUE_COUNTS)
         self.not_rescued = []       # the first RESCUE_LISTED of them
+        self.error_whys = {}        # why -> how many errors, for the summary line
+        self.parents_made = []      # --to's missing parents that open_dest made
         self.stopped = None
         self.log_path = self.log = None
         self.total_entries = self.total_bytes = 0
@@ -5465,8 +5482,13 @@ class RescueRun(object):
             if self.opts.dry_run:
                 self.stack = [_Level(None, self.root_fd, None)]
                 return
+            missing, p = [], os.path.dirname(self.dest)
+            while p != os.path.dirname(p) and not os.path.lexists(p):
+                missing.insert(0, p)
+                p = os.path.dirname(p)
             try:
                 os.makedirs(self.dest, 0o700)
+                self.parents_made = missing
             except OSError as e:
                 raise_if_full(e, self.dest)
                 raise Failure("cannot create %s (%s); create it yourself or give another "
@@ -5868,6 +5890,7 @@ class RescueRun(object):
     def failed(self, path, why):
         self.counts["entries_not_rescued"] += 1
         self.counts["errors"] += 1
+        self.error_whys[why] = self.error_whys.get(why, 0) + 1
         self.listed(path, "error", why)
 
     def listed(self, path, reason, why=None):
@@ -5923,7 +5946,9 @@ class RescueRun(object):
                       entries_done_total=self.done_before + self.counts["entries_done"],
                       bytes_copied_total=self.copied_before + self.counts["bytes_copied"],
                       not_rescued=self.not_rescued, started=iso(self.started),
-                      finished=iso(time.time()), log=self.log_path)
+                      finished=iso(time.time()), log=self.log_path,
+                      errors_why=sorted(self.error_whys.items(), key=lambda kv: -kv[1]),
+                      parents_made=self.parents_made)
         if complete:
             result["exit_code"] = EXIT_FAIL if self.counts["errors"] else EXIT_OK
         else:
@@ -6017,6 +6042,10 @@ def describe_rescue(r):
                                  human_bytes(r["bytes_copied"]), display_path(r["to"]))
     if r["dirs_created"]:
         body += ", %s made" % plural(r["dirs_created"], "directory", "directories")
+    if r.get("parents_made"):
+        body += "; made the missing parent director%s of %s: %s" % (
+            "ies" if len(r["parents_made"]) > 1 else "y", display_path(r["to"]),
+            ", ".join(display_path(p) for p in r["parents_made"]))
     body += "; %s already there (same size and mtime)" % human_count(r["entries_skipped"])
     if r["entries_not_rescued"]:
         parts = []
@@ -6026,6 +6055,10 @@ def describe_rescue(r):
                           ("errors", "errors")):
             if r[key]:
                 parts.append("%s %s" % (human_count(r[key]), word))
+            if key == "errors" and r[key] and r.get("errors_why"):     # why, not only in the log
+                parts[-1] += ": " + ", ".join(
+                    why if len(r["errors_why"]) == 1 else "%s (%d)" % (why, n)
+                    for why, n in r["errors_why"][:3])
         body += "; NOT rescued: %s (%s)%s" % (
             human_count(r["entries_not_rescued"]), ", ".join(parts),
             ", listed in " + r["log"] if r.get("log") else "")
@@ -7834,12 +7867,30 @@ def cmd_add(args, ctx):
                   "risk (IU forbids refreshing access times to avoid the purge). Record an "
                   "exemption with `%s extend --name %s --approval TICKET`"
              % (entry["name"], PROG, entry["name"]))
-    account = " --account ACCOUNT" if profile_of(ctx.config())["account_required"] else ""
+    if load_schedule_quietly(ctx.store) is not None:
+        say(ctx, "Next: `%s refresh --name %s` now; the installed schedule walks it from its "
+                 "next run on." % (PROG, entry["name"]))
+        return EXIT_OK
+    account = account_hint(ctx.config())
     say(ctx, "Next: `%s refresh --name %s` now, and `%s install-cron%s` to schedule it%s."
         % (PROG, entry["name"], PROG, account, " (ACCOUNT: your Slurm account; `sacctmgr show "
                                                "assoc user=$USER format=account` lists yours)"
            if account else ""))
     return EXIT_OK
+
+
+def account_hint(cfg):
+    """" --account ACCOUNT" where the profile's scheduled job needs one (br200), else ""."""
+    known = isinstance(cfg, dict) and cfg.get("profile") in PROFILES
+    return " --account ACCOUNT" if known and profile_of(cfg)["account_required"] else ""
+
+
+def load_schedule_quietly(store):
+    """The installed schedule's record, or None (none, or unreadable: doctor says so)."""
+    try:
+        return load_schedule(store)
+    except StateError:
+        return None
 
 
 def cmd_list(args, ctx):
@@ -7964,7 +8015,11 @@ def _cmd_status_brief(args, ctx):
 def _schedule_lines(ctx):
     info = schedule_status(ctx)
     if info is None:
-        return ["", "schedule: none installed (`%s install-cron`)" % PROG]
+        try:
+            cfg = ctx.store.load_config()
+        except StateError:
+            cfg = None
+        return ["", "schedule: none installed (`%s install-cron%s`)" % (PROG, account_hint(cfg))]
     lines = ["", "schedule: %s, every %s days (installed %s)" % (
         info["method"], info["cadence_days"], info["installed"])]
     if info.get("error"):
@@ -8480,6 +8535,10 @@ def build_parser():
              "printed in double quotes with C escapes (git's quoting; \\ooo for such bytes); "
              "-0 prints raw bytes, NUL-terminated, for rsync --from0 and tar --null. One line "
              "on stderr names the walk and its age. Nothing is walked or touched.\n\n"
+             "To copy the listed files, tar as below keeps their access times; rsync may "
+             "move them (some builds read files without O_NOATIME despite --open-noatime): "
+             "run the README's probe first (\"Copying them somewhere safe without moving "
+             "their atimes\").\n\n"
              "Exit codes: 0 listed (also when nothing matches); 1 no complete walk has left a "
              "manifest yet (--vanished: fewer than two), or a manifest is damaged; 2 unknown "
              "dataset, bad DAYS, two classes, -0 with --json; 141 the reader of the output "
@@ -8532,7 +8591,8 @@ def build_parser():
     p.add_argument("--mail-user", metavar="ADDR",
                    help="Slurm mails ADDR when a run fails (--mail-type=FAIL), and the job "
                         "runs refresh --due --fail-on-risk: purge-eligible entries (check "
-                        "mode) or entries likely purged make it fail")
+                        "mode) or entries likely purged make it fail; entries only at risk "
+                        "(not accessed for the at-risk days, 13 on br200) do not")
     p.add_argument("--reinstall", action="store_true",
                    help="reinstall the recorded schedule with this interpreter and file "
                         "(after an upgrade or a move)")
@@ -8618,8 +8678,8 @@ def login_line_args(argv):
 
 # `python3 -c LOADER SCRIPT ARGS` runs SCRIPT as `python3 SCRIPT ARGS` would, but loaded
 # as an import loads a module: from __pycache__ when the bytecode there is current (and
-# written there when the directory is writable). Compiling this file costs about 18 MB at
-# its peak, which a walk then never gets back; loading its bytecode, about 1 MB. The
+# written there when the directory is writable). Compiling this file costs about 18 MiB at
+# its peak, which a walk then never gets back; loading its bytecode, about 1 MiB. The
 # scheduled job runs the tool this way (Schedule.command).
 LOADER = ('import importlib.util as u, sys; sys.argv = sys.argv[1:]; '
           's = u.spec_from_file_location("__main__", sys.argv[0]); m = u.module_from_spec(s); '

@@ -489,3 +489,158 @@ def test_status_text_of_one_dataset_asks_slurm_nothing(cli, generic, tmp_path, m
     s = r.json()["schedule"]
     assert s["method"] == "sbatch" and s["next_run"] is None and s["pending_jobs"] is None, s
     assert "squeue" in s["error"], s
+
+
+# ---------------------------------------------------------------- issue 20, item 7
+
+def test_mail_user_help_says_which_findings_fail_the_job(cli):
+    text = "".join(cli("install-cron", "--help").out.split())    # argparse wraps at hyphens
+    assert "".join(("purge-eligible entries (check mode) or entries likely purged make it "
+                    "fail; entries only at risk (not accessed for the at-risk days, 13 on "
+                    "br200) do not").split()) in text, text
+
+
+def test_status_hint_names_the_account_on_br200_and_add_drops_install_cron_once_scheduled(
+        cli, env, monkeypatch):
+    monkeypatch.setenv("SCRATCH_KEEPALIVE_SCRATCH_ROOT", str(env["scratch"]))
+    assert cli("init").rc == 0
+    d = make_dataset(env["scratch"])
+    assert cli("add", "--name", "ds", "--path", d, "--keep-until", KEEP).rc == 0
+    r = cli("status")
+    assert r.rc == 0, r
+    assert "schedule: none installed (`scratch-keepalive install-cron --account ACCOUNT`)" \
+        in r.out, r
+    # Once a schedule exists, `add` does not tell to install one.
+    sk.save_schedule(sk.Store(str(env["state"])), {"method": "scrontab", "cadence_days": 14})
+    d2 = make_dataset(env["scratch"], name="ds2")
+    r = cli("add", "--name", "ds2", "--path", d2, "--keep-until", KEEP)
+    assert r.rc == 0, r
+    assert "Next: `scratch-keepalive refresh --name ds2` now; the installed schedule walks " \
+           "it from its next run on." in r.out, r
+    assert "install-cron" not in r.out, r
+
+
+def test_status_hint_has_no_account_on_generic(cli, generic):
+    r = cli("status")
+    assert "schedule: none installed (`scratch-keepalive install-cron`)" in r.out, r
+
+
+TIME_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d[0-9:.]*Z?")
+
+
+def test_times_shown_to_people_carry_their_z(cli, generic, monkeypatch):
+    """Every time of day the text output shows (status, list, refresh, files' header,
+    a refresh not due) ends in Z: UTC, said."""
+    d = make_dataset(generic["scratch"], files=6)
+    assert cli("add", "--name", "ds", "--path", d, "--keep-until", KEEP).rc == 0
+    shown = []
+    for argv in (["refresh", "--name", "ds", "--check"], ["refresh", "--due", "--name", "ds",
+                                                           "--check"],
+                 ["refresh", "--name", "ds", "--check", "--max-entries", "2"],
+                 ["status"], ["status", "--name", "ds"], ["list"],
+                 ["files", "--name", "ds"], ["doctor"]):
+        r = cli(*argv)
+        shown += TIME_RE.findall(r.out + r.err)
+    assert shown, "no time of day shown at all"
+    assert [t for t in shown if not t.endswith("Z")] == [], shown
+
+
+def test_a_busy_refresh_does_not_print_the_login_node_note(cli, env, monkeypatch):
+    """On br200's login node a refresh gets a 15-minute budget and says so; a refresh that
+    found the dataset busy (exit 4) walked nothing, so it says only that."""
+    monkeypatch.setenv("SCRATCH_KEEPALIVE_SCRATCH_ROOT", str(env["scratch"]))
+    assert cli("init").rc == 0
+    d = make_dataset(env["scratch"])
+    assert cli("add", "--name", "ds", "--path", d, "--keep-until", KEEP).rc == 0
+    lock = sk.DatasetLock(sk.Store(str(env["state"])), "ds").acquire()
+    try:
+        r = cli("refresh", "--name", "ds")
+    finally:
+        lock.release()
+    assert r.rc == 4 and "busy" in r.out, r
+    assert "login node" not in r.out + r.err, r
+    r = cli("refresh", "--name", "ds")          # not busy: the note is still there
+    assert r.rc == 0 and "login node" in r.out + r.err, r
+
+
+def test_rescue_says_which_parent_directories_it_made(cli, generic):
+    d = make_dataset(generic["scratch"])
+    assert cli("add", "--name", "ds", "--path", d, "--keep-until", KEEP).rc == 0
+    assert cli("refresh", "--name", "ds", "--check").rc == 0
+    to = generic["tmp"] / "safe" / "lab" / "ds"
+    r = cli("rescue", "--name", "ds", "--to", to, "--all")
+    assert r.rc == 0, r
+    assert "made the missing parent directories of %s: %s, %s" % (
+        to, generic["tmp"] / "safe", generic["tmp"] / "safe" / "lab") in r.out, r
+    r = cli("rescue", "--name", "ds", "--to", to, "--all", "--json")
+    assert json.loads(r.out)["parents_made"] == [], r     # nothing made this time
+
+
+def test_rescue_to_a_read_only_destination_says_why_on_the_summary_line(cli, generic):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a read-only filesystem")
+    d = make_dataset(generic["scratch"])
+    assert cli("add", "--name", "ds", "--path", d, "--keep-until", KEEP).rc == 0
+    assert cli("refresh", "--name", "ds", "--check").rc == 0
+    mnt = generic["tmp"] / "ro"
+    mnt.mkdir()
+    if subprocess.call(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)]) != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (mnt / "ds").mkdir()
+        assert subprocess.call(["mount", "-o", "remount,ro", str(mnt)]) == 0
+        r = cli("rescue", "--name", "ds", "--to", mnt / "ds", "--all")
+    finally:
+        subprocess.call(["umount", str(mnt)])
+    assert r.rc == 1, r
+    summary = [ln for ln in r.out.splitlines() if ln.startswith("ds: ")]
+    assert len(summary) == 1 and "NOT rescued" in summary[0], r
+    assert "Read-only file system" in summary[0], summary
+
+
+def test_add_before_init_on_br200_gives_br200_advice(cli, env, monkeypatch, tmp_path):
+    n = tmp_path / "N" / "scratch"
+    n.mkdir(parents=True)
+    monkeypatch.setitem(sk.PROFILES["br200"], "scratch_root", str(n / "{user}"))
+    r = cli("add", "--name", "ds", "--path", tmp_path, "--keep-until", KEEP)
+    line = one_error(r, 2, "no configuration in", "run `scratch-keepalive init` first",
+                     "the br200 profile")
+    assert "--profile generic" not in line, line
+    monkeypatch.setitem(sk.PROFILES["br200"], "scratch_root", str(tmp_path / "no" / "{user}"))
+    r = cli("add", "--name", "ds", "--path", tmp_path, "--keep-until", KEEP)
+    one_error(r, 2, "`scratch-keepalive init --profile generic --scratch-root DIR`")
+
+
+@pytest.mark.parametrize("bad", ["2030-6-30", "30/06/2030", "2030-02-30", "soon"])
+def test_a_malformed_keep_until_says_the_format(cli, generic, bad):
+    d = make_dataset(generic["scratch"])
+    one_error(cli("add", "--name", "ds", "--path", d, "--keep-until", bad), 2,
+              "is not a real date; use YYYY-MM-DD")
+    assert cli("add", "--name", "ds", "--path", d, "--keep-until", KEEP).rc == 0
+    one_error(cli("extend", "--name", "ds", "--keep-until", bad), 2,
+              "is not a real date; use YYYY-MM-DD")
+
+
+def test_sizes_are_binary_units_throughout():
+    """human_bytes says KiB, MiB, GiB, TiB: the README and the module's own words too."""
+    assert sk.human_bytes(3.4 * 1024 ** 4) == "3.4 TiB"
+    decimal = re.compile(r"\d ?[KMGTP]B\b")
+    assert decimal.findall(README) == []
+    assert decimal.findall(SCRIPT.read_text()) == []
+
+
+def test_files_help_warns_that_rsync_may_move_atimes(cli):
+    text = " ".join(cli("files", "--help").out.split())
+    assert "rsync may move them" in text and "README's probe" in text, text
+    title = "Copying them somewhere safe without moving their atimes"
+    assert title in text and ("### " + title) in README
+
+
+def test_a_mistyped_name_suggests_the_close_one(cli, generic):
+    d = make_dataset(generic["scratch"])
+    assert cli("add", "--name", "genomes", "--path", d, "--keep-until", KEEP).rc == 0
+    for argv in (["status", "--name", "genome"], ["refresh", "--name", "genomse"],
+                 ["files", "--name", "Genomes"]):
+        one_error(cli(*argv), 2, "no dataset named %r (did you mean 'genomes'?)" % argv[2])
+    line = one_error(cli("status", "--name", "zzz"), 2, "no dataset named 'zzz'")
+    assert "did you mean" not in line

@@ -121,7 +121,7 @@ def fmt_rate(n):
 
 
 def fmt_mb(kb):
-    return fmt("%.1f MB", kb, 1 / 1024.0)
+    return fmt("%.1f MiB", kb, 1 / 1024.0)
 
 
 def median(xs):
@@ -999,7 +999,7 @@ def render_header(report, w):
     w("scratch-keepalive benchmark\n" + "=" * 78 + "\n")
     for label, text in [
             ("machine", "%(cpu_model)s, %(cores)s cores (%(cores_usable)s usable), "
-                        "%(memory_mb)s MB RAM, %(machine)s" % m),
+                        "%(memory_mb)s MiB RAM, %(machine)s" % m),
             ("kernel", "%s, %s" % (m["kernel"], m["glibc"] or "libc ?")),
             ("workdir", "%(workdir)s on %(fs_mount)s (%(fs_type)s, %(fs_options)s)" % m),
             ("python", m["python"]), ("tools", "%(gcc)s; %(find)s" % m),
@@ -1086,7 +1086,7 @@ def render_memory(report, w):
             "FAILED (exit %s)" % s["rc"] if any(s["rc"]) else ""]
            for mode in mem["runs"] for key in ("mem100k", "mem1m", "mem1dir")
            for s in [ms[mode + "_" + key]]], left=2)
-    w("growth from %s to %s entries: check %+.1f MB, touch %+.1f MB\n"
+    w("growth from %s to %s entries: check %+.1f MiB, touch %+.1f MiB\n"
       % ((fmt_int(mem["entries"]["mem100k"]), fmt_int(mem["entries"]["mem1m"]))
          + tuple((ms[m + "_mem1m"]["peak_rss_kb"] - ms[m + "_mem100k"]["peak_rss_kb"]) / 1024.0
                  for m in ("check", "touch"))))
@@ -1196,7 +1196,7 @@ def memory_verdict(mem):
     rss = max(x["peak_rss_kb"] for x in ss) / 1024.0
     pss = max(x["sum_pss_kb"] for x in ss) / 1024.0
     return ("PASS" if max(rss, pss) <= TARGETS["rss_mb_1m"] else "FAIL",
-            "largest process %.1f MB, %d process(es) together %.1f MB PSS, at %s entries"
+            "largest process %.1f MiB, %d process(es) together %.1f MiB PSS, at %s entries"
             % (rss, max(x["max_procs"] for x in ss), pss, fmt_int(mem["entries"]["mem1m"])))
 
 
@@ -1219,7 +1219,7 @@ def targets(report):
         "check<=1.5x stat-walk": worst_ratio(trees, "check_vs_walk"),
         "all-skipped<=1.5x stat-walk": worst_ratio(trees, "skipped_vs_walk"),
         "threads>=10x": threads_verdict(report["latency"]),
-        "RSS<=32MB@1M": memory_verdict(report["memory"]),
+        "RSS<=32MiB@1M": memory_verdict(report["memory"]),
         "checkpoint<=2%": checkpoint_verdict(report.get("checkpoint_probe") or {}),
         "manifest<=16B/entry": manifest_verdict(report["trees"].get("wide")),
         "no-slower-than-before": before_verdict(trees),
