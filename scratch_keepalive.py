@@ -1755,7 +1755,7 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
                     add_type(ftype)
                     add_size(st.st_size)
                     add_atime(a)
-                    add_mtime(st.st_mtime_ns)
+                    add_mtime(st.st_mtime_ns - a)       # mostly 0 or alike: compresses well
         finally:
             os.close(fd)
     return ((touched, skipped, at_risk, b_risk, elig, b_elig, not_owned, risk_not_owned,
@@ -1765,14 +1765,16 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
 def _new_columns():
     """A batch's manifest columns, filled as its entries go by: file types (st_mode >> 12,
     _TYPE_TOUCHED added where this walk touched the entry; _KIND_OF_TYPE maps them to kind
-    codes in one call), sizes, and atimes and mtimes in ns as found (a division per entry
-    costs more than zlib saves; the mtime says whether a copy elsewhere is current)."""
+    codes in one call), sizes, atimes in ns as found (a division per entry costs more than
+    zlib saves), and mtimes, as mtime - atime in ns (equal for a file not read since it was
+    written: zlib makes little of them; the mtime says whether a copy elsewhere is
+    current)."""
     import array
     return bytearray(), array.array("q"), array.array("q"), array.array("q")
 
 
 def _column_bytes(cols):
-    """The columns as a manifest chunk takes them: kind codes, sizes, atimes, mtimes."""
+    """The columns as a manifest chunk takes them: kind codes, sizes, atimes, mtime - atime."""
     return bytes(cols[0].translate(_KIND_OF_TYPE)), _le(cols[1]), _le(cols[2]), _le(cols[3])
 
 
@@ -2579,13 +2581,13 @@ def from_byte_planes(data, n):
 
 
 class ManifestChunk(object):
-    """One decoded chunk: keys (walk order), kinds (bytes), sizes, atimes and mtimes
-    (arrays; times in ns; mtimes None in a format 1 manifest)."""
-    __slots__ = ("keys", "kinds", "sizes", "atimes", "mtimes")
+    """One decoded chunk: keys (walk order), kinds (bytes), sizes, atimes and mdeltas
+    (arrays; times in ns; mdeltas, mtime - atime, None in a format 1 manifest)."""
+    __slots__ = ("keys", "kinds", "sizes", "atimes", "mdeltas")
 
-    def __init__(self, keys, kinds, sizes, atimes, mtimes=None):
-        self.keys, self.kinds, self.sizes, self.atimes, self.mtimes = (
-            keys, kinds, sizes, atimes, mtimes)
+    def __init__(self, keys, kinds, sizes, atimes, mdeltas=None):
+        self.keys, self.kinds, self.sizes, self.atimes, self.mdeltas = (
+            keys, kinds, sizes, atimes, mdeltas)
 
 
 def decode_chunk(data, count):
@@ -2605,9 +2607,9 @@ def decode_chunk(data, count):
     kinds = raw[pos:pos + nent]
     sizes = _from_le("q", from_byte_planes(raw[pos + nent:pos + 9 * nent], nent))
     atimes = _from_le("q", from_byte_planes(raw[pos + 9 * nent:pos + 17 * nent], nent))
-    mtimes = None
-    if len(raw) == pos + 25 * nent and nent:        # format 2: mtimes follow
-        mtimes = _from_le("q", from_byte_planes(raw[pos + 17 * nent:pos + 25 * nent], nent))
+    mdeltas = None
+    if len(raw) == pos + 25 * nent and nent:        # format 2: mtime - atime follows
+        mdeltas = _from_le("q", from_byte_planes(raw[pos + 17 * nent:pos + 25 * nent], nent))
     elif len(raw) != pos + 17 * nent:
         raise ValueError("lengths")
     if len(name_list) != nent or len(kinds) != nent or len(atimes) != nent:
@@ -2624,7 +2626,7 @@ def decode_chunk(data, count):
         i += n
     if i != nent:
         raise ValueError("segments")
-    return ManifestChunk(keys, kinds, sizes, atimes, mtimes)
+    return ManifestChunk(keys, kinds, sizes, atimes, mdeltas)
 
 
 class Manifest(object):
@@ -2845,8 +2847,8 @@ class ManifestWriter(object):
     def _encode(self):
         """The chunk being built, uncompressed, in one bytes: "<III" (segments,
         entries, names length), per segment "<II" (length of its directory's key, entries),
-        the directory keys, the names (NUL between), kinds, sizes, atimes and mtimes (in
-        byte_planes). (zlib takes care of the keys' shared prefixes.)"""
+        the directory keys, the names (NUL between), kinds, sizes, atimes and mtime - atime
+        (in byte_planes). (zlib takes care of the keys' shared prefixes.)"""
         import array
         table = array.array("I")
         for d, n in zip(self.seg_dirs, self.seg_counts):
@@ -2964,12 +2966,13 @@ def vanished(prev, new):
             end = len(keys) if hi is None else _bisect.bisect_right(keys, hi, start)
             span = keys[start:end] if start or end < len(keys) else keys
             if not present.issuperset(span):        # the usual case: nothing vanished
-                mt = cur.mtimes
+                md = cur.mdeltas
                 for i in range(start, end):
                     k = keys[i]
                     if k not in present and cur.kinds[i] < K_UNKNOWN and not below_unlisted(k):
-                        yield (k, cur.kinds[i], cur.sizes[i], cur.atimes[i] // 1000000000,
-                               None if mt is None else mt[i])
+                        a = cur.atimes[i]
+                        yield (k, cur.kinds[i], cur.sizes[i], a // 1000000000,
+                               None if md is None else a + md[i])
             start = end
             if end < len(keys):
                 return

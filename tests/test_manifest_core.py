@@ -126,7 +126,7 @@ def test_a_damaged_previous_manifest_never_fails_the_walk(cli, generic):
     assert r.rc == 0, r
     res = r.json()["results"][0]
     assert res["complete"] and "what vanished is not known" in res["manifest_note"], res
-    assert "is damaged" in res["manifest_note"] and res["entries_vanished"] == 0
+    assert "is damaged" in res["manifest_note"] and res["entries_vanished"] is None
     assert len(store.manifests("ds")) == 2
     os.unlink(str(root / "f08"))
     res = cli("refresh", "--name", "ds", "--check", "--json").json()["results"][0]
@@ -156,7 +156,10 @@ def test_vanished_counts_and_likely_purged_from_the_atimes_the_walk_before_found
     assert status["vanished"]["entries_likely_purged"] == 4
     assert status["manifest"]["entries"] == res["entries_seen"]
     text = cli("status", "--name", "ds").out
-    assert "vanished:      7 entries (430 B)" in text, text
+    assert "last purge:    found %s: 4 entries (400 B) likely purged between the walks of" \
+        % status["last_purge"]["found"] in text, text
+    assert "; 3 more deleted or moved; `scratch-keepalive files --name ds --vanished` lists " \
+        "them" in text, text
 
 
 def test_no_manifest_settings_and_remove(cli, generic):
@@ -219,9 +222,11 @@ def test_doctor_warns_when_manifests_crowd_the_state_directory(tmp_path):
         subprocess.run(["umount", str(fs)])
 
 
-def test_fail_on_risk_exits_1_for_entries_likely_purged_in_touch_mode(cli, generic):
-    """A touch-mode dataset (nothing purge-eligible is left after a touch walk) whose old
-    files vanish between two walks: only --fail-on-risk turns that into exit 1."""
+def test_fail_on_risk_exits_1_for_entries_likely_purged_in_touch_mode(cli, generic,
+                                                                     monkeypatch):
+    """A touch-mode dataset: what its walk touched and the user then deleted is not likely
+    purged (the touch was its last access); what vanishes once purge days have passed
+    since that touch is, and only --fail-on-risk turns that into exit 1."""
     root = generic["scratch"] / "ds"
     root.mkdir()
     for i in range(6):
@@ -236,14 +241,16 @@ def test_fail_on_risk_exits_1_for_entries_likely_purged_in_touch_mode(cli, gener
     plain = cli("refresh", "--name", "ds", "--json")
     assert plain.rc == 0, plain
     res = plain.json()["results"][0]
-    assert (res["entries_likely_purged"], res["bytes_likely_purged"]) == (2, 10), res
+    assert (res["entries_vanished"], res["entries_likely_purged"]) == (2, 0), res
     brief = cli("status", "--brief", "--json").json()
     assert [(a["name"], a["kind"], a["command"]) for a in brief if a["name"]] == [
-        ("ds", "likely-purged", "scratch-keepalive files --name ds --vanished")], brief
+        ("ds", "purged", "scratch-keepalive files --name ds --vanished")], brief
+    assert "0 entries (0 B) likely purged" in brief[0]["message"], brief
+    # A month without a walk: f3 vanishes 31 days after the walk that touched it.
+    monkeypatch.setenv("SCRATCH_KEEPALIVE_NOW", sk.iso(NOW_EPOCH + 31 * DAY))
     os.unlink(str(root / "f3"))
     r = cli("refresh", "--name", "ds", "--fail-on-risk", "--json")
     assert r.rc == 1, r
-    # The touch walks set f3's atime to the real clock, years before the policy clock.
     assert r.json()["results"][0]["entries_likely_purged"] == 1, r
     assert r.json()["results"][0]["entries_vanished"] == 1
 
