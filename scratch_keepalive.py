@@ -7195,9 +7195,10 @@ def _repair_schedule(ctx, cfg, reg, dry_run, left):
 def invoked_as():
     """How the user ran this file, for the hints: `python3 PATH`, `python3 -m MODULE`, or PROG.
 
-    PROG where this module is not __main__ (the pip console script, or main() called by
-    another program) and for the launcher tools/install.sh writes, which runs
-    DIR/share/scratch-keepalive/scratch_keepalive.py for the command `scratch-keepalive`.
+    PROG where this module is not __main__ (the pip console script, the launchers that
+    tools/install.sh and the README write, which import it, or main() called by another
+    program) and for DIR/share/scratch-keepalive/scratch_keepalive.py run as a script (the
+    scheduled job's LOADER, and launchers written by older versions of install.sh).
     """
     if __name__ != "__main__":
         return PROG
