@@ -1793,8 +1793,8 @@ def _worker_loop(sock, params):
 
 def release_free_memory():
     """Give the C heap's free pages back to the system (glibc's malloc_trim), so that pages
-    freed before a fork (the file's parse tree, when it runs as `python3 FILE`) are not copied into
-    every worker's share. A no-op where the C library has no malloc_trim."""
+    freed before a fork (the file's parse tree, when it runs as `python3 FILE`) are not
+    copied into every worker's share. A no-op where the C library has no malloc_trim."""
     try:
         import ctypes
         ctypes.CDLL(None).malloc_trim(0)
@@ -7410,7 +7410,8 @@ def cmd_add(args, ctx):
 
 
 def account_hint(cfg):
-    """" --account ACCOUNT" where the profile's scheduled job needs one (br200), else ""."""
+    """The ` --account ACCOUNT` an install-cron hint needs where the profile's job needs an
+    account (br200), else an empty string."""
     known = isinstance(cfg, dict) and cfg.get("profile") in PROFILES
     return " --account ACCOUNT" if known and profile_of(cfg)["account_required"] else ""
 
