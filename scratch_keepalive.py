@@ -1840,8 +1840,8 @@ def _worker_loop(sock, params):
 
 def release_free_memory():
     """Give the C heap's free pages back to the system (glibc's malloc_trim), so that pages
-    freed before a fork (the file's parse tree, when it runs as `python3 FILE`) are not copied into
-    every worker's share. A no-op where the C library has no malloc_trim."""
+    freed before a fork (the file's parse tree, when it runs as `python3 FILE`) are not
+    copied into every worker's share. A no-op where the C library has no malloc_trim."""
     try:
         import ctypes
         ctypes.CDLL(None).malloc_trim(0)
@@ -7669,9 +7669,10 @@ def _repair_schedule(ctx, cfg, reg, dry_run, left):
 def invoked_as():
     """How the user ran this file, for the hints: `python3 PATH`, `python3 -m MODULE`, or PROG.
 
-    PROG where this module is not __main__ (the pip console script, or main() called by
-    another program) and for the launcher tools/install.sh writes, which runs
-    DIR/share/scratch-keepalive/scratch_keepalive.py for the command `scratch-keepalive`.
+    PROG where this module is not __main__ (the pip console script, the launchers that
+    tools/install.sh and the README write, which import it, or main() called by another
+    program) and for DIR/share/scratch-keepalive/scratch_keepalive.py run as a script (the
+    scheduled job's LOADER, and launchers written by older versions of install.sh).
     """
     if __name__ != "__main__":
         return PROG
@@ -7883,7 +7884,8 @@ def cmd_add(args, ctx):
 
 
 def account_hint(cfg):
-    """" --account ACCOUNT" where the profile's scheduled job needs one (br200), else ""."""
+    """The ` --account ACCOUNT` an install-cron hint needs where the profile's job needs an
+    account (br200), else an empty string."""
     known = isinstance(cfg, dict) and cfg.get("profile") in PROFILES
     return " --account ACCOUNT" if known and profile_of(cfg)["account_required"] else ""
 

@@ -25,7 +25,10 @@ PYENV_VERSIONS = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / 
 BASE_PATH = "/usr/bin:/bin"
 SH = "/bin/sh"
 VERSION_LINE = re.compile(r'^__version__ = "([^"]+)"$', re.M)
-# exec PYTHON -c CODE DIR "$@": CODE imports the module from DIR (see install.sh's LAUNCH).
+# The launcher: a Python script that imports the module from DIR, or (where its "#!" line
+# could not name the interpreter) a sh script doing the same with PYTHON -S -c CODE DIR.
+PY_LAUNCHER = re.compile(r"""\A#!(\S+) -S\n(?:#.*\n)*import sys; sys\.path\[0\] = '([^']*)'; """
+                         r"""from scratch_keepalive import main; sys\.exit\(main\(\)\)\n\Z""")
 EXEC_LINE = re.compile(r"""^exec '([^']*)' -S -c '([^']*)' '([^']*)' "\$@"$""", re.M)
 INSTALL_TIMEOUT = 120
 
@@ -99,7 +102,11 @@ def files_under(path):
 
 
 def exec_line(launcher):
+    """(the Python, the module file) a launcher runs."""
     text = Path(launcher).read_text(encoding="utf-8")
+    match = PY_LAUNCHER.match(text)
+    if match:
+        return match.group(1), os.path.join(match.group(2), "scratch_keepalive.py")
     assert text.startswith("#!/bin/sh\n"), text
     match = EXEC_LINE.search(text)
     assert match, "no exec line in launcher:\n" + text
@@ -319,6 +326,23 @@ def test_launcher_loads_the_program_from_its_bytecode(tmp_path, home, minor):
     script_kb, rc2 = peak_rss_kb([py, layout.installed, "list"], env)
     assert rc1 == rc2 == 0
     assert launcher_kb < script_kb - 5 * 1024, (launcher_kb, script_kb)
+
+
+def test_a_python_the_first_line_cannot_name_gets_a_sh_launcher(tmp_path, home):
+    """A Python at a path with a space cannot be named by a "#!" line: the launcher is
+    then a sh script, which imports the module the same way."""
+    spaced = tmp_path / "my python" / "python3"
+    spaced.parent.mkdir()
+    spaced.symlink_to(any_python())
+    layout = Layout(home)
+    env = make_env(home)
+    r = install("--python", spaced, env=env)
+    assert r.returncode == 0, show(r)
+    assert layout.launcher.read_text().startswith("#!/bin/sh\n")
+    assert exec_line(layout.launcher) == (str(spaced), str(layout.installed))
+    r = run([layout.launcher, "--version"], env=dict(env, PYTHONVERBOSE="1"), cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "scratch-keepalive " + module_version()
+    assert cached_path(spaced, layout.installed) in loaded_from(r), show(r)
 
 
 def test_launcher_ignores_a_module_of_the_same_name_in_the_current_directory(tmp_path, home):

@@ -1,8 +1,9 @@
 #!/bin/sh
 # install.sh - install scratch-keepalive for one user, without pip or network.
 #
-# Copies scratch_keepalive.py to $PREFIX/share/scratch-keepalive/ and writes
-# a small launcher $PREFIX/bin/scratch-keepalive bound to a Python >= 3.6.
+# Copies scratch_keepalive.py to $PREFIX/share/scratch-keepalive/ (with its
+# bytecode) and writes a small launcher $PREFIX/bin/scratch-keepalive bound to
+# a Python >= 3.6, which imports it from there.
 # Run `install.sh --help` for the options.  POSIX sh: runs under dash
 # (Debian) and bash (SLES), needs only coreutils, sed, grep and sort.
 #
@@ -138,18 +139,51 @@ is_our_launcher() {
     [ -f "$1" ] && grep -qF "$MARKER" "$1" 2>/dev/null
 }
 
+# Can "#!$1 -S" start a script, and a Python string in '' hold directory $2?
+# Only plain characters (no white space, quote or backslash) and a line
+# within the 127 bytes that older kernels read.
+python_launcher_ok() {
+    [ ${#1} -le 120 ] || return 1
+    case $1$2 in
+        *[!A-Za-z0-9/._+@,:=~-]*) return 1 ;;
+    esac
+    return 0
+}
+
 # The contents of a launcher running module file $2 with Python $1.  It
 # imports the module (its directory first on sys.path, in place of the
-# current directory), so Python loads it from the bytecode cached in
-# __pycache__ instead of compiling the whole file at every start, as
+# launcher's or the current one), so Python loads it from the bytecode cached
+# in __pycache__ instead of compiling the whole file at every start, as
 # `python3 FILE` does: that matters for the login line (status --brief).
-# -S: no site-packages to scan at each start; the program needs none.
+# -S: no site-packages to scan at each start; the program needs none.  A
+# Python script itself where its "#!" line can name the interpreter (a shell
+# in between costs the login line a process start), else a sh script.
 launcher_text() {
-    printf '#!/bin/sh\n'
+    _dir=$(dirname -- "$2")
+    if python_launcher_ok "$1" "$_dir"; then
+        printf '#!%s -S\n' "$1"
+    else
+        printf '#!/bin/sh\n'
+    fi
     printf '%s (version %s).\n' "$MARKER" "$3"
     printf '# Re-run install.sh to change the Python or the program path.\n'
-    printf 'exec %s -S -c %s %s "$@"\n' "$(shquote "$1")" "$(shquote "$LAUNCH")" \
-        "$(shquote "$(dirname -- "$2")")"
+    if python_launcher_ok "$1" "$_dir"; then
+        printf "import sys; sys.path[0] = '%s'; from scratch_keepalive import main; sys.exit(main())\n" \
+            "$_dir"
+    else
+        printf 'exec %s -S -c %s %s "$@"\n' "$(shquote "$1")" "$(shquote "$LAUNCH")" \
+            "$(shquote "$_dir")"
+    fi
+}
+
+# Is launcher $1 valid code for its interpreter (sh, or Python $2)?
+launcher_valid() {
+    if [ "$(head -n 1 -- "$1")" = '#!/bin/sh' ]; then
+        sh -n "$1" 2>/dev/null
+    else
+        "$2" -c 'import sys; compile(open(sys.argv[1]).read(), sys.argv[1], "exec")' "$1" \
+            >/dev/null 2>&1 </dev/null
+    fi
 }
 
 # Byte-compile module file $2 with Python $1 into its __pycache__ (whatever
@@ -438,7 +472,7 @@ if ! launcher_text "$py" "$installed" "$new_version" >"$tmp_launcher" ||
     ! chmod 755 "$tmp_launcher"; then
     die "cannot write $tmp_launcher"
 fi
-sh -n "$tmp_launcher" 2>/dev/null || die "the generated launcher is not valid sh"
+launcher_valid "$tmp_launcher" "$py" || die "the generated launcher is not valid code"
 
 # Keep copies of what we replace, to put back if the final check fails.
 had_installed=no
