@@ -48,14 +48,11 @@ __version__ = "1.0.0"
 
 import binascii
 import bisect
-import contextlib
 import datetime
 import errno
 import fcntl
 import itertools
-import json
 import os
-import re
 import stat
 import sys
 import time
@@ -109,6 +106,18 @@ class _LazyPattern(object):
 
 
 argparse = _LazyModule("argparse")
+contextlib = _LazyModule("contextlib")
+json = _LazyModule("json")          # state is read by _json_loads (no json, no re)
+re = _LazyModule("re")
+
+
+def contextmanager(func):
+    """contextlib.contextmanager, with contextlib imported at the first call (it and re
+    bring in collections, functools and enum: a third of `status --brief`'s time)."""
+    def call(*args, **kwargs):
+        return contextlib.contextmanager(func)(*args, **kwargs)
+    call.__name__, call.__doc__, call.__wrapped__ = func.__name__, func.__doc__, func
+    return call
 select = _LazyModule("select")
 signal = _LazyModule("signal")
 socket = _LazyModule("socket")
@@ -133,7 +142,18 @@ SENTINEL = ".scratch-keepalive"
 SENTINEL_SETTINGS = ("keep_until", "cadence_days", "approval", "rescue_to")  # for a rebuild
 JOB_NAME = "scratch-keepalive"
 # WARNING: \Z, not $: "$" also matches before a trailing newline ("evil\n" would pass).
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+NAME_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+NAME_CHARS = NAME_FIRST | frozenset("._-")
+
+
+def valid_name(name):
+    """A dataset name: 1-64 of letters, digits, '.', '_', '-' (ASCII), not starting with
+    one of the last three (what `^[A-Za-z0-9][A-Za-z0-9._-]{0,63}` matching the whole name
+    says, without importing re)."""
+    return (isinstance(name, str) and 0 < len(name) <= 64 and name[0] in NAME_FIRST
+            and all(c in NAME_CHARS for c in name))
+
+
 # install-cron --mail-user: one '@', no space, quote, '#' or shell character, so that the
 # address stays one word on an #SCRON line (split at spaces), in an #SBATCH line and in a
 # shell; no leading '-' (an option to sbatch).
@@ -289,17 +309,48 @@ def iso(t):
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-_ISO_RE = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2})(?:\.\d+)?)?"
-    r"(Z|[+-]\d{2}:?\d{2})?)?$")
+def _digits(text, n=None):
+    """text is ASCII digits only (n of them); str.isdigit also takes '²' and others."""
+    return bool(text) and (n is None or len(text) == n) and all(c in "0123456789"
+                                                                for c in text)
+
+
+def _iso_parts(text):
+    """'YYYY-MM-DD[(T| )HH:MM[:SS[.fff]][Z|+HH:MM|+HHMM]]' -> (y, mo, d, hh, mm, ss, tz)
+    as text (hh, mm, ss None when absent; tz None), or None (what a regex would say, without
+    importing re)."""
+    date, rest = text[:10], text[10:]
+    if not (_digits(date[:4], 4) and date[4:5] == "-" and _digits(date[5:7], 2) and
+            date[7:8] == "-" and _digits(date[8:], 2)):
+        return None
+    if not rest:
+        return date[:4], date[5:7], date[8:], None, None, None, None
+    if rest[0] not in "T " or rest[3:4] != ":" or not (_digits(rest[1:3], 2) and
+                                                        _digits(rest[4:6], 2)):
+        return None
+    hh, mm, ss, rest = rest[1:3], rest[4:6], None, rest[6:]
+    if rest[:1] == ":" and _digits(rest[1:3], 2):
+        ss, rest = rest[1:3], rest[3:]
+        if rest[:1] == ".":
+            i = 1
+            while rest[i:i + 1] and rest[i] in "0123456789":
+                i += 1
+            if i == 1:
+                return None
+            rest = rest[i:]
+    tz = rest or None
+    if tz and tz != "Z" and not (tz[0] in "+-" and (
+            _digits(tz[1:], 4) or (tz[3:4] == ":" and _digits(tz[1:3] + tz[4:], 4)))):
+        return None
+    return date[:4], date[5:7], date[8:], hh, mm, ss, tz
 
 
 def parse_iso(text):
     """'2026-08-01T03:00:00Z' (or a date, or an offset) -> epoch seconds; None if not valid."""
-    m = _ISO_RE.match(text.strip())
-    if not m:
+    parts = _iso_parts(text.strip())
+    if parts is None:
         return None
-    y, mo, d, hh, mm, ss, tz = m.groups()
+    y, mo, d, hh, mm, ss, tz = parts
     try:
         dt = datetime.datetime(int(y), int(mo), int(d), int(hh or 0), int(mm or 0), int(ss or 0))
     except ValueError:
@@ -315,7 +366,7 @@ def parse_iso(text):
 
 def parse_date(text):
     """'YYYY-MM-DD' -> datetime.date, or None when it is not a real date."""
-    if len(text or "") != 10 or not re.match(r"^\d{4}-\d{2}-\d{2}$", text):
+    if not isinstance(text, str) or len(text) != 10 or _iso_parts(text) is None:
         return None
     try:        # not strptime: its first call costs the login line (status --brief) ~2 ms
         return datetime.date(int(text[:4]), int(text[5:7]), int(text[8:]))
@@ -415,7 +466,7 @@ def combine_exit_codes(codes):
 
 
 def check_name(name):
-    if not name or not NAME_RE.match(name):
+    if not valid_name(name):
         raise UsageError("invalid dataset name %r; use 1-64 letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit" % (name,))
     return name
@@ -532,14 +583,48 @@ class InvalidState(StateError):
     """A state file that is damaged or breaks its schema: `repair` sets it aside and mends it."""
 
 
+class _JSONContext(object):
+    """What the json module's C scanner reads off its decoder: json.loads's defaults."""
+    strict = True
+    object_hook = object_pairs_hook = None
+    parse_float, parse_int = float, int
+    memo = {}
+
+    @staticmethod
+    def parse_constant(name):
+        return float(name)          # NaN, Infinity, -Infinity, as json.loads takes them
+
+
+_SCANNER = []       # the C scanner, made on first use; None where there is none
+
+
 def _json_loads(raw):
     """Parse JSON bytes; ValueError for anything that is not a UTF-8 JSON text.
 
-    WARNING: json.loads recurses once per nesting level: '[' * 100000 raises RecursionError,
+    It reads as json.loads does, through the C scanner that json.loads uses itself when it
+    can: importing the json package (and re, which it needs) costs `status --brief`, run
+    at every login, about as much as the rest of its work.
+    WARNING: decoding recurses once per nesting level: '[' * 100000 raises RecursionError,
     which is not a ValueError.
     """
+    if not _SCANNER:
+        try:
+            import _json
+            _SCANNER.append(_json.make_scanner(_JSONContext()))
+        except (ImportError, AttributeError):
+            _SCANNER.append(None)
     try:
-        return json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
+        if _SCANNER[0] is None:
+            return json.loads(text)
+        text = text.strip(" \t\n\r")
+        try:
+            doc, end = _SCANNER[0](text, 0)
+        except StopIteration:
+            raise ValueError("Expecting value: line 1 column 1 (char 0)")
+        if end != len(text):
+            raise ValueError("Extra data at char %d" % end)
+        return doc
     except RecursionError:
         raise ValueError("nested too deeply")
 
@@ -708,7 +793,7 @@ def invalid_message(kind, path, problem, entry=None):
 
 
 def _name(v):
-    if not isinstance(v, str) or not NAME_RE.match(v) or v.endswith("\n"):
+    if not valid_name(v):
         return "a dataset name (letters, digits, '.', '_' or '-')"
 
 
@@ -740,7 +825,8 @@ def _epoch(v):
 
 
 def _purge_file(v):
-    if not isinstance(v, str) or not re.match(r"^purge-\d{1,9}\.skm$", v):
+    if not (isinstance(v, str) and v.startswith("purge-") and v.endswith(".skm") and
+            _digits(v[6:-4]) and len(v) <= 19):
         return "a purge file name (purge-N.skm)"
 
 
@@ -904,9 +990,9 @@ class Store(object):
         good, bad = split_entries(doc["datasets"], path, kind)
         return dict(doc, datasets=good), bad
 
-    # The store's own locks start with a dot, which no dataset name can (NAME_RE), so a
+    # The store's own locks start with a dot, which no dataset name can (valid_name), so a
     # dataset called "registry" never shares a lock file with the registry.
-    @contextlib.contextmanager
+    @contextmanager
     def registry_lock(self):
         self.ensure()
         fd = open_nofollow(os.path.join(self.lock_dir, ".registry.lock"),
@@ -917,7 +1003,7 @@ class Store(object):
         finally:
             os.close(fd)
 
-    @contextlib.contextmanager
+    @contextmanager
     def schedule_lock(self, wait=None):
         """One schedule change at a time (install, uninstall, a job submitting its successor):
         two chain jobs checking squeue at once could otherwise each submit one. Reentrant."""
@@ -936,7 +1022,7 @@ class Store(object):
             finally:
                 _SCHEDULE_LOCKS.discard(path)
 
-    @contextlib.contextmanager
+    @contextmanager
     def update_registry(self):
         """Read-modify-write the registry under its lock; the old one becomes the backup."""
         with self.registry_lock():
@@ -1290,7 +1376,7 @@ def dataset_root_fd(ctx, ds):
     return open_dataset_root(ds["path"], scratch_root_of(cfg, ctx.env) if cfg else None)
 
 
-@contextlib.contextmanager
+@contextmanager
 def _root_fd_of(root):
     """root as a dataset-root fd: an int is used as is; a path is opened safely (from "/")."""
     if isinstance(root, int):
@@ -1620,9 +1706,11 @@ def list_dir_typed(fd):
     return names, sorted(bisect_left(names, d.encode(enc, "surrogateescape")) for d in dirnames)
 
 
-# _socket: what socket re-exports CMSG_SPACE from, without socket's own imports (see _LazyModule).
-PARALLEL_OK = (sys.version_info >= (3, 7) and hasattr(__import__("_socket"), "CMSG_SPACE")
-               and hasattr(os, "fork"))
+def parallel_ok():
+    """Worker processes can be used: Python 3.7+ with fork and SCM_RIGHTS (CMSG_SPACE).
+    (_socket: what socket re-exports CMSG_SPACE from, without socket's own imports.)"""
+    return (sys.version_info >= (3, 7) and hasattr(os, "fork")
+            and hasattr(__import__("_socket"), "CMSG_SPACE"))
 
 
 def default_workers():
@@ -1631,7 +1719,7 @@ def default_workers():
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
-    return 2 if (PARALLEL_OK and cpus >= 2) else 1
+    return 2 if (cpus >= 2 and parallel_ok()) else 1
 
 
 # Filesystems whose metadata calls wait on a network round trip: threads overlap the waits.
@@ -2092,7 +2180,7 @@ def choose_runner(threads, workers):
     Worker processes when more than one is asked for and Python can pass fds
     (3.7+), else threads when more than one is asked for, else inline.
     """
-    if workers > 1 and PARALLEL_OK:
+    if workers > 1 and parallel_ok():
         return ProcessRunner, workers
     if threads > 1:
         return ThreadRunner, threads
@@ -3695,7 +3783,7 @@ def _add_root_fd(real, scratch_root):
         raise UsageError(str(e))
 
 
-@contextlib.contextmanager
+@contextmanager
 def _sentinel_rollback(root):
     """Yields a list; when the block fails after a path was appended to it (a sentinel this
     call created), that sentinel is deleted again."""
@@ -4534,7 +4622,7 @@ def _refresh(ctx, opts, should_stop=None, progress=None):
                      "-t 2:00:00 --mem=2G --wrap \"%s refresh\"`, or schedule it with "
                      "`%s install-cron --account ACCOUNT`" % (max_seconds // 60, PROG, PROG))
     login_note = notes[-1] if notes else None
-    if opts.workers and opts.workers > 1 and not PARALLEL_OK and chosen:
+    if opts.workers and opts.workers > 1 and not parallel_ok() and chosen:
         notes.append("--workers needs Python 3.7 or newer (this is %d.%d): the walk runs in "
                      "one process; --threads N overlaps metadata calls on any version"
                      % sys.version_info[:2])
@@ -8044,7 +8132,7 @@ def _schedule_lines(ctx):
     return lines
 
 
-@contextlib.contextmanager
+@contextmanager
 def stop_signals():
     """SIGTERM, SIGHUP and SIGINT ask the walk to stop and checkpoint; handlers restored on exit.
 

@@ -188,7 +188,7 @@ def test_json_shape_and_exit_code(cli, healthy):
             assert c["ok"] is (c["level"] in ("ok", "info")), c
             base, _, name = c["name"].partition(":")
             assert (c["name"] in PLAIN_CHECKS if not name else
-                    base in DATASET_CHECKS and sk.NAME_RE.match(name)), c
+                    base in DATASET_CHECKS and sk.valid_name(name)), c
         assert report["ok"] is all(c["ok"] for c in report["checks"])
         assert rc == (0 if report["ok"] else 1)
 

@@ -236,7 +236,7 @@ def test_remove_and_readd_elsewhere_while_a_refresh_starts_walks_neither(tmp_pat
 
 
 def test_name_with_a_trailing_newline_is_refused(tmp_path):
-    """`$` in NAME_RE matched before a trailing newline: `add --name $'evil\\n'` exited 0 and
+    """`$` in the name pattern matched before a trailing newline: `add --name $'evil\\n'` exited 0 and
     made logs/evil<newline>/. Now it is invalid input (exit 2) and nothing is written."""
     scratch, state = tmp_path / "scratch", tmp_path / "state"
     scratch.mkdir()
@@ -602,13 +602,92 @@ def test_the_login_line_imports_only_what_it_needs(tmp_path):
             "rc = m.main(['status', '--brief']); "
             "print(' '.join(sorted(set(sys.modules) & set(sys.argv[1:])))); sys.exit(rc)")
     lazy = ["argparse", "subprocess", "socket", "tempfile", "threading", "textwrap",
-            "signal", "select", "calendar", "_strptime"]
+            "signal", "select", "calendar", "_strptime", "json", "re", "enum", "contextlib",
+            "collections", "functools", "_socket"]
     env = dict(os.environ, SCRATCH_KEEPALIVE_HOME=str(tmp_path / "state"))
     r = subprocess.run([sys.executable, "-S", "-c", code, str(REPO)] + lazy, env=env,
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
     assert r.returncode == 0, r
     assert r.stdout.strip() == "", r.stdout
+    # With state to read: datasets that need attention, a checkpoint, a purge on record.
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env.update(SCRATCH_KEEPALIVE_NOW="2030-01-01T00:00:00Z")
+    for argv in (["init", "--profile", "generic", "--scratch-root", scratch],
+                 ["add", "--name", "a", "--path", scratch / "a", "--keep-until", "2030-01-05"],
+                 ["add", "--name", "b", "--path", scratch / "b", "--keep-until", "2030-06-30"],
+                 ["refresh", "--name", "a", "--check"], ["refresh", "--name", "b", "--check"],
+                 ["refresh", "--name", "a", "--check", "--max-entries", "1"]):
+        if argv[0] == "add":
+            (argv[4] / "sub").mkdir(parents=True)
+            (argv[4] / "sub" / "f").write_text("x")
+        if argv[:3] == ["refresh", "--name", "b"]:
+            os.unlink(str(scratch / "b" / "sub" / "f"))
+        subprocess.run([sys.executable, str(SCRIPT)] + [str(a) for a in argv], env=env,
+                       stdout=subprocess.PIPE, check=argv[-1] != "1")
+    r = subprocess.run([sys.executable, "-S", "-c", code, str(REPO)] + lazy, env=env,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    lines = r.stdout.splitlines()
+    assert "scratch-keepalive: a: " in r.stdout and "scratch-keepalive: b: " in r.stdout, r
+    assert lines[-1] == "", r.stdout          # none of them was imported
     import socket as real_socket
     assert sk.socket.gethostname() == real_socket.gethostname()
     assert sk.subprocess.PIPE == subprocess.PIPE
     assert sk.MAIL_RE.match("a@b.c") and not sk.MAIL_RE.match("a b@c")
+
+
+# ---------------------------------------------------------------- times and names without re
+
+_ISO_REFERENCE = r"^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2})(?:\.\d+)?)?" \
+                 r"(Z|[+-]\d{2}:?\d{2})?)?\Z"
+
+
+def test_parse_iso_and_names_read_as_their_patterns_do():
+    """The login line imports no re: parse_iso, parse_date and valid_name check by hand what
+    these patterns say (ASCII digits), on every form and near-miss generated here."""
+    import itertools
+    import random
+    import re
+    ref = re.compile(_ISO_REFERENCE)
+    rng = random.Random(7)
+    pieces = ["2026-08-01", "2026-8-01", "20260801", "2026-02-30", "0000-01-01", "T", " ",
+              "t", "03:00", "3:00", "03:00:07", "03:00:7", ":07", ".5", ".", ".123456", "Z",
+              "z", "+02:00", "-0530", "+2", "+02:0", "\n", "x", ""]
+    seen = 0
+    for n in (1, 2, 3, 4, 5):
+        for combo in itertools.islice(itertools.product(pieces, repeat=n), 4000):
+            text = "".join(combo)
+            m = ref.match(text)
+            assert (sk._iso_parts(text) is not None) == bool(m), repr(text)
+            if m:
+                assert sk._iso_parts(text) == m.groups(), repr(text)
+            seen += 1
+    assert seen > 10000
+    for text in ("2026-08-01T03:00:00Z", "2026-08-01", "2026-08-01 03:00+02:00"):
+        assert sk.parse_iso(text) is not None
+    assert sk.parse_date("2026-02-29") is None and sk.parse_date("2028-02-29") is not None
+    assert sk.parse_date("2026-08-01T00") is None and sk.parse_date(None) is None
+    name = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+    alphabet = "aZ09._-é \n/"
+    for _ in range(20000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.choice((0, 1, 2, 5, 64, 65))))
+        assert sk.valid_name(text) == bool(name.match(text)), repr(text)
+
+
+def test_the_state_reader_reads_as_json_loads_does():
+    """_json_loads uses json's C scanner (no json package, no re at login): the same
+    documents, the same refusals."""
+    import json
+    good = ['{"a": [1, 2.5, -3e2, "x\\u00e9\\n", null, true, false, {}]}', '  [ ]  \n',
+            '"s"', '{"n": NaN, "i": -Infinity}', '{"k": {"k": {"k": []}}}', "0", "1.0"]
+    bad = ["", "  ", "{", "[1,]", "{'a': 1}", "[1] [2]", "nul", "{\"a\" 1}", "\ufeff{}",
+           "[1]\x00"]
+    for text in good:
+        assert repr(sk._json_loads(text.encode())) == repr(json.loads(text)), text
+    for text in bad:
+        with pytest.raises(ValueError):
+            json.loads(text)
+        with pytest.raises(ValueError):
+            sk._json_loads(text.encode())
+    with pytest.raises(ValueError):
+        sk._json_loads(b"[" * 100000)
