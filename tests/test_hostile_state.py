@@ -67,8 +67,7 @@ def base_env(state, scratch, empty_bin):
     # No Slurm command is found (PATH holds nothing): a schedule record makes status and
     # doctor ask squeue, which must fail quietly here, not reach a real cluster.
     return {"SCRATCH_KEEPALIVE_HOME": str(state), "SCRATCH_KEEPALIVE_NOW": NOW, "TZ": "UTC",
-            "HOME": str(state.parent), "PATH": str(empty_bin), "LC_ALL": "C.UTF-8",
-            "SCRATCH_KEEPALIVE_SCRATCH_ROOT": str(scratch)}
+            "HOME": str(state.parent), "PATH": str(empty_bin), "LC_ALL": "C.UTF-8"}
 
 
 def run(python, argv, env):
@@ -193,7 +192,14 @@ def one_case(python, tpl, runs, rel, kind):
     inside_before = fingerprint(inside_target)
     env = base_env(state, tpl["scratch"], tpl["bin"])
     results, problems = [], []
+    path = state / rel
+    odd_before_repair = None
     for cmd in STATE_PATHS[rel][1] + [REPAIR]:
+        if cmd == REPAIR and os.path.lexists(str(path)):
+            st = os.lstat(str(path))
+            if not stat.S_ISREG(st.st_mode):
+                odd_before_repair = (stat.S_IFMT(st.st_mode), os.path.islink(str(path))
+                                     and os.readlink(str(path)))
         argv = [a.format(dest=dest) for a in cmd]
         rc, out, err, took = run(python, argv, env)
         results.append((" ".join(cmd[:2] if cmd[:2] == STATUS_BRIEF else cmd[:1]), rc, took))
@@ -215,9 +221,14 @@ def one_case(python, tpl, runs, rel, kind):
     if os.path.lexists(str(inside_target)) and fingerprint(inside_target) != inside_before \
             and inside_target.name == "config.json":
         problems.append("%s at %s: the config a link pointed at changed" % (kind, rel))
-    path = state / rel
     if os.path.lexists(str(path)) and not stat.S_ISREG(os.lstat(str(path)).st_mode):
         problems.append("%s at %s: still not a regular file after repair" % (kind, rel))
+    if odd_before_repair is not None:   # what repair set aside is there, as it was
+        kept = [p for p in path.parent.iterdir() if p.name.startswith(path.name + ".corrupt-")
+                and (stat.S_IFMT(os.lstat(str(p)).st_mode), os.path.islink(str(p))
+                     and os.readlink(str(p))) == odd_before_repair]
+        if not kept:
+            problems.append("%s at %s: repair did not keep what it set aside" % (kind, rel))
     if kind == "dir":           # set aside, never deleted: the directory and its file
         kept = [p for p in path.parent.iterdir()
                 if p.name.startswith(path.name + ".corrupt-") and (p / "keep").exists()]
@@ -237,21 +248,25 @@ def test_every_kind_at_every_state_path(template, tmp_path, version, python):
         done = list(pool.map(lambda rk: one_case(python, template, runs, *rk), cases))
     seconds = time.monotonic() - t0
     outcomes = collections.Counter()
+    by_kind, by_path = collections.Counter(), collections.Counter()
     slowest = (0.0, None)
     problems = []
     for (rel, kind), (results, found) in zip(cases, done):
         problems += found
         for cmd, rc, took in results:
             outcomes[(cmd, rc)] += 1
+            by_kind[(kind, rc)] += 1
+            by_path[(rel, rc)] += 1
             slowest = max(slowest, (took, "%s %s at %s" % (cmd, kind, rel)))
     total = sum(outcomes.values())
     lines = ["Python %s: %d paths x %d kinds = %d cases, %d command runs in %.1f s; slowest "
              "run %.2f s (%s)" % (version, len(STATE_PATHS), len(KINDS), len(cases), total,
                                   seconds, slowest[0], slowest[1])]
-    for cmd in sorted(set(c for c, _ in outcomes)):
-        lines.append("  %-14s %s" % (cmd, ", ".join(
-            "exit %s: %d" % (rc, n) for (c, rc), n in sorted(outcomes.items(), key=str)
-            if c == cmd)))
+    for table in (outcomes, by_kind, by_path):
+        for key in sorted(set(k for k, _ in table)):
+            lines.append("  %-34s %s" % (key, ", ".join(
+                "exit %s: %d" % (rc, n) for (k, rc), n in sorted(table.items(), key=str)
+                if k == key)))
     print("\n".join(lines))
     assert not problems, "\n".join(problems[:40])
 
@@ -355,6 +370,24 @@ def test_atomic_write_replaces_a_link_and_writes_nothing_through_it(tmp_path):
     sk.atomic_write(str(d / "doc.json"), b"new")
     assert outside.read_bytes() == b"precious"
     assert not os.path.islink(str(d / "doc.json")) and (d / "doc.json").read_bytes() == b"new"
+
+
+def test_atomic_write_creates_its_temp_exclusively_in_the_held_directory(tmp_path,
+                                                                         monkeypatch):
+    opened = []
+    real_open = os.open
+
+    def spy(path, flags, mode=0o777, **kw):
+        opened.append((path, flags, kw.get("dir_fd")))
+        return real_open(path, flags, mode, **kw)
+    monkeypatch.setattr(sk.os, "open", spy)
+    sk.atomic_write(str(tmp_path / "doc.json"), b"{}")
+    temps = [(p, f, d) for p, f, d in opened if str(p).endswith(".tmp")]
+    assert len(temps) == 1, opened
+    name, flags, dir_fd = temps[0]
+    assert "/" not in name and dir_fd is not None
+    want = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    assert flags & want == want
 
 
 def test_state_file_limits_pass_a_ten_million_entry_dataset(cli, generic):
