@@ -924,6 +924,28 @@ class Store(object):
             except OSError as e:
                 raise Failure("cannot create the state directory %s (%s); choose another with "
                               "--state-dir or SCRATCH_KEEPALIVE_HOME" % (d, e.strerror))
+        odd = self.odd_dirs()
+        if odd:
+            raise StateError("%s is %s, not a directory; %s never writes through one: run `%s "
+                             "repair` (it sets it aside)" % (display_path(odd[0][0]), odd[0][1],
+                                                             PROG, PROG))
+
+    def odd_dirs(self):
+        """[(path, what is there)] for the state directory's own directories (checkpoints,
+        logs, locks, manifests and those of each dataset's) that are not directories: a
+        symlink there would have files written, renamed and deleted wherever it points."""
+        found = []
+        top = os.path.join(self.dir, "manifests")
+        dirs = [self.checkpoint_dir, os.path.join(self.checkpoint_dir, "rescue"), self.log_dir,
+                self.lock_dir, top]
+        for d in dirs + [p for p in _names_ending(top, "") if not _SET_ASIDE_RE.search(p)]:
+            try:
+                st = os.lstat(d)
+            except OSError:
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                found.append((d, "a file" if stat.S_ISREG(st.st_mode) else file_kind(st.st_mode)))
+        return found
 
     # -- config
     def load_config(self):
@@ -1038,11 +1060,24 @@ class Store(object):
             return None
 
     def save_checkpoint(self, name, doc):
+        self.ensure()       # checkpoints/ is a directory, not a link
         atomic_write(self.checkpoint_path(name), dump_json(dict(doc, format=FORMAT)))
 
     def delete_checkpoint(self, name):
-        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-            os.unlink(self.checkpoint_path(name))     # a directory there: repair's to set aside
+        self.unlink_in(("checkpoints",), name + ".json")
+
+    def unlink_in(self, parts, name):
+        """Delete self.dir/parts.../name through the directory's fd (never through a link);
+        nothing there, a directory there (repair's to set aside): nothing done."""
+        try:
+            dfd = self.open_dir(*parts)
+        except FileNotFoundError:
+            return
+        try:
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                os.unlink(name, dir_fd=dfd)
+        finally:
+            os.close(dfd)
 
     def checkpoint_exists(self, name):
         return os.path.exists(self.checkpoint_path(name))
@@ -1069,6 +1104,7 @@ class Store(object):
         return sorted(found, reverse=True)
 
     def ensure_manifest_dir(self, name):
+        self.ensure()
         for d in (os.path.dirname(self.manifest_dir(name)), self.manifest_dir(name)):
             with contextlib.suppress(FileExistsError):
                 os.mkdir(d, 0o700)
@@ -4784,8 +4820,7 @@ def save_rescue_checkpoint(store, name, doc):
 
 
 def delete_rescue_checkpoint(store, name):
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        os.unlink(rescue_checkpoint_path(store, name))
+    store.unlink_in(("checkpoints", "rescue"), name + ".json")
 
 
 def check_rescue_dest(ctx, cfg, dataset_path, to, flag="--to"):
@@ -6570,9 +6605,9 @@ def _check_state_files(ctx):
     for name in sorted(bad):
         out.append(Check("entry:" + display_path(name)[:64], "fail", bad[name][0],
                          fix="registry"))
-    odd = odd_state_files(store)
+    odd = store.odd_dirs() + odd_state_files(store)
     if odd:
-        out.append(Check("state-files", "fail", "%s where a state file belongs; repair sets "
+        out.append(Check("state-files", "fail", "%s where state belongs; repair sets "
                          "%s aside (renamed, never deleted)" % (
                              "; ".join("%s is %s" % (display_path(p), w) for p, w in odd[:3])
                              + (" ..." if len(odd) > 3 else ""),
@@ -6999,6 +7034,9 @@ def repair(dry_run=False, state_dir=None, env=None, runner=None):
     return _repair(ctx, dry_run)
 
 
+_SET_ASIDE_RE = re.compile(r"\.corrupt-\d{8}T\d{6}Z(-\d+)?$")     # _set_aside()'s names
+
+
 def _set_aside(path, dry_run, copy=False):
     """Rename a damaged file to PATH.corrupt-TIME (never over an earlier copy).
 
@@ -7026,6 +7064,9 @@ def _repair(ctx, dry_run):
         act("set state permissions to 0700 (dirs) / 0600 (files) in %s" % store.dir)
         if not dry_run:
             _fix_permissions(store)
+    for path, what in store.odd_dirs():
+        act("set %s aside as %s: it was %s, not a directory" % (
+            display_path(path), display_path(_set_aside(path, dry_run)), what))
     for path, what in odd_state_files(store):
         act("set %s aside as %s: it was %s, not a regular file" % (
             display_path(path), display_path(_set_aside(path, dry_run)), what))

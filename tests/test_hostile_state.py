@@ -511,3 +511,34 @@ def test_doctor_calls_a_mode_000_file_unreadable(cli, walked):
     assert r.rc == 1
     line = next(l for l in r.out.splitlines() if "manifest-000001.skm" in l)
     assert "unreadable" in line and "group/other" not in line, r.out
+
+
+@pytest.mark.parametrize("rel", ["checkpoints", "checkpoints/rescue", "locks", "manifests",
+                                 "manifests/ds", "logs"])
+def test_a_state_directory_made_a_symlink_is_never_written_through(walked, tmp_path, rel):
+    state = walked["state"]
+    d = state / rel
+    if not d.exists():
+        d.mkdir(mode=0o700)
+    outside = tmp_path / "outside-dir"
+    shutil.copytree(str(d), str(outside), symlinks=True)
+    shutil.rmtree(str(d))
+    os.symlink(str(outside), str(d))
+
+    def listing():
+        return sorted((str(p.relative_to(outside)), p.is_file() and p.read_bytes(),
+                       p.lstat().st_mtime_ns) for p in outside.rglob("*"))
+    before = listing()
+    for argv in (("refresh", "--name", "ds", "--max-entries", "2"), ("refresh", "--name", "ds"),
+                 ("rescue", "--name", "ds", "--to", tmp_path / "dest", "--all",
+                  "--max-entries", "2"), ("remove", "--name", "nosuch")):
+        r = run_script(*argv, timeout=TIMEOUT)
+        assert r.rc in DOCUMENTED and "Traceback" not in r.err, r
+        assert listing() == before, argv
+    r = run_script("repair", timeout=TIMEOUT)
+    assert r.rc == 0, r
+    assert not os.path.islink(str(d))
+    assert [p for p in d.parent.iterdir() if p.name.startswith(d.name + ".corrupt-")]
+    assert listing() == before
+    r = run_script("refresh", "--name", "ds", timeout=TIMEOUT)
+    assert r.rc == 0, r
