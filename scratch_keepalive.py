@@ -7507,12 +7507,17 @@ class OutputStream(object):
                 raise
             self.failed = e
         except (OSError, ValueError) as e:
-            self.failed = e if isinstance(e, OSError) else OSError(errno.EBADF, str(e))
+            error = self.fail(e)
             if not self.quiet:
-                raise OutputError("cannot write to %s (%s); the output is lost: check where "
-                                  "it goes (a closed descriptor, a full disk)" % (
-                                      self.what, getattr(e, "strerror", None) or e)) from None
+                raise error from None
         return None
+
+    def fail(self, e):
+        """Record that writing failed with e; the OutputError to report."""
+        self.failed = e if isinstance(e, OSError) else OSError(errno.EBADF, str(e))
+        return OutputError("cannot write to %s (%s); the output is lost: check where it goes "
+                           "(a closed descriptor, a full disk)" % (
+                               self.what, getattr(e, "strerror", None) or e))
 
     def write(self, text):
         return self._call("write", text)
@@ -8056,6 +8061,16 @@ class _Parser(argparse.ArgumentParser):
             sys.stderr.write(message)
         raise _ParserExit(status)
 
+    def _print_message(self, message, file=None):
+        """As argparse's, but a failed write is main()'s to report (argparse 3.9+ drops it).
+
+        Only help and version text come here, for stdout: with none (`>&-`), no fallback
+        to stderr."""
+        if message:
+            if file is None:
+                raise OSError(errno.EBADF, "the descriptor is closed")
+            file.write(message)
+
 
 def _int_range(lo, hi=None, what="a whole number"):
     def parse(text):
@@ -8414,7 +8429,12 @@ def _main(argv, out, err):
         if form != PROG:
             out, err = HintStream(out, form), HintStream(err, form)
     try:
-        args = build_parser().parse_args(list(argv))
+        try:
+            args = build_parser().parse_args(list(argv))
+        except OSError as e:    # --help or --version written to an output that fails
+            if isinstance(e, BrokenPipeError) or not isinstance(raw_stream(out), OutputStream):
+                raise
+            raise raw_stream(out).fail(e) from None
         if as_command and args.command in WALK_COMMANDS and holds_parse_tree():
             reexec_by_compile()
         ctx = Context(state_dir=args.state_dir, out=out, err=err)

@@ -486,6 +486,12 @@ def test_closed_or_full_output_ends_with_one_line(walked, version, python):
         assert p.returncode == 1 and p.stderr == b"", p
         p = shell("%s list %s 2>/dev/full" % (script, redirect), env)
         assert p.returncode == 1 and p.stderr == b"", p
+    for cmd in ("--version", "--help", "list --help"):   # argparse writes these
+        for redirect in (">&-", ">/dev/full"):
+            p = shell("%s %s %s" % (script, cmd, redirect), env)
+            err = p.stderr.decode()
+            assert p.returncode == 1 and err.count("\n") == 1, (cmd, redirect, p)
+            assert err.startswith("scratch-keepalive: error: cannot write"), (cmd, err)
     p = shell("%s list | head -c0" % script, env)       # a closed pipe: quiet, as before
     assert p.stderr == b"", p
 
