@@ -545,11 +545,12 @@ def _owner_hint(path, e, uid=None):
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 # The largest state file of each kind that is ever read, checked before reading: a file
 # larger than its kind can be is not ours (a device, a file that grows without end). Each
-# is generous: a manifest takes about 12 bytes an entry (10 million entries: 120 MB), a
-# walk checkpoint a few KiB whatever the size of the dataset.
-STATE_LIMITS = {"config": MiB, "registry": 256 * MiB, "registry backup": 256 * MiB,
-                "schedule": MiB, "checkpoint": 64 * MiB, "rescue checkpoint": 64 * MiB,
-                "lock": 64 * KiB, "manifest": 16 * GiB, "job script": MiB}
+# is generous: a manifest takes about 12 bytes an entry (10 million entries: 120 MB; the
+# limit is 30 times that), a checkpoint a few KiB whatever the size of the dataset (its
+# cursor is one path), a registry entry a few KiB (64 MiB: thousands of datasets).
+STATE_LIMITS = {"config": MiB, "registry": 64 * MiB, "registry backup": 64 * MiB,
+                "schedule": MiB, "checkpoint": 16 * MiB, "rescue checkpoint": 16 * MiB,
+                "lock": 64 * KiB, "manifest": 4 * GiB, "job script": MiB}
 STATE_READ_FLAGS = os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC
 
 

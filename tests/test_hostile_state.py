@@ -14,6 +14,7 @@ import collections
 import concurrent.futures
 import json
 import os
+import random
 import shutil
 import stat
 import subprocess
@@ -396,15 +397,29 @@ def test_state_file_limits_pass_a_ten_million_entry_dataset(cli, generic):
     d = env["scratch"] / "big"
     d.mkdir()
     n = 3000
-    for i in range(n):
-        (d / ("file-%05d.dat" % i)).write_bytes(b"")
+    rng = random.Random(21)
+    for i in range(n):      # names, sizes and atimes that vary as real ones do
+        sub = d / ("run-%02d" % (i % 30))
+        sub.mkdir(exist_ok=True)
+        f = sub / ("%x_%s.dat" % (rng.getrandbits(40), i))
+        f.write_bytes(b"x" * rng.randrange(0, 5000))
+        set_atime(f, 1.6e9 + rng.randrange(0, 10 ** 8))
+    n += 30
     assert cli("add", "--name", "big", "--path", d, "--keep-until", KEEP).rc == 0
     assert cli("refresh", "--name", "big").rc == 0
     size = (env["state"] / "manifests" / "big" / "manifest-000001.skm").stat().st_size
     per_entry = size / float(n + 1)
     assert per_entry < 40, per_entry
-    assert sk.STATE_LIMITS["manifest"] >= 10 * 10 ** 7 * per_entry
+    print("manifest: %.1f bytes an entry" % per_entry)
+    assert sk.STATE_LIMITS["manifest"] >= 10 * 10 ** 7 * per_entry    # a 10-fold margin
     assert sk.STATE_LIMITS["checkpoint"] >= 16 * 2 ** 20
+
+
+def test_a_state_file_larger_than_its_kind_is_refused_unread(cli, walked):
+    reg = walked["state"] / "registry.json"
+    os.truncate(str(reg), sk.STATE_LIMITS["registry"] + 1)      # sparse: nothing to read
+    r = run_script("status", "--brief", timeout=TIMEOUT)
+    assert r.rc == 1 and "more than a registry can be" in r.err and "repair" in r.err, r
 
 
 def test_another_users_state_file_is_refused_with_what_to_do(cli, walked):
