@@ -64,7 +64,6 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -7492,8 +7491,8 @@ class OutputStream(object):
     dropped instead, since there is nowhere left to say anything.
     """
 
-    def __init__(self, stream, what, quiet=False):
-        self.stream, self.what, self.quiet = stream, what, quiet
+    def __init__(self, stream, what, quiet=False, parent=None):
+        self.stream, self.what, self.quiet, self.parent = stream, what, quiet, parent
         self.failed = None      # the OSError that ended this stream, if one did
 
     def _call(self, name, *args):
@@ -7507,7 +7506,7 @@ class OutputStream(object):
             if not self.quiet:
                 raise
             self.failed = e
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError) as e:      # EBADF, ENOSPC, EIO, a closed file...
             error = self.fail(e)
             if not self.quiet:
                 raise error from None
@@ -7516,6 +7515,8 @@ class OutputStream(object):
     def fail(self, e):
         """Record that writing failed with e; the OutputError to report."""
         self.failed = e if isinstance(e, OSError) else OSError(errno.EBADF, str(e))
+        if self.parent is not None:     # the text stream over this buffer failed with it
+            self.parent.failed = self.failed
         return OutputError("cannot write to %s (%s); the output is lost: check where it goes "
                            "(a closed descriptor, a full disk)" % (
                                self.what, getattr(e, "strerror", None) or e))
@@ -7529,7 +7530,7 @@ class OutputStream(object):
     @property
     def buffer(self):
         inner = getattr(self.stream, "buffer", None)
-        return None if inner is None else OutputStream(inner, self.what, self.quiet)
+        return None if inner is None else OutputStream(inner, self.what, self.quiet, self)
 
     def __getattr__(self, name):
         if name == "stream":
