@@ -617,7 +617,7 @@ def odd_state_file(path, foreign=False):
     if not stat.S_ISREG(st.st_mode):
         return file_kind(st.st_mode)
     if foreign and st.st_uid != os.geteuid():
-        return "a file of uid %d" % st.st_uid
+        return "another user's file (uid %d)" % st.st_uid
     return None
 
 
@@ -7068,7 +7068,7 @@ def _repair(ctx, dry_run):
         act("set %s aside as %s: it was %s, not a directory" % (
             display_path(path), display_path(_set_aside(path, dry_run)), what))
     for path, what in odd_state_files(store):
-        act("set %s aside as %s: it was %s, not a regular file" % (
+        act("set %s aside as %s: it was %s, not a regular file of yours" % (
             display_path(path), display_path(_set_aside(path, dry_run)), what))
     cfg = _repair_config(store, dry_run, act, left)
     # In a dry run `reg` is the registry as it would be after this step.
@@ -7096,10 +7096,11 @@ def _repair(ctx, dry_run):
 
 def odd_state_files(store):
     """[(path, what is there)] for the state paths holding something other than a regular
-    file (a FIFO, a symlink, a directory, a device...), among those no loader reports itself:
-    the registry backup, the schedule record, the job script, rescue checkpoints, locks and
-    manifests. (The config, the registry and walk checkpoints are refused by their loaders,
-    and doctor and repair deal with them there.)"""
+    file of ours (a FIFO, a symlink, a directory, a device, another user's file), among those
+    no loader reports itself: the registry backup, the schedule record, the job script,
+    rescue checkpoints, locks and manifests. (The config, the registry and walk checkpoints
+    are refused by their loaders, and doctor and repair deal with them there; another
+    user's schedule record may be intact, and is left to `sudo chown` as they are.)"""
     paths = [store.backup_path, store.schedule_path, job_script_path(store)]
     paths += _names_ending(os.path.join(store.checkpoint_dir, "rescue"), ".json")
     paths += _names_ending(store.lock_dir, ".lock")
@@ -7110,7 +7111,7 @@ def odd_state_files(store):
                 paths += _names_ending(d, ".skm")
     found = []
     for p in paths:
-        what = odd_state_file(p)
+        what = odd_state_file(p, foreign=p != store.schedule_path)
         if what is not None:
             found.append((p, what))
     return found

@@ -427,6 +427,16 @@ def test_another_users_state_file_is_refused_with_what_to_do(cli, walked):
     os.chown(str(cfg), NOBODY, NOBODY)
     r = cli("list")
     assert r.rc == 1 and "uid %d" % NOBODY in r.err and "chown" in r.err, r
+    assert cli("repair").rc == 0
+    assert os.stat(str(cfg)).st_uid == NOBODY      # it may be intact: left to chown
+    os.chown(str(cfg), 0, 0)
+    lock = walked["state"] / "locks" / "ds.lock"   # a lock is ours to set aside
+    os.chown(str(lock), NOBODY, NOBODY)
+    r = cli("refresh", "--name", "ds")
+    assert r.rc == 1 and "uid %d" % NOBODY in r.out + r.err, r
+    r = cli("repair")
+    assert r.rc == 0 and "another user's file" in r.out, r
+    assert cli("refresh", "--name", "ds").rc == 0
 
 
 # ------------------------------------------------------------------ 3. registry on load
