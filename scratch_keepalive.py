@@ -246,6 +246,7 @@ O_NOATIME = getattr(os, "O_NOATIME", 0)
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 O_DIR_FLAGS = (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
                | getattr(os, "O_CLOEXEC", 0))
 
@@ -490,33 +491,61 @@ def fsync_dir(path):
 def atomic_write(path, data, mode=0o600):
     """Write bytes to path so that a crash leaves the old file or the new one, never a mix.
 
-    Temp file in the same directory (.NAME.PID.XXXXXXXX.tmp), flush, fsync, os.replace,
-    fsync the directory; then the temp files that killed writes of NAME left behind go.
+    Temp file in the same directory (.NAME.PID.XXXXXXXX.tmp), created O_EXCL|O_NOFOLLOW
+    through a descriptor of the directory held from start to end, flush, fsync,
+    os.replace within that directory, fsync it; then the temp files that killed writes of
+    NAME left behind go. Nothing is ever written through a link: the temp file is new, and
+    the rename replaces whatever sits at NAME (a symlink itself, not what it points to).
     """
     directory = os.path.dirname(path) or "."
     base = os.path.basename(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".%s.%d." % (base, os.getpid()), suffix=".tmp",
-                                   dir=directory)
+        dfd = os.open(directory, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
     except OSError as e:
         raise_if_full(e, path)
         raise
+    try:
+        _atomic_write_at(dfd, path, base, data, mode)
+        with contextlib.suppress(OSError):
+            os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    for stale in stale_temps(directory, base):
+        with contextlib.suppress(OSError):
+            os.unlink(stale)
+
+
+def _atomic_write_at(dfd, path, base, data, mode):
+    """atomic_write()'s steps inside the directory dfd."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC
+    for _ in range(100):
+        tmp = ".%s.%d.%s.tmp" % (base, os.getpid(), binascii.hexlify(os.urandom(4)).decode())
+        try:
+            fd = os.open(tmp, flags, mode, dir_fd=dfd)
+            break
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise_if_full(e, path)
+            raise
+    else:
+        raise Failure("cannot create a temp file beside %s; run `%s repair`" % (path, PROG))
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, base, src_dir_fd=dfd, dst_dir_fd=dfd)
     except BaseException as e:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dfd)
         raise_if_full(e, path)
+        if isinstance(e, OSError) and e.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+            raise StateError("cannot replace %s: a directory sits where that state file "
+                             "belongs; run `%s repair` (it sets it aside)"
+                             % (display_path(path), PROG)) from None
         raise
-    fsync_dir(directory)
-    for stale in stale_temps(directory, base):
-        with contextlib.suppress(OSError):
-            os.unlink(stale)
 
 
 # atomic_write's temp files; older ones have no pid in their names.
@@ -629,13 +658,14 @@ def _json_loads(raw):
         raise ValueError("nested too deeply")
 
 
-def _owner_hint(path, e):
-    """What to say about a state file the kernel will not let us read."""
-    try:
-        uid = os.stat(path).st_uid
-    except OSError:
-        uid = None
-    if uid is not None and uid != os.getuid():
+def _owner_hint(path, e, uid=None):
+    """What to say about a state file the kernel will not let us read (or of owner uid)."""
+    if uid is None:
+        try:
+            uid = os.lstat(path).st_uid
+        except OSError:
+            uid = None
+    if uid is not None and uid != os.geteuid():
         try:
             import pwd
             owner = "%s (uid %d)" % (pwd.getpwuid(uid).pw_name, uid)
@@ -644,6 +674,121 @@ def _owner_hint(path, e):
         return ("it belongs to %s, not to you (written by `sudo %s ...`?); run `sudo chown "
                 "$USER %s`, then try again" % (owner, PROG, shell_quote(path)))
     return "run `chmod u+rw %s`, then try again" % shell_quote(path)
+
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+# The largest state file of each kind that is ever read, checked before reading: a file
+# larger than its kind can be is not ours (a device, a file that grows without end). Each
+# is generous: a manifest takes about 12 bytes an entry (10 million entries: 120 MB; the
+# limit is 30 times that), a checkpoint a few KiB whatever the size of the dataset (its
+# cursor is one path), a registry entry a few KiB (64 MiB: thousands of datasets).
+STATE_LIMITS = {"config": MiB, "registry": 64 * MiB, "registry backup": 64 * MiB,
+                "schedule": MiB, "checkpoint": 16 * MiB, "rescue checkpoint": 16 * MiB,
+                "lock": 64 * KiB, "manifest": 4 * GiB, "job script": MiB,
+                "purge record": 4 * GiB}
+STATE_READ_FLAGS = os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC
+
+
+def open_state(path, kind, flags=STATE_READ_FLAGS, mode=0o600, dir_fd=None):
+    """A descriptor of the state file at path: None when there is none, else a regular file
+    of this user within STATE_LIMITS[kind], or a StateError that names it and says what to do.
+
+    WARNING: the one way a file under the state directory is opened. A name alone proves
+    nothing: a FIFO there hangs an open or a read for good (O_NONBLOCK), /dev/zero never
+    ends (regular files only, size checked), a symlink leads out of the state directory
+    (O_NOFOLLOW), another user's file is not ours to trust. dir_fd: a held descriptor of
+    path's directory, which the file is then opened in.
+    """
+    name = path if dir_fd is None else os.path.basename(path)
+    try:
+        fd = os.open(name, flags | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, mode, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise _state_open_error(path, kind, e) from None
+    try:
+        check_state_fd(fd, path, kind)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_state_fd(fd, path, kind):
+    """Refuse (StateError) what fd names unless it is a regular file of ours of a size its
+    kind can have."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidState("the %s %s is %s, not a regular file; run `%s repair` (it sets it "
+                           "aside)" % (kind, display_path(path), file_kind(st.st_mode), PROG))
+    if st.st_uid != os.geteuid():
+        raise UnreadableState("the %s %s cannot be trusted: %s" % (
+            kind, display_path(path), _owner_hint(path, None, st.st_uid)))
+    limit = STATE_LIMITS.get(kind)
+    if limit is not None and st.st_size > limit:
+        raise InvalidState("the %s %s is %s, more than a %s can be (%s); run `%s repair` (it "
+                           "sets it aside)" % (kind, display_path(path), human_bytes(st.st_size),
+                                               kind, human_bytes(limit), PROG))
+
+
+def _state_open_error(path, kind, e):
+    if e.errno == errno.ELOOP:
+        return InvalidState("the %s %s is a symlink, which %s never follows in its state "
+                            "directory; run `%s repair` (it sets the link aside; what it "
+                            "points to is not touched)" % (kind, display_path(path), PROG, PROG))
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return UnreadableState("cannot read the %s %s (%s): %s" % (
+            kind, display_path(path), e.strerror, _owner_hint(path, e)))
+    return InvalidState("cannot read the %s %s (%s); run `%s repair` (it sets the file "
+                        "aside)" % (kind, display_path(path), e.strerror, PROG))
+
+
+def odd_state_file(path, foreign=False):
+    """What sits at path when it is not a regular file ("a FIFO", "a symlink", ...; with
+    foreign, also another user's file), else None (also when nothing is there)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return file_kind(st.st_mode)
+    if foreign and st.st_uid != os.geteuid():
+        return "another user's file (uid %d)" % st.st_uid
+    return None
+
+
+def set_aside_odd(path, dry_run=False):
+    """(where it went, what it is) when path held something other than a regular file of
+    ours, which is renamed aside (never deleted, never followed); else None."""
+    what = odd_state_file(path, foreign=True)
+    if what is None:
+        return None
+    return _set_aside(path, dry_run), what
+
+
+def read_state(path, kind):
+    """The bytes of the state file at path (see open_state), None when there is none."""
+    fd = open_state(path, kind)
+    if fd is None:
+        return None
+    try:
+        limit = STATE_LIMITS.get(kind, 64 * MiB)
+        parts, got = [], 0
+        while got <= limit:
+            data = os.read(fd, min(limit + 1 - got, 1 << 20))
+            if not data:
+                break
+            parts.append(data)
+            got += len(data)
+    except OSError as e:
+        raise _state_open_error(path, kind, e) from None
+    finally:
+        os.close(fd)
+    if got > limit:
+        raise InvalidState("the %s %s grew past the %s a %s can be; run `%s repair` (it sets "
+                           "it aside)" % (kind, display_path(path), human_bytes(limit), kind,
+                                          PROG))
+    return b"".join(parts)
 
 
 def read_json(path, kind, schema=None):
@@ -655,17 +800,9 @@ def read_json(path, kind, schema=None):
     may not read is UnreadableState (it may be intact); a damaged one, or one
     that breaks `schema` (see check_doc), is InvalidState.
     """
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
+    raw = read_state(path, kind)
+    if raw is None:
         return None
-    except (PermissionError, OSError) as e:
-        if e.errno in (errno.EACCES, errno.EPERM):
-            raise UnreadableState("cannot read the %s %s (%s): %s" % (
-                kind, path, e.strerror, _owner_hint(path, e)))
-        raise InvalidState("cannot read the %s %s (%s); run `%s repair` (it sets the file "
-                           "aside)" % (kind, path, e.strerror, PROG))
     try:
         doc = _json_loads(raw)
     except ValueError as e:
@@ -947,6 +1084,28 @@ class Store(object):
             except OSError as e:
                 raise Failure("cannot create the state directory %s (%s); choose another with "
                               "--state-dir or SCRATCH_KEEPALIVE_HOME" % (d, e.strerror))
+        odd = self.odd_dirs()
+        if odd:
+            raise StateError("%s is %s, not a directory; %s never writes through one: run `%s "
+                             "repair` (it sets it aside)" % (display_path(odd[0][0]), odd[0][1],
+                                                             PROG, PROG))
+
+    def odd_dirs(self):
+        """[(path, what is there)] for the state directory's own directories (checkpoints,
+        logs, locks, manifests and those of each dataset's) that are not directories: a
+        symlink there would have files written, renamed and deleted wherever it points."""
+        found = []
+        top = os.path.join(self.dir, "manifests")
+        dirs = [self.checkpoint_dir, os.path.join(self.checkpoint_dir, "rescue"), self.log_dir,
+                self.lock_dir, top]
+        for d in dirs + [p for p in _names_ending(top, "") if not _SET_ASIDE_RE.search(p)]:
+            try:
+                st = os.lstat(d)
+            except OSError:
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                found.append((d, "a file" if stat.S_ISREG(st.st_mode) else file_kind(st.st_mode)))
+        return found
 
     # -- config
     def load_config(self):
@@ -995,8 +1154,7 @@ class Store(object):
     @contextmanager
     def registry_lock(self):
         self.ensure()
-        fd = open_nofollow(os.path.join(self.lock_dir, ".registry.lock"),
-                           os.O_RDWR | os.O_CREAT | O_CLOEXEC, 0o600)
+        fd = open_lock_file(os.path.join(self.lock_dir, ".registry.lock"))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -1033,10 +1191,9 @@ class Store(object):
     def save_registry(self, reg):
         self.ensure()
         try:
-            with open(self.registry_path, "rb") as f:
-                previous = f.read()
-        except FileNotFoundError:
-            previous = None
+            previous = read_state(self.registry_path, "registry")
+        except StateError:
+            previous = None     # not a registry of ours: never the backup
         if previous is not None:
             try:
                 doc = _json_loads(previous)
@@ -1066,11 +1223,24 @@ class Store(object):
             return None
 
     def save_checkpoint(self, name, doc):
+        self.ensure()       # checkpoints/ is a directory, not a link
         atomic_write(self.checkpoint_path(name), dump_json(dict(doc, format=FORMAT)))
 
     def delete_checkpoint(self, name):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.checkpoint_path(name))
+        self.unlink_in(("checkpoints",), name + ".json")
+
+    def unlink_in(self, parts, name):
+        """Delete self.dir/parts.../name through the directory's fd (never through a link);
+        nothing there, a directory there (repair's to set aside): nothing done."""
+        try:
+            dfd = self.open_dir(*parts)
+        except FileNotFoundError:
+            return
+        try:
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                os.unlink(name, dir_fd=dfd)
+        finally:
+            os.close(dfd)
 
     def checkpoint_exists(self, name):
         return os.path.exists(self.checkpoint_path(name))
@@ -1097,6 +1267,7 @@ class Store(object):
         return sorted(found, reverse=True)
 
     def ensure_manifest_dir(self, name):
+        self.ensure()
         for d in (os.path.dirname(self.manifest_dir(name)), self.manifest_dir(name)):
             with contextlib.suppress(FileExistsError):
                 os.mkdir(d, 0o700)
@@ -1132,12 +1303,21 @@ class Store(object):
                         os.unlink(os.path.join(d, f))
 
     def delete_manifests(self, name):
-        d = self.manifest_dir(name)
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            for f in os.listdir(d):
+        """Delete the manifests of dataset name, through its directory's fd (never through
+        a symlink); what is not a file (repair sets it aside) stays."""
+        try:
+            dfd = self.open_dir("manifests", name)
+        except (OSError, StateError):
+            return
+        try:
+            for f in os.listdir(dfd):
                 if f.endswith(".skm"):
-                    os.unlink(os.path.join(d, f))
-            os.rmdir(d)
+                    with contextlib.suppress(OSError):
+                        os.unlink(f, dir_fd=dfd)
+        finally:
+            os.close(dfd)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.manifest_dir(name))
 
     # -- logs
     def dataset_log_dir(self, name):
@@ -1213,7 +1393,7 @@ class FileLock(object):
         self.fd = None
 
     def acquire(self):
-        fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT | O_CLOEXEC, 0o600)
+        fd = open_lock_file(self.path)
         deadline = time.monotonic() + self.wait
         while True:
             try:
@@ -1284,6 +1464,16 @@ def open_nofollow(path, flags, mode=0o600):
         raise
 
 
+def open_lock_file(path):
+    """A read-write descriptor of the lock file at path, created if need be: never a FIFO,
+    a directory or a link (open_state), so taking a lock cannot block or write elsewhere."""
+    fd = open_state(path, "lock", os.O_RDWR | os.O_CREAT)
+    if fd is None:      # its directory vanished
+        raise StateError("cannot create the lock file %s; run `%s repair`"
+                         % (display_path(path), PROG))
+    return fd
+
+
 def lock_holder(path):
     info = _lock_record(path)
     if info is None:
@@ -1306,16 +1496,26 @@ def _root_base(path, scratch_root):
 
     The scratch root itself may be reached through a symlink (as /N/scratch may be), so the
     walk starts there; a path recorded against its real place starts from that. A path
-    below neither (the scratch root was moved) starts from "/": a recorded root is a real
-    path, so no component of it may be a symlink either.
+    below neither is refused (ContainmentError). Without a scratch root (no usable config)
+    the walk starts from "/": a recorded root is a real path, so no component of it may
+    be a symlink either.
     """
-    bases = [scratch_root, os.path.realpath(scratch_root)] if scratch_root else []
-    for base in bases + ["/"]:
+    if not path.startswith("/") or os.path.normpath(path) != path or path.startswith("//"):
+        raise ContainmentError("the dataset root %s is not a plain absolute path; nothing is "
+                               "walked or written there; remove the dataset and add it again"
+                               % display_path(path))
+    # WARNING: a registry entry is checked here, every time it is used, not only by `add`:
+    # an edited (or restored) registry may name any directory, and nothing outside the
+    # scratch root is walked, touched, copied or written into.
+    bases = [scratch_root, os.path.realpath(scratch_root)] if scratch_root else ["/"]
+    for base in bases:
         if is_below(path, base):
             rest = path[len(base.rstrip("/")):]
             return base, [c for c in rest.split("/") if c]
-    raise ContainmentError("the dataset root %s is not an absolute path below the scratch "
-                           "root; re-add the dataset" % display_path(path))
+    raise ContainmentError("the dataset root %s is not strictly below the scratch root %s "
+                           "(an edited registry, or a moved scratch root?); nothing is walked "
+                           "or written there; remove the dataset and add it again below the "
+                           "scratch root" % (display_path(path), display_path(scratch_root or "/")))
 
 
 def open_dataset_root(path, scratch_root=None):
@@ -1373,7 +1573,15 @@ def dataset_root_fd(ctx, ds):
         cfg = ctx.store.load_config()
     except StateError:
         cfg = None
-    return open_dataset_root(ds["path"], scratch_root_of(cfg, ctx.env) if cfg else None)
+    root = scratch_root_of(cfg, ctx.env) if cfg else None
+    try:
+        return open_dataset_root(ds["path"], root)
+    except ContainmentError as e:
+        if root and not is_below(ds["path"], root) and not is_below(
+                ds["path"], os.path.realpath(root)):
+            raise ContainmentError("%s (`%s remove --name %s`, then `%s add --name %s --path "
+                                   "DIR ...`)" % (e, PROG, ds["name"], PROG, ds["name"])) from None
+        raise
 
 
 @contextmanager
@@ -2613,6 +2821,7 @@ MANIFEST_FORMAT = 2             # 2: mtimes, and the header says whose manifest 
 MANIFEST_CHUNK = 4096           # entries per chunk (the writer's buffer; 8192: +0.5 MiB RSS)
 MANIFEST_LEVEL = 1              # zlib level: 6 took 8 times as long, for 5% less
 MANIFEST_KEEP = 2               # complete manifests kept per dataset
+MANIFEST_HEADER_MAX = 64 * 1024     # the header line is read up to this length
 K_FILE, K_DIR, K_LINK, K_OTHER = 0, 1, 2, 3
 K_TOUCHED = 4                   # flag: this walk set the entry's atime
 K_UNKNOWN = 8                   # lstat failed (not ENOENT): there, state unknown
@@ -2723,11 +2932,14 @@ class Manifest(object):
 
     def __init__(self, path):
         self.path = path
-        self.f = open(path, "rb")
+        fd = open_state(path, "manifest")
+        if fd is None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+        self.f = os.fdopen(fd, "rb")
         try:
             if self.f.read(len(MANIFEST_MAGIC)) != MANIFEST_MAGIC:
                 raise self._bad("not a manifest")
-            self.header = json.loads(self.f.readline().decode("utf-8"))
+            self.header = json.loads(self.f.readline(MANIFEST_HEADER_MAX).decode("utf-8"))
             if not isinstance(self.header, dict):
                 raise self._bad("header")
             if self.header.get("format", 0) > MANIFEST_FORMAT:
@@ -2841,6 +3053,27 @@ def _sha1():
         return hashlib.sha1()
 
 
+def open_manifest_for_writing(path):
+    """A write descriptor of the manifest at path (created if absent), through open_state
+    (never a link, a FIFO or a directory), in its directory held open meanwhile and itself
+    no link."""
+    directory = os.path.dirname(path) or "."
+    try:
+        dfd = os.open(directory, os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise not_followed(directory) from None
+        raise
+    try:
+        fd = open_state(path, "manifest", os.O_WRONLY | os.O_CREAT, dir_fd=dfd)
+    finally:
+        os.close(dfd)
+    if fd is None:
+        raise StateError("cannot create the manifest %s (its directory vanished); run the "
+                         "command again" % display_path(path))
+    return fd
+
+
 class ManifestWriter(object):
     """Writes a walk's manifest as it goes: batches arrive out of order from the runners
     and are put back in the walk's order (expect() in order, done() in any); a chunk is
@@ -2854,8 +3087,7 @@ class ManifestWriter(object):
         import struct
         self.struct = struct
         self.path = path
-        flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-        self.fd = os.open(path, flags, 0o600)
+        self.fd = open_manifest_for_writing(path)
         try:
             if resume:
                 os.ftruncate(self.fd, resume["offset"])
@@ -3211,7 +3443,11 @@ class PurgeWriter(object):
 def read_purge(path):
     """A purge file -> (header, iterator of entry dicts); raises StateError when damaged."""
     import gzip
-    f = open(path, "rb")
+    fd = open_state(path, "purge record")
+    if fd is None:
+        raise StateError("the purge record %s is missing; the next purge a walk finds "
+                         "replaces it" % path)
+    f = os.fdopen(fd, "rb")
     try:
         if f.read(len(PURGE_MAGIC)) != PURGE_MAGIC:
             raise ValueError("not a purge record")
@@ -4077,6 +4313,8 @@ def _extend(ctx, name, keep_until, approval, cadence_days=None, rescue_to=None, 
         _check_cadence(cfg, cadence_days)
     with ctx.store.update_registry() as reg:
         ds = _get(reg, name)
+        if root_present(ds["path"]):
+            os.close(dataset_root_fd(ctx, ds))  # refused outside the scratch root
         if keep is not None:
             ds["keep_until"] = keep
         if approval is not None:
@@ -4089,7 +4327,15 @@ def _extend(ctx, name, keep_until, approval, cadence_days=None, rescue_to=None, 
         if rescue_dest is not None:
             ds["rescue_to"] = rescue_dest or None
     # The sentinel records the settings too (a registry rebuilt from it keeps them).
-    update_sentinel(ds["path"], ds)
+    try:
+        root_fd = dataset_root_fd(ctx, ds)
+    except Failure:
+        root_fd = None      # the root is gone: the registry alone records them
+    if root_fd is not None:
+        try:
+            update_sentinel(root_fd, ds)
+        finally:
+            os.close(root_fd)
     return _list_entry(ctx, cfg, ds)
 
 
@@ -4930,6 +5176,10 @@ class DatasetRun(object):
             self.manifest = ManifestWriter(path, resume=self.manifest_resume)
         else:
             self.store.ensure_manifest_dir(self.name)
+            aside = set_aside_odd(path)     # a new walk: whatever is not our file goes aside
+            if aside:
+                self.write_log("manifest set aside %s (%s)" % (display_path(aside[0]),
+                                                               aside[1]))
             have = self.store.manifests(self.name)
             dev, ino = self.root_id()
             self.manifest = ManifestWriter(path, header={
@@ -5216,8 +5466,7 @@ def save_rescue_checkpoint(store, name, doc):
 
 
 def delete_rescue_checkpoint(store, name):
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-        os.unlink(rescue_checkpoint_path(store, name))
+    store.unlink_in(("checkpoints", "rescue"), name + ".json")
 
 
 def check_rescue_dest(ctx, cfg, dataset_path, to, flag="--to"):
@@ -6718,10 +6967,9 @@ def _install_chain(ctx, sched):
     """Write the job script and leave exactly one pending chain job. Returns its id."""
     slurm = ctx.slurm
     try:
-        with open(sched.job_script, "rb") as f:
-            previous = f.read()
-    except FileNotFoundError:
-        previous = None
+        previous = read_state(sched.job_script, "job script")
+    except StateError:
+        previous = None     # not ours: not put back
     atomic_write(sched.job_script, sched.job_text().encode("utf-8", "surrogateescape"), 0o700)
     try:
         for job, _ in slurm.pending(JOB_NAME):
@@ -7027,9 +7275,23 @@ def _check_state_files(ctx):
                                                           "sentinels" if isinstance(
                                                               e, InvalidState) else ""),
                          fix=_state_fix(e, "registry")))
+    if reg is not None and not bad and not os.path.lexists(store.registry_path):
+        backup, backup_bad = _registry_backup(store)
+        if backup is not None and (backup["datasets"] or backup_bad):
+            out[-1] = Check("registry", "fail", "the registry %s is missing, but its backup %s "
+                            "lists %d dataset(s); repair restores it" % (
+                                store.registry_path, store.backup_path,
+                                len(backup["datasets"]) + len(backup_bad)), fix="registry")
     for name in sorted(bad):
         out.append(Check("entry:" + display_path(name)[:64], "fail", bad[name][0],
                          fix="registry"))
+    odd = store.odd_dirs() + odd_state_files(store)
+    if odd:
+        out.append(Check("state-files", "fail", "%s where state belongs; repair sets "
+                         "%s aside (renamed, never deleted)" % (
+                             "; ".join("%s is %s" % (display_path(p), w) for p, w in odd[:3])
+                             + (" ..." if len(odd) > 3 else ""),
+                             "it" if len(odd) == 1 else "them"), fix="aside"))
     return cfg, reg, bad, out
 
 
@@ -7080,7 +7342,14 @@ def _check_environment(ctx, cfg, root):
     if os.path.isdir(store.dir):
         if not os.access(store.dir, os.W_OK | os.X_OK):
             problems.append("it is not writable")
-        loose = _loose_permissions(store)
+        loose, shut = _split_permissions(_loose_permissions(store))
+        if shut:
+            problems.append("%s %s unreadable or unwritable by you (%s; dirs should be 0700, "
+                            "files 0600)" % (
+                                ", ".join(p for p, _ in shut[:3]) + (
+                                    " ..." if len(shut) > 3 else ""),
+                                "is" if len(shut) == 1 else "are",
+                                ", ".join("mode %03o" % m for _, m in shut[:3])))
         if loose:
             problems.append("%s %s group/other access (dirs should be 0700, files 0600)"
                             % (", ".join(loose[:3]) + (" ..." if len(loose) > 3 else ""),
@@ -7136,6 +7405,24 @@ def _loose_permissions(store):
     return loose
 
 
+def _split_permissions(paths):
+    """(paths of a wrong mode their owner can use, [(path, mode)] of those lacking their
+    owner's read or write (or search) permission)."""
+    loose, shut = [], []
+    for p in paths:
+        try:
+            st = os.lstat(p)
+        except OSError:
+            continue
+        mode = stat.S_IMODE(st.st_mode)
+        need = 0o700 if stat.S_ISDIR(st.st_mode) else 0o600
+        if mode & need != need:
+            shut.append((p, mode))
+        else:
+            loose.append(p)
+    return loose, shut
+
+
 def _check_checkpoints(ctx, reg, bad=()):
     """bad: names of invalid registry entries, whose checkpoints repair keeps."""
     out = []
@@ -7174,18 +7461,19 @@ def _check_checkpoints(ctx, reg, bad=()):
 def _lock_record(path):
     """The holder a lock file records, or None (released, or not a record LOCK_SCHEMA allows)."""
     try:
-        with os.fdopen(os.open(path, os.O_RDONLY | O_NOFOLLOW), "rb") as f:
-            raw = f.read(65536)
+        raw = read_state(path, "lock") or b""
         rec = _json_loads(raw) if raw.strip() else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, StateError):
         return None
     return rec if rec is not None and not check_doc(rec, LOCK_SCHEMA) else None
 
 
 def _lock_is_held(path):
     try:
-        fd = os.open(path, os.O_RDWR | O_NOFOLLOW)
-    except OSError:
+        fd = open_state(path, "lock", os.O_RDWR)
+    except (OSError, StateError):
+        return False
+    if fd is None:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -7413,6 +7701,9 @@ def repair(dry_run=False, state_dir=None, env=None, runner=None):
     return _repair(ctx, dry_run)
 
 
+_SET_ASIDE_RE = re.compile(r"\.corrupt-\d{8}T\d{6}Z(-\d+)?$")     # _set_aside()'s names
+
+
 def _set_aside(path, dry_run, copy=False):
     """Rename a damaged file to PATH.corrupt-TIME (never over an earlier copy).
 
@@ -7426,8 +7717,7 @@ def _set_aside(path, dry_run, copy=False):
     if dry_run:
         return target
     if copy and stat.S_ISREG(os.lstat(path).st_mode):
-        with open(path, "rb") as f:
-            atomic_write(target, f.read())
+        atomic_write(target, read_state(path, "registry") or b"")
     else:
         os.rename(path, target)
     return target
@@ -7441,6 +7731,12 @@ def _repair(ctx, dry_run):
         act("set state permissions to 0700 (dirs) / 0600 (files) in %s" % store.dir)
         if not dry_run:
             _fix_permissions(store)
+    for path, what in store.odd_dirs():
+        act("set %s aside as %s: it was %s, not a directory" % (
+            display_path(path), display_path(_set_aside(path, dry_run)), what))
+    for path, what in odd_state_files(store):
+        act("set %s aside as %s: it was %s, not a regular file of yours" % (
+            display_path(path), display_path(_set_aside(path, dry_run)), what))
     cfg = _repair_config(store, dry_run, act, left)
     # In a dry run `reg` is the registry as it would be after this step.
     reg = _repair_registry(ctx, cfg, dry_run, act, left)
@@ -7463,6 +7759,38 @@ def _repair(ctx, dry_run):
         _repair_schedule_doc(store, dry_run, act, left)
         actions.extend(_repair_schedule(ctx, cfg, reg, dry_run, left))
     return {"actions": actions, "left": left, "dry_run": bool(dry_run)}
+
+
+def odd_state_files(store):
+    """[(path, what is there)] for the state paths holding something other than a regular
+    file of ours (a FIFO, a symlink, a directory, a device, another user's file), among those
+    no loader reports itself: the registry backup, the schedule record, the job script,
+    rescue checkpoints, locks and manifests. (The config, the registry and walk checkpoints
+    are refused by their loaders, and doctor and repair deal with them there; another
+    user's schedule record may be intact, and is left to `sudo chown` as they are.)"""
+    paths = [store.backup_path, store.schedule_path, job_script_path(store)]
+    paths += _names_ending(os.path.join(store.checkpoint_dir, "rescue"), ".json")
+    paths += _names_ending(store.lock_dir, ".lock")
+    top = os.path.join(store.dir, "manifests")
+    for d in _names_ending(top, ""):
+        with contextlib.suppress(OSError):
+            if stat.S_ISDIR(os.lstat(d).st_mode):
+                paths += _names_ending(d, ".skm")
+    found = []
+    for p in paths:
+        what = odd_state_file(p, foreign=p != store.schedule_path)
+        if what is not None:
+            found.append((p, what))
+    return found
+
+
+def _names_ending(directory, suffix):
+    """The paths of the entries of directory whose names end with suffix, sorted."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return [os.path.join(directory, n) for n in sorted(names) if n.endswith(suffix)]
 
 
 def _repair_config(store, dry_run, act, left):
@@ -7570,14 +7898,21 @@ def _repair_registry(ctx, cfg, dry_run, act, left):
     except StateError as e:
         left.append("%s (repair leaves the registry as it is: it may be intact)" % e)
         return None
-    if reg is not None and not bad:
+    missing = reg is not None and not bad and not os.path.lexists(store.registry_path)
+    if missing:
+        backup, backup_bad = _registry_backup(store)
+        missing = backup is not None and bool(backup["datasets"] or backup_bad)
+    if reg is not None and not bad and not missing:
         return reg
-    if reg is not None and cfg is None:
+    if reg is not None and cfg is None and not missing:
         left.append("the registry has %d invalid dataset(s) and the config is unusable: run "
                     "`%s init`, then repair again" % (len(bad), PROG))
         return None
-    act("set the damaged registry aside as %s" % _set_aside(store.registry_path, dry_run,
-                                                            copy=reg is not None))
+    if missing:     # deleted (or set aside above): its backup is the last good one
+        reg = None
+    else:
+        act("set the damaged registry aside as %s" % _set_aside(store.registry_path, dry_run,
+                                                                copy=reg is not None))
     backup, backup_bad = _registry_backup(store)
     if reg is None:
         restored, reg, bad = _restore_registry(ctx, cfg, backup, backup_bad, left)
@@ -7635,7 +7970,9 @@ def _mend_entry(ctx, cfg, name, entry, backup, found, act, left):
         act("restore dataset %r from the backup %s" % (name, ctx.store.backup_path))
         return old
     path = entry.get("path") if isinstance(entry, dict) else None
-    doc = read_sentinel(path) if isinstance(path, str) and not _abs_path(path) else None
+    # Only a sentinel below the scratch root counts: an entry may name any directory.
+    doc = (read_sentinel(path) if isinstance(path, str) and not _abs_path(path)
+           and _below_scratch_root(ctx, cfg, path) else None)
     if doc is None or doc.get("name") != name:
         root = scratch_root_of(cfg, ctx.env)
         if not found and root and os.path.isdir(root):
@@ -7648,6 +7985,13 @@ def _mend_entry(ctx, cfg, name, entry, backup, found, act, left):
         return None
     act("rebuild the invalid dataset %r from its sentinel in %s" % (name, path))
     return _rebuilt_entry(ctx, cfg, name, path, doc, left)
+
+
+def _below_scratch_root(ctx, cfg, path):
+    """True when path lies strictly below the scratch root in force (or its real place)."""
+    root = scratch_root_of(cfg, ctx.env) if cfg else None
+    return bool(root) and isinstance(path, str) and (
+        is_below(path, root) or is_below(path, os.path.realpath(root)))
 
 
 def _rebuilt_entry(ctx, cfg, name, path, doc, left):
@@ -7803,6 +8147,78 @@ class HintStream(object):
 
     def __getattr__(self, name):
         return getattr(self.raw, name)
+
+
+class OutputError(Failure):
+    """The output cannot be written (a closed descriptor, a full device): exit 1."""
+
+
+class OutputStream(object):
+    """stdout or stderr as main() hands it to the commands: a failed write or flush (other
+    than a closed pipe, which main() ends quietly) raises OutputError, never an OSError or
+    an AttributeError (`>&-` leaves sys.stdout None). quiet (stderr): such a failure is
+    dropped instead, since there is nowhere left to say anything.
+    """
+
+    def __init__(self, stream, what, quiet=False, parent=None):
+        self.stream, self.what, self.quiet, self.parent = stream, what, quiet, parent
+        self.failed = None      # the OSError that ended this stream, if one did
+
+    def _call(self, name, *args):
+        if self.failed is not None and self.quiet:
+            return None
+        try:
+            if self.stream is None:
+                raise OSError(errno.EBADF, "the descriptor is closed")
+            return getattr(self.stream, name)(*args)
+        except BrokenPipeError as e:
+            if not self.quiet:
+                raise
+            self.failed = e
+        except (OSError, ValueError) as e:      # EBADF, ENOSPC, EIO, a closed file...
+            error = self.fail(e)
+            if not self.quiet:
+                raise error from None
+        return None
+
+    def fail(self, e):
+        """Record that writing failed with e; the OutputError to report."""
+        self.failed = e if isinstance(e, OSError) else OSError(errno.EBADF, str(e))
+        if self.parent is not None:     # the text stream over this buffer failed with it
+            self.parent.failed = self.failed
+        return OutputError("cannot write to %s (%s); the output is lost: check where it goes "
+                           "(a closed descriptor, a full disk)" % (
+                               self.what, getattr(e, "strerror", None) or e))
+
+    def write(self, text):
+        return self._call("write", text)
+
+    def flush(self):
+        return self._call("flush")
+
+    @property
+    def buffer(self):
+        inner = getattr(self.stream, "buffer", None)
+        return None if inner is None else OutputStream(inner, self.what, self.quiet, self)
+
+    def __getattr__(self, name):
+        if name == "stream":
+            raise AttributeError(name)
+        return getattr(self.stream, name)
+
+
+def settle_output(streams):
+    """After main()'s output failed (a full device): point its descriptor at /dev/null, so
+    that the interpreter's last flush of what is still buffered cannot print "Exception
+    ignored ..." at exit. Only for the CLI entry: main() called in-process changes nothing."""
+    for s in streams:
+        inner = s.stream if isinstance(s, OutputStream) else None
+        if s.failed is None or isinstance(s.failed, BrokenPipeError) or inner is None:
+            continue
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, inner.fileno())
+            os.close(devnull)
 
 
 def raw_stream(stream):
@@ -8375,6 +8791,16 @@ def _Parser(**kwargs):
 
     return _Parser(**kwargs)
 
+    def _print_message(self, message, file=None):
+        """As argparse's, but a failed write is main()'s to report (argparse 3.9+ drops it).
+
+        Only help and version text come here, for stdout: with none (`>&-`), no fallback
+        to stderr."""
+        if message:
+            if file is None:
+                raise OSError(errno.EBADF, "the descriptor is closed")
+            file.write(message)
+
 
 def _int_range(lo, hi=None, what="a whole number"):
     def parse(text):
@@ -8718,7 +9144,21 @@ def build_parser():
 
 def main(argv=None):
     """Run one command. Returns the exit code; never calls sys.exit."""
-    out, err = sys.stdout, sys.stderr
+    out = OutputStream(sys.stdout, "standard output")
+    err = OutputStream(sys.stderr, "standard error", quiet=True)
+    try:
+        code = _main(argv, out, err)
+    except OutputError as e:        # the last flush, in _main's own handling
+        err.write("%s: error: %s\n" % (PROG, e))
+        code = EXIT_FAIL
+    err.flush()
+    if argv is None:
+        settle_output((out, err))
+    return code
+
+
+def _main(argv, out, err):
+    """main()'s work, with its output streams; an OutputError may still leave it."""
     as_command = argv is None
     if as_command:          # run as a command: hints show how it was run
         argv = sys.argv[1:]
@@ -8726,7 +9166,12 @@ def main(argv=None):
         if form != PROG:
             out, err = HintStream(out, form), HintStream(err, form)
     try:
-        args = login_line_args(argv) or build_parser().parse_args(list(argv))
+        try:
+            args = login_line_args(argv) or build_parser().parse_args(list(argv))
+        except OSError as e:    # --help or --version written to an output that fails
+            if isinstance(e, BrokenPipeError) or not isinstance(raw_stream(out), OutputStream):
+                raise
+            raise raw_stream(out).fail(e) from None
         ctx = Context(state_dir=args.state_dir, out=out, err=err)
         code = int(args.func(args, ctx) or 0)
         out.flush()     # a closed pipe shows here when all the output fit in the buffer

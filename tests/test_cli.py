@@ -653,7 +653,7 @@ def test_atomic_write_failure_leaves_old_file(tmp_path, monkeypatch):
     p = tmp_path / "doc.json"
     sk.atomic_write(str(p), b"old\n")
 
-    def boom(src, dst):
+    def boom(src, dst, **kw):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(sk.os, "replace", boom)
     with pytest.raises(OSError):

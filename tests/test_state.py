@@ -417,7 +417,7 @@ KILLED_WRITER = textwrap.dedent("""
     import os, signal, sys, time
     sys.path.insert(0, sys.argv[1])
     import scratch_keepalive as sk
-    def stop(*a):
+    def stop(*a, **kw):
         if sys.argv[3] == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         print("ready", flush=True)
