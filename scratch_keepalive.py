@@ -8789,17 +8789,16 @@ def _Parser(**kwargs):
                 sys.stderr.write(message)
             raise _ParserExit(status)
 
+        def _print_message(self, message, file=None):
+            """As argparse's, but a failed write is main()'s to report (argparse 3.9+ drops
+            it). Only help and version text come here, for stdout: with none (`>&-`), no
+            fallback to stderr."""
+            if message:
+                if file is None:
+                    raise OSError(errno.EBADF, "the descriptor is closed")
+                file.write(message)
+
     return _Parser(**kwargs)
-
-    def _print_message(self, message, file=None):
-        """As argparse's, but a failed write is main()'s to report (argparse 3.9+ drops it).
-
-        Only help and version text come here, for stdout: with none (`>&-`), no fallback
-        to stderr."""
-        if message:
-            if file is None:
-                raise OSError(errno.EBADF, "the descriptor is closed")
-            file.write(message)
 
 
 def _int_range(lo, hi=None, what="a whole number"):
