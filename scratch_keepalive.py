@@ -4494,8 +4494,16 @@ class FileList(object):
         self.dest = ds.get("rescue_to") or (ds.get("last_rescue") or {}).get("to")
         record = ds.get("purge") if kind == "vanished" else None
         if isinstance(record, dict):
-            self.header, self.purge_entries = read_purge(store.purge_record_path(
-                self.name, record["file"]))
+            path = store.purge_record_path(self.name, record["file"])
+            self.header, self.purge_entries = read_purge(path)
+            if (self.header.get("dataset"), self.header.get("walk_started")) != (
+                    self.name, record.get("walk_started")):
+                self.purge_entries.close()
+                raise StateError("the purge record %s is not the one %r's registry entry "
+                                 "names (it is of %r, the walk of %s); the next purge a walk "
+                                 "finds replaces it" % (path, self.name,
+                                                        self.header.get("dataset"),
+                                                        self.header.get("walk_started")))
             self.record, self.dest, self.trailer = record, self.header.get("dest"), None
             return
         try:

@@ -52,6 +52,9 @@ STATE_PATHS = {
                                           RESCUE, ("doctor",)]),
     "manifests/ds/partial.skm": ("manifests/other/partial.skm",
                                  [REFRESH, ("status",), ("doctor",)]),
+    "manifests/ds/purge-000002.skm": ("manifests/other/purge-000002.skm",
+                                      [("files", "--name", "ds", "--vanished"), REFRESH,
+                                       ("doctor",)]),
 }
 REPAIR = ("repair",)
 
@@ -110,6 +113,7 @@ def template(tmp_path_factory):
     for name in ("ds", "other"):
         ok("add", "--name", name, "--path", scratch / name, "--keep-until", KEEP)
         ok("refresh", "--name", name)
+        os.unlink(str(scratch / name / "f5"))      # a purge on record: purge-000002.skm
         ok("refresh", "--name", name)
         ok("rescue", "--name", name, "--to", top / "template" / "dest", "--all",
            "--max-entries", "3", codes=(3,))
