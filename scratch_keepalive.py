@@ -902,7 +902,9 @@ def split_entries(datasets, path, kind="registry"):
 class Store(object):
     """The state directory: config, registry (with backup), checkpoints, logs, locks.
 
-    Directories are 0700, files 0600. Every document is JSON written by atomic_write().
+    Directories are 0700, files 0600. Every document is JSON written by atomic_write();
+    every file is opened by open_state(), and nothing is written through a directory of
+    the store that is not one (ensure()).
     """
 
     def __init__(self, state_dir):
