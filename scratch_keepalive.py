@@ -1062,7 +1062,9 @@ def split_entries(datasets, path, kind="registry"):
 class Store(object):
     """The state directory: config, registry (with backup), checkpoints, logs, locks.
 
-    Directories are 0700, files 0600. Every document is JSON written by atomic_write().
+    Directories are 0700, files 0600. Every document is JSON written by atomic_write();
+    every file is opened by open_state(), and nothing is written through a directory of
+    the store that is not one (ensure()).
     """
 
     def __init__(self, state_dir):
@@ -7290,6 +7292,13 @@ def _check_state_files(ctx):
                             "lists %d dataset(s); repair restores it" % (
                                 store.registry_path, store.backup_path,
                                 len(backup["datasets"]) + len(backup_bad)), fix="registry")
+    elif reg is not None and not bad and not reg["datasets"] and cfg:
+        kept = _emptied_registry(ctx, cfg)
+        if kept:
+            out[-1] = Check("registry", "fail", "the registry %s lists no dataset, but its "
+                            "backup %s lists %d whose sentinels are in place (%s); repair "
+                            "restores them" % (store.registry_path, store.backup_path, len(kept),
+                                               ", ".join(sorted(kept))), fix="registry")
     for name in sorted(bad):
         out.append(Check("entry:" + display_path(name)[:64], "fail", bad[name][0],
                          fix="registry"))
@@ -7910,6 +7919,15 @@ def _repair_registry(ctx, cfg, dry_run, act, left):
     if missing:
         backup, backup_bad = _registry_backup(store)
         missing = backup is not None and bool(backup["datasets"] or backup_bad)
+    elif reg is not None and not bad and not reg["datasets"]:
+        kept = _emptied_registry(ctx, cfg)
+        if kept:
+            act("restore %s into the emptied registry from its backup %s (their sentinels "
+                "are in place)" % (", ".join(repr(n) for n in sorted(kept)), store.backup_path))
+            reg = dict(reg, datasets=kept, format=FORMAT)
+            if not dry_run:
+                atomic_write(store.registry_path, dump_json(reg))
+            return reg
     if reg is not None and not bad and not missing:
         return reg
     if reg is not None and cfg is None and not missing:
@@ -7936,6 +7954,28 @@ def _repair_registry(ctx, cfg, dry_run, act, left):
     if not dry_run:
         atomic_write(store.registry_path, dump_json(reg))
     return reg
+
+
+def _emptied_registry(ctx, cfg):
+    """{name: entry} of the backup's datasets whose sentinels are still in place (below the
+    scratch root, naming them), for a registry that lists none: `remove` deletes the
+    sentinel, so these were not removed, the registry was emptied."""
+    backup, _ = _registry_backup(ctx.store)
+    kept = {}
+    for name, entry in sorted(((backup or {}).get("datasets") or {}).items()):
+        if not _below_scratch_root(ctx, cfg, entry["path"]) or not root_present(entry["path"]):
+            continue
+        try:
+            root_fd = dataset_root_fd(ctx, entry)
+        except Failure:
+            continue
+        try:
+            doc = read_sentinel(root_fd)
+        finally:
+            os.close(root_fd)
+        if doc is not None and doc.get("name") == name:
+            kept[name] = entry
+    return kept
 
 
 def _registry_backup(store):

@@ -352,10 +352,12 @@ def test_partial_manifest_directory_is_set_aside(walked):
 
 def test_repair_restores_a_deleted_or_emptied_registry_from_its_backup(cli, walked):
     state = walked["state"]
-    for damage in ("delete", "empty"):
+    for damage in ("delete", "no datasets", "zero bytes"):
         reg = state / "registry.json"
         if damage == "delete":
             os.unlink(str(reg))
+        elif damage == "no datasets":
+            reg.write_text(json.dumps({"format": 1, "datasets": {}}))
         else:
             reg.write_bytes(b"")
         r = cli("doctor")
@@ -364,6 +366,18 @@ def test_repair_restores_a_deleted_or_emptied_registry_from_its_backup(cli, walk
         assert r.rc == 0, r
         assert "restore" in r.out, r
         assert "ds" in json.loads(reg.read_text())["datasets"]
+
+
+def test_repair_never_brings_back_a_removed_dataset(cli, walked):
+    make_dataset(walked["scratch"], "two")
+    assert cli("add", "--name", "two", "--path", walked["scratch"] / "two",
+               "--keep-until", KEEP).rc == 0
+    assert cli("remove", "--name", "two").rc == 0
+    assert cli("remove", "--name", "ds").rc == 0        # the registry lists none now
+    assert "ds" in (walked["state"] / "registry.json.bak").read_text()
+    r = cli("repair")
+    assert r.rc == 0 and "restore" not in r.out, r
+    assert json.loads((walked["state"] / "registry.json").read_text())["datasets"] == {}
 
 
 def test_atomic_write_replaces_a_link_and_writes_nothing_through_it(tmp_path):
