@@ -679,7 +679,7 @@ def _owner_hint(path, e, uid=None):
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 # The largest state file of each kind that is ever read, checked before reading: a file
 # larger than its kind can be is not ours (a device, a file that grows without end). Each
-# is generous: a manifest takes about 12 bytes an entry (10 million entries: 120 MB; the
+# is generous: a manifest takes about 12 bytes an entry (10 million entries: 115 MiB; the
 # limit is 30 times that), a checkpoint a few KiB whatever the size of the dataset (its
 # cursor is one path), a registry entry a few KiB (64 MiB: thousands of datasets).
 STATE_LIMITS = {"config": MiB, "registry": 64 * MiB, "registry backup": 64 * MiB,
@@ -7718,7 +7718,7 @@ def repair(dry_run=False, state_dir=None, env=None, runner=None):
     return _repair(ctx, dry_run)
 
 
-_SET_ASIDE_RE = re.compile(r"\.corrupt-\d{8}T\d{6}Z(-\d+)?$")     # _set_aside()'s names
+_SET_ASIDE_RE = _LazyPattern(r"\.corrupt-\d{8}T\d{6}Z(-\d+)?$")     # _set_aside()'s names
 
 
 def _set_aside(path, dry_run, copy=False):
