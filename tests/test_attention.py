@@ -117,6 +117,13 @@ def test_every_view_agrees_on_a_table_of_states(cli, generic, tmp_path):
     assert info == sorted("%s:%s" % (c, n) for n, codes in want.items() for c in codes
                           if n != "missing")    # a missing root is a FAIL of its own
     assert all(c["ok"] for c in rep["checks"] if c["level"] == "info")
+    # --fail-on-risk, judging each dataset's last run by the same codes: it fails for
+    # purge-eligible or a purge that run found, never for a keep-until, errors or copies
+    ctx = sk.Context()
+    fails = dict((n, sk.risk_exit_code([0], sk.risk_found(ctx, [registry(generic)[n][
+        "last_run"]]))) for n in want)
+    assert fails == dict((n, int("purge-eligible" in c or "purged" in c)) for n, c in
+                         want.items()), fails
     # the risk field: what remains, every owner's (the refreshed one has none left)
     assert listed["refreshed"]["risk"] == "none" and listed["eligible"]["risk"] == \
         "purge-eligible" and listed["copied"]["risk"] == "purge-eligible"
