@@ -4531,11 +4531,16 @@ class FileList(object):
         else:
             raise StateError("the manifests of %r keep changing (a walk is finishing); "
                              "run the command again" % self.name)
-        for m in self.manifests:
+        for m, number in zip(self.manifests, self.numbers):
             if m.trailer is None:
                 raise StateError("the manifest %s is not complete; the next complete walk "
                                  "(`%s refresh --name %s`) writes one" % (m.path, PROG,
                                                                           self.name))
+            why = manifest_problem(m.header, self.ds, self.cfg, self.now, number)
+            if why:
+                raise StateError("the manifest %s is not used: %s; the next complete walk "
+                                 "(`%s refresh --name %s`) writes one" % (
+                                     m.path, why, PROG, self.name))
 
     def _missing(self, have):
         if have == 0:
@@ -4598,11 +4603,6 @@ class FileList(object):
         the refresh result counts by: likely_purged()) and a current copy in the dataset's
         rescue destination."""
         new, old = self.manifests
-        for m, number in zip(self.manifests, self.numbers):
-            why = manifest_problem(m.header, self.ds, self.cfg, self.now, number)
-            if why:
-                raise StateError("what vanished from %r is not known: the manifest %s is not "
-                                 "used: %s" % (self.name, m.path, why))
         if old.header.get("walk_started", "") > new.header.get("walk_started", "") or \
                 old.header.get("seq", 0) >= new.header.get("seq", 1):
             raise StateError("what vanished from %r is not known: its two newest manifests are "
@@ -5682,6 +5682,7 @@ def _rescue(ctx, opts, budget, should_stop=None, progress=None):
         except Failure as e:
             raise Failure("dataset %r: %s" % (ds["name"], e))
         try:
+            check_newest_manifest(current, cfg, ctx.now, manifests[0], root_fd)
             run = RescueRun(ctx, current, dest, opts, manifests[0][1], root_fd)
             result = dict(run.go(budget, should_stop, progress), notes=notes)
         finally:
@@ -6329,6 +6330,18 @@ RESCUE_REASON_COUNTS = {"other-owner": "entries_not_owned",
 RESCUE_COUNTS = ("entries_done", "entries_copied", "bytes_copied", "dirs_created",
                  "entries_skipped", "bytes_skipped", "entries_not_rescued", "entries_not_owned",
                  "entries_newer_destination", "entries_special", "errors", "temps_removed")
+
+
+def check_newest_manifest(ds, cfg, now, newest, root_fd):
+    """Refuse (Failure) to copy from a manifest (number, path) that is not a walk of ds:
+    another dataset's or another root's would send its names through this one's root."""
+    st = os.fstat(root_fd)
+    with Manifest(newest[1]) as m:
+        why = manifest_problem(m.header, ds, cfg, now, newest[0], (st.st_dev, st.st_ino))
+    if why:
+        raise Failure("dataset %r: its newest manifest %s is not used: %s; run `%s refresh "
+                      "--name %s` to write a new one" % (ds["name"], newest[1], why, PROG,
+                                                        ds["name"]))
 
 
 def record_rescue(store, name, r):

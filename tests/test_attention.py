@@ -361,3 +361,20 @@ def test_a_manifest_header_with_values_no_walk_wrote_is_not_used(cli, generic, f
         assert m.trailer is not None            # still a complete manifest
     r = cli("refresh", "--name", "a", "--check", "--json").json()["results"][0]
     assert r["entries_vanished"] is None and "is not used" in r["manifest_note"], r
+
+
+def test_files_and_rescue_refuse_another_datasets_manifest(cli, generic, tmp_path):
+    """Passing for another: copied in as this dataset's newest, another dataset's manifest
+    is listed by no `files` and copied from by no `rescue` (its names would be looked up
+    under this root)."""
+    two_datasets(cli, generic)
+    _, other = newest(generic, "b")
+    _, mine = newest(generic, "a")
+    shutil.copyfile(other, mine)
+    for argv in (["files", "--name", "a"], ["files", "--name", "a", "--at-risk"],
+                 ["rescue", "--name", "a", "--to", str(tmp_path / "safe"), "--all"]):
+        r = cli(*argv)
+        assert r.rc == 1 and "is not used: it is not this dataset's" in r.err, (argv, r)
+        assert r.out == "" and not (tmp_path / "safe" / "f4").exists(), r
+    assert cli("refresh", "--name", "a", "--check").rc == 0       # a new walk: usable again
+    assert cli("files", "--name", "a").rc == 0

@@ -385,7 +385,7 @@ def test_a_damaged_manifest_is_one_line_exit_1(cli, generic, env):
     refresh(cli, "--check")
     (_, path), = sk.Store(str(env["state"])).manifests("ds")
     with open(path, "r+b") as f:
-        f.seek(len(sk.MANIFEST_MAGIC) + 200)
+        f.seek(len(sk.MANIFEST_MAGIC))          # its header: not JSON any more
         f.write(b"garbage" * 4)
     assert_error(cli("files", "--name", "ds"), 1, "is damaged")
 
