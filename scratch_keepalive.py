@@ -3369,11 +3369,22 @@ def copy_of(dest, key, kind, size, mtime_ns):
     mtime the manifest lacks (format 1) has none."""
     if not dest or mtime_ns is None or not key:
         return None
-    path = os.path.join(os.fsencode(dest), key_path(key))
+    *dirs, name = key.split(b"\0")
+    # Never through a symlink below dest: one into scratch would call the purged file safe.
+    fd = None
     try:
-        st = os.lstat(path)
+        fd = os.open(os.fsencode(dest), O_DIR_FLAGS)
+        for comp in dirs:
+            nxt = os.open(comp, O_DIR_FLAGS | O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        st = os.lstat(name, dir_fd=fd)
     except (OSError, ValueError):
         return None
+    finally:
+        if fd is not None:
+            os.close(fd)
+    path = os.path.join(os.fsencode(dest), key_path(key))
     k = kind & ~K_TOUCHED
     if k == K_FILE:
         ok = stat.S_ISREG(st.st_mode) and st.st_size == size and (

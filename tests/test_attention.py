@@ -378,3 +378,27 @@ def test_files_and_rescue_refuse_another_datasets_manifest(cli, generic, tmp_pat
         assert r.out == "" and not (tmp_path / "safe" / "f4").exists(), r
     assert cli("refresh", "--name", "a", "--check").rc == 0       # a new walk: usable again
     assert cli("files", "--name", "a").rc == 0
+
+
+def test_a_copy_reached_through_a_symlink_in_the_destination_is_no_copy(cli, generic,
+                                                                          tmp_path):
+    """dest/sub made a symlink to a directory that holds a file of the same size and mtime
+    (say, back into scratch, where the purge took it): not a copy."""
+    dest = tmp_path / "safe"
+    d = purge_setup(cli, generic)
+    assert cli("rescue", "--name", "ds", "--to", str(dest), "--all").rc == 0
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(str(dest / "sub"), str(elsewhere), copy_function=shutil.copy2)
+    for f in os.listdir(str(dest / "sub")):         # the same mtimes, to the nanosecond
+        st = os.stat(str(dest / "sub" / f))
+        os.utime(str(elsewhere / f), ns=(st.st_atime_ns, st.st_mtime_ns))
+    shutil.rmtree(str(d / "sub"))
+    assert cli("refresh", "--name", "ds", "--check").rc == 0
+    docs = [json.loads(l) for l in
+            cli("files", "--name", "ds", "--vanished", "--json").out.splitlines()]
+    assert docs and all(doc["copy"] == str(dest / doc["path"]) for doc in docs), docs
+    shutil.rmtree(str(dest / "sub"))
+    os.symlink(str(elsewhere), str(dest / "sub"))
+    docs = [json.loads(l) for l in
+            cli("files", "--name", "ds", "--vanished", "--json").out.splitlines()]
+    assert docs and all(doc["copy"] is None for doc in docs), docs
