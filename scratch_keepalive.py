@@ -3692,7 +3692,7 @@ def copies_cover(ds):
 def remaining_risk(ds):
     """What is still at risk after the last complete walk, or None before one: {"at_risk",
     "purge_eligible" (every owner's), "own_at_risk", "own_purge_eligible" (the user's own,
-    less those with a copy)}. A touch walk refreshed every old entry it could: what it left
+    less those with a copy), "others_at_risk"}. A touch walk refreshed every old entry it could: what it left
     is others' (its failures are errors). A check walk left all it found."""
     t = last_walk_totals(ds)
     if not t:
@@ -3708,7 +3708,7 @@ def remaining_risk(ds):
     if uncovered is not None:
         own_risk, own_elig = min(own_risk, uncovered), min(own_elig, uncovered)
     return {"at_risk": at_risk, "purge_eligible": elig, "own_at_risk": own_risk,
-            "own_purge_eligible": own_elig}
+            "own_purge_eligible": own_elig, "others_at_risk": theirs_risk}
 
 
 def risk_of(ds):
@@ -8523,9 +8523,7 @@ def _status_lines(e, ds_words):
     add("  last refresh:  %s" % ("%s (%s mode)" % (e["last_refresh"], e["last_mode"])
                                  if e["last_refresh"] else "never"))
     if e["risk"]:
-        rem = e["remaining"]
-        theirs = rem["at_risk"] - rem["own_at_risk"] if e["last_mode"] == "check" else \
-            rem["at_risk"]
+        theirs = e["remaining"]["others_at_risk"]
         add("  risk:          %s (still at risk after the last complete walk)%s" % (
             e["risk"], "; %s of other owners (not yours to refresh or copy)"
             % plural(theirs, "entry", "entries") if theirs and e["risk"] != "none" else ""))

@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -402,3 +403,44 @@ def test_a_copy_reached_through_a_symlink_in_the_destination_is_no_copy(cli, gen
     docs = [json.loads(l) for l in
             cli("files", "--name", "ds", "--vanished", "--json").out.splitlines()]
     assert docs and all(doc["copy"] is None for doc in docs), docs
+
+
+def test_others_entries_are_shown_but_are_not_attention(world_tmp):
+    """Run as an unprivileged user: another owner's old file cannot be refreshed (touch
+    mode) nor copied by its user; status shows it, attention does not ask for it."""
+    from conftest import nonroot_runner, run_script
+    runner = nonroot_runner()
+    if runner is None or os.geteuid() != 0:
+        pytest.skip("needs root to make a file of another owner, and setpriv")
+    prefix, python = runner
+    state, scratch, home = world_tmp / "state", world_tmp / "scratch", world_tmp / "home"
+    home.mkdir()
+    d = make_dataset(scratch, "ds")
+    theirs = d / "theirs.dat"
+    theirs.write_bytes(b"someone else's")
+    for p in [home, scratch] + [Path(dp) / n for dp, dns, fns in os.walk(str(scratch))
+                                for n in dns + fns]:
+        if p != theirs:
+            os.lchown(str(p), 65534, 65534)
+    age_all(d, 40)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "TZ": "UTC", "LANG": "C.UTF-8",
+           "SCRATCH_KEEPALIVE_HOME": str(state), "SCRATCH_KEEPALIVE_NOW": NOW}
+
+    def run(*argv):
+        return run_script(*[str(a) for a in argv], prefix=prefix, python=python, env=env,
+                          clean=True)
+    assert run("init", "--profile", "generic", "--scratch-root", scratch).rc == 0
+    assert run("add", "--name", "ds", "--path", d, "--keep-until", KEEP).rc == 0
+    r = run("refresh", "--name", "ds", "--json")              # touch mode
+    assert r.rc == 0 and r.json()["results"][0]["entries_not_owned"] == 1, r
+    st = run("status", "--name", "ds", "--json").json()
+    assert st["risk"] == "purge-eligible" and st["attention"] == [], st
+    assert st["remaining"]["others_at_risk"] == 1 and st["remaining"]["own_at_risk"] == 0
+    text = run("status", "--name", "ds").out
+    assert "needs attention" not in text and "1 entry of other owners" in text, text
+    assert run("status", "--brief").out == "" or "ds:" not in run("status", "--brief").out
+    r = run("refresh", "--name", "ds", "--check", "--json")   # check mode: the same
+    assert r.rc == 0 and r.json()["results"][0]["entries_at_risk"] > 1, r
+    st = run("status", "--name", "ds", "--json").json()
+    assert st["attention"] == ["purge-eligible"], st          # the user's own old entries
+    assert st["remaining"]["own_purge_eligible"] == st["remaining"]["purge_eligible"] - 1
