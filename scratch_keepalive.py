@@ -231,6 +231,14 @@ MAX_SEGMENTS = 16               # directories (fds) per parallel batch
 THREAD_BATCH = 32               # entries per batch for threads: spread latency-bound work
 LIST_CHUNK = 4096               # directory entries encoded at a time
 # What a walk found vanished since the walk before (see forensics()).
+# Why a walk's result says nothing of what vanished (its counts null), where nothing is
+# wrong: these go in the JSON's manifest_note, not in the text's summary line.
+UNKNOWN_VANISHED = {
+    "dry-run": "a dry run compares no manifests: what vanished is not known",
+    "off": "manifests are off for this dataset or walk: what vanished is not known",
+    "first": "no earlier complete walk left a manifest: what vanished is known after the "
+             "next complete walk",
+    "incomplete": "the walk is not complete: what vanished is known once it is"}
 FORENSICS_ZERO = {"entries_vanished": 0, "bytes_vanished": 0, "entries_likely_purged": 0,
                   "bytes_likely_purged": 0}
 _SCHEDULE_LOCKS = set()         # schedule lock paths this process holds
@@ -5226,7 +5234,6 @@ class DatasetRun(object):
             return
         writer.finish({"walk_finished": iso(time.time())})
         previous = self.store.manifests(self.name)
-        self.forensics = dict(FORENSICS_ZERO, previous_walk_started=None)
         if previous:
             try:
                 self.forensics = self.compare(previous[0], writer.path)
@@ -5358,10 +5365,11 @@ class DatasetRun(object):
                       log=self.log_path, timing=self.timing)
         if self.forensics is not None:
             result.update(self.forensics)
-        elif self.wants_manifest() and complete:     # compared, and not usable: unknown
+        else:           # nothing compared: what vanished is not known, and why
             result.update(dict.fromkeys(FORENSICS_ZERO))
-        else:
-            result.update(FORENSICS_ZERO)
+            result["manifest_note"] = self.manifest_note or UNKNOWN_VANISHED[
+                "dry-run" if self.opts.dry_run else "off" if not self.wants_manifest()
+                else "first" if complete else "incomplete"]
         result["manifest"] = self.manifest_path
         if self.manifest_note:
             result["manifest_note"] = self.manifest_note
@@ -8376,7 +8384,7 @@ def describe_result(r):
                     human_bytes(r.get("bytes_vanished", 0)),
                     human_count(r.get("entries_likely_purged", 0)),
                     human_bytes(r.get("bytes_likely_purged", 0)), PROG, name)
-    if r.get("manifest_note"):
+    if r.get("manifest_note") and r["manifest_note"] not in UNKNOWN_VANISHED.values():
         body += "; " + r["manifest_note"]
     if r["errors"]:
         body += "; %s (vanished or permission denied%s)" % (

@@ -790,7 +790,8 @@ def test_a_purge_between_two_walks_is_reported_exactly(world_tmp):
     r = run("refresh", "--name", "ds", "--check", "--json")
     assert r.rc == 0, r
     first = r.json()["results"][0]
-    assert first["entries_vanished"] == 0 and first["previous_walk_started"] is None, first
+    assert first["entries_vanished"] is None and "previous_walk_started" not in first, first
+    assert first["manifest_note"] == sk.UNKNOWN_VANISHED["first"], first
     order = walk_order(os.fsencode(str(root)))
 
     rb = os.fsencode(str(root))
@@ -905,7 +906,9 @@ def test_a_manifest_survives_sigkill_mid_walk_and_resume(shm_tmp, monkeypatch):
     r = run_script("refresh", "--name", "ds", "--check", "--json")
     assert r.rc == 0, r
     res = r.json()["results"][0]
-    assert res["complete"] and res["resumed"] and "manifest_note" not in res, res
+    # its manifest taken up (no note that it resumed without one); the first one kept
+    assert res["complete"] and res["resumed"] and res["manifest"], res
+    assert res["manifest_note"] == sk.UNKNOWN_VANISHED["first"], res
     (_, path), = sk.Store(str(state)).manifests("ds")
     with sk.Manifest(path) as m:
         assert m.header["walk_started"] == started

@@ -267,7 +267,7 @@ def test_the_keys_digest_does_not_depend_on_how_batches_were_cut(cli, big):
         assert r.rc == 0, r
         with sk.Manifest(r.json()["results"][0]["manifest"]) as m:
             digests.append(m.trailer["keys_digest"])
-        assert r.json()["results"][0]["entries_vanished"] == 0
+        assert r.json()["results"][0]["entries_vanished"] in (None, 0)    # None: the first
     assert digests[0] and len(set(digests)) == 1, digests
     os.unlink(str(big / "d3" / "f01234"))
     r = cli("refresh", "--name", "ds", "--check", "--json")
