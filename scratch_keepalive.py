@@ -659,6 +659,12 @@ def _json_loads(raw):
             doc, end = _SCANNER[0](text, 0)
         except StopIteration:
             raise ValueError("Expecting value: line 1 column 1 (char 0)")
+        except (ValueError, RecursionError):
+            raise
+        except Exception:
+            # WARNING: on 3.10 and 3.11 the scanner's own error path fails (SystemError)
+            # unless json.decoder was imported: json.loads says what is wrong.
+            return json.loads(text)
         if end != len(text):
             raise ValueError("Extra data at char %d" % end)
         return doc
@@ -1018,8 +1024,9 @@ ENTRY_SCHEMA = {
     # what it could not copy (copies_cover()).
     "last_rescue": (False, _null_or(_object({
         "to": (True, _abs_path), "walk_started": _OPT_TIME, "finished": _OPT_TIME,
+        "manifest_seq": (False, _null_or(_COUNT)),
         "entries_not_rescued": (True, _COUNT), "entries_not_owned": (True, _COUNT)}))),
-    "missing_since": _OPT_TIME,
+    "missing_since": _OPT_TIME, "last_manifest_seq": (False, _null_or(_COUNT)),
 }
 CHECKPOINT_SCHEMA = {
     "dataset": (True, _name), "path": (True, _abs_path), "mode": (True, _one_of("touch", "check")),
@@ -1284,15 +1291,24 @@ class Store(object):
         os.close(self.open_dir("manifests", name))      # never through a symlink
         return self.manifest_dir(name)
 
-    def keep_manifest(self, name, partial, number=None):
-        """Make the complete manifest partial the newest (number: the one its header
-        says, when that follows the newest); keep MANIFEST_KEEP of them."""
+    def manifest_number(self, name, wanted=None):
+        """The number the next complete manifest of dataset name takes: wanted (the one
+        its header says) when that follows the newest, else the one after the newest."""
         have = self.manifests(name)
         newest = have[0][0] if have else 0
-        if not (isinstance(number, int) and not isinstance(number, bool) and
-                newest < number < 10 ** 9):
-            number = newest + 1
-        path = os.path.join(self.manifest_dir(name), "manifest-%06d.skm" % number)
+        if isinstance(wanted, int) and not isinstance(wanted, bool) and \
+                newest < wanted < 10 ** 9:
+            return wanted
+        return newest + 1
+
+    def manifest_path(self, name, number):
+        return os.path.join(self.manifest_dir(name), "manifest-%06d.skm" % number)
+
+    def keep_manifest(self, name, partial, number):
+        """Make the complete manifest partial the newest, as number (manifest_number());
+        keep MANIFEST_KEEP of them."""
+        have = self.manifests(name)
+        path = self.manifest_path(name, number)
         os.replace(partial, path)
         fsync_dir(self.manifest_dir(name))
         for _, old in have[MANIFEST_KEEP - 1:]:
@@ -3372,9 +3388,10 @@ def likely_purged(kind, atime, prev_now, new_now, purge_days):
 
 def copy_of(dest, key, kind, size, mtime_ns):
     """The absolute path of a current copy of an entry in a rescue destination (bytes), or
-    None: a regular file with the same size and mtime (a destination that keeps whole
-    seconds matches on the seconds), a directory or symlink of the same kind; an entry whose
-    mtime the manifest lacks (format 1) has none."""
+    None: of the same kind, the same size (files; symlinks: the target's length) and the
+    same mtime (a destination that keeps whole seconds matches on the seconds), as rescue
+    leaves its copies; an entry whose mtime the manifest lacks (format 1) has none.
+    (size: as the manifest recorded it.)"""
     if not dest or mtime_ns is None or not key:
         return None
     *dirs, name = key.split(b"\0")
@@ -3394,13 +3411,11 @@ def copy_of(dest, key, kind, size, mtime_ns):
             os.close(fd)
     path = os.path.join(os.fsencode(dest), key_path(key))
     k = kind & ~K_TOUCHED
-    if k == K_FILE:
-        ok = stat.S_ISREG(st.st_mode) and st.st_size == size and (
-            st.st_mtime_ns == mtime_ns or (st.st_mtime_ns % 10 ** 9 == 0 and
-                                           st.st_mtime_ns // 10 ** 9 == mtime_ns // 10 ** 9))
-    else:
-        ok = (k == K_DIR and stat.S_ISDIR(st.st_mode)) or (k == K_LINK and
-                                                         stat.S_ISLNK(st.st_mode))
+    same_kind = {K_FILE: stat.S_ISREG, K_DIR: stat.S_ISDIR, K_LINK: stat.S_ISLNK}.get(k)
+    ok = (same_kind is not None and same_kind(st.st_mode)
+          and (k == K_DIR or st.st_size == size)
+          and (st.st_mtime_ns == mtime_ns or (st.st_mtime_ns % 10 ** 9 == 0 and
+                                              st.st_mtime_ns // 10 ** 9 == mtime_ns // 10 ** 9)))
     return path if ok else None
 
 
@@ -3438,14 +3453,14 @@ class PurgeWriter(object):
     def add(self, key, kind, size, atime, mtime_ns, purged):
         import base64
         c = self.counts
-        size = size if kind & ~K_TOUCHED == K_FILE else 0
         copied = copy_of(self.dest, key, kind, size, mtime_ns) is not None
+        data = size if kind & ~K_TOUCHED == K_FILE else 0      # bytes: regular files'
         c["entries_vanished"] += 1
-        c["bytes_vanished"] += size
+        c["bytes_vanished"] += data
         c["entries_with_copy" if copied else "entries_without_copy"] += 1
         if purged:
             c["entries_likely_purged"] += 1
-            c["bytes_likely_purged"] += size
+            c["bytes_likely_purged"] += data
             c["likely_purged_with_copy" if copied else "likely_purged_without_copy"] += 1
         self._line({"k": base64.b64encode(key).decode("ascii"), "t": kind, "s": size,
                     "a": atime, "m": mtime_ns, "p": purged, "c": copied})
@@ -3495,26 +3510,28 @@ def read_purge(path):
     return header, entries()
 
 
-def find_purge(prev, new, purge_days, out=None):
-    """What vanished between manifests prev and new: the counts (FORENSICS_ZERO's keys and
-    the copy counts) and, with out (a PurgeWriter), each entry written to it. When both
-    hold the same keys (their digests say so), nothing vanished: no need to read them."""
+def walk_now(m):
+    """The policy clock when the walk that wrote manifest m ended (its last run, for a
+    resumed walk: the trailer says; else when it began): what it touched, it touched by
+    then."""
+    now = (m.trailer or {}).get("now")
+    return float(now if _plausible(now, 0, 1e11) else m.header["now"])
+
+
+def find_purge(prev, new, purge_days, out, now):
+    """What vanished between manifests prev and new, by the walk that ends at now (policy
+    clock): each entry written to out (a PurgeWriter), which counts them; its counts. When
+    both hold the same keys (their digests say so), nothing vanished: no need to read them.
+    The sentinel is the tool's own file, never an entry of the user's."""
     same = ((prev.trailer or {}).get("keys_digest")
             and prev.trailer["keys_digest"] == (new.trailer or {}).get("keys_digest"))
-    counts = dict.fromkeys(PURGE_COUNTS, 0)
     if not same:
-        prev_now, new_now = float(prev.header["now"]), float(new.header["now"])
+        prev_now, sentinel = walk_now(prev), SENTINEL.encode()
         for key, kind, size, atime, mtime in vanished(prev, new):
-            purged = likely_purged(kind, atime, prev_now, new_now, purge_days)
-            if out is not None:
-                out.add(key, kind, size, atime, mtime, purged)
-            else:
-                size = size if kind & ~K_TOUCHED == K_FILE else 0
-                counts["entries_vanished"] += 1
-                counts["bytes_vanished"] += size
-                counts["entries_likely_purged"] += purged
-                counts["bytes_likely_purged"] += size if purged else 0
-    return out.counts if out is not None else counts
+            if key != sentinel:
+                out.add(key, kind, size, atime, mtime,
+                        likely_purged(kind, atime, prev_now, now, purge_days))
+    return out.counts
 
 # ---------------------------------------------------------------- policy
 
@@ -3687,12 +3704,27 @@ def last_walk_totals(ds):
     return run if isinstance(run, dict) and run.get("complete") and not run.get("resumed") else {}
 
 
+def rescue_dest(ds, scratch_root=None):
+    """Where a dataset's copies are: its --rescue-to, else where its last complete `rescue
+    --to` went; None when neither, or when that lies in scratch (no safe place: a copy
+    there is purged as its source is; `add` and `extend` refuse one, a hand edit may not)."""
+    dest = ds.get("rescue_to") or (ds.get("last_rescue") or {}).get("to")
+    if dest and scratch_root and (is_below(os.path.realpath(dest),
+                                           os.path.realpath(scratch_root))
+                                  or os.path.realpath(dest) == os.path.realpath(scratch_root)):
+        return None
+    return dest
+
+
 def copies_cover(ds):
     """How many of the at-risk entries of ds's owner that its last complete walk found have
     no copy, as its last complete rescue of that walk's manifest left them; None when no
     such rescue happened (then none of them is known to have a copy)."""
     r = ds.get("last_rescue")
-    if not isinstance(r, dict) or r.get("walk_started") != ds.get("last_refresh_start"):
+    same_walk = (r.get("manifest_seq") == ds.get("last_manifest_seq")
+                 if isinstance(r, dict) and "last_manifest_seq" in ds else
+                 isinstance(r, dict) and r.get("walk_started") == ds.get("last_refresh_start"))
+    if not same_walk or r.get("to") != rescue_dest(ds):    # or copies made elsewhere
         return None
     return max(0, int(r.get("entries_not_rescued", 0)) - int(r.get("entries_not_owned", 0)))
 
@@ -3746,6 +3778,14 @@ ATTENTION_CODES = tuple(code for code, _ in ATTENTION)
 EXPIRING_DAYS = 14
 
 
+def run_errors(ds):
+    """Entry errors of the last run; of the whole walk when that run completed it (a
+    resumed walk's earlier runs count)."""
+    run = ds.get("last_run") or {}
+    whole = last_walk_totals(ds).get("errors", 0) if run.get("complete") else 0
+    return max(int(run.get("errors") or 0), int(whole or 0))
+
+
 def purge_unseen(ds, now):
     """The dataset's purge record while it still asks to be looked at, else None: until
     `files --vanished` has listed it, or PURGE_SEEN_DAYS after it was found."""
@@ -3759,13 +3799,14 @@ def purge_unseen(ds, now):
     return p if found is not None and now - found < PURGE_SEEN_DAYS * DAY else None
 
 
-def attention(ds, now, present=None, checkpoint=None):
+def attention(ds, now, checkpoint=None):
     """THE rule for what about dataset ds needs its user: a list of ATTENTION codes, most
-    urgent first, empty exactly when nothing does. From state alone: present is whether
-    its root is there (None: not looked; then a refresh that found it missing says so),
-    checkpoint its walk checkpoint (or None). Every view and --fail-on-risk follow it."""
+    urgent first, empty exactly when nothing does. From state alone, so that every view
+    (and --fail-on-risk) says the same, `status --brief` included, which looks at no
+    dataset: its registry entry, and checkpoint, its walk checkpoint (or None). A missing
+    root is what the last refresh found (`state`, for the schedule, looks now)."""
     found = set()
-    if present is False or (present is None and ds.get("missing_since")):
+    if ds.get("missing_since"):
         found.add("missing")
     days_left = (parse_date(ds["keep_until"]) - utc_date(now)).days
     if days_left < 0:
@@ -3780,7 +3821,7 @@ def attention(ds, now, present=None, checkpoint=None):
         found.add("purge-eligible")
     elif rem and rem["own_at_risk"]:
         found.add("at-risk")
-    if (ds.get("last_run") or {}).get("errors"):
+    if run_errors(ds):
         found.add("errors")
     updated = (checkpoint or {}).get("updated")
     if isinstance(updated, str) and parse_iso(updated) is not None and \
@@ -4060,8 +4101,7 @@ def _list_entry(ctx, cfg, ds):
             "approval": ds.get("approval"), "mode": mode,
             "last_refresh": ds.get("last_refresh"), "last_mode": ds.get("last_mode"),
             "state": dataset_state(ctx.store, ds, ctx.now, mode), "risk": risk_of(ds),
-            "attention": attention(ds, ctx.now, root_present(ds["path"]),
-                                   checkpoint_or_none(ctx.store, ds["name"])),
+            "attention": attention(ds, ctx.now, checkpoint_or_none(ctx.store, ds["name"])),
             "keep_manifests": ds.get("manifest") is not False,
             "rescue_to": ds.get("rescue_to")}
 
@@ -4185,7 +4225,7 @@ def _brief(ctx):
     alerts = []
     for n in sorted(datasets):
         ds = datasets[n]
-        codes = attention(ds, ctx.now, None, checkpoint_or_none(ctx.store, n))
+        codes = attention(ds, ctx.now, checkpoint_or_none(ctx.store, n))
         if codes:
             alerts.append(_brief_dataset(ds, codes, ctx.now))
     sched = _brief_schedule(ctx, datasets, today)
@@ -4205,28 +4245,32 @@ def attention_words(ds, code, now):
     when = ds.get("last_refresh") or "?"
     rem = remaining_risk(ds) or {}
     if code == "missing":
-        return ("its root %s is missing (purged, moved or renamed?)" % display_path(ds["path"]),
+        return ("its root %s was missing at the refresh of %s (purged, moved or renamed?)" % (
+            display_path(ds["path"]), ds.get("missing_since") or "?"),
                 "%s status --name %s" % (PROG, name))
     if code == "purged":
         return purge_words(ds["purge"]), files_cmd + " --vanished"
     if code in ("purge-eligible", "at-risk"):
         n = rem["own_purge_eligible" if code == "purge-eligible" else "own_at_risk"]
-        return ("%s of yours %s after the check walk of %s, with no copy: copy what you need "
-                "somewhere safe" % (plural(n, "entry", "entries"), "older than the purge age "
-                                    "remain" if code == "purge-eligible" else "at risk remain",
-                                    when), "%s --%s" % (files_cmd, code))
+        return ("%s of yours %s after the check walk of %s, not copied by a rescue of that "
+                "walk: copy what you need somewhere safe" % (
+                    plural(n, "entry", "entries"), "older than the purge age remain"
+                    if code == "purge-eligible" else "at risk remain", when),
+                "%s --%s" % (files_cmd, code))
     if code == "expired":
         return ("its keep-until date %s has passed: it is no longer refreshed or checked"
                 % ds["keep_until"], extend_cmd)
     if code == "errors":
         run = ds["last_run"]
         return ("its last run (%s) had %s%s" % (
-            run.get("finished") or "?", plural(run["errors"], "error"),
+            run.get("finished") or "?", plural(run_errors(ds), "error"),
             ", listed in " + display_path(run["log"]) if run.get("log") else ""),
             "%s status --name %s" % (PROG, name))
     if code == "stalled":
         return ("a walk stopped part-way and has not been resumed within its cadence of %d "
-                "days" % int(ds["cadence_days"]), "%s refresh --name %s" % (PROG, name))
+                "days" % int(ds["cadence_days"]),
+                "%s refresh --name %s" % (PROG, name) if ds.get("enabled", True) else
+                "%s enable --name %s" % (PROG, name))
     days_left = (parse_date(ds["keep_until"]) - utc_date(now)).days
     return ("kept only until %s (%s): after that it is no longer refreshed or checked"
             % (ds["keep_until"], "today" if days_left == 0 else "in " + plural(days_left, "day")),
@@ -4507,12 +4551,12 @@ class FileList(object):
     manifest before the newest holds and it lacks. Open on creation; items() streams
     (key, kind, size, atime, reason, copy) and closes its files when done."""
 
-    def __init__(self, store, ds, kind, older_than, cfg, now):
+    def __init__(self, store, ds, kind, older_than, cfg, now, scratch_root=None):
         self.name, self.kind, self.older_than = ds["name"], kind, older_than
         self.ds, self.cfg, self.now = ds, cfg, now
         self.manifests, self.numbers = [], []
         self.record = self.purge_entries = None
-        self.dest = ds.get("rescue_to") or (ds.get("last_rescue") or {}).get("to")
+        self.dest = rescue_dest(ds, scratch_root)
         record = ds.get("purge") if kind == "vanished" else None
         if isinstance(record, dict):
             path = store.purge_record_path(self.name, record["file"])
@@ -4525,7 +4569,8 @@ class FileList(object):
                                  "finds replaces it" % (path, self.name,
                                                         self.header.get("dataset"),
                                                         self.header.get("walk_started")))
-            self.record, self.dest, self.trailer = record, self.header.get("dest"), None
+            self.record, self.trailer = record, None
+            self.dest = rescue_dest({"rescue_to": self.header.get("dest")}, scratch_root)
             return
         try:
             self._open(store)
@@ -4626,7 +4671,7 @@ class FileList(object):
                 old.header.get("seq", 0) >= new.header.get("seq", 1):
             raise StateError("what vanished from %r is not known: its two newest manifests are "
                              "out of order" % self.name)
-        prev_now, new_now = float(old.header["now"]), float(new.header["now"])
+        prev_now, new_now = walk_now(old), walk_now(new)
         purge_days = float(new.header["purge_days"])
         cut = self.cutoff(new.header)
         sentinel = SENTINEL.encode()
@@ -4663,7 +4708,8 @@ def _files(ctx, name, kind, older_than):
     kind, older_than = _check_files_kind(kind), _check_older_than(older_than)
     cfg = ctx.config()
     ds = _get(ctx.store.load_registry(), name)
-    return FileList(ctx.store, ds, kind, older_than, cfg, ctx.now)
+    return FileList(ctx.store, ds, kind, older_than, cfg, ctx.now,
+                    scratch_root_of(cfg, ctx.env))
 
 
 def _age_words(seconds):
@@ -4746,7 +4792,8 @@ def cmd_files(args, ctx):
     finally:
         items.close()
         listing.close()
-    if listing.record is not None and not listing.record.get("seen"):
+    if listing.record is not None and not listing.record.get("seen") and \
+            listing.older_than is None:         # all of it listed, not a part
         mark_purge_seen(ctx.store, listing.name, listing.record["file"])
     return EXIT_OK
 
@@ -5149,6 +5196,7 @@ class DatasetRun(object):
         self.manifest_note = None   # why this walk leaves no manifest, if it should have
         self.forensics = None
         self.purge = None           # the purge record this walk found, if any
+        self.manifest_keep = None   # (partial path, number): the manifest record() keeps
         self.manifest_path = None   # the manifest this walk completed
         self.timing = {"checkpoint_seconds": 0.0, "checkpoints": 0}
         self.progress = None
@@ -5232,7 +5280,7 @@ class DatasetRun(object):
         if not complete:
             writer.close()
             return
-        writer.finish({"walk_finished": iso(time.time())})
+        writer.finish({"walk_finished": iso(time.time()), "now": self.ctx.now})
         previous = self.store.manifests(self.name)
         if previous:
             try:
@@ -5244,26 +5292,36 @@ class DatasetRun(object):
                     e if isinstance(e, Failure) else "%s: %s" % (previous[0][1], e.strerror))
                 self.write_log("manifest compare failed (%s)" % self.manifest_note)
         with Manifest(writer.path) as m:
-            number = m.header.get("seq")
-        self.manifest_path = self.store.keep_manifest(self.name, writer.path, number)
+            number = self.store.manifest_number(self.name, m.header.get("seq"))
+        # Kept (renamed into place) by record(), once the registry holds what this
+        # comparison found: a kill in between must not leave a purge nobody recorded.
+        self.manifest_keep = (writer.path, number)
+        self.manifest_path = self.store.manifest_path(self.name, number)
 
     def compare(self, previous, new_path):
         """What vanished since the previous complete walk's manifest (number, path): the
-        counts, and (when anything did) a new purge record, self.purge. A manifest that is
-        not this dataset's previous walk's is not used (Failure: what vanished is unknown)."""
+        counts, and (when entries were likely purged) a new purge record, self.purge. A
+        manifest that is not this dataset's previous walk's is not used (Failure: what
+        vanished is unknown)."""
         number, prev_path = previous
         with Manifest(prev_path) as prev, Manifest(new_path) as new:
             why = manifest_problem(prev.header, self.ds, self.cfg, self.ctx.now, number,
                                    self.root_id())
-            if why is None and (prev.header.get("walk_started") or "") > self.walk_started:
+            started = prev.header.get("walk_started") or ""
+            if why is None and started > self.walk_started:
                 why = "it is newer than this walk"      # (whole seconds: equal is fine)
             if why is None and prev.header.get("format", 1) >= 2 and \
                     not prev.header.get("seq", 0) < new.header.get("seq", 0):
                 why = "it is out of sequence"
+            if why is None and "last_manifest_seq" in self.ds and \
+                    self.ds["last_manifest_seq"] != prev.header.get("seq"):
+                # Its touches are not the last ones: a complete walk since left no manifest.
+                why = "the complete walk of %s left no manifest after it" % (
+                    self.ds.get("last_refresh_start"))
             if why is not None:
                 raise StateError("the previous manifest %s is not used: %s" % (prev_path, why))
             purge_days = int(new.header["purge_days"])
-            dest = self.ds.get("rescue_to") or (self.ds.get("last_rescue") or {}).get("to")
+            dest = rescue_dest(self.ds, scratch_root_of(self.cfg, self.ctx.env))
             dfd = self.store.open_dir("manifests", self.name)
             fname = "purge-%06d.skm" % int(new.header.get("seq") or number + 1)
             try:
@@ -5271,20 +5329,21 @@ class DatasetRun(object):
                     os.unlink(fname, dir_fd=dfd)        # a crashed walk's, never recorded
                 out = PurgeWriter(dfd, fname, {
                     "dataset": self.name, "walk_started": self.walk_started, "dest": dest,
-                    "previous_walk_started": prev.header.get("walk_started"),
-                    "now": new.header["now"], "purge_days": purge_days})
+                    "previous_walk_started": started, "now": self.ctx.now,
+                    "purge_days": purge_days})
                 try:
-                    counts = find_purge(prev, new, purge_days, out)
+                    counts = find_purge(prev, new, purge_days, out, self.ctx.now)
                 finally:
-                    out.close(keep=out.counts["entries_vanished"] > 0)
+                    # A purge is what the site took: entries the user deleted (none of
+                    # them old enough) replace no record that may not have been seen yet.
+                    out.close(keep=out.counts["entries_likely_purged"] > 0)
             finally:
                 os.close(dfd)
-            if counts["entries_vanished"]:
+            if counts["entries_likely_purged"]:
                 self.purge = dict(counts, found=iso(time.time()), file=fname, dest=dest,
-                                  now=self.ctx.now,
-                                  walk_started=self.walk_started, seen=None,
-                                  previous_walk_started=prev.header.get("walk_started"))
-            return dict(counts, previous_walk_started=prev.header.get("walk_started"))
+                                  now=self.ctx.now, walk_started=self.walk_started,
+                                  seen=None, previous_walk_started=started)
+            return dict(counts, previous_walk_started=started)
 
     def walk(self, budget, should_stop, progress):
         """Walk from the resume point within the budget. Returns True when complete."""
@@ -5374,7 +5433,8 @@ class DatasetRun(object):
         if self.manifest_note:
             result["manifest_note"] = self.manifest_note
         if complete:
-            result["exit_code"] = EXIT_FAIL if counts.errors else EXIT_OK
+            # The walk's errors, its earlier runs' included: it completed with them.
+            result["exit_code"] = EXIT_FAIL if counts.errors + self.totals.errors else EXIT_OK
         else:
             result["exit_code"] = EXIT_INTERRUPTED if stopped == "int" else EXIT_STOPPED
         return result
@@ -5408,13 +5468,18 @@ class DatasetRun(object):
                 cur["last_run"] = last_run
                 if complete:
                     record_walk(cur, self.mode, self.walk_started, result["finished"])
+                    # Which manifest stands for this walk (None: it left none).
+                    cur["last_manifest_seq"] = (self.manifest_keep[1] if self.manifest_keep
+                                                else None)
                     cur["last_total_entries"] = result["entries_done"]
                     cur["last_totals"] = self.totals.as_dict()
                     if self.forensics is not None:
                         cur["forensics"] = dict(self.forensics, walk_started=self.walk_started)
                     if self.purge is not None:
                         cur["purge"] = self.purge
-                    cur.pop("missing_since", None)
+                cur.pop("missing_since", None)          # it was there for this run
+        if complete and self.manifest_keep is not None:
+            self.store.keep_manifest(self.name, *self.manifest_keep)
         if complete and cur is not None:
             self.store.prune_purge_records(self.name, (cur.get("purge") or {}).get("file"))
         if complete and self.mode == "touch" and cur is not None:
@@ -5707,7 +5772,7 @@ def _rescue(ctx, opts, budget, should_stop=None, progress=None):
         finally:
             os.close(root_fd)
         if result["complete"] and not opts.dry_run:
-            record_rescue(store, ds["name"], result)
+            record_rescue(store, ds["name"], result, manifests[0][0])
         return result
     except OSError as e:
         raise_if_full(e, e.filename or dest)
@@ -6363,13 +6428,14 @@ def check_newest_manifest(ds, cfg, now, newest, root_fd):
                                                         ds["name"]))
 
 
-def record_rescue(store, name, r):
+def record_rescue(store, name, r, manifest_seq):
     """A complete rescue's record in the registry: the dataset's copies are there (see
     copies_cover(); a purge record looks for copies in its destination)."""
     with store.update_registry() as reg:
         cur = reg["datasets"].get(name)
         if cur is not None:
             cur["last_rescue"] = {"to": r["to"], "walk_started": r["walk_started"],
+                                  "manifest_seq": manifest_seq,
                                   "finished": r["finished"],
                                   "entries_not_rescued": r["entries_not_rescued"],
                                   "entries_not_owned": r["entries_not_owned"]}
@@ -7602,7 +7668,7 @@ def _check_dataset(ctx, cfg, root, ds):
                              name, "last complete refresh %s," % last if last else
                              "never refreshed, added", cadence + 2, PROG, PROG, name)))
     # The data is the user's to act on, not a fault of the tool: information.
-    codes = attention(ds, now, True, checkpoint_or_none(ctx.store, name))
+    codes = attention(ds, now, checkpoint_or_none(ctx.store, name))
     for code in codes:
         what, command = attention_words(ds, code, now)
         out.append(Check("%s:%s" % (code, name), "info", "dataset %r: %s; run `%s`"
@@ -8699,7 +8765,7 @@ def cmd_extend(args, ctx):
 
 def cmd_enable(args, ctx):
     e = _set_enabled(ctx, args.name, True)
-    say(ctx, "%s: enabled (%s)" % (e["name"], e["state"]))
+    say(ctx, "%s: enabled (%s)" % (e["name"], state_text(e)))
     return EXIT_OK
 
 

@@ -7,6 +7,7 @@ over the same table of dataset states and checks that they agree.
 import base64
 import json
 import os
+import sys
 import shutil
 from pathlib import Path
 
@@ -444,3 +445,204 @@ def test_others_entries_are_shown_but_are_not_attention(world_tmp):
     st = run("status", "--name", "ds", "--json").json()
     assert st["attention"] == ["purge-eligible"], st          # the user's own old entries
     assert st["remaining"]["own_purge_eligible"] == st["remaining"]["purge_eligible"] - 1
+
+
+# ---------------------------------------------------------------- what a purge is, exactly
+
+def at_day(monkeypatch, n):
+    monkeypatch.setenv("SCRATCH_KEEPALIVE_NOW", sk.iso(NOW_EPOCH + n * DAY))
+
+
+def test_the_users_own_deletion_or_the_sentinel_replaces_no_purge(cli, generic):
+    d = purge_setup(cli, generic)                   # a check walk saw them 40 days old
+    os.unlink(str(d / "f1"))
+    os.unlink(str(d / "f2"))
+    cli("refresh", "--name", "ds", "--check")
+    first = cli("status", "--name", "ds", "--json").json()["last_purge"]
+    assert first["entries_likely_purged"] == 2
+    (d / "fresh.txt").write_text("new")             # written and read now: not old
+    set_atime(d / "fresh.txt", NOW_EPOCH)
+    cli("refresh", "--name", "ds", "--check")
+    os.unlink(str(d / "fresh.txt"))
+    os.unlink(str(d / sk.SENTINEL))                 # the tool's own file
+    r = cli("refresh", "--name", "ds", "--check", "--fail-on-risk", "--json")
+    res = r.json()["results"][0]
+    assert res["entries_vanished"] == 1 and res["entries_likely_purged"] == 0, res
+    assert "likely purged" not in r.err, r
+    assert cli("status", "--name", "ds", "--json").json()["last_purge"] == first
+    listed = cli("files", "--name", "ds", "--vanished", "--json").out.splitlines()
+    assert sorted(json.loads(l)["path"] for l in listed) == ["f1", "f2"]
+
+
+def test_likely_purged_counts_touches_of_every_run_of_a_resumed_walk(cli, generic,
+                                                                     monkeypatch):
+    """A touch walk stopped on day 0 and resumed on day 10 touched sub/g0 on day 10; deleted
+    by its user, it is gone on day 31, 21 days after that touch: not likely purged."""
+    d = add(cli, generic, "ds", check=None)
+    age_all(d, 40)
+    assert cli("refresh", "--name", "ds", "--max-entries", "3").rc == 3
+    at_day(monkeypatch, 10)
+    assert cli("refresh", "--name", "ds").rc == 0
+    os.unlink(str(d / "sub" / "g0"))
+    at_day(monkeypatch, 31)
+    res = cli("refresh", "--name", "ds", "--json").json()["results"][0]
+    assert (res["entries_vanished"], res["entries_likely_purged"]) == (1, 0), res
+
+
+def test_a_purge_found_by_a_resumed_walk_is_counted_when_it_completes(cli, generic,
+                                                                      monkeypatch):
+    d = add(cli, generic, "ds", check=None)
+    age_all(d, 5)
+    assert cli("refresh", "--name", "ds", "--check").rc == 0      # last access: day -5
+    at_day(monkeypatch, 20)
+    assert cli("refresh", "--name", "ds", "--check", "--max-entries", "3").rc == 3
+    shutil.rmtree(str(d / "sub"))
+    at_day(monkeypatch, 28)                                      # 33 days since: purged
+    res = cli("refresh", "--name", "ds", "--check", "--json").json()["results"][0]
+    assert res["resumed"] and (res["entries_vanished"], res["entries_likely_purged"]) == \
+        (4, 4), res
+    assert "purged" in cli("status", "--name", "ds", "--json").json()["attention"]
+
+
+def test_a_walk_without_a_manifest_since_leaves_what_vanished_unknown(cli, generic,
+                                                                      monkeypatch):
+    d = add(cli, generic, "ds", check=None)
+    age_all(d, 40)
+    assert cli("refresh", "--name", "ds").rc == 0               # touches, manifest M1
+    at_day(monkeypatch, 20)
+    age_all(d, 40)
+    assert cli("refresh", "--name", "ds", "--no-manifest").rc == 0   # touches on day 20
+    os.unlink(str(d / "sub" / "g0"))
+    at_day(monkeypatch, 31)
+    res = cli("refresh", "--name", "ds", "--json").json()["results"][0]
+    assert res["entries_vanished"] is None and "left no manifest" in res["manifest_note"], res
+
+
+def test_a_symlink_or_directory_copy_must_match_too(cli, generic, tmp_path):
+    dest = tmp_path / "safe"
+    d = purge_setup(cli, generic)
+    assert cli("rescue", "--name", "ds", "--to", str(dest), "--all").rc == 0
+    os.unlink(str(dest / "link"))
+    os.symlink("/nowhere/some/other/target", str(dest / "link"))   # another target
+    os.utime(str(dest / "sub"), (0, 0))                            # another mtime
+    os.unlink(str(d / "link"))
+    shutil.rmtree(str(d / "sub"))
+    assert cli("refresh", "--name", "ds", "--check").rc == 0
+    docs = dict((json.loads(l)["path"], json.loads(l)) for l in
+                cli("files", "--name", "ds", "--vanished", "--json").out.splitlines())
+    assert docs["link"]["copy"] is None and docs["sub"]["copy"] is None, docs
+    assert docs["sub/g0"]["copy"] == str(dest / "sub" / "g0"), docs
+    assert docs["link"]["size"] == 2, docs       # the link's own size, as files lists it
+
+
+def test_copies_elsewhere_than_the_dataset_says_cover_nothing(cli, generic, tmp_path):
+    add(cli, generic, "ds", check=True)
+    assert cli("rescue", "--name", "ds", "--to", str(tmp_path / "one"), "--all").rc == 0
+    assert cli("status", "--name", "ds", "--json").json()["attention"] == []
+    assert cli("extend", "--name", "ds", "--rescue-to", str(tmp_path / "two")).rc == 0
+    assert cli("status", "--name", "ds", "--json").json()["attention"] == ["purge-eligible"]
+
+
+def test_a_destination_in_scratch_holds_no_safe_copy(cli, generic):
+    d = purge_setup(cli, generic)
+    inside = generic["scratch"] / "backup"
+    shutil.copytree(str(d), str(inside), symlinks=True, copy_function=shutil.copy2)
+    for f in ("f1", "f2"):
+        st = os.stat(str(d / f))
+        os.utime(str(inside / f), ns=(st.st_atime_ns, st.st_mtime_ns))
+    edit_entry(generic, "ds", rescue_to=str(inside))          # a hand edit: add refuses it
+    os.unlink(str(d / "f1"))
+    os.unlink(str(d / "f2"))
+    cli("refresh", "--name", "ds", "--check")
+    p = cli("status", "--name", "ds", "--json").json()["last_purge"]
+    assert p["entries_with_copy"] == 0 and p["dest"] is None, p
+    docs = [json.loads(l) for l in
+            cli("files", "--name", "ds", "--vanished", "--json").out.splitlines()]
+    assert docs and all(doc["copy"] is None for doc in docs), docs
+
+
+def test_a_filtered_list_does_not_mark_the_purge_seen(cli, generic):
+    d = purge_setup(cli, generic)
+    os.unlink(str(d / "f1"))
+    cli("refresh", "--name", "ds", "--check")
+    r = cli("files", "--name", "ds", "--vanished", "--older-than", "100000")
+    assert r.rc == 0 and r.out == "", r
+    assert registry(generic)["ds"]["purge"]["seen"] is None
+    assert "purged" in cli("status", "--name", "ds", "--json").json()["attention"]
+
+
+def test_a_missing_root_is_what_the_last_refresh_found_in_every_view(cli, generic):
+    d = add(cli, generic, "ds")
+    os.rename(str(d), str(d) + ".moved")
+    views = lambda: (cli("list", "--json").json()[0]["attention"],            # noqa: E731
+                     cli("status", "--name", "ds", "--json").json()["attention"],
+                     [a["attention"] for a in cli("status", "--brief", "--json").json()
+                      if a["name"] == "ds"])
+    assert views() == ([], [], [])                  # nothing recorded yet: all agree
+    assert cli("list", "--json").json()[0]["state"] == "missing"    # the schedule's view
+    assert cli("refresh", "--name", "ds").rc == 1
+    assert views() == (["missing"], ["missing"], [["missing"]])
+    os.rename(str(d) + ".moved", str(d))
+    assert cli("refresh", "--name", "ds").rc == 0   # found it: cleared everywhere
+    assert views() == ([], [], [])
+
+
+def test_enable_never_says_ok_beside_attention(cli, generic):
+    add(cli, generic, "ds", keep="2030-01-04")
+    assert cli("disable", "--name", "ds").rc == 0
+    r = cli("enable", "--name", "ds")
+    assert r.rc == 0 and "(ok)" not in r.out and "needs attention: expiring" in r.out, r
+
+
+@pytest.mark.parametrize("text", [b'{"datasets": {"a', b"{", b"{x}", b'{"a":1,}', b""])
+def test_a_truncated_registry_is_one_line_on_every_python(generic, text):
+    """The login line reads state through json's C scanner: on 3.10 and 3.11 its error path
+    needs json.decoder, which the login line never imports."""
+    from conftest import pyenv_pythons, run_command
+    (generic["state"] / "registry.json").write_bytes(text)
+    os.chmod(str(generic["state"] / "registry.json"), 0o600)
+    pythons = [p for _, p in pyenv_pythons()] or [sys.executable]
+    for python in pythons:
+        code = "import sys; sys.path[0] = sys.argv.pop(1); import scratch_keepalive as m; " \
+               "sys.exit(m.main(sys.argv[1:]))"
+        r = run_command([python, "-S", "-c", code, str(sk.__file__).rsplit("/", 1)[0],
+                         "status", "--brief"])
+        assert r.rc == 1 and r.err.count("\n") == 1, (python, r)
+        assert "internal error" not in r.err and "repair" in r.err, (python, r)
+
+
+def test_errors_of_an_earlier_run_of_a_resumed_walk_are_kept(world_tmp):
+    """Run as an unprivileged user: a directory it may not list is an entry error in the
+    walk's first run; the run that resumes and completes the walk exits 1 and the dataset's
+    attention says `errors`."""
+    from conftest import nonroot_runner, run_script
+    runner = nonroot_runner()
+    if runner is None or os.geteuid() != 0:
+        pytest.skip("needs root to chown, and setpriv")
+    prefix, python = runner
+    state, scratch, home = world_tmp / "state", world_tmp / "scratch", world_tmp / "home"
+    home.mkdir()
+    d = make_dataset(scratch, "ds")
+    (d / "a-locked").mkdir()
+    (d / "a-locked" / "x").write_text("x")
+    for p in [home, scratch] + [Path(dp) / n for dp, dns, fns in os.walk(str(scratch))
+                                for n in dns + fns]:
+        os.lchown(str(p), 65534, 65534)
+    os.chmod(str(d / "a-locked"), 0)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "TZ": "UTC", "LANG": "C.UTF-8",
+           "SCRATCH_KEEPALIVE_HOME": str(state), "SCRATCH_KEEPALIVE_NOW": NOW}
+
+    def run(*argv):
+        return run_script(*[str(a) for a in argv], prefix=prefix, python=python, env=env,
+                          clean=True)
+    assert run("init", "--profile", "generic", "--scratch-root", scratch).rc == 0
+    assert run("add", "--name", "ds", "--path", d, "--keep-until", KEEP).rc == 0
+    r = run("refresh", "--name", "ds", "--check", "--max-entries", "4", "--json")
+    assert r.rc == 3 and r.json()["results"][0]["errors"] == 1, r
+    r = run("refresh", "--name", "ds", "--check", "--json")
+    res = r.json()["results"][0]
+    assert res["complete"] and res["resumed"] and res["errors"] == 0, res
+    assert r.rc == 1, r                       # the walk completed with an entry error
+    st = run("status", "--name", "ds", "--json").json()
+    assert "errors" in st["attention"], st
+    os.chmod(str(d / "a-locked"), 0o700)
