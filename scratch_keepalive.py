@@ -738,6 +738,10 @@ def check_state_fd(fd, path, kind):
     if st.st_uid != os.geteuid():
         raise UnreadableState("the %s %s cannot be trusted: %s" % (
             kind, display_path(path), _owner_hint(path, None, st.st_uid)))
+    if st.st_nlink > 1:         # another name of it may be anywhere: never written through
+        raise InvalidState("the %s %s has other names (hard links, %d in all); run `%s "
+                           "repair` (it sets it aside)" % (kind, display_path(path),
+                                                          st.st_nlink, PROG))
     limit = STATE_LIMITS.get(kind)
     if limit is not None and st.st_size > limit:
         raise InvalidState("the %s %s is %s, more than a %s can be (%s); run `%s repair` (it "
@@ -757,8 +761,9 @@ def _state_open_error(path, kind, e):
                         "aside)" % (kind, display_path(path), e.strerror, PROG))
 
 
-def odd_state_file(path, foreign=False):
-    """What sits at path when it is not a regular file ("a FIFO", "a symlink", ...; with
+def odd_state_file(path, foreign=False, kind=None):
+    """What sits at path when it is not a regular file of ours that open_state takes ("a
+    FIFO", "a symlink", a file with other names, one larger than a `kind` can be; with
     foreign, also another user's file), else None (also when nothing is there)."""
     try:
         st = os.lstat(path)
@@ -768,6 +773,10 @@ def odd_state_file(path, foreign=False):
         return file_kind(st.st_mode)
     if foreign and st.st_uid != os.geteuid():
         return "another user's file (uid %d)" % st.st_uid
+    if st.st_nlink > 1:
+        return "a file with other names (hard links)"
+    if kind in STATE_LIMITS and st.st_size > STATE_LIMITS[kind]:
+        return "larger than a %s can be (%s)" % (kind, human_bytes(st.st_size))
     return None
 
 
@@ -1027,6 +1036,8 @@ ENTRY_SCHEMA = {
         "manifest_seq": (False, _null_or(_COUNT)),
         "entries_not_rescued": (True, _COUNT), "entries_not_owned": (True, _COUNT)}))),
     "missing_since": _OPT_TIME, "last_manifest_seq": (False, _null_or(_COUNT)),
+    # Set by `add`: a manifest of an earlier registration at the same path is not its.
+    "registration": (False, _null_or(_str)),
 }
 CHECKPOINT_SCHEMA = {
     "dataset": (True, _name), "path": (True, _abs_path), "mode": (True, _one_of("touch", "check")),
@@ -1115,7 +1126,8 @@ class Store(object):
         top = os.path.join(self.dir, "manifests")
         dirs = [self.checkpoint_dir, os.path.join(self.checkpoint_dir, "rescue"), self.log_dir,
                 self.lock_dir, top]
-        for d in dirs + [p for p in _names_ending(top, "") if not _SET_ASIDE_RE.search(p)]:
+        per_dataset = _names_ending(top, "") + _names_ending(self.log_dir, "")
+        for d in dirs + [p for p in per_dataset if not _SET_ASIDE_RE.search(p)]:
             try:
                 st = os.lstat(d)
             except OSError:
@@ -1226,7 +1238,24 @@ class Store(object):
     def checkpoint_path(self, name):
         return os.path.join(self.checkpoint_dir, name + ".json")
 
+    def real_dir(self, path):
+        """path (a directory in the state directory), once every directory from the state
+        directory down to it is one (not a symlink): else not_followed (a StateError). A
+        read through a link would take another place's files for ours."""
+        rel = os.path.relpath(path, self.dir)
+        here = self.dir
+        for part in ([] if rel == "." else rel.split(os.sep)):
+            here = os.path.join(here, part)
+            try:
+                st = os.lstat(here)
+            except FileNotFoundError:
+                return path         # nothing there to read
+            if not stat.S_ISDIR(st.st_mode):
+                raise not_followed(here)
+        return path
+
     def load_checkpoint(self, name):
+        self.real_dir(self.checkpoint_dir)
         return read_json(self.checkpoint_path(name), "checkpoint", CHECKPOINT_SCHEMA)
 
     def load_checkpoint_quiet(self, name):
@@ -1271,7 +1300,7 @@ class Store(object):
 
     def manifests(self, name):
         """The complete manifests of dataset name, newest first: [(number, path)]."""
-        d = self.manifest_dir(name)
+        d = self.real_dir(self.manifest_dir(name))
         try:
             files = os.listdir(d)
         except (FileNotFoundError, NotADirectoryError):
@@ -1317,7 +1346,7 @@ class Store(object):
         return path
 
     def purge_record_path(self, name, file):
-        return os.path.join(self.manifest_dir(name), file)
+        return os.path.join(self.real_dir(self.manifest_dir(name)), file)
 
     def prune_purge_records(self, name, keep):
         """Delete the purge files of dataset name but keep (the one its record names)."""
@@ -1474,10 +1503,15 @@ class DatasetLock(FileLock):
 
 
 def not_followed(path):
-    return StateError("%s is a symlink (or not a directory); %s never follows one inside its "
-                      "state directory; delete it (`rm %s`: what a link points to is not "
-                      "touched), then run the command again" % (display_path(path), PROG,
-                                                               display_path(path)))
+    try:
+        mode = os.lstat(path).st_mode
+        what = "a file" if stat.S_ISREG(mode) else file_kind(mode)
+    except OSError:
+        what = "not a directory"
+    return StateError("%s is %s where the state directory needs a directory (%s never "
+                      "follows a symlink inside it); run `%s repair` (it sets it aside; what "
+                      "a link points to is not touched)" % (display_path(path), what, PROG,
+                                                            PROG))
 
 
 def open_nofollow(path, flags, mode=0o600):
@@ -1600,6 +1634,17 @@ def dataset_root_fd(ctx, ds):
     except StateError:
         cfg = None
     root = scratch_root_of(cfg, ctx.env) if cfg else None
+    try:
+        others = ctx.store.load_registry()["datasets"]
+    except StateError:
+        others = {}
+    for other in others.values():     # `add` refuses an overlap; an edited registry may not
+        if other["name"] != ds["name"] and overlaps(other["path"], ds["path"]):
+            raise ContainmentError(
+                "its path %s is, contains or lies inside dataset %r's (%s), which `add` "
+                "refuses (the registry was edited?); `%s remove --name %s`, then add it again "
+                "with its own directory" % (ds["path"], other["name"], other["path"], PROG,
+                                            ds["name"]))
     try:
         return open_dataset_root(ds["path"], root)
     except ContainmentError as e:
@@ -2913,11 +2958,25 @@ class ManifestChunk(object):
             keys, kinds, sizes, atimes, mdeltas)
 
 
+MANIFEST_RECORD_MAX = 64 * MiB     # what one record decodes to, at most (4,096 entries
+# with 16 KiB paths): a small record that inflates without end is damaged, not a hang
+
+
+def inflate(data, limit=MANIFEST_RECORD_MAX):
+    """zlib data -> bytes, never more than limit (ValueError past it)."""
+    import zlib
+    d = zlib.decompressobj()
+    raw = d.decompress(data, limit)
+    if d.unconsumed_tail:
+        raise ValueError("it inflates past %s" % human_bytes(limit))
+    return raw
+
+
 def decode_chunk(data, count):
     """A C record's data -> ManifestChunk (raises ValueError when it does not add up)."""
     import struct
     import zlib
-    raw = zlib.decompress(data)
+    raw = inflate(data)
     nseg, nent, names_len = struct.unpack_from("<III", raw, 0)
     if nent != count:
         raise ValueError("entry count")
@@ -2968,7 +3027,10 @@ class Manifest(object):
             self.header = json.loads(self.f.readline(MANIFEST_HEADER_MAX).decode("utf-8"))
             if not isinstance(self.header, dict):
                 raise self._bad("header")
-            if self.header.get("format", 0) > MANIFEST_FORMAT:
+            fmt = self.header.get("format", 1)
+            if isinstance(fmt, bool) or not isinstance(fmt, int) or fmt < 1:
+                raise self._bad("format %r" % (fmt,))
+            if fmt > MANIFEST_FORMAT:
                 raise StateError("the manifest %s has format %s; this version reads up to %d: "
                                  "upgrade scratch-keepalive" % (path, self.header.get("format"),
                                                                 MANIFEST_FORMAT))
@@ -3057,7 +3119,7 @@ class Manifest(object):
 
 def decode_unlisted(data, count):
     import zlib
-    raw = zlib.decompress(data)
+    raw = inflate(data)
     lengths = _from_le("I", raw[:4 * count])
     keys, pos = [], 4 * count
     for n in lengths:
@@ -3354,6 +3416,8 @@ def manifest_problem(h, ds, cfg, now, number=None, root_id=None):
     times, checked against when ds was added and the real clock."""
     if h.get("dataset") != ds["name"] or h.get("root") != ds["path"]:
         return "it is not this dataset's (it names %r at %s)" % (h.get("dataset"), h.get("root"))
+    if ds.get("registration") and h.get("registration") != ds["registration"]:
+        return "it is of an earlier registration of this dataset (removed since)"
     if h.get("format", 1) >= 2:
         if root_id is not None and [h.get("root_dev"), h.get("root_ino")] != list(root_id):
             return "it is of another directory at the dataset's path"
@@ -3364,13 +3428,22 @@ def manifest_problem(h, ds, cfg, now, number=None, root_id=None):
     started = parse_iso(started) if isinstance(started, str) else None
     added = parse_iso(ds["added"]) if ds.get("added") else 0
     thresholds = h.get("thresholds_days")
-    if (not _plausible(h.get("now"), 0, now + DAY)
+    if (not _plausible(h.get("now"), added - DAY, now + DAY)
             or not _plausible(h.get("purge_days"), prof["min_cadence"] + 5, 3650)
             or started is None or not added - DAY <= started <= time.time() + DAY
             or not isinstance(thresholds, list) or len(thresholds) != 3
             or not all(_plausible(t, -3650, 3650) for t in thresholds)):
         return "its header holds values no walk of this dataset wrote"
     return None
+
+
+def root_identity(path):
+    """(st_dev, st_ino) of a dataset root that is a directory (not a symlink), else None."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
 def last_access(kind, atime, walk_now):
@@ -3476,8 +3549,13 @@ class PurgeWriter(object):
                 os.unlink(self.name, dir_fd=self.dir_fd)
 
 
-def read_purge(path):
-    """A purge file -> (header, iterator of entry dicts); raises StateError when damaged."""
+PURGE_LINE_MAX = MiB       # one entry's line, at most (a path of 700 KiB, in base64)
+
+
+def read_purge(path, entries_max=None):
+    """A purge file -> (header, iterator of entry dicts); raises StateError when damaged,
+    and when it holds more than entries_max entries (its record's count) or a line longer
+    than any entry's: never read without end."""
     import gzip
     fd = open_state(path, "purge record")
     if fd is None:
@@ -3488,7 +3566,7 @@ def read_purge(path):
         if f.read(len(PURGE_MAGIC)) != PURGE_MAGIC:
             raise ValueError("not a purge record")
         z = gzip.GzipFile(fileobj=f, mode="rb")
-        header = json.loads(z.readline().decode("ascii"))
+        header = json.loads(z.readline(PURGE_LINE_MAX).decode("ascii"))
         if not isinstance(header, dict):
             raise ValueError("header")
     except (OSError, ValueError, EOFError, UnicodeDecodeError) as e:
@@ -3499,7 +3577,14 @@ def read_purge(path):
     def entries():
         import base64
         try:
-            for line in z:
+            n = 0
+            while True:
+                line = z.readline(PURGE_LINE_MAX)
+                if not line:
+                    return
+                n += 1
+                if not line.endswith(b"\n") or (entries_max is not None and n > entries_max):
+                    raise ValueError("more than its record holds")
                 d = json.loads(line.decode("ascii"))
                 d["k"] = base64.b64decode(d["k"])
                 yield d
@@ -4046,6 +4131,7 @@ def _add(ctx, name, path, keep_until, cadence_days, approval, rescue_to=None, ma
                                  "lie inside another" % (real, other["name"], other["path"]))
         ds = {"name": name, "path": real, "keep_until": keep, "cadence_days": int(cadence),
               "approval": approval, "enabled": True, "added": iso(time.time()),
+              "registration": binascii.hexlify(os.urandom(8)).decode("ascii"),
               "last_refresh": None, "last_refresh_start": None, "last_mode": None,
               "last_touch_start": None, "last_check_start": None,
               "last_run": None, "last_total_entries": None}
@@ -4144,9 +4230,9 @@ def status(name=None, state_dir=None, env=None):
 
 def _status_entry(ctx, cfg, ds):
     entry = _list_entry(ctx, cfg, ds)
-    sp = sentinel_path(ds["path"])
-    try:
-        entry["sentinel"] = stat.S_ISREG(os.lstat(sp).st_mode)
+    try:        # never through the root when it is a symlink (that would move its atime)
+        entry["sentinel"] = root_identity(ds["path"]) is not None and stat.S_ISREG(
+            os.lstat(sentinel_path(ds["path"])).st_mode)
     except OSError:
         entry["sentinel"] = False
     ckpt = ctx.store.load_checkpoint_quiet(ds["name"])
@@ -4164,21 +4250,23 @@ def _status_entry(ctx, cfg, ds):
     entry["vanished"] = ds.get("forensics")
     entry["last_purge"] = last_purge(ds)
     entry["remaining"] = remaining_risk(ds)
-    entry["manifest"] = manifest_info(ctx.store, ds["name"])
+    entry["manifest"] = manifest_info(ctx.store, ds, cfg, ctx.now)
     start = walk_start(ds, entry["mode"])     # as `state` counts it: the mode's last walk
     entry["next_due"] = (None if start is None or not ds.get("last_refresh")
                          else iso(start + (int(ds["cadence_days"]) - 1) * DAY))
     return entry
 
 
-def manifest_info(store, name):
+def manifest_info(store, ds, cfg, now):
     """The newest complete manifest of a dataset: {path, walk_started, mode, entries, bytes,
-    kept}, or None."""
-    have = store.manifests(name)
+    kept}, or None (none, or none that is a walk of it: manifest_problem())."""
+    have = store.manifests(ds["name"])
     if not have:
         return None
     try:
         with Manifest(have[0][1]) as m:
+            if manifest_problem(m.header, ds, cfg, now, have[0][0], root_identity(ds["path"])):
+                return None
             return {"path": have[0][1], "walk_started": m.header.get("walk_started"),
                     "mode": m.header.get("mode"), "entries": (m.trailer or {}).get("entries"),
                     "bytes": os.fstat(m.f.fileno()).st_size, "kept": len(have)}
@@ -4560,7 +4648,7 @@ class FileList(object):
         record = ds.get("purge") if kind == "vanished" else None
         if isinstance(record, dict):
             path = store.purge_record_path(self.name, record["file"])
-            self.header, self.purge_entries = read_purge(path)
+            self.header, self.purge_entries = read_purge(path, record.get("entries_vanished"))
             if (self.header.get("dataset"), self.header.get("walk_started")) != (
                     self.name, record.get("walk_started")):
                 self.purge_entries.close()
@@ -4600,7 +4688,8 @@ class FileList(object):
                 raise StateError("the manifest %s is not complete; the next complete walk "
                                  "(`%s refresh --name %s`) writes one" % (m.path, PROG,
                                                                           self.name))
-            why = manifest_problem(m.header, self.ds, self.cfg, self.now, number)
+            why = manifest_problem(m.header, self.ds, self.cfg, self.now, number,
+                                   root_identity(self.ds["path"]))
             if why:
                 raise StateError("the manifest %s is not used: %s; the next complete walk "
                                  "(`%s refresh --name %s`) writes one" % (
@@ -5262,6 +5351,7 @@ class DatasetRun(object):
             self.manifest = ManifestWriter(path, header={
                 "format": MANIFEST_FORMAT, "dataset": self.name, "root": self.ds["path"],
                 "root_dev": dev, "root_ino": ino, "seq": have[0][0] + 1 if have else 1,
+                "registration": self.ds.get("registration"),
                 "mode": self.mode, "walk_started": self.walk_started, "now": self.ctx.now,
                 "thresholds_days": list(thresholds_days(self.cfg, self.cadence)),
                 "purge_days": purge_days_of(self.cfg)})
@@ -5307,6 +5397,8 @@ class DatasetRun(object):
         with Manifest(prev_path) as prev, Manifest(new_path) as new:
             why = manifest_problem(prev.header, self.ds, self.cfg, self.ctx.now, number,
                                    self.root_id())
+            if why is None and prev.trailer is None:
+                why = "it is not complete"
             started = prev.header.get("walk_started") or ""
             if why is None and started > self.walk_started:
                 why = "it is newer than this walk"      # (whole seconds: equal is fine)
@@ -5544,6 +5636,7 @@ def rescue_checkpoint_path(store, name):
 
 def load_rescue_checkpoint(store, name):
     """The rescue checkpoint of dataset name; None when absent or damaged (start over)."""
+    store.real_dir(os.path.dirname(rescue_checkpoint_path(store, name)))
     try:
         return read_json(rescue_checkpoint_path(store, name), "rescue checkpoint",
                          RESCUE_CHECKPOINT_SCHEMA)
@@ -7640,6 +7733,10 @@ def _check_dataset(ctx, cfg, root, ds):
     name, path = ds["name"], ds["path"]
     now = ctx.now
     out = []
+    if os.path.islink(path):
+        return [Check("root:" + name, "fail", "dataset %r: its path %s is a symlink, which %s "
+                      "never follows; `%s remove --name %s`, then add it again with the real "
+                      "path" % (name, path, PROG, PROG, name))]
     if not root_present(path):
         return [Check("root:" + name, "fail", "dataset %r: its root %s is missing (purged, moved "
                       "or renamed?); restore it or `%s remove --name %s`" % (name, path, PROG,
@@ -7842,16 +7939,16 @@ def _repair(ctx, dry_run):
     store = ctx.store
     actions, left = [], []
     act = actions.append
-    if os.path.isdir(store.dir) and _loose_permissions(store):
-        act("set state permissions to 0700 (dirs) / 0600 (files) in %s" % store.dir)
-        if not dry_run:
-            _fix_permissions(store)
     for path, what in store.odd_dirs():
         act("set %s aside as %s: it was %s, not a directory" % (
             display_path(path), display_path(_set_aside(path, dry_run)), what))
     for path, what in odd_state_files(store):
         act("set %s aside as %s: it was %s, not a regular file of yours" % (
             display_path(path), display_path(_set_aside(path, dry_run)), what))
+    if os.path.isdir(store.dir) and _loose_permissions(store):
+        act("set state permissions to 0700 (dirs) / 0600 (files) in %s" % store.dir)
+        if not dry_run:
+            _fix_permissions(store)
     cfg = _repair_config(store, dry_run, act, left)
     # In a dry run `reg` is the registry as it would be after this step.
     reg = _repair_registry(ctx, cfg, dry_run, act, left)
@@ -7883,17 +7980,20 @@ def odd_state_files(store):
     rescue checkpoints, locks and manifests. (The config, the registry and walk checkpoints
     are refused by their loaders, and doctor and repair deal with them there; another
     user's schedule record may be intact, and is left to `sudo chown` as they are.)"""
-    paths = [store.backup_path, store.schedule_path, job_script_path(store)]
-    paths += _names_ending(os.path.join(store.checkpoint_dir, "rescue"), ".json")
-    paths += _names_ending(store.lock_dir, ".lock")
+    paths = [(store.backup_path, "registry backup"), (store.schedule_path, "schedule"),
+             (job_script_path(store), "job script")]
+    paths += [(p, "rescue checkpoint") for p in
+              _names_ending(os.path.join(store.checkpoint_dir, "rescue"), ".json")]
+    paths += [(p, "lock") for p in _names_ending(store.lock_dir, ".lock")]
     top = os.path.join(store.dir, "manifests")
     for d in _names_ending(top, ""):
         with contextlib.suppress(OSError):
             if stat.S_ISDIR(os.lstat(d).st_mode):
-                paths += _names_ending(d, ".skm")
+                paths += [(p, "purge record" if os.path.basename(p).startswith("purge-")
+                           else "manifest") for p in _names_ending(d, ".skm")]
     found = []
-    for p in paths:
-        what = odd_state_file(p, foreign=p != store.schedule_path)
+    for p, kind in paths:
+        what = odd_state_file(p, foreign=p != store.schedule_path, kind=kind)
         if what is not None:
             found.append((p, what))
     return found
@@ -7993,6 +8093,8 @@ def _repair_schedule_doc(store, dry_run, act, left):
 def _fix_permissions(store):
     for p in _loose_permissions(store):
         st = os.lstat(p)
+        if not stat.S_ISDIR(st.st_mode) and (not stat.S_ISREG(st.st_mode) or st.st_nlink > 1):
+            continue        # not ours to change: another name of it may be anywhere
         want = 0o700 if stat.S_ISDIR(st.st_mode) or os.path.basename(p) == JOB_SCRIPT else 0o600
         os.chmod(p, want)
 

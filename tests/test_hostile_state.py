@@ -591,3 +591,189 @@ def test_a_state_directory_made_a_symlink_is_never_written_through(walked, tmp_p
     assert listing() == before
     r = run_script("refresh", "--name", "ds", timeout=TIMEOUT)
     assert r.rc == 0, r
+
+
+# ------------------------------------------------------------------ more ways in
+
+
+def test_a_hard_link_at_a_state_path_is_never_written_through(walked, tmp_path):
+    """A lock file or partial.skm that is another name of a file outside: refused, and
+    repair sets it aside, its other name (and its mode) as they were."""
+    state = walked["state"]
+    for rel in ("locks/ds.lock", "manifests/ds/partial.skm"):
+        outside = tmp_path / (rel.replace("/", "_") + ".outside")
+        outside.write_bytes(b"precious\n")
+        os.chmod(str(outside), 0o644)
+        path = state / rel
+        if os.path.lexists(str(path)):
+            os.unlink(str(path))
+        os.link(str(outside), str(path))
+        r = run_script("refresh", "--name", "ds", timeout=TIMEOUT)
+        said = r.out + r.err
+        if rel == "locks/ds.lock":      # refused; repair sets it aside
+            assert r.rc == 1 and "hard links" in said and "repair" in said, r
+            r = run_script("repair", timeout=TIMEOUT)
+            assert r.rc == 0 and "hard links" in r.out, r
+        else:                           # a new walk sets it aside itself, and goes on
+            assert r.rc == 0, r
+            assert any(p.name.startswith("partial.skm.corrupt-") for p in path.parent.iterdir())
+        assert outside.read_bytes() == b"precious\n"
+        assert outside.read_bytes() == b"precious\n" and \
+            stat.S_IMODE(os.stat(str(outside)).st_mode) == 0o644
+        assert os.stat(str(outside)).st_nlink == 2        # kept aside, not deleted
+        assert run_script("refresh", "--name", "ds", timeout=TIMEOUT).rc == 0
+        assert outside.read_bytes() == b"precious\n"
+
+
+def test_a_small_file_that_inflates_without_end_is_damaged_not_a_hang(walked):
+    import struct
+    import zlib
+    (_, path), _ = sk.Store(str(walked["state"])).manifests("ds")
+    raw = open(path, "rb").read()
+    head = raw[:raw.index(b"\n", len(sk.MANIFEST_MAGIC)) + 1]
+    off = struct.unpack("<Q", raw[-8:])[0]
+    co = zlib.compressobj(9)
+    bomb = co.compress(struct.pack("<III", 0, 5, 0)) + b"".join(
+        co.compress(b"\0" * (1 << 20)) for _ in range(256)) + co.flush()     # 256 MiB
+    body = head + b"C" + struct.pack("<II", len(bomb), 5) + bomb
+    body += raw[off:-8] + struct.pack("<Q", len(body))
+    with open(path, "wb") as f:
+        f.write(body)
+    t0 = time.monotonic()
+    r = run_script("files", "--name", "ds", timeout=TIMEOUT)
+    assert r.rc == 1 and "inflates past" in r.err and time.monotonic() - t0 < TIMEOUT, r
+
+
+@pytest.mark.parametrize("value", ['"2"', "[2]", "null", "true", "0"])
+def test_a_manifest_format_that_is_not_a_number_is_damaged(walked, value):
+    (_, path), _ = sk.Store(str(walked["state"])).manifests("ds")
+    raw = open(path, "rb").read()
+    new = raw.replace(b'"format": 2', b'"format": ' + value.encode(), 1)
+    assert new != raw
+    import struct
+    delta = len(new) - len(raw)
+    off = struct.unpack("<Q", new[-8:])[0] + delta
+    with open(path, "wb") as f:
+        f.write(new[:-8] + struct.pack("<Q", off))
+    for argv in (["status", "--name", "ds"], ["files", "--name", "ds"]):
+        r = run_script(*argv, timeout=TIMEOUT)
+        assert "internal error" not in r.err and "Traceback" not in r.err, (argv, r)
+    r = run_script("refresh", "--name", "ds", "--json", timeout=TIMEOUT)
+    assert r.rc == 0 and r.json()["results"][0]["entries_vanished"] is None, r
+    assert "is damaged (format" in r.json()["results"][0]["manifest_note"], r
+
+
+def test_an_incomplete_previous_manifest_is_not_compared(walked):
+    (_, path), _ = sk.Store(str(walked["state"])).manifests("ds")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 9)
+    os.unlink(str(walked["scratch"] / "ds" / "f1"))
+    r = run_script("refresh", "--name", "ds", "--json", timeout=TIMEOUT)
+    res = r.json()["results"][0]
+    assert res["entries_vanished"] is None and "not complete" in res["manifest_note"], res
+
+
+def test_a_manifest_of_an_earlier_registration_is_not_used(walked, tmp_path):
+    store = sk.Store(str(walked["state"]))
+    (_, path), _ = store.manifests("ds")
+    keep = tmp_path / "old.skm"
+    shutil.copyfile(path, str(keep))
+    d = walked["scratch"] / "ds"
+    assert run_script("remove", "--name", "ds").rc == 0
+    os.unlink(str(d / "f1"))
+    assert run_script("add", "--name", "ds", "--path", d, "--keep-until", KEEP).rc == 0
+    store.ensure_manifest_dir("ds")
+    shutil.copyfile(str(keep), os.path.join(store.manifest_dir("ds"), "manifest-000002.skm"))
+    os.chmod(os.path.join(store.manifest_dir("ds"), "manifest-000002.skm"), 0o600)
+    r = run_script("refresh", "--name", "ds", "--json", timeout=TIMEOUT)
+    res = r.json()["results"][0]
+    assert res["entries_vanished"] is None and "earlier registration" in \
+        res["manifest_note"], res
+
+
+def test_a_manifest_of_another_directory_at_the_path_is_listed_by_nothing(walked):
+    d = walked["scratch"] / "ds"
+    os.rename(str(d), str(d) + ".old")
+    d.mkdir()
+    shutil.copyfile(str(d) + ".old/" + sk.SENTINEL, str(d / sk.SENTINEL))
+    r = run_script("files", "--name", "ds", timeout=TIMEOUT)
+    assert r.rc == 1 and "another directory" in r.err and r.out == "", r
+    st = run_script("status", "--name", "ds", "--json", timeout=TIMEOUT).json()
+    assert st["manifest"] is None, st
+
+
+def test_symlinked_state_directories_are_not_read_through(walked, tmp_path):
+    state = walked["state"]
+    assert run_script("refresh", "--name", "ds", "--max-entries", "2").rc == 3
+    for rel in ("checkpoints", "manifests/ds"):
+        shutil.move(str(state / rel), str(tmp_path / rel.replace("/", "_")))
+        os.symlink(str(tmp_path / rel.replace("/", "_")), str(state / rel))
+    moved = list((tmp_path / "checkpoints").rglob("*")) + list(
+        (tmp_path / "manifests_ds").rglob("*"))
+    before = dict((p, os.stat(str(p)).st_atime_ns) for p in moved if p.is_file())
+    assert before
+    for argv in (["status", "--name", "ds"], ["files", "--name", "ds"],
+                 ["files", "--name", "ds", "--vanished"]):
+        r = run_script(*argv, timeout=TIMEOUT)
+        assert r.rc == 1 and "repair" in r.err and "symlink" in r.err, (argv, r)
+    assert run_script("status", "--brief", timeout=TIMEOUT).rc == 0     # reads nothing there
+    assert dict((p, os.stat(str(p)).st_atime_ns) for p in before) == before
+    assert run_script("repair", timeout=TIMEOUT).rc == 0
+    assert not any(os.path.islink(str(state / rel)) for rel in ("checkpoints", "manifests/ds"))
+    assert run_script("refresh", "--name", "ds", timeout=TIMEOUT).rc == 0
+
+
+def test_a_log_directory_that_is_not_one_is_set_aside_by_repair(walked):
+    logs = walked["state"] / "logs" / "ds"
+    shutil.rmtree(str(logs))
+    os.mkfifo(str(logs))
+    r = run_script("refresh", "--name", "ds", timeout=TIMEOUT)
+    assert r.rc == 1 and "repair" in r.out + r.err, r
+    assert run_script("repair", timeout=TIMEOUT).rc == 0
+    assert run_script("refresh", "--name", "ds", timeout=TIMEOUT).rc == 0
+
+
+def test_a_state_file_larger_than_its_kind_is_set_aside_by_repair(walked):
+    lock = walked["state"] / "locks" / "ds.lock"
+    with open(str(lock), "ab") as f:
+        f.truncate(100 * 1024)
+    r = run_script("refresh", "--name", "ds", timeout=TIMEOUT)
+    assert r.rc == 1 and "more than a lock can be" in r.out + r.err, r
+    r = run_script("repair", timeout=TIMEOUT)
+    assert r.rc == 0 and "larger than a lock can be" in r.out, r
+    assert run_script("refresh", "--name", "ds", timeout=TIMEOUT).rc == 0
+
+
+def test_a_registry_path_edited_to_another_datasets_is_refused(walked):
+    d = walked["scratch"] / "two"
+    make_dataset(walked["scratch"], "two")
+    assert run_script("add", "--name", "two", "--path", d, "--keep-until", KEEP).rc == 0
+    reg = walked["state"] / "registry.json"
+    doc = json.loads(reg.read_text())
+    doc["datasets"]["ds"]["path"] = str(d)
+    reg.write_text(json.dumps(doc))
+    before = (d / sk.SENTINEL).read_bytes()
+    for argv in (["refresh", "--name", "ds"], ["extend", "--name", "ds", "--keep-until",
+                                                "2030-07-01"]):
+        r = run_script(*argv, timeout=TIMEOUT)
+        said = r.out + r.err
+        assert r.rc == 1 and "dataset 'two'" in said and "remove --name ds" in said, r
+    assert (d / sk.SENTINEL).read_bytes() == before
+    r = run_script("doctor", timeout=TIMEOUT)
+    assert r.rc == 1 and "remove --name ds" in r.out, r
+
+
+def test_a_registry_path_that_is_a_symlink_is_named_as_one(walked):
+    d = walked["scratch"] / "ds"
+    link = walked["scratch"] / "via"
+    os.symlink(str(d), str(link))
+    reg = walked["state"] / "registry.json"
+    doc = json.loads(reg.read_text())
+    doc["datasets"]["ds"]["path"] = str(link)
+    reg.write_text(json.dumps(doc))
+    os.utime(str(link), (0, 0), follow_symlinks=False)
+    r = run_script("doctor", "--json", timeout=TIMEOUT)
+    c = [c for c in r.json()["checks"] if c["name"] == "root:ds"][0]
+    assert "is a symlink" in c["message"] and "remove --name ds" in c["message"], c
+    assert run_script("status", "--name", "ds", timeout=TIMEOUT).rc == 0
+    assert os.lstat(str(link)).st_atime == 0          # status did not go through it
