@@ -2122,7 +2122,7 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
                     add_type(ftype)
                     add_size(st.st_size)
                     add_atime(a)
-                    add_mtime(st.st_mtime_ns - a)       # mostly 0 or alike: compresses well
+                    add_mtime(st.st_mtime_ns)
         finally:
             os.close(fd)
     return ((touched, skipped, at_risk, b_risk, elig, b_elig, not_owned, risk_not_owned,
@@ -2132,16 +2132,14 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
 def _new_columns():
     """A batch's manifest columns, filled as its entries go by: file types (st_mode >> 12,
     _TYPE_TOUCHED added where this walk touched the entry; _KIND_OF_TYPE maps them to kind
-    codes in one call), sizes, atimes in ns as found (a division per entry costs more than
-    zlib saves), and mtimes, as mtime - atime in ns (equal for a file not read since it was
-    written: zlib makes little of them; the mtime says whether a copy elsewhere is
-    current)."""
+    codes in one call), sizes, and atimes and mtimes in ns as found (a division per entry
+    costs more than zlib saves; the mtime says whether a copy elsewhere is current)."""
     import array
     return bytearray(), array.array("q"), array.array("q"), array.array("q")
 
 
 def _column_bytes(cols):
-    """The columns as a manifest chunk takes them: kind codes, sizes, atimes, mtime - atime."""
+    """The columns as a manifest chunk takes them: kind codes, sizes, atimes, mtimes."""
     return bytes(cols[0].translate(_KIND_OF_TYPE)), _le(cols[1]), _le(cols[2]), _le(cols[3])
 
 
@@ -2949,13 +2947,20 @@ def from_byte_planes(data, n):
 
 
 class ManifestChunk(object):
-    """One decoded chunk: keys (walk order), kinds (bytes), sizes, atimes and mdeltas
-    (arrays; times in ns; mdeltas, mtime - atime, None in a format 1 manifest)."""
-    __slots__ = ("keys", "kinds", "sizes", "atimes", "mdeltas")
+    """One decoded chunk: keys (walk order), kinds (bytes), sizes and atimes (arrays; ns),
+    and mtimes(), each entry's mtime in ns (None in a format 1 manifest)."""
+    __slots__ = ("keys", "kinds", "sizes", "atimes", "mdeltas", "_mtimes")
 
     def __init__(self, keys, kinds, sizes, atimes, mdeltas=None):
         self.keys, self.kinds, self.sizes, self.atimes, self.mdeltas = (
             keys, kinds, sizes, atimes, mdeltas)
+        self._mtimes = None
+
+    def mtimes(self):
+        """The mtimes, from the chunk's differences between one entry's and the next."""
+        if self._mtimes is None and self.mdeltas is not None:
+            self._mtimes = list(itertools.accumulate(self.mdeltas))
+        return self._mtimes
 
 
 MANIFEST_RECORD_MAX = 64 * MiB     # what one record decodes to, at most (4,096 entries
@@ -2990,7 +2995,7 @@ def decode_chunk(data, count):
     sizes = _from_le("q", from_byte_planes(raw[pos + nent:pos + 9 * nent], nent))
     atimes = _from_le("q", from_byte_planes(raw[pos + 9 * nent:pos + 17 * nent], nent))
     mdeltas = None
-    if len(raw) == pos + 25 * nent and nent:        # format 2: mtime - atime follows
+    if len(raw) == pos + 25 * nent and nent:        # format 2: mtimes follow, as differences
         mdeltas = _from_le("q", from_byte_planes(raw[pos + 17 * nent:pos + 25 * nent], nent))
     elif len(raw) != pos + 17 * nent:
         raise ValueError("lengths")
@@ -3115,6 +3120,17 @@ class Manifest(object):
                 if c.kinds[i] != K_GONE:
                     yield key, c.kinds[i], c.sizes[i], c.atimes[i] // 1000000000
             c = key = None      # not held while the next chunk is decoded: one at a time
+
+
+def mtime_differences(data):
+    """The mtimes of a chunk (little-endian "q" bytes) as the first, then each one less
+    the one before (ManifestChunk.mtimes() adds them up again)."""
+    import array
+    import operator
+    mt = _from_le("q", data)
+    out = array.array("q", mt[:1])
+    out.extend(map(operator.sub, mt[1:], mt[:-1]))
+    return out
 
 
 def decode_unlisted(data, count):
@@ -3255,8 +3271,10 @@ class ManifestWriter(object):
     def _encode(self):
         """The chunk being built, uncompressed, in one bytes: "<III" (segments,
         entries, names length), per segment "<II" (length of its directory's key, entries),
-        the directory keys, the names (NUL between), kinds, sizes, atimes and mtime - atime
-        (in byte_planes). (zlib takes care of the keys' shared prefixes.)"""
+        the directory keys, the names (NUL between), kinds, sizes, atimes and the
+        differences of each mtime from the one before (in byte_planes: entries written
+        together have close mtimes, so most of their bytes are alike). (zlib takes care of
+        the keys' shared prefixes.)"""
         import array
         table = array.array("I")
         for d, n in zip(self.seg_dirs, self.seg_counts):
@@ -3269,7 +3287,7 @@ class ManifestWriter(object):
                          _le(table), b"".join(self.seg_dirs)] + names + [
                          b"".join(self.kinds), byte_planes(b"".join(self.sizes)),
                          byte_planes(b"".join(self.atimes)),
-                         byte_planes(b"".join(self.mtimes))])
+                         byte_planes(_le(mtime_differences(b"".join(self.mtimes))))])
 
     def _emit(self):
         """Hand the chunk being built to the compressing thread (after the last one)."""
@@ -3374,13 +3392,12 @@ def vanished(prev, new):
             end = len(keys) if hi is None else _bisect.bisect_right(keys, hi, start)
             span = keys[start:end] if start or end < len(keys) else keys
             if not present.issuperset(span):        # the usual case: nothing vanished
-                md = cur.mdeltas
+                mt = cur.mtimes()
                 for i in range(start, end):
                     k = keys[i]
                     if k not in present and cur.kinds[i] < K_UNKNOWN and not below_unlisted(k):
-                        a = cur.atimes[i]
-                        yield (k, cur.kinds[i], cur.sizes[i], a // 1000000000,
-                               None if md is None else a + md[i])
+                        yield (k, cur.kinds[i], cur.sizes[i], cur.atimes[i] // 1000000000,
+                               None if mt is None else mt[i])
             start = end
             if end < len(keys):
                 return
