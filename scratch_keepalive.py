@@ -1126,8 +1126,7 @@ class Store(object):
         top = os.path.join(self.dir, "manifests")
         dirs = [self.checkpoint_dir, os.path.join(self.checkpoint_dir, "rescue"), self.log_dir,
                 self.lock_dir, top]
-        per_dataset = _names_ending(top, "") + _names_ending(self.log_dir, "")
-        for d in dirs + [p for p in per_dataset if not _SET_ASIDE_RE.search(p)]:
+        for d in dirs + [p for p in _names_ending(top, "") if not _SET_ASIDE_RE.search(p)]:
             try:
                 st = os.lstat(d)
             except OSError:
@@ -7969,6 +7968,13 @@ def _repair(ctx, dry_run):
     cfg = _repair_config(store, dry_run, act, left)
     # In a dry run `reg` is the registry as it would be after this step.
     reg = _repair_registry(ctx, cfg, dry_run, act, left)
+    for name in sorted((reg or {}).get("datasets", {})):    # logs/NAME (slurm-*.out: files)
+        path = store.dataset_log_dir(name)
+        what = odd_state_file(path)
+        if os.path.lexists(path) and (what != "a directory"):
+            act("set %s aside as %s: it was %s, not a directory" % (
+                display_path(path), display_path(_set_aside(path, dry_run)),
+                what or "a file"))
     bad = {} if reg is not None else _registry_bad_names(store)
     for c in _check_checkpoints(ctx, reg, bad):
         if c.fix == "checkpoint":
