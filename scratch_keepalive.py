@@ -4875,7 +4875,6 @@ def cmd_files(args, ctx):
     listing = _files(ctx, args.name, args.kind, args.older_than)
     items = listing.items()
     try:
-        write_safely(ctx.err, files_header(listing, ctx.now) + "\n")
         out = raw_stream(ctx.out)
         out.flush()
         # Bytes, whatever the locale: -0 must pass names exactly, and text is UTF-8.
@@ -4886,13 +4885,20 @@ def cmd_files(args, ctx):
             def write(data):
                 out.write(data.decode("utf-8", "surrogateescape"))
         line = _files_formatter(args, listing.kind)
+        header = [files_header(listing, ctx.now) + "\n"]
+
+        def put(batch):
+            write(b"".join(batch))
+            if header:      # once stdout took the first lines: an output that fails at
+                out.flush()     # once (closed, full) says one line, its error
+                write_safely(ctx.err, header.pop())
         batch = []
         for item in items:
             batch.append(line(*item))
             if len(batch) >= FILES_BATCH:
-                write(b"".join(batch))
+                put(batch)
                 batch = []
-        write(b"".join(batch))
+        put(batch)
         out.flush()
     finally:
         items.close()

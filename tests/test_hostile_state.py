@@ -777,3 +777,14 @@ def test_a_registry_path_that_is_a_symlink_is_named_as_one(walked):
     assert "is a symlink" in c["message"] and "remove --name ds" in c["message"], c
     assert run_script("status", "--name", "ds", timeout=TIMEOUT).rc == 0
     assert os.lstat(str(link)).st_atime == 0          # status did not go through it
+
+
+@pytest.mark.parametrize("redirect", [">&-", ">/dev/full"])
+def test_files_to_a_closed_or_full_output_says_one_line(walked, redirect):
+    """files' header line goes to stderr only once stdout took the first lines."""
+    p = subprocess.run(["sh", "-c", '"$@" %s' % redirect, "sh", sys.executable, str(SCRIPT),
+                        "files", "--name", "ds"], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, timeout=TIMEOUT)
+    err = p.stderr.decode()
+    assert p.returncode == 1 and err.count("\n") == 1, (redirect, err)
+    assert err.startswith("scratch-keepalive: error: cannot write to standard output"), err
