@@ -2946,20 +2946,13 @@ def from_byte_planes(data, n):
 
 
 class ManifestChunk(object):
-    """One decoded chunk: keys (walk order), kinds (bytes), sizes and atimes (arrays; ns),
-    and mtimes(), each entry's mtime in ns (None in a format 1 manifest)."""
-    __slots__ = ("keys", "kinds", "sizes", "atimes", "mdeltas", "_mtimes")
+    """One decoded chunk: keys (walk order), kinds (bytes), sizes, atimes and mtimes
+    (arrays; times in ns; mtimes None in a format 1 manifest)."""
+    __slots__ = ("keys", "kinds", "sizes", "atimes", "mtimes")
 
-    def __init__(self, keys, kinds, sizes, atimes, mdeltas=None):
-        self.keys, self.kinds, self.sizes, self.atimes, self.mdeltas = (
-            keys, kinds, sizes, atimes, mdeltas)
-        self._mtimes = None
-
-    def mtimes(self):
-        """The mtimes, from the chunk's differences between one entry's and the next."""
-        if self._mtimes is None and self.mdeltas is not None:
-            self._mtimes = list(itertools.accumulate(self.mdeltas))
-        return self._mtimes
+    def __init__(self, keys, kinds, sizes, atimes, mtimes=None):
+        self.keys, self.kinds, self.sizes, self.atimes, self.mtimes = (
+            keys, kinds, sizes, atimes, mtimes)
 
 
 MANIFEST_RECORD_MAX = 64 * MiB     # what one record decodes to, at most (4,096 entries
@@ -2993,9 +2986,9 @@ def decode_chunk(data, count):
     kinds = raw[pos:pos + nent]
     sizes = _from_le("q", from_byte_planes(raw[pos + nent:pos + 9 * nent], nent))
     atimes = _from_le("q", from_byte_planes(raw[pos + 9 * nent:pos + 17 * nent], nent))
-    mdeltas = None
-    if len(raw) == pos + 25 * nent and nent:        # format 2: mtimes follow, as differences
-        mdeltas = _from_le("q", from_byte_planes(raw[pos + 17 * nent:pos + 25 * nent], nent))
+    mtimes = None
+    if len(raw) == pos + 25 * nent and nent:        # format 2: mtimes follow
+        mtimes = _from_le("q", from_byte_planes(raw[pos + 17 * nent:pos + 25 * nent], nent))
     elif len(raw) != pos + 17 * nent:
         raise ValueError("lengths")
     if len(name_list) != nent or len(kinds) != nent or len(atimes) != nent:
@@ -3012,7 +3005,7 @@ def decode_chunk(data, count):
         i += n
     if i != nent:
         raise ValueError("segments")
-    return ManifestChunk(keys, kinds, sizes, atimes, mdeltas)
+    return ManifestChunk(keys, kinds, sizes, atimes, mtimes)
 
 
 class Manifest(object):
@@ -3119,17 +3112,6 @@ class Manifest(object):
                 if c.kinds[i] != K_GONE:
                     yield key, c.kinds[i], c.sizes[i], c.atimes[i] // 1000000000
             c = key = None      # not held while the next chunk is decoded: one at a time
-
-
-def mtime_differences(data):
-    """The mtimes of a chunk (little-endian "q" bytes) as the first, then each one less
-    the one before (ManifestChunk.mtimes() adds them up again)."""
-    import array
-    import operator
-    mt = _from_le("q", data)
-    out = array.array("q", mt[:1])
-    out.extend(map(operator.sub, mt[1:], mt[:-1]))
-    return out
 
 
 def decode_unlisted(data, count):
@@ -3270,10 +3252,8 @@ class ManifestWriter(object):
     def _encode(self):
         """The chunk being built, uncompressed, in one bytes: "<III" (segments,
         entries, names length), per segment "<II" (length of its directory's key, entries),
-        the directory keys, the names (NUL between), kinds, sizes, atimes and the
-        differences of each mtime from the one before (in byte_planes: entries written
-        together have close mtimes, so most of their bytes are alike). (zlib takes care of
-        the keys' shared prefixes.)"""
+        the directory keys, the names (NUL between), kinds, sizes, atimes and mtimes (in
+        byte_planes). (zlib takes care of the keys' shared prefixes.)"""
         import array
         table = array.array("I")
         for d, n in zip(self.seg_dirs, self.seg_counts):
@@ -3286,7 +3266,7 @@ class ManifestWriter(object):
                          _le(table), b"".join(self.seg_dirs)] + names + [
                          b"".join(self.kinds), byte_planes(b"".join(self.sizes)),
                          byte_planes(b"".join(self.atimes)),
-                         byte_planes(_le(mtime_differences(b"".join(self.mtimes))))])
+                         byte_planes(b"".join(self.mtimes))])
 
     def _emit(self):
         """Hand the chunk being built to the compressing thread (after the last one)."""
@@ -3391,7 +3371,7 @@ def vanished(prev, new):
             end = len(keys) if hi is None else _bisect.bisect_right(keys, hi, start)
             span = keys[start:end] if start or end < len(keys) else keys
             if not present.issuperset(span):        # the usual case: nothing vanished
-                mt = cur.mtimes()
+                mt = cur.mtimes
                 for i in range(start, end):
                     k = keys[i]
                     if k not in present and cur.kinds[i] < K_UNKNOWN and not below_unlisted(k):
