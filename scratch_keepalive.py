@@ -732,21 +732,30 @@ def check_state_fd(fd, path, kind):
     """Refuse (StateError) what fd names unless it is a regular file of ours of a size its
     kind can have."""
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        raise InvalidState("the %s %s is %s, not a regular file; run `%s repair` (it sets it "
-                           "aside)" % (kind, display_path(path), file_kind(st.st_mode), PROG))
-    if st.st_uid != os.geteuid():
+    if stat.S_ISREG(st.st_mode) and st.st_uid != os.geteuid():     # may be intact
         raise UnreadableState("the %s %s cannot be trusted: %s" % (
             kind, display_path(path), _owner_hint(path, None, st.st_uid)))
-    if st.st_nlink > 1:         # another name of it may be anywhere: never written through
-        raise InvalidState("the %s %s has other names (hard links, %d in all); run `%s "
-                           "repair` (it sets it aside)" % (kind, display_path(path),
-                                                          st.st_nlink, PROG))
+    why = state_file_problem(st, kind)
+    if why:
+        raise InvalidState("the %s %s is %s; run `%s repair` (it sets it aside)"
+                           % (kind, display_path(path), why, PROG))
+
+
+def state_file_problem(st, kind=None, foreign=False):
+    """What makes the file of stat st no state file of ours, in words, else None: not a
+    regular file, (foreign) another user's, other names (hard links: another name of it
+    may be anywhere, and it would be written through), larger than a `kind` can be."""
+    if not stat.S_ISREG(st.st_mode):
+        return "%s, not a regular file" % file_kind(st.st_mode)
+    if foreign and st.st_uid != os.geteuid():
+        return "another user's file (uid %d)" % st.st_uid
+    if st.st_nlink > 1:
+        return "a file with other names (hard links, %d in all)" % st.st_nlink
     limit = STATE_LIMITS.get(kind)
     if limit is not None and st.st_size > limit:
-        raise InvalidState("the %s %s is %s, more than a %s can be (%s); run `%s repair` (it "
-                           "sets it aside)" % (kind, display_path(path), human_bytes(st.st_size),
-                                               kind, human_bytes(limit), PROG))
+        return "%s, more than a %s can be (%s)" % (human_bytes(st.st_size), kind,
+                                                    human_bytes(limit))
+    return None
 
 
 def _state_open_error(path, kind, e):
@@ -762,22 +771,12 @@ def _state_open_error(path, kind, e):
 
 
 def odd_state_file(path, foreign=False, kind=None):
-    """What sits at path when it is not a regular file of ours that open_state takes ("a
-    FIFO", "a symlink", a file with other names, one larger than a `kind` can be; with
-    foreign, also another user's file), else None (also when nothing is there)."""
+    """What sits at path when it is not a file of ours that open_state takes (see
+    state_file_problem), else None (also when nothing is there)."""
     try:
-        st = os.lstat(path)
+        return state_file_problem(os.lstat(path), kind, foreign)
     except OSError:
         return None
-    if not stat.S_ISREG(st.st_mode):
-        return file_kind(st.st_mode)
-    if foreign and st.st_uid != os.geteuid():
-        return "another user's file (uid %d)" % st.st_uid
-    if st.st_nlink > 1:
-        return "a file with other names (hard links)"
-    if kind in STATE_LIMITS and st.st_size > STATE_LIMITS[kind]:
-        return "larger than a %s can be (%s)" % (kind, human_bytes(st.st_size))
-    return None
 
 
 def set_aside_odd(path, dry_run=False):
@@ -2066,18 +2065,14 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
     """lstat (and touch) every name of every (dir fd, names) segment, closing each fd: the
     per-entry rules of every walk. A directory on another device is a mount point, skipped;
     old entries are at risk or purge-eligible; touch mode touches those older than the skip
-    threshold, unless another owner's (euid 0: all are ours). Returns (the sums, in
-    Counts.BATCH's order, [(segment, name, errno)] of the first errors, error count, and with
-    record the names' manifest records, in order, in columns: see _new_columns).
-    """
-    if touch and not dry_run:
-        utimensat, times, get_errno, _ = touch_atime
+    threshold, unless another owner's (euid 0: all are ours). Returns (Counts.BATCH's sums,
+    the first errors [(segment, name, errno)], error count, with record _new_columns())."""
+    utimensat, times, get_errno, _ = touch_atime if touch and not dry_run else (None,) * 4
     touched = skipped = at_risk = b_risk = elig = b_elig = nerr = not_owned = 0
     risk_not_owned = elig_not_owned = 0
     errs, lstat = [], os.stat
     cols = _new_columns() if record else None
-    add_type, add_size, add_atime, add_mtime = [c.append for c in cols] if record else \
-        (None,) * 4
+    add_type, add_size, add_atime, add_mtime = [c.append for c in cols] if record else [None] * 4
     for seg, (fd, names) in enumerate(segments):
         try:
             for name in names:
@@ -2094,8 +2089,7 @@ def _process_batch(segments, touch_atime, touch, dry_run, skip_ns, risk_ns, purg
                     continue
                 a = st.st_atime_ns
                 ftype = mode >> 12
-                # Setting another owner's atime needs ownership: touch mode does not try.
-                # (Counted in either mode: others' entries are not their user's to act on.)
+                # Setting another owner's atime needs ownership (touch mode does not try).
                 theirs = euid and st.st_uid != euid
                 if a < risk_ns:
                     size = st.st_size if mode & 0o170000 == 0o100000 else 0
@@ -3455,6 +3449,13 @@ def likely_purged(kind, atime, prev_now, new_now, purge_days):
     return last_access(kind, atime, prev_now) < new_now - purge_days * DAY
 
 
+def same_mtime(copy_ns, source_ns):
+    """A copy's mtime is its source's: to the nanosecond, or to the second where the copy
+    keeps whole seconds only (some network filesystems)."""
+    return copy_ns == source_ns or (copy_ns % 10 ** 9 == 0 and
+                                    copy_ns // 10 ** 9 == source_ns // 10 ** 9)
+
+
 def copy_of(dest, key, kind, size, mtime_ns):
     """The absolute path of a current copy of an entry in a rescue destination (bytes), or
     None: of the same kind, the same size (files; symlinks: the target's length) and the
@@ -3482,9 +3483,7 @@ def copy_of(dest, key, kind, size, mtime_ns):
     k = kind & ~K_TOUCHED
     same_kind = {K_FILE: stat.S_ISREG, K_DIR: stat.S_ISDIR, K_LINK: stat.S_ISLNK}.get(k)
     ok = (same_kind is not None and same_kind(st.st_mode)
-          and (k == K_DIR or st.st_size == size)
-          and (st.st_mtime_ns == mtime_ns or (st.st_mtime_ns % 10 ** 9 == 0 and
-                                              st.st_mtime_ns // 10 ** 9 == mtime_ns // 10 ** 9)))
+          and (k == K_DIR or st.st_size == size) and same_mtime(st.st_mtime_ns, mtime_ns))
     return path if ok else None
 
 
@@ -5025,27 +5024,14 @@ def _refresh(ctx, opts, should_stop=None, progress=None):
     cfg = ctx.config()
     reg = ctx.store.load_registry()
     chosen, refused = _select(ctx, cfg, reg, opts)
-    notes = []
-    max_seconds = opts.max_seconds
-    if max_seconds is None and on_login_node(cfg, ctx.env) and chosen and not opts.dry_run:
-        max_seconds = profile_of(cfg)["login_node_budget"]
-        notes.append("on a login node (no SLURM_JOB_ID): this run stops after %d minutes "
-                     "(IU kills login-node processes after 20 CPU minutes); the next run resumes "
-                     "where it stopped. Run the rest as a job: `sbatch -A ACCOUNT -p general "
-                     "-t 2:00:00 --mem=2G --wrap \"%s refresh\"`, or schedule it with "
-                     "`%s install-cron --account ACCOUNT`" % (max_seconds // 60, PROG, PROG))
-    login_note = notes[-1] if notes else None
+    max_seconds, login_note = _login_budget(ctx, cfg, opts, chosen)
+    notes = [login_note] if login_note else []
     if opts.workers and opts.workers > 1 and not parallel_ok() and chosen:
         notes.append("--workers needs Python 3.7 or newer (this is %d.%d): the walk runs in "
                      "one process; --threads N overlaps metadata calls on any version"
                      % sys.version_info[:2])
     budget = Budget(max_seconds, opts.max_entries)
-    results, codes = [], []
-    for ds, st, reason in refused:
-        results.append(dict(empty_result(ds["name"], dataset_mode(cfg, ds, opts.check), reason),
-                            state=st))
-        codes.append(EXIT_OK if st == "not-due" else EXIT_FAIL)
-    _record_missing(ctx, [ds for ds, st, _ in refused if st == "missing"], opts)
+    results, codes = _refused(ctx, cfg, refused, opts)
     if not chosen and not refused:
         notes.append("nothing to refresh: no enabled, unexpired dataset%s"
                      % (" is due" if opts.due else ""))
@@ -5086,6 +5072,30 @@ def _refresh(ctx, opts, should_stop=None, progress=None):
     if opts.fail_on_risk:
         _fail_on_risk(ctx, out, codes)
     return out
+
+
+def _login_budget(ctx, cfg, opts, chosen):
+    """(the run's --max-seconds, the note that says why) on a login node, where a walk must
+    not run long; (opts.max_seconds, None) elsewhere."""
+    if opts.max_seconds is not None or not on_login_node(cfg, ctx.env) or not chosen or \
+            opts.dry_run:
+        return opts.max_seconds, None
+    seconds = profile_of(cfg)["login_node_budget"]
+    return seconds, ("on a login node (no SLURM_JOB_ID): this run stops after %d minutes "
+                     "(IU kills login-node processes after 20 CPU minutes); the next run resumes "
+                     "where it stopped. Run the rest as a job: `sbatch -A ACCOUNT -p general "
+                     "-t 2:00:00 --mem=2G --wrap \"%s refresh\"`, or schedule it with "
+                     "`%s install-cron --account ACCOUNT`" % (seconds // 60, PROG, PROG))
+
+
+def _refused(ctx, cfg, refused, opts):
+    """(results, exit codes) of the datasets named but not walked: not due (0), or missing,
+    expired or disabled (1); a missing root is recorded."""
+    results = [dict(empty_result(ds["name"], dataset_mode(cfg, ds, opts.check), reason),
+                    state=st) for ds, st, reason in refused]
+    codes = [EXIT_OK if st == "not-due" else EXIT_FAIL for _, st, _ in refused]
+    _record_missing(ctx, [ds for ds, st, _ in refused if st == "missing"], opts)
+    return results, codes
 
 
 def _record_missing(ctx, gone, opts):
@@ -6158,11 +6168,7 @@ class RescueRun(object):
                 return False
         if not stat.S_ISREG(have.st_mode) or have.st_size != st.st_size:
             return False
-        # A destination that keeps whole seconds only (some network filesystems) matches
-        # on the seconds.
-        return have.st_mtime_ns == st.st_mtime_ns or (
-            have.st_mtime_ns % 10 ** 9 == 0 and have.st_mtime_ns // 10 ** 9 ==
-            st.st_mtime_ns // 10 ** 9)
+        return same_mtime(have.st_mtime_ns, st.st_mtime_ns)
 
     def dest_stat(self, level, name):
         if level.dst is None:
@@ -7945,7 +7951,7 @@ def _repair(ctx, dry_run):
         act("set %s aside as %s: it was %s, not a directory" % (
             display_path(path), display_path(_set_aside(path, dry_run)), what))
     for path, what in odd_state_files(store):
-        act("set %s aside as %s: it was %s, not a regular file of yours" % (
+        act("set %s aside as %s: it was %s" % (
             display_path(path), display_path(_set_aside(path, dry_run)), what))
     if os.path.isdir(store.dir) and _loose_permissions(store):
         act("set state permissions to 0700 (dirs) / 0600 (files) in %s" % store.dir)
@@ -7956,11 +7962,12 @@ def _repair(ctx, dry_run):
     reg = _repair_registry(ctx, cfg, dry_run, act, left)
     for name in sorted((reg or {}).get("datasets", {})):    # logs/NAME (slurm-*.out: files)
         path = store.dataset_log_dir(name)
-        what = odd_state_file(path)
-        if os.path.lexists(path) and (what != "a directory"):
-            act("set %s aside as %s: it was %s, not a directory" % (
-                display_path(path), display_path(_set_aside(path, dry_run)),
-                what or "a file"))
+        with contextlib.suppress(FileNotFoundError):
+            mode = os.lstat(path).st_mode
+            if not stat.S_ISDIR(mode):
+                act("set %s aside as %s: it was %s, not a directory" % (
+                    display_path(path), display_path(_set_aside(path, dry_run)),
+                    "a file" if stat.S_ISREG(mode) else file_kind(mode)))
     bad = {} if reg is not None else _registry_bad_names(store)
     for c in _check_checkpoints(ctx, reg, bad):
         if c.fix == "checkpoint":

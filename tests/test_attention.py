@@ -406,32 +406,38 @@ def test_a_copy_reached_through_a_symlink_in_the_destination_is_no_copy(cli, gen
     assert docs and all(doc["copy"] is None for doc in docs), docs
 
 
-def test_others_entries_are_shown_but_are_not_attention(world_tmp):
-    """Run as an unprivileged user: another owner's old file cannot be refreshed (touch
-    mode) nor copied by its user; status shows it, attention does not ask for it."""
+def as_nobody(world_tmp, d, keep_root_owned=()):
+    """A runner of the tool as user nobody on dataset d (its scratch root and a home made
+    nobody's, but keep_root_owned), with init and add done; skips where that cannot be."""
     from conftest import nonroot_runner, run_script
     runner = nonroot_runner()
     if runner is None or os.geteuid() != 0:
-        pytest.skip("needs root to make a file of another owner, and setpriv")
+        pytest.skip("needs root to chown, and setpriv")
     prefix, python = runner
-    state, scratch, home = world_tmp / "state", world_tmp / "scratch", world_tmp / "home"
+    scratch, home = d.parent, world_tmp / "home"
     home.mkdir()
-    d = make_dataset(scratch, "ds")
-    theirs = d / "theirs.dat"
-    theirs.write_bytes(b"someone else's")
     for p in [home, scratch] + [Path(dp) / n for dp, dns, fns in os.walk(str(scratch))
                                 for n in dns + fns]:
-        if p != theirs:
+        if p not in keep_root_owned:
             os.lchown(str(p), 65534, 65534)
-    age_all(d, 40)
     env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "TZ": "UTC", "LANG": "C.UTF-8",
-           "SCRATCH_KEEPALIVE_HOME": str(state), "SCRATCH_KEEPALIVE_NOW": NOW}
+           "SCRATCH_KEEPALIVE_HOME": str(world_tmp / "state"), "SCRATCH_KEEPALIVE_NOW": NOW}
 
     def run(*argv):
         return run_script(*[str(a) for a in argv], prefix=prefix, python=python, env=env,
                           clean=True)
     assert run("init", "--profile", "generic", "--scratch-root", scratch).rc == 0
     assert run("add", "--name", "ds", "--path", d, "--keep-until", KEEP).rc == 0
+    return run
+
+
+def test_others_entries_are_shown_but_are_not_attention(world_tmp):
+    """Run as an unprivileged user: another owner's old file cannot be refreshed (touch
+    mode) nor copied by its user; status shows it, attention does not ask for it."""
+    d = make_dataset(world_tmp / "scratch", "ds")
+    (d / "theirs.dat").write_bytes(b"someone else's")
+    run = as_nobody(world_tmp, d, keep_root_owned=[d / "theirs.dat"])
+    age_all(d, 40)
     r = run("refresh", "--name", "ds", "--json")              # touch mode
     assert r.rc == 0 and r.json()["results"][0]["entries_not_owned"] == 1, r
     st = run("status", "--name", "ds", "--json").json()
@@ -615,28 +621,11 @@ def test_errors_of_an_earlier_run_of_a_resumed_walk_are_kept(world_tmp):
     """Run as an unprivileged user: a directory it may not list is an entry error in the
     walk's first run; the run that resumes and completes the walk exits 1 and the dataset's
     attention says `errors`."""
-    from conftest import nonroot_runner, run_script
-    runner = nonroot_runner()
-    if runner is None or os.geteuid() != 0:
-        pytest.skip("needs root to chown, and setpriv")
-    prefix, python = runner
-    state, scratch, home = world_tmp / "state", world_tmp / "scratch", world_tmp / "home"
-    home.mkdir()
-    d = make_dataset(scratch, "ds")
+    d = make_dataset(world_tmp / "scratch", "ds")
     (d / "a-locked").mkdir()
     (d / "a-locked" / "x").write_text("x")
-    for p in [home, scratch] + [Path(dp) / n for dp, dns, fns in os.walk(str(scratch))
-                                for n in dns + fns]:
-        os.lchown(str(p), 65534, 65534)
+    run = as_nobody(world_tmp, d)
     os.chmod(str(d / "a-locked"), 0)
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "TZ": "UTC", "LANG": "C.UTF-8",
-           "SCRATCH_KEEPALIVE_HOME": str(state), "SCRATCH_KEEPALIVE_NOW": NOW}
-
-    def run(*argv):
-        return run_script(*[str(a) for a in argv], prefix=prefix, python=python, env=env,
-                          clean=True)
-    assert run("init", "--profile", "generic", "--scratch-root", scratch).rc == 0
-    assert run("add", "--name", "ds", "--path", d, "--keep-until", KEEP).rc == 0
     r = run("refresh", "--name", "ds", "--check", "--max-entries", "4", "--json")
     assert r.rc == 3 and r.json()["results"][0]["errors"] == 1, r
     r = run("refresh", "--name", "ds", "--check", "--json")

@@ -740,7 +740,7 @@ def test_a_state_file_larger_than_its_kind_is_set_aside_by_repair(walked):
     r = run_script("refresh", "--name", "ds", timeout=TIMEOUT)
     assert r.rc == 1 and "more than a lock can be" in r.out + r.err, r
     r = run_script("repair", timeout=TIMEOUT)
-    assert r.rc == 0 and "larger than a lock can be" in r.out, r
+    assert r.rc == 0 and "more than a lock can be" in r.out, r
     assert run_script("refresh", "--name", "ds", timeout=TIMEOUT).rc == 0
 
 

@@ -732,25 +732,32 @@ class Bench(object):
                           % (k, fmt_int(s["delayed_calls"]), fmt_int(t.entries))
                           for k, s in summary.items() if s["delayed_calls"] < t.entries]}
 
-    # -- phase 4: status --brief
-    def bench_brief(self):
-        """`status --brief` (what ~/.bashrc runs at each login) with BRIEF_DATASETS tiny
-        datasets in a state directory of their own, each walked once in check mode so that
-        the registry holds what a real one does: the median of --repeat whole processes."""
-        state, root = os.path.join(self.base, "brief-state"), os.path.join(self.scratch, "brief")
+    def checked_datasets(self, name, count):
+        """A state directory of its own with count tiny datasets, each walked once in check
+        mode, so that the registry holds what a real one does: (the tool's environment for
+        it, a function that runs the tool there)."""
+        root = os.path.join(self.scratch, name)
         os.mkdir(root)
+        env = dict(self.tool_env, SCRATCH_KEEPALIVE_HOME=os.path.join(self.base, name + "-state"))
 
         def tool(*args):
-            return check_rc(run_proc([sys.executable, str(self.args.tool), "--state-dir", state]
-                                     + list(args), env=self.tool_env, timeout=TIMEOUT_S),
-                            "tool " + " ".join(args[:2]))
+            return check_rc(run_proc([sys.executable, str(self.args.tool)] + list(args),
+                                     env=env, timeout=TIMEOUT_S), "tool " + " ".join(args[:2]))
         tool("init", "--profile", "generic", "--scratch-root", root, "--purge-days", "30")
-        for i in range(BRIEF_DATASETS):
+        for i in range(count):
             path = os.path.join(root, "d%02d" % i)
             with new_dir(path) as fd:
                 make_files(fd, 3, "f%d")
             tool("add", "--name", "d%02d" % i, "--path", path, "--keep-until", "2099-12-31")
         tool("refresh", "--check")
+        return env, tool
+
+    # -- phase 4: status --brief
+    def bench_brief(self):
+        """`status --brief` (what ~/.bashrc runs at each login) with BRIEF_DATASETS tiny
+        datasets in a state directory of their own, each walked once in check mode so that
+        the registry holds what a real one does: the median of --repeat whole processes."""
+        tool = self.checked_datasets("brief", BRIEF_DATASETS)[1]
         tool("status", "--brief")           # untimed warm-up
         runs = [tool("status", "--brief") for _ in range(self.args.repeat)]
         self.report["brief"] = {
@@ -765,20 +772,7 @@ class Bench(object):
         interleaved rounds (the order turning each round), medians, on each Python of
         login_pythons(). The state holds LOGIN_DATASETS datasets, each checked once."""
         a = self.args
-        state, root = os.path.join(self.base, "login-state"), os.path.join(self.scratch, "login")
-        os.mkdir(root)
-        env = dict(self.tool_env, SCRATCH_KEEPALIVE_HOME=state)
-
-        def tool(*args):
-            return check_rc(run_proc([sys.executable, str(a.tool)] + list(args), env=env,
-                                     timeout=TIMEOUT_S), "tool " + " ".join(args[:2]))
-        tool("init", "--profile", "generic", "--scratch-root", root, "--purge-days", "30")
-        for i in range(LOGIN_DATASETS):
-            path = os.path.join(root, "d%d" % i)
-            with new_dir(path) as fd:
-                make_files(fd, 3, "f%d")
-            tool("add", "--name", "d%d" % i, "--path", path, "--keep-until", "2099-12-31")
-        tool("refresh", "--check")
+        env = self.checked_datasets("login", LOGIN_DATASETS)[0]
         rounds = 5 if a.quick else LOGIN_ROUNDS
         result = {"rounds": rounds, "datasets": LOGIN_DATASETS, "pythons": {}}
         for py in login_pythons(a.quick):
