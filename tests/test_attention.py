@@ -635,3 +635,15 @@ def test_errors_of_an_earlier_run_of_a_resumed_walk_are_kept(world_tmp):
     st = run("status", "--name", "ds", "--json").json()
     assert "errors" in st["attention"], st
     os.chmod(str(d / "a-locked"), 0o700)
+
+
+def test_a_purge_record_whose_file_is_gone_is_one_line(cli, generic):
+    d = purge_setup(cli, generic)
+    os.unlink(str(d / "f1"))
+    cli("refresh", "--name", "ds", "--check")
+    rec = registry(generic)["ds"]["purge"]
+    os.unlink(str(generic["state"] / "manifests" / "ds" / rec["file"]))
+    r = cli("files", "--name", "ds", "--vanished")
+    assert r.rc == 1 and r.out == "" and r.err.count("\n") == 1, r
+    assert "the purge record" in r.err and "is missing" in r.err, r
+    assert registry(generic)["ds"]["purge"]["seen"] is None
