@@ -220,6 +220,7 @@ POLICY_BR200 = (
 CHECKPOINT_SECONDS = 30.0       # a checkpoint at least this often during a walk
 PROGRESS_SECONDS = 0.5
 MAX_OPEN_DIRS = 64              # directory fds kept open; deeper ones reopen via ".."
+RESCUE_SELECTIONS = ("at-risk", "all", "skip")   # skip: what could age out (scheduled)
 MAX_LOGGED_ERRORS = 100
 KEEP_LOGS = 20
 BATCH = 256                     # entries stat'ed per batch (and per budget check)
@@ -252,6 +253,7 @@ AT_SYMLINK_NOFOLLOW = 0x100
 
 O_NOATIME = getattr(os, "O_NOATIME", 0)
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+O_PATH = getattr(os, "O_PATH", 0)
 O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
@@ -410,6 +412,24 @@ def human_count(n):
 def plural(n, word, words=None):
     """'1 error', '2 errors', '1,024 entries': the count and the word it takes."""
     return "%s %s" % (human_count(n), word if n == 1 else (words or word + "s"))
+
+
+def _ident(st):
+    """What names a file whatever its name: (st_dev, st_ino)."""
+    return st.st_dev, st.st_ino
+
+
+def _lstat_mode(name, dir_fd):
+    """name's st_mode (not following a symlink), 0 when it cannot be had."""
+    try:
+        return os.lstat(name, dir_fd=dir_fd).st_mode
+    except OSError:
+        return 0
+
+
+def random_token(n):
+    """n random characters of [a-z0-9]."""
+    return "".join("abcdefghijklmnopqrstuvwxyz0123456789"[b % 36] for b in os.urandom(n))
 
 
 def human_bytes(n):
@@ -1046,6 +1066,28 @@ CHECKPOINT_SCHEMA = {
     "manifest": (False, _null_or(_object({"offset": (True, _COUNT),
                                            "entries": (True, _COUNT)}))),
 }
+def _token(v):
+    if _str(v) or not RESCUE_TOKEN_RE.match(v):
+        return "a token"
+
+
+def _rescue_cursor(v):
+    if not isinstance(v, list) or any(_str(c) or "/" in c for c in v):
+        return "a list of names"
+
+
+RESCUE_CHECKPOINT_SCHEMA = {
+    "dataset": (True, _name), "path": (True, _abs_path), "to": (True, _abs_path),
+    "selection": (True, _one_of(*RESCUE_SELECTIONS)), "manifest_walk_started": (True, _time),
+    "cursor": (False, _null_or(_rescue_cursor)), "entries_done": (True, _COUNT),
+    "bytes_copied": (True, _COUNT), "started": _OPT_TIME, "updated": _OPT_TIME,
+    "pid": (False, _null_or(_COUNT)), "host": (False, _null_or(_str)),
+    # the tokens in the names of the temporary files its runs made (rescue_temp_token)
+    "temps": (False, _null_or(_list_of(_token, "tokens"))),
+}
+CHECKPOINT_KINDS = {"walk": ("checkpoint", CHECKPOINT_SCHEMA),
+                    "rescue": ("rescue checkpoint", RESCUE_CHECKPOINT_SCHEMA)}
+CHECKPOINT_PLACES = {"walk": (), "rescue": ("rescue",)}     # below checkpoints/
 SCHEDULE_RUN_SCHEMA = {
     "job_id": (False, _null_or(_str)), "finished": _OPT_TIME,
     "exit_code": (False, _null_or(_int(0, 255))), "continuation": (False, _null_or(_str)),
@@ -1232,9 +1274,11 @@ class Store(object):
         reg = dict(reg, format=FORMAT)
         atomic_write(self.registry_path, dump_json(reg))
 
-    # -- checkpoints
-    def checkpoint_path(self, name):
-        return os.path.join(self.checkpoint_dir, name + ".json")
+    # -- checkpoints: a walk's in checkpoints/NAME.json, a rescue's in
+    # checkpoints/rescue/NAME.json (not checkpoints/NAME.rescue.json: "NAME.rescue" is a
+    # valid dataset name, whose walk checkpoint that would be)
+    def checkpoint_path(self, name, kind="walk"):
+        return os.path.join(self.checkpoint_dir, *CHECKPOINT_PLACES[kind] + (name + ".json",))
 
     def real_dir(self, path):
         """path (a directory in the state directory), once every directory from the state
@@ -1252,26 +1296,33 @@ class Store(object):
                 raise not_followed(here)
         return path
 
-    def load_checkpoint(self, name):
-        self.real_dir(self.checkpoint_dir)
-        return read_json(self.checkpoint_path(name), "checkpoint", CHECKPOINT_SCHEMA)
+    def load_checkpoint(self, name, kind="walk"):
+        path = self.checkpoint_path(name, kind)
+        self.real_dir(os.path.dirname(path))
+        what, schema = CHECKPOINT_KINDS[kind]
+        return read_json(path, what, schema)
 
-    def load_checkpoint_quiet(self, name):
+    def load_checkpoint_quiet(self, name, kind="walk"):
         """The checkpoint, or None when absent or damaged (a walk then starts over).
 
         One we may not read, or of a newer format, is refused (raised): a walk that started
         over would overwrite it, then delete it."""
         try:
-            return self.load_checkpoint(name)
+            return self.load_checkpoint(name, kind)
         except InvalidState:
             return None
 
-    def save_checkpoint(self, name, doc):
+    def save_checkpoint(self, name, doc, kind="walk"):
         self.ensure()       # checkpoints/ is a directory, not a link
-        atomic_write(self.checkpoint_path(name), dump_json(dict(doc, format=FORMAT)))
+        parts = ("checkpoints",) + CHECKPOINT_PLACES[kind]
+        if kind != "walk":
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(os.path.join(self.dir, *parts), 0o700)
+        os.close(self.open_dir(*parts))         # never through a symlink
+        atomic_write(self.checkpoint_path(name, kind), dump_json(dict(doc, format=FORMAT)))
 
-    def delete_checkpoint(self, name):
-        self.unlink_in(("checkpoints",), name + ".json")
+    def delete_checkpoint(self, name, kind="walk"):
+        self.unlink_in(("checkpoints",) + CHECKPOINT_PLACES[kind], name + ".json")
 
     def unlink_in(self, parts, name):
         """Delete self.dir/parts.../name through the directory's fd (never through a link);
@@ -4518,7 +4569,7 @@ def _remove(ctx, name):
             del reg["datasets"][name]
         sentinel_deleted = _delete_sentinel_of(ctx, ds)
         store.delete_checkpoint(name)
-        delete_rescue_checkpoint(store, name)
+        store.delete_checkpoint(name, "rescue")
         store.delete_manifests(name)
     with contextlib.suppress(OSError):
         os.unlink(store.lock_path(name))
@@ -5600,24 +5651,30 @@ class DatasetRun(object):
 #     opened, never listed, on the source side;
 #   * never following a symlink: sources are opened from the dataset root's fd, and the
 #     destination from DIR's fd, one component at a time with O_NOFOLLOW;
+#   * every directory entered on the source side is the one the walk found: on the
+#     dataset's filesystem, not a mount point, and, reopened through ".." when the fd
+#     cap closed it, the same (st_dev, st_ino) as when it was entered;
+#   * DIR is opened once, one component at a time without following a symlink, and
+#     everything below it is made and opened from that fd;
 #   * every file and symlink is written to a temporary name (RESCUE_TEMP_RE) in its
 #     destination directory and renamed into place complete; a rescue killed outright
 #     leaves only those, and a later one removes them in every directory it enters;
-#   * nothing is deleted but its own temporary files; a destination newer than the
-#     source is never overwritten; one with the same size and mtime is skipped.
-# The cursor (the last manifest key done, walk order) is checkpointed outside scratch in
-# checkpoints/rescue/NAME.json. (Not checkpoints/NAME.rescue.json: "NAME.rescue" is a
-# valid dataset name, whose walk checkpoint that would be.)
+#   * nothing is deleted but its own temporary files: their names carry a token of the
+#     run that made them, recorded in the checkpoint before the first is made; a
+#     destination newer than the source is never overwritten; one with the same size and
+#     mtime is skipped.
+# The cursor (the last manifest key done, walk order) is checkpointed outside scratch
+# (Store.checkpoint_path(name, "rescue")).
 
-RESCUE_SELECTIONS = ("at-risk", "all", "skip")   # skip: what could age out (scheduled)
 RESCUE_MARGIN = 0.05            # room wanted beyond the bytes to copy
 RESCUE_CHUNK = 1 << 24          # bytes per copy call: budgets and signals are checked between
 RESCUE_PATH_MAX = 1024          # a destination's path (the sentinel records it)
 RESCUE_LISTED = 100             # not-rescued entries named in the result (the log has all)
-RESCUE_TEMP_FORMAT = ".scratch-keepalive-rescue.%s.%d.%s.tmp"
-RESCUE_TEMP_RE = _LazyPattern(r"^\.scratch-keepalive-rescue\.([A-Za-z0-9_-]{1,32})\.(\d{1,10})\."
-                              r"[a-z0-9]{8}\.tmp\Z")
-RESCUE_FOREIGN_STALE = 3600     # seconds before another host's temp file counts as left over
+RESCUE_TEMP_FORMAT = ".scratch-keepalive-rescue.%s.%d.%s-%d.tmp"   # host, pid, token, serial
+RESCUE_TEMP_RE = _LazyPattern(r"^\.scratch-keepalive-rescue\.[A-Za-z0-9_-]{1,32}\.\d{1,10}\."
+                              r"([a-z0-9]{8})-\d{1,12}\.tmp\Z")
+RESCUE_TOKEN_RE = _LazyPattern(r"^[a-z0-9]{8}\Z")
+RESCUE_TOKENS_KEPT = 32         # the runs of one rescue whose temporary files it removes
 # What a rescue did not copy, and why (the result's not_rescued reasons).
 NOT_RESCUED_WORDS = {
     "other-owner": "of another owner (only a file's owner may read it without moving its "
@@ -5626,46 +5683,6 @@ NOT_RESCUED_WORDS = {
     "special": "not a file, directory or symlink (FIFO, socket or device)",
     "error": "error",
 }
-
-
-def _rescue_cursor(v):
-    if not isinstance(v, list) or any(_str(c) or "/" in c for c in v):
-        return "a list of names"
-
-
-RESCUE_CHECKPOINT_SCHEMA = {
-    "dataset": (True, _name), "path": (True, _abs_path), "to": (True, _abs_path),
-    "selection": (True, _one_of(*RESCUE_SELECTIONS)), "manifest_walk_started": (True, _time),
-    "cursor": (False, _null_or(_rescue_cursor)), "entries_done": (True, _COUNT),
-    "bytes_copied": (True, _COUNT), "started": _OPT_TIME, "updated": _OPT_TIME,
-    "pid": (False, _null_or(_COUNT)), "host": (False, _null_or(_str)),
-}
-
-
-def rescue_checkpoint_path(store, name):
-    return os.path.join(store.checkpoint_dir, "rescue", name + ".json")
-
-
-def load_rescue_checkpoint(store, name):
-    """The rescue checkpoint of dataset name; None when absent or damaged (start over)."""
-    store.real_dir(os.path.dirname(rescue_checkpoint_path(store, name)))
-    try:
-        return read_json(rescue_checkpoint_path(store, name), "rescue checkpoint",
-                         RESCUE_CHECKPOINT_SCHEMA)
-    except InvalidState:
-        return None
-
-
-def save_rescue_checkpoint(store, name, doc):
-    store.ensure()
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(os.path.dirname(rescue_checkpoint_path(store, name)), 0o700)
-    os.close(store.open_dir("checkpoints", "rescue"))     # never through a symlink
-    atomic_write(rescue_checkpoint_path(store, name), dump_json(dict(doc, format=FORMAT)))
-
-
-def delete_rescue_checkpoint(store, name):
-    store.unlink_in(("checkpoints", "rescue"), name + ".json")
 
 
 def check_rescue_dest(ctx, cfg, dataset_path, to, flag="--to"):
@@ -5894,10 +5911,14 @@ class _RescueStop(Exception):
 class _Level(object):
     """One directory on the way to the current entry, on both sides: the source's fd (None
     when it could not be opened: error says why), the destination's (None in a dry run
-    where it does not exist yet), and the source's mode and mtime to give it when left."""
+    where it does not exist yet), and the source's mode and mtime to give it when left.
+    ident: the (st_dev, st_ino) of both, to know them again when reopened through "..";
+    path: the names from the root (the mount table's key)."""
 
-    def __init__(self, name, src, dst, error=None, meta=None):
+    def __init__(self, name, src, dst, error=None, meta=None, path=()):
         self.name, self.src, self.dst, self.error, self.meta = name, src, dst, error, meta
+        self.path = path
+        self.ident = (None, None)
         self.shed = False       # its fds closed to stay within MAX_OPEN_DIRS (see shed())
 
 
@@ -5921,6 +5942,11 @@ class RescueRun(object):
         self.started = time.time()
         self.euid = os.geteuid()
         self.host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:32] or "host"
+        self.token = random_token(8)    # in the names of the temporary files this run makes
+        self.temp_tokens = [self.token]     # ... and the ones it may remove (resume_point)
+        self.temp_serial = itertools.count()
+        self.root_dev = os.fstat(root_fd).st_dev
+        self.mounts = {}            # mount points below the root (mount_tree())
         self.cursor = None          # the last key done (bytes), None: none yet
         self.resumed = False
         self.done_before = self.copied_before = 0
@@ -5951,6 +5977,10 @@ class RescueRun(object):
         try:
             self.open_dest()
             self.open_log()
+            self.mounts = mount_tree(self.root_fd)
+            if not self.opts.dry_run:
+                self.save_checkpoint()      # the token, before any temporary file is made
+                self.reenter()
             self.t0 = self.last_checkpoint = time.monotonic()
             with Manifest(self.manifest_path) as m:
                 complete = self.copy_all(m, budget, should_stop, progress)
@@ -5982,7 +6012,9 @@ class RescueRun(object):
     def resume_point(self):
         if self.opts.dry_run:
             return
-        ck = load_rescue_checkpoint(self.store, self.name)
+        ck = self.store.load_checkpoint_quiet(self.name, "rescue")
+        if ck is not None:      # its runs' temporary files are no one else's (the lock)
+            self.temp_tokens = (ck.get("temps") or [])[1 - RESCUE_TOKENS_KEPT:] + [self.token]
         if ck is None or (ck["path"], ck["to"], ck["selection"], ck["manifest_walk_started"]) \
                 != (self.ds["path"], self.dest, self.opts.selection, self.walk_started):
             return              # another rescue's position: start over (the quick check
@@ -6017,29 +6049,71 @@ class RescueRun(object):
                 self.total_bytes += size
 
     def open_dest(self):
-        """DIR's fd (DIR made, 0700, when missing), the bottom of the destination stack."""
-        if not os.path.isdir(self.dest):
-            if self.opts.dry_run:
-                self.stack = [_Level(None, self.root_fd, None)]
-                return
-            missing, p = [], os.path.dirname(self.dest)
-            while p != os.path.dirname(p) and not os.path.lexists(p):
-                missing.insert(0, p)
-                p = os.path.dirname(p)
-            try:
-                os.makedirs(self.dest, 0o700)
-                self.parents_made = missing
-            except OSError as e:
-                raise_if_full(e, self.dest)
-                raise Failure("cannot create %s (%s); create it yourself or give another "
-                              "directory" % (display_path(self.dest), e.strerror))
+        """DIR's fd, the bottom of the destination stack: opened once, from "/", one
+        component at a time, never through a symlink (what was missing made: DIR 0700), and
+        then where it really is must be where check_rescue_dest() looked. By name, a
+        parent swapped for a symlink after the checks would send the copy through it."""
+        fd = os.open("/", O_DIR_FLAGS)
         try:
-            fd = os.open(self.dest, O_DIR_FLAGS)
-        except OSError as e:
-            raise Failure("cannot open %s (%s)" % (display_path(self.dest), e.strerror))
+            parts = [p for p in self.dest.split("/") if p]
+            for i, part in enumerate(parts):
+                parent, fd = fd, None       # dest_step closes it
+                fd = self.dest_step(parent, part, "/" + "/".join(parts[:i + 1]),
+                                    i == len(parts) - 1)
+                if fd is None:      # a dry run: not there yet
+                    self.stack = [_Level(None, self.root_fd, None)]
+                    return
+            where = os.readlink("/proc/self/fd/%d" % fd) if os.path.isdir("/proc/self/fd") \
+                else self.dest
+            if where != self.dest:
+                raise self.dest_changed("it is now %s" % display_path(where))
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
         self.stack = [_Level(None, self.root_fd, fd)]
+        self.stack[0].ident = (None, _ident(os.fstat(fd)))
         if not self.opts.dry_run:
             self.remove_temps(fd)
+
+    def dest_step(self, fd, part, path, last):
+        """The fd of directory part below fd (which it closes), made when missing (None in
+        a dry run)."""
+        try:
+            try:
+                return os.open(part, O_DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if self.opts.dry_run:
+                    return None
+                os.mkdir(part, 0o700 if last else 0o777, dir_fd=fd)
+                if not last:
+                    self.parents_made.append(path)
+                return os.open(part, O_DIR_FLAGS, dir_fd=fd)
+        except (NotADirectoryError, OSError) as e:
+            if e.errno in (errno.ENOTDIR, errno.ELOOP):
+                raise self.dest_changed("%s is no longer a directory (a symlink?)"
+                                        % display_path(path))
+            raise_if_full(e, self.dest)
+            raise Failure("cannot %s %s (%s); create it yourself or give another directory"
+                          % ("open" if os.path.lexists(path) else "create",
+                             display_path(path), e.strerror))
+        finally:
+            os.close(fd)
+
+    def dest_changed(self, how):
+        return UsageError("--to %s changed after it was checked: %s; nothing was copied; look "
+                          "at it, then run rescue again" % (display_path(self.dest), how))
+
+    def reenter(self):
+        """On resuming, enter the directories the cursor is in (and the cursor itself, if
+        it is one), so that leaving them gives them their modes and mtimes, whichever run
+        finishes their subtrees."""
+        if self.cursor is None:
+            return
+        comps = self.cursor.split(b"\0")
+        level = self.enter(comps[:-1])
+        if level.src is not None and stat.S_ISDIR(_lstat_mode(comps[-1], level.src)):
+            self.enter(comps)
 
     def open_log(self):
         if self.opts.dry_run:
@@ -6179,18 +6253,25 @@ class RescueRun(object):
             return None
 
     def read_link(self, level, name, st):
-        """The target of a source symlink; readlink(2) moves the link's atime: put back."""
-        target = os.readlink(name, dir_fd=level.src)
-        with contextlib.suppress(OSError):
-            # A symlink's mtime cannot change (only a new link replaces it): writing back
-            # the one just read rolls back nothing.
-            os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=level.src,
-                     follow_symlinks=False)
+        """The target of the source symlink st is of; readlink(2) moves the link's atime:
+        put back. Both through an O_PATH fd of that very link, never by name: the name may
+        meanwhile be another entry's, whose times must not be set."""
+        fd = os.open(name, O_PATH | O_NOFOLLOW | O_CLOEXEC, dir_fd=level.src)
+        try:
+            if _ident(os.fstat(fd)) != _ident(st):
+                raise _Changed("changed since it was looked at")
+            target = os.readlink(b"", dir_fd=fd)
+            with contextlib.suppress(OSError):
+                # A symlink's mtime cannot change (only a new link replaces it): writing
+                # back the one just read rolls back nothing. /proc/self/fd/N of an O_PATH
+                # fd leads to the link itself, not to what it points to.
+                os.utime("/proc/self/fd/%d" % fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        finally:
+            os.close(fd)
         return target
 
     def temp_name(self):
-        return RESCUE_TEMP_FORMAT % (self.host, os.getpid(), "".join(
-            "abcdefghijklmnopqrstuvwxyz0123456789"[b % 36] for b in os.urandom(8)))
+        return RESCUE_TEMP_FORMAT % (self.host, os.getpid(), self.token, next(self.temp_serial))
 
     def copy_link(self, level, name, st):
         target = self.read_link(level, name, st)
@@ -6261,8 +6342,6 @@ class RescueRun(object):
                     return      # the file shrank: the size check after the copy says so
                 start += n
                 self.counts["bytes_copied"] += n
-                if start < end:
-                    _test_pause(self.ctx.env, "rescue-copying")     # a file half copied
                 reason = self.stop_reason(self.budget, self.should_stop)
                 if reason:
                     self.stopped = reason
@@ -6325,28 +6404,57 @@ class RescueRun(object):
         level.shed = True
 
     def unshed(self, level, child):
-        """Reopen a shed level from its child's fds (".." is never a symlink)."""
-        level.src = os.open("..", O_DIR_FLAGS, dir_fd=child.src)
-        if child.dst is not None:
-            level.dst = os.open("..", O_DIR_FLAGS, dir_fd=child.dst)
+        """Reopen a shed level from its child's fds (".." is never a symlink), both sides
+        checked to be the directories it left: one moved meanwhile (its ".." is now
+        somewhere else) is an error for the rest of its subtree, never followed."""
         level.shed = False
+        fds = []
+        try:
+            if child.src is None:       # its own reopening failed: no way up from it
+                raise OSError(errno.EBADF, "the way back up through its subdirectory failed")
+            for fd in (child.src, child.dst):
+                if fd is not None:
+                    fds.append(os.open("..", O_DIR_FLAGS, dir_fd=fd))
+            if tuple(_ident(os.fstat(fd)) for fd in fds) != level.ident[:len(fds)]:
+                raise OSError(errno.ESTALE, "its directory %s moved during the rescue (its "
+                              "way back up is not where it was); not copied further"
+                              % display_path(b"/".join(level.path)))
+        except OSError as e:
+            for fd in fds:
+                os.close(fd)
+            level.error = e.strerror if e.errno == errno.ESTALE else \
+                "its directory %s cannot be reopened (%s)" % (
+                    display_path(b"/".join(level.path)), e.strerror or e)
+            return
+        level.src, level.dst = fds[0], (fds[1] if len(fds) > 1 else None)
 
     def push(self, parent, name, counts):
         """The level of directory name below parent: its source opened (O_NOFOLLOW,
-        O_NOATIME), its destination opened or made (0700 while it is filled)."""
+        O_NOATIME) and found on the dataset's filesystem and not a mount point, its
+        destination opened or made (0700 while it is filled)."""
+        path = parent.path + (name,)
         if parent.error:
-            return _Level(name, None, None, parent.error)
+            return _Level(name, None, None, parent.error, path=path)
+        why = None
         try:
             st = os.lstat(name, dir_fd=parent.src)
             if not stat.S_ISDIR(st.st_mode):
-                return _Level(name, None, None, "its directory %s is no longer a directory"
-                              % display_path(name))
-            src = open_dir_ex(name, parent.src)[0]
+                why = "is no longer a directory"
+            elif st.st_dev != self.root_dev or name in self.mounts.get(parent.path, ()):
+                why = "is a mount point (another filesystem is mounted there); not copied"
+            else:
+                src = open_dir_ex(name, parent.src)[0]
+                if _ident(os.fstat(src)) != _ident(st):
+                    os.close(src)
+                    why = "changed while it was opened"
         except OSError as e:
-            return _Level(name, None, None, "its directory %s cannot be opened (%s)" % (
-                display_path(name), "vanished since the walk" if e.errno == errno.ENOENT
-                else e.strerror))
-        level = _Level(name, src, None, meta=(st.st_mode, st.st_mtime_ns))
+            why = "cannot be opened (%s)" % ("vanished since the walk" if e.errno == errno.ENOENT
+                                             else e.strerror)
+        if why:
+            return _Level(name, None, None, "its directory %s %s" % (
+                display_path(b"/".join(path)), why), path=path)
+        level = _Level(name, src, None, meta=(st.st_mode, st.st_mtime_ns), path=path)
+        level.ident = (_ident(st), None)
         try:
             have = self.dest_stat(parent, name)
             if have is None:
@@ -6362,6 +6470,7 @@ class RescueRun(object):
             elif counts:
                 self.counts["entries_skipped"] += 1
             level.dst = os.open(name, O_DIR_FLAGS, dir_fd=parent.dst)
+            level.ident = (level.ident[0], _ident(os.fstat(level.dst)))
             if self.opts.dry_run:
                 return level
             mode = os.fstat(level.dst).st_mode
@@ -6393,26 +6502,18 @@ class RescueRun(object):
             self.stack = []
 
     def remove_temps(self, dfd):
-        """Delete the temporary files of dead rescues in an open destination directory."""
+        """Delete, in an open destination directory, the temporary files the runs of this
+        rescue left (their token says so): never a file of anyone else's."""
         try:
             names = os.listdir(dfd)
         except OSError:
             return
         for n in names:
             m = RESCUE_TEMP_RE.match(n)
-            if not m:
+            if not m or m.group(1) not in self.temp_tokens:
                 continue
-            try:
-                st = os.lstat(n, dir_fd=dfd)
-            except OSError:
+            if not stat.S_ISREG(_lstat_mode(n, dfd)) and not stat.S_ISLNK(_lstat_mode(n, dfd)):
                 continue
-            if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
-                continue
-            if m.group(1) == self.host:
-                if _pid_alive(int(m.group(2))) and int(m.group(2)) != os.getpid():
-                    continue
-            elif time.time() - st.st_mtime < RESCUE_FOREIGN_STALE:
-                continue        # another host's: it may still be writing
             with contextlib.suppress(OSError):
                 os.unlink(n, dir_fd=dfd)
                 self.counts["temps_removed"] += 1
@@ -6444,7 +6545,7 @@ class RescueRun(object):
 
     # -- checkpoint, result
     def save_checkpoint(self):
-        save_rescue_checkpoint(self.store, self.name, {
+        self.store.save_checkpoint(self.name, {
             "dataset": self.name, "path": self.ds["path"], "to": self.dest,
             "selection": self.opts.selection, "manifest_walk_started": self.walk_started,
             "cursor": None if self.cursor is None else [
@@ -6452,7 +6553,7 @@ class RescueRun(object):
             "entries_done": self.done_before + self.counts["entries_done"],
             "bytes_copied": self.copied_before + self.counts["bytes_copied"],
             "started": iso(self.started), "updated": iso(time.time()), "pid": os.getpid(),
-            "host": socket.gethostname()})
+            "host": socket.gethostname(), "temps": self.temp_tokens}, "rescue")
 
     def crashed(self):
         with contextlib.suppress(Exception):
@@ -6470,7 +6571,7 @@ class RescueRun(object):
             budget.entries_left -= self.counts["entries_done"]
         if not self.opts.dry_run:
             if complete:
-                delete_rescue_checkpoint(self.store, self.name)
+                self.store.delete_checkpoint(self.name, "rescue")
             else:
                 self.save_checkpoint()
         result = dict(self.counts, name=self.name, to=self.dest,
@@ -6563,7 +6664,7 @@ def _scheduled_rescue(ctx, name, budget, should_stop):
 def pending_rescue(store, ds):
     """True when a scheduled rescue of ds stopped before it was done."""
     try:
-        ck = load_rescue_checkpoint(store, ds["name"])
+        ck = store.load_checkpoint_quiet(ds["name"], "rescue")
     except StateError:
         return False
     return bool(ck and ds.get("rescue_to") and ck["selection"] == "skip")
