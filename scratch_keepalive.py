@@ -5833,23 +5833,26 @@ def check_rescue_room(ctx, dest, need, runner=None):
 
 class RescueOptions(object):
     def __init__(self, name, to, all=False, dry_run=False, max_seconds=None, max_entries=None,
-                 checkpoint_every=CHECKPOINT_SECONDS, selection=None):
+                 checkpoint_every=CHECKPOINT_SECONDS, selection=None, threads=None):
         self.name, self.to, self.dry_run = name, to, dry_run
         self.selection = selection or ("all" if all else "at-risk")
         self.max_seconds, self.max_entries = max_seconds, max_entries
         self.checkpoint_every = checkpoint_every
+        self.threads = threads      # copies in flight; None: rescue_threads() decides
 
 
 def rescue(name, to, all=False, dry_run=False, max_seconds=None, max_entries=None,
            state_dir=None, env=None, should_stop=None, progress=None,
-           checkpoint_every=CHECKPOINT_SECONDS):
+           checkpoint_every=CHECKPOINT_SECONDS, threads=None):
     """Copy the entries of dataset name's last complete walk that were at risk (all=True:
     every entry) to directory `to`, resumably. Returns the result (see README, "JSON
     output"), its exit_code included; raises UsageError (nothing copied) for a destination
     it refuses. should_stop() as for refresh(); progress(name, entries_done,
-    entries_total, bytes_copied, bytes_total, seconds) is called now and then."""
+    entries_total, bytes_copied, bytes_total, seconds) is called now and then; threads:
+    copies in flight (default: rescue_threads())."""
     ctx = _ctx(state_dir, env)
-    opts = RescueOptions(name, to, all, dry_run, max_seconds, max_entries, checkpoint_every)
+    opts = RescueOptions(name, to, all, dry_run, max_seconds, max_entries, checkpoint_every,
+                         threads=threads)
     return _rescue(ctx, opts, Budget(max_seconds, max_entries), should_stop, progress)
 
 
@@ -5920,6 +5923,7 @@ class _Level(object):
         self.path = path
         self.ident = (None, None)
         self.shed = False       # its fds closed to stay within MAX_OPEN_DIRS (see shed())
+        self.pending = 0        # copies into it still running on a thread
 
 
 class RescueRun(object):
@@ -5959,6 +5963,11 @@ class RescueRun(object):
         self.log_path = self.log = None
         self.total_entries = self.total_bytes = 0
         self.copy_calls = ["copy_file_range", "sendfile", "read"]
+        self.pool = None            # the copying threads (start_copying())
+        self.jobs = {}              # future -> (level, path, cursor before it), in order
+        self.rollback = None        # [the cursor before the first copy a stop cut short]
+        self.aborted = None         # set when the copying threads must stop (crashed())
+        self.lock = threading.Lock()            # the counts a copying thread adds to
         self.walk_started = None
         self.last_checkpoint = self.last_progress = self.t0 = 0.0
 
@@ -5982,12 +5991,18 @@ class RescueRun(object):
                 self.save_checkpoint()      # the token, before any temporary file is made
                 self.reenter()
             self.t0 = self.last_checkpoint = time.monotonic()
+            self.start_copying()
             with Manifest(self.manifest_path) as m:
                 complete = self.copy_all(m, budget, should_stop, progress)
+            self.settle()
+            complete = complete and not self.stopped
             self.leave(0)
         except BaseException:
             self.crashed()
             raise
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
         return self.finish(complete, budget)
 
     def selection_line(self, header):
@@ -6133,9 +6148,10 @@ class RescueRun(object):
 
     # -- the copy
     def copy_all(self, m, budget, should_stop, progress):
-        """Copy every selected entry after the cursor. True when all are done."""
+        """Copy every selected entry after the cursor. True when all are handed out (with
+        threads, copies may still be running: settle())."""
         for key, code, size in self.entries(m):
-            reason = self.stop_reason(budget, should_stop)
+            reason = self.stopped or self.stop_reason(budget, should_stop)
             if reason:
                 self.stopped = reason
                 return False
@@ -6153,14 +6169,16 @@ class RescueRun(object):
             self.tick(progress)
         return True
 
-    def stop_reason(self, budget, should_stop):
+    def stop_reason(self, budget, should_stop, entries=True):
+        """Why to stop now, or None; entries=False: inside a file's copy, which a count of
+        entries never cuts short (it counts the entries handed out)."""
         if should_stop is not None:
             reason = should_stop()
             if reason:
                 return reason
         if budget.deadline is not None and time.monotonic() >= budget.deadline:
             return "max-seconds"
-        if budget.entries_left is not None and \
+        if entries and budget.entries_left is not None and \
                 self.counts["entries_done"] >= budget.entries_left:
             return "max-entries"
         return None
@@ -6168,8 +6186,11 @@ class RescueRun(object):
     def tick(self, progress):
         t = time.monotonic()
         if not self.opts.dry_run and t - self.last_checkpoint >= self.opts.checkpoint_every:
+            self.settle()       # the checkpoint's cursor: every copy before it done
             self.save_checkpoint()
             self.last_checkpoint = time.monotonic()
+        elif self.jobs:
+            self.collect(block=False)
         if progress is not None and t - self.last_progress >= PROGRESS_SECONDS:
             self.last_progress = t
             progress(self.name, self.counts["entries_done"], self.total_entries,
@@ -6210,26 +6231,80 @@ class RescueRun(object):
             self.counts["entries_copied"] += 1
             self.counts["bytes_copied"] += st.st_size if stat.S_ISREG(st.st_mode) else 0
             return None
+        if self.pool is None:
+            return self.copied(path, self.write(level, name, st))
+        while len(self.jobs) >= 2 * self.threads:
+            self.collect(block=True)
+        level.pending += 1
+        self.jobs[self.pool.submit(self.write, level, name, st)] = (level, path, self.cursor)
+        return None
+
+    def write(self, level, name, st):
+        """Copy one file or symlink (on a copying thread, or here): None when it is in
+        place, else the exception that stopped it."""
         try:
             if stat.S_ISLNK(st.st_mode):
                 self.copy_link(level, name, st)
             else:
-                self.copy_file(level, name, path)
-        except _RescueStop:
-            raise
-        except _NotOwned:
-            return self.not_copied(path, "other-owner")
-        except OSError as e:
-            if e.errno in FULL_ERRNOS:
-                raise DiskFullError(e.errno, "cannot write %s: the destination's disk or quota "
-                                    "is full (%s); free some space there and run rescue again "
-                                    "(it resumes)" % (display_path(os.path.join(
-                                        os.fsencode(self.dest), path)), e.strerror))
-            return self.failed(path, e.strerror or str(e))
-        except _Changed as e:
-            return self.failed(path, str(e))
-        self.counts["entries_copied"] += 1
+                self.copy_file(level, name)
+        except (_RescueStop, _NotOwned, _Changed, OSError) as e:
+            return e
         return None
+
+    def copied(self, path, outcome):
+        """Count what write() did to the entry at path."""
+        if outcome is None:
+            self.counts["entries_copied"] += 1
+        elif isinstance(outcome, _RescueStop):
+            raise outcome
+        elif isinstance(outcome, _NotOwned):
+            self.not_copied(path, "other-owner")
+        elif isinstance(outcome, OSError) and outcome.errno in FULL_ERRNOS:
+            raise DiskFullError(outcome.errno, "cannot write %s: the destination's disk or "
+                                "quota is full (%s); free some space there and run rescue "
+                                "again (it resumes)" % (display_path(os.path.join(
+                                    os.fsencode(self.dest), path)), outcome.strerror))
+        else:
+            self.failed(path, str(outcome) if isinstance(outcome, _Changed)
+                        else outcome.strerror or str(outcome))
+
+    # -- copying threads: files are copied on threads where latency dominates (a network
+    # filesystem, on either side), so that many opens, creates and copies are in flight
+    def start_copying(self):
+        self.threads = self.opts.threads or rescue_threads(self.ds["path"], self.dest)
+        if self.threads > 1 and not self.opts.dry_run:
+            import concurrent.futures
+            self.futures = concurrent.futures
+            self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.threads)
+
+    def collect(self, block):
+        """Count the copies that are done (block: wait for one at least)."""
+        if not self.jobs:
+            return
+        done = self.futures.wait(list(self.jobs), timeout=None if block else 0,
+                                 return_when=self.futures.FIRST_COMPLETED)[0]
+        for fut in [f for f in self.jobs if f in done]:     # in the order handed out
+            level, path, before = self.jobs.pop(fut)
+            level.pending -= 1
+            try:
+                self.copied(path, fut.result())
+            except _RescueStop:
+                self.counts["entries_done"] -= 1    # to be done again: resume before it
+                if self.rollback is None or not _key_after(before, self.rollback[0]):
+                    self.rollback = [before]
+
+    def settle(self, level=None):
+        """Wait for the copies still running (into level only, when given)."""
+        while self.jobs and (level is None or level.pending):
+            self.collect(block=True)
+
+    def checkpoint_cursor(self):
+        """The last key before which every copy is done: the cursor, unless copies still
+        run (crashed) or a stop cut one short."""
+        cursor = next(iter(self.jobs.values()))[2] if self.jobs else self.cursor
+        if self.rollback is not None and _key_after(cursor, self.rollback[0]):
+            cursor = self.rollback[0]
+        return cursor
 
     def same(self, st, have, level, name):
         """rsync's quick check: same kind, same size and mtime (a symlink: same target)."""
@@ -6286,7 +6361,7 @@ class RescueRun(object):
                 os.unlink(tmp, dir_fd=level.dst)
             raise
 
-    def copy_file(self, level, name, path):
+    def copy_file(self, level, name):
         """Copy a regular file's data extents into a temporary file, then rename it."""
         try:
             src = os.open(name, os.O_RDONLY | O_NOFOLLOW | O_NOATIME | os.O_NONBLOCK
@@ -6341,8 +6416,10 @@ class RescueRun(object):
                 if n <= 0:
                     return      # the file shrank: the size check after the copy says so
                 start += n
-                self.counts["bytes_copied"] += n
-                reason = self.stop_reason(self.budget, self.should_stop)
+                with self.lock:
+                    self.counts["bytes_copied"] += n
+                reason = self.aborted or self.stop_reason(self.budget, self.should_stop,
+                                                          entries=False)
                 if reason:
                     self.stopped = reason
                     raise _RescueStop()
@@ -6397,6 +6474,7 @@ class RescueRun(object):
         if level.shed or level.src is None or child.src is None or (
                 level.dst is not None and child.dst is None):
             return
+        self.settle(level)          # its copies use its fds
         os.close(level.src)
         if level.dst is not None:
             os.close(level.dst)
@@ -6490,6 +6568,7 @@ class RescueRun(object):
             level = self.stack.pop()
             if self.stack and self.stack[-1].shed:
                 self.unshed(self.stack[-1], level)     # before its mode may forbid ".."
+            self.settle(level)      # its contents first, or its mtime would move
             if level.dst is not None:
                 if not self.opts.dry_run and level.meta is not None:
                     with contextlib.suppress(OSError):
@@ -6548,19 +6627,23 @@ class RescueRun(object):
         self.store.save_checkpoint(self.name, {
             "dataset": self.name, "path": self.ds["path"], "to": self.dest,
             "selection": self.opts.selection, "manifest_walk_started": self.walk_started,
-            "cursor": None if self.cursor is None else [
-                encode_name(c) for c in self.cursor.split(b"\0")],
+            "cursor": None if self.checkpoint_cursor() is None else [
+                encode_name(c) for c in self.checkpoint_cursor().split(b"\0")],
             "entries_done": self.done_before + self.counts["entries_done"],
             "bytes_copied": self.copied_before + self.counts["bytes_copied"],
             "started": iso(self.started), "updated": iso(time.time()), "pid": os.getpid(),
             "host": socket.gethostname(), "temps": self.temp_tokens}, "rescue")
 
     def crashed(self):
-        with contextlib.suppress(Exception):
-            self.leave(0)
+        self.aborted = "crashed"        # copying threads stop at their next chunk
+        if self.jobs:
+            self.futures.wait(list(self.jobs))
         if not self.opts.dry_run and self.cursor is not None:   # there is a position to keep
             with contextlib.suppress(Exception):
                 self.save_checkpoint()
+        self.jobs = {}
+        with contextlib.suppress(Exception):
+            self.leave(0)
         if self.log is not None:
             self.write_log("end crashed entries_done=%d" % self.counts["entries_done"])
             self.log.close()
@@ -6616,6 +6699,17 @@ RESCUE_REASON_COUNTS = {"other-owner": "entries_not_owned",
 RESCUE_COUNTS = ("entries_done", "entries_copied", "bytes_copied", "dirs_created",
                  "entries_skipped", "bytes_skipped", "entries_not_rescued", "entries_not_owned",
                  "entries_newer_destination", "entries_special", "errors", "temps_removed")
+
+
+def _key_after(a, b):
+    """Manifest key a comes after b in the walk's order (None: before every key)."""
+    return a is not None and (b is None or a > b)
+
+
+def rescue_threads(path, dest):
+    """Copies in flight when the user did not say: NETWORK_THREADS where either side is a
+    network filesystem (each open and create waits on a server), else one."""
+    return NETWORK_THREADS if {fs_type(path), fs_type(dest)} & set(NETWORK_FS) else 1
 
 
 def check_newest_manifest(ds, cfg, now, newest, root_fd):

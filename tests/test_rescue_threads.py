@@ -1,0 +1,106 @@
+"""rescue with copying threads: copies of different files overlap, and what a threaded
+rescue leaves is what a single-threaded one leaves, stopped and resumed or not."""
+import json
+import os
+import stat
+import threading
+
+import pytest
+
+from conftest import KEEP, set_atime, sk
+
+OLD = 1577836800.0
+
+
+@pytest.fixture
+def tree(generic, cli):
+    """60 files of assorted sizes (one sparse) in 6 directories with their own modes, and
+    symlinks; every atime old; walked in check mode."""
+    root = generic["scratch"] / "ds"
+    for d in range(6):
+        sub = root / ("d%d" % d)
+        sub.mkdir(parents=True)
+        for f in range(10):
+            (sub / ("f%02d" % f)).write_bytes(os.urandom(1000 * f + d))
+        os.symlink("f00", str(sub / "link"))
+        os.chmod(str(sub), 0o750 + d % 2)
+    with open(str(root / "d0" / "sparse"), "wb") as f:
+        f.truncate(8 << 20)
+        f.write(b"head")
+    for dp, dns, fns in os.walk(str(root)):
+        for n in dns + fns:
+            set_atime(os.path.join(dp, n), OLD)
+    assert cli("add", "--name", "ds", "--path", root, "--keep-until", KEEP).rc == 0
+    assert cli("refresh", "--name", "ds", "--check").rc == 0
+    generic["root"] = root
+    return generic
+
+
+def picture(top):
+    """{relative path: (kind, mode, mtime_ns, contents or link target)}."""
+    out = {}
+    for dp, dns, fns in os.walk(str(top)):
+        for n in dns + fns:
+            p = os.path.join(dp, n)
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                body = os.readlink(p)
+            elif stat.S_ISREG(st.st_mode):
+                body = open(p, "rb").read()
+            else:
+                body = None
+            out[os.path.relpath(p, str(top))] = (stat.S_IFMT(st.st_mode),
+                                                 stat.S_IMODE(st.st_mode),
+                                                 None if stat.S_ISLNK(st.st_mode)
+                                                 else st.st_mtime_ns, body)
+    out.pop(sk.SENTINEL, None)
+    return out
+
+
+def test_copies_of_different_files_overlap(tree, monkeypatch, tmp_path):
+    """Four copies must be in flight at once to get past a barrier of four: a rescue that
+    copied one file at a time would time out at it."""
+    barrier = threading.Barrier(4, timeout=30)
+    real = sk.RescueRun.copy_file
+    met = []
+
+    def copy_file(self, level, name):
+        if not met:
+            barrier.wait()
+            met.append(True)
+        return real(self, level, name)
+    monkeypatch.setattr(sk.RescueRun, "copy_file", copy_file)
+    r = sk.rescue("ds", str(tmp_path / "safe"), all=True, threads=4)
+    assert r["exit_code"] == 0 and r["errors"] == 0, r
+    assert met
+
+
+@pytest.mark.parametrize("threads", [1, 8])
+def test_a_threaded_rescue_leaves_what_one_thread_leaves(tree, tmp_path, threads):
+    r = sk.rescue("ds", str(tmp_path / "safe"), all=True, threads=threads)
+    assert r["exit_code"] == 0 and r["entries_copied"] == 6 * 11 + 1, r
+    assert picture(tmp_path / "safe") == picture(tree["root"])
+
+
+def test_stopped_in_the_middle_of_copies_it_resumes_to_the_same_copy(tree, tmp_path):
+    """A stop request arrives while copies are in flight; each resumed run is stopped
+    again, until one completes: the copy is exact, and the checkpoint never skipped a
+    file left half copied."""
+    dest = tmp_path / "safe"
+    calls = [0]
+
+    def stop_soon():
+        calls[0] += 1
+        return "int" if calls[0] % 7 == 0 else None
+    results = []
+    for _ in range(200):
+        r = sk.rescue("ds", str(dest), all=True, threads=8, should_stop=stop_soon)
+        results.append(r["exit_code"])
+        if r["complete"]:
+            break
+        assert r["exit_code"] == 130, r
+    assert results[-1] == 0 and len(results) > 2, results
+    assert picture(dest) == picture(tree["root"])
+    leftovers = [n for dp, dns, fns in os.walk(str(dest)) for n in fns
+                 if n.startswith(".scratch-keepalive-rescue.")]
+    assert leftovers == []
