@@ -2537,6 +2537,17 @@ def child_key(key, name):
     return key + b"\0" + name if key else name
 
 
+def reopen_parent(fd, ident):
+    """The directory ".." of directory fd, when it is the one entered as ident (st_dev,
+    st_ino), else OSError ESTALE: a directory moved meanwhile has its ".." somewhere else,
+    and the walk (or the copy) must not go on there as if it were the dataset."""
+    parent = open_dir("..", dir_fd=fd)
+    if _ident(os.fstat(parent)) != ident:
+        os.close(parent)
+        raise OSError(errno.ESTALE, "directory moved during the walk")
+    return parent
+
+
 class Counts(object):
     FIELDS = ("entries_seen", "entries_touched", "entries_skipped", "entries_at_risk",
               "bytes_at_risk", "entries_purge_eligible", "bytes_purge_eligible", "errors",
@@ -2557,6 +2568,13 @@ class Counts(object):
     def add(self, other):
         for f in self.FIELDS:
             setattr(self, f, getattr(self, f) + getattr(other, f))
+
+
+class RescueCounts(Counts):
+    """A rescue's counts (see the README's JSON section, `rescue`)."""
+    FIELDS = ("entries_done", "entries_copied", "bytes_copied", "dirs_created",
+              "entries_skipped", "bytes_skipped", "entries_not_rescued", "entries_not_owned",
+              "entries_newer_destination", "entries_special", "errors", "temps_removed")
 
 
 class Walker(object):
@@ -2727,12 +2745,7 @@ class Walker(object):
             try:
                 if child.fd is None:        # its own reopening failed: no way up from it
                     raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-                fd = open_dir("..", dir_fd=child.fd)
-                st = os.fstat(fd)
-                if (st.st_dev, st.st_ino) != parent.ident:
-                    os.close(fd)
-                    raise OSError(errno.ESTALE, "directory moved during the walk")
-                parent.fd = fd
+                parent.fd = reopen_parent(child.fd, parent.ident)
             except OSError as e:
                 self._error(None, e.errno or errno.EIO)
                 self._unlisted(parent.key)
@@ -5955,7 +5968,7 @@ class RescueRun(object):
         self.resumed = False
         self.done_before = self.copied_before = 0
         self.stack = []
-        self.counts = dict((k, 0) for k in RESCUE_COUNTS)
+        self.counts = RescueCounts()
         self.not_rescued = []       # the first RESCUE_LISTED of them
         self.error_whys = {}        # why -> how many errors, for the summary line
         self.parents_made = []      # --to's missing parents that open_dest made
@@ -6164,7 +6177,7 @@ class RescueRun(object):
                 if e.errno in FULL_ERRNOS or isinstance(e, DiskFullError):
                     raise
                 self.failed(b"/".join(comps), e.strerror or str(e))
-            self.counts["entries_done"] += 1
+            self.counts.entries_done += 1
             self.cursor = key
             self.tick(progress)
         return True
@@ -6179,7 +6192,7 @@ class RescueRun(object):
         if budget.deadline is not None and time.monotonic() >= budget.deadline:
             return "max-seconds"
         if entries and budget.entries_left is not None and \
-                self.counts["entries_done"] >= budget.entries_left:
+                self.counts.entries_done >= budget.entries_left:
             return "max-entries"
         return None
 
@@ -6193,8 +6206,8 @@ class RescueRun(object):
             self.collect(block=False)
         if progress is not None and t - self.last_progress >= PROGRESS_SECONDS:
             self.last_progress = t
-            progress(self.name, self.counts["entries_done"], self.total_entries,
-                     self.counts["bytes_copied"], self.total_bytes, t - self.t0)
+            progress(self.name, self.counts.entries_done, self.total_entries,
+                     self.counts.bytes_copied, self.total_bytes, t - self.t0)
 
     def one(self, comps, code):
         """Rescue one entry, by what it is now (the manifest says what it was)."""
@@ -6222,14 +6235,14 @@ class RescueRun(object):
             if stat.S_ISDIR(have.st_mode):
                 return self.failed(path, "a directory is in its place at the destination")
             if self.same(st, have, level, name):
-                self.counts["entries_skipped"] += 1
-                self.counts["bytes_skipped"] += st.st_size if stat.S_ISREG(st.st_mode) else 0
+                self.counts.entries_skipped += 1
+                self.counts.bytes_skipped += st.st_size if stat.S_ISREG(st.st_mode) else 0
                 return None
             if have.st_mtime_ns > st.st_mtime_ns:
                 return self.not_copied(path, "newer-destination")
         if self.opts.dry_run:
-            self.counts["entries_copied"] += 1
-            self.counts["bytes_copied"] += st.st_size if stat.S_ISREG(st.st_mode) else 0
+            self.counts.entries_copied += 1
+            self.counts.bytes_copied += st.st_size if stat.S_ISREG(st.st_mode) else 0
             return None
         if self.pool is None:
             return self.copied(path, self.write(level, name, st))
@@ -6254,7 +6267,7 @@ class RescueRun(object):
     def copied(self, path, outcome):
         """Count what write() did to the entry at path."""
         if outcome is None:
-            self.counts["entries_copied"] += 1
+            self.counts.entries_copied += 1
         elif isinstance(outcome, _RescueStop):
             raise outcome
         elif isinstance(outcome, _NotOwned):
@@ -6289,7 +6302,7 @@ class RescueRun(object):
             try:
                 self.copied(path, fut.result())
             except _RescueStop:
-                self.counts["entries_done"] -= 1    # to be done again: resume before it
+                self.counts.entries_done -= 1    # to be done again: resume before it
                 if self.rollback is None or not _key_after(before, self.rollback[0]):
                     self.rollback = [before]
 
@@ -6417,7 +6430,7 @@ class RescueRun(object):
                     return      # the file shrank: the size check after the copy says so
                 start += n
                 with self.lock:
-                    self.counts["bytes_copied"] += n
+                    self.counts.bytes_copied += n
                 reason = self.aborted or self.stop_reason(self.budget, self.should_stop,
                                                           entries=False)
                 if reason:
@@ -6490,19 +6503,16 @@ class RescueRun(object):
         try:
             if child.src is None:       # its own reopening failed: no way up from it
                 raise OSError(errno.EBADF, "the way back up through its subdirectory failed")
-            for fd in (child.src, child.dst):
-                if fd is not None:
-                    fds.append(os.open("..", O_DIR_FLAGS, dir_fd=fd))
-            if tuple(_ident(os.fstat(fd)) for fd in fds) != level.ident[:len(fds)]:
-                raise OSError(errno.ESTALE, "its directory %s moved during the rescue (its "
-                              "way back up is not where it was); not copied further"
-                              % display_path(b"/".join(level.path)))
+            fds.append(reopen_parent(child.src, level.ident[0]))
+            if child.dst is not None:
+                fds.append(reopen_parent(child.dst, level.ident[1]))
         except OSError as e:
             for fd in fds:
                 os.close(fd)
-            level.error = e.strerror if e.errno == errno.ESTALE else \
-                "its directory %s cannot be reopened (%s)" % (
-                    display_path(b"/".join(level.path)), e.strerror or e)
+            level.error = "its directory %s %s" % (
+                display_path(b"/".join(level.path)),
+                "moved during the rescue (its way back up is not where it was); not copied "
+                "further" if e.errno == errno.ESTALE else "cannot be reopened (%s)" % e.strerror)
             return
         level.src, level.dst = fds[0], (fds[1] if len(fds) > 1 else None)
 
@@ -6537,16 +6547,16 @@ class RescueRun(object):
             have = self.dest_stat(parent, name)
             if have is None:
                 if self.opts.dry_run:       # would be made
-                    self.counts["dirs_created"] += 1
+                    self.counts.dirs_created += 1
                     return level
                 os.mkdir(name, 0o700, dir_fd=parent.dst)
-                self.counts["dirs_created"] += 1
+                self.counts.dirs_created += 1
             elif not stat.S_ISDIR(have.st_mode):
                 level.error = ("%s exists at the destination and is not a directory (a "
                                "symlink there is never followed)" % display_path(name))
                 return level
             elif counts:
-                self.counts["entries_skipped"] += 1
+                self.counts.entries_skipped += 1
             level.dst = os.open(name, O_DIR_FLAGS, dir_fd=parent.dst)
             level.ident = (level.ident[0], _ident(os.fstat(level.dst)))
             if self.opts.dry_run:
@@ -6595,17 +6605,18 @@ class RescueRun(object):
                 continue
             with contextlib.suppress(OSError):
                 os.unlink(n, dir_fd=dfd)
-                self.counts["temps_removed"] += 1
+                self.counts.temps_removed += 1
 
     # -- outcomes
     def not_copied(self, path, reason):
-        self.counts["entries_not_rescued"] += 1
-        self.counts[RESCUE_REASON_COUNTS[reason]] += 1
+        self.counts.entries_not_rescued += 1
+        field = RESCUE_REASON_COUNTS[reason]
+        setattr(self.counts, field, getattr(self.counts, field) + 1)
         self.listed(path, reason)
 
     def failed(self, path, why):
-        self.counts["entries_not_rescued"] += 1
-        self.counts["errors"] += 1
+        self.counts.entries_not_rescued += 1
+        self.counts.errors += 1
         self.error_whys[why] = self.error_whys.get(why, 0) + 1
         self.listed(path, "error", why)
 
@@ -6629,8 +6640,8 @@ class RescueRun(object):
             "selection": self.opts.selection, "manifest_walk_started": self.walk_started,
             "cursor": None if self.checkpoint_cursor() is None else [
                 encode_name(c) for c in self.checkpoint_cursor().split(b"\0")],
-            "entries_done": self.done_before + self.counts["entries_done"],
-            "bytes_copied": self.copied_before + self.counts["bytes_copied"],
+            "entries_done": self.done_before + self.counts.entries_done,
+            "bytes_copied": self.copied_before + self.counts.bytes_copied,
             "started": iso(self.started), "updated": iso(time.time()), "pid": os.getpid(),
             "host": socket.gethostname(), "temps": self.temp_tokens}, "rescue")
 
@@ -6645,37 +6656,37 @@ class RescueRun(object):
         with contextlib.suppress(Exception):
             self.leave(0)
         if self.log is not None:
-            self.write_log("end crashed entries_done=%d" % self.counts["entries_done"])
+            self.write_log("end crashed entries_done=%d" % self.counts.entries_done)
             self.log.close()
             self.log = None
 
     def finish(self, complete, budget):
         if budget.entries_left is not None:
-            budget.entries_left -= self.counts["entries_done"]
+            budget.entries_left -= self.counts.entries_done
         if not self.opts.dry_run:
             if complete:
                 self.store.delete_checkpoint(self.name, "rescue")
             else:
                 self.save_checkpoint()
-        result = dict(self.counts, name=self.name, to=self.dest,
+        result = dict(self.counts.as_dict(), name=self.name, to=self.dest,
                       selection=self.opts.selection, dry_run=bool(self.opts.dry_run),
                       complete=complete, resumed=self.resumed,
                       stopped=None if complete else self.stopped,
                       manifest=self.manifest_path, walk_started=self.walk_started,
                       entries_total=self.total_entries, bytes_total=self.total_bytes,
-                      entries_done_total=self.done_before + self.counts["entries_done"],
-                      bytes_copied_total=self.copied_before + self.counts["bytes_copied"],
+                      entries_done_total=self.done_before + self.counts.entries_done,
+                      bytes_copied_total=self.copied_before + self.counts.bytes_copied,
                       not_rescued=self.not_rescued, started=iso(self.started),
                       finished=iso(time.time()), log=self.log_path,
                       errors_why=sorted(self.error_whys.items(), key=lambda kv: -kv[1]),
                       parents_made=self.parents_made)
         if complete:
-            result["exit_code"] = EXIT_FAIL if self.counts["errors"] else EXIT_OK
+            result["exit_code"] = EXIT_FAIL if self.counts.errors else EXIT_OK
         else:
             result["exit_code"] = EXIT_INTERRUPTED if self.stopped == "int" else EXIT_STOPPED
         if self.log is not None:
             self.write_log("counts " + " ".join("%s=%d" % kv for kv in sorted(
-                self.counts.items())))
+                self.counts.as_dict().items())))
             self.write_log("end %s%s exit=%d" % ("complete" if complete else "stopped",
                                                  "" if complete else " reason=%s" % self.stopped,
                                                  result["exit_code"]))
@@ -6696,9 +6707,6 @@ class _Changed(Exception):
 RESCUE_REASON_COUNTS = {"other-owner": "entries_not_owned",
                         "newer-destination": "entries_newer_destination",
                         "special": "entries_special"}
-RESCUE_COUNTS = ("entries_done", "entries_copied", "bytes_copied", "dirs_created",
-                 "entries_skipped", "bytes_skipped", "entries_not_rescued", "entries_not_owned",
-                 "entries_newer_destination", "entries_special", "errors", "temps_removed")
 
 
 def _key_after(a, b):
