@@ -5937,6 +5937,7 @@ class _Level(object):
         self.ident = (None, None)
         self.shed = False       # its fds closed to stay within MAX_OPEN_DIRS (see shed())
         self.pending = 0        # copies into it still running on a thread
+        self.made = False       # its destination made by this run (nothing in it to look at)
 
 
 class RescueRun(object):
@@ -5976,6 +5977,8 @@ class RescueRun(object):
         self.log_path = self.log = None
         self.total_entries = self.total_bytes = 0
         self.copy_calls = ["copy_file_range", "sendfile", "read"]
+        self.umask = os.umask(0o077)    # read, and put back at once
+        os.umask(self.umask)
         self.pool = None            # the copying threads (start_copying())
         self.jobs = {}              # future -> (level, path, cursor before it), in order
         self.rollback = None        # [the cursor before the first copy a stop cut short]
@@ -6333,8 +6336,8 @@ class RescueRun(object):
         return same_mtime(have.st_mtime_ns, st.st_mtime_ns)
 
     def dest_stat(self, level, name):
-        if level.dst is None:
-            return None
+        if level.dst is None or level.made:
+            return None     # nothing there, or a directory this run made: nothing yet
         try:
             return os.lstat(name, dir_fd=level.dst)
         except FileNotFoundError:
@@ -6388,13 +6391,15 @@ class RescueRun(object):
             if not stat.S_ISREG(before.st_mode):
                 raise _Changed("changed into another kind of entry since the walk")
             tmp = self.temp_name()
+            mode = stat.S_IMODE(before.st_mode) & ~(stat.S_ISUID | stat.S_ISGID)
             out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC,
-                          0o600, dir_fd=level.dst)
+                          mode & 0o777, dir_fd=level.dst)
             try:
                 try:
-                    self.copy_data(src, out, before.st_size)
-                    os.ftruncate(out, before.st_size)   # a hole at the end stays a hole
-                    os.chmod(out, stat.S_IMODE(before.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
+                    if self.copy_data(src, out, before.st_size) < before.st_size:
+                        os.ftruncate(out, before.st_size)   # a hole at the end stays a hole
+                    if mode & (self.umask | ~0o777):        # what open()'s mode did not give
+                        os.chmod(out, mode)
                     os.utime(out, ns=(int(time.time() * 1e9), before.st_mtime_ns))
                 finally:
                     os.close(out)
@@ -6411,14 +6416,15 @@ class RescueRun(object):
             os.close(src)
 
     def copy_data(self, src, out, size):
-        """Copy the data extents of src (SEEK_DATA/SEEK_HOLE) to the same offsets of out."""
+        """Copy the data extents of src (SEEK_DATA/SEEK_HOLE) to the same offsets of out;
+        returns where the data written ends."""
         pos = 0
         while pos < size:
             try:
                 start = os.lseek(src, pos, os.SEEK_DATA)
             except OSError as e:
                 if e.errno == errno.ENXIO:
-                    return      # only a hole from pos on
+                    return pos  # only a hole from pos on
                 start = pos     # no sparse support here: all of it is data
             try:
                 end = min(size, os.lseek(src, start, os.SEEK_HOLE))
@@ -6427,7 +6433,7 @@ class RescueRun(object):
             while start < end:
                 n = self.copy_range(src, out, start, min(RESCUE_CHUNK, end - start))
                 if n <= 0:
-                    return      # the file shrank: the size check after the copy says so
+                    return start    # the file shrank: the size check after the copy says so
                 start += n
                 with self.lock:
                     self.counts.bytes_copied += n
@@ -6437,6 +6443,7 @@ class RescueRun(object):
                     self.stopped = reason
                     raise _RescueStop()
             pos = end
+        return pos
 
     def copy_range(self, src, out, offset, count):
         """Up to count bytes at offset, by the best call that works here."""
@@ -6550,6 +6557,7 @@ class RescueRun(object):
                     self.counts.dirs_created += 1
                     return level
                 os.mkdir(name, 0o700, dir_fd=parent.dst)
+                level.made = True
                 self.counts.dirs_created += 1
             elif not stat.S_ISDIR(have.st_mode):
                 level.error = ("%s exists at the destination and is not a directory (a "

@@ -24,6 +24,8 @@ def tree(generic, cli):
             (sub / ("f%02d" % f)).write_bytes(os.urandom(1000 * f + d))
         os.symlink("f00", str(sub / "link"))
         os.chmod(str(sub), 0o750 + d % 2)
+    os.chmod(str(root / "d1" / "f01"), 0o666)      # more than the umask lets open() give
+    os.chmod(str(root / "d1" / "f02"), 0o1600)
     with open(str(root / "d0" / "sparse"), "wb") as f:
         f.truncate(8 << 20)
         f.write(b"head")
@@ -77,7 +79,11 @@ def test_copies_of_different_files_overlap(tree, monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("threads", [1, 8])
 def test_a_threaded_rescue_leaves_what_one_thread_leaves(tree, tmp_path, threads):
-    r = sk.rescue("ds", str(tmp_path / "safe"), all=True, threads=threads)
+    old = os.umask(0o022)
+    try:
+        r = sk.rescue("ds", str(tmp_path / "safe"), all=True, threads=threads)
+    finally:
+        os.umask(old)
     assert r["exit_code"] == 0 and r["entries_copied"] == 6 * 11 + 1, r
     assert picture(tmp_path / "safe") == picture(tree["root"])
 
