@@ -8800,14 +8800,23 @@ class Progress(object):
         self.shown = False
 
     def __call__(self, name, done, this_run, seconds, total):
-        if not self.active:
-            return
+        """A walk's progress (refresh's progress callback)."""
         rate = this_run / seconds if seconds > 0 else 0
         share = " %d%%" % min(99, 100 * done // total) if total else ""
-        self.stream.write("\r\033[K%s: %s entries, %s/s%s" % (name, human_count(done),
-                                                             human_count(int(rate)), share))
-        self.stream.flush()
-        self.shown = True
+        self.show("%s: %s entries, %s/s%s" % (name, human_count(done), human_count(int(rate)),
+                                              share))
+
+    def copied(self, name, done, total, copied, bytes_total, seconds):
+        """A rescue's progress (rescue's progress callback)."""
+        self.show("%s: rescued %s of %s entries, %s of %s" % (
+            name, human_count(done), human_count(total), human_bytes(copied),
+            human_bytes(bytes_total)))
+
+    def show(self, text):
+        if self.active:
+            self.stream.write("\r\033[K" + text)
+            self.stream.flush()
+            self.shown = True
 
     def clear(self):
         if self.shown:
@@ -9108,22 +9117,13 @@ def cmd_disable(args, ctx):
 def cmd_rescue(args, ctx):
     opts = RescueOptions(args.name, args.to, args.all, args.dry_run, args.max_seconds,
                          args.max_entries, args.checkpoint_every)
-    shown = Progress(ctx.err)
-
-    def progress(name, done, total, copied, bytes_total, seconds):
-        if shown.active:
-            shown.stream.write("\r\033[K%s: rescued %s of %s entries, %s of %s" % (
-                name, human_count(done), human_count(total), human_bytes(copied),
-                human_bytes(bytes_total)))
-            shown.stream.flush()
-            shown.shown = True
-
+    progress = Progress(ctx.err)
     with stop_signals() as should_stop:
         try:
             r = _rescue(ctx, opts, Budget(args.max_seconds, args.max_entries), should_stop,
-                        progress)
+                        progress.copied)
         finally:
-            shown.clear()
+            progress.clear()
     if args.json:
         emit_json(ctx, r)
     else:
