@@ -5960,6 +5960,7 @@ class RescueRun(object):
         self.started = time.time()
         self.euid = os.geteuid()
         self.host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:32] or "host"
+        self.pid = os.getpid()
         self.token = random_token(8)    # in the names of the temporary files this run makes
         self.temp_tokens = [self.token]     # ... and the ones it may remove (resume_point)
         self.temp_serial = itertools.count()
@@ -6362,7 +6363,7 @@ class RescueRun(object):
         return target
 
     def temp_name(self):
-        return RESCUE_TEMP_FORMAT % (self.host, os.getpid(), self.token, next(self.temp_serial))
+        return RESCUE_TEMP_FORMAT % (self.host, self.pid, self.token, next(self.temp_serial))
 
     def copy_link(self, level, name, st):
         target = self.read_link(level, name, st)
