@@ -9134,14 +9134,8 @@ def _sub(subs, name, func, help_text, description, examples):
     return p
 
 
-def build_parser():
-    parser = _Parser(prog=PROG, description=__doc__, epilog=EXAMPLES,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version="%s %s" % (PROG, __version__))
-    add_state_dir_argument(parser, top=True)
-    subs = parser.add_subparsers(dest="command", metavar="COMMAND")
-    subs.required = True
-
+def _parser_init(subs):
+    """`init`: the profile, scratch root and purge days."""
     p = _sub(subs, "init", cmd_init, "choose the profile and scratch root",
              "Create or update the configuration. The same options again change nothing; new "
              "ones update it; changing the profile while datasets exist is refused.",
@@ -9153,6 +9147,9 @@ def build_parser():
     p.add_argument("--purge-days", type=_int_range(6, 3650), metavar="N",
                    help="generic: files not accessed for N days are purged (default 30)")
 
+
+def _parser_add(subs):
+    """`add`: register a dataset."""
     p = _sub(subs, "add", cmd_add, "register a dataset",
              "Register a dataset below the scratch root, to be kept until a date (inclusive), "
              "and write its sentinel file.",
@@ -9175,6 +9172,9 @@ def build_parser():
                         "directory cannot hold")
     add_json_argument(p)
 
+
+def _parser_list(subs):
+    """`list`: the datasets, one line each."""
     p = _sub(subs, "list", cmd_list, "list datasets",
              "List the registered datasets with their state: missing, expired, disabled, "
              "partial, never, due (cadence - 1 days since the last complete walk of its "
@@ -9183,6 +9183,9 @@ def build_parser():
              "  scratch-keepalive list\n  scratch-keepalive list --json\n")
     add_json_argument(p)
 
+
+def _parser_status(subs):
+    """`status`: the datasets in detail, or (--brief) only what needs attention."""
     p = _sub(subs, "status", cmd_status, "show datasets in detail",
              "Show each dataset's state, thresholds, last run, checkpoint and sentinel.\n\n"
              "--brief prints nothing when nothing needs attention, else one line per "
@@ -9199,6 +9202,9 @@ def build_parser():
                    help="only what needs attention, one line each (nothing when all is well)")
     add_json_argument(p)
 
+
+def _parser_refresh(subs):
+    """`refresh`: walk datasets now, in touch or check mode."""
     p = _sub(subs, "refresh", cmd_refresh, "walk datasets now (touch or check mode)",
              "Walk datasets depth-first in a fixed order and refresh access times (touch mode) "
              "or only check them (check mode). Progress is checkpointed; an interrupted walk "
@@ -9244,6 +9250,9 @@ def build_parser():
                    help=argparse.SUPPRESS)
     add_json_argument(p)
 
+
+def _parser_extend(subs):
+    """`extend`: keep-until, approval, cadence, manifests, rescue destination."""
     p = _sub(subs, "extend", cmd_extend, "change keep-until, record an approval",
              "Move a dataset's keep-until date and/or record the site's approval to refresh it.",
              "  scratch-keepalive extend --name genomes --keep-until 2027-09-30\n"
@@ -9261,6 +9270,9 @@ def build_parser():
                    help="keep no manifest of its walks")
     add_rescue_to_argument(p)
 
+
+def _parser_rescue(subs):
+    """`rescue`: copy what is at risk off scratch."""
     p = _sub(subs, "rescue", cmd_rescue, "copy what is at risk to safe storage",
              "Copy the entries the dataset's last complete walk found at risk (--all: every "
              "entry) to DIR/<path below the dataset root>: files (sparse ones stay sparse), "
@@ -9293,18 +9305,27 @@ def build_parser():
                    default=CHECKPOINT_SECONDS, help=argparse.SUPPRESS)
     add_json_argument(p)
 
+
+def _parser_enable_and_disable(subs):
+    """`enable` and `disable`: resume or pause refreshing a dataset."""
     for name, func, verb in (("enable", cmd_enable, "resume refreshing a dataset"),
                              ("disable", cmd_disable, "pause refreshing a dataset")):
         p = _sub(subs, name, func, verb, verb[0].upper() + verb[1:] + ".",
                  "  scratch-keepalive %s --name genomes\n" % name)
         add_name_argument(p)
 
+
+def _parser_remove(subs):
+    """`remove`: unregister a dataset (its data untouched)."""
     p = _sub(subs, "remove", cmd_remove, "unregister a dataset (data untouched)",
              "Unregister a dataset and delete its sentinel and checkpoint. Its data is never "
              "touched. A dataset being refreshed cannot be removed (exit 4).",
              "  scratch-keepalive remove --name genomes\n")
     add_name_argument(p)
 
+
+def _parser_files(subs):
+    """`files`: the entries of the last walk (at risk, purge-eligible, vanished)."""
     p = _sub(subs, "files", cmd_files, "list the entries of the last walk: at risk, vanished",
              "List entries of the dataset's last complete walk (its manifest, in the state "
              "directory), classified as of that walk, one path per line relative to the "
@@ -9348,6 +9369,9 @@ def build_parser():
                       help="JSON Lines: one object per entry (path, kind, size, atime, touched; "
                            "path_b64 when the path is not UTF-8; reason with --vanished)")
 
+
+def _parser_install_cron(subs):
+    """`install-cron`: schedule `refresh --due` with Slurm."""
     p = _sub(subs, "install-cron", cmd_install_cron, "schedule refresh with Slurm",
              "Install exactly one recurring Slurm entry for you: a block in your scrontab, or, "
              "where scrontab is missing or disabled, a self-resubmitting batch job with at most "
@@ -9379,16 +9403,27 @@ def build_parser():
     p.add_argument("--dry-run", action="store_true", help="print what would be installed")
     add_json_argument(p)
 
-    p = _sub(subs, "uninstall-cron", cmd_uninstall_cron, "remove the Slurm schedule",
-             "Delete the job script, remove our scrontab block (other lines kept), then cancel "
-             "pending jobs named scratch-keepalive. Exit 0 when nothing was installed.",
-             "  scratch-keepalive uninstall-cron\n")
+
+def _parser_uninstall_cron(subs):
+    """`uninstall-cron`: remove the schedule."""
+    _sub(subs, "uninstall-cron", cmd_uninstall_cron, "remove the Slurm schedule",
+         "Delete the job script, remove our scrontab block (other lines kept), then cancel "
+         "pending jobs named scratch-keepalive. Exit 0 when nothing was installed.",
+         "  scratch-keepalive uninstall-cron\n")
+
+
+def _parser_doctor(subs):
+    """`doctor`: check the setup."""
     p = _sub(subs, "doctor", cmd_doctor, "check the setup for problems",
              "Check the environment, the state files, every dataset (root, sentinel, keep-until, "
              "overdue, errors, approval), locks, the schedule and the scratch quota. Exit 0 when "
              "healthy, 1 when anything needs attention; each finding says what to do.",
              "  scratch-keepalive doctor\n  scratch-keepalive doctor --json\n")
     add_json_argument(p)
+
+
+def _parser_repair(subs):
+    """`repair`: mend what doctor finds."""
     p = _sub(subs, "repair", cmd_repair, "mend what doctor finds",
              "Mend what is safe to mend: a damaged registry (set aside, restored from its backup "
              "or rebuilt from the sentinels), unreadable or orphaned checkpoints, stale locks of "
@@ -9398,6 +9433,21 @@ def build_parser():
              "  scratch-keepalive repair\n")
     p.add_argument("--dry-run", action="store_true", help="list what it would do; change nothing")
     add_json_argument(p)
+
+
+def build_parser():
+    parser = _Parser(prog=PROG, description=__doc__, epilog=EXAMPLES,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version="%s %s" % (PROG, __version__))
+    add_state_dir_argument(parser, top=True)
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subs.required = True
+    for add_command in (_parser_init, _parser_add, _parser_list, _parser_status,
+                        _parser_refresh, _parser_extend, _parser_rescue,
+                        _parser_enable_and_disable, _parser_remove, _parser_files,
+                        _parser_install_cron, _parser_uninstall_cron, _parser_doctor,
+                        _parser_repair):
+        add_command(subs)
     return parser
 
 # ---------------------------------------------------------------- main
