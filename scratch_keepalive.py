@@ -4796,98 +4796,6 @@ def _files(ctx, name, kind, older_than):
                     scratch_root_of(cfg, ctx.env))
 
 
-def _age_words(seconds):
-    """'3 days ago', '5 hours ago', '1 minute ago', 'less than a minute ago'."""
-    seconds = max(0, int(seconds))
-    for unit, size in (("day", DAY), ("hour", 3600), ("minute", 60)):
-        if seconds >= 2 * size or (unit == "minute" and seconds >= size):
-            return plural(seconds // size, unit) + " ago"
-    return "less than a minute ago"
-
-
-def files_header(listing, now):
-    """The one line on stderr that says which walk a list comes from and how old it is."""
-    def walk(h):
-        return "the %s walk started %s" % (h.get("mode", "?"), h.get("walk_started", "?"))
-    h = listing.header
-    try:
-        age = _age_words(now - float(h["now"]))
-    except (KeyError, TypeError, ValueError):
-        age = "age unknown"
-    what = {None: "entries", "at-risk": "entries at risk", "purge-eligible":
-            "purge-eligible entries", "vanished": "entries that vanished"}[listing.kind]
-    if listing.older_than is not None:
-        what += " not accessed for %g days" % listing.older_than
-    if listing.record is not None:
-        r = listing.record
-        return "%s: %s: %s between the walks started %s and %s (the purge found %s, %s)%s" % (
-            PROG, listing.name, what, r.get("previous_walk_started") or "?",
-            r.get("walk_started") or "?", r["found"], age, "; copies looked for in " +
-            display_path(listing.dest) if listing.dest else "")
-    if listing.kind == "vanished":
-        return "%s: %s: %s between %s and %s (%s)" % (
-            PROG, listing.name, what, walk(listing.manifests[1].header), walk(h), age)
-    return "%s: %s: %s as of %s (%s; %s in that walk)" % (
-        PROG, listing.name, what, walk(h), age,
-        plural(int(listing.trailer.get("entries", 0)), "entry", "entries"))
-
-
-def _files_formatter(args, kind):
-    """The function that turns one item of a FileList into its output bytes."""
-    def nul(key, kind, size, atime, reason, copy):
-        return key_path(key) + b"\0"
-
-    def jsonl(*item):
-        return (json.dumps(file_doc(*item), sort_keys=True, ensure_ascii=False)
-                + "\n").encode("utf-8")
-
-    def text(key, kind, size, atime, reason, copy):
-        # WARNING: the reason goes after a tab: quote_path never leaves a raw tab in a path.
-        tail = "\n" if reason is None else "\t%s\n" % reason
-        if copy is not NO_COPY:
-            tail = "\t%s\t%s\n" % (reason, "copy: " + quote_path(copy) if copy else "no copy")
-        return (quote_path(key_path(key)) + tail).encode("utf-8")
-    return nul if args.null else jsonl if args.json else text
-
-
-def cmd_files(args, ctx):
-    listing = _files(ctx, args.name, args.kind, args.older_than)
-    items = listing.items()
-    try:
-        out = raw_stream(ctx.out)
-        out.flush()
-        # Bytes, whatever the locale: -0 must pass names exactly, and text is UTF-8.
-        buf = getattr(out, "buffer", None)
-        if buf is not None:
-            write = buf.write
-        else:       # a text stream without bytes underneath (main() called in-process)
-            def write(data):
-                out.write(data.decode("utf-8", "surrogateescape"))
-        line = _files_formatter(args, listing.kind)
-        header = [files_header(listing, ctx.now) + "\n"]
-
-        def put(batch):
-            write(b"".join(batch))
-            if header:      # once stdout took the first lines: an output that fails at
-                out.flush()     # once (closed, full) says one line, its error
-                write_safely(ctx.err, header.pop())
-        batch = []
-        for item in items:
-            batch.append(line(*item))
-            if len(batch) >= FILES_BATCH:
-                put(batch)
-                batch = []
-        put(batch)
-        out.flush()
-    finally:
-        items.close()
-        listing.close()
-    if listing.record is not None and not listing.record.get("seen") and \
-            listing.older_than is None:         # all of it listed, not a part
-        mark_purge_seen(ctx.store, listing.name, listing.record["file"])
-    return EXIT_OK
-
-
 def mark_purge_seen(store, name, file):
     """The user has listed the purge record `file` to its end: status --brief stops naming
     it. Recorded under the dataset's lock, and not at all while a walk holds it."""
@@ -8927,6 +8835,98 @@ def cmd_remove(args, ctx):
     say(ctx, "%s: removed from the registry%s; no data under %s was touched" % (
         r["name"], " and its sentinel deleted" if r["sentinel_deleted"] else "",
         display_path(r["path"])))
+    return EXIT_OK
+
+
+def _age_words(seconds):
+    """'3 days ago', '5 hours ago', '1 minute ago', 'less than a minute ago'."""
+    seconds = max(0, int(seconds))
+    for unit, size in (("day", DAY), ("hour", 3600), ("minute", 60)):
+        if seconds >= 2 * size or (unit == "minute" and seconds >= size):
+            return plural(seconds // size, unit) + " ago"
+    return "less than a minute ago"
+
+
+def files_header(listing, now):
+    """The one line on stderr that says which walk a list comes from and how old it is."""
+    def walk(h):
+        return "the %s walk started %s" % (h.get("mode", "?"), h.get("walk_started", "?"))
+    h = listing.header
+    try:
+        age = _age_words(now - float(h["now"]))
+    except (KeyError, TypeError, ValueError):
+        age = "age unknown"
+    what = {None: "entries", "at-risk": "entries at risk", "purge-eligible":
+            "purge-eligible entries", "vanished": "entries that vanished"}[listing.kind]
+    if listing.older_than is not None:
+        what += " not accessed for %g days" % listing.older_than
+    if listing.record is not None:
+        r = listing.record
+        return "%s: %s: %s between the walks started %s and %s (the purge found %s, %s)%s" % (
+            PROG, listing.name, what, r.get("previous_walk_started") or "?",
+            r.get("walk_started") or "?", r["found"], age, "; copies looked for in " +
+            display_path(listing.dest) if listing.dest else "")
+    if listing.kind == "vanished":
+        return "%s: %s: %s between %s and %s (%s)" % (
+            PROG, listing.name, what, walk(listing.manifests[1].header), walk(h), age)
+    return "%s: %s: %s as of %s (%s; %s in that walk)" % (
+        PROG, listing.name, what, walk(h), age,
+        plural(int(listing.trailer.get("entries", 0)), "entry", "entries"))
+
+
+def _files_formatter(args, kind):
+    """The function that turns one item of a FileList into its output bytes."""
+    def nul(key, kind, size, atime, reason, copy):
+        return key_path(key) + b"\0"
+
+    def jsonl(*item):
+        return (json.dumps(file_doc(*item), sort_keys=True, ensure_ascii=False)
+                + "\n").encode("utf-8")
+
+    def text(key, kind, size, atime, reason, copy):
+        # WARNING: the reason goes after a tab: quote_path never leaves a raw tab in a path.
+        tail = "\n" if reason is None else "\t%s\n" % reason
+        if copy is not NO_COPY:
+            tail = "\t%s\t%s\n" % (reason, "copy: " + quote_path(copy) if copy else "no copy")
+        return (quote_path(key_path(key)) + tail).encode("utf-8")
+    return nul if args.null else jsonl if args.json else text
+
+
+def cmd_files(args, ctx):
+    listing = _files(ctx, args.name, args.kind, args.older_than)
+    items = listing.items()
+    try:
+        out = raw_stream(ctx.out)
+        out.flush()
+        # Bytes, whatever the locale: -0 must pass names exactly, and text is UTF-8.
+        buf = getattr(out, "buffer", None)
+        if buf is not None:
+            write = buf.write
+        else:       # a text stream without bytes underneath (main() called in-process)
+            def write(data):
+                out.write(data.decode("utf-8", "surrogateescape"))
+        line = _files_formatter(args, listing.kind)
+        header = [files_header(listing, ctx.now) + "\n"]
+
+        def put(batch):
+            write(b"".join(batch))
+            if header:      # once stdout took the first lines: an output that fails at
+                out.flush()     # once (closed, full) says one line, its error
+                write_safely(ctx.err, header.pop())
+        batch = []
+        for item in items:
+            batch.append(line(*item))
+            if len(batch) >= FILES_BATCH:
+                put(batch)
+                batch = []
+        put(batch)
+        out.flush()
+    finally:
+        items.close()
+        listing.close()
+    if listing.record is not None and not listing.record.get("seen") and \
+            listing.older_than is None:         # all of it listed, not a part
+        mark_purge_seen(ctx.store, listing.name, listing.record["file"])
     return EXIT_OK
 
 
