@@ -51,11 +51,16 @@ import bisect
 import datetime
 import errno
 import fcntl
+import gc
 import itertools
 import os
+import pwd
+import resource
 import stat
+import struct
 import sys
 import time
+import zlib
 
 
 class _LazyModule(object):
@@ -75,9 +80,10 @@ class _LazyModule(object):
 
     def _module(self):
         name = object.__getattribute__(self, "_name")
-        module = __import__(name)
-        if globals().get(name) is self:
-            globals()[name] = module
+        module = __import__(name)       # "a.b": package a, with a.b imported (`import a.b`)
+        top = name.partition(".")[0]
+        if globals().get(top) is self:
+            globals()[top] = module
         return module
 
     def __getattr__(self, attr):
@@ -105,10 +111,29 @@ class _LazyPattern(object):
         return getattr(self._compiled, attr)
 
 
+_json = _LazyModule("_json")        # json's C scanner, for _json_loads (ImportError at use)
+_sha1 = _LazyModule("_sha1")        # SHA-1 without hashlib's OpenSSL (see new_sha1)
 argparse = _LazyModule("argparse")
+array = _LazyModule("array")        # on 3.12+ it imports collections
+base64 = _LazyModule("base64")
+concurrent = _LazyModule("concurrent.futures")      # bound as `import concurrent.futures`
 contextlib = _LazyModule("contextlib")
+ctypes = _LazyModule("ctypes")
+difflib = _LazyModule("difflib")
+gzip = _LazyModule("gzip")
+hashlib = _LazyModule("hashlib")
 json = _LazyModule("json")          # state is read by _json_loads (no json, no re)
+pickle = _LazyModule("pickle")
 re = _LazyModule("re")
+select = _LazyModule("select")
+shlex = _LazyModule("shlex")
+signal = _LazyModule("signal")
+socket = _LazyModule("socket")
+subprocess = _LazyModule("subprocess")
+tempfile = _LazyModule("tempfile")
+textwrap = _LazyModule("textwrap")
+threading = _LazyModule("threading")
+types = _LazyModule("types")        # on 3.6 it imports collections and functools
 
 
 def contextmanager(func):
@@ -118,13 +143,15 @@ def contextmanager(func):
         return contextlib.contextmanager(func)(*args, **kwargs)
     call.__name__, call.__doc__, call.__wrapped__ = func.__name__, func.__doc__, func
     return call
-select = _LazyModule("select")
-signal = _LazyModule("signal")
-socket = _LazyModule("socket")
-subprocess = _LazyModule("subprocess")
-tempfile = _LazyModule("tempfile")
-textwrap = _LazyModule("textwrap")
-threading = _LazyModule("threading")
+
+
+def _import_now(*modules):
+    """Import these modules now if they are still _LazyModules (before a fork, so that
+    every process shares them)."""
+    for module in modules:
+        if isinstance(module, _LazyModule):
+            module._module()
+
 
 __all__ = [
     "main", "Failure", "UsageError", "BusyError", "StateError",
@@ -451,9 +478,8 @@ def current_user(env):
     if user:
         return user
     try:
-        import pwd
         return pwd.getpwuid(os.getuid()).pw_name
-    except (ImportError, KeyError):
+    except KeyError:
         return str(os.getuid())
 
 
@@ -646,7 +672,6 @@ def _json_loads(raw):
     """
     if not _SCANNER:
         try:
-            import _json
             _SCANNER.append(_json.make_scanner(_JSONContext()))
         except (ImportError, AttributeError):
             _SCANNER.append(None)
@@ -681,9 +706,8 @@ def _owner_hint(path, e, uid=None):
             uid = None
     if uid is not None and uid != os.geteuid():
         try:
-            import pwd
             owner = "%s (uid %d)" % (pwd.getpwuid(uid).pw_name, uid)
-        except (ImportError, KeyError):
+        except KeyError:
             owner = "uid %d" % uid
         return ("it belongs to %s, not to you (written by `sudo %s ...`?); run `sudo chown "
                 "$USER %s`, then try again" % (owner, PROG, shell_quote(path)))
@@ -1895,7 +1919,6 @@ def _load_utimensat():
     global _utimensat
     if _utimensat is None:
         try:
-            import ctypes
             libc = ctypes.CDLL(None, use_errno=True)
             func = libc.utimensat
         except (ImportError, OSError, AttributeError):
@@ -2127,7 +2150,6 @@ def _new_columns():
     _TYPE_TOUCHED added where this walk touched the entry; _KIND_OF_TYPE maps them to kind
     codes in one call), sizes, and atimes and mtimes in ns as found (a division per entry
     costs more than zlib saves; the mtime says whether a copy elsewhere is current)."""
-    import array
     return bytearray(), array.array("q"), array.array("q"), array.array("q")
 
 
@@ -2169,8 +2191,6 @@ def _close_inherited_fds(keep):
 
 def _worker_loop(sock, params):
     """A walk worker process: batches arrive with their directories' fds (SCM_RIGHTS)."""
-    import array
-    import pickle
     _close_inherited_fds(keep=sock.fileno())
     # A signal to the process group (Ctrl-C, Slurm's TERM at the time limit) is the
     # parent's to act on: it finishes the batches in flight, checkpoints and closes the
@@ -2201,7 +2221,6 @@ def release_free_memory():
     freed before a fork (the file's parse tree, when it runs as `python3 FILE`) are not
     copied into every worker's share. A no-op where the C library has no malloc_trim."""
     try:
-        import ctypes
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError, ImportError):
         pass
@@ -2209,7 +2228,6 @@ def release_free_memory():
 
 def _max_inflight():
     """Batches in flight the fd limit allows: each holds up to MAX_SEGMENTS fds."""
-    import resource
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     fd_budget = max(2 * MAX_SEGMENTS, (min(soft, 4096) - 2 * MAX_OPEN_DIRS) // 2)
     return max(2, fd_budget // MAX_SEGMENTS)
@@ -2288,7 +2306,6 @@ class ThreadRunner(InlineRunner):
     batch_size = THREAD_BATCH
 
     def __init__(self, params, done, count):
-        import concurrent.futures
         InlineRunner.__init__(self, params, done)
         self.futures = concurrent.futures
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=count)
@@ -2338,9 +2355,7 @@ class ProcessRunner(InlineRunner):
         # Memory: what the workers need is imported here, once, and every object this
         # process has so far is moved out of the collector's reach (gc.freeze), so that
         # neither an import nor a collection in a worker copies the pages it shares.
-        import array        # noqa: F401
-        import gc
-        import pickle       # noqa: F401
+        _import_now(array, pickle)
         self.frozen = hasattr(gc, "freeze")
         if self.frozen:
             gc.collect()
@@ -2367,8 +2382,6 @@ class ProcessRunner(InlineRunner):
         return Worker(pid, mine)
 
     def submit(self, batch):
-        import array
-        import pickle
         if len(self.inflight) >= self.max_inflight:
             self.collect(block=False)
         if len(self.inflight) >= self.max_inflight:
@@ -2390,7 +2403,6 @@ class ProcessRunner(InlineRunner):
         self.next_id += 1
 
     def collect(self, block):
-        import select
         busy = [w.sock for w in self.workers if w.batches]
         if not busy:
             return
@@ -2400,7 +2412,6 @@ class ProcessRunner(InlineRunner):
                 self._receive(w)
 
     def _receive(self, w):
-        import pickle
         try:
             data = w.sock.recv(REPLY_MESSAGE_MAX)
         except ConnectionResetError:
@@ -2438,7 +2449,6 @@ class ProcessRunner(InlineRunner):
                 os.waitpid(w.pid, 0)
         self.workers = []
         if self.frozen:
-            import gc
             gc.unfreeze()
             self.frozen = False
         self.inflight = {}
@@ -2909,7 +2919,6 @@ def key_path(key):
 
 def _le(arr):
     """array arr as little-endian bytes (the manifest's byte order on every machine)."""
-    import array
     if _BIG_ENDIAN:
         arr = array.array(arr.typecode, arr)
         arr.byteswap()
@@ -2917,7 +2926,6 @@ def _le(arr):
 
 
 def _from_le(typecode, data):
-    import array
     arr = array.array(typecode)
     arr.frombytes(data)
     if _BIG_ENDIAN:
@@ -2955,7 +2963,6 @@ MANIFEST_RECORD_MAX = 64 * MiB     # what one record decodes to, at most (4,096 
 
 def inflate(data, limit=MANIFEST_RECORD_MAX):
     """zlib data -> bytes, never more than limit (ValueError past it)."""
-    import zlib
     d = zlib.decompressobj()
     raw = d.decompress(data, limit)
     if d.unconsumed_tail:
@@ -2965,8 +2972,6 @@ def inflate(data, limit=MANIFEST_RECORD_MAX):
 
 def decode_chunk(data, count):
     """A C record's data -> ManifestChunk (raises ValueError when it does not add up)."""
-    import struct
-    import zlib
     raw = inflate(data)
     nseg, nent, names_len = struct.unpack_from("<III", raw, 0)
     if nent != count:
@@ -3040,7 +3045,6 @@ class Manifest(object):
                           "one" % (self.path, why))
 
     def _read_trailer(self):
-        import struct
         size = os.fstat(self.f.fileno()).st_size
         if size < self.start + 17:
             return None
@@ -3069,7 +3073,6 @@ class Manifest(object):
 
     def records(self, end=None):
         """(tag, count, data) of each record from the first, up to offset end."""
-        import struct
         f = self.f
         f.seek(self.start)
         while end is None or f.tell() < end:
@@ -3089,7 +3092,6 @@ class Manifest(object):
 
     def chunks(self, end=None):
         """Each chunk, decoded, in the walk's order; U records add to self.unlisted."""
-        import zlib
         for tag, count, data in self.records(end):
             try:
                 if tag == b"U":
@@ -3109,7 +3111,6 @@ class Manifest(object):
 
 
 def decode_unlisted(data, count):
-    import zlib
     raw = inflate(data)
     lengths = _from_le("I", raw[:4 * count])
     keys, pos = [], 4 * count
@@ -3121,14 +3122,12 @@ def decode_unlisted(data, count):
     return keys
 
 
-def _sha1():
+def new_sha1():
     """A new SHA-1 object, from CPython's own _sha1 where it is there: hashlib loads
     OpenSSL's libcrypto, which adds almost 4 MiB to the walk's peak memory."""
     try:
-        import _sha1
         return _sha1.sha1()
     except ImportError:
-        import hashlib
         return hashlib.sha1()
 
 
@@ -3163,7 +3162,6 @@ class ManifestWriter(object):
     """
 
     def __init__(self, path, header=None, resume=None):
-        import struct
         self.struct = struct
         self.path = path
         self.fd = open_manifest_for_writing(path)
@@ -3184,7 +3182,7 @@ class ManifestWriter(object):
         # A digest of the keys alone, in order, however the batches were cut: two manifests
         # with the same one hold the same entries, and their merge can be skipped. (Not
         # kept across a resume: a resumed walk's manifest is merged the long way.)
-        self.digest = None if resume else _sha1()
+        self.digest = None if resume else new_sha1()
         self.digest_dir = None
         self.expected = {}          # seq -> segments [(dir key, names blob, count)]
         self.ready = {}             # seq -> (kinds, sizes, atimes) bytes
@@ -3248,7 +3246,6 @@ class ManifestWriter(object):
         entries, names length), per segment "<II" (length of its directory's key, entries),
         the directory keys, the names (NUL between), kinds, sizes, atimes and mtimes (in
         byte_planes). (zlib takes care of the keys' shared prefixes.)"""
-        import array
         table = array.array("I")
         for d, n in zip(self.seg_dirs, self.seg_counts):
             table.append(len(d))
@@ -3273,7 +3270,6 @@ class ManifestWriter(object):
         holder = []
 
         def work():         # one call: the thread needs the GIL back once per chunk
-            import zlib
             holder.append(zlib.compress(raw, MANIFEST_LEVEL))
         t = threading.Thread(target=work, name="manifest-zlib")
         t.daemon = True
@@ -3296,8 +3292,6 @@ class ManifestWriter(object):
         self._write(tag + self.struct.pack("<II", len(data), count) + data)
 
     def _flush_unlisted(self):
-        import array
-        import zlib
         if not self.unlisted_keys:
             return
         keys, self.unlisted_keys = self.unlisted_keys, []
@@ -3339,7 +3333,6 @@ def vanished(prev, new):
     (key, kind, size, atime seconds, mtime ns or None), each read once (both in walk order:
     one pass, a chunk of each in memory). Entries below a directory new could not list are
     unknown, not vanished; so are entries prev could not stat."""
-    import bisect as _bisect
     old = prev.chunks()
     cur, start = None, 0
 
@@ -3362,7 +3355,7 @@ def vanished(prev, new):
                 if cur is None:
                     return
             keys = cur.keys
-            end = len(keys) if hi is None else _bisect.bisect_right(keys, hi, start)
+            end = len(keys) if hi is None else bisect.bisect_right(keys, hi, start)
             span = keys[start:end] if start or end < len(keys) else keys
             if not present.issuperset(span):        # the usual case: nothing vanished
                 mt = cur.mtimes
@@ -3504,7 +3497,6 @@ class PurgeWriter(object):
     (O_EXCL, never through a link) and says whether each had a copy in dest."""
 
     def __init__(self, dir_fd, name, header):
-        import gzip
         self.name, self.dir_fd = name, dir_fd
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC,
                      0o600, dir_fd=dir_fd)
@@ -3519,7 +3511,6 @@ class PurgeWriter(object):
         self.z.write((json.dumps(doc, sort_keys=True) + "\n").encode("ascii"))
 
     def add(self, key, kind, size, atime, mtime_ns, purged):
-        import base64
         c = self.counts
         copied = copy_of(self.dest, key, kind, size, mtime_ns) is not None
         data = size if kind & ~K_TOUCHED == K_FILE else 0      # bytes: regular files'
@@ -3551,7 +3542,6 @@ def read_purge(path, entries_max=None):
     """A purge file -> (header, iterator of entry dicts); raises StateError when damaged,
     and when it holds more than entries_max entries (its record's count) or a line longer
     than any entry's: never read without end."""
-    import gzip
     fd = open_state(path, "purge record")
     if fd is None:
         raise StateError("the purge record %s is missing; the next purge a walk finds "
@@ -3570,7 +3560,6 @@ def read_purge(path, entries_max=None):
                          "replaces it" % (path, e))
 
     def entries():
-        import base64
         try:
             n = 0
             while True:
@@ -3949,7 +3938,6 @@ def _get(reg, name):
     check_name(name)
     ds = reg["datasets"].get(name)
     if ds is None:
-        import difflib
         close = difflib.get_close_matches(name, sorted(reg["datasets"]), n=1)
         raise UsageError("no dataset named %r%s; `%s list` shows the registered ones" % (
             name, " (did you mean %r?)" % close[0] if close else "", PROG))
@@ -4587,7 +4575,6 @@ NO_COPY = object()      # an entry of a list that is not of what vanished: no `c
 
 def file_doc(key, kind, size, atime, reason=None, copy=NO_COPY):
     """One entry as `files --json` prints it (and files() yields it)."""
-    import base64
     rel = key_path(key)
     doc = {"kind": kind_name(kind), "size": size}
     try:
@@ -6726,7 +6713,6 @@ def schedule_minute_hour(user):
 
 
 def shell_quote(text):
-    import shlex
     return shlex.quote(text)
 
 
@@ -9520,7 +9506,6 @@ def login_line_args(argv):
     as the rest of that command; a test checks that these are what the parser gives."""
     if list(argv) != ["status", "--brief"]:
         return None
-    import types
     return types.SimpleNamespace(state_dir=None, command="status", name=None, brief=True,
                                  json=False, func=cmd_status)
 
