@@ -51,11 +51,16 @@ import bisect
 import datetime
 import errno
 import fcntl
+import gc
 import itertools
 import os
+import pwd
+import resource
 import stat
+import struct
 import sys
 import time
+import zlib
 
 
 class _LazyModule(object):
@@ -75,9 +80,10 @@ class _LazyModule(object):
 
     def _module(self):
         name = object.__getattribute__(self, "_name")
-        module = __import__(name)
-        if globals().get(name) is self:
-            globals()[name] = module
+        module = __import__(name)       # "a.b": package a, with a.b imported (`import a.b`)
+        top = name.partition(".")[0]
+        if globals().get(top) is self:
+            globals()[top] = module
         return module
 
     def __getattr__(self, attr):
@@ -105,10 +111,29 @@ class _LazyPattern(object):
         return getattr(self._compiled, attr)
 
 
+_json = _LazyModule("_json")        # json's C scanner, for _json_loads (ImportError at use)
+_sha1 = _LazyModule("_sha1")        # SHA-1 without hashlib's OpenSSL (see new_sha1)
 argparse = _LazyModule("argparse")
+array = _LazyModule("array")        # on 3.12+ it imports collections
+base64 = _LazyModule("base64")
+concurrent = _LazyModule("concurrent.futures")      # bound as `import concurrent.futures`
 contextlib = _LazyModule("contextlib")
+ctypes = _LazyModule("ctypes")
+difflib = _LazyModule("difflib")
+gzip = _LazyModule("gzip")
+hashlib = _LazyModule("hashlib")
 json = _LazyModule("json")          # state is read by _json_loads (no json, no re)
+pickle = _LazyModule("pickle")
 re = _LazyModule("re")
+select = _LazyModule("select")
+shlex = _LazyModule("shlex")
+signal = _LazyModule("signal")
+socket = _LazyModule("socket")
+subprocess = _LazyModule("subprocess")
+tempfile = _LazyModule("tempfile")
+textwrap = _LazyModule("textwrap")
+threading = _LazyModule("threading")
+types = _LazyModule("types")        # on 3.6 it imports collections and functools
 
 
 def contextmanager(func):
@@ -118,13 +143,15 @@ def contextmanager(func):
         return contextlib.contextmanager(func)(*args, **kwargs)
     call.__name__, call.__doc__, call.__wrapped__ = func.__name__, func.__doc__, func
     return call
-select = _LazyModule("select")
-signal = _LazyModule("signal")
-socket = _LazyModule("socket")
-subprocess = _LazyModule("subprocess")
-tempfile = _LazyModule("tempfile")
-textwrap = _LazyModule("textwrap")
-threading = _LazyModule("threading")
+
+
+def _import_now(*modules):
+    """Import these modules now if they are still _LazyModules (before a fork, so that
+    every process shares them)."""
+    for module in modules:
+        if isinstance(module, _LazyModule):
+            module._module()
+
 
 __all__ = [
     "main", "Failure", "UsageError", "BusyError", "StateError",
@@ -471,9 +498,8 @@ def current_user(env):
     if user:
         return user
     try:
-        import pwd
         return pwd.getpwuid(os.getuid()).pw_name
-    except (ImportError, KeyError):
+    except KeyError:
         return str(os.getuid())
 
 
@@ -666,7 +692,6 @@ def _json_loads(raw):
     """
     if not _SCANNER:
         try:
-            import _json
             _SCANNER.append(_json.make_scanner(_JSONContext()))
         except (ImportError, AttributeError):
             _SCANNER.append(None)
@@ -701,9 +726,8 @@ def _owner_hint(path, e, uid=None):
             uid = None
     if uid is not None and uid != os.geteuid():
         try:
-            import pwd
             owner = "%s (uid %d)" % (pwd.getpwuid(uid).pw_name, uid)
-        except (ImportError, KeyError):
+        except KeyError:
             owner = "uid %d" % uid
         return ("it belongs to %s, not to you (written by `sudo %s ...`?); run `sudo chown "
                 "$USER %s`, then try again" % (owner, PROG, shell_quote(path)))
@@ -1946,7 +1970,6 @@ def _load_utimensat():
     global _utimensat
     if _utimensat is None:
         try:
-            import ctypes
             libc = ctypes.CDLL(None, use_errno=True)
             func = libc.utimensat
         except (ImportError, OSError, AttributeError):
@@ -2178,7 +2201,6 @@ def _new_columns():
     _TYPE_TOUCHED added where this walk touched the entry; _KIND_OF_TYPE maps them to kind
     codes in one call), sizes, and atimes and mtimes in ns as found (a division per entry
     costs more than zlib saves; the mtime says whether a copy elsewhere is current)."""
-    import array
     return bytearray(), array.array("q"), array.array("q"), array.array("q")
 
 
@@ -2220,8 +2242,6 @@ def _close_inherited_fds(keep):
 
 def _worker_loop(sock, params):
     """A walk worker process: batches arrive with their directories' fds (SCM_RIGHTS)."""
-    import array
-    import pickle
     _close_inherited_fds(keep=sock.fileno())
     # A signal to the process group (Ctrl-C, Slurm's TERM at the time limit) is the
     # parent's to act on: it finishes the batches in flight, checkpoints and closes the
@@ -2252,7 +2272,6 @@ def release_free_memory():
     freed before a fork (the file's parse tree, when it runs as `python3 FILE`) are not
     copied into every worker's share. A no-op where the C library has no malloc_trim."""
     try:
-        import ctypes
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError, ImportError):
         pass
@@ -2260,7 +2279,6 @@ def release_free_memory():
 
 def _max_inflight():
     """Batches in flight the fd limit allows: each holds up to MAX_SEGMENTS fds."""
-    import resource
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     fd_budget = max(2 * MAX_SEGMENTS, (min(soft, 4096) - 2 * MAX_OPEN_DIRS) // 2)
     return max(2, fd_budget // MAX_SEGMENTS)
@@ -2339,7 +2357,6 @@ class ThreadRunner(InlineRunner):
     batch_size = THREAD_BATCH
 
     def __init__(self, params, done, count):
-        import concurrent.futures
         InlineRunner.__init__(self, params, done)
         self.futures = concurrent.futures
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=count)
@@ -2389,9 +2406,7 @@ class ProcessRunner(InlineRunner):
         # Memory: what the workers need is imported here, once, and every object this
         # process has so far is moved out of the collector's reach (gc.freeze), so that
         # neither an import nor a collection in a worker copies the pages it shares.
-        import array        # noqa: F401
-        import gc
-        import pickle       # noqa: F401
+        _import_now(array, pickle)
         self.frozen = hasattr(gc, "freeze")
         if self.frozen:
             gc.collect()
@@ -2418,8 +2433,6 @@ class ProcessRunner(InlineRunner):
         return Worker(pid, mine)
 
     def submit(self, batch):
-        import array
-        import pickle
         if len(self.inflight) >= self.max_inflight:
             self.collect(block=False)
         if len(self.inflight) >= self.max_inflight:
@@ -2441,7 +2454,6 @@ class ProcessRunner(InlineRunner):
         self.next_id += 1
 
     def collect(self, block):
-        import select
         busy = [w.sock for w in self.workers if w.batches]
         if not busy:
             return
@@ -2451,7 +2463,6 @@ class ProcessRunner(InlineRunner):
                 self._receive(w)
 
     def _receive(self, w):
-        import pickle
         try:
             data = w.sock.recv(REPLY_MESSAGE_MAX)
         except ConnectionResetError:
@@ -2489,7 +2500,6 @@ class ProcessRunner(InlineRunner):
                 os.waitpid(w.pid, 0)
         self.workers = []
         if self.frozen:
-            import gc
             gc.unfreeze()
             self.frozen = False
         self.inflight = {}
@@ -2973,7 +2983,6 @@ def key_path(key):
 
 def _le(arr):
     """array arr as little-endian bytes (the manifest's byte order on every machine)."""
-    import array
     if _BIG_ENDIAN:
         arr = array.array(arr.typecode, arr)
         arr.byteswap()
@@ -2981,7 +2990,6 @@ def _le(arr):
 
 
 def _from_le(typecode, data):
-    import array
     arr = array.array(typecode)
     arr.frombytes(data)
     if _BIG_ENDIAN:
@@ -3019,7 +3027,6 @@ MANIFEST_RECORD_MAX = 64 * MiB     # what one record decodes to, at most (4,096 
 
 def inflate(data, limit=MANIFEST_RECORD_MAX):
     """zlib data -> bytes, never more than limit (ValueError past it)."""
-    import zlib
     d = zlib.decompressobj()
     raw = d.decompress(data, limit)
     if d.unconsumed_tail:
@@ -3029,8 +3036,6 @@ def inflate(data, limit=MANIFEST_RECORD_MAX):
 
 def decode_chunk(data, count):
     """A C record's data -> ManifestChunk (raises ValueError when it does not add up)."""
-    import struct
-    import zlib
     raw = inflate(data)
     nseg, nent, names_len = struct.unpack_from("<III", raw, 0)
     if nent != count:
@@ -3104,7 +3109,6 @@ class Manifest(object):
                           "one" % (self.path, why))
 
     def _read_trailer(self):
-        import struct
         size = os.fstat(self.f.fileno()).st_size
         if size < self.start + 17:
             return None
@@ -3133,7 +3137,6 @@ class Manifest(object):
 
     def records(self, end=None):
         """(tag, count, data) of each record from the first, up to offset end."""
-        import struct
         f = self.f
         f.seek(self.start)
         while end is None or f.tell() < end:
@@ -3153,7 +3156,6 @@ class Manifest(object):
 
     def chunks(self, end=None):
         """Each chunk, decoded, in the walk's order; U records add to self.unlisted."""
-        import zlib
         for tag, count, data in self.records(end):
             try:
                 if tag == b"U":
@@ -3173,7 +3175,6 @@ class Manifest(object):
 
 
 def decode_unlisted(data, count):
-    import zlib
     raw = inflate(data)
     lengths = _from_le("I", raw[:4 * count])
     keys, pos = [], 4 * count
@@ -3185,14 +3186,12 @@ def decode_unlisted(data, count):
     return keys
 
 
-def _sha1():
+def new_sha1():
     """A new SHA-1 object, from CPython's own _sha1 where it is there: hashlib loads
     OpenSSL's libcrypto, which adds almost 4 MiB to the walk's peak memory."""
     try:
-        import _sha1
         return _sha1.sha1()
     except ImportError:
-        import hashlib
         return hashlib.sha1()
 
 
@@ -3227,7 +3226,6 @@ class ManifestWriter(object):
     """
 
     def __init__(self, path, header=None, resume=None):
-        import struct
         self.struct = struct
         self.path = path
         self.fd = open_manifest_for_writing(path)
@@ -3248,7 +3246,7 @@ class ManifestWriter(object):
         # A digest of the keys alone, in order, however the batches were cut: two manifests
         # with the same one hold the same entries, and their merge can be skipped. (Not
         # kept across a resume: a resumed walk's manifest is merged the long way.)
-        self.digest = None if resume else _sha1()
+        self.digest = None if resume else new_sha1()
         self.digest_dir = None
         self.expected = {}          # seq -> segments [(dir key, names blob, count)]
         self.ready = {}             # seq -> (kinds, sizes, atimes) bytes
@@ -3312,7 +3310,6 @@ class ManifestWriter(object):
         entries, names length), per segment "<II" (length of its directory's key, entries),
         the directory keys, the names (NUL between), kinds, sizes, atimes and mtimes (in
         byte_planes). (zlib takes care of the keys' shared prefixes.)"""
-        import array
         table = array.array("I")
         for d, n in zip(self.seg_dirs, self.seg_counts):
             table.append(len(d))
@@ -3337,7 +3334,6 @@ class ManifestWriter(object):
         holder = []
 
         def work():         # one call: the thread needs the GIL back once per chunk
-            import zlib
             holder.append(zlib.compress(raw, MANIFEST_LEVEL))
         t = threading.Thread(target=work, name="manifest-zlib")
         t.daemon = True
@@ -3360,8 +3356,6 @@ class ManifestWriter(object):
         self._write(tag + self.struct.pack("<II", len(data), count) + data)
 
     def _flush_unlisted(self):
-        import array
-        import zlib
         if not self.unlisted_keys:
             return
         keys, self.unlisted_keys = self.unlisted_keys, []
@@ -3403,7 +3397,6 @@ def vanished(prev, new):
     (key, kind, size, atime seconds, mtime ns or None), each read once (both in walk order:
     one pass, a chunk of each in memory). Entries below a directory new could not list are
     unknown, not vanished; so are entries prev could not stat."""
-    import bisect as _bisect
     old = prev.chunks()
     cur, start = None, 0
 
@@ -3426,7 +3419,7 @@ def vanished(prev, new):
                 if cur is None:
                     return
             keys = cur.keys
-            end = len(keys) if hi is None else _bisect.bisect_right(keys, hi, start)
+            end = len(keys) if hi is None else bisect.bisect_right(keys, hi, start)
             span = keys[start:end] if start or end < len(keys) else keys
             if not present.issuperset(span):        # the usual case: nothing vanished
                 mt = cur.mtimes
@@ -3568,7 +3561,6 @@ class PurgeWriter(object):
     (O_EXCL, never through a link) and says whether each had a copy in dest."""
 
     def __init__(self, dir_fd, name, header):
-        import gzip
         self.name, self.dir_fd = name, dir_fd
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC,
                      0o600, dir_fd=dir_fd)
@@ -3583,7 +3575,6 @@ class PurgeWriter(object):
         self.z.write((json.dumps(doc, sort_keys=True) + "\n").encode("ascii"))
 
     def add(self, key, kind, size, atime, mtime_ns, purged):
-        import base64
         c = self.counts
         copied = copy_of(self.dest, key, kind, size, mtime_ns) is not None
         data = size if kind & ~K_TOUCHED == K_FILE else 0      # bytes: regular files'
@@ -3615,7 +3606,6 @@ def read_purge(path, entries_max=None):
     """A purge file -> (header, iterator of entry dicts); raises StateError when damaged,
     and when it holds more than entries_max entries (its record's count) or a line longer
     than any entry's: never read without end."""
-    import gzip
     fd = open_state(path, "purge record")
     if fd is None:
         raise StateError("the purge record %s is missing; the next purge a walk finds "
@@ -3634,7 +3624,6 @@ def read_purge(path, entries_max=None):
                          "replaces it" % (path, e))
 
     def entries():
-        import base64
         try:
             n = 0
             while True:
@@ -4013,7 +4002,6 @@ def _get(reg, name):
     check_name(name)
     ds = reg["datasets"].get(name)
     if ds is None:
-        import difflib
         close = difflib.get_close_matches(name, sorted(reg["datasets"]), n=1)
         raise UsageError("no dataset named %r%s; `%s list` shows the registered ones" % (
             name, " (did you mean %r?)" % close[0] if close else "", PROG))
@@ -4651,7 +4639,6 @@ NO_COPY = object()      # an entry of a list that is not of what vanished: no `c
 
 def file_doc(key, kind, size, atime, reason=None, copy=NO_COPY):
     """One entry as `files --json` prints it (and files() yields it)."""
-    import base64
     rel = key_path(key)
     doc = {"kind": kind_name(kind), "size": size}
     try:
@@ -4858,98 +4845,6 @@ def _files(ctx, name, kind, older_than):
     ds = _get(ctx.store.load_registry(), name)
     return FileList(ctx.store, ds, kind, older_than, cfg, ctx.now,
                     scratch_root_of(cfg, ctx.env))
-
-
-def _age_words(seconds):
-    """'3 days ago', '5 hours ago', '1 minute ago', 'less than a minute ago'."""
-    seconds = max(0, int(seconds))
-    for unit, size in (("day", DAY), ("hour", 3600), ("minute", 60)):
-        if seconds >= 2 * size or (unit == "minute" and seconds >= size):
-            return plural(seconds // size, unit) + " ago"
-    return "less than a minute ago"
-
-
-def files_header(listing, now):
-    """The one line on stderr that says which walk a list comes from and how old it is."""
-    def walk(h):
-        return "the %s walk started %s" % (h.get("mode", "?"), h.get("walk_started", "?"))
-    h = listing.header
-    try:
-        age = _age_words(now - float(h["now"]))
-    except (KeyError, TypeError, ValueError):
-        age = "age unknown"
-    what = {None: "entries", "at-risk": "entries at risk", "purge-eligible":
-            "purge-eligible entries", "vanished": "entries that vanished"}[listing.kind]
-    if listing.older_than is not None:
-        what += " not accessed for %g days" % listing.older_than
-    if listing.record is not None:
-        r = listing.record
-        return "%s: %s: %s between the walks started %s and %s (the purge found %s, %s)%s" % (
-            PROG, listing.name, what, r.get("previous_walk_started") or "?",
-            r.get("walk_started") or "?", r["found"], age, "; copies looked for in " +
-            display_path(listing.dest) if listing.dest else "")
-    if listing.kind == "vanished":
-        return "%s: %s: %s between %s and %s (%s)" % (
-            PROG, listing.name, what, walk(listing.manifests[1].header), walk(h), age)
-    return "%s: %s: %s as of %s (%s; %s in that walk)" % (
-        PROG, listing.name, what, walk(h), age,
-        plural(int(listing.trailer.get("entries", 0)), "entry", "entries"))
-
-
-def _files_formatter(args, kind):
-    """The function that turns one item of a FileList into its output bytes."""
-    def nul(key, kind, size, atime, reason, copy):
-        return key_path(key) + b"\0"
-
-    def jsonl(*item):
-        return (json.dumps(file_doc(*item), sort_keys=True, ensure_ascii=False)
-                + "\n").encode("utf-8")
-
-    def text(key, kind, size, atime, reason, copy):
-        # WARNING: the reason goes after a tab: quote_path never leaves a raw tab in a path.
-        tail = "\n" if reason is None else "\t%s\n" % reason
-        if copy is not NO_COPY:
-            tail = "\t%s\t%s\n" % (reason, "copy: " + quote_path(copy) if copy else "no copy")
-        return (quote_path(key_path(key)) + tail).encode("utf-8")
-    return nul if args.null else jsonl if args.json else text
-
-
-def cmd_files(args, ctx):
-    listing = _files(ctx, args.name, args.kind, args.older_than)
-    items = listing.items()
-    try:
-        out = raw_stream(ctx.out)
-        out.flush()
-        # Bytes, whatever the locale: -0 must pass names exactly, and text is UTF-8.
-        buf = getattr(out, "buffer", None)
-        if buf is not None:
-            write = buf.write
-        else:       # a text stream without bytes underneath (main() called in-process)
-            def write(data):
-                out.write(data.decode("utf-8", "surrogateescape"))
-        line = _files_formatter(args, listing.kind)
-        header = [files_header(listing, ctx.now) + "\n"]
-
-        def put(batch):
-            write(b"".join(batch))
-            if header:      # once stdout took the first lines: an output that fails at
-                out.flush()     # once (closed, full) says one line, its error
-                write_safely(ctx.err, header.pop())
-        batch = []
-        for item in items:
-            batch.append(line(*item))
-            if len(batch) >= FILES_BATCH:
-                put(batch)
-                batch = []
-        put(batch)
-        out.flush()
-    finally:
-        items.close()
-        listing.close()
-    if listing.record is not None and not listing.record.get("seen") and \
-            listing.older_than is None:         # all of it listed, not a part
-        mark_purge_seen(ctx.store, listing.name, listing.record["file"])
-    return EXIT_OK
 
 
 def mark_purge_seen(store, name, file):
@@ -7030,7 +6925,6 @@ def schedule_minute_hour(user):
 
 
 def shell_quote(text):
-    import shlex
     return shlex.quote(text)
 
 
@@ -9142,6 +9036,98 @@ def cmd_remove(args, ctx):
     return EXIT_OK
 
 
+def _age_words(seconds):
+    """'3 days ago', '5 hours ago', '1 minute ago', 'less than a minute ago'."""
+    seconds = max(0, int(seconds))
+    for unit, size in (("day", DAY), ("hour", 3600), ("minute", 60)):
+        if seconds >= 2 * size or (unit == "minute" and seconds >= size):
+            return plural(seconds // size, unit) + " ago"
+    return "less than a minute ago"
+
+
+def files_header(listing, now):
+    """The one line on stderr that says which walk a list comes from and how old it is."""
+    def walk(h):
+        return "the %s walk started %s" % (h.get("mode", "?"), h.get("walk_started", "?"))
+    h = listing.header
+    try:
+        age = _age_words(now - float(h["now"]))
+    except (KeyError, TypeError, ValueError):
+        age = "age unknown"
+    what = {None: "entries", "at-risk": "entries at risk", "purge-eligible":
+            "purge-eligible entries", "vanished": "entries that vanished"}[listing.kind]
+    if listing.older_than is not None:
+        what += " not accessed for %g days" % listing.older_than
+    if listing.record is not None:
+        r = listing.record
+        return "%s: %s: %s between the walks started %s and %s (the purge found %s, %s)%s" % (
+            PROG, listing.name, what, r.get("previous_walk_started") or "?",
+            r.get("walk_started") or "?", r["found"], age, "; copies looked for in " +
+            display_path(listing.dest) if listing.dest else "")
+    if listing.kind == "vanished":
+        return "%s: %s: %s between %s and %s (%s)" % (
+            PROG, listing.name, what, walk(listing.manifests[1].header), walk(h), age)
+    return "%s: %s: %s as of %s (%s; %s in that walk)" % (
+        PROG, listing.name, what, walk(h), age,
+        plural(int(listing.trailer.get("entries", 0)), "entry", "entries"))
+
+
+def _files_formatter(args, kind):
+    """The function that turns one item of a FileList into its output bytes."""
+    def nul(key, kind, size, atime, reason, copy):
+        return key_path(key) + b"\0"
+
+    def jsonl(*item):
+        return (json.dumps(file_doc(*item), sort_keys=True, ensure_ascii=False)
+                + "\n").encode("utf-8")
+
+    def text(key, kind, size, atime, reason, copy):
+        # WARNING: the reason goes after a tab: quote_path never leaves a raw tab in a path.
+        tail = "\n" if reason is None else "\t%s\n" % reason
+        if copy is not NO_COPY:
+            tail = "\t%s\t%s\n" % (reason, "copy: " + quote_path(copy) if copy else "no copy")
+        return (quote_path(key_path(key)) + tail).encode("utf-8")
+    return nul if args.null else jsonl if args.json else text
+
+
+def cmd_files(args, ctx):
+    listing = _files(ctx, args.name, args.kind, args.older_than)
+    items = listing.items()
+    try:
+        out = raw_stream(ctx.out)
+        out.flush()
+        # Bytes, whatever the locale: -0 must pass names exactly, and text is UTF-8.
+        buf = getattr(out, "buffer", None)
+        if buf is not None:
+            write = buf.write
+        else:       # a text stream without bytes underneath (main() called in-process)
+            def write(data):
+                out.write(data.decode("utf-8", "surrogateescape"))
+        line = _files_formatter(args, listing.kind)
+        header = [files_header(listing, ctx.now) + "\n"]
+
+        def put(batch):
+            write(b"".join(batch))
+            if header:      # once stdout took the first lines: an output that fails at
+                out.flush()     # once (closed, full) says one line, its error
+                write_safely(ctx.err, header.pop())
+        batch = []
+        for item in items:
+            batch.append(line(*item))
+            if len(batch) >= FILES_BATCH:
+                put(batch)
+                batch = []
+        put(batch)
+        out.flush()
+    finally:
+        items.close()
+        listing.close()
+    if listing.record is not None and not listing.record.get("seen") and \
+            listing.older_than is None:         # all of it listed, not a part
+        mark_purge_seen(ctx.store, listing.name, listing.record["file"])
+    return EXIT_OK
+
+
 def cmd_install_cron(args, ctx):
     info = _install_cron(ctx, CronRequest(args.method, args.account, args.partition, args.cpus,
                                           args.mem, args.time, args.cadence_days, args.dry_run,
@@ -9346,14 +9332,8 @@ def _sub(subs, name, func, help_text, description, examples):
     return p
 
 
-def build_parser():
-    parser = _Parser(prog=PROG, description=__doc__, epilog=EXAMPLES,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version="%s %s" % (PROG, __version__))
-    add_state_dir_argument(parser, top=True)
-    subs = parser.add_subparsers(dest="command", metavar="COMMAND")
-    subs.required = True
-
+def _parser_init(subs):
+    """`init`: the profile, scratch root and purge days."""
     p = _sub(subs, "init", cmd_init, "choose the profile and scratch root",
              "Create or update the configuration. The same options again change nothing; new "
              "ones update it; changing the profile while datasets exist is refused.",
@@ -9365,6 +9345,9 @@ def build_parser():
     p.add_argument("--purge-days", type=_int_range(6, 3650), metavar="N",
                    help="generic: files not accessed for N days are purged (default 30)")
 
+
+def _parser_add(subs):
+    """`add`: register a dataset."""
     p = _sub(subs, "add", cmd_add, "register a dataset",
              "Register a dataset below the scratch root, to be kept until a date (inclusive), "
              "and write its sentinel file.",
@@ -9387,6 +9370,9 @@ def build_parser():
                         "directory cannot hold")
     add_json_argument(p)
 
+
+def _parser_list(subs):
+    """`list`: the datasets, one line each."""
     p = _sub(subs, "list", cmd_list, "list datasets",
              "List the registered datasets with their state: missing, expired, disabled, "
              "partial, never, due (cadence - 1 days since the last complete walk of its "
@@ -9395,6 +9381,9 @@ def build_parser():
              "  scratch-keepalive list\n  scratch-keepalive list --json\n")
     add_json_argument(p)
 
+
+def _parser_status(subs):
+    """`status`: the datasets in detail, or (--brief) only what needs attention."""
     p = _sub(subs, "status", cmd_status, "show datasets in detail",
              "Show each dataset's state, thresholds, last run, checkpoint and sentinel.\n\n"
              "--brief prints nothing when nothing needs attention, else one line per "
@@ -9411,6 +9400,9 @@ def build_parser():
                    help="only what needs attention, one line each (nothing when all is well)")
     add_json_argument(p)
 
+
+def _parser_refresh(subs):
+    """`refresh`: walk datasets now, in touch or check mode."""
     p = _sub(subs, "refresh", cmd_refresh, "walk datasets now (touch or check mode)",
              "Walk datasets depth-first in a fixed order and refresh access times (touch mode) "
              "or only check them (check mode). Progress is checkpointed; an interrupted walk "
@@ -9456,6 +9448,9 @@ def build_parser():
                    help=argparse.SUPPRESS)
     add_json_argument(p)
 
+
+def _parser_extend(subs):
+    """`extend`: keep-until, approval, cadence, manifests, rescue destination."""
     p = _sub(subs, "extend", cmd_extend, "change keep-until, record an approval",
              "Move a dataset's keep-until date and/or record the site's approval to refresh it.",
              "  scratch-keepalive extend --name genomes --keep-until 2027-09-30\n"
@@ -9473,6 +9468,9 @@ def build_parser():
                    help="keep no manifest of its walks")
     add_rescue_to_argument(p)
 
+
+def _parser_rescue(subs):
+    """`rescue`: copy what is at risk off scratch."""
     p = _sub(subs, "rescue", cmd_rescue, "copy what is at risk to safe storage",
              "Copy the entries the dataset's last complete walk found at risk (--all: every "
              "entry) to DIR/<path below the dataset root>: files (sparse ones stay sparse), "
@@ -9505,18 +9503,27 @@ def build_parser():
                    default=CHECKPOINT_SECONDS, help=argparse.SUPPRESS)
     add_json_argument(p)
 
+
+def _parser_enable_and_disable(subs):
+    """`enable` and `disable`: resume or pause refreshing a dataset."""
     for name, func, verb in (("enable", cmd_enable, "resume refreshing a dataset"),
                              ("disable", cmd_disable, "pause refreshing a dataset")):
         p = _sub(subs, name, func, verb, verb[0].upper() + verb[1:] + ".",
                  "  scratch-keepalive %s --name genomes\n" % name)
         add_name_argument(p)
 
+
+def _parser_remove(subs):
+    """`remove`: unregister a dataset (its data untouched)."""
     p = _sub(subs, "remove", cmd_remove, "unregister a dataset (data untouched)",
              "Unregister a dataset and delete its sentinel and checkpoint. Its data is never "
              "touched. A dataset being refreshed cannot be removed (exit 4).",
              "  scratch-keepalive remove --name genomes\n")
     add_name_argument(p)
 
+
+def _parser_files(subs):
+    """`files`: the entries of the last walk (at risk, purge-eligible, vanished)."""
     p = _sub(subs, "files", cmd_files, "list the entries of the last walk: at risk, vanished",
              "List entries of the dataset's last complete walk (its manifest, in the state "
              "directory), classified as of that walk, one path per line relative to the "
@@ -9560,6 +9567,9 @@ def build_parser():
                       help="JSON Lines: one object per entry (path, kind, size, atime, touched; "
                            "path_b64 when the path is not UTF-8; reason with --vanished)")
 
+
+def _parser_install_cron(subs):
+    """`install-cron`: schedule `refresh --due` with Slurm."""
     p = _sub(subs, "install-cron", cmd_install_cron, "schedule refresh with Slurm",
              "Install exactly one recurring Slurm entry for you: a block in your scrontab, or, "
              "where scrontab is missing or disabled, a self-resubmitting batch job with at most "
@@ -9591,16 +9601,27 @@ def build_parser():
     p.add_argument("--dry-run", action="store_true", help="print what would be installed")
     add_json_argument(p)
 
-    p = _sub(subs, "uninstall-cron", cmd_uninstall_cron, "remove the Slurm schedule",
-             "Delete the job script, remove our scrontab block (other lines kept), then cancel "
-             "pending jobs named scratch-keepalive. Exit 0 when nothing was installed.",
-             "  scratch-keepalive uninstall-cron\n")
+
+def _parser_uninstall_cron(subs):
+    """`uninstall-cron`: remove the schedule."""
+    _sub(subs, "uninstall-cron", cmd_uninstall_cron, "remove the Slurm schedule",
+         "Delete the job script, remove our scrontab block (other lines kept), then cancel "
+         "pending jobs named scratch-keepalive. Exit 0 when nothing was installed.",
+         "  scratch-keepalive uninstall-cron\n")
+
+
+def _parser_doctor(subs):
+    """`doctor`: check the setup."""
     p = _sub(subs, "doctor", cmd_doctor, "check the setup for problems",
              "Check the environment, the state files, every dataset (root, sentinel, keep-until, "
              "overdue, errors, approval), locks, the schedule and the scratch quota. Exit 0 when "
              "healthy, 1 when anything needs attention; each finding says what to do.",
              "  scratch-keepalive doctor\n  scratch-keepalive doctor --json\n")
     add_json_argument(p)
+
+
+def _parser_repair(subs):
+    """`repair`: mend what doctor finds."""
     p = _sub(subs, "repair", cmd_repair, "mend what doctor finds",
              "Mend what is safe to mend: a damaged registry (set aside, restored from its backup "
              "or rebuilt from the sentinels), unreadable or orphaned checkpoints, stale locks of "
@@ -9610,6 +9631,21 @@ def build_parser():
              "  scratch-keepalive repair\n")
     p.add_argument("--dry-run", action="store_true", help="list what it would do; change nothing")
     add_json_argument(p)
+
+
+def build_parser():
+    parser = _Parser(prog=PROG, description=__doc__, epilog=EXAMPLES,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version="%s %s" % (PROG, __version__))
+    add_state_dir_argument(parser, top=True)
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subs.required = True
+    for add_command in (_parser_init, _parser_add, _parser_list, _parser_status,
+                        _parser_refresh, _parser_extend, _parser_rescue,
+                        _parser_enable_and_disable, _parser_remove, _parser_files,
+                        _parser_install_cron, _parser_uninstall_cron, _parser_doctor,
+                        _parser_repair):
+        add_command(subs)
     return parser
 
 # ---------------------------------------------------------------- main
@@ -9682,7 +9718,6 @@ def login_line_args(argv):
     as the rest of that command; a test checks that these are what the parser gives."""
     if list(argv) != ["status", "--brief"]:
         return None
-    import types
     return types.SimpleNamespace(state_dir=None, command="status", name=None, brief=True,
                                  json=False, func=cmd_status)
 
