@@ -6185,7 +6185,6 @@ class RescueRun(object):
     def start_copying(self):
         self.threads = self.opts.threads or rescue_threads(self.ds["path"], self.dest)
         if self.threads > 1 and not self.opts.dry_run:
-            import concurrent.futures
             self.futures = concurrent.futures
             self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.threads)
 
@@ -9011,7 +9010,7 @@ def cmd_disable(args, ctx):
 
 def cmd_rescue(args, ctx):
     opts = RescueOptions(args.name, args.to, args.all, args.dry_run, args.max_seconds,
-                         args.max_entries, args.checkpoint_every)
+                         args.max_entries, args.checkpoint_every, threads=args.threads)
     progress = Progress(ctx.err)
     with stop_signals() as should_stop:
         try:
@@ -9499,6 +9498,9 @@ def _parser_rescue(subs):
     p.add_argument("--dry-run", action="store_true",
                    help="say what would be copied; write nothing")
     add_budget_arguments(p)
+    p.add_argument("--threads", type=_int_range(1, 64), metavar="N",
+                   help="files copied at once (default 16 when either side is on Lustre, NFS "
+                        "or another network filesystem, else 1)")
     p.add_argument("--checkpoint-every", type=_positive_seconds, metavar="S",
                    default=CHECKPOINT_SECONDS, help=argparse.SUPPRESS)
     add_json_argument(p)

@@ -110,3 +110,14 @@ def test_stopped_in_the_middle_of_copies_it_resumes_to_the_same_copy(tree, tmp_p
     leftovers = [n for dp, dns, fns in os.walk(str(dest)) for n in fns
                  if n.startswith(".scratch-keepalive-rescue.")]
     assert leftovers == []
+
+
+def test_threads_on_the_command_line(tree, cli, tmp_path):
+    r = cli("rescue", "--name", "ds", "--to", tmp_path / "safe", "--all", "--threads", "4",
+            "--json")
+    assert r.rc == 0 and json.loads(r.out)["errors"] == 0, r
+    assert picture(tmp_path / "safe") == picture(tree["root"])
+    for bad in ("0", "65", "many"):
+        r = cli("rescue", "--name", "ds", "--to", tmp_path / "other", "--threads", bad)
+        assert r.rc == 2 and "--threads" in r.err and r.err.count("\n") == 1, r
+        assert not (tmp_path / "other").exists()
