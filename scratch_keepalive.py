@@ -5964,12 +5964,16 @@ class RescueRun(object):
         """Count the entries to go, and the bytes the regular files among them still need
         (those the quick check would not skip), for the room check and the progress."""
         dest = os.fsencode(self.dest)
+        there = {}          # a directory's key -> whether it is at the destination
         for key, code, size in self.entries(m):
             self.total_entries += 1
             if code & ~K_TOUCHED != K_FILE:
                 continue
+            parent = key.rpartition(b"\0")[0]
+            if parent not in there:         # one look for a directory, not one a file
+                there[parent] = os.path.isdir(os.path.join(dest, key_path(parent)))
             try:
-                st = os.lstat(os.path.join(dest, key_path(key)))
+                st = os.lstat(os.path.join(dest, key_path(key))) if there[parent] else None
             except OSError:
                 st = None
             if st is None or not stat.S_ISREG(st.st_mode) or st.st_size != size:
@@ -6291,7 +6295,7 @@ class RescueRun(object):
                           mode & 0o777, dir_fd=level.dst)
             try:
                 try:
-                    if self.copy_data(src, out, before.st_size) < before.st_size:
+                    if self.copy_data(src, out, before) < before.st_size:
                         os.ftruncate(out, before.st_size)   # a hole at the end stays a hole
                     if mode & (self.umask | ~0o777):        # what open()'s mode did not give
                         os.chmod(out, mode)
@@ -6310,21 +6314,19 @@ class RescueRun(object):
         finally:
             os.close(src)
 
-    def copy_data(self, src, out, size):
-        """Copy the data extents of src (SEEK_DATA/SEEK_HOLE) to the same offsets of out;
-        returns where the data written ends."""
-        pos = 0
+    def copy_data(self, src, out, st):
+        """Copy the data extents of src (SEEK_DATA/SEEK_HOLE; a file whose blocks hold its
+        size has none to find) to the same offsets of out; returns where the data written
+        ends."""
+        pos, size = 0, st.st_size
+        dense = st.st_blocks * 512 >= size
         while pos < size:
-            try:
-                start = os.lseek(src, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:
+            if dense:
+                start, end = pos, size
+            else:
+                start, end = self.extent(src, pos, size)
+                if start is None:
                     return pos  # only a hole from pos on
-                start = pos     # no sparse support here: all of it is data
-            try:
-                end = min(size, os.lseek(src, start, os.SEEK_HOLE))
-            except OSError:
-                end = size
             while start < end:
                 n = self.copy_range(src, out, start, min(RESCUE_CHUNK, end - start))
                 if n <= 0:
@@ -6339,6 +6341,21 @@ class RescueRun(object):
                     raise _RescueStop()
             pos = end
         return pos
+
+    @staticmethod
+    def extent(src, pos, size):
+        """(start, end) of the first data extent of src at or after pos; (None, None) when
+        there is none (a hole to the end)."""
+        try:
+            start = os.lseek(src, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return None, None
+            return pos, size    # no sparse support here: all of it is data
+        try:
+            return start, min(size, os.lseek(src, start, os.SEEK_HOLE))
+        except OSError:
+            return start, size
 
     def copy_range(self, src, out, offset, count):
         """Up to count bytes at offset, by the best call that works here."""

@@ -121,3 +121,28 @@ def test_threads_on_the_command_line(tree, cli, tmp_path):
         r = cli("rescue", "--name", "ds", "--to", tmp_path / "other", "--threads", bad)
         assert r.rc == 2 and "--threads" in r.err and r.err.count("\n") == 1, r
         assert not (tmp_path / "other").exists()
+
+
+def test_holes_stay_holes_whatever_the_file_size(generic, cli, tmp_path):
+    """A small file that is all hole, a file that ends in one, and a dense file: the copies
+    have the same sizes and contents, and no blocks where the source has none."""
+    root = generic["scratch"] / "ds"
+    root.mkdir()
+    with open(str(root / "all-hole"), "wb") as f:
+        f.truncate(100)
+    with open(str(root / "tail-hole"), "wb") as f:
+        f.write(os.urandom(5000))
+        f.truncate(64 << 20)
+    (root / "dense").write_bytes(os.urandom(10000))
+    for p in root.iterdir():
+        set_atime(p, OLD)
+    assert cli("add", "--name", "ds", "--path", root, "--keep-until", KEEP).rc == 0
+    assert cli("refresh", "--name", "ds", "--check").rc == 0
+    r = sk.rescue("ds", str(tmp_path / "safe"), all=True)
+    assert r["exit_code"] == 0, r
+    for n in ("all-hole", "tail-hole", "dense"):
+        a, b = os.stat(str(root / n)), os.stat(str(tmp_path / "safe" / n))
+        assert (b.st_size, open(str(tmp_path / "safe" / n), "rb").read()) == \
+            (a.st_size, open(str(root / n), "rb").read()), n
+        assert b.st_blocks <= a.st_blocks + 8, n         # at most a block more
+    assert os.stat(str(tmp_path / "safe" / "all-hole")).st_blocks == 0
