@@ -2006,7 +2006,7 @@ NETWORK_FS = ("lustre", "nfs", "nfs4", "gpfs", "beegfs", "cifs", "smb3", "ceph",
 
 
 def fs_type(path):
-    """The filesystem type of the mount holding path (from /proc/self/mounts), or None."""
+    """The filesystem type of the mount holding path, or None."""
     found = mount_of(os.path.realpath(path))    # a symlink may lead onto another mount
     return found[2] if found else None
 
@@ -2019,6 +2019,38 @@ def decode_mountinfo_path(field):
     return _MOUNTINFO_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), field)
 
 
+def read_mountinfo(mountinfo="/proc/self/mountinfo"):
+    """[(mount point, source, filesystem type)] of this process's mount table, in the
+    kernel's order (a later mount hides an earlier one at the same place): bytes, every
+    octal escape decoded, so a mount point may hold any byte but NUL and "/" in a name.
+    [] where the table cannot be read. The tool's one reader of the mount table."""
+    try:
+        with open(mountinfo, "rb") as f:
+            lines = f.read().split(b"\n")    # a newline in a name is written \012
+    except OSError:
+        return []
+    mounts = []
+    for line in lines:
+        # ID PARENT MAJ:MIN ROOT MOUNT-POINT OPTIONS [OPTIONAL FIELDS...] - TYPE SOURCE OPTIONS
+        fields = line.split(b" ")
+        sep = fields.index(b"-", 6) if b"-" in fields[6:] else len(fields)
+        if len(fields) >= sep + 3:
+            mounts.append(tuple(decode_mountinfo_path(fields[i]) for i in (4, sep + 2, sep + 1)))
+    return mounts
+
+
+def mount_of(path, mountinfo="/proc/self/mountinfo"):
+    """(mount point, source, filesystem type) of the mount holding path (a real path), as
+    text (surrogate-escaped), or None."""
+    bpath, best = os.fsencode(path), None
+    for mount in read_mountinfo(mountinfo):
+        mnt = mount[0]
+        if (bpath == mnt or bpath.startswith(mnt.rstrip(b"/") + b"/")) and (
+                best is None or len(mnt) >= len(best[0])):
+            best = mount
+    return None if best is None else tuple(os.fsdecode(x) for x in best)
+
+
 def mount_tree(root_fd, mountinfo="/proc/self/mountinfo"):
     """{directory below the root (tuple of names): set of its entries that are mount points}.
 
@@ -2027,19 +2059,12 @@ def mount_tree(root_fd, mountinfo="/proc/self/mountinfo"):
     (/proc/self/fd), in the same namespace as the mount table. Empty where neither exists.
     """
     try:
-        root = os.readlink("/proc/self/fd/%d" % root_fd).encode(
-            sys.getfilesystemencoding(), "surrogateescape")
-        with open(mountinfo, "rb") as f:
-            lines = f.read().split(b"\n")
+        root = os.fsencode(os.readlink("/proc/self/fd/%d" % root_fd))
     except OSError:
         return {}
     prefix = root.rstrip(b"/") + b"/"
     tree = {}
-    for line in lines:
-        fields = line.split(b" ")
-        if len(fields) < 5:
-            continue
-        mnt = decode_mountinfo_path(fields[4])
+    for mnt, _, _ in read_mountinfo(mountinfo):
         if mnt.startswith(prefix) and len(mnt) > len(prefix):
             comps = tuple(c for c in mnt[len(prefix):].split(b"/") if c)
             tree.setdefault(comps[:-1], set()).add(comps[-1])
@@ -5701,24 +5726,6 @@ def check_rescue_dest(ctx, cfg, dataset_path, to, flag="--to"):
                     "is" if real == place else "lies inside" if is_below(real, place)
                     else "contains", what, display_path(place)))
     return real
-
-
-def mount_of(path):
-    """(mount point, source, filesystem type) of the mount holding path, or None."""
-    best = None
-    try:
-        with open("/proc/self/mounts") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) < 3:
-                    continue
-                mnt = parts[1].replace("\\040", " ")
-                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and (
-                        best is None or len(mnt) >= len(best[0])):
-                    best = (mnt, parts[0], parts[2])
-    except OSError:
-        return None
-    return best
 
 
 def _quota_number(text):
