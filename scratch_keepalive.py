@@ -3740,6 +3740,31 @@ def threshold_cadence(ds, sched_cadence):
     return max(int(ds["cadence_days"]), sched_cadence or 0)
 
 
+# -- due: three rules, side by side. Each answers its own question, so each counts from
+# its own walk over its own span (C: the dataset's cadence, S: the schedule's):
+#  - the schedule's, is_due(): does this `refresh --due` walk the dataset? C - S + 1 days
+#    from the START of the last complete walk of the dataset's own mode: the schedule's
+#    promise needs exactly that (see is_due), and a check walk, dry run or stopped walk
+#    must not make a touch-mode dataset look refreshed.
+#  - the people's, state_due_at(): the `due` that `list` and `status` show, "every C
+#    days" as a person reads it: C - 1 days from that same start. The contract fixes its
+#    meaning; the schedule never selects by it.
+#  - doctor's, overdue_at(): has the machinery stopped? Any complete walk, of either mode,
+#    shows that the schedule ran, so it counts from the END of the last one (or the
+#    dataset's addition), C + OVERDUE_DAYS days: three days past the people's due.
+#    WARNING: a working schedule's runs can be C + 3 days apart
+#    (cron_schedule: days 1 and 15 leave 17 days after a 31-day month's 15th), so this
+#    FAILs for up to a day before such a run; tests/test_doctor.py pins C + 2.
+
+OVERDUE_DAYS = 2        # doctor's overdue: this many days past the cadence
+
+
+def schedule_due_at(last_start, cadence, sched_cadence):
+    """When the schedule's rule makes a dataset due again, its last complete walk of its
+    mode having started at last_start (see is_due)."""
+    return last_start + (int(cadence) - int(sched_cadence or cadence) + 1) * DAY
+
+
 def is_due(last_start, cadence, sched_cadence, now):
     """The schedule's due rule (`refresh --due`), for a dataset of one mode.
 
@@ -3749,10 +3774,22 @@ def is_due(last_start, cadence, sched_cadence, now):
     skip days old, and the run after one that skips the dataset can be schedule cadence
     + 3 days away; this rule keeps the next walk within cadence + 4 days of W.
     """
-    if last_start is None:
-        return True
-    need = int(cadence) - int(sched_cadence or cadence) + 1
-    return now - last_start >= need * DAY
+    return last_start is None or now >= schedule_due_at(last_start, cadence, sched_cadence)
+
+
+def state_due_at(start, cadence):
+    """When the people's `state` turns `due`: cadence - 1 days after start, the start of
+    the last complete walk of the dataset's mode."""
+    return start + (int(cadence) - 1) * DAY
+
+
+def overdue_at(ds):
+    """When doctor calls dataset ds overdue (a FAIL: its walks stopped coming): cadence +
+    OVERDUE_DAYS days after its last complete walk of either mode ended, or after it was
+    added when never walked; None when the registry says neither."""
+    text = ds.get("last_refresh") or ds.get("added")
+    since = parse_iso(text) if isinstance(text, str) else None
+    return None if since is None else since + (int(ds["cadence_days"]) + OVERDUE_DAYS) * DAY
 
 
 def resumable(ckpt, ds, mode, due_run, sched_cadence, now):
@@ -3777,9 +3814,8 @@ def resumable(ckpt, ds, mode, due_run, sched_cadence, now):
 def dataset_state(store, ds, now, mode=None):
     """missing, expired, disabled, partial, never, due or ok: the first that applies.
 
-    `due` is for people: cadence - 1 days since the start of the last complete walk of
-    the dataset's mode (mode; None: the mode of its last walk). `refresh --due` selects
-    by is_due() instead.
+    `due` is the people's rule (state_due_at), for the last complete walk of mode (None:
+    the mode of its last walk); `refresh --due` selects by the schedule's (is_due).
     """
     if not root_present(ds["path"]):
         return "missing"
@@ -3792,9 +3828,7 @@ def dataset_state(store, ds, now, mode=None):
     if not ds.get("last_refresh"):
         return "never"
     start = walk_start(ds, mode or ds.get("last_mode") or "touch")
-    if start is None or now - start >= (int(ds["cadence_days"]) - 1) * DAY:
-        return "due"
-    return "ok"
+    return "due" if start is None or now >= state_due_at(start, ds["cadence_days"]) else "ok"
 
 
 def last_walk_totals(ds):
@@ -4273,7 +4307,7 @@ def _status_entry(ctx, cfg, ds):
     entry["manifest"] = manifest_info(ctx.store, ds, cfg, ctx.now)
     start = walk_start(ds, entry["mode"])     # as `state` counts it: the mode's last walk
     entry["next_due"] = (None if start is None or not ds.get("last_refresh")
-                         else iso(start + (int(ds["cadence_days"]) - 1) * DAY))
+                         else iso(state_due_at(start, ds["cadence_days"])))
     return entry
 
 
@@ -5035,10 +5069,10 @@ def not_due_reason(cfg, ds, opts, sched_cadence):
     """Why `refresh --due --name NAME` does not walk NAME now, and when it will."""
     mode = dataset_mode(cfg, ds, opts.check)
     last = walk_start(ds, mode)
-    need = int(ds["cadence_days"]) - int(sched_cadence or ds["cadence_days"]) + 1   # is_due's
     return ("not due until %s (its last complete %s walk started %s); without --due, `%s "
-            "refresh --name %s` walks it now" % (iso(last + need * DAY), mode, iso(last), PROG,
-                                                 ds["name"]))
+            "refresh --name %s` walks it now" % (
+                iso(schedule_due_at(last, ds["cadence_days"], sched_cadence)), mode, iso(last),
+                PROG, ds["name"]))
 
 
 def on_login_node(cfg, env):
@@ -7771,14 +7805,13 @@ def _check_dataset(ctx, cfg, root, ds):
     keep = parse_date(ds["keep_until"])
     days_left = (keep - utc_date(now)).days
     active = ds.get("enabled", True) and days_left >= 0
-    cadence = int(ds["cadence_days"])
-    last = ds.get("last_refresh")
-    since = parse_iso(last) if last else parse_iso(ds.get("added") or iso(now))
-    if active and now - since > (cadence + 2) * DAY:
+    last, overdue = ds.get("last_refresh"), overdue_at(ds)
+    if active and overdue is not None and now > overdue:
         out.append(Check("overdue:" + name, "fail", "dataset %r: %s more than %d days ago; check "
                          "the schedule (`%s status`) and run `%s refresh --name %s`" % (
                              name, "last complete refresh %s," % last if last else
-                             "never refreshed, added", cadence + 2, PROG, PROG, name)))
+                             "never refreshed, added", int(ds["cadence_days"]) + OVERDUE_DAYS,
+                             PROG, PROG, name)))
     # The data is the user's to act on, not a fault of the tool: information.
     codes = attention(ds, now, checkpoint_or_none(ctx.store, name))
     for code in codes:
