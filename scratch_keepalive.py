@@ -4968,10 +4968,15 @@ def mark_purge_seen(store, name, file):
 
 
 class RefreshOptions(object):
+    """due: select by the schedule's rule (is_due). scheduled: the schedule's own run (the
+    method, as `--scheduled` gives it, or None), the one marker of one: it alone rescues
+    to --rescue-to after a walk, as it alone keeps the job chain going (cmd_refresh)."""
+
     def __init__(self, name=None, due=False, check=False, dry_run=False, max_seconds=None,
                  max_entries=None, threads=None, checkpoint_every=CHECKPOINT_SECONDS,
-                 workers=None, no_manifest=False, fail_on_risk=False):
+                 workers=None, no_manifest=False, fail_on_risk=False, scheduled=None):
         self.name = name
+        self.scheduled = scheduled
         self.no_manifest = no_manifest
         self.due = due
         self.check = check
@@ -5113,7 +5118,7 @@ def _refresh(ctx, opts, should_stop=None, progress=None):
             r, code = empty_result(ds["name"], mode, str(e)), EXIT_BUSY
         except Failure as e:
             r, code = empty_result(ds["name"], mode, str(e)), e.exit_code
-        if opts.due and not opts.dry_run and r.get("complete"):
+        if opts.scheduled and not opts.dry_run and r.get("complete"):
             rescued, rescue_code = _scheduled_rescue(ctx, ds["name"], budget, should_stop)
             if rescued is not None:
                 r["rescue"] = rescued
@@ -5125,7 +5130,7 @@ def _refresh(ctx, opts, should_stop=None, progress=None):
     walked = codes[len(refused):]
     if login_note and walked and all(c == EXIT_BUSY for c in walked):
         notes.remove(login_note)        # nothing ran here: no budget to speak of
-    if opts.due and not opts.dry_run and EXIT_INTERRUPTED not in codes:
+    if opts.scheduled and not opts.dry_run and EXIT_INTERRUPTED not in codes:
         _finish_rescues(ctx, cfg, chosen, budget, should_stop, results, codes)
     out = {"results": results, "exit_code": combine_exit_codes(codes), "notes": notes}
     if opts.fail_on_risk:
@@ -8881,7 +8886,8 @@ def stop_signals():
 def cmd_refresh(args, ctx):
     opts = RefreshOptions(args.name, args.due, args.check, args.dry_run, args.max_seconds,
                           args.max_entries, args.threads, args.checkpoint_every, args.workers,
-                          no_manifest=args.no_manifest, fail_on_risk=args.fail_on_risk)
+                          no_manifest=args.no_manifest, fail_on_risk=args.fail_on_risk,
+                          scheduled=args.scheduled)
     progress = Progress(ctx.err)
     doc = None
     if args.scheduled:

@@ -517,14 +517,36 @@ def test_add_and_extend_rescue_to_are_validated_stored_and_cleared(generic, cli)
     assert r.rc == 1 and "'rescue_to' should be null or an absolute path" in r.err, r
 
 
-def test_scheduled_walk_rescues_what_could_age_out_and_finishes_a_stopped_rescue(ds, cli):
-    """refresh --due with --rescue-to: after the complete walk, the entries past the skip
-    line (11 days here, not the 13-day at-risk line) are rescued in the same run; a budget
-    that stops the rescue exits 3 (a scheduled job then books its continuation), and the
-    next --due run finishes it although the walk is not due."""
+def test_only_the_scheduled_run_rescues_not_a_manual_refresh_due(ds, cli, monkeypatch):
+    """--rescue-to is for "every scheduled walk": `refresh --due` run by hand walks what is
+    due and copies nothing; the schedule's own command (`--due --scheduled METHOD`, what the
+    scrontab line and the batch job pass) rescues after its walk."""
+    safe = ds["tmp"] / "sched"
+    assert cli("extend", "--name", "ds", "--rescue-to", safe).rc == 0
+    r = cli("refresh", "--due", "--check", "--json")
+    assert r.rc == 0, r
+    res = json.loads(r.out)["results"][0]
+    assert res["complete"] is True and "rescue" not in res, res
+    assert not safe.exists()
+    monkeypatch.setenv("SLURM_JOB_ID", "1")         # --scheduled runs inside a Slurm job only
+    r = cli("refresh", "--due", "--check", "--json", "--scheduled", "scrontab")
+    assert r.rc == 0, r
+    res = json.loads(r.out)["results"][0]
+    assert res["rescue"]["complete"] is True and res["rescue"]["selection"] == "skip", res
+    assert "twelve.txt" in listing(safe)
+
+
+def test_scheduled_walk_rescues_what_could_age_out_and_finishes_a_stopped_rescue(ds, cli,
+                                                                                  monkeypatch):
+    """A scheduled run (refresh --due --scheduled) with --rescue-to: after the complete walk,
+    the entries past the skip line (11 days here, not the 13-day at-risk line) are rescued
+    in the same run; a budget that stops the rescue exits 3 (a scheduled job then books its
+    continuation), and the next scheduled run finishes it although the walk is not due."""
     safe = ds["tmp"] / "sched"
     assert cli("extend", "--name", "ds", "--rescue-to", safe).rc == 0
     registry = ds["state"] / "registry.json"
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    sched = ("--scheduled", "scrontab")     # no schedule installed: no chain to keep going
 
     def not_due():
         # walks record real start times, years before the tests' policy clock: make the
@@ -535,13 +557,13 @@ def test_scheduled_walk_rescues_what_could_age_out_and_finishes_a_stopped_rescue
     walked = json.loads(cli("refresh", "--name", "ds", "--json", "--check").out)
     total = walked["results"][0]["entries_seen"]
     # check mode, as on BR200 without an approval (generic would touch, leaving no risk)
-    r = cli("refresh", "--due", "--check", "--json", "--max-entries", total + 3)
+    r = cli("refresh", "--due", "--check", "--json", "--max-entries", total + 3, *sched)
     assert r.rc == 3, r
     res = json.loads(r.out)["results"][0]
     assert res["complete"] is True and res["rescue"]["stopped"] == "max-entries"
     assert res["rescue"]["selection"] == "skip"
     not_due()
-    r = cli("refresh", "--due", "--check", "--json")
+    r = cli("refresh", "--due", "--check", "--json", *sched)
     assert r.rc == 0, r
     res = json.loads(r.out)["results"][0]
     assert res["entries_seen"] == 0 and "scheduled rescue" in res["reason"]
@@ -549,7 +571,7 @@ def test_scheduled_walk_rescues_what_could_age_out_and_finishes_a_stopped_rescue
     got = listing(safe)
     assert "twelve.txt" in got and "recent/new.txt" not in got
     assert set(got) == at_risk_rels(ds["atimes"]) | {"twelve.txt"}
-    text = cli("refresh", "--due", "--check")
+    text = cli("refresh", "--due", "--check", *sched)
     assert text.rc == 0 and "nothing to refresh" in text.out + text.err, text
 
 
