@@ -5767,15 +5767,29 @@ def check_rescue_dest(ctx, cfg, dataset_path, to, flag="--to"):
     return real
 
 
+# -- the user's quota: read_quota() is the one probe (rescue's room check, doctor's check)
+
+QUOTA_TIMEOUT = 60      # seconds for `lfs quota` or `quota`: one question to a quota server
+QUOTA_HINT = "the filesystem's quota service may be down or slow; try again later"
+
+
+def quota_runner(argv, input_text=None):
+    """How `lfs quota` and `quota` run: default_runner with quota's own time limit and
+    words (a quota server that does not answer says nothing about Slurm)."""
+    return default_runner(argv, input_text, QUOTA_TIMEOUT, QUOTA_HINT)
+
+
 def _quota_number(text):
     text = text.rstrip("*")
     return int(text) if text.isdigit() else None
 
 
-def parse_quota_table(text):
+def parse_quota_table(text, files=False):
     """[(filesystem, used KiB, soft limit KiB, hard limit KiB)] from the table `quota -w`
-    or `lfs quota` prints. Rows that do not parse are left out; a name too long for its
-    column may stand alone on its line, with its numbers on the next one."""
+    or `lfs quota` prints; files=True: each row goes on with (files, soft limit, hard
+    limit), and a row without them is left out. Rows that do not parse are left out; a
+    name too long for its column may stand alone on its line, with its numbers on the
+    next one."""
     rows, pending, header = [], None, False
     for line in text.splitlines():
         tok = line.split()
@@ -5797,40 +5811,62 @@ def parse_quota_table(text):
             continue
         pending = None
         vals = [_quota_number(t) for t in nums[:3]]
-        if len(vals) == 3 and None not in vals:
-            rows.append((fs, vals[0], vals[1], vals[2]))
+        if files:
+            rest = nums[3:]
+            if rest and _quota_number(rest[0]) is None:
+                rest = rest[1:]         # the blocks' grace, where the table shows one
+            vals += [_quota_number(t) for t in rest[:3]]
+        if len(vals) == (6 if files else 3) and None not in vals:
+            rows.append(tuple([fs] + vals))
     return rows
 
 
 def quota_room(row):
     """Bytes the user may still write under a quota row; None when it sets no limit."""
-    _, used, soft, hard = row
+    used, soft, hard = row[1:4]
     limits = [v for v in (soft, hard) if v > 0]
     if not limits:
         return None
     return max(0, min(limits) - used) * 1024
 
 
+class QuotaReading(object):
+    """The user's quota where a path lies, as one command said it: command (its text, for
+    messages), row (parse_quota_table's, files=True) or None, and why there is none."""
+
+    def __init__(self, command, row=None, why=None):
+        self.command, self.row, self.why = command, row, why
+
+
+def read_quota(path, user, runner=None):
+    """The user's quota where path lies (a QuotaReading): `lfs quota -u USER PATH` on
+    Lustre, else `quota -w -u USER` (its row for path's mount). A missing command, no
+    quota there and odd output are not errors: the reading says why it has no row. A
+    command that does not answer in QUOTA_TIMEOUT s raises Failure (quota_runner's)."""
+    mount = mount_of(os.path.realpath(path))
+    lustre = mount is not None and mount[2] == "lustre"
+    argv = ["lfs", "quota", "-u", user, path] if lustre else ["quota", "-w", "-u", user]
+    command = " ".join(argv)
+    res = (runner or quota_runner)(argv)
+    if res is None:
+        return QuotaReading(command, why="`%s` is not installed here" % argv[0])
+    if lustre and res.rc != 0:
+        said = " ".join((res.err.strip() or res.out.strip()).split())
+        return QuotaReading(command, why="`%s` failed: %s" % (
+            command, said[:200] or "exit status %d" % res.rc))
+    # quota exits 1 when a limit is exceeded: its table still says by how much.
+    rows = [r for r in parse_quota_table(res.out, files=True)
+            if lustre or (mount is not None and r[0] in (mount[0], mount[1]))]
+    return QuotaReading(command, rows[0]) if rows else QuotaReading(
+        command, why="`%s` shows no quota for %s" % (command, display_path(path)))
+
+
 def user_quota_room(ctx, path, runner=None):
-    """(bytes the user's quota still allows below path, what was asked), or None when no
-    quota can be read there: `lfs quota -u USER DIR` on Lustre, else `quota -w -u USER`
-    (its row for path's mount). Missing commands and odd output are not errors."""
-    runner = runner or ctx.slurm.runner
-    mount = mount_of(path)
-    user = current_user(ctx.env)
-    if mount is not None and mount[2] == "lustre":
-        argv = ["lfs", "quota", "-u", user, path]
-        res = runner(argv)
-        rows = parse_quota_table(res.out) if res is not None and res.rc == 0 else []
-        rows = rows[:1]
-    else:
-        argv = ["quota", "-w", "-u", user]
-        res = runner(argv)
-        # quota exits 1 when a limit is exceeded: its table still says by how much.
-        rows = parse_quota_table(res.out) if res is not None else []
-        rows = [r for r in rows if mount is not None and r[0] in (mount[0], mount[1])]
-    rooms = [x for x in (quota_room(r) for r in rows) if x is not None]
-    return (min(rooms), " ".join(argv)) if rooms else None
+    """(bytes the user's quota still allows below path, the command that said so), or None
+    when no quota limits it or none can be read (read_quota)."""
+    reading = read_quota(path, current_user(ctx.env), runner)
+    room = quota_room(reading.row) if reading.row else None
+    return None if room is None else (room, reading.command)
 
 
 def check_rescue_room(ctx, dest, need, runner=None):
@@ -6674,8 +6710,12 @@ class CommandResult(object):
         self.argv, self.rc, self.out, self.err = argv, rc, out, err
 
 
-def default_runner(argv, input_text=None, timeout=120):
-    """Run an external command; None when it is not installed. Text is surrogate-escaped bytes."""
+SLURM_HINT = "is the Slurm controller up? (`scontrol ping`)"
+
+
+def default_runner(argv, input_text=None, timeout=120, hint=SLURM_HINT):
+    """Run an external command; None when it is not installed. Text is surrogate-escaped bytes.
+    A command that does not answer within timeout seconds raises Failure, with hint."""
     try:
         p = subprocess.run(argv, input=None if input_text is None else
                            input_text.encode("utf-8", "surrogateescape"),
@@ -6685,8 +6725,8 @@ def default_runner(argv, input_text=None, timeout=120):
         # ([Errno 13] Permission denied: 'lfs'), not FileNotFoundError: not runnable here.
         return None
     except subprocess.TimeoutExpired:
-        raise Failure("`%s` did not answer within %d s; is the Slurm controller up? "
-                      "(`scontrol ping`)" % (" ".join(argv[:2]), timeout))
+        raise Failure("`%s` did not answer within %d s; %s" % (" ".join(argv[:2]), timeout,
+                                                                hint))
     return CommandResult(argv, p.returncode, p.stdout.decode("utf-8", "surrogateescape"),
                          p.stderr.decode("utf-8", "surrogateescape"))
 
@@ -7934,24 +7974,24 @@ def _our_block(text):
     return text[start:] if end < 0 else text[start:end]
 
 
-def _check_quota(ctx, root):
-    """On Lustre, `lfs quota` near the file or byte limit; quiet where lfs is absent."""
-    res = ctx.slurm.runner(["lfs", "quota", "-u", current_user(ctx.env), root])
-    if res is None or res.rc != 0:
-        return []
-    nums = re.findall(r"^\s*\S+\s+(\d+)\*?\s+(\d+)\s+(\d+)\s+\S+\s+(\d+)\*?\s+(\d+)\s+(\d+)",
-                      res.out, re.M)
-    if not nums:
-        return []
-    used_kb, _, hard_kb, files, _, hard_files = (int(x) for x in nums[0])
+def _check_quota(ctx, root, runner=None):
+    """The user's quota on the scratch filesystem (read_quota): near its byte or file limit,
+    or a quota command that does not answer, is a WARN."""
+    try:
+        reading = read_quota(root, current_user(ctx.env), runner)
+    except Failure as e:
+        return [Check("quota", "warn", "scratch quota: %s" % e)]
+    if reading.row is None:
+        return [Check("quota", "info", "scratch quota: not checked: %s" % reading.why)]
+    _, used_kb, _, hard_kb, files, _, hard_files = reading.row
     near = []
     if hard_kb and used_kb >= 0.9 * hard_kb:
         near.append("%d%% of the byte limit" % (100 * used_kb // hard_kb))
     if hard_files and files >= 0.9 * hard_files:
         near.append("%d%% of the file limit" % (100 * files // hard_files))
     if near:
-        return [Check("quota", "warn", "scratch quota: %s (`lfs quota -h -u $USER %s`)"
-                      % (" and ".join(near), root))]
+        return [Check("quota", "warn", "scratch quota: %s (`%s`)" % (" and ".join(near),
+                                                                       reading.command))]
     return [Check("quota", "ok", "scratch quota: %s KiB of %s, %s files of %s" % (
         used_kb, hard_kb or "unlimited", files, hard_files or "unlimited"))]
 

@@ -299,6 +299,57 @@ def test_quota_of_the_destination_mount_is_what_counts(tmp_path, monkeypatch):
     assert seen[0][:2] == ["quota", "-w"]
 
 
+def test_quota_runs_with_its_own_runner_time_limit_and_words(tmp_path, monkeypatch):
+    """`quota` (and `lfs quota`) run through quota_runner, not the Slurm runner: one that
+    does not answer says the quota service may be down, never "is the Slurm controller
+    up?"; one not installed is said as such. Doctor's quota line and the rescue's room
+    check read the same probe."""
+    ctx = sk.Context(state_dir=str(tmp_path / "state"), env={"USER": "jdoe"})
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    hung = bin_dir / "quota"
+    hung.write_text("#!/bin/sh\nexec %s 60\n" % shutil.which("sleep"))
+    hung.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setattr(sk, "QUOTA_TIMEOUT", 1)
+    with pytest.raises(sk.Failure) as e:
+        sk.check_rescue_room(ctx, str(tmp_path), 1024)
+    assert str(e.value) == ("`quota -w` did not answer within 1 s; the filesystem's quota "
+                            "service may be down or slow; try again later"), e.value
+    c = sk._check_quota(ctx, str(tmp_path))[0]
+    assert (c.name, c.level) == ("quota", "warn") and "quota service" in c.message, c.message
+    assert "Slurm" not in c.message
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    reading = sk.read_quota(str(tmp_path), "jdoe")
+    assert reading.row is None and reading.why == "`quota` is not installed here"
+    c = sk._check_quota(ctx, str(tmp_path))[0]
+    assert (c.level, c.message) == ("info", "scratch quota: not checked: `quota` is not "
+                                            "installed here")
+    sk.check_rescue_room(ctx, str(tmp_path), 1024)       # no quota known: room is enough
+
+
+def test_doctor_reads_lustre_quota_files_and_bytes_through_the_same_probe(tmp_path,
+                                                                          monkeypatch):
+    ctx = sk.Context(state_dir=str(tmp_path / "state"), env={"USER": "jdoe"})
+    monkeypatch.setattr(sk, "mount_of", lambda path: ("/N/scratch", "mds@o2ib:/s", "lustre"))
+    table = ("Disk quotas for usr jdoe (uid 1234):\n     Filesystem  kbytes   quota   limit   "
+             "grace   files   quota   limit   grace\n/N/scratch  100  0  1000  -  "
+             "950*  0  1000  -\n")
+    seen = []
+
+    def runner(argv, input_text=None):
+        seen.append(argv)
+        return sk.CommandResult(argv, 0, table, "")
+    c = sk._check_quota(ctx, "/N/scratch/jdoe", runner)[0]
+    assert seen == [["lfs", "quota", "-u", "jdoe", "/N/scratch/jdoe"]]
+    assert (c.level, c.message) == ("warn", "scratch quota: 95% of the file limit (`lfs quota "
+                                            "-u jdoe /N/scratch/jdoe`)")
+    assert sk.user_quota_room(ctx, "/N/scratch/jdoe", runner) == (900 * 1024, " ".join(seen[0]))
+    failed = lambda argv, input_text=None: sk.CommandResult(argv, 2, "", "lfs: quotactl failed\n")
+    assert sk.read_quota("/N/scratch/jdoe", "jdoe", failed).why == \
+        "`lfs quota -u jdoe /N/scratch/jdoe` failed: lfs: quotactl failed"
+
+
 def test_a_symlink_in_the_destination_is_never_written_through(ds, cli):
     dest, outside = ds["dest"], ds["tmp"] / "outside"
     dest.mkdir(parents=True)
