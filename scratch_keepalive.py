@@ -2817,7 +2817,7 @@ class Walker(object):
                 self.runner.collect(block=False)
                 if on_tick is not None:
                     on_tick(self)
-            reason = self._stop_reason(max_entries, deadline, should_stop)
+            reason = stop_reason(should_stop, deadline, max_entries, counts.entries_seen)
             if reason:
                 self.sync()
                 self.stop_reason = reason
@@ -2875,17 +2875,6 @@ class Walker(object):
         if self.runner is not None:
             self._flush()
             self.runner.drain()
-
-    def _stop_reason(self, max_entries, deadline, should_stop):
-        if should_stop is not None:
-            reason = should_stop()
-            if reason:
-                return reason
-        if max_entries is not None and self.counts.entries_seen >= max_entries:
-            return "max-entries"
-        if deadline is not None and time.monotonic() >= deadline:
-            return "max-seconds"
-        return None
 
 
 # ---------------------------------------------------------------- manifests
@@ -4989,19 +4978,46 @@ class RefreshOptions(object):
         self.fail_on_risk = bool(fail_on_risk)
 
 
+# Why a walk or a copy stopped before it was done: the one vocabulary of a result's
+# "stopped", with its words for people. A signal is should_stop()'s answer (stop_signals
+# gives these codes); a budget is Budget's.
+STOP_INT, STOP_TERM, STOP_HUP = "int", "term", "hup"        # Ctrl-C, SIGTERM, SIGHUP
+STOP_MAX_SECONDS, STOP_MAX_ENTRIES = "max-seconds", "max-entries"
+STOP_WORDS = {
+    STOP_INT: "interrupted (Ctrl-C)",
+    STOP_TERM: "stopped by a signal (SIGTERM)",
+    STOP_HUP: "stopped by a signal (SIGHUP: the terminal closed)",
+    STOP_MAX_SECONDS: "stopped at its time limit",
+    STOP_MAX_ENTRIES: "stopped at --max-entries",
+}
+
+
+def stop_reason(should_stop=None, deadline=None, entries_left=None, entries_done=0):
+    """Why to stop now, or None: the one test a walk or a copy makes between entries. In
+    this order: a signal (should_stop() answers its code), --max-entries (entries_done
+    reached entries_left), --max-seconds (time.monotonic() reached deadline)."""
+    reason = should_stop() if should_stop is not None else None
+    if reason:
+        return reason
+    if entries_left is not None and entries_done >= entries_left:
+        return STOP_MAX_ENTRIES
+    if deadline is not None and time.monotonic() >= deadline:
+        return STOP_MAX_SECONDS
+    return None
+
+
 class Budget(object):
-    """Budgets cover the whole command, across datasets."""
+    """Budgets cover the whole command, across datasets: each run charges entries_left
+    with the entries it did."""
 
     def __init__(self, max_seconds, max_entries):
         self.deadline = None if max_seconds is None else time.monotonic() + max_seconds
         self.entries_left = max_entries
 
-    def exhausted(self):
-        if self.entries_left is not None and self.entries_left <= 0:
-            return "max-entries"
-        if self.deadline is not None and time.monotonic() >= self.deadline:
-            return "max-seconds"
-        return None
+    def stop_reason(self, should_stop=None, entries_done=0):
+        """stop_reason() against this budget, entries_done being those done since the
+        budget was last charged."""
+        return stop_reason(should_stop, self.deadline, self.entries_left, entries_done)
 
 
 def empty_result(name, mode, reason=None):
@@ -5106,7 +5122,7 @@ def _refresh(ctx, opts, should_stop=None, progress=None):
                          "access times to avoid the purge. Copy what you need to Slate or "
                          "Slate-Project, or record an exemption IU granted: `%s extend --name %s "
                          "--approval TICKET`" % (ds["name"], PROG, ds["name"]))
-        reason = budget.exhausted()
+        reason = budget.stop_reason()
         if reason:
             r = empty_result(ds["name"], mode, "not started: the %s budget was used up" % reason)
             results.append(r)
@@ -5604,7 +5620,7 @@ class DatasetRun(object):
             # The walk's errors, its earlier runs' included: it completed with them.
             result["exit_code"] = EXIT_FAIL if counts.errors + self.totals.errors else EXIT_OK
         else:
-            result["exit_code"] = EXIT_INTERRUPTED if stopped == "int" else EXIT_STOPPED
+            result["exit_code"] = EXIT_INTERRUPTED if stopped == STOP_INT else EXIT_STOPPED
         return result
 
     def close_log(self, result):
@@ -8606,16 +8622,6 @@ def table(rows, headers):
     for row in [headers] + rows:
         lines.append("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
     return "\n".join(lines)
-
-
-# Why a walk stopped early (the result's "stopped"), in words.
-STOP_WORDS = {
-    "int": "interrupted (Ctrl-C)",
-    "term": "stopped by a signal (SIGTERM)",
-    "hup": "stopped by a signal (SIGHUP: the terminal closed)",
-    "max-seconds": "stopped at its time limit",
-    "max-entries": "stopped at --max-entries",
-}
 
 
 def describe_result(r):
