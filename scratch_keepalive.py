@@ -2080,7 +2080,7 @@ NETWORK_FS = ("lustre", "nfs", "nfs4", "gpfs", "beegfs", "cifs", "smb3", "ceph",
 
 
 def fs_type(path):
-    """The filesystem type of the mount holding path (from /proc/self/mounts), or None."""
+    """The filesystem type of the mount holding path, or None."""
     found = mount_of(os.path.realpath(path))    # a symlink may lead onto another mount
     return found[2] if found else None
 
@@ -2093,6 +2093,38 @@ def decode_mountinfo_path(field):
     return _MOUNTINFO_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), field)
 
 
+def read_mountinfo(mountinfo="/proc/self/mountinfo"):
+    """[(mount point, source, filesystem type)] of this process's mount table, in the
+    kernel's order (a later mount hides an earlier one at the same place): bytes, every
+    octal escape decoded, so a mount point may hold any byte but NUL and "/" in a name.
+    [] where the table cannot be read. The tool's one reader of the mount table."""
+    try:
+        with open(mountinfo, "rb") as f:
+            lines = f.read().split(b"\n")    # a newline in a name is written \012
+    except OSError:
+        return []
+    mounts = []
+    for line in lines:
+        # ID PARENT MAJ:MIN ROOT MOUNT-POINT OPTIONS [OPTIONAL FIELDS...] - TYPE SOURCE OPTIONS
+        fields = line.split(b" ")
+        sep = fields.index(b"-", 6) if b"-" in fields[6:] else len(fields)
+        if len(fields) >= sep + 3:
+            mounts.append(tuple(decode_mountinfo_path(fields[i]) for i in (4, sep + 2, sep + 1)))
+    return mounts
+
+
+def mount_of(path, mountinfo="/proc/self/mountinfo"):
+    """(mount point, source, filesystem type) of the mount holding path (a real path), as
+    text (surrogate-escaped), or None."""
+    bpath, best = os.fsencode(path), None
+    for mount in read_mountinfo(mountinfo):
+        mnt = mount[0]
+        if (bpath == mnt or bpath.startswith(mnt.rstrip(b"/") + b"/")) and (
+                best is None or len(mnt) >= len(best[0])):
+            best = mount
+    return None if best is None else tuple(os.fsdecode(x) for x in best)
+
+
 def mount_tree(root_fd, mountinfo="/proc/self/mountinfo"):
     """{directory below the root (tuple of names): set of its entries that are mount points}.
 
@@ -2101,19 +2133,12 @@ def mount_tree(root_fd, mountinfo="/proc/self/mountinfo"):
     (/proc/self/fd), in the same namespace as the mount table. Empty where neither exists.
     """
     try:
-        root = os.readlink("/proc/self/fd/%d" % root_fd).encode(
-            sys.getfilesystemencoding(), "surrogateescape")
-        with open(mountinfo, "rb") as f:
-            lines = f.read().split(b"\n")
+        root = os.fsencode(os.readlink("/proc/self/fd/%d" % root_fd))
     except OSError:
         return {}
     prefix = root.rstrip(b"/") + b"/"
     tree = {}
-    for line in lines:
-        fields = line.split(b" ")
-        if len(fields) < 5:
-            continue
-        mnt = decode_mountinfo_path(fields[4])
+    for mnt, _, _ in read_mountinfo(mountinfo):
         if mnt.startswith(prefix) and len(mnt) > len(prefix):
             comps = tuple(c for c in mnt[len(prefix):].split(b"/") if c)
             tree.setdefault(comps[:-1], set()).add(comps[-1])
@@ -2866,7 +2891,7 @@ class Walker(object):
                 self.runner.collect(block=False)
                 if on_tick is not None:
                     on_tick(self)
-            reason = self._stop_reason(max_entries, deadline, should_stop)
+            reason = stop_reason(should_stop, deadline, max_entries, counts.entries_seen)
             if reason:
                 self.sync()
                 self.stop_reason = reason
@@ -2924,17 +2949,6 @@ class Walker(object):
         if self.runner is not None:
             self._flush()
             self.runner.drain()
-
-    def _stop_reason(self, max_entries, deadline, should_stop):
-        if should_stop is not None:
-            reason = should_stop()
-            if reason:
-                return reason
-        if max_entries is not None and self.counts.entries_seen >= max_entries:
-            return "max-entries"
-        if deadline is not None and time.monotonic() >= deadline:
-            return "max-seconds"
-        return None
 
 
 # ---------------------------------------------------------------- manifests
@@ -3768,6 +3782,31 @@ def threshold_cadence(ds, sched_cadence):
     return max(int(ds["cadence_days"]), sched_cadence or 0)
 
 
+# -- due: three rules, side by side. Each answers its own question, so each counts from
+# its own walk over its own span (C: the dataset's cadence, S: the schedule's):
+#  - the schedule's, is_due(): does this `refresh --due` walk the dataset? C - S + 1 days
+#    from the START of the last complete walk of the dataset's own mode: the schedule's
+#    promise needs exactly that (see is_due), and a check walk, dry run or stopped walk
+#    must not make a touch-mode dataset look refreshed.
+#  - the people's, state_due_at(): the `due` that `list` and `status` show, "every C
+#    days" as a person reads it: C - 1 days from that same start. The contract fixes its
+#    meaning; the schedule never selects by it.
+#  - doctor's, overdue_at(): has the machinery stopped? Any complete walk, of either mode,
+#    shows that the schedule ran, so it counts from the END of the last one (or the
+#    dataset's addition), C + OVERDUE_DAYS days: three days past the people's due.
+#    WARNING: a working schedule's runs can be C + 3 days apart
+#    (cron_schedule: days 1 and 15 leave 17 days after a 31-day month's 15th), so this
+#    FAILs for up to a day before such a run; tests/test_doctor.py pins C + 2.
+
+OVERDUE_DAYS = 2        # doctor's overdue: this many days past the cadence
+
+
+def schedule_due_at(last_start, cadence, sched_cadence):
+    """When the schedule's rule makes a dataset due again, its last complete walk of its
+    mode having started at last_start (see is_due)."""
+    return last_start + (int(cadence) - int(sched_cadence or cadence) + 1) * DAY
+
+
 def is_due(last_start, cadence, sched_cadence, now):
     """The schedule's due rule (`refresh --due`), for a dataset of one mode.
 
@@ -3777,10 +3816,22 @@ def is_due(last_start, cadence, sched_cadence, now):
     skip days old, and the run after one that skips the dataset can be schedule cadence
     + 3 days away; this rule keeps the next walk within cadence + 4 days of W.
     """
-    if last_start is None:
-        return True
-    need = int(cadence) - int(sched_cadence or cadence) + 1
-    return now - last_start >= need * DAY
+    return last_start is None or now >= schedule_due_at(last_start, cadence, sched_cadence)
+
+
+def state_due_at(start, cadence):
+    """When the people's `state` turns `due`: cadence - 1 days after start, the start of
+    the last complete walk of the dataset's mode."""
+    return start + (int(cadence) - 1) * DAY
+
+
+def overdue_at(ds):
+    """When doctor calls dataset ds overdue (a FAIL: its walks stopped coming): cadence +
+    OVERDUE_DAYS days after its last complete walk of either mode ended, or after it was
+    added when never walked; None when the registry says neither."""
+    text = ds.get("last_refresh") or ds.get("added")
+    since = parse_iso(text) if isinstance(text, str) else None
+    return None if since is None else since + (int(ds["cadence_days"]) + OVERDUE_DAYS) * DAY
 
 
 def resumable(ckpt, ds, mode, due_run, sched_cadence, now):
@@ -3805,9 +3856,8 @@ def resumable(ckpt, ds, mode, due_run, sched_cadence, now):
 def dataset_state(store, ds, now, mode=None):
     """missing, expired, disabled, partial, never, due or ok: the first that applies.
 
-    `due` is for people: cadence - 1 days since the start of the last complete walk of
-    the dataset's mode (mode; None: the mode of its last walk). `refresh --due` selects
-    by is_due() instead.
+    `due` is the people's rule (state_due_at), for the last complete walk of mode (None:
+    the mode of its last walk); `refresh --due` selects by the schedule's (is_due).
     """
     if not root_present(ds["path"]):
         return "missing"
@@ -3820,9 +3870,7 @@ def dataset_state(store, ds, now, mode=None):
     if not ds.get("last_refresh"):
         return "never"
     start = walk_start(ds, mode or ds.get("last_mode") or "touch")
-    if start is None or now - start >= (int(ds["cadence_days"]) - 1) * DAY:
-        return "due"
-    return "ok"
+    return "due" if start is None or now >= state_due_at(start, ds["cadence_days"]) else "ok"
 
 
 def last_walk_totals(ds):
@@ -4300,7 +4348,7 @@ def _status_entry(ctx, cfg, ds):
     entry["manifest"] = manifest_info(ctx.store, ds, cfg, ctx.now)
     start = walk_start(ds, entry["mode"])     # as `state` counts it: the mode's last walk
     entry["next_due"] = (None if start is None or not ds.get("last_refresh")
-                         else iso(start + (int(ds["cadence_days"]) - 1) * DAY))
+                         else iso(state_due_at(start, ds["cadence_days"])))
     return entry
 
 
@@ -4868,10 +4916,15 @@ def mark_purge_seen(store, name, file):
 
 
 class RefreshOptions(object):
+    """due: select by the schedule's rule (is_due). scheduled: the schedule's own run (the
+    method, as `--scheduled` gives it, or None), the one marker of one: it alone rescues
+    to --rescue-to after a walk, as it alone keeps the job chain going (cmd_refresh)."""
+
     def __init__(self, name=None, due=False, check=False, dry_run=False, max_seconds=None,
                  max_entries=None, threads=None, checkpoint_every=CHECKPOINT_SECONDS,
-                 workers=None, no_manifest=False, fail_on_risk=False):
+                 workers=None, no_manifest=False, fail_on_risk=False, scheduled=None):
         self.name = name
+        self.scheduled = scheduled
         self.no_manifest = no_manifest
         self.due = due
         self.check = check
@@ -4884,19 +4937,46 @@ class RefreshOptions(object):
         self.fail_on_risk = bool(fail_on_risk)
 
 
+# Why a walk or a copy stopped before it was done: the one vocabulary of a result's
+# "stopped", with its words for people. A signal is should_stop()'s answer (stop_signals
+# gives these codes); a budget is Budget's.
+STOP_INT, STOP_TERM, STOP_HUP = "int", "term", "hup"        # Ctrl-C, SIGTERM, SIGHUP
+STOP_MAX_SECONDS, STOP_MAX_ENTRIES = "max-seconds", "max-entries"
+STOP_WORDS = {
+    STOP_INT: "interrupted (Ctrl-C)",
+    STOP_TERM: "stopped by a signal (SIGTERM)",
+    STOP_HUP: "stopped by a signal (SIGHUP: the terminal closed)",
+    STOP_MAX_SECONDS: "stopped at its time limit",
+    STOP_MAX_ENTRIES: "stopped at --max-entries",
+}
+
+
+def stop_reason(should_stop=None, deadline=None, entries_left=None, entries_done=0):
+    """Why to stop now, or None: the one test a walk or a copy makes between entries. In
+    this order: a signal (should_stop() answers its code), --max-entries (entries_done
+    reached entries_left), --max-seconds (time.monotonic() reached deadline)."""
+    reason = should_stop() if should_stop is not None else None
+    if reason:
+        return reason
+    if entries_left is not None and entries_done >= entries_left:
+        return STOP_MAX_ENTRIES
+    if deadline is not None and time.monotonic() >= deadline:
+        return STOP_MAX_SECONDS
+    return None
+
+
 class Budget(object):
-    """Budgets cover the whole command, across datasets."""
+    """Budgets cover the whole command, across datasets: each run charges entries_left
+    with the entries it did."""
 
     def __init__(self, max_seconds, max_entries):
         self.deadline = None if max_seconds is None else time.monotonic() + max_seconds
         self.entries_left = max_entries
 
-    def exhausted(self):
-        if self.entries_left is not None and self.entries_left <= 0:
-            return "max-entries"
-        if self.deadline is not None and time.monotonic() >= self.deadline:
-            return "max-seconds"
-        return None
+    def stop_reason(self, should_stop=None, entries_done=0):
+        """stop_reason() against this budget, entries_done being those done since the
+        budget was last charged."""
+        return stop_reason(should_stop, self.deadline, self.entries_left, entries_done)
 
 
 def empty_result(name, mode, reason=None):
@@ -4969,10 +5049,10 @@ def not_due_reason(cfg, ds, opts, sched_cadence):
     """Why `refresh --due --name NAME` does not walk NAME now, and when it will."""
     mode = dataset_mode(cfg, ds, opts.check)
     last = walk_start(ds, mode)
-    need = int(ds["cadence_days"]) - int(sched_cadence or ds["cadence_days"]) + 1   # is_due's
     return ("not due until %s (its last complete %s walk started %s); without --due, `%s "
-            "refresh --name %s` walks it now" % (iso(last + need * DAY), mode, iso(last), PROG,
-                                                 ds["name"]))
+            "refresh --name %s` walks it now" % (
+                iso(schedule_due_at(last, ds["cadence_days"], sched_cadence)), mode, iso(last),
+                PROG, ds["name"]))
 
 
 def on_login_node(cfg, env):
@@ -5001,7 +5081,7 @@ def _refresh(ctx, opts, should_stop=None, progress=None):
                          "access times to avoid the purge. Copy what you need to Slate or "
                          "Slate-Project, or record an exemption IU granted: `%s extend --name %s "
                          "--approval TICKET`" % (ds["name"], PROG, ds["name"]))
-        reason = budget.exhausted()
+        reason = budget.stop_reason()
         if reason:
             r = empty_result(ds["name"], mode, "not started: the %s budget was used up" % reason)
             results.append(r)
@@ -5013,7 +5093,7 @@ def _refresh(ctx, opts, should_stop=None, progress=None):
             r, code = empty_result(ds["name"], mode, str(e)), EXIT_BUSY
         except Failure as e:
             r, code = empty_result(ds["name"], mode, str(e)), e.exit_code
-        if opts.due and not opts.dry_run and r.get("complete"):
+        if opts.scheduled and not opts.dry_run and r.get("complete"):
             rescued, rescue_code = _scheduled_rescue(ctx, ds["name"], budget, should_stop)
             if rescued is not None:
                 r["rescue"] = rescued
@@ -5025,7 +5105,7 @@ def _refresh(ctx, opts, should_stop=None, progress=None):
     walked = codes[len(refused):]
     if login_note and walked and all(c == EXIT_BUSY for c in walked):
         notes.remove(login_note)        # nothing ran here: no budget to speak of
-    if opts.due and not opts.dry_run and EXIT_INTERRUPTED not in codes:
+    if opts.scheduled and not opts.dry_run and EXIT_INTERRUPTED not in codes:
         _finish_rescues(ctx, cfg, chosen, budget, should_stop, results, codes)
     out = {"results": results, "exit_code": combine_exit_codes(codes), "notes": notes}
     if opts.fail_on_risk:
@@ -5499,7 +5579,7 @@ class DatasetRun(object):
             # The walk's errors, its earlier runs' included: it completed with them.
             result["exit_code"] = EXIT_FAIL if counts.errors + self.totals.errors else EXIT_OK
         else:
-            result["exit_code"] = EXIT_INTERRUPTED if stopped == "int" else EXIT_STOPPED
+            result["exit_code"] = EXIT_INTERRUPTED if stopped == STOP_INT else EXIT_STOPPED
         return result
 
     def close_log(self, result):
@@ -5628,22 +5708,16 @@ def check_rescue_dest(ctx, cfg, dataset_path, to, flag="--to"):
     return real
 
 
-def mount_of(path):
-    """(mount point, source, filesystem type) of the mount holding path, or None."""
-    best = None
-    try:
-        with open("/proc/self/mounts") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) < 3:
-                    continue
-                mnt = parts[1].replace("\\040", " ")
-                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and (
-                        best is None or len(mnt) >= len(best[0])):
-                    best = (mnt, parts[0], parts[2])
-    except OSError:
-        return None
-    return best
+# -- the user's quota: read_quota() is the one probe (rescue's room check, doctor's check)
+
+QUOTA_TIMEOUT = 60      # seconds for `lfs quota` or `quota`: one question to a quota server
+QUOTA_HINT = "the filesystem's quota service may be down or slow; try again later"
+
+
+def quota_runner(argv, input_text=None):
+    """How `lfs quota` and `quota` run: default_runner with quota's own time limit and
+    words (a quota server that does not answer says nothing about Slurm)."""
+    return default_runner(argv, input_text, QUOTA_TIMEOUT, QUOTA_HINT)
 
 
 def _quota_number(text):
@@ -5651,10 +5725,12 @@ def _quota_number(text):
     return int(text) if text.isdigit() else None
 
 
-def parse_quota_table(text):
+def parse_quota_table(text, files=False):
     """[(filesystem, used KiB, soft limit KiB, hard limit KiB)] from the table `quota -w`
-    or `lfs quota` prints. Rows that do not parse are left out; a name too long for its
-    column may stand alone on its line, with its numbers on the next one."""
+    or `lfs quota` prints; files=True: each row goes on with (files, soft limit, hard
+    limit), and a row without them is left out. Rows that do not parse are left out; a
+    name too long for its column may stand alone on its line, with its numbers on the
+    next one."""
     rows, pending, header = [], None, False
     for line in text.splitlines():
         tok = line.split()
@@ -5676,40 +5752,62 @@ def parse_quota_table(text):
             continue
         pending = None
         vals = [_quota_number(t) for t in nums[:3]]
-        if len(vals) == 3 and None not in vals:
-            rows.append((fs, vals[0], vals[1], vals[2]))
+        if files:
+            rest = nums[3:]
+            if rest and _quota_number(rest[0]) is None:
+                rest = rest[1:]         # the blocks' grace, where the table shows one
+            vals += [_quota_number(t) for t in rest[:3]]
+        if len(vals) == (6 if files else 3) and None not in vals:
+            rows.append(tuple([fs] + vals))
     return rows
 
 
 def quota_room(row):
     """Bytes the user may still write under a quota row; None when it sets no limit."""
-    _, used, soft, hard = row
+    used, soft, hard = row[1:4]
     limits = [v for v in (soft, hard) if v > 0]
     if not limits:
         return None
     return max(0, min(limits) - used) * 1024
 
 
+class QuotaReading(object):
+    """The user's quota where a path lies, as one command said it: command (its text, for
+    messages), row (parse_quota_table's, files=True) or None, and why there is none."""
+
+    def __init__(self, command, row=None, why=None):
+        self.command, self.row, self.why = command, row, why
+
+
+def read_quota(path, user, runner=None):
+    """The user's quota where path lies (a QuotaReading): `lfs quota -u USER PATH` on
+    Lustre, else `quota -w -u USER` (its row for path's mount). A missing command, no
+    quota there and odd output are not errors: the reading says why it has no row. A
+    command that does not answer in QUOTA_TIMEOUT s raises Failure (quota_runner's)."""
+    mount = mount_of(os.path.realpath(path))
+    lustre = mount is not None and mount[2] == "lustre"
+    argv = ["lfs", "quota", "-u", user, path] if lustre else ["quota", "-w", "-u", user]
+    command = " ".join(argv)
+    res = (runner or quota_runner)(argv)
+    if res is None:
+        return QuotaReading(command, why="`%s` is not installed here" % argv[0])
+    if lustre and res.rc != 0:
+        said = " ".join((res.err.strip() or res.out.strip()).split())
+        return QuotaReading(command, why="`%s` failed: %s" % (
+            command, said[:200] or "exit status %d" % res.rc))
+    # quota exits 1 when a limit is exceeded: its table still says by how much.
+    rows = [r for r in parse_quota_table(res.out, files=True)
+            if lustre or (mount is not None and r[0] in (mount[0], mount[1]))]
+    return QuotaReading(command, rows[0]) if rows else QuotaReading(
+        command, why="`%s` shows no quota for %s" % (command, display_path(path)))
+
+
 def user_quota_room(ctx, path, runner=None):
-    """(bytes the user's quota still allows below path, what was asked), or None when no
-    quota can be read there: `lfs quota -u USER DIR` on Lustre, else `quota -w -u USER`
-    (its row for path's mount). Missing commands and odd output are not errors."""
-    runner = runner or ctx.slurm.runner
-    mount = mount_of(path)
-    user = current_user(ctx.env)
-    if mount is not None and mount[2] == "lustre":
-        argv = ["lfs", "quota", "-u", user, path]
-        res = runner(argv)
-        rows = parse_quota_table(res.out) if res is not None and res.rc == 0 else []
-        rows = rows[:1]
-    else:
-        argv = ["quota", "-w", "-u", user]
-        res = runner(argv)
-        # quota exits 1 when a limit is exceeded: its table still says by how much.
-        rows = parse_quota_table(res.out) if res is not None else []
-        rows = [r for r in rows if mount is not None and r[0] in (mount[0], mount[1])]
-    rooms = [x for x in (quota_room(r) for r in rows) if x is not None]
-    return (min(rooms), " ".join(argv)) if rooms else None
+    """(bytes the user's quota still allows below path, the command that said so), or None
+    when no quota limits it or none can be read (read_quota)."""
+    reading = read_quota(path, current_user(ctx.env), runner)
+    room = quota_room(reading.row) if reading.row else None
+    return None if room is None else (room, reading.command)
 
 
 def check_rescue_room(ctx, dest, need, runner=None):
@@ -6751,8 +6849,12 @@ class CommandResult(object):
         self.argv, self.rc, self.out, self.err = argv, rc, out, err
 
 
-def default_runner(argv, input_text=None, timeout=120):
-    """Run an external command; None when it is not installed. Text is surrogate-escaped bytes."""
+SLURM_HINT = "is the Slurm controller up? (`scontrol ping`)"
+
+
+def default_runner(argv, input_text=None, timeout=120, hint=SLURM_HINT):
+    """Run an external command; None when it is not installed. Text is surrogate-escaped bytes.
+    A command that does not answer within timeout seconds raises Failure, with hint."""
     try:
         p = subprocess.run(argv, input=None if input_text is None else
                            input_text.encode("utf-8", "surrogateescape"),
@@ -6762,8 +6864,8 @@ def default_runner(argv, input_text=None, timeout=120):
         # ([Errno 13] Permission denied: 'lfs'), not FileNotFoundError: not runnable here.
         return None
     except subprocess.TimeoutExpired:
-        raise Failure("`%s` did not answer within %d s; is the Slurm controller up? "
-                      "(`scontrol ping`)" % (" ".join(argv[:2]), timeout))
+        raise Failure("`%s` did not answer within %d s; %s" % (" ".join(argv[:2]), timeout,
+                                                                hint))
     return CommandResult(argv, p.returncode, p.stdout.decode("utf-8", "surrogateescape"),
                          p.stderr.decode("utf-8", "surrogateescape"))
 
@@ -7886,14 +7988,13 @@ def _check_dataset(ctx, cfg, root, ds):
     keep = parse_date(ds["keep_until"])
     days_left = (keep - utc_date(now)).days
     active = ds.get("enabled", True) and days_left >= 0
-    cadence = int(ds["cadence_days"])
-    last = ds.get("last_refresh")
-    since = parse_iso(last) if last else parse_iso(ds.get("added") or iso(now))
-    if active and now - since > (cadence + 2) * DAY:
+    last, overdue = ds.get("last_refresh"), overdue_at(ds)
+    if active and overdue is not None and now > overdue:
         out.append(Check("overdue:" + name, "fail", "dataset %r: %s more than %d days ago; check "
                          "the schedule (`%s status`) and run `%s refresh --name %s`" % (
                              name, "last complete refresh %s," % last if last else
-                             "never refreshed, added", cadence + 2, PROG, PROG, name)))
+                             "never refreshed, added", int(ds["cadence_days"]) + OVERDUE_DAYS,
+                             PROG, PROG, name)))
     # The data is the user's to act on, not a fault of the tool: information.
     codes = attention(ds, now, checkpoint_or_none(ctx.store, name))
     for code in codes:
@@ -8011,24 +8112,24 @@ def _our_block(text):
     return text[start:] if end < 0 else text[start:end]
 
 
-def _check_quota(ctx, root):
-    """On Lustre, `lfs quota` near the file or byte limit; quiet where lfs is absent."""
-    res = ctx.slurm.runner(["lfs", "quota", "-u", current_user(ctx.env), root])
-    if res is None or res.rc != 0:
-        return []
-    nums = re.findall(r"^\s*\S+\s+(\d+)\*?\s+(\d+)\s+(\d+)\s+\S+\s+(\d+)\*?\s+(\d+)\s+(\d+)",
-                      res.out, re.M)
-    if not nums:
-        return []
-    used_kb, _, hard_kb, files, _, hard_files = (int(x) for x in nums[0])
+def _check_quota(ctx, root, runner=None):
+    """The user's quota on the scratch filesystem (read_quota): near its byte or file limit,
+    or a quota command that does not answer, is a WARN."""
+    try:
+        reading = read_quota(root, current_user(ctx.env), runner)
+    except Failure as e:
+        return [Check("quota", "warn", "scratch quota: %s" % e)]
+    if reading.row is None:
+        return [Check("quota", "info", "scratch quota: not checked: %s" % reading.why)]
+    _, used_kb, _, hard_kb, files, _, hard_files = reading.row
     near = []
     if hard_kb and used_kb >= 0.9 * hard_kb:
         near.append("%d%% of the byte limit" % (100 * used_kb // hard_kb))
     if hard_files and files >= 0.9 * hard_files:
         near.append("%d%% of the file limit" % (100 * files // hard_files))
     if near:
-        return [Check("quota", "warn", "scratch quota: %s (`lfs quota -h -u $USER %s`)"
-                      % (" and ".join(near), root))]
+        return [Check("quota", "warn", "scratch quota: %s (`%s`)" % (" and ".join(near),
+                                                                       reading.command))]
     return [Check("quota", "ok", "scratch quota: %s KiB of %s, %s files of %s" % (
         used_kb, hard_kb or "unlimited", files, hard_files or "unlimited"))]
 
@@ -8645,16 +8746,6 @@ def table(rows, headers):
     return "\n".join(lines)
 
 
-# Why a walk stopped early (the result's "stopped"), in words.
-STOP_WORDS = {
-    "int": "interrupted (Ctrl-C)",
-    "term": "stopped by a signal (SIGTERM)",
-    "hup": "stopped by a signal (SIGHUP: the terminal closed)",
-    "max-seconds": "stopped at its time limit",
-    "max-entries": "stopped at --max-entries",
-}
-
-
 def describe_result(r):
     """One line that tells a person what a refresh did to one dataset."""
     name = r["name"]
@@ -8972,7 +9063,8 @@ def stop_signals():
 def cmd_refresh(args, ctx):
     opts = RefreshOptions(args.name, args.due, args.check, args.dry_run, args.max_seconds,
                           args.max_entries, args.threads, args.checkpoint_every, args.workers,
-                          no_manifest=args.no_manifest, fail_on_risk=args.fail_on_risk)
+                          no_manifest=args.no_manifest, fail_on_risk=args.fail_on_risk,
+                          scheduled=args.scheduled)
     progress = Progress(ctx.err)
     doc = None
     if args.scheduled:

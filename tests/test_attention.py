@@ -131,7 +131,7 @@ def test_every_view_agrees_on_a_table_of_states(cli, generic, tmp_path):
         "purge-eligible" and listed["copied"]["risk"] == "purge-eligible"
 
 
-def test_fail_on_risk_reads_the_same_codes(cli, generic, tmp_path):
+def test_fail_on_risk_reads_the_same_codes(cli, generic, tmp_path, monkeypatch):
     """A scheduled job fails for purge-eligible (check mode) or a purge its walk found; not
     for a keep-until, a copied dataset, or a purge an earlier walk found."""
     add(cli, generic, "soon", keep="2030-01-05")
@@ -142,8 +142,11 @@ def test_fail_on_risk_reads_the_same_codes(cli, generic, tmp_path):
     assert r.rc == 1 and "plain (10 entries purge-eligible)" in r.out, r
     # With --rescue-to, the scheduled run copies what is at risk after its walk: quiet.
     add(cli, generic, "copied", check=None, rescue_to=str(tmp_path / "safe"))
-    r = cli("refresh", "--name", "copied", "--due", "--check", "--fail-on-risk")
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    r = cli("refresh", "--name", "copied", "--due", "--check", "--fail-on-risk", "--scheduled",
+            "scrontab")
     assert r.rc == 0, r
+    monkeypatch.delenv("SLURM_JOB_ID")
     assert cli("status", "--name", "copied", "--json").json()["attention"] == []
     d = add(cli, generic, "gone", age=40, check=True)     # the walk saw them 40 days old
     os.unlink(str(d / "f1"))

@@ -263,6 +263,44 @@ def test_mountinfo_octal_escapes_are_decoded():
     assert sk.decode_mountinfo_path(b"/plain") == b"/plain"
 
 
+MOUNTINFO = (
+    b"22 1 253:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
+    b"30 22 0:25 / /mnt/a\\040b\\011c\\012d\\134e rw shared:5 master:2 - tmpfs my\\040src rw\n"
+    b"31 22 0:26 / /lus rw - lustre 10.0.0.1@o2ib:/scratch rw,flock\n"
+    b"32 31 0:26 /sub /lus/inner rw - lustre 10.0.0.1@o2ib:/scratch rw\n"
+    b"garbage line\n")
+
+
+def test_one_mountinfo_reader_decodes_every_field_and_finds_the_innermost_mount(tmp_path):
+    """read_mountinfo (mount_of, fs_type and the walker's mount_tree all read through it):
+    optional fields of any number, every octal escape of the mount point and source."""
+    info = tmp_path / "mountinfo"
+    info.write_bytes(MOUNTINFO)
+    mounts = sk.read_mountinfo(str(info))
+    assert mounts[1] == (b"/mnt/a b\tc\nd\\e", b"my src", b"tmpfs")
+    assert len(mounts) == 4
+    odd = "/mnt/a b\tc\nd\\e"
+    assert sk.mount_of(odd + "/x", str(info)) == (odd, "my src", "tmpfs")
+    assert sk.mount_of(odd + "x", str(info))[0] == "/"       # a sibling's name, not below
+    assert sk.mount_of("/lus/inner/f", str(info))[0] == "/lus/inner"
+    assert sk.mount_of("/lus/innerf", str(info))[0] == "/lus"
+    assert sk.read_mountinfo(str(tmp_path / "absent")) == []
+    assert sk.mount_of("/x", str(tmp_path / "absent")) is None
+
+
+def test_a_real_mount_point_with_a_space_tab_backslash_and_newline(tmp_path, mounts):
+    odd = tmp_path / "sp ace\ttab\\back\nline"
+    odd.mkdir()
+    mounts("-t", "tmpfs", "-o", "size=1m", "tmpfs", odd)
+    assert sk.mount_of(str(odd / "f")) == (str(odd), "tmpfs", "tmpfs")
+    assert sk.fs_type(str(odd)) == "tmpfs"
+    fd = os.open(str(tmp_path), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert sk.mount_tree(fd) == {(): {os.fsencode(odd.name)}}
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize("mode", ["touch", "check"])
 def test_bind_mounts_inside_a_dataset_are_skipped_in_every_engine(world, mounts, engine, mode):
     """Bind mounts of the same filesystem (st_dev is the root's): a directory from outside

@@ -299,6 +299,57 @@ def test_quota_of_the_destination_mount_is_what_counts(tmp_path, monkeypatch):
     assert seen[0][:2] == ["quota", "-w"]
 
 
+def test_quota_runs_with_its_own_runner_time_limit_and_words(tmp_path, monkeypatch):
+    """`quota` (and `lfs quota`) run through quota_runner, not the Slurm runner: one that
+    does not answer says the quota service may be down, never "is the Slurm controller
+    up?"; one not installed is said as such. Doctor's quota line and the rescue's room
+    check read the same probe."""
+    ctx = sk.Context(state_dir=str(tmp_path / "state"), env={"USER": "jdoe"})
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    hung = bin_dir / "quota"
+    hung.write_text("#!/bin/sh\nexec %s 60\n" % shutil.which("sleep"))
+    hung.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setattr(sk, "QUOTA_TIMEOUT", 1)
+    with pytest.raises(sk.Failure) as e:
+        sk.check_rescue_room(ctx, str(tmp_path), 1024)
+    assert str(e.value) == ("`quota -w` did not answer within 1 s; the filesystem's quota "
+                            "service may be down or slow; try again later"), e.value
+    c = sk._check_quota(ctx, str(tmp_path))[0]
+    assert (c.name, c.level) == ("quota", "warn") and "quota service" in c.message, c.message
+    assert "Slurm" not in c.message
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    reading = sk.read_quota(str(tmp_path), "jdoe")
+    assert reading.row is None and reading.why == "`quota` is not installed here"
+    c = sk._check_quota(ctx, str(tmp_path))[0]
+    assert (c.level, c.message) == ("info", "scratch quota: not checked: `quota` is not "
+                                            "installed here")
+    sk.check_rescue_room(ctx, str(tmp_path), 1024)       # no quota known: room is enough
+
+
+def test_doctor_reads_lustre_quota_files_and_bytes_through_the_same_probe(tmp_path,
+                                                                          monkeypatch):
+    ctx = sk.Context(state_dir=str(tmp_path / "state"), env={"USER": "jdoe"})
+    monkeypatch.setattr(sk, "mount_of", lambda path: ("/N/scratch", "mds@o2ib:/s", "lustre"))
+    table = ("Disk quotas for usr jdoe (uid 1234):\n     Filesystem  kbytes   quota   limit   "
+             "grace   files   quota   limit   grace\n/N/scratch  100  0  1000  -  "
+             "950*  0  1000  -\n")
+    seen = []
+
+    def runner(argv, input_text=None):
+        seen.append(argv)
+        return sk.CommandResult(argv, 0, table, "")
+    c = sk._check_quota(ctx, "/N/scratch/jdoe", runner)[0]
+    assert seen == [["lfs", "quota", "-u", "jdoe", "/N/scratch/jdoe"]]
+    assert (c.level, c.message) == ("warn", "scratch quota: 95% of the file limit (`lfs quota "
+                                            "-u jdoe /N/scratch/jdoe`)")
+    assert sk.user_quota_room(ctx, "/N/scratch/jdoe", runner) == (900 * 1024, " ".join(seen[0]))
+    failed = lambda argv, input_text=None: sk.CommandResult(argv, 2, "", "lfs: quotactl failed\n")
+    assert sk.read_quota("/N/scratch/jdoe", "jdoe", failed).why == \
+        "`lfs quota -u jdoe /N/scratch/jdoe` failed: lfs: quotactl failed"
+
+
 def test_a_symlink_in_the_destination_is_never_written_through(ds, cli):
     dest, outside = ds["dest"], ds["tmp"] / "outside"
     dest.mkdir(parents=True)
@@ -517,14 +568,36 @@ def test_add_and_extend_rescue_to_are_validated_stored_and_cleared(generic, cli)
     assert r.rc == 1 and "'rescue_to' should be null or an absolute path" in r.err, r
 
 
-def test_scheduled_walk_rescues_what_could_age_out_and_finishes_a_stopped_rescue(ds, cli):
-    """refresh --due with --rescue-to: after the complete walk, the entries past the skip
-    line (11 days here, not the 13-day at-risk line) are rescued in the same run; a budget
-    that stops the rescue exits 3 (a scheduled job then books its continuation), and the
-    next --due run finishes it although the walk is not due."""
+def test_only_the_scheduled_run_rescues_not_a_manual_refresh_due(ds, cli, monkeypatch):
+    """--rescue-to is for "every scheduled walk": `refresh --due` run by hand walks what is
+    due and copies nothing; the schedule's own command (`--due --scheduled METHOD`, what the
+    scrontab line and the batch job pass) rescues after its walk."""
+    safe = ds["tmp"] / "sched"
+    assert cli("extend", "--name", "ds", "--rescue-to", safe).rc == 0
+    r = cli("refresh", "--due", "--check", "--json")
+    assert r.rc == 0, r
+    res = json.loads(r.out)["results"][0]
+    assert res["complete"] is True and "rescue" not in res, res
+    assert not safe.exists()
+    monkeypatch.setenv("SLURM_JOB_ID", "1")         # --scheduled runs inside a Slurm job only
+    r = cli("refresh", "--due", "--check", "--json", "--scheduled", "scrontab")
+    assert r.rc == 0, r
+    res = json.loads(r.out)["results"][0]
+    assert res["rescue"]["complete"] is True and res["rescue"]["selection"] == "skip", res
+    assert "twelve.txt" in listing(safe)
+
+
+def test_scheduled_walk_rescues_what_could_age_out_and_finishes_a_stopped_rescue(ds, cli,
+                                                                                  monkeypatch):
+    """A scheduled run (refresh --due --scheduled) with --rescue-to: after the complete walk,
+    the entries past the skip line (11 days here, not the 13-day at-risk line) are rescued
+    in the same run; a budget that stops the rescue exits 3 (a scheduled job then books its
+    continuation), and the next scheduled run finishes it although the walk is not due."""
     safe = ds["tmp"] / "sched"
     assert cli("extend", "--name", "ds", "--rescue-to", safe).rc == 0
     registry = ds["state"] / "registry.json"
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    sched = ("--scheduled", "scrontab")     # no schedule installed: no chain to keep going
 
     def not_due():
         # walks record real start times, years before the tests' policy clock: make the
@@ -535,13 +608,13 @@ def test_scheduled_walk_rescues_what_could_age_out_and_finishes_a_stopped_rescue
     walked = json.loads(cli("refresh", "--name", "ds", "--json", "--check").out)
     total = walked["results"][0]["entries_seen"]
     # check mode, as on BR200 without an approval (generic would touch, leaving no risk)
-    r = cli("refresh", "--due", "--check", "--json", "--max-entries", total + 3)
+    r = cli("refresh", "--due", "--check", "--json", "--max-entries", total + 3, *sched)
     assert r.rc == 3, r
     res = json.loads(r.out)["results"][0]
     assert res["complete"] is True and res["rescue"]["stopped"] == "max-entries"
     assert res["rescue"]["selection"] == "skip"
     not_due()
-    r = cli("refresh", "--due", "--check", "--json")
+    r = cli("refresh", "--due", "--check", "--json", *sched)
     assert r.rc == 0, r
     res = json.loads(r.out)["results"][0]
     assert res["entries_seen"] == 0 and "scheduled rescue" in res["reason"]
@@ -549,7 +622,7 @@ def test_scheduled_walk_rescues_what_could_age_out_and_finishes_a_stopped_rescue
     got = listing(safe)
     assert "twelve.txt" in got and "recent/new.txt" not in got
     assert set(got) == at_risk_rels(ds["atimes"]) | {"twelve.txt"}
-    text = cli("refresh", "--due", "--check")
+    text = cli("refresh", "--due", "--check", *sched)
     assert text.rc == 0 and "nothing to refresh" in text.out + text.err, text
 
 

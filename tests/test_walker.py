@@ -87,3 +87,24 @@ def test_worker_processes_leave_the_collector_as_they_found_it(cli, env):
     assert r.rc == 0 and r.json()["results"][0]["entries_seen"] == 52, r
     assert gc.get_freeze_count() == 0
     assert gc.isenabled()
+
+
+def test_one_stop_vocabulary_for_walks_and_budgets(monkeypatch):
+    """stop_reason() is the one test: a signal first, then --max-entries, then
+    --max-seconds; a Budget asks it with what is left of the command's budgets, and every
+    code has its words."""
+    clock = [100.0]
+    monkeypatch.setattr(sk.time, "monotonic", lambda: clock[0])
+    assert sk.stop_reason() is None
+    assert sk.stop_reason(lambda: None, 101.0, 5, 4) is None
+    assert sk.stop_reason(lambda: sk.STOP_TERM, 100.0, 5, 5) == sk.STOP_TERM
+    assert sk.stop_reason(None, 100.0, 5, 5) == sk.STOP_MAX_ENTRIES
+    assert sk.stop_reason(None, 100.0, 5, 4) == sk.STOP_MAX_SECONDS
+    budget = sk.Budget(10, 3)
+    assert budget.stop_reason() is None and budget.stop_reason(entries_done=3) == "max-entries"
+    budget.entries_left = 0
+    assert budget.stop_reason() == "max-entries"
+    clock[0] += 10
+    assert sk.Budget(10, None).stop_reason() is None
+    assert sk.Budget(0, None).stop_reason(lambda: "int") == "int"
+    assert set(sk.STOP_WORDS) == {"int", "term", "hup", "max-seconds", "max-entries"}
