@@ -4942,6 +4942,7 @@ class RefreshOptions(object):
 # gives these codes); a budget is Budget's.
 STOP_INT, STOP_TERM, STOP_HUP = "int", "term", "hup"        # Ctrl-C, SIGTERM, SIGHUP
 STOP_MAX_SECONDS, STOP_MAX_ENTRIES = "max-seconds", "max-entries"
+STOP_CRASHED = "crashed"        # a rescue's copying threads, when the rescue itself failed
 STOP_WORDS = {
     STOP_INT: "interrupted (Ctrl-C)",
     STOP_TERM: "stopped by a signal (SIGTERM)",
@@ -6165,7 +6166,7 @@ class RescueRun(object):
         """Copy every selected entry after the cursor. True when all are handed out (with
         threads, copies may still be running: settle())."""
         for key, code, size in self.entries(m):
-            reason = self.stopped or self.stop_reason(budget, should_stop)
+            reason = self.stopped or budget.stop_reason(should_stop, self.counts.entries_done)
             if reason:
                 self.stopped = reason
                 return False
@@ -6182,20 +6183,6 @@ class RescueRun(object):
             self.cursor = key
             self.tick(progress)
         return True
-
-    def stop_reason(self, budget, should_stop, entries=True):
-        """Why to stop now, or None; entries=False: inside a file's copy, which a count of
-        entries never cuts short (it counts the entries handed out)."""
-        if should_stop is not None:
-            reason = should_stop()
-            if reason:
-                return reason
-        if budget.deadline is not None and time.monotonic() >= budget.deadline:
-            return "max-seconds"
-        if entries and budget.entries_left is not None and \
-                self.counts.entries_done >= budget.entries_left:
-            return "max-entries"
-        return None
 
     def tick(self, progress):
         t = time.monotonic()
@@ -6432,8 +6419,8 @@ class RescueRun(object):
                 start += n
                 with self.lock:
                     self.counts.bytes_copied += n
-                reason = self.aborted or self.stop_reason(self.budget, self.should_stop,
-                                                          entries=False)
+                # A count of entries never cuts a copy short (it counts those handed out).
+                reason = self.aborted or stop_reason(self.should_stop, self.budget.deadline)
                 if reason:
                     self.stopped = reason
                     raise _RescueStop()
@@ -6664,7 +6651,7 @@ class RescueRun(object):
             "host": socket.gethostname(), "temps": self.temp_tokens}, "rescue")
 
     def crashed(self):
-        self.aborted = "crashed"        # copying threads stop at their next chunk
+        self.aborted = STOP_CRASHED     # copying threads stop at their next chunk
         if self.jobs:
             self.futures.wait(list(self.jobs))
         if not self.opts.dry_run and self.cursor is not None:   # there is a position to keep
@@ -6701,7 +6688,7 @@ class RescueRun(object):
         if complete:
             result["exit_code"] = EXIT_FAIL if self.counts.errors else EXIT_OK
         else:
-            result["exit_code"] = EXIT_INTERRUPTED if self.stopped == "int" else EXIT_STOPPED
+            result["exit_code"] = EXIT_INTERRUPTED if self.stopped == STOP_INT else EXIT_STOPPED
         if self.log is not None:
             self.write_log("counts " + " ".join("%s=%d" % kv for kv in sorted(
                 self.counts.as_dict().items())))
@@ -9042,12 +9029,12 @@ def stop_signals():
     group does not kill them under the main process.
     """
     flag = {"reason": None}
-    reasons = {signal.SIGINT: "int", signal.SIGTERM: "term"}
+    reasons = {signal.SIGINT: STOP_INT, signal.SIGTERM: STOP_TERM}
     if hasattr(signal, "SIGHUP"):
-        reasons[signal.SIGHUP] = "hup"
+        reasons[signal.SIGHUP] = STOP_HUP
 
     def handler(signum, frame):
-        flag["reason"] = reasons.get(signum, "term")
+        flag["reason"] = reasons.get(signum, STOP_TERM)
 
     previous = {}
     if threading.current_thread() is threading.main_thread():
