@@ -2145,16 +2145,15 @@ def mount_tree(root_fd, mountinfo="/proc/self/mountinfo"):
     return tree
 
 
-def default_parallelism(path, env):
-    """(threads, workers) for a walk when the user chose neither.
+def default_parallelism(*paths):
+    """(threads, workers) for a walk, or a copy between paths, when the user chose neither.
 
-    On a network filesystem each lstat/utimensat waits on the metadata server:
-    NETWORK_THREADS threads keep that many calls in flight (the Lustre client
-    bounds what reaches the server at once: mdc.*.max_rpcs_in_flight). On a
-    local disk the cost is CPU: two processes (this one and a worker) where two CPUs
-    are ours.
+    On a network filesystem each lstat/utimensat (each open and create) waits on a
+    server: NETWORK_THREADS threads keep that many calls in flight (the Lustre client
+    bounds what reaches the server at once: mdc.*.max_rpcs_in_flight). On a local disk
+    the cost is CPU: two processes (this one and a worker) where two CPUs are ours.
     """
-    if fs_type(path) in NETWORK_FS:
+    if set(fs_type(p) for p in paths) & set(NETWORK_FS):
         return NETWORK_THREADS, 1
     return 1, default_workers()
 
@@ -5325,7 +5324,7 @@ class DatasetRun(object):
         self.due_run = bool(opts.due)   # begun by `refresh --due` (see resumable())
         self.done_before = 0        # entries done by the earlier runs of this walk
         self.totals = Counts()      # and their counts
-        threads, workers = default_parallelism(ds["path"], ctx.env)
+        threads, workers = default_parallelism(ds["path"])
         if opts.threads or opts.workers:
             threads, workers = opts.threads or 1, opts.workers or 1
         self.walker = Walker(ds["path"], mode, thresholds_ns(cfg, self.cadence, ctx.now),
@@ -5845,7 +5844,7 @@ class RescueOptions(object):
         self.selection = selection or ("all" if all else "at-risk")
         self.max_seconds, self.max_entries = max_seconds, max_entries
         self.checkpoint_every = checkpoint_every
-        self.threads = threads      # copies in flight; None: rescue_threads() decides
+        self.threads = threads      # copies in flight; None: default_parallelism() decides
 
 
 def rescue(name, to, all=False, dry_run=False, max_seconds=None, max_entries=None,
@@ -5856,7 +5855,7 @@ def rescue(name, to, all=False, dry_run=False, max_seconds=None, max_entries=Non
     output"), its exit_code included; raises UsageError (nothing copied) for a destination
     it refuses. should_stop() as for refresh(); progress(name, entries_done,
     entries_total, bytes_copied, bytes_total, seconds) is called now and then; threads:
-    copies in flight (default: rescue_threads())."""
+    copies in flight (default: default_parallelism()'s threads)."""
     ctx = _ctx(state_dir, env)
     opts = RescueOptions(name, to, all, dry_run, max_seconds, max_entries, checkpoint_every,
                          threads=threads)
@@ -6272,7 +6271,7 @@ class RescueRun(object):
     # -- copying threads: files are copied on threads where latency dominates (a network
     # filesystem, on either side), so that many opens, creates and copies are in flight
     def start_copying(self):
-        self.threads = self.opts.threads or rescue_threads(self.ds["path"], self.dest)
+        self.threads = self.opts.threads or default_parallelism(self.ds["path"], self.dest)[0]
         if self.threads > 1 and not self.opts.dry_run:
             self.futures = concurrent.futures
             self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.threads)
@@ -6717,12 +6716,6 @@ RESCUE_REASON_COUNTS = {"other-owner": "entries_not_owned",
 def _key_after(a, b):
     """Manifest key a comes after b in the walk's order (None: before every key)."""
     return a is not None and (b is None or a > b)
-
-
-def rescue_threads(path, dest):
-    """Copies in flight when the user did not say: NETWORK_THREADS where either side is a
-    network filesystem (each open and create waits on a server), else one."""
-    return NETWORK_THREADS if {fs_type(path), fs_type(dest)} & set(NETWORK_FS) else 1
 
 
 def check_newest_manifest(ds, cfg, now, newest, root_fd):
