@@ -5940,9 +5940,12 @@ class RescueRun(object):
     rescue (dataset path, destination, selection and manifest), else start at the first
     entry; add up what needs copying (quick check against the destination) and refuse a
     destination without room; then copy entry by entry in walk order, keeping a stack of
-    open directories on both sides, checkpointing the cursor at least every
-    checkpoint_every seconds and when stopped. Directories get their source's mode and
-    mtime when the copy leaves them (their contents first, or the mtime would move).
+    open directories on both sides under the walk's rules (the dataset's device, no mount
+    point, reopened through ".." only to the directory left: reopen_parent), files copied
+    on threads where latency dominates, checkpointing at least every checkpoint_every
+    seconds and when stopped, a cursor before which every copy is done. Directories get
+    their source's mode and mtime when the copy leaves them (their contents first, or the
+    mtime would move), whichever run finishes them (reenter()).
     """
 
     def __init__(self, ctx, ds, dest, opts, manifest_path, root_fd):
