@@ -529,7 +529,10 @@ def test_keep_until_soon_and_expired_are_information(cli, healthy, monkeypatch):
 
 # ------------------------------------------------------------------ 9. overdue
 
-def test_overdue_after_cadence_plus_two_days(cli, healthy, monkeypatch):
+def test_overdue_after_cadence_plus_four_days(cli, healthy, monkeypatch):
+    """A working 14-day schedule can leave 17 days between runs (days 1 and 15 of a 31-day
+    month), and the run then needs time to walk: doctor calls a dataset overdue only 18
+    days after its last walk ended."""
     r = cli("refresh", "--name", "ds", "--json")
     assert r.rc == 0, r
     last = sk.parse_iso(cli("list", "--json").json()[0]["last_refresh"])
@@ -539,12 +542,13 @@ def test_overdue_after_cadence_plus_two_days(cli, healthy, monkeypatch):
     def at(seconds_after):
         monkeypatch.setenv("SCRATCH_KEEPALIVE_NOW", sk.iso(last + seconds_after))
 
-    at(16 * sk.DAY - 60)         # cadence 14 + 2 days, a minute short: not yet
-    rc, report, checks = doctor(cli)
-    assert "overdue:ds" not in checks and rc == 0, report
-    at(16 * sk.DAY + 60)
-    assert_named(cli, "overdue:ds", "fail", "16 days")
-    at(17 * sk.DAY)
+    for t in (17 * sk.DAY + 12 * 3600, 18 * sk.DAY - 60):  # the longest gap, a walk: not yet
+        at(t)
+        rc, report, checks = doctor(cli)
+        assert "overdue:ds" not in checks and rc == 0, report
+    at(18 * sk.DAY + 60)
+    assert_named(cli, "overdue:ds", "fail", "18 days")
+    at(19 * sk.DAY)
     assert_named(cli, "overdue:ds", "fail")
     out = mend(cli, healthy)           # nothing repair may do: it never refreshes
     assert out["actions"] == [], out

@@ -225,7 +225,7 @@ def test_is_due_boundary(cadence, sched, need_days):
 def test_the_three_due_rules_side_by_side():
     """One 14-day dataset on a 14-day schedule whose touch walk ran from t to t + 1 hour:
     the schedule takes it again after a day, people see it due after 13 days, and doctor
-    calls it overdue 16 days after the walk ended (the end of a walk of either mode)."""
+    calls it overdue 18 days after the walk ended (the end of a walk of either mode)."""
     t = NOW_EPOCH
     end = t + 3600
     ds = {"cadence_days": 14, "last_touch_start": sk.iso(t), "last_refresh": sk.iso(end),
@@ -233,8 +233,8 @@ def test_the_three_due_rules_side_by_side():
     start = sk.walk_start(ds, "touch")
     assert sk.schedule_due_at(start, 14, 14) == t + DAY
     assert sk.state_due_at(start, 14) == t + 13 * DAY
-    assert sk.overdue_at(ds) == end + 16 * DAY
-    assert sk.overdue_at(dict(ds, last_refresh=None)) == t - 74 * DAY     # never walked
+    assert sk.overdue_at(ds) == end + 18 * DAY
+    assert sk.overdue_at(dict(ds, last_refresh=None)) == t - 72 * DAY     # never walked
     assert sk.overdue_at({"cadence_days": 14}) is None
 
 
