@@ -3156,7 +3156,8 @@ def open_manifest_for_writing(path):
 class ManifestWriter(object):
     """Writes a walk's manifest as it goes: batches arrive out of order from the runners
     and are put back in the walk's order (expect() in order, done() in any); a chunk is
-    compressed on a thread of its own (zlib lets go of the GIL) and written in order.
+    compressed on the writer's one compressing thread (zlib lets go of the GIL; a thread
+    started per chunk cost the walk 1-5 ms a chunk) and written in order.
 
     The file is written in place (it is partial until finish(), which adds the trailer);
     position() is what a checkpoint records, and a resume truncates the file back to it.
@@ -3191,8 +3192,11 @@ class ManifestWriter(object):
         self.next_seq = None
         self._new_chunk()
         self.unlisted_keys = []
-        self.pending = None         # (thread, result holder) compressing the last chunk
+        self.pending = None         # the entries of the chunk being compressed
         self.failed = None
+        self.thread = None          # the compressing thread, started with the first chunk
+        self.job = None             # what it compresses next (None: end)
+        self.result = None          # what it compressed (None: it failed)
 
     def _new_chunk(self):
         self.seg_dirs, self.seg_counts, self.names = [], [], []
@@ -3270,26 +3274,40 @@ class ManifestWriter(object):
         raw, count = self._encode(), self.count
         self._new_chunk()
         self._wait()
-        holder = []
+        if self.thread is None:
+            import _thread
+            self.todo, self.ready_lock = _thread.allocate_lock(), _thread.allocate_lock()
+            self.todo.acquire()
+            self.ready_lock.acquire()
+            self.thread = threading.Thread(target=self._compressing, name="manifest-zlib")
+            self.thread.daemon = True
+            self.thread.start()
+        self.job, self.pending = raw, count
+        self.todo.release()
 
-        def work():         # one call: the thread needs the GIL back once per chunk
-            import zlib
-            holder.append(zlib.compress(raw, MANIFEST_LEVEL))
-        t = threading.Thread(target=work, name="manifest-zlib")
-        t.daemon = True
-        t.start()
-        self.pending = (t, holder, count)
+    def _compressing(self):
+        """The compressing thread: one chunk per release of todo, until a job of None."""
+        while True:
+            self.todo.acquire()
+            raw, self.job, self.result = self.job, None, None
+            if raw is None:
+                return
+            try:
+                import zlib
+                self.result = zlib.compress(raw, MANIFEST_LEVEL)
+            finally:
+                self.ready_lock.release()
 
     def _wait(self):
         """Write the chunk the thread compressed (waiting for it)."""
         if self.pending is None:
             return
-        t, holder, count = self.pending
-        t.join()
-        self.pending = None
-        if not holder:
+        count, self.pending = self.pending, None
+        self.ready_lock.acquire()
+        if self.result is None:
             raise Failure("compressing the manifest %s failed" % self.path)
-        self._record(b"C", holder[0], count)
+        data, self.result = self.result, None
+        self._record(b"C", data, count)
         self.entries += count
 
     def _record(self, tag, data, count):
@@ -3326,9 +3344,14 @@ class ManifestWriter(object):
         return pos["entries"]
 
     def close(self):
-        if self.pending is not None:
-            self.pending[0].join()
-            self.pending = None
+        if self.thread is not None:
+            if self.pending is not None:
+                self.ready_lock.acquire()
+                self.pending = None
+            self.job = None
+            self.todo.release()
+            self.thread.join()
+            self.thread = None
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
