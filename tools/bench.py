@@ -10,7 +10,11 @@ reset (bench_walk.c) and the LD_PRELOAD latency shim (bench_shim.c) it compiles.
 interleaved rounds: touch and check mode against `find -exec touch` and the stat floor
 on a wide and a deep tree; peak memory at 100k and 1M entries and in one directory; a
 checkpoint's cost; --threads and --workers with the shim's delay on every stat and
-utimensat; `status --brief` with 50 datasets; and the login line, `status --brief`
+utimensat; a rescue phase: `rescue --all --to` of ~20,200 files and ~200 MiB against
+`tar --atime-preserve=system -cf - . | tar -xf -` and `cp -a --sparse=always`, the page
+cache dropped before each copy (as root), and rescue's --threads (when it has them) under
+the shim, its delay then on the opens, creates and renames a copy makes too;
+`status --brief` with 50 datasets; and the login line, `status --brief`
 through each documented install (install.sh's launcher, pip's console script in a venv,
 the README's copy-the-file launcher) against a bare `python3 -c pass`, on CPython 3.6
 and the newest pyenv has (--quick: this Python, no pip). --before OLD runs an earlier copy in
@@ -44,7 +48,14 @@ SINGLE_DIR_ENTRIES = 200000     # the one-directory memory tree, before --scale
 PARALLEL = (8, 16, 32)          # --threads N and --workers N in the latency runs
 LATENCY_MS = 0.5                # what the shim adds to each call under the latency tree
 TIMEOUT_S = 1800                # a process running longer is killed
-PHASES = ("wide", "deep", "memory", "latency", "brief", "login")
+PHASES = ("wide", "deep", "memory", "latency", "rescue", "brief", "login")
+# The rescue tree, before --scale: small files and 1 MiB files, all at risk (their atimes
+# OLD_DAYS ago, the walk's purge window 30 days); its latency tree, before --scale.
+RESCUE_DIRS, RESCUE_SMALL, RESCUE_BIG = 20, 20000, 200     # 20,200 files, ~200 MiB
+RESCUE_SMALL_BYTES, RESCUE_BIG_BYTES = 512, 1 << 20
+RESCUE_LATENCY_FILES = 2000
+RESCUE_ROUNDS = 5               # at least, whatever --repeat says (--quick: --repeat)
+RESCUE_PARALLEL = (8, 32)       # --threads N in the rescue latency runs, when it has them
 LOGIN_ROUNDS = 51               # interleaved rounds of the login line's forms (--quick: 5)
 LOGIN_DATASETS = 5              # registered (and checked once) for the login line
 PYENV_VERSIONS = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
@@ -65,7 +76,10 @@ TARGETS = {"touch_vs_find": 1.0, "check_vs_walk": 1.5, "skipped_vs_walk": 1.5,
            "threads_speedup": 10.0, "rss_mb_1m": 32.0, "checkpoint_share": 0.02,
            # 20, not 16 since manifests record mtimes too (what vanished has a safe copy):
            # the wide tree's are random over 300 days, 7 bytes an entry of their own.
-           "manifest_bytes": 20.0, "login_vs_pass": 2.0}
+           "manifest_bytes": 20.0, "login_vs_pass": 2.0,
+           # rescue of the local tree against tar's pipeline, caches dropped; and its
+           # threads' speed-up at LATENCY_MS on every open, create, stat and utimensat
+           "rescue_vs_tar": 1.0, "rescue_threads_speedup": 5.0}
 
 # The timed commands of a tree round, in their order: (key, label).
 CMD_LABELS = [("tool_touch_old", "tool touch, all old"),
@@ -84,6 +98,14 @@ VS_BEFORE = [("touch", "tool_touch_old_nomf", "before_touch_old"),
              ("check, manifests on", "tool_check", "before_check"),
              ("all recent, manifests on", "tool_touch_recent", "before_touch_recent")]
 BEFORE_LATENCY = ("before: --threads 32", ["--threads", "32"])
+# The rescue phase's copies, each into a directory of its own: (key, label).
+RESCUE_LABELS = [("tool_rescue", "tool rescue --all --to DEST"),
+                 ("tar", "tar --atime-preserve=system -cf - . | tar -xf -"),
+                 ("cp", "cp -a --sparse=always"),
+                 ("before_rescue", "before: rescue --all --to DEST")]
+# What a rescue's --json result says, kept with its timing.
+RESCUE_KEYS = ("complete", "entries_done", "entries_copied", "bytes_copied", "dirs_created",
+               "entries_skipped", "entries_not_rescued", "errors", "exit_code")
 
 # ---------------------------------------------------------------- C sources
 
@@ -96,8 +118,15 @@ SHIM_FUNCS = [("fstatat", "AT"), ("fstatat64", "AT"), ("__fxstatat", "XAT"),
               ("__fxstatat64", "XAT"), ("lstat", "PATH"), ("lstat64", "PATH"),
               ("__lxstat", "XPATH"), ("__lxstat64", "XPATH"), ("stat", "PATH"),
               ("stat64", "PATH"), ("__xstat", "XPATH"), ("__xstat64", "XPATH"),
-              ("statx", "STATX"), ("utimensat", "UTIMENSAT")]
+              ("statx", "STATX"), ("utimensat", "UTIMENSAT"),
+              # from here on a copy's calls, delayed only with BENCH_SHIM_OPENS=1
+              ("open", "OPEN"), ("open64", "OPEN"), ("__open_2", "OPEN"),
+              ("__open64_2", "OPEN"), ("openat", "OPENAT"), ("openat64", "OPENAT"),
+              ("__openat_2", "OPENAT"), ("__openat64_2", "OPENAT"), ("mkdir", "MKDIR"),
+              ("mkdirat", "MKDIRAT"), ("rename", "RENAME"), ("renameat", "RENAMEAT"),
+              ("renameat2", "RENAMEAT2")]
 SHIM_NAMES = [name for name, _ in SHIM_FUNCS]
+SHIM_FIRST_OPEN = SHIM_NAMES.index("open")
 
 # ---------------------------------------------------------------- small helpers
 
@@ -260,6 +289,16 @@ def parse_tool_json(stdout):
         return {}
     return results[0] if results else {}
 
+def parse_rescue_json(stdout):
+    """A rescue's --json result (one object, or the first of its "results"), or {}."""
+    try:
+        doc = json.loads(stdout[max(0, stdout.find("{")):])
+    except ValueError:
+        return {}
+    if isinstance(doc, dict) and isinstance(doc.get("results"), list):
+        doc = doc["results"][0] if doc["results"] else {}
+    return doc if isinstance(doc, dict) else {}
+
 # ---------------------------------------------------------------- the machine
 
 
@@ -303,8 +342,8 @@ def machine_info(workdir, gcc):
 def build_c(gcc, builddir):
     """Compiles the stat/atime helper and the latency shim; returns their paths."""
     with open(os.path.join(builddir, "shim_table.h"), "w") as f:
-        f.write("#define I_N %d\n#define SHIM_NAMES %s\n#define SHIM_WRAPPERS %s\n" % (
-            len(SHIM_FUNCS), ", ".join('"%s"' % name for name in SHIM_NAMES),
+        f.write("#define I_N %d\n#define I_FIRST_OPEN %d\n#define SHIM_NAMES %s\n"
+                "#define SHIM_WRAPPERS %s\n" % (len(SHIM_FUNCS), SHIM_FIRST_OPEN, ", ".join('"%s"' % name for name in SHIM_NAMES),
             " ".join("%s(%d, %s)" % (sig, i, name) for i, (name, sig) in enumerate(SHIM_FUNCS))))
     paths = []
     for name, src, flags in (("benchhelper", HELPER_SRC, []),
@@ -392,6 +431,37 @@ def build_deep(root, levels, fanout, per_dir):
     return 1 + deep_dirs(fanout, levels) * per_dir
 
 
+def build_rescue(root, dirs, small, big):
+    """dirs directories holding `small` files of RESCUE_SMALL_BYTES and `big` of
+    RESCUE_BIG_BYTES between them (random data: nothing for a sparse copy to skip)."""
+    rng = random.Random(11)
+    block = bytes(bytearray(rng.getrandbits(8) for _ in range(4096)))
+    big_data = block * (RESCUE_BIG_BYTES // len(block))
+    with new_dir(root) as rfd:
+        for i in range(dirs):
+            with new_dir("d%03d" % i, rfd) as dfd:
+                for pattern, n, data in (("s%05d", small, block[:RESCUE_SMALL_BYTES]),
+                                         ("b%04d", big, big_data)):
+                    for j in range(i, n, dirs):
+                        fd = os.open(pattern % j, O_CREATE, 0o644, dir_fd=dfd)
+                        try:
+                            os.write(fd, data)
+                        finally:
+                            os.close(fd)
+    return 1 + dirs + small + big
+
+
+def drop_caches():
+    """sync, then drop the page cache, dentries and inodes: whether it could (root only)."""
+    subprocess.call(["sync"])
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
 def add_specials(root, outside):
     """Entries a careful walker must not follow or open: symlinks out of the tree, a
     dangling one, a FIFO. If the tool followed the directory link it would see the
@@ -417,7 +487,8 @@ class Bench(object):
         self.notes = []
         self.trees = {}
         self.report = {"version": 1, "targets": TARGETS, "trees": {}, "memory": None,
-                       "latency": None, "brief": None, "login": None, "notes": self.notes}
+                       "latency": None, "rescue": None, "brief": None, "login": None,
+                       "notes": self.notes}
         # As on a user's shell: bytecode may be cached (the scheduled job's form needs it).
         self.tool_env = dict((k, v) for k, v in os.environ.items()
                              if not k.startswith("SCRATCH_KEEPALIVE_")
@@ -442,6 +513,9 @@ class Bench(object):
         if "latency" in self.trees:
             log("== latency ==")
             self.bench_latency()
+        if "rescue" in self.trees:
+            log("== rescue ==")
+            self.bench_rescue()
         if "brief" in self.args.only:
             log("== status --brief ==")
             self.bench_brief()
@@ -543,6 +617,17 @@ class Bench(object):
                            lambda p: build_flat(p, 1, n))
         if "latency" in want:
             self.make_flat("latency", 10, max(1, (self.args.latency_entries - 11) // 10))
+        if "rescue" in want:
+            dirs = max(1, int(round(RESCUE_DIRS * min(1.0, s))))
+            small, big = (max(dirs, int(round(n * s))) for n in (RESCUE_SMALL, RESCUE_BIG))
+            self.make_tree("rescue", "%d dirs, %s files of %d bytes and %s of %d MiB"
+                           % (dirs, fmt_int(small), RESCUE_SMALL_BYTES, fmt_int(big),
+                              RESCUE_BIG_BYTES >> 20),
+                           lambda p: build_rescue(p, dirs, small, big))
+            n = max(10, int(RESCUE_LATENCY_FILES * (0.05 if self.args.quick else 1.0)))
+            self.make_tree("rescuelat", "10 dirs, %s files of %d bytes"
+                           % (fmt_int(n), RESCUE_SMALL_BYTES),
+                           lambda p: build_rescue(p, 10, n, 0))
 
     # -- commands
     def reset_atimes(self, t):
@@ -732,6 +817,137 @@ class Bench(object):
                           % (k, fmt_int(s["delayed_calls"]), fmt_int(t.entries))
                           for k, s in summary.items() if s["delayed_calls"] < t.entries]}
 
+    # -- phase 4: rescue
+    def rescue_threads(self, who):
+        """Whether `rescue --help` of who offers --threads."""
+        r = run_proc(self.tool_base(who) + ["rescue", "--help"], env=self.tool_env)
+        return "--threads" in r["stdout"]
+
+    def rescue_argv(self, t, dest, who="tool", extra=()):
+        return self.tool_argv(["rescue", "--name", t.key, "--all", "--to", dest, "--json"]
+                              + list(extra), who)
+
+    def rescue_command(self, kind, t, dest):
+        """The command line of kind (RESCUE_LABELS) copying tree t to dest."""
+        if kind in ("tool_rescue", "before_rescue"):
+            return self.rescue_argv(t, dest, kind.partition("_")[0])
+        if kind == "tar":
+            return ["bash", "-o", "pipefail", "-c", 'cd "$1" && tar --atime-preserve=system '
+                    '-cf - . | (cd "$2" && tar -xf -)', "tar", t.path, dest]
+        return ["cp", "-a", "--sparse=always", t.path, dest]
+
+    def prepare_rescue(self, t):
+        """Every entry of t at risk (atimes OLD_DAYS ago), and each version's check walk
+        of it: the manifest its rescue copies from."""
+        self.reset_atimes(t)
+        for who in self.who:
+            self.tool_call(["refresh", "--name", t.key, "--check"], who)
+
+    def run_rescue(self, argv, dest, env=None, cold=True):
+        """One timed copy to dest (removed first, made first for tar), after an atime reset
+        of its source (cp's reads move them) and, with cold, the page cache dropped."""
+        subprocess.call(["rm", "-rf", "--one-file-system", dest])
+        if argv[0] == "bash":
+            os.mkdir(dest)
+        self.reset_atimes(self.trees["rescue" if cold else "rescuelat"])
+        if cold and not drop_caches() and not self.rescue_uncached:
+            self.rescue_uncached = True
+            self.notes.append("rescue: the page cache could not be dropped (not root?); "
+                              "its copies ran with warm caches")
+        r = run_proc(argv, env=env or self.tool_env, timeout=TIMEOUT_S)
+        rec = dict((k, r[k]) for k in ("seconds", "rc", "maxrss_kb", "cpu_seconds"))
+        res = parse_rescue_json(r["stdout"]) if "--json" in argv else {}
+        rec.update((k, res[k]) for k in RESCUE_KEYS if k in res)
+        if r["rc"] != 0 or (res and not res.get("complete")):
+            rec["stderr"] = tail(r["stderr"] + r["stdout"])
+            log("  WARNING: %s exited %d: %s" % (" ".join(argv[:4]), r["rc"], tail(rec["stderr"], 3)))
+        return rec
+
+    def bench_rescue(self):
+        """The rescue tree copied by the tool's rescue --all, tar's pipeline and cp -a,
+        caches dropped before each, in interleaved rounds; then rescue under the latency
+        shim (every open, create, rename, stat and utimensat under the source and the
+        destination delayed), each version's --threads against its single thread."""
+        a, t = self.args, self.trees["rescue"]
+        self.rescue_uncached = False
+        rounds = a.repeat if a.quick else max(RESCUE_ROUNDS, a.repeat)
+        out = os.path.join(self.base, "rescue-out")
+        os.mkdir(out)
+        self.prepare_rescue(t)
+        kinds = [k for k, _ in RESCUE_LABELS if not k.startswith("before") or a.before]
+        runs = dict((k, []) for k in kinds)
+        copied = {}
+        for i in range(rounds):
+            for k in kinds[i % len(kinds):] + kinds[:i % len(kinds)]:
+                log("rescue: round %d/%d, %s" % (i + 1, rounds, k))
+                dest = os.path.join(out, k)
+                runs[k].append(self.run_rescue(self.rescue_command(k, t, dest), dest))
+                if i == 0:      # what each copied, counted as the stat floor counts
+                    r = run_proc([self.helper, "walk", dest])
+                    copied[k] = int(r["stdout"].split()[0]) if r["rc"] == 0 else None
+        subprocess.call(["rm", "-rf", "--one-file-system", out])
+        summary = dict((k, summarize(runs[k], t.entries)) for k in kinds)
+        med = dict((k, s["median_s"]) for k, s in summary.items())
+        self.report["rescue"] = {
+            "title": t.title, "entries": t.entries, "bytes": tree_bytes(t.path),
+            "rounds": rounds, "caches_dropped": not self.rescue_uncached,
+            "commands": dict((k, self.rescue_command(k, t, os.path.join(out, k)))
+                             for k in kinds),
+            "summary": summary, "copied_entries": copied, "runs": runs,
+            "ratios": dict(("%s_vs_tar" % k, ratio(med[k], med["tar"])) for k in kinds
+                           if k != "tar"),
+            "latency": self.bench_rescue_latency(),
+        }
+
+    def bench_rescue_latency(self):
+        """Each version's rescue of the rescuelat tree under the shim: with --threads N
+        against --threads 1 when its rescue has them, else only as it is."""
+        a, t = self.args, self.trees["rescuelat"]
+        counts_file = os.path.join(self.builddir, "shim-counts-rescue")
+        out = os.path.join(self.base, "rescuelat-out")
+        os.mkdir(out)
+        self.prepare_rescue(t)
+        env = dict(self.tool_env, BENCH_SHIM_DELAY_US="%g" % (LATENCY_MS * 1000.0),
+                   BENCH_SHIM_PREFIX="%s:%s" % (os.path.realpath(t.path), os.path.realpath(out)),
+                   BENCH_SHIM_OPENS="1", BENCH_SHIM_COUNTS=counts_file,
+                   LD_PRELOAD=" ".join(x for x in (self.shim, os.environ.get("LD_PRELOAD")) if x))
+        self.read_counts(counts_file)
+        variants, threads = [], {}
+        for who in self.who:
+            threads[who] = self.rescue_threads(who)
+            prefix = "before: " if who == "before" else ""
+            if not threads[who]:
+                variants.append((who, prefix + "no --threads", []))
+                continue
+            for n in (1,) + (RESCUE_PARALLEL if who == "tool" else RESCUE_PARALLEL[-1:]):
+                variants.append((who, "%s--threads %d" % (prefix, n), ["--threads", str(n)]))
+        runs = dict((label, []) for _, label, _ in variants)
+        rounds = a.repeat if a.quick else max(RESCUE_ROUNDS, a.repeat)
+        dest = os.path.join(out, "copy")
+        for i in range(rounds):
+            for who, label, extra in variants:
+                log("rescue latency: round %d/%d, %s" % (i + 1, rounds, label))
+                rec = self.run_rescue(self.rescue_argv(t, dest, who, extra), dest, env=env,
+                                      cold=False)
+                rec["shim_counts"] = self.read_counts(counts_file)
+                runs[label].append(rec)
+        subprocess.call(["rm", "-rf", "--one-file-system", out])
+        summary = {}
+        for who, label, extra in variants:
+            s = summary[label] = summarize(runs[label], t.entries)
+            base = [summary[x] for w, x, _ in variants if w == who][0]
+            s.update({"who": who, "args": extra, "baseline": s is base,
+                      "speedup": ratio(base["median_s"], s["median_s"]) if threads[who]
+                      else None,
+                      "delayed_calls": sum(v["delayed"]
+                                           for v in runs[label][-1]["shim_counts"].values())})
+        return {"latency_ms": LATENCY_MS, "entries": t.entries, "title": t.title,
+                "rounds": rounds, "threads": threads, "variants": [v[1] for v in variants],
+                "summary": summary, "runs": runs,
+                "anomalies": ["%s: the shim delayed %s calls for %s entries"
+                              % (k, fmt_int(s["delayed_calls"]), fmt_int(t.entries))
+                              for k, s in summary.items() if s["delayed_calls"] < t.entries]}
+
     def checked_datasets(self, name, count):
         """A state directory of its own with count tiny datasets, each walked once in check
         mode, so that the registry holds what a real one does: (the tool's environment for
@@ -752,7 +968,7 @@ class Bench(object):
         tool("refresh", "--check")
         return env, tool
 
-    # -- phase 4: status --brief
+    # -- phase 5: status --brief
     def bench_brief(self):
         """`status --brief` (what ~/.bashrc runs at each login) with BRIEF_DATASETS tiny
         datasets in a state directory of their own, each walked once in check mode so that
@@ -765,7 +981,7 @@ class Bench(object):
             "lines": len(runs[-1]["stdout"].splitlines()),
             "runs": [dict((k, r[k]) for k in ("seconds", "rc", "maxrss_kb")) for r in runs]}
 
-    # -- phase 5: the login line
+    # -- phase 6: the login line
     def bench_login(self):
         """`status --brief` (what ~/.bashrc runs at each login) through each documented
         install, each installed as its instructions say, against a bare `python3 -c pass`:
@@ -894,6 +1110,16 @@ def pip_install(py, home, tool, env):
         if r["rc"] != 0:
             return None, "%s failed: %s" % (" ".join(argv[1:4]), tail(r["stderr"], 1))
     return os.path.join(venv, "bin", "scratch-keepalive"), None
+
+
+def tree_bytes(path):
+    """The apparent size of the regular files under path."""
+    total = 0
+    for d, _, names in os.walk(path):
+        for n in names:
+            st = os.lstat(os.path.join(d, n))
+            total += st.st_size if (st.st_mode & 0o170000) == 0o100000 else 0
+    return total
 
 
 def tool_kind(kind):
@@ -1122,6 +1348,42 @@ def render_latency(report, w):
         w("CHECK: %s\n" % a)
 
 
+def render_rescue(report, w):
+    rs = report.get("rescue")
+    if not rs:
+        return
+    w("\n== rescue: %s (%s entries, %s), %s, medians of %d interleaved rounds ==\n"
+      % (rs["title"], fmt_int(rs["entries"]), fmt_mb(rs["bytes"] / 1024.0),
+         "page cache dropped before each copy" if rs["caches_dropped"]
+         else "caches NOT dropped", rs["rounds"]))
+    table(w, ["command", "median s", "min s", "max s", "MiB/s", "vs tar", "copied", "notes"],
+          [[label, fmt("%.3f", s["median_s"]), fmt("%.3f", s["min_s"]), fmt("%.3f", s["max_s"]),
+            fmt("%.1f", ratio(rs["bytes"] / 1048576.0, s["median_s"])),
+            "" if k == "tar" else fmt("%.2fx", rs["ratios"]["%s_vs_tar" % k]),
+            fmt_int(rs["copied_entries"].get(k)),
+            "%d FAILED" % s["failed_runs"] if s["failed_runs"] else ""]
+           for k, label in RESCUE_LABELS if k in rs["summary"] for s in [rs["summary"][k]]])
+    w("(copied: the entries the stat floor counts in the copy after the first round; the "
+      "tool leaves its sentinel behind)\n")
+    lat = rs.get("latency")
+    if not lat:
+        return
+    w("rescue under the shim, +%.2f ms per open/create/rename/stat/utimensat under the source "
+      "and the destination (%s: %s entries, warm caches, medians of %d rounds):\n"
+      % (lat["latency_ms"], lat["title"], fmt_int(lat["entries"]), lat["rounds"]))
+    table(w, ["tool arguments", "median s", "min s", "max s", "speed-up", "delayed calls", ""],
+          [[label, fmt("%.3f", s["median_s"]), fmt("%.3f", s["min_s"]), fmt("%.3f", s["max_s"]),
+            fmt("%.2fx", s["speedup"]), fmt_int(s["delayed_calls"]),
+            "%d FAILED" % s["failed_runs"] if s["failed_runs"] else ""]
+           for label in lat["variants"] for s in [lat["summary"][label]]], left=1)
+    for who, has in sorted(lat["threads"].items()):
+        if not has:
+            w("(%s: its rescue has no --threads option; timed as it is, one copy at a time)\n"
+              % ("this version" if who == "tool" else "the --before copy"))
+    for x in lat["anomalies"]:
+        w("CHECK: %s\n" % x)
+
+
 def render_targets(report, w):
     quick = report["config"]["quick"]
     w("\nTARGETS" + (" not judged: with --quick the trees are so small that start-up "
@@ -1158,8 +1420,8 @@ def render_brief(report, w):
 
 
 # The report's sections, in order; each writes what its part of the report holds.
-SECTIONS = (render_header, render_trees, render_memory, render_latency, render_brief,
-            render_login, render_targets)
+SECTIONS = (render_header, render_trees, render_memory, render_latency, render_rescue,
+            render_brief, render_login, render_targets)
 
 # ---------------------------------------------------------------- the targets
 
@@ -1220,7 +1482,29 @@ def targets(report):
         "manifest<=20B/entry": manifest_verdict(report["trees"].get("wide")),
         "no-slower-than-before": before_verdict(trees),
         "login<=2.0x python-c-pass": login_verdict(report.get("login")),
+        "rescue<=1.0x tar": rescue_verdict(report.get("rescue")),
+        "rescue-threads>=5x": rescue_threads_verdict(report.get("rescue")),
     }
+
+
+def rescue_verdict(rs):
+    x = ((rs or {}).get("ratios") or {}).get("tool_rescue_vs_tar")
+    if x is None:
+        return ("n/a", "not measured")
+    return ("PASS" if x <= TARGETS["rescue_vs_tar"] else "FAIL",
+            "%.2fx tar's pipeline, limit %.1fx" % (x, TARGETS["rescue_vs_tar"]))
+
+
+def rescue_threads_verdict(rs):
+    lat = (rs or {}).get("latency")
+    if not lat:
+        return ("n/a", "not measured")
+    if not lat["threads"].get("tool"):
+        return ("FAIL", "rescue has no --threads option (1.0x)")
+    x, label = max((s["speedup"], k) for k, s in lat["summary"].items()
+                   if s["who"] == "tool" and s["speedup"] is not None)
+    return ("PASS" if x >= TARGETS["rescue_threads_speedup"] else "FAIL",
+            "%.1fx with %s at %.2f ms" % (x, label, lat["latency_ms"]))
 
 
 def login_verdict(lg):
@@ -1322,8 +1606,8 @@ def main(argv=None):
         traceback.print_exc()
     finally:
         b.cleanup()
-    if (b.report["trees"] or b.report["memory"] or b.report["latency"] or b.report["brief"]
-            or b.report["login"]):
+    if (b.report["trees"] or b.report["memory"] or b.report["latency"] or b.report["rescue"]
+            or b.report["brief"] or b.report["login"]):
         try:
             b.report["verdicts"] = targets(b.report)
             for section in SECTIONS:
