@@ -932,9 +932,9 @@ class Bench(object):
                 rec["shim_counts"] = self.read_counts(counts_file)
                 runs[label].append(rec)
         subprocess.call(["rm", "-rf", "--one-file-system", out])
-        summary = {}
+        summary = dict((label, summarize(runs[label], t.entries)) for _, label, _ in variants)
         for who, label, extra in variants:
-            s = summary[label] = summarize(runs[label], t.entries)
+            s = summary[label]
             base = [summary[x] for w, x, _ in variants if w == who][0]
             s.update({"who": who, "args": extra, "baseline": s is base,
                       "speedup": ratio(base["median_s"], s["median_s"]) if threads[who]
