@@ -29,12 +29,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KEEP, NOW, SCRIPT, Result, nonroot_runner, sk
+from conftest import KEEP, NOW, SCRIPT, nonroot_runner, poll, run_script, set_atime, sk, tool_env
 
 OLD_NS = 1577836800 * 10 ** 9          # 2020-01-01
 ENGINES = [("serial", ("--workers", "1")), ("threads", ("--threads", "4")),
            ("processes", ("--workers", "2"))]
-CLEARED_ENV = ("SCRATCH_KEEPALIVE_SCRATCH_ROOT", "XDG_STATE_HOME", "SLURM_JOB_ID", "SCRATCH")
 TIMEOUT = 30                            # a command that blocks on a FIFO fails the test
 
 
@@ -43,23 +42,9 @@ def engine(request):
     return list(request.param)
 
 
-def tool_env(state, **extra):
-    env = dict((k, v) for k, v in os.environ.items() if k not in CLEARED_ENV)
-    env.update({"SCRATCH_KEEPALIVE_HOME": str(state), "SCRATCH_KEEPALIVE_NOW": NOW, "TZ": "UTC"})
-    env.update(extra)
-    return env
-
-
-def tool(env, *argv, prefix=(), python=None, preexec_fn=None, timeout=TIMEOUT):
-    cmd = list(prefix) + [python or sys.executable, str(SCRIPT)] + [str(a) for a in argv]
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                       preexec_fn=preexec_fn, timeout=timeout)
-    return Result(p.returncode, p.stdout.decode("utf-8"), p.stderr.decode("utf-8", "replace"))
-
-
-def set_atime_ns(path, atime_ns):
-    st = os.lstat(str(path))
-    os.utime(str(path), ns=(atime_ns, st.st_mtime_ns), follow_symlinks=False)
+def tool(env, *argv, **kw):
+    """The tool in a subprocess with env (tool_env) as its whole environment."""
+    return run_script(*argv, env=env, clean=True, **dict({"timeout": TIMEOUT}, **kw))
 
 
 def age_all(root):
@@ -67,8 +52,8 @@ def age_all(root):
     directory is listed (which would move its atime again) after its atime was set."""
     for dirpath, dirnames, filenames in os.walk(str(root), topdown=False):
         for n in dirnames + filenames:
-            set_atime_ns(os.path.join(dirpath, n), OLD_NS)
-    set_atime_ns(root, OLD_NS)
+            set_atime(os.path.join(dirpath, n), ns=OLD_NS)
+    set_atime(root, ns=OLD_NS)
 
 
 def only_result(r):
@@ -152,9 +137,9 @@ def symlinked_parent(world, shm):
     secret = shm / "v" / "ds" / "secret"
     secret.mkdir(parents=True)
     (secret / "file").write_bytes(b"s\n")
-    set_atime_ns(secret / "file", OLD_NS)
-    set_atime_ns(secret, OLD_NS)
-    set_atime_ns(shm / "v" / "ds", OLD_NS)
+    set_atime(secret / "file", ns=OLD_NS)
+    set_atime(secret, ns=OLD_NS)
+    set_atime(shm / "v" / "ds", ns=OLD_NS)
     os.rename(str(world.scratch / "proj"), str(world.scratch / "proj.moved"))
     os.symlink(str(shm / "v"), str(world.scratch / "proj"))
     return shm / "v" / "ds"
@@ -436,17 +421,25 @@ def test_kill_9_during_repeated_rewrites_always_leaves_a_sentinel_of_ours(world)
     world.add()
     code = ("import sys; sys.path.insert(0, %r); import scratch_keepalive as sk\n"
             "sys.stdout.write('go\\n'); sys.stdout.flush()\n"
+            "import os; done = os.open(sys.argv[1], os.O_WRONLY)\n"
             "i = 0\n"
             "while True:\n"
             "    i += 1\n"
             "    sk.update_sentinel(%r, {'name': 'ds', 'added': 'x' * (i %% 300),\n"
             "                            'last_refresh': str(i)})\n"
+            "    os.pwrite(done, b'%%12d' %% i, 0)\n"
             % (str(SCRIPT.parent), str(world.ds)))
+    # Killed once it has done a (seeded) number of rewrites: where in a rewrite the kill
+    # lands is up to the scheduler, and no sleep guesses how long a rewrite takes.
     rng = random.Random(9)
+    done = world.base / "rewrites-done"
     for _ in range(40):
-        p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+        done.write_bytes(b"%12d" % 0)
+        at_least = rng.randint(1, 40)
+        p = subprocess.Popen([sys.executable, "-c", code, str(done)], stdout=subprocess.PIPE)
         assert p.stdout.readline() == b"go\n"
-        time.sleep(rng.uniform(0.0, 0.03))
+        poll(lambda: int(done.read_bytes() or b"0") >= at_least or p.poll() is not None,
+             "%d rewrites" % at_least)
         p.send_signal(signal.SIGKILL)
         p.wait()
         p.stdout.close()

@@ -17,19 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KEEP, NOW, NOW_EPOCH, REPO, SCRIPT, poll, reaped, run_script, set_atime, sk
+from conftest import (KEEP, NOW, NOW_EPOCH, REPO, SCRIPT, pause_env, pause_shim,  # noqa: F401
+                      poll, reaped, run_script, set_atime, sk, start_script, tool_env,
+                      wait_stopped)
 
 OLD_ATIME = NOW_EPOCH - 400 * 86400     # older than any threshold: a walk would touch it
 
 
-def tool_env(state, **extra):
-    env = {"SCRATCH_KEEPALIVE_HOME": str(state), "SCRATCH_KEEPALIVE_NOW": NOW, "TZ": "UTC"}
-    env.update(extra)
-    return env
-
-
 def run(state, *argv, **extra):
-    return run_script(*argv, env=tool_env(state, **extra))
+    return run_script(*argv, env=tool_env(state, **extra), clean=True)
 
 
 def setup_dataset(state, scratch, path, name="ds"):
@@ -60,13 +56,9 @@ def atimes(root):
     return out
 
 
-def popen_refresh(state, *argv, **extra):
+def popen_refresh(state, *argv, env=None):
     """`refresh --json ARGS` in its own process group (a signal can reach its workers too)."""
-    env = dict(os.environ)
-    env.update(tool_env(state, **extra))
-    cmd = [sys.executable, str(SCRIPT), "refresh", "--json"] + [str(a) for a in argv]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                            start_new_session=True)
+    return start_script("refresh", "--json", *argv, env=env or tool_env(state))
 
 
 # --------------------------------------------------------------------------- SIGHUP
@@ -174,28 +166,41 @@ def small_dataset(scratch, name="ds", files=40):
     return root
 
 
+def held_before_the_lock(state, root, shim, *argv):
+    """`refresh --json ARGV` started and held (stopped) where it has read the registry but
+    not yet taken the dataset's lock: at its first lstat of the dataset root, which comes
+    after that read (the pause shim)."""
+    proc = popen_refresh(state, *argv, env=pause_env(tool_env(state), shim, "lstat", root))
+    try:
+        wait_stopped(proc, "the refresh to stop before the dataset's lock")
+    except BaseException:
+        with reaped(proc):
+            raise
+    return proc
+
+
+def go_on(proc):
+    os.kill(proc.pid, signal.SIGCONT)
+    return proc.communicate(timeout=60)
+
+
 @pytest.mark.parametrize("named", [True, False], ids=["refresh-name", "refresh-all"])
-def test_remove_while_a_refresh_starts_walks_nothing(tmp_path, named):
+def test_remove_while_a_refresh_starts_walks_nothing(tmp_path, named, pause_shim):
     """The refresh has read the registry but not yet taken the dataset's lock when `remove`
-    runs (a test seam holds it there). It must then walk nothing of the removed dataset,
+    runs (held there by the pause shim). It must then walk nothing of the removed dataset,
     leave no checkpoint or log, and say why: exit 1 when the dataset was named, 0 when it
     was one of all the datasets."""
-    scratch, state, pause = tmp_path / "scratch", tmp_path / "state", tmp_path / "pause"
+    scratch, state = tmp_path / "scratch", tmp_path / "state"
     scratch.mkdir()
-    pause.mkdir()
     root = small_dataset(scratch)
     setup_dataset(state, scratch, root)
     before = atimes(root)
     argv = ["--name", "ds"] if named else []
-    proc = popen_refresh(state, *argv, _SCRATCH_KEEPALIVE_TEST_PAUSE="before-lock:%s" % pause)
+    proc = held_before_the_lock(state, root, pause_shim, *argv)
     with reaped(proc):
-        poll(lambda: (pause / "before-lock.waiting").exists() or proc.poll() is not None,
-             "the refresh to reach the seam")
-        assert proc.poll() is None, proc.communicate()
         r = run(state, "remove", "--name", "ds")
         assert r.rc == 0, r
-        (pause / "before-lock.go").touch()
-        out, err = proc.communicate(timeout=60)
+        out, err = go_on(proc)
     assert proc.returncode == (1 if named else 0), (out, err)
     res = json.loads(out.decode("utf-8"))["results"][0]
     assert res["entries_seen"] == 0 and res["entries_touched"] == 0, res
@@ -206,24 +211,19 @@ def test_remove_while_a_refresh_starts_walks_nothing(tmp_path, named):
     assert run(state, "list", "--json").json() == []
 
 
-def test_remove_and_readd_elsewhere_while_a_refresh_starts_walks_neither(tmp_path):
+def test_remove_and_readd_elsewhere_while_a_refresh_starts_walks_neither(tmp_path, pause_shim):
     """Removed and added again under the same name at another path: the starting refresh
     walks neither the old path nor (unasked) the new one, and says the path changed."""
-    scratch, state, pause = tmp_path / "scratch", tmp_path / "state", tmp_path / "pause"
+    scratch, state = tmp_path / "scratch", tmp_path / "state"
     scratch.mkdir()
-    pause.mkdir()
     old, new = small_dataset(scratch, "old"), small_dataset(scratch, "new")
     setup_dataset(state, scratch, old)
     before = (atimes(old), atimes(new))
-    proc = popen_refresh(state, "--name", "ds",
-                         _SCRATCH_KEEPALIVE_TEST_PAUSE="before-lock:%s" % pause)
+    proc = held_before_the_lock(state, old, pause_shim, "--name", "ds")
     with reaped(proc):
-        poll(lambda: (pause / "before-lock.waiting").exists() or proc.poll() is not None,
-             "the refresh to reach the seam")
         assert run(state, "remove", "--name", "ds").rc == 0
         assert run(state, "add", "--name", "ds", "--path", new, "--keep-until", KEEP).rc == 0
-        (pause / "before-lock.go").touch()
-        out, err = proc.communicate(timeout=60)
+        out, err = go_on(proc)
     assert proc.returncode == 1, (out, err)
     res = json.loads(out.decode("utf-8"))["results"][0]
     assert res["entries_seen"] == 0, res
@@ -520,29 +520,27 @@ def test_ci_starts_the_testbed_only_as_root_where_the_script_is(tmp_path, uid, h
     assert p.stdout.strip() == ("start" if starts else "skip"), p
 
 
-def test_a_script_walk_runs_as_it_was_started(tmp_path):
+def test_a_script_walk_runs_as_it_was_started(tmp_path, pause_shim):
     """`python3 scratch_keepalive.py refresh` runs the walk in the process and with the
     command line it was started with: no re-execution. Every documented way to run the
     tool loads it from its bytecode (install.sh's launcher and the README's: see
     tests/test_install.py and tests/test_words.py; the scheduled job: the loader test
     below), so a bare script only starts slower and keeps its parse tree, as the README
     says. Hints still name the script as it was run."""
-    scratch, state, pause = tmp_path / "scratch", tmp_path / "state", tmp_path / "pause"
+    scratch, state = tmp_path / "scratch", tmp_path / "state"
     scratch.mkdir()
-    pause.mkdir()
     root = small_dataset(scratch)
     setup_dataset(state, scratch, root)
-    env = tool_env(state, _SCRATCH_KEEPALIVE_TEST_PAUSE="before-lock:%s" % pause)
+    env = tool_env(state)
     argv = [sys.executable, "-B", str(SCRIPT), "refresh", "--name", "ds"]
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(argv, env=pause_env(env, pause_shim, "lstat", root),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
     with reaped(proc):
-        poll(lambda: (pause / "before-lock.waiting").exists() or proc.poll() is not None,
-             "the refresh to reach the seam")
-        assert proc.poll() is None, proc.communicate()
+        wait_stopped(proc, "the refresh to stop before its walk")
         with open("/proc/%d/cmdline" % proc.pid, "rb") as f:
             cmdline = f.read().split(b"\0")
-        (pause / "before-lock.go").touch()
-        out, err = proc.communicate(timeout=60)
+        out, err = go_on(proc)
     assert cmdline[:-1] == [os.fsencode(a) for a in argv], cmdline
     assert proc.returncode == 0, (out, err)
     assert b"ds: refreshed" in out or b"ds: touched" in out or b"complete" in out, out

@@ -1,0 +1,75 @@
+/* LD_PRELOAD shim that stops the process (raise(SIGSTOP)) at one chosen point, so that a
+   test can act while the tool is held there and let it go on with SIGCONT: no test seam in
+   the tool, and no sleep that guesses how long a step takes.
+
+   PAUSE_SHIM_ON=lstat  PAUSE_SHIM_PATH=P: before the first lstat (or fstatat with
+                        AT_SYMLINK_NOFOLLOW) of exactly P.
+   PAUSE_SHIM_ON=copy   PAUSE_SHIM_PATH=P: after the first copy_file_range that copied part
+                        (not all) of the file P, i.e. with P half copied.
+
+   It stops once per process. The test sees the stop as state "T" in /proc/PID/stat. */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+static int done;
+
+static int on(const char *what) {
+    const char *v = getenv("PAUSE_SHIM_ON");
+    return !done && v && strcmp(v, what) == 0 && getenv("PAUSE_SHIM_PATH");
+}
+
+static void stop_if(const char *what, const char *path) {
+    if (on(what) && path && strcmp(path, getenv("PAUSE_SHIM_PATH")) == 0) {
+        done = 1;
+        raise(SIGSTOP);
+    }
+}
+
+#define LSTAT(name) \
+    int name(const char *p, void *b) { \
+        static int (*real)(const char *, void *); \
+        if (!real) real = (int (*)(const char *, void *))dlsym(RTLD_NEXT, #name); \
+        stop_if("lstat", p); \
+        return real(p, b); \
+    }
+#define FSTATAT(name) \
+    int name(int fd, const char *p, void *b, int fl) { \
+        static int (*real)(int, const char *, void *, int); \
+        if (!real) real = (int (*)(int, const char *, void *, int))dlsym(RTLD_NEXT, #name); \
+        if (fd == AT_FDCWD && (fl & AT_SYMLINK_NOFOLLOW)) stop_if("lstat", p); \
+        return real(fd, p, b, fl); \
+    }
+LSTAT(lstat)
+LSTAT(lstat64)
+FSTATAT(fstatat)
+FSTATAT(fstatat64)
+
+ssize_t copy_file_range(int in, loff_t *inoff, int out, loff_t *outoff, size_t len,
+                        unsigned flags) {
+    static ssize_t (*real)(int, loff_t *, int, loff_t *, size_t, unsigned);
+    char link[64], path[4096];
+    ssize_t n, r;
+    off_t at, size;
+    if (!real)
+        real = (ssize_t (*)(int, loff_t *, int, loff_t *, size_t, unsigned))dlsym(
+            RTLD_NEXT, "copy_file_range");
+    r = real(in, inoff, out, outoff, len, flags);
+    if (r > 0 && on("copy")) {
+        snprintf(link, sizeof link, "/proc/self/fd/%d", in);
+        n = readlink(link, path, sizeof path - 1);
+        path[n < 0 ? 0 : n] = 0;
+        at = lseek(in, 0, SEEK_CUR);
+        size = lseek(in, 0, SEEK_END);
+        lseek(in, at, SEEK_SET);
+        if (n > 0 && inoff && *inoff < size)
+            stop_if("copy", path);
+    }
+    return r;
+}
