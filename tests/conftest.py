@@ -336,8 +336,9 @@ def pause_shim(tmp_path_factory):
 
 
 def pause_env(env, shim, on, path):
-    """env with the pause shim preloaded: the run stops itself (SIGSTOP) once, before its
-    first lstat of exactly path (on="lstat"), or with path half copied (on="copy")."""
+    """env with the pause shim preloaded: the run (or a worker process of it) stops itself
+    (SIGSTOP) once, before its first stat of exactly path (on="stat"), or with path half
+    copied (on="copy")."""
     return dict(env, LD_PRELOAD=" ".join(x for x in (shim, env.get("LD_PRELOAD")) if x),
                 PAUSE_SHIM_ON=on, PAUSE_SHIM_PATH=os.fsdecode(os.path.abspath(str(path))))
 
@@ -351,10 +352,31 @@ def process_state(pid):
         return None
 
 
+def process_group(pgid):
+    """The pids of process group pgid."""
+    pids = []
+    for n in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/stat" % n) as f:
+                fields = f.read().rpartition(")")[2].split()
+        except (OSError, ValueError):
+            continue
+        if n.isdigit() and int(fields[2]) == pgid:
+            pids.append(int(n))
+    return pids
+
+
 def wait_stopped(proc, what):
-    """Wait (polling, with poll's deadline) until proc has stopped itself; fails if it ends."""
+    """Wait (polling, with poll's deadline) until proc, or a process of its group (a worker;
+    proc started in a session of its own), has stopped itself; fails if proc ends first."""
     def stopped():
         if proc.poll() is not None:
             raise AssertionError("the run ended before %s: %r" % (what, proc.communicate()))
-        return process_state(proc.pid) == "T"
+        return any(process_state(pid) == "T" for pid in process_group(proc.pid))
     poll(stopped, what)
+
+
+def go_on(proc, timeout=60):
+    """Let every process of proc's group go on (SIGCONT); its (out, err) when it ends."""
+    os.killpg(proc.pid, signal.SIGCONT)
+    return proc.communicate(timeout=timeout)

@@ -2,12 +2,14 @@
    test can act while the tool is held there and let it go on with SIGCONT: no test seam in
    the tool, and no sleep that guesses how long a step takes.
 
-   PAUSE_SHIM_ON=lstat  PAUSE_SHIM_PATH=P: before the first lstat (or fstatat with
-                        AT_SYMLINK_NOFOLLOW) of exactly P.
+   PAUSE_SHIM_ON=stat   PAUSE_SHIM_PATH=P: before the first stat-family call (lstat, stat,
+                        fstatat, a name relative to a directory fd included) naming
+                        exactly P.
    PAUSE_SHIM_ON=copy   PAUSE_SHIM_PATH=P: after the first copy_file_range that copied part
                         (not all) of the file P, i.e. with P half copied.
 
-   It stops once per process. The test sees the stop as state "T" in /proc/PID/stat. */
+   It stops once per process (a worker process stops itself, not its parent). The test sees
+   the stop as state "T" in /proc/PID/stat. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -32,22 +34,47 @@ static void stop_if(const char *what, const char *path) {
     }
 }
 
-#define LSTAT(name) \
+/* p, relative to the directory fd (AT_FDCWD: the working directory), made absolute. */
+static void stop_at(int fd, const char *p) {
+    char link[64], path[8192];
+    ssize_t n;
+    if (!on("stat") || !p)
+        return;
+    if (p[0] == '/') {
+        stop_if("stat", p);
+        return;
+    }
+    if (fd == AT_FDCWD)
+        strcpy(link, "/proc/self/cwd");
+    else
+        snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    n = readlink(link, path, 4096);
+    if (n <= 0)
+        return;
+    path[n] = 0;
+    if (*p)
+        snprintf(path + n, sizeof path - n, "/%s", p);
+    stop_if("stat", path);
+}
+
+#define PATHSTAT(name) \
     int name(const char *p, void *b) { \
         static int (*real)(const char *, void *); \
         if (!real) real = (int (*)(const char *, void *))dlsym(RTLD_NEXT, #name); \
-        stop_if("lstat", p); \
+        stop_at(AT_FDCWD, p); \
         return real(p, b); \
     }
 #define FSTATAT(name) \
     int name(int fd, const char *p, void *b, int fl) { \
         static int (*real)(int, const char *, void *, int); \
         if (!real) real = (int (*)(int, const char *, void *, int))dlsym(RTLD_NEXT, #name); \
-        if (fd == AT_FDCWD && (fl & AT_SYMLINK_NOFOLLOW)) stop_if("lstat", p); \
+        stop_at(fd, p); \
         return real(fd, p, b, fl); \
     }
-LSTAT(lstat)
-LSTAT(lstat64)
+PATHSTAT(lstat)
+PATHSTAT(lstat64)
+PATHSTAT(stat)
+PATHSTAT(stat64)
 FSTATAT(fstatat)
 FSTATAT(fstatat64)
 

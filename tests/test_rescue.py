@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DAY, KEEP, NOW, NOW_EPOCH, SCRIPT, nonroot_runner, poll, reaped, \
-    on_a_terminal, pause_env, pause_shim, run_script, set_atime, sk, snapshot, \
+    go_on, on_a_terminal, pause_env, pause_shim, run_script, set_atime, sk, snapshot, \
     start_script, wait_stopped  # noqa: F401  (pause_shim: a fixture)
 from slurmbed import USER, as_user, make_world, pending, settle, wait_done  # noqa: F401
 
@@ -770,8 +770,7 @@ def test_sigterm_mid_copy_exits_3_removes_its_temp_file_and_resumes(generic, cli
     with reaped(proc):
         wait_stopped(proc, "the copy to pause with big.bin half copied")
         proc.send_signal(signal.SIGTERM)        # pending while stopped; handled on SIGCONT
-        proc.send_signal(signal.SIGCONT)
-        out, err = proc.communicate(timeout=120)
+        out, err = go_on(proc, timeout=120)
     assert proc.returncode == 3, (out, err)
     res = json.loads(out.decode())
     assert res["stopped"] == "term" and res["complete"] is False

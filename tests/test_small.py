@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (KEEP, NOW, NOW_EPOCH, REPO, SCRIPT, pause_env, pause_shim,  # noqa: F401
+from conftest import (KEEP, NOW, NOW_EPOCH, REPO, SCRIPT, go_on, pause_env, pause_shim,  # noqa: F401
                       poll, reaped, run_script, set_atime, sk, start_script, tool_env,
                       wait_stopped)
 
@@ -170,18 +170,13 @@ def held_before_the_lock(state, root, shim, *argv):
     """`refresh --json ARGV` started and held (stopped) where it has read the registry but
     not yet taken the dataset's lock: at its first lstat of the dataset root, which comes
     after that read (the pause shim)."""
-    proc = popen_refresh(state, *argv, env=pause_env(tool_env(state), shim, "lstat", root))
+    proc = popen_refresh(state, *argv, env=pause_env(tool_env(state), shim, "stat", root))
     try:
         wait_stopped(proc, "the refresh to stop before the dataset's lock")
     except BaseException:
         with reaped(proc):
             raise
     return proc
-
-
-def go_on(proc):
-    os.kill(proc.pid, signal.SIGCONT)
-    return proc.communicate(timeout=60)
 
 
 @pytest.mark.parametrize("named", [True, False], ids=["refresh-name", "refresh-all"])
@@ -533,7 +528,7 @@ def test_a_script_walk_runs_as_it_was_started(tmp_path, pause_shim):
     setup_dataset(state, scratch, root)
     env = tool_env(state)
     argv = [sys.executable, "-B", str(SCRIPT), "refresh", "--name", "ds"]
-    proc = subprocess.Popen(argv, env=pause_env(env, pause_shim, "lstat", root),
+    proc = subprocess.Popen(argv, env=pause_env(env, pause_shim, "stat", root),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     with reaped(proc):

@@ -38,15 +38,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DAY, KEEP, NOW, NOW_EPOCH, SCRIPT, nonroot_runner, poll, reaped, run_script, sk
+from conftest import (DAY, KEEP, NOW, NOW_EPOCH, SCRIPT, nonroot_runner, poll, reaped, run_script,
+                      set_atime, sk, tool_env)
 
 NOW_NS = int(NOW_EPOCH) * 10 ** 9
 DAY_NS = DAY * 10 ** 9
 OLD_NS = 1577836800 * 10 ** 9          # 2020-01-01: old by policy AND in the real past
 CLOCK_SLACK_NS = 50 * 10 ** 6          # coarse kernel clock vs time.time_ns()
 O_NOATIME = getattr(os, "O_NOATIME", 0)
-CLEARED_ENV = ("SCRATCH_KEEPALIVE_SCRATCH_ROOT", "XDG_STATE_HOME", "SLURM_JOB_ID", "SCRATCH",
-               "SCRATCH_KEEPALIVE_HOME", "SCRATCH_KEEPALIVE_NOW")
 GENERIC_CFG = {"profile": "generic", "purge_days": 30}
 SENTINEL = (b".scratch-keepalive",)
 ENGINES = [("serial", ("--workers", "1")), ("threads", ("--threads", "4")),
@@ -80,12 +79,6 @@ def fsb(path):
 
 def join(root, comps):
     return b"/".join([fsb(root)] + list(comps))
-
-
-def set_atime_ns(path, atime_ns):
-    """Set atime to exactly atime_ns, mtime kept exactly, the link itself (never its target)."""
-    st = os.lstat(path)
-    os.utime(path, ns=(atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
 def open_dir_quietly(name, dir_fd=None):
@@ -193,13 +186,6 @@ def state_digest(state_dir):
 
 
 # --------------------------------------------------------------------------- helpers: running
-
-
-def tool_env(state, **extra):
-    env = dict((k, v) for k, v in os.environ.items() if k not in CLEARED_ENV)
-    env.update({"SCRATCH_KEEPALIVE_HOME": str(state), "SCRATCH_KEEPALIVE_NOW": NOW, "TZ": "UTC"})
-    env.update(extra)
-    return env
 
 
 def only_result(r):
@@ -404,9 +390,9 @@ def touch_run(generic, cli, engine):
     }
     touched = {"", ".scratch-keepalive", "f_old", "d", "d/inner", "link_out", "fifo", "f_12d",
                "f_11d_plus_1s"}
-    set_atime_ns(str(target), OLD_NS)
+    set_atime(str(target), ns=OLD_NS)
     for rel, ns in atimes.items():
-        set_atime_ns(str(root / rel) if rel else str(root), ns)
+        set_atime(str(root / rel) if rel else str(root), ns=ns)
     before = quiet_snapshot(root)
     target_before = os.lstat(str(target))
     start = time.time_ns()
@@ -509,7 +495,7 @@ def risk_tree(generic, cli):
         "fifo": days_ago(40),                                  # eligible, no bytes
     }
     for rel, ns in atimes.items():
-        set_atime_ns(str(root / rel) if rel else str(root), ns)
+        set_atime(str(root / rel) if rel else str(root), ns=ns)
     return generic, root, atimes
 
 
@@ -598,7 +584,7 @@ def odd_tree(generic, cli):
     make_fifo(rb + b"/fifo\tname")
     register(cli, root)
     for k in scan(root):
-        set_atime_ns(join(root, k), OLD_NS)
+        set_atime(join(root, k), ns=OLD_NS)
     return generic, root
 
 
@@ -675,9 +661,9 @@ def test_symlinks_are_never_followed_and_loops_are_single_entries(generic, cli, 
         os.symlink(target, str(root / name))
     register(cli, root)
     for k in scan(root, cross_devices=False):
-        set_atime_ns(join(root, k), OLD_NS)
+        set_atime(join(root, k), ns=OLD_NS)
     for k in scan(outside):
-        set_atime_ns(join(outside, k), OLD_NS)
+        set_atime(join(outside, k), ns=OLD_NS)
     outside_before = quiet_snapshot(outside)
     parent_before = os.lstat(str(generic["scratch"])).st_atime_ns
     start = time.time_ns()
@@ -721,7 +707,7 @@ def test_permission_denied_subdirectory_is_an_error_and_the_walk_completes(world
         for p in (root / "locked_root", root / "locked_root" / "secret.txt"):
             os.chown(str(p), 0, 0)
     for rel in ("locked_root/secret.txt", "locked_nobody/secret.txt"):
-        set_atime_ns(str(root / rel), OLD_NS)
+        set_atime(str(root / rel), ns=OLD_NS)
     os.chmod(str(root / "locked_root"), 0)
     os.chmod(str(root / "locked_nobody"), 0)
     env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "TZ": "UTC",
@@ -776,7 +762,7 @@ def test_entries_of_another_owner_are_not_attempted_in_touch_mode_and_the_rest_i
         os.chown(str(root / rel), 0, 0)
         os.chmod(str(root / rel), 0o644)
     for p in [root] + [Path(dp) / n for dp, dns, fns in os.walk(str(root)) for n in dns + fns]:
-        set_atime_ns(str(p), OLD_NS)
+        set_atime(str(p), ns=OLD_NS)
     env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "TZ": "UTC",
            "SCRATCH_KEEPALIVE_HOME": str(state), "SCRATCH_KEEPALIVE_NOW": NOW}
 
@@ -786,7 +772,7 @@ def test_entries_of_another_owner_are_not_attempted_in_touch_mode_and_the_rest_i
     assert run("init", "--profile", "generic", "--scratch-root", scratch).rc == 0
     assert run("add", "--name", "ds", "--path", root, "--keep-until", KEEP).rc == 0
     for rel in ("", "sub"):
-        set_atime_ns(str(root / rel), OLD_NS)
+        set_atime(str(root / rel), ns=OLD_NS)
     mtimes = dict((rel, os.lstat(str(root / rel)).st_mtime_ns)
                   for rel in ("b_theirs.txt", "sub/c_theirs.txt"))
     r = run("refresh", "--name", "ds", "--json", *engine)
@@ -828,7 +814,7 @@ def test_mount_point_inside_dataset_is_skipped_not_entered_not_touched(generic, 
         (mnt / "insidedir").mkdir()
         register(cli, root)
         for k in scan(root):
-            set_atime_ns(join(root, k), OLD_NS)
+            set_atime(join(root, k), ns=OLD_NS)
         assert os.lstat(str(mnt)).st_dev != os.lstat(str(root)).st_dev
         before = quiet_snapshot(mnt)
         r = run_script("refresh", "--name", "ds", "--json", *engine,
@@ -1376,7 +1362,7 @@ def reset_tree_atimes(root):
         ns = pattern_atime(k[-1].decode()) if k else OLD_NS
         if k == SENTINEL:
             ns = OLD_NS
-        set_atime_ns(join(root, k), ns)
+        set_atime(join(root, k), ns=ns)
         expected[k] = ns
     return expected
 
