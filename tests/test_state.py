@@ -370,7 +370,7 @@ def test_invalid_entry_restored_from_the_backup(cli, two):
     assert cli("doctor").rc == 0
 
 
-def test_unknown_keys_are_ignored(cli, two):
+def test_unknown_keys_are_ignored_and_kept_by_every_rewrite(cli, two):
     state = two["state"]
     doc = reg_doc(state)
     doc["datasets"]["ds"]["last_touch_start"] = None
@@ -380,6 +380,20 @@ def test_unknown_keys_are_ignored(cli, two):
     write_private(state / "registry.json", json.dumps(doc).encode())
     for argv in (["list"], ["status"], ["doctor"]):
         assert cli(*argv).rc == 0, argv
+    # A later version's fields survive this version's rewrites of the registry, field for
+    # field, wherever they are: a refresh of that dataset, and changes to it and to another.
+    for argv in (["refresh", "--name", "ds", "--threads", "1"], ["disable", "--name", "ds"],
+                 ["enable", "--name", "ds"], ["extend", "--name", "keep", "--keep-until",
+                                                  "2031-02-01"],
+                 ["add", "--name", "third", "--path", make_dataset(two["scratch"], "third"),
+                  "--keep-until", KEEP]):
+        before = os.stat(str(state / "registry.json")).st_ino
+        r = cli(*argv)
+        assert r.rc == 0, (argv, r)
+        assert os.stat(str(state / "registry.json")).st_ino != before, argv    # rewritten
+        now = reg_doc(state)
+        assert now["something_new"] == 1, (argv, now)
+        assert now["datasets"]["ds"]["some_later_field"] == {"any": ["thing"]}, (argv, now)
 
 
 # ------------------------------------------------------------------ 4. newer formats
