@@ -15,22 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KEEP, NOW_EPOCH, DAY, make_dataset, run_script, set_atime, snapshot
+from conftest import KEEP, NOW_EPOCH, DAY, assert_error, make_dataset, run_script, set_atime, snapshot
 from slurmbed import (as_user, crontab, make_world, pending, settle,  # noqa: F401
                       show_job, wait_done)
 import scratch_keepalive as sk
 
-ERROR = "scratch-keepalive: error:"
 BAD_ADDRESSES = ["a b@c.org", "a@@b.org", "ab.org", "a@b.org;rm", "a@b#x", "-a@b.org",
                  "a@b.org\n", "", "a@", "@b.org", "a@b..org", "a@b.org'", "a@$(id)"]
-
-
-def one_error_line(r, code):
-    assert r.rc == code, r
-    lines = r.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(ERROR), r
-    assert r.out == "", r
-    return lines[0]
 
 
 def tree_bytes(path):
@@ -131,8 +122,8 @@ def test_install_cron_refuses_a_bad_address_and_changes_nothing(cli, generic, ad
                                             dry_run="--dry-run" in extra,
                                             reinstall="--reinstall" in extra))
         assert "--mail-user" in str(exc.value) and "jdoe@iu.edu" in str(exc.value)
-        line = one_error_line(cli("install-cron", "--method", method, "--mail-user=" + addr,
-                                  *extra), 2)
+        line = assert_error(cli("install-cron", "--method", method, "--mail-user=" + addr,
+                                  *extra), 2, quiet=True)
         assert "--mail-user %r is not an address" % addr in line, line
     assert calls == [], calls                   # Slurm was not even asked
     assert tree_bytes(generic["state"]) == before
@@ -450,7 +441,7 @@ def test_brief_with_name_is_refused(cli, generic):
     healthy(cli, generic)
     before = tree_bytes(generic["state"])
     for argv in (["--name", "ds"], ["--name", "ds", "--json"]):
-        line = one_error_line(cli("status", "--brief", *argv), 2)
+        line = assert_error(cli("status", "--brief", *argv), 2, quiet=True)
         assert "status --brief covers every dataset and the schedule, so it takes no --name; " \
                "`scratch-keepalive status --name ds` shows that one in full" in line, line
     assert tree_bytes(generic["state"]) == before

@@ -24,12 +24,11 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import (KEEP, SCRIPT, make_dataset, nonroot_runner, pause_env,  # noqa: F401
+from conftest import (KEEP, make_dataset, nonroot_runner, pause_env,  # noqa: F401
                       pause_shim, poll, reaped, run_script, snapshot, start_script,
                       wait_stopped, write_private)
 from slurmbed import (JOB, USER, as_user, crontab, jobs, make_world,  # noqa: F401

@@ -25,14 +25,6 @@ import scratch_keepalive as sk
 PURGE = 30
 
 
-def assert_error(r, code, *words):
-    assert r.rc == code, r
-    lines = r.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("scratch-keepalive: error: "), r
-    for w in words:
-        assert w in lines[0], (w, r)
-
-
 def registry(env):
     return json.loads((env["state"] / "registry.json").read_text())
 

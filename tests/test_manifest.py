@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (DAY, KEEP, NOW_EPOCH, REPO, SCRIPT, nonroot_runner, poll, reaped,
-                      run_command, run_script, sk, snapshot)
+from conftest import (DAY, KEEP, NOW_EPOCH, REPO, SCRIPT, assert_error, nonroot_runner, poll,
+                      reaped, run_command, run_script, set_atime, sk, snapshot)
 
 OLD = NOW_EPOCH - 40 * DAY          # older than purge days (30): purge-eligible and at risk
 RISKY = NOW_EPOCH - 20 * DAY        # at risk (13 days), not purge-eligible
@@ -35,12 +35,6 @@ ODD_NAMES = [b"run", b"run/x", b"run-2.txt", b"sp ace", b"tab\there", b"new\nlin
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def set_atime(path, epoch):
-    """atime = epoch exactly, mtime kept, the link itself (never its target)."""
-    st = os.lstat(path)
-    os.utime(path, ns=(int(epoch) * 10 ** 9, st.st_mtime_ns), follow_symlinks=False)
 
 
 def build(root, spec):
@@ -312,21 +306,13 @@ def test_touch_mode_records_each_kind_and_whether_it_was_touched(cli, generic, e
 # --------------------------------------------------------------------------- files: errors
 
 
-def assert_error(r, rc, *words):
-    assert r.rc == rc, r
-    assert r.out == "" and r.err.count("\n") == 1, r
-    assert r.err.startswith("scratch-keepalive: error: "), r
-    for w in words:
-        assert w in r.err, (w, r.err)
-
-
 def test_files_errors_are_one_line_with_their_exit_code_and_change_nothing(cli, generic, env):
     root = generic["scratch"] / "ds"
     build(root, {b"f": (b"x", OLD)})
     assert cli("add", "--name", "ds", "--path", root, "--keep-until", KEEP).rc == 0
     before = state_bytes(env["state"])
     assert_error(cli("files", "--name", "ds"), 1, "no complete walk of 'ds' has left a "
-                 "manifest yet", "`scratch-keepalive refresh --name ds`")
+                 "manifest yet", "`scratch-keepalive refresh --name ds`", quiet=True)
     assert state_bytes(env["state"]) == before
     refresh(cli, "--check")
     before = state_bytes(env["state"])
@@ -349,7 +335,7 @@ def test_files_errors_are_one_line_with_their_exit_code_and_change_nothing(cli, 
         (("--name", "ds", "--bogus"), 2, "unrecognized arguments: --bogus"),
     ]
     for argv, rc, *words in cases:
-        assert_error(cli("files", *argv), rc, *words)
+        assert_error(cli("files", *argv), rc, *words, quiet=True)
         assert state_bytes(env["state"]) == before, argv
 
 
@@ -387,7 +373,7 @@ def test_a_damaged_manifest_is_one_line_exit_1(cli, generic, env):
     with open(path, "r+b") as f:
         f.seek(len(sk.MANIFEST_MAGIC))          # its header: not JSON any more
         f.write(b"garbage" * 4)
-    assert_error(cli("files", "--name", "ds"), 1, "is damaged")
+    assert_error(cli("files", "--name", "ds"), 1, "is damaged", quiet=True)
 
 
 # --------------------------------------------------------------------------- files: streams

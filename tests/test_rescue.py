@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DAY, KEEP, NOW, NOW_EPOCH, SCRIPT, nonroot_runner, poll, reaped, \
+from conftest import DAY, KEEP, NOW, NOW_EPOCH, nonroot_runner, reaped, \
     go_on, on_a_terminal, pause_env, pause_shim, run_script, set_atime, sk, snapshot, \
     start_script, wait_stopped  # noqa: F401  (pause_shim: a fixture)
 from slurmbed import USER, as_user, make_world, pending, settle, wait_done  # noqa: F401

@@ -21,16 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KEEP, SCRIPT, make_dataset, run_script, sk
+from conftest import KEEP, SCRIPT, assert_error, make_dataset, run_script, sk, write_private
 
 SENTINEL = ".scratch-keepalive"
 NOBODY = 65534
-
-
-def write_private(path, data):
-    fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 def tree_bytes(*roots):
@@ -55,16 +49,6 @@ def reg_doc(state):
 
 def sentinel(root):
     return json.loads((Path(root) / SENTINEL).read_text())
-
-
-def one_error(r, *words):
-    """The command failed with one `scratch-keepalive: error:` line that says all of words."""
-    lines = r.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("scratch-keepalive: error: "), r
-    for w in words:
-        assert w in lines[0], (w, r)
-    assert "internal error" not in r.err and "Traceback" not in r.err, r
-    return lines[0]
 
 
 @pytest.fixture
@@ -182,7 +166,7 @@ def test_registry_of_another_owner_is_named_and_never_rebuilt(shared_base):
                  ["extend", "--name", "ds", "--keep-until", "2099-09-30"]):
         r = as_nobody(base, *argv)
         assert r.rc == 1, (argv, r)
-        one_error(r, str(reg), "root (uid 0)", "sudo chown $USER %s" % reg)
+        assert_error(r, None, str(reg), "root (uid 0)", "sudo chown $USER %s" % reg)
     r = as_nobody(base, "doctor")
     assert r.rc == 1 and "sudo chown $USER" in r.out and str(reg) in r.out, r
     assert "python" in r.out and "state-dir" in r.out, r       # its other checks still print
@@ -274,7 +258,7 @@ def test_bad_profile_names_the_field_and_its_hint_is_no_dead_end(cli, two):
                                                                KEEP]):
         r = cli(*argv)
         assert r.rc == 1, (argv, r)
-        one_error(r, str(cfg), "'profile'", "br200, generic", "repair")
+        assert_error(r, None, str(cfg), "'profile'", "br200, generic", "repair")
     assert tree_bytes(two["state"], two["scratch"]) == before
     # Follow the hint: repair sets the config aside and says to init; init then works.
     r = cli("repair")
@@ -308,7 +292,7 @@ def test_deeply_nested_registry(cli, two):
     for argv in (["list"], ["status"], ["refresh"], ["remove", "--name", "ds"]):
         r = cli(*argv)
         assert r.rc == 1, r
-        one_error(r, str(reg), "nested too deeply", "repair")
+        assert_error(r, None, str(reg), "nested too deeply", "repair")
     r = cli("doctor")
     assert r.rc == 1 and "nested too deeply" in r.out, r
     assert cli("repair").rc == 0
@@ -324,7 +308,7 @@ def test_policy_clock_out_of_range_is_a_usage_error(cli, two, monkeypatch, now):
                  ["extend", "--name", "ds", "--keep-until", KEEP]):
         r = cli(*argv)
         assert r.rc == 2, (argv, r)
-        one_error(r, "SCRATCH_KEEPALIVE_NOW", "1970 to 8999")
+        assert_error(r, None, "SCRATCH_KEEPALIVE_NOW", "1970 to 8999")
     assert tree_bytes(two["state"], two["scratch"]) == before
 
 
@@ -340,7 +324,7 @@ def test_invalid_entry_doctor_names_it_repair_keeps_the_valid_one(cli, two):
     os.unlink(str(state / "registry.json.bak"))
     r = cli("list")
     assert r.rc == 1, r
-    one_error(r, str(state / "registry.json"), "dataset 'ds'", "'cadence_days'",
+    assert_error(r, None, str(state / "registry.json"), "dataset 'ds'", "'cadence_days'",
               "a whole number", "repair")
     r = cli("doctor", "--json")
     checks = dict((c["name"], c) for c in r.json()["checks"])

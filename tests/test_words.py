@@ -16,23 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KEEP, REPO, SCRIPT, Result, make_dataset, run_script
+from conftest import KEEP, REPO, SCRIPT, assert_error, make_dataset, run_command, run_script
 import scratch_keepalive as sk
 from slurmbed import make_world  # noqa: F401  (the real-Slurm fixture, with its user lock)
 
 README = (REPO / "README.md").read_text()
-ERROR = "scratch-keepalive: error: "
-
-
-def one_error(r, code, *words):
-    """Exactly one error line, with the exit code and every one of the words."""
-    assert r.rc == code, r
-    lines = r.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(ERROR), r
-    for w in words:
-        assert w in lines[0], (w, r)
-    assert "Traceback" not in r.err
-    return lines[0]
 
 
 def tree(path):
@@ -44,12 +32,7 @@ def tree(path):
 
 
 def run(argv, env=None, cwd=None):
-    full = dict(os.environ)
-    full.update(env or {})
-    p = subprocess.run([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       env=full, cwd=None if cwd is None else str(cwd), timeout=120)
-    return Result(p.returncode, p.stdout.decode("utf-8", "replace"),
-                  p.stderr.decode("utf-8", "replace"))
+    return run_command(argv, env=env, cwd=None if cwd is None else str(cwd), timeout=120)
 
 
 def hints(text):
@@ -65,14 +48,14 @@ def test_hints_show_python3_and_the_script_path_as_run(generic):
     assert "Add one: `python3 scratch_keepalive.py add --name NAME --path DIR " \
            "--keep-until YYYY-MM-DD`" in r.out, r
     r = run([sys.executable, "scratch_keepalive.py", "refresh", "--name", "nope"], cwd=REPO)
-    line = one_error(r, 2, "no dataset named 'nope'")
+    line = assert_error(r, 2, "no dataset named 'nope'")
     assert "`python3 scratch_keepalive.py list` shows the registered ones" in line, r
     assert "`scratch-keepalive" not in r.out + r.err, r
 
 
 def test_hints_show_python3_dash_m(generic):
     r = run([sys.executable, "-m", "scratch_keepalive", "refresh", "--name", "nope"], cwd=REPO)
-    line = one_error(r, 2)
+    line = assert_error(r, 2)
     assert "`python3 -m scratch_keepalive list` shows the registered ones" in line, r
 
 
@@ -82,7 +65,7 @@ def test_a_hint_runs_as_pasted_from_a_path_with_a_space(generic, tmp_path):
     d.mkdir()
     shutil.copyfile(str(SCRIPT), str(d / "scratch_keepalive.py"))
     r = run([sys.executable, d / "scratch_keepalive.py", "refresh", "--name", "nope"])
-    line = one_error(r, 2)
+    line = assert_error(r, 2)
     hint = [h for h in hints(line) if h.endswith(" list")]
     assert hint == ["python3 %s list" % shlex.quote(str(d / "scratch_keepalive.py"))], line
     p = subprocess.run(["bash", "-c", hint[0].replace("python3", shlex.quote(sys.executable), 1)],
@@ -98,7 +81,7 @@ def test_hints_of_the_console_script_say_scratch_keepalive(generic, tmp_path):
                        "sys.exit(main())\n" % sys.executable)
     wrapper.chmod(0o755)
     r = run([wrapper, "refresh", "--name", "nope"], env={"PYTHONPATH": str(REPO)})
-    line = one_error(r, 2)
+    line = assert_error(r, 2)
     assert "`scratch-keepalive list` shows the registered ones" in line, r
 
 
@@ -109,14 +92,14 @@ def test_hints_of_the_install_sh_launcher_say_scratch_keepalive(generic, tmp_pat
                        stderr=subprocess.PIPE, timeout=120)
     assert p.returncode == 0, p
     r = run([prefix / "bin" / "scratch-keepalive", "refresh", "--name", "nope"])
-    line = one_error(r, 2)
+    line = assert_error(r, 2)
     assert "`scratch-keepalive list` shows the registered ones" in line, r
 
 
 def test_the_python_api_keeps_scratch_keepalive(cli, generic):
     """main(argv) from another program: the hints name the command."""
     r = cli("refresh", "--name", "nope")
-    line = one_error(r, 2)
+    line = assert_error(r, 2)
     assert "`scratch-keepalive list` shows the registered ones" in line, r
 
 
@@ -265,7 +248,7 @@ def test_br200_next_hint_after_add_names_the_account(cli, env, monkeypatch):
            "`sacctmgr show assoc user=$USER format=account` lists yours)." in r.out, r
     # install-cron as hinted, with an account, is accepted (the request itself is Slurm's
     # to judge); without one it is refused, which is why the hint names it
-    one_error(cli("install-cron", "--method", "sbatch", "--dry-run"), 2, "--account")
+    assert_error(cli("install-cron", "--method", "sbatch", "--dry-run"), 2, "--account")
     assert cli("install-cron", "--method", "sbatch", "--dry-run", "--account", "r00000").rc == 0
 
 
@@ -373,7 +356,7 @@ def test_adding_the_scratch_root_itself_is_refused_with_its_reason(cli, generic)
     before = tree(generic["state"]), tree(scratch)
     for path in (scratch, str(scratch) + "/", scratch / "." ):
         r = cli("add", "--name", "all", "--path", path, "--keep-until", KEEP)
-        line = one_error(r, 2, "is the scratch root itself, which cannot be a dataset; "
+        line = assert_error(r, 2, "is the scratch root itself, which cannot be a dataset; "
                                "register a directory below it")
         assert "not below" not in line and "only datasets on scratch" not in line, line
     assert (tree(generic["state"]), tree(scratch)) == before
@@ -603,21 +586,21 @@ def test_add_before_init_on_br200_gives_br200_advice(cli, env, monkeypatch, tmp_
     n.mkdir(parents=True)
     monkeypatch.setitem(sk.PROFILES["br200"], "scratch_root", str(n / "{user}"))
     r = cli("add", "--name", "ds", "--path", tmp_path, "--keep-until", KEEP)
-    line = one_error(r, 2, "no configuration in", "run `scratch-keepalive init` first",
+    line = assert_error(r, 2, "no configuration in", "run `scratch-keepalive init` first",
                      "the br200 profile")
     assert "--profile generic" not in line, line
     monkeypatch.setitem(sk.PROFILES["br200"], "scratch_root", str(tmp_path / "no" / "{user}"))
     r = cli("add", "--name", "ds", "--path", tmp_path, "--keep-until", KEEP)
-    one_error(r, 2, "`scratch-keepalive init --profile generic --scratch-root DIR`")
+    assert_error(r, 2, "`scratch-keepalive init --profile generic --scratch-root DIR`")
 
 
 @pytest.mark.parametrize("bad", ["2030-6-30", "30/06/2030", "2030-02-30", "soon"])
 def test_a_malformed_keep_until_says_the_format(cli, generic, bad):
     d = make_dataset(generic["scratch"])
-    one_error(cli("add", "--name", "ds", "--path", d, "--keep-until", bad), 2,
+    assert_error(cli("add", "--name", "ds", "--path", d, "--keep-until", bad), 2,
               "is not a real date; use YYYY-MM-DD")
     assert cli("add", "--name", "ds", "--path", d, "--keep-until", KEEP).rc == 0
-    one_error(cli("extend", "--name", "ds", "--keep-until", bad), 2,
+    assert_error(cli("extend", "--name", "ds", "--keep-until", bad), 2,
               "is not a real date; use YYYY-MM-DD")
 
 
@@ -641,6 +624,6 @@ def test_a_mistyped_name_suggests_the_close_one(cli, generic):
     assert cli("add", "--name", "genomes", "--path", d, "--keep-until", KEEP).rc == 0
     for argv in (["status", "--name", "genome"], ["refresh", "--name", "genomse"],
                  ["files", "--name", "Genomes"]):
-        one_error(cli(*argv), 2, "no dataset named %r (did you mean 'genomes'?)" % argv[2])
-    line = one_error(cli("status", "--name", "zzz"), 2, "no dataset named 'zzz'")
+        assert_error(cli(*argv), 2, "no dataset named %r (did you mean 'genomes'?)" % argv[2])
+    line = assert_error(cli("status", "--name", "zzz"), 2, "no dataset named 'zzz'")
     assert "did you mean" not in line
