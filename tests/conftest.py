@@ -148,6 +148,46 @@ def start_script(*argv, env, python=None, script=None, **kw):
                             start_new_session=True, **kw)
 
 
+def run_in(state, *argv, **extra):
+    """The tool in a subprocess with state as its state dir (tool_env, extra added)."""
+    return run_script(*argv, env=tool_env(state, **extra), clean=True)
+
+
+def setup_dataset(state, scratch, path, name="ds"):
+    """init (generic profile, scratch root scratch) and add path as name, in subprocesses."""
+    r = run_in(state, "init", "--profile", "generic", "--scratch-root", scratch)
+    assert r.rc == 0, r
+    r = run_in(state, "add", "--name", name, "--path", path, "--keep-until", KEEP)
+    assert r.rc == 0, r
+
+
+OLD_ATIME = NOW_EPOCH - 400 * DAY       # older than any threshold: a walk would touch it
+
+
+def small_dataset(scratch, name="ds", files=40):
+    """scratch/name/sub with `files` one-byte files, every one at OLD_ATIME."""
+    root = Path(scratch) / name
+    (root / "sub").mkdir(parents=True)
+    for i in range(files):
+        (root / "sub" / ("f%02d" % i)).write_bytes(b"x")
+    for p in (root / "sub").iterdir():
+        set_atime(p, OLD_ATIME)
+    return root
+
+
+def atimes(root):
+    """{relative path: atime_ns} of the files below root but the sentinel (lstat; listing moves
+    no atime that matters here: only files' atimes are compared)."""
+    out = {}
+    for dirpath, dirs, files in os.walk(str(root)):
+        for n in files:
+            if n == ".scratch-keepalive":
+                continue
+            p = os.path.join(dirpath, n)
+            out[os.path.relpath(p, str(root))] = os.lstat(p).st_atime_ns
+    return out
+
+
 @pytest.fixture
 def generic(cli, env):
     """A generic-profile setup (purge 30 days) with an initialised state dir."""
