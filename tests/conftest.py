@@ -258,6 +258,32 @@ def snapshot(root):
     return out
 
 
+def tree_bytes(*roots, skip=()):
+    """Everything under roots, symlinks not followed, to show that nothing changed:
+    {relative path: ("dir", mode) | ("link", target) | (mode, bytes)}, a directory's key
+    ending in "/"; with several roots each key starts with its root's name. Directories
+    named in skip (e.g. "locks", whose empty lock files a refused command may create) are
+    left out."""
+    out = {}
+    for root in roots:
+        root = str(root)
+        tag = os.path.basename(root) if len(roots) > 1 else ""
+        for dirpath, dirs, files in os.walk(root):
+            dirs[:] = [d for d in dirs if d not in skip]
+            rel = os.path.join(tag, os.path.relpath(dirpath, root))
+            out[rel + "/"] = ("dir", stat.S_IMODE(os.lstat(dirpath).st_mode))
+            for f in files:
+                p = os.path.join(dirpath, f)
+                st = os.lstat(p)
+                if stat.S_ISLNK(st.st_mode):
+                    out[os.path.normpath(os.path.join(rel, f))] = ("link", os.readlink(p))
+                else:
+                    with open(p, "rb") as fh:
+                        out[os.path.normpath(os.path.join(rel, f))] = (
+                            stat.S_IMODE(st.st_mode), fh.read())
+    return out
+
+
 def pyenv_pythons():
     """Every CPython 3.6-3.13 under pyenv, oldest first (empty where pyenv is absent)."""
     root = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")

@@ -29,7 +29,7 @@ import time
 import pytest
 
 from conftest import (KEEP, make_dataset, nonroot_runner, pause_env,  # noqa: F401
-                      pause_shim, poll, reaped, run_script, snapshot, start_script,
+                      pause_shim, poll, reaped, run_script, snapshot, start_script, tree_bytes,
                       wait_stopped, write_private)
 from slurmbed import (JOB, USER, as_user, crontab, jobs, make_world,  # noqa: F401
                       need_scrontab, settle, slurm_turn, wait_done)
@@ -89,23 +89,6 @@ def assert_passes(cli, name):
     assert rc == 0 and report["ok"] is True, [c for c in report["checks"] if not c["ok"]]
 
 
-def state_bytes(state):
-    """Every directory and file under the state dir: mode and bytes (or the link target)."""
-    out = {}
-    for dirpath, dirs, files in os.walk(str(state)):
-        rel = os.path.relpath(dirpath, str(state))
-        out[rel + "/"] = stat.S_IMODE(os.lstat(dirpath).st_mode)
-        for f in files:
-            p = os.path.join(dirpath, f)
-            st = os.lstat(p)
-            if stat.S_ISLNK(st.st_mode):
-                out[os.path.join(rel, f)] = ("link", os.readlink(p))
-            else:
-                with open(p, "rb") as fh:
-                    out[os.path.join(rel, f)] = (stat.S_IMODE(st.st_mode), fh.read())
-    return out
-
-
 def plain(actions):
     """Actions with the set-aside time stamps blanked, for comparing two runs."""
     return sorted(re.sub(r"corrupt-\d{8}T\d{6}Z", "corrupt-T", a) for a in actions)
@@ -114,10 +97,10 @@ def plain(actions):
 def mend(cli, setup):
     """`repair --dry-run`, which must change nothing, then `repair`, which must do just what
     the dry run listed. Returns the real run's {"actions", "left"}."""
-    files, data = state_bytes(setup["state"]), snapshot(setup["scratch"])
+    files, data = tree_bytes(setup["state"]), snapshot(setup["scratch"])
     dry = repair(cli, "--dry-run")
     assert dry["dry_run"] is True, dry
-    assert state_bytes(setup["state"]) == files, "repair --dry-run changed the state dir"
+    assert tree_bytes(setup["state"]) == files, "repair --dry-run changed the state dir"
     assert snapshot(setup["scratch"]) == data, "repair --dry-run changed the data"
     out = repair(cli)
     assert out["dry_run"] is False
@@ -593,13 +576,13 @@ def test_repair_dry_run_lists_every_action_and_changes_nothing(cli, healthy):
     os.unlink(str(ds / SENTINEL))
     rc, report, checks = doctor(cli)
     assert rc == 1 and checks["registry"]["ok"] is False, report
-    files = state_bytes(state)
+    files = tree_bytes(state)
     data = snapshot(healthy["scratch"])
     dry = repair(cli, "--dry-run")
     assert dry["dry_run"] is True
     r = cli("repair", "--dry-run")
     assert r.rc == 0 and "would set the damaged registry aside" in r.out, r
-    assert state_bytes(state) == files
+    assert tree_bytes(state) == files
     assert snapshot(healthy["scratch"]) == data
     done = repair(cli)
     for words in ("registry aside", "restore the registry", "checkpoint ghost aside",
@@ -642,9 +625,9 @@ def u_repair(u, *extra, **kw):
 
 def u_mend(u, **kw):
     """repair --dry-run changes nothing (state, jobs, crontab); repair does what it listed."""
-    before = state_bytes(u.state), jobs(), crontab()
+    before = tree_bytes(u.state), jobs(), crontab()
     dry = u_repair(u, "--dry-run", **kw)
-    assert dry["dry_run"] is True and (state_bytes(u.state), jobs(), crontab()) == before
+    assert dry["dry_run"] is True and (tree_bytes(u.state), jobs(), crontab()) == before
     out = u_repair(u, **kw)
     assert plain(dry["actions"]) == plain(out["actions"]), (dry, out)
     return out
@@ -811,7 +794,7 @@ def test_unreadable_path_directory_means_not_installed_and_doctor_prints_every_c
     assert text.rc == r.rc and "Permission denied" not in text.out + text.err, text
     for name in ("python", "config", "registry", "state-dir", "root:ds", "schedule"):
         assert re.search(r"(?m)^(ok  |info|WARN|FAIL) %s\b" % re.escape(name), text.out), text
-    before = state_bytes(state)
+    before = tree_bytes(state)
     r = run("install-cron", "--method", "sbatch")
     assert r.rc == 1 and r.err.count("\n") == 1, r
     assert r.err.startswith("scratch-keepalive: error: `sbatch` is not installed here"), r
@@ -820,4 +803,4 @@ def test_unreadable_path_directory_means_not_installed_and_doctor_prints_every_c
     assert r.rc == 1 and "Permission denied" not in r.err and "Slurm is needed" in r.err, r
     # Nothing installed: no job script, no schedule record (the schedule lock may be made).
     assert not (state / "job.sh").exists() and not (state / "schedule.json").exists()
-    assert without(state_bytes(state), os.path.join("locks", ".schedule.lock")) == before
+    assert without(tree_bytes(state), os.path.join("locks", ".schedule.lock")) == before
