@@ -1,6 +1,6 @@
 """The schedule's promise: no entry of a touch-mode dataset ever goes purge days without
 an access, whatever manual refreshes, check walks, dry runs or interrupted walks happen
-between the scheduled runs (issue 9, item 1), and the `risk` key of `list`/`status`.
+between the scheduled runs, and the `risk` key of `list`/`status`.
 
 Three layers: the issue's reproduction through the CLI on real files; unit tests of the
 due rule, the threshold cadence and what a walk records; and a year-long simulation of

@@ -1,4 +1,4 @@
-"""rescue (issue 11, part 4): copy what the last complete walk found at risk to safe storage.
+"""rescue: copy what the last complete walk found at risk to safe storage.
 
 Every test builds a real tree below a real scratch root, walks it in check mode (which
 leaves the manifest rescue reads), then rescues it to a real directory and compares both

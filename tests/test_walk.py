@@ -744,7 +744,7 @@ def test_entries_of_another_owner_are_not_attempted_in_touch_mode_and_the_rest_i
     """A labmate's file in a shared dataset: lstat works, but setting its atime needs
     ownership. Such entries are not attempted and are not errors: they are counted in
     entries_not_owned (and at risk, being old); every other entry is touched; the walk
-    completes and exits 0 (issue 9 item 5; this test expected errors and exit 1 before)."""
+    completes and exits 0 (this test expected errors and exit 1 before)."""
     runner = nonroot_runner()
     if runner is None or os.geteuid() != 0:
         pytest.skip("needs root to make files of another owner, and setpriv to run as nobody")

@@ -1,15 +1,15 @@
-"""Tests that the walk and the sentinel stay inside the dataset (issue 9 items 2, 4 and 5).
+"""Containment: the walk and the sentinel stay inside the dataset.
 
-  * 2a: a symlink between the scratch root and the dataset root is refused by refresh,
-    repair, remove and doctor (the issue's /dev/shm example, reproduced);
-  * 2b: a bind mount inside a dataset (same filesystem: st_dev cannot see it) is neither
-    entered nor touched, in every engine;
-  * 4: a FIFO at the sentinel path never blocks a command; the sentinel is rewritten by one
-    pwrite of a fixed length, never truncated, and a failure (RLIMIT_FSIZE, a full
-    filesystem) or a kill -9 at any point leaves a file the tool still recognises;
-  * 5: entries of another owner (a real other user, `nobody`): not attempted in touch mode,
-    counted; directories of another owner listed in check mode are counted, and their stat
-    comes from before the listing, in every engine.
+  * a symlinked parent: a symlink between the scratch root and the dataset root is refused
+    by refresh, repair, remove and doctor (a project moved away, a link to /dev/shm left);
+  * bind mounts: a bind mount inside a dataset (same filesystem: st_dev cannot see it) is
+    neither entered nor touched, in every engine;
+  * the sentinel: a FIFO at its path never blocks a command; it is rewritten by one pwrite
+    of a fixed length, never truncated, and a failure (RLIMIT_FSIZE, a full filesystem) or
+    a kill -9 at any point leaves a file the tool still recognises;
+  * other owners: entries of another owner (a real other user, `nobody`) are not attempted
+    in touch mode, but counted; directories of another owner listed in check mode are
+    counted, and their stat comes from before the listing, in every engine.
 
 Real files, real mounts (root only; skipped elsewhere) and real processes throughout.
 """
@@ -102,7 +102,7 @@ def world(tmp_path):
 
 @pytest.fixture
 def shm():
-    """A directory on another filesystem (tmpfs), as in the issue's example."""
+    """A directory on another filesystem (tmpfs), where a moved project's link may point."""
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None
     d = tempfile.mkdtemp(prefix="sk-contain-", dir=base)
     yield Path(d)
@@ -128,11 +128,11 @@ def mounts():
             subprocess.run(["umount", "-l", target])
 
 
-# --------------------------------------------------------------------------- 2a. symlinked parent
+# --------------------------------------------------------------------------- a symlinked parent
 
 
 def symlinked_parent(world, shm):
-    """The issue's example: the project moved away, a symlink to /dev/shm left behind."""
+    """The project moved away, a symlink to /dev/shm left behind."""
     world.add()
     secret = shm / "v" / "ds" / "secret"
     secret.mkdir(parents=True)
@@ -240,7 +240,7 @@ def test_the_walk_keeps_to_the_root_it_opened_when_a_parent_is_swapped(world, sh
     assert os.lstat(str(world.scratch / "proj.moved" / "ds" / "mine")).st_atime_ns != OLD_NS
 
 
-# --------------------------------------------------------------------------- 2b. bind mounts
+# --------------------------------------------------------------------------- bind mounts
 
 
 def test_mountinfo_octal_escapes_are_decoded():
@@ -289,7 +289,7 @@ def test_bind_mounts_inside_a_dataset_are_skipped_in_every_engine(world, mounts,
         assert os.lstat(str(ds / "src" / "x")).st_atime_ns != OLD_NS
 
 
-# --------------------------------------------------------------------------- 4. the sentinel
+# --------------------------------------------------------------------------- the sentinel
 
 
 def make_fifo_sentinel(world):
@@ -473,7 +473,7 @@ def test_a_document_that_would_not_fit_fails_clearly_and_writes_nothing(world, m
     assert not os.path.lexists(str(world.sentinel))
 
 
-# --------------------------------------------------------------------------- 5. other owners
+# --------------------------------------------------------------------------- other owners
 
 
 class Shared(object):

@@ -1,9 +1,10 @@
-"""Words a new user tripped on (issue 9, item 9): every changed message, its exit code and text.
+"""Messages: what the tool says to people, with its exit code and text.
 
 Hints in the form the user ran, the `--json` help and the README's JSON section, the
 schedule's --max-seconds, the command table, br200's "Next:" hint, `status --json`'s
 `schedule`, doctor on a missing state directory, the scratch root as a dataset, and the
-words of a refresh that stopped early.
+words of a refresh that stopped early; help that says what fails a job, status hints,
+times with their Z, binary size units, and a mistyped name's suggestion.
 """
 import json
 import os
@@ -474,7 +475,7 @@ def test_status_text_of_one_dataset_asks_slurm_nothing(cli, generic, tmp_path, m
     assert "squeue" in s["error"], s
 
 
-# ---------------------------------------------------------------- issue 20, item 7
+# ---------------------------------------------------------------- help, hints, times, sizes and names
 
 def test_mail_user_help_says_which_findings_fail_the_job(cli):
     text = "".join(cli("install-cron", "--help").out.split())    # argparse wraps at hyphens
