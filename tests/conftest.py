@@ -405,8 +405,8 @@ def pause_shim(tmp_path_factory):
 
 def pause_env(env, shim, on, path):
     """env with the pause shim preloaded: the run (or a worker process of it) stops itself
-    (SIGSTOP) once, before its first stat of exactly path (on="stat"), or with path half
-    copied (on="copy")."""
+    (SIGSTOP) once, before its first stat of exactly path (on="stat"), before its first open
+    of it (on="open"), or with path half copied (on="copy")."""
     return dict(env, LD_PRELOAD=" ".join(x for x in (shim, env.get("LD_PRELOAD")) if x),
                 PAUSE_SHIM_ON=on, PAUSE_SHIM_PATH=os.fsdecode(os.path.abspath(str(path))))
 

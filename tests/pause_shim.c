@@ -5,6 +5,8 @@
    PAUSE_SHIM_ON=stat   PAUSE_SHIM_PATH=P: before the first stat-family call (lstat, stat,
                         fstatat, a name relative to a directory fd included) naming
                         exactly P.
+   PAUSE_SHIM_ON=open   PAUSE_SHIM_PATH=P: before the first open or openat naming exactly P
+                        (the walk's main process opening a directory to list it).
    PAUSE_SHIM_ON=copy   PAUSE_SHIM_PATH=P: after the first copy_file_range that copied part
                         (not all) of the file P, i.e. with P half copied.
 
@@ -14,6 +16,7 @@
 #include <dlfcn.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,14 +37,15 @@ static void stop_if(const char *what, const char *path) {
     }
 }
 
-/* p, relative to the directory fd (AT_FDCWD: the working directory), made absolute. */
-static void stop_at(int fd, const char *p) {
+/* Stop if the call is `what` and p, relative to the directory fd (AT_FDCWD: the working
+   directory), is the path. */
+static void stop_at(const char *what, int fd, const char *p) {
     char link[64], path[8192];
     ssize_t n;
-    if (!on("stat") || !p)
+    if (!on(what) || !p)
         return;
     if (p[0] == '/') {
-        stop_if("stat", p);
+        stop_if(what, p);
         return;
     }
     if (fd == AT_FDCWD)
@@ -54,21 +58,21 @@ static void stop_at(int fd, const char *p) {
     path[n] = 0;
     if (*p)
         snprintf(path + n, sizeof path - n, "/%s", p);
-    stop_if("stat", path);
+    stop_if(what, path);
 }
 
 #define PATHSTAT(name) \
     int name(const char *p, void *b) { \
         static int (*real)(const char *, void *); \
         if (!real) real = (int (*)(const char *, void *))dlsym(RTLD_NEXT, #name); \
-        stop_at(AT_FDCWD, p); \
+        stop_at("stat", AT_FDCWD, p); \
         return real(p, b); \
     }
 #define FSTATAT(name) \
     int name(int fd, const char *p, void *b, int fl) { \
         static int (*real)(int, const char *, void *, int); \
         if (!real) real = (int (*)(int, const char *, void *, int))dlsym(RTLD_NEXT, #name); \
-        stop_at(fd, p); \
+        stop_at("stat", fd, p); \
         return real(fd, p, b, fl); \
     }
 PATHSTAT(lstat)
@@ -77,6 +81,35 @@ PATHSTAT(stat)
 PATHSTAT(stat64)
 FSTATAT(fstatat)
 FSTATAT(fstatat64)
+
+#define OPENAT(name) \
+    int name(int fd, const char *p, int fl, ...) { \
+        static int (*real)(int, const char *, int, ...); \
+        unsigned mode = 0; \
+        va_list ap; \
+        va_start(ap, fl); \
+        if (fl & (O_CREAT | O_TMPFILE)) mode = va_arg(ap, unsigned); \
+        va_end(ap); \
+        if (!real) real = (int (*)(int, const char *, int, ...))dlsym(RTLD_NEXT, #name); \
+        stop_at("open", fd, p); \
+        return real(fd, p, fl, mode); \
+    }
+#define OPEN(name) \
+    int name(const char *p, int fl, ...) { \
+        static int (*real)(const char *, int, ...); \
+        unsigned mode = 0; \
+        va_list ap; \
+        va_start(ap, fl); \
+        if (fl & (O_CREAT | O_TMPFILE)) mode = va_arg(ap, unsigned); \
+        va_end(ap); \
+        if (!real) real = (int (*)(const char *, int, ...))dlsym(RTLD_NEXT, #name); \
+        stop_at("open", AT_FDCWD, p); \
+        return real(p, fl, mode); \
+    }
+OPENAT(openat)
+OPENAT(openat64)
+OPEN(open)
+OPEN(open64)
 
 ssize_t copy_file_range(int in, loff_t *inoff, int out, loff_t *outoff, size_t len,
                         unsigned flags) {

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (KEEP, atimes, go_on, pause_env, pause_shim, poll, reaped,  # noqa: F401
-                      run_in, setup_dataset, small_dataset, start_script, tool_env, wait_stopped)
+from conftest import (KEEP, atimes, go_on, pause_env, pause_shim, reaped, run_in,  # noqa: F401
+                      setup_dataset, small_dataset, start_script, tool_env, wait_stopped)
 
 
 def read_doc(path):
@@ -33,19 +33,19 @@ def popen_refresh(state, *argv, env=None):
 
 @pytest.fixture(scope="module")
 def shm_tree():
-    """100,000 empty files in 200 directories, on tmpfs where there is one (fast to build)."""
+    """2,000 empty files in 40 directories, on tmpfs where there is one (fast to build)."""
     shm = "/dev/shm"
     base = tempfile.mkdtemp(prefix="sk-test-small-", dir=shm if os.access(
         shm, os.W_OK | os.X_OK) else None)
     scratch = os.path.join(base, "scratch")
     root = os.path.join(scratch, "tree")
     os.makedirs(root)
-    for j in range(200):
+    for j in range(40):
         d = os.path.join(root, "d%03d" % j)
         os.mkdir(d)
-        for i in range(500):
+        for i in range(50):
             os.close(os.open(os.path.join(d, "f%03d" % i), os.O_WRONLY | os.O_CREAT, 0o644))
-    yield Path(scratch), Path(root), 200 * 501 + 2     # + the root and the sentinel
+    yield Path(scratch), Path(root), 40 * 51 + 2     # + the root and the sentinel
     shutil.rmtree(base, ignore_errors=True)
 
 
@@ -53,7 +53,7 @@ def shm_tree():
                                             (("--workers", "2"), "group")],
                          ids=["serial-to-pid", "workers-to-group"])
 def test_sighup_mid_walk_checkpoints_exits_3_and_resume_completes(tmp_path, shm_tree, engine,
-                                                                 target):
+                                                                 target, pause_shim):
     """A dropped SSH session (SIGHUP to the tool, or to its whole process group with its
     worker processes) stops the walk as SIGTERM does: exit 3, a checkpoint, a last-run record,
     the lock released (doctor finds no stale lock); the next run resumes and completes."""
@@ -61,20 +61,17 @@ def test_sighup_mid_walk_checkpoints_exits_3_and_resume_completes(tmp_path, shm_
     state = tmp_path / "state"
     setup_dataset(state, scratch, root)
     checkpoint = state / "checkpoints" / "ds.json"
-    proc = popen_refresh(state, "--name", "ds", "--checkpoint-every", "0.05", *engine)
+    # Held (the pause shim) where the walk's main process opens d020 to list it: half the
+    # tree walked, the rest not yet handed to any worker, however fast the machine is.
+    proc = popen_refresh(state, "--name", "ds", *engine,
+                         env=pause_env(tool_env(state), pause_shim, "open", root / "d020"))
     with reaped(proc):
-        def started():
-            if proc.poll() is not None:
-                raise AssertionError("refresh ended before its first checkpoint: %r"
-                                     % (proc.communicate(),))
-            doc = read_doc(checkpoint)
-            return doc and doc["entries_done"] > 0
-        poll(started, "the first checkpoint")
+        wait_stopped(proc, "the walk to stop before listing d020")
         if target == "group":
             os.killpg(proc.pid, signal.SIGHUP)
         else:
             os.kill(proc.pid, signal.SIGHUP)
-        out, err = proc.communicate(timeout=60)
+        out, err = go_on(proc)
     assert proc.returncode == 3, (proc.returncode, out[-500:], err[-1000:])
     assert b"Traceback" not in err, err
     res = json.loads(out.decode("utf-8"))["results"][0]

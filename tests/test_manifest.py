@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (DAY, KEEP, NOW_EPOCH, REPO, SCRIPT, assert_error, nonroot_runner, poll,
-                      reaped, run_command, run_script, set_atime, sk, snapshot)
+from conftest import (DAY, KEEP, NOW_EPOCH, REPO, SCRIPT, assert_error,  # noqa: F401
+                      nonroot_runner, pause_env, pause_shim, reaped, run_command, run_script,
+                      set_atime, sk, snapshot, start_script, wait_stopped)
 
 OLD = NOW_EPOCH - 40 * DAY          # older than purge days (30): purge-eligible and at risk
 RISKY = NOW_EPOCH - 20 * DAY        # at risk (13 days), not purge-eligible
@@ -850,40 +851,33 @@ def test_manifest_order_is_the_walks_on_odd_names(cli, odd, env):
     assert b"dir with space/-inner\n" in keys and b"bad\xff\xfe" in keys
 
 
-def test_a_manifest_survives_sigkill_mid_walk_and_resume(shm_tmp, monkeypatch):
+def test_a_manifest_survives_sigkill_mid_walk_and_resume(shm_tmp, monkeypatch, pause_shim):
     """The tool's process group killed outright twice in the middle of a check walk; the
     walk resumes with its partial manifest, and the manifest the completed walk leaves
-    lists every entry exactly once, in the walk's order, under the first run's start."""
+    lists every entry exactly once, in the walk's order, under the first run's start.
+    Each run is held (the pause shim) where its main process opens a directory to list it,
+    a chunk or more of manifest entries past the last one's checkpoint (checkpoints every
+    tick), and killed there: how fast the machine walks does not matter."""
     scratch, state = shm_tmp / "scratch", shm_tmp / "state"
     scratch.mkdir()
     monkeypatch.setenv("SCRATCH_KEEPALIVE_HOME", str(state))
-    big_tree(scratch / "ds", 60000)
+    big_tree(scratch / "ds", 30000)
     assert run_script("init", "--profile", "generic", "--scratch-root", scratch).rc == 0
     assert run_script("add", "--name", "ds", "--path", scratch / "ds", "--keep-until",
                       KEEP).rc == 0
     ckpt = state / "checkpoints" / "ds.json"
-
-    def checkpoint_of(pid, past):
-        try:
-            doc = json.loads(ckpt.read_text())
-        except (OSError, ValueError):
-            return None
-        man = doc.get("manifest") or {}
-        return doc if doc.get("pid") == pid and man.get("entries", 0) > past else None
-
     past, started = 0, None
-    for _ in range(2):
-        p = subprocess.Popen([sys.executable, str(SCRIPT), "refresh", "--name", "ds", "--check",
-                              "--json", "--checkpoint-every", "0.01"], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, start_new_session=True)
+    for held_at in ("d0010", "d0020"):
+        p = start_script("refresh", "--name", "ds", "--check", "--json", "--checkpoint-every",
+                         "0.000001", env=pause_env(dict(os.environ), pause_shim, "open",
+                                                   scratch / "ds" / held_at))
         with reaped(p):
-            doc = poll(lambda: checkpoint_of(p.pid, past) or p.poll() is not None,
-                       "a checkpoint with manifest entries")
-            if p.poll() is not None:
-                pytest.fail("the walk ended before it could be killed: %r" % (p.communicate(),))
+            wait_stopped(p, "the walk to stop before listing %s" % held_at)
+            doc = json.loads(ckpt.read_text())
             os.killpg(p.pid, signal.SIGKILL)
             p.communicate()
         assert p.returncode == -signal.SIGKILL
+        assert doc["pid"] == p.pid and doc["manifest"]["entries"] > past, (past, doc)
         started = started or doc["walk_started"]
         assert doc["walk_started"] == started
         past = doc["manifest"]["entries"]
@@ -900,5 +894,5 @@ def test_a_manifest_survives_sigkill_mid_walk_and_resume(shm_tmp, monkeypatch):
         assert m.header["walk_started"] == started
         keys = [k for k, _, _, _ in m.entries()]
     want = [b""] + [k.replace(b"/", b"\0") for k in walk_order(os.fsencode(str(scratch / "ds")))]
-    assert len(keys) == len(set(keys)) == 60000 + 60 + 2      # files, dirs, root, sentinel
+    assert len(keys) == len(set(keys)) == 30000 + 30 + 2      # files, dirs, root, sentinel
     assert keys == want

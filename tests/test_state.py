@@ -6,12 +6,10 @@ The last part is the generator: every state document, derived into malformed var
 deeply, not UTF-8, empty, a directory), run through every command that reads state.
 """
 import contextlib
-import io
 import json
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -117,14 +115,10 @@ def as_nobody(base, *argv):
         os.setgid(NOBODY)
         os.setuid(NOBODY)
 
-    p = subprocess.run([sys.executable if os.access(sys.executable, os.X_OK) and
-                        not sys.executable.startswith("/root") else "/usr/bin/python3",
-                        str(base / "scratch_keepalive.py")] + [str(a) for a in argv],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                       preexec_fn=drop, cwd=str(base), timeout=120)
-    from conftest import Result
-    return Result(p.returncode, p.stdout.decode("utf-8", "replace"),
-                  p.stderr.decode("utf-8", "replace"))
+    python = sys.executable if os.access(sys.executable, os.X_OK) and \
+        not sys.executable.startswith("/root") else "/usr/bin/python3"
+    return run_script(*argv, python=python, script=base / "scratch_keepalive.py", env=env,
+                      clean=True, preexec_fn=drop, cwd=str(base), timeout=120)
 
 
 def test_registry_of_another_owner_is_named_and_never_rebuilt(shared_base):
