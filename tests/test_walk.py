@@ -38,8 +38,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (DAY, KEEP, NOW, NOW_EPOCH, SCRIPT, nonroot_runner, poll, reaped, run_script,
-                      set_atime, sk, tool_env)
+from conftest import (DAY, KEEP, NOW, NOW_EPOCH, SCRIPT, go_on, nonroot_runner,  # noqa: F401
+                      pause_env, pause_shim, poll, reaped, run_script, set_atime, sk,
+                      start_script, tool_env, wait_stopped)
 
 NOW_NS = int(NOW_EPOCH) * 10 ** 9
 DAY_NS = DAY * 10 ** 9
@@ -227,11 +228,11 @@ class State(object):
         assert r.rc in (0, 1, 3, 130), r
         return r, only_result(r)
 
-    def popen(self, *argv):
-        """A refresh in its own process group (so a signal can reach its workers too)."""
-        cmd = [sys.executable, str(SCRIPT), "refresh", "--name", "ds", "--json"] + list(argv)
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=self.env, start_new_session=True)
+    def popen(self, *argv, held_at=None, shim=None):
+        """A refresh in its own process group (so a signal can reach its workers too);
+        held_at: held (the pause shim) where its main process opens that directory."""
+        env = self.env if held_at is None else pause_env(self.env, shim, "open", held_at)
+        return start_script("refresh", "--name", "ds", "--json", *argv, env=env)
 
     @property
     def checkpoint_path(self):
@@ -1156,18 +1157,23 @@ def assert_state_parses(ds):
 
 
 def test_sigkill_at_several_points_leaves_state_readable_and_resume_completes(
-        big_state, tree200k, engine_sp):
+        big_state, tree200k, engine_sp, pause_shim):
     """The tool and its worker processes killed outright (SIGKILL to the process group, as
-    a batch system or the OOM killer does) at four points; the walk still ends exact."""
+    a batch system or the OOM killer does) at four points; the walk still ends exact. Each
+    run is held (the pause shim) where its main process opens a directory further on, with
+    a checkpoint every 256 entries before it, and killed there."""
     ds, total = big_state(tree200k)
+    root = tree200k[0]
     start = time.time_ns()
     done = 0
-    for threshold in (0, total // 5, total // 2, (total * 4) // 5):
-        proc = ds.popen("--checkpoint-every", "0.05", *engine_sp)
-        ck = wait_for_progress(ds, proc, max(done, threshold),
-                               "a checkpoint past %d entries" % max(done, threshold))
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+    for at in (40, 80, 200, 320):                   # of 400 directories
+        proc = ds.popen("--checkpoint-every", "0.000001", *engine_sp,
+                        held_at=root / ("d%04d" % at), shim=pause_shim)
+        with reaped(proc):
+            wait_stopped(proc, "the walk to stop before d%04d" % at)
+            ck = ds.checkpoint()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
         assert proc.returncode == -signal.SIGKILL
         assert_state_parses(ds)
         st = ds.status()
@@ -1197,21 +1203,26 @@ SIGNAL_TARGETS = [("serial", ("--workers", "1"), "pid"),
 @pytest.mark.parametrize("engine_args, target", [t[1:] for t in SIGNAL_TARGETS],
                          ids=["%s-to-%s" % (t[0], t[2]) for t in SIGNAL_TARGETS])
 def test_signal_mid_walk_checkpoints_and_resumes(big_state, tree200k, sig, code, engine_args,
-                                                 target):
+                                                 target, pause_shim):
     """A signal to the tool's pid (kill PID) or to its whole process group (Ctrl-C at a
     terminal, `kill -TERM -PGID`, Slurm at a time limit or scancel) stops the walk with its
     exit code and a checkpoint, every time (five stops at different points); the next run
-    resumes and completes with every entry counted once."""
+    resumes and completes with every entry counted once. Each run is held (the pause shim)
+    where its main process opens a directory further on, and signalled there."""
     ds, total = big_state(tree200k)
+    root = tree200k[0]
     done = 0
     for attempt in range(5):
-        proc = ds.popen("--checkpoint-every", "0.05", *engine_args)
-        wait_for_progress(ds, proc, done, "a checkpoint past %d entries" % done)
-        if target == "group":
-            os.killpg(proc.pid, sig)
-        else:
-            os.kill(proc.pid, sig)
-        out, err = proc.communicate(timeout=60)
+        at = 60 * (attempt + 1)                     # of 400 directories
+        proc = ds.popen("--checkpoint-every", "0.05", *engine_args,
+                        held_at=root / ("d%04d" % at), shim=pause_shim)
+        with reaped(proc):
+            wait_stopped(proc, "the walk to stop before d%04d" % at)
+            if target == "group":
+                os.killpg(proc.pid, sig)
+            else:
+                os.kill(proc.pid, sig)
+            out, err = go_on(proc)
         assert proc.returncode == code, (attempt, out[-500:], err[-1000:])
         res = json.loads(out.decode("utf-8"))["results"][0]
         assert res["complete"] is False and res["resumed"] is (attempt > 0)
