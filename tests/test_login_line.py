@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from conftest import (REPO, SCRIPT, go_on, pause_env, pause_shim, reaped,  # noqa: F401
-                      setup_dataset, sk, small_dataset, tool_env, wait_stopped)
+                      run_script, setup_dataset, sk, small_dataset, tool_env, wait_stopped)
 
 
 def test_a_script_walk_runs_as_it_was_started(tmp_path, pause_shim):
@@ -35,10 +35,9 @@ def test_a_script_walk_runs_as_it_was_started(tmp_path, pause_shim):
     assert cmdline[:-1] == [os.fsencode(a) for a in argv], cmdline
     assert proc.returncode == 0, (out, err)
     assert b"ds: refreshed" in out or b"ds: touched" in out or b"complete" in out, out
-    r = subprocess.run([sys.executable, str(SCRIPT), "refresh", "--name", "nope"], env=env,
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert r.returncode == 2, r
-    assert ("`python3 %s list`" % SCRIPT).encode() in r.stderr, r.stderr
+    r = run_script("refresh", "--name", "nope", env=env, clean=True)
+    assert r.rc == 2, r
+    assert ("`python3 %s list`" % SCRIPT) in r.err, r
     assert not hasattr(sk, "reexec_by_compile")
 
 

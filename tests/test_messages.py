@@ -141,10 +141,9 @@ def readme_json_section():
 
 def test_json_help_points_at_the_readme_section(cli, generic):
     for command in ("list", "status", "refresh", "doctor", "add", "install-cron", "repair"):
-        p = subprocess.run([sys.executable, str(SCRIPT), command, "--help"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        help_text = " ".join(p.stdout.decode().split())
-        assert p.returncode == 0, p
+        p = run_script(command, "--help")
+        help_text = " ".join(p.out.split())
+        assert p.rc == 0, p
         assert "contract" not in help_text, (command, help_text)
         assert 'README.md, "JSON output"' in help_text, (command, help_text)
     readme_json_section()
@@ -210,10 +209,9 @@ def test_refresh_help_shows_the_schedules_max_seconds(cli, generic):
     assert r.rc == 0, r
     job = re.findall(r"refresh --due --scheduled sbatch --max-seconds (\d+)$", r.out, re.M)
     assert job == ["6900"], r.out
-    p = subprocess.run([sys.executable, str(SCRIPT), "refresh", "--help"],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    text = p.stdout.decode()
-    assert p.returncode == 0, p
+    p = run_script("refresh", "--help")
+    text = p.out
+    assert p.rc == 0, p
     assert "6600" not in text
     assert "# what the schedule runs: the job's time limit (2:00:00) less 5 minutes\n" \
            "  scratch-keepalive refresh --due --max-seconds 6900\n" in text, text
@@ -231,9 +229,8 @@ def test_readme_table_pairs_enable_with_resume_and_disable_with_pause():
                                           "remove": "unregister"}, row
     # ... as the commands' own help says
     for command, verb in (("enable", "resume"), ("disable", "pause")):
-        p = subprocess.run([sys.executable, str(SCRIPT), command, "--help"],
-                           stdout=subprocess.PIPE)
-        assert "%s refreshing a dataset" % verb in p.stdout.decode().lower(), p
+        p = run_script(command, "--help")
+        assert "%s refreshing a dataset" % verb in p.out.lower(), p
 
 
 # ---------------------------------------------------------------- br200: Next hint has --account
@@ -475,7 +472,7 @@ def test_status_text_of_one_dataset_asks_slurm_nothing(cli, generic, tmp_path, m
     assert "squeue" in s["error"], s
 
 
-# ---------------------------------------------------------------- help, hints, times, sizes and names
+# -------------------------------------------------------------- help, hints, times, sizes, names
 
 def test_mail_user_help_says_which_findings_fail_the_job(cli):
     text = "".join(cli("install-cron", "--help").out.split())    # argparse wraps at hyphens
