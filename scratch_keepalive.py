@@ -44,6 +44,7 @@ also holds one small sentinel file, .scratch-keepalive.
 
 __version__ = "1.0.0"
 
+
 # ---------------------------------------------------------------- imports
 
 import _thread
@@ -161,6 +162,7 @@ __all__ = [
     "install_cron", "uninstall_cron", "files", "rescue",
     "__version__",
 ]
+
 
 # ---------------------------------------------------------------- constants
 
@@ -288,6 +290,7 @@ O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 O_DIR_FLAGS = (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
                | getattr(os, "O_CLOEXEC", 0))
 
+
 # ---------------------------------------------------------------- errors
 
 
@@ -339,6 +342,7 @@ class _ParserExit(Exception):
     def __init__(self, status):
         Exception.__init__(self, status)
         self.status = status
+
 
 # ---------------------------------------------------------------- small helpers
 
@@ -527,7 +531,8 @@ def check_name(name):
                          "starting with a letter or digit" % (name,))
     return name
 
-# ---------------------------------------------------------------- state store
+
+# ---------------------------------------------------------------- state: files
 
 
 def fsync_dir(path):
@@ -888,7 +893,8 @@ def read_json(path, kind, schema=None):
             raise InvalidState(invalid_message(kind, path, problems[0]))
     return doc
 
-# ---------------------------------------------------------------- state schemas
+
+# --------------------------------------------------------------- state: schemas, the store, locks
 #
 # Every document is checked on read, so that no command meets a wrong type deep inside.
 # A schema maps a field to (required, check); a check returns None when the value is
@@ -1091,6 +1097,8 @@ CHECKPOINT_SCHEMA = {
     "manifest": (False, _null_or(_object({"offset": (True, _COUNT),
                                            "entries": (True, _COUNT)}))),
 }
+
+
 def _token(v):
     if _str(v) or not RESCUE_TOKEN_RE.match(v):
         return "a token"
@@ -1614,7 +1622,8 @@ def lock_holder(path):
         return "another process"
     return "pid %s on host %s (since %s)" % (info["pid"], info["host"], info.get("since", "?"))
 
-# ---------------------------------------------------------------- dataset root (containment)
+
+# ---------------------------------------------------------------- state: the dataset root
 
 
 class ContainmentError(Failure):
@@ -1741,7 +1750,8 @@ def _root_fd_of(root):
     finally:
         os.close(fd)
 
-# ---------------------------------------------------------------- sentinel
+
+# ---------------------------------------------------------------- state: the sentinel
 #
 # The sentinel is a regular file of SENTINEL_SIZE bytes: the JSON document, then spaces,
 # then a newline. It is only ever rewritten by ONE pwrite of its whole length at offset 0,
@@ -1958,8 +1968,338 @@ def delete_sentinel(root):
     except (Failure, OSError):
         return False
 
-# ---------------------------------------------------------------- walker and cursor
 
+# ------------------------------------------------------- policy: thresholds, due, risk, attention
+
+
+def profile_of(cfg):
+    return PROFILES[cfg["profile"]]
+
+
+def purge_days_of(cfg):
+    return int(cfg.get("purge_days") or profile_of(cfg)["purge_days"])
+
+
+def thresholds_days(cfg, cadence):
+    """(skip, at-risk, purge) ages in days for a cadence; see the contract."""
+    purge = purge_days_of(cfg)
+    return purge - cadence - 5, purge - cadence - 3, purge
+
+
+def thresholds_ns(cfg, cadence, now):
+    skip, risk, purge = thresholds_days(cfg, cadence)
+    now_ns = int(now * 1e9)
+    return (now_ns - skip * DAY * 10 ** 9, now_ns - risk * DAY * 10 ** 9,
+            now_ns - purge * DAY * 10 ** 9)
+
+
+def dataset_mode(cfg, ds, force_check=False):
+    if force_check:
+        return "check"
+    return "touch" if (profile_of(cfg)["touch_allowed"] or ds.get("approval")) else "check"
+
+
+def on_br200():
+    """True where Big Red 200's scratch filesystem is mounted (the parent of br200's root)."""
+    return os.path.isdir(os.path.dirname(PROFILES["br200"]["scratch_root"]))
+
+
+def scratch_root_of(cfg, env):
+    return env.get("SCRATCH_KEEPALIVE_SCRATCH_ROOT") or cfg.get("scratch_root")
+
+
+def root_present(path):
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _walk_start_text(ds, mode):
+    """The recorded start of the last complete walk of this mode (ISO text), or None.
+
+    A registry written before last_touch_start and last_check_start existed knows only
+    the last complete walk of either mode: it stands for the mode it was in.
+    """
+    key = "last_%s_start" % mode
+    if key in ds:
+        text = ds[key]
+    elif ds.get("last_mode") == mode:
+        text = ds.get("last_refresh_start") or ds.get("last_refresh")
+    else:
+        text = None
+    return text if isinstance(text, str) else None
+
+
+def walk_start(ds, mode):
+    """When the last complete walk of this mode (touch or check) started (epoch), or None."""
+    text = _walk_start_text(ds, mode)
+    return parse_iso(text) if text else None
+
+
+def record_walk(ds, mode, walk_started, finished):
+    """What a complete, non-dry-run walk records in its registry entry (ISO times).
+
+    Only such a walk may call this: a check walk moves only the check record, so a
+    touch-mode dataset never looks refreshed by one; dry runs and stopped walks record
+    nothing. last_refresh, last_refresh_start and last_mode cover either mode.
+    """
+    for m in ("touch", "check"):
+        ds["last_%s_start" % m] = _walk_start_text(ds, m)     # an older registry's, kept
+    ds["last_%s_start" % mode] = walk_started
+    ds["last_refresh"] = finished
+    ds["last_refresh_start"] = walk_started
+    ds["last_mode"] = mode
+
+
+def schedule_cadence(store):
+    """The installed schedule's cadence in days, or None (none installed, or unreadable:
+    doctor reports that; the rules then fall back to the dataset's own cadence)."""
+    try:
+        doc = load_schedule(store)
+    except StateError:
+        return None
+    cadence = doc.get("cadence_days") if isinstance(doc, dict) else None
+    if isinstance(cadence, bool) or not isinstance(cadence, int) or cadence < 1:
+        return None
+    return cadence
+
+
+def threshold_cadence(ds, sched_cadence):
+    """The cadence the skip and at-risk thresholds assume: a dataset is walked no more
+    often than the schedule runs, so the larger of its cadence and the schedule's."""
+    return max(int(ds["cadence_days"]), sched_cadence or 0)
+
+
+# -- due: three rules, side by side. Each answers its own question, so each counts from
+# its own walk over its own span (C: the dataset's cadence, S: the schedule's):
+#  - the schedule's, is_due(): does this `refresh --due` walk the dataset? C - S + 1 days
+#    from the START of the last complete walk of the dataset's own mode: the schedule's
+#    promise needs exactly that (see is_due), and a check walk, dry run or stopped walk
+#    must not make a touch-mode dataset look refreshed.
+#  - the people's, state_due_at(): the `due` that `list` and `status` show, "every C
+#    days" as a person reads it: C - 1 days from that same start. The contract fixes its
+#    meaning; the schedule never selects by it.
+#  - doctor's, overdue_at(): has the machinery stopped? Any complete walk, of either mode,
+#    shows that the schedule ran, so it counts from the END of the last one (or the
+#    dataset's addition), C + OVERDUE_DAYS days: a working schedule's runs can be C + 3
+#    days apart (cron_schedule: days 1 and 15 leave 17 days after a 31-day month's 15th),
+#    and the run then needs time to finish its walk; one more day covers that.
+
+OVERDUE_DAYS = 4        # doctor's overdue: this many days past the cadence
+
+
+def schedule_due_at(last_start, cadence, sched_cadence):
+    """When the schedule's rule makes a dataset due again, its last complete walk of its
+    mode having started at last_start (see is_due)."""
+    return last_start + (int(cadence) - int(sched_cadence or cadence) + 1) * DAY
+
+
+def is_due(last_start, cadence, sched_cadence, now):
+    """The schedule's due rule (`refresh --due`), for a dataset of one mode.
+
+    Due unless its last complete walk of that mode started less than (cadence -
+    schedule cadence + 1) days ago; the schedule's cadence is the installed one, else
+    the dataset's own (24 hours). Why: a complete touch walk at W leaves entries up to
+    skip days old, and the run after one that skips the dataset can be schedule cadence
+    + 3 days away; this rule keeps the next walk within cadence + 4 days of W.
+    """
+    return last_start is None or now >= schedule_due_at(last_start, cadence, sched_cadence)
+
+
+def state_due_at(start, cadence):
+    """When the people's `state` turns `due`: cadence - 1 days after start, the start of
+    the last complete walk of the dataset's mode."""
+    return start + (int(cadence) - 1) * DAY
+
+
+def overdue_at(ds):
+    """When doctor calls dataset ds overdue (a FAIL: its walks stopped coming): cadence +
+    OVERDUE_DAYS days after its last complete walk of either mode ended, or after it was
+    added when never walked; None when the registry says neither."""
+    text = ds.get("last_refresh") or ds.get("added")
+    since = parse_iso(text) if isinstance(text, str) else None
+    return None if since is None else since + (int(ds["cadence_days"]) + OVERDUE_DAYS) * DAY
+
+
+def resumable(ckpt, ds, mode, due_run, sched_cadence, now):
+    """Whether a walk continues from this checkpoint instead of starting over.
+
+    Only a walk of the same mode and path continues. And a `refresh --due` run starts
+    over a walk that another refresh began (a manual one, stopped) once that walk is due
+    by the rule: completing it would record its old start, so the schedule's next walk
+    would come a full run too late for the entries it reached back then. Walks that
+    `refresh --due` began always continue (a long walk spread over many continuations
+    must finish).
+    """
+    if ckpt is None or ckpt.get("mode") != mode or ckpt.get("path") != ds["path"]:
+        return False
+    if not due_run or ckpt.get("due_run", True) is not False:
+        return True
+    text = ckpt.get("walk_started")
+    started = parse_iso(text) if isinstance(text, str) else None
+    return not is_due(started, threshold_cadence(ds, sched_cadence), sched_cadence, now)
+
+
+def dataset_state(store, ds, now, mode=None):
+    """missing, expired, disabled, partial, never, due or ok: the first that applies.
+
+    `due` is the people's rule (state_due_at), for the last complete walk of mode (None:
+    the mode of its last walk); `refresh --due` selects by the schedule's (is_due).
+    """
+    if not root_present(ds["path"]):
+        return "missing"
+    if parse_date(ds["keep_until"]) < utc_date(now):
+        return "expired"
+    if not ds.get("enabled", True):
+        return "disabled"
+    if store.checkpoint_exists(ds["name"]):
+        return "partial"
+    if not ds.get("last_refresh"):
+        return "never"
+    start = walk_start(ds, mode or ds.get("last_mode") or "touch")
+    return "due" if start is None or now >= state_due_at(start, ds["cadence_days"]) else "ok"
+
+
+def last_walk_totals(ds):
+    """The counts of the last complete walk (of either mode) as a whole, or {} (none yet, or
+    the registry does not say)."""
+    if not ds.get("last_refresh"):
+        return {}
+    totals = ds.get("last_totals")
+    if isinstance(totals, dict):
+        return totals
+    run = ds.get("last_run")
+    return run if isinstance(run, dict) and run.get("complete") and not run.get("resumed") else {}
+
+
+def rescue_dest(ds, scratch_root=None):
+    """Where a dataset's copies are: its --rescue-to, else where its last complete `rescue
+    --to` went; None when neither, or when that lies in scratch (no safe place: a copy
+    there is purged as its source is; `add` and `extend` refuse one, a hand edit may not)."""
+    dest = ds.get("rescue_to") or (ds.get("last_rescue") or {}).get("to")
+    if dest and scratch_root and (is_below(os.path.realpath(dest),
+                                           os.path.realpath(scratch_root))
+                                  or os.path.realpath(dest) == os.path.realpath(scratch_root)):
+        return None
+    return dest
+
+
+def copies_cover(ds):
+    """How many of the at-risk entries of ds's owner that its last complete walk found have
+    no copy, as its last complete rescue of that walk's manifest left them; None when no
+    such rescue happened (then none of them is known to have a copy)."""
+    r = ds.get("last_rescue")
+    same_walk = (r.get("manifest_seq") == ds.get("last_manifest_seq")
+                 if isinstance(r, dict) and "last_manifest_seq" in ds else
+                 isinstance(r, dict) and r.get("walk_started") == ds.get("last_refresh_start"))
+    if not same_walk or r.get("to") != rescue_dest(ds):    # or copies made elsewhere
+        return None
+    return max(0, int(r.get("entries_not_rescued", 0)) - int(r.get("entries_not_owned", 0)))
+
+
+def remaining_risk(ds):
+    """What is still at risk after the last complete walk, or None before one: {"at_risk",
+    "purge_eligible" (every owner's), "own_at_risk", "own_purge_eligible" (the user's own,
+    less those with a copy), "others_at_risk"}. A touch walk refreshed every old entry it could: what it left
+    is others' (its failures are errors). A check walk left all it found."""
+    t = last_walk_totals(ds)
+    if not t:
+        return None
+    theirs_risk = t.get("entries_at_risk_not_owned", 0)
+    theirs_elig = t.get("entries_purge_eligible_not_owned", 0)
+    if ds.get("last_mode") == "touch":
+        at_risk, elig, own_risk, own_elig = theirs_risk, theirs_elig, 0, 0
+    else:
+        at_risk, elig = t.get("entries_at_risk", 0), t.get("entries_purge_eligible", 0)
+        own_risk, own_elig = max(0, at_risk - theirs_risk), max(0, elig - theirs_elig)
+    uncovered = copies_cover(ds)
+    if uncovered is not None:
+        own_risk, own_elig = min(own_risk, uncovered), min(own_elig, uncovered)
+    return {"at_risk": at_risk, "purge_eligible": elig, "own_at_risk": own_risk,
+            "own_purge_eligible": own_elig, "others_at_risk": theirs_risk}
+
+
+def risk_of(ds):
+    """What is still at risk after the last complete walk of either mode, every owner's
+    entries counted: purge-eligible, at-risk or none; None before any complete walk."""
+    rem = remaining_risk(ds)
+    if rem is None:
+        return None
+    if rem["purge_eligible"]:
+        return "purge-eligible"
+    return "at-risk" if rem["at_risk"] else "none"
+
+
+# What needs a dataset's user, most urgent first (the README's JSON section lists them).
+# The schedule is not a dataset's attention: it has its own line and key.
+ATTENTION = (
+    ("missing", "its root is missing"),
+    ("purged", "a purge took entries, and you have not listed them yet"),
+    ("purge-eligible", "entries of yours older than the purge age remain, with no copy"),
+    ("expired", "its keep-until date passed: it is no longer refreshed or checked"),
+    ("at-risk", "entries of yours at risk remain, with no copy"),
+    ("errors", "its last run had entry errors"),
+    ("stalled", "a walk stopped part-way and was not resumed within its cadence"),
+    ("expiring", "its keep-until date is 14 days away or less"),
+)
+ATTENTION_CODES = tuple(code for code, _ in ATTENTION)
+EXPIRING_DAYS = 14
+
+
+def run_errors(ds):
+    """Entry errors of the last run; of the whole walk when that run completed it (a
+    resumed walk's earlier runs count)."""
+    run = ds.get("last_run") or {}
+    whole = last_walk_totals(ds).get("errors", 0) if run.get("complete") else 0
+    return max(int(run.get("errors") or 0), int(whole or 0))
+
+
+def purge_unseen(ds, now):
+    """The dataset's purge record while it still asks to be looked at, else None: until
+    `files --vanished` has listed it, or PURGE_SEEN_DAYS after it was found."""
+    p = ds.get("purge")
+    if not isinstance(p, dict) or p.get("seen"):
+        return None
+    # Counted on the policy clock the finding walk ran on (`now`; the real `found` when
+    # absent), as every other rule is.
+    found = p.get("now") if _plausible(p.get("now"), 0, 1e11) else (
+        parse_iso(p["found"]) if isinstance(p.get("found"), str) else None)
+    return p if found is not None and now - found < PURGE_SEEN_DAYS * DAY else None
+
+
+def attention(ds, now, checkpoint=None):
+    """THE rule for what about dataset ds needs its user: a list of ATTENTION codes, most
+    urgent first, empty exactly when nothing does. From state alone, so that every view
+    (and --fail-on-risk) says the same, `status --brief` included, which looks at no
+    dataset: its registry entry, and checkpoint, its walk checkpoint (or None). A missing
+    root is what the last refresh found (`state`, for the schedule, looks now)."""
+    found = set()
+    if ds.get("missing_since"):
+        found.add("missing")
+    days_left = (parse_date(ds["keep_until"]) - utc_date(now)).days
+    if days_left < 0:
+        found.add("expired")        # no longer protected: nothing else is asked of it
+        return [c for c in ATTENTION_CODES if c in found]
+    if days_left <= EXPIRING_DAYS:
+        found.add("expiring")
+    if purge_unseen(ds, now):
+        found.add("purged")
+    rem = remaining_risk(ds)
+    if rem and rem["own_purge_eligible"]:
+        found.add("purge-eligible")
+    elif rem and rem["own_at_risk"]:
+        found.add("at-risk")
+    if run_errors(ds):
+        found.add("errors")
+    updated = (checkpoint or {}).get("updated")
+    if isinstance(updated, str) and parse_iso(updated) is not None and \
+            now - parse_iso(updated) > int(ds["cadence_days"]) * DAY:
+        found.add("stalled")
+    return [c for c in ATTENTION_CODES if c in found]
+
+
+# ------------------------------------------------- the walk engine: order, stack, cursor, runners
 
 _utimensat = None
 
@@ -3041,6 +3381,8 @@ class ManifestChunk(object):
 
 
 MANIFEST_RECORD_MAX = 64 * MiB     # what one record decodes to, at most (4,096 entries
+
+
 # with 16 KiB paths): a small record that inflates without end is damaged, not a hang
 
 
@@ -3707,336 +4049,8 @@ def find_purge(prev, new, purge_days, out, now):
                         likely_purged(kind, atime, prev_now, now, purge_days))
     return out.counts
 
-# ---------------------------------------------------------------- policy
 
-
-def profile_of(cfg):
-    return PROFILES[cfg["profile"]]
-
-
-def purge_days_of(cfg):
-    return int(cfg.get("purge_days") or profile_of(cfg)["purge_days"])
-
-
-def thresholds_days(cfg, cadence):
-    """(skip, at-risk, purge) ages in days for a cadence; see the contract."""
-    purge = purge_days_of(cfg)
-    return purge - cadence - 5, purge - cadence - 3, purge
-
-
-def thresholds_ns(cfg, cadence, now):
-    skip, risk, purge = thresholds_days(cfg, cadence)
-    now_ns = int(now * 1e9)
-    return (now_ns - skip * DAY * 10 ** 9, now_ns - risk * DAY * 10 ** 9,
-            now_ns - purge * DAY * 10 ** 9)
-
-
-def dataset_mode(cfg, ds, force_check=False):
-    if force_check:
-        return "check"
-    return "touch" if (profile_of(cfg)["touch_allowed"] or ds.get("approval")) else "check"
-
-
-def on_br200():
-    """True where Big Red 200's scratch filesystem is mounted (the parent of br200's root)."""
-    return os.path.isdir(os.path.dirname(PROFILES["br200"]["scratch_root"]))
-
-
-def scratch_root_of(cfg, env):
-    return env.get("SCRATCH_KEEPALIVE_SCRATCH_ROOT") or cfg.get("scratch_root")
-
-
-def root_present(path):
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except OSError:
-        return False
-
-
-def _walk_start_text(ds, mode):
-    """The recorded start of the last complete walk of this mode (ISO text), or None.
-
-    A registry written before last_touch_start and last_check_start existed knows only
-    the last complete walk of either mode: it stands for the mode it was in.
-    """
-    key = "last_%s_start" % mode
-    if key in ds:
-        text = ds[key]
-    elif ds.get("last_mode") == mode:
-        text = ds.get("last_refresh_start") or ds.get("last_refresh")
-    else:
-        text = None
-    return text if isinstance(text, str) else None
-
-
-def walk_start(ds, mode):
-    """When the last complete walk of this mode (touch or check) started (epoch), or None."""
-    text = _walk_start_text(ds, mode)
-    return parse_iso(text) if text else None
-
-
-def record_walk(ds, mode, walk_started, finished):
-    """What a complete, non-dry-run walk records in its registry entry (ISO times).
-
-    Only such a walk may call this: a check walk moves only the check record, so a
-    touch-mode dataset never looks refreshed by one; dry runs and stopped walks record
-    nothing. last_refresh, last_refresh_start and last_mode cover either mode.
-    """
-    for m in ("touch", "check"):
-        ds["last_%s_start" % m] = _walk_start_text(ds, m)     # an older registry's, kept
-    ds["last_%s_start" % mode] = walk_started
-    ds["last_refresh"] = finished
-    ds["last_refresh_start"] = walk_started
-    ds["last_mode"] = mode
-
-
-def schedule_cadence(store):
-    """The installed schedule's cadence in days, or None (none installed, or unreadable:
-    doctor reports that; the rules then fall back to the dataset's own cadence)."""
-    try:
-        doc = load_schedule(store)
-    except StateError:
-        return None
-    cadence = doc.get("cadence_days") if isinstance(doc, dict) else None
-    if isinstance(cadence, bool) or not isinstance(cadence, int) or cadence < 1:
-        return None
-    return cadence
-
-
-def threshold_cadence(ds, sched_cadence):
-    """The cadence the skip and at-risk thresholds assume: a dataset is walked no more
-    often than the schedule runs, so the larger of its cadence and the schedule's."""
-    return max(int(ds["cadence_days"]), sched_cadence or 0)
-
-
-# -- due: three rules, side by side. Each answers its own question, so each counts from
-# its own walk over its own span (C: the dataset's cadence, S: the schedule's):
-#  - the schedule's, is_due(): does this `refresh --due` walk the dataset? C - S + 1 days
-#    from the START of the last complete walk of the dataset's own mode: the schedule's
-#    promise needs exactly that (see is_due), and a check walk, dry run or stopped walk
-#    must not make a touch-mode dataset look refreshed.
-#  - the people's, state_due_at(): the `due` that `list` and `status` show, "every C
-#    days" as a person reads it: C - 1 days from that same start. The contract fixes its
-#    meaning; the schedule never selects by it.
-#  - doctor's, overdue_at(): has the machinery stopped? Any complete walk, of either mode,
-#    shows that the schedule ran, so it counts from the END of the last one (or the
-#    dataset's addition), C + OVERDUE_DAYS days: a working schedule's runs can be C + 3
-#    days apart (cron_schedule: days 1 and 15 leave 17 days after a 31-day month's 15th),
-#    and the run then needs time to finish its walk; one more day covers that.
-
-OVERDUE_DAYS = 4        # doctor's overdue: this many days past the cadence
-
-
-def schedule_due_at(last_start, cadence, sched_cadence):
-    """When the schedule's rule makes a dataset due again, its last complete walk of its
-    mode having started at last_start (see is_due)."""
-    return last_start + (int(cadence) - int(sched_cadence or cadence) + 1) * DAY
-
-
-def is_due(last_start, cadence, sched_cadence, now):
-    """The schedule's due rule (`refresh --due`), for a dataset of one mode.
-
-    Due unless its last complete walk of that mode started less than (cadence -
-    schedule cadence + 1) days ago; the schedule's cadence is the installed one, else
-    the dataset's own (24 hours). Why: a complete touch walk at W leaves entries up to
-    skip days old, and the run after one that skips the dataset can be schedule cadence
-    + 3 days away; this rule keeps the next walk within cadence + 4 days of W.
-    """
-    return last_start is None or now >= schedule_due_at(last_start, cadence, sched_cadence)
-
-
-def state_due_at(start, cadence):
-    """When the people's `state` turns `due`: cadence - 1 days after start, the start of
-    the last complete walk of the dataset's mode."""
-    return start + (int(cadence) - 1) * DAY
-
-
-def overdue_at(ds):
-    """When doctor calls dataset ds overdue (a FAIL: its walks stopped coming): cadence +
-    OVERDUE_DAYS days after its last complete walk of either mode ended, or after it was
-    added when never walked; None when the registry says neither."""
-    text = ds.get("last_refresh") or ds.get("added")
-    since = parse_iso(text) if isinstance(text, str) else None
-    return None if since is None else since + (int(ds["cadence_days"]) + OVERDUE_DAYS) * DAY
-
-
-def resumable(ckpt, ds, mode, due_run, sched_cadence, now):
-    """Whether a walk continues from this checkpoint instead of starting over.
-
-    Only a walk of the same mode and path continues. And a `refresh --due` run starts
-    over a walk that another refresh began (a manual one, stopped) once that walk is due
-    by the rule: completing it would record its old start, so the schedule's next walk
-    would come a full run too late for the entries it reached back then. Walks that
-    `refresh --due` began always continue (a long walk spread over many continuations
-    must finish).
-    """
-    if ckpt is None or ckpt.get("mode") != mode or ckpt.get("path") != ds["path"]:
-        return False
-    if not due_run or ckpt.get("due_run", True) is not False:
-        return True
-    text = ckpt.get("walk_started")
-    started = parse_iso(text) if isinstance(text, str) else None
-    return not is_due(started, threshold_cadence(ds, sched_cadence), sched_cadence, now)
-
-
-def dataset_state(store, ds, now, mode=None):
-    """missing, expired, disabled, partial, never, due or ok: the first that applies.
-
-    `due` is the people's rule (state_due_at), for the last complete walk of mode (None:
-    the mode of its last walk); `refresh --due` selects by the schedule's (is_due).
-    """
-    if not root_present(ds["path"]):
-        return "missing"
-    if parse_date(ds["keep_until"]) < utc_date(now):
-        return "expired"
-    if not ds.get("enabled", True):
-        return "disabled"
-    if store.checkpoint_exists(ds["name"]):
-        return "partial"
-    if not ds.get("last_refresh"):
-        return "never"
-    start = walk_start(ds, mode or ds.get("last_mode") or "touch")
-    return "due" if start is None or now >= state_due_at(start, ds["cadence_days"]) else "ok"
-
-
-def last_walk_totals(ds):
-    """The counts of the last complete walk (of either mode) as a whole, or {} (none yet, or
-    the registry does not say)."""
-    if not ds.get("last_refresh"):
-        return {}
-    totals = ds.get("last_totals")
-    if isinstance(totals, dict):
-        return totals
-    run = ds.get("last_run")
-    return run if isinstance(run, dict) and run.get("complete") and not run.get("resumed") else {}
-
-
-def rescue_dest(ds, scratch_root=None):
-    """Where a dataset's copies are: its --rescue-to, else where its last complete `rescue
-    --to` went; None when neither, or when that lies in scratch (no safe place: a copy
-    there is purged as its source is; `add` and `extend` refuse one, a hand edit may not)."""
-    dest = ds.get("rescue_to") or (ds.get("last_rescue") or {}).get("to")
-    if dest and scratch_root and (is_below(os.path.realpath(dest),
-                                           os.path.realpath(scratch_root))
-                                  or os.path.realpath(dest) == os.path.realpath(scratch_root)):
-        return None
-    return dest
-
-
-def copies_cover(ds):
-    """How many of the at-risk entries of ds's owner that its last complete walk found have
-    no copy, as its last complete rescue of that walk's manifest left them; None when no
-    such rescue happened (then none of them is known to have a copy)."""
-    r = ds.get("last_rescue")
-    same_walk = (r.get("manifest_seq") == ds.get("last_manifest_seq")
-                 if isinstance(r, dict) and "last_manifest_seq" in ds else
-                 isinstance(r, dict) and r.get("walk_started") == ds.get("last_refresh_start"))
-    if not same_walk or r.get("to") != rescue_dest(ds):    # or copies made elsewhere
-        return None
-    return max(0, int(r.get("entries_not_rescued", 0)) - int(r.get("entries_not_owned", 0)))
-
-
-def remaining_risk(ds):
-    """What is still at risk after the last complete walk, or None before one: {"at_risk",
-    "purge_eligible" (every owner's), "own_at_risk", "own_purge_eligible" (the user's own,
-    less those with a copy), "others_at_risk"}. A touch walk refreshed every old entry it could: what it left
-    is others' (its failures are errors). A check walk left all it found."""
-    t = last_walk_totals(ds)
-    if not t:
-        return None
-    theirs_risk = t.get("entries_at_risk_not_owned", 0)
-    theirs_elig = t.get("entries_purge_eligible_not_owned", 0)
-    if ds.get("last_mode") == "touch":
-        at_risk, elig, own_risk, own_elig = theirs_risk, theirs_elig, 0, 0
-    else:
-        at_risk, elig = t.get("entries_at_risk", 0), t.get("entries_purge_eligible", 0)
-        own_risk, own_elig = max(0, at_risk - theirs_risk), max(0, elig - theirs_elig)
-    uncovered = copies_cover(ds)
-    if uncovered is not None:
-        own_risk, own_elig = min(own_risk, uncovered), min(own_elig, uncovered)
-    return {"at_risk": at_risk, "purge_eligible": elig, "own_at_risk": own_risk,
-            "own_purge_eligible": own_elig, "others_at_risk": theirs_risk}
-
-
-def risk_of(ds):
-    """What is still at risk after the last complete walk of either mode, every owner's
-    entries counted: purge-eligible, at-risk or none; None before any complete walk."""
-    rem = remaining_risk(ds)
-    if rem is None:
-        return None
-    if rem["purge_eligible"]:
-        return "purge-eligible"
-    return "at-risk" if rem["at_risk"] else "none"
-
-
-# What needs a dataset's user, most urgent first (the README's JSON section lists them).
-# The schedule is not a dataset's attention: it has its own line and key.
-ATTENTION = (
-    ("missing", "its root is missing"),
-    ("purged", "a purge took entries, and you have not listed them yet"),
-    ("purge-eligible", "entries of yours older than the purge age remain, with no copy"),
-    ("expired", "its keep-until date passed: it is no longer refreshed or checked"),
-    ("at-risk", "entries of yours at risk remain, with no copy"),
-    ("errors", "its last run had entry errors"),
-    ("stalled", "a walk stopped part-way and was not resumed within its cadence"),
-    ("expiring", "its keep-until date is 14 days away or less"),
-)
-ATTENTION_CODES = tuple(code for code, _ in ATTENTION)
-EXPIRING_DAYS = 14
-
-
-def run_errors(ds):
-    """Entry errors of the last run; of the whole walk when that run completed it (a
-    resumed walk's earlier runs count)."""
-    run = ds.get("last_run") or {}
-    whole = last_walk_totals(ds).get("errors", 0) if run.get("complete") else 0
-    return max(int(run.get("errors") or 0), int(whole or 0))
-
-
-def purge_unseen(ds, now):
-    """The dataset's purge record while it still asks to be looked at, else None: until
-    `files --vanished` has listed it, or PURGE_SEEN_DAYS after it was found."""
-    p = ds.get("purge")
-    if not isinstance(p, dict) or p.get("seen"):
-        return None
-    # Counted on the policy clock the finding walk ran on (`now`; the real `found` when
-    # absent), as every other rule is.
-    found = p.get("now") if _plausible(p.get("now"), 0, 1e11) else (
-        parse_iso(p["found"]) if isinstance(p.get("found"), str) else None)
-    return p if found is not None and now - found < PURGE_SEEN_DAYS * DAY else None
-
-
-def attention(ds, now, checkpoint=None):
-    """THE rule for what about dataset ds needs its user: a list of ATTENTION codes, most
-    urgent first, empty exactly when nothing does. From state alone, so that every view
-    (and --fail-on-risk) says the same, `status --brief` included, which looks at no
-    dataset: its registry entry, and checkpoint, its walk checkpoint (or None). A missing
-    root is what the last refresh found (`state`, for the schedule, looks now)."""
-    found = set()
-    if ds.get("missing_since"):
-        found.add("missing")
-    days_left = (parse_date(ds["keep_until"]) - utc_date(now)).days
-    if days_left < 0:
-        found.add("expired")        # no longer protected: nothing else is asked of it
-        return [c for c in ATTENTION_CODES if c in found]
-    if days_left <= EXPIRING_DAYS:
-        found.add("expiring")
-    if purge_unseen(ds, now):
-        found.add("purged")
-    rem = remaining_risk(ds)
-    if rem and rem["own_purge_eligible"]:
-        found.add("purge-eligible")
-    elif rem and rem["own_at_risk"]:
-        found.add("at-risk")
-    if run_errors(ds):
-        found.add("errors")
-    updated = (checkpoint or {}).get("updated")
-    if isinstance(updated, str) and parse_iso(updated) is not None and \
-            now - parse_iso(updated) > int(ds["cadence_days"]) * DAY:
-        found.add("stalled")
-    return [c for c in ATTENTION_CODES if c in found]
-
-# ---------------------------------------------------------------- context
+# ---------------------------------------------------------------- commands: the context
 
 
 class Context(object):
@@ -4081,13 +4095,8 @@ def _get(reg, name):
             name, " (did you mean %r?)" % close[0] if close else "", PROG))
     return ds
 
-# ---------------------------------------------------------------- API: init, add, list, status
 
-
-def init(profile=None, scratch_root=None, purge_days=None, state_dir=None, env=None):
-    """Create or update the config. Returns {"config": ..., "changed": bool, "warnings": [...]}."""
-    ctx = _ctx(state_dir, env)
-    return _init(ctx, profile, scratch_root, purge_days)
+# -------------------------------------------------------------- commands: init, add, list, status
 
 
 def _init(ctx, profile, scratch_root, purge_days):
@@ -4170,17 +4179,6 @@ def _init_state_dir_warnings(store, name, root):
                          "SCRATCH_KEEPALIVE_HOME" % (store.dir, root))
     return ["the state directory %s lies inside the scratch root %s: a purge could "
             "delete it; prefer a directory in your home" % (store.dir, root)]
-
-
-def add_dataset(name, path, keep_until, cadence_days=None, approval=None, state_dir=None,
-                env=None, manifest=True, rescue_to=None):
-    """Register a dataset and write its sentinel. Returns the dataset's list entry.
-
-    manifest=False: its walks write no manifest (no `files`, `rescue` or vanished counts).
-    rescue_to: a directory every scheduled walk then rescues to (see rescue())."""
-    ctx = _ctx(state_dir, env)
-    return _add(ctx, name, path, keep_until, cadence_days, approval, rescue_to,
-                manifest=manifest)
 
 
 def _check_keep_until(text, now):
@@ -4331,22 +4329,12 @@ def last_purge(ds):
         "found", "walk_started", "previous_walk_started", "dest", "seen"))
 
 
-def list_datasets(state_dir=None, env=None):
-    """The registered datasets as the list of dicts `list --json` prints."""
-    return _list(_ctx(state_dir, env))
-
-
 def _list(ctx):
     reg = ctx.store.load_registry()
     if not reg["datasets"]:
         return []
     cfg = ctx.config()
     return [_list_entry(ctx, cfg, reg["datasets"][n]) for n in sorted(reg["datasets"])]
-
-
-def status(name=None, state_dir=None, env=None):
-    """One dataset's status dict (name given) or a list of them, as `status --json` prints."""
-    return _status(_ctx(state_dir, env), name)
 
 
 def _status_entry(ctx, cfg, ds):
@@ -4414,12 +4402,6 @@ def _status(ctx, name=None, with_schedule=True):
         for e in entries:
             e["schedule"] = None if sched is None else dict(sched)
     return entries
-
-
-def brief(state_dir=None, env=None):
-    """What needs attention, as `status --brief --json` prints it: a list of {"name" (None
-    for the schedule), "kind", "message", "command", "attention"}; empty when nothing does."""
-    return _brief(_ctx(state_dir, env))
 
 
 def _brief(ctx):
@@ -4562,16 +4544,8 @@ def _scheduled_run_failed(last):
             said or "no continuation was booked")
     return "failed (exit %d)" % code
 
-# ---------------------------------------------------------------- API: extend, enable, remove
 
-
-def extend(name, keep_until=None, approval=None, cadence_days=None, state_dir=None, env=None,
-           rescue_to=None, manifest=None):
-    """Move a keep-until date, record a site approval, change the cadence, set (or with
-    "none" clear) the directory scheduled walks rescue to, turn manifests on or off
-    (manifest True/False). Returns the entry."""
-    return _extend(_ctx(state_dir, env), name, keep_until, approval, cadence_days, rescue_to,
-                   manifest=manifest)
+# --------------------------------------------------------------- commands: extend, enable, remove
 
 
 def _extend(ctx, name, keep_until, approval, cadence_days=None, rescue_to=None, manifest=None):
@@ -4613,11 +4587,6 @@ def _extend(ctx, name, keep_until, approval, cadence_days=None, rescue_to=None, 
     return _list_entry(ctx, cfg, ds)
 
 
-def set_enabled(name, enabled, state_dir=None, env=None):
-    """Enable or disable one dataset. Returns the list entry."""
-    return _set_enabled(_ctx(state_dir, env), name, enabled)
-
-
 def _set_enabled(ctx, name, enabled):
     cfg = ctx.config()
     check_name(name)
@@ -4625,11 +4594,6 @@ def _set_enabled(ctx, name, enabled):
         ds = _get(reg, name)
         ds["enabled"] = bool(enabled)
     return _list_entry(ctx, cfg, ds)
-
-
-def remove_dataset(name, state_dir=None, env=None):
-    """Unregister a dataset, delete its sentinel and checkpoint. Its data is never touched."""
-    return _remove(_ctx(state_dir, env), name)
 
 
 def _remove(ctx, name):
@@ -4650,6 +4614,7 @@ def _remove(ctx, name):
         os.unlink(store.lock_path(name))
     return {"name": name, "path": ds["path"], "sentinel_deleted": sentinel_deleted}
 
+
 def _delete_sentinel_of(ctx, ds):
     """Delete a dataset's sentinel through its root fd; never through a symlinked parent."""
     try:
@@ -4661,7 +4626,8 @@ def _delete_sentinel_of(ctx, ds):
     finally:
         os.close(root_fd)
 
-# ---------------------------------------------------------------- API: files
+
+# ---------------------------------------------------------------- commands: files
 #
 # `files` lists entries of the last complete manifest (or what vanished between the two
 # newest), classified as of the walk that wrote it, streamed: one chunk of the manifest
@@ -4903,16 +4869,6 @@ class FileList(object):
                    copy_of(self.dest, key, kind, size, d.get("m")))
 
 
-def files(name, kind=None, older_than=None, state_dir=None, env=None):
-    """The entries of dataset name's last complete walk, as an iterator of dicts (path,
-    kind, size, atime ISO, touched; path_b64 for a path that is not UTF-8; for
-    kind="vanished", reason). kind: None (every entry), "at-risk", "purge-eligible" or
-    "vanished"; older_than: days. Errors (unknown dataset, no manifest) are raised here,
-    before the first entry; the manifest is read as the iterator is."""
-    listing = _files(_ctx(state_dir, env), name, kind, older_than)
-    return (file_doc(*item) for item in listing.items())
-
-
 def _files(ctx, name, kind, older_than):
     kind, older_than = _check_files_kind(kind), _check_older_than(older_than)
     cfg = ctx.config()
@@ -4938,7 +4894,8 @@ def mark_purge_seen(store, name, file):
     finally:
         lock.release()
 
-# ---------------------------------------------------------------- refresh engine
+
+# ---------------------------------------------------------------- dataset runs: refresh
 
 
 class RefreshOptions(object):
@@ -5013,23 +4970,6 @@ def empty_result(name, mode, reason=None):
     if reason is not None:
         result["reason"] = reason
     return result
-
-
-def refresh(name=None, due=False, check=False, dry_run=False, max_seconds=None,
-            max_entries=None, threads=None, state_dir=None, env=None, should_stop=None,
-            progress=None, workers=None, no_manifest=False, fail_on_risk=False):
-    """Refresh (or check) datasets. Returns {"results": [...], "exit_code": N, "notes": [...]}.
-
-    should_stop() may return "term", "hup" or "int" to stop the walk at the next
-    entry, with the checkpoint saved. No printing, no signal handlers. fail_on_risk:
-    exit_code is risk_exit_code()'s, and "risk" lists (name, what was found) for the
-    datasets whose walk made it 1.
-    """
-    ctx = _ctx(state_dir, env)
-    opts = RefreshOptions(name, due, check, dry_run, max_seconds, max_entries, threads,
-                          workers=workers, no_manifest=no_manifest,
-                          fail_on_risk=fail_on_risk)
-    return _refresh(ctx, opts, should_stop=should_stop, progress=progress)
 
 
 def _select(ctx, cfg, reg, opts):
@@ -5246,7 +5186,6 @@ def _refresh_one(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
     name = ds["name"]
     if not root_present(ds["path"]):
         raise Failure("dataset %r: its root %s is missing" % (name, ds["path"]))
-    _test_pause(ctx.env, "before-lock")
     lock = None if opts.dry_run else DatasetLock(store, name).acquire()
     try:
         # Read again under the lock: a `remove` (or a remove and re-add elsewhere) may have
@@ -5284,22 +5223,6 @@ def _gone_result(ds, mode, current, opts):
         r["reason"] = ("its path changed to %s while this refresh was starting; nothing was "
                        "walked (refresh it again)" % display_path(current["path"]))
     return r, (EXIT_FAIL if opts.name is not None else EXIT_OK)
-
-
-def _test_pause(env, point):
-    """A test seam, not an interface: with _SCRATCH_KEEPALIVE_TEST_PAUSE=POINT:DIR the run
-    creates DIR/POINT.waiting at this point and waits (60 s at most) for DIR/POINT.go, so a
-    test can run another command in a window that is otherwise too short to hit."""
-    spec = env.get("_SCRATCH_KEEPALIVE_TEST_PAUSE", "")
-    want, _, directory = spec.partition(":")
-    if want != point or not directory:
-        return
-    with open(os.path.join(directory, point + ".waiting"), "w"):
-        pass
-    deadline = time.monotonic() + 60
-    while not os.path.exists(os.path.join(directory, point + ".go")) and \
-            time.monotonic() < deadline:
-        time.sleep(0.01)
 
 
 def _walk_dataset(ctx, cfg, ds, mode, opts, budget, should_stop, progress, root_fd=None):
@@ -5656,7 +5579,8 @@ class DatasetRun(object):
             update_sentinel(self.ds["path"] if self.root_fd is None else self.root_fd, cur)
         self.store.prune_logs(self.name)
 
-# ---------------------------------------------------------------- rescue
+
+# ---------------------------------------------------------------- dataset runs: rescue (copy)
 #
 # `rescue` copies entries of a dataset's last complete manifest to safe storage, as
 # DIR/<path relative to the root>. What it promises:
@@ -5872,21 +5796,6 @@ class RescueOptions(object):
         self.max_seconds, self.max_entries = max_seconds, max_entries
         self.checkpoint_every = checkpoint_every
         self.threads = threads      # copies in flight; None: default_parallelism() decides
-
-
-def rescue(name, to, all=False, dry_run=False, max_seconds=None, max_entries=None,
-           state_dir=None, env=None, should_stop=None, progress=None,
-           checkpoint_every=CHECKPOINT_SECONDS, threads=None):
-    """Copy the entries of dataset name's last complete walk that were at risk (all=True:
-    every entry) to directory `to`, resumably. Returns the result (see README, "JSON
-    output"), its exit_code included; raises UsageError (nothing copied) for a destination
-    it refuses. should_stop() as for refresh(); progress(name, entries_done,
-    entries_total, bytes_copied, bytes_total, seconds) is called now and then; threads:
-    copies in flight (default: default_parallelism()'s threads)."""
-    ctx = _ctx(state_dir, env)
-    opts = RescueOptions(name, to, all, dry_run, max_seconds, max_entries, checkpoint_every,
-                         threads=threads)
-    return _rescue(ctx, opts, Budget(max_seconds, max_entries), should_stop, progress)
 
 
 def _rescue(ctx, opts, budget, should_stop=None, progress=None):
@@ -6845,7 +6754,7 @@ def describe_rescue(r):
     return "%s: %s; %s" % (name, body, run_state(r, "rescue"))
 
 
-# ---------------------------------------------------------------- Slurm: run, render, install
+# ---------------------------------------------------------------- Slurm and the schedule
 
 SCRON_BEGIN = "# BEGIN scratch-keepalive: managed by `scratch-keepalive install-cron`; do not edit"
 SCRON_END = "# END scratch-keepalive"
@@ -7249,20 +7158,6 @@ def load_schedule(store):
 def save_schedule(store, doc):
     atomic_write(store.schedule_path, dump_json(dict(doc, format=FORMAT)))
 
-# ---------------------------------------------------------------- API: schedule
-
-
-def install_cron(method="auto", account=None, partition=None, cpus=None, mem=None,
-                 time_limit=None, cadence_days=None, dry_run=False, reinstall=False,
-                 state_dir=None, env=None, runner=None, mail_user=None):
-    """Install (or with dry_run, render) the Slurm schedule. Returns a dict describing it.
-
-    mail_user: Slurm mails that address when a scheduled job fails, and the job runs
-    `refresh --due --fail-on-risk` (risk found is such a failure)."""
-    ctx = _ctx(state_dir, env, runner)
-    return _install_cron(ctx, CronRequest(method, account, partition, cpus, mem, time_limit,
-                                          cadence_days, dry_run, reinstall, mail_user))
-
 
 def _schedule_request(ctx, cfg, old, req):
     """Validate and complete the job request from req, the old schedule, the profile.
@@ -7474,12 +7369,6 @@ def _remove_cron_block(ctx):
     return ["the scrontab block"]
 
 
-def uninstall_cron(state_dir=None, env=None, runner=None):
-    """Remove the schedule: job script, scrontab block, pending jobs. Returns what was removed."""
-    ctx = _ctx(state_dir, env, runner)
-    return _uninstall_cron(ctx)
-
-
 def _uninstall_cron(ctx):
     with ctx.store.schedule_lock():
         return _uninstall_cron_locked(ctx)
@@ -7626,7 +7515,8 @@ def _continue_soon(ctx, method, doc):
     job = slurm.submit(opts + ["--begin=now+1hour", "--no-requeue", "--wrap", sched.command()])
     return "continuation job %s submitted" % job
 
-# ---------------------------------------------------------------- API: doctor and repair
+
+# ---------------------------------------------------------------- doctor and repair
 
 
 class Check(object):
@@ -7639,12 +7529,6 @@ class Check(object):
     def as_dict(self):
         return {"name": self.name, "ok": self.level in ("ok", "info"), "level": self.level,
                 "message": self.message}
-
-
-def doctor(state_dir=None, env=None, runner=None):
-    """Check everything; returns {"ok": bool, "checks": [{"name", "ok", "level", "message"}]}."""
-    ctx = _ctx(state_dir, env, runner)
-    return _doctor(ctx)
 
 
 def _doctor(ctx):
@@ -8144,16 +8028,6 @@ def _check_quota(ctx, root, runner=None):
         used_kb, hard_kb or "unlimited", files, hard_files or "unlimited"))]
 
 
-def repair(dry_run=False, state_dir=None, env=None, runner=None):
-    """Mend what doctor finds, where mending is safe. Returns {"actions": [...], "left": [...]}.
-
-    Never deletes or modifies user data and never touches a timestamp in a dataset:
-    damaged state is set aside (renamed), not deleted.
-    """
-    ctx = _ctx(state_dir, env, runner)
-    return _repair(ctx, dry_run)
-
-
 _SET_ASIDE_RE = _LazyPattern(r"\.corrupt-\d{8}T\d{6}Z(-\d+)?$")     # _set_aside()'s names
 
 
@@ -8592,7 +8466,139 @@ def _repair_schedule(ctx, cfg, reg, dry_run, left):
             left.append(c.message)
     return actions
 
-# ---------------------------------------------------------------- output
+
+# ---------------------------------------------------------------- public API
+
+
+def init(profile=None, scratch_root=None, purge_days=None, state_dir=None, env=None):
+    """Create or update the config. Returns {"config": ..., "changed": bool, "warnings": [...]}."""
+    ctx = _ctx(state_dir, env)
+    return _init(ctx, profile, scratch_root, purge_days)
+
+
+def add_dataset(name, path, keep_until, cadence_days=None, approval=None, state_dir=None,
+                env=None, manifest=True, rescue_to=None):
+    """Register a dataset and write its sentinel. Returns the dataset's list entry.
+
+    manifest=False: its walks write no manifest (no `files`, `rescue` or vanished counts).
+    rescue_to: a directory every scheduled walk then rescues to (see rescue())."""
+    ctx = _ctx(state_dir, env)
+    return _add(ctx, name, path, keep_until, cadence_days, approval, rescue_to,
+                manifest=manifest)
+
+
+def list_datasets(state_dir=None, env=None):
+    """The registered datasets as the list of dicts `list --json` prints."""
+    return _list(_ctx(state_dir, env))
+
+
+def status(name=None, state_dir=None, env=None):
+    """One dataset's status dict (name given) or a list of them, as `status --json` prints."""
+    return _status(_ctx(state_dir, env), name)
+
+
+def brief(state_dir=None, env=None):
+    """What needs attention, as `status --brief --json` prints it: a list of {"name" (None
+    for the schedule), "kind", "message", "command", "attention"}; empty when nothing does."""
+    return _brief(_ctx(state_dir, env))
+
+
+def extend(name, keep_until=None, approval=None, cadence_days=None, state_dir=None, env=None,
+           rescue_to=None, manifest=None):
+    """Move a keep-until date, record a site approval, change the cadence, set (or with
+    "none" clear) the directory scheduled walks rescue to, turn manifests on or off
+    (manifest True/False). Returns the entry."""
+    return _extend(_ctx(state_dir, env), name, keep_until, approval, cadence_days, rescue_to,
+                   manifest=manifest)
+
+
+def set_enabled(name, enabled, state_dir=None, env=None):
+    """Enable or disable one dataset. Returns the list entry."""
+    return _set_enabled(_ctx(state_dir, env), name, enabled)
+
+
+def remove_dataset(name, state_dir=None, env=None):
+    """Unregister a dataset, delete its sentinel and checkpoint. Its data is never touched."""
+    return _remove(_ctx(state_dir, env), name)
+
+
+def files(name, kind=None, older_than=None, state_dir=None, env=None):
+    """The entries of dataset name's last complete walk, as an iterator of dicts (path,
+    kind, size, atime ISO, touched; path_b64 for a path that is not UTF-8; for
+    kind="vanished", reason). kind: None (every entry), "at-risk", "purge-eligible" or
+    "vanished"; older_than: days. Errors (unknown dataset, no manifest) are raised here,
+    before the first entry; the manifest is read as the iterator is."""
+    listing = _files(_ctx(state_dir, env), name, kind, older_than)
+    return (file_doc(*item) for item in listing.items())
+
+
+def refresh(name=None, due=False, check=False, dry_run=False, max_seconds=None,
+            max_entries=None, threads=None, state_dir=None, env=None, should_stop=None,
+            progress=None, workers=None, no_manifest=False, fail_on_risk=False):
+    """Refresh (or check) datasets. Returns {"results": [...], "exit_code": N, "notes": [...]}.
+
+    should_stop() may return "term", "hup" or "int" to stop the walk at the next
+    entry, with the checkpoint saved. No printing, no signal handlers. fail_on_risk:
+    exit_code is risk_exit_code()'s, and "risk" lists (name, what was found) for the
+    datasets whose walk made it 1.
+    """
+    ctx = _ctx(state_dir, env)
+    opts = RefreshOptions(name, due, check, dry_run, max_seconds, max_entries, threads,
+                          workers=workers, no_manifest=no_manifest,
+                          fail_on_risk=fail_on_risk)
+    return _refresh(ctx, opts, should_stop=should_stop, progress=progress)
+
+
+def rescue(name, to, all=False, dry_run=False, max_seconds=None, max_entries=None,
+           state_dir=None, env=None, should_stop=None, progress=None,
+           checkpoint_every=CHECKPOINT_SECONDS, threads=None):
+    """Copy the entries of dataset name's last complete walk that were at risk (all=True:
+    every entry) to directory `to`, resumably. Returns the result (see README, "JSON
+    output"), its exit_code included; raises UsageError (nothing copied) for a destination
+    it refuses. should_stop() as for refresh(); progress(name, entries_done,
+    entries_total, bytes_copied, bytes_total, seconds) is called now and then; threads:
+    copies in flight (default: default_parallelism()'s threads)."""
+    ctx = _ctx(state_dir, env)
+    opts = RescueOptions(name, to, all, dry_run, max_seconds, max_entries, checkpoint_every,
+                         threads=threads)
+    return _rescue(ctx, opts, Budget(max_seconds, max_entries), should_stop, progress)
+
+
+def install_cron(method="auto", account=None, partition=None, cpus=None, mem=None,
+                 time_limit=None, cadence_days=None, dry_run=False, reinstall=False,
+                 state_dir=None, env=None, runner=None, mail_user=None):
+    """Install (or with dry_run, render) the Slurm schedule. Returns a dict describing it.
+
+    mail_user: Slurm mails that address when a scheduled job fails, and the job runs
+    `refresh --due --fail-on-risk` (risk found is such a failure)."""
+    ctx = _ctx(state_dir, env, runner)
+    return _install_cron(ctx, CronRequest(method, account, partition, cpus, mem, time_limit,
+                                          cadence_days, dry_run, reinstall, mail_user))
+
+
+def uninstall_cron(state_dir=None, env=None, runner=None):
+    """Remove the schedule: job script, scrontab block, pending jobs. Returns what was removed."""
+    ctx = _ctx(state_dir, env, runner)
+    return _uninstall_cron(ctx)
+
+
+def doctor(state_dir=None, env=None, runner=None):
+    """Check everything; returns {"ok": bool, "checks": [{"name", "ok", "level", "message"}]}."""
+    ctx = _ctx(state_dir, env, runner)
+    return _doctor(ctx)
+
+
+def repair(dry_run=False, state_dir=None, env=None, runner=None):
+    """Mend what doctor finds, where mending is safe. Returns {"actions": [...], "left": [...]}.
+
+    Never deletes or modifies user data and never touches a timestamp in a dataset:
+    damaged state is set aside (renamed), not deleted.
+    """
+    ctx = _ctx(state_dir, env, runner)
+    return _repair(ctx, dry_run)
+
+
+# ---------------------------------------------------------------- CLI: output
 
 
 def invoked_as():
@@ -8836,7 +8842,8 @@ class Progress(object):
             self.stream.flush()
             self.shown = False
 
-# ---------------------------------------------------------------- command handlers
+
+# ---------------------------------------------------------------- CLI: command handlers
 
 
 def cmd_init(args, ctx):
@@ -9323,8 +9330,8 @@ def cmd_repair(args, ctx):
         say(ctx, "nothing to repair")
     return EXIT_OK
 
-# ---------------------------------------------------------------- parser
 
+# ---------------------------------------------------------------- CLI: parser
 
 EXAMPLES = """\
 examples:
@@ -9769,7 +9776,8 @@ def build_parser():
         add_command(subs)
     return parser
 
-# ---------------------------------------------------------------- main
+
+# ---------------------------------------------------------------- CLI: main
 
 
 def main(argv=None):

@@ -1,4 +1,6 @@
-"""Shared fixtures: an isolated state dir and scratch root, in-process and subprocess runners.
+"""The one test harness: an isolated state dir and scratch root, the environment of a tool
+run, in-process and subprocess runners, the error assertion, file and atime helpers, and a
+way to hold a running tool at a chosen point (the pause shim).
 
 Every test runs with a fixed policy clock (SCRATCH_KEEPALIVE_NOW), TZ=UTC and
 its own state directory; nothing reads or writes the real ~/.local/state.
@@ -29,6 +31,9 @@ NOW = "2030-01-01T00:00:00Z"
 NOW_EPOCH = sk.parse_iso(NOW)
 DAY = 86400
 KEEP = "2030-06-30"         # a keep-until date after NOW
+ERROR = "scratch-keepalive: error: "
+# Variables that would point a tool run at another scratch root, state dir or Slurm job.
+CLEARED_ENV = ("SCRATCH_KEEPALIVE_SCRATCH_ROOT", "XDG_STATE_HOME", "SLURM_JOB_ID", "SCRATCH")
 
 
 class Result(object):
@@ -57,7 +62,7 @@ def env(tmp_path, monkeypatch):
     }
     for k, v in values.items():
         monkeypatch.setenv(k, v)
-    for k in ("SCRATCH_KEEPALIVE_SCRATCH_ROOT", "XDG_STATE_HOME", "SLURM_JOB_ID", "SCRATCH"):
+    for k in CLEARED_ENV:
         monkeypatch.delenv(k, raising=False)
     (tmp_path / "home").mkdir()
     return {"state": state, "scratch": scratch, "tmp": tmp_path}
@@ -76,6 +81,34 @@ def cli(env):
             sys.stdout, sys.stderr = old
         return Result(rc, out.getvalue(), err.getvalue())
     return run
+
+
+def tool_env(state, **extra):
+    """The whole environment of a tool run in a subprocess (pass it with clean=True): this
+    process's without CLEARED_ENV, with state as its state dir, the fixed clock and UTC;
+    extra on top."""
+    env = dict((k, v) for k, v in os.environ.items() if k not in CLEARED_ENV)
+    env.update({"SCRATCH_KEEPALIVE_HOME": str(state), "SCRATCH_KEEPALIVE_NOW": NOW, "TZ": "UTC"})
+    env.update(extra)
+    return env
+
+
+def assert_error(r, code, *words, quiet=False):
+    """r failed with exit code `code` (None: any) and exactly one `scratch-keepalive: error:`
+    line on stderr that says every one of words, no traceback (and no internal error unless
+    words ask for one); quiet: and nothing on stdout. Returns the line."""
+    if code is not None:
+        assert r.rc == code, r
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(ERROR), r
+    for w in words:
+        assert w in lines[0], (w, r)
+    assert "Traceback" not in r.err, r
+    if "internal error" not in words:
+        assert "internal error" not in r.err, r
+    if quiet:
+        assert r.out == "", r
+    return lines[0]
 
 
 def run_command(argv, env=None, clean=False, user=None, prefix=(), input_text=None, cwd=None,
@@ -106,6 +139,55 @@ def run_script(*argv, python=None, script=None, **kw):
     return run_command([python or sys.executable, str(script or SCRIPT)] + list(argv), **kw)
 
 
+def start_script(*argv, env, python=None, script=None, **kw):
+    """The tool started as run_script runs it, but not waited for: a Popen in a session of
+    its own (so that `reaped` and a signal to its group reach its workers too), output piped;
+    env is its whole environment (tool_env)."""
+    cmd = [python or sys.executable, str(script or SCRIPT)] + [str(a) for a in argv]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, **kw)
+
+
+def run_in(state, *argv, **extra):
+    """The tool in a subprocess with state as its state dir (tool_env, extra added)."""
+    return run_script(*argv, env=tool_env(state, **extra), clean=True)
+
+
+def setup_dataset(state, scratch, path, name="ds"):
+    """init (generic profile, scratch root scratch) and add path as name, in subprocesses."""
+    r = run_in(state, "init", "--profile", "generic", "--scratch-root", scratch)
+    assert r.rc == 0, r
+    r = run_in(state, "add", "--name", name, "--path", path, "--keep-until", KEEP)
+    assert r.rc == 0, r
+
+
+OLD_ATIME = NOW_EPOCH - 400 * DAY       # older than any threshold: a walk would touch it
+
+
+def small_dataset(scratch, name="ds", files=40):
+    """scratch/name/sub with `files` one-byte files, every one at OLD_ATIME."""
+    root = Path(scratch) / name
+    (root / "sub").mkdir(parents=True)
+    for i in range(files):
+        (root / "sub" / ("f%02d" % i)).write_bytes(b"x")
+    for p in (root / "sub").iterdir():
+        set_atime(p, OLD_ATIME)
+    return root
+
+
+def atimes(root):
+    """{relative path: atime_ns} of the files below root but the sentinel (lstat; listing moves
+    no atime that matters here: only files' atimes are compared)."""
+    out = {}
+    for dirpath, dirs, files in os.walk(str(root)):
+        for n in files:
+            if n == ".scratch-keepalive":
+                continue
+            p = os.path.join(dirpath, n)
+            out[os.path.relpath(p, str(root))] = os.lstat(p).st_atime_ns
+    return out
+
+
 @pytest.fixture
 def generic(cli, env):
     """A generic-profile setup (purge 30 days) with an initialised state dir."""
@@ -125,10 +207,20 @@ def make_dataset(root, name="ds", files=3):
     return d
 
 
-def set_atime(path, epoch):
-    """Set atime (keeping mtime exactly) without following a symlink."""
-    st = os.lstat(str(path))
-    os.utime(str(path), ns=(int(epoch * 1e9), st.st_mtime_ns), follow_symlinks=False)
+def set_atime(path, epoch=None, ns=None):
+    """Set atime to epoch seconds (or ns nanoseconds), keeping mtime exactly, without
+    following a symlink. path may be str, bytes or a Path."""
+    path = path if isinstance(path, bytes) else str(path)
+    st = os.lstat(path)
+    ns = int(epoch * 1e9) if ns is None else ns
+    os.utime(path, ns=(ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def write_private(path, data):
+    """Write a state file the way the tool does (0600), so that only an injected fault shows."""
+    fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def snapshot(root):
@@ -163,6 +255,32 @@ def snapshot(root):
             except PermissionError:
                 continue
             stack.extend(os.path.join(rel, n) if rel else n for n in names)
+    return out
+
+
+def tree_bytes(*roots, skip=()):
+    """Everything under roots, symlinks not followed, to show that nothing changed:
+    {relative path: ("dir", mode) | ("link", target) | (mode, bytes)}, a directory's key
+    ending in "/"; with several roots each key starts with its root's name. Directories
+    named in skip (e.g. "locks", whose empty lock files a refused command may create) are
+    left out."""
+    out = {}
+    for root in roots:
+        root = str(root)
+        tag = os.path.basename(root) if len(roots) > 1 else ""
+        for dirpath, dirs, files in os.walk(root):
+            dirs[:] = [d for d in dirs if d not in skip]
+            rel = os.path.join(tag, os.path.relpath(dirpath, root))
+            out[rel + "/"] = ("dir", stat.S_IMODE(os.lstat(dirpath).st_mode))
+            for f in files:
+                p = os.path.join(dirpath, f)
+                st = os.lstat(p)
+                if stat.S_ISLNK(st.st_mode):
+                    out[os.path.normpath(os.path.join(rel, f))] = ("link", os.readlink(p))
+                else:
+                    with open(p, "rb") as fh:
+                        out[os.path.normpath(os.path.join(rel, f))] = (
+                            stat.S_IMODE(st.st_mode), fh.read())
     return out
 
 
@@ -268,3 +386,65 @@ def on_a_terminal(argv):
         seen += chunk
     os.close(master)
     return rc, seen.decode("utf-8", "replace")
+
+
+# ---------------------------------------------------------------- holding a run at a point
+
+@pytest.fixture(scope="session")
+def pause_shim(tmp_path_factory):
+    """The path of tests/pause_shim.c built as a shared object (skips without a C compiler).
+    See pause_env and wait_stopped."""
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler for the pause shim")
+    out = tmp_path_factory.mktemp("shim") / "pause_shim.so"
+    subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(out),
+                    str(Path(__file__).resolve().parent / "pause_shim.c"), "-ldl"], check=True)
+    return str(out)
+
+
+def pause_env(env, shim, on, path):
+    """env with the pause shim preloaded: the run (or a worker process of it) stops itself
+    (SIGSTOP) once, before its first stat of exactly path (on="stat"), before its first open
+    of it (on="open"), or with path half copied (on="copy")."""
+    return dict(env, LD_PRELOAD=" ".join(x for x in (shim, env.get("LD_PRELOAD")) if x),
+                PAUSE_SHIM_ON=on, PAUSE_SHIM_PATH=os.fsdecode(os.path.abspath(str(path))))
+
+
+def process_state(pid):
+    """The one-letter state of pid from /proc (R, S, T, Z, ...), or None once it is gone."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rpartition(")")[2].split()[0]
+    except OSError:
+        return None
+
+
+def process_group(pgid):
+    """The pids of process group pgid."""
+    pids = []
+    for n in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/stat" % n) as f:
+                fields = f.read().rpartition(")")[2].split()
+        except (OSError, ValueError):
+            continue
+        if n.isdigit() and int(fields[2]) == pgid:
+            pids.append(int(n))
+    return pids
+
+
+def wait_stopped(proc, what):
+    """Wait (polling, with poll's deadline) until proc, or a process of its group (a worker;
+    proc started in a session of its own), has stopped itself; fails if proc ends first."""
+    def stopped():
+        if proc.poll() is not None:
+            raise AssertionError("the run ended before %s: %r" % (what, proc.communicate()))
+        return any(process_state(pid) == "T" for pid in process_group(proc.pid))
+    poll(stopped, what)
+
+
+def go_on(proc, timeout=60):
+    """Let every process of proc's group go on (SIGCONT); its (out, err) when it ends."""
+    os.killpg(proc.pid, signal.SIGCONT)
+    return proc.communicate(timeout=timeout)

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from conftest import KEEP, NOW_EPOCH, DAY, SCRIPT, make_dataset, on_a_terminal, run_script, \
-    set_atime, snapshot
+from conftest import (KEEP, NOW_EPOCH, DAY, SCRIPT, assert_error, make_dataset, on_a_terminal,
+                      run_script, set_atime, snapshot)
 import scratch_keepalive as sk
 
 LIST_KEYS = {"name", "path", "enabled", "keep_until", "cadence_days", "approval", "mode",
@@ -31,16 +31,6 @@ def state_files(state):
             with open(p, "rb") as fh:
                 out[rel] = fh.read()
     return out
-
-
-def assert_error(r, code, *words):
-    assert r.rc == code, r
-    lines = r.err.strip().splitlines()
-    assert len(lines) == 1, r
-    assert lines[0].startswith("scratch-keepalive: error: "), r
-    for w in words:
-        assert w in lines[0], (w, r)
-    assert "Traceback" not in r.err
 
 
 def pin_last_start(env, name, epoch):

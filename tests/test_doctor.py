@@ -24,12 +24,13 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import KEEP, SCRIPT, make_dataset, nonroot_runner, run_script, snapshot
+from conftest import (KEEP, make_dataset, nonroot_runner, pause_env,  # noqa: F401
+                      pause_shim, poll, reaped, run_script, snapshot, start_script, tree_bytes,
+                      wait_stopped, write_private)
 from slurmbed import (JOB, USER, as_user, crontab, jobs, make_world,  # noqa: F401
                       need_scrontab, settle, slurm_turn, wait_done)
 import scratch_keepalive as sk
@@ -88,30 +89,6 @@ def assert_passes(cli, name):
     assert rc == 0 and report["ok"] is True, [c for c in report["checks"] if not c["ok"]]
 
 
-def state_bytes(state):
-    """Every directory and file under the state dir: mode and bytes (or the link target)."""
-    out = {}
-    for dirpath, dirs, files in os.walk(str(state)):
-        rel = os.path.relpath(dirpath, str(state))
-        out[rel + "/"] = stat.S_IMODE(os.lstat(dirpath).st_mode)
-        for f in files:
-            p = os.path.join(dirpath, f)
-            st = os.lstat(p)
-            if stat.S_ISLNK(st.st_mode):
-                out[os.path.join(rel, f)] = ("link", os.readlink(p))
-            else:
-                with open(p, "rb") as fh:
-                    out[os.path.join(rel, f)] = (stat.S_IMODE(st.st_mode), fh.read())
-    return out
-
-
-def write_private(path, data):
-    """Write a state file the way the tool does (0600), so that only the injected fault shows."""
-    fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-
-
 def plain(actions):
     """Actions with the set-aside time stamps blanked, for comparing two runs."""
     return sorted(re.sub(r"corrupt-\d{8}T\d{6}Z", "corrupt-T", a) for a in actions)
@@ -120,10 +97,10 @@ def plain(actions):
 def mend(cli, setup):
     """`repair --dry-run`, which must change nothing, then `repair`, which must do just what
     the dry run listed. Returns the real run's {"actions", "left"}."""
-    files, data = state_bytes(setup["state"]), snapshot(setup["scratch"])
+    files, data = tree_bytes(setup["state"]), snapshot(setup["scratch"])
     dry = repair(cli, "--dry-run")
     assert dry["dry_run"] is True, dry
-    assert state_bytes(setup["state"]) == files, "repair --dry-run changed the state dir"
+    assert tree_bytes(setup["state"]) == files, "repair --dry-run changed the state dir"
     assert snapshot(setup["scratch"]) == data, "repair --dry-run changed the data"
     out = repair(cli)
     assert out["dry_run"] is False
@@ -291,34 +268,27 @@ def gone(pid):
         return True
 
 
-def test_stale_lock_of_killed_refresh(cli, healthy):
+def test_stale_lock_of_killed_refresh(cli, healthy, pause_shim):
+    """A refresh held mid-walk (the pause shim stops it at one file; then its whole process
+    group is stopped) holds its lock: no fault. Killed with -9, its lock is stale: named,
+    removed by repair, and the walk after that is whole."""
     state, scratch = healthy["state"], healthy["scratch"]
     big = scratch / "big"
     big.mkdir()
-    for i in range(100):            # 100,100 entries; hard links make them in about a second
+    for i in range(10):
         sub = big / ("d%03d" % i)
         sub.mkdir()
-        seed = sub / "f0000"
-        seed.write_bytes(b"")
-        for j in range(1, 1000):
-            os.link(str(seed), str(sub / ("f%04d" % j)))
+        for j in range(20):
+            (sub / ("f%04d" % j)).write_bytes(b"")
     assert cli("add", "--name", "big", "--path", big, "--keep-until", KEEP).rc == 0
     lock = state / "locks" / "big.lock"
-    p = subprocess.Popen([sys.executable, str(SCRIPT), "refresh", "--name", "big"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert p.poll() is None, "the refresh ended before it was seen holding its lock"
-            assert time.monotonic() < deadline, "the refresh never recorded itself in its lock"
-            try:
-                rec = json.loads(lock.read_text() or "null")
-            except (OSError, ValueError):
-                rec = None
-            if rec and rec.get("pid") == p.pid:
-                break
-            time.sleep(0.002)
-        os.kill(p.pid, signal.SIGSTOP)      # alive, holding the lock, going nowhere
+    p = start_script("refresh", "--name", "big",
+                     env=pause_env(dict(os.environ), pause_shim, "stat",
+                                   big / "d005" / "f0010"))
+    with reaped(p):
+        wait_stopped(p, "the walk to stop at d005/f0010")
+        os.killpg(p.pid, signal.SIGSTOP)    # alive, holding the lock, going nowhere
+        assert json.loads(lock.read_text())["pid"] == p.pid     # taken before the walk
         rc, report, checks = doctor(cli)
         assert "lock:big" not in checks, checks["lock:big"]     # a live holder is no fault
         out = mend(cli, healthy)
@@ -327,15 +297,12 @@ def test_stale_lock_of_killed_refresh(cli, healthy):
         os.kill(p.pid, signal.SIGKILL)
         assert p.wait(30) == -signal.SIGKILL
         # The walk's worker processes share the lock's open file; they exit on their own when
-        # the killed parent's end of their socket closes. Wait for that (no orphans left).
-        deadline = time.monotonic() + 30
-        while not all(gone(w) for w in workers):
-            assert time.monotonic() < deadline, [w for w in workers if not gone(w)]
-            time.sleep(0.05)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        # the killed parent's end of their socket closes, once they may run again. Wait for
+        # that (no orphans left).
+        if workers:
+            os.killpg(p.pid, signal.SIGCONT)
+        poll(lambda: all(gone(w) for w in workers), "the workers of the killed walk to exit",
+             timeout=30)
     before = snapshot(scratch)
     assert_named(cli, "lock:big", "fail", "gone", str(p.pid))
     out = mend(cli, healthy)
@@ -346,7 +313,7 @@ def test_stale_lock_of_killed_refresh(cli, healthy):
     r = cli("refresh", "--name", "big", "--json")
     assert r.rc == 0, r
     res = r.json()["results"][0]
-    assert res["complete"] is True and res["entries_done"] == 100102, res
+    assert res["complete"] is True and res["entries_done"] == 10 * 21 + 2, res  # + root, sentinel
 
 
 # ------------------------------------------------------------------ 4. sentinel
@@ -462,16 +429,34 @@ def test_orphaned_and_unreadable_checkpoints_set_aside(cli, healthy):
     assert res["resumed"] is False and res["complete"] is True, res
 
 
-def test_set_aside_never_overwrites_an_earlier_copy(cli, healthy):
+class OneSecond(object):
+    """The time module as the tool sees it, but for the UTC time of day (gmtime()), which
+    stays at one second: every set-aside made meanwhile is named in the same second."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    def gmtime(self, secs=None):
+        return time.gmtime(self.at if secs is None else secs)
+
+
+def test_set_aside_never_overwrites_an_earlier_copy(cli, healthy, monkeypatch):
     """Damaged state is set aside, not deleted: a second set-aside within the same second
-    must not replace the first copy (the name has one-second resolution)."""
+    must not replace the first copy (the name has one-second resolution). The tool's clock
+    of day is held at one second, so the two repairs always share it, however long they
+    take."""
     ck = healthy["state"] / "checkpoints" / "ds.json"
-    while time.time() % 1 > 0.5:        # both repairs inside one second (each takes ms)
-        time.sleep(0.01)
+    monkeypatch.setattr(sk, "time", OneSecond(int(time.time())))
     for data in (b"first damaged copy", b"second damaged copy"):
         write_private(ck, data)
         repair(cli)
-    kept = sorted(open(f, "rb").read() for f in set_aside_copies(ck))
+    copies = set_aside_copies(ck)
+    stamps = set(re.search(r"\.corrupt-(\d{8}T\d{6}Z)", f).group(1) for f in copies)
+    assert len(copies) == 2 and len(stamps) == 1, copies     # the case under test
+    kept = sorted(open(f, "rb").read() for f in copies)
     assert kept == [b"first damaged copy", b"second damaged copy"], kept
 
 
@@ -595,13 +580,13 @@ def test_repair_dry_run_lists_every_action_and_changes_nothing(cli, healthy):
     os.unlink(str(ds / SENTINEL))
     rc, report, checks = doctor(cli)
     assert rc == 1 and checks["registry"]["ok"] is False, report
-    files = state_bytes(state)
+    files = tree_bytes(state)
     data = snapshot(healthy["scratch"])
     dry = repair(cli, "--dry-run")
     assert dry["dry_run"] is True
     r = cli("repair", "--dry-run")
     assert r.rc == 0 and "would set the damaged registry aside" in r.out, r
-    assert state_bytes(state) == files
+    assert tree_bytes(state) == files
     assert snapshot(healthy["scratch"]) == data
     done = repair(cli)
     for words in ("registry aside", "restore the registry", "checkpoint ghost aside",
@@ -644,9 +629,9 @@ def u_repair(u, *extra, **kw):
 
 def u_mend(u, **kw):
     """repair --dry-run changes nothing (state, jobs, crontab); repair does what it listed."""
-    before = state_bytes(u.state), jobs(), crontab()
+    before = tree_bytes(u.state), jobs(), crontab()
     dry = u_repair(u, "--dry-run", **kw)
-    assert dry["dry_run"] is True and (state_bytes(u.state), jobs(), crontab()) == before
+    assert dry["dry_run"] is True and (tree_bytes(u.state), jobs(), crontab()) == before
     out = u_repair(u, **kw)
     assert plain(dry["actions"]) == plain(out["actions"]), (dry, out)
     return out
@@ -747,10 +732,8 @@ def test_slurm_disabled_scrontab_block_reinstalled(slurm_user):
     jobs = chain_jobs()
     assert len(jobs) == 1, jobs
     assert as_user(["scancel", jobs[0]["id"]]).rc == 0
-    deadline = time.monotonic() + 30
-    while "#DISABLED:" not in crontab():
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    poll(lambda: "#DISABLED:" in crontab(), "scrontab to disable the cancelled job's line",
+         timeout=30, interval=0.2)
     rc, report, checks = u_doctor(u)
     c = checks.get("schedule-block")
     assert rc == 1 and c and c["ok"] is False and "DISABLED" in c["message"], report
@@ -815,7 +798,7 @@ def test_unreadable_path_directory_means_not_installed_and_doctor_prints_every_c
     assert text.rc == r.rc and "Permission denied" not in text.out + text.err, text
     for name in ("python", "config", "registry", "state-dir", "root:ds", "schedule"):
         assert re.search(r"(?m)^(ok  |info|WARN|FAIL) %s\b" % re.escape(name), text.out), text
-    before = state_bytes(state)
+    before = tree_bytes(state)
     r = run("install-cron", "--method", "sbatch")
     assert r.rc == 1 and r.err.count("\n") == 1, r
     assert r.err.startswith("scratch-keepalive: error: `sbatch` is not installed here"), r
@@ -824,4 +807,4 @@ def test_unreadable_path_directory_means_not_installed_and_doctor_prints_every_c
     assert r.rc == 1 and "Permission denied" not in r.err and "Slurm is needed" in r.err, r
     # Nothing installed: no job script, no schedule record (the schedule lock may be made).
     assert not (state / "job.sh").exists() and not (state / "schedule.json").exists()
-    assert without(state_bytes(state), os.path.join("locks", ".schedule.lock")) == before
+    assert without(tree_bytes(state), os.path.join("locks", ".schedule.lock")) == before

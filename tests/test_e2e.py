@@ -10,12 +10,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import (KEEP, NOW, SCRIPT, make_dataset, pyenv_pythons, run_command, run_script,
-                      snapshot)
+from conftest import (KEEP, SCRIPT, go_on, make_dataset, pause_env, pause_shim,  # noqa: F401
+                      pyenv_pythons, reaped, run_command, run_script, snapshot, start_script,
+                      tool_env, wait_stopped)
 
 PYTHONS = pyenv_pythons() or [("current", sys.executable)]
 IDS = [v for v, _ in PYTHONS]
@@ -27,10 +27,10 @@ def python(request):
 
 
 def setup_env(tmp_path):
+    """A scratch root and the whole environment of a tool run (pass it with clean=True)."""
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    return scratch, {"SCRATCH_KEEPALIVE_HOME": str(tmp_path / "state"),
-                     "SCRATCH_KEEPALIVE_NOW": NOW, "TZ": "UTC", "LC_ALL": "C"}
+    return scratch, tool_env(tmp_path / "state", LC_ALL="C")
 
 
 def test_full_cycle_under_each_python(python, tmp_path):
@@ -41,7 +41,7 @@ def test_full_cycle_under_each_python(python, tmp_path):
         f.write(b"z")
 
     def run(*a):
-        return run_script(*a, python=python, env=env)
+        return run_script(*a, python=python, env=env, clean=True)
     assert run("--version").out.strip().startswith("scratch-keepalive ")
     assert run("init", "--profile", "generic", "--scratch-root", scratch).rc == 0
     assert run("add", "--name", "ds", "--path", d, "--keep-until", KEEP).rc == 0
@@ -69,17 +69,17 @@ def test_state_written_by_one_python_is_read_by_another(tmp_path):
     d = make_dataset(scratch)
     oldest, newest = PYTHONS[0][1], PYTHONS[-1][1]
     assert run_script("init", "--profile", "generic", "--scratch-root", scratch,
-                      python=newest, env=env).rc == 0
+                      python=newest, env=env, clean=True).rc == 0
     assert run_script("add", "--name", "ds", "--path", d, "--keep-until", KEEP,
-                      python=newest, env=env).rc == 0
-    assert run_script("refresh", "--max-entries", "4", python=newest, env=env).rc == 3
-    r = run_script("refresh", "--json", python=oldest, env=env)
+                      python=newest, env=env, clean=True).rc == 0
+    assert run_script("refresh", "--max-entries", "4", python=newest, env=env, clean=True).rc == 3
+    r = run_script("refresh", "--json", python=oldest, env=env, clean=True)
     assert r.rc == 0 and json.loads(r.out)["results"][0]["resumed"] is True
 
 
 def test_python_dash_m(tmp_path):
     scratch, env = setup_env(tmp_path)
-    full = dict(os.environ, PYTHONPATH=str(SCRIPT.parent), **env)
+    full = dict(env, PYTHONPATH=str(SCRIPT.parent))
     r = run_command([sys.executable, "-m", "scratch_keepalive", "--version"], env=full,
                     clean=True, cwd=str(tmp_path))
     assert r.rc == 0 and r.out.startswith("scratch-keepalive ")
@@ -89,66 +89,89 @@ def test_python_dash_m(tmp_path):
 
 
 def test_copied_file_runs_anywhere(tmp_path):
-    """The single file copied to another directory runs on its own."""
+    """The single file copied alone to another directory runs on its own: every command of
+    a dataset's life, from a directory that is neither the copy's nor the checkout's, with
+    nothing of the checkout on the import path; what it says names the copy it ran."""
     target = tmp_path / "bin"
     target.mkdir()
-    shutil.copy(str(SCRIPT), str(target / "scratch_keepalive.py"))
+    copy = target / "scratch_keepalive.py"
+    shutil.copy(str(SCRIPT), str(copy))
     scratch, env = setup_env(tmp_path)
-    r = run_script("init", "--profile", "generic", "--scratch-root", scratch,
-                   script=target / "scratch_keepalive.py", env=env, cwd=str(tmp_path))
+    env.pop("PYTHONPATH", None)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    d = make_dataset(scratch)
+
+    def run(*argv):
+        r = run_script(*argv, script=copy, env=env, clean=True, cwd=str(elsewhere))
+        assert "Traceback" not in r.err, r
+        return r
+    assert run("--version").out.strip() == "scratch-keepalive " + sk_version()
+    r = run("init", "--profile", "generic", "--scratch-root", scratch)
     assert r.rc == 0, r
+    r = run("add", "--name", "ds", "--path", d, "--keep-until", KEEP)
+    assert r.rc == 0 and str(copy) in r.out, r         # its Next: hint names the copy
+    for argv in (["refresh", "--name", "ds"], ["refresh", "--name", "ds", "--check"],
+                 ["status", "--name", "ds"], ["list"], ["files", "--name", "ds"],
+                 ["remove", "--name", "ds"]):
+        r = run(*argv)
+        assert r.rc == 0, (argv, r)
+    assert json.loads(run("list", "--json").out) == []
+    r = run("refresh", "--name", "ds")
+    assert r.rc == 2 and ("`python3 %s list`" % copy) in r.err, r
+    assert sorted(os.listdir(str(target))) in (["scratch_keepalive.py"],
+                                                ["__pycache__", "scratch_keepalive.py"])
+
+
+def sk_version():
+    import scratch_keepalive
+    return scratch_keepalive.__version__
 
 
 def test_errors_never_show_a_traceback(tmp_path):
     scratch, env = setup_env(tmp_path)
     for argv in (["add"], ["refresh", "--name", "x"], ["init", "--profile", "generic"],
                  ["nonsense"], ["add", "--name", "x", "--path", "/", "--keep-until", "x"]):
-        r = run_script(*argv, env=env)
+        r = run_script(*argv, env=env, clean=True)
         assert r.rc == 2, (argv, r)
         assert "Traceback" not in r.err and r.err.count("\n") == 1, (argv, r)
         assert r.err.startswith("scratch-keepalive: error: "), (argv, r)
 
 
-def test_sigterm_and_ctrl_c_checkpoint(shm_tmp):
-    """A real signal to a real process: exit 3 for TERM, 130 for INT, and a resumable checkpoint.
-
-    The 60,000-file tree is built on tmpfs (conftest's shm_tmp), where that takes a fraction
-    of the time it takes on disk."""
-    scratch, env = setup_env(shm_tmp)
+def test_sigterm_and_ctrl_c_checkpoint(tmp_path, pause_shim):
+    """A real signal to a real process mid-walk: exit 3 for TERM, 130 for INT, and a
+    resumable checkpoint. The pause shim stops the walk at a file in the middle of the tree;
+    the signal is sent while it is stopped, so how fast the machine walks does not matter."""
+    scratch, env = setup_env(tmp_path)
     d = scratch / "big"
     d.mkdir()
     for i in range(60):
         sub = d / ("d%02d" % i)
         sub.mkdir()
-        for j in range(1000):
+        for j in range(50):
             os.close(os.open(str(sub / ("f%d" % j)), os.O_CREAT | os.O_WRONLY, 0o644))
-    assert run_script("init", "--profile", "generic", "--scratch-root", scratch, env=env).rc == 0
-    assert run_script("add", "--name", "big", "--path", d, "--keep-until", KEEP, env=env).rc == 0
-    ckpt = shm_tmp / "state" / "checkpoints" / "big.json"
-    for sig, code in ((signal.SIGTERM, 3), (signal.SIGINT, 130)):
-        p = subprocess.Popen([sys.executable, str(SCRIPT), "refresh", "--name", "big", "--json",
-                              "--checkpoint-every", "0.01"], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, env=dict(os.environ, **env))
-        for _ in range(4000):       # poll until this process has checkpointed once
-            if p.poll() is not None:
-                break
-            try:
-                if json.loads(ckpt.read_text()).get("pid") == p.pid:
-                    break
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.005)
-        if p.poll() is not None:
-            pytest.fail("the walk finished before it could be signalled")
-        p.send_signal(sig)
-        out, err = p.communicate(timeout=60)
+    assert run_script("init", "--profile", "generic", "--scratch-root", scratch, env=env,
+                      clean=True).rc == 0
+    assert run_script("add", "--name", "big", "--path", d, "--keep-until", KEEP, env=env,
+                      clean=True).rc == 0
+    ckpt = tmp_path / "state" / "checkpoints" / "big.json"
+    # Held in d10, then (the resumed walk, which goes on from where the first stopped) d40.
+    # One process: held, the whole walk waits (a second worker would walk on, and might
+    # finish the tree first). Signals to each engine's processes: test_walk.py.
+    for sig, code, at in ((signal.SIGTERM, 3, "d10"), (signal.SIGINT, 130, "d40")):
+        p = start_script("refresh", "--name", "big", "--json", "--workers", "1",
+                         env=pause_env(env, pause_shim, "stat", d / at / "f25"))
+        with reaped(p):
+            wait_stopped(p, "the walk to stop at %s/f25" % at)
+            p.send_signal(sig)          # pending while stopped, handled once it goes on
+            out, err = go_on(p)
         assert p.returncode == code, (sig, out, err)
         x = json.loads(out.decode())["results"][0]
-        assert x["complete"] is False and ckpt.exists()
-    r = run_script("refresh", "--name", "big", "--json", env=env)
+        assert x["complete"] is False and ckpt.exists(), x
+        assert 0 < x["entries_seen"] < 60 * 51, x
+    r = run_script("refresh", "--name", "big", "--json", env=env, clean=True)
     x = json.loads(r.out)["results"][0]
     assert r.rc == 0 and x["resumed"] is True and not ckpt.exists()
-
 
 
 def test_workers_and_threads_give_the_same_counts_under_each_python(python, tmp_path):
@@ -158,7 +181,7 @@ def test_workers_and_threads_give_the_same_counts_under_each_python(python, tmp_
     d = make_dataset(scratch, files=40)
 
     def run(*a):
-        return run_script(*a, python=python, env=env)
+        return run_script(*a, python=python, env=env, clean=True)
     assert run("init", "--profile", "generic", "--scratch-root", scratch).rc == 0
     assert run("add", "--name", "ds", "--path", d, "--keep-until", KEEP).rc == 0
     version = tuple(int(x) for x in subprocess.check_output(

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (DAY, KEEP, NOW_EPOCH, REPO, SCRIPT, nonroot_runner, poll, reaped,
-                      run_command, run_script, sk, snapshot)
+from conftest import (DAY, KEEP, NOW_EPOCH, REPO, SCRIPT, assert_error,  # noqa: F401
+                      nonroot_runner, pause_env, pause_shim, reaped, run_command, run_script,
+                      set_atime, sk, snapshot, start_script, wait_stopped)
 
 OLD = NOW_EPOCH - 40 * DAY          # older than purge days (30): purge-eligible and at risk
 RISKY = NOW_EPOCH - 20 * DAY        # at risk (13 days), not purge-eligible
@@ -35,12 +36,6 @@ ODD_NAMES = [b"run", b"run/x", b"run-2.txt", b"sp ace", b"tab\there", b"new\nlin
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def set_atime(path, epoch):
-    """atime = epoch exactly, mtime kept, the link itself (never its target)."""
-    st = os.lstat(path)
-    os.utime(path, ns=(int(epoch) * 10 ** 9, st.st_mtime_ns), follow_symlinks=False)
 
 
 def build(root, spec):
@@ -312,21 +307,13 @@ def test_touch_mode_records_each_kind_and_whether_it_was_touched(cli, generic, e
 # --------------------------------------------------------------------------- files: errors
 
 
-def assert_error(r, rc, *words):
-    assert r.rc == rc, r
-    assert r.out == "" and r.err.count("\n") == 1, r
-    assert r.err.startswith("scratch-keepalive: error: "), r
-    for w in words:
-        assert w in r.err, (w, r.err)
-
-
 def test_files_errors_are_one_line_with_their_exit_code_and_change_nothing(cli, generic, env):
     root = generic["scratch"] / "ds"
     build(root, {b"f": (b"x", OLD)})
     assert cli("add", "--name", "ds", "--path", root, "--keep-until", KEEP).rc == 0
     before = state_bytes(env["state"])
     assert_error(cli("files", "--name", "ds"), 1, "no complete walk of 'ds' has left a "
-                 "manifest yet", "`scratch-keepalive refresh --name ds`")
+                 "manifest yet", "`scratch-keepalive refresh --name ds`", quiet=True)
     assert state_bytes(env["state"]) == before
     refresh(cli, "--check")
     before = state_bytes(env["state"])
@@ -349,7 +336,7 @@ def test_files_errors_are_one_line_with_their_exit_code_and_change_nothing(cli, 
         (("--name", "ds", "--bogus"), 2, "unrecognized arguments: --bogus"),
     ]
     for argv, rc, *words in cases:
-        assert_error(cli("files", *argv), rc, *words)
+        assert_error(cli("files", *argv), rc, *words, quiet=True)
         assert state_bytes(env["state"]) == before, argv
 
 
@@ -387,7 +374,7 @@ def test_a_damaged_manifest_is_one_line_exit_1(cli, generic, env):
     with open(path, "r+b") as f:
         f.seek(len(sk.MANIFEST_MAGIC))          # its header: not JSON any more
         f.write(b"garbage" * 4)
-    assert_error(cli("files", "--name", "ds"), 1, "is damaged")
+    assert_error(cli("files", "--name", "ds"), 1, "is damaged", quiet=True)
 
 
 # --------------------------------------------------------------------------- files: streams
@@ -864,40 +851,33 @@ def test_manifest_order_is_the_walks_on_odd_names(cli, odd, env):
     assert b"dir with space/-inner\n" in keys and b"bad\xff\xfe" in keys
 
 
-def test_a_manifest_survives_sigkill_mid_walk_and_resume(shm_tmp, monkeypatch):
+def test_a_manifest_survives_sigkill_mid_walk_and_resume(shm_tmp, monkeypatch, pause_shim):
     """The tool's process group killed outright twice in the middle of a check walk; the
     walk resumes with its partial manifest, and the manifest the completed walk leaves
-    lists every entry exactly once, in the walk's order, under the first run's start."""
+    lists every entry exactly once, in the walk's order, under the first run's start.
+    Each run is held (the pause shim) where its main process opens a directory to list it,
+    a chunk or more of manifest entries past the last one's checkpoint (checkpoints every
+    tick), and killed there: how fast the machine walks does not matter."""
     scratch, state = shm_tmp / "scratch", shm_tmp / "state"
     scratch.mkdir()
     monkeypatch.setenv("SCRATCH_KEEPALIVE_HOME", str(state))
-    big_tree(scratch / "ds", 60000)
+    big_tree(scratch / "ds", 30000)
     assert run_script("init", "--profile", "generic", "--scratch-root", scratch).rc == 0
     assert run_script("add", "--name", "ds", "--path", scratch / "ds", "--keep-until",
                       KEEP).rc == 0
     ckpt = state / "checkpoints" / "ds.json"
-
-    def checkpoint_of(pid, past):
-        try:
-            doc = json.loads(ckpt.read_text())
-        except (OSError, ValueError):
-            return None
-        man = doc.get("manifest") or {}
-        return doc if doc.get("pid") == pid and man.get("entries", 0) > past else None
-
     past, started = 0, None
-    for _ in range(2):
-        p = subprocess.Popen([sys.executable, str(SCRIPT), "refresh", "--name", "ds", "--check",
-                              "--json", "--checkpoint-every", "0.01"], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, start_new_session=True)
+    for held_at in ("d0010", "d0020"):
+        p = start_script("refresh", "--name", "ds", "--check", "--json", "--checkpoint-every",
+                         "0.000001", env=pause_env(dict(os.environ), pause_shim, "open",
+                                                   scratch / "ds" / held_at))
         with reaped(p):
-            doc = poll(lambda: checkpoint_of(p.pid, past) or p.poll() is not None,
-                       "a checkpoint with manifest entries")
-            if p.poll() is not None:
-                pytest.fail("the walk ended before it could be killed: %r" % (p.communicate(),))
+            wait_stopped(p, "the walk to stop before listing %s" % held_at)
+            doc = json.loads(ckpt.read_text())
             os.killpg(p.pid, signal.SIGKILL)
             p.communicate()
         assert p.returncode == -signal.SIGKILL
+        assert doc["pid"] == p.pid and doc["manifest"]["entries"] > past, (past, doc)
         started = started or doc["walk_started"]
         assert doc["walk_started"] == started
         past = doc["manifest"]["entries"]
@@ -914,5 +894,5 @@ def test_a_manifest_survives_sigkill_mid_walk_and_resume(shm_tmp, monkeypatch):
         assert m.header["walk_started"] == started
         keys = [k for k, _, _, _ in m.entries()]
     want = [b""] + [k.replace(b"/", b"\0") for k in walk_order(os.fsencode(str(scratch / "ds")))]
-    assert len(keys) == len(set(keys)) == 60000 + 60 + 2      # files, dirs, root, sentinel
+    assert len(keys) == len(set(keys)) == 30000 + 30 + 2      # files, dirs, root, sentinel
     assert keys == want

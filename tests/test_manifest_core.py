@@ -44,10 +44,11 @@ def setup(cli, env, root):
     assert cli("add", "--name", "ds", "--path", root, "--keep-until", KEEP).rc == 0
 
 
-@pytest.fixture
-def big(generic):
-    """A tree of about 40,000 entries: more than two manifest chunks, odd names included."""
-    root = generic["scratch"] / "ds"
+@pytest.fixture(scope="session")
+def big_tree(tmp_path_factory):
+    """A tree of about 40,000 entries: more than two manifest chunks, odd names included.
+    Built once per session; see `big` for how tests share it."""
+    root = tmp_path_factory.mktemp("big-scratch") / "ds"
     root.mkdir()
     for d in range(8):
         sub = root / ("d%d" % d)
@@ -61,12 +62,28 @@ def big(generic):
     return root
 
 
-def test_a_walk_records_every_entry_once_in_walk_order_across_chunks(cli, big):
+@pytest.fixture
+def big(big_tree, cli, env):
+    """The session's big tree as this test's dataset root: this test's own state dir, whose
+    scratch root is the tree's parent. Check walks change no entry of it; afterwards the
+    dataset is removed (its sentinel with it) and a file a test deleted is put back, so the
+    next test finds the tree as built."""
+    order = walk_order(str(big_tree))
+    r = cli("init", "--profile", "generic", "--scratch-root", big_tree.parent)
+    assert r.rc == 0, r
+    yield big_tree
+    cli("remove", "--name", "ds")
+    for key in set(order) - set(walk_order(str(big_tree))):     # files a test deleted
+        big_tree.joinpath(*[os.fsdecode(c) for c in key.split(b"\0")]).touch()
+    assert walk_order(str(big_tree)) == order
+
+
+def test_a_walk_records_every_entry_once_in_walk_order_across_chunks(cli, env, big):
     setup(cli, None, big)
     r = cli("refresh", "--name", "ds", "--check", "--json")
     assert r.rc == 0, r
     res = r.json()["results"][0]
-    header, keys, entries = manifest_keys(big.parent.parent / "state")
+    header, keys, entries = manifest_keys(env["state"])
     assert keys == walk_order(str(big)), "the manifest is not the walk, entry for entry"
     assert len(keys) == res["entries_seen"]
     assert keys.index(b"run\0x") < keys.index(b"run-2.txt")
@@ -76,13 +93,13 @@ def test_a_walk_records_every_entry_once_in_walk_order_across_chunks(cli, big):
     assert chunks >= 3, chunks
 
 
-def test_a_walk_stopped_twice_and_resumed_records_every_entry_once(cli, big):
+def test_a_walk_stopped_twice_and_resumed_records_every_entry_once(cli, env, big):
     setup(cli, None, big)
     for budget in ("7000", "20000"):
         r = cli("refresh", "--name", "ds", "--check", "--max-entries", budget, "--json")
         assert r.rc == 3, r
         assert r.json()["results"][0]["manifest"] is None
-    state = big.parent.parent / "state"
+    state = env["state"]
     assert sk.Store(str(state)).manifests("ds") == []
     r = cli("refresh", "--name", "ds", "--check", "--json")
     assert r.rc == 0 and r.json()["results"][0]["resumed"], r
@@ -254,12 +271,12 @@ def test_fail_on_risk_exits_1_for_entries_likely_purged_in_touch_mode(cli, gener
     assert r.json()["results"][0]["entries_vanished"] == 1
 
 
-def test_the_keys_digest_does_not_depend_on_how_batches_were_cut(cli, big):
+def test_the_keys_digest_does_not_depend_on_how_batches_were_cut(cli, env, big):
     """Walks of the same tree inline, with worker processes and with threads cut their
     batches differently (256, 256 with the inline fallback, 32 entries), yet their digests
     agree; one file less, and they differ (and the merge then runs and finds it)."""
     setup(cli, None, big)
-    state = big.parent.parent / "state"
+    state = env["state"]
     digests = []
     for argv in (["--workers", "1", "--threads", "1"], ["--workers", "2"], ["--threads", "4"]):
         r = cli("refresh", "--name", "ds", "--check", "--json", *argv)

@@ -1,4 +1,4 @@
-"""rescue (issue 11, part 4): copy what the last complete walk found at risk to safe storage.
+"""rescue: copy what the last complete walk found at risk to safe storage.
 
 Every test builds a real tree below a real scratch root, walks it in check mode (which
 leaves the manifest rescue reads), then rescues it to a real directory and compares both
@@ -12,14 +12,14 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import DAY, KEEP, NOW, NOW_EPOCH, SCRIPT, nonroot_runner, poll, reaped, \
-    on_a_terminal, run_script, set_atime, sk, snapshot
+from conftest import DAY, KEEP, NOW, NOW_EPOCH, nonroot_runner, reaped, \
+    go_on, on_a_terminal, pause_env, pause_shim, run_script, set_atime, sk, snapshot, \
+    start_script, wait_stopped  # noqa: F401  (pause_shim: a fixture)
 from slurmbed import USER, as_user, make_world, pending, settle, wait_done  # noqa: F401
 
 OLD = 1577836800.0                      # 2020-01-01: old by policy AND in the real past
@@ -477,8 +477,8 @@ def test_a_damaged_rescue_checkpoint_is_not_trusted(ds, cli):
 
 
 def test_sigkill_mid_copy_then_rerun_copies_no_byte_twice_before_the_checkpoint(
-        generic, cli, tmp_path):
-    """SIGKILL while a big file is half copied (the test seam pauses the copy there): the
+        generic, cli, tmp_path, pause_shim):
+    """SIGKILL while a big file is half copied (the pause shim stops the copy there): the
     destination holds only finished files and the rescue's own temporary file; the rerun
     removes that, skips what the killed run finished, copies the rest, and the destination
     equals the at-risk set exactly."""
@@ -503,17 +503,12 @@ def test_sigkill_mid_copy_then_rerun_copies_no_byte_twice_before_the_checkpoint(
     assert cli("add", "--name", "ds", "--path", root, "--keep-until", KEEP).rc == 0
     assert cli("refresh", "--name", "ds", "--check").rc == 0
     dest = tmp_path / "safe"
-    pause = tmp_path / "pause"
-    pause.mkdir()
-    env = dict(os.environ, _SCRATCH_KEEPALIVE_TEST_PAUSE="rescue-copying:%s" % pause)
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "rescue", "--name", "ds", "--to",
-                             str(dest), "--checkpoint-every", "0.000001", "--json"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    env = pause_env(dict(os.environ), pause_shim, "copy", root / "m_big.bin")
+    proc = start_script("rescue", "--name", "ds", "--to", dest, "--checkpoint-every",
+                        "0.000001", "--json", env=env)
     with reaped(proc):
-        # the seam pauses only inside a file bigger than one copy call: the big one
-        poll(lambda: (pause / "rescue-copying.waiting").exists(), "the big file's copy to "
-             "pause", timeout=120)
+        # the shim stops the run with the big file half copied (one copy call done)
+        wait_stopped(proc, "the big file's copy to pause")
         big_seen = [n for n in os.listdir(str(dest))
                     if n.startswith(".scratch-keepalive-rescue.")]
         assert len(big_seen) == 1
@@ -830,7 +825,8 @@ def test_a_destination_on_a_read_only_mount_is_one_error_line_and_leaves_no_stat
         subprocess.run(["umount", str(mnt)])
 
 
-def test_sigterm_mid_copy_exits_3_removes_its_temp_file_and_resumes(generic, cli, tmp_path):
+def test_sigterm_mid_copy_exits_3_removes_its_temp_file_and_resumes(generic, cli, tmp_path,
+                                                                     pause_shim):
     root = generic["scratch"] / "ds"
     root.mkdir()
     (root / "a.txt").write_bytes(b"first")
@@ -840,17 +836,13 @@ def test_sigterm_mid_copy_exits_3_removes_its_temp_file_and_resumes(generic, cli
         set_atime(root / n, OLD)
     assert cli("add", "--name", "ds", "--path", root, "--keep-until", KEEP).rc == 0
     assert cli("refresh", "--name", "ds", "--check").rc == 0
-    dest, pause = tmp_path / "safe", tmp_path / "pause"
-    pause.mkdir()
-    env = dict(os.environ, _SCRATCH_KEEPALIVE_TEST_PAUSE="rescue-copying:%s" % pause)
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "rescue", "--name", "ds", "--to",
-                             str(dest), "--json"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    dest = tmp_path / "safe"
+    env = pause_env(dict(os.environ), pause_shim, "copy", root / "big.bin")
+    proc = start_script("rescue", "--name", "ds", "--to", dest, "--json", env=env)
     with reaped(proc):
-        poll(lambda: (pause / "rescue-copying.waiting").exists(), "the copy to pause")
-        proc.send_signal(signal.SIGTERM)
-        (pause / "rescue-copying.go").write_bytes(b"")
-        out, err = proc.communicate(timeout=120)
+        wait_stopped(proc, "the copy to pause with big.bin half copied")
+        proc.send_signal(signal.SIGTERM)        # pending while stopped; handled on SIGCONT
+        out, err = go_on(proc, timeout=120)
     assert proc.returncode == 3, (out, err)
     res = json.loads(out.decode())
     assert res["stopped"] == "term" and res["complete"] is False

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import snapshot
+from conftest import assert_error, snapshot
 from slurmbed import (JOB, PY, SLURM_MISSING, USER, as_user, clean_user, crontab,  # noqa: F401
                       jobs, make_world, pending, set_crontab, settle, show_job, slurm_epoch,
                       restart_testbed, user_lock, wait_done)
@@ -36,21 +36,12 @@ import scratch_keepalive as sk
 GOLDEN = Path(__file__).resolve().parent / "golden"
 RESUME = sk.RESUME_JOB_NAME
 DAY = 86400
-ERROR = "scratch-keepalive: error:"
 # Other people's lines in a crontab: a comment, an entry with its #SCRON line (it never runs
 # during a test: 1 January) and a line Slurm disabled after a scancel. Kept byte for byte.
 OTHER_CRONTAB = ("# my own crontab: keep these lines exactly\n"
                  "#SCRON --job-name=other-job --time=00:05:00\n"
                  "0 0 1 1 * /bin/true other entry\n"
                  "#DISABLED: 30 3 * * 0 /bin/echo was-cancelled\n")
-
-
-def one_error_line(r, code):
-    """The run failed with `code` and exactly one `scratch-keepalive: error:` line on stderr."""
-    assert r.rc == code, r
-    lines = r.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(ERROR), r
-    return lines[0]
 
 
 def our_block(text):
@@ -380,7 +371,7 @@ class TestScrontabDisabled(object):
 
     def test_method_scrontab_refused_and_nothing_installed(self, make_world):
         w = make_world()
-        line = one_error_line(w.tool("install-cron", "--method", "scrontab"), 1)
+        line = assert_error(w.tool("install-cron", "--method", "scrontab"), 1)
         assert "scrontab is disabled" in line, line
         assert not w.job_sh.exists() and not w.schedule.exists()
         assert jobs() == []
@@ -449,7 +440,7 @@ def test_install_errors_are_one_line_and_install_nothing(make_world, case):
     set_crontab(OTHER_CRONTAB)
     before = sorted(j["id"] for j in jobs())
     env = make_env(w) if make_env else None
-    line = one_error_line(w.tool("install-cron", *args, env=env), code)
+    line = assert_error(w.tool("install-cron", *args, env=env), code)
     assert re.search(pattern, line), line
     assert crontab() == OTHER_CRONTAB
     assert not w.job_sh.exists() and not w.schedule.exists()
@@ -496,7 +487,7 @@ def test_state_dir_the_lines_cannot_hold_is_refused_and_nothing_installed(make_w
     w = make_world(state=state)
     set_crontab(OTHER_CRONTAB)
     before = sorted(j["id"] for j in jobs())
-    line = one_error_line(w.tool("install-cron", *args), 2)
+    line = assert_error(w.tool("install-cron", *args), 2)
     assert re.search(pattern, line), line
     assert crontab() == OTHER_CRONTAB
     assert not w.job_sh.exists() and not w.schedule.exists()

@@ -38,15 +38,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DAY, KEEP, NOW, NOW_EPOCH, SCRIPT, nonroot_runner, poll, reaped, run_script, sk
+from conftest import (DAY, KEEP, NOW, NOW_EPOCH, SCRIPT, go_on, nonroot_runner,  # noqa: F401
+                      pause_env, pause_shim, poll, reaped, run_script, set_atime, sk,
+                      start_script, tool_env, wait_stopped)
 
 NOW_NS = int(NOW_EPOCH) * 10 ** 9
 DAY_NS = DAY * 10 ** 9
 OLD_NS = 1577836800 * 10 ** 9          # 2020-01-01: old by policy AND in the real past
 CLOCK_SLACK_NS = 50 * 10 ** 6          # coarse kernel clock vs time.time_ns()
 O_NOATIME = getattr(os, "O_NOATIME", 0)
-CLEARED_ENV = ("SCRATCH_KEEPALIVE_SCRATCH_ROOT", "XDG_STATE_HOME", "SLURM_JOB_ID", "SCRATCH",
-               "SCRATCH_KEEPALIVE_HOME", "SCRATCH_KEEPALIVE_NOW")
 GENERIC_CFG = {"profile": "generic", "purge_days": 30}
 SENTINEL = (b".scratch-keepalive",)
 ENGINES = [("serial", ("--workers", "1")), ("threads", ("--threads", "4")),
@@ -80,12 +80,6 @@ def fsb(path):
 
 def join(root, comps):
     return b"/".join([fsb(root)] + list(comps))
-
-
-def set_atime_ns(path, atime_ns):
-    """Set atime to exactly atime_ns, mtime kept exactly, the link itself (never its target)."""
-    st = os.lstat(path)
-    os.utime(path, ns=(atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
 def open_dir_quietly(name, dir_fd=None):
@@ -195,13 +189,6 @@ def state_digest(state_dir):
 # --------------------------------------------------------------------------- helpers: running
 
 
-def tool_env(state, **extra):
-    env = dict((k, v) for k, v in os.environ.items() if k not in CLEARED_ENV)
-    env.update({"SCRATCH_KEEPALIVE_HOME": str(state), "SCRATCH_KEEPALIVE_NOW": NOW, "TZ": "UTC"})
-    env.update(extra)
-    return env
-
-
 def only_result(r):
     """The single dataset result of `refresh --json`."""
     doc = json.loads(r.out)
@@ -241,11 +228,11 @@ class State(object):
         assert r.rc in (0, 1, 3, 130), r
         return r, only_result(r)
 
-    def popen(self, *argv):
-        """A refresh in its own process group (so a signal can reach its workers too)."""
-        cmd = [sys.executable, str(SCRIPT), "refresh", "--name", "ds", "--json"] + list(argv)
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=self.env, start_new_session=True)
+    def popen(self, *argv, held_at=None, shim=None):
+        """A refresh in its own process group (so a signal can reach its workers too);
+        held_at: held (the pause shim) where its main process opens that directory."""
+        env = self.env if held_at is None else pause_env(self.env, shim, "open", held_at)
+        return start_script("refresh", "--name", "ds", "--json", *argv, env=env)
 
     @property
     def checkpoint_path(self):
@@ -404,9 +391,9 @@ def touch_run(generic, cli, engine):
     }
     touched = {"", ".scratch-keepalive", "f_old", "d", "d/inner", "link_out", "fifo", "f_12d",
                "f_11d_plus_1s"}
-    set_atime_ns(str(target), OLD_NS)
+    set_atime(str(target), ns=OLD_NS)
     for rel, ns in atimes.items():
-        set_atime_ns(str(root / rel) if rel else str(root), ns)
+        set_atime(str(root / rel) if rel else str(root), ns=ns)
     before = quiet_snapshot(root)
     target_before = os.lstat(str(target))
     start = time.time_ns()
@@ -509,7 +496,7 @@ def risk_tree(generic, cli):
         "fifo": days_ago(40),                                  # eligible, no bytes
     }
     for rel, ns in atimes.items():
-        set_atime_ns(str(root / rel) if rel else str(root), ns)
+        set_atime(str(root / rel) if rel else str(root), ns=ns)
     return generic, root, atimes
 
 
@@ -598,7 +585,7 @@ def odd_tree(generic, cli):
     make_fifo(rb + b"/fifo\tname")
     register(cli, root)
     for k in scan(root):
-        set_atime_ns(join(root, k), OLD_NS)
+        set_atime(join(root, k), ns=OLD_NS)
     return generic, root
 
 
@@ -675,9 +662,9 @@ def test_symlinks_are_never_followed_and_loops_are_single_entries(generic, cli, 
         os.symlink(target, str(root / name))
     register(cli, root)
     for k in scan(root, cross_devices=False):
-        set_atime_ns(join(root, k), OLD_NS)
+        set_atime(join(root, k), ns=OLD_NS)
     for k in scan(outside):
-        set_atime_ns(join(outside, k), OLD_NS)
+        set_atime(join(outside, k), ns=OLD_NS)
     outside_before = quiet_snapshot(outside)
     parent_before = os.lstat(str(generic["scratch"])).st_atime_ns
     start = time.time_ns()
@@ -721,7 +708,7 @@ def test_permission_denied_subdirectory_is_an_error_and_the_walk_completes(world
         for p in (root / "locked_root", root / "locked_root" / "secret.txt"):
             os.chown(str(p), 0, 0)
     for rel in ("locked_root/secret.txt", "locked_nobody/secret.txt"):
-        set_atime_ns(str(root / rel), OLD_NS)
+        set_atime(str(root / rel), ns=OLD_NS)
     os.chmod(str(root / "locked_root"), 0)
     os.chmod(str(root / "locked_nobody"), 0)
     env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "TZ": "UTC",
@@ -758,7 +745,7 @@ def test_entries_of_another_owner_are_not_attempted_in_touch_mode_and_the_rest_i
     """A labmate's file in a shared dataset: lstat works, but setting its atime needs
     ownership. Such entries are not attempted and are not errors: they are counted in
     entries_not_owned (and at risk, being old); every other entry is touched; the walk
-    completes and exits 0 (issue 9 item 5; this test expected errors and exit 1 before)."""
+    completes and exits 0 (this test expected errors and exit 1 before)."""
     runner = nonroot_runner()
     if runner is None or os.geteuid() != 0:
         pytest.skip("needs root to make files of another owner, and setpriv to run as nobody")
@@ -776,7 +763,7 @@ def test_entries_of_another_owner_are_not_attempted_in_touch_mode_and_the_rest_i
         os.chown(str(root / rel), 0, 0)
         os.chmod(str(root / rel), 0o644)
     for p in [root] + [Path(dp) / n for dp, dns, fns in os.walk(str(root)) for n in dns + fns]:
-        set_atime_ns(str(p), OLD_NS)
+        set_atime(str(p), ns=OLD_NS)
     env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "TZ": "UTC",
            "SCRATCH_KEEPALIVE_HOME": str(state), "SCRATCH_KEEPALIVE_NOW": NOW}
 
@@ -786,7 +773,7 @@ def test_entries_of_another_owner_are_not_attempted_in_touch_mode_and_the_rest_i
     assert run("init", "--profile", "generic", "--scratch-root", scratch).rc == 0
     assert run("add", "--name", "ds", "--path", root, "--keep-until", KEEP).rc == 0
     for rel in ("", "sub"):
-        set_atime_ns(str(root / rel), OLD_NS)
+        set_atime(str(root / rel), ns=OLD_NS)
     mtimes = dict((rel, os.lstat(str(root / rel)).st_mtime_ns)
                   for rel in ("b_theirs.txt", "sub/c_theirs.txt"))
     r = run("refresh", "--name", "ds", "--json", *engine)
@@ -828,7 +815,7 @@ def test_mount_point_inside_dataset_is_skipped_not_entered_not_touched(generic, 
         (mnt / "insidedir").mkdir()
         register(cli, root)
         for k in scan(root):
-            set_atime_ns(join(root, k), OLD_NS)
+            set_atime(join(root, k), ns=OLD_NS)
         assert os.lstat(str(mnt)).st_dev != os.lstat(str(root)).st_dev
         before = quiet_snapshot(mnt)
         r = run_script("refresh", "--name", "ds", "--json", *engine,
@@ -1170,18 +1157,23 @@ def assert_state_parses(ds):
 
 
 def test_sigkill_at_several_points_leaves_state_readable_and_resume_completes(
-        big_state, tree200k, engine_sp):
+        big_state, tree200k, engine_sp, pause_shim):
     """The tool and its worker processes killed outright (SIGKILL to the process group, as
-    a batch system or the OOM killer does) at four points; the walk still ends exact."""
+    a batch system or the OOM killer does) at four points; the walk still ends exact. Each
+    run is held (the pause shim) where its main process opens a directory further on, with
+    a checkpoint every 256 entries before it, and killed there."""
     ds, total = big_state(tree200k)
+    root = tree200k[0]
     start = time.time_ns()
     done = 0
-    for threshold in (0, total // 5, total // 2, (total * 4) // 5):
-        proc = ds.popen("--checkpoint-every", "0.05", *engine_sp)
-        ck = wait_for_progress(ds, proc, max(done, threshold),
-                               "a checkpoint past %d entries" % max(done, threshold))
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+    for at in (40, 80, 200, 320):                   # of 400 directories
+        proc = ds.popen("--checkpoint-every", "0.000001", *engine_sp,
+                        held_at=root / ("d%04d" % at), shim=pause_shim)
+        with reaped(proc):
+            wait_stopped(proc, "the walk to stop before d%04d" % at)
+            ck = ds.checkpoint()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
         assert proc.returncode == -signal.SIGKILL
         assert_state_parses(ds)
         st = ds.status()
@@ -1211,21 +1203,26 @@ SIGNAL_TARGETS = [("serial", ("--workers", "1"), "pid"),
 @pytest.mark.parametrize("engine_args, target", [t[1:] for t in SIGNAL_TARGETS],
                          ids=["%s-to-%s" % (t[0], t[2]) for t in SIGNAL_TARGETS])
 def test_signal_mid_walk_checkpoints_and_resumes(big_state, tree200k, sig, code, engine_args,
-                                                 target):
+                                                 target, pause_shim):
     """A signal to the tool's pid (kill PID) or to its whole process group (Ctrl-C at a
     terminal, `kill -TERM -PGID`, Slurm at a time limit or scancel) stops the walk with its
     exit code and a checkpoint, every time (five stops at different points); the next run
-    resumes and completes with every entry counted once."""
+    resumes and completes with every entry counted once. Each run is held (the pause shim)
+    where its main process opens a directory further on, and signalled there."""
     ds, total = big_state(tree200k)
+    root = tree200k[0]
     done = 0
     for attempt in range(5):
-        proc = ds.popen("--checkpoint-every", "0.05", *engine_args)
-        wait_for_progress(ds, proc, done, "a checkpoint past %d entries" % done)
-        if target == "group":
-            os.killpg(proc.pid, sig)
-        else:
-            os.kill(proc.pid, sig)
-        out, err = proc.communicate(timeout=60)
+        at = 60 * (attempt + 1)                     # of 400 directories
+        proc = ds.popen("--checkpoint-every", "0.05", *engine_args,
+                        held_at=root / ("d%04d" % at), shim=pause_shim)
+        with reaped(proc):
+            wait_stopped(proc, "the walk to stop before d%04d" % at)
+            if target == "group":
+                os.killpg(proc.pid, sig)
+            else:
+                os.kill(proc.pid, sig)
+            out, err = go_on(proc)
         assert proc.returncode == code, (attempt, out[-500:], err[-1000:])
         res = json.loads(out.decode("utf-8"))["results"][0]
         assert res["complete"] is False and res["resumed"] is (attempt > 0)
@@ -1376,7 +1373,7 @@ def reset_tree_atimes(root):
         ns = pattern_atime(k[-1].decode()) if k else OLD_NS
         if k == SENTINEL:
             ns = OLD_NS
-        set_atime_ns(join(root, k), ns)
+        set_atime(join(root, k), ns=ns)
         expected[k] = ns
     return expected
 

@@ -1,9 +1,10 @@
-"""Words a new user tripped on (issue 9, item 9): every changed message, its exit code and text.
+"""Messages: what the tool says to people, with its exit code and text.
 
 Hints in the form the user ran, the `--json` help and the README's JSON section, the
 schedule's --max-seconds, the command table, br200's "Next:" hint, `status --json`'s
 `schedule`, doctor on a missing state directory, the scratch root as a dataset, and the
-words of a refresh that stopped early.
+words of a refresh that stopped early; help that says what fails a job, status hints,
+times with their Z, binary size units, and a mistyped name's suggestion.
 """
 import json
 import os
@@ -16,23 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KEEP, REPO, SCRIPT, Result, make_dataset, run_script
+from conftest import KEEP, REPO, SCRIPT, assert_error, make_dataset, run_command, run_script
 import scratch_keepalive as sk
 from slurmbed import make_world  # noqa: F401  (the real-Slurm fixture, with its user lock)
 
 README = (REPO / "README.md").read_text()
-ERROR = "scratch-keepalive: error: "
-
-
-def one_error(r, code, *words):
-    """Exactly one error line, with the exit code and every one of the words."""
-    assert r.rc == code, r
-    lines = r.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(ERROR), r
-    for w in words:
-        assert w in lines[0], (w, r)
-    assert "Traceback" not in r.err
-    return lines[0]
 
 
 def tree(path):
@@ -44,12 +33,7 @@ def tree(path):
 
 
 def run(argv, env=None, cwd=None):
-    full = dict(os.environ)
-    full.update(env or {})
-    p = subprocess.run([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       env=full, cwd=None if cwd is None else str(cwd), timeout=120)
-    return Result(p.returncode, p.stdout.decode("utf-8", "replace"),
-                  p.stderr.decode("utf-8", "replace"))
+    return run_command(argv, env=env, cwd=None if cwd is None else str(cwd), timeout=120)
 
 
 def hints(text):
@@ -65,14 +49,14 @@ def test_hints_show_python3_and_the_script_path_as_run(generic):
     assert "Add one: `python3 scratch_keepalive.py add --name NAME --path DIR " \
            "--keep-until YYYY-MM-DD`" in r.out, r
     r = run([sys.executable, "scratch_keepalive.py", "refresh", "--name", "nope"], cwd=REPO)
-    line = one_error(r, 2, "no dataset named 'nope'")
+    line = assert_error(r, 2, "no dataset named 'nope'")
     assert "`python3 scratch_keepalive.py list` shows the registered ones" in line, r
     assert "`scratch-keepalive" not in r.out + r.err, r
 
 
 def test_hints_show_python3_dash_m(generic):
     r = run([sys.executable, "-m", "scratch_keepalive", "refresh", "--name", "nope"], cwd=REPO)
-    line = one_error(r, 2)
+    line = assert_error(r, 2)
     assert "`python3 -m scratch_keepalive list` shows the registered ones" in line, r
 
 
@@ -82,7 +66,7 @@ def test_a_hint_runs_as_pasted_from_a_path_with_a_space(generic, tmp_path):
     d.mkdir()
     shutil.copyfile(str(SCRIPT), str(d / "scratch_keepalive.py"))
     r = run([sys.executable, d / "scratch_keepalive.py", "refresh", "--name", "nope"])
-    line = one_error(r, 2)
+    line = assert_error(r, 2)
     hint = [h for h in hints(line) if h.endswith(" list")]
     assert hint == ["python3 %s list" % shlex.quote(str(d / "scratch_keepalive.py"))], line
     p = subprocess.run(["bash", "-c", hint[0].replace("python3", shlex.quote(sys.executable), 1)],
@@ -98,7 +82,7 @@ def test_hints_of_the_console_script_say_scratch_keepalive(generic, tmp_path):
                        "sys.exit(main())\n" % sys.executable)
     wrapper.chmod(0o755)
     r = run([wrapper, "refresh", "--name", "nope"], env={"PYTHONPATH": str(REPO)})
-    line = one_error(r, 2)
+    line = assert_error(r, 2)
     assert "`scratch-keepalive list` shows the registered ones" in line, r
 
 
@@ -109,14 +93,14 @@ def test_hints_of_the_install_sh_launcher_say_scratch_keepalive(generic, tmp_pat
                        stderr=subprocess.PIPE, timeout=120)
     assert p.returncode == 0, p
     r = run([prefix / "bin" / "scratch-keepalive", "refresh", "--name", "nope"])
-    line = one_error(r, 2)
+    line = assert_error(r, 2)
     assert "`scratch-keepalive list` shows the registered ones" in line, r
 
 
 def test_the_python_api_keeps_scratch_keepalive(cli, generic):
     """main(argv) from another program: the hints name the command."""
     r = cli("refresh", "--name", "nope")
-    line = one_error(r, 2)
+    line = assert_error(r, 2)
     assert "`scratch-keepalive list` shows the registered ones" in line, r
 
 
@@ -157,10 +141,9 @@ def readme_json_section():
 
 def test_json_help_points_at_the_readme_section(cli, generic):
     for command in ("list", "status", "refresh", "doctor", "add", "install-cron", "repair"):
-        p = subprocess.run([sys.executable, str(SCRIPT), command, "--help"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        help_text = " ".join(p.stdout.decode().split())
-        assert p.returncode == 0, p
+        p = run_script(command, "--help")
+        help_text = " ".join(p.out.split())
+        assert p.rc == 0, p
         assert "contract" not in help_text, (command, help_text)
         assert 'README.md, "JSON output"' in help_text, (command, help_text)
     readme_json_section()
@@ -226,10 +209,9 @@ def test_refresh_help_shows_the_schedules_max_seconds(cli, generic):
     assert r.rc == 0, r
     job = re.findall(r"refresh --due --scheduled sbatch --max-seconds (\d+)$", r.out, re.M)
     assert job == ["6900"], r.out
-    p = subprocess.run([sys.executable, str(SCRIPT), "refresh", "--help"],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    text = p.stdout.decode()
-    assert p.returncode == 0, p
+    p = run_script("refresh", "--help")
+    text = p.out
+    assert p.rc == 0, p
     assert "6600" not in text
     assert "# what the schedule runs: the job's time limit (2:00:00) less 5 minutes\n" \
            "  scratch-keepalive refresh --due --max-seconds 6900\n" in text, text
@@ -247,9 +229,8 @@ def test_readme_table_pairs_enable_with_resume_and_disable_with_pause():
                                           "remove": "unregister"}, row
     # ... as the commands' own help says
     for command, verb in (("enable", "resume"), ("disable", "pause")):
-        p = subprocess.run([sys.executable, str(SCRIPT), command, "--help"],
-                           stdout=subprocess.PIPE)
-        assert "%s refreshing a dataset" % verb in p.stdout.decode().lower(), p
+        p = run_script(command, "--help")
+        assert "%s refreshing a dataset" % verb in p.out.lower(), p
 
 
 # ---------------------------------------------------------------- br200: Next hint has --account
@@ -265,7 +246,7 @@ def test_br200_next_hint_after_add_names_the_account(cli, env, monkeypatch):
            "`sacctmgr show assoc user=$USER format=account` lists yours)." in r.out, r
     # install-cron as hinted, with an account, is accepted (the request itself is Slurm's
     # to judge); without one it is refused, which is why the hint names it
-    one_error(cli("install-cron", "--method", "sbatch", "--dry-run"), 2, "--account")
+    assert_error(cli("install-cron", "--method", "sbatch", "--dry-run"), 2, "--account")
     assert cli("install-cron", "--method", "sbatch", "--dry-run", "--account", "r00000").rc == 0
 
 
@@ -373,7 +354,7 @@ def test_adding_the_scratch_root_itself_is_refused_with_its_reason(cli, generic)
     before = tree(generic["state"]), tree(scratch)
     for path in (scratch, str(scratch) + "/", scratch / "." ):
         r = cli("add", "--name", "all", "--path", path, "--keep-until", KEEP)
-        line = one_error(r, 2, "is the scratch root itself, which cannot be a dataset; "
+        line = assert_error(r, 2, "is the scratch root itself, which cannot be a dataset; "
                                "register a directory below it")
         assert "not below" not in line and "only datasets on scratch" not in line, line
     assert (tree(generic["state"]), tree(scratch)) == before
@@ -491,7 +472,7 @@ def test_status_text_of_one_dataset_asks_slurm_nothing(cli, generic, tmp_path, m
     assert "squeue" in s["error"], s
 
 
-# ---------------------------------------------------------------- issue 20, item 7
+# -------------------------------------------------------------- help, hints, times, sizes, names
 
 def test_mail_user_help_says_which_findings_fail_the_job(cli):
     text = "".join(cli("install-cron", "--help").out.split())    # argparse wraps at hyphens
@@ -603,21 +584,21 @@ def test_add_before_init_on_br200_gives_br200_advice(cli, env, monkeypatch, tmp_
     n.mkdir(parents=True)
     monkeypatch.setitem(sk.PROFILES["br200"], "scratch_root", str(n / "{user}"))
     r = cli("add", "--name", "ds", "--path", tmp_path, "--keep-until", KEEP)
-    line = one_error(r, 2, "no configuration in", "run `scratch-keepalive init` first",
+    line = assert_error(r, 2, "no configuration in", "run `scratch-keepalive init` first",
                      "the br200 profile")
     assert "--profile generic" not in line, line
     monkeypatch.setitem(sk.PROFILES["br200"], "scratch_root", str(tmp_path / "no" / "{user}"))
     r = cli("add", "--name", "ds", "--path", tmp_path, "--keep-until", KEEP)
-    one_error(r, 2, "`scratch-keepalive init --profile generic --scratch-root DIR`")
+    assert_error(r, 2, "`scratch-keepalive init --profile generic --scratch-root DIR`")
 
 
 @pytest.mark.parametrize("bad", ["2030-6-30", "30/06/2030", "2030-02-30", "soon"])
 def test_a_malformed_keep_until_says_the_format(cli, generic, bad):
     d = make_dataset(generic["scratch"])
-    one_error(cli("add", "--name", "ds", "--path", d, "--keep-until", bad), 2,
+    assert_error(cli("add", "--name", "ds", "--path", d, "--keep-until", bad), 2,
               "is not a real date; use YYYY-MM-DD")
     assert cli("add", "--name", "ds", "--path", d, "--keep-until", KEEP).rc == 0
-    one_error(cli("extend", "--name", "ds", "--keep-until", bad), 2,
+    assert_error(cli("extend", "--name", "ds", "--keep-until", bad), 2,
               "is not a real date; use YYYY-MM-DD")
 
 
@@ -641,6 +622,6 @@ def test_a_mistyped_name_suggests_the_close_one(cli, generic):
     assert cli("add", "--name", "genomes", "--path", d, "--keep-until", KEEP).rc == 0
     for argv in (["status", "--name", "genome"], ["refresh", "--name", "genomse"],
                  ["files", "--name", "Genomes"]):
-        one_error(cli(*argv), 2, "no dataset named %r (did you mean 'genomes'?)" % argv[2])
-    line = one_error(cli("status", "--name", "zzz"), 2, "no dataset named 'zzz'")
+        assert_error(cli(*argv), 2, "no dataset named %r (did you mean 'genomes'?)" % argv[2])
+    line = assert_error(cli("status", "--name", "zzz"), 2, "no dataset named 'zzz'")
     assert "did you mean" not in line

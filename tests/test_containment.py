@@ -1,15 +1,15 @@
-"""Tests that the walk and the sentinel stay inside the dataset (issue 9 items 2, 4 and 5).
+"""Containment: the walk and the sentinel stay inside the dataset.
 
-  * 2a: a symlink between the scratch root and the dataset root is refused by refresh,
-    repair, remove and doctor (the issue's /dev/shm example, reproduced);
-  * 2b: a bind mount inside a dataset (same filesystem: st_dev cannot see it) is neither
-    entered nor touched, in every engine;
-  * 4: a FIFO at the sentinel path never blocks a command; the sentinel is rewritten by one
-    pwrite of a fixed length, never truncated, and a failure (RLIMIT_FSIZE, a full
-    filesystem) or a kill -9 at any point leaves a file the tool still recognises;
-  * 5: entries of another owner (a real other user, `nobody`): not attempted in touch mode,
-    counted; directories of another owner listed in check mode are counted, and their stat
-    comes from before the listing, in every engine.
+  * a symlinked parent: a symlink between the scratch root and the dataset root is refused
+    by refresh, repair, remove and doctor (a project moved away, a link to /dev/shm left);
+  * bind mounts: a bind mount inside a dataset (same filesystem: st_dev cannot see it) is
+    neither entered nor touched, in every engine;
+  * the sentinel: a FIFO at its path never blocks a command; it is rewritten by one pwrite
+    of a fixed length, never truncated, and a failure (RLIMIT_FSIZE, a full filesystem) or
+    a kill -9 at any point leaves a file the tool still recognises;
+  * other owners: entries of another owner (a real other user, `nobody`) are not attempted
+    in touch mode, but counted; directories of another owner listed in check mode are
+    counted, and their stat comes from before the listing, in every engine.
 
 Real files, real mounts (root only; skipped elsewhere) and real processes throughout.
 """
@@ -29,12 +29,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KEEP, NOW, SCRIPT, Result, nonroot_runner, sk
+from conftest import KEEP, NOW, SCRIPT, nonroot_runner, poll, run_script, set_atime, sk, tool_env
 
 OLD_NS = 1577836800 * 10 ** 9          # 2020-01-01
 ENGINES = [("serial", ("--workers", "1")), ("threads", ("--threads", "4")),
            ("processes", ("--workers", "2"))]
-CLEARED_ENV = ("SCRATCH_KEEPALIVE_SCRATCH_ROOT", "XDG_STATE_HOME", "SLURM_JOB_ID", "SCRATCH")
 TIMEOUT = 30                            # a command that blocks on a FIFO fails the test
 
 
@@ -43,23 +42,9 @@ def engine(request):
     return list(request.param)
 
 
-def tool_env(state, **extra):
-    env = dict((k, v) for k, v in os.environ.items() if k not in CLEARED_ENV)
-    env.update({"SCRATCH_KEEPALIVE_HOME": str(state), "SCRATCH_KEEPALIVE_NOW": NOW, "TZ": "UTC"})
-    env.update(extra)
-    return env
-
-
-def tool(env, *argv, prefix=(), python=None, preexec_fn=None, timeout=TIMEOUT):
-    cmd = list(prefix) + [python or sys.executable, str(SCRIPT)] + [str(a) for a in argv]
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                       preexec_fn=preexec_fn, timeout=timeout)
-    return Result(p.returncode, p.stdout.decode("utf-8"), p.stderr.decode("utf-8", "replace"))
-
-
-def set_atime_ns(path, atime_ns):
-    st = os.lstat(str(path))
-    os.utime(str(path), ns=(atime_ns, st.st_mtime_ns), follow_symlinks=False)
+def tool(env, *argv, **kw):
+    """The tool in a subprocess with env (tool_env) as its whole environment."""
+    return run_script(*argv, env=env, clean=True, **dict({"timeout": TIMEOUT}, **kw))
 
 
 def age_all(root):
@@ -67,8 +52,8 @@ def age_all(root):
     directory is listed (which would move its atime again) after its atime was set."""
     for dirpath, dirnames, filenames in os.walk(str(root), topdown=False):
         for n in dirnames + filenames:
-            set_atime_ns(os.path.join(dirpath, n), OLD_NS)
-    set_atime_ns(root, OLD_NS)
+            set_atime(os.path.join(dirpath, n), ns=OLD_NS)
+    set_atime(root, ns=OLD_NS)
 
 
 def only_result(r):
@@ -117,7 +102,7 @@ def world(tmp_path):
 
 @pytest.fixture
 def shm():
-    """A directory on another filesystem (tmpfs), as in the issue's example."""
+    """A directory on another filesystem (tmpfs), where a moved project's link may point."""
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None
     d = tempfile.mkdtemp(prefix="sk-contain-", dir=base)
     yield Path(d)
@@ -143,18 +128,18 @@ def mounts():
             subprocess.run(["umount", "-l", target])
 
 
-# --------------------------------------------------------------------------- 2a. symlinked parent
+# --------------------------------------------------------------------------- a symlinked parent
 
 
 def symlinked_parent(world, shm):
-    """The issue's example: the project moved away, a symlink to /dev/shm left behind."""
+    """The project moved away, a symlink to /dev/shm left behind."""
     world.add()
     secret = shm / "v" / "ds" / "secret"
     secret.mkdir(parents=True)
     (secret / "file").write_bytes(b"s\n")
-    set_atime_ns(secret / "file", OLD_NS)
-    set_atime_ns(secret, OLD_NS)
-    set_atime_ns(shm / "v" / "ds", OLD_NS)
+    set_atime(secret / "file", ns=OLD_NS)
+    set_atime(secret, ns=OLD_NS)
+    set_atime(shm / "v" / "ds", ns=OLD_NS)
     os.rename(str(world.scratch / "proj"), str(world.scratch / "proj.moved"))
     os.symlink(str(shm / "v"), str(world.scratch / "proj"))
     return shm / "v" / "ds"
@@ -255,7 +240,7 @@ def test_the_walk_keeps_to_the_root_it_opened_when_a_parent_is_swapped(world, sh
     assert os.lstat(str(world.scratch / "proj.moved" / "ds" / "mine")).st_atime_ns != OLD_NS
 
 
-# --------------------------------------------------------------------------- 2b. bind mounts
+# --------------------------------------------------------------------------- bind mounts
 
 
 def test_mountinfo_octal_escapes_are_decoded():
@@ -342,7 +327,7 @@ def test_bind_mounts_inside_a_dataset_are_skipped_in_every_engine(world, mounts,
         assert os.lstat(str(ds / "src" / "x")).st_atime_ns != OLD_NS
 
 
-# --------------------------------------------------------------------------- 4. the sentinel
+# --------------------------------------------------------------------------- the sentinel
 
 
 def make_fifo_sentinel(world):
@@ -474,17 +459,25 @@ def test_kill_9_during_repeated_rewrites_always_leaves_a_sentinel_of_ours(world)
     world.add()
     code = ("import sys; sys.path.insert(0, %r); import scratch_keepalive as sk\n"
             "sys.stdout.write('go\\n'); sys.stdout.flush()\n"
+            "import os; done = os.open(sys.argv[1], os.O_WRONLY)\n"
             "i = 0\n"
             "while True:\n"
             "    i += 1\n"
             "    sk.update_sentinel(%r, {'name': 'ds', 'added': 'x' * (i %% 300),\n"
             "                            'last_refresh': str(i)})\n"
+            "    os.pwrite(done, b'%%12d' %% i, 0)\n"
             % (str(SCRIPT.parent), str(world.ds)))
+    # Killed once it has done a (seeded) number of rewrites: where in a rewrite the kill
+    # lands is up to the scheduler, and no sleep guesses how long a rewrite takes.
     rng = random.Random(9)
+    done = world.base / "rewrites-done"
     for _ in range(40):
-        p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+        done.write_bytes(b"%12d" % 0)
+        at_least = rng.randint(1, 40)
+        p = subprocess.Popen([sys.executable, "-c", code, str(done)], stdout=subprocess.PIPE)
         assert p.stdout.readline() == b"go\n"
-        time.sleep(rng.uniform(0.0, 0.03))
+        poll(lambda: int(done.read_bytes() or b"0") >= at_least or p.poll() is not None,
+             "%d rewrites" % at_least)
         p.send_signal(signal.SIGKILL)
         p.wait()
         p.stdout.close()
@@ -518,7 +511,7 @@ def test_a_document_that_would_not_fit_fails_clearly_and_writes_nothing(world, m
     assert not os.path.lexists(str(world.sentinel))
 
 
-# --------------------------------------------------------------------------- 5. other owners
+# --------------------------------------------------------------------------- other owners
 
 
 class Shared(object):
