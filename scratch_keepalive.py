@@ -3716,6 +3716,9 @@ class ManifestWriter(object):
             try:
                 self.result = zlib.compress(raw, MANIFEST_LEVEL)
             finally:
+                # WARNING: drop the chunk before waiting for the next one, or a second
+                # chunk's worth of memory stays held for the whole walk.
+                raw = None
                 self.ready_lock.release()
 
     def _wait(self):
