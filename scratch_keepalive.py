@@ -6139,68 +6139,76 @@ class RescueRun(object):
                      self.counts.bytes_copied, self.total_bytes, t - self.t0)
 
     def one(self, comps, code):
-        """Rescue one entry, by what it is now (the manifest says what it was)."""
+        """Rescue one entry, by what it is now (the manifest says what it was): a directory
+        here, in order; anything else by look_and_copy(), on a copying thread if any."""
         path = b"/".join(comps)
         level = self.enter(comps[:-1])
         if level.error:
             return self.failed(path, level.error)
-        name = comps[-1]
-        try:
-            st = os.lstat(name, dir_fd=level.src)
-        except OSError as e:
-            return self.failed(path, "vanished since the walk" if e.errno == errno.ENOENT
-                               else e.strerror)
-        if stat.S_ISDIR(st.st_mode):
+        if code & ~K_TOUCHED == K_DIR and stat.S_ISDIR(_lstat_mode(comps[-1], level.src)):
             top = self.enter(comps, created_counts=True)
-            if top.error:
-                self.failed(path, top.error)
-            return None
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
-            return self.not_copied(path, "special")
-        if self.euid != 0 and st.st_uid != self.euid:
-            return self.not_copied(path, "other-owner")
-        have = self.dest_stat(level, name)
-        if have is not None:
-            if stat.S_ISDIR(have.st_mode):
-                return self.failed(path, "a directory is in its place at the destination")
-            if self.same(st, have, level, name):
-                self.counts.entries_skipped += 1
-                self.counts.bytes_skipped += st.st_size if stat.S_ISREG(st.st_mode) else 0
-                return None
-            if have.st_mtime_ns > st.st_mtime_ns:
-                return self.not_copied(path, "newer-destination")
-        if self.opts.dry_run:
-            self.counts.entries_copied += 1
-            self.counts.bytes_copied += st.st_size if stat.S_ISREG(st.st_mode) else 0
-            return None
+            return self.failed(path, top.error) if top.error else None
         if self.pool is None:
-            return self.copied(path, self.write(level, name, st))
+            return self.copied(path, self.look_and_copy(level, comps[-1]))
         while len(self.jobs) >= 2 * self.threads:
             self.collect(block=True)
         level.pending += 1
-        self.jobs[self.pool.submit(self.write, level, name, st)] = (level, path, self.cursor)
+        job = self.pool.submit(self.look_and_copy, level, comps[-1])
+        self.jobs[job] = (level, path, self.cursor)
         return None
 
-    def write(self, level, name, st):
-        """Copy one file or symlink (on a copying thread, or here): None when it is in
-        place, else the exception that stopped it."""
+    def look_and_copy(self, level, name):
+        """Look at one entry (not a directory) on both sides and copy it if it should be:
+        what it came to, as copied() takes it. Safe on a copying thread: it changes
+        nothing of the run's but bytes_copied (under the lock)."""
+        try:
+            st = os.lstat(name, dir_fd=level.src)
+        except OSError as e:
+            return _Changed("vanished since the walk" if e.errno == errno.ENOENT
+                            else e.strerror)
+        if stat.S_ISDIR(st.st_mode):
+            return _Changed("became a directory since the walk (run refresh, then rescue "
+                            "again)")
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            return "special"
+        if self.euid != 0 and st.st_uid != self.euid:
+            return "other-owner"
+        size = st.st_size if stat.S_ISREG(st.st_mode) else 0
+        have = self.dest_stat(level, name)
+        if have is not None:
+            if stat.S_ISDIR(have.st_mode):
+                return _Changed("a directory is in its place at the destination")
+            if self.same(st, have, level, name):
+                return ("skipped", size)
+            if have.st_mtime_ns > st.st_mtime_ns:
+                return "newer-destination"
+        if self.opts.dry_run:
+            return ("copied", size)
         try:
             if stat.S_ISLNK(st.st_mode):
                 self.copy_link(level, name, st)
             else:
                 self.copy_file(level, name)
-        except (_RescueStop, _NotOwned, _Changed, OSError) as e:
+        except _NotOwned:
+            return "other-owner"
+        except (_RescueStop, _Changed, OSError) as e:
             return e
-        return None
+        return ("copied", 0)        # its bytes were counted as they went
 
     def copied(self, path, outcome):
-        """Count what write() did to the entry at path."""
-        if outcome is None:
-            self.counts.entries_copied += 1
+        """Count what look_and_copy() did with the entry at path."""
+        if isinstance(outcome, tuple):
+            what, size = outcome
+            field = "entries_" + what
+            setattr(self.counts, field, getattr(self.counts, field) + 1)
+            if what == "skipped":
+                self.counts.bytes_skipped += size
+            else:
+                self.counts.bytes_copied += size        # a dry run's: what it would copy
+        elif isinstance(outcome, str):
+            self.not_copied(path, outcome)
         elif isinstance(outcome, _RescueStop):
             raise outcome
-        elif isinstance(outcome, _NotOwned):
-            self.not_copied(path, "other-owner")
         elif isinstance(outcome, OSError) and outcome.errno in FULL_ERRNOS:
             raise DiskFullError(outcome.errno, "cannot write %s: the destination's disk or "
                                 "quota is full (%s); free some space there and run rescue "
