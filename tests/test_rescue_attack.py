@@ -268,3 +268,24 @@ def test_a_directory_moved_out_during_a_deep_rescue_is_not_followed(generic, cli
         assert any("moved" in (e.get("why") or "") for e in res["not_rescued"]), res
     finally:
         subprocess.run(["rm", "-rf", "--", str(root), str(outside), str(dest)])
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_a_file_that_became_a_directory_since_the_walk_is_an_error(generic, cli, tmp_path,
+                                                                   threads):
+    """Its contents are not in the manifest: it is not copied as an empty directory, nor
+    entered; the rest is copied and the rescue exits 1."""
+    root = generic["scratch"] / "ds"
+    old_tree(root, {"was-a-file": b"x", "z.txt": b"z"})
+    registered(cli, root)
+    (root / "was-a-file").unlink()
+    (root / "was-a-file").mkdir()
+    (root / "was-a-file" / "inner").write_bytes(b"new")
+    r = cli("rescue", "--name", "ds", "--to", tmp_path / "safe", "--all", "--threads",
+            threads, "--json")
+    assert r.rc == 1, r
+    res = json.loads(r.out)
+    assert files_below(tmp_path / "safe") == {"z.txt": b"z"}
+    assert not (tmp_path / "safe" / "was-a-file").exists()
+    assert [(e["path"], e["reason"]) for e in res["not_rescued"]] == [("was-a-file", "error")]
+    assert "became a directory" in res["not_rescued"][0]["why"]
