@@ -1596,16 +1596,6 @@ def not_followed(path):
                                                             PROG))
 
 
-def open_nofollow(path, flags, mode=0o600):
-    """os.open of a file in the state directory that refuses a symlink with a StateError."""
-    try:
-        return os.open(path, flags | O_NOFOLLOW, mode)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise not_followed(path) from None
-        raise
-
-
 def open_lock_file(path):
     """A read-write descriptor of the lock file at path, created if need be: never a FIFO,
     a directory or a link (open_state), so taking a lock cannot block or write elsewhere."""
