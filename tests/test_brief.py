@@ -5,8 +5,7 @@ no Slurm command, no state created, fast with many datasets; on a real Slurm tes
 import json
 import os
 import shlex
-import statistics
-import time
+import shutil
 from pathlib import Path
 
 import pytest
@@ -265,26 +264,27 @@ def test_brief_runs_no_slurm_command_and_says_the_same_without_slurm(cli, generi
     assert json.loads(outs[1])[0]["command"] == "scratch-keepalive files --name old --purge-eligible"
 
 
-def test_brief_is_fast_with_50_datasets(cli, generic):
-    """State only: 50 checked datasets cost about what the interpreter's start-up does."""
+def test_brief_reads_state_only_with_50_datasets(cli, generic, tmp_path):
+    """What keeps the login line cheap with many datasets: `status --brief` reads the state
+    directory and nothing below the scratch root (strace sees no call naming a path
+    there). How long it takes is the benchmark's to measure (tools/bench.py, brief)."""
+    if not shutil.which("strace"):
+        pytest.skip("strace is not installed")
     for i in range(50):
         d = generic["scratch"] / ("d%02d" % i)
         d.mkdir()
         (d / "f").write_bytes(b"x")
         assert cli("add", "--name", d.name, "--path", d, "--keep-until", KEEP).rc == 0
     assert cli("refresh", "--check").rc == 0
-    times, version = [], []
-    for _ in range(3):
-        t0 = time.monotonic()
-        r = run_script("status", "--brief")
-        times.append(time.monotonic() - t0)
-        t0 = time.monotonic()
-        run_script("--version")
-        version.append(time.monotonic() - t0)
-        assert r.rc == 0, r
+    trace = tmp_path / "trace"
+    r = run_script("status", "--brief", prefix=["strace", "-f", "-qq", "-e", "trace=%file",
+                                               "-o", str(trace)])
+    assert r.rc == 0, r
     lines = r.out.splitlines()
     assert len(lines) == 51 and lines[-1].startswith("scratch-keepalive: schedule: "), lines
-    assert statistics.median(times) < statistics.median(version) + 0.5, (times, version)
+    calls = trace.read_text().splitlines()
+    assert any(str(generic["state"]) in c for c in calls)      # the trace sees the state
+    assert [c for c in calls if str(generic["scratch"]) in c] == []
 
 
 # ---------------------------------------------------------------- real Slurm
