@@ -1139,18 +1139,6 @@ def test_resume_survives_deletion_of_the_cursor_directory(nested, cli, engine):
 # --------------------------------------------------------------------------- 11. crashes, signals
 
 
-def wait_for_progress(ds, proc, more_than, what):
-    """The checkpoint once entries_done exceeds more_than; fails if proc ends first."""
-    def ready():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError("refresh ended (rc %s) before %s; out=%r err=%r"
-                                 % (proc.returncode, what, out[-500:], err[-500:]))
-        doc = ds.checkpoint()
-        return doc if doc and doc["entries_done"] > more_than else None
-    return poll(ready, what)
-
-
 def assert_state_parses(ds):
     for rel in ("config.json", "registry.json", "checkpoints/ds.json"):
         json.loads((ds.state / rel).read_text(encoding="utf-8"))
@@ -1257,17 +1245,24 @@ def process_state(pid):
 
 
 @contextlib.contextmanager
-def worker_walk(ds):
-    """A --workers 2 walk past its first checkpoint: (process, worker pids); reaped after."""
+def worker_walk(ds, root, shim):
+    """A --workers 2 walk held (the pause shim) where its main process opens d0060, 30,000
+    entries and many checkpoints in: (process, worker pids), the main process then let go
+    on; reaped after."""
     if not os.path.isdir("/proc/self"):
         pytest.skip("needs /proc to find the worker processes")
-    proc = ds.popen("--checkpoint-every", "0.05", "--workers", "2")
+    proc = ds.popen("--checkpoint-every", "0.000001", "--workers", "2",
+                    held_at=root / "d0060", shim=shim)
     with reaped(proc):
-        wait_for_progress(ds, proc, 0, "the first checkpoint")
-        yield proc, poll(lambda: children_of(proc.pid), "the worker processes")
+        wait_stopped(proc, "the walk to stop before d0060")
+        assert ds.checkpoint() is not None
+        workers = children_of(proc.pid)
+        assert workers
+        yield proc, workers
 
 
-def test_sigterm_to_process_group_while_workers_hold_batches_exits_3(big_state, tree200k):
+def test_sigterm_to_process_group_while_workers_hold_batches_exits_3(big_state, tree200k,
+                                                                     pause_shim):
     """Slurm (time limit, scancel) sends SIGCONT and SIGTERM to every process of the job.
 
     Made deterministic: the worker processes are stopped until the main process has handed
@@ -1276,9 +1271,10 @@ def test_sigterm_to_process_group_while_workers_hold_batches_exits_3(big_state, 
     the next run must resume and complete with every entry counted once.
     """
     ds, total = big_state(tree200k)
-    with worker_walk(ds) as (proc, workers):
+    with worker_walk(ds, tree200k[0], pause_shim) as (proc, workers):
         for w in workers:
             os.kill(w, signal.SIGSTOP)
+        os.kill(proc.pid, signal.SIGCONT)
         # The main process fills the workers' queues, then sleeps waiting for replies.
         streak = {"n": 0}
 
@@ -1301,15 +1297,15 @@ def test_sigterm_to_process_group_while_workers_hold_batches_exits_3(big_state, 
 
 
 def test_a_worker_process_killed_alone_fails_the_run_cleanly_and_resume_is_exact(
-        big_state, tree200k):
+        big_state, tree200k, pause_shim):
     """One worker killed (the OOM killer picks a process, not a group): the run ends with
     exit 1 and a result naming the worker and the signal, the checkpoint is the last one
     written before (never past a lost batch), and the next run completes exactly."""
     ds, total = big_state(tree200k)
-    with worker_walk(ds) as (proc, workers):
+    with worker_walk(ds, tree200k[0], pause_shim) as (proc, workers):
         victim = workers[0]
         os.kill(victim, signal.SIGKILL)
-        out, err = proc.communicate(timeout=60)
+        out, err = go_on(proc)
     assert proc.returncode == 1, (out[-500:], err[-1000:])
     res = json.loads(out.decode("utf-8"))["results"][0]
     assert res["complete"] is False
@@ -1328,14 +1324,17 @@ def test_a_worker_process_killed_alone_fails_the_run_cleanly_and_resume_is_exact
 @pytest.mark.parametrize("engine_args", [e[1] for e in ENGINES if e[0] != "threads"],
                          ids=[e[0] for e in ENGINES if e[0] != "threads"])
 def test_second_refresh_and_remove_exit_4_while_a_walk_holds_the_lock(big_state, tree200k,
-                                                                      engine_args):
-    """A walk stopped mid-way (SIGSTOP to its process group, as Ctrl-Z does) keeps the lock:
-    a second refresh and a remove exit 4 at once, naming its pid and host. Once its main
-    process is killed (kill -9 PID), the lock is free and a new refresh resumes the walk."""
+                                                                      engine_args, pause_shim):
+    """A walk stopped mid-way (held by the pause shim before d0060, then SIGSTOP to its
+    process group, as Ctrl-Z does) keeps the lock: a second refresh and a remove exit 4 at
+    once, naming its pid and host. Once its main process is killed (kill -9 PID), the lock
+    is free and a new refresh resumes the walk."""
     ds, total = big_state(tree200k)
-    proc = ds.popen("--checkpoint-every", "0.05", *engine_args)
+    proc = ds.popen("--checkpoint-every", "0.000001", *engine_args,
+                    held_at=tree200k[0] / "d0060", shim=pause_shim)
     try:
-        wait_for_progress(ds, proc, 0, "the first checkpoint")
+        wait_stopped(proc, "the walk to stop before d0060")
+        assert ds.checkpoint() is not None
         os.killpg(proc.pid, signal.SIGSTOP)
         t0 = time.monotonic()
         r = ds.run("refresh", "--name", "ds", timeout=60)
