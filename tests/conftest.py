@@ -314,6 +314,46 @@ def nonroot_runner():
     return [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"], py
 
 
+NOBODY = 65534
+
+
+def run_as_nobody(home, state, now=NOW, need_root=True, **extra):
+    """A function that runs the tool (as run_script, keyword arguments passed on) as the
+    unprivileged user nobody, through setpriv, with nothing of this process's environment:
+    HOME home, state as its state directory, the fixed clock (or now), UTC; extra on top.
+    It carries env, prefix and python for a caller that starts the process itself. Skips
+    where that cannot be: no setpriv, or (need_root) not root, so that no file of another
+    owner could be made. Not root and need_root False: the tool runs as this user."""
+    runner = nonroot_runner()
+    if runner is None or (need_root and os.geteuid() != 0):
+        pytest.skip("needs root, and setpriv, to run the tool as the user nobody")
+    prefix, python = runner
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "USER": "nobody", "TZ": "UTC",
+           "LANG": "C.UTF-8", "SCRATCH_KEEPALIVE_HOME": str(state),
+           "SCRATCH_KEEPALIVE_NOW": now}
+    env.update(extra)
+
+    def run(*argv, **kw):
+        return run_script(*[str(a) for a in argv], prefix=prefix, python=python, env=env,
+                          clean=True, **kw)
+    run.env, run.prefix, run.python = env, prefix, python
+    return run
+
+
+def give_to_nobody(*tops, keep=()):
+    """chown to nobody, without following a symlink, each of tops and everything below
+    it, but the paths in keep (as root only: elsewhere nothing changes)."""
+    if os.geteuid() != 0:
+        return
+    keep = set(str(k) for k in keep)
+    for top in tops:
+        paths = [str(top)] + [os.path.join(dp, n) for dp, dns, fns in os.walk(str(top))
+                              for n in dns + fns]
+        for p in paths:
+            if p not in keep:
+                os.lchown(p, NOBODY, NOBODY)
+
+
 @pytest.fixture
 def shm_tmp(tmp_path):
     """A temp dir on tmpfs (/dev/shm) where there is one, else tmp_path: a big tree is built

@@ -4,16 +4,14 @@ and what of it is safe, `--due --name`, and doctor's exit code.
 One test drives every view (list, status, status --brief, doctor, refresh --fail-on-risk)
 over the same table of dataset states and checks that they agree.
 """
-import base64
 import json
 import os
 import sys
 import shutil
-from pathlib import Path
 
 import pytest
 
-from conftest import KEEP, NOW, NOW_EPOCH, DAY, make_dataset, set_atime, snapshot
+from conftest import KEEP, NOW_EPOCH, DAY, make_dataset, set_atime, snapshot
 import scratch_keepalive as sk
 
 
@@ -412,23 +410,11 @@ def test_a_copy_reached_through_a_symlink_in_the_destination_is_no_copy(cli, gen
 def as_nobody(world_tmp, d, keep_root_owned=()):
     """A runner of the tool as user nobody on dataset d (its scratch root and a home made
     nobody's, but keep_root_owned), with init and add done; skips where that cannot be."""
-    from conftest import nonroot_runner, run_script
-    runner = nonroot_runner()
-    if runner is None or os.geteuid() != 0:
-        pytest.skip("needs root to chown, and setpriv")
-    prefix, python = runner
+    from conftest import give_to_nobody, run_as_nobody
     scratch, home = d.parent, world_tmp / "home"
+    run = run_as_nobody(home, world_tmp / "state")
     home.mkdir()
-    for p in [home, scratch] + [Path(dp) / n for dp, dns, fns in os.walk(str(scratch))
-                                for n in dns + fns]:
-        if p not in keep_root_owned:
-            os.lchown(str(p), 65534, 65534)
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "TZ": "UTC", "LANG": "C.UTF-8",
-           "SCRATCH_KEEPALIVE_HOME": str(world_tmp / "state"), "SCRATCH_KEEPALIVE_NOW": NOW}
-
-    def run(*argv):
-        return run_script(*[str(a) for a in argv], prefix=prefix, python=python, env=env,
-                          clean=True)
+    give_to_nobody(home, scratch, keep=keep_root_owned)
     assert run("init", "--profile", "generic", "--scratch-root", scratch).rc == 0
     assert run("add", "--name", "ds", "--path", d, "--keep-until", KEEP).rc == 0
     return run

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KEEP, NOW, SCRIPT, nonroot_runner, poll, run_script, set_atime, sk, tool_env
+from conftest import (KEEP, NOW, SCRIPT, give_to_nobody, poll, run_as_nobody, run_script,
+                      set_atime, sk, tool_env)
 
 OLD_NS = 1577836800 * 10 ** 9          # 2020-01-01
 ENGINES = [("serial", ("--workers", "1")), ("threads", ("--threads", "4")),
@@ -518,31 +519,24 @@ class Shared(object):
     """A dataset owned by `nobody` (who runs the tool), holding entries owned by root."""
 
     def __init__(self, base):
-        runner = nonroot_runner()
-        if runner is None or os.geteuid() != 0:
-            pytest.skip("needs root to make files of another owner, and setpriv")
-        self.prefix, self.python = runner
         self.state, self.scratch, home = base / "state", base / "scratch", base / "home"
+        self.as_nobody = run_as_nobody(home, self.state)
+        self.env = self.as_nobody.env
         self.root = self.scratch / "ds"
         for d in (home, self.root / "mine", self.root / "theirs"):
             d.mkdir(parents=True)
         for rel in ("mine/a", "theirs/b", "theirs/c", "t_file"):
             (self.root / rel).write_bytes(b"data")
-        for dirpath, dirnames, filenames in os.walk(str(base)):
-            for n in [dirpath] + [os.path.join(dirpath, x) for x in dirnames + filenames]:
-                os.chown(n, 65534, 65534)
-        for rel in ("theirs", "theirs/b", "theirs/c", "t_file"):
-            os.chown(str(self.root / rel), 0, 0)
+        give_to_nobody(base, keep=[self.root / rel
+                                   for rel in ("theirs", "theirs/b", "theirs/c", "t_file")])
         os.chmod(str(self.root / "theirs"), 0o755)
-        self.env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "TZ": "UTC",
-                    "SCRATCH_KEEPALIVE_HOME": str(self.state), "SCRATCH_KEEPALIVE_NOW": NOW}
         assert self.run("init", "--profile", "generic", "--scratch-root", self.scratch).rc == 0
         assert self.run("add", "--name", "ds", "--path", self.root, "--keep-until",
                         KEEP).rc == 0
         age_all(self.root)
 
     def run(self, *argv):
-        return tool(self.env, *argv, prefix=self.prefix, python=self.python)
+        return self.as_nobody(*argv, timeout=TIMEOUT)
 
 
 def test_touch_mode_does_not_attempt_entries_of_another_owner(world_tmp, engine):

@@ -28,7 +28,7 @@ import time
 
 import pytest
 
-from conftest import (KEEP, make_dataset, nonroot_runner, pause_env,  # noqa: F401
+from conftest import (KEEP, make_dataset, pause_env, run_as_nobody,  # noqa: F401
                       pause_shim, poll, reaped, run_script, snapshot, start_script, tree_bytes,
                       wait_stopped, write_private)
 from slurmbed import (JOB, USER, as_user, crontab, jobs, make_world,  # noqa: F401
@@ -766,23 +766,14 @@ def test_slurm_nothing_installed_while_datasets_enabled(cli, generic, real_clock
 def test_unreadable_path_directory_means_not_installed_and_doctor_prints_every_check(world_tmp):
     """A directory in PATH that the user may not search makes the lookup of a missing command
     fail with EACCES, not ENOENT: `lfs`, `squeue` and `scrontab` are then simply not there."""
-    runner = nonroot_runner()
-    if runner is None or os.geteuid() != 0:
-        pytest.skip("needs root to make the fixture and setpriv to run as nobody")
-    prefix, python = runner
-    locked, bin_dir = world_tmp / "locked", world_tmp / "bin"
+    locked, bin_dir, state = world_tmp / "locked", world_tmp / "bin", world_tmp / "state"
+    run = run_as_nobody(world_tmp / "home", state, PATH="%s:%s" % (locked, bin_dir))
     ds = world_tmp / "scratch" / "ds"
     for d in (locked, bin_dir, world_tmp / "home", world_tmp / "scratch", ds):
         d.mkdir()
         os.chown(str(d), 65534, 65534)
-    os.symlink(python, str(bin_dir / "python3"))
+    os.symlink(run.python, str(bin_dir / "python3"))
     os.chmod(str(locked), 0)
-    state = world_tmp / "state"
-    env = {"PATH": "%s:%s" % (locked, bin_dir), "HOME": str(world_tmp / "home"), "TZ": "UTC",
-           "SCRATCH_KEEPALIVE_HOME": str(state)}
-
-    def run(*argv):
-        return run_script(*argv, python=python, prefix=prefix, env=env, clean=True)
 
     assert run("init", "--profile", "generic", "--scratch-root", world_tmp / "scratch").rc == 0
     assert run("add", "--name", "ds", "--path", ds, "--keep-until", KEEP).rc == 0

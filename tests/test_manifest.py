@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from conftest import (DAY, KEEP, NOW_EPOCH, REPO, SCRIPT, assert_error,  # noqa: F401
-                      nonroot_runner, pause_env, pause_shim, reaped, run_command, run_script,
-                      set_atime, sk, snapshot, start_script, wait_stopped)
+                      give_to_nobody, pause_env, pause_shim, reaped, run_command, run_script,
+                      run_as_nobody, set_atime, sk, snapshot, start_script, wait_stopped)
 
 OLD = NOW_EPOCH - 40 * DAY          # older than purge days (30): purge-eligible and at risk
 RISKY = NOW_EPOCH - 20 * DAY        # at risk (13 days), not purge-eligible
@@ -745,29 +745,18 @@ def test_a_purge_between_two_walks_is_reported_exactly(world_tmp):
     walk's vanished and likely-purged counts and bytes are exact, `files --vanished` lists
     exactly those names with the right reasons, and nothing below the unreadable directory
     is called vanished. The tool runs as `nobody`, so that chmod 000 really denies it."""
-    runner = nonroot_runner()
-    if runner is None:
-        pytest.skip("no way to run as an unprivileged user here (needs setpriv and "
-                    "/usr/bin/python3 when running as root)")
-    prefix, python = runner
     state, scratch, home = world_tmp / "state", world_tmp / "scratch", world_tmp / "home"
+    run = run_as_nobody(home, state, need_root=False)
     root = scratch / "ds"
     home.mkdir()
     build(root, PURGE_SPEC)
-    if os.geteuid() == 0:
-        for p in [home, scratch] + [Path(dp) / n for dp, dns, fns in os.walk(str(scratch))
-                                    for n in dns + fns]:
-            os.lchown(str(p), 65534, 65534)
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "TZ": "UTC", "LANG": "C.UTF-8",
-           "SCRATCH_KEEPALIVE_HOME": str(state), "SCRATCH_KEEPALIVE_NOW": sk.iso(NOW_EPOCH)}
-
-    def run(*argv):
-        return run_script(*argv, prefix=prefix, python=python, env=env, clean=True)
+    give_to_nobody(home, scratch)
 
     def run0(*argv):
         """Paths a -0 run prints (raw bytes: not UTF-8 text)."""
-        p = subprocess.run(list(prefix) + [python, str(SCRIPT)] + list(argv) + ["-0"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, timeout=120)
+        p = subprocess.run(list(run.prefix) + [run.python, str(SCRIPT)] + list(argv) + ["-0"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=run.env,
+                           timeout=120)
         assert p.returncode == 0, p
         return p.stdout.split(b"\0")[:-1]
 

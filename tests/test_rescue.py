@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DAY, KEEP, NOW, NOW_EPOCH, nonroot_runner, reaped, \
+from conftest import DAY, KEEP, NOW, NOW_EPOCH, give_to_nobody, reaped, run_as_nobody, \
     go_on, on_a_terminal, pause_env, pause_shim, run_script, set_atime, sk, snapshot, \
     start_script, wait_stopped  # noqa: F401  (pause_shim: a fixture)
 from slurmbed import USER, as_user, make_world, pending, settle, wait_done  # noqa: F401
@@ -368,29 +368,18 @@ def test_a_symlink_in_the_destination_is_never_written_through(ds, cli):
 def test_files_of_another_owner_are_listed_not_rescued_and_not_read(world_tmp):
     """As the user nobody: a labmate's (root's) files cannot be opened with O_NOATIME, so
     they are listed as not rescued (not errors), never read; the rest is copied; exit 0."""
-    runner = nonroot_runner()
-    if runner is None or os.geteuid() != 0:
-        pytest.skip("needs root to make files of another owner, and setpriv to run as nobody")
-    prefix, python = runner
     state, scratch, home, safe = (world_tmp / n for n in ("state", "scratch", "home", "safe"))
+    run = run_as_nobody(home, state)
     root = scratch / "ds"
     for d in (home, root / "sub", safe):
         d.mkdir(parents=True)
     for rel in ("a_mine.txt", "b_theirs.txt", "sub/c_theirs.txt", "sub/d_mine.txt"):
         (root / rel).write_bytes(b"data of " + rel.encode())
     os.symlink("a_mine.txt", str(root / "e_their_link"))
-    for p in [home, scratch, safe] + [Path(dp) / n for dp, dns, fns in os.walk(str(scratch))
-                                      for n in dns + fns]:
-        os.chown(str(p), 65534, 65534, follow_symlinks=False)
-    for rel in ("b_theirs.txt", "sub/c_theirs.txt", "e_their_link"):
-        os.chown(str(root / rel), 0, 0, follow_symlinks=False)
+    theirs = [root / rel for rel in ("b_theirs.txt", "sub/c_theirs.txt", "e_their_link")]
+    give_to_nobody(home, scratch, safe, keep=theirs)
     for rel in ("b_theirs.txt", "sub/c_theirs.txt"):
         os.chmod(str(root / rel), 0o644)
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "TZ": "UTC",
-           "SCRATCH_KEEPALIVE_HOME": str(state), "SCRATCH_KEEPALIVE_NOW": NOW}
-
-    def run(*argv):
-        return run_script(*argv, prefix=prefix, python=python, env=env, clean=True)
 
     assert run("init", "--profile", "generic", "--scratch-root", scratch).rc == 0
     assert run("add", "--name", "ds", "--path", root, "--keep-until", KEEP).rc == 0

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (KEEP, SCRIPT, assert_error, make_dataset, run_script, sk, tree_bytes,
-                      write_private)
+from conftest import (KEEP, NOBODY, SCRIPT, assert_error, make_dataset, run_as_nobody, sk,
+                      tree_bytes, write_private)
 
 SENTINEL = ".scratch-keepalive"
-NOBODY = 65534
 
 
 def reg_doc(state):
@@ -105,20 +104,10 @@ def shared_base():
 
 
 def as_nobody(base, *argv):
-    """The tool as the user `nobody`, in a real process, with its own state dir."""
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(base / "home"), "USER": "nobody",
-           "SCRATCH_KEEPALIVE_HOME": str(base / "state"), "TZ": "UTC",
-           "SCRATCH_KEEPALIVE_NOW": sk.iso(time.time())}
-
-    def drop():
-        os.setgroups([])
-        os.setgid(NOBODY)
-        os.setuid(NOBODY)
-
-    python = sys.executable if os.access(sys.executable, os.X_OK) and \
-        not sys.executable.startswith("/root") else "/usr/bin/python3"
-    return run_script(*argv, python=python, script=base / "scratch_keepalive.py", env=env,
-                      clean=True, preexec_fn=drop, cwd=str(base), timeout=120)
+    """The tool (base's copy of it) as the user `nobody`, in a real process, with its own
+    state dir and the real clock."""
+    run = run_as_nobody(base / "home", base / "state", now=sk.iso(time.time()))
+    return run(*argv, script=base / "scratch_keepalive.py", cwd=str(base), timeout=120)
 
 
 def test_registry_of_another_owner_is_named_and_never_rebuilt(shared_base):

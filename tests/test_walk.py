@@ -38,9 +38,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (DAY, KEEP, NOW, NOW_EPOCH, SCRIPT, go_on, nonroot_runner,  # noqa: F401
-                      pause_env, pause_shim, poll, reaped, run_script, set_atime, sk,
-                      start_script, tool_env, wait_stopped)
+from conftest import (DAY, KEEP, NOW, NOW_EPOCH, SCRIPT, give_to_nobody, go_on,  # noqa: F401
+                      pause_env, pause_shim, poll, reaped, run_as_nobody, run_script,
+                      set_atime, sk, start_script, tool_env, wait_stopped)
 
 NOW_NS = int(NOW_EPOCH) * 10 ** 9
 DAY_NS = DAY * 10 ** 9
@@ -688,35 +688,20 @@ def test_symlinks_are_never_followed_and_loops_are_single_entries(generic, cli, 
 
 def test_permission_denied_subdirectory_is_an_error_and_the_walk_completes(world_tmp,
                                                                            engine):
-    runner = nonroot_runner()
-    if runner is None:
-        pytest.skip("no way to run as an unprivileged user here (needs setpriv and "
-                    "/usr/bin/python3 when running as root)")
-    prefix, python = runner
-    as_root = os.geteuid() == 0
     state, scratch, home = world_tmp / "state", world_tmp / "scratch", world_tmp / "home"
+    run = run_as_nobody(home, state, need_root=False)
     root = scratch / "ds"
     for d in (home, root / "sub", root / "locked_root", root / "locked_nobody"):
         d.mkdir(parents=True)
     for rel in ("ok.txt", "sub/inner.txt", "zz_after.txt", "locked_root/secret.txt",
                 "locked_nobody/secret.txt"):
         (root / rel).write_bytes(b"data")
-    if as_root:
-        for p in [home, scratch] + [Path(dp) / n for dp, dns, fns in os.walk(str(scratch))
-                                    for n in dns + fns]:
-            os.chown(str(p), 65534, 65534)
-        for p in (root / "locked_root", root / "locked_root" / "secret.txt"):
-            os.chown(str(p), 0, 0)
+    give_to_nobody(home, scratch,
+                   keep=(root / "locked_root", root / "locked_root" / "secret.txt"))
     for rel in ("locked_root/secret.txt", "locked_nobody/secret.txt"):
         set_atime(str(root / rel), ns=OLD_NS)
     os.chmod(str(root / "locked_root"), 0)
     os.chmod(str(root / "locked_nobody"), 0)
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "TZ": "UTC",
-           "SCRATCH_KEEPALIVE_HOME": str(state), "SCRATCH_KEEPALIVE_NOW": NOW}
-
-    def run(*argv):
-        return run_script(*argv, prefix=prefix, python=python, env=env, clean=True)
-
     r = run("init", "--profile", "generic", "--scratch-root", scratch)
     assert r.rc == 0, r
     r = run("add", "--name", "ds", "--path", root, "--keep-until", KEEP)
@@ -746,29 +731,19 @@ def test_entries_of_another_owner_are_not_attempted_in_touch_mode_and_the_rest_i
     ownership. Such entries are not attempted and are not errors: they are counted in
     entries_not_owned (and at risk, being old); every other entry is touched; the walk
     completes and exits 0 (this test expected errors and exit 1 before)."""
-    runner = nonroot_runner()
-    if runner is None or os.geteuid() != 0:
-        pytest.skip("needs root to make files of another owner, and setpriv to run as nobody")
-    prefix, python = runner
     state, scratch, home = world_tmp / "state", world_tmp / "scratch", world_tmp / "home"
+    run = run_as_nobody(home, state)
     root = scratch / "ds"
     for d in (home, root / "sub"):
         d.mkdir(parents=True)
     for rel in ("a_mine.txt", "b_theirs.txt", "sub/c_theirs.txt", "sub/d_mine.txt"):
         (root / rel).write_bytes(b"data")
-    for p in [home, scratch] + [Path(dp) / n for dp, dns, fns in os.walk(str(scratch))
-                                for n in dns + fns]:
-        os.chown(str(p), 65534, 65534)
-    for rel in ("b_theirs.txt", "sub/c_theirs.txt"):
-        os.chown(str(root / rel), 0, 0)
-        os.chmod(str(root / rel), 0o644)
+    theirs = [root / "b_theirs.txt", root / "sub" / "c_theirs.txt"]
+    give_to_nobody(home, scratch, keep=theirs)
+    for p in theirs:
+        os.chmod(str(p), 0o644)
     for p in [root] + [Path(dp) / n for dp, dns, fns in os.walk(str(root)) for n in dns + fns]:
         set_atime(str(p), ns=OLD_NS)
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "TZ": "UTC",
-           "SCRATCH_KEEPALIVE_HOME": str(state), "SCRATCH_KEEPALIVE_NOW": NOW}
-
-    def run(*argv):
-        return run_script(*argv, prefix=prefix, python=python, env=env, clean=True)
 
     assert run("init", "--profile", "generic", "--scratch-root", scratch).rc == 0
     assert run("add", "--name", "ds", "--path", root, "--keep-until", KEEP).rc == 0
