@@ -355,6 +355,27 @@ def give_to_nobody(*tops, keep=()):
 
 
 @pytest.fixture
+def mounts():
+    """mount(8) as root: mount(*argv) mounts (skipping the test where that is not
+    permitted); every mount point is unmounted afterwards, innermost first."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting needs root and mount(8)")
+    made = []
+
+    def mount(*argv):
+        p = subprocess.run(["mount"] + [str(a) for a in argv], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+        if p.returncode != 0:
+            pytest.skip("mount is not permitted here: %s" % p.stderr.decode(errors="replace"))
+        if str(argv[-1]) not in made:       # a remount is the same mount
+            made.append(str(argv[-1]))
+    yield mount
+    for target in reversed(made):
+        if subprocess.run(["umount", target]).returncode != 0:
+            subprocess.run(["umount", "-l", target])
+
+
+@pytest.fixture
 def shm_tmp(tmp_path):
     """A temp dir on tmpfs (/dev/shm) where there is one, else tmp_path: a big tree is built
     there several times faster than on disk."""

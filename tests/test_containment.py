@@ -110,25 +110,6 @@ def shm():
     shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture
-def mounts():
-    """mount(8) as root; every mount made is undone, innermost first."""
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("mounting needs root and mount(8)")
-    made = []
-
-    def mount(*argv):
-        p = subprocess.run(["mount"] + [str(a) for a in argv], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE)
-        if p.returncode != 0:
-            pytest.skip("mount is not permitted here: %s" % p.stderr.decode(errors="replace"))
-        made.append(str(argv[-1]))
-    yield mount
-    for target in reversed(made):
-        if subprocess.run(["umount", target]).returncode != 0:
-            subprocess.run(["umount", "-l", target])
-
-
 # --------------------------------------------------------------------------- a symlinked parent
 
 

@@ -204,39 +204,34 @@ def test_no_manifest_settings_and_remove(cli, generic):
     assert not mdir.exists()
 
 
-def test_doctor_warns_when_manifests_crowd_the_state_directory(tmp_path):
+def test_doctor_warns_when_manifests_crowd_the_state_directory(tmp_path, mounts):
     """A real small filesystem (tmpfs) for the state directory, filled up after a walk so
     that the manifests hold more than a tenth of what is left."""
-    import subprocess
+    import json
     from conftest import run_script
     fs = tmp_path / "statefs"
     fs.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(fs)]).returncode:
-        pytest.skip("cannot mount a tmpfs here (not root?)")
-    try:
-        scratch = tmp_path / "scratch"
-        (scratch / "ds").mkdir(parents=True)
-        for i in range(2000):
-            (scratch / "ds" / ("file-%06d-%d" % (i, i * 7919))).touch()
-        state = fs / "state"
-        env = {"SCRATCH_KEEPALIVE_HOME": str(state), "SCRATCH_KEEPALIVE_NOW": "2030-01-01"}
-        for argv in (["init", "--profile", "generic", "--scratch-root", str(scratch)],
-                     ["add", "--name", "ds", "--path", str(scratch / "ds"), "--keep-until",
-                      KEEP], ["refresh", "--name", "ds", "--check"]):
-            assert run_script(*argv, env=env).rc == 0
-        import json
-        checks = dict((c["name"], c) for c in json.loads(
-            run_script("doctor", "--json", env=env).out)["checks"])
-        assert checks["manifests"]["level"] == "ok", checks["manifests"]
-        st = os.statvfs(str(fs))
-        with open(str(fs / "filler"), "wb") as f:
-            f.write(b"\0" * (st.f_bavail * st.f_frsize - 8192))
-        checks = dict((c["name"], c) for c in json.loads(
-            run_script("doctor", "--json", env=env).out)["checks"])
-        assert checks["manifests"]["level"] == "warn", checks["manifests"]
-        assert "--no-manifest" in checks["manifests"]["message"]
-    finally:
-        subprocess.run(["umount", str(fs)])
+    mounts("-t", "tmpfs", "-o", "size=4m", "tmpfs", fs)
+    scratch = tmp_path / "scratch"
+    (scratch / "ds").mkdir(parents=True)
+    for i in range(2000):
+        (scratch / "ds" / ("file-%06d-%d" % (i, i * 7919))).touch()
+    state = fs / "state"
+    env = {"SCRATCH_KEEPALIVE_HOME": str(state), "SCRATCH_KEEPALIVE_NOW": "2030-01-01"}
+    for argv in (["init", "--profile", "generic", "--scratch-root", str(scratch)],
+                 ["add", "--name", "ds", "--path", str(scratch / "ds"), "--keep-until",
+                  KEEP], ["refresh", "--name", "ds", "--check"]):
+        assert run_script(*argv, env=env).rc == 0
+    checks = dict((c["name"], c) for c in json.loads(
+        run_script("doctor", "--json", env=env).out)["checks"])
+    assert checks["manifests"]["level"] == "ok", checks["manifests"]
+    st = os.statvfs(str(fs))
+    with open(str(fs / "filler"), "wb") as f:
+        f.write(b"\0" * (st.f_bavail * st.f_frsize - 8192))
+    checks = dict((c["name"], c) for c in json.loads(
+        run_script("doctor", "--json", env=env).out)["checks"])
+    assert checks["manifests"]["level"] == "warn", checks["manifests"]
+    assert "--no-manifest" in checks["manifests"]["message"]
 
 
 def test_fail_on_risk_exits_1_for_entries_likely_purged_in_touch_mode(cli, generic,
@@ -276,7 +271,6 @@ def test_the_keys_digest_does_not_depend_on_how_batches_were_cut(cli, env, big):
     batches differently (256, 256 with the inline fallback, 32 entries), yet their digests
     agree; one file less, and they differ (and the merge then runs and finds it)."""
     setup(cli, None, big)
-    state = env["state"]
     digests = []
     for argv in (["--workers", "1", "--threads", "1"], ["--workers", "2"], ["--threads", "4"]):
         r = cli("refresh", "--name", "ds", "--check", "--json", *argv)

@@ -13,7 +13,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -557,22 +556,17 @@ def test_rescue_says_which_parent_directories_it_made(cli, generic):
     assert json.loads(r.out)["parents_made"] == [], r     # nothing made this time
 
 
-def test_rescue_to_a_read_only_destination_says_why_on_the_summary_line(cli, generic):
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a read-only filesystem")
+def test_rescue_to_a_read_only_destination_says_why_on_the_summary_line(cli, generic,
+                                                                        mounts):
     d = make_dataset(generic["scratch"])
     assert cli("add", "--name", "ds", "--path", d, "--keep-until", KEEP).rc == 0
     assert cli("refresh", "--name", "ds", "--check").rc == 0
     mnt = generic["tmp"] / "ro"
     mnt.mkdir()
-    if subprocess.call(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)]) != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        (mnt / "ds").mkdir()
-        assert subprocess.call(["mount", "-o", "remount,ro", str(mnt)]) == 0
-        r = cli("rescue", "--name", "ds", "--to", mnt / "ds", "--all")
-    finally:
-        subprocess.call(["umount", str(mnt)])
+    mounts("-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt)
+    (mnt / "ds").mkdir()
+    mounts("-o", "remount,ro", mnt)
+    r = cli("rescue", "--name", "ds", "--to", mnt / "ds", "--all")
     assert r.rc == 1, r
     summary = [ln for ln in r.out.splitlines() if ln.startswith("ds: ")]
     assert len(summary) == 1 and "NOT rescued" in summary[0], r

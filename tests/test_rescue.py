@@ -220,30 +220,23 @@ def test_destination_that_is_a_file_is_refused(ds, cli):
     assert r.rc == 2 and "is not a directory" in r.err, r
 
 
-def small_fs(tmp):
+def small_fs(tmp, mounts):
+    """A 1 MiB tmpfs at tmp/small."""
     mnt = tmp / "small"
     mnt.mkdir()
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("mounting a small filesystem needs root and mount(8)")
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    if p.returncode != 0:
-        pytest.skip("mount is not permitted here: %s" % p.stderr.decode(errors="replace"))
+    mounts("-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt)
     return mnt
 
 
-def test_destination_without_room_is_refused_with_exit_2_and_nothing_copied(ds, cli):
+def test_destination_without_room_is_refused_with_exit_2_and_nothing_copied(ds, cli, mounts):
     (ds["root"] / "old" / "big.bin").write_bytes(os.urandom(3 << 20))
     set_atime(ds["root"] / "old" / "big.bin", OLD)
     assert cli("refresh", "--name", "ds", "--check").rc == 0
-    mnt = small_fs(ds["tmp"])
-    try:
-        r, _ = rescue(cli, mnt / "copy")
-        assert r.rc == 2, r
-        assert "too little for the" in r.err and "nothing was copied" in r.err, r.err
-        assert os.listdir(str(mnt)) == []
-    finally:
-        subprocess.run(["umount", str(mnt)])
+    mnt = small_fs(ds["tmp"], mounts)
+    r, _ = rescue(cli, mnt / "copy")
+    assert r.rc == 2, r
+    assert "too little for the" in r.err and "nothing was copied" in r.err, r.err
+    assert os.listdir(str(mnt)) == []
 
 
 LFS = """Disk quotas for usr jdoe (uid 1234):
@@ -799,19 +792,17 @@ def test_a_destination_that_cannot_be_made_is_one_error_line_and_leaves_no_state
     assert not (ds["state"] / "checkpoints" / "rescue").exists()
 
 
-def test_a_destination_on_a_read_only_mount_is_one_error_line_and_leaves_no_state(ds, cli):
+def test_a_destination_on_a_read_only_mount_is_one_error_line_and_leaves_no_state(ds, cli,
+                                                                                  mounts):
     # the room check counts a sparse file at its size: leave the 64 MiB one out
     os.unlink(str(ds["root"] / "old" / "sparse.img"))
     assert cli("refresh", "--name", "ds", "--check").rc == 0
-    mnt = small_fs(ds["tmp"])
-    try:
-        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
-        r, _ = rescue(cli, mnt / "copy")
-        assert r.rc == 1 and r.err.count("\n") == 1 and "cannot create" in r.err, r
-        assert "Read-only file system" in r.err
-        assert not (ds["state"] / "checkpoints" / "rescue").exists()
-    finally:
-        subprocess.run(["umount", str(mnt)])
+    mnt = small_fs(ds["tmp"], mounts)
+    mounts("-o", "remount,ro", mnt)
+    r, _ = rescue(cli, mnt / "copy")
+    assert r.rc == 1 and r.err.count("\n") == 1 and "cannot create" in r.err, r
+    assert "Read-only file system" in r.err
+    assert not (ds["state"] / "checkpoints" / "rescue").exists()
 
 
 def test_sigterm_mid_copy_exits_3_removes_its_temp_file_and_resumes(generic, cli, tmp_path,

@@ -4,8 +4,6 @@ writes (a log, a lock file): one line naming the file, nothing written through a
 import contextlib
 import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,20 +15,12 @@ from conftest import KEEP, atimes, run_in, setup_dataset, sk, small_dataset
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path):
+def small_tmpfs(tmp_path, mounts):
     """A 1 MiB tmpfs mounted at tmp_path/state (root only), unmounted afterwards."""
     mnt = tmp_path / "state"
     mnt.mkdir()
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("mounting a tmpfs needs root")
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mnt)],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    if p.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here: %s" % p.stderr.decode(errors="replace").strip())
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)])
+    mounts("-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", mnt)
+    return mnt
 
 
 def fill(directory):

@@ -774,36 +774,27 @@ def test_entries_of_another_owner_are_not_attempted_in_touch_mode_and_the_rest_i
 
 
 def test_mount_point_inside_dataset_is_skipped_not_entered_not_touched(generic, cli,
-                                                                       engine):
+                                                                       engine, mounts):
     root = generic["scratch"] / "ds"
     mnt = root / "mnt"
     mnt.mkdir(parents=True)
     (root / "f").write_bytes(b"x")
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("mounting needs root and mount(8)")
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    if p.returncode != 0:
-        pytest.skip("mount is not permitted here: %s" % p.stderr.decode(errors="replace"))
-    try:
-        (mnt / "inside").write_bytes(b"on another filesystem")
-        (mnt / "insidedir").mkdir()
-        register(cli, root)
-        for k in scan(root):
-            set_atime(join(root, k), ns=OLD_NS)
-        assert os.lstat(str(mnt)).st_dev != os.lstat(str(root)).st_dev
-        before = quiet_snapshot(mnt)
-        r = run_script("refresh", "--name", "ds", "--json", *engine,
-                       env=tool_env(generic["state"]), clean=True)
-        assert r.rc == 0, r
-        res = only_result(r)
-        assert res["entries_seen"] == 4          # root, sentinel, f, mnt
-        assert res["entries_skipped"] == 1
-        assert res["entries_touched"] == 3
-        assert quiet_snapshot(mnt) == before     # mnt itself and what is inside it
-    finally:
-        if subprocess.run(["umount", str(mnt)]).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)])
+    mounts("-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt)
+    (mnt / "inside").write_bytes(b"on another filesystem")
+    (mnt / "insidedir").mkdir()
+    register(cli, root)
+    for k in scan(root):
+        set_atime(join(root, k), ns=OLD_NS)
+    assert os.lstat(str(mnt)).st_dev != os.lstat(str(root)).st_dev
+    before = quiet_snapshot(mnt)
+    r = run_script("refresh", "--name", "ds", "--json", *engine,
+                   env=tool_env(generic["state"]), clean=True)
+    assert r.rc == 0, r
+    res = only_result(r)
+    assert res["entries_seen"] == 4          # root, sentinel, f, mnt
+    assert res["entries_skipped"] == 1
+    assert res["entries_touched"] == 3
+    assert quiet_snapshot(mnt) == before     # mnt itself and what is inside it
 
 
 # --------------------------------------------------------------------------- 8. deep tree
