@@ -2564,9 +2564,9 @@ def _new_columns():
 def _column_bytes(cols):
     """The columns as a manifest chunk takes them: kind codes, and sizes, atimes and
     mtimes as little-endian int64."""
-    import struct
     pack = struct.Struct("<%dq" % len(cols[1])).pack
-    return bytes(cols[0].translate(_KIND_OF_TYPE)), pack(*cols[1]), pack(*cols[2]), pack(*cols[3])
+    return (bytes(cols[0].translate(_KIND_OF_TYPE)), pack(*cols[1]), pack(*cols[2]),
+            pack(*cols[3]))
 
 
 def _entry_error(errs, seg, name, err, cols):
@@ -6050,7 +6050,7 @@ class RescueRun(object):
                 if not last:
                     self.parents_made.append(path)
                 return os.open(part, O_DIR_FLAGS, dir_fd=fd)
-        except (NotADirectoryError, OSError) as e:
+        except OSError as e:
             if e.errno in (errno.ENOTDIR, errno.ELOOP):
                 raise self.dest_changed("%s is no longer a directory (a symlink?)"
                                         % display_path(path))
@@ -6135,7 +6135,10 @@ class RescueRun(object):
         level = self.enter(comps[:-1])
         if level.error:
             return self.failed(path, level.error)
-        if code & ~K_TOUCHED == K_DIR and stat.S_ISDIR(_lstat_mode(comps[-1], level.src)):
+        # A directory then (or what the walk could not look at) that is one now: entered
+        # here, in order, with the walk's rules (a mount point is not).
+        if code & ~K_TOUCHED in (K_DIR, K_UNKNOWN) and \
+                stat.S_ISDIR(_lstat_mode(comps[-1], level.src)):
             top = self.enter(comps, created_counts=True)
             return self.failed(path, top.error) if top.error else None
         if self.pool is None:

@@ -278,3 +278,24 @@ def test_a_file_that_became_a_directory_since_the_walk_is_an_error(generic, cli,
     assert not (tmp_path / "safe" / "was-a-file").exists()
     assert [(e["path"], e["reason"]) for e in res["not_rescued"]] == [("was-a-file", "error")]
     assert "became a directory" in res["not_rescued"][0]["why"]
+
+
+def test_a_destination_that_is_not_where_it_was_checked_is_refused(generic, cli, tmp_path,
+                                                                   monkeypatch):
+    """The kernel says the opened DIR is somewhere else than the path checked (a rename
+    while it was opened): exit 2, one line, nothing copied."""
+    root = generic["scratch"] / "ds"
+    old_tree(root, {"a.txt": b"a"})
+    registered(cli, root)
+    real = os.readlink
+
+    def elsewhere(path, *a, **kw):
+        if isinstance(path, str) and path.startswith("/proc/self/fd/"):
+            return str(generic["scratch"] / "elsewhere")
+        return real(path, *a, **kw)
+    monkeypatch.setattr(sk.os, "readlink", elsewhere)
+    r = cli("rescue", "--name", "ds", "--to", tmp_path / "safe", "--all")
+    monkeypatch.setattr(sk.os, "readlink", real)
+    assert r.rc == 2 and r.err.count("\n") == 1, r
+    assert "changed after it was checked: it is now" in r.err and "elsewhere" in r.err, r
+    assert os.listdir(str(tmp_path / "safe")) == []
