@@ -1648,7 +1648,8 @@ def _root_base(path, scratch_root):
     raise ContainmentError("the dataset root %s is not strictly below the scratch root %s "
                            "(an edited registry, or a moved scratch root?); nothing is walked "
                            "or written there; remove the dataset and add it again below the "
-                           "scratch root" % (display_path(path), display_path(scratch_root or "/")))
+                           "scratch root" % (display_path(path),
+                                             display_path(scratch_root or "/")))
 
 
 def open_dataset_root(path, scratch_root=None):
@@ -2191,8 +2192,9 @@ def copies_cover(ds):
 def remaining_risk(ds):
     """What is still at risk after the last complete walk, or None before one: {"at_risk",
     "purge_eligible" (every owner's), "own_at_risk", "own_purge_eligible" (the user's own,
-    less those with a copy), "others_at_risk"}. A touch walk refreshed every old entry it could: what it left
-    is others' (its failures are errors). A check walk left all it found."""
+    less those with a copy), "others_at_risk"}. A touch walk refreshed every old entry it
+    could: what it left is others' (its failures are errors). A check walk left all it
+    found."""
     t = last_walk_totals(ds)
     if not t:
         return None
