@@ -2694,13 +2694,17 @@ class InlineRunner(object):
     """
     batch_size = BATCH
 
-    def __init__(self, params, done, count=1):
+    def __init__(self, params, done, count=1, work=None):
         self.params = params        # _process_batch's arguments after the segments
         self.done = done
+        self.work = work or self.rules      # what a batch is given to: the walk's rules
         self.inflight = {}          # batch key -> its tag
 
+    def rules(self, batch):
+        return _process_batch(batch.segments(), *self.params)
+
     def submit(self, batch):
-        self.done(batch.tag, _process_batch(batch.segments(), *self.params))
+        self.done(batch.tag, self.work(batch))
 
     def collect(self, block):
         pass
@@ -2718,8 +2722,8 @@ class ThreadRunner(InlineRunner):
     that many metadata calls in flight."""
     batch_size = THREAD_BATCH
 
-    def __init__(self, params, done, count):
-        InlineRunner.__init__(self, params, done)
+    def __init__(self, params, done, count, work=None):
+        InlineRunner.__init__(self, params, done, work=work)
         self.futures = concurrent.futures
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=count)
         self.max_inflight = min(_max_inflight(), 2 * count)
@@ -2727,7 +2731,7 @@ class ThreadRunner(InlineRunner):
     def submit(self, batch):
         while len(self.inflight) >= self.max_inflight:
             self.collect(block=True)
-        fut = self.pool.submit(_process_batch, batch.segments(), *self.params)
+        fut = self.pool.submit(self.work, batch)
         self.inflight[fut] = batch.tag
 
     def collect(self, block):
@@ -2760,8 +2764,8 @@ class ProcessRunner(InlineRunner):
     per CPU: a third process on two CPUs only adds its own overhead)."""
     batch_size = BATCH
 
-    def __init__(self, params, done, count):
-        InlineRunner.__init__(self, params, done)
+    def __init__(self, params, done, count, work=None):
+        InlineRunner.__init__(self, params, done)      # workers apply the walk's rules
         self.max_inflight = min(_max_inflight(), 4 * count)
         self.next_id = 0
         self.workers = []
@@ -2881,8 +2885,9 @@ def choose_runner(threads, workers):
 
 
 class Frame(object):
-    """One directory on the walk's explicit stack."""
-    __slots__ = ("fd", "name", "names", "dirs", "idx", "ident", "parent", "mounts", "key")
+    """One directory on the walk's explicit stack (a copy's: both sides, see RescueRun)."""
+    __slots__ = ("fd", "name", "names", "dirs", "idx", "ident", "parent", "mounts", "key",
+                 "dst", "dst_ident", "error", "meta", "made", "pending")
 
     def __init__(self, fd, name, names, ident, dirs=None, parent=None, mounts=frozenset()):
         # key: the path from the root, NUL between components (b"" for the root), as the
@@ -2896,6 +2901,12 @@ class Frame(object):
         self.ident = ident          # (st_dev, st_ino), to check a reopen via ".."
         self.parent = parent        # the parent frame (paths for error messages)
         self.mounts = mounts        # names in this directory that are mount points (mountinfo)
+        # A copy's: the destination directory's fd and (st_dev, st_ino); why the source
+        # could not be entered (None: it was); the source's (mode, mtime ns) to give the
+        # destination when left; made by this run; copies into it still running.
+        self.dst = self.dst_ident = self.error = self.meta = None
+        self.made = False
+        self.pending = 0
 
     def components(self):
         comps, f = [], self
@@ -2947,6 +2958,11 @@ class RescueCounts(Counts):
     FIELDS = ("entries_done", "entries_copied", "bytes_copied", "dirs_created",
               "entries_skipped", "bytes_skipped", "entries_not_rescued", "entries_not_owned",
               "entries_newer_destination", "entries_special", "errors", "temps_removed")
+
+    @property
+    def entries_seen(self):
+        """What the walker's loop counts its budgets and ticks by: the entries handed out."""
+        return self.entries_done
 
 
 class Walker(object):
@@ -3092,16 +3108,22 @@ class Walker(object):
             self._error(name, e.errno or errno.EIO, frame)
             self._unlisted(child_key(frame.key, name))
             return False
-        self.stack.append(Frame(fd, name, names, (st.st_dev, st.st_ino), dirs, frame,
-                                self._mounts_below(frame, name)))
-        if len(self.stack) > MAX_OPEN_DIRS + 1:
-            # WARNING: deep trees would exhaust file descriptors; close an ancestor's fd
-            # (never the root's) and reopen it through ".." when the walk climbs back (_pop).
-            old = self.stack[-MAX_OPEN_DIRS - 1]
-            if old.fd is not None:
-                os.close(old.fd)
-                old.fd = None
+        self._push(Frame(fd, name, names, (st.st_dev, st.st_ino), dirs, frame,
+                         self._mounts_below(frame, name)))
         return True
+
+    def _push(self, frame):
+        """Put frame on the stack. WARNING: deep trees would exhaust file descriptors: the
+        frame MAX_OPEN_DIRS below the top (never the root) closes its fds (_shed), and is
+        reopened through ".." of its child when the walk climbs back to it (_pop)."""
+        self.stack.append(frame)
+        if len(self.stack) > MAX_OPEN_DIRS + 1:
+            self._shed(self.stack[-MAX_OPEN_DIRS - 1], self.stack[-MAX_OPEN_DIRS])
+
+    def _shed(self, frame, child):
+        if frame.fd is not None:
+            os.close(frame.fd)
+            frame.fd = None
 
     def _mounts_below(self, parent, name):
         """The names of mount points in the directory parent/name (usually none)."""
@@ -3113,15 +3135,22 @@ class Walker(object):
         """Leave the top directory; reopen its parent through ".." if the fd cap closed it."""
         child = self.stack.pop()
         if self.stack and self.stack[-1].fd is None:
-            parent = self.stack[-1]
-            try:
-                if child.fd is None:        # its own reopening failed: no way up from it
-                    raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-                parent.fd = reopen_parent(child.fd, parent.ident)
-            except OSError as e:
-                self._error(None, e.errno or errno.EIO)
-                self._unlisted(parent.key)
-                parent.idx = len(parent.names)      # cannot continue this directory
+            self._reopen(self.stack[-1], child)
+        self._leave(child)
+
+    def _reopen(self, parent, child):
+        """Reopen parent, shed by the fd cap, through ".." of child: the directory it was,
+        or the rest of it is an error (reopen_parent)."""
+        try:
+            if child.fd is None:        # its own reopening failed: no way up from it
+                raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+            parent.fd = reopen_parent(child.fd, parent.ident)
+        except OSError as e:
+            self._error(None, e.errno or errno.EIO)
+            self._unlisted(parent.key)
+            parent.idx = len(parent.names)      # cannot continue this directory
+
+    def _leave(self, child):
         if child.fd is not None:
             os.close(child.fd)
 
@@ -3129,9 +3158,10 @@ class Walker(object):
         self.batch.close()
         while self.stack:
             f = self.stack.pop()
-            if f.fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(f.fd)
+            for fd in (f.fd, f.dst):
+                if fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
         if self.runner is not None:
             self.runner.close()
             self.runner = None
@@ -3214,15 +3244,10 @@ class Walker(object):
         point (checkpoints, progress). should_stop() returns a reason or None.
         """
         self._start(cursor)
-        self.runner = self.runner_class(self._params(), self._tally, self.runner_count)
+        self.runner = self._runner()
         counts = self.counts
-        stack = self.stack
         next_tick = counts.entries_seen + tick_every
-        while stack:
-            frame = stack[-1]
-            if frame.idx >= len(frame.names):
-                self._pop()
-                continue
+        while self._more():
             if counts.entries_seen >= next_tick:
                 next_tick = counts.entries_seen + tick_every
                 self.runner.collect(block=False)
@@ -3236,9 +3261,23 @@ class Walker(object):
             limit = next_tick - counts.entries_seen     # a tick lands between two entries
             if max_entries is not None:
                 limit = min(limit, max_entries - counts.entries_seen)
-            self._take(frame, limit)
+            self._next(limit)
         self.sync()
         return True
+
+    def _runner(self):
+        return self.runner_class(self._params(), self._tally, self.runner_count)
+
+    def _more(self):
+        """Climb out of the directories that are done; False when the walk is."""
+        stack = self.stack
+        while stack and stack[-1].idx >= len(stack[-1].names):
+            self._pop()
+        return bool(stack)
+
+    def _next(self, limit):
+        """Take the walk's next entries, at most limit."""
+        self._take(self.stack[-1], limit)
 
     def _take(self, frame, limit):
         """Batch frame's next names (at most limit) up to and including a subdirectory,
@@ -5848,67 +5887,54 @@ class _RescueStop(Exception):
     """A budget or a signal stopped the rescue inside a file's copy."""
 
 
-class _Level(object):
-    """One directory on the way to the current entry, on both sides: the source's fd (None
-    when it could not be opened: error says why), the destination's (None in a dry run
-    where it does not exist yet), and the source's mode and mtime to give it when left.
-    ident: the (st_dev, st_ino) of both, to know them again when reopened through "..";
-    path: the names from the root (the mount table's key)."""
-
-    def __init__(self, name, src, dst, error=None, meta=None, path=()):
-        self.name, self.src, self.dst, self.error, self.meta = name, src, dst, error, meta
-        self.path = path
-        self.ident = (None, None)
-        self.shed = False       # its fds closed to stay within MAX_OPEN_DIRS (see shed())
-        self.pending = 0        # copies into it still running on a thread
-        self.made = False       # its destination made by this run (nothing in it to look at)
-
-
-class RescueRun(object):
-    """One rescue of one dataset from one manifest.
+class RescueRun(Walker):
+    """One rescue of one dataset from one manifest: a walk whose action is copy.
 
     Steps: read the manifest's classification line; take up the checkpoint of the same
     rescue (dataset path, destination, selection and manifest), else start at the first
     entry; add up what needs copying (quick check against the destination) and refuse a
-    destination without room; then copy entry by entry in walk order, keeping a stack of
-    open directories on both sides under the walk's rules (the dataset's device, no mount
-    point, reopened through ".." only to the directory left: reopen_parent), files copied
-    on threads where latency dominates, checkpointing at least every checkpoint_every
-    seconds and when stopped, a cursor before which every copy is done. Directories get
-    their source's mode and mtime when the copy leaves them (their contents first, or the
-    mtime would move), whichever run finishes them (reenter()).
+    destination without room; then copy on the walker's engine: its loop, budgets and
+    ticks (run()); its stack of Frames, here holding both sides of the copy, with the one
+    fd cap and the identity-checked way back up (_push, _shed, _pop, _reopen); its
+    runners, which copy files on threads where latency dominates. Where a walk lists a
+    directory, the copy takes the manifest's next selected entry (_more, _next), so
+    directories are opened, never listed, and only the directories on the way to an
+    entry are entered. A checkpoint's cursor is the last entry handed out once every
+    copy is done (sync), or the one before a copy a stop cut short (rollback).
+    Directories get their source's mode and mtime when the copy leaves them (their
+    contents first, or the mtime would move), whichever run finishes them (reenter()).
     """
 
     def __init__(self, ctx, ds, dest, opts, manifest_path, root_fd):
+        threads = 1 if opts.dry_run else (opts.threads
+                                          or default_parallelism(ds["path"], dest)[0])
+        Walker.__init__(self, ds["path"], "copy", (0, 0, 0), opts.dry_run, threads=threads,
+                        root_fd=root_fd)
         self.ctx, self.store, self.ds, self.dest, self.opts = ctx, ctx.store, ds, dest, opts
         self.name = ds["name"]
         self.manifest_path = manifest_path
-        self.root_fd = root_fd
         self.started = time.time()
-        self.euid = os.geteuid()
         self.host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:32] or "host"
         self.pid = os.getpid()
         self.token = random_token(8)    # in the names of the temporary files this run makes
         self.temp_tokens = [self.token]     # ... and the ones it may remove (resume_point)
         self.temp_serial = itertools.count()
         self.root_dev = os.fstat(root_fd).st_dev
-        self.mounts = {}            # mount points below the root (mount_tree())
-        self.cursor = None          # the last key done (bytes), None: none yet
+        self.cursor = None          # the last key handed out (bytes), None: none yet
         self.resumed = False
         self.done_before = self.copied_before = 0
-        self.stack = []
         self.counts = RescueCounts()
         self.not_rescued = []       # the first RESCUE_LISTED of them
         self.error_whys = {}        # why -> how many errors, for the summary line
         self.parents_made = []      # --to's missing parents that open_dest made
-        self.stopped = None
+        self.stopped = None         # why a copy was cut short (a budget or a signal)
         self.log_path = self.log = None
         self.total_entries = self.total_bytes = 0
         self.copy_calls = ["copy_file_range", "sendfile", "read"]
         self.umask = os.umask(0o077)    # read, and put back at once
         os.umask(self.umask)
-        self.pool = None            # the copying threads (start_copying())
-        self.jobs = {}              # future -> (level, path, cursor before it), in order
+        self.todo = None            # the selected entries after the cursor (entries())
+        self.following = None      # the next of them, once _more() has looked
         self.rollback = None        # [the cursor before the first copy a stop cut short]
         self.aborted = None         # set when the copying threads must stop (crashed())
         self.lock = threading.Lock()            # the counts a copying thread adds to
@@ -5917,7 +5943,7 @@ class RescueRun(object):
 
     # -- setting up
     def go(self, budget, should_stop, progress):
-        self.budget, self.should_stop = budget, should_stop
+        self.budget, self.should_stop, self.progress = budget, should_stop, progress
         with Manifest(self.manifest_path) as m:
             if m.trailer is None:
                 raise StateError("the manifest %s is not complete; run `%s refresh --name %s` "
@@ -5930,23 +5956,25 @@ class RescueRun(object):
         try:
             self.open_dest()
             self.open_log()
-            self.mounts = mount_tree(self.root_fd)
+            self.mount_tree = mount_tree(self.root_fd)
+            self.stack[0].mounts = self.mount_tree.get((), frozenset())
             if not self.opts.dry_run:
                 self.save_checkpoint()      # the token, before any temporary file is made
-                self.reenter()
             self.t0 = self.last_checkpoint = time.monotonic()
-            self.start_copying()
             with Manifest(self.manifest_path) as m:
-                complete = self.copy_all(m, budget, should_stop, progress)
-            self.settle()
-            complete = complete and not self.stopped
-            self.leave(0)
+                self.todo = self.entries(m)
+                complete = self.run(self.cursor, budget.entries_left, budget.deadline,
+                                    lambda: self.stopped or should_stop and should_stop(),
+                                    on_tick=self.tick, tick_every=1)
+            if complete and self.stopped:       # a copy cut short after the last was handed out
+                complete, self.stop_reason = False, self.stopped
+            while self.stack:
+                self._pop()
         except BaseException:
             self.crashed()
             raise
         finally:
-            if self.pool is not None:
-                self.pool.shutdown(wait=True)
+            self.close()
         return self.finish(complete, budget)
 
     def selection_line(self, header):
@@ -6024,7 +6052,7 @@ class RescueRun(object):
                 fd = self.dest_step(parent, part, "/" + "/".join(parts[:i + 1]),
                                     i == len(parts) - 1)
                 if fd is None:      # a dry run: not there yet
-                    self.stack = [_Level(None, self.root_fd, None)]
+                    self.stack = [self.root_frame(None)]
                     return
             where = os.readlink("/proc/self/fd/%d" % fd) if os.path.isdir("/proc/self/fd") \
                 else self.dest
@@ -6034,10 +6062,15 @@ class RescueRun(object):
             if fd is not None:
                 os.close(fd)
             raise
-        self.stack = [_Level(None, self.root_fd, fd)]
-        self.stack[0].ident = (None, _ident(os.fstat(fd)))
+        self.stack = [self.root_frame(fd)]
         if not self.opts.dry_run:
             self.remove_temps(fd)
+
+    def root_frame(self, dst):
+        """The bottom of the stack: the dataset root (a dup of root_fd) and DIR (dst)."""
+        frame = Frame(os.dup(self.root_fd), None, (), _ident(os.fstat(self.root_fd)))
+        frame.dst = dst
+        return frame
 
     def dest_step(self, fd, part, path, last):
         """The fd of directory part below fd (which it closes), made when missing (None in
@@ -6074,9 +6107,69 @@ class RescueRun(object):
         if self.cursor is None:
             return
         comps = self.cursor.split(b"\0")
-        level = self.enter(comps[:-1])
-        if level.src is not None and stat.S_ISDIR(_lstat_mode(comps[-1], level.src)):
-            self.enter(comps)
+        frame = self.goto(comps[:-1])
+        if frame.fd is not None and stat.S_ISDIR(_lstat_mode(comps[-1], frame.fd)):
+            self.goto(comps)
+
+    # -- the walker's engine: the copy's entries, stack and runner
+    def _start(self, cursor):
+        self.reenter()
+
+    def _more(self):
+        if self.following is None:
+            self.following = next(self.todo, None)
+        return self.following is not None
+
+    def _next(self, limit):
+        """Copy the next selected entry: a directory entered here, in order; anything else
+        handed to the runner (copy_one())."""
+        key, code, _ = self.following
+        self.following = None
+        before, self.cursor = self.cursor, key
+        self.counts.entries_done += 1
+        comps = key.split(b"\0")
+        path = b"/".join(comps)
+        try:
+            frame = self.goto(comps[:-1])
+            if frame.error:
+                return self.failed(path, frame.error)
+            # A directory then (or what the walk could not look at) that is one now: entered
+            # here, in order, with the walk's rules (a mount point is not).
+            if code & ~K_TOUCHED in (K_DIR, K_UNKNOWN) and \
+                    stat.S_ISDIR(_lstat_mode(comps[-1], frame.fd)):
+                top = self.goto(comps, counts=True)
+                return self.failed(path, top.error) if top.error else None
+        except OSError as e:        # the destination refused a look (EACCES, EIO, ...)
+            if e.errno in FULL_ERRNOS or isinstance(e, DiskFullError):
+                raise
+            return self.failed(path, e.strerror or str(e))
+        batch = Batch()
+        batch.frames, batch.names, batch.size = [frame], [[comps[-1]]], 1
+        batch.tag = (frame, path, before)
+        frame.pending += 1
+        self.runner.submit(batch)
+        return None
+
+    def _runner(self):
+        return self.runner_class(None, self._tally, self.runner_count, work=self.copy_one)
+
+    def copy_one(self, batch):
+        """The runner's work: one file, its outcome (an error is one: copied() counts it)."""
+        try:
+            return self.look_and_copy(batch.frames[0], batch.names[0][0])
+        except OSError as e:        # the destination refused a look (EACCES, EIO, ...)
+            return e
+
+    def _tally(self, tag, outcome):
+        """Count what look_and_copy() did with a file (in this thread)."""
+        frame, path, before = tag
+        frame.pending -= 1
+        if isinstance(outcome, _RescueStop):
+            self.counts.entries_done -= 1    # to be done again: resume before it
+            if self.rollback is None or not _key_after(before, self.rollback[0]):
+                self.rollback = [before]
+        else:
+            self.copied(path, outcome)
 
     def open_log(self):
         if self.opts.dry_run:
@@ -6095,69 +6188,23 @@ class RescueRun(object):
             self.log.write("%s %s\n" % (iso(time.time()), line))
 
     # -- the copy
-    def copy_all(self, m, budget, should_stop, progress):
-        """Copy every selected entry after the cursor. True when all are handed out (with
-        threads, copies may still be running: settle())."""
-        for key, code, size in self.entries(m):
-            reason = self.stopped or budget.stop_reason(should_stop, self.counts.entries_done)
-            if reason:
-                self.stopped = reason
-                return False
-            comps = key.split(b"\0")
-            try:
-                self.one(comps, code)
-            except _RescueStop:
-                return False
-            except OSError as e:        # the destination refused a look (EACCES, EIO, ...)
-                if e.errno in FULL_ERRNOS or isinstance(e, DiskFullError):
-                    raise
-                self.failed(b"/".join(comps), e.strerror or str(e))
-            self.counts.entries_done += 1
-            self.cursor = key
-            self.tick(progress)
-        return True
-
-    def tick(self, progress):
+    def tick(self, walker):
         t = time.monotonic()
         if not self.opts.dry_run and t - self.last_checkpoint >= self.opts.checkpoint_every:
-            self.settle()       # the checkpoint's cursor: every copy before it done
+            self.sync()         # the checkpoint's cursor: every copy before it done
             self.save_checkpoint()
             self.last_checkpoint = time.monotonic()
-        elif self.jobs:
-            self.collect(block=False)
-        if progress is not None and t - self.last_progress >= PROGRESS_SECONDS:
+        if self.progress is not None and t - self.last_progress >= PROGRESS_SECONDS:
             self.last_progress = t
-            progress(self.name, self.counts.entries_done, self.total_entries,
-                     self.counts.bytes_copied, self.total_bytes, t - self.t0)
+            self.progress(self.name, self.counts.entries_done, self.total_entries,
+                          self.counts.bytes_copied, self.total_bytes, t - self.t0)
 
-    def one(self, comps, code):
-        """Rescue one entry, by what it is now (the manifest says what it was): a directory
-        here, in order; anything else by look_and_copy(), on a copying thread if any."""
-        path = b"/".join(comps)
-        level = self.enter(comps[:-1])
-        if level.error:
-            return self.failed(path, level.error)
-        # A directory then (or what the walk could not look at) that is one now: entered
-        # here, in order, with the walk's rules (a mount point is not).
-        if code & ~K_TOUCHED in (K_DIR, K_UNKNOWN) and \
-                stat.S_ISDIR(_lstat_mode(comps[-1], level.src)):
-            top = self.enter(comps, created_counts=True)
-            return self.failed(path, top.error) if top.error else None
-        if self.pool is None:
-            return self.copied(path, self.look_and_copy(level, comps[-1]))
-        while len(self.jobs) >= 2 * self.threads:
-            self.collect(block=True)
-        level.pending += 1
-        job = self.pool.submit(self.look_and_copy, level, comps[-1])
-        self.jobs[job] = (level, path, self.cursor)
-        return None
-
-    def look_and_copy(self, level, name):
+    def look_and_copy(self, frame, name):
         """Look at one entry (not a directory) on both sides and copy it if it should be:
         what it came to, as copied() takes it. Safe on a copying thread: it changes
         nothing of the run's but bytes_copied (under the lock)."""
         try:
-            st = os.lstat(name, dir_fd=level.src)
+            st = os.lstat(name, dir_fd=frame.fd)
         except OSError as e:
             return _Changed("vanished since the walk" if e.errno == errno.ENOENT
                             else e.strerror)
@@ -6169,11 +6216,11 @@ class RescueRun(object):
         if self.euid != 0 and st.st_uid != self.euid:
             return "other-owner"
         size = st.st_size if stat.S_ISREG(st.st_mode) else 0
-        have = self.dest_stat(level, name)
+        have = self.dest_stat(frame, name)
         if have is not None:
             if stat.S_ISDIR(have.st_mode):
                 return _Changed("a directory is in its place at the destination")
-            if self.same(st, have, level, name):
+            if self.same(st, have, frame, name):
                 return ("skipped", size)
             if have.st_mtime_ns > st.st_mtime_ns:
                 return "newer-destination"
@@ -6181,9 +6228,9 @@ class RescueRun(object):
             return ("copied", size)
         try:
             if stat.S_ISLNK(st.st_mode):
-                self.copy_link(level, name, st)
+                self.copy_link(frame, name, st)
             else:
-                self.copy_file(level, name)
+                self.copy_file(frame, name)
         except _NotOwned:
             return "other-owner"
         except (_RescueStop, _Changed, OSError) as e:
@@ -6202,8 +6249,6 @@ class RescueRun(object):
                 self.counts.bytes_copied += size        # a dry run's: what it would copy
         elif isinstance(outcome, str):
             self.not_copied(path, outcome)
-        elif isinstance(outcome, _RescueStop):
-            raise outcome
         elif isinstance(outcome, OSError) and outcome.errno in FULL_ERRNOS:
             raise DiskFullError(outcome.errno, "cannot write %s: the destination's disk or "
                                 "quota is full (%s); free some space there and run rescue "
@@ -6213,69 +6258,46 @@ class RescueRun(object):
             self.failed(path, str(outcome) if isinstance(outcome, _Changed)
                         else outcome.strerror or str(outcome))
 
-    # -- copying threads: files are copied on threads where latency dominates (a network
-    # filesystem, on either side), so that many opens, creates and copies are in flight
-    def start_copying(self):
-        self.threads = self.opts.threads or default_parallelism(self.ds["path"], self.dest)[0]
-        if self.threads > 1 and not self.opts.dry_run:
-            self.futures = concurrent.futures
-            self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.threads)
-
-    def collect(self, block):
-        """Count the copies that are done (block: wait for one at least)."""
-        if not self.jobs:
-            return
-        done = self.futures.wait(list(self.jobs), timeout=None if block else 0,
-                                 return_when=self.futures.FIRST_COMPLETED)[0]
-        for fut in [f for f in self.jobs if f in done]:     # in the order handed out
-            level, path, before = self.jobs.pop(fut)
-            level.pending -= 1
-            try:
-                self.copied(path, fut.result())
-            except _RescueStop:
-                self.counts.entries_done -= 1    # to be done again: resume before it
-                if self.rollback is None or not _key_after(before, self.rollback[0]):
-                    self.rollback = [before]
-
-    def settle(self, level=None):
-        """Wait for the copies still running (into level only, when given)."""
-        while self.jobs and (level is None or level.pending):
-            self.collect(block=True)
+    def settle(self, frame):
+        """Wait for the copies still running into frame."""
+        while frame.pending and self.runner is not None and self.runner.inflight:
+            self.runner.collect(block=True)
 
     def checkpoint_cursor(self):
         """The last key before which every copy is done: the cursor, unless copies still
         run (crashed) or a stop cut one short."""
-        cursor = next(iter(self.jobs.values()))[2] if self.jobs else self.cursor
+        inflight = self.runner.inflight if self.runner is not None else None
+        cursor = next(iter(inflight.values()))[2] if inflight else self.cursor
         if self.rollback is not None and _key_after(cursor, self.rollback[0]):
             cursor = self.rollback[0]
         return cursor
 
-    def same(self, st, have, level, name):
+    def same(self, st, have, frame, name):
         """rsync's quick check: same kind, same size and mtime (a symlink: same target)."""
         if stat.S_ISLNK(st.st_mode):
-            if not stat.S_ISLNK(have.st_mode) or level.dst is None:
+            if not stat.S_ISLNK(have.st_mode) or frame.dst is None:
                 return False
             try:
-                return os.readlink(name, dir_fd=level.dst) == self.read_link(level, name, st)
+                return os.readlink(name, dir_fd=frame.dst) == self.read_link(frame, name, st)
             except OSError:
                 return False
         if not stat.S_ISREG(have.st_mode) or have.st_size != st.st_size:
             return False
         return same_mtime(have.st_mtime_ns, st.st_mtime_ns)
 
-    def dest_stat(self, level, name):
-        if level.dst is None or level.made:
+    def dest_stat(self, frame, name):
+        if frame.dst is None or frame.made:
             return None     # nothing there, or a directory this run made: nothing yet
         try:
-            return os.lstat(name, dir_fd=level.dst)
+            return os.lstat(name, dir_fd=frame.dst)
         except FileNotFoundError:
             return None
 
-    def read_link(self, level, name, st):
+    def read_link(self, frame, name, st):
         """The target of the source symlink st is of; readlink(2) moves the link's atime:
         put back. Both through an O_PATH fd of that very link, never by name: the name may
         meanwhile be another entry's, whose times must not be set."""
-        fd = os.open(name, O_PATH | O_NOFOLLOW | O_CLOEXEC, dir_fd=level.src)
+        fd = os.open(name, O_PATH | O_NOFOLLOW | O_CLOEXEC, dir_fd=frame.fd)
         try:
             if _ident(os.fstat(fd)) != _ident(st):
                 raise _Changed("changed since it was looked at")
@@ -6292,24 +6314,24 @@ class RescueRun(object):
     def temp_name(self):
         return RESCUE_TEMP_FORMAT % (self.host, self.pid, self.token, next(self.temp_serial))
 
-    def copy_link(self, level, name, st):
-        target = self.read_link(level, name, st)
+    def copy_link(self, frame, name, st):
+        target = self.read_link(frame, name, st)
         tmp = self.temp_name()
-        os.symlink(target, tmp, dir_fd=level.dst)
+        os.symlink(target, tmp, dir_fd=frame.dst)
         try:
-            os.utime(tmp, ns=(int(time.time() * 1e9), st.st_mtime_ns), dir_fd=level.dst,
+            os.utime(tmp, ns=(int(time.time() * 1e9), st.st_mtime_ns), dir_fd=frame.dst,
                      follow_symlinks=False)
-            os.replace(tmp, name, src_dir_fd=level.dst, dst_dir_fd=level.dst)
+            os.replace(tmp, name, src_dir_fd=frame.dst, dst_dir_fd=frame.dst)
         except BaseException:
             with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=level.dst)
+                os.unlink(tmp, dir_fd=frame.dst)
             raise
 
-    def copy_file(self, level, name):
+    def copy_file(self, frame, name):
         """Copy a regular file's data extents into a temporary file, then rename it."""
         try:
             src = os.open(name, os.O_RDONLY | O_NOFOLLOW | O_NOATIME | os.O_NONBLOCK
-                          | O_CLOEXEC, dir_fd=level.src)
+                          | O_CLOEXEC, dir_fd=frame.fd)
         except PermissionError as e:
             if e.errno == errno.EPERM:
                 raise _NotOwned()
@@ -6321,7 +6343,7 @@ class RescueRun(object):
             tmp = self.temp_name()
             mode = stat.S_IMODE(before.st_mode) & ~(stat.S_ISUID | stat.S_ISGID)
             out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC,
-                          mode & 0o777, dir_fd=level.dst)
+                          mode & 0o777, dir_fd=frame.dst)
             try:
                 try:
                     if self.copy_data(src, out, before) < before.st_size:
@@ -6335,10 +6357,10 @@ class RescueRun(object):
                 if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
                     raise _Changed("changed while it was copied (still being written?); run "
                                    "rescue again when it is finished")
-                os.replace(tmp, name, src_dir_fd=level.dst, dst_dir_fd=level.dst)
+                os.replace(tmp, name, src_dir_fd=frame.dst, dst_dir_fd=frame.dst)
             except BaseException:
                 with contextlib.suppress(OSError):
-                    os.unlink(tmp, dir_fd=level.dst)
+                    os.unlink(tmp, dir_fd=frame.dst)
                 raise
         finally:
             os.close(src)
@@ -6408,136 +6430,132 @@ class RescueRun(object):
                     raise
             self.copy_calls.pop(0)
 
-    # -- the directory stacks
-    def enter(self, comps, created_counts=False):
-        """Make the stacks hold the directories comps (from the root), opening (and on the
-        destination, creating) what is missing; leave the others. Returns the top level."""
+    # -- the two-sided stack: Walker's _push, _pop with these
+    def goto(self, comps, counts=False):
+        """Make the stack hold the directories comps (from the root), opening (and on the
+        destination, creating) what is missing, leaving the others. Returns the top."""
+        stack = self.stack
         keep = 1
-        while keep < len(self.stack) and keep - 1 < len(comps) and \
-                self.stack[keep].name == comps[keep - 1]:
+        while keep < len(stack) and keep - 1 < len(comps) and stack[keep].name == comps[keep - 1]:
             keep += 1
-        self.leave(keep)
-        for name in comps[len(self.stack) - 1:]:
-            self.stack.append(self.push(self.stack[-1], name, created_counts))
-            self.shed()
-        return self.stack[-1]
+        while len(stack) > keep:
+            self._pop()
+        for name in comps[len(stack) - 1:]:
+            self._push(self.enter(stack[-1], name, counts))
+        return stack[-1]
 
-    def shed(self):
-        """Keep the fds of at most MAX_OPEN_DIRS levels open (a tree may be deeper than
-        the fd limit allows): the level that many below the top closes its fds, and
-        reopens them through ".." of its child when the copy comes back to it (leave()).
-        Not where the child could not give them back (an error, or, in a dry run, not
-        there at the destination)."""
-        i = len(self.stack) - 1 - MAX_OPEN_DIRS
-        if i < 1:
+    def _shed(self, frame, child):
+        """The fd cap: frame closes its fds on both sides, reopened through ".." of child
+        when the copy comes back to it (_reopen). Not where child could not give them back
+        (an error, or, in a dry run, not there at the destination)."""
+        if frame.fd is None or child.fd is None or (frame.dst is not None and child.dst is None):
             return
-        level, child = self.stack[i], self.stack[i + 1]
-        if level.shed or level.src is None or child.src is None or (
-                level.dst is not None and child.dst is None):
-            return
-        self.settle(level)          # its copies use its fds
-        os.close(level.src)
-        if level.dst is not None:
-            os.close(level.dst)
-        level.src = level.dst = None
-        level.shed = True
+        self.settle(frame)          # its copies use its fds
+        os.close(frame.fd)
+        if frame.dst is not None:
+            os.close(frame.dst)
+        frame.fd = frame.dst = None
 
-    def unshed(self, level, child):
-        """Reopen a shed level from its child's fds (".." is never a symlink), both sides
+    def _reopen(self, frame, child):
+        """Reopen a shed frame from its child's fds (".." is never a symlink), both sides
         checked to be the directories it left: one moved meanwhile (its ".." is now
         somewhere else) is an error for the rest of its subtree, never followed."""
-        level.shed = False
+        if frame.error:
+            return
         fds = []
         try:
-            if child.src is None:       # its own reopening failed: no way up from it
+            if child.fd is None:        # its own reopening failed: no way up from it
                 raise OSError(errno.EBADF, "the way back up through its subdirectory failed")
-            fds.append(reopen_parent(child.src, level.ident[0]))
+            fds.append(reopen_parent(child.fd, frame.ident))
             if child.dst is not None:
-                fds.append(reopen_parent(child.dst, level.ident[1]))
+                fds.append(reopen_parent(child.dst, frame.dst_ident))
         except OSError as e:
             for fd in fds:
                 os.close(fd)
-            level.error = "its directory %s %s" % (
-                display_path(b"/".join(level.path)),
+            frame.error = "its directory %s %s" % (
+                display_path(b"/".join(frame.components())),
                 "moved during the rescue (its way back up is not where it was); not copied "
                 "further" if e.errno == errno.ESTALE else "cannot be reopened (%s)" % e.strerror)
             return
-        level.src, level.dst = fds[0], (fds[1] if len(fds) > 1 else None)
+        frame.fd, frame.dst = fds[0], (fds[1] if len(fds) > 1 else None)
 
-    def push(self, parent, name, counts):
-        """The level of directory name below parent: its source opened (O_NOFOLLOW,
+    def enter(self, parent, name, counts):
+        """The frame of directory name below parent: its source opened (O_NOFOLLOW,
         O_NOATIME) and found on the dataset's filesystem and not a mount point, its
-        destination opened or made (0700 while it is filled)."""
-        path = parent.path + (name,)
+        destination opened or made (0700 while it is filled). counts: the entry is one the
+        copy selected (its making, or finding it there, is counted)."""
+        frame = Frame(None, name, (), None, parent=parent,
+                      mounts=self._mounts_below(parent, name))
         if parent.error:
-            return _Level(name, None, None, parent.error, path=path)
+            frame.error = parent.error
+            return frame
         why = None
         try:
-            st = os.lstat(name, dir_fd=parent.src)
+            st = os.lstat(name, dir_fd=parent.fd)
             if not stat.S_ISDIR(st.st_mode):
                 why = "is no longer a directory"
-            elif st.st_dev != self.root_dev or name in self.mounts.get(parent.path, ()):
+            elif st.st_dev != self.root_dev or name in parent.mounts:
                 why = "is a mount point (another filesystem is mounted there); not copied"
             else:
-                src = open_dir_ex(name, parent.src)[0]
-                if _ident(os.fstat(src)) != _ident(st):
-                    os.close(src)
+                frame.fd = open_dir_ex(name, parent.fd)[0]
+                if _ident(os.fstat(frame.fd)) != _ident(st):
                     why = "changed while it was opened"
         except OSError as e:
             why = "cannot be opened (%s)" % ("vanished since the walk" if e.errno == errno.ENOENT
                                              else e.strerror)
         if why:
-            return _Level(name, None, None, "its directory %s %s" % (
-                display_path(b"/".join(path)), why), path=path)
-        level = _Level(name, src, None, meta=(st.st_mode, st.st_mtime_ns), path=path)
-        level.ident = (_ident(st), None)
+            if frame.fd is not None:
+                os.close(frame.fd)
+                frame.fd = None
+            frame.error = "its directory %s %s" % (display_path(b"/".join(frame.components())),
+                                                   why)
+            return frame
+        frame.ident, frame.meta = _ident(st), (st.st_mode, st.st_mtime_ns)
         try:
-            have = self.dest_stat(parent, name)
-            if have is None:
-                if self.opts.dry_run:       # would be made
-                    self.counts.dirs_created += 1
-                    return level
-                os.mkdir(name, 0o700, dir_fd=parent.dst)
-                level.made = True
-                self.counts.dirs_created += 1
-            elif not stat.S_ISDIR(have.st_mode):
-                level.error = ("%s exists at the destination and is not a directory (a "
-                               "symlink there is never followed)" % display_path(name))
-                return level
-            elif counts:
-                self.counts.entries_skipped += 1
-            level.dst = os.open(name, O_DIR_FLAGS, dir_fd=parent.dst)
-            level.ident = (level.ident[0], _ident(os.fstat(level.dst)))
-            if self.opts.dry_run:
-                return level
-            mode = os.fstat(level.dst).st_mode
-            if self.euid != 0 and mode & 0o700 != 0o700:
-                os.chmod(level.dst, stat.S_IMODE(mode) | 0o700)   # the final mode on leaving
-            if have is not None:
-                self.remove_temps(level.dst)
+            self.enter_dest(parent, frame, counts)
         except OSError as e:
             raise_if_full(e, os.path.join(self.dest, os.fsdecode(name)))
-            level.error = "its destination directory cannot be made (%s)" % e.strerror
-        return level
+            frame.error = "its destination directory cannot be made (%s)" % e.strerror
+        return frame
 
-    def leave(self, keep):
-        """Close the levels above keep; each destination directory gets its source's mode
-        and mtime now that its contents are done."""
-        while len(self.stack) > keep:
-            level = self.stack.pop()
-            if self.stack and self.stack[-1].shed:
-                self.unshed(self.stack[-1], level)     # before its mode may forbid ".."
-            self.settle(level)      # its contents first, or its mtime would move
-            if level.dst is not None:
-                if not self.opts.dry_run and level.meta is not None:
-                    with contextlib.suppress(OSError):
-                        os.chmod(level.dst, stat.S_IMODE(level.meta[0]))
-                        os.utime(level.dst, ns=(int(time.time() * 1e9), level.meta[1]))
-                os.close(level.dst)
-            if level.src is not None and level.src != self.root_fd:
-                os.close(level.src)
-        if keep == 0:
-            self.stack = []
+    def enter_dest(self, parent, frame, counts):
+        """Open frame's destination directory below parent's, made when missing."""
+        name = frame.name
+        have = self.dest_stat(parent, name)
+        if have is None:
+            self.counts.dirs_created += 1
+            if self.opts.dry_run:       # would be made
+                return
+            os.mkdir(name, 0o700, dir_fd=parent.dst)
+            frame.made = True
+        elif not stat.S_ISDIR(have.st_mode):
+            frame.error = ("%s exists at the destination and is not a directory (a symlink "
+                           "there is never followed)" % display_path(name))
+            return
+        elif counts:
+            self.counts.entries_skipped += 1
+        frame.dst = os.open(name, O_DIR_FLAGS, dir_fd=parent.dst)
+        frame.dst_ident = _ident(os.fstat(frame.dst))
+        if self.opts.dry_run:
+            return
+        mode = os.fstat(frame.dst).st_mode
+        if self.euid != 0 and mode & 0o700 != 0o700:
+            os.chmod(frame.dst, stat.S_IMODE(mode) | 0o700)     # the final mode on leaving
+        if have is not None:
+            self.remove_temps(frame.dst)
+
+    def _leave(self, frame):
+        """Close frame's fds; its destination directory gets the source's mode and mtime
+        now that its contents are done."""
+        self.settle(frame)      # its contents first, or its mtime would move
+        if frame.dst is not None:
+            if not self.opts.dry_run and frame.meta is not None:
+                with contextlib.suppress(OSError):
+                    os.chmod(frame.dst, stat.S_IMODE(frame.meta[0]))
+                    os.utime(frame.dst, ns=(int(time.time() * 1e9), frame.meta[1]))
+            os.close(frame.dst)
+        if frame.fd is not None:
+            os.close(frame.fd)
 
     def remove_temps(self, dfd):
         """Delete, in an open destination directory, the temporary files the runs of this
@@ -6596,14 +6614,17 @@ class RescueRun(object):
 
     def crashed(self):
         self.aborted = STOP_CRASHED     # copying threads stop at their next chunk
-        if self.jobs:
-            self.futures.wait(list(self.jobs))
+        inflight = self.runner.inflight if self.runner is not None else None
+        if inflight:
+            concurrent.futures.wait(list(inflight))
         if not self.opts.dry_run and self.cursor is not None:   # there is a position to keep
             with contextlib.suppress(Exception):
                 self.save_checkpoint()
-        self.jobs = {}
+        if inflight:
+            inflight.clear()
         with contextlib.suppress(Exception):
-            self.leave(0)
+            while self.stack:
+                self._pop()
         if self.log is not None:
             self.write_log("end crashed entries_done=%d" % self.counts.entries_done)
             self.log.close()
@@ -6620,7 +6641,7 @@ class RescueRun(object):
         result = dict(self.counts.as_dict(), name=self.name, to=self.dest,
                       selection=self.opts.selection, dry_run=bool(self.opts.dry_run),
                       complete=complete, resumed=self.resumed,
-                      stopped=None if complete else self.stopped,
+                      stopped=None if complete else self.stop_reason,
                       manifest=self.manifest_path, walk_started=self.walk_started,
                       entries_total=self.total_entries, bytes_total=self.total_bytes,
                       entries_done_total=self.done_before + self.counts.entries_done,
@@ -6632,13 +6653,14 @@ class RescueRun(object):
         if complete:
             result["exit_code"] = EXIT_FAIL if self.counts.errors else EXIT_OK
         else:
-            result["exit_code"] = EXIT_INTERRUPTED if self.stopped == STOP_INT else EXIT_STOPPED
+            result["exit_code"] = EXIT_INTERRUPTED if self.stop_reason == STOP_INT \
+                else EXIT_STOPPED
         if self.log is not None:
             self.write_log("counts " + " ".join("%s=%d" % kv for kv in sorted(
                 self.counts.as_dict().items())))
-            self.write_log("end %s%s exit=%d" % ("complete" if complete else "stopped",
-                                                 "" if complete else " reason=%s" % self.stopped,
-                                                 result["exit_code"]))
+            self.write_log("end %s%s exit=%d" % (
+                "complete" if complete else "stopped",
+                "" if complete else " reason=%s" % self.stop_reason, result["exit_code"]))
             self.log.close()
             self.log = None
             self.store.prune_logs(self.name)
