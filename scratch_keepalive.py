@@ -2129,7 +2129,7 @@ def resumable(ckpt, ds, mode, due_run, sched_cadence, now):
         return True
     text = ckpt.get("walk_started")
     started = parse_iso(text) if isinstance(text, str) else None
-    return not is_due(started, threshold_cadence(ds, sched_cadence), sched_cadence, now)
+    return not is_due(started, ds["cadence_days"], sched_cadence, now)
 
 
 def dataset_state(store, ds, now, mode=None):
@@ -2980,6 +2980,12 @@ class Walker(object):
     That work may run ahead of the cursor: it is idempotent, and the cursor is
     recorded only after sync(), so a resume repeats at most the stretch after
     the last checkpoint.
+
+    The engine has three actions: touch and check (mode) here, and copy in
+    RescueRun, a Walker that takes its entries from a manifest (_more, _next)
+    where a walk lists directories, keeps both sides of the copy in each Frame
+    (_push, _shed, _reopen, _leave: the stack's hooks) and gives its runner a
+    work function of its own (_runner).
     """
 
     def __init__(self, root, mode, thresholds, dry_run=False, threads=1, workers=1,

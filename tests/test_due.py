@@ -641,6 +641,22 @@ def test_resumable():
     assert not sk.resumable(None, ds, "touch", True, 14, t)
 
 
+def test_resumable_restarts_a_manual_walk_exactly_when_the_due_rule_would_walk_it():
+    """One rule: a `--due` run restarts a stopped manual walk when that walk's start would
+    make the dataset due (what _select asks of is_due), for every pair of cadences, a
+    dataset's shorter than the schedule's included."""
+    t = NOW_EPOCH
+    manual = {"mode": "touch", "path": "/s/ds", "walk_started": sk.iso(t), "due_run": False}
+    for cadence in (1, 7, 14, 21):
+        ds = {"path": "/s/ds", "cadence_days": cadence}
+        for sched in (None, 1, 7, 14, 21):
+            for hours in (0, 1, 12, 23, 24, 25, 48, 24 * 6, 24 * 8, 24 * 14, 24 * 30):
+                now = t + hours * 3600
+                walked = sk.is_due(t, ds["cadence_days"], sched, now)
+                assert sk.resumable(manual, ds, "touch", True, sched, now) is not walked, (
+                    cadence, sched, hours)
+
+
 def test_a_due_run_restarts_a_manual_walk_stopped_a_day_ago(cli, ds, env, monkeypatch):
     now = time.time()
     monkeypatch.setenv("SCRATCH_KEEPALIVE_NOW", sk.iso(now))
