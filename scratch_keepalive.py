@@ -5003,6 +5003,43 @@ class Budget(object):
         return stop_reason(should_stop, self.deadline, self.entries_left, entries_done)
 
 
+def run_exit_code(complete, errors, stopped):
+    """A dataset run's exit code (a walk's or a copy's): complete, 1 with errors, else 0;
+    stopped, 130 for Ctrl-C, else 3 (run it again to resume)."""
+    if complete:
+        return EXIT_FAIL if errors else EXIT_OK
+    return EXIT_INTERRUPTED if stopped == STOP_INT else EXIT_STOPPED
+
+
+class RunLog(object):
+    """A dataset run's log (logs/NAME/, store.new_log), a line at a time with the time in
+    front: what the run is, what happened, its counts and how it ended. A dry run keeps
+    none: RunLog() writes nowhere."""
+
+    def __init__(self, store=None, name=None, started=None, kind=None):
+        self.path, self.f = store.new_log(name, started, kind) if store else (None, None)
+
+    def write(self, line):
+        if self.f is not None:
+            self.f.write("%s %s\n" % (iso(time.time()), line))
+
+    def end(self, counts, complete, stopped, code):
+        """The last lines: the counts, how the run ended and its exit code."""
+        self.write("counts " + " ".join("%s=%d" % kv for kv in sorted(counts.as_dict().items())))
+        self.write("end %s exit=%d" % ("complete" if complete else "stopped reason=%s" % stopped,
+                                       code))
+        self.close()
+
+    def crashed(self, done):
+        self.write("end crashed " + done)
+        self.close()
+
+    def close(self):
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+
+
 def empty_result(name, mode, reason=None):
     """The result of a dataset not walked, and why."""
     result = {"name": name, "mode": mode, "complete": False, "resumed": False}
@@ -5320,7 +5357,7 @@ class DatasetRun(object):
         self.walker = Walker(ds["path"], mode, thresholds_ns(cfg, self.cadence, ctx.now),
                              dry_run=opts.dry_run, threads=threads, workers=workers,
                              root_fd=root_fd)
-        self.log_path = self.log = None
+        self.log = RunLog()
         self.manifest = None        # the ManifestWriter of this walk
         self.manifest_resume = None     # the checkpoint's manifest position
         self.manifest_note = None   # why this walk leaves no manifest, if it should have
@@ -5347,20 +5384,16 @@ class DatasetRun(object):
         self.totals = Counts(ckpt.get("totals"))
         self.manifest_resume = ckpt.get("manifest")
 
-    def write_log(self, line):
-        if self.log is not None:
-            self.log.write("%s %s\n" % (iso(time.time()), line))
-
     def open_log(self):
         """A new log (none for a dry run), opened with what this run is and where it starts."""
         if self.opts.dry_run:
             return
-        self.log_path, self.log = self.store.new_log(self.name, self.started, self.mode)
+        self.log = RunLog(self.store, self.name, self.started, self.mode)
         skip_d, risk_d, purge_d = thresholds_days(self.cfg, self.cadence)
-        self.write_log("start dataset=%s path=%s mode=%s pid=%d host=%s version=%s" % (
+        self.log.write("start dataset=%s path=%s mode=%s pid=%d host=%s version=%s" % (
             self.name, display_path(self.ds["path"]), self.mode, os.getpid(),
             socket.gethostname(), __version__))
-        self.write_log("thresholds skip_days=%d at_risk_days=%d purge_days=%d now=%s%s" % (
+        self.log.write("thresholds skip_days=%d at_risk_days=%d purge_days=%d now=%s%s" % (
             skip_d, risk_d, purge_d, iso(self.ctx.now), " resumed entries_done=%d"
             % self.done_before if self.resumed else ""))
 
@@ -5378,14 +5411,14 @@ class DatasetRun(object):
                                                                self.manifest_resume):
                 self.manifest_note = ("this walk resumed without the start of its manifest; "
                                       "the next complete walk writes one")
-                self.write_log("manifest none (%s)" % self.manifest_note)
+                self.log.write("manifest none (%s)" % self.manifest_note)
                 return
             self.manifest = ManifestWriter(path, resume=self.manifest_resume)
         else:
             self.store.ensure_manifest_dir(self.name)
             aside = set_aside_odd(path)     # a new walk: whatever is not our file goes aside
             if aside:
-                self.write_log("manifest set aside %s (%s)" % (display_path(aside[0]),
+                self.log.write("manifest set aside %s (%s)" % (display_path(aside[0]),
                                                                aside[1]))
             have = self.store.manifests(self.name)
             dev, ino = self.root_id()
@@ -5421,7 +5454,7 @@ class DatasetRun(object):
                 self.forensics = None
                 self.manifest_note = "what vanished is not known: %s" % (
                     e if isinstance(e, Failure) else "%s: %s" % (previous[0][1], e.strerror))
-                self.write_log("manifest compare failed (%s)" % self.manifest_note)
+                self.log.write("manifest compare failed (%s)" % self.manifest_note)
         with Manifest(writer.path) as m:
             number = self.store.manifest_number(self.name, m.header.get("seq"))
         # Kept (renamed into place) by record(), once the registry holds what this
@@ -5542,9 +5575,7 @@ class DatasetRun(object):
         if self.manifest is not None:
             with contextlib.suppress(Exception):
                 self.manifest.close()
-        if self.log is not None:
-            self.write_log("end crashed entries_seen=%d" % self.walker.counts.entries_seen)
-            self.log.close()
+        self.log.crashed("entries_seen=%d" % self.walker.counts.entries_seen)
 
     def result(self, complete):
         """The run's result document, its exit code included."""
@@ -5554,7 +5585,7 @@ class DatasetRun(object):
                       resumed=self.resumed, entries_done=self.done_before + counts.entries_seen,
                       started=iso(self.started), finished=iso(time.time()),
                       dry_run=bool(self.opts.dry_run), stopped=None if complete else stopped,
-                      log=self.log_path, timing=self.timing)
+                      log=self.log.path, timing=self.timing)
         if self.forensics is not None:
             result.update(self.forensics)
         else:           # nothing compared: what vanished is not known, and why
@@ -5565,28 +5596,19 @@ class DatasetRun(object):
         result["manifest"] = self.manifest_path
         if self.manifest_note:
             result["manifest_note"] = self.manifest_note
-        if complete:
-            # The walk's errors, its earlier runs' included: it completed with them.
-            result["exit_code"] = EXIT_FAIL if counts.errors + self.totals.errors else EXIT_OK
-        else:
-            result["exit_code"] = EXIT_INTERRUPTED if stopped == STOP_INT else EXIT_STOPPED
+        # The walk's errors, its earlier runs' included: it completed with them.
+        result["exit_code"] = run_exit_code(complete, counts.errors + self.totals.errors,
+                                            stopped)
         return result
 
     def close_log(self, result):
         """The log's last lines: the first errors' paths, the counts, how the walk ended."""
-        if self.log is None:
-            return
         walker, counts = self.walker, self.walker.counts
         for line in walker.error_paths:
-            self.write_log("error %s" % line)
+            self.log.write("error %s" % line)
         if counts.errors > len(walker.error_paths):
-            self.write_log("error ... and %d more" % (counts.errors - len(walker.error_paths)))
-        self.write_log("counts " + " ".join("%s=%d" % kv
-                                            for kv in sorted(counts.as_dict().items())))
-        self.write_log("end %s%s exit=%d" % (
-            "complete" if result["complete"] else "stopped",
-            "" if result["complete"] else " reason=%s" % walker.stop_reason, result["exit_code"]))
-        self.log.close()
+            self.log.write("error ... and %d more" % (counts.errors - len(walker.error_paths)))
+        self.log.end(counts, result["complete"], walker.stop_reason, result["exit_code"])
 
     def record(self, result):
         """Store what the run did in the registry, the checkpoint and the sentinel."""
@@ -5934,7 +5956,7 @@ class RescueRun(Walker):
         self.error_whys = {}        # why -> how many errors, for the summary line
         self.parents_made = []      # --to's missing parents that open_dest made
         self.stopped = None         # why a copy was cut short (a budget or a signal)
-        self.log_path = self.log = None
+        self.log = RunLog()
         self.total_entries = self.total_bytes = 0
         self.copy_calls = ["copy_file_range", "sendfile", "read"]
         self.umask = os.umask(0o077)    # read, and put back at once
@@ -6180,18 +6202,14 @@ class RescueRun(Walker):
     def open_log(self):
         if self.opts.dry_run:
             return
-        self.log_path, self.log = self.store.new_log(self.name, self.started, "rescue")
-        self.write_log("start rescue dataset=%s path=%s to=%s selection=%s manifest=%s "
+        self.log = RunLog(self.store, self.name, self.started, "rescue")
+        self.log.write("start rescue dataset=%s path=%s to=%s selection=%s manifest=%s "
                        "walk_started=%s pid=%d host=%s version=%s%s" % (
                            self.name, display_path(self.ds["path"]), display_path(self.dest),
                            self.opts.selection, self.manifest_path, self.walk_started,
                            os.getpid(), socket.gethostname(), __version__,
                            " resumed entries_done=%d" % self.done_before if self.resumed
                            else ""))
-
-    def write_log(self, line):
-        if self.log is not None:
-            self.log.write("%s %s\n" % (iso(time.time()), line))
 
     # -- the copy
     def tick(self, walker):
@@ -6595,7 +6613,7 @@ class RescueRun(Walker):
 
     def listed(self, path, reason, why=None):
         text = display_path(path)
-        self.write_log("not-rescued %s %s%s" % (reason, text, ": " + why if why else ""))
+        self.log.write("not-rescued %s %s%s" % (reason, text, ": " + why if why else ""))
         if len(self.not_rescued) < RESCUE_LISTED:
             item = {"path": encode_name(path), "reason": reason}
             try:
@@ -6631,10 +6649,7 @@ class RescueRun(Walker):
         with contextlib.suppress(Exception):
             while self.stack:
                 self._pop()
-        if self.log is not None:
-            self.write_log("end crashed entries_done=%d" % self.counts.entries_done)
-            self.log.close()
-            self.log = None
+        self.log.crashed("entries_done=%d" % self.counts.entries_done)
 
     def finish(self, complete, budget):
         if budget.entries_left is not None:
@@ -6653,22 +6668,12 @@ class RescueRun(Walker):
                       entries_done_total=self.done_before + self.counts.entries_done,
                       bytes_copied_total=self.copied_before + self.counts.bytes_copied,
                       not_rescued=self.not_rescued, started=iso(self.started),
-                      finished=iso(time.time()), log=self.log_path,
+                      finished=iso(time.time()), log=self.log.path,
                       errors_why=sorted(self.error_whys.items(), key=lambda kv: -kv[1]),
                       parents_made=self.parents_made)
-        if complete:
-            result["exit_code"] = EXIT_FAIL if self.counts.errors else EXIT_OK
-        else:
-            result["exit_code"] = EXIT_INTERRUPTED if self.stop_reason == STOP_INT \
-                else EXIT_STOPPED
-        if self.log is not None:
-            self.write_log("counts " + " ".join("%s=%d" % kv for kv in sorted(
-                self.counts.as_dict().items())))
-            self.write_log("end %s%s exit=%d" % (
-                "complete" if complete else "stopped",
-                "" if complete else " reason=%s" % self.stop_reason, result["exit_code"]))
-            self.log.close()
-            self.log = None
+        result["exit_code"] = run_exit_code(complete, self.counts.errors, self.stop_reason)
+        if self.log.f is not None:
+            self.log.end(self.counts, complete, self.stop_reason, result["exit_code"])
             self.store.prune_logs(self.name)
         return result
 
