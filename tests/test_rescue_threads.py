@@ -4,6 +4,7 @@ import json
 import os
 import stat
 import threading
+import time
 
 import pytest
 
@@ -146,3 +147,48 @@ def test_holes_stay_holes_whatever_the_file_size(generic, cli, tmp_path):
             (a.st_size, open(str(root / n), "rb").read()), n
         assert b.st_blocks <= a.st_blocks + 8, n         # at most a block more
     assert os.stat(str(tmp_path / "safe" / "all-hole")).st_blocks == 0
+
+
+def test_a_deep_tree_copied_on_threads_and_stopped_again_and_again_is_exact(generic, tmp_path,
+                                                                            monkeypatch):
+    """Three times deeper than the cap on open directories, so levels close their fds on
+    both sides, and reopen them through "..", while copies into them may still run on
+    threads (ten files in a level, then a chain of directories with none, and each copy
+    slowed a little); stopped every few entries and resumed, some levels read-only: the
+    copy is exact."""
+    real = sk.RescueRun.copy_file
+
+    def copy_file(self, frame, name):
+        time.sleep(0.05)
+        return real(self, frame, name)
+    monkeypatch.setattr(sk.RescueRun, "copy_file", copy_file)
+    root = generic["scratch"] / "ds"
+    d, dirs = root, []
+    for i in range(3 * sk.MAX_OPEN_DIRS):
+        d = d / ("l%03d" % i)
+        d.mkdir(parents=True)
+        dirs.append(d)
+        for f in range(10 if i % sk.MAX_OPEN_DIRS == 0 else 0):
+            (d / ("f%d" % f)).write_bytes(os.urandom(100 * f + i))
+    for i, d in enumerate(dirs):
+        os.chmod(str(d), (0o555, 0o750, 0o700)[i % 3])
+    for dp, dns, fns in os.walk(str(root)):
+        for n in dns + fns:
+            set_atime(os.path.join(dp, n), OLD)
+    assert sk.add_dataset("ds", str(root), KEEP)["name"] == "ds"
+    assert sk.refresh(name="ds", check=True)["exit_code"] == 0
+    dest = tmp_path / "safe"
+    calls = [0]
+
+    def stop_soon():
+        calls[0] += 1
+        return "int" if calls[0] % 80 == 0 else None
+    codes = []
+    for _ in range(200):
+        r = sk.rescue("ds", str(dest), all=True, threads=8, should_stop=stop_soon)
+        codes.append(r["exit_code"])
+        if r["complete"]:
+            break
+    assert codes[-1] == 0 and len(codes) >= 3 and set(codes[:-1]) == {130}, codes
+    assert r["errors"] == 0, r
+    assert picture(dest) == picture(root)
