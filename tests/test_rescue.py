@@ -881,3 +881,41 @@ def deep_rescue(cli, root, dest, depth):
                              check=True).stdout.decode().splitlines()
         return sorted(out)
     assert kinds(dest) == kinds(root)
+
+
+def test_a_local_rescue_reads_ahead_opening_sources_only_without_moving_atimes(generic, cli,
+                                                                               tmp_path):
+    """On a local disk the copy asks for the next files' data ahead (posix_fadvise
+    WILLNEED) while it writes one: every source file it opens, for that or for the copy, is
+    opened O_NOATIME|O_NOFOLLOW, each hint is on such a file, and no access time moves."""
+    if not shutil.which("strace"):
+        pytest.skip("strace is not installed")
+    root = generic["scratch"] / "ds"
+    for d in range(3):
+        (root / ("d%d" % d)).mkdir(parents=True)
+        for f in range(40):
+            (root / ("d%d" % d) / ("f%02d" % f)).write_bytes(os.urandom(4096 + f))
+    for dp, dns, fns in os.walk(str(root)):
+        for n in dns + fns:
+            set_atime(os.path.join(dp, n), OLD)
+    assert cli("add", "--name", "ds", "--path", root, "--keep-until", KEEP).rc == 0
+    assert cli("refresh", "--name", "ds", "--check").rc == 0
+    before = snapshot(root)
+    trace = tmp_path / "trace"
+    r = run_script("rescue", "--name", "ds", "--to", tmp_path / "safe", "--all",
+                   prefix=["strace", "-f", "-qq", "-e", "trace=openat,fadvise64", "-o",
+                           str(trace)])
+    assert r.rc == 0, r
+    opened, hinted = {}, []
+    for line in trace.read_text().splitlines():
+        call = line.split(None, 1)[1]
+        if call.startswith("openat(") and '"f' in call and " = " in call:
+            assert "O_NOATIME" in call and "O_NOFOLLOW" in call and "O_RDONLY" in call, call
+            opened[call.rsplit(" = ", 1)[1]] = call
+        elif call.startswith("fadvise64("):
+            fd = call[len("fadvise64("):].split(",", 1)[0]
+            assert fd in opened and "POSIX_FADV_WILLNEED" in call, call
+            hinted.append(call)
+    assert len(hinted) >= 3 * 39, len(hinted)        # all but each directory's first file
+    assert snapshot(root) == before
+    assert sorted(os.listdir(str(tmp_path / "safe" / "d1"))) == ["f%02d" % f for f in range(40)]
