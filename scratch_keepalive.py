@@ -6960,10 +6960,7 @@ def cron_schedule(cadence):
     express it, else the largest schedule whose longest gap stays within
     cadence + 3 days (runs come more often, never too late).
     """
-    fits = [s for s in CRON_SCHEDULES if s[3] >= cadence and s[4] <= cadence + 3]
-    if not fits:
-        fits = [s for s in CRON_SCHEDULES if s[4] <= cadence + 3]
-    best = max(fits, key=lambda s: s[3])
+    best = max((s for s in CRON_SCHEDULES if s[4] <= cadence + 3), key=lambda s: s[3])
     return best, best[3]
 
 
