@@ -6916,16 +6916,20 @@ class Slurm(object):
     against a real slurmctld.
     """
 
-    def __init__(self, runner=None, user=None):
+    def __init__(self, runner=None):
         self.runner = runner or default_runner
-        self.user = user
 
     def run(self, argv, input_text=None):
         return self.runner(argv, input_text)
 
-    def require(self, argv, what, input_text=None):
-        res = self.require_installed(argv, input_text)
-        if res.rc != 0:
+    def require(self, argv, what=None, input_text=None):
+        """The command's result: a Failure when it is not installed, or when it fails and
+        what (the words for the failure) is given."""
+        res = self.run(argv, input_text)
+        if res is None:
+            raise Failure("`%s` is not installed here: Slurm is needed for scheduling; run this "
+                          "on the cluster's login node" % argv[0])
+        if what is not None and res.rc != 0:
             raise slurm_failure(what, res)
         return res
 
@@ -6942,15 +6946,11 @@ class Slurm(object):
             return "disabled", slurm_reason(res)
         if "no crontab for" in text:
             return "empty", ""
-        self.check_controller()
-        raise slurm_failure("reading your scrontab (`scrontab -l`)", res)
-
-    def check_controller(self):
-        """Raise a clear Failure when the controller does not answer `scontrol ping`."""
-        ping = self.run(["scontrol", "ping"])
+        ping = self.run(["scontrol", "ping"])     # a controller that is down: say so plainly
         if ping is not None and (ping.rc != 0 or "UP" not in ping.out):
             raise Failure("the Slurm controller is unreachable (`scontrol ping`: %s); try again "
                           "later" % slurm_reason(ping))
+        raise slurm_failure("reading your scrontab (`scrontab -l`)", res)
 
     def install_crontab(self, text):
         self.require(["scrontab", "-"], "installing the scrontab", input_text=text)
@@ -6977,21 +6977,10 @@ class Slurm(object):
     def cancel(self, job_id):
         self.require(["scancel", str(job_id)], "cancelling job %s (`scancel`)" % job_id)
 
-    def set_start(self, job_id, when):
-        self.require(["scontrol", "update", "JobId=%s" % job_id, "StartTime=%s" % when],
-                     "moving job %s (`scontrol update`)" % job_id)
-
     def test_only(self, argv_tail):
         """`sbatch --test-only`: None when Slurm would accept the job, else its reason."""
-        res = self.require_installed(["sbatch", "--test-only"] + argv_tail)
+        res = self.require(["sbatch", "--test-only"] + argv_tail)
         return None if res.rc == 0 else slurm_reason(res)
-
-    def require_installed(self, argv, input_text=None):
-        res = self.run(argv, input_text)
-        if res is None:
-            raise Failure("`%s` is not installed here: Slurm is needed for scheduling; run this "
-                          "on the cluster's login node" % argv[0])
-        return res
 
 
 def parse_slurm_time(text):
@@ -7000,14 +6989,9 @@ def parse_slurm_time(text):
     if not m:
         return None
     d, a, b, c = m.groups()
-    if d is not None:       # D-HH[:MM[:SS]]
-        secs = int(d) * DAY + int(a) * 3600 + int(b or 0) * 60 + int(c or 0)
-    elif c is not None:     # HH:MM:SS
-        secs = int(a) * 3600 + int(b) * 60 + int(c)
-    elif b is not None:     # MM:SS
-        secs = int(a) * 60 + int(b)
-    else:                   # MM
-        secs = int(a) * 60
+    # With a day or three fields the fields are hours, minutes, seconds; else minutes, seconds.
+    units = (3600, 60, 1) if d is not None or c is not None else (60, 1)
+    secs = int(d or 0) * DAY + sum(int(x) * u for x, u in zip((a, b, c), units) if x)
     return secs or None
 
 
@@ -7033,17 +7017,8 @@ def cron_schedule(cadence):
     express it, else the largest schedule whose longest gap stays within
     cadence + 3 days (runs come more often, never too late).
     """
-    fits = [s for s in CRON_SCHEDULES if s[3] >= cadence and s[4] <= cadence + 3]
-    if not fits:
-        fits = [s for s in CRON_SCHEDULES if s[4] <= cadence + 3]
-    best = max(fits, key=lambda s: s[3])
+    best = max((s for s in CRON_SCHEDULES if s[4] <= cadence + 3), key=lambda s: s[3])
     return best, best[3]
-
-
-def schedule_minute_hour(user):
-    """A fixed minute and early-morning hour per user, so users do not all start at once."""
-    h = sum(ord(c) * (i + 1) for i, c in enumerate(user)) % 240
-    return h % 60, 1 + h // 60
 
 
 def shell_quote(text):
@@ -7060,11 +7035,6 @@ JOB_SCRIPT = "job.sh"
 def job_script_path(store):
     """The chain's job script: always this name in the state directory."""
     return os.path.join(store.dir, JOB_SCRIPT)
-
-
-def slurm_filename(path):
-    """A path as a Slurm filename pattern that means exactly that path (`%` is `%%`)."""
-    return path.replace("%", "%%")
 
 
 def directive_option(opt):
@@ -7097,7 +7067,6 @@ class Schedule(object):
                  cadence, python=None, script=None, mail_user=None):
         self.store = store
         self.cfg = cfg
-        self.env = env
         self.method = method
         self.account = account
         self.partition = partition
@@ -7134,18 +7103,16 @@ class Schedule(object):
             doc["mail_user"] = self.mail_user
         return doc
 
-    def max_seconds(self):
-        limit = parse_slurm_time(self.time)
-        return max(60, limit - JOB_MARGIN_SECONDS)
-
-    def request_options(self):
-        opts = ["--job-name=" + JOB_NAME]
+    def request_options(self, name=JOB_NAME):
+        opts = ["--job-name=" + name]
         if self.partition:
             opts.append("--partition=" + self.partition)
         if self.account:
             opts.append("--account=" + self.account)
+        # --output is a filename pattern: `%%` there means exactly the path's `%`.
         opts += ["--cpus-per-task=%d" % self.cpus, "--mem=" + self.mem, "--time=" + self.time,
-                 "--output=" + os.path.join(slurm_filename(self.store.log_dir), "slurm-%j.out")]
+                 "--output=" + os.path.join(self.store.log_dir.replace("%", "%%"),
+                                            "slurm-%j.out")]
         if self.mail_user:      # MAIL_RE: one word, no quoting needed anywhere
             opts += ["--mail-type=FAIL", "--mail-user=" + self.mail_user]
         return opts
@@ -7155,7 +7122,7 @@ class Schedule(object):
 
         WARNING: scrontab splits an #SCRON line at every space, quotes or not, and a crontab
         entry is one line; sbatch reads quotes in #SBATCH lines (directive_option) but no
-        line break. `%` is escaped where Slurm reads a filename pattern (slurm_filename).
+        line break. `%` is escaped where Slurm reads a filename pattern (request_options).
         """
         fix = "; choose a state directory without one (--state-dir DIR)"
         if re.search(r"[\n\r]", self.store.dir):
@@ -7184,11 +7151,13 @@ class Schedule(object):
                    shell_quote(self.store.dir), shell_quote(self.cfg["scratch_root"]),
                    shell_quote(self.python), shell_quote(LOADER), shell_quote(self.script),
                    shell_quote(self.store.dir), " --fail-on-risk" if self.mail_user else "",
-                   self.method, self.max_seconds())
+                   self.method, max(60, parse_slurm_time(self.time) - JOB_MARGIN_SECONDS))
 
     def cron_block(self):
         (cad, dom, dow, lo, hi, desc), _ = cron_schedule(self.cadence)
-        minute, hour = schedule_minute_hour(self.user)
+        # A fixed minute and early-morning hour per user, so users do not all start at once.
+        h = sum(ord(c) * (i + 1) for i, c in enumerate(self.user)) % 240
+        minute, hour = h % 60, 1 + h // 60
         return "\n".join([
             SCRON_BEGIN,
             "# runs %s at %02d:%02d; each run refreshes only the datasets that are due" % (
@@ -7216,7 +7185,6 @@ class Schedule(object):
 
 def merge_crontab(current, block):
     """The crontab with our block replaced (or appended); every other line kept byte for byte."""
-    current = current or ""
     start = current.find(SCRON_BEGIN)
     if start >= 0:
         end = current.find(SCRON_END, start)
@@ -7227,13 +7195,6 @@ def merge_crontab(current, block):
     if current and not current.endswith("\n"):
         current += "\n"
     return current + block
-
-
-def strip_crontab(current):
-    """The crontab without our block (None when it holds none)."""
-    if not current or SCRON_BEGIN not in current:
-        return None
-    return merge_crontab(current, "")
 
 
 def load_schedule(store):
@@ -7296,42 +7257,37 @@ def _choose_method(ctx, method):
 
 
 def _install_cron(ctx, req):
-    if req.dry_run:
-        return _install_cron_locked(ctx, req)
-    with ctx.store.schedule_lock():
-        return _install_cron_locked(ctx, req)
-
-
-def _install_cron_locked(ctx, req):
-    """Validate, render, then install: nothing changes until every check has passed."""
-    cfg = ctx.config()
-    old = load_schedule(ctx.store)
-    method = req.method
-    if req.reinstall:
-        if old is None:
-            raise UsageError("no schedule is installed; run `%s install-cron` first" % PROG)
-        if method == "auto":
-            method = old.get("method") or "auto"
-    fields, enabled = _schedule_request(ctx, cfg, old if req.reinstall else None, req)
-    Schedule(ctx.store, cfg, ctx.env, method, **fields).check_paths()  # before asking Slurm
-    method, current = _choose_method(ctx, method)
-    sched = Schedule(ctx.store, cfg, ctx.env, method, **fields)
-    sched.check_paths()
-    info = {"schedule": sched.as_dict(), "text": sched.text(),
-            "warnings": _cadence_warnings(sched, enabled), "dry_run": req.dry_run,
-            "job_id": None}
-    if req.dry_run:
+    """Validate, render, then install: nothing changes until every check has passed.
+    A dry run takes no lock (contextlib.suppress(): a context that does nothing)."""
+    with contextlib.suppress() if req.dry_run else ctx.store.schedule_lock():
+        cfg = ctx.config()
+        old = load_schedule(ctx.store)
+        method = req.method
+        if req.reinstall:
+            if old is None:
+                raise UsageError("no schedule is installed; run `%s install-cron` first" % PROG)
+            if method == "auto":
+                method = old.get("method") or "auto"
+        fields, enabled = _schedule_request(ctx, cfg, old if req.reinstall else None, req)
+        sched = Schedule(ctx.store, cfg, ctx.env, method, **fields)
+        sched.check_paths()     # before asking Slurm
+        sched.method, current = _choose_method(ctx, method)
+        sched.check_paths()
+        info = {"schedule": sched.as_dict(), "text": sched.text(),
+                "warnings": _cadence_warnings(sched, enabled), "dry_run": req.dry_run,
+                "job_id": None}
+        if req.dry_run:
+            return info
+        ctx.store.ensure()
+        if sched.method == "scrontab":
+            _install_block(ctx, sched, old, current)
+        else:
+            info["job_id"] = _install_chain_instead(ctx, sched)
+        doc = sched.as_dict()
+        doc.update(installed=iso(time.time()), job_id=info["job_id"],
+                   last_run=(old or {}).get("last_run"))
+        save_schedule(ctx.store, doc)
         return info
-    ctx.store.ensure()
-    if method == "scrontab":
-        _install_block(ctx, sched, old, current)
-    else:
-        info["job_id"] = _install_chain_instead(ctx, sched)
-    doc = sched.as_dict()
-    doc.update(installed=iso(time.time()), job_id=info["job_id"],
-               last_run=(old or {}).get("last_run"))
-    save_schedule(ctx.store, doc)
-    return info
 
 
 def _cadence_warnings(sched, enabled):
@@ -7364,24 +7320,24 @@ def _install_block(ctx, sched, old, current):
     chain_jobs = ctx.slurm.pending(JOB_NAME) if from_chain else []
     ctx.slurm.install_crontab(merge_crontab(current, sched.text()))
     if from_chain:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(sched.job_script)
+        _remove_job_script(ctx.store)
         for job, _ in chain_jobs:
             ctx.slurm.cancel(job)
 
 
 def _install_chain_instead(ctx, sched):
     """The chain in place of our scrontab block (if any). Returns the first job's id."""
-    _check_request(ctx, sched)
+    reason = ctx.slurm.test_only(sched.request_options() + ["--wrap", "true"])
+    if reason is not None:      # Slurm judges the request before anything changes
+        raise slurm_failure("checking the job request (`sbatch --test-only`)",
+                            CommandResult([], 1, "", reason))
     # Our scrontab block goes first, so that no scancel ever reaches its cron job; it
     # comes back if the chain cannot be installed.
-    kind, crontab = ctx.slurm.crontab() if ctx.slurm.run(["scrontab", "--help"]) \
-        is not None else ("missing", None)
-    removed = _remove_cron_block(ctx) if kind == "ok" else []
+    crontab = _remove_cron_block(ctx)
     try:
         return _install_chain(ctx, sched)
     except BaseException:
-        if removed:
+        if crontab is not None:
             ctx.slurm.install_crontab(crontab)
         raise
 
@@ -7407,14 +7363,6 @@ def _install_chain(ctx, sched):
         raise
 
 
-def _check_request(ctx, sched):
-    """Let Slurm judge the request before anything changes (`sbatch --test-only`)."""
-    reason = ctx.slurm.test_only(sched.request_options() + ["--wrap", "true"])
-    if reason is not None:
-        raise slurm_failure("checking the job request (`sbatch --test-only`)",
-                            CommandResult([], 1, "", reason))
-
-
 def _remove_job_script(store):
     """Delete the job script, so that no running chain job resubmits itself."""
     path = job_script_path(store)
@@ -7424,58 +7372,43 @@ def _remove_job_script(store):
     return ["job script %s" % path]
 
 
-def _remove_chain(ctx):
-    """Delete the job script, then cancel pending chain (and continuation) jobs."""
-    removed = _remove_job_script(ctx.store)
-    for name in (JOB_NAME, RESUME_JOB_NAME):
-        try:
-            jobs = ctx.slurm.pending(name)
-        except Failure:
-            if ctx.slurm.run(["squeue", "--version"]) is None:
-                break
-            raise
-        for job, _ in jobs:
-            ctx.slurm.cancel(job)
-            removed.append("pending job %s (%s)" % (job, name))
-    return removed
-
-
 def _remove_cron_block(ctx):
+    """Our block out of the scrontab. Returns the scrontab it was in; None when it held none
+    (or there is no scrontab here)."""
     kind, text = ctx.slurm.crontab()
-    if kind != "ok":
-        return []
-    stripped = strip_crontab(text)
-    if stripped is None:
-        return []
+    if kind != "ok" or SCRON_BEGIN not in text:
+        return None
+    stripped = merge_crontab(text, "")
     if stripped.strip():
         ctx.slurm.install_crontab(stripped)
     else:
         ctx.slurm.require(["scrontab", "-r"], "removing the scrontab")
-    return ["the scrontab block"]
+    return text
 
 
 def _uninstall_cron(ctx):
-    with ctx.store.schedule_lock():
-        return _uninstall_cron_locked(ctx)
+    """The job script, our scrontab block, then pending chain and continuation jobs.
 
-
-def _uninstall_cron_locked(ctx):
+    Order matters: the block goes before any scancel, because scancel on a scrontab job
+    only comments its lines out (#DISABLED:)."""
     store = ctx.store
-    try:
-        load_schedule(store)
-    except NewerState:
-        raise           # a newer version's record is never deleted
-    except StateError:
-        pass            # a damaged record must not keep a schedule alive
-    removed = _remove_job_script(store)
-    # Order matters: the block goes before any scancel, because scancel on a scrontab job
-    # only comments its lines out (#DISABLED:).
-    removed += _remove_cron_block(ctx) if ctx.slurm.run(["scrontab", "--help"]) is not None \
-        else []
-    if ctx.slurm.run(["squeue", "--version"]) is not None:
-        removed += _remove_chain(ctx)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(store.schedule_path)
+    with store.schedule_lock():
+        try:
+            load_schedule(store)
+        except NewerState:
+            raise           # a newer version's record is never deleted
+        except StateError:
+            pass            # a damaged record must not keep a schedule alive
+        removed = _remove_job_script(store)
+        if _remove_cron_block(ctx) is not None:
+            removed.append("the scrontab block")
+        if ctx.slurm.run(["squeue", "--version"]) is not None:
+            for name in (JOB_NAME, RESUME_JOB_NAME):
+                for job, _ in ctx.slurm.pending(name):
+                    ctx.slurm.cancel(job)
+                    removed.append("pending job %s (%s)" % (job, name))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(store.schedule_path)
     return {"removed": removed}
 
 
@@ -7504,18 +7437,15 @@ def schedule_summary(ctx):
     job, as the text of `status` shows it; null with "error" when squeue cannot tell.
     """
     try:
-        if load_schedule(ctx.store) is None:
-            return None
         info = schedule_status(ctx)
     except StateError as e:     # a damaged record: say so, and still show the dataset
-        return {"method": None, "cadence_days": None, "installed": None, "next_run": None,
-                "pending_jobs": [], "error": str(e), "mail_user": None}
+        info = {"pending_jobs": [], "error": str(e)}
     if info is None:
         return None
-    return {"method": info["method"], "cadence_days": info["cadence_days"],
-            "installed": info["installed"], "next_run": slurm_time_utc(info["next_run"]),
-            "pending_jobs": info["pending_jobs"], "error": info.get("error"),
-            "mail_user": info["mail_user"]}
+    summary = dict((k, info.get(k)) for k in ("method", "cadence_days", "installed",
+                                              "pending_jobs", "error", "mail_user"))
+    summary["next_run"] = slurm_time_utc(info.get("next_run"))
+    return summary
 
 
 def slurm_time_utc(text):
@@ -7586,7 +7516,8 @@ def _continue_soon(ctx, method, doc):
     if method == "sbatch":
         jobs = slurm.pending(JOB_NAME)
         if jobs:
-            slurm.set_start(jobs[0][0], "now+1hour")
+            slurm.require(["scontrol", "update", "JobId=%s" % jobs[0][0], "StartTime=now+1hour"],
+                          "moving job %s (`scontrol update`)" % jobs[0][0])
             return "pending job %s moved to start in an hour" % jobs[0][0]
         job_script = doc.get("job_script") or job_script_path(ctx.store)
         if not os.path.exists(job_script):
@@ -7595,9 +7526,8 @@ def _continue_soon(ctx, method, doc):
     if slurm.pending(RESUME_JOB_NAME):
         return "a continuation is already pending"
     sched = Schedule.from_doc(ctx.store, ctx.config(), ctx.env, doc, method="resume")
-    opts = [o.replace("--job-name=" + JOB_NAME, "--job-name=" + RESUME_JOB_NAME)
-            for o in sched.request_options()]
-    job = slurm.submit(opts + ["--begin=now+1hour", "--no-requeue", "--wrap", sched.command()])
+    job = slurm.submit(sched.request_options(RESUME_JOB_NAME) +
+                       ["--begin=now+1hour", "--no-requeue", "--wrap", sched.command()])
     return "continuation job %s submitted" % job
 
 
