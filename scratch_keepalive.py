@@ -6149,6 +6149,18 @@ class RescueRun(Walker):
         if frame.fd is not None and stat.S_ISDIR(_lstat_mode(comps[-1], frame.fd)):
             self.goto(comps)
 
+    def open_log(self):
+        if self.opts.dry_run:
+            return
+        self.log = RunLog(self.store, self.name, self.started, "rescue")
+        self.log.write("start rescue dataset=%s path=%s to=%s selection=%s manifest=%s "
+                       "walk_started=%s pid=%d host=%s version=%s%s" % (
+                           self.name, display_path(self.ds["path"]), display_path(self.dest),
+                           self.opts.selection, self.manifest_path, self.walk_started,
+                           os.getpid(), socket.gethostname(), __version__,
+                           " resumed entries_done=%d" % self.done_before if self.resumed
+                           else ""))
+
     # -- the walker's engine: the copy's entries, stack and runner
     def _start(self, cursor):
         self.reenter()
@@ -6245,19 +6257,6 @@ class RescueRun(Walker):
         else:
             self.copied(path, outcome)
 
-    def open_log(self):
-        if self.opts.dry_run:
-            return
-        self.log = RunLog(self.store, self.name, self.started, "rescue")
-        self.log.write("start rescue dataset=%s path=%s to=%s selection=%s manifest=%s "
-                       "walk_started=%s pid=%d host=%s version=%s%s" % (
-                           self.name, display_path(self.ds["path"]), display_path(self.dest),
-                           self.opts.selection, self.manifest_path, self.walk_started,
-                           os.getpid(), socket.gethostname(), __version__,
-                           " resumed entries_done=%d" % self.done_before if self.resumed
-                           else ""))
-
-    # -- the copy
     def tick(self, walker):
         t = time.monotonic()
         if not self.opts.dry_run and t - self.last_checkpoint >= self.opts.checkpoint_every:
@@ -6269,6 +6268,21 @@ class RescueRun(Walker):
             self.progress(self.name, self.counts.entries_done, self.total_entries,
                           self.counts.bytes_copied, self.total_bytes, t - self.t0)
 
+    def settle(self, frame):
+        """Wait for the copies still running into frame."""
+        while frame.pending and self.runner is not None and self.runner.inflight:
+            self.runner.collect(block=True)
+
+    def checkpoint_cursor(self):
+        """The last key before which every copy is done: the cursor, unless copies still
+        run (crashed) or a stop cut one short."""
+        inflight = self.runner.inflight if self.runner is not None else None
+        cursor = next(iter(inflight.values()))[2] if inflight else self.cursor
+        if self.rollback is not None and _key_after(cursor, self.rollback[0]):
+            cursor = self.rollback[0]
+        return cursor
+
+    # -- the copy
     def look_and_copy(self, frame, name):
         """Look at one entry (not a directory) on both sides and copy it if it should be:
         what it came to, as copied() takes it. Safe on a copying thread: it changes
@@ -6327,20 +6341,6 @@ class RescueRun(Walker):
         else:
             self.failed(path, str(outcome) if isinstance(outcome, _Changed)
                         else outcome.strerror or str(outcome))
-
-    def settle(self, frame):
-        """Wait for the copies still running into frame."""
-        while frame.pending and self.runner is not None and self.runner.inflight:
-            self.runner.collect(block=True)
-
-    def checkpoint_cursor(self):
-        """The last key before which every copy is done: the cursor, unless copies still
-        run (crashed) or a stop cut one short."""
-        inflight = self.runner.inflight if self.runner is not None else None
-        cursor = next(iter(inflight.values()))[2] if inflight else self.cursor
-        if self.rollback is not None and _key_after(cursor, self.rollback[0]):
-            cursor = self.rollback[0]
-        return cursor
 
     def same(self, st, have, frame, name):
         """rsync's quick check: same kind, same size and mtime (a symlink: same target)."""
