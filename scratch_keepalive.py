@@ -1105,8 +1105,10 @@ def _token(v):
 
 
 def _rescue_cursor(v):
-    if not isinstance(v, list) or any(_str(c) or "/" in c for c in v):
-        return "a list of names"
+    """A copy's position is a walk's (_cursor); one written before they were one format is
+    the list of the last entry's names."""
+    if isinstance(v, dict) or not isinstance(v, list) or any(_str(c) or "/" in c for c in v):
+        return _cursor(v)
 
 
 RESCUE_CHECKPOINT_SCHEMA = {
@@ -5956,6 +5958,7 @@ class RescueRun(Walker):
         self.temp_serial = itertools.count()
         self.root_dev = os.fstat(root_fd).st_dev
         self.cursor = None          # the last key handed out (bytes), None: none yet
+        self.done_below = None      # a checkpoint's cursor with its subtree done: key + NUL
         self.resumed = False
         self.done_before = self.copied_before = 0
         self.counts = RescueCounts()
@@ -6045,15 +6048,20 @@ class RescueRun(Walker):
             return              # another rescue's position: start over (the quick check
             # makes that cheap)
         self.resumed = True
-        if ck.get("cursor") is not None:
-            self.cursor = b"\0".join(decode_name(c) for c in ck["cursor"])
+        cursor = ck.get("cursor")
+        if cursor is not None:
+            done = cursor if isinstance(cursor, list) else cursor["path"]
+            self.cursor = b"\0".join(decode_name(c) for c in done)
+            if isinstance(cursor, dict) and cursor.get("subtree_done"):
+                self.done_below = self.cursor + b"\0"      # its subtree is done too
         self.done_before = ck["entries_done"]
         self.copied_before = ck["bytes_copied"]
 
     def entries(self, m):
         """The selected entries after the cursor: (key, kind code, size)."""
         for key, code, size, atime in m.entries():
-            if self.cursor is not None and key <= self.cursor:
+            if self.cursor is not None and key <= self.cursor or \
+                    self.done_below is not None and key.startswith(self.done_below):
                 continue
             if self.selected(key, code, atime):
                 yield key, code, size
@@ -6675,8 +6683,10 @@ class RescueRun(Walker):
         self.store.save_checkpoint(self.name, {
             "dataset": self.name, "path": self.ds["path"], "to": self.dest,
             "selection": self.opts.selection, "manifest_walk_started": self.walk_started,
-            "cursor": None if self.checkpoint_cursor() is None else [
-                encode_name(c) for c in self.checkpoint_cursor().split(b"\0")],
+            # The walk's position: the last entry handed out, done, its subtree not (yet).
+            "cursor": None if self.checkpoint_cursor() is None else {
+                "path": [encode_name(c) for c in self.checkpoint_cursor().split(b"\0")],
+                "subtree_done": False},
             "entries_done": self.done_before + self.counts.entries_done,
             "bytes_copied": self.copied_before + self.counts.bytes_copied,
             "started": iso(self.started), "updated": iso(time.time()), "pid": os.getpid(),

@@ -402,7 +402,8 @@ def test_budget_stop_exits_3_checkpoints_and_the_next_run_resumes(ds, cli):
     assert first["complete"] is False and first["stopped"] == "max-entries"
     assert first["entries_done"] == 4
     ck = json.loads((ds["state"] / "checkpoints" / "rescue" / "ds.json").read_text())
-    assert ck["entries_done"] == 4 and ck["cursor"]
+    assert ck["entries_done"] == 4 and ck["cursor"]["subtree_done"] is False     # a walk's
+    assert len(ck["cursor"]["path"]) >= 1
     r, second = rescue(cli, dest, "--all")
     assert r.rc == 0, r
     assert second["resumed"] is True
@@ -919,3 +920,19 @@ def test_a_local_rescue_reads_ahead_opening_sources_only_without_moving_atimes(g
     assert len(hinted) >= 3 * 39, len(hinted)        # all but each directory's first file
     assert snapshot(root) == before
     assert sorted(os.listdir(str(tmp_path / "safe" / "d1"))) == ["f%02d" % f for f in range(40)]
+
+
+def test_a_checkpoint_with_the_older_cursor_a_list_of_names_is_resumed(ds, cli):
+    """A rescue checkpoint written before a copy's cursor was a walk's position holds the
+    last entry's names as a list: it is taken up where it says."""
+    dest = ds["dest"]
+    r, first = rescue(cli, dest, "--all", "--max-entries", "4")
+    assert r.rc == 3, r
+    path = ds["state"] / "checkpoints" / "rescue" / "ds.json"
+    ck = json.loads(path.read_text())
+    ck["cursor"] = ck["cursor"]["path"]
+    path.write_text(json.dumps(ck))
+    r, second = rescue(cli, dest, "--all")
+    assert r.rc == 0 and second["resumed"] is True, r
+    assert first["entries_done"] + second["entries_done"] == len(listing(dest))
+    assert second["entries_skipped"] == 0

@@ -55,12 +55,12 @@ def in_child(body):
 
 def at_checkpoint(when, then):
     """In a child of in_child(): call then() right after the rescue saves a checkpoint
-    whose cursor when() accepts."""
+    whose cursor's path (the names of the last entry done) when() accepts."""
     real = sk.Store.save_checkpoint
 
     def save(store, name, doc, kind="walk"):
         real(store, name, doc, kind)
-        if kind == "rescue" and when(doc.get("cursor")):
+        if kind == "rescue" and when((doc.get("cursor") or {}).get("path")):
             then()
     sk.Store.save_checkpoint = save
 
