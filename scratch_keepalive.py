@@ -8722,8 +8722,6 @@ class OutputStream(object):
         return None if inner is None else OutputStream(inner, self.what, self.quiet, self)
 
     def __getattr__(self, name):
-        if name == "stream":
-            raise AttributeError(name)
         return getattr(self.stream, name)
 
 
@@ -8849,8 +8847,7 @@ class Progress(object):
     def __exit__(self, *exc):
         """Clear the line shown, if one is."""
         if self.shown:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
+            self.show("")
             self.shown = False
 
 
@@ -9066,9 +9063,7 @@ def stop_signals():
     group does not kill them under the main process.
     """
     flag = {"reason": None}
-    reasons = {signal.SIGINT: STOP_INT, signal.SIGTERM: STOP_TERM}
-    if hasattr(signal, "SIGHUP"):
-        reasons[signal.SIGHUP] = STOP_HUP
+    reasons = {signal.SIGINT: STOP_INT, signal.SIGTERM: STOP_TERM, signal.SIGHUP: STOP_HUP}
 
     def handler(signum, frame):
         flag["reason"] = reasons.get(signum, STOP_TERM)
@@ -9766,8 +9761,7 @@ def main(argv=None):
 
 def _main(argv, out, err):
     """main()'s work, with its output streams; an OutputError may still leave it."""
-    as_command = argv is None
-    if as_command:          # run as a command: hints show how it was run
+    if argv is None:        # run as a command: hints show how it was run
         argv = sys.argv[1:]
         out.form = err.form = invoked_as()
     try:
