@@ -8891,30 +8891,30 @@ def cmd_init(args, ctx):
 def cmd_add(args, ctx):
     entry = _add(ctx, args.name, args.path, args.keep_until, args.cadence_days, args.approval,
                  args.rescue_to, manifest=not args.no_manifest)
-    return show(ctx, args, entry, _added_lines)
-
-
-def _added_lines(ctx, entry):
+    if args.json:
+        emit_json(ctx, entry)
+        return EXIT_OK
     name = entry["name"]
-    yield "Added %r: %s, kept until %s, refreshed every %d days, %s mode" % (
+    say(ctx, "Added %r: %s, kept until %s, refreshed every %d days, %s mode" % (
         name, display_path(entry["path"]), entry["keep_until"], entry["cadence_days"],
-        entry["mode"])
+        entry["mode"]))
     if entry["mode"] == "check":
-        yield ("note: %r has no site approval: refresh will only check it and report what is "
-               "at risk (IU forbids refreshing access times to avoid the purge). Record an "
-               "exemption with `%s extend --name %s --approval TICKET`" % (name, PROG, name))
+        note(ctx, "%r has no site approval: refresh will only check it and report what is at "
+                  "risk (IU forbids refreshing access times to avoid the purge). Record an "
+                  "exemption with `%s extend --name %s --approval TICKET`" % (name, PROG, name))
     try:
         scheduled = load_schedule(ctx.store) is not None
     except StateError:      # unreadable: doctor says so
         scheduled = False
     if scheduled:
-        yield ("Next: `%s refresh --name %s` now; the installed schedule walks it from its "
-               "next run on." % (PROG, name))
-        return
+        say(ctx, "Next: `%s refresh --name %s` now; the installed schedule walks it from its "
+                 "next run on." % (PROG, name))
+        return EXIT_OK
     account = account_hint(ctx.store)
-    yield "Next: `%s refresh --name %s` now, and `%s install-cron%s` to schedule it%s." % (
+    say(ctx, "Next: `%s refresh --name %s` now, and `%s install-cron%s` to schedule it%s." % (
         PROG, name, PROG, account, " (ACCOUNT: your Slurm account; `sacctmgr show assoc "
-                                   "user=$USER format=account` lists yours)" if account else "")
+                                   "user=$USER format=account` lists yours)" if account else ""))
+    return EXIT_OK
 
 
 def account_hint(store):
@@ -9220,13 +9220,11 @@ def cmd_files(args, ctx):
             if header:      # once stdout took the first lines: an output that fails at
                 ctx.out.flush()     # once (closed, full) says one line, its error
                 write_safely(ctx.err, header.pop())
-        batch = []
-        for item in items:
-            batch.append(line(*item))
-            if len(batch) >= FILES_BATCH:
-                put(batch)
-                batch = []
-        put(batch)
+        while True:     # the last batch, short or empty, says the header if none did
+            batch = [line(*item) for item in itertools.islice(items, FILES_BATCH)]
+            put(batch)
+            if len(batch) < FILES_BATCH:
+                break
         ctx.out.flush()
     finally:
         items.close()
