@@ -8660,23 +8660,6 @@ def rewrite_hints(text, form):
     return text
 
 
-class HintStream(object):
-    """A text stream whose hints show the form the user ran (see rewrite_hints).
-
-    `raw` is the stream itself, for text that must stay exact: JSON and job scripts.
-    """
-
-    def __init__(self, stream, form):
-        self.raw = stream
-        self.form = form
-
-    def write(self, text):
-        return self.raw.write(rewrite_hints(text, self.form))
-
-    def __getattr__(self, name):
-        return getattr(self.raw, name)
-
-
 class OutputError(Failure):
     """The output cannot be written (a closed descriptor, a full device): exit 1."""
 
@@ -8685,12 +8668,15 @@ class OutputStream(object):
     """stdout or stderr as main() hands it to the commands: a failed write or flush (other
     than a closed pipe, which main() ends quietly) raises OutputError, never an OSError or
     an AttributeError (`>&-` leaves sys.stdout None). quiet (stderr): such a failure is
-    dropped instead, since there is nowhere left to say anything.
+    dropped instead, since there is nowhere left to say anything. Its hints show the form
+    the user ran, `form` (see rewrite_hints); write_raw() writes text that must stay exact:
+    JSON and job scripts.
     """
 
     def __init__(self, stream, what, quiet=False, parent=None):
         self.stream, self.what, self.quiet, self.parent = stream, what, quiet, parent
         self.failed = None      # the OSError that ended this stream, if one did
+        self.form = PROG
 
     def _call(self, name, *args):
         if self.failed is not None and self.quiet:
@@ -8719,6 +8705,9 @@ class OutputStream(object):
                                self.what, getattr(e, "strerror", None) or e))
 
     def write(self, text):
+        return self._call("write", rewrite_hints(text, self.form))
+
+    def write_raw(self, text):
         return self._call("write", text)
 
     def flush(self):
@@ -8730,31 +8719,21 @@ class OutputStream(object):
         return None if inner is None else OutputStream(inner, self.what, self.quiet, self)
 
     def __getattr__(self, name):
-        if name == "stream":
-            raise AttributeError(name)
         return getattr(self.stream, name)
 
 
-def settle_output(streams):
-    """After main()'s output failed (a full device): point its descriptor at /dev/null, so
-    that the interpreter's last flush of what is still buffered cannot print "Exception
-    ignored ..." at exit. Only for the CLI entry: main() called in-process changes nothing."""
-    for s in streams:
-        inner = s.stream if isinstance(s, OutputStream) else None
-        if s.failed is None or isinstance(s.failed, BrokenPipeError) or inner is None:
-            continue
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, inner.fileno())
-            os.close(devnull)
-
-
-def raw_stream(stream):
-    return stream.raw if isinstance(stream, HintStream) else stream
+def to_devnull(stream):
+    """Point stream's descriptor at /dev/null once its output failed or its reader went away,
+    so that the interpreter's last flush of what is still buffered cannot print "Exception
+    ignored ..." at exit."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
 
 
 def emit_json(ctx, obj):
-    raw_stream(ctx.out).write(json.dumps(obj, sort_keys=True, indent=2) + "\n")
+    ctx.out.write_raw(json.dumps(obj, sort_keys=True, indent=2) + "\n")
 
 
 def say(ctx, text=""):
@@ -8781,10 +8760,8 @@ def write_safely(stream, text):
 
 def table(rows, headers):
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    lines = []
-    for row in [headers] + rows:
-        lines.append("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
-    return "\n".join(lines)
+    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip()
+                     for row in [headers] + rows)
 
 
 def describe_result(r):
@@ -8861,14 +8838,33 @@ class Progress(object):
             self.stream.flush()
             self.shown = True
 
-    def clear(self):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        """Clear the line shown, if one is."""
         if self.shown:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
+            self.show("")
             self.shown = False
 
 
 # ---------------------------------------------------------------- CLI: command handlers
+
+NO_DATASETS = ("No datasets registered. Add one: `scratch-keepalive add --name NAME --path DIR "
+               "--keep-until YYYY-MM-DD`")
+
+
+def show(ctx, args, data, lines, code=EXIT_OK, notes=()):
+    """A command's output: data as JSON with --json, else each line of lines(ctx, data);
+    then its notes, on stderr with --json (stdout holds the JSON alone). Returns code."""
+    if args.json:
+        emit_json(ctx, data)
+    else:
+        for line in lines(ctx, data):
+            say(ctx, line)
+    for text in notes:
+        note(ctx, text, to_err=args.json)
+    return code
 
 
 def cmd_init(args, ctx):
@@ -8895,62 +8891,59 @@ def cmd_add(args, ctx):
     if args.json:
         emit_json(ctx, entry)
         return EXIT_OK
+    name = entry["name"]
     say(ctx, "Added %r: %s, kept until %s, refreshed every %d days, %s mode" % (
-        entry["name"], display_path(entry["path"]), entry["keep_until"], entry["cadence_days"],
+        name, display_path(entry["path"]), entry["keep_until"], entry["cadence_days"],
         entry["mode"]))
     if entry["mode"] == "check":
         note(ctx, "%r has no site approval: refresh will only check it and report what is at "
                   "risk (IU forbids refreshing access times to avoid the purge). Record an "
-                  "exemption with `%s extend --name %s --approval TICKET`"
-             % (entry["name"], PROG, entry["name"]))
-    if load_schedule_quietly(ctx.store) is not None:
+                  "exemption with `%s extend --name %s --approval TICKET`" % (name, PROG, name))
+    try:
+        scheduled = load_schedule(ctx.store) is not None
+    except StateError:      # unreadable: doctor says so
+        scheduled = False
+    if scheduled:
         say(ctx, "Next: `%s refresh --name %s` now; the installed schedule walks it from its "
-                 "next run on." % (PROG, entry["name"]))
+                 "next run on." % (PROG, name))
         return EXIT_OK
-    account = account_hint(ctx.config())
-    say(ctx, "Next: `%s refresh --name %s` now, and `%s install-cron%s` to schedule it%s."
-        % (PROG, entry["name"], PROG, account, " (ACCOUNT: your Slurm account; `sacctmgr show "
-                                               "assoc user=$USER format=account` lists yours)"
-           if account else ""))
+    account = account_hint(ctx.store)
+    say(ctx, "Next: `%s refresh --name %s` now, and `%s install-cron%s` to schedule it%s." % (
+        PROG, name, PROG, account, " (ACCOUNT: your Slurm account; `sacctmgr show assoc "
+                                   "user=$USER format=account` lists yours)" if account else ""))
     return EXIT_OK
 
 
-def account_hint(cfg):
+def account_hint(store):
     """The ` --account ACCOUNT` an install-cron hint needs where the profile's job needs an
-    account (br200), else an empty string."""
+    account (br200), else an empty string (also when the configuration cannot be read)."""
+    try:
+        cfg = store.load_config()
+    except StateError:
+        return ""
     known = isinstance(cfg, dict) and cfg.get("profile") in PROFILES
     return " --account ACCOUNT" if known and profile_of(cfg)["account_required"] else ""
 
 
-def load_schedule_quietly(store):
-    """The installed schedule's record, or None (none, or unreadable: doctor says so)."""
-    try:
-        return load_schedule(store)
-    except StateError:
-        return None
-
-
 def cmd_list(args, ctx):
-    entries = _list(ctx)
-    if args.json:
-        emit_json(ctx, entries)
-        return EXIT_OK
+    return show(ctx, args, _list(ctx), _list_lines)
+
+
+def _list_lines(ctx, entries):
     if not entries:
-        say(ctx, "No datasets registered. Add one: `%s add --name NAME --path DIR "
-                 "--keep-until YYYY-MM-DD`" % PROG)
-        return EXIT_OK
+        yield NO_DATASETS
+        return
     rows = [[e["name"], "attention" if e["attention"] and e["state"] == "ok" else e["state"],
              ",".join(e["attention"]) or "-", e["risk"] or "-",
              e["mode"], e["keep_until"], e["last_refresh"] or "never", display_path(e["path"])]
             for e in entries]
-    say(ctx, table(rows, ["NAME", "STATE", "ATTENTION", "RISK", "MODE", "KEEP-UNTIL",
-                          "LAST-REFRESH", "PATH"]))
+    yield table(rows, ["NAME", "STATE", "ATTENTION", "RISK", "MODE", "KEEP-UNTIL",
+                       "LAST-REFRESH", "PATH"])
     need = [e["name"] for e in entries if e["attention"]]
     if need:
-        say(ctx, "%s: `%s status --name %s` says what to do" % (
+        yield "%s: `%s status --name %s` says what to do" % (
             "needs attention" if len(need) == 1 else "%d need attention" % len(need), PROG,
-            need[0] if len(need) == 1 else "NAME"))
-    return EXIT_OK
+            need[0] if len(need) == 1 else "NAME")
 
 
 def state_text(e):
@@ -8961,117 +8954,100 @@ def state_text(e):
                                       else " (%s)" % e["state"])
 
 
-def _status_lines(e, ds_words):
-    lines = ["%s: %s (%s mode)" % (e["name"], state_text(e), e["mode"])]
-    add = lines.append
-    for what, command in ds_words:
-        add("  attention:     %s; run `%s`" % (what, command))
-    add("  path:          %s" % display_path(e["path"]))
-    add("  keep until:    %s%s" % (e["keep_until"], "" if e["enabled"] else "  (disabled)"))
-    add("  cadence:       every %d days; next due %s" % (e["cadence_days"],
-                                                          e["next_due"] or "now"))
-    t = e["thresholds_days"]
-    add("  approval:      %s" % (e["approval"] or "none"))
-    if e.get("rescue_to"):
-        add("  rescue to:     %s (after each scheduled walk)" % display_path(e["rescue_to"]))
-    add("  thresholds:    touch if not accessed for %d days; at risk after %d; purge after %d"
-        % (t["skip"], t["at_risk"], t["purge"]))
-    add("  last refresh:  %s" % ("%s (%s mode)" % (e["last_refresh"], e["last_mode"])
-                                 if e["last_refresh"] else "never"))
-    if e["risk"]:
-        theirs = e["remaining"]["others_at_risk"]
-        add("  risk:          %s (still at risk after the last complete walk)%s" % (
-            e["risk"], "; %s of other owners (not yours to refresh or copy)"
-            % plural(theirs, "entry", "entries") if theirs and e["risk"] != "none" else ""))
-    run = e.get("last_run")
-    if run:
-        add("  last run:      %s; %s" % (run.get("finished"), describe_result(run).split(": ", 1)[1]))
-        if run.get("log"):
-            add("  last log:      %s" % run["log"])
-    p = e.get("last_purge")
-    if p:
-        add("  last purge:    found %s: %s; `%s files --name %s --vanished` lists them%s" % (
-            p["found"], purge_words(p), PROG, e["name"],
-            " (listed %s)" % p["seen"] if p.get("seen") else ""))
-    m = e.get("manifest")
-    if m:
-        add("  manifest:      %s of the %s walk of %s, %s on disk (`%s files --name %s` lists "
-            "them)" % (plural(m["entries"] or 0, "entry", "entries"), m["mode"],
-                       m["walk_started"], human_bytes(m["bytes"]), PROG, e["name"]))
-    ck = e["checkpoint"]
-    add("  checkpoint:    %s" % ("none" if not ck else "%s entries done (%s mode, saved %s)" % (
-        human_count(ck["entries_done"]), ck["mode"], ck["updated"])))
-    add("  sentinel:      %s" % ("present" if e["sentinel"] else "MISSING (run `%s repair`)"
-                                 % PROG))
-    return lines
-
-
 def cmd_status(args, ctx):
-    if args.brief:
-        return _cmd_status_brief(args, ctx)
-    data = _status(ctx, args.name, with_schedule=args.json)
-    if args.json:
-        emit_json(ctx, data)
-        return EXIT_OK
-    entries = [data] if isinstance(data, dict) else data
-    if not entries:
-        say(ctx, "No datasets registered. Add one: `%s add --name NAME --path DIR "
-                 "--keep-until YYYY-MM-DD`" % PROG)
-    datasets = ctx.store.load_registry()["datasets"] if entries else {}
-    for i, e in enumerate(entries):
-        if i:
-            say(ctx)
-        ds = datasets.get(e["name"])
-        words = [attention_words(ds, c, ctx.now) for c in e["attention"]] if ds else []
-        for line in _status_lines(e, words):
-            say(ctx, line)
-    if args.name is None:
-        for line in _schedule_lines(ctx):
-            say(ctx, line)
-    return EXIT_OK
-
-
-def _cmd_status_brief(args, ctx):
-    """Nothing when nothing needs attention, else one line per alert, its command last."""
+    if not args.brief:
+        return show(ctx, args, _status(ctx, args.name, with_schedule=args.json), _status_text)
     if args.name is not None:
         raise UsageError("status --brief covers every dataset and the schedule, so it takes no "
                          "--name; `%s status --name %s` shows that one in full"
                          % (PROG, args.name))
-    alerts = _brief(ctx)
-    if args.json:
-        emit_json(ctx, alerts)
-        return EXIT_OK
-    for a in alerts:
-        say(ctx, "%s: %s: %s; run `%s`" % (PROG, a["name"] or "schedule", a["message"],
-                                            a["command"]))
-    return EXIT_OK
+    # Nothing when nothing needs attention, else one line per alert, its command last.
+    return show(ctx, args, _brief(ctx), lambda ctx, alerts: (
+        "%s: %s: %s; run `%s`" % (PROG, a["name"] or "schedule", a["message"], a["command"])
+        for a in alerts))
+
+
+def _status_text(ctx, data):
+    """One dataset (data a dict: --name) or every one, then the schedule."""
+    entries = [data] if isinstance(data, dict) else data
+    if not entries:
+        yield NO_DATASETS
+    datasets = ctx.store.load_registry()["datasets"] if entries else {}
+    for i, e in enumerate(entries):
+        if i:
+            yield ""
+        ds = datasets.get(e["name"])
+        words = [attention_words(ds, c, ctx.now) for c in e["attention"]] if ds else []
+        yield from _status_lines(e, words)
+    if isinstance(data, list):
+        yield from _schedule_lines(ctx)
+
+
+def _status_lines(e, ds_words):
+    yield "%s: %s (%s mode)" % (e["name"], state_text(e), e["mode"])
+    for what, command in ds_words:
+        yield "  attention:     %s; run `%s`" % (what, command)
+    yield "  path:          %s" % display_path(e["path"])
+    yield "  keep until:    %s%s" % (e["keep_until"], "" if e["enabled"] else "  (disabled)")
+    yield "  cadence:       every %d days; next due %s" % (
+        e["cadence_days"], e["next_due"] or "now")
+    t = e["thresholds_days"]
+    yield "  approval:      %s" % (e["approval"] or "none")
+    if e.get("rescue_to"):
+        yield "  rescue to:     %s (after each scheduled walk)" % display_path(e["rescue_to"])
+    yield ("  thresholds:    touch if not accessed for %d days; at risk after %d; purge after "
+           "%d" % (t["skip"], t["at_risk"], t["purge"]))
+    yield "  last refresh:  %s" % ("%s (%s mode)" % (e["last_refresh"], e["last_mode"])
+                                   if e["last_refresh"] else "never")
+    if e["risk"]:
+        theirs = e["remaining"]["others_at_risk"]
+        yield "  risk:          %s (still at risk after the last complete walk)%s" % (
+            e["risk"], "; %s of other owners (not yours to refresh or copy)"
+            % plural(theirs, "entry", "entries") if theirs and e["risk"] != "none" else "")
+    run = e.get("last_run")
+    if run:
+        yield "  last run:      %s; %s" % (run.get("finished"),
+                                           describe_result(run).split(": ", 1)[1])
+        if run.get("log"):
+            yield "  last log:      %s" % run["log"]
+    p = e.get("last_purge")
+    if p:
+        yield "  last purge:    found %s: %s; `%s files --name %s --vanished` lists them%s" % (
+            p["found"], purge_words(p), PROG, e["name"],
+            " (listed %s)" % p["seen"] if p.get("seen") else "")
+    m = e.get("manifest")
+    if m:
+        yield ("  manifest:      %s of the %s walk of %s, %s on disk (`%s files --name %s` "
+               "lists them)" % (plural(m["entries"] or 0, "entry", "entries"), m["mode"],
+                                m["walk_started"], human_bytes(m["bytes"]), PROG, e["name"]))
+    ck = e["checkpoint"]
+    yield "  checkpoint:    %s" % ("none" if not ck else "%s entries done (%s mode, saved %s)" % (
+        human_count(ck["entries_done"]), ck["mode"], ck["updated"]))
+    yield "  sentinel:      %s" % ("present" if e["sentinel"] else "MISSING (run `%s repair`)"
+                                   % PROG)
 
 
 def _schedule_lines(ctx):
     info = schedule_status(ctx)
+    yield ""
     if info is None:
-        try:
-            cfg = ctx.store.load_config()
-        except StateError:
-            cfg = None
-        return ["", "schedule: none installed (`%s install-cron%s`)" % (PROG, account_hint(cfg))]
-    lines = ["", "schedule: %s, every %s days (installed %s)" % (
-        info["method"], info["cadence_days"], info["installed"])]
+        yield "schedule: none installed (`%s install-cron%s`)" % (PROG, account_hint(ctx.store))
+        return
+    yield "schedule: %s, every %s days (installed %s)" % (
+        info["method"], info["cadence_days"], info["installed"])
     if info.get("error"):
-        lines.append("  next run:      unknown (%s)" % info["error"])
+        yield "  next run:      unknown (%s)" % info["error"]
     elif info["method"] == "sbatch" or info["next_run"]:
-        lines.append("  next run:      %s" % (
+        yield "  next run:      %s" % (
             "%s (job %s)" % (info["next_run"], info["pending_jobs"][0]) if info["pending_jobs"]
-            else "NONE PENDING: the chain is broken; run `%s doctor`" % PROG))
+            else "NONE PENDING: the chain is broken; run `%s doctor`" % PROG)
     if info.get("mail_user"):
-        lines.append("  mail:          to %s when a run fails (the job runs refresh "
-                     "--fail-on-risk: risk found is a failure)" % info["mail_user"])
+        yield ("  mail:          to %s when a run fails (the job runs refresh --fail-on-risk: "
+               "risk found is a failure)" % info["mail_user"])
     run = info.get("last_run")
-    lines.append("  last run:      %s" % ("never" if not run else "job %s finished %s, exit %s%s"
-                                        % (run.get("job_id"), run.get("finished"),
-                                           run.get("exit_code"), "; " + run["continuation"]
-                                           if run.get("continuation") else "")))
-    return lines
+    yield "  last run:      %s" % ("never" if not run else "job %s finished %s, exit %s%s" % (
+        run.get("job_id"), run.get("finished"), run.get("exit_code"),
+        "; " + run["continuation"] if run.get("continuation") else ""))
 
 
 @contextmanager
@@ -9084,9 +9060,7 @@ def stop_signals():
     group does not kill them under the main process.
     """
     flag = {"reason": None}
-    reasons = {signal.SIGINT: STOP_INT, signal.SIGTERM: STOP_TERM}
-    if hasattr(signal, "SIGHUP"):
-        reasons[signal.SIGHUP] = STOP_HUP
+    reasons = {signal.SIGINT: STOP_INT, signal.SIGTERM: STOP_TERM, signal.SIGHUP: STOP_HUP}
 
     def handler(signum, frame):
         flag["reason"] = reasons.get(signum, STOP_TERM)
@@ -9107,17 +9081,13 @@ def cmd_refresh(args, ctx):
                           args.max_entries, args.threads, args.checkpoint_every, args.workers,
                           no_manifest=args.no_manifest, fail_on_risk=args.fail_on_risk,
                           scheduled=args.scheduled)
-    progress = Progress(ctx.err)
     doc = None
     if args.scheduled:
         doc, said = _scheduled_before(ctx, args.scheduled)
         if said:
             note(ctx, said, to_err=True)
-    with stop_signals() as should_stop:
-        try:
-            out = _refresh(ctx, opts, should_stop=should_stop, progress=progress)
-        finally:
-            progress.clear()
+    with stop_signals() as should_stop, Progress(ctx.err) as progress:
+        out = _refresh(ctx, opts, should_stop=should_stop, progress=progress)
     code = out["exit_code"]
     if args.scheduled:
         before = combine_exit_codes(out["codes"]) if args.fail_on_risk else code
@@ -9125,16 +9095,15 @@ def cmd_refresh(args, ctx):
                                       out.get("risk"), out.get("codes"))
         if said:
             out["notes"].append(said)
-    if args.json:
-        emit_json(ctx, {"results": out["results"], "notes": out["notes"]})
-    else:
-        for r in out["results"]:
-            say(ctx, describe_result(r))
-            if r.get("rescue"):
-                say(ctx, "  rescue: " + describe_rescue(r["rescue"]))
-    for text in out["notes"]:
-        note(ctx, text, to_err=args.json)
-    return code
+    return show(ctx, args, {"results": out["results"], "notes": out["notes"]}, _refreshed_lines,
+                code, out["notes"])
+
+
+def _refreshed_lines(ctx, out):
+    for r in out["results"]:
+        yield describe_result(r)
+        if r.get("rescue"):
+            yield "  rescue: " + describe_rescue(r["rescue"])
 
 
 def cmd_extend(args, ctx):
@@ -9147,35 +9116,23 @@ def cmd_extend(args, ctx):
 
 
 def cmd_enable(args, ctx):
-    e = _set_enabled(ctx, args.name, True)
-    say(ctx, "%s: enabled (%s)" % (e["name"], state_text(e)))
-    return EXIT_OK
-
-
-def cmd_disable(args, ctx):
-    e = _set_enabled(ctx, args.name, False)
-    say(ctx, "%s: disabled; it is not refreshed until `%s enable --name %s`"
-        % (e["name"], PROG, e["name"]))
+    """`enable` and `disable` (args.command)."""
+    e = _set_enabled(ctx, args.name, args.command == "enable")
+    if e["enabled"]:
+        say(ctx, "%s: enabled (%s)" % (e["name"], state_text(e)))
+    else:
+        say(ctx, "%s: disabled; it is not refreshed until `%s enable --name %s`"
+            % (e["name"], PROG, e["name"]))
     return EXIT_OK
 
 
 def cmd_rescue(args, ctx):
     opts = RescueOptions(args.name, args.to, args.all, args.dry_run, args.max_seconds,
                          args.max_entries, args.checkpoint_every, threads=args.threads)
-    progress = Progress(ctx.err)
-    with stop_signals() as should_stop:
-        try:
-            r = _rescue(ctx, opts, Budget(args.max_seconds, args.max_entries), should_stop,
-                        progress.copied)
-        finally:
-            progress.clear()
-    if args.json:
-        emit_json(ctx, r)
-    else:
-        say(ctx, describe_rescue(r))
-    for text in r["notes"]:
-        note(ctx, text, to_err=args.json)
-    return r["exit_code"]
+    with stop_signals() as should_stop, Progress(ctx.err) as progress:
+        r = _rescue(ctx, opts, Budget(args.max_seconds, args.max_entries), should_stop,
+                    progress.copied)
+    return show(ctx, args, r, lambda ctx, r: [describe_rescue(r)], r["exit_code"], r["notes"])
 
 
 def cmd_remove(args, ctx):
@@ -9222,7 +9179,7 @@ def files_header(listing, now):
         plural(int(listing.trailer.get("entries", 0)), "entry", "entries"))
 
 
-def _files_formatter(args, kind):
+def _files_formatter(args):
     """The function that turns one item of a FileList into its output bytes."""
     def nul(key, kind, size, atime, reason, copy):
         return key_path(key) + b"\0"
@@ -9244,31 +9201,28 @@ def cmd_files(args, ctx):
     listing = _files(ctx, args.name, args.kind, args.older_than)
     items = listing.items()
     try:
-        out = raw_stream(ctx.out)
-        out.flush()
+        ctx.out.flush()
         # Bytes, whatever the locale: -0 must pass names exactly, and text is UTF-8.
-        buf = getattr(out, "buffer", None)
+        buf = getattr(ctx.out, "buffer", None)
         if buf is not None:
             write = buf.write
         else:       # a text stream without bytes underneath (main() called in-process)
             def write(data):
-                out.write(data.decode("utf-8", "surrogateescape"))
-        line = _files_formatter(args, listing.kind)
+                ctx.out.write_raw(data.decode("utf-8", "surrogateescape"))
+        line = _files_formatter(args)
         header = [files_header(listing, ctx.now) + "\n"]
 
         def put(batch):
             write(b"".join(batch))
             if header:      # once stdout took the first lines: an output that fails at
-                out.flush()     # once (closed, full) says one line, its error
+                ctx.out.flush()     # once (closed, full) says one line, its error
                 write_safely(ctx.err, header.pop())
-        batch = []
-        for item in items:
-            batch.append(line(*item))
-            if len(batch) >= FILES_BATCH:
-                put(batch)
-                batch = []
-        put(batch)
-        out.flush()
+        while True:     # the last batch, short or empty, says the header if none did
+            batch = [line(*item) for item in itertools.islice(items, FILES_BATCH)]
+            put(batch)
+            if len(batch) < FILES_BATCH:
+                break
+        ctx.out.flush()
     finally:
         items.close()
         listing.close()
@@ -9284,76 +9238,71 @@ def cmd_install_cron(args, ctx):
                                           args.reinstall, args.mail_user))
     for w in info["warnings"]:
         ctx.err.write("%s: warning: %s\n" % (PROG, w))
-    if args.json:
-        emit_json(ctx, info)
-        return EXIT_OK
+    return show(ctx, args, info, _installed_lines)
+
+
+def _installed_lines(ctx, info):
     sched = info["schedule"]
-    if args.dry_run:
-        say(ctx, "Would install (%s):" % ("a block in your scrontab" if sched["method"] ==
-                                         "scrontab" else "this job script, %s, and submit it"
-                                         % sched["job_script"]))
-        raw_stream(ctx.out).write(info["text"])     # exactly what would be installed
-        return EXIT_OK
+    if info["dry_run"]:
+        yield "Would install (%s):" % ("a block in your scrontab" if sched["method"] ==
+                                       "scrontab" else "this job script, %s, and submit it"
+                                       % sched["job_script"])
+        ctx.out.write_raw(info["text"])     # exactly what would be installed
+        return
     if sched["method"] == "scrontab":
-        say(ctx, "Installed a scrontab block (see `scrontab -l`): refresh --due every %d days."
-            % sched["cadence_days"])
+        yield ("Installed a scrontab block (see `scrontab -l`): refresh --due every %d days."
+               % sched["cadence_days"])
     else:
-        say(ctx, "Submitted job %s (%s), which resubmits itself every %d days while %s exists."
-            % (info["job_id"], JOB_NAME, sched["cadence_days"], sched["job_script"]))
-    say(ctx, "Request: partition %s, account %s, %d CPU, %s, %s. Logs: %s" % (
+        yield ("Submitted job %s (%s), which resubmits itself every %d days while %s exists."
+               % (info["job_id"], JOB_NAME, sched["cadence_days"], sched["job_script"]))
+    yield "Request: partition %s, account %s, %d CPU, %s, %s. Logs: %s" % (
         sched["partition"] or "(default)", sched["account"] or "(default)", sched["cpus"],
-        sched["mem"], sched["time"], ctx.store.log_dir))
+        sched["mem"], sched["time"], ctx.store.log_dir)
     if sched.get("mail_user"):
-        say(ctx, "Slurm mails %s when a run fails; the job runs refresh --fail-on-risk, so "
-                 "entries at risk of the purge count as a failure." % sched["mail_user"])
-    return EXIT_OK
+        yield ("Slurm mails %s when a run fails; the job runs refresh --fail-on-risk, so "
+               "entries at risk of the purge count as a failure." % sched["mail_user"])
 
 
 def cmd_uninstall_cron(args, ctx):
     removed = _uninstall_cron(ctx)["removed"]
-    if removed:
-        say(ctx, "Removed: " + "; ".join(removed))
-    else:
-        say(ctx, "Nothing was installed.")
+    say(ctx, "Removed: " + "; ".join(removed) if removed else "Nothing was installed.")
     return EXIT_OK
 
 
 def cmd_doctor(args, ctx):
     report = _doctor(ctx)
-    if args.json:
-        emit_json(ctx, report)
+    return show(ctx, args, report, _doctor_lines, EXIT_OK if report["ok"] else EXIT_FAIL)
+
+
+def _doctor_lines(ctx, report):
+    marks = {"ok": "ok  ", "info": "info", "warn": "WARN", "fail": "FAIL"}
+    for c in report["checks"]:
+        yield "%s %-22s %s" % (marks[c["level"]], c["name"], c["message"])
+    fails = sum(1 for c in report["checks"] if not c["ok"])
+    data = sorted(set(c["name"].split(":", 1)[1] for c in report["checks"]
+                      if c["level"] == "info" and c["name"].split(":")[0] in ATTENTION_CODES))
+    if not report["ok"]:
+        yield "%s; `%s repair --dry-run` shows what can be mended" % (
+            plural(fails, "problem"), PROG)
+    elif data:
+        yield "the tool can do its job; %s need%s you (the info lines above)" % (
+            ", ".join(data), "s" if len(data) == 1 else "")
     else:
-        marks = {"ok": "ok  ", "info": "info", "warn": "WARN", "fail": "FAIL"}
-        for c in report["checks"]:
-            say(ctx, "%s %-22s %s" % (marks[c["level"]], c["name"], c["message"]))
-        fails = sum(1 for c in report["checks"] if not c["ok"])
-        data = sorted(set(c["name"].split(":", 1)[1] for c in report["checks"]
-                          if c["level"] == "info" and c["name"].split(":")[0] in
-                          ATTENTION_CODES))
-        if not report["ok"]:
-            say(ctx, "%s; `%s repair --dry-run` shows what can be mended"
-                % (plural(fails, "problem"), PROG))
-        elif data:
-            say(ctx, "the tool can do its job; %s need%s you (the info lines above)" % (
-                ", ".join(data), "s" if len(data) == 1 else ""))
-        else:
-            say(ctx, "healthy")
-    return EXIT_OK if report["ok"] else EXIT_FAIL
+        yield "healthy"
 
 
 def cmd_repair(args, ctx):
-    out = _repair(ctx, args.dry_run)
-    if args.json:
-        emit_json(ctx, out)
-        return EXIT_OK
-    verb = "would " if args.dry_run else ""
+    return show(ctx, args, _repair(ctx, args.dry_run), _repair_lines)
+
+
+def _repair_lines(ctx, out):
+    verb = "would " if out["dry_run"] else ""
     for a in out["actions"]:
-        say(ctx, "%s%s" % (verb, a))
+        yield "%s%s" % (verb, a)
     for text in out["left"]:
-        say(ctx, "left for you: %s" % text)
+        yield "left for you: %s" % text
     if not out["actions"]:
-        say(ctx, "nothing to repair")
-    return EXIT_OK
+        yield "nothing to repair"
 
 
 # ---------------------------------------------------------------- CLI: parser
@@ -9411,12 +9360,12 @@ def _Parser(**kwargs):
     return _Parser(**kwargs)
 
 
-def _int_range(lo, hi=None, what="a whole number"):
+def _int_range(lo, hi=None):
     def parse(text):
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError("%r is not %s" % (text, what))
+            raise argparse.ArgumentTypeError("%r is not a whole number" % text)
         if value < lo or (hi is not None and value > hi):
             raise argparse.ArgumentTypeError(
                 "%d is out of range (%d to %s)" % (value, lo, hi if hi is not None else "any"))
@@ -9455,10 +9404,6 @@ def add_json_argument(p):
                    help="print JSON instead of text (its keys: README.md, \"JSON output\")")
 
 
-def add_name_argument(p, required=True, help_text="the dataset's name"):
-    p.add_argument("--name", required=required, metavar="NAME", help=help_text)
-
-
 def add_rescue_to_argument(p):
     p.add_argument("--rescue-to", metavar="DIR",
                    help="every scheduled walk then rescues what could age out before the next "
@@ -9471,7 +9416,9 @@ def add_state_dir_argument(p, top=False):
                         "$XDG_STATE_HOME/scratch-keepalive, else ~/.local/state/scratch-keepalive)")
 
 
-def _sub(subs, name, func, help_text, description, examples):
+def _sub(subs, name, func, help_text, description, examples, dataset=None):
+    """A command's parser, with --state-dir and, where dataset says, --name: "one" (required)
+    or "any" (optional: only that one)."""
     description = "\n\n".join(textwrap.fill(par, 79, break_on_hyphens=False)
                                 for par in description.split("\n\n"))
     p = subs.add_parser(name, help=help_text, description=description,
@@ -9479,11 +9426,13 @@ def _sub(subs, name, func, help_text, description, examples):
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=func)
     add_state_dir_argument(p)
+    if dataset is not None:
+        p.add_argument("--name", required=dataset == "one", metavar="NAME",
+                       help="the dataset's name" if dataset == "one" else "only this dataset")
     return p
 
 
 def _parser_init(subs):
-    """`init`: the profile, scratch root and purge days."""
     p = _sub(subs, "init", cmd_init, "choose the profile and scratch root",
              "Create or update the configuration. The same options again change nothing; new "
              "ones update it; changing the profile while datasets exist is refused.",
@@ -9497,7 +9446,6 @@ def _parser_init(subs):
 
 
 def _parser_add(subs):
-    """`add`: register a dataset."""
     p = _sub(subs, "add", cmd_add, "register a dataset",
              "Register a dataset below the scratch root, to be kept until a date (inclusive), "
              "and write its sentinel file.",
@@ -9505,7 +9453,8 @@ def _parser_add(subs):
              "--keep-until 2027-03-31\n"
              "  scratch-keepalive add --name sims --path $SCRATCH/sims --keep-until 2027-01-15 "
              "--approval INC0012345\n")
-    add_name_argument(p, help_text="a name: letters, digits, '.', '_', '-' (up to 64)")
+    p.add_argument("--name", required=True, metavar="NAME",
+                   help="a name: letters, digits, '.', '_', '-' (up to 64)")
     p.add_argument("--path", required=True, metavar="DIR", help="the dataset's root directory")
     p.add_argument("--keep-until", required=True, metavar="YYYY-MM-DD",
                    help="last day it is protected (inclusive, UTC)")
@@ -9522,7 +9471,6 @@ def _parser_add(subs):
 
 
 def _parser_list(subs):
-    """`list`: the datasets, one line each."""
     p = _sub(subs, "list", cmd_list, "list datasets",
              "List the registered datasets with their state: missing, expired, disabled, "
              "partial, never, due (cadence - 1 days since the last complete walk of its "
@@ -9533,7 +9481,6 @@ def _parser_list(subs):
 
 
 def _parser_status(subs):
-    """`status`: the datasets in detail, or (--brief) only what needs attention."""
     p = _sub(subs, "status", cmd_status, "show datasets in detail",
              "Show each dataset's state, thresholds, last run, checkpoint and sentinel.\n\n"
              "--brief prints nothing when nothing needs attention, else one line per "
@@ -9544,15 +9491,13 @@ def _parser_status(subs):
                  ATTENTION_CODES),
              "  scratch-keepalive status\n  scratch-keepalive status --name genomes --json\n"
              "  scratch-keepalive status --brief     # in ~/.bashrc: "
-             "case $- in *i*) scratch-keepalive status --brief;; esac\n")
-    add_name_argument(p, required=False, help_text="only this dataset")
+             "case $- in *i*) scratch-keepalive status --brief;; esac\n", "any")
     p.add_argument("--brief", action="store_true",
                    help="only what needs attention, one line each (nothing when all is well)")
     add_json_argument(p)
 
 
 def _parser_refresh(subs):
-    """`refresh`: walk datasets now, in touch or check mode."""
     p = _sub(subs, "refresh", cmd_refresh, "walk datasets now (touch or check mode)",
              "Walk datasets depth-first in a fixed order and refresh access times (touch mode) "
              "or only check them (check mode). Progress is checkpointed; an interrupted walk "
@@ -9563,8 +9508,8 @@ def _parser_refresh(subs):
              "  # what the schedule runs: the job's time limit (%s) less %d minutes\n"
              "  scratch-keepalive refresh --due --max-seconds %d\n"
              % (PROFILES[DEFAULT_PROFILE]["time"], JOB_MARGIN_SECONDS // 60,
-                parse_slurm_time(PROFILES[DEFAULT_PROFILE]["time"]) - JOB_MARGIN_SECONDS))
-    add_name_argument(p, required=False, help_text="only this dataset")
+                parse_slurm_time(PROFILES[DEFAULT_PROFILE]["time"]) - JOB_MARGIN_SECONDS),
+             "any")
     p.add_argument("--due", action="store_true",
                    help="what the schedule runs: only datasets never walked, with a "
                    "checkpoint, or whose last complete walk of their mode started at least "
@@ -9600,13 +9545,11 @@ def _parser_refresh(subs):
 
 
 def _parser_extend(subs):
-    """`extend`: keep-until, approval, cadence, manifests, rescue destination."""
     p = _sub(subs, "extend", cmd_extend, "change keep-until, record an approval",
              "Move a dataset's keep-until date and/or record the site's approval to refresh it.",
              "  scratch-keepalive extend --name genomes --keep-until 2027-09-30\n"
              "  scratch-keepalive extend --name genomes --approval 'INC0012345'\n"
-             "  scratch-keepalive extend --name genomes --cadence-days 14\n")
-    add_name_argument(p)
+             "  scratch-keepalive extend --name genomes --cadence-days 14\n", "one")
     p.add_argument("--keep-until", metavar="YYYY-MM-DD", help="the new last day (inclusive)")
     p.add_argument("--approval", metavar="TEXT", help="ticket or words of the site's exemption")
     p.add_argument("--cadence-days", type=_int_range(1, 3650), metavar="N",
@@ -9620,7 +9563,6 @@ def _parser_extend(subs):
 
 
 def _parser_rescue(subs):
-    """`rescue`: copy what is at risk off scratch."""
     p = _sub(subs, "rescue", cmd_rescue, "copy what is at risk to safe storage",
              "Copy the entries the dataset's last complete walk found at risk (--all: every "
              "entry) to DIR/<path below the dataset root>: files (sparse ones stay sparse), "
@@ -9639,8 +9581,8 @@ def _parser_rescue(subs):
              "  scratch-keepalive rescue --name genomes --to /N/project/myproject/genomes "
              "--dry-run\n"
              "  scratch-keepalive rescue --name genomes --to /N/project/myproject/genomes\n"
-             "  scratch-keepalive rescue --name genomes --to /N/slate/$USER/genomes --all\n")
-    add_name_argument(p)
+             "  scratch-keepalive rescue --name genomes --to /N/slate/$USER/genomes --all\n",
+             "one")
     p.add_argument("--to", required=True, metavar="DIR",
                    help="where to copy to, off scratch (BR200: /N/project/<project>/... or "
                         "/N/slate/$USER/...); made when missing")
@@ -9658,25 +9600,20 @@ def _parser_rescue(subs):
 
 
 def _parser_enable_and_disable(subs):
-    """`enable` and `disable`: resume or pause refreshing a dataset."""
-    for name, func, verb in (("enable", cmd_enable, "resume refreshing a dataset"),
-                             ("disable", cmd_disable, "pause refreshing a dataset")):
-        p = _sub(subs, name, func, verb, verb[0].upper() + verb[1:] + ".",
-                 "  scratch-keepalive %s --name genomes\n" % name)
-        add_name_argument(p)
+    for name, verb in (("enable", "resume refreshing a dataset"),
+                       ("disable", "pause refreshing a dataset")):
+        _sub(subs, name, cmd_enable, verb, verb[0].upper() + verb[1:] + ".",
+             "  scratch-keepalive %s --name genomes\n" % name, "one")
 
 
 def _parser_remove(subs):
-    """`remove`: unregister a dataset (its data untouched)."""
-    p = _sub(subs, "remove", cmd_remove, "unregister a dataset (data untouched)",
-             "Unregister a dataset and delete its sentinel and checkpoint. Its data is never "
-             "touched. A dataset being refreshed cannot be removed (exit 4).",
-             "  scratch-keepalive remove --name genomes\n")
-    add_name_argument(p)
+    _sub(subs, "remove", cmd_remove, "unregister a dataset (data untouched)",
+         "Unregister a dataset and delete its sentinel and checkpoint. Its data is never "
+         "touched. A dataset being refreshed cannot be removed (exit 4).",
+         "  scratch-keepalive remove --name genomes\n", "one")
 
 
 def _parser_files(subs):
-    """`files`: the entries of the last walk (at risk, purge-eligible, vanished)."""
     p = _sub(subs, "files", cmd_files, "list the entries of the last walk: at risk, vanished",
              "List entries of the dataset's last complete walk (its manifest, in the state "
              "directory), classified as of that walk, one path per line relative to the "
@@ -9700,8 +9637,7 @@ def _parser_files(subs):
              "  scratch-keepalive files --name genomes --older-than 20 --json\n"
              "  scratch-keepalive files --name genomes --at-risk -0 |\n"
              "      tar --atime-preserve=system --null --no-recursion \\\n"
-             "          -C /N/scratch/$USER/genomes -T - -cf DEST.tar\n")
-    add_name_argument(p)
+             "          -C /N/scratch/$USER/genomes -T - -cf DEST.tar\n", "one")
     which = p.add_mutually_exclusive_group()
     for flag, text in (("at-risk", "only entries at risk (not accessed for the at-risk days; "
                                    "br200: 13) and not touched by that walk"),
@@ -9722,7 +9658,6 @@ def _parser_files(subs):
 
 
 def _parser_install_cron(subs):
-    """`install-cron`: schedule `refresh --due` with Slurm."""
     p = _sub(subs, "install-cron", cmd_install_cron, "schedule refresh with Slurm",
              "Install exactly one recurring Slurm entry for you: a block in your scrontab, or, "
              "where scrontab is missing or disabled, a self-resubmitting batch job with at most "
@@ -9756,7 +9691,6 @@ def _parser_install_cron(subs):
 
 
 def _parser_uninstall_cron(subs):
-    """`uninstall-cron`: remove the schedule."""
     _sub(subs, "uninstall-cron", cmd_uninstall_cron, "remove the Slurm schedule",
          "Delete the job script, remove our scrontab block (other lines kept), then cancel "
          "pending jobs named scratch-keepalive. Exit 0 when nothing was installed.",
@@ -9764,7 +9698,6 @@ def _parser_uninstall_cron(subs):
 
 
 def _parser_doctor(subs):
-    """`doctor`: check the setup."""
     p = _sub(subs, "doctor", cmd_doctor, "check the setup for problems",
              "Check the environment, the state files, every dataset (root, sentinel, keep-until, "
              "overdue, errors, approval), locks, the schedule and the scratch quota. Exit 0 when "
@@ -9774,7 +9707,6 @@ def _parser_doctor(subs):
 
 
 def _parser_repair(subs):
-    """`repair`: mend what doctor finds."""
     p = _sub(subs, "repair", cmd_repair, "mend what doctor finds",
              "Mend what is safe to mend: a damaged registry (set aside, restored from its backup "
              "or rebuilt from the sentinels), unreadable or orphaned checkpoints, stale locks of "
@@ -9815,37 +9747,31 @@ def main(argv=None):
         err.write("%s: error: %s\n" % (PROG, e))
         code = EXIT_FAIL
     err.flush()
-    if argv is None:
-        settle_output((out, err))
+    if argv is None:        # the CLI entry: main() called in-process changes nothing
+        for s in (out, err):    # an output that failed (a full device), not a closed pipe
+            if s.failed is not None and not isinstance(s.failed, BrokenPipeError):
+                to_devnull(s.stream)
     return code
 
 
 def _main(argv, out, err):
     """main()'s work, with its output streams; an OutputError may still leave it."""
-    as_command = argv is None
-    if as_command:          # run as a command: hints show how it was run
+    if argv is None:        # run as a command: hints show how it was run
         argv = sys.argv[1:]
-        form = invoked_as()
-        if form != PROG:
-            out, err = HintStream(out, form), HintStream(err, form)
+        out.form = err.form = invoked_as()
     try:
         try:
             args = login_line_args(argv) or build_parser().parse_args(list(argv))
         except OSError as e:    # --help or --version written to an output that fails
-            if isinstance(e, BrokenPipeError) or not isinstance(raw_stream(out), OutputStream):
+            if isinstance(e, BrokenPipeError):
                 raise
-            raise raw_stream(out).fail(e) from None
+            raise out.fail(e) from None
         ctx = Context(state_dir=args.state_dir, out=out, err=err)
         code = int(args.func(args, ctx) or 0)
         out.flush()     # a closed pipe shows here when all the output fit in the buffer
         return code
     except _ParserExit as e:
         return flushed(out, e.status)
-    except BrokenPipeError as e:
-        if output_closed(out):
-            return quiet_after_closed_pipe(out)
-        err.write("%s: error: %s; check the path and its permissions\n" % (PROG, e))
-        return EXIT_FAIL
     except Failure as e:
         err.write("%s: error: %s\n" % (PROG, e))
         return e.exit_code
@@ -9853,6 +9779,8 @@ def _main(argv, out, err):
         err.write("%s: error: interrupted\n" % PROG)
         return EXIT_INTERRUPTED
     except OSError as e:
+        if isinstance(e, BrokenPipeError) and output_closed(out):
+            return quiet_after_closed_pipe(out)
         if e.errno in FULL_ERRNOS:
             err.write("%s: error: %s\n" % (PROG, full_message(e, e.filename)))
             return EXIT_FAIL
@@ -9908,15 +9836,8 @@ def output_closed(stream):
 
 
 def quiet_after_closed_pipe(stream):
-    """The reader of the output went away (`list | head -1`): end quietly, as git does.
-
-    The descriptor is pointed at /dev/null so that the interpreter's last flush of what is
-    still buffered cannot print "Exception ignored ... BrokenPipeError" at exit.
-    """
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, stream.fileno())
-        os.close(devnull)
+    """The reader of the output went away (`list | head -1`): end quietly, as git does."""
+    to_devnull(stream)
     return EXIT_PIPE
 
 
