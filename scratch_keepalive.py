@@ -7577,10 +7577,8 @@ def _pid_alive(pid):
 def _diagnose(ctx):
     """Every check, in a fixed order. Never raises for a damaged state: that is a finding."""
     store = ctx.store
-    checks = []
-    add = checks.append
-    add(Check("python", "ok" if sys.version_info >= (3, 6) else "fail",
-              "Python %s at %s" % (sys.version.split()[0], sys.executable)))
+    checks = [Check("python", "ok" if sys.version_info >= (3, 6) else "fail",
+                    "Python %s at %s" % (sys.version.split()[0], sys.executable))]
     cfg, reg, bad, state_checks = _check_state_files(ctx)
     checks += state_checks
     root = scratch_root_of(cfg, ctx.env) if cfg else None
@@ -7788,12 +7786,8 @@ def _check_checkpoints(ctx, reg, bad=()):
     """bad: names of invalid registry entries, whose checkpoints repair keeps."""
     out = []
     store = ctx.store
-    try:
-        names = sorted(f for f in os.listdir(store.checkpoint_dir) if f.endswith(".json"))
-    except OSError:
-        return out
-    for f in names:
-        name = f[:-len(".json")]
+    for p in _names_ending(store.checkpoint_dir, ".json"):
+        name = os.path.basename(p)[:-len(".json")]
         if name in bad:
             continue
         try:
@@ -7847,15 +7841,11 @@ def _lock_is_held(path):
 def _stale_locks(store):
     """[(dataset, path, record, provably dead)] for lock records whose holder is gone."""
     found = []
-    try:
-        files = sorted(f for f in os.listdir(store.lock_dir) if f.endswith(".lock"))
-    except OSError:
-        return found
     host = socket.gethostname()
-    for f in files:
+    for path in _names_ending(store.lock_dir, ".lock"):
+        f = os.path.basename(path)
         if f.startswith("."):
             continue        # the store's own locks, not a dataset's
-        path = os.path.join(store.lock_dir, f)
         rec = _lock_record(path)
         if not rec:
             continue        # released cleanly (the record is emptied on release)
@@ -7898,15 +7888,23 @@ def _check_dataset(ctx, cfg, root, ds):
     except Failure as e:
         return [Check("root:" + name, "fail", "dataset %r: %s" % (name, e))]
     out.append(Check("root:" + name, "ok", "dataset %r: %s is present" % (name, path)))
-    try:
-        out += _check_sentinel(name, path, root_fd)
+    try:       # read through the root's fd (never blocking)
+        sentinel = read_sentinel(root_fd)
+        why = sentinel_problem(root_fd) if sentinel is None else None
     finally:
         os.close(root_fd)
+    if sentinel is None and why != "missing":
+        out.append(Check("sentinel:" + name, "fail", "dataset %r: %s is not ours (%s); move it "
+                         "away, then run `%s repair`" % (name, sentinel_path(path), why, PROG)))
+    elif sentinel is None or sentinel.get("name") != name:
+        out.append(Check("sentinel:" + name, "fail", "dataset %r: its sentinel %s is %s; repair "
+                         "rewrites it" % (name, sentinel_path(path), "missing" if sentinel is None
+                                          else "naming %r" % sentinel.get("name")),
+                         fix="sentinel"))
     if root and not is_below(path, os.path.realpath(root)):
         out.append(Check("location:" + name, "fail", "dataset %r (%s) is no longer below the "
                          "scratch root %s" % (name, path, root)))
-    keep = parse_date(ds["keep_until"])
-    days_left = (keep - utc_date(now)).days
+    days_left = (parse_date(ds["keep_until"]) - utc_date(now)).days
     active = ds.get("enabled", True) and days_left >= 0
     last, overdue = ds.get("last_refresh"), overdue_at(ds)
     if active and overdue is not None and now > overdue:
@@ -7927,20 +7925,6 @@ def _check_dataset(ctx, cfg, root, ds):
                          "Slate-Project, or record an exemption with `%s extend --name %s "
                          "--approval TICKET`" % (name, PROG, name)))
     return out
-
-
-def _check_sentinel(name, path, root_fd):
-    """The sentinel check of one dataset, read through its root fd (never blocking)."""
-    sentinel, why = read_sentinel(root_fd), sentinel_problem(root_fd)
-    if sentinel is None and why != "missing":
-        return [Check("sentinel:" + name, "fail", "dataset %r: %s is not ours (%s); move it "
-                      "away, then run `%s repair`" % (name, sentinel_path(path), why, PROG))]
-    if sentinel is None or sentinel.get("name") != name:
-        return [Check("sentinel:" + name, "fail", "dataset %r: its sentinel %s is %s; repair "
-                      "rewrites it" % (name, sentinel_path(path), "missing" if sentinel is None
-                                       else "naming %r" % sentinel.get("name")),
-                      fix="sentinel")]
-    return []
 
 
 def _check_schedule(ctx, cfg, reg):
@@ -7973,19 +7957,11 @@ def _check_schedule(ctx, cfg, reg):
                          "%s minimum of %d; run `%s install-cron --cadence-days %d`" % (
                              doc.get("cadence_days"), cfg["profile"], prof["min_cadence"], PROG,
                              prof["min_cadence"])))
-    return out + _check_schedule_jobs(ctx, cfg, doc)
-
-
-def _check_schedule_jobs(ctx, cfg, doc):
-    """What Slurm holds of the installed schedule: its jobs, its block, its request."""
-    prof = profile_of(cfg)
-    slurm = ctx.slurm
-    out = []
+    # What Slurm holds of the installed schedule: its jobs, its block, its request.
     try:
         jobs = slurm.pending(JOB_NAME)
     except Failure as e:
-        out.append(Check("schedule-jobs", "fail", "cannot list jobs: %s" % e))
-        return out
+        return out + [Check("schedule-jobs", "fail", "cannot list jobs: %s" % e)]
     if len(jobs) > 1:
         out.append(Check("schedule-jobs", "fail", "%d pending %s jobs (%s); there should be one; "
                          "repair cancels all but the earliest" % (
@@ -8357,7 +8333,12 @@ def _rebuilt_entry(ctx, cfg, name, path, doc, left):
         cadence = min(prof["default_cadence"], purge_days_of(cfg) - 5)
         guessed.append("cadence (now %d days)" % cadence)
     approval = doc.get("approval")
-    if "approval" not in doc or (approval is not None and _check_approval_quiet(approval)):
+    try:
+        _check_approval(approval if isinstance(approval, str) else None)
+        wrong = "approval" not in doc or not isinstance(approval, (str, type(None)))
+    except UsageError:
+        wrong = True
+    if wrong:
         approval = None
         guessed.append("approval (now none)")
     if guessed:
@@ -8373,15 +8354,6 @@ def _rebuilt_entry(ctx, cfg, name, path, doc, left):
             "last_refresh": last if not _time(last) else None, "last_refresh_start": None,
             "last_mode": None, "last_run": None, "last_total_entries": None,
             "recovered": iso(time.time())}
-
-
-def _check_approval_quiet(text):
-    """What is wrong with an approval read from a sentinel, or None."""
-    try:
-        _check_approval(text if isinstance(text, str) else None)
-    except UsageError as e:
-        return str(e)
-    return None if isinstance(text, str) else "not a string"
 
 
 def _find_sentinels(root, max_depth=4):
