@@ -7664,7 +7664,7 @@ def _load_registry(ctx, cfg):
     if bad:
         return reg, bad, 0, {}
     if not os.path.lexists(store.registry_path):
-        backup, backup_bad = _registry_parts(store)
+        backup, backup_bad = _registry_backup(store)
         return reg, bad, len(backup["datasets"]) + len(backup_bad) if backup is not None else 0, {}
     return reg, bad, 0, _emptied_registry(ctx, cfg) if cfg and not reg["datasets"] else {}
 
@@ -8055,7 +8055,7 @@ def _repair(ctx, dry_run):
     cfg = _load_or_set_aside(store.load_config, store.config_path, "config",
                              "run `%s init` again" % PROG, dry_run, act, left)
     # In a dry run `reg` is the registry as it would be after this step.
-    reg = _repair_registry(ctx, cfg, dry_run, act, left)
+    reg, bad = _repair_registry(ctx, cfg, dry_run, act, left)
     for name in sorted(reg["datasets"] if reg is not None else ()):
         path = store.dataset_log_dir(name)      # logs/NAME (slurm-*.out: files)
         with contextlib.suppress(FileNotFoundError):
@@ -8063,7 +8063,6 @@ def _repair(ctx, dry_run):
             if not stat.S_ISDIR(mode):
                 aside(path, "%s, not a directory" % (
                     "a file" if stat.S_ISREG(mode) else file_kind(mode)))
-    bad = {} if reg is not None else _registry_parts(store, backup=False)[1]
     for c in _check_checkpoints(ctx, reg, bad):
         if c.fix == "checkpoint":
             name = c.name.split(":", 1)[1]
@@ -8183,7 +8182,8 @@ def _repair_sentinels(ctx, reg, dry_run, act, left):
 
 
 def _repair_registry(ctx, cfg, dry_run, act, left):
-    """The registry, mended where it is damaged: None when it is not to be touched.
+    """(the registry, mended where it is damaged, or None when it is not to be touched; the
+    invalid entries it then keeps, whose checkpoints repair keeps too).
 
     Unreadable (another owner's?) or newer: it may be intact, so it is only reported. A
     document that cannot be used at all: the last good backup, else a rebuild from the
@@ -8197,13 +8197,13 @@ def _repair_registry(ctx, cfg, dry_run, act, left):
         reg, bad, lost, kept = None, {}, 0, {}
     except StateError as e:
         left.append("%s (repair leaves the registry as it is: it may be intact)" % e)
-        return None
+        return None, {}
     if reg is not None and not (bad or lost or kept):
-        return reg
+        return reg, {}
     if reg is not None and cfg is None and not lost:
         left.append("the registry has %d invalid dataset(s) and the config is unusable: run "
                     "`%s init`, then repair again" % (len(bad), PROG))
-        return None
+        return None, bad
     if kept:
         act("restore %s into the emptied registry from its backup %s (their sentinels "
             "are in place)" % (", ".join(repr(n) for n in sorted(kept)), store.backup_path))
@@ -8213,7 +8213,7 @@ def _repair_registry(ctx, cfg, dry_run, act, left):
     else:
         act("set the damaged registry aside as %s" % _set_aside(store.registry_path, dry_run,
                                                                 copy=reg is not None))
-    backup, backup_bad = _registry_parts(store)
+    backup, backup_bad = _registry_backup(store)
     if reg is None:
         restored, reg, bad = _restore_registry(ctx, cfg, backup, backup_bad, left)
         act(restored)
@@ -8227,14 +8227,14 @@ def _repair_registry(ctx, cfg, dry_run, act, left):
     reg = dict(reg, datasets=datasets, format=FORMAT)
     if not dry_run:
         atomic_write(store.registry_path, dump_json(reg))
-    return reg
+    return reg, {}
 
 
 def _emptied_registry(ctx, cfg):
     """{name: entry} of the backup's datasets whose sentinels are still in place (below the
     scratch root, naming them), for a registry that lists none: `remove` deletes the
     sentinel, so these were not removed, the registry was emptied."""
-    backup, _ = _registry_parts(ctx.store)
+    backup, _ = _registry_backup(ctx.store)
     kept = {}
     for name, entry in sorted(((backup or {}).get("datasets") or {}).items()):
         if not _below_scratch_root(ctx, cfg, entry["path"]) or not root_present(entry["path"]):
@@ -8252,13 +8252,10 @@ def _emptied_registry(ctx, cfg):
     return kept
 
 
-def _registry_parts(store, backup=True):
-    """(the registry backup (backup=False: the registry) of valid entries, its invalid
-    ones), or (None, {}) when it cannot be used."""
+def _registry_backup(store):
+    """(the backup registry of valid entries, its invalid ones), or (None, {})."""
     try:
-        if backup:
-            return store.load_registry_parts(store.backup_path, "registry backup")
-        return store.load_registry_parts()
+        return store.load_registry_parts(store.backup_path, "registry backup")
     except StateError:
         return None, {}
 
@@ -8375,18 +8372,12 @@ def _find_sentinels(root, max_depth=4):
         try:
             fd = open_dir(path)
             try:
-                names = list_dir(fd)
+                names, dirs = list_dir_typed(fd)
             finally:
                 os.close(fd)
         except OSError:
             continue
-        for n in reversed(names):
-            child = os.path.join(path, os.fsdecode(n))
-            try:
-                if stat.S_ISDIR(os.lstat(child).st_mode):
-                    stack.append((child, depth + 1))
-            except OSError:
-                pass
+        stack += [(os.path.join(path, os.fsdecode(names[i])), depth + 1) for i in reversed(dirs)]
     return sorted(found)
 
 
