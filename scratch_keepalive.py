@@ -7657,16 +7657,34 @@ def _check_state_files(ctx):
 def _load_registry(ctx, cfg):
     """(the registry of the valid entries, {name: (message, entry)} for the invalid ones, the
     number of datasets its backup lists when the registry file is missing, {name: entry} of
-    the backup's datasets when it lists none (_emptied_registry)). Raises a StateError as
-    load_registry_parts does."""
+    the backup's datasets whose sentinels are in place when it lists none). Raises a
+    StateError as load_registry_parts does.
+
+    A sentinel in place lies below the scratch root and names its dataset: `remove` deletes
+    the sentinel, so these datasets were not removed, the registry was emptied."""
     store = ctx.store
     reg, bad = store.load_registry_parts()
     if bad:
         return reg, bad, 0, {}
+    # Only a registry that lists no dataset (a missing one lists none) is set against its backup.
+    backup, backup_bad = _registry_backup(store) if not reg["datasets"] else (None, {})
     if not os.path.lexists(store.registry_path):
-        backup, backup_bad = _registry_backup(store)
         return reg, bad, len(backup["datasets"]) + len(backup_bad) if backup is not None else 0, {}
-    return reg, bad, 0, _emptied_registry(ctx, cfg) if cfg and not reg["datasets"] else {}
+    kept = {}
+    for name, entry in sorted(backup["datasets"].items() if cfg and backup is not None else ()):
+        if not _below_scratch_root(ctx, cfg, entry["path"]) or not root_present(entry["path"]):
+            continue
+        try:
+            root_fd = dataset_root_fd(ctx, entry)
+        except Failure:
+            continue
+        try:
+            doc = read_sentinel(root_fd)
+        finally:
+            os.close(root_fd)
+        if doc is not None and doc.get("name") == name:
+            kept[name] = entry
+    return reg, bad, 0, kept
 
 
 def _check_manifest_space(store):
@@ -8228,28 +8246,6 @@ def _repair_registry(ctx, cfg, dry_run, act, left):
     if not dry_run:
         atomic_write(store.registry_path, dump_json(reg))
     return reg, {}
-
-
-def _emptied_registry(ctx, cfg):
-    """{name: entry} of the backup's datasets whose sentinels are still in place (below the
-    scratch root, naming them), for a registry that lists none: `remove` deletes the
-    sentinel, so these were not removed, the registry was emptied."""
-    backup, _ = _registry_backup(ctx.store)
-    kept = {}
-    for name, entry in sorted(((backup or {}).get("datasets") or {}).items()):
-        if not _below_scratch_root(ctx, cfg, entry["path"]) or not root_present(entry["path"]):
-            continue
-        try:
-            root_fd = dataset_root_fd(ctx, entry)
-        except Failure:
-            continue
-        try:
-            doc = read_sentinel(root_fd)
-        finally:
-            os.close(root_fd)
-        if doc is not None and doc.get("name") == name:
-            kept[name] = entry
-    return kept
 
 
 def _registry_backup(store):
