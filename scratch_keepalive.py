@@ -8067,7 +8067,7 @@ def _repair(ctx, dry_run):
     if loose:
         act("set state permissions to 0700 (dirs) / 0600 (files) in %s" % store.dir)
     for p, st, want in [] if dry_run else loose:
-        # Not a file with another name, which may be anywhere: not ours to change.
+        # A file with another name (which may be anywhere) is not ours to change.
         if stat.S_ISDIR(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink == 1):
             os.chmod(p, want)
     cfg = _load_or_set_aside(store.load_config, store.config_path, "config",
