@@ -7557,9 +7557,8 @@ class Check(object):
 
 
 def _doctor(ctx):
-    checks = _diagnose(ctx)
-    return {"ok": all(c.level in ("ok", "info") for c in checks),
-            "checks": [c.as_dict() for c in checks]}
+    checks = [c.as_dict() for c in _diagnose(ctx)]
+    return {"ok": all(c["ok"] for c in checks), "checks": checks}
 
 
 def _pid_alive(pid):
@@ -7575,10 +7574,8 @@ def _pid_alive(pid):
 def _diagnose(ctx):
     """Every check, in a fixed order. Never raises for a damaged state: that is a finding."""
     store = ctx.store
-    checks = []
-    add = checks.append
-    add(Check("python", "ok" if sys.version_info >= (3, 6) else "fail",
-              "Python %s at %s" % (sys.version.split()[0], sys.executable)))
+    checks = [Check("python", "ok" if sys.version_info >= (3, 6) else "fail",
+                    "Python %s at %s" % (sys.version.split()[0], sys.executable))]
     cfg, reg, bad, state_checks = _check_state_files(ctx)
     checks += state_checks
     root = scratch_root_of(cfg, ctx.env) if cfg else None
@@ -7597,10 +7594,18 @@ def _diagnose(ctx):
     return checks
 
 
-def _state_fix(e, fix):
-    """What repair can do about a StateError: set a damaged file aside, never one that may
-    be intact (unreadable) or that a newer version wrote."""
-    return fix if isinstance(e, InvalidState) else None
+def _state_check(name, e, fix, then=""):
+    """The failed check of a state file its loader refused with e. Repair sets a damaged
+    file aside (fix, and `then` says what follows), never one that may be intact
+    (unreadable) or that a newer version wrote."""
+    damaged = isinstance(e, InvalidState)
+    return Check(name, "fail", "%s%s" % (e, then if damaged else ""),
+                 fix=fix if damaged else None)
+
+
+def _some(items, n=3, sep=", "):
+    """The first n of items, joined, and " ..." when there are more."""
+    return sep.join(items[:n]) + (" ..." if len(items) > n else "")
 
 
 def _check_state_files(ctx):
@@ -7613,45 +7618,70 @@ def _check_state_files(ctx):
                    Check("config", "fail", "no configuration in %s; run `%s init`"
                          % (store.dir, PROG)))
     except StateError as e:
-        out.append(Check("config", "fail", str(e), fix=_state_fix(e, "config")))
+        out.append(_state_check("config", e, "config"))
     try:
-        reg, bad = store.load_registry_parts()
-        n = len(reg["datasets"]) + len(bad)
-        out.append(Check("registry", "fail" if bad else "ok", "registry lists %d dataset(s)%s"
-                         % (n, "; %d invalid (below): repair mends them from the backup or "
-                            "their sentinels" % len(bad) if bad else ""),
-                         fix="registry" if bad else None))
+        reg, bad, lost, kept = _load_registry(ctx, cfg)
     except StateError as e:
-        out.append(Check("registry", "fail", "%s%s" % (e, "; repair restores the last good "
-                                                          "backup or rebuilds it from the "
-                                                          "sentinels" if isinstance(
-                                                              e, InvalidState) else ""),
-                         fix=_state_fix(e, "registry")))
-    if reg is not None and not bad and not os.path.lexists(store.registry_path):
-        backup, backup_bad = _registry_backup(store)
-        if backup is not None and (backup["datasets"] or backup_bad):
-            out[-1] = Check("registry", "fail", "the registry %s is missing, but its backup %s "
-                            "lists %d dataset(s); repair restores it" % (
-                                store.registry_path, store.backup_path,
-                                len(backup["datasets"]) + len(backup_bad)), fix="registry")
-    elif reg is not None and not bad and not reg["datasets"] and cfg:
-        kept = _emptied_registry(ctx, cfg)
-        if kept:
-            out[-1] = Check("registry", "fail", "the registry %s lists no dataset, but its "
-                            "backup %s lists %d whose sentinels are in place (%s); repair "
-                            "restores them" % (store.registry_path, store.backup_path, len(kept),
-                                               ", ".join(sorted(kept))), fix="registry")
+        out.append(_state_check("registry", e, "registry", "; repair restores the last good "
+                                "backup or rebuilds it from the sentinels"))
+        lost = kept = None
+    if lost:
+        out.append(Check("registry", "fail", "the registry %s is missing, but its backup %s "
+                         "lists %d dataset(s); repair restores it" % (
+                             store.registry_path, store.backup_path, lost), fix="registry"))
+    elif kept:
+        out.append(Check("registry", "fail", "the registry %s lists no dataset, but its "
+                         "backup %s lists %d whose sentinels are in place (%s); repair "
+                         "restores them" % (store.registry_path, store.backup_path, len(kept),
+                                            ", ".join(sorted(kept))), fix="registry"))
+    elif reg is not None:
+        out.append(Check("registry", "fail" if bad else "ok", "registry lists %d dataset(s)%s"
+                         % (len(reg["datasets"]) + len(bad), "; %d invalid (below): repair "
+                            "mends them from the backup or their sentinels" % len(bad)
+                            if bad else ""), fix="registry" if bad else None))
     for name in sorted(bad):
         out.append(Check("entry:" + display_path(name)[:64], "fail", bad[name][0],
                          fix="registry"))
     odd = store.odd_dirs() + odd_state_files(store)
     if odd:
-        out.append(Check("state-files", "fail", "%s where state belongs; repair sets "
-                         "%s aside (renamed, never deleted)" % (
-                             "; ".join("%s is %s" % (display_path(p), w) for p, w in odd[:3])
-                             + (" ..." if len(odd) > 3 else ""),
+        out.append(Check("state-files", "fail", "%s where state belongs; repair sets %s aside "
+                         "(renamed, never deleted)" % (
+                             _some(["%s is %s" % (display_path(p), w) for p, w in odd], sep="; "),
                              "it" if len(odd) == 1 else "them"), fix="aside"))
     return cfg, reg, bad, out
+
+
+def _load_registry(ctx, cfg):
+    """(the registry of the valid entries, {name: (message, entry)} for the invalid ones, the
+    number of datasets its backup lists when the registry file is missing, {name: entry} of
+    the backup's datasets whose sentinels are in place when it lists none). Raises a
+    StateError as load_registry_parts does.
+
+    A sentinel in place lies below the scratch root and names its dataset: `remove` deletes
+    the sentinel, so these datasets were not removed, the registry was emptied."""
+    store = ctx.store
+    reg, bad = store.load_registry_parts()
+    if bad:
+        return reg, bad, 0, {}
+    # Only a registry that lists no dataset (a missing one lists none) is set against its backup.
+    backup, backup_bad = _registry_backup(store) if not reg["datasets"] else (None, {})
+    if not os.path.lexists(store.registry_path):
+        return reg, bad, len(backup["datasets"]) + len(backup_bad) if backup is not None else 0, {}
+    kept = {}
+    for name, entry in sorted(backup["datasets"].items() if cfg and backup is not None else ()):
+        if not _below_scratch_root(ctx, cfg, entry["path"]) or not root_present(entry["path"]):
+            continue
+        try:
+            root_fd = dataset_root_fd(ctx, entry)
+        except Failure:
+            continue
+        try:
+            doc = read_sentinel(root_fd)
+        finally:
+            os.close(root_fd)
+        if doc is not None and doc.get("name") == name:
+            kept[name] = entry
+    return reg, bad, 0, kept
 
 
 def _check_manifest_space(store):
@@ -7681,9 +7711,8 @@ def _check_temp_files(store):
     temps = stale_temps(store.dir) + stale_temps(store.checkpoint_dir)
     if not temps:
         return []
-    return [Check("temp-files", "warn", "%d temp file(s) left by interrupted writes (%s%s); "
-                  "repair removes them" % (len(temps), temps[0], " ..." if len(temps) > 1
-                                           else ""), fix="temp")]
+    return [Check("temp-files", "warn", "%d temp file(s) left by interrupted writes (%s); "
+                  "repair removes them" % (len(temps), _some(temps, 1)), fix="temp")]
 
 
 def _check_environment(ctx, cfg, root):
@@ -7695,32 +7724,36 @@ def _check_environment(ctx, cfg, root):
         else:
             out.append(Check("scratch-root", "fail", "scratch root %s does not exist%s" % (
                 root, " (not on BR200?)" if cfg.get("profile") == "br200" else "")))
-    problems = []
-    if root and overlaps(os.path.realpath(store.dir), os.path.realpath(root)):
-        problems.append("it lies inside the scratch root, where the purge deletes it")
-    if os.path.isdir(store.dir):
-        if not os.access(store.dir, os.W_OK | os.X_OK):
-            problems.append("it is not writable")
-        loose, shut = _split_permissions(_loose_permissions(store))
-        if shut:
-            problems.append("%s %s unreadable or unwritable by you (%s; dirs should be 0700, "
-                            "files 0600)" % (
-                                ", ".join(p for p, _ in shut[:3]) + (
-                                    " ..." if len(shut) > 3 else ""),
-                                "is" if len(shut) == 1 else "are",
-                                ", ".join("mode %03o" % m for _, m in shut[:3])))
-        if loose:
-            problems.append("%s %s group/other access (dirs should be 0700, files 0600)"
-                            % (", ".join(loose[:3]) + (" ..." if len(loose) > 3 else ""),
-                               "has" if len(loose) == 1 else "have"))
     if not os.path.isdir(store.dir):
         out.append(Check("state-dir", "fail", "state directory %s %s; `%s init` creates it" % (
             store.dir, "is not a directory" if os.path.lexists(store.dir) else "does not exist",
             PROG)))
-    elif problems:
+        return out
+    problems = []
+    if root and overlaps(os.path.realpath(store.dir), os.path.realpath(root)):
+        problems.append("it lies inside the scratch root, where the purge deletes it")
+    writable = os.access(store.dir, os.W_OK | os.X_OK)
+    if not writable:
+        problems.append("it is not writable")
+    wrong, loose, shut = _loose_permissions(store), [], []
+    for p, st, _ in wrong:      # shut: lacking their owner's read or write (or search) right
+        need = 0o700 if stat.S_ISDIR(st.st_mode) else 0o600
+        if st.st_mode & need != need:
+            shut.append((p, stat.S_IMODE(st.st_mode)))
+        else:
+            loose.append(p)
+    if shut:
+        problems.append("%s %s unreadable or unwritable by you (%s; dirs should be 0700, "
+                        "files 0600)" % (_some([p for p, _ in shut]),
+                                         "is" if len(shut) == 1 else "are",
+                                         ", ".join("mode %03o" % m for _, m in shut[:3])))
+    if loose:
+        problems.append("%s %s group/other access (dirs should be 0700, files 0600)"
+                        % (_some(loose), "has" if len(loose) == 1 else "have"))
+    if problems:
         out.append(Check("state-dir", "fail", "state directory %s: %s" % (
-            store.dir, "; ".join(problems)), fix="permissions" if _loose_permissions(store)
-            or not os.access(store.dir, os.W_OK | os.X_OK) else None))
+            store.dir, "; ".join(problems)), fix="permissions" if wrong or not writable
+            else None))
     else:
         out.append(Check("state-dir", "ok", "state directory %s is private and writable"
                          % store.dir))
@@ -7740,14 +7773,14 @@ def _check_state_links(store):
     return [Check("state-links", "fail", "%s %s a symlink inside the state directory, which %s "
                   "never follows (a refresh does not log through one); delete %s (`rm`: what "
                   "a link points to is not touched)" % (
-                      ", ".join(display_path(p) for p in links[:3]) + (
-                          " ..." if len(links) > 3 else ""),
+                      _some([display_path(p) for p in links]),
                       "is" if len(links) == 1 else "are each", PROG,
                       "it" if len(links) == 1 else "them"))]
 
 
 def _loose_permissions(store):
-    """State paths whose mode is not 0700 (dirs) / 0600 (files), or that we cannot enter."""
+    """[(path, its lstat, the mode it should have)] for the state paths whose mode is not
+    0700 (dirs and the job script) / 0600 (files)."""
     loose = []
     for dirpath, dirs, files in os.walk(store.dir):
         for name in [""] + files:
@@ -7756,52 +7789,29 @@ def _loose_permissions(store):
                 st = os.lstat(p)
             except OSError:
                 continue
-            want = 0o700 if stat.S_ISDIR(st.st_mode) else (0o700 if name == JOB_SCRIPT else 0o600)
+            want = 0o700 if stat.S_ISDIR(st.st_mode) or name == JOB_SCRIPT else 0o600
             if stat.S_ISLNK(st.st_mode) or (name.startswith("slurm-") and name.endswith(".out")):
                 continue    # Slurm creates its job logs with the job's umask
             if stat.S_IMODE(st.st_mode) != want:
-                loose.append(p)
+                loose.append((p, st, want))
     return loose
-
-
-def _split_permissions(paths):
-    """(paths of a wrong mode their owner can use, [(path, mode)] of those lacking their
-    owner's read or write (or search) permission)."""
-    loose, shut = [], []
-    for p in paths:
-        try:
-            st = os.lstat(p)
-        except OSError:
-            continue
-        mode = stat.S_IMODE(st.st_mode)
-        need = 0o700 if stat.S_ISDIR(st.st_mode) else 0o600
-        if mode & need != need:
-            shut.append((p, mode))
-        else:
-            loose.append(p)
-    return loose, shut
 
 
 def _check_checkpoints(ctx, reg, bad=()):
     """bad: names of invalid registry entries, whose checkpoints repair keeps."""
     out = []
     store = ctx.store
-    try:
-        names = sorted(f for f in os.listdir(store.checkpoint_dir) if f.endswith(".json"))
-    except OSError:
-        return out
-    for f in names:
-        name = f[:-len(".json")]
+    for p in _names_ending(store.checkpoint_dir, ".json"):
+        name = os.path.basename(p)[:-len(".json")]
         if name in bad:
             continue
         try:
             ck = store.load_checkpoint(name)
         except StateError as e:
-            out.append(Check("checkpoint:" + name, "fail", "%s%s" % (
-                e, "; repair sets it aside and the next refresh starts over"
-                if isinstance(e, InvalidState) else ""), fix=_state_fix(e, "checkpoint")))
+            out.append(_state_check("checkpoint:" + name, e, "checkpoint", "; repair sets it "
+                                    "aside and the next refresh starts over"))
             continue
-        ds = (reg or {}).get("datasets", {}).get(name) if reg is not None else None
+        ds = reg["datasets"].get(name) if reg is not None else None
         if reg is not None and ds is None:
             out.append(Check("checkpoint:" + name, "fail", "checkpoint %s belongs to no "
                              "registered dataset; repair sets it aside" % store.checkpoint_path(
@@ -7846,15 +7856,11 @@ def _lock_is_held(path):
 def _stale_locks(store):
     """[(dataset, path, record, provably dead)] for lock records whose holder is gone."""
     found = []
-    try:
-        files = sorted(f for f in os.listdir(store.lock_dir) if f.endswith(".lock"))
-    except OSError:
-        return found
     host = socket.gethostname()
-    for f in files:
+    for path in _names_ending(store.lock_dir, ".lock"):
+        f = os.path.basename(path)
         if f.startswith("."):
             continue        # the store's own locks, not a dataset's
-        path = os.path.join(store.lock_dir, f)
         rec = _lock_record(path)
         if not rec:
             continue        # released cleanly (the record is emptied on release)
@@ -7897,15 +7903,23 @@ def _check_dataset(ctx, cfg, root, ds):
     except Failure as e:
         return [Check("root:" + name, "fail", "dataset %r: %s" % (name, e))]
     out.append(Check("root:" + name, "ok", "dataset %r: %s is present" % (name, path)))
-    try:
-        out += _check_sentinel(name, path, root_fd)
+    try:       # read through the root's fd (never blocking)
+        sentinel = read_sentinel(root_fd)
+        why = sentinel_problem(root_fd) if sentinel is None else None
     finally:
         os.close(root_fd)
+    if sentinel is None and why != "missing":
+        out.append(Check("sentinel:" + name, "fail", "dataset %r: %s is not ours (%s); move it "
+                         "away, then run `%s repair`" % (name, sentinel_path(path), why, PROG)))
+    elif sentinel is None or sentinel.get("name") != name:
+        out.append(Check("sentinel:" + name, "fail", "dataset %r: its sentinel %s is %s; repair "
+                         "rewrites it" % (name, sentinel_path(path), "missing" if sentinel is None
+                                          else "naming %r" % sentinel.get("name")),
+                         fix="sentinel"))
     if root and not is_below(path, os.path.realpath(root)):
         out.append(Check("location:" + name, "fail", "dataset %r (%s) is no longer below the "
                          "scratch root %s" % (name, path, root)))
-    keep = parse_date(ds["keep_until"])
-    days_left = (keep - utc_date(now)).days
+    days_left = (parse_date(ds["keep_until"]) - utc_date(now)).days
     active = ds.get("enabled", True) and days_left >= 0
     last, overdue = ds.get("last_refresh"), overdue_at(ds)
     if active and overdue is not None and now > overdue:
@@ -7928,26 +7942,13 @@ def _check_dataset(ctx, cfg, root, ds):
     return out
 
 
-def _check_sentinel(name, path, root_fd):
-    """The sentinel check of one dataset, read through its root fd (never blocking)."""
-    sentinel, why = read_sentinel(root_fd), sentinel_problem(root_fd)
-    if sentinel is None and why != "missing":
-        return [Check("sentinel:" + name, "fail", "dataset %r: %s is not ours (%s); move it "
-                      "away, then run `%s repair`" % (name, sentinel_path(path), why, PROG))]
-    if sentinel is None or sentinel.get("name") != name:
-        return [Check("sentinel:" + name, "fail", "dataset %r: its sentinel %s is %s; repair "
-                      "rewrites it" % (name, sentinel_path(path), "missing" if sentinel is None
-                                       else "naming %r" % sentinel.get("name")),
-                      fix="sentinel")]
-    return []
-
-
 def _check_schedule(ctx, cfg, reg):
     prof = profile_of(cfg)
     enabled = [d for d in reg["datasets"].values() if d.get("enabled", True)]
-    doc, failed = _schedule_record(ctx)
-    if failed:
-        return failed
+    try:
+        doc = load_schedule(ctx.store)
+    except StateError as e:
+        return [_state_check("schedule", e, "schedule", ", then `%s install-cron` again" % PROG)]
     slurm = ctx.slurm
     if slurm.run(["squeue", "--version"]) is None:
         # Not a fault of the tool: it works, by hand (status --brief says so too).
@@ -7971,19 +7972,11 @@ def _check_schedule(ctx, cfg, reg):
                          "%s minimum of %d; run `%s install-cron --cadence-days %d`" % (
                              doc.get("cadence_days"), cfg["profile"], prof["min_cadence"], PROG,
                              prof["min_cadence"])))
-    return out + _check_schedule_jobs(ctx, cfg, doc)
-
-
-def _check_schedule_jobs(ctx, cfg, doc):
-    """What Slurm holds of the installed schedule: its jobs, its block, its request."""
-    prof = profile_of(cfg)
-    slurm = ctx.slurm
-    out = []
+    # What Slurm holds of the installed schedule: its jobs, its block, its request.
     try:
         jobs = slurm.pending(JOB_NAME)
     except Failure as e:
-        out.append(Check("schedule-jobs", "fail", "cannot list jobs: %s" % e))
-        return out
+        return out + [Check("schedule-jobs", "fail", "cannot list jobs: %s" % e)]
     if len(jobs) > 1:
         out.append(Check("schedule-jobs", "fail", "%d pending %s jobs (%s); there should be one; "
                          "repair cancels all but the earliest" % (
@@ -7991,12 +7984,11 @@ def _check_schedule_jobs(ctx, cfg, doc):
                          fix="duplicates"))
     if doc.get("method") == "scrontab":
         kind, text = slurm.crontab()
-        block = _our_block(text) if kind == "ok" else None
-        if block is None:
+        if kind != "ok" or SCRON_BEGIN not in (text or ""):
             out.append(Check("schedule-block", "fail", "the scrontab block is gone (%s); repair "
                              "reinstalls it" % (text if kind == "disabled" else "scrontab -l"),
                              fix="reinstall"))
-        elif "#DISABLED:" in block:
+        elif "#DISABLED:" in text[text.index(SCRON_BEGIN):].split(SCRON_END, 1)[0]:
             out.append(Check("schedule-block", "fail", "the scrontab block was disabled "
                              "(#DISABLED:, after an scancel of its job); repair reinstalls it",
                              fix="reinstall"))
@@ -8013,24 +8005,6 @@ def _check_schedule_jobs(ctx, cfg, doc):
     return out
 
 
-def _schedule_record(ctx):
-    """(the schedule record, None), or (None, [the check that says why it cannot be used])."""
-    try:
-        return load_schedule(ctx.store), None
-    except StateError as e:
-        return None, [Check("schedule", "fail", "%s%s" % (
-            e, ", then `%s install-cron` again" % PROG if isinstance(e, InvalidState) else ""),
-            fix=_state_fix(e, "schedule"))]
-
-
-def _our_block(text):
-    if not text or SCRON_BEGIN not in text:
-        return None
-    start = text.index(SCRON_BEGIN)
-    end = text.find(SCRON_END, start)
-    return text[start:] if end < 0 else text[start:end]
-
-
 def _check_quota(ctx, root, runner=None):
     """The user's quota on the scratch filesystem (read_quota): near its byte or file limit,
     or a quota command that does not answer, is a WARN."""
@@ -8041,11 +8015,9 @@ def _check_quota(ctx, root, runner=None):
     if reading.row is None:
         return [Check("quota", "info", "scratch quota: not checked: %s" % reading.why)]
     _, used_kb, _, hard_kb, files, _, hard_files = reading.row
-    near = []
-    if hard_kb and used_kb >= 0.9 * hard_kb:
-        near.append("%d%% of the byte limit" % (100 * used_kb // hard_kb))
-    if hard_files and files >= 0.9 * hard_files:
-        near.append("%d%% of the file limit" % (100 * files // hard_files))
+    near = ["%d%% of the %s limit" % (100 * used // hard, what)
+            for what, used, hard in (("byte", used_kb, hard_kb), ("file", files, hard_files))
+            if hard and used >= 0.9 * hard]
     if near:
         return [Check("quota", "warn", "scratch quota: %s (`%s`)" % (" and ".join(near),
                                                                        reading.command))]
@@ -8079,28 +8051,33 @@ def _repair(ctx, dry_run):
     store = ctx.store
     actions, left = [], []
     act = actions.append
-    for path, what in store.odd_dirs():
-        act("set %s aside as %s: it was %s, not a directory" % (
-            display_path(path), display_path(_set_aside(path, dry_run)), what))
-    for path, what in odd_state_files(store):
+
+    def aside(path, what):
         act("set %s aside as %s: it was %s" % (
             display_path(path), display_path(_set_aside(path, dry_run)), what))
-    if os.path.isdir(store.dir) and _loose_permissions(store):
+
+    for path, what in store.odd_dirs():
+        aside(path, what + ", not a directory")
+    for path, what in odd_state_files(store):
+        aside(path, what)
+    loose = _loose_permissions(store) if os.path.isdir(store.dir) else []
+    if loose:
         act("set state permissions to 0700 (dirs) / 0600 (files) in %s" % store.dir)
-        if not dry_run:
-            _fix_permissions(store)
-    cfg = _repair_config(store, dry_run, act, left)
+    for p, st, want in [] if dry_run else loose:
+        # A file with another name (which may be anywhere) is not ours to change.
+        if stat.S_ISDIR(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink == 1):
+            os.chmod(p, want)
+    cfg = _load_or_set_aside(store.load_config, store.config_path, "config",
+                             "run `%s init` again" % PROG, dry_run, act, left)
     # In a dry run `reg` is the registry as it would be after this step.
-    reg = _repair_registry(ctx, cfg, dry_run, act, left)
-    for name in sorted((reg or {}).get("datasets", {})):    # logs/NAME (slurm-*.out: files)
-        path = store.dataset_log_dir(name)
+    reg, bad = _repair_registry(ctx, cfg, dry_run, act, left)
+    for name in sorted(reg["datasets"] if reg is not None else ()):
+        path = store.dataset_log_dir(name)      # logs/NAME (slurm-*.out: files)
         with contextlib.suppress(FileNotFoundError):
             mode = os.lstat(path).st_mode
             if not stat.S_ISDIR(mode):
-                act("set %s aside as %s: it was %s, not a directory" % (
-                    display_path(path), display_path(_set_aside(path, dry_run)),
+                aside(path, "%s, not a directory" % (
                     "a file" if stat.S_ISREG(mode) else file_kind(mode)))
-    bad = {} if reg is not None else _registry_bad_names(store)
     for c in _check_checkpoints(ctx, reg, bad):
         if c.fix == "checkpoint":
             name = c.name.split(":", 1)[1]
@@ -8116,8 +8093,10 @@ def _repair(ctx, dry_run):
                 os.unlink(path)
     if cfg is not None and reg is not None:
         _repair_sentinels(ctx, reg, dry_run, act, left)
-        _repair_schedule_doc(store, dry_run, act, left)
-        actions.extend(_repair_schedule(ctx, cfg, reg, dry_run, left))
+        _load_or_set_aside(lambda: load_schedule(store), store.schedule_path, "schedule record",
+                           "run `%s install-cron` again to record the schedule" % PROG,
+                           dry_run, act, left)
+        _repair_schedule(ctx, cfg, reg, dry_run, act, left)
     return {"actions": actions, "left": left, "dry_run": bool(dry_run)}
 
 
@@ -8156,22 +8135,17 @@ def _names_ending(directory, suffix):
     return [os.path.join(directory, n) for n in sorted(names) if n.endswith(suffix)]
 
 
-def _repair_config(store, dry_run, act, left):
+def _load_or_set_aside(load, path, what, then, dry_run, act, left):
+    """What load() returns; when it refuses a damaged file, the file is set aside and `then`
+    is left for the user (a file that may be intact is left as it is); None when refused."""
     try:
-        return store.load_config()
+        return load()
     except InvalidState as e:
-        act("set the damaged config aside as %s" % _set_aside(store.config_path, dry_run))
-        left.append("%s; run `%s init` again" % (e, PROG))
+        act("set the damaged %s aside as %s" % (what, _set_aside(path, dry_run)))
+        left.append("%s; %s" % (e, then))
     except StateError as e:
-        left.append("%s (repair leaves the config as it is)" % e)
+        left.append("%s (repair leaves the %s as it is)" % (e, what))
     return None
-
-
-def _registry_bad_names(store):
-    try:
-        return store.load_registry_parts()[1]
-    except StateError:
-        return {}
 
 
 def _repair_locks(store, dry_run, act, left):
@@ -8191,7 +8165,7 @@ def _repair_locks(store, dry_run, act, left):
 def _repair_sentinels(ctx, reg, dry_run, act, left):
     """Rewrite missing or misnamed sentinels, and ones that do not record the settings,
     through each root's fd (never into a directory reached through a symlink)."""
-    for ds in sorted(reg.get("datasets", {}).values(), key=lambda d: d["name"]):
+    for ds in sorted(reg["datasets"].values(), key=lambda d: d["name"]):
         if not root_present(ds["path"]):
             continue
         try:
@@ -8200,55 +8174,31 @@ def _repair_sentinels(ctx, reg, dry_run, act, left):
             left.append("dataset %r: %s (no sentinel is written there)" % (ds["name"], e))
             continue
         try:
-            _repair_sentinel(ds, root_fd, dry_run, act, left)
+            found = read_sentinel(root_fd)
+            why = sentinel_problem(root_fd) if found is None else None
+            if found is None and why != "missing":
+                left.append("%s exists but is not ours (%s); move it away, then repair again"
+                            % (sentinel_path(ds["path"]), why))
+                continue
+            if found is None:
+                act("rewrite the missing sentinel of %r in %s" % (ds["name"], ds["path"]))
+            elif found.get("name") != ds["name"]:
+                act("rewrite the sentinel of %r in %s (it named %r)" % (
+                    ds["name"], ds["path"], found.get("name")))
+            elif any(found.get(k) != ds.get(k) for k in SENTINEL_SETTINGS):
+                act("record the keep-until, cadence and approval of %r in its sentinel"
+                    % ds["name"])
+            else:
+                continue
+            if not dry_run:
+                (create_sentinel if found is None else update_sentinel)(root_fd, ds)
         finally:
             os.close(root_fd)
 
 
-def _repair_sentinel(ds, root_fd, dry_run, act, left):
-    """Rewrite one dataset's missing, misnamed or settings-less sentinel."""
-    found = read_sentinel(root_fd)
-    why = sentinel_problem(root_fd) if found is None else None
-    if found is None and why != "missing":
-        left.append("%s exists but is not ours (%s); move it away, then repair again"
-                    % (sentinel_path(ds["path"]), why))
-    elif found is None:
-        act("rewrite the missing sentinel of %r in %s" % (ds["name"], ds["path"]))
-        if not dry_run:
-            create_sentinel(root_fd, ds)
-    elif found.get("name") != ds["name"]:
-        act("rewrite the sentinel of %r in %s (it named %r)" % (
-            ds["name"], ds["path"], found.get("name")))
-        if not dry_run:
-            update_sentinel(root_fd, ds)
-    elif any(found.get(k) != ds.get(k) for k in SENTINEL_SETTINGS):
-        act("record the keep-until, cadence and approval of %r in its sentinel" % ds["name"])
-        if not dry_run:
-            update_sentinel(root_fd, ds)
-
-
-def _repair_schedule_doc(store, dry_run, act, left):
-    try:
-        load_schedule(store)
-    except InvalidState as e:
-        act("set the damaged schedule record aside as %s" % _set_aside(store.schedule_path,
-                                                                        dry_run))
-        left.append("%s; run `%s install-cron` again to record the schedule" % (e, PROG))
-    except StateError as e:
-        left.append("%s (repair leaves the schedule record as it is)" % e)
-
-
-def _fix_permissions(store):
-    for p in _loose_permissions(store):
-        st = os.lstat(p)
-        if not stat.S_ISDIR(st.st_mode) and (not stat.S_ISREG(st.st_mode) or st.st_nlink > 1):
-            continue        # not ours to change: another name of it may be anywhere
-        want = 0o700 if stat.S_ISDIR(st.st_mode) or os.path.basename(p) == JOB_SCRIPT else 0o600
-        os.chmod(p, want)
-
-
 def _repair_registry(ctx, cfg, dry_run, act, left):
-    """The registry, mended where it is damaged: None when it is not to be touched.
+    """(the registry, mended where it is damaged, or None when it is not to be touched; the
+    invalid entries it then keeps, whose checkpoints repair keeps too).
 
     Unreadable (another owner's?) or newer: it may be intact, so it is only reported. A
     document that cannot be used at all: the last good backup, else a rebuild from the
@@ -8257,32 +8207,23 @@ def _repair_registry(ctx, cfg, dry_run, act, left):
     """
     store = ctx.store
     try:
-        reg, bad = store.load_registry_parts()
+        reg, bad, lost, kept = _load_registry(ctx, cfg)
     except InvalidState:
-        reg, bad = None, {}
+        reg, bad, lost, kept = None, {}, 0, {}
     except StateError as e:
         left.append("%s (repair leaves the registry as it is: it may be intact)" % e)
-        return None
-    missing = reg is not None and not bad and not os.path.lexists(store.registry_path)
-    if missing:
-        backup, backup_bad = _registry_backup(store)
-        missing = backup is not None and bool(backup["datasets"] or backup_bad)
-    elif reg is not None and not bad and not reg["datasets"]:
-        kept = _emptied_registry(ctx, cfg)
-        if kept:
-            act("restore %s into the emptied registry from its backup %s (their sentinels "
-                "are in place)" % (", ".join(repr(n) for n in sorted(kept)), store.backup_path))
-            reg = dict(reg, datasets=kept, format=FORMAT)
-            if not dry_run:
-                atomic_write(store.registry_path, dump_json(reg))
-            return reg
-    if reg is not None and not bad and not missing:
-        return reg
-    if reg is not None and cfg is None and not missing:
+        return None, {}
+    if reg is not None and not (bad or lost or kept):
+        return reg, {}
+    if reg is not None and cfg is None and not lost:
         left.append("the registry has %d invalid dataset(s) and the config is unusable: run "
                     "`%s init`, then repair again" % (len(bad), PROG))
-        return None
-    if missing:     # deleted (or set aside above): its backup is the last good one
+        return None, bad
+    if kept:
+        act("restore %s into the emptied registry from its backup %s (their sentinels "
+            "are in place)" % (", ".join(repr(n) for n in sorted(kept)), store.backup_path))
+        reg = dict(reg, datasets=kept)
+    elif lost:      # deleted (or set aside above): its backup is the last good one
         reg = None
     else:
         act("set the damaged registry aside as %s" % _set_aside(store.registry_path, dry_run,
@@ -8301,29 +8242,7 @@ def _repair_registry(ctx, cfg, dry_run, act, left):
     reg = dict(reg, datasets=datasets, format=FORMAT)
     if not dry_run:
         atomic_write(store.registry_path, dump_json(reg))
-    return reg
-
-
-def _emptied_registry(ctx, cfg):
-    """{name: entry} of the backup's datasets whose sentinels are still in place (below the
-    scratch root, naming them), for a registry that lists none: `remove` deletes the
-    sentinel, so these were not removed, the registry was emptied."""
-    backup, _ = _registry_backup(ctx.store)
-    kept = {}
-    for name, entry in sorted(((backup or {}).get("datasets") or {}).items()):
-        if not _below_scratch_root(ctx, cfg, entry["path"]) or not root_present(entry["path"]):
-            continue
-        try:
-            root_fd = dataset_root_fd(ctx, entry)
-        except Failure:
-            continue
-        try:
-            doc = read_sentinel(root_fd)
-        finally:
-            os.close(root_fd)
-        if doc is not None and doc.get("name") == name:
-            kept[name] = entry
-    return kept
+    return reg, {}
 
 
 def _registry_backup(store):
@@ -8404,7 +8323,12 @@ def _rebuilt_entry(ctx, cfg, name, path, doc, left):
         cadence = min(prof["default_cadence"], purge_days_of(cfg) - 5)
         guessed.append("cadence (now %d days)" % cadence)
     approval = doc.get("approval")
-    if "approval" not in doc or (approval is not None and _check_approval_quiet(approval)):
+    try:
+        _check_approval(approval if isinstance(approval, str) else None)
+        wrong = "approval" not in doc or not isinstance(approval, (str, type(None)))
+    except UsageError:
+        wrong = True
+    if wrong:
         approval = None
         guessed.append("approval (now none)")
     if guessed:
@@ -8420,15 +8344,6 @@ def _rebuilt_entry(ctx, cfg, name, path, doc, left):
             "last_refresh": last if not _time(last) else None, "last_refresh_start": None,
             "last_mode": None, "last_run": None, "last_total_entries": None,
             "recovered": iso(time.time())}
-
-
-def _check_approval_quiet(text):
-    """What is wrong with an approval read from a sentinel, or None."""
-    try:
-        _check_approval(text if isinstance(text, str) else None)
-    except UsageError as e:
-        return str(e)
-    return None if isinstance(text, str) else "not a string"
 
 
 def _find_sentinels(root, max_depth=4):
@@ -8450,46 +8365,36 @@ def _find_sentinels(root, max_depth=4):
         try:
             fd = open_dir(path)
             try:
-                names = list_dir(fd)
+                names, dirs = list_dir_typed(fd)
             finally:
                 os.close(fd)
         except OSError:
             continue
-        for n in reversed(names):
-            child = os.path.join(path, os.fsdecode(n))
-            try:
-                if stat.S_ISDIR(os.lstat(child).st_mode):
-                    stack.append((child, depth + 1))
-            except OSError:
-                pass
+        stack += [(os.path.join(path, os.fsdecode(names[i])), depth + 1) for i in reversed(dirs)]
     return sorted(found)
 
 
-def _repair_schedule(ctx, cfg, reg, dry_run, left):
-    actions = []
+def _repair_schedule(ctx, cfg, reg, dry_run, act, left):
     try:
         checks = _check_schedule(ctx, cfg, reg)
     except Failure as e:
         left.append("schedule: %s" % e)
-        return actions
+        return
     fixes = set(c.fix for c in checks if c.fix)
     if "duplicates" in fixes:
         jobs = ctx.slurm.pending(JOB_NAME)
         for job, _ in jobs[1:]:
-            actions.append("cancel duplicate pending job %s (keeping %s)" % (job, jobs[0][0]))
+            act("cancel duplicate pending job %s (keeping %s)" % (job, jobs[0][0]))
             if not dry_run:
                 ctx.slurm.cancel(job)
     if "reinstall" in fixes:
-        actions.append("reinstall the schedule with %s %s" % (sys.executable, script_path()))
+        act("reinstall the schedule with %s %s" % (sys.executable, script_path()))
         if not dry_run:
             doc = load_schedule(ctx.store)
             _install_cron(ctx, CronRequest(doc.get("method"), reinstall=True))
-    for c in checks:
-        if c.level == "fail" and not c.fix and c.name != "schedule":
-            left.append(c.message)
-        elif c.name == "schedule" and c.level == "fail":
-            left.append(c.message)
-    return actions
+    # What it cannot mend; a damaged record was set aside above, and its words are left.
+    left.extend(c.message for c in checks
+                if c.level == "fail" and (not c.fix or c.name == "schedule"))
 
 
 # ---------------------------------------------------------------- public API
