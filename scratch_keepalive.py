@@ -7972,11 +7972,16 @@ def _check_schedule(ctx, cfg, reg):
                          "%s minimum of %d; run `%s install-cron --cadence-days %d`" % (
                              doc.get("cadence_days"), cfg["profile"], prof["min_cadence"], PROG,
                              prof["min_cadence"])))
-    # What Slurm holds of the installed schedule: its jobs, its block, its request.
+    return out + _check_schedule_in_slurm(ctx, cfg, doc, prof)
+
+
+def _check_schedule_in_slurm(ctx, cfg, doc, prof):
+    """What Slurm holds of the installed schedule doc: its jobs, its block, its request."""
+    slurm, out = ctx.slurm, []
     try:
         jobs = slurm.pending(JOB_NAME)
     except Failure as e:
-        return out + [Check("schedule-jobs", "fail", "cannot list jobs: %s" % e)]
+        return [Check("schedule-jobs", "fail", "cannot list jobs: %s" % e)]
     if len(jobs) > 1:
         out.append(Check("schedule-jobs", "fail", "%d pending %s jobs (%s); there should be one; "
                          "repair cancels all but the earliest" % (
