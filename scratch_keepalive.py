@@ -3365,6 +3365,7 @@ K_FILE, K_DIR, K_LINK, K_OTHER = 0, 1, 2, 3
 K_TOUCHED = 4                   # flag: this walk set the entry's atime
 K_UNKNOWN = 8                   # lstat failed (not ENOENT): there, state unknown
 K_GONE = 9                      # vanished while the walk listed it: not an entry
+SENTINEL_KEY = SENTINEL.encode()     # the tool's own file, never an entry of the user's
 KIND_NAMES = {K_FILE: "file", K_DIR: "dir", K_LINK: "symlink", K_OTHER: "other",
               K_UNKNOWN: "unknown"}
 _TYPE_GONE, _TYPE_UNKNOWN = 0o11, 0o17      # file types (st_mode >> 12) that no file has
@@ -3649,7 +3650,6 @@ class ManifestWriter(object):
         self._new_chunk()
         self.unlisted_keys = []
         self.pending = None         # the entries of the chunk being compressed
-        self.failed = None
         self.thread = None          # the compressing thread, started with the first chunk
         self.job = None             # what it compresses next (None: end)
         self.result = None          # what it compressed (None: it failed)
@@ -3816,11 +3816,10 @@ def vanished(prev, new, now, purge_days):
     that ends at now (policy clock): (key, kind, size, atime seconds, mtime ns or None,
     likely purged), each read once (both in walk order: one pass, a chunk of each in
     memory). Entries below a directory new could not list are unknown, not vanished; so are
-    entries prev could not stat. The sentinel is the tool's own file, never an entry of the
-    user's."""
+    entries prev could not stat, and the sentinel."""
     old = prev.chunks()
     cur, start = None, 0
-    prev_now, sentinel = walk_now(prev), SENTINEL.encode()
+    prev_now = walk_now(prev)
 
     def below_unlisted(key):
         i = key.find(b"\0")
@@ -3847,7 +3846,7 @@ def vanished(prev, new, now, purge_days):
                 mt = cur.mtimes
                 for i in range(start, end):
                     k, kind = keys[i], cur.kinds[i]
-                    if k not in present and kind < K_UNKNOWN and k != sentinel and \
+                    if k not in present and kind < K_UNKNOWN and k != SENTINEL_KEY and \
                             not below_unlisted(k):
                         atime = cur.atimes[i] // 1000000000
                         yield (k, kind, cur.sizes[i], atime, None if mt is None else mt[i],
@@ -3915,17 +3914,12 @@ def root_identity(path):
     return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
-def last_access(kind, atime, walk_now):
-    """An entry's atime as the walk that recorded it left it: that walk's time where it
-    touched the entry, else the atime it found."""
-    return max(atime, walk_now) if kind & K_TOUCHED else atime
-
-
 def likely_purged(kind, atime, prev_now, new_now, purge_days):
     """THE likely-purged rule: an entry that vanished between two walks was likely taken
     by the site's purge when purge days had passed, by the later walk, since its last
-    access as the earlier walk left it."""
-    return last_access(kind, atime, prev_now) < new_now - purge_days * DAY
+    access as the earlier walk left it (that walk's time where it touched the entry)."""
+    last = max(atime, prev_now) if kind & K_TOUCHED else atime
+    return last < new_now - purge_days * DAY
 
 
 def same_mtime(copy_ns, source_ns):
@@ -4740,15 +4734,13 @@ def _check_older_than(days):
 
 
 class FileList(object):
-    """The entries `files` lists, from the newest complete manifest; for "vanished", the
-    dataset's purge record (what the walk that found the purge saw vanish), else what the
-    manifest before the newest holds and it lacks. Open on creation; items() streams
-    (key, kind, size, atime, reason, copy) and closes its files when done."""
+    """The entries `files` lists (_entries(), _vanished()). Open on creation; items()
+    streams (key, kind, size, atime, reason, copy) and closes its files when done."""
 
     def __init__(self, store, ds, kind, older_than, cfg, now, scratch_root=None):
         self.name, self.kind, self.older_than = ds["name"], kind, older_than
         self.ds, self.cfg, self.now = ds, cfg, now
-        self.manifests, self.numbers = [], []
+        self.manifests = []
         self.record = self.purge_entries = self.trailer = None
         record = ds.get("purge") if kind == "vanished" else None
         try:
@@ -4787,14 +4779,13 @@ class FileList(object):
                               "later" % (self.name, PROG, self.name))
             try:
                 self.manifests = [Manifest(path) for _, path in found[:need]]
-                self.numbers = [number for number, _ in found[:need]]
                 break
             except FileNotFoundError:
                 self.close()
         else:
             raise StateError("the manifests of %r keep changing (a walk is finishing); "
                              "run the command again" % self.name)
-        for m, number in zip(self.manifests, self.numbers):
+        for m, (number, _) in zip(self.manifests, found):
             why = None if m.trailer is None else manifest_problem(
                 m.header, self.ds, self.cfg, self.now, number, root_identity(self.ds["path"]))
             if m.trailer is None or why:
@@ -4832,24 +4823,24 @@ class FileList(object):
         the walk whose atime (as found) lies below it. Entries the walk could not stat have
         no atime: they are listed only without a class."""
         cut = self.cutoff(self.header)
-        sentinel = SENTINEL.encode()
         for key, kind, size, atime in self.manifests[0].entries():
             # WARNING: never the root: rsync --files-from takes "." for the root's contents
             # and would copy every file directly in it, listed or not.
-            if key == sentinel or key == b"":
+            if key == SENTINEL_KEY or key == b"":
                 continue
             if cut is not None and (kind & K_TOUCHED or kind == K_UNKNOWN or atime >= cut):
                 continue
             yield key, kind, size, atime, None, NO_COPY
 
     def _vanished(self):
-        """What vanished: the purge record's entries, else what the older manifest holds and
-        the newer lacks; with the reason (the rule the refresh result counts by:
-        likely_purged()) and a current copy in the rescue destination, as it is now."""
+        """What vanished: the purge record's entries (what the walk that found the purge saw
+        vanish), else what the older manifest holds and the newer lacks; with the reason
+        (the rule the refresh result counts by: likely_purged()) and a current copy in the
+        rescue destination, as it is now."""
         if self.record is not None:
-            sentinel = SENTINEL.encode()        # in the records of earlier versions
             found = ((d["k"], d["t"], d["s"], d["a"], d.get("m"), d["p"])
-                     for d in self.purge_entries if d["k"] != sentinel)
+                     for d in self.purge_entries
+                     if d["k"] != SENTINEL_KEY)     # in the records of earlier versions
         else:
             new, old = self.manifests
             if old.header.get("walk_started", "") > new.header.get("walk_started", "") or \
@@ -4879,8 +4870,7 @@ def _files(ctx, name, kind, older_than):
 def mark_purge_seen(store, name, file):
     """The user has listed the purge record `file` to its end: status --brief stops naming
     it. Recorded under the dataset's lock, and not at all while a walk holds it."""
-    lock = DatasetLock(store, name)
-    lock.wait = 0
+    lock = DatasetLock(store, name)      # refused at once while a walk holds it
     try:
         lock.acquire()
     except BusyError:
