@@ -3497,11 +3497,10 @@ class Manifest(object):
                                                                 MANIFEST_FORMAT))
             self.start = self.f.tell()
             self.trailer = self._read_trailer()
-        except (ValueError, UnicodeDecodeError) as e:
+        except BaseException as e:
             self.f.close()
-            raise self._bad(str(e))
-        except BaseException:
-            self.f.close()
+            if isinstance(e, ValueError):       # UnicodeDecodeError too
+                raise self._bad(str(e))
             raise
         self.unlisted = set()
 
@@ -3536,12 +3535,11 @@ class Manifest(object):
     def __exit__(self, *exc):
         self.close()
 
-    def chunks(self, end=None):
-        """Each chunk, decoded, in the walk's order, from the first record up to offset end;
-        U records add to self.unlisted."""
+    def chunks(self):
+        """Each chunk, decoded, in the walk's order; U records add to self.unlisted."""
         f = self.f
         f.seek(self.start)
-        while end is None or f.tell() < end:
+        while True:
             head = f.read(9)
             if not head:
                 return
@@ -3562,9 +3560,9 @@ class Manifest(object):
             except (ValueError, IndexError, zlib.error) as e:
                 raise self._bad("chunk: %s" % e)
 
-    def entries(self, end=None):
+    def entries(self):
         """(key, kind code, size, atime seconds) of every entry, in the walk's order."""
-        for c in self.chunks(end):
+        for c in self.chunks():
             for i, key in enumerate(c.keys):
                 if c.kinds[i] != K_GONE:
                     yield key, c.kinds[i], c.sizes[i], c.atimes[i] // 1000000000
