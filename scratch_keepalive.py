@@ -3929,10 +3929,9 @@ def same_mtime(copy_ns, source_ns):
 
 def copy_of(dest, key, kind, size, mtime_ns):
     """The absolute path of a current copy of an entry in a rescue destination (bytes), or
-    None: of the same kind, the same size (files; symlinks: the target's length) and the
-    same mtime (a destination that keeps whole seconds matches on the seconds), as rescue
-    leaves its copies; an entry whose mtime the manifest lacks (format 1) has none.
-    (size: as the manifest recorded it.)"""
+    None: of the same kind, the size the manifest recorded (files; symlinks: the target's
+    length) and the same mtime (same_mtime()), as rescue leaves its copies; an entry whose
+    mtime the manifest lacks (format 1) has none."""
     if not dest or mtime_ns is None or not key:
         return None
     *dirs, name = key.split(b"\0")
