@@ -3365,6 +3365,7 @@ K_FILE, K_DIR, K_LINK, K_OTHER = 0, 1, 2, 3
 K_TOUCHED = 4                   # flag: this walk set the entry's atime
 K_UNKNOWN = 8                   # lstat failed (not ENOENT): there, state unknown
 K_GONE = 9                      # vanished while the walk listed it: not an entry
+SENTINEL_KEY = SENTINEL.encode()     # the tool's own file, never an entry of the user's
 KIND_NAMES = {K_FILE: "file", K_DIR: "dir", K_LINK: "symlink", K_OTHER: "other",
               K_UNKNOWN: "unknown"}
 _TYPE_GONE, _TYPE_UNKNOWN = 0o11, 0o17      # file types (st_mode >> 12) that no file has
@@ -3373,10 +3374,6 @@ _KIND_OF_TYPE = bytes({0o10: K_FILE, 0o04: K_DIR, 0o12: K_LINK, _TYPE_GONE: K_GO
                        _TYPE_UNKNOWN: K_UNKNOWN}.get(t & 0o17, K_OTHER)
                       | (K_TOUCHED if t & _TYPE_TOUCHED else 0) for t in range(256))
 _BIG_ENDIAN = sys.byteorder == "big"
-
-
-def kind_name(code):
-    return KIND_NAMES.get(code & ~K_TOUCHED, "unknown")
 
 
 def key_path(key):
@@ -3408,10 +3405,11 @@ def byte_planes(data):
 
 
 def from_byte_planes(data, n):
+    """byte_planes(data) of n numbers -> their array("q")."""
     out = bytearray(8 * n)
     for i in range(8):
         out[i::8] = data[i * n:(i + 1) * n]
-    return bytes(out)
+    return _from_le("q", bytes(out))
 
 
 class ManifestChunk(object):
@@ -3419,14 +3417,12 @@ class ManifestChunk(object):
     (arrays; times in ns; mtimes None in a format 1 manifest)."""
     __slots__ = ("keys", "kinds", "sizes", "atimes", "mtimes")
 
-    def __init__(self, keys, kinds, sizes, atimes, mtimes=None):
+    def __init__(self, keys, kinds, sizes, atimes, mtimes):
         self.keys, self.kinds, self.sizes, self.atimes, self.mtimes = (
             keys, kinds, sizes, atimes, mtimes)
 
 
 MANIFEST_RECORD_MAX = 64 * MiB     # what one record decodes to, at most (4,096 entries
-
-
 # with 16 KiB paths): a small record that inflates without end is damaged, not a hang
 
 
@@ -3452,11 +3448,11 @@ def decode_chunk(data, count):
     pos += names_len
     keys = []
     kinds = raw[pos:pos + nent]
-    sizes = _from_le("q", from_byte_planes(raw[pos + nent:pos + 9 * nent], nent))
-    atimes = _from_le("q", from_byte_planes(raw[pos + 9 * nent:pos + 17 * nent], nent))
+    sizes = from_byte_planes(raw[pos + nent:pos + 9 * nent], nent)
+    atimes = from_byte_planes(raw[pos + 9 * nent:pos + 17 * nent], nent)
     mtimes = None
     if len(raw) == pos + 25 * nent and nent:        # format 2: mtimes follow
-        mtimes = _from_le("q", from_byte_planes(raw[pos + 17 * nent:pos + 25 * nent], nent))
+        mtimes = from_byte_planes(raw[pos + 17 * nent:pos + 25 * nent], nent)
     elif len(raw) != pos + 17 * nent:
         raise ValueError("lengths")
     if len(name_list) != nent or len(kinds) != nent or len(atimes) != nent:
@@ -3501,11 +3497,10 @@ class Manifest(object):
                                                                 MANIFEST_FORMAT))
             self.start = self.f.tell()
             self.trailer = self._read_trailer()
-        except (ValueError, UnicodeDecodeError) as e:
+        except BaseException as e:
             self.f.close()
-            raise self._bad(str(e))
-        except BaseException:
-            self.f.close()
+            if isinstance(e, ValueError):       # UnicodeDecodeError too
+                raise self._bad(str(e))
             raise
         self.unlisted = set()
 
@@ -3540,11 +3535,11 @@ class Manifest(object):
     def __exit__(self, *exc):
         self.close()
 
-    def records(self, end=None):
-        """(tag, count, data) of each record from the first, up to offset end."""
+    def chunks(self):
+        """Each chunk, decoded, in the walk's order; U records add to self.unlisted."""
         f = self.f
         f.seek(self.start)
-        while end is None or f.tell() < end:
+        while True:
             head = f.read(9)
             if not head:
                 return
@@ -3557,22 +3552,17 @@ class Manifest(object):
             data = f.read(length)
             if len(data) != length or tag not in (b"C", b"U"):
                 raise self._bad("truncated record")
-            yield tag, count, data
-
-    def chunks(self, end=None):
-        """Each chunk, decoded, in the walk's order; U records add to self.unlisted."""
-        for tag, count, data in self.records(end):
             try:
                 if tag == b"U":
                     self.unlisted.update(decode_unlisted(data, count))
-                    continue
-                yield decode_chunk(data, count)
+                else:
+                    yield decode_chunk(data, count)
             except (ValueError, IndexError, zlib.error) as e:
                 raise self._bad("chunk: %s" % e)
 
-    def entries(self, end=None):
+    def entries(self):
         """(key, kind code, size, atime seconds) of every entry, in the walk's order."""
-        for c in self.chunks(end):
+        for c in self.chunks():
             for i, key in enumerate(c.keys):
                 if c.kinds[i] != K_GONE:
                     yield key, c.kinds[i], c.sizes[i], c.atimes[i] // 1000000000
@@ -3632,7 +3622,6 @@ class ManifestWriter(object):
     """
 
     def __init__(self, path, header=None, resume=None):
-        self.struct = struct
         self.path = path
         self.fd = open_manifest_for_writing(path)
         try:
@@ -3648,7 +3637,6 @@ class ManifestWriter(object):
         except BaseException:
             os.close(self.fd)
             raise
-        self.offset = os.lseek(self.fd, 0, os.SEEK_CUR)
         # A digest of the keys alone, in order, however the batches were cut: two manifests
         # with the same one hold the same entries, and their merge can be skipped. (Not
         # kept across a resume: a resumed walk's manifest is merged the long way.)
@@ -3660,7 +3648,6 @@ class ManifestWriter(object):
         self._new_chunk()
         self.unlisted_keys = []
         self.pending = None         # the entries of the chunk being compressed
-        self.failed = None
         self.thread = None          # the compressing thread, started with the first chunk
         self.job = None             # what it compresses next (None: end)
         self.result = None          # what it compressed (None: it failed)
@@ -3726,7 +3713,7 @@ class ManifestWriter(object):
         names = [b"\0"] * (2 * len(self.names) - 1) if self.names else []
         names[::2] = self.names
         size = sum(len(x) for x in names)
-        return b"".join([self.struct.pack("<III", len(self.seg_dirs), self.count, size),
+        return b"".join([struct.pack("<III", len(self.seg_dirs), self.count, size),
                          _le(table), b"".join(self.seg_dirs)] + names + [
                          b"".join(self.kinds), byte_planes(b"".join(self.sizes)),
                          byte_planes(b"".join(self.atimes)),
@@ -3778,7 +3765,7 @@ class ManifestWriter(object):
         self.entries += count
 
     def _record(self, tag, data, count):
-        self._write(tag + self.struct.pack("<II", len(data), count) + data)
+        self._write(tag + struct.pack("<II", len(data), count) + data)
 
     def _flush_unlisted(self):
         if not self.unlisted_keys:
@@ -3803,7 +3790,7 @@ class ManifestWriter(object):
                        keys_digest=self.digest.hexdigest() if self.digest else None)
         data = json.dumps(trailer, sort_keys=True).encode()
         self._record(b"E", data, 0)
-        self._write(self.struct.pack("<Q", pos["offset"]))
+        self._write(struct.pack("<Q", pos["offset"]))
         os.fsync(self.fd)
         self.close()
         return pos["entries"]
@@ -3822,13 +3809,15 @@ class ManifestWriter(object):
             self.fd = None
 
 
-def vanished(prev, new):
-    """The entries of manifest prev that manifest new lacks, in the walk's order:
-    (key, kind, size, atime seconds, mtime ns or None), each read once (both in walk order:
-    one pass, a chunk of each in memory). Entries below a directory new could not list are
-    unknown, not vanished; so are entries prev could not stat."""
+def vanished(prev, new, now, purge_days):
+    """The entries of manifest prev that manifest new lacks, in the walk's order, by the walk
+    that ends at now (policy clock): (key, kind, size, atime seconds, mtime ns or None,
+    likely purged), each read once (both in walk order: one pass, a chunk of each in
+    memory). Entries below a directory new could not list are unknown, not vanished; so are
+    entries prev could not stat, and the sentinel."""
     old = prev.chunks()
     cur, start = None, 0
+    prev_now = walk_now(prev)
 
     def below_unlisted(key):
         i = key.find(b"\0")
@@ -3854,20 +3843,20 @@ def vanished(prev, new):
             if not present.issuperset(span):        # the usual case: nothing vanished
                 mt = cur.mtimes
                 for i in range(start, end):
-                    k = keys[i]
-                    if k not in present and cur.kinds[i] < K_UNKNOWN and not below_unlisted(k):
-                        yield (k, cur.kinds[i], cur.sizes[i], cur.atimes[i] // 1000000000,
-                               None if mt is None else mt[i])
+                    k, kind = keys[i], cur.kinds[i]
+                    if k not in present and kind < K_UNKNOWN and k != SENTINEL_KEY and \
+                            not below_unlisted(k):
+                        atime = cur.atimes[i] // 1000000000
+                        yield (k, kind, cur.sizes[i], atime, None if mt is None else mt[i],
+                               likely_purged(kind, atime, prev_now, now, purge_days))
             start = end
             if end < len(keys):
                 return
     for chunk in new.chunks():
         if chunk.keys:
-            for item in take(chunk.keys[-1], set(chunk.keys)):
-                yield item
-        chunk = item = None     # as above: one chunk of each manifest in memory
-    for item in take(None, frozenset()):
-        yield item
+            yield from take(chunk.keys[-1], set(chunk.keys))
+        chunk = None        # as above: one chunk of each manifest in memory
+    yield from take(None, frozenset())
 
 
 def partial_matches(path, walk_started, position):
@@ -3923,17 +3912,12 @@ def root_identity(path):
     return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
-def last_access(kind, atime, walk_now):
-    """An entry's atime as the walk that recorded it left it: that walk's time where it
-    touched the entry, else the atime it found."""
-    return max(atime, walk_now) if kind & K_TOUCHED else atime
-
-
 def likely_purged(kind, atime, prev_now, new_now, purge_days):
     """THE likely-purged rule: an entry that vanished between two walks was likely taken
     by the site's purge when purge days had passed, by the later walk, since its last
-    access as the earlier walk left it."""
-    return last_access(kind, atime, prev_now) < new_now - purge_days * DAY
+    access as the earlier walk left it (that walk's time where it touched the entry)."""
+    last = max(atime, prev_now) if kind & K_TOUCHED else atime
+    return last < new_now - purge_days * DAY
 
 
 def same_mtime(copy_ns, source_ns):
@@ -3945,10 +3929,9 @@ def same_mtime(copy_ns, source_ns):
 
 def copy_of(dest, key, kind, size, mtime_ns):
     """The absolute path of a current copy of an entry in a rescue destination (bytes), or
-    None: of the same kind, the same size (files; symlinks: the target's length) and the
-    same mtime (a destination that keeps whole seconds matches on the seconds), as rescue
-    leaves its copies; an entry whose mtime the manifest lacks (format 1) has none.
-    (size: as the manifest recorded it.)"""
+    None: of the same kind, the size the manifest recorded (files; symlinks: the target's
+    length) and the same mtime (same_mtime()), as rescue leaves its copies; an entry whose
+    mtime the manifest lacks (format 1) has none."""
     if not dest or mtime_ns is None or not key:
         return None
     *dirs, name = key.split(b"\0")
@@ -4084,16 +4067,12 @@ def walk_now(m):
 def find_purge(prev, new, purge_days, out, now):
     """What vanished between manifests prev and new, by the walk that ends at now (policy
     clock): each entry written to out (a PurgeWriter), which counts them; its counts. When
-    both hold the same keys (their digests say so), nothing vanished: no need to read them.
-    The sentinel is the tool's own file, never an entry of the user's."""
+    both hold the same keys (their digests say so), nothing vanished: no need to read them."""
     same = ((prev.trailer or {}).get("keys_digest")
             and prev.trailer["keys_digest"] == (new.trailer or {}).get("keys_digest"))
     if not same:
-        prev_now, sentinel = walk_now(prev), SENTINEL.encode()
-        for key, kind, size, atime, mtime in vanished(prev, new):
-            if key != sentinel:
-                out.add(key, kind, size, atime, mtime,
-                        likely_purged(kind, atime, prev_now, now, purge_days))
+        for item in vanished(prev, new, now, purge_days):
+            out.add(*item)
     return out.counts
 
 
@@ -4714,43 +4693,28 @@ def quote_path(path):
     return "".join(out)
 
 
-def _atime_text(t):
-    try:
-        return iso(t)
-    except (OverflowError, ValueError, OSError):     # beyond what gmtime can show
-        return None
-
-
 NO_COPY = object()      # an entry of a list that is not of what vanished: no `copy` key
 
 
 def file_doc(key, kind, size, atime, reason=None, copy=NO_COPY):
     """One entry as `files --json` prints it (and files() yields it)."""
     rel = key_path(key)
-    doc = {"kind": kind_name(kind), "size": size}
+    doc = {"kind": KIND_NAMES.get(kind & ~K_TOUCHED, "unknown"), "size": size}
     try:
         doc["path"] = rel.decode("utf-8")
     except UnicodeDecodeError:
         doc["path"] = rel.decode("utf-8", "replace")
         doc["path_b64"] = base64.b64encode(rel).decode("ascii")
-    known = kind & ~K_TOUCHED != K_UNKNOWN
-    doc["atime"] = _atime_text(atime) if known else None
-    doc["touched"] = bool(kind & K_TOUCHED) if known else False
+    doc["atime"], doc["touched"] = None, False      # an entry the walk could not stat
+    if kind & ~K_TOUCHED != K_UNKNOWN:
+        with contextlib.suppress(OverflowError, ValueError, OSError):   # beyond gmtime
+            doc["atime"] = iso(atime)
+        doc["touched"] = bool(kind & K_TOUCHED)
     if reason is not None:
         doc["reason"] = reason
     if copy is not NO_COPY:
         doc["copy"] = None if copy is None else copy.decode("utf-8", "surrogateescape")
     return doc
-
-
-def _check_files_kind(kind):
-    if kind is None:
-        return None
-    k = str(kind).replace("_", "-")
-    if k not in FILES_KINDS:
-        raise UsageError("unknown kind of file list %r; use one of %s, or none for every "
-                         "entry" % (kind, ", ".join(FILES_KINDS)))
-    return k
 
 
 def _check_older_than(days):
@@ -4767,75 +4731,65 @@ def _check_older_than(days):
 
 
 class FileList(object):
-    """The entries `files` lists, from the newest complete manifest; for "vanished", the
-    dataset's purge record (what the walk that found the purge saw vanish), else what the
-    manifest before the newest holds and it lacks. Open on creation; items() streams
-    (key, kind, size, atime, reason, copy) and closes its files when done."""
+    """The entries `files` lists (_entries(), _vanished()). Open on creation; items()
+    streams (key, kind, size, atime, reason, copy) and closes its files when done."""
 
     def __init__(self, store, ds, kind, older_than, cfg, now, scratch_root=None):
         self.name, self.kind, self.older_than = ds["name"], kind, older_than
         self.ds, self.cfg, self.now = ds, cfg, now
-        self.manifests, self.numbers = [], []
-        self.record = self.purge_entries = None
-        self.dest = rescue_dest(ds, scratch_root)
+        self.manifests = []
+        self.record = self.purge_entries = self.trailer = None
         record = ds.get("purge") if kind == "vanished" else None
-        if isinstance(record, dict):
-            path = store.purge_record_path(self.name, record["file"])
-            self.header, self.purge_entries = read_purge(path, record.get("entries_vanished"))
-            if (self.header.get("dataset"), self.header.get("walk_started")) != (
-                    self.name, record.get("walk_started")):
-                self.purge_entries.close()
-                raise StateError("the purge record %s is not the one %r's registry entry "
-                                 "names (it is of %r, the walk of %s); the next purge a walk "
-                                 "finds replaces it" % (path, self.name,
-                                                        self.header.get("dataset"),
-                                                        self.header.get("walk_started")))
-            self.record, self.trailer = record, None
-            self.dest = rescue_dest({"rescue_to": self.header.get("dest")}, scratch_root)
-            return
         try:
-            self._open(store)
+            if isinstance(record, dict):
+                path = store.purge_record_path(self.name, record["file"])
+                h, self.purge_entries = read_purge(path, record.get("entries_vanished"))
+                if (h.get("dataset"), h.get("walk_started")) != (self.name,
+                                                                 record.get("walk_started")):
+                    raise StateError("the purge record %s is not the one %r's registry entry "
+                                     "names (it is of %r, the walk of %s); the next purge a "
+                                     "walk finds replaces it" % (path, self.name,
+                                                                 h.get("dataset"),
+                                                                 h.get("walk_started")))
+                self.header, self.record = h, record
+                ds = {"rescue_to": h.get("dest")}       # where its walk looked for copies
+            else:
+                self._open(store)
+                self.header = self.manifests[0].header
+                self.trailer = self.manifests[0].trailer
         except BaseException:
             self.close()
             raise
-        self.header = self.manifests[0].header
-        self.trailer = self.manifests[0].trailer
+        self.dest = rescue_dest(ds, scratch_root)
 
     def _open(self, store):
         need = 2 if self.kind == "vanished" else 1
         for _ in range(5):      # a walk finishing now may delete the oldest as we open it
             found = store.manifests(self.name)
+            if not found:
+                raise Failure("no complete walk of %r has left a manifest yet; run `%s refresh "
+                              "--name %s` (check mode touches nothing) to make one"
+                              % (self.name, PROG, self.name))
             if len(found) < need:
-                raise self._missing(len(found))
+                raise Failure("only one complete walk of %r has left a manifest; what vanished "
+                              "is known after the next one: run `%s refresh --name %s` again "
+                              "later" % (self.name, PROG, self.name))
             try:
                 self.manifests = [Manifest(path) for _, path in found[:need]]
-                self.numbers = [number for number, _ in found[:need]]
                 break
             except FileNotFoundError:
                 self.close()
         else:
             raise StateError("the manifests of %r keep changing (a walk is finishing); "
                              "run the command again" % self.name)
-        for m, number in zip(self.manifests, self.numbers):
-            if m.trailer is None:
-                raise StateError("the manifest %s is not complete; the next complete walk "
-                                 "(`%s refresh --name %s`) writes one" % (m.path, PROG,
-                                                                          self.name))
-            why = manifest_problem(m.header, self.ds, self.cfg, self.now, number,
-                                   root_identity(self.ds["path"]))
-            if why:
-                raise StateError("the manifest %s is not used: %s; the next complete walk "
-                                 "(`%s refresh --name %s`) writes one" % (
-                                     m.path, why, PROG, self.name))
-
-    def _missing(self, have):
-        if have == 0:
-            return Failure("no complete walk of %r has left a manifest yet; run `%s refresh "
-                           "--name %s` (check mode touches nothing) to make one"
-                           % (self.name, PROG, self.name))
-        return Failure("only one complete walk of %r has left a manifest; what vanished is "
-                       "known after the next one: run `%s refresh --name %s` again later"
-                       % (self.name, PROG, self.name))
+        for m, (number, _) in zip(self.manifests, found):
+            why = None if m.trailer is None else manifest_problem(
+                m.header, self.ds, self.cfg, self.now, number, root_identity(self.ds["path"]))
+            if m.trailer is None or why:
+                raise StateError("the manifest %s %s; the next complete walk (`%s refresh "
+                                 "--name %s`) writes one"
+                                 % (m.path, "is not used: " + why if why else "is not complete",
+                                    PROG, self.name))
 
     def close(self):
         for m in self.manifests:
@@ -4845,27 +4799,19 @@ class FileList(object):
 
     def cutoff(self, header):
         """Entries with an atime below this (epoch seconds) are listed; None: all."""
-        now = float(header["now"])
-        cut = []
+        days = [] if self.older_than is None else [self.older_than]
         if self.kind == "at-risk":
-            cut.append(now - float(header["thresholds_days"][1]) * DAY)
+            days.append(float(header["thresholds_days"][1]))
         elif self.kind == "purge-eligible":
-            cut.append(now - float(header["purge_days"]) * DAY)
-        if self.older_than is not None:
-            cut.append(now - self.older_than * DAY)
-        return min(cut) if cut else None
+            days.append(float(header["purge_days"]))
+        return float(header["now"]) - max(days) * DAY if days else None
 
     def items(self):
         try:
-            try:
-                source = (self._recorded() if self.record is not None else self._vanished()
-                          if self.kind == "vanished" else self._entries())
-                for item in source:
-                    yield item
-            except (KeyError, TypeError, ValueError, IndexError) as e:
-                raise StateError("the manifest of %r has a header this version cannot use "
-                                 "(%s); the next complete walk writes a new one"
-                                 % (self.name, e))
+            yield from self._vanished() if self.kind == "vanished" else self._entries()
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise StateError("the manifest of %r has a header this version cannot use (%s); "
+                             "the next complete walk writes a new one" % (self.name, e))
         finally:
             self.close()
 
@@ -4874,61 +4820,54 @@ class FileList(object):
         the walk whose atime (as found) lies below it. Entries the walk could not stat have
         no atime: they are listed only without a class."""
         cut = self.cutoff(self.header)
-        sentinel = SENTINEL.encode()
         for key, kind, size, atime in self.manifests[0].entries():
             # WARNING: never the root: rsync --files-from takes "." for the root's contents
             # and would copy every file directly in it, listed or not.
-            if key == sentinel or key == b"":
+            if key == SENTINEL_KEY or key == b"":
                 continue
             if cut is not None and (kind & K_TOUCHED or kind == K_UNKNOWN or atime >= cut):
                 continue
             yield key, kind, size, atime, None, NO_COPY
 
     def _vanished(self):
-        """What the older manifest holds and the newer lacks, with the reason (the rule
-        the refresh result counts by: likely_purged()) and a current copy in the dataset's
-        rescue destination."""
-        new, old = self.manifests
-        if old.header.get("walk_started", "") > new.header.get("walk_started", "") or \
-                old.header.get("seq", 0) >= new.header.get("seq", 1):
-            raise StateError("what vanished from %r is not known: its two newest manifests are "
-                             "out of order" % self.name)
-        prev_now, new_now = walk_now(old), walk_now(new)
-        purge_days = float(new.header["purge_days"])
-        cut = self.cutoff(new.header)
-        sentinel = SENTINEL.encode()
-        for key, kind, size, atime, mtime in vanished(old, new):
-            if key == sentinel or (cut is not None and atime >= cut):
-                continue
-            purged = likely_purged(kind, atime, prev_now, new_now, purge_days)
-            yield (key, kind, size, atime, REASON_PURGED if purged else REASON_DELETED,
-                   copy_of(self.dest, key, kind, size, mtime))
-
-    def _recorded(self):
-        """The purge record's entries, with their copies as they are now."""
-        cut = self.cutoff(self.header) if self.older_than is not None else None
-        sentinel = SENTINEL.encode()
-        for d in self.purge_entries:
-            key, kind, size, atime = d["k"], d["t"], d["s"], d["a"]
-            if key == sentinel or (cut is not None and atime >= cut):
-                continue
-            yield (key, kind, size, atime, REASON_PURGED if d["p"] else REASON_DELETED,
-                   copy_of(self.dest, key, kind, size, d.get("m")))
+        """What vanished: the purge record's entries (what the walk that found the purge saw
+        vanish), else what the older manifest holds and the newer lacks; with the reason
+        (the rule the refresh result counts by: likely_purged()) and a current copy in the
+        rescue destination, as it is now."""
+        if self.record is not None:
+            found = ((d["k"], d["t"], d["s"], d["a"], d.get("m"), d["p"])
+                     for d in self.purge_entries
+                     if d["k"] != SENTINEL_KEY)     # in the records of earlier versions
+        else:
+            new, old = self.manifests
+            if old.header.get("walk_started", "") > new.header.get("walk_started", "") or \
+                    old.header.get("seq", 0) >= new.header.get("seq", 1):
+                raise StateError("what vanished from %r is not known: its two newest manifests "
+                                 "are out of order" % self.name)
+            found = vanished(old, new, walk_now(new), float(new.header["purge_days"]))
+        cut = self.cutoff(self.header)
+        for key, kind, size, atime, mtime, purged in found:
+            if cut is None or atime < cut:
+                yield (key, kind, size, atime, REASON_PURGED if purged else REASON_DELETED,
+                       copy_of(self.dest, key, kind, size, mtime))
 
 
 def _files(ctx, name, kind, older_than):
-    kind, older_than = _check_files_kind(kind), _check_older_than(older_than)
+    k = None if kind is None else str(kind).replace("_", "-")
+    if k is not None and k not in FILES_KINDS:
+        raise UsageError("unknown kind of file list %r; use one of %s, or none for every "
+                         "entry" % (kind, ", ".join(FILES_KINDS)))
+    older_than = _check_older_than(older_than)
     cfg = ctx.config()
     ds = _get(ctx.store.load_registry(), name)
-    return FileList(ctx.store, ds, kind, older_than, cfg, ctx.now,
+    return FileList(ctx.store, ds, k, older_than, cfg, ctx.now,
                     scratch_root_of(cfg, ctx.env))
 
 
 def mark_purge_seen(store, name, file):
     """The user has listed the purge record `file` to its end: status --brief stops naming
     it. Recorded under the dataset's lock, and not at all while a walk holds it."""
-    lock = DatasetLock(store, name)
-    lock.wait = 0
+    lock = DatasetLock(store, name)      # refused at once while a walk holds it
     try:
         lock.acquire()
     except BusyError:
