@@ -3557,7 +3557,7 @@ class Manifest(object):
                     self.unlisted.update(decode_unlisted(data, count))
                 else:
                     yield decode_chunk(data, count)
-            except (ValueError, IndexError, zlib.error) as e:
+            except (ValueError, IndexError, zlib.error, struct.error) as e:
                 raise self._bad("chunk: %s" % e)
 
     def entries(self):

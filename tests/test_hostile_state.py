@@ -644,6 +644,26 @@ def test_a_small_file_that_inflates_without_end_is_damaged_not_a_hang(walked):
     assert r.rc == 1 and "inflates past" in r.err and time.monotonic() - t0 < TIMEOUT, r
 
 
+@pytest.mark.parametrize("inflated", [b"", b"\0" * 5, b"\1" * 11])
+def test_a_chunk_that_inflates_shorter_than_its_own_header_is_damaged(walked, inflated):
+    """A chunk record whose data inflates to fewer bytes than a chunk's header: the
+    manifest is damaged, one line and exit 1, never an internal error."""
+    import struct
+    import zlib
+    (_, path), _ = sk.Store(str(walked["state"])).manifests("ds")
+    raw = open(path, "rb").read()
+    head = raw[:raw.index(b"\n", len(sk.MANIFEST_MAGIC)) + 1]
+    off = struct.unpack("<Q", raw[-8:])[0]
+    data = zlib.compress(inflated)
+    body = head + b"C" + struct.pack("<II", len(data), 5) + data
+    body += raw[off:-8] + struct.pack("<Q", len(body))
+    with open(path, "wb") as f:
+        f.write(body)
+    r = run_script("files", "--name", "ds", timeout=TIMEOUT)
+    assert r.rc == 1 and "is damaged" in r.err and "internal error" not in r.err, r
+    assert r.err.count("\n") == 1, r
+
+
 @pytest.mark.parametrize("value", ['"2"', "[2]", "null", "true", "0"])
 def test_a_manifest_format_that_is_not_a_number_is_damaged(walked, value):
     (_, path), _ = sk.Store(str(walked["state"])).manifests("ds")
