@@ -2224,19 +2224,11 @@ def risk_of(ds):
     return "at-risk" if rem["at_risk"] else "none"
 
 
-# What needs a dataset's user, most urgent first (the README's JSON section lists them).
-# The schedule is not a dataset's attention: it has its own line and key.
-ATTENTION = (
-    ("missing", "its root is missing"),
-    ("purged", "a purge took entries, and you have not listed them yet"),
-    ("purge-eligible", "entries of yours older than the purge age remain, with no copy"),
-    ("expired", "its keep-until date passed: it is no longer refreshed or checked"),
-    ("at-risk", "entries of yours at risk remain, with no copy"),
-    ("errors", "its last run had entry errors"),
-    ("stalled", "a walk stopped part-way and was not resumed within its cadence"),
-    ("expiring", "its keep-until date is 14 days away or less"),
-)
-ATTENTION_CODES = tuple(code for code, _ in ATTENTION)
+# What needs a dataset's user, most urgent first: attention() is each one's rule,
+# attention_words() its words, the README's JSON section what each means. The schedule is
+# not a dataset's attention: it has its own line and key.
+ATTENTION_CODES = ("missing", "purged", "purge-eligible", "expired", "at-risk", "errors",
+                   "stalled", "expiring")
 EXPIRING_DAYS = 14
 
 
@@ -2262,7 +2254,7 @@ def purge_unseen(ds, now):
 
 
 def attention(ds, now, checkpoint=None):
-    """THE rule for what about dataset ds needs its user: a list of ATTENTION codes, most
+    """THE rule for what about dataset ds needs its user: a list of ATTENTION_CODES, most
     urgent first, empty exactly when nothing does. From state alone, so that every view
     (and --fail-on-risk) says the same, `status --brief` included, which looks at no
     dataset: its registry entry, and checkpoint, its walk checkpoint (or None). A missing
