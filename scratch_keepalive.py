@@ -1973,6 +1973,11 @@ def purge_days_of(cfg):
     return int(cfg.get("purge_days") or profile_of(cfg)["purge_days"])
 
 
+def default_cadence(cfg):
+    """A dataset's cadence when none is given: the profile's, as long as the purge allows."""
+    return min(profile_of(cfg)["default_cadence"], purge_days_of(cfg) - 5)
+
+
 def thresholds_days(cfg, cadence):
     """(skip, at-risk, purge) ages in days for a cadence; see the contract."""
     purge = purge_days_of(cfg)
@@ -1980,10 +1985,8 @@ def thresholds_days(cfg, cadence):
 
 
 def thresholds_ns(cfg, cadence, now):
-    skip, risk, purge = thresholds_days(cfg, cadence)
     now_ns = int(now * 1e9)
-    return (now_ns - skip * DAY * 10 ** 9, now_ns - risk * DAY * 10 ** 9,
-            now_ns - purge * DAY * 10 ** 9)
+    return tuple(now_ns - days * DAY * 10 ** 9 for days in thresholds_days(cfg, cadence))
 
 
 def dataset_mode(cfg, ds, force_check=False):
@@ -2016,12 +2019,10 @@ def _walk_start_text(ds, mode):
     """
     key = "last_%s_start" % mode
     if key in ds:
-        text = ds[key]
-    elif ds.get("last_mode") == mode:
-        text = ds.get("last_refresh_start") or ds.get("last_refresh")
-    else:
-        text = None
-    return text if isinstance(text, str) else None
+        return ds[key]
+    if ds.get("last_mode") == mode:
+        return ds.get("last_refresh_start") or ds.get("last_refresh")
+    return None
 
 
 def walk_start(ds, mode):
@@ -2046,16 +2047,14 @@ def record_walk(ds, mode, walk_started, finished):
 
 
 def schedule_cadence(store):
-    """The installed schedule's cadence in days, or None (none installed, or unreadable:
-    doctor reports that; the rules then fall back to the dataset's own cadence)."""
+    """The installed schedule's cadence in days (SCHEDULE_SCHEMA: a whole number), or None
+    (none installed, or unreadable: doctor reports that; the rules then fall back to the
+    dataset's own cadence)."""
     try:
         doc = load_schedule(store)
     except StateError:
         return None
-    cadence = doc.get("cadence_days") if isinstance(doc, dict) else None
-    if isinstance(cadence, bool) or not isinstance(cadence, int) or cadence < 1:
-        return None
-    return cadence
+    return None if doc is None else doc["cadence_days"]
 
 
 def threshold_cadence(ds, sched_cadence):
@@ -2225,19 +2224,11 @@ def risk_of(ds):
     return "at-risk" if rem["at_risk"] else "none"
 
 
-# What needs a dataset's user, most urgent first (the README's JSON section lists them).
-# The schedule is not a dataset's attention: it has its own line and key.
-ATTENTION = (
-    ("missing", "its root is missing"),
-    ("purged", "a purge took entries, and you have not listed them yet"),
-    ("purge-eligible", "entries of yours older than the purge age remain, with no copy"),
-    ("expired", "its keep-until date passed: it is no longer refreshed or checked"),
-    ("at-risk", "entries of yours at risk remain, with no copy"),
-    ("errors", "its last run had entry errors"),
-    ("stalled", "a walk stopped part-way and was not resumed within its cadence"),
-    ("expiring", "its keep-until date is 14 days away or less"),
-)
-ATTENTION_CODES = tuple(code for code, _ in ATTENTION)
+# What needs a dataset's user, most urgent first: attention() is each one's rule,
+# attention_words() its words, the README's JSON section what each means. The schedule is
+# not a dataset's attention: it has its own line and key.
+ATTENTION_CODES = ("missing", "purged", "purge-eligible", "expired", "at-risk", "errors",
+                   "stalled", "expiring")
 EXPIRING_DAYS = 14
 
 
@@ -2263,7 +2254,7 @@ def purge_unseen(ds, now):
 
 
 def attention(ds, now, checkpoint=None):
-    """THE rule for what about dataset ds needs its user: a list of ATTENTION codes, most
+    """THE rule for what about dataset ds needs its user: a list of ATTENTION_CODES, most
     urgent first, empty exactly when nothing does. From state alone, so that every view
     (and --fail-on-risk) says the same, `status --brief` included, which looks at no
     dataset: its registry entry, and checkpoint, its walk checkpoint (or None). A missing
@@ -2286,9 +2277,8 @@ def attention(ds, now, checkpoint=None):
         found.add("at-risk")
     if run_errors(ds):
         found.add("errors")
-    updated = (checkpoint or {}).get("updated")
-    if isinstance(updated, str) and parse_iso(updated) is not None and \
-            now - parse_iso(updated) > int(ds["cadence_days"]) * DAY:
+    updated = (checkpoint or {}).get("updated")     # CHECKPOINT_SCHEMA: a time, or null
+    if updated and now - parse_iso(updated) > int(ds["cadence_days"]) * DAY:
         found.add("stalled")
     return [c for c in ATTENTION_CODES if c in found]
 
@@ -4081,28 +4071,22 @@ def find_purge(prev, new, purge_days, out, now):
 
 class Context(object):
     """What one invocation works with: the state dir, the environment, the output streams,
-    and the Slurm handle (made on first use, from `runner` when one is given)."""
+    and the Slurm handle (its commands run by `runner` when one is given)."""
 
     def __init__(self, state_dir=None, env=None, out=None, err=None, runner=None):
         self.env = dict(os.environ if env is None else env)
         self.store = Store(state_dir or default_state_dir(self.env))
         self.out = out
         self.err = err
-        self.runner = runner
+        self.slurm = Slurm(runner)
         self._now = None
-        self._slurm = None
 
     @property
     def now(self):
+        """policy_now(), read on first use (a bad SCRATCH_KEEPALIVE_NOW fails only then)."""
         if self._now is None:
             self._now = policy_now(self.env)
         return self._now
-
-    @property
-    def slurm(self):
-        if self._slurm is None:
-            self._slurm = Slurm(self.runner)
-        return self._slurm
 
     def config(self):
         return self.store.require_config()
@@ -4127,15 +4111,15 @@ def _get(reg, name):
 
 def _init(ctx, profile, scratch_root, purge_days):
     store = ctx.store
-    old = store.load_config()
+    old = store.load_config() or {}
     datasets = store.load_registry()["datasets"]
     if profile is not None and profile not in PROFILES:
         raise UsageError("unknown profile %r; choose br200 or generic" % profile)
-    name = profile or (old or {}).get("profile") or DEFAULT_PROFILE
+    name = profile or old.get("profile") or DEFAULT_PROFILE
     if old and old.get("profile") != name and datasets:
         raise UsageError("the profile is %s and %d dataset(s) are registered; remove them before "
                          "changing the profile to %s" % (old.get("profile"), len(datasets), name))
-    same = old if (old and old.get("profile") == name) else {}
+    same = old if old.get("profile") == name else {}
     root = _init_root(ctx, name, scratch_root or same.get("scratch_root"))
     purge = _init_purge_days(name, purge_days) or same.get("purge_days") or \
         PROFILES[name]["purge_days"]
@@ -4148,18 +4132,15 @@ def _init(ctx, profile, scratch_root, purge_days):
             raise UsageError("dataset %r has a %d-day cadence, too long for a %d-day purge; "
                              "lower it first" % (ds["name"], int(ds["cadence_days"]), purge))
     cfg = {"profile": name, "scratch_root": root, "purge_days": int(purge)}
-    changed = dict((k, (old or {}).get(k)) for k in cfg) != cfg
+    changed = dict((k, old.get(k)) for k in cfg) != cfg
     if changed:
-        cfg["created"] = (old or {}).get("created") or iso(time.time())
-        cfg["updated"] = iso(time.time())
-        store.save_config(cfg)
+        now = iso(time.time())
+        store.save_config(dict(cfg, created=old.get("created") or now, updated=now))
     else:
-        cfg = old
         store.ensure()
     with contextlib.suppress(OSError):
         os.chmod(store.dir, 0o700)      # a pre-existing directory too: state is private
-    return {"config": dict((k, cfg[k]) for k in ("profile", "scratch_root", "purge_days")),
-            "changed": changed, "state_dir": store.dir, "warnings": warnings}
+    return {"config": cfg, "changed": changed, "state_dir": store.dir, "warnings": warnings}
 
 
 def _init_root(ctx, name, given):
@@ -4244,11 +4225,8 @@ def _add(ctx, name, path, keep_until, cadence_days, approval, rescue_to=None, ma
     cfg = ctx.config()
     check_name(name)
     keep = _check_keep_until(keep_until, ctx.now)
-    prof = profile_of(cfg)
-    purge = purge_days_of(cfg)
-    cadence = cadence_days if cadence_days is not None else min(prof["default_cadence"],
-                                                                purge - 5)
-    _check_cadence(cfg, int(cadence))
+    cadence = _check_cadence(cfg, int(default_cadence(cfg) if cadence_days is None
+                                      else cadence_days))
     approval = _check_approval(approval)
     root = scratch_root_of(cfg, ctx.env)
     if not path or not os.path.exists(path):
@@ -4274,7 +4252,7 @@ def _add(ctx, name, path, keep_until, cadence_days, approval, rescue_to=None, ma
             if overlaps(real, other["path"]):
                 raise UsageError("%s overlaps dataset %r (%s); a dataset may not be, contain or "
                                  "lie inside another" % (real, other["name"], other["path"]))
-        ds = {"name": name, "path": real, "keep_until": keep, "cadence_days": int(cadence),
+        ds = {"name": name, "path": real, "keep_until": keep, "cadence_days": cadence,
               "approval": approval, "enabled": True, "added": iso(time.time()),
               "registration": binascii.hexlify(os.urandom(8)).decode("ascii"),
               "last_refresh": None, "last_refresh_start": None, "last_mode": None,
@@ -4284,7 +4262,10 @@ def _add(ctx, name, path, keep_until, cadence_days, approval, rescue_to=None, ma
             ds["manifest"] = False
         if rescue_dest:
             ds["rescue_to"] = rescue_dest
-        root_fd = _add_root_fd(real, root)
+        try:        # reached from the scratch root without a symlink
+            root_fd = open_dataset_root(real, root)
+        except Failure as e:
+            raise UsageError(str(e))
         try:
             if create_sentinel(root_fd, ds):
                 created.append(real)
@@ -4302,14 +4283,6 @@ def _check_rescue_to(ctx, cfg, dataset_path, text):
     if text.strip().lower() == "none":
         return ""
     return check_rescue_dest(ctx, cfg, dataset_path, text, "--rescue-to")
-
-
-def _add_root_fd(real, scratch_root):
-    """The new dataset's root fd, reached from the scratch root without a symlink."""
-    try:
-        return open_dataset_root(real, scratch_root)
-    except Failure as e:
-        raise UsageError(str(e))
 
 
 @contextmanager
@@ -4355,12 +4328,17 @@ def last_purge(ds):
         "found", "walk_started", "previous_walk_started", "dest", "seen"))
 
 
-def _list(ctx):
+def _entries(ctx, make, name=None):
+    """make(ctx, cfg, ds) for dataset name, else for every registered one (by name); the
+    config is required only when there is a dataset."""
     reg = ctx.store.load_registry()
-    if not reg["datasets"]:
-        return []
-    cfg = ctx.config()
-    return [_list_entry(ctx, cfg, reg["datasets"][n]) for n in sorted(reg["datasets"])]
+    names = sorted(reg["datasets"]) if name is None else [_get(reg, name)["name"]]
+    cfg = ctx.config() if names else None
+    return [make(ctx, cfg, reg["datasets"][n]) for n in names]
+
+
+def _list(ctx):
+    return _entries(ctx, _list_entry)
 
 
 def _status_entry(ctx, cfg, ds):
@@ -4412,22 +4390,12 @@ def manifest_info(store, ds, cfg, now):
 def _status(ctx, name=None, with_schedule=True):
     """with_schedule=False leaves out the `schedule` key (and its squeue call): the text
     shows the schedule once, below the datasets."""
-    reg = ctx.store.load_registry()
-    if name is not None:
-        ds = _get(reg, name)
-        entry = _status_entry(ctx, ctx.config(), ds)
-        if with_schedule:
-            entry["schedule"] = schedule_summary(ctx)
-        return entry
-    if not reg["datasets"]:
-        return []
-    cfg = ctx.config()
-    entries = [_status_entry(ctx, cfg, reg["datasets"][n]) for n in sorted(reg["datasets"])]
-    if with_schedule:
+    entries = _entries(ctx, _status_entry, name)
+    if with_schedule and entries:
         sched = schedule_summary(ctx)
         for e in entries:
             e["schedule"] = None if sched is None else dict(sched)
-    return entries
+    return entries if name is None else entries[0]
 
 
 def _brief(ctx):
@@ -4438,14 +4406,13 @@ def _brief(ctx):
     datasets there are and however slow scratch or the Slurm controller is.
     """
     datasets = ctx.store.load_registry()["datasets"]
-    today = utc_date(ctx.now)
     alerts = []
-    for n in sorted(datasets):
-        ds = datasets[n]
-        codes = attention(ds, ctx.now, checkpoint_or_none(ctx.store, n))
-        if codes:
-            alerts.append(_brief_dataset(ds, codes, ctx.now))
-    sched = _brief_schedule(ctx, datasets, today)
+    for n in sorted(datasets):      # its most urgent code's kind and command, every finding
+        codes = attention(datasets[n], ctx.now, checkpoint_or_none(ctx.store, n))
+        said = [attention_words(datasets[n], c, ctx.now) for c in codes]
+        if said:
+            alerts.append(_alert(n, codes[0], "; ".join(w for w, _ in said), said[0][1], codes))
+    sched = _brief_schedule(ctx, datasets)
     return alerts + ([sched] if sched else [])
 
 
@@ -4457,23 +4424,21 @@ def _alert(name, kind, message, command, codes=None):
 def attention_words(ds, code, now):
     """(what, command) for one attention code of ds: the words every view uses."""
     name = ds["name"]
+    status_cmd = "%s status --name %s" % (PROG, name)
     files_cmd = "%s files --name %s" % (PROG, name)
     extend_cmd = "%s extend --name %s --keep-until YYYY-MM-DD" % (PROG, name)
-    when = ds.get("last_refresh") or "?"
-    rem = remaining_risk(ds) or {}
     if code == "missing":
-        return ("its root %s was missing at the refresh of %s (purged, moved or renamed?)" % (
-            display_path(ds["path"]), ds.get("missing_since") or "?"),
-                "%s status --name %s" % (PROG, name))
+        return ("its root %s was missing at the refresh of %s (purged, moved or renamed?)"
+                % (display_path(ds["path"]), ds.get("missing_since") or "?"), status_cmd)
     if code == "purged":
         return purge_words(ds["purge"]), files_cmd + " --vanished"
     if code in ("purge-eligible", "at-risk"):
-        n = rem["own_purge_eligible" if code == "purge-eligible" else "own_at_risk"]
+        n = remaining_risk(ds)["own_" + code.replace("-", "_")]
         return ("%s of yours %s after the check walk of %s, not copied by a rescue of that "
                 "walk: copy what you need somewhere safe" % (
                     plural(n, "entry", "entries"), "older than the purge age remain"
-                    if code == "purge-eligible" else "at risk remain", when),
-                "%s --%s" % (files_cmd, code))
+                    if code == "purge-eligible" else "at risk remain",
+                    ds.get("last_refresh") or "?"), "%s --%s" % (files_cmd, code))
     if code == "expired":
         return ("its keep-until date %s has passed: it is no longer refreshed or checked"
                 % ds["keep_until"], extend_cmd)
@@ -4481,13 +4446,11 @@ def attention_words(ds, code, now):
         run = ds["last_run"]
         return ("its last run (%s) had %s%s" % (
             run.get("finished") or "?", plural(run_errors(ds), "error"),
-            ", listed in " + display_path(run["log"]) if run.get("log") else ""),
-            "%s status --name %s" % (PROG, name))
+            ", listed in " + display_path(run["log"]) if run.get("log") else ""), status_cmd)
     if code == "stalled":
         return ("a walk stopped part-way and has not been resumed within its cadence of %d "
-                "days" % int(ds["cadence_days"]),
-                "%s refresh --name %s" % (PROG, name) if ds.get("enabled", True) else
-                "%s enable --name %s" % (PROG, name))
+                "days" % int(ds["cadence_days"]), "%s %s --name %s" % (
+                    PROG, "refresh" if ds.get("enabled", True) else "enable", name))
     days_left = (parse_date(ds["keep_until"]) - utc_date(now)).days
     return ("kept only until %s (%s): after that it is no longer refreshed or checked"
             % (ds["keep_until"], "today" if days_left == 0 else "in " + plural(days_left, "day")),
@@ -4510,19 +4473,12 @@ def purge_words(p):
     return text
 
 
-def _brief_dataset(ds, codes, now):
-    """The alert for one dataset: its most urgent code's kind and command, and every
-    finding in the message."""
-    said = [attention_words(ds, c, now) for c in codes]
-    return _alert(ds["name"], codes[0], "; ".join(w for w, _ in said), said[0][1], codes)
-
-
-def _brief_schedule(ctx, datasets, today):
+def _brief_schedule(ctx, datasets):
     """The schedule's alert, or None: missing (datasets to keep, no schedule), failed (its
     last run failed, or its record cannot be read), silent (no scheduled run has reported
     for cadence + 3 days since the last report or the install)."""
     live = [d for d in datasets.values() if d.get("enabled", True)
-            and parse_date(d["keep_until"]) >= today]
+            and parse_date(d["keep_until"]) >= utc_date(ctx.now)]
     try:
         doc = load_schedule(ctx.store)
     except StateError:
@@ -4531,7 +4487,7 @@ def _brief_schedule(ctx, datasets, today):
     if doc is None:
         if not live:
             return None
-        cfg = ctx.store.load_config() or {}
+        cfg = ctx.store.load_config() or {}     # unreadable: raised, the login line says so
         account = cfg.get("profile") in PROFILES and profile_of(cfg)["account_required"]
         return _alert(None, "missing", "none is installed, so %s refreshed or checked only "
                       "when you run refresh" % ("%s is" % live[0]["name"] if len(live) == 1 else
@@ -4548,7 +4504,7 @@ def _brief_schedule(ctx, datasets, today):
     times = [parse_iso(t) for t in (doc.get("installed"), last.get("finished"))
              if isinstance(t, str)]
     since = max(times) if times else None
-    limit = int(doc.get("cadence_days") or 14) + 3
+    limit = doc["cadence_days"] + 3
     if live and since is not None and ctx.now - since > limit * DAY:
         return _alert(None, "silent", "no scheduled run has reported since %s (more than %d "
                       "days: cadence + 3)" % (iso(since)[:10], limit), "%s doctor" % PROG)
@@ -4577,8 +4533,7 @@ def _scheduled_run_failed(last):
 def _extend(ctx, name, keep_until, approval, cadence_days=None, rescue_to=None, manifest=None):
     cfg = ctx.config()
     check_name(name)
-    if (keep_until is None and approval is None and cadence_days is None and rescue_to is None
-            and manifest is None):
+    if all(v is None for v in (keep_until, approval, cadence_days, rescue_to, manifest)):
         raise UsageError("extend needs --keep-until YYYY-MM-DD, --approval TEXT, "
                          "--cadence-days N, --rescue-to DIR, --manifest or --no-manifest")
     keep = _check_keep_until(keep_until, ctx.now) if keep_until is not None else None
@@ -4600,16 +4555,9 @@ def _extend(ctx, name, keep_until, approval, cadence_days=None, rescue_to=None, 
         rescue_dest = _check_rescue_to(ctx, cfg, ds["path"], rescue_to)
         if rescue_dest is not None:
             ds["rescue_to"] = rescue_dest or None
-    # The sentinel records the settings too (a registry rebuilt from it keeps them).
-    try:
-        root_fd = dataset_root_fd(ctx, ds)
-    except Failure:
-        root_fd = None      # the root is gone: the registry alone records them
-    if root_fd is not None:
-        try:
-            update_sentinel(root_fd, ds)
-        finally:
-            os.close(root_fd)
+    # The sentinel records the settings too (a registry rebuilt from it keeps them); when
+    # the root is gone, the registry alone records them.
+    _at_root(ctx, ds, lambda root_fd: update_sentinel(root_fd, ds), None)
     return _list_entry(ctx, cfg, ds)
 
 
@@ -4632,7 +4580,7 @@ def _remove(ctx, name):
         with store.update_registry() as reg:
             ds = _get(reg, name)
             del reg["datasets"][name]
-        sentinel_deleted = _delete_sentinel_of(ctx, ds)
+        sentinel_deleted = _at_root(ctx, ds, delete_sentinel, False)
         store.delete_checkpoint(name)
         store.delete_checkpoint(name, "rescue")
         store.delete_manifests(name)
@@ -4641,14 +4589,15 @@ def _remove(ctx, name):
     return {"name": name, "path": ds["path"], "sentinel_deleted": sentinel_deleted}
 
 
-def _delete_sentinel_of(ctx, ds):
-    """Delete a dataset's sentinel through its root fd; never through a symlinked parent."""
+def _at_root(ctx, ds, act, unreachable):
+    """act(the dataset's root fd), never through a symlinked parent; unreachable when the
+    root cannot be reached."""
     try:
         root_fd = dataset_root_fd(ctx, ds)
     except Failure:
-        return False
+        return unreachable
     try:
-        return delete_sentinel(root_fd)
+        return act(root_fd)
     finally:
         os.close(root_fd)
 
@@ -8264,7 +8213,7 @@ def _rebuilt_entry(ctx, cfg, name, path, doc, left):
         guessed.append("keep-until (now %s)" % keep)
     cadence = doc.get("cadence_days")
     if _int(prof["min_cadence"], purge_days_of(cfg) - 5)(cadence):
-        cadence = min(prof["default_cadence"], purge_days_of(cfg) - 5)
+        cadence = default_cadence(cfg)
         guessed.append("cadence (now %d days)" % cadence)
     approval = doc.get("approval")
     try:
