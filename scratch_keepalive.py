@@ -719,7 +719,7 @@ def _json_loads(raw):
         raise ValueError("nested too deeply")
 
 
-def _owner_hint(path, e, uid=None):
+def _owner_hint(path, uid=None):
     """What to say about a state file the kernel will not let us read (or of owner uid)."""
     if uid is None:
         try:
@@ -770,7 +770,7 @@ def open_state(path, kind, flags=STATE_READ_FLAGS, mode=0o600, dir_fd=None):
         st = os.fstat(fd)
         if stat.S_ISREG(st.st_mode) and st.st_uid != os.geteuid():     # may be intact
             raise UnreadableState("the %s %s cannot be trusted: %s" % (
-                kind, display_path(path), _owner_hint(path, None, st.st_uid)))
+                kind, display_path(path), _owner_hint(path, st.st_uid)))
         why = state_file_problem(st, kind)
         if why:
             raise InvalidState("the %s %s is %s; run `%s repair` (it sets it aside)"
@@ -805,7 +805,7 @@ def _state_open_error(path, kind, e):
                             "points to is not touched)" % (kind, display_path(path), PROG, PROG))
     if e.errno in (errno.EACCES, errno.EPERM):
         return UnreadableState("cannot read the %s %s (%s): %s" % (
-            kind, display_path(path), e.strerror, _owner_hint(path, e)))
+            kind, display_path(path), e.strerror, _owner_hint(path)))
     return InvalidState("cannot read the %s %s (%s); run `%s repair` (it sets the file "
                         "aside)" % (kind, display_path(path), e.strerror, PROG))
 
@@ -941,8 +941,8 @@ def _null_or(check):
     return nullable
 
 
-_counts = _valid(lambda v: isinstance(v, dict) and not any(_COUNT(v.get(f, 0))
-                                                            for f in Counts.FIELDS),
+_counts = _valid(lambda v: (isinstance(v, dict)
+                            and not any(_COUNT(v.get(f, 0)) for f in Counts.FIELDS)),
                  "an object of counts (whole numbers of at least 0)")
 
 
@@ -1215,8 +1215,6 @@ class Store(object):
         good, bad = split_entries(doc["datasets"], path, kind)
         return dict(doc, datasets=good), bad
 
-    # The store's own locks start with a dot, which no dataset name can (valid_name), so a
-    # dataset called "registry" never shares a lock file with the registry.
     @contextmanager
     def schedule_lock(self, wait=None):
         """One schedule change at a time (install, uninstall, a job submitting its successor):
@@ -1271,22 +1269,16 @@ class Store(object):
         directory down to it is one (not a symlink): else not_followed (a StateError). A
         read through a link would take another place's files for ours."""
         rel = os.path.relpath(path, self.dir)
-        here = self.dir
-        for part in ([] if rel == "." else rel.split(os.sep)):
-            here = os.path.join(here, part)
-            try:
-                st = os.lstat(here)
-            except FileNotFoundError:
-                return path         # nothing there to read
-            if not stat.S_ISDIR(st.st_mode):
-                raise not_followed(here)
+        try:
+            os.close(self.open_dir(*([] if rel == "." else rel.split(os.sep)), flags=O_PATH_DIR))
+        except FileNotFoundError:
+            pass            # nothing there to read
         return path
 
     def load_checkpoint(self, name, kind="walk"):
         path = self.checkpoint_path(name, kind)
         self.real_dir(os.path.dirname(path))
-        what, schema = CHECKPOINT_KINDS[kind]
-        return read_json(path, what, schema)
+        return read_json(path, *CHECKPOINT_KINDS[kind])
 
     def load_checkpoint_quiet(self, name, kind="walk"):
         """The checkpoint, or None when absent or damaged (a walk then starts over).
@@ -1430,19 +1422,19 @@ class Store(object):
                 os.mkdir(os.path.join(self.dir, *parts[:i]), 0o700)
         return self.open_dir(*parts)
 
-    def open_dir(self, *parts):
-        """A descriptor of the directory self.dir/parts..., never through a symlink.
+    def open_dir(self, *parts, flags=os.O_RDONLY | O_DIRECTORY | O_CLOEXEC):
+        """A descriptor (opened with flags) of the directory self.dir/parts..., never through
+        a symlink.
 
         WARNING: the state directory is ours, and nothing in it is followed: a symlink at
         logs/NAME made log pruning delete files wherever it pointed. (The state directory
         itself may be reached through a symlink.)
         """
-        fd = os.open(self.dir, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        fd = os.open(self.dir, flags)
         try:
             for i, part in enumerate(parts):
                 try:
-                    sub = os.open(part, os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC,
-                                  dir_fd=fd)
+                    sub = os.open(part, flags | O_NOFOLLOW, dir_fd=fd)
                 except OSError as e:
                     if e.errno not in (errno.ELOOP, errno.ENOTDIR):
                         raise
@@ -1454,7 +1446,8 @@ class Store(object):
             raise
         return fd
 
-    # -- locks
+    # -- locks: the store's own start with a dot, which no dataset name can (valid_name), so
+    # a dataset called "registry" never shares a lock file with the registry.
     def lock_path(self, name):
         return os.path.join(self.lock_dir, name + ".lock")
 
@@ -1475,23 +1468,21 @@ class FileLock(object):
         self.store.ensure()
         fd = open_lock_file(self.path)
         deadline = time.monotonic() + self.wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    os.close(fd)
-                    raise
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise BusyError(self.busy % lock_holder(self.path))
-                time.sleep(0.2)
         try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                        raise
+                    if time.monotonic() >= deadline:
+                        raise BusyError(self.busy % lock_holder(self.path))
+                    time.sleep(0.2)
             os.ftruncate(fd, 0)
             os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                      "since": iso(time.time())}).encode("ascii"))
-        except OSError as e:
+        except BaseException as e:
             os.close(fd)
             raise_if_full(e, self.path)
             raise
@@ -1729,15 +1720,19 @@ def decode_sentinel(raw):
     return {"tool": PROG, "name": m.group(1).decode("ascii"), "torn": True} if m else None
 
 
-def _open_sentinel(root_fd, flags):
+def _open_sentinel(root, flags=os.O_RDONLY | O_NOATIME):
     """(fd, document, None) of the sentinel path when it holds a regular file of ours, else
     (None, None, why not): "missing", "a symlink", "not a regular file (a FIFO)", "another
-    tool's file", or the error."""
+    tool's file", or the error. root: the dataset root's fd (open_dataset_root) or its path.
+    """
     try:
-        fd = os.open(SENTINEL, flags | O_SENTINEL, dir_fd=root_fd)
+        with _root_fd_of(root) as root_fd:
+            fd = os.open(SENTINEL, flags | O_SENTINEL, dir_fd=root_fd)
+    except Failure as e:
+        return None, None, str(e)
     except OSError as e:
         if e.errno == errno.EPERM and flags & O_NOATIME:
-            return _open_sentinel(root_fd, flags & ~O_NOATIME)
+            return _open_sentinel(root, flags & ~O_NOATIME)
         if e.errno == errno.ELOOP:
             return None, None, "a symlink"
         return None, None, "missing" if e.errno == errno.ENOENT else e.strerror
@@ -1769,13 +1764,8 @@ def file_kind(mode):
 
 def sentinel_state(root):
     """(the sentinel's JSON, None) when it is a regular file written by this tool, else
-    (None, why not: see _open_sentinel). root: the dataset root's fd (open_dataset_root) or
-    its path."""
-    try:
-        with _root_fd_of(root) as root_fd:
-            fd, doc, why = _open_sentinel(root_fd, os.O_RDONLY | O_NOATIME)
-    except (Failure, OSError) as e:
-        return None, str(e)
+    (None, why not): see _open_sentinel."""
+    fd, doc, why = _open_sentinel(root)
     if fd is not None:
         os.close(fd)
     return doc, why
@@ -1849,11 +1839,7 @@ def update_sentinel(root, ds):
     never a truncation or a rename, so the root's mtime does not move and a failure or a
     kill leaves a file still recognised as ours. False if it is not ours or the write failed.
     """
-    try:
-        with _root_fd_of(root) as root_fd:
-            fd, _, _ = _open_sentinel(root_fd, os.O_RDWR)
-    except (Failure, OSError):
-        return False
+    fd, _, _ = _open_sentinel(root, os.O_RDWR)
     if fd is None:
         return False
     try:
