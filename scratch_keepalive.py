@@ -1110,9 +1110,13 @@ SCHEDULE_SCHEMA = {
 LOCK_SCHEMA = {"pid": (True, _int(1, 2 ** 31 - 1)), "host": (True, _str), "since": (False, _str)}
 
 
-def split_entries(datasets, path, kind="registry"):
-    """The registry's entries that follow ENTRY_SCHEMA, and {name: (message, entry)} for the
-    others."""
+def split_entries(doc, path, kind="registry"):
+    """The entries of the registry document doc that follow ENTRY_SCHEMA, and {name: (message,
+    entry)} for the others; InvalidState when it has no datasets table."""
+    datasets = doc.get("datasets") if isinstance(doc, dict) else None
+    if not isinstance(datasets, dict):
+        raise InvalidState("the %s %s has no datasets table; run `%s repair`"
+                           % (kind, path, PROG))
     good, bad = {}, {}
     for key in sorted(datasets):
         entry = datasets[key]
@@ -1209,10 +1213,7 @@ class Store(object):
         doc = read_json(path, kind)
         if doc is None:
             return {"format": FORMAT, "datasets": {}}, {}
-        if not isinstance(doc.get("datasets"), dict):
-            raise InvalidState("the %s %s has no datasets table; run `%s repair`"
-                               % (kind, path, PROG))
-        good, bad = split_entries(doc["datasets"], path, kind)
+        good, bad = split_entries(doc, path, kind)
         return dict(doc, datasets=good), bad
 
     @contextmanager
@@ -1248,11 +1249,9 @@ class Store(object):
                 previous = None     # not a registry of ours: never the backup
             if previous is not None:
                 try:
-                    doc = _json_loads(previous)
-                    if (isinstance(doc, dict) and isinstance(doc.get("datasets"), dict)
-                            and not split_entries(doc["datasets"], self.registry_path)[1]):
+                    if not split_entries(_json_loads(previous), self.registry_path)[1]:
                         atomic_write(self.backup_path, previous)
-                except ValueError:
+                except (ValueError, InvalidState):
                     pass    # never let a damaged registry replace the last good backup
             atomic_write(self.registry_path, dump_json(dict(reg, format=FORMAT)))
         finally:
@@ -1509,7 +1508,6 @@ class DatasetLock(FileLock):
     def __init__(self, store, name):
         FileLock.__init__(self, store, name, "dataset %r is busy: %%s holds its lock; wait for "
                           "it to finish (or stop it), then try again" % name)
-        self.name = name
 
 
 def not_followed(path):
