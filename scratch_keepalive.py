@@ -1429,21 +1429,11 @@ class Store(object):
         logs/NAME made log pruning delete files wherever it pointed. (The state directory
         itself may be reached through a symlink.)
         """
-        fd = os.open(self.dir, flags)
-        try:
-            for i, part in enumerate(parts):
-                try:
-                    sub = os.open(part, flags | O_NOFOLLOW, dir_fd=fd)
-                except OSError as e:
-                    if e.errno not in (errno.ELOOP, errno.ENOTDIR):
-                        raise
-                    raise not_followed(os.path.join(self.dir, *parts[:i + 1])) from None
-                os.close(fd)
-                fd = sub
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        def refused(dir_fd, i, e):
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                return not_followed(os.path.join(self.dir, *parts[:i + 1]))
+            return e
+        return open_below(os.open(self.dir, flags), parts, flags, refused)
 
     # -- locks: the store's own start with a dot, which no dataset name can (valid_name), so
     # a dataset called "registry" never shares a lock file with the registry.
@@ -1588,15 +1578,23 @@ def open_dataset_root(path, scratch_root=None):
         fd = os.open(base, O_PATH_DIR)
     except OSError as e:
         raise Failure("cannot open %s (%s)" % (display_path(base), e.strerror))
-    here = base
+    return open_below(fd, comps, O_PATH_DIR, lambda dir_fd, i, e: _containment_error(
+        path, dir_fd, os.path.join(base, *comps[:i]), comps[i], e))
+
+
+def open_below(fd, names, flags, refused):
+    """The directory fd/names..., opened one name at a time with O_NOFOLLOW, so that no
+    symlink is followed: its descriptor (fd and those between are closed). When one cannot
+    be opened, refused(the descriptor of its directory, its index, the OSError) returns
+    what to raise."""
     try:
-        for comp in comps:
+        for i, name in enumerate(names):
             try:
-                nxt = os.open(comp, O_PATH_DIR | O_NOFOLLOW, dir_fd=fd)
+                sub = os.open(name, flags | O_NOFOLLOW, dir_fd=fd)
             except OSError as e:
-                raise _containment_error(path, fd, here, comp, e)
+                raise refused(fd, i, e) from None
             os.close(fd)
-            fd, here = nxt, os.path.join(here, comp)
+            fd = sub
     except BaseException:
         os.close(fd)
         raise
