@@ -559,11 +559,7 @@ def atomic_write(path, data, mode=0o600):
     """
     directory = os.path.dirname(path) or "."
     base = os.path.basename(path)
-    try:
-        dfd = os.open(directory, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-    except OSError as e:
-        raise_if_full(e, path)
-        raise
+    dfd = os.open(directory, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
     try:
         _atomic_write_at(dfd, path, base, data, mode)
         with contextlib.suppress(OSError):
@@ -723,7 +719,7 @@ def _json_loads(raw):
         raise ValueError("nested too deeply")
 
 
-def _owner_hint(path, e, uid=None):
+def _owner_hint(path, uid=None):
     """What to say about a state file the kernel will not let us read (or of owner uid)."""
     if uid is None:
         try:
@@ -771,24 +767,18 @@ def open_state(path, kind, flags=STATE_READ_FLAGS, mode=0o600, dir_fd=None):
     except OSError as e:
         raise _state_open_error(path, kind, e) from None
     try:
-        check_state_fd(fd, path, kind)
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_uid != os.geteuid():     # may be intact
+            raise UnreadableState("the %s %s cannot be trusted: %s" % (
+                kind, display_path(path), _owner_hint(path, st.st_uid)))
+        why = state_file_problem(st, kind)
+        if why:
+            raise InvalidState("the %s %s is %s; run `%s repair` (it sets it aside)"
+                               % (kind, display_path(path), why, PROG))
     except BaseException:
         os.close(fd)
         raise
     return fd
-
-
-def check_state_fd(fd, path, kind):
-    """Refuse (StateError) what fd names unless it is a regular file of ours of a size its
-    kind can have."""
-    st = os.fstat(fd)
-    if stat.S_ISREG(st.st_mode) and st.st_uid != os.geteuid():     # may be intact
-        raise UnreadableState("the %s %s cannot be trusted: %s" % (
-            kind, display_path(path), _owner_hint(path, None, st.st_uid)))
-    why = state_file_problem(st, kind)
-    if why:
-        raise InvalidState("the %s %s is %s; run `%s repair` (it sets it aside)"
-                           % (kind, display_path(path), why, PROG))
 
 
 def state_file_problem(st, kind=None, foreign=False):
@@ -815,7 +805,7 @@ def _state_open_error(path, kind, e):
                             "points to is not touched)" % (kind, display_path(path), PROG, PROG))
     if e.errno in (errno.EACCES, errno.EPERM):
         return UnreadableState("cannot read the %s %s (%s): %s" % (
-            kind, display_path(path), e.strerror, _owner_hint(path, e)))
+            kind, display_path(path), e.strerror, _owner_hint(path)))
     return InvalidState("cannot read the %s %s (%s); run `%s repair` (it sets the file "
                         "aside)" % (kind, display_path(path), e.strerror, PROG))
 
@@ -906,45 +896,42 @@ def _is_int(v):
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _int(lo, hi):
+def _valid(test, what):
+    """A check that takes the values test() accepts; what: what the others should be."""
     def check(v):
-        if not _is_int(v) or not lo <= v <= hi:
-            return "a whole number from %d to %d" % (lo, hi)
+        if not test(v):
+            return what
     return check
 
 
-def _str(v):
-    if not isinstance(v, str) or not v or "\0" in v:
-        return "a non-empty string"
+def _text(test=None):
+    """A test for a non-empty string without a NUL that test() (if any) accepts."""
+    return lambda v: (isinstance(v, str) and v != "" and "\0" not in v
+                      and (test is None or bool(test(v))))
 
 
-def _abs_path(v):
-    if _str(v) or not v.startswith("/"):
-        return "an absolute path"
-
-
-def _bool(v):
-    if not isinstance(v, bool):
-        return "true or false"
+def _int(lo, hi):
+    return _valid(lambda v: _is_int(v) and lo <= v <= hi,
+                  "a whole number from %d to %d" % (lo, hi))
 
 
 def _one_of(*values):
-    def check(v):
-        if v not in values:
-            return "one of %s" % ", ".join(map(str, values))
-    return check
+    return _valid(lambda v: v in values, "one of %s" % ", ".join(map(str, values)))
 
 
-def _time(v):
+def _in_time_range(v):
     """An ISO time this tool can compute with (years 1970 to 8999)."""
-    t = parse_iso(v) if isinstance(v, str) else None
-    if t is None or not TIME_MIN <= t < TIME_MAX:
-        return "an ISO time such as 2026-08-01T03:00:00Z"
+    t = parse_iso(v)
+    return t is not None and TIME_MIN <= t < TIME_MAX
 
 
-def _date(v):
-    if not isinstance(v, str) or parse_date(v) is None or not "1970" <= v < "9000":
-        return "a date YYYY-MM-DD"
+_str = _valid(_text(), "a non-empty string")
+_abs_path = _valid(_text(lambda v: v.startswith("/")), "an absolute path")
+_bool = _valid(lambda v: isinstance(v, bool), "true or false")
+_time = _valid(lambda v: isinstance(v, str) and _in_time_range(v),
+               "an ISO time such as 2026-08-01T03:00:00Z")
+_date = _valid(lambda v: isinstance(v, str) and parse_date(v) is not None and
+               "1970" <= v < "9000", "a date YYYY-MM-DD")
 
 
 def _null_or(check):
@@ -954,9 +941,9 @@ def _null_or(check):
     return nullable
 
 
-def _counts(v):
-    if not isinstance(v, dict) or any(_int(0, 2 ** 63)(v.get(f, 0)) for f in Counts.FIELDS):
-        return "an object of counts (whole numbers of at least 0)"
+_counts = _valid(lambda v: (isinstance(v, dict)
+                            and not any(_COUNT(v.get(f, 0)) for f in Counts.FIELDS)),
+                 "an object of counts (whole numbers of at least 0)")
 
 
 def _object(schema):
@@ -970,10 +957,8 @@ def _object(schema):
 
 
 def _list_of(check, what):
-    def check_list(v):
-        if not isinstance(v, list) or any(check(x) for x in v):
-            return "a list of %s" % what
-    return check_list
+    return _valid(lambda v: isinstance(v, list) and not any(check(x) for x in v),
+                  "a list of %s" % what)
 
 
 def check_doc(doc, schema):
@@ -1002,42 +987,27 @@ def invalid_message(kind, path, problem, entry=None):
                        PROG))
 
 
-def _name(v):
-    if not valid_name(v):
-        return "a dataset name (letters, digits, '.', '_' or '-')"
+def _is_names(v):
+    """A place inside a dataset as the list of its names."""
+    return isinstance(v, list) and not any(_str(c) or "/" in c for c in v)
 
 
-def _cursor(v):
-    path = v.get("path") if isinstance(v, dict) else None
-    if (not isinstance(path, list) or any(_str(c) or "/" in c for c in path)
-            or _bool(v.get("subtree_done", False))):
-        return "a walk position {\"path\": [names], \"subtree_done\": true|false}"
+_cursor = _valid(lambda v: (isinstance(v, dict) and _is_names(v.get("path"))
+                            and not _bool(v.get("subtree_done", False))),
+                 "a walk position {\"path\": [names], \"subtree_done\": true|false}")
 
 
-def _slurm_time(v):
-    if not isinstance(v, str) or parse_slurm_time(v) is None:
-        return "a Slurm time limit such as 2:00:00"
-
-
-def _slurm_mem(v):
-    if not isinstance(v, str) or not re.match(r"^\d+[KMGT]?$", v):
-        return "a Slurm memory size such as 2G"
-
-
-def _mail_user(v):
-    if not isinstance(v, str) or not MAIL_RE.match(v):
-        return "an e-mail address such as jdoe@iu.edu"
-
-
-def _epoch(v):
-    if not _plausible(v, 0, 1e11):
-        return "a time in seconds since 1970"
-
-
-def _purge_file(v):
-    if not (isinstance(v, str) and v.startswith("purge-") and v.endswith(".skm") and
-            _digits(v[6:-4]) and len(v) <= 19):
-        return "a purge file name (purge-N.skm)"
+_name = _valid(valid_name, "a dataset name (letters, digits, '.', '_' or '-')")
+_slurm_time = _valid(lambda v: isinstance(v, str) and parse_slurm_time(v) is not None,
+                     "a Slurm time limit such as 2:00:00")
+_slurm_mem = _valid(lambda v: isinstance(v, str) and re.match(r"^\d+[KMGT]?$", v),
+                    "a Slurm memory size such as 2G")
+_mail_user = _valid(lambda v: isinstance(v, str) and MAIL_RE.match(v),
+                    "an e-mail address such as jdoe@iu.edu")
+_epoch = _valid(lambda v: _plausible(v, 0, 1e11), "a time in seconds since 1970")
+_purge_file = _valid(lambda v: (isinstance(v, str) and v.startswith("purge-") and
+                                v.endswith(".skm") and _digits(v[6:-4]) and len(v) <= 19),
+                     "a purge file name (purge-N.skm)")
 
 
 def _run(v):
@@ -1047,107 +1017,106 @@ def _run(v):
     return _object(schema)(v)
 
 
+def _opt(check):
+    """A field that may be missing or null, else takes check."""
+    return False, _null_or(check)
+
+
 _COUNT = _int(0, 2 ** 63)
-_OPT_TIME = (False, _null_or(_time))
+_OPT_TIME = _opt(_time)
 CONFIG_SCHEMA = {
     "profile": (True, _one_of(*sorted(PROFILES))), "scratch_root": (True, _abs_path),
-    "purge_days": (False, _null_or(_int(6, 3650))), "created": _OPT_TIME, "updated": _OPT_TIME,
+    "purge_days": _opt(_int(6, 3650)), "created": _OPT_TIME, "updated": _OPT_TIME,
 }
 RUN_SCHEMA = {
     "name": (True, _name), "mode": (True, _one_of("touch", "check")),
     "complete": (True, _bool), "resumed": (True, _bool), "dry_run": (False, _bool),
-    "reason": (False, _null_or(_str)), "stopped": (False, _null_or(_str)),
-    "log": (False, _null_or(_str)), "entries_done": (False, _COUNT),
-    "started": _OPT_TIME, "finished": _OPT_TIME,
+    "reason": _opt(_str), "stopped": _opt(_str), "log": _opt(_str),
+    "entries_done": (False, _COUNT), "started": _OPT_TIME, "finished": _OPT_TIME,
 }
 ENTRY_SCHEMA = {
     "name": (True, _name), "path": (True, _abs_path), "keep_until": (True, _date),
-    "cadence_days": (True, _int(1, 3650)), "approval": (False, _null_or(_str)),
-    "enabled": (False, _bool), "added": _OPT_TIME, "last_refresh": _OPT_TIME,
-    "last_refresh_start": _OPT_TIME, "last_touch_start": _OPT_TIME,
-    "last_check_start": _OPT_TIME, "last_mode": (False, _null_or(_one_of("touch", "check"))),
-    "last_run": (False, _null_or(_run)), "last_total_entries": (False, _null_or(_COUNT)),
-    "last_totals": (False, _null_or(_counts)), "manifest": (False, _bool),
-    "rescue_to": (False, _null_or(_abs_path)),
-    "forensics": (False, _null_or(_object(dict(
+    "cadence_days": (True, _int(1, 3650)), "approval": _opt(_str), "enabled": (False, _bool),
+    "added": _OPT_TIME, "last_refresh": _OPT_TIME, "last_refresh_start": _OPT_TIME,
+    "last_touch_start": _OPT_TIME, "last_check_start": _OPT_TIME,
+    "last_mode": _opt(_one_of("touch", "check")), "last_run": _opt(_run),
+    "last_total_entries": _opt(_COUNT), "last_totals": _opt(_counts),
+    "manifest": (False, _bool), "rescue_to": _opt(_abs_path),
+    "forensics": _opt(_object(dict(
         [(f, (True, _COUNT)) for f in sorted(FORENSICS_ZERO)]
-        + [("walk_started", _OPT_TIME), ("previous_walk_started", _OPT_TIME)])))),
+        + [("walk_started", _OPT_TIME), ("previous_walk_started", _OPT_TIME)]))),
     # The latest purge a walk found (see PurgeWriter), kept until a newer one replaces it.
-    "purge": (False, _null_or(_object(dict(
+    "purge": _opt(_object(dict(
         [(f, (True, _COUNT)) for f in ("entries_vanished", "bytes_vanished",
                                        "entries_likely_purged", "bytes_likely_purged")]
         + [("found", (True, _time)), ("file", (True, _purge_file)), ("seen", _OPT_TIME),
-           ("dest", (False, _null_or(_abs_path))), ("walk_started", _OPT_TIME),
-           ("previous_walk_started", _OPT_TIME), ("now", (False, _null_or(_epoch)))])))),
+           ("dest", _opt(_abs_path)), ("walk_started", _OPT_TIME),
+           ("previous_walk_started", _OPT_TIME), ("now", _opt(_epoch))]))),
     # The last complete, real rescue: which walk's manifest it copied from, to where, and
     # what it could not copy (copies_cover()).
-    "last_rescue": (False, _null_or(_object({
+    "last_rescue": _opt(_object({
         "to": (True, _abs_path), "walk_started": _OPT_TIME, "finished": _OPT_TIME,
-        "manifest_seq": (False, _null_or(_COUNT)),
-        "entries_not_rescued": (True, _COUNT), "entries_not_owned": (True, _COUNT)}))),
-    "missing_since": _OPT_TIME, "last_manifest_seq": (False, _null_or(_COUNT)),
+        "manifest_seq": _opt(_COUNT),
+        "entries_not_rescued": (True, _COUNT), "entries_not_owned": (True, _COUNT)})),
+    "missing_since": _OPT_TIME, "last_manifest_seq": _opt(_COUNT),
     # Set by `add`: a manifest of an earlier registration at the same path is not its.
-    "registration": (False, _null_or(_str)),
+    "registration": _opt(_str),
 }
 CHECKPOINT_SCHEMA = {
     "dataset": (True, _name), "path": (True, _abs_path), "mode": (True, _one_of("touch", "check")),
-    "cursor": (False, _null_or(_cursor)), "entries_done": (True, _COUNT),
-    "totals": (False, _null_or(_counts)), "walk_started": _OPT_TIME, "updated": _OPT_TIME,
-    "pid": (False, _null_or(_COUNT)), "host": (False, _null_or(_str)),
-    "manifest": (False, _null_or(_object({"offset": (True, _COUNT),
-                                           "entries": (True, _COUNT)}))),
+    "cursor": _opt(_cursor), "entries_done": (True, _COUNT), "totals": _opt(_counts),
+    "walk_started": _OPT_TIME, "updated": _OPT_TIME, "pid": _opt(_COUNT), "host": _opt(_str),
+    "manifest": _opt(_object({"offset": (True, _COUNT), "entries": (True, _COUNT)})),
 }
 
 
-def _token(v):
-    if _str(v) or not RESCUE_TOKEN_RE.match(v):
-        return "a token"
+_token = _valid(_text(lambda v: RESCUE_TOKEN_RE.match(v)), "a token")
 
 
 def _rescue_cursor(v):
     """A copy's position is a walk's (_cursor); one written before they were one format is
     the list of the last entry's names."""
-    if isinstance(v, dict) or not isinstance(v, list) or any(_str(c) or "/" in c for c in v):
+    if not _is_names(v):
         return _cursor(v)
 
 
 RESCUE_CHECKPOINT_SCHEMA = {
     "dataset": (True, _name), "path": (True, _abs_path), "to": (True, _abs_path),
     "selection": (True, _one_of(*RESCUE_SELECTIONS)), "manifest_walk_started": (True, _time),
-    "cursor": (False, _null_or(_rescue_cursor)), "entries_done": (True, _COUNT),
+    "cursor": _opt(_rescue_cursor), "entries_done": (True, _COUNT),
     "bytes_copied": (True, _COUNT), "started": _OPT_TIME, "updated": _OPT_TIME,
-    "pid": (False, _null_or(_COUNT)), "host": (False, _null_or(_str)),
+    "pid": _opt(_COUNT), "host": _opt(_str),
     # the tokens in the names of the temporary files its runs made (rescue_temp_token)
-    "temps": (False, _null_or(_list_of(_token, "tokens"))),
+    "temps": _opt(_list_of(_token, "tokens")),
 }
 CHECKPOINT_KINDS = {"walk": ("checkpoint", CHECKPOINT_SCHEMA),
                     "rescue": ("rescue checkpoint", RESCUE_CHECKPOINT_SCHEMA)}
-CHECKPOINT_PLACES = {"walk": (), "rescue": ("rescue",)}     # below checkpoints/
+CHECKPOINT_PLACES = {"walk": ("checkpoints",), "rescue": ("checkpoints", "rescue")}
 SCHEDULE_RUN_SCHEMA = {
-    "job_id": (False, _null_or(_str)), "finished": _OPT_TIME,
-    "exit_code": (False, _null_or(_int(0, 255))), "continuation": (False, _null_or(_str)),
-    "datasets": (False, _null_or(_list_of(_str, "names"))),
+    "job_id": _opt(_str), "finished": _OPT_TIME, "exit_code": _opt(_int(0, 255)),
+    "continuation": _opt(_str), "datasets": _opt(_list_of(_str, "names")),
     # refresh --fail-on-risk: the code the run had before the risk found made it 1, and
     # the datasets whose risk did.
-    "exit_code_before_risk": (False, _null_or(_int(0, 255))),
-    "risk": (False, _null_or(_list_of(_str, "names"))),
+    "exit_code_before_risk": _opt(_int(0, 255)), "risk": _opt(_list_of(_str, "names")),
 }
 SCHEDULE_SCHEMA = {
     "method": (True, _one_of("scrontab", "sbatch")), "cadence_days": (True, _int(1, 3650)),
-    "account": (False, _null_or(_str)), "partition": (False, _null_or(_str)),
-    "cpus": (False, _null_or(_int(1, 100000))), "mem": (False, _null_or(_slurm_mem)),
-    "time": (False, _null_or(_slurm_time)), "python": (False, _null_or(_abs_path)),
-    "script": (False, _null_or(_abs_path)), "job_script": (False, _null_or(_abs_path)),
-    "installed": _OPT_TIME, "job_id": (False, _null_or(_str)),
-    "last_run": (False, _null_or(_object(SCHEDULE_RUN_SCHEMA))),
-    "mail_user": (False, _null_or(_mail_user)),
+    "account": _opt(_str), "partition": _opt(_str), "cpus": _opt(_int(1, 100000)),
+    "mem": _opt(_slurm_mem), "time": _opt(_slurm_time), "python": _opt(_abs_path),
+    "script": _opt(_abs_path), "job_script": _opt(_abs_path), "installed": _OPT_TIME,
+    "job_id": _opt(_str), "last_run": _opt(_object(SCHEDULE_RUN_SCHEMA)),
+    "mail_user": _opt(_mail_user),
 }
 LOCK_SCHEMA = {"pid": (True, _int(1, 2 ** 31 - 1)), "host": (True, _str), "since": (False, _str)}
 
 
-def split_entries(datasets, path, kind="registry"):
-    """The registry's entries that follow ENTRY_SCHEMA, and {name: (message, entry)} for the
-    others."""
+def split_entries(doc, path, kind="registry"):
+    """The entries of the registry document doc that follow ENTRY_SCHEMA, and {name: (message,
+    entry)} for the others; InvalidState when it has no datasets table."""
+    datasets = doc.get("datasets") if isinstance(doc, dict) else None
+    if not isinstance(datasets, dict):
+        raise InvalidState("the %s %s has no datasets table; run `%s repair`"
+                           % (kind, path, PROG))
     good, bad = {}, {}
     for key in sorted(datasets):
         entry = datasets[key]
@@ -1208,7 +1177,7 @@ class Store(object):
             except OSError:
                 continue
             if not stat.S_ISDIR(st.st_mode):
-                found.append((d, "a file" if stat.S_ISREG(st.st_mode) else file_kind(st.st_mode)))
+                found.append((d, file_kind(st.st_mode)))
         return found
 
     # -- config
@@ -1218,18 +1187,15 @@ class Store(object):
     def require_config(self):
         cfg = self.load_config()
         if cfg is None:
-            if on_br200():
-                raise UsageError("no configuration in %s; run `%s init` first (the br200 "
-                                 "profile: /N/scratch/$USER, its 30-day purge)" % (self.dir, PROG))
-            raise UsageError("no configuration in %s; run `%s init` first (e.g. "
-                             "`%s init --profile generic --scratch-root DIR`)"
-                             % (self.dir, PROG, PROG))
+            how = ("the br200 profile: /N/scratch/$USER, its 30-day purge" if on_br200() else
+                   "e.g. `%s init --profile generic --scratch-root DIR`" % PROG)
+            raise UsageError("no configuration in %s; run `%s init` first (%s)"
+                             % (self.dir, PROG, how))
         return cfg
 
     def save_config(self, cfg):
         self.ensure()
-        cfg = dict(cfg, format=FORMAT)
-        atomic_write(self.config_path, dump_json(cfg))
+        atomic_write(self.config_path, dump_json(dict(cfg, format=FORMAT)))
 
     # -- registry
     def load_registry(self):
@@ -1247,35 +1213,19 @@ class Store(object):
         doc = read_json(path, kind)
         if doc is None:
             return {"format": FORMAT, "datasets": {}}, {}
-        if not isinstance(doc.get("datasets"), dict):
-            raise InvalidState("the %s %s has no datasets table; run `%s repair`"
-                               % (kind, path, PROG))
-        good, bad = split_entries(doc["datasets"], path, kind)
+        good, bad = split_entries(doc, path, kind)
         return dict(doc, datasets=good), bad
-
-    # The store's own locks start with a dot, which no dataset name can (valid_name), so a
-    # dataset called "registry" never shares a lock file with the registry.
-    @contextmanager
-    def registry_lock(self):
-        self.ensure()
-        fd = open_lock_file(os.path.join(self.lock_dir, ".registry.lock"))
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
 
     @contextmanager
     def schedule_lock(self, wait=None):
         """One schedule change at a time (install, uninstall, a job submitting its successor):
         two chain jobs checking squeue at once could otherwise each submit one. Reentrant."""
-        path = os.path.join(self.lock_dir, ".schedule.lock")
+        path = self.lock_path(".schedule")
         if path in _SCHEDULE_LOCKS:
             yield
             return
-        self.ensure()
-        lock = FileLock(path, "another %s is changing the schedule (%%s); try again when it "
-                        "has finished" % PROG,
+        lock = FileLock(self, ".schedule", "another %s is changing the schedule (%%s); try "
+                        "again when it has finished" % PROG,
                         wait=SCHEDULE_LOCK_WAIT if wait is None else wait)
         with lock:
             _SCHEDULE_LOCKS.add(path)
@@ -1287,55 +1237,47 @@ class Store(object):
     @contextmanager
     def update_registry(self):
         """Read-modify-write the registry under its lock; the old one becomes the backup."""
-        with self.registry_lock():
+        self.ensure()
+        fd = open_lock_file(self.lock_path(".registry"))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
             reg = self.load_registry()
             yield reg
-            self.save_registry(reg)
-
-    def save_registry(self, reg):
-        self.ensure()
-        try:
-            previous = read_state(self.registry_path, "registry")
-        except StateError:
-            previous = None     # not a registry of ours: never the backup
-        if previous is not None:
             try:
-                doc = _json_loads(previous)
-                if (isinstance(doc, dict) and isinstance(doc.get("datasets"), dict)
-                        and not split_entries(doc["datasets"], self.registry_path)[1]):
-                    atomic_write(self.backup_path, previous)
-            except ValueError:
-                pass    # never let a damaged registry replace the last good backup
-        reg = dict(reg, format=FORMAT)
-        atomic_write(self.registry_path, dump_json(reg))
+                previous = read_state(self.registry_path, "registry")
+            except StateError:
+                previous = None     # not a registry of ours: never the backup
+            if previous is not None:
+                try:
+                    if not split_entries(_json_loads(previous), self.registry_path)[1]:
+                        atomic_write(self.backup_path, previous)
+                except (ValueError, InvalidState):
+                    pass    # never let a damaged registry replace the last good backup
+            atomic_write(self.registry_path, dump_json(dict(reg, format=FORMAT)))
+        finally:
+            os.close(fd)
 
     # -- checkpoints: a walk's in checkpoints/NAME.json, a rescue's in
     # checkpoints/rescue/NAME.json (not checkpoints/NAME.rescue.json: "NAME.rescue" is a
     # valid dataset name, whose walk checkpoint that would be)
     def checkpoint_path(self, name, kind="walk"):
-        return os.path.join(self.checkpoint_dir, *CHECKPOINT_PLACES[kind] + (name + ".json",))
+        return os.path.join(self.dir, *CHECKPOINT_PLACES[kind] + (name + ".json",))
 
     def real_dir(self, path):
         """path (a directory in the state directory), once every directory from the state
         directory down to it is one (not a symlink): else not_followed (a StateError). A
         read through a link would take another place's files for ours."""
         rel = os.path.relpath(path, self.dir)
-        here = self.dir
-        for part in ([] if rel == "." else rel.split(os.sep)):
-            here = os.path.join(here, part)
-            try:
-                st = os.lstat(here)
-            except FileNotFoundError:
-                return path         # nothing there to read
-            if not stat.S_ISDIR(st.st_mode):
-                raise not_followed(here)
+        try:
+            os.close(self.open_dir(*([] if rel == "." else rel.split(os.sep)), flags=O_PATH_DIR))
+        except FileNotFoundError:
+            pass            # nothing there to read
         return path
 
     def load_checkpoint(self, name, kind="walk"):
         path = self.checkpoint_path(name, kind)
         self.real_dir(os.path.dirname(path))
-        what, schema = CHECKPOINT_KINDS[kind]
-        return read_json(path, what, schema)
+        return read_json(path, *CHECKPOINT_KINDS[kind])
 
     def load_checkpoint_quiet(self, name, kind="walk"):
         """The checkpoint, or None when absent or damaged (a walk then starts over).
@@ -1348,27 +1290,20 @@ class Store(object):
             return None
 
     def save_checkpoint(self, name, doc, kind="walk"):
-        self.ensure()       # checkpoints/ is a directory, not a link
-        parts = ("checkpoints",) + CHECKPOINT_PLACES[kind]
-        if kind != "walk":
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(os.path.join(self.dir, *parts), 0o700)
-        os.close(self.open_dir(*parts))         # never through a symlink
+        self.ensure()
+        os.close(self.make_dir(*CHECKPOINT_PLACES[kind]))
         atomic_write(self.checkpoint_path(name, kind), dump_json(dict(doc, format=FORMAT)))
 
     def delete_checkpoint(self, name, kind="walk"):
-        self.unlink_in(("checkpoints",) + CHECKPOINT_PLACES[kind], name + ".json")
-
-    def unlink_in(self, parts, name):
-        """Delete self.dir/parts.../name through the directory's fd (never through a link);
-        nothing there, a directory there (repair's to set aside): nothing done."""
+        """Delete the checkpoint through its directory's fd (never through a link); nothing
+        there, a directory there (repair's to set aside): nothing done."""
         try:
-            dfd = self.open_dir(*parts)
+            dfd = self.open_dir(*CHECKPOINT_PLACES[kind])
         except FileNotFoundError:
             return
         try:
             with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                os.unlink(name, dir_fd=dfd)
+                os.unlink(name + ".json", dir_fd=dfd)
         finally:
             os.close(dfd)
 
@@ -1398,10 +1333,7 @@ class Store(object):
 
     def ensure_manifest_dir(self, name):
         self.ensure()
-        for d in (os.path.dirname(self.manifest_dir(name)), self.manifest_dir(name)):
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(d, 0o700)
-        os.close(self.open_dir("manifests", name))      # never through a symlink
+        os.close(self.make_dir("manifests", name))
         return self.manifest_dir(name)
 
     def manifest_number(self, name, wanted=None):
@@ -1409,8 +1341,7 @@ class Store(object):
         its header says) when that follows the newest, else the one after the newest."""
         have = self.manifests(name)
         newest = have[0][0] if have else 0
-        if isinstance(wanted, int) and not isinstance(wanted, bool) and \
-                newest < wanted < 10 ** 9:
+        if _is_int(wanted) and newest < wanted < 10 ** 9:
             return wanted
         return newest + 1
 
@@ -1424,9 +1355,8 @@ class Store(object):
         path = self.manifest_path(name, number)
         os.replace(partial, path)
         fsync_dir(self.manifest_dir(name))
-        for _, old in have[MANIFEST_KEEP - 1:]:
-            with contextlib.suppress(OSError):
-                os.unlink(old)
+        old = set(os.path.basename(p) for _, p in have[MANIFEST_KEEP - 1:])
+        self.unlink_names(("manifests", name), lambda names: [f for f in names if f in old])
         return path
 
     def purge_record_path(self, name, file):
@@ -1434,123 +1364,114 @@ class Store(object):
 
     def prune_purge_records(self, name, keep):
         """Delete the purge files of dataset name but keep (the one its record names)."""
-        d = self.manifest_dir(name)
-        with contextlib.suppress(OSError):
-            for f in os.listdir(d):
-                if re.match(r"^purge-\d{1,9}\.skm$", f) and f != keep:
-                    with contextlib.suppress(OSError):
-                        os.unlink(os.path.join(d, f))
+        self.unlink_names(("manifests", name), lambda names: [
+            f for f in names if re.match(r"^purge-\d{1,9}\.skm$", f) and f != keep])
 
     def delete_manifests(self, name):
         """Delete the manifests of dataset name, through its directory's fd (never through
         a symlink); what is not a file (repair sets it aside) stays."""
-        try:
-            dfd = self.open_dir("manifests", name)
-        except (OSError, StateError):
-            return
-        try:
-            for f in os.listdir(dfd):
-                if f.endswith(".skm"):
-                    with contextlib.suppress(OSError):
-                        os.unlink(f, dir_fd=dfd)
-        finally:
-            os.close(dfd)
-        with contextlib.suppress(OSError):
-            os.rmdir(self.manifest_dir(name))
+        if self.unlink_names(("manifests", name),
+                             lambda names: [f for f in names if f.endswith(".skm")]):
+            with contextlib.suppress(OSError):
+                os.rmdir(self.manifest_dir(name))
 
     # -- logs
     def dataset_log_dir(self, name):
         return os.path.join(self.log_dir, name)
 
     def new_log(self, name, started, mode):
-        d = self.dataset_log_dir(name)
-        with contextlib.suppress(FileExistsError):
-            os.makedirs(d, mode=0o700)
         # Names sort by start time: prune_logs() keeps the newest by name.
         base = "%s.%06d-%s-%d.log" % (time.strftime("%Y%m%dT%H%M%S", time.gmtime(started)),
                                       int((started % 1) * 1e6), mode, os.getpid())
-        dfd = self.open_dir("logs", name)
+        dfd = self.make_dir("logs", name)
         try:
             fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_APPEND | O_NOFOLLOW | O_CLOEXEC,
                          0o600, dir_fd=dfd)
         finally:
             os.close(dfd)
-        return (os.path.join(d, base),
+        return (os.path.join(self.dataset_log_dir(name), base),
                 os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace"))
 
     def prune_logs(self, name, keep=KEEP_LOGS):
+        def old(names):
+            logs = [f for f in names if f.endswith(".log")]
+            return logs[:-keep] if keep else logs
+        self.unlink_names(("logs", name), old)
+
+    def unlink_names(self, parts, pick):
+        """Delete the files pick(its sorted names) names in directory self.dir/parts...,
+        through its fd (never through a symlink). False (nothing done) when it cannot be
+        opened."""
         try:
-            dfd = self.open_dir("logs", name)
+            dfd = self.open_dir(*parts)
         except (OSError, StateError):
-            return
+            return False
         try:
-            logs = sorted(f for f in os.listdir(dfd) if f.endswith(".log"))
-            for f in logs[:-keep] if keep else logs:
+            for f in pick(sorted(os.listdir(dfd))):
                 with contextlib.suppress(OSError):
                     os.unlink(f, dir_fd=dfd)
         finally:
             os.close(dfd)
+        return True
 
-    def open_dir(self, *parts):
-        """A descriptor of the directory self.dir/parts..., never through a symlink.
+    def make_dir(self, *parts):
+        """open_dir() of self.dir/parts..., each made (0700) where missing."""
+        for i in range(1, len(parts) + 1):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(os.path.join(self.dir, *parts[:i]), 0o700)
+        return self.open_dir(*parts)
+
+    def open_dir(self, *parts, flags=os.O_RDONLY | O_DIRECTORY | O_CLOEXEC):
+        """A descriptor (opened with flags) of the directory self.dir/parts..., never through
+        a symlink.
 
         WARNING: the state directory is ours, and nothing in it is followed: a symlink at
         logs/NAME made log pruning delete files wherever it pointed. (The state directory
         itself may be reached through a symlink.)
         """
-        fd = os.open(self.dir, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        try:
-            for i, part in enumerate(parts):
-                try:
-                    sub = os.open(part, os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC,
-                                  dir_fd=fd)
-                except OSError as e:
-                    if e.errno not in (errno.ELOOP, errno.ENOTDIR):
-                        raise
-                    raise not_followed(os.path.join(self.dir, *parts[:i + 1])) from None
-                os.close(fd)
-                fd = sub
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        def refused(dir_fd, i, e):
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                return not_followed(os.path.join(self.dir, *parts[:i + 1]))
+            return e
+        return open_below(os.open(self.dir, flags), parts, flags, refused)
 
-    # -- locks
+    # -- locks: the store's own start with a dot, which no dataset name can (valid_name), so
+    # a dataset called "registry" never shares a lock file with the registry.
     def lock_path(self, name):
         return os.path.join(self.lock_dir, name + ".lock")
 
 
 class FileLock(object):
-    """An exclusive fcntl lock on a file that records its holder's pid, host and start time.
+    """An exclusive fcntl lock on the file locks/NAME.lock of store that records its holder's
+    pid, host and start time.
 
     It dies with its holder: no stale lock can block. wait: seconds to wait for it; when
     it stays taken, BusyError(busy % the holder's description).
     """
 
-    def __init__(self, path, busy, wait=0):
-        self.path, self.busy, self.wait = path, busy, wait
+    def __init__(self, store, name, busy, wait=0):
+        self.store, self.path, self.busy, self.wait = store, store.lock_path(name), busy, wait
         self.fd = None
 
     def acquire(self):
+        self.store.ensure()
         fd = open_lock_file(self.path)
         deadline = time.monotonic() + self.wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    os.close(fd)
-                    raise
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise BusyError(self.busy % lock_holder(self.path))
-                time.sleep(0.2)
         try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                        raise
+                    if time.monotonic() >= deadline:
+                        raise BusyError(self.busy % lock_holder(self.path))
+                    time.sleep(0.2)
             os.ftruncate(fd, 0)
             os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                      "since": iso(time.time())}).encode("ascii"))
-        except OSError as e:
+        except BaseException as e:
             os.close(fd)
             raise_if_full(e, self.path)
             raise
@@ -1575,21 +1496,13 @@ class DatasetLock(FileLock):
     """One refresh (or remove) of a dataset at a time; a second one is refused at once."""
 
     def __init__(self, store, name):
-        FileLock.__init__(self, store.lock_path(name),
-                          "dataset %r is busy: %%s holds its lock; wait for it to finish (or "
-                          "stop it), then try again" % name)
-        self.store = store
-        self.name = name
-
-    def acquire(self):
-        self.store.ensure()
-        return FileLock.acquire(self)
+        FileLock.__init__(self, store, name, "dataset %r is busy: %%s holds its lock; wait for "
+                          "it to finish (or stop it), then try again" % name)
 
 
 def not_followed(path):
     try:
-        mode = os.lstat(path).st_mode
-        what = "a file" if stat.S_ISREG(mode) else file_kind(mode)
+        what = file_kind(os.lstat(path).st_mode)
     except OSError:
         what = "not a directory"
     return StateError("%s is %s where the state directory needs a directory (%s never "
@@ -1622,8 +1535,7 @@ class ContainmentError(Failure):
     """The dataset root cannot be reached from the scratch root without following a symlink."""
 
 
-O_PATH_DIR = (getattr(os, "O_PATH", os.O_RDONLY) | getattr(os, "O_DIRECTORY", 0)
-              | getattr(os, "O_CLOEXEC", 0))
+O_PATH_DIR = (O_PATH or os.O_RDONLY) | O_DIRECTORY | O_CLOEXEC
 
 
 def _root_base(path, scratch_root):
@@ -1666,15 +1578,23 @@ def open_dataset_root(path, scratch_root=None):
         fd = os.open(base, O_PATH_DIR)
     except OSError as e:
         raise Failure("cannot open %s (%s)" % (display_path(base), e.strerror))
-    here = base
+    return open_below(fd, comps, O_PATH_DIR, lambda dir_fd, i, e: _containment_error(
+        path, dir_fd, os.path.join(base, *comps[:i]), comps[i], e))
+
+
+def open_below(fd, names, flags, refused):
+    """The directory fd/names..., opened one name at a time with O_NOFOLLOW, so that no
+    symlink is followed: its descriptor (fd and those between are closed). When one cannot
+    be opened, refused(the descriptor of its directory, its index, the OSError) returns
+    what to raise."""
     try:
-        for comp in comps:
+        for i, name in enumerate(names):
             try:
-                nxt = os.open(comp, O_PATH_DIR | getattr(os, "O_NOFOLLOW", 0), dir_fd=fd)
+                sub = os.open(name, flags | O_NOFOLLOW, dir_fd=fd)
             except OSError as e:
-                raise _containment_error(path, fd, here, comp, e)
+                raise refused(fd, i, e) from None
             os.close(fd)
-            fd, here = nxt, os.path.join(here, comp)
+            fd = sub
     except BaseException:
         os.close(fd)
         raise
@@ -1759,15 +1679,16 @@ def _root_fd_of(root):
 SENTINEL_SIZE = 4096
 SENTINEL_HEAD = _LazyPattern(br'\A\{"tool": "scratch-keepalive", "name": '
                              br'"([A-Za-z0-9][A-Za-z0-9._-]{0,63})", ')
-O_SENTINEL = os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+O_SENTINEL = O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC
 
 
 def sentinel_path(root):
     return os.path.join(root, SENTINEL)
 
 
-def encode_sentinel(doc):
-    """The sentinel's bytes: the header, the other keys sorted, padded to SENTINEL_SIZE."""
+def encode_sentinel(doc, size=SENTINEL_SIZE):
+    """The sentinel's bytes: the header, the other keys sorted, padded to SENTINEL_SIZE (to
+    size when that is more: an old, longer sentinel is padded over all of it)."""
     rest = dict((k, v) for k, v in doc.items() if k not in ("tool", "name"))
     body = json.dumps(rest, sort_keys=True, ensure_ascii=False)
     text = '{"tool": %s, "name": %s%s' % (json.dumps(PROG), json.dumps(doc["name"]),
@@ -1779,7 +1700,7 @@ def encode_sentinel(doc):
         raise Failure("the sentinel of dataset %r would be %d bytes, more than the %d it "
                       "holds; shorten its approval text with `%s extend --approval`" % (
                           doc["name"], len(data), SENTINEL_SIZE - 1, PROG))
-    return data + b" " * (SENTINEL_SIZE - 1 - len(data)) + b"\n"
+    return data + b" " * (max(size, SENTINEL_SIZE) - 1 - len(data)) + b"\n"
 
 
 def decode_sentinel(raw):
@@ -1795,70 +1716,60 @@ def decode_sentinel(raw):
     return {"tool": PROG, "name": m.group(1).decode("ascii"), "torn": True} if m else None
 
 
-def _open_sentinel(root_fd, flags):
-    """(fd, None) of the regular file at the sentinel path, or (None, why not)."""
+def _open_sentinel(root, flags=os.O_RDONLY | O_NOATIME):
+    """(fd, document, None) of the sentinel path when it holds a regular file of ours, else
+    (None, None, why not): "missing", "a symlink", "not a regular file (a FIFO)", "another
+    tool's file", or the error. root: the dataset root's fd (open_dataset_root) or its path.
+    """
     try:
-        fd = os.open(SENTINEL, flags | O_SENTINEL, dir_fd=root_fd)
+        with _root_fd_of(root) as root_fd:
+            fd = os.open(SENTINEL, flags | O_SENTINEL, dir_fd=root_fd)
+    except Failure as e:
+        return None, None, str(e)
     except OSError as e:
         if e.errno == errno.EPERM and flags & O_NOATIME:
-            return _open_sentinel(root_fd, flags & ~O_NOATIME)
+            return _open_sentinel(root, flags & ~O_NOATIME)
         if e.errno == errno.ELOOP:
-            return None, "a symlink"
-        return None, "missing" if e.errno == errno.ENOENT else e.strerror
+            return None, None, "a symlink"
+        return None, None, "missing" if e.errno == errno.ENOENT else e.strerror
+    doc = None
     try:
         mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            why = "not a regular file (%s)" % file_kind(mode)
+        else:
+            doc = decode_sentinel(os.pread(fd, max(SENTINEL_SIZE, 65536), 0))
+            why = None if doc else "another tool's file"
     except OSError as e:
+        why = e.strerror
+    if why:
         os.close(fd)
-        return None, e.strerror
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        return None, "not a regular file (%s)" % file_kind(mode)
-    return fd, None
+        return None, None, why
+    return fd, doc, None
 
 
 def file_kind(mode):
-    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symlink"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+    for test, kind in ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISLNK, "a symlink"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
         if test(mode):
             return kind
     return "not a regular file"
 
 
-def _read_fd(fd):
-    return os.pread(fd, max(SENTINEL_SIZE, 65536), 0)
-
-
-def sentinel_problem(root_fd):
-    """Why the sentinel path holds nothing of ours: "missing", "a symlink", "not a regular
-    file (a FIFO)", "another tool's file", or None when it is ours."""
-    fd, why = _open_sentinel(root_fd, os.O_RDONLY | O_NOATIME)
-    if fd is None:
-        return why
-    try:
-        return None if decode_sentinel(_read_fd(fd)) else "another tool's file"
-    except OSError as e:
-        return e.strerror
-    finally:
+def sentinel_state(root):
+    """(the sentinel's JSON, None) when it is a regular file written by this tool, else
+    (None, why not): see _open_sentinel."""
+    fd, doc, why = _open_sentinel(root)
+    if fd is not None:
         os.close(fd)
+    return doc, why
 
 
 def read_sentinel(root):
-    """The sentinel's JSON when it is a regular file written by this tool, else None.
-
-    root: the dataset root's fd (open_dataset_root) or its path.
-    """
-    try:
-        with _root_fd_of(root) as root_fd:
-            fd, _ = _open_sentinel(root_fd, os.O_RDONLY | O_NOATIME)
-            if fd is None:
-                return None
-            try:
-                return decode_sentinel(_read_fd(fd))
-            finally:
-                os.close(fd)
-    except (Failure, OSError):
-        return None
+    """The sentinel's JSON when it is a regular file written by this tool, else None."""
+    return sentinel_state(root)[0]
 
 
 def sentinel_doc(ds):
@@ -1880,40 +1791,36 @@ def create_sentinel(root, ds):
     Returns True when this call created the file.
     """
     data = encode_sentinel(sentinel_doc(ds))
-    with _root_fd_of(root) as root_fd:
-        return _create_sentinel_at(root_fd, root, ds, data)
-
-
-def _create_sentinel_at(root_fd, root, ds, data):
     path = sentinel_path(root if not isinstance(root, int) else ds["path"])
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_SENTINEL
-    try:
-        fd = os.open(SENTINEL, flags, 0o644, dir_fd=root_fd)
-    except FileExistsError:
-        existing = read_sentinel(root_fd)
-        if existing is None:
-            raise UsageError("%s exists and was not written by scratch-keepalive (or is a "
-                             "symlink or not a regular file); move it away, then add again"
-                             % display_path(path))
-        if existing.get("name") != ds["name"]:
-            raise UsageError("%s says this directory is dataset %r (registered in another "
-                             "state directory?); remove it there, or delete the file"
-                             % (display_path(path), existing.get("name")))
-        update_sentinel(root_fd, ds)
-        return False
-    except OSError as e:
-        raise UsageError("cannot create %s (%s); check the directory's permissions"
-                         % (display_path(path), e.strerror))
-    try:
-        _pwrite_all(fd, data)
-    except OSError as e:
+    with _root_fd_of(root) as root_fd:
+        try:
+            fd = os.open(SENTINEL, flags, 0o644, dir_fd=root_fd)
+        except FileExistsError:
+            existing = read_sentinel(root_fd)
+            if existing is None:
+                raise UsageError("%s exists and was not written by scratch-keepalive (or is a "
+                                 "symlink or not a regular file); move it away, then add again"
+                                 % display_path(path))
+            if existing.get("name") != ds["name"]:
+                raise UsageError("%s says this directory is dataset %r (registered in another "
+                                 "state directory?); remove it there, or delete the file"
+                                 % (display_path(path), existing.get("name")))
+            update_sentinel(root_fd, ds)
+            return False
+        except OSError as e:
+            raise UsageError("cannot create %s (%s); check the directory's permissions"
+                             % (display_path(path), e.strerror))
+        try:
+            _pwrite_all(fd, data)
+        except OSError as e:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(SENTINEL, dir_fd=root_fd)
+            raise Failure("cannot write %s (%s); free some space (or quota) on scratch, then add "
+                          "again" % (display_path(path), e.strerror))
         os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(SENTINEL, dir_fd=root_fd)
-        raise Failure("cannot write %s (%s); free some space (or quota) on scratch, then add "
-                      "again" % (display_path(path), e.strerror))
-    os.close(fd)
-    return True
+        return True
 
 
 def _pwrite_all(fd, data):
@@ -1928,22 +1835,12 @@ def update_sentinel(root, ds):
     never a truncation or a rename, so the root's mtime does not move and a failure or a
     kill leaves a file still recognised as ours. False if it is not ours or the write failed.
     """
-    try:
-        data = encode_sentinel(sentinel_doc(ds))
-        with _root_fd_of(root) as root_fd:
-            fd, _ = _open_sentinel(root_fd, os.O_RDWR)
-    except (Failure, OSError):
-        return False
+    fd, _, _ = _open_sentinel(root, os.O_RDWR)
     if fd is None:
         return False
     try:
-        st = os.fstat(fd)
-        if decode_sentinel(_read_fd(fd)) is None:
-            return False
-        if st.st_size > len(data):      # an old, longer sentinel: pad over all of it
-            data = data[:-1] + b" " * (st.st_size - len(data)) + b"\n"
-        _pwrite_all(fd, data)
-    except OSError:
+        _pwrite_all(fd, encode_sentinel(sentinel_doc(ds), os.fstat(fd).st_size))
+    except (Failure, OSError):
         return False
     finally:
         os.close(fd)
@@ -7792,8 +7689,7 @@ def _check_dataset(ctx, cfg, root, ds):
         return [Check("root:" + name, "fail", "dataset %r: %s" % (name, e))]
     out.append(Check("root:" + name, "ok", "dataset %r: %s is present" % (name, path)))
     try:       # read through the root's fd (never blocking)
-        sentinel = read_sentinel(root_fd)
-        why = sentinel_problem(root_fd) if sentinel is None else None
+        sentinel, why = sentinel_state(root_fd)
     finally:
         os.close(root_fd)
     if sentinel is None and why != "missing":
@@ -8067,8 +7963,7 @@ def _repair_sentinels(ctx, reg, dry_run, act, left):
             left.append("dataset %r: %s (no sentinel is written there)" % (ds["name"], e))
             continue
         try:
-            found = read_sentinel(root_fd)
-            why = sentinel_problem(root_fd) if found is None else None
+            found, why = sentinel_state(root_fd)
             if found is None and why != "missing":
                 left.append("%s exists but is not ours (%s); move it away, then repair again"
                             % (sentinel_path(ds["path"]), why))
