@@ -7866,7 +7866,7 @@ def _repair(ctx, dry_run):
             mode = os.lstat(path).st_mode
             if not stat.S_ISDIR(mode):
                 aside(path, "%s, not a directory" % (
-                    "a file" if stat.S_ISREG(mode) else file_kind(mode)))
+                    file_kind(mode)))
     for c in _check_checkpoints(ctx, reg, bad):
         if c.fix == "checkpoint":
             name = c.name.split(":", 1)[1]
