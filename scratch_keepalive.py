@@ -7865,8 +7865,7 @@ def _repair(ctx, dry_run):
         with contextlib.suppress(FileNotFoundError):
             mode = os.lstat(path).st_mode
             if not stat.S_ISDIR(mode):
-                aside(path, "%s, not a directory" % (
-                    file_kind(mode)))
+                aside(path, "%s, not a directory" % file_kind(mode))
     for c in _check_checkpoints(ctx, reg, bad):
         if c.fix == "checkpoint":
             name = c.name.split(":", 1)[1]
