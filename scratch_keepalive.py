@@ -4834,8 +4834,7 @@ class RunLog(object):
 
 def empty_result(name, mode, reason=None):
     """The result of a dataset not walked, and why."""
-    result = {"name": name, "mode": mode, "complete": False, "resumed": False}
-    result.update(Counts().as_dict())
+    result = dict(Counts().as_dict(), name=name, mode=mode, complete=False, resumed=False)
     if reason is not None:
         result["reason"] = reason
     return result
@@ -4843,48 +4842,47 @@ def empty_result(name, mode, reason=None):
 
 def _select(ctx, cfg, reg, opts):
     """The datasets to walk, and results for the ones named but not walkable."""
-    now = ctx.now
     sched_cadence = schedule_cadence(ctx.store) if opts.due else None
     chosen, refused = [], []
     if opts.name is not None:
         ds = _get(reg, opts.name)
-        st = dataset_state(ctx.store, ds, now)
-        reasons = {"missing": "its root %s is missing (purged or moved?); check it, then "
-                              "`%s remove --name %s` or re-add it" % (ds["path"], PROG, ds["name"]),
+        st = dataset_state(ctx.store, ds, ctx.now)
+        reasons = {"missing": "its root %s is missing (purged or moved?); check it, then `%s "
+                              "remove --name %s` or re-add it" % (ds["path"], PROG, ds["name"]),
                    "expired": "its keep-until date %s has passed; `%s extend --name %s "
                               "--keep-until YYYY-MM-DD` to keep it" % (ds["keep_until"], PROG,
                                                                        ds["name"]),
                    "disabled": "it is disabled; `%s enable --name %s` first" % (PROG, ds["name"])}
-        if st in reasons:
-            refused.append((ds, st, reasons[st]))
-        elif opts.due and st != "partial" and not is_due(
-                walk_start(ds, dataset_mode(cfg, ds, opts.check)), ds["cadence_days"],
-                sched_cadence, now):
+        reason = reasons.get(st)
+        if reason is None:
             # --due keeps its meaning with --name: the schedule's rule decides (exit 0).
-            refused.append((ds, "not-due", not_due_reason(cfg, ds, opts, sched_cadence)))
-        else:
+            reason = not_due_reason(cfg, ds, st, opts, sched_cadence, ctx.now)
+            st = "not-due"
+        if reason is None:
             chosen.append(ds)
+        else:
+            refused.append((ds, st, reason))
         return chosen, refused
     for n in sorted(reg["datasets"]):
         ds = reg["datasets"][n]
-        st = dataset_state(ctx.store, ds, now)
-        if st in ("expired", "disabled"):
-            continue
+        st = dataset_state(ctx.store, ds, ctx.now)
         if st == "missing":
             refused.append((ds, st, "its root %s is missing (purged or moved?)" % ds["path"]))
-            continue
-        if opts.due and st != "partial" and not is_due(
-                walk_start(ds, dataset_mode(cfg, ds, opts.check)), ds["cadence_days"],
-                sched_cadence, now):
-            continue
-        chosen.append(ds)
+        elif st not in ("expired", "disabled") and \
+                not_due_reason(cfg, ds, st, opts, sched_cadence, ctx.now) is None:
+            chosen.append(ds)
     return chosen, refused
 
 
-def not_due_reason(cfg, ds, opts, sched_cadence):
-    """Why `refresh --due --name NAME` does not walk NAME now, and when it will."""
+def not_due_reason(cfg, ds, st, opts, sched_cadence, now):
+    """None when `refresh` walks ds (in state st) now: not --due, a partial walk, or is_due();
+    else why `refresh --due` does not, and when it will."""
+    if not opts.due or st == "partial":
+        return None
     mode = dataset_mode(cfg, ds, opts.check)
     last = walk_start(ds, mode)
+    if is_due(last, ds["cadence_days"], sched_cadence, now):
+        return None
     return ("not due until %s (its last complete %s walk started %s); without --due, `%s "
             "refresh --name %s` walks it now" % (
                 iso(schedule_due_at(last, ds["cadence_days"], sched_cadence)), mode, iso(last),
@@ -4920,15 +4918,12 @@ def _refresh(ctx, opts, should_stop=None, progress=None):
         reason = budget.stop_reason()
         if reason:
             r = empty_result(ds["name"], mode, "not started: the %s budget was used up" % reason)
-            results.append(r)
-            codes.append(EXIT_STOPPED)
-            continue
-        try:
-            r, code = _refresh_one(ctx, cfg, ds, mode, opts, budget, should_stop, progress)
-        except BusyError as e:
-            r, code = empty_result(ds["name"], mode, str(e)), EXIT_BUSY
-        except Failure as e:
-            r, code = empty_result(ds["name"], mode, str(e)), e.exit_code
+            code = EXIT_STOPPED
+        else:
+            try:
+                r, code = _refresh_one(ctx, cfg, ds, mode, opts, budget, should_stop, progress)
+            except Failure as e:        # a BusyError's code is EXIT_BUSY
+                r, code = empty_result(ds["name"], mode, str(e)), e.exit_code
         if opts.scheduled and not opts.dry_run and r.get("complete"):
             rescued, rescue_code = _scheduled_rescue(ctx, ds["name"], budget, should_stop)
             if rescued is not None:
@@ -4944,8 +4939,12 @@ def _refresh(ctx, opts, should_stop=None, progress=None):
     if opts.scheduled and not opts.dry_run and EXIT_INTERRUPTED not in codes:
         _finish_rescues(ctx, cfg, chosen, budget, should_stop, results, codes)
     out = {"results": results, "exit_code": combine_exit_codes(codes), "notes": notes}
-    if opts.fail_on_risk:
-        _fail_on_risk(ctx, out, codes)
+    if opts.fail_on_risk:       # the exit code counts the risk found as a failure
+        out["risk"], out["codes"] = risk_found(ctx, results), codes
+        out["exit_code"] = risk_exit_code(codes, out["risk"])
+        if out["risk"]:
+            notes.append("--fail-on-risk: exit 1, because of %s" % "; ".join(
+                "%s (%s)" % (n, why) for n, why in out["risk"]))
     return out
 
 
@@ -4965,33 +4964,20 @@ def _login_budget(ctx, cfg, opts, chosen):
 
 def _refused(ctx, cfg, refused, opts):
     """(results, exit codes) of the datasets named but not walked: not due (0), or missing,
-    expired or disabled (1); a missing root is recorded."""
+    expired or disabled (1). A missing root is recorded in the registry, so that `status
+    --brief` (which looks at no dataset) can tell; its next complete walk clears it."""
     results = [dict(empty_result(ds["name"], dataset_mode(cfg, ds, opts.check), reason),
                     state=st) for ds, st, reason in refused]
     codes = [EXIT_OK if st == "not-due" else EXIT_FAIL for _, st, _ in refused]
-    _record_missing(ctx, [ds for ds, st, _ in refused if st == "missing"], opts)
+    gone = [ds for ds, st, _ in refused if st == "missing"]
+    if gone and not opts.dry_run:
+        with ctx.store.update_registry() as reg:
+            for ds in gone:
+                cur = reg["datasets"].get(ds["name"])
+                if cur is not None and cur.get("path") == ds["path"] and \
+                        not cur.get("missing_since"):
+                    cur["missing_since"] = iso(time.time())
     return results, codes
-
-
-def _record_missing(ctx, gone, opts):
-    """A refresh that finds a dataset's root missing says so in the registry, so that
-    `status --brief` (which looks at no dataset) can tell; its next complete walk clears it."""
-    if not gone or opts.dry_run:
-        return
-    with ctx.store.update_registry() as reg:
-        for ds in gone:
-            cur = reg["datasets"].get(ds["name"])
-            if cur is not None and cur.get("path") == ds["path"] and not cur.get("missing_since"):
-                cur["missing_since"] = iso(time.time())
-
-
-def _fail_on_risk(ctx, out, codes):
-    """refresh --fail-on-risk: the exit code counts the risk found as a failure."""
-    out["risk"], out["codes"] = risk_found(ctx, out["results"]), codes
-    out["exit_code"] = risk_exit_code(codes, out["risk"])
-    if out["risk"]:
-        out["notes"].append("--fail-on-risk: exit 1, because of %s" % "; ".join(
-            "%s (%s)" % (n, why) for n, why in out["risk"]))
 
 
 def risk_found(ctx, results):
@@ -5050,86 +5036,62 @@ def _finish_rescues(ctx, cfg, walked, budget, should_stop, results, codes):
 
 
 def _refresh_one(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
-    """Walk one dataset; checkpoint, log and record. Returns (result, exit code)."""
+    """Walk one dataset from its root's fd, reached from the scratch root without following
+    a symlink; checkpoint, log and record. Returns (result, exit code)."""
     store = ctx.store
     name = ds["name"]
     if not root_present(ds["path"]):
         raise Failure("dataset %r: its root %s is missing" % (name, ds["path"]))
     lock = None if opts.dry_run else DatasetLock(store, name).acquire()
+    root_fd = None
     try:
         # Read again under the lock: a `remove` (or a remove and re-add elsewhere) may have
         # finished since the registry was read, and its data must not be walked.
         current = store.load_registry()["datasets"].get(name)
         if current is None or current.get("path") != ds["path"]:
-            return _gone_result(ds, mode, current, opts)
-        return _walk_from_root(ctx, cfg, current, mode, opts, budget, should_stop, progress)
+            why = ("it was removed while this refresh was starting; nothing was walked"
+                   if current is None else "its path changed to %s while this refresh was "
+                   "starting; nothing was walked (refresh it again)"
+                   % display_path(current["path"]))
+            return empty_result(name, mode, why), (EXIT_FAIL if opts.name is not None
+                                                   else EXIT_OK)
+        try:
+            root_fd = dataset_root_fd(ctx, current)     # refused when a symlink is on the way
+        except Failure as e:
+            raise Failure("dataset %r: %s" % (name, e))
+        run = DatasetRun(ctx, cfg, current, mode, opts, root_fd)
+        run.open_log()
+        run.open_manifest()
+        complete = run.walk(budget, should_stop, progress)
+        run.finish_manifest(complete)
+        result = run.result(complete)
+        run.close_log(result)
+        if not opts.dry_run:
+            run.record(result)
+        return result, result["exit_code"]
     except OSError as e:
         raise_if_full(e, e.filename or store.dir)     # the log or the record: name the place
         raise
     finally:
+        if root_fd is not None:
+            os.close(root_fd)
         if lock is not None:
             lock.release()
 
 
-def _walk_from_root(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
-    """Walk from the root's fd, reached from the scratch root without following a symlink."""
-    try:
-        root_fd = dataset_root_fd(ctx, ds)      # refused when a symlink is on the way
-    except Failure as e:
-        raise Failure("dataset %r: %s" % (ds["name"], e))
-    try:
-        return _walk_dataset(ctx, cfg, ds, mode, opts, budget, should_stop, progress, root_fd)
-    finally:
-        os.close(root_fd)
-
-
-def _gone_result(ds, mode, current, opts):
-    """The result for a dataset removed (or moved) while this refresh was starting."""
-    r = empty_result(ds["name"], mode)
-    if current is None:
-        r["reason"] = "it was removed while this refresh was starting; nothing was walked"
-    else:
-        r["reason"] = ("its path changed to %s while this refresh was starting; nothing was "
-                       "walked (refresh it again)" % display_path(current["path"]))
-    return r, (EXIT_FAIL if opts.name is not None else EXIT_OK)
-
-
-def _walk_dataset(ctx, cfg, ds, mode, opts, budget, should_stop, progress, root_fd=None):
-    """Walk one dataset, its lock held: the steps of a DatasetRun. Returns (result, code)."""
-    run = DatasetRun(ctx, cfg, ds, mode, opts, root_fd)
-    run.resume_point()
-    run.open_log()
-    run.open_manifest()
-    complete = run.walk(budget, should_stop, progress)
-    run.finish_manifest(complete)
-    result = run.result(complete)
-    run.close_log(result)
-    if not opts.dry_run:
-        run.record(result)
-    return result, result["exit_code"]
-
-
 class DatasetRun(object):
-    """One refresh (or check) of one dataset.
+    """One refresh (or check) of one dataset, its steps in _refresh_one's order.
 
-    What a run guarantees: it resumes the checkpoint of an unfinished walk in
-    the same mode of the same path (see resumable()), else starts at the root,
-    reached through root_fd when given. The thresholds assume the larger of the
-    dataset's and the schedule's cadence. The cursor is
-    checkpointed at least every opts.checkpoint_every seconds and when the
-    walk stops, each time after the work before it is done, so a resume
-    repeats at most the stretch since the last checkpoint; a crash keeps the
-    last position it can record and is logged as one. The log records the
-    start, the thresholds, the first errors' paths, the counts and how the
-    walk ended. Every run records its result as last_run; a complete one
-    deletes the checkpoint, records its mode's walk (record_walk) and totals,
-    and (touch mode) rewrites the sentinel. A dry run writes nothing at all.
-    Unless manifests are off, the walk writes its manifest as it goes (resumed
-    with the checkpoint); only a complete walk's manifest becomes the newest,
-    and then what vanished since the one before is counted (forensics).
+    What a run guarantees: it resumes the checkpoint of an unfinished walk in the same mode
+    of the same path (see resumable()), else starts at the root, reached through root_fd.
+    The thresholds assume the larger of the dataset's and the schedule's cadence. The
+    cursor is checkpointed at least every opts.checkpoint_every seconds and when the walk
+    stops, so a resume repeats at most the stretch since the last checkpoint.
+    Unless manifests are off, the walk writes its manifest as it goes (resumed with the
+    checkpoint). Every run records its result as last_run; a dry run writes nothing at all.
     """
 
-    def __init__(self, ctx, cfg, ds, mode, opts, root_fd=None):
+    def __init__(self, ctx, cfg, ds, mode, opts, root_fd):
         self.ctx, self.store, self.cfg, self.ds, self.mode, self.opts = (
             ctx, ctx.store, cfg, ds, mode, opts)
         self.name = ds["name"]
@@ -5137,12 +5099,7 @@ class DatasetRun(object):
         self.root_fd = root_fd
         self.sched_cadence = schedule_cadence(ctx.store)
         self.cadence = threshold_cadence(ds, self.sched_cadence)
-        self.cursor = None          # where the walk resumes; None: at the root
-        self.resumed = False
-        self.walk_started = iso(self.started)
-        self.due_run = bool(opts.due)   # begun by `refresh --due` (see resumable())
-        self.done_before = 0        # entries done by the earlier runs of this walk
-        self.totals = Counts()      # and their counts
+        self.resume_point()
         threads, workers = default_parallelism(ds["path"])
         if opts.threads or opts.workers:
             threads, workers = opts.threads or 1, opts.workers or 1
@@ -5151,30 +5108,26 @@ class DatasetRun(object):
                              root_fd=root_fd)
         self.log = RunLog()
         self.manifest = None        # the ManifestWriter of this walk
-        self.manifest_resume = None     # the checkpoint's manifest position
         self.manifest_note = None   # why this walk leaves no manifest, if it should have
         self.forensics = None
         self.purge = None           # the purge record this walk found, if any
         self.manifest_keep = None   # (partial path, number): the manifest record() keeps
-        self.manifest_path = None   # the manifest this walk completed
         self.timing = {"checkpoint_seconds": 0.0, "checkpoints": 0}
-        self.progress = None
-        self.t_walk = self.last_checkpoint = self.last_progress = 0.0
 
     def resume_point(self):
         """Take up the checkpoint of this walk; another mode's or path's position, or a
-        stale manual one, starts over."""
+        stale manual one, starts over: a new walk is one resumed from an empty checkpoint."""
         ckpt = None if self.opts.dry_run else self.store.load_checkpoint_quiet(self.name)
-        if not resumable(ckpt, self.ds, self.mode, self.opts.due, self.sched_cadence,
-                         self.ctx.now):
-            return
-        self.resumed = True
-        self.due_run = ckpt.get("due_run", True) is not False
-        self.cursor = ckpt.get("cursor")
+        self.resumed = bool(resumable(ckpt, self.ds, self.mode, self.opts.due,
+                                      self.sched_cadence, self.ctx.now))
+        if not self.resumed:
+            ckpt = {"walk_started": iso(self.started), "due_run": bool(self.opts.due)}
+        self.due_run = ckpt.get("due_run", True) is not False    # begun by `refresh --due`
+        self.cursor = ckpt.get("cursor")        # where the walk resumes; None: at the root
         self.walk_started = ckpt.get("walk_started")
-        self.done_before = int(ckpt.get("entries_done", 0))
-        self.totals = Counts(ckpt.get("totals"))
-        self.manifest_resume = ckpt.get("manifest")
+        self.done_before = int(ckpt.get("entries_done", 0))     # by earlier runs of this walk
+        self.totals = Counts(ckpt.get("totals"))        # and their counts
+        self.manifest_resume = ckpt.get("manifest")     # the checkpoint's manifest position
 
     def open_log(self):
         """A new log (none for a dry run), opened with what this run is and where it starts."""
@@ -5190,7 +5143,7 @@ class DatasetRun(object):
             % self.done_before if self.resumed else ""))
 
     def wants_manifest(self):
-        return not (self.opts.dry_run or getattr(self.opts, "no_manifest", False)
+        return not (self.opts.dry_run or self.opts.no_manifest
                     or self.ds.get("manifest") is False)
 
     def open_manifest(self):
@@ -5225,7 +5178,7 @@ class DatasetRun(object):
 
     def root_id(self):
         """(st_dev, st_ino) of the dataset's root: a manifest names the directory it lists."""
-        st = os.fstat(self.root_fd) if self.root_fd is not None else os.lstat(self.ds["path"])
+        st = os.fstat(self.root_fd)
         return st.st_dev, st.st_ino
 
     def finish_manifest(self, complete):
@@ -5243,7 +5196,6 @@ class DatasetRun(object):
                 self.forensics = self.compare(previous[0], writer.path)
             except (Failure, OSError) as e:
                 # What vanished stays unknown this time; the walk and its manifest stand.
-                self.forensics = None
                 self.manifest_note = "what vanished is not known: %s" % (
                     e if isinstance(e, Failure) else "%s: %s" % (previous[0][1], e.strerror))
                 self.log.write("manifest compare failed (%s)" % self.manifest_note)
@@ -5252,7 +5204,6 @@ class DatasetRun(object):
         # Kept (renamed into place) by record(), once the registry holds what this
         # comparison found: a kill in between must not leave a purge nobody recorded.
         self.manifest_keep = (writer.path, number)
-        self.manifest_path = self.store.manifest_path(self.name, number)
 
     def compare(self, previous, new_path):
         """What vanished since the previous complete walk's manifest (number, path): the
@@ -5280,15 +5231,15 @@ class DatasetRun(object):
                 raise StateError("the previous manifest %s is not used: %s" % (prev_path, why))
             purge_days = int(new.header["purge_days"])
             dest = rescue_dest(self.ds, scratch_root_of(self.cfg, self.ctx.env))
+            head = {"walk_started": self.walk_started, "dest": dest,
+                    "previous_walk_started": started, "now": self.ctx.now}
             dfd = self.store.open_dir("manifests", self.name)
             fname = "purge-%06d.skm" % int(new.header.get("seq") or number + 1)
             try:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(fname, dir_fd=dfd)        # a crashed walk's, never recorded
-                out = PurgeWriter(dfd, fname, {
-                    "dataset": self.name, "walk_started": self.walk_started, "dest": dest,
-                    "previous_walk_started": started, "now": self.ctx.now,
-                    "purge_days": purge_days})
+                out = PurgeWriter(dfd, fname, dict(head, dataset=self.name,
+                                                   purge_days=purge_days))
                 try:
                     counts = find_purge(prev, new, purge_days, out, self.ctx.now)
                 finally:
@@ -5298,9 +5249,8 @@ class DatasetRun(object):
             finally:
                 os.close(dfd)
             if counts["entries_likely_purged"]:
-                self.purge = dict(counts, found=iso(time.time()), file=fname, dest=dest,
-                                  now=self.ctx.now, walk_started=self.walk_started,
-                                  seen=None, previous_walk_started=started)
+                self.purge = dict(counts, found=iso(time.time()), file=fname, seen=None,
+                                  **head)
             return dict(counts, previous_walk_started=started)
 
     def walk(self, budget, should_stop, progress):
@@ -5308,6 +5258,7 @@ class DatasetRun(object):
         walker = self.walker
         self.progress = progress
         self.t_walk = self.last_checkpoint = time.monotonic()
+        self.last_progress = 0.0
         try:
             complete = walker.run(cursor=self.cursor, max_entries=budget.entries_left,
                                   deadline=budget.deadline, should_stop=should_stop,
@@ -5378,16 +5329,14 @@ class DatasetRun(object):
                       started=iso(self.started), finished=iso(time.time()),
                       dry_run=bool(self.opts.dry_run), stopped=None if complete else stopped,
                       log=self.log.path, timing=self.timing)
-        if self.forensics is not None:
-            result.update(self.forensics)
-        else:           # nothing compared: what vanished is not known, and why
-            result.update(dict.fromkeys(FORENSICS_ZERO))
+        result.update(self.forensics or dict.fromkeys(FORENSICS_ZERO))
+        result["manifest"] = (self.store.manifest_path(self.name, self.manifest_keep[1])
+                              if self.manifest_keep else None)
+        if self.forensics is None or self.manifest_note:
+            # Nothing compared: what vanished is not known, and why.
             result["manifest_note"] = self.manifest_note or UNKNOWN_VANISHED[
                 "dry-run" if self.opts.dry_run else "off" if not self.wants_manifest()
                 else "first" if complete else "incomplete"]
-        result["manifest"] = self.manifest_path
-        if self.manifest_note:
-            result["manifest_note"] = self.manifest_note
         # The walk's errors, its earlier runs' included: it completed with them.
         result["exit_code"] = run_exit_code(complete, counts.errors + self.totals.errors,
                                             stopped)
@@ -5430,7 +5379,7 @@ class DatasetRun(object):
         if complete and cur is not None:
             self.store.prune_purge_records(self.name, (cur.get("purge") or {}).get("file"))
         if complete and self.mode == "touch" and cur is not None:
-            update_sentinel(self.ds["path"] if self.root_fd is None else self.root_fd, cur)
+            update_sentinel(self.root_fd, cur)
         self.store.prune_logs(self.name)
 
 
