@@ -5107,6 +5107,7 @@ class DatasetRun(object):
                              dry_run=opts.dry_run, threads=threads, workers=workers,
                              root_fd=root_fd)
         self.log = RunLog()
+        self.wants_manifest = not (opts.dry_run or opts.no_manifest or ds.get("manifest") is False)
         self.manifest = None        # the ManifestWriter of this walk
         self.manifest_note = None   # why this walk leaves no manifest, if it should have
         self.forensics = None
@@ -5131,9 +5132,8 @@ class DatasetRun(object):
 
     def open_log(self):
         """A new log (none for a dry run), opened with what this run is and where it starts."""
-        if self.opts.dry_run:
-            return
-        self.log = RunLog(self.store, self.name, self.started, self.mode)
+        if not self.opts.dry_run:
+            self.log = RunLog(self.store, self.name, self.started, self.mode)
         skip_d, risk_d, purge_d = thresholds_days(self.cfg, self.cadence)
         self.log.write("start dataset=%s path=%s mode=%s pid=%d host=%s version=%s" % (
             self.name, display_path(self.ds["path"]), self.mode, os.getpid(),
@@ -5142,13 +5142,9 @@ class DatasetRun(object):
             skip_d, risk_d, purge_d, iso(self.ctx.now), " resumed entries_done=%d"
             % self.done_before if self.resumed else ""))
 
-    def wants_manifest(self):
-        return not (self.opts.dry_run or self.opts.no_manifest
-                    or self.ds.get("manifest") is False)
-
     def open_manifest(self):
         """Start this walk's manifest, or take up the partial one a resumed walk left."""
-        if not self.wants_manifest():
+        if not self.wants_manifest:
             return
         path = self.store.partial_manifest_path(self.name)
         if self.resumed:
@@ -5184,10 +5180,9 @@ class DatasetRun(object):
     def finish_manifest(self, complete):
         """A complete walk's manifest becomes the newest; then what vanished is counted."""
         writer, self.manifest = self.manifest, None
-        if writer is None:
-            return
-        if not complete:
+        if writer is not None and not complete:
             writer.close()
+        if writer is None or not complete:
             return
         writer.finish({"walk_finished": iso(time.time()), "now": self.ctx.now})
         previous = self.store.manifests(self.name)
@@ -5306,11 +5301,8 @@ class DatasetRun(object):
         self.timing["checkpoints"] += 1
 
     def crashed(self):
-        """A crash in the walk: keep the position reached so far, and log the crash.
-
-        The cursor is recorded only once the work before it is done (sync); if
-        that fails, the last periodic checkpoint stands.
-        """
+        """A crash in the walk: keep the position reached so far (save_checkpoint(), once
+        the work before it is done; else the last checkpoint stands), and log the crash."""
         if self.walker.stack:
             with contextlib.suppress(Exception):
                 self.walker.sync()
@@ -5335,7 +5327,7 @@ class DatasetRun(object):
         if self.forensics is None or self.manifest_note:
             # Nothing compared: what vanished is not known, and why.
             result["manifest_note"] = self.manifest_note or UNKNOWN_VANISHED[
-                "dry-run" if self.opts.dry_run else "off" if not self.wants_manifest()
+                "dry-run" if self.opts.dry_run else "off" if not self.wants_manifest
                 else "first" if complete else "incomplete"]
         # The walk's errors, its earlier runs' included: it completed with them.
         result["exit_code"] = run_exit_code(complete, counts.errors + self.totals.errors,
@@ -5357,11 +5349,10 @@ class DatasetRun(object):
         if complete:
             self.totals.add(self.walker.counts)
             self.store.delete_checkpoint(self.name)
-        last_run = dict((k, v) for k, v in result.items() if k != "timing")
         with self.store.update_registry() as reg:
             cur = reg["datasets"].get(self.name)
             if cur is not None:
-                cur["last_run"] = last_run
+                cur["last_run"] = dict((k, v) for k, v in result.items() if k != "timing")
                 if complete:
                     record_walk(cur, self.mode, self.walk_started, result["finished"])
                     # Which manifest stands for this walk (None: it left none).
