@@ -429,7 +429,7 @@ class Year(object):
         self.atimes[name][i] = max(self.atimes[name][i], t_ns)
 
     def walk(self, name, mode, t, stop_after=None, due_run=False):
-        """One `refresh` of one dataset at t, as _walk_dataset does it. True when complete."""
+        """One `refresh` of one dataset at t, as _refresh_one does it. True when complete."""
         ds = self.reg["datasets"][name]
         sched_cadence = sk.schedule_cadence(self.store)
         ckpt = self.store.load_checkpoint_quiet(name)
