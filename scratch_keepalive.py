@@ -2170,11 +2170,8 @@ def _load_utimensat():
         except (ImportError, OSError, AttributeError):
             raise Failure("this system offers no utimensat(2) through ctypes, so atime cannot "
                           "be set without rewriting mtime; run with --check")
-
-        class Timespec(ctypes.Structure):
-            _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-        times = (Timespec * 2)(Timespec(0, UTIME_NOW), Timespec(0, UTIME_OMIT))
+        # struct timespec[2] {tv_sec, tv_nsec}, both longs: atime now, mtime untouched
+        times = (ctypes.c_long * 4)(0, UTIME_NOW, 0, UTIME_OMIT)
         func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int]
         func.restype = ctypes.c_int
         _utimensat = (func, ctypes.addressof(times), ctypes.get_errno, times)
@@ -2476,16 +2473,6 @@ def _worker_loop(sock, params):
         sock.sendall(pickle.dumps((batch_id,) + result, 2))
 
 
-def release_free_memory():
-    """Give the C heap's free pages back to the system (glibc's malloc_trim), so that pages
-    freed before a fork (the file's parse tree, when it runs as `python3 FILE`) are not
-    copied into every worker's share. A no-op where the C library has no malloc_trim."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError, ImportError):
-        pass
-
-
 def _max_inflight():
     """Batches in flight the fd limit allows: each holds up to MAX_SEGMENTS fds."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -2617,12 +2604,16 @@ class ProcessRunner(InlineRunner):
         self.workers = []
         # Memory: what the workers need is imported here, once, and every object this
         # process has so far is moved out of the collector's reach (gc.freeze), so that
-        # neither an import nor a collection in a worker copies the pages it shares.
+        # neither an import nor a collection in a worker copies the pages it shares; then
+        # the C heap's free pages go back to the system (glibc's malloc_trim; a no-op
+        # elsewhere), so that pages freed before the fork (the file's parse tree, when it
+        # runs as `python3 FILE`) are not copied into every worker's share.
         _import_now(array, pickle)
         gc.collect()
         gc.freeze()         # Python 3.7+, as every ProcessRunner is (parallel_ok)
         self.frozen = True
-        release_free_memory()
+        with contextlib.suppress(OSError, AttributeError, ImportError):
+            ctypes.CDLL(None).malloc_trim(0)
         try:
             for _ in range(count - 1):
                 self.workers.append(self._fork())
@@ -2912,14 +2903,6 @@ class Walker(object):
             self.manifest.unlisted(key)
 
     # -- the stack
-    def _enter(self, frame, name):
-        """Batch a subdirectory of frame found by d_type and descend into it, unless it is
-        a mount point (one the mount table lists is counted as skipped, never entered)."""
-        if name in frame.mounts:
-            self._append(frame, [name])
-        else:
-            self._descend(frame, name, batch=True)
-
     def _descend(self, frame, name, batch=False):
         """Open, list and push a subdirectory of frame, unless it is another filesystem.
 
@@ -3116,24 +3099,24 @@ class Walker(object):
         return bool(stack)
 
     def _next(self, limit):
-        """Take the walk's next entries, at most limit."""
-        self._take(self.stack[-1], limit)
-
-    def _take(self, frame, limit):
-        """Batch frame's next names (at most limit) up to and including a subdirectory,
-        whose own entries come next in the walk's order; then enter it."""
+        """Take the walk's next entries, at most limit: batch the top directory's next
+        names up to and including a subdirectory, whose own entries come next in the walk's
+        order; then enter it (unless the mount table lists it: counted as skipped)."""
+        frame = self.stack[-1]
         start = frame.idx
         end = min(len(frame.names), start + self.runner.batch_size, start + limit)
         dirs = frame.dirs
         j = bisect.bisect_left(dirs, start)
         is_dir = j < len(dirs) and dirs[j] < end
         k = dirs[j] + 1 if is_dir else end
-        # The subdirectory itself is batched by _enter, its stat from before its listing.
+        # The subdirectory itself is batched by _descend, its stat from before its listing.
         self._append(frame, frame.names[start:k - 1 if is_dir else k])
         self.counts.entries_seen += k - start
         frame.idx = k
-        if is_dir:
-            self._enter(frame, frame.names[k - 1])
+        if is_dir and frame.names[k - 1] in frame.mounts:
+            self._append(frame, frame.names[k - 1:k])
+        elif is_dir:
+            self._descend(frame, frame.names[k - 1], batch=True)
 
     def _append(self, frame, names):
         """Batch names of frame; hand the batch to the runner once it is full."""
