@@ -244,7 +244,6 @@ REPLY_MESSAGE_MAX = 1 << 16
 MAX_SEGMENTS = 16               # directories (fds) per parallel batch
 THREAD_BATCH = 32               # entries per batch for threads: spread latency-bound work
 LIST_CHUNK = 4096               # directory entries encoded at a time
-# What a walk found vanished since the walk before (see forensics()).
 # Why a walk's result says nothing of what vanished (its counts null), where nothing is
 # wrong: these go in the JSON's manifest_note, not in the text's summary line.
 UNKNOWN_VANISHED = {
@@ -253,6 +252,7 @@ UNKNOWN_VANISHED = {
     "first": "no earlier complete walk left a manifest: what vanished is known after the "
              "next complete walk",
     "incomplete": "the walk is not complete: what vanished is known once it is"}
+# What a walk found vanished since the walk before (see forensics()).
 FORENSICS_ZERO = {"entries_vanished": 0, "bytes_vanished": 0, "entries_likely_purged": 0,
                   "bytes_likely_purged": 0}
 _SCHEDULE_LOCKS = set()         # schedule lock paths this process holds
