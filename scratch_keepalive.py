@@ -21,25 +21,9 @@ Safety model:
     crash. Only one walk per dataset runs at a time.
   * A dataset stops being protected the day after its keep-until date.
 
-Commands:
-  init            choose the profile (br200 or generic) and scratch root
-  add             register a dataset with a keep-until date
-  list, status    show datasets, their state, last runs and checkpoints
-                  (status --brief: only what needs attention, for ~/.bashrc)
-  refresh         walk datasets now (touch or check mode), resumably
-  extend          move a keep-until date, record a site approval
-  enable, disable pause or resume one dataset
-  remove          unregister a dataset (its data is never touched)
-  files           list what the last walk found at risk, or saw vanish
-  rescue          copy what is at risk to safe storage (reads without moving atimes)
-  install-cron    schedule refresh with Slurm (scrontab or a batch chain)
-  uninstall-cron  remove the schedule
-  doctor, repair  find and mend what has gone wrong
-
 State (config, registry, checkpoints, logs, locks, job scripts) lives outside
-scratch, in $SCRATCH_KEEPALIVE_HOME, else $XDG_STATE_HOME/scratch-keepalive,
-else ~/.local/state/scratch-keepalive (or --state-dir DIR). Each dataset root
-also holds one small sentinel file, .scratch-keepalive.
+scratch (see "state:" below). Each dataset root also holds one small sentinel
+file, .scratch-keepalive.
 """
 
 __version__ = "1.0.0"
@@ -132,7 +116,6 @@ shlex = _LazyModule("shlex")
 signal = _LazyModule("signal")
 socket = _LazyModule("socket")
 subprocess = _LazyModule("subprocess")
-tempfile = _LazyModule("tempfile")
 textwrap = _LazyModule("textwrap")
 threading = _LazyModule("threading")
 types = _LazyModule("types")        # on 3.6 it imports collections and functools
@@ -171,7 +154,6 @@ FORMAT = 1                      # format version of every JSON state file
 SENTINEL = ".scratch-keepalive"
 SENTINEL_SETTINGS = ("keep_until", "cadence_days", "approval", "rescue_to")  # for a rebuild
 JOB_NAME = "scratch-keepalive"
-# WARNING: \Z, not $: "$" also matches before a trailing newline ("evil\n" would pass).
 NAME_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 NAME_CHARS = NAME_FIRST | frozenset("._-")
 
@@ -187,6 +169,7 @@ def valid_name(name):
 # install-cron --mail-user: one '@', no space, quote, '#' or shell character, so that the
 # address stays one word on an #SCRON line (split at spaces), in an #SBATCH line and in a
 # shell; no leading '-' (an option to sbatch).
+# WARNING: \Z, not $: "$" also matches before a trailing newline ("evil\n" would pass).
 MAIL_RE = _LazyPattern(r"^[A-Za-z0-9_+][A-Za-z0-9._+-]{0,63}@"
                        r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\Z")
@@ -261,7 +244,6 @@ REPLY_MESSAGE_MAX = 1 << 16
 MAX_SEGMENTS = 16               # directories (fds) per parallel batch
 THREAD_BATCH = 32               # entries per batch for threads: spread latency-bound work
 LIST_CHUNK = 4096               # directory entries encoded at a time
-# What a walk found vanished since the walk before (see forensics()).
 # Why a walk's result says nothing of what vanished (its counts null), where nothing is
 # wrong: these go in the JSON's manifest_note, not in the text's summary line.
 UNKNOWN_VANISHED = {
@@ -270,6 +252,7 @@ UNKNOWN_VANISHED = {
     "first": "no earlier complete walk left a manifest: what vanished is known after the "
              "next complete walk",
     "incomplete": "the walk is not complete: what vanished is known once it is"}
+# What a walk found vanished since the walk before (see forensics()).
 FORENSICS_ZERO = {"entries_vanished": 0, "bytes_vanished": 0, "entries_likely_purged": 0,
                   "bytes_likely_purged": 0}
 _SCHEDULE_LOCKS = set()         # schedule lock paths this process holds
@@ -278,7 +261,6 @@ SCHEDULE_LOCK_WAIT = 120        # seconds a schedule change waits for another on
 # Linux utimensat(2) constants.
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
-AT_FDCWD = -100
 AT_SYMLINK_NOFOLLOW = 0x100
 
 O_NOATIME = getattr(os, "O_NOATIME", 0)
@@ -287,8 +269,7 @@ O_PATH = getattr(os, "O_PATH", 0)
 O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
-O_DIR_FLAGS = (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
-               | getattr(os, "O_CLOEXEC", 0))
+O_DIR_FLAGS = os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC
 
 
 # ---------------------------------------------------------------- errors
@@ -319,7 +300,6 @@ class BusyError(Failure):
 
 class StateError(Failure):
     """A state file cannot be read; `repair` mends it (exit 1)."""
-    exit_code = EXIT_FAIL
 
 
 class DiskFullError(Failure, OSError):
@@ -375,9 +355,7 @@ def _iso_parts(text):
     if rest[:1] == ":" and _digits(rest[1:3], 2):
         ss, rest = rest[1:3], rest[3:]
         if rest[:1] == ".":
-            i = 1
-            while rest[i:i + 1] and rest[i] in "0123456789":
-                i += 1
+            i = len(rest) - len(rest[1:].lstrip("0123456789"))     # "." and its digits
             if i == 1:
                 return None
             rest = rest[i:]
@@ -409,12 +387,9 @@ def parse_iso(text):
 
 def parse_date(text):
     """'YYYY-MM-DD' -> datetime.date, or None when it is not a real date."""
-    if not isinstance(text, str) or len(text) != 10 or _iso_parts(text) is None:
-        return None
-    try:        # not strptime: its first call costs the login line (status --brief) ~2 ms
-        return datetime.date(int(text[:4]), int(text[5:7]), int(text[8:]))
-    except ValueError:
-        return None
+    # not strptime: its first call costs the login line (status --brief) ~2 ms
+    t = parse_iso(text) if isinstance(text, str) and len(text) == 10 else None
+    return None if t is None else utc_date(t)
 
 
 def utc_date(t):
@@ -428,12 +403,10 @@ def policy_now(env):
     if not text:
         return time.time()
     t = parse_iso(text)
-    if t is None:
-        raise UsageError("SCRATCH_KEEPALIVE_NOW=%r is not an ISO-8601 time; use e.g. "
-                         "2026-08-01T03:00:00Z, or unset it" % text)
-    if not TIME_MIN <= t < TIME_MAX:
-        raise UsageError("SCRATCH_KEEPALIVE_NOW=%r lies outside the years 1970 to 8999; use "
-                         "e.g. 2026-08-01T03:00:00Z, or unset it" % text)
+    if t is None or not TIME_MIN <= t < TIME_MAX:
+        why = "is not an ISO-8601 time" if t is None else "lies outside the years 1970 to 8999"
+        raise UsageError("SCRATCH_KEEPALIVE_NOW=%r %s; use e.g. 2026-08-01T03:00:00Z, or unset "
+                         "it" % (text, why))
     return t
 
 
@@ -2197,11 +2170,8 @@ def _load_utimensat():
         except (ImportError, OSError, AttributeError):
             raise Failure("this system offers no utimensat(2) through ctypes, so atime cannot "
                           "be set without rewriting mtime; run with --check")
-
-        class Timespec(ctypes.Structure):
-            _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-        times = (Timespec * 2)(Timespec(0, UTIME_NOW), Timespec(0, UTIME_OMIT))
+        # struct timespec[2] {tv_sec, tv_nsec}, both longs: atime now, mtime untouched
+        times = (ctypes.c_long * 4)(0, UTIME_NOW, 0, UTIME_OMIT)
         func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int]
         func.restype = ctypes.c_int
         _utimensat = (func, ctypes.addressof(times), ctypes.get_errno, times)
@@ -2217,29 +2187,12 @@ def open_dir_ex(name, dir_fd=None):
     """(fd, quiet) as open_dir; quiet is False when O_NOATIME was refused, so listing the
     directory may move its atime (the kernel allows O_NOATIME only to the owner)."""
     kw = {} if dir_fd is None else {"dir_fd": dir_fd}
-    if not O_NOATIME:
-        return os.open(name, O_DIR_FLAGS, **kw), True
-    try:
-        return os.open(name, O_DIR_FLAGS | O_NOATIME, **kw), True
-    except PermissionError:
-        pass    # O_NOATIME needs ownership (or CAP_FOWNER); fall back to a plain open
-    return os.open(name, O_DIR_FLAGS, **kw), False
-
-
-def list_dir(fd):
-    """Entry names of an open directory, as bytes, in byte order."""
-    enc = sys.getfilesystemencoding()
-    return sorted([n.encode(enc, "surrogateescape") for n in os.listdir(fd)])
-
-
-SCANDIR_FD = os.scandir in os.supports_fd       # Python 3.7+
-
-
-def _is_dir_at(fd, name):
-    try:
-        return stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)
-    except OSError:
-        return False    # gone or denied: the per-entry rules count it
+    if O_NOATIME:
+        try:
+            return os.open(name, O_DIR_FLAGS | O_NOATIME, **kw), True
+        except PermissionError:
+            pass    # O_NOATIME needs ownership (or CAP_FOWNER); fall back to a plain open
+    return os.open(name, O_DIR_FLAGS, **kw), not O_NOATIME
 
 
 def list_dir_typed(fd):
@@ -2250,12 +2203,13 @@ def list_dir_typed(fd):
     directories; where it is unknown, DirEntry.is_dir() falls back to an lstat.
     Names are encoded a chunk at a time in one call (no name holds a NUL), so a
     huge directory never holds its listing twice; directories are then found
-    by bisection. Older Pythons lstat every name.
+    by bisection. Older Pythons lstat every name (one gone or denied is no directory: the
+    per-entry rules count it).
     """
-    if not SCANDIR_FD:
-        names = list_dir(fd)
-        return names, [i for i, n in enumerate(names) if _is_dir_at(fd, n)]
     enc = sys.getfilesystemencoding()
+    if os.scandir not in os.supports_fd:
+        names = sorted([n.encode(enc, "surrogateescape") for n in os.listdir(fd)])
+        return names, [i for i, n in enumerate(names) if stat.S_ISDIR(_lstat_mode(n, fd))]
     names, dirnames = [], []
     it = os.scandir(fd)
     try:
@@ -2473,9 +2427,8 @@ def _entry_error(errs, seg, name, err, cols):
         errs.append((seg, name, err or errno.EIO))
     if cols is not None:
         cols[0].append(_TYPE_GONE if err == errno.ENOENT else _TYPE_UNKNOWN)
-        cols[1].append(0)
-        cols[2].append(0)
-        cols[3].append(0)
+        for col in cols[1:]:
+            col.append(0)
 
 
 def _close_inherited_fds(keep):
@@ -2505,12 +2458,9 @@ def _worker_loop(sock, params):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     fd_size = array.array("i").itemsize
-    while True:
-        try:
-            msg, anc, _, _ = sock.recvmsg(BATCH_MESSAGE_MAX,
-                                          socket.CMSG_SPACE(MAX_SEGMENTS * fd_size))
-        except InterruptedError:
-            continue
+    while True:      # (EINTR is retried by Python itself: PEP 475)
+        msg, anc, _, _ = sock.recvmsg(BATCH_MESSAGE_MAX,
+                                      socket.CMSG_SPACE(MAX_SEGMENTS * fd_size))
         if not msg:
             return
         fds = array.array("i")
@@ -2521,16 +2471,6 @@ def _worker_loop(sock, params):
         result = _process_batch([(fd, blob.split(b"\0")) for fd, blob in zip(fds, blobs)],
                                 *params)
         sock.sendall(pickle.dumps((batch_id,) + result, 2))
-
-
-def release_free_memory():
-    """Give the C heap's free pages back to the system (glibc's malloc_trim), so that pages
-    freed before a fork (the file's parse tree, when it runs as `python3 FILE`) are not
-    copied into every worker's share. A no-op where the C library has no malloc_trim."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError, ImportError):
-        pass
 
 
 def _max_inflight():
@@ -2656,7 +2596,6 @@ class ProcessRunner(InlineRunner):
     count is the processes sharing the work, this one included: it forks count - 1
     workers and takes a batch itself whenever every worker has a backlog (one process
     per CPU: a third process on two CPUs only adds its own overhead)."""
-    batch_size = BATCH
 
     def __init__(self, params, done, count, work=None):
         InlineRunner.__init__(self, params, done)      # workers apply the walk's rules
@@ -2665,13 +2604,16 @@ class ProcessRunner(InlineRunner):
         self.workers = []
         # Memory: what the workers need is imported here, once, and every object this
         # process has so far is moved out of the collector's reach (gc.freeze), so that
-        # neither an import nor a collection in a worker copies the pages it shares.
+        # neither an import nor a collection in a worker copies the pages it shares; then
+        # the C heap's free pages go back to the system (glibc's malloc_trim; a no-op
+        # elsewhere), so that pages freed before the fork (the file's parse tree, when it
+        # runs as `python3 FILE`) are not copied into every worker's share.
         _import_now(array, pickle)
-        self.frozen = hasattr(gc, "freeze")
-        if self.frozen:
-            gc.collect()
-            gc.freeze()
-        release_free_memory()
+        gc.collect()
+        gc.freeze()         # Python 3.7+, as every ProcessRunner is (parallel_ok)
+        self.frozen = True
+        with contextlib.suppress(OSError, AttributeError, ImportError):
+            ctypes.CDLL(None).malloc_trim(0)
         try:
             for _ in range(count - 1):
                 self.workers.append(self._fork())
@@ -2911,12 +2853,10 @@ class Walker(object):
         if count:
             self.counts.errors += 1
         if len(self.error_paths) < MAX_LOGGED_ERRORS:
-            comps = frame.components() if frame is not None else self._components()
+            frame = frame or (self.stack[-1] if self.stack else None)     # None: the top
+            comps = frame.components() if frame is not None else []
             path = b"/".join([self.root_b] + comps + ([name] if name else []))
             self.error_paths.append("%s: %s" % (display_path(path), os.strerror(err)))
-
-    def _components(self):
-        return [f.name for f in self.stack[1:]]
 
     def _tally(self, tag, result):
         """Add one finished batch's counts and errors (a frame of None: the root itself),
@@ -2963,14 +2903,6 @@ class Walker(object):
             self.manifest.unlisted(key)
 
     # -- the stack
-    def _enter(self, frame, name):
-        """Batch a subdirectory of frame found by d_type and descend into it, unless it is
-        a mount point (one the mount table lists is counted as skipped, never entered)."""
-        if name in frame.mounts:
-            self._append(frame, [name])
-        else:
-            self._descend(frame, name, batch=True)
-
     def _descend(self, frame, name, batch=False):
         """Open, list and push a subdirectory of frame, unless it is another filesystem.
 
@@ -3072,11 +3004,8 @@ class Walker(object):
         if not self.stack:
             return None
         top = self.stack[-1]
-        comps = self._components()
-        if top.idx == 0:
-            return {"path": [encode_name(c) for c in comps], "subtree_done": False}
-        return {"path": [encode_name(c) for c in comps + [top.names[top.idx - 1]]],
-                "subtree_done": True}
+        comps = top.components() + ([top.names[top.idx - 1]] if top.idx else [])
+        return {"path": [encode_name(c) for c in comps], "subtree_done": top.idx > 0}
 
     def _start(self, cursor):
         """Visit the root (unless the cursor says it is done) and set up the stack.
@@ -3105,10 +3034,7 @@ class Walker(object):
     def _open_root(self):
         """The root's directory fd (O_NOATIME where ours); dirs_listed_not_owned if not."""
         try:
-            if self.root_fd is not None:
-                fd, quiet = open_dir_ex(".", dir_fd=self.root_fd)
-            else:
-                fd, quiet = open_dir_ex(self.root_b)
+            fd, quiet = open_dir_ex(self.root_b if self.root_fd is None else ".", self.root_fd)
         except OSError as e:
             raise Failure("cannot open the dataset root %s (%s)" % (
                 self.root, "not a directory" if e.errno == errno.ENOTDIR else e.strerror))
@@ -3127,11 +3053,8 @@ class Walker(object):
             frame.idx = i + 1
             if depth == len(path) - 1 and subtree_done:
                 return
-            try:
-                st = os.stat(comp, dir_fd=frame.fd, follow_symlinks=False)
-            except OSError:
-                return      # gone since the checkpoint: carry on after it
-            if (not stat.S_ISDIR(st.st_mode) or comp in frame.mounts
+            # gone since the checkpoint (mode 0): carry on after it
+            if (not stat.S_ISDIR(_lstat_mode(comp, frame.fd)) or comp in frame.mounts
                     or not self._descend(frame, comp)):
                 return
 
@@ -3176,24 +3099,24 @@ class Walker(object):
         return bool(stack)
 
     def _next(self, limit):
-        """Take the walk's next entries, at most limit."""
-        self._take(self.stack[-1], limit)
-
-    def _take(self, frame, limit):
-        """Batch frame's next names (at most limit) up to and including a subdirectory,
-        whose own entries come next in the walk's order; then enter it."""
+        """Take the walk's next entries, at most limit: batch the top directory's next
+        names up to and including a subdirectory, whose own entries come next in the walk's
+        order; then enter it (unless the mount table lists it: counted as skipped)."""
+        frame = self.stack[-1]
         start = frame.idx
         end = min(len(frame.names), start + self.runner.batch_size, start + limit)
         dirs = frame.dirs
         j = bisect.bisect_left(dirs, start)
         is_dir = j < len(dirs) and dirs[j] < end
         k = dirs[j] + 1 if is_dir else end
-        # The subdirectory itself is batched by _enter, its stat from before its listing.
+        # The subdirectory itself is batched by _descend, its stat from before its listing.
         self._append(frame, frame.names[start:k - 1 if is_dir else k])
         self.counts.entries_seen += k - start
         frame.idx = k
-        if is_dir:
-            self._enter(frame, frame.names[k - 1])
+        if is_dir and frame.names[k - 1] in frame.mounts:
+            self._append(frame, frame.names[k - 1:k])
+        elif is_dir:
+            self._descend(frame, frame.names[k - 1], batch=True)
 
     def _append(self, frame, names):
         """Batch names of frame; hand the batch to the runner once it is full."""
@@ -3987,10 +3910,6 @@ class Context(object):
 
     def config(self):
         return self.store.require_config()
-
-
-def _ctx(state_dir, env, runner=None):
-    return Context(state_dir=state_dir, env=env, runner=runner)
 
 
 def _get(reg, name):
@@ -8129,8 +8048,7 @@ def _repair_schedule(ctx, cfg, reg, dry_run, act, left):
 
 def init(profile=None, scratch_root=None, purge_days=None, state_dir=None, env=None):
     """Create or update the config. Returns {"config": ..., "changed": bool, "warnings": [...]}."""
-    ctx = _ctx(state_dir, env)
-    return _init(ctx, profile, scratch_root, purge_days)
+    return _init(Context(state_dir, env), profile, scratch_root, purge_days)
 
 
 def add_dataset(name, path, keep_until, cadence_days=None, approval=None, state_dir=None,
@@ -8139,25 +8057,24 @@ def add_dataset(name, path, keep_until, cadence_days=None, approval=None, state_
 
     manifest=False: its walks write no manifest (no `files`, `rescue` or vanished counts).
     rescue_to: a directory every scheduled walk then rescues to (see rescue())."""
-    ctx = _ctx(state_dir, env)
-    return _add(ctx, name, path, keep_until, cadence_days, approval, rescue_to,
+    return _add(Context(state_dir, env), name, path, keep_until, cadence_days, approval, rescue_to,
                 manifest=manifest)
 
 
 def list_datasets(state_dir=None, env=None):
     """The registered datasets as the list of dicts `list --json` prints."""
-    return _list(_ctx(state_dir, env))
+    return _list(Context(state_dir, env))
 
 
 def status(name=None, state_dir=None, env=None):
     """One dataset's status dict (name given) or a list of them, as `status --json` prints."""
-    return _status(_ctx(state_dir, env), name)
+    return _status(Context(state_dir, env), name)
 
 
 def brief(state_dir=None, env=None):
     """What needs attention, as `status --brief --json` prints it: a list of {"name" (None
     for the schedule), "kind", "message", "command", "attention"}; empty when nothing does."""
-    return _brief(_ctx(state_dir, env))
+    return _brief(Context(state_dir, env))
 
 
 def extend(name, keep_until=None, approval=None, cadence_days=None, state_dir=None, env=None,
@@ -8165,18 +8082,18 @@ def extend(name, keep_until=None, approval=None, cadence_days=None, state_dir=No
     """Move a keep-until date, record a site approval, change the cadence, set (or with
     "none" clear) the directory scheduled walks rescue to, turn manifests on or off
     (manifest True/False). Returns the entry."""
-    return _extend(_ctx(state_dir, env), name, keep_until, approval, cadence_days, rescue_to,
+    return _extend(Context(state_dir, env), name, keep_until, approval, cadence_days, rescue_to,
                    manifest=manifest)
 
 
 def set_enabled(name, enabled, state_dir=None, env=None):
     """Enable or disable one dataset. Returns the list entry."""
-    return _set_enabled(_ctx(state_dir, env), name, enabled)
+    return _set_enabled(Context(state_dir, env), name, enabled)
 
 
 def remove_dataset(name, state_dir=None, env=None):
     """Unregister a dataset, delete its sentinel and checkpoint. Its data is never touched."""
-    return _remove(_ctx(state_dir, env), name)
+    return _remove(Context(state_dir, env), name)
 
 
 def files(name, kind=None, older_than=None, state_dir=None, env=None):
@@ -8185,7 +8102,7 @@ def files(name, kind=None, older_than=None, state_dir=None, env=None):
     kind="vanished", reason). kind: None (every entry), "at-risk", "purge-eligible" or
     "vanished"; older_than: days. Errors (unknown dataset, no manifest) are raised here,
     before the first entry; the manifest is read as the iterator is."""
-    listing = _files(_ctx(state_dir, env), name, kind, older_than)
+    listing = _files(Context(state_dir, env), name, kind, older_than)
     return (file_doc(*item) for item in listing.items())
 
 
@@ -8199,11 +8116,10 @@ def refresh(name=None, due=False, check=False, dry_run=False, max_seconds=None,
     exit_code is risk_exit_code()'s, and "risk" lists (name, what was found) for the
     datasets whose walk made it 1.
     """
-    ctx = _ctx(state_dir, env)
     opts = RefreshOptions(name, due, check, dry_run, max_seconds, max_entries, threads,
                           workers=workers, no_manifest=no_manifest,
                           fail_on_risk=fail_on_risk)
-    return _refresh(ctx, opts, should_stop=should_stop, progress=progress)
+    return _refresh(Context(state_dir, env), opts, should_stop=should_stop, progress=progress)
 
 
 def rescue(name, to, all=False, dry_run=False, max_seconds=None, max_entries=None,
@@ -8215,10 +8131,10 @@ def rescue(name, to, all=False, dry_run=False, max_seconds=None, max_entries=Non
     it refuses. should_stop() as for refresh(); progress(name, entries_done,
     entries_total, bytes_copied, bytes_total, seconds) is called now and then; threads:
     copies in flight (default: default_parallelism()'s threads)."""
-    ctx = _ctx(state_dir, env)
     opts = RescueOptions(name, to, all, dry_run, max_seconds, max_entries, checkpoint_every,
                          threads=threads)
-    return _rescue(ctx, opts, Budget(max_seconds, max_entries), should_stop, progress)
+    return _rescue(Context(state_dir, env), opts, Budget(max_seconds, max_entries),
+                   should_stop, progress)
 
 
 def install_cron(method="auto", account=None, partition=None, cpus=None, mem=None,
@@ -8228,21 +8144,19 @@ def install_cron(method="auto", account=None, partition=None, cpus=None, mem=Non
 
     mail_user: Slurm mails that address when a scheduled job fails, and the job runs
     `refresh --due --fail-on-risk` (risk found is such a failure)."""
-    ctx = _ctx(state_dir, env, runner)
-    return _install_cron(ctx, CronRequest(method, account, partition, cpus, mem, time_limit,
-                                          cadence_days, dry_run, reinstall, mail_user))
+    return _install_cron(Context(state_dir, env, runner=runner),
+                         CronRequest(method, account, partition, cpus, mem, time_limit,
+                                     cadence_days, dry_run, reinstall, mail_user))
 
 
 def uninstall_cron(state_dir=None, env=None, runner=None):
     """Remove the schedule: job script, scrontab block, pending jobs. Returns what was removed."""
-    ctx = _ctx(state_dir, env, runner)
-    return _uninstall_cron(ctx)
+    return _uninstall_cron(Context(state_dir, env, runner=runner))
 
 
 def doctor(state_dir=None, env=None, runner=None):
     """Check everything; returns {"ok": bool, "checks": [{"name", "ok", "level", "message"}]}."""
-    ctx = _ctx(state_dir, env, runner)
-    return _doctor(ctx)
+    return _doctor(Context(state_dir, env, runner=runner))
 
 
 def repair(dry_run=False, state_dir=None, env=None, runner=None):
@@ -8251,8 +8165,7 @@ def repair(dry_run=False, state_dir=None, env=None, runner=None):
     Never deletes or modifies user data and never touches a timestamp in a dataset:
     damaged state is set aside (renamed), not deleted.
     """
-    ctx = _ctx(state_dir, env, runner)
-    return _repair(ctx, dry_run)
+    return _repair(Context(state_dir, env, runner=runner), dry_run)
 
 
 # ---------------------------------------------------------------- CLI: output
