@@ -8865,6 +8865,7 @@ examples:
   scratch-keepalive refresh --name genomes        # check mode: reports what is at risk
   scratch-keepalive rescue --name genomes --to /N/project/mylab/genomes   # copy it off scratch
   scratch-keepalive install-cron --account r00000
+  scratch-keepalive status --brief   # in ~/.bashrc: only what needs attention, at login
 
 exit codes:
   0 done, 1 failed or entry errors or doctor found a problem, 2 usage or invalid input
