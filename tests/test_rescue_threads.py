@@ -60,6 +60,23 @@ def picture(top):
     return out
 
 
+def rescue_until_complete(dest, every):
+    """Rescue with 8 threads, a stop request (Ctrl-C) at every `every`-th look, again and
+    again until a run completes: (every run's exit code, the last result)."""
+    calls = [0]
+
+    def stop_soon():
+        calls[0] += 1
+        return "int" if calls[0] % every == 0 else None
+    codes = []
+    for _ in range(200):
+        r = sk.rescue("ds", str(dest), all=True, threads=8, should_stop=stop_soon)
+        codes.append(r["exit_code"])
+        if r["complete"]:
+            break
+    return codes, r
+
+
 def test_copies_of_different_files_overlap(tree, monkeypatch, tmp_path):
     """Four copies must be in flight at once to get past a barrier of four: a rescue that
     copied one file at a time would time out at it."""
@@ -94,19 +111,8 @@ def test_stopped_in_the_middle_of_copies_it_resumes_to_the_same_copy(tree, tmp_p
     again, until one completes: the copy is exact, and the checkpoint never skipped a
     file left half copied."""
     dest = tmp_path / "safe"
-    calls = [0]
-
-    def stop_soon():
-        calls[0] += 1
-        return "int" if calls[0] % 7 == 0 else None
-    results = []
-    for _ in range(200):
-        r = sk.rescue("ds", str(dest), all=True, threads=8, should_stop=stop_soon)
-        results.append(r["exit_code"])
-        if r["complete"]:
-            break
-        assert r["exit_code"] == 130, r
-    assert results[-1] == 0 and len(results) > 2, results
+    codes, _ = rescue_until_complete(dest, 7)
+    assert codes[-1] == 0 and len(codes) > 2 and set(codes[:-1]) == {130}, codes
     assert picture(dest) == picture(tree["root"])
     leftovers = [n for dp, dns, fns in os.walk(str(dest)) for n in fns
                  if n.startswith(".scratch-keepalive-rescue.")]
@@ -178,17 +184,7 @@ def test_a_deep_tree_copied_on_threads_and_stopped_again_and_again_is_exact(gene
     assert sk.add_dataset("ds", str(root), KEEP)["name"] == "ds"
     assert sk.refresh(name="ds", check=True)["exit_code"] == 0
     dest = tmp_path / "safe"
-    calls = [0]
-
-    def stop_soon():
-        calls[0] += 1
-        return "int" if calls[0] % 80 == 0 else None
-    codes = []
-    for _ in range(200):
-        r = sk.rescue("ds", str(dest), all=True, threads=8, should_stop=stop_soon)
-        codes.append(r["exit_code"])
-        if r["complete"]:
-            break
+    codes, r = rescue_until_complete(dest, 80)
     assert codes[-1] == 0 and len(codes) >= 3 and set(codes[:-1]) == {130}, codes
     assert r["errors"] == 0, r
     assert picture(dest) == picture(root)
