@@ -132,18 +132,36 @@ def run_command(argv, env=None, clean=False, user=None, prefix=(), input_text=No
     return Result(p.returncode, p.stdout.decode("utf-8"), p.stderr.decode("utf-8", "replace"))
 
 
+def tool_argv(python=None, script=None):
+    """The command that starts the tool in a subprocess: `python3 -c LOADER FILE`, as its
+    scheduled job and the launchers start it, from its bytecode (compiled once per session,
+    see compiled_once), not compiled anew by every run. It behaves as `python3 FILE` does;
+    the tests of that bare form (the README's quick start, a copied file) start it so."""
+    return [python or sys.executable, "-c", sk.LOADER, str(script or SCRIPT)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compiled_once():
+    """The tool's bytecode for this Python, written where LOADER looks for it, also when
+    PYTHONDONTWRITEBYTECODE keeps every run from writing it (as in CI)."""
+    import importlib.util
+    import py_compile
+    py_compile.compile(str(SCRIPT), cfile=importlib.util.cache_from_source(str(SCRIPT)),
+                       doraise=True)
+
+
 def run_script(*argv, python=None, script=None, **kw):
-    """Run the tool as users do: `python3 scratch_keepalive.py ARGS` in a subprocess.
+    """Run the tool as users do, in a subprocess (tool_argv); Result(rc, out, err).
 
     Keyword arguments as run_command's (env, clean, user, prefix, cwd, timeout, ...)."""
-    return run_command([python or sys.executable, str(script or SCRIPT)] + list(argv), **kw)
+    return run_command(tool_argv(python, script) + list(argv), **kw)
 
 
 def start_script(*argv, env, python=None, script=None, **kw):
     """The tool started as run_script runs it, but not waited for: a Popen in a session of
     its own (so that `reaped` and a signal to its group reach its workers too), output piped;
     env is its whole environment (tool_env)."""
-    cmd = [python or sys.executable, str(script or SCRIPT)] + [str(a) for a in argv]
+    cmd = tool_argv(python, script) + [str(a) for a in argv]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True, **kw)
 
