@@ -134,20 +134,20 @@ def run_command(argv, env=None, clean=False, user=None, prefix=(), input_text=No
 
 def tool_argv(python=None, script=None):
     """The command that starts the tool in a subprocess: `python3 -c LOADER FILE`, as its
-    scheduled job and the launchers start it, from its bytecode (compiled once per session,
-    see compiled_once), not compiled anew by every run. It behaves as `python3 FILE` does;
-    the tests of that bare form (the README's quick start, a copied file) start it so."""
-    return [python or sys.executable, "-c", sk.LOADER, str(script or SCRIPT)]
+    scheduled job and the launchers start it, from its bytecode (compiled once per session
+    and Python, see _COMPILED), not compiled anew by every run. It behaves as `python3 FILE`
+    does; the tests of that bare form (the README's quick start, a copied file) start it so."""
+    python = python or sys.executable
+    if script is None and python not in _COMPILED:
+        # Written where LOADER looks for it, also when PYTHONDONTWRITEBYTECODE keeps every
+        # run from writing it (as in CI).
+        subprocess.run([python, "-c", "import py_compile, sys; py_compile.compile("
+                        "sys.argv[1], doraise=True)", str(SCRIPT)], check=True)
+        _COMPILED.add(python)
+    return [python, "-c", sk.LOADER, str(script or SCRIPT)]
 
 
-@pytest.fixture(scope="session", autouse=True)
-def compiled_once():
-    """The tool's bytecode for this Python, written where LOADER looks for it, also when
-    PYTHONDONTWRITEBYTECODE keeps every run from writing it (as in CI)."""
-    import importlib.util
-    import py_compile
-    py_compile.compile(str(SCRIPT), cfile=importlib.util.cache_from_source(str(SCRIPT)),
-                       doraise=True)
+_COMPILED = set()       # the Pythons that have the tool's bytecode (tool_argv)
 
 
 def run_script(*argv, python=None, script=None, **kw):

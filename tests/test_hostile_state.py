@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KEEP, NOW, SCRIPT, make_dataset, pyenv_pythons, run_script, set_atime, sk
+from conftest import (KEEP, NOW, SCRIPT, make_dataset, pyenv_pythons, run_script, set_atime, sk,
+                      tool_argv)
 
 NOBODY = 65534
 TIMEOUT = 6             # seconds any one command may take ("a few seconds")
@@ -75,15 +76,13 @@ def base_env(state, scratch, empty_bin):
 
 
 def run(python, argv, env):
-    """(exit code or "timeout", stdout, stderr, seconds) of `python -m scratch_keepalive ARGV`
-    (loaded from its cached bytecode: three times as fast to start as the script)."""
-    env = dict(env, PYTHONPATH=str(SCRIPT.parent))
+    """(exit code or "timeout", stdout, stderr, seconds) of the tool run by python (from its
+    bytecode: tool_argv)."""
     t0 = time.monotonic()
     try:
-        p = subprocess.run([python, "-m", "scratch_keepalive"] + list(argv),
-                           stdout=subprocess.PIPE, cwd=str(SCRIPT.parent),
-                           stderr=subprocess.PIPE, env=env, timeout=TIMEOUT,
-                           stdin=subprocess.DEVNULL)
+        p = subprocess.run(tool_argv(python) + list(argv), stdout=subprocess.PIPE,
+                           cwd=str(SCRIPT.parent), stderr=subprocess.PIPE, env=env,
+                           timeout=TIMEOUT, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         return "timeout", b"", b"", time.monotonic() - t0
     return p.returncode, p.stdout, p.stderr, time.monotonic() - t0
