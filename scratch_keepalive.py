@@ -109,6 +109,7 @@ difflib = _LazyModule("difflib")
 gzip = _LazyModule("gzip")
 hashlib = _LazyModule("hashlib")
 json = _LazyModule("json")          # state is read by _json_loads (no json, no re)
+mmap = _LazyModule("mmap")
 pickle = _LazyModule("pickle")
 re = _LazyModule("re")
 select = _LazyModule("select")
@@ -243,6 +244,7 @@ BATCH_MESSAGE_MAX = 1 << 17
 REPLY_MESSAGE_MAX = 1 << 16
 MAX_SEGMENTS = 16               # directories (fds) per parallel batch
 THREAD_BATCH = 32               # entries per batch for threads: spread latency-bound work
+STOP_POLL_SECONDS = 0.2         # how often a wait for a worker process looks for a stop
 LIST_CHUNK = 4096               # directory entries encoded at a time
 # Why a walk's result says nothing of what vanished (its counts null), where nothing is
 # wrong: these go in the JSON's manifest_note, not in the text's summary line.
@@ -2326,6 +2328,14 @@ def on_network_fs(*paths):
     return bool(set(fs_type(p) for p in paths) & set(NETWORK_FS))
 
 
+def parallelism(opts, *paths):
+    """(threads, workers) for a walk, or a copy between paths: what the user chose (the other
+    then 1), else default_parallelism()."""
+    if opts.threads or opts.workers:
+        return opts.threads or 1, opts.workers or 1
+    return default_parallelism(*paths)
+
+
 def default_parallelism(*paths):
     """(threads, workers) for a walk, or a copy between paths, when the user chose neither.
 
@@ -2449,9 +2459,12 @@ def _close_inherited_fds(keep):
                 pass
 
 
-def _worker_loop(sock, params):
-    """A walk worker process: batches arrive with their directories' fds (SCM_RIGHTS)."""
+def _worker_loop(sock, work):
+    """A worker process: batches arrive with their directories' fds (SCM_RIGHTS), and go to
+    work (a runner's), in a Batch without frames; its result goes back."""
     _close_inherited_fds(keep=sock.fileno())
+    with contextlib.suppress(Exception):    # Linux: die with the main process (PR_SET_PDEATHSIG)
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
     # A signal to the process group (Ctrl-C, Slurm's TERM at the time limit) is the
     # parent's to act on: it finishes the batches in flight, checkpoints and closes the
     # sockets, and the worker then exits on EOF.
@@ -2467,10 +2480,10 @@ def _worker_loop(sock, params):
         for level, kind, data in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(data[:len(data) - len(data) % fd_size])
-        batch_id, blobs = pickle.loads(msg)
-        result = _process_batch([(fd, blob.split(b"\0")) for fd, blob in zip(fds, blobs)],
-                                *params)
-        sock.sendall(pickle.dumps((batch_id,) + result, 2))
+        batch = Batch()
+        batch_id, blobs, batch.extra = pickle.loads(msg)
+        batch.fds, batch.names = list(fds), [blob.split(b"\0") for blob in blobs]
+        sock.sendall(pickle.dumps((batch_id, work(batch)), 2))
 
 
 def _max_inflight():
@@ -2489,8 +2502,9 @@ class Batch(object):
         self.fds = []
         self.names = []
         self.size = 0
-        self.tag = None             # (sequence number, frames): what done() is given
+        self.tag = None             # what done() is given with the result
         self.joined = None          # the names of each segment NUL-joined, once (blobs())
+        self.extra = None           # what else a worker process needs (pickled with it)
 
     def add(self, frame, names):
         if self.frames and self.frames[-1] is frame:
@@ -2598,8 +2612,9 @@ class ProcessRunner(InlineRunner):
     per CPU: a third process on two CPUs only adds its own overhead)."""
 
     def __init__(self, params, done, count, work=None):
-        InlineRunner.__init__(self, params, done)      # workers apply the walk's rules
+        InlineRunner.__init__(self, params, done, work=work)
         self.max_inflight = min(_max_inflight(), 4 * count)
+        self.waiting = None         # called while collect() waits (a copy: stop it, if asked)
         self.next_id = 0
         self.workers = []
         # Memory: what the workers need is imported here, once, and every object this
@@ -2627,7 +2642,7 @@ class ProcessRunner(InlineRunner):
         if pid == 0:    # the worker; it never returns into the caller's code
             code = 1
             try:
-                _worker_loop(theirs, self.params)
+                _worker_loop(theirs, self.work)
                 code = 0
             finally:
                 os._exit(code)
@@ -2643,7 +2658,7 @@ class ProcessRunner(InlineRunner):
             return InlineRunner.submit(self, batch)
         w = min(self.workers, key=lambda w: w.batches)
         # Names travel NUL-joined (a name never holds a NUL): far cheaper than a pickled list.
-        data = pickle.dumps((self.next_id, batch.blobs()), 2)
+        data = pickle.dumps((self.next_id, batch.blobs(), batch.extra), 2)
         try:
             w.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                      array.array("i", batch.fds))])
@@ -2659,7 +2674,12 @@ class ProcessRunner(InlineRunner):
         busy = [w.sock for w in self.workers if w.batches]
         if not busy:
             return
-        ready = select.select(busy, [], [], None if block else 0)[0]
+        while True:
+            ready = select.select(busy, [], [], 0 if not block else
+                                  None if self.waiting is None else STOP_POLL_SECONDS)[0]
+            if ready or not block:
+                break
+            self.waiting()
         for w in self.workers:
             if w.sock in ready:
                 self._receive(w)
@@ -2673,7 +2693,7 @@ class ProcessRunner(InlineRunner):
             raise self._died(w)
         reply = pickle.loads(data)
         w.batches -= 1
-        self.done(self.inflight.pop(reply[0]), reply[1:])
+        self.done(self.inflight.pop(reply[0]), reply[1])
 
     def _died(self, w):
         """The Failure for worker w gone (OOM killer, a stray kill): how it ended, if known."""
@@ -2690,8 +2710,8 @@ class ProcessRunner(InlineRunner):
                 if done:
                     break
                 time.sleep(0.01)
-        return Failure("walk worker process %d died%s; progress up to the last checkpoint is "
-                       "kept: run refresh again to resume" % (w.pid, how))
+        return Failure("worker process %d died%s; progress up to the last checkpoint is kept: "
+                       "run the command again to resume" % (w.pid, how))
 
     def close(self):
         for w in self.workers:
@@ -5019,9 +5039,7 @@ class DatasetRun(object):
         self.sched_cadence = schedule_cadence(ctx.store)
         self.cadence = threshold_cadence(ds, self.sched_cadence)
         self.resume_point()
-        threads, workers = default_parallelism(ds["path"])
-        if opts.threads or opts.workers:
-            threads, workers = opts.threads or 1, opts.workers or 1
+        threads, workers = parallelism(opts, ds["path"])
         self.walker = Walker(ds["path"], mode, thresholds_ns(cfg, self.cadence, ctx.now),
                              dry_run=opts.dry_run, threads=threads, workers=workers,
                              root_fd=root_fd)
@@ -5327,6 +5345,7 @@ RESCUE_TEMP_RE = _LazyPattern(r"^\.scratch-keepalive-rescue\.[A-Za-z0-9_-]{1,32}
                               r"([a-z0-9]{8})-\d{1,12}\.tmp\Z")
 RESCUE_TOKEN_RE = _LazyPattern(r"^[a-z0-9]{8}\Z")
 RESCUE_TOKENS_KEPT = 32         # the runs of one rescue whose temporary files it removes
+RESCUE_BATCH = 16               # files of a directory handed to a worker process at once
 RESCUE_READ_AHEAD = 32          # files a copy on a local disk asks the data of ahead (hint())
 RESCUE_READ_AHEAD_BYTES = 1 << 20   # of each file, at most
 # What a rescue did not copy, and why (the result's not_rescued reasons).
@@ -5505,12 +5524,14 @@ def check_rescue_room(ctx, dest, need, runner=None):
 
 class RescueOptions(object):
     def __init__(self, name, to, all=False, dry_run=False, max_seconds=None, max_entries=None,
-                 checkpoint_every=CHECKPOINT_SECONDS, selection=None, threads=None):
+                 checkpoint_every=CHECKPOINT_SECONDS, selection=None, threads=None,
+                 workers=None):
         self.name, self.to, self.dry_run = name, to, dry_run
         self.selection = selection or ("all" if all else "at-risk")
         self.max_seconds, self.max_entries = max_seconds, max_entries
         self.checkpoint_every = checkpoint_every
-        self.threads = threads      # copies in flight; None: default_parallelism() decides
+        # copies in flight on threads, processes sharing them; None: parallelism() decides
+        self.threads, self.workers = threads, workers
 
 
 def _rescue(ctx, opts, budget, should_stop=None, progress=None):
@@ -5565,7 +5586,7 @@ def _rescue(ctx, opts, budget, should_stop=None, progress=None):
 
 
 class _RescueStop(Exception):
-    """A budget or a signal stopped the rescue inside a file's copy."""
+    """A budget or a signal stopped the rescue inside a file's copy (args: why)."""
 
 
 class RescueRun(Walker):
@@ -5587,10 +5608,9 @@ class RescueRun(Walker):
     """
 
     def __init__(self, ctx, ds, dest, opts, manifest_path, root_fd):
-        threads = 1 if opts.dry_run else (opts.threads
-                                          or default_parallelism(ds["path"], dest)[0])
+        threads, workers = (1, 1) if opts.dry_run else parallelism(opts, ds["path"], dest)
         Walker.__init__(self, ds["path"], "copy", (0, 0, 0), opts.dry_run, threads=threads,
-                        root_fd=root_fd)
+                        workers=workers, root_fd=root_fd)
         self.ctx, self.store, self.ds, self.dest, self.opts = ctx, ctx.store, ds, dest, opts
         self.name = ds["name"]
         self.manifest_path = manifest_path
@@ -5618,10 +5638,14 @@ class RescueRun(Walker):
         self.todo = None            # the selected entries after the cursor (entries())
         self.ahead = []             # the next of them, read from todo by _more()
         self.hinted = 0             # how many of those hint() has seen
-        # On a local disk, one copy at a time: hint() asks for the next files' data.
+        # On a local disk, without threads: hint() asks for the next files' data.
         self.read_ahead = threads == 1 and not opts.dry_run and not on_network_fs(ds["path"])
+        # Files handed over at a time: a directory's next ones to a worker process (one
+        # message, its fds once); one to a thread, so that threads overlap every file.
+        self.batch_files = RESCUE_BATCH if self.runner_class is ProcessRunner else 1
         self.rollback = None        # [the cursor before the first copy a stop cut short]
         self.aborted = None         # set when the copying threads must stop (crashed())
+        self.halt = None            # its byte set: the worker processes' copies must stop
         self.lock = threading.Lock()            # the counts a copying thread adds to
         self.walk_started = None
         self.last_checkpoint = self.last_progress = self.t0 = 0.0
@@ -5649,8 +5673,7 @@ class RescueRun(Walker):
             with Manifest(self.manifest_path) as m:
                 self.todo = self.entries(m)
                 complete = self.run(self.cursor, budget.entries_left, budget.deadline,
-                                    lambda: self.stopped or should_stop and should_stop(),
-                                    on_tick=self.tick, tick_every=1)
+                                    self.stop_now, on_tick=self.tick, tick_every=1)
             if complete and self.stopped:       # a copy cut short after the last was handed out
                 complete, self.stop_reason = False, self.stopped
             while self.stack:
@@ -5850,12 +5873,34 @@ class RescueRun(Walker):
             return self.failed(path, e.strerror or str(e))
         if self.read_ahead:
             self.hint(frame)
-        batch = Batch()
-        batch.frames, batch.names, batch.size = [frame], [[comps[-1]]], 1
-        batch.tag = (frame, path, before)
-        frame.pending += 1
-        self.runner.submit(batch)
+        self.queue(frame, comps[-1], (path, before))
         return None
+
+    def queue(self, frame, name, tag):
+        """Batch a file of frame's directory (a batch holds one directory's files) for the
+        runner; tag: (its path, the cursor before it)."""
+        batch = self.batch
+        if batch.frames and batch.frames[0] is not frame:
+            self._flush()
+            batch = self.batch
+        if not batch.frames:
+            batch.frames, batch.names, batch.tag = [frame], [[]], (frame, [])
+        batch.names[0].append(name)
+        batch.tag[1].append(tag)
+        batch.size += 1
+        frame.pending += 1
+        if batch.size >= self.batch_files:
+            self._flush()
+
+    def _flush(self):
+        """Hand the batch being built to the runner, with dups of its directory's fds on
+        both sides (a worker process gets copies of them) and whether this run made it."""
+        batch, self.batch = self.batch, Batch()
+        if batch.frames:
+            frame = batch.frames[0]
+            batch.fds = [os.dup(fd) for fd in (frame.fd, frame.dst) if fd is not None]
+            batch.extra = frame.made
+            self.runner.submit(batch)
 
     def hint(self, frame):
         """Ask for the data of the next files of frame's directory now (POSIX_FADV_WILLNEED:
@@ -5889,25 +5934,66 @@ class RescueRun(Walker):
                 os.close(fd)
 
     def _runner(self):
-        return self.runner_class(None, self._tally, self.runner_count, work=self.copy_one)
+        if self.runner_class is ProcessRunner:
+            self.halt = mmap.mmap(-1, 1)    # shared with the workers forked now
+        runner = self.runner_class(None, self._tally, self.runner_count, work=self.copy_batch)
+        runner.waiting = self.stop_now
+        return runner
 
-    def copy_one(self, batch):
-        """The runner's work: one file, its outcome (an error is one: copied() counts it)."""
+    def stop_now(self):
+        """Why the copy must stop (a signal, a stop inside a copy), or None; a reason found
+        is passed on to the worker processes' copies (halt)."""
+        reason = self.stopped or self.should_stop and self.should_stop()
+        if reason and self.halt is not None and not self.halt[0]:
+            self.stopped, self.halt[0] = reason, 1
+        return reason
+
+    def copy_batch(self, batch):
+        """The runner's work, in this process or a worker process: the files of one
+        directory, in order (one a stop cut short, then the rest not started, are
+        _RescueStops). Returns (their outcomes, the bytes a worker process copied)."""
+        frame = Frame(batch.fds[0], None, (), None)
+        frame.dst, frame.made = (batch.fds + [None])[1], batch.extra
+        before, outcomes = self.counts.bytes_copied, []
         try:
-            return self.look_and_copy(batch.frames[0], batch.names[0][0])
-        except OSError as e:        # the destination refused a look (EACCES, EIO, ...)
-            return e
+            for name in batch.names[0]:
+                if outcomes and isinstance(outcomes[-1], _RescueStop):
+                    outcomes.append(outcomes[-1])
+                    continue
+                try:
+                    outcomes.append(self.look_and_copy(frame, name))
+                except OSError as e:    # the destination refused a look (EACCES, EIO, ...)
+                    outcomes.append(e)
+        finally:
+            for fd in batch.fds:
+                os.close(fd)
+        return outcomes, 0 if os.getpid() == self.pid else self.counts.bytes_copied - before
 
-    def _tally(self, tag, outcome):
-        """Count what look_and_copy() did with a file (in this thread)."""
-        frame, path, before = tag
-        frame.pending -= 1
-        if isinstance(outcome, _RescueStop):
-            self.counts.entries_done -= 1    # to be done again: resume before it
-            if self.rollback is None or not _key_after(before, self.rollback[0]):
-                self.rollback = [before]
-        else:
-            self.copied(path, outcome)
+    def _tally(self, tag, result):
+        """Count what look_and_copy() did with a batch's files (in this thread). Should
+        counting one raise (a full disk), the resume starts before it."""
+        frame, files = tag
+        outcomes, moved = result
+        if moved:
+            with self.lock:
+                self.counts.bytes_copied += moved
+        frame.pending -= len(files)
+        for (path, before), outcome in zip(files, outcomes):
+            if isinstance(outcome, _RescueStop):
+                self.stopped = self.stopped or outcome.args[0]
+                self.counts.entries_done -= 1    # to be done again: resume before it
+                self.roll_back(before)
+                continue
+            try:
+                self.copied(path, outcome)
+            except BaseException:
+                self.roll_back(before)
+                raise
+
+    def roll_back(self, before):
+        """A checkpoint's cursor is to be at most before (the cursor before a file not done)."""
+        if self.rollback is None or not _key_after(before, self.rollback[0]):
+            self.rollback = [before]
 
     def tick(self, walker):
         t = time.monotonic()
@@ -5921,15 +6007,19 @@ class RescueRun(Walker):
                           self.counts.bytes_copied, self.total_bytes, t - self.t0)
 
     def settle(self, frame):
-        """Wait for the copies still running into frame."""
+        """Wait for the copies still to run into frame (its queued ones handed over)."""
+        if self.batch.frames and self.batch.frames[0] is frame:
+            self._flush()
         while frame.pending and self.runner is not None and self.runner.inflight:
             self.runner.collect(block=True)
 
     def checkpoint_cursor(self):
         """The last key before which every copy is done: the cursor, unless copies still
         run (crashed) or a stop cut one short."""
-        inflight = self.runner.inflight if self.runner is not None else None
-        cursor = next(iter(inflight.values()))[2] if inflight else self.cursor
+        waiting = list(self.runner.inflight.values()) if self.runner is not None else []
+        if self.batch.frames:
+            waiting.append(self.batch.tag)
+        cursor = waiting[0][1][0][1] if waiting else self.cursor   # the first not done
         if self.rollback is not None and _key_after(cursor, self.rollback[0]):
             cursor = self.rollback[0]
         return cursor
@@ -6034,7 +6124,8 @@ class RescueRun(Walker):
         return target
 
     def temp_name(self):
-        return RESCUE_TEMP_FORMAT % (self.host, self.pid, self.token, next(self.temp_serial))
+        # The pid of the process making it: a worker's names are never this one's.
+        return RESCUE_TEMP_FORMAT % (self.host, os.getpid(), self.token, next(self.temp_serial))
 
     def copy_link(self, frame, name, st):
         target = self.read_link(frame, name, st)
@@ -6108,10 +6199,11 @@ class RescueRun(Walker):
                 with self.lock:
                     self.counts.bytes_copied += n
                 # A count of entries never cuts a copy short (it counts those handed out).
-                reason = self.aborted or stop_reason(self.should_stop, self.budget.deadline)
+                reason = self.aborted or stop_reason(self.should_stop, self.budget.deadline) \
+                    or self.halt is not None and self.halt[0] and STOP_TERM
                 if reason:
-                    self.stopped = reason
-                    raise _RescueStop()
+                    self.stopped = self.stopped or reason
+                    raise _RescueStop(self.stopped)
             pos = end
         return pos
 
@@ -6337,15 +6429,18 @@ class RescueRun(Walker):
             "host": socket.gethostname(), "temps": self.temp_tokens}, "rescue")
 
     def crashed(self):
-        self.aborted = STOP_CRASHED     # copying threads stop at their next chunk
-        inflight = self.runner.inflight if self.runner is not None else None
-        if inflight:
-            concurrent.futures.wait(list(inflight))
+        self.aborted = STOP_CRASHED     # copies stop at their next chunk
+        if self.halt is not None:
+            self.halt[0] = 1
+        if self.runner is not None:     # what the copies came to, counted (or rolled back)
+            with contextlib.suppress(Exception):
+                self.runner.drain()
         if not self.opts.dry_run and self.cursor is not None:   # there is a position to keep
             with contextlib.suppress(Exception):
                 self.save_checkpoint()
-        if inflight:
-            inflight.clear()
+        self.batch = Batch()            # queued, never started
+        if self.runner is not None:
+            self.runner.inflight.clear()
         with contextlib.suppress(Exception):
             while self.stack:
                 self._pop()
@@ -8124,15 +8219,16 @@ def refresh(name=None, due=False, check=False, dry_run=False, max_seconds=None,
 
 def rescue(name, to, all=False, dry_run=False, max_seconds=None, max_entries=None,
            state_dir=None, env=None, should_stop=None, progress=None,
-           checkpoint_every=CHECKPOINT_SECONDS, threads=None):
+           checkpoint_every=CHECKPOINT_SECONDS, threads=None, workers=None):
     """Copy the entries of dataset name's last complete walk that were at risk (all=True:
     every entry) to directory `to`, resumably. Returns the result (see README, "JSON
     output"), its exit_code included; raises UsageError (nothing copied) for a destination
     it refuses. should_stop() as for refresh(); progress(name, entries_done,
-    entries_total, bytes_copied, bytes_total, seconds) is called now and then; threads:
-    copies in flight (default: default_parallelism()'s threads)."""
+    entries_total, bytes_copied, bytes_total, seconds) is called now and then; threads,
+    workers: copies in flight on threads, processes sharing the copies (as refresh's;
+    default: parallelism())."""
     opts = RescueOptions(name, to, all, dry_run, max_seconds, max_entries, checkpoint_every,
-                         threads=threads)
+                         threads=threads, workers=workers)
     return _rescue(Context(state_dir, env), opts, Budget(max_seconds, max_entries),
                    should_stop, progress)
 
@@ -8602,20 +8698,22 @@ def stop_signals():
     SIGHUP is a closed terminal or a dropped SSH session: the walk stops as for SIGTERM
     (exit 3, progress checkpointed, lock released) instead of dying with its progress lost.
     Forked worker processes inherit the handler, so a hangup sent to the whole process
-    group does not kill them under the main process.
+    group does not kill them under the main process. The flag is memory they share: a
+    signal to the main process alone stops a copy running in a worker too.
     """
-    flag = {"reason": None}
-    reasons = {signal.SIGINT: STOP_INT, signal.SIGTERM: STOP_TERM, signal.SIGHUP: STOP_HUP}
+    flag = mmap.mmap(-1, 1)
+    reasons = (None, STOP_INT, STOP_TERM, STOP_HUP)
+    codes = {signal.SIGINT: 1, signal.SIGTERM: 2, signal.SIGHUP: 3}
 
     def handler(signum, frame):
-        flag["reason"] = reasons.get(signum, STOP_TERM)
+        flag[0] = codes.get(signum, 2)
 
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        for sig in reasons:
+        for sig in codes:
             previous[sig] = signal.signal(sig, handler)
     try:
-        yield lambda: flag["reason"]
+        yield lambda: reasons[flag[0]]
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
@@ -8673,7 +8771,8 @@ def cmd_enable(args, ctx):
 
 def cmd_rescue(args, ctx):
     opts = RescueOptions(args.name, args.to, args.all, args.dry_run, args.max_seconds,
-                         args.max_entries, args.checkpoint_every, threads=args.threads)
+                         args.max_entries, args.checkpoint_every, threads=args.threads,
+                         workers=args.workers)
     with stop_signals() as should_stop, Progress(ctx.err) as progress:
         r = _rescue(ctx, opts, Budget(args.max_seconds, args.max_entries), should_stop,
                     progress.copied)
@@ -9139,7 +9238,10 @@ def _parser_rescue(subs):
     add_budget_arguments(p)
     p.add_argument("--threads", type=_int_range(1, 64), metavar="N",
                    help="files copied at once (default 16 when either side is on Lustre, NFS "
-                        "or another network filesystem, else 1)")
+                        "or another network filesystem)")
+    p.add_argument("--workers", type=_int_range(1, 64), metavar="N",
+                   help="processes sharing the copies on a local disk (default 2 where two "
+                        "CPUs are ours and Python is 3.7+; --workers 1: one copy at a time)")
     p.add_argument("--checkpoint-every", type=_positive_seconds, metavar="S",
                    default=CHECKPOINT_SECONDS, help=argparse.SUPPRESS)
     add_json_argument(p)
