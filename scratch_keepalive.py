@@ -5673,7 +5673,8 @@ class RescueRun(Walker):
             with Manifest(self.manifest_path) as m:
                 self.todo = self.entries(m)
                 complete = self.run(self.cursor, budget.entries_left, budget.deadline,
-                                    self.stop_now, on_tick=self.tick, tick_every=1)
+                                    self.stop_now, on_tick=self.tick,
+                                    tick_every=self.batch_files)
             if complete and self.stopped:       # a copy cut short after the last was handed out
                 complete, self.stop_reason = False, self.stopped
             while self.stack:
