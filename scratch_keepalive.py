@@ -4828,6 +4828,14 @@ def not_due_reason(cfg, ds, st, opts, sched_cadence, now):
                 PROG, ds["name"]))
 
 
+def workers_note(opts):
+    """What to say when --workers N was asked for where worker processes cannot be."""
+    if opts.workers and opts.workers > 1 and not parallel_ok():
+        return ("--workers needs Python 3.7 or newer (this is %d.%d): it runs in one process; "
+                "--threads N overlaps metadata calls on any version" % sys.version_info[:2])
+    return None
+
+
 def on_login_node(cfg, env):
     return profile_of(cfg)["login_node_budget"] is not None and not env.get("SLURM_JOB_ID")
 
@@ -4837,11 +4845,7 @@ def _refresh(ctx, opts, should_stop=None, progress=None):
     reg = ctx.store.load_registry()
     chosen, refused = _select(ctx, cfg, reg, opts)
     max_seconds, login_note = _login_budget(ctx, cfg, opts, chosen)
-    notes = [login_note] if login_note else []
-    if opts.workers and opts.workers > 1 and not parallel_ok() and chosen:
-        notes.append("--workers needs Python 3.7 or newer (this is %d.%d): the walk runs in "
-                     "one process; --threads N overlaps metadata calls on any version"
-                     % sys.version_info[:2])
+    notes = [n for n in (login_note, chosen and workers_note(opts)) if n]
     budget = Budget(max_seconds, opts.max_entries)
     results, codes = _refused(ctx, cfg, refused, opts)
     if not chosen and not refused:
@@ -5543,7 +5547,7 @@ def _rescue(ctx, opts, budget, should_stop=None, progress=None):
     if not root_present(ds["path"]):
         raise Failure("dataset %r: its root %s is missing (purged or moved?); nothing to rescue"
                       % (ds["name"], display_path(ds["path"])))
-    notes = []
+    notes = [n for n in (workers_note(opts),) if n]
     if budget.deadline is None and on_login_node(cfg, ctx.env) and not opts.dry_run:
         # Copying costs CPU time too (the kernel's, with copy_file_range or sendfile).
         seconds = profile_of(cfg)["login_node_budget"]
@@ -5673,8 +5677,7 @@ class RescueRun(Walker):
             with Manifest(self.manifest_path) as m:
                 self.todo = self.entries(m)
                 complete = self.run(self.cursor, budget.entries_left, budget.deadline,
-                                    self.stop_now, on_tick=self.tick,
-                                    tick_every=self.batch_files)
+                                    self.stop_now, on_tick=self.tick, tick_every=1)
             if complete and self.stopped:       # a copy cut short after the last was handed out
                 complete, self.stop_reason = False, self.stopped
             while self.stack:
@@ -5894,13 +5897,15 @@ class RescueRun(Walker):
             self._flush()
 
     def _flush(self):
-        """Hand the batch being built to the runner, with dups of its directory's fds on
-        both sides (a worker process gets copies of them) and whether this run made it."""
+        """Hand the batch being built to the runner; for worker processes, with dups of its
+        directory's fds on both sides (they get copies of them) and whether this run made
+        it."""
         batch, self.batch = self.batch, Batch()
         if batch.frames:
             frame = batch.frames[0]
-            batch.fds = [os.dup(fd) for fd in (frame.fd, frame.dst) if fd is not None]
-            batch.extra = frame.made
+            if self.runner_class is ProcessRunner:
+                batch.fds = [os.dup(fd) for fd in (frame.fd, frame.dst) if fd is not None]
+                batch.extra = frame.made
             self.runner.submit(batch)
 
     def hint(self, frame):
@@ -5953,8 +5958,11 @@ class RescueRun(Walker):
         """The runner's work, in this process or a worker process: the files of one
         directory, in order (one a stop cut short, then the rest not started, are
         _RescueStops). Returns (their outcomes, the bytes a worker process copied)."""
-        frame = Frame(batch.fds[0], None, (), None)
-        frame.dst, frame.made = (batch.fds + [None])[1], batch.extra
+        if batch.frames:        # in this process: the frame itself
+            frame = batch.frames[0]
+        else:                   # in a worker process: its copies of the frame's fds
+            frame = Frame(batch.fds[0], None, (), None)
+            frame.dst, frame.made = (batch.fds + [None])[1], batch.extra
         before, outcomes = self.counts.bytes_copied, []
         try:
             for name in batch.names[0]:

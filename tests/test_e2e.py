@@ -197,3 +197,17 @@ def test_workers_and_threads_give_the_same_counts_under_each_python(python, tmp_
         assert said == (args == ("--workers", "2") and version < (3, 7)), doc["notes"]
     assert counts[("--workers", "2")] == counts[("--workers", "1")] == counts[("--threads", "4")]
     assert counts[("--workers", "1")][0] == len(snapshot(d))
+    # rescue's copies likewise: the same copy from each engine, the same one note on 3.6
+    copies = {}
+    for args in (("--workers", "1"), ("--workers", "2"), ("--threads", "4")):
+        dest = tmp_path / ("copy" + "".join(args))
+        r = run("rescue", "--name", "ds", "--all", "--to", dest, "--json", *args)
+        assert r.rc == 0, r
+        doc = json.loads(r.out)
+        said = any("--workers needs Python 3.7" in n for n in doc["notes"])
+        assert said == (args == ("--workers", "2") and version < (3, 7)), doc["notes"]
+        copies[args] = dict((os.path.relpath(p, str(dest)), open(p, "rb").read())
+                            for p in (os.path.join(dp, n) for dp, _, fns in os.walk(str(dest))
+                                      for n in fns))
+        assert doc["entries_copied"] == len(copies[args]) > 0, doc
+    assert copies[("--workers", "2")] == copies[("--workers", "1")] == copies[("--threads", "4")]
