@@ -2605,7 +2605,9 @@ class Worker(object):
 
 class ProcessRunner(InlineRunner):
     """Batches go to forked worker processes with dups of their directories' fds
-    (SCM_RIGHTS): a CPU-bound walk (a local disk) uses more than one CPU.
+    (SCM_RIGHTS): a CPU-bound walk or copy (a local disk) uses more than one CPU. The
+    work function runs there on a Batch without frames (fds, names, extra); a worker
+    dies with this process (PR_SET_PDEATHSIG).
 
     count is the processes sharing the work, this one included: it forks count - 1
     workers and takes a batch itself whenever every worker has a backlog (one process
@@ -5602,7 +5604,8 @@ class RescueRun(Walker):
     destination without room; then copy on the walker's engine: its loop, budgets and
     ticks (run()); its stack of Frames, here holding both sides of the copy, with the one
     fd cap and the identity-checked way back up (_push, _shed, _pop, _reopen); its
-    runners, which copy files on threads where latency dominates. Where a walk lists a
+    runners, which copy files on threads where latency dominates and on a worker process
+    on a local disk (a directory's files a batch, queue()). Where a walk lists a
     directory, the copy takes the manifest's next selected entry (_more, _next), so
     directories are opened, never listed, and only the directories on the way to an
     entry are entered. A checkpoint's cursor is the last entry handed out once every
@@ -5881,8 +5884,9 @@ class RescueRun(Walker):
         return None
 
     def queue(self, frame, name, tag):
-        """Batch a file of frame's directory (a batch holds one directory's files) for the
-        runner; tag: (its path, the cursor before it)."""
+        """Batch a file of frame's directory for the runner; tag: (its path, the cursor
+        before it). A batch holds one directory's files, and grows while the runner is busy:
+        never a file held back while a worker process waits."""
         batch = self.batch
         if batch.frames and batch.frames[0] is not frame:
             self._flush()
@@ -5893,8 +5897,8 @@ class RescueRun(Walker):
         batch.tag[1].append(tag)
         batch.size += 1
         frame.pending += 1
-        if batch.size >= self.batch_files:
-            self._flush()
+        if batch.size >= self.batch_files or not self.runner.inflight:
+            self._flush()       # full, or nothing for the worker to do meanwhile
 
     def _flush(self):
         """Hand the batch being built to the runner; for worker processes, with dups of its
@@ -5956,8 +5960,10 @@ class RescueRun(Walker):
 
     def copy_batch(self, batch):
         """The runner's work, in this process or a worker process: the files of one
-        directory, in order (one a stop cut short, then the rest not started, are
-        _RescueStops). Returns (their outcomes, the bytes a worker process copied)."""
+        directory, in order. One a stop cut short is a _RescueStop, and so is each after
+        it, not begun (a worker begins no file but the batch's first once the copies must
+        stop: as on a thread, a file handed out is begun). Returns (their outcomes, the
+        bytes a worker process copied)."""
         if batch.frames:        # in this process: the frame itself
             frame = batch.frames[0]
         else:                   # in a worker process: its copies of the frame's fds
@@ -5966,8 +5972,10 @@ class RescueRun(Walker):
         before, outcomes = self.counts.bytes_copied, []
         try:
             for name in batch.names[0]:
-                if outcomes and isinstance(outcomes[-1], _RescueStop):
-                    outcomes.append(outcomes[-1])
+                stop = outcomes[-1] if outcomes and isinstance(outcomes[-1], _RescueStop) \
+                    else None if batch.frames or not outcomes else self.must_stop()
+                if stop:
+                    outcomes.append(stop)
                     continue
                 try:
                     outcomes.append(self.look_and_copy(frame, name))
@@ -6201,20 +6209,30 @@ class RescueRun(Walker):
                 if start is None:
                     return pos  # only a hole from pos on
             while start < end:
+                # A stop cuts a copy short between two chunks: never one whose data is all
+                # written (a small file's is one chunk).
+                stop = pos + start and self.must_stop()
+                if stop:
+                    raise stop
                 n = self.copy_range(src, out, start, min(RESCUE_CHUNK, end - start))
                 if n <= 0:
                     return start    # the file shrank: the size check after the copy says so
                 start += n
                 with self.lock:
                     self.counts.bytes_copied += n
-                # A count of entries never cuts a copy short (it counts those handed out).
-                reason = self.aborted or stop_reason(self.should_stop, self.budget.deadline) \
-                    or self.halt is not None and self.halt[0] and STOP_TERM
-                if reason:
-                    self.stopped = self.stopped or reason
-                    raise _RescueStop(self.stopped)
             pos = end
         return pos
+
+    def must_stop(self):
+        """A _RescueStop when the copies must stop now (a budget's time, a signal, a crash,
+        the main process's halt), else None. A count of entries never stops a copy (it
+        counts those handed out)."""
+        reason = self.aborted or stop_reason(self.should_stop, self.budget.deadline) \
+            or self.halt is not None and self.halt[0] and STOP_TERM
+        if not reason:
+            return None
+        self.stopped = self.stopped or reason
+        return _RescueStop(self.stopped)
 
     @staticmethod
     def extent(src, pos, size):

@@ -1,5 +1,7 @@
-"""rescue with copying threads: copies of different files overlap, and what a threaded
-rescue leaves is what a single-threaded one leaves, stopped and resumed or not."""
+"""rescue's parallel copies, on threads (--threads N) and on a worker process (--workers 2,
+the default on a local disk): copies of different files overlap, and what each engine
+leaves is what one copy at a time leaves, stopped and resumed or not. (How a stop reaches
+a worker's copy: test_rescue_workers.py.)"""
 import json
 import os
 import stat
@@ -11,6 +13,10 @@ import pytest
 from conftest import KEEP, set_atime, sk
 
 OLD = 1577836800.0
+# The copy's engines: one copy at a time, 8 threads, a worker process (Python 3.7+).
+ENGINES = [pytest.param({"threads": 1}, id="one"), pytest.param({"threads": 8}, id="threads"),
+           pytest.param({"workers": 2}, id="workers", marks=pytest.mark.skipif(
+               not sk.parallel_ok(), reason="worker processes need Python 3.7+"))]
 
 
 @pytest.fixture
@@ -60,17 +66,21 @@ def picture(top):
     return out
 
 
-def rescue_until_complete(dest, every):
-    """Rescue with 8 threads, a stop request (Ctrl-C) at every `every`-th look, again and
-    again until a run completes: (every run's exit code, the last result)."""
-    calls = [0]
+def rescue_until_complete(dest, every, engine):
+    """Rescue on engine, a stop request (Ctrl-C) at every `every`-th look, again and again
+    until a run completes: (every run's exit code, the last result). The request is the
+    main process's (its count, in its memory): a copy on a worker process is stopped by
+    it there, as by a stop the API's caller asks for."""
+    calls, main = [0], os.getpid()
 
     def stop_soon():
+        if os.getpid() != main:
+            return None
         calls[0] += 1
         return "int" if calls[0] % every == 0 else None
     codes = []
     for _ in range(200):
-        r = sk.rescue("ds", str(dest), all=True, threads=8, should_stop=stop_soon)
+        r = sk.rescue("ds", str(dest), all=True, should_stop=stop_soon, **engine)
         codes.append(r["exit_code"])
         if r["complete"]:
             break
@@ -95,23 +105,24 @@ def test_copies_of_different_files_overlap(tree, monkeypatch, tmp_path):
     assert met
 
 
-@pytest.mark.parametrize("threads", [1, 8])
-def test_a_threaded_rescue_leaves_what_one_thread_leaves(tree, tmp_path, threads):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_engine_leaves_an_exact_copy(tree, tmp_path, engine):
     old = os.umask(0o022)
     try:
-        r = sk.rescue("ds", str(tmp_path / "safe"), all=True, threads=threads)
+        r = sk.rescue("ds", str(tmp_path / "safe"), all=True, **engine)
     finally:
         os.umask(old)
     assert r["exit_code"] == 0 and r["entries_copied"] == 6 * 11 + 1, r
     assert picture(tmp_path / "safe") == picture(tree["root"])
 
 
-def test_stopped_in_the_middle_of_copies_it_resumes_to_the_same_copy(tree, tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_stopped_in_the_middle_of_copies_it_resumes_to_the_same_copy(tree, tmp_path, engine):
     """A stop request arrives while copies are in flight; each resumed run is stopped
     again, until one completes: the copy is exact, and the checkpoint never skipped a
     file left half copied."""
     dest = tmp_path / "safe"
-    codes, _ = rescue_until_complete(dest, 7)
+    codes, _ = rescue_until_complete(dest, 7, engine)
     assert codes[-1] == 0 and len(codes) > 2 and set(codes[:-1]) == {130}, codes
     assert picture(dest) == picture(tree["root"])
     leftovers = [n for dp, dns, fns in os.walk(str(dest)) for n in fns
@@ -119,14 +130,15 @@ def test_stopped_in_the_middle_of_copies_it_resumes_to_the_same_copy(tree, tmp_p
     assert leftovers == []
 
 
-def test_threads_on_the_command_line(tree, cli, tmp_path):
-    r = cli("rescue", "--name", "ds", "--to", tmp_path / "safe", "--all", "--threads", "4",
+@pytest.mark.parametrize("option", ["--threads", "--workers"])
+def test_threads_and_workers_on_the_command_line(tree, cli, tmp_path, option):
+    r = cli("rescue", "--name", "ds", "--to", tmp_path / "safe", "--all", option, "4",
             "--json")
     assert r.rc == 0 and json.loads(r.out)["errors"] == 0, r
     assert picture(tmp_path / "safe") == picture(tree["root"])
     for bad in ("0", "65", "many"):
-        r = cli("rescue", "--name", "ds", "--to", tmp_path / "other", "--threads", bad)
-        assert r.rc == 2 and "--threads" in r.err and r.err.count("\n") == 1, r
+        r = cli("rescue", "--name", "ds", "--to", tmp_path / "other", option, bad)
+        assert r.rc == 2 and option in r.err and r.err.count("\n") == 1, r
         assert not (tmp_path / "other").exists()
 
 
@@ -155,12 +167,13 @@ def test_holes_stay_holes_whatever_the_file_size(generic, cli, tmp_path):
     assert os.stat(str(tmp_path / "safe" / "all-hole")).st_blocks == 0
 
 
-def test_a_deep_tree_copied_on_threads_and_stopped_again_and_again_is_exact(generic, tmp_path,
-                                                                            monkeypatch):
+@pytest.mark.parametrize("engine", ENGINES[1:])
+def test_a_deep_tree_copied_in_parallel_and_stopped_again_and_again_is_exact(
+        generic, tmp_path, monkeypatch, engine):
     """Three times deeper than the cap on open directories, so levels close their fds on
-    both sides, and reopen them through "..", while copies into them may still run on
-    threads (ten files in a level, then a chain of directories with none, and each copy
-    slowed a little); stopped every few entries and resumed, some levels read-only: the
+    both sides, and reopen them through "..", while copies into them may still run (on
+    threads, or on a worker process; ten files in a level, then a chain of directories
+    with none, and each copy slowed a little); stopped every few entries and resumed, some levels read-only: the
     copy is exact."""
     real = sk.RescueRun.copy_file
 
@@ -184,7 +197,7 @@ def test_a_deep_tree_copied_on_threads_and_stopped_again_and_again_is_exact(gene
     assert sk.add_dataset("ds", str(root), KEEP)["name"] == "ds"
     assert sk.refresh(name="ds", check=True)["exit_code"] == 0
     dest = tmp_path / "safe"
-    codes, r = rescue_until_complete(dest, 80)
+    codes, r = rescue_until_complete(dest, 80, engine)
     assert codes[-1] == 0 and len(codes) >= 3 and set(codes[:-1]) == {130}, codes
     assert r["errors"] == 0, r
     assert picture(dest) == picture(root)
