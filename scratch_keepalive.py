@@ -5995,7 +5995,7 @@ class RescueRun(Walker):
             with self.lock:
                 self.counts.bytes_copied += moved
         frame.pending -= len(files)
-        for (path, before), outcome in zip(files, outcomes):
+        for i, ((path, before), outcome) in enumerate(zip(files, outcomes)):
             if isinstance(outcome, _RescueStop):
                 self.stopped = self.stopped or outcome.args[0]
                 self.counts.entries_done -= 1    # to be done again: resume before it
@@ -6004,6 +6004,7 @@ class RescueRun(Walker):
             try:
                 self.copied(path, outcome)
             except BaseException:
+                self.counts.entries_done -= len(files) - i      # it and the rest: not done
                 self.roll_back(before)
                 raise
 

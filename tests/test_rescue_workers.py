@@ -128,3 +128,44 @@ def test_the_worker_dies_with_the_main_process(big, cli, tmp_path, pause_shim):
     assert len(temps(dest)) == 1
     resumes_exactly(cli, big, dest)
     assert temps(dest) == []
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_destination_that_fills_during_the_copy_says_so_and_resumes(big, cli, tmp_path,
+                                                                      pause_shim, mounts,
+                                                                      workers):
+    """The destination (a 64 MiB tmpfs: room enough when checked) is filled by someone else
+    once the copy has begun (held at the first open of big.bin, the read-ahead's): exit 1
+    with one line saying the disk or quota is full and what to do, no temporary file left;
+    with the space freed, the rescue resumes and the copy is exact. With --workers 2 the
+    copies that fail run in the worker, and the main process says so."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    mounts("-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", dest)
+    env = pause_env(dict(os.environ), pause_shim, "open", big["root"] / "big.bin")
+    proc = start_script("rescue", "--name", "ds", "--to", dest, "--workers", workers,
+                        env=env)
+    with reaped(proc):
+        wait_stopped(proc, "the rescue to pause at its first open of big.bin")
+        filler = dest / "filler"
+        with open(str(filler), "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 20))
+                    f.flush()
+            except OSError:
+                pass
+
+        def ended():
+            # (the worker holds itself once too, at its own first open of big.bin)
+            os.killpg(proc.pid, signal.SIGCONT)
+            return proc.poll() is not None
+        poll(ended, "the rescue to end", timeout=120)
+        out, err = proc.communicate()
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, (out, err)
+    assert "full" in lines[0] and "run rescue again" in lines[0], lines
+    assert temps(dest) == []
+    filler.unlink()
+    resumes_exactly(cli, big, dest)
+    assert temps(dest) == []
