@@ -201,3 +201,28 @@ def test_a_deep_tree_copied_in_parallel_and_stopped_again_and_again_is_exact(
     assert codes[-1] == 0 and len(codes) >= 3 and set(codes[:-1]) == {130}, codes
     assert r["errors"] == 0, r
     assert picture(dest) == picture(root)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_link_that_changes_while_it_is_compared_is_an_error_not_a_crash(tree, tmp_path,
+                                                                         monkeypatch, engine):
+    """A source symlink found changed while the quick check reads it (as when it is
+    replaced between its lstat and its O_PATH open): that entry is an error, counted and
+    named; the rest is copied (exit 1), whichever engine copies it."""
+    dest = tmp_path / "safe"
+    assert sk.rescue("ds", str(dest), all=True, **engine)["exit_code"] == 0
+    (tree["root"] / "d3" / "f05").write_bytes(b"changed")      # one file to copy again
+    set_atime(tree["root"] / "d3" / "f05", OLD)
+    assert sk.refresh(name="ds", check=True)["exit_code"] == 0
+    real = sk.RescueRun.read_link
+    d2 = os.stat(str(tree["root"] / "d2"))
+
+    def read_link(self, frame, name, st):       # in whichever process copies
+        if name == b"link" and os.path.samestat(os.fstat(frame.fd), d2):
+            raise sk._Changed("changed since it was looked at")
+        return real(self, frame, name, st)
+    monkeypatch.setattr(sk.RescueRun, "read_link", read_link)
+    r = sk.rescue("ds", str(dest), all=True, **engine)
+    assert r["exit_code"] == 1 and r["errors"] == 1, r
+    assert [e["path"] for e in r["not_rescued"]] == ["d2/link"], r["not_rescued"]
+    assert (dest / "d3" / "f05").read_bytes() == b"changed"
