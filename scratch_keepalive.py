@@ -2547,6 +2547,7 @@ class InlineRunner(object):
         self.done = done
         self.work = work or self.rules      # what a batch is given to: the walk's rules
         self.inflight = {}          # batch key -> its tag
+        self.waiting = None         # called while collect() waits (a copy: stop it, if asked)
 
     def rules(self, batch):
         return _process_batch(batch.segments(), *self.params)
@@ -2616,7 +2617,6 @@ class ProcessRunner(InlineRunner):
     def __init__(self, params, done, count, work=None):
         InlineRunner.__init__(self, params, done, work=work)
         self.max_inflight = min(_max_inflight(), 4 * count)
-        self.waiting = None         # called while collect() waits (a copy: stop it, if asked)
         self.next_id = 0
         self.workers = []
         # Memory: what the workers need is imported here, once, and every object this
@@ -5972,8 +5972,11 @@ class RescueRun(Walker):
         before, outcomes = self.counts.bytes_copied, []
         try:
             for name in batch.names[0]:
-                stop = outcomes[-1] if outcomes and isinstance(outcomes[-1], _RescueStop) \
-                    else None if batch.frames or not outcomes else self.must_stop()
+                stop = None
+                if outcomes and isinstance(outcomes[-1], _RescueStop):
+                    stop = outcomes[-1]         # the rest of a batch a stop cut short
+                elif outcomes and not batch.frames:
+                    stop = self.must_stop()     # a worker begins no more once told to stop
                 if stop:
                     outcomes.append(stop)
                     continue
@@ -6212,7 +6215,7 @@ class RescueRun(Walker):
             while start < end:
                 # A stop cuts a copy short between two chunks: never one whose data is all
                 # written (a small file's is one chunk).
-                stop = pos + start and self.must_stop()
+                stop = self.must_stop() if start else None     # after its first chunk
                 if stop:
                     raise stop
                 n = self.copy_range(src, out, start, min(RESCUE_CHUNK, end - start))

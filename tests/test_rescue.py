@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DAY, KEEP, NOW, NOW_EPOCH, give_to_nobody, reaped, run_as_nobody, \
-    go_on, on_a_terminal, pause_env, pause_shim, run_script, set_atime, sk, snapshot, \
+    on_a_terminal, pause_env, pause_shim, run_script, set_atime, sk, snapshot, \
     start_script, wait_stopped  # noqa: F401  (pause_shim: a fixture)
 from slurmbed import USER, as_user, make_world, pending, settle, wait_done  # noqa: F401
 
@@ -804,35 +804,6 @@ def test_a_destination_on_a_read_only_mount_is_one_error_line_and_leaves_no_stat
     assert r.rc == 1 and r.err.count("\n") == 1 and "cannot create" in r.err, r
     assert "Read-only file system" in r.err
     assert not (ds["state"] / "checkpoints" / "rescue").exists()
-
-
-def test_sigterm_mid_copy_exits_3_removes_its_temp_file_and_resumes(generic, cli, tmp_path,
-                                                                     pause_shim):
-    root = generic["scratch"] / "ds"
-    root.mkdir()
-    (root / "a.txt").write_bytes(b"first")
-    (root / "big.bin").write_bytes(os.urandom(40 << 20))
-    (root / "c.txt").write_bytes(b"last")
-    for n in ("a.txt", "big.bin", "c.txt"):
-        set_atime(root / n, OLD)
-    assert cli("add", "--name", "ds", "--path", root, "--keep-until", KEEP).rc == 0
-    assert cli("refresh", "--name", "ds", "--check").rc == 0
-    dest = tmp_path / "safe"
-    env = pause_env(dict(os.environ), pause_shim, "copy", root / "big.bin")
-    proc = start_script("rescue", "--name", "ds", "--to", dest, "--json", env=env)
-    with reaped(proc):
-        wait_stopped(proc, "the copy to pause with big.bin half copied")
-        proc.send_signal(signal.SIGTERM)        # pending while stopped; handled on SIGCONT
-        out, err = go_on(proc, timeout=120)
-    assert proc.returncode == 3, (out, err)
-    res = json.loads(out.decode())
-    assert res["stopped"] == "term" and res["complete"] is False
-    assert sorted(os.listdir(str(dest))) == ["a.txt"]       # no temporary file left
-    r = cli("rescue", "--name", "ds", "--to", dest, "--json")
-    assert r.rc == 0, r
-    assert json.loads(r.out)["resumed"] is True
-    assert sorted(os.listdir(str(dest))) == ["a.txt", "big.bin", "c.txt"]
-    assert (dest / "big.bin").read_bytes() == (root / "big.bin").read_bytes()
 
 
 def _limit_fds():

@@ -37,11 +37,20 @@ def big(generic, cli):
     return generic
 
 
-def stopped_worker(proc):
-    """The pid of the process of proc's group that the pause shim stopped: not proc."""
+def held_rescue(big, dest, pause_shim, workers="2", on="copy"):
+    """`rescue --to dest --workers N --json` started with the pause shim: the process that
+    copies holds itself with big.bin half copied (on="open": at the first open of it)."""
+    env = pause_env(dict(os.environ), pause_shim, on, big["root"] / "big.bin")
+    return start_script("rescue", "--name", "ds", "--to", dest, "--workers", workers, "--json",
+                        env=env)
+
+
+def stopped_worker(proc, workers="2"):
+    """The pid of the process of proc's group that the pause shim stopped: a worker, not
+    proc, with --workers 2; proc itself with --workers 1."""
     wait_stopped(proc, "the copy to pause with big.bin half copied")
     pids = [p for p in process_group(proc.pid) if process_state(p) == "T"]
-    assert pids and proc.pid not in pids, (proc.pid, pids)
+    assert pids and (proc.pid not in pids) == (workers == "2"), (proc.pid, pids)
     return pids[0]
 
 
@@ -58,16 +67,17 @@ def resumes_exactly(cli, big, dest):
         assert (dest / n).read_bytes() == (big["root"] / n).read_bytes(), n
 
 
-def test_sigterm_to_the_main_process_alone_stops_the_workers_copy(big, cli, tmp_path,
-                                                                   pause_shim):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_to_the_main_process_alone_stops_the_copy(big, cli, tmp_path, pause_shim,
+                                                          workers):
+    """SIGTERM to the main process alone, with big.bin half copied (by the main process, or
+    by its worker): exit 3, its temporary file removed, and the resume is exact."""
     dest = tmp_path / "safe"
-    env = pause_env(dict(os.environ), pause_shim, "copy", big["root"] / "big.bin")
-    proc = start_script("rescue", "--name", "ds", "--to", dest, "--workers", "2", "--json",
-                        env=env)
+    proc = held_rescue(big, dest, pause_shim, workers)
     with reaped(proc):
-        worker = stopped_worker(proc)
-        [tmp] = temps(dest)         # the worker's own temporary file: its pid in the name
-        assert ".%d." % worker in tmp, (worker, tmp)
+        copier = stopped_worker(proc, workers)
+        [tmp] = temps(dest)         # the copying process's temporary file: its pid in the name
+        assert ".%d." % copier in tmp, (copier, tmp)
         os.kill(proc.pid, signal.SIGTERM)
         out, err = go_on(proc, timeout=120)
     assert proc.returncode == 3, (out, err)
@@ -116,9 +126,7 @@ def test_the_worker_dies_with_the_main_process(big, cli, tmp_path, pause_shim):
     """The main process killed outright (SIGKILL to it alone): its worker does not go on
     copying on its own; the next rescue removes what it left and completes."""
     dest = tmp_path / "safe"
-    env = pause_env(dict(os.environ), pause_shim, "copy", big["root"] / "big.bin")
-    proc = start_script("rescue", "--name", "ds", "--to", dest, "--workers", "2", "--json",
-                        env=env)
+    proc = held_rescue(big, dest, pause_shim)
     with reaped(proc):
         worker = stopped_worker(proc)
         os.kill(proc.pid, signal.SIGKILL)
@@ -142,9 +150,7 @@ def test_a_destination_that_fills_during_the_copy_says_so_and_resumes(big, cli, 
     dest = tmp_path / "dest"
     dest.mkdir()
     mounts("-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", dest)
-    env = pause_env(dict(os.environ), pause_shim, "open", big["root"] / "big.bin")
-    proc = start_script("rescue", "--name", "ds", "--to", dest, "--workers", workers,
-                        env=env)
+    proc = held_rescue(big, dest, pause_shim, workers, on="open")
     with reaped(proc):
         wait_stopped(proc, "the rescue to pause at its first open of big.bin")
         filler = dest / "filler"
