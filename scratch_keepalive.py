@@ -32,7 +32,6 @@ __version__ = "1.0.0"
 # ---------------------------------------------------------------- imports
 
 import _thread
-import binascii
 import bisect
 import datetime
 import errno
@@ -74,12 +73,6 @@ class _LazyModule(object):
 
     def __getattr__(self, attr):
         return getattr(self._module(), attr)
-
-    def __setattr__(self, attr, value):     # monkeypatching reaches the module itself
-        setattr(self._module(), attr, value)
-
-    def __delattr__(self, attr):
-        delattr(self._module(), attr)
 
 
 class _LazyPattern(object):
@@ -129,14 +122,6 @@ def contextmanager(func):
         return contextlib.contextmanager(func)(*args, **kwargs)
     call.__name__, call.__doc__, call.__wrapped__ = func.__name__, func.__doc__, func
     return call
-
-
-def _import_now(*modules):
-    """Import these modules now if they are still _LazyModules (before a fork, so that
-    every process shares them)."""
-    for module in modules:
-        if isinstance(module, _LazyModule):
-            module._module()
 
 
 __all__ = [
@@ -193,7 +178,6 @@ EXIT_PRIORITY = (EXIT_INTERRUPTED, EXIT_FAIL, EXIT_STOPPED, EXIT_BUSY, EXIT_OK)
 
 PROFILES = {
     "br200": {
-        "description": "IU Big Red 200, Slate-Scratch (/N/scratch/$USER)",
         "scratch_root": "/N/scratch/{user}",
         "purge_days": 30,
         "purge_days_fixed": True,
@@ -208,7 +192,6 @@ PROFILES = {
         "login_node_budget": 900,   # IU kills login-node processes at 20 CPU minutes
     },
     "generic": {
-        "description": "any purged scratch filesystem (--scratch-root, else $SCRATCH)",
         "scratch_root": None,
         "purge_days": 30,
         "purge_days_fixed": False,
@@ -283,11 +266,6 @@ class Failure(Exception):
     The message says what went wrong and what to do about it.
     """
     exit_code = EXIT_FAIL
-
-    def __init__(self, message, exit_code=None):
-        Exception.__init__(self, message)
-        if exit_code is not None:
-            self.exit_code = exit_code
 
 
 class UsageError(Failure):
@@ -510,19 +488,6 @@ def check_name(name):
 # ---------------------------------------------------------------- state: files
 
 
-def fsync_dir(path):
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path, data, mode=0o600):
     """Write bytes to path so that a crash leaves the old file or the new one, never a mix.
 
@@ -550,7 +515,7 @@ def _atomic_write_at(dfd, path, base, data, mode):
     """atomic_write()'s steps inside the directory dfd."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC
     for _ in range(100):
-        tmp = ".%s.%d.%s.tmp" % (base, os.getpid(), binascii.hexlify(os.urandom(4)).decode())
+        tmp = ".%s.%d.%s.tmp" % (base, os.getpid(), random_token(8))
         try:
             fd = os.open(tmp, flags, mode, dir_fd=dfd)
             break
@@ -721,10 +686,9 @@ STATE_LIMITS = {"config": MiB, "registry": 64 * MiB, "registry backup": 64 * MiB
                 "schedule": MiB, "checkpoint": 16 * MiB, "rescue checkpoint": 16 * MiB,
                 "lock": 64 * KiB, "manifest": 4 * GiB, "job script": MiB,
                 "purge record": 4 * GiB}
-STATE_READ_FLAGS = os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC
 
 
-def open_state(path, kind, flags=STATE_READ_FLAGS, mode=0o600, dir_fd=None):
+def open_state(path, kind, flags=os.O_RDONLY, dir_fd=None):
     """A descriptor of the state file at path: None when there is none, else a regular file
     of this user within STATE_LIMITS[kind], or a StateError that names it and says what to do.
 
@@ -736,7 +700,7 @@ def open_state(path, kind, flags=STATE_READ_FLAGS, mode=0o600, dir_fd=None):
     """
     name = path if dir_fd is None else os.path.basename(path)
     try:
-        fd = os.open(name, flags | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, mode, dir_fd=dir_fd)
+        fd = os.open(name, flags | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0o600, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     except OSError as e:
@@ -1003,6 +967,8 @@ CONFIG_SCHEMA = {
     "profile": (True, _one_of(*sorted(PROFILES))), "scratch_root": (True, _abs_path),
     "purge_days": _opt(_int(6, 3650)), "created": _OPT_TIME, "updated": _OPT_TIME,
 }
+_FORENSICS_SCHEMA = dict([(f, (True, _COUNT)) for f in FORENSICS_ZERO] + [
+    ("walk_started", _OPT_TIME), ("previous_walk_started", _OPT_TIME)])
 RUN_SCHEMA = {
     "name": (True, _name), "mode": (True, _one_of("touch", "check")),
     "complete": (True, _bool), "resumed": (True, _bool), "dry_run": (False, _bool),
@@ -1017,16 +983,11 @@ ENTRY_SCHEMA = {
     "last_mode": _opt(_one_of("touch", "check")), "last_run": _opt(_run),
     "last_total_entries": _opt(_COUNT), "last_totals": _opt(_counts),
     "manifest": (False, _bool), "rescue_to": _opt(_abs_path),
-    "forensics": _opt(_object(dict(
-        [(f, (True, _COUNT)) for f in sorted(FORENSICS_ZERO)]
-        + [("walk_started", _OPT_TIME), ("previous_walk_started", _OPT_TIME)]))),
+    "forensics": _opt(_object(_FORENSICS_SCHEMA)),
     # The latest purge a walk found (see PurgeWriter), kept until a newer one replaces it.
     "purge": _opt(_object(dict(
-        [(f, (True, _COUNT)) for f in ("entries_vanished", "bytes_vanished",
-                                       "entries_likely_purged", "bytes_likely_purged")]
-        + [("found", (True, _time)), ("file", (True, _purge_file)), ("seen", _OPT_TIME),
-           ("dest", _opt(_abs_path)), ("walk_started", _OPT_TIME),
-           ("previous_walk_started", _OPT_TIME), ("now", _opt(_epoch))]))),
+        _FORENSICS_SCHEMA, found=(True, _time), file=(True, _purge_file), seen=_OPT_TIME,
+        dest=_opt(_abs_path), now=_opt(_epoch)))),
     # The last complete, real rescue: which walk's manifest it copied from, to where, and
     # what it could not copy (copies_cover()).
     "last_rescue": _opt(_object({
@@ -1272,15 +1233,7 @@ class Store(object):
     def delete_checkpoint(self, name, kind="walk"):
         """Delete the checkpoint through its directory's fd (never through a link); nothing
         there, a directory there (repair's to set aside): nothing done."""
-        try:
-            dfd = self.open_dir(*CHECKPOINT_PLACES[kind])
-        except FileNotFoundError:
-            return
-        try:
-            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                os.unlink(name + ".json", dir_fd=dfd)
-        finally:
-            os.close(dfd)
+        self.unlink_names(CHECKPOINT_PLACES[kind], lambda names: [name + ".json"])
 
     def checkpoint_exists(self, name):
         return os.path.exists(self.checkpoint_path(name))
@@ -1306,11 +1259,6 @@ class Store(object):
                 found.append((int(m.group(1)), os.path.join(d, f)))
         return sorted(found, reverse=True)
 
-    def ensure_manifest_dir(self, name):
-        self.ensure()
-        os.close(self.make_dir("manifests", name))
-        return self.manifest_dir(name)
-
     def manifest_number(self, name, wanted=None):
         """The number the next complete manifest of dataset name takes: wanted (the one
         its header says) when that follows the newest, else the one after the newest."""
@@ -1329,9 +1277,9 @@ class Store(object):
         have = self.manifests(name)
         path = self.manifest_path(name, number)
         os.replace(partial, path)
-        fsync_dir(self.manifest_dir(name))
         old = set(os.path.basename(p) for _, p in have[MANIFEST_KEEP - 1:])
-        self.unlink_names(("manifests", name), lambda names: [f for f in names if f in old])
+        self.unlink_names(("manifests", name), lambda names: [f for f in names if f in old],
+                          sync=True)
         return path
 
     def purge_record_path(self, name, file):
@@ -1373,7 +1321,7 @@ class Store(object):
             return logs[:-keep] if keep else logs
         self.unlink_names(("logs", name), old)
 
-    def unlink_names(self, parts, pick):
+    def unlink_names(self, parts, pick, sync=False):
         """Delete the files pick(its sorted names) names in directory self.dir/parts...,
         through its fd (never through a symlink). False (nothing done) when it cannot be
         opened."""
@@ -1385,6 +1333,9 @@ class Store(object):
             for f in pick(sorted(os.listdir(dfd))):
                 with contextlib.suppress(OSError):
                     os.unlink(f, dir_fd=dfd)
+            if sync:
+                with contextlib.suppress(OSError):
+                    os.fsync(dfd)
         finally:
             os.close(dfd)
         return True
@@ -1624,6 +1575,20 @@ def dataset_root_fd(ctx, ds):
             raise ContainmentError("%s (`%s remove --name %s`, then `%s add --name %s --path "
                                    "DIR ...`)" % (e, PROG, ds["name"], PROG, ds["name"])) from None
         raise
+
+
+@contextmanager
+def dataset_root(ctx, ds):
+    """dataset_root_fd() as a context (the fd, closed on leaving); refused: Failure
+    "dataset NAME: why"."""
+    try:
+        fd = dataset_root_fd(ctx, ds)
+    except Failure as e:
+        raise Failure("dataset %r: %s" % (ds["name"], e)) from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 @contextmanager
@@ -2180,11 +2145,6 @@ def _load_utimensat():
     return _utimensat
 
 
-def open_dir(name, dir_fd=None):
-    """Open a directory without following a symlink and, where allowed, without moving its atime."""
-    return open_dir_ex(name, dir_fd)[0]
-
-
 def open_dir_ex(name, dir_fd=None):
     """(fd, quiet) as open_dir; quiet is False when O_NOATIME was refused, so listing the
     directory may move its atime (the kernel allows O_NOATIME only to the owner)."""
@@ -2330,20 +2290,13 @@ def on_network_fs(*paths):
 
 def parallelism(opts, *paths):
     """(threads, workers) for a walk, or a copy between paths: what the user chose (the other
-    then 1), else default_parallelism()."""
+    then 1), else what suits the filesystems."""
     if opts.threads or opts.workers:
         return opts.threads or 1, opts.workers or 1
-    return default_parallelism(*paths)
-
-
-def default_parallelism(*paths):
-    """(threads, workers) for a walk, or a copy between paths, when the user chose neither.
-
-    On a network filesystem each lstat/utimensat (each open and create) waits on a
-    server: NETWORK_THREADS threads keep that many calls in flight (the Lustre client
-    bounds what reaches the server at once: mdc.*.max_rpcs_in_flight). On a local disk
-    the cost is CPU: two processes (this one and a worker) where two CPUs are ours.
-    """
+    # On a network filesystem each lstat/utimensat (each open and create) waits on a
+    # server: NETWORK_THREADS threads keep that many calls in flight (the Lustre client
+    # bounds what reaches the server at once: mdc.*.max_rpcs_in_flight). On a local disk
+    # the cost is CPU: two processes (this one and a worker) where two CPUs are ours.
     if on_network_fs(*paths):
         return NETWORK_THREADS, 1
     return 1, default_workers()
@@ -2625,7 +2578,7 @@ class ProcessRunner(InlineRunner):
         # the C heap's free pages go back to the system (glibc's malloc_trim; a no-op
         # elsewhere), so that pages freed before the fork (the file's parse tree, when it
         # runs as `python3 FILE`) are not copied into every worker's share.
-        _import_now(array, pickle)
+        array.array, pickle.dumps       # imported now, before the fork: shared
         gc.collect()
         gc.freeze()         # Python 3.7+, as every ProcessRunner is (parallel_ok)
         self.frozen = True
@@ -2782,7 +2735,7 @@ def reopen_parent(fd, ident):
     """The directory ".." of directory fd, when it is the one entered as ident (st_dev,
     st_ino), else OSError ESTALE: a directory moved meanwhile has its ".." somewhere else,
     and the walk (or the copy) must not go on there as if it were the dataset."""
-    parent = open_dir("..", dir_fd=fd)
+    parent = open_dir_ex("..", fd)[0]
     if _ident(os.fstat(parent)) != ident:
         os.close(parent)
         raise OSError(errno.ESTALE, "directory moved during the walk")
@@ -3422,27 +3375,6 @@ def new_sha1():
         return hashlib.sha1()
 
 
-def open_manifest_for_writing(path):
-    """A write descriptor of the manifest at path (created if absent), through open_state
-    (never a link, a FIFO or a directory), in its directory held open meanwhile and itself
-    no link."""
-    directory = os.path.dirname(path) or "."
-    try:
-        dfd = os.open(directory, os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
-    except OSError as e:
-        if e.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise not_followed(directory) from None
-        raise
-    try:
-        fd = open_state(path, "manifest", os.O_WRONLY | os.O_CREAT, dir_fd=dfd)
-    finally:
-        os.close(dfd)
-    if fd is None:
-        raise StateError("cannot create the manifest %s (its directory vanished); run the "
-                         "command again" % display_path(path))
-    return fd
-
-
 class ManifestWriter(object):
     """Writes a walk's manifest as it goes: batches arrive out of order from the runners
     and are put back in the walk's order (expect() in order, done() in any); a chunk is
@@ -3453,9 +3385,17 @@ class ManifestWriter(object):
     position() is what a checkpoint records, and a resume truncates the file back to it.
     """
 
-    def __init__(self, path, header=None, resume=None):
-        self.path = path
-        self.fd = open_manifest_for_writing(path)
+    def __init__(self, store, name, header=None, resume=None):
+        self.path = store.partial_manifest_path(name)
+        store.ensure()
+        dfd = store.make_dir("manifests", name)     # never through a link: see open_state
+        try:
+            self.fd = open_state(self.path, "manifest", os.O_WRONLY | os.O_CREAT, dir_fd=dfd)
+        finally:
+            os.close(dfd)
+        if self.fd is None:
+            raise StateError("cannot create the manifest %s (its directory vanished); run the "
+                             "command again" % display_path(self.path))
         try:
             if resume:
                 os.ftruncate(self.fd, resume["offset"])
@@ -3768,19 +3708,15 @@ def copy_of(dest, key, kind, size, mtime_ns):
         return None
     *dirs, name = key.split(b"\0")
     # Never through a symlink below dest: one into scratch would call the purged file safe.
-    fd = None
     try:
-        fd = os.open(os.fsencode(dest), O_DIR_FLAGS)
-        for comp in dirs:
-            nxt = os.open(comp, O_DIR_FLAGS | O_NOFOLLOW, dir_fd=fd)
+        fd = open_below(os.open(os.fsencode(dest), O_DIR_FLAGS), dirs, O_DIR_FLAGS,
+                        lambda dir_fd, i, e: e)
+        try:
+            st = os.lstat(name, dir_fd=fd)
+        finally:
             os.close(fd)
-            fd = nxt
-        st = os.lstat(name, dir_fd=fd)
     except (OSError, ValueError):
         return None
-    finally:
-        if fd is not None:
-            os.close(fd)
     path = os.path.join(os.fsencode(dest), key_path(key))
     k = kind & ~K_TOUCHED
     same_kind = {K_FILE: stat.S_ISREG, K_DIR: stat.S_ISDIR, K_LINK: stat.S_ISLNK}.get(k)
@@ -4092,7 +4028,7 @@ def _add(ctx, name, path, keep_until, cadence_days, approval, rescue_to=None, ma
                                  "lie inside another" % (real, other["name"], other["path"]))
         ds = {"name": name, "path": real, "keep_until": keep, "cadence_days": cadence,
               "approval": approval, "enabled": True, "added": iso(time.time()),
-              "registration": binascii.hexlify(os.urandom(8)).decode("ascii"),
+              "registration": os.urandom(8).hex(),
               "last_refresh": None, "last_refresh_start": None, "last_mode": None,
               "last_touch_start": None, "last_check_start": None,
               "last_run": None, "last_total_entries": None}
@@ -4259,6 +4195,14 @@ def _alert(name, kind, message, command, codes=None):
             "attention": list(codes or [])}
 
 
+def no_approval_words(name):
+    """What every view says of a BR200 dataset without a site approval."""
+    return ("%r has no site approval, so it is only checked (what is at risk is reported), "
+            "never refreshed: IU forbids refreshing access times to avoid the purge. Copy what "
+            "you need to Slate or Slate-Project, or record an exemption IU granted: `%s extend "
+            "--name %s --approval TICKET`" % (name, PROG, name))
+
+
 def attention_words(ds, code, now):
     """(what, command) for one attention code of ds: the words every view uses."""
     name = ds["name"]
@@ -4401,7 +4345,6 @@ def _extend(ctx, name, keep_until, approval, cadence_days=None, rescue_to=None, 
 
 def _set_enabled(ctx, name, enabled):
     cfg = ctx.config()
-    check_name(name)
     with ctx.store.update_registry() as reg:
         ds = _get(reg, name)
         ds["enabled"] = bool(enabled)
@@ -4410,9 +4353,7 @@ def _set_enabled(ctx, name, enabled):
 
 def _remove(ctx, name):
     store = ctx.store
-    check_name(name)
-    reg = store.load_registry()
-    _get(reg, name)
+    _get(store.load_registry(), name)
     with DatasetLock(store, name):
         store.load_checkpoint_quiet(name)   # refuses one it may not delete (newer, unreadable)
         with store.update_registry() as reg:
@@ -4517,6 +4458,27 @@ def _check_older_than(days):
     return value
 
 
+def manifests_of(store, name):
+    """store.manifests(name), refused (Failure) when no complete walk has left one yet."""
+    found = store.manifests(name)
+    if not found:
+        raise Failure("no complete walk of %r has left a manifest yet; run `%s refresh --name "
+                      "%s` (check mode touches nothing) to make one" % (name, PROG, name))
+    return found
+
+
+def check_manifest(m, number, ds, cfg, now, root_id):
+    """Refuse (StateError) the manifest m (file number) unless it is a complete walk of ds
+    (manifest_problem()): another dataset's or another root's would send its names through
+    this one's root."""
+    why = None if m.trailer is None else manifest_problem(m.header, ds, cfg, now, number,
+                                                          root_id)
+    if m.trailer is None or why:
+        raise StateError("the manifest %s %s; the next complete walk (`%s refresh --name %s`) "
+                         "writes one" % (m.path, "is not used: " + why if why else
+                                         "is not complete", PROG, ds["name"]))
+
+
 class FileList(object):
     """The entries `files` lists (_entries(), _vanished()). Open on creation; items()
     streams (key, kind, size, atime, reason, copy) and closes its files when done."""
@@ -4552,11 +4514,7 @@ class FileList(object):
     def _open(self, store):
         need = 2 if self.kind == "vanished" else 1
         for _ in range(5):      # a walk finishing now may delete the oldest as we open it
-            found = store.manifests(self.name)
-            if not found:
-                raise Failure("no complete walk of %r has left a manifest yet; run `%s refresh "
-                              "--name %s` (check mode touches nothing) to make one"
-                              % (self.name, PROG, self.name))
+            found = manifests_of(store, self.name)
             if len(found) < need:
                 raise Failure("only one complete walk of %r has left a manifest; what vanished "
                               "is known after the next one: run `%s refresh --name %s` again "
@@ -4570,13 +4528,8 @@ class FileList(object):
             raise StateError("the manifests of %r keep changing (a walk is finishing); "
                              "run the command again" % self.name)
         for m, (number, _) in zip(self.manifests, found):
-            why = None if m.trailer is None else manifest_problem(
-                m.header, self.ds, self.cfg, self.now, number, root_identity(self.ds["path"]))
-            if m.trailer is None or why:
-                raise StateError("the manifest %s %s; the next complete walk (`%s refresh "
-                                 "--name %s`) writes one"
-                                 % (m.path, "is not used: " + why if why else "is not complete",
-                                    PROG, self.name))
+            check_manifest(m, number, self.ds, self.cfg, self.now, root_identity(self.ds["path"]))
+
 
     def close(self):
         for m in self.manifests:
@@ -4785,11 +4738,13 @@ def _select(ctx, cfg, reg, opts):
     """The datasets to walk, and results for the ones named but not walkable."""
     sched_cadence = schedule_cadence(ctx.store) if opts.due else None
     chosen, refused = [], []
-    if opts.name is not None:
-        ds = _get(reg, opts.name)
+    named = opts.name is not None
+    for ds in [_get(reg, opts.name)] if named else [reg["datasets"][n] for n in sorted(
+            reg["datasets"])]:
         st = dataset_state(ctx.store, ds, ctx.now)
-        reasons = {"missing": "its root %s is missing (purged or moved?); check it, then `%s "
-                              "remove --name %s` or re-add it" % (ds["path"], PROG, ds["name"]),
+        reasons = {"missing": "its root %s is missing (purged or moved?)%s" % (
+                       ds["path"], "; check it, then `%s remove --name %s` or re-add it" % (
+                           PROG, ds["name"]) if named else ""),
                    "expired": "its keep-until date %s has passed; `%s extend --name %s "
                               "--keep-until YYYY-MM-DD` to keep it" % (ds["keep_until"], PROG,
                                                                        ds["name"]),
@@ -4801,17 +4756,8 @@ def _select(ctx, cfg, reg, opts):
             st = "not-due"
         if reason is None:
             chosen.append(ds)
-        else:
+        elif named or st == "missing":      # unnamed: only a missing root is said
             refused.append((ds, st, reason))
-        return chosen, refused
-    for n in sorted(reg["datasets"]):
-        ds = reg["datasets"][n]
-        st = dataset_state(ctx.store, ds, ctx.now)
-        if st == "missing":
-            refused.append((ds, st, "its root %s is missing (purged or moved?)" % ds["path"]))
-        elif st not in ("expired", "disabled") and \
-                not_due_reason(cfg, ds, st, opts, sched_cadence, ctx.now) is None:
-            chosen.append(ds)
     return chosen, refused
 
 
@@ -4856,10 +4802,7 @@ def _refresh(ctx, opts, should_stop=None, progress=None):
     for ds in chosen:
         mode = dataset_mode(cfg, ds, opts.check)
         if mode == "check" and not opts.check and not profile_of(cfg)["touch_allowed"]:
-            notes.append("%r has no site approval, so it was only checked: IU forbids refreshing "
-                         "access times to avoid the purge. Copy what you need to Slate or "
-                         "Slate-Project, or record an exemption IU granted: `%s extend --name %s "
-                         "--approval TICKET`" % (ds["name"], PROG, ds["name"]))
+            notes.append(no_approval_words(ds["name"]))
         reason = budget.stop_reason()
         if reason:
             r = empty_result(ds["name"], mode, "not started: the %s budget was used up" % reason)
@@ -4988,7 +4931,6 @@ def _refresh_one(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
     if not root_present(ds["path"]):
         raise Failure("dataset %r: its root %s is missing" % (name, ds["path"]))
     lock = None if opts.dry_run else DatasetLock(store, name).acquire()
-    root_fd = None
     try:
         # Read again under the lock: a `remove` (or a remove and re-add elsewhere) may have
         # finished since the registry was read, and its data must not be walked.
@@ -5000,26 +4942,21 @@ def _refresh_one(ctx, cfg, ds, mode, opts, budget, should_stop, progress):
                    % display_path(current["path"]))
             return empty_result(name, mode, why), (EXIT_FAIL if opts.name is not None
                                                    else EXIT_OK)
-        try:
-            root_fd = dataset_root_fd(ctx, current)     # refused when a symlink is on the way
-        except Failure as e:
-            raise Failure("dataset %r: %s" % (name, e))
-        run = DatasetRun(ctx, cfg, current, mode, opts, root_fd)
-        run.open_log()
-        run.open_manifest()
-        complete = run.walk(budget, should_stop, progress)
-        run.finish_manifest(complete)
-        result = run.result(complete)
-        run.close_log(result)
-        if not opts.dry_run:
-            run.record(result)
+        with dataset_root(ctx, current) as root_fd:     # refused when a symlink is on the way
+            run = DatasetRun(ctx, cfg, current, mode, opts, root_fd)
+            run.open_log()
+            run.open_manifest()
+            complete = run.walk(budget, should_stop, progress)
+            run.finish_manifest(complete)
+            result = run.result(complete)
+            run.close_log(result)
+            if not opts.dry_run:
+                run.record(result)
         return result, result["exit_code"]
     except OSError as e:
         raise_if_full(e, e.filename or store.dir)     # the log or the record: name the place
         raise
     finally:
-        if root_fd is not None:
-            os.close(root_fd)
         if lock is not None:
             lock.release()
 
@@ -5097,28 +5034,21 @@ class DatasetRun(object):
                                       "the next complete walk writes one")
                 self.log.write("manifest none (%s)" % self.manifest_note)
                 return
-            self.manifest = ManifestWriter(path, resume=self.manifest_resume)
+            self.manifest = ManifestWriter(self.store, self.name, resume=self.manifest_resume)
         else:
-            self.store.ensure_manifest_dir(self.name)
             aside = set_aside_odd(path)     # a new walk: whatever is not our file goes aside
             if aside:
                 self.log.write("manifest set aside %s (%s)" % (display_path(aside[0]),
                                                                aside[1]))
-            have = self.store.manifests(self.name)
-            dev, ino = self.root_id()
-            self.manifest = ManifestWriter(path, header={
+            dev, ino = _ident(os.fstat(self.root_fd))
+            self.manifest = ManifestWriter(self.store, self.name, header={
                 "format": MANIFEST_FORMAT, "dataset": self.name, "root": self.ds["path"],
-                "root_dev": dev, "root_ino": ino, "seq": have[0][0] + 1 if have else 1,
+                "root_dev": dev, "root_ino": ino, "seq": self.store.manifest_number(self.name),
                 "registration": self.ds.get("registration"),
                 "mode": self.mode, "walk_started": self.walk_started, "now": self.ctx.now,
                 "thresholds_days": list(thresholds_days(self.cfg, self.cadence)),
                 "purge_days": purge_days_of(self.cfg)})
         self.walker.manifest = self.manifest
-
-    def root_id(self):
-        """(st_dev, st_ino) of the dataset's root: a manifest names the directory it lists."""
-        st = os.fstat(self.root_fd)
-        return st.st_dev, st.st_ino
 
     def finish_manifest(self, complete):
         """A complete walk's manifest becomes the newest; then what vanished is counted."""
@@ -5151,7 +5081,7 @@ class DatasetRun(object):
         number, prev_path = previous
         with Manifest(prev_path) as prev, Manifest(new_path) as new:
             why = manifest_problem(prev.header, self.ds, self.cfg, self.ctx.now, number,
-                                   self.root_id())
+                                   _ident(os.fstat(self.root_fd)))
             if why is None and prev.trailer is None:
                 why = "it is not complete"
             started = prev.header.get("walk_started") or ""
@@ -5565,21 +5495,13 @@ def _rescue(ctx, opts, budget, should_stop=None, progress=None):
         if current is None or current["path"] != ds["path"]:
             raise Failure("dataset %r was removed or moved while this rescue was starting; "
                           "nothing was copied" % ds["name"])
-        manifests = store.manifests(ds["name"])
-        if not manifests:
-            raise Failure("dataset %r has no complete walk to rescue from yet; run `%s refresh "
-                          "--name %s` first (a check walk reads no data and moves no access "
-                          "time)" % (ds["name"], PROG, ds["name"]))
-        try:
-            root_fd = dataset_root_fd(ctx, current)
-        except Failure as e:
-            raise Failure("dataset %r: %s" % (ds["name"], e))
-        try:
-            check_newest_manifest(current, cfg, ctx.now, manifests[0], root_fd)
+        manifests = manifests_of(store, ds["name"])
+        with dataset_root(ctx, current) as root_fd:
+            with Manifest(manifests[0][1]) as m:
+                check_manifest(m, manifests[0][0], current, cfg, ctx.now,
+                               _ident(os.fstat(root_fd)))
             run = RescueRun(ctx, current, dest, opts, manifests[0][1], root_fd)
             result = dict(run.go(budget, should_stop, progress), notes=notes)
-        finally:
-            os.close(root_fd)
         if result["complete"] and not opts.dry_run:
             record_rescue(store, ds["name"], result, manifests[0][0])
         return result
@@ -5629,7 +5551,6 @@ class RescueRun(Walker):
         self.temp_serial = itertools.count()
         self.root_dev = os.fstat(root_fd).st_dev
         self.cursor = None          # the last key handed out (bytes), None: none yet
-        self.done_below = None      # a checkpoint's cursor with its subtree done: key + NUL
         self.resumed = False
         self.done_before = self.copied_before = 0
         self.counts = RescueCounts()
@@ -5660,10 +5581,7 @@ class RescueRun(Walker):
     # -- setting up
     def go(self, budget, should_stop, progress):
         self.budget, self.should_stop, self.progress = budget, should_stop, progress
-        with Manifest(self.manifest_path) as m:
-            if m.trailer is None:
-                raise StateError("the manifest %s is not complete; run `%s refresh --name %s` "
-                                 "to finish the walk" % (m.path, PROG, self.name))
+        with Manifest(self.manifest_path) as m:      # check_manifest()'d by _rescue
             self.walk_started = m.header.get("walk_started")
             self.line = self.selection_line(m.header)
             self.resume_point()
@@ -5726,16 +5644,13 @@ class RescueRun(Walker):
         if cursor is not None:
             done = cursor if isinstance(cursor, list) else cursor["path"]
             self.cursor = b"\0".join(decode_name(c) for c in done)
-            if isinstance(cursor, dict) and cursor.get("subtree_done"):
-                self.done_below = self.cursor + b"\0"      # its subtree is done too
         self.done_before = ck["entries_done"]
         self.copied_before = ck["bytes_copied"]
 
     def entries(self, m):
         """The selected entries after the cursor: (key, kind code, size)."""
         for key, code, size, atime in m.entries():
-            if self.cursor is not None and key <= self.cursor or \
-                    self.done_below is not None and key.startswith(self.done_below):
+            if self.cursor is not None and key <= self.cursor:
                 continue
             if self.selected(key, code, atime):
                 yield key, code, size
@@ -6440,7 +6355,7 @@ class RescueRun(Walker):
             try:
                 path.decode("utf-8")
             except UnicodeDecodeError:
-                item["path_b64"] = binascii.b2a_base64(path).decode("ascii").strip()
+                item["path_b64"] = base64.b64encode(path).decode("ascii")
             if why:
                 item["why"] = why
             self.not_rescued.append(item)
@@ -6522,18 +6437,6 @@ def _key_after(a, b):
     return a is not None and (b is None or a > b)
 
 
-def check_newest_manifest(ds, cfg, now, newest, root_fd):
-    """Refuse (Failure) to copy from a manifest (number, path) that is not a walk of ds:
-    another dataset's or another root's would send its names through this one's root."""
-    st = os.fstat(root_fd)
-    with Manifest(newest[1]) as m:
-        why = manifest_problem(m.header, ds, cfg, now, newest[0], (st.st_dev, st.st_ino))
-    if why:
-        raise Failure("dataset %r: its newest manifest %s is not used: %s; run `%s refresh "
-                      "--name %s` to write a new one" % (ds["name"], newest[1], why, PROG,
-                                                        ds["name"]))
-
-
 def record_rescue(store, name, r, manifest_seq):
     """A complete rescue's record in the registry: the dataset's copies are there (see
     copies_cover(); a purge record looks for copies in its destination)."""
@@ -6556,12 +6459,10 @@ def _scheduled_rescue(ctx, name, budget, should_stop):
     opts = RescueOptions(name, ds["rescue_to"], selection="skip")
     try:
         r = _rescue(ctx, opts, budget, should_stop)
-    except BusyError as e:
-        return {"name": name, "to": ds["rescue_to"], "complete": False, "reason": str(e),
-                "exit_code": EXIT_BUSY}, EXIT_BUSY
     except Failure as e:
+        code = EXIT_BUSY if isinstance(e, BusyError) else EXIT_FAIL
         return {"name": name, "to": ds["rescue_to"], "complete": False, "reason": str(e),
-                "exit_code": EXIT_FAIL}, EXIT_FAIL
+                "exit_code": code}, code
     return r, r["exit_code"]
 
 
@@ -7441,14 +7342,7 @@ def _load_registry(ctx, cfg):
     for name, entry in sorted(backup["datasets"].items() if cfg and backup is not None else ()):
         if not _below_scratch_root(ctx, cfg, entry["path"]) or not root_present(entry["path"]):
             continue
-        try:
-            root_fd = dataset_root_fd(ctx, entry)
-        except Failure:
-            continue
-        try:
-            doc = read_sentinel(root_fd)
-        finally:
-            os.close(root_fd)
+        doc = _at_root(ctx, entry, read_sentinel, None)
         if doc is not None and doc.get("name") == name:
             kept[name] = entry
     return reg, bad, 0, kept
@@ -7624,7 +7518,8 @@ def _lock_is_held(path):
 
 
 def _stale_locks(store):
-    """[(dataset, path, record, provably dead)] for lock records whose holder is gone."""
+    """[(dataset, path, record, provably dead, held)] for lock records whose holder is gone
+    (held: a process the holder started still holds the lock, so it is not stale yet)."""
     found = []
     host = socket.gethostname()
     for path in _names_ending(store.lock_dir, ".lock"):
@@ -7636,19 +7531,23 @@ def _stale_locks(store):
             continue        # released cleanly (the record is emptied on release)
         dead = (rec.get("host") == host and isinstance(rec.get("pid"), int)
                 and not _pid_alive(rec["pid"]))
-        if _lock_is_held(path) and not dead:
+        held = _lock_is_held(path)
+        if held and not dead:
             continue        # a live holder
-        found.append((f[:-len(".lock")], path, rec, dead))
+        found.append((f[:-len(".lock")], path, rec, dead, held))
     return found
+
+
+_HELD_LOCK = "a process it started still holds the lock: end that process, then repair again"
 
 
 def _check_locks(ctx):
     out = []
-    for name, path, rec, dead in _stale_locks(ctx.store):
+    for name, path, rec, dead, held in _stale_locks(ctx.store):
         if dead:
             out.append(Check("lock:" + name, "fail", "lock %s names pid %s on this host, which is "
-                             "gone (killed?); repair removes it" % (path, rec.get("pid")),
-                             fix="lock"))
+                             "gone (killed?); %s" % (path, rec.get("pid"), _HELD_LOCK if held
+                                                     else "repair removes it"), fix="lock"))
         else:
             out.append(Check("lock:" + name, "warn", "lock %s names pid %s on host %s (since %s); "
                              "if that run is over, delete the file" % (
@@ -7669,14 +7568,11 @@ def _check_dataset(ctx, cfg, root, ds):
                       "or renamed?); restore it or `%s remove --name %s`" % (name, path, PROG,
                                                                             name))]
     try:
-        root_fd = dataset_root_fd(ctx, ds)
+        with dataset_root(ctx, ds) as root_fd:      # read through the root's fd (never blocking)
+            sentinel, why = sentinel_state(root_fd)
     except Failure as e:
-        return [Check("root:" + name, "fail", "dataset %r: %s" % (name, e))]
+        return [Check("root:" + name, "fail", str(e))]
     out.append(Check("root:" + name, "ok", "dataset %r: %s is present" % (name, path)))
-    try:       # read through the root's fd (never blocking)
-        sentinel, why = sentinel_state(root_fd)
-    finally:
-        os.close(root_fd)
     if sentinel is None and why != "missing":
         out.append(Check("sentinel:" + name, "fail", "dataset %r: %s is not ours (%s); move it "
                          "away, then run `%s repair`" % (name, sentinel_path(path), why, PROG)))
@@ -7704,10 +7600,7 @@ def _check_dataset(ctx, cfg, root, ds):
         out.append(Check("%s:%s" % (code, name), "info", "dataset %r: %s; run `%s`"
                          % (name, what, command)))
     if dataset_mode(cfg, ds) == "check" and active:
-        out.append(Check("approval:" + name, "info", "dataset %r has no site approval, so it is "
-                         "only checked, never refreshed; copy what you need to Slate or "
-                         "Slate-Project, or record an exemption with `%s extend --name %s "
-                         "--approval TICKET`" % (name, PROG, name)))
+        out.append(Check("approval:" + name, "info", "dataset " + no_approval_words(name)))
     return out
 
 
@@ -7922,14 +7815,14 @@ def _load_or_set_aside(load, path, what, then, dry_run, act, left):
 
 
 def _repair_locks(store, dry_run, act, left):
-    for name, path, rec, dead in _stale_locks(store):
-        if dead and not _lock_is_held(path):
+    for name, path, rec, dead, held in _stale_locks(store):
+        if dead and not held:
             act("remove the stale lock of %r (pid %s on this host is gone)" % (name, rec["pid"]))
             if not dry_run:
                 os.unlink(path)
         elif dead:
-            left.append("lock %s is still held although pid %s is gone: a process it started "
-                        "holds it; end that process, then repair again" % (path, rec.get("pid")))
+            left.append("lock %s names pid %s, which is gone; %s" % (path, rec.get("pid"),
+                                                                    _HELD_LOCK))
         else:
             left.append("lock %s names pid %s on host %s: not provably dead, left alone" % (
                 path, rec.get("pid"), rec.get("host")))
@@ -8135,7 +8028,7 @@ def _find_sentinels(root, max_depth=4):
         if depth >= max_depth:
             continue
         try:
-            fd = open_dir(path)
+            fd = open_dir_ex(path)[0]
             try:
                 names, dirs = list_dir_typed(fd)
             finally:
@@ -8568,9 +8461,7 @@ def cmd_add(args, ctx):
         name, display_path(entry["path"]), entry["keep_until"], entry["cadence_days"],
         entry["mode"]))
     if entry["mode"] == "check":
-        note(ctx, "%r has no site approval: refresh will only check it and report what is at "
-                  "risk (IU forbids refreshing access times to avoid the purge). Record an "
-                  "exemption with `%s extend --name %s --approval TICKET`" % (name, PROG, name))
+        note(ctx, no_approval_words(name))
     try:
         scheduled = load_schedule(ctx.store) is not None
     except StateError:      # unreadable: doctor says so

@@ -24,6 +24,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 
 import pytest
@@ -317,6 +318,47 @@ def test_stale_lock_of_killed_refresh(cli, healthy, pause_shim):
 
 
 # ------------------------------------------------------------------ 4. sentinel
+
+HOLD_AFTER_DEATH = r"""
+import os, sys, time
+import scratch_keepalive as sk
+sk.DatasetLock(sk.Store(sys.argv[1]), "ds").acquire()
+child = os.fork()
+if child == 0:          # shares the lock's open file: the lock stays held
+    os.close(1)
+    time.sleep(300)
+    os._exit(0)
+print(child, flush=True)
+"""
+
+
+def test_lock_of_a_gone_pid_still_held_is_not_promised_away(cli, healthy):
+    """The process a lock names is gone, but one it started still holds the lock: doctor
+    says what to do (end that process) instead of promising that repair removes it, and
+    repair leaves it; once the holder ends, repair removes it."""
+    lock = healthy["state"] / "locks" / "ds.lock"
+    p = subprocess.run([sys.executable, "-c", HOLD_AFTER_DEATH, str(healthy["state"])],
+                       stdout=subprocess.PIPE, check=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=os.path.dirname(sk.__file__)))
+    holder = int(p.stdout)
+    try:
+        dead = json.loads(lock.read_text())["pid"]
+        assert dead != holder and not os.path.exists("/proc/%d" % dead)
+        c = assert_named(cli, "lock:ds", "fail", str(dead), "still holds the lock",
+                         "end that process")
+        assert "repair removes it" not in c["message"], c
+        out = mend(cli, healthy)
+        assert lock.exists() and not any("lock" in a for a in out["actions"]), out
+        assert any("still holds the lock" in x and str(lock) in x for x in out["left"]), out
+    finally:
+        os.kill(holder, signal.SIGKILL)
+    poll(lambda: gone(holder), "the lock's holder to exit", timeout=30)
+    assert_named(cli, "lock:ds", "fail", str(dead), "repair removes it")
+    out = mend(cli, healthy)
+    assert any("stale lock" in a and "'ds'" in a for a in out["actions"]), out
+    assert not lock.exists()
+    assert_passes(cli, "lock:ds")
+
 
 def test_deleted_sentinel_is_rewritten(cli, healthy):
     ds = healthy["ds"]

@@ -701,7 +701,8 @@ def test_a_manifest_of_an_earlier_registration_is_not_used(walked, tmp_path):
     assert run_script("remove", "--name", "ds").rc == 0
     os.unlink(str(d / "f1"))
     assert run_script("add", "--name", "ds", "--path", d, "--keep-until", KEEP).rc == 0
-    store.ensure_manifest_dir("ds")
+    store.ensure()
+    os.close(store.make_dir("manifests", "ds"))
     shutil.copyfile(str(keep), os.path.join(store.manifest_dir("ds"), "manifest-000002.skm"))
     os.chmod(os.path.join(store.manifest_dir("ds"), "manifest-000002.skm"), 0o600)
     r = run_script("refresh", "--name", "ds", "--json", timeout=TIMEOUT)

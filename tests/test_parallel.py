@@ -109,15 +109,18 @@ def test_a_worker_batch_of_the_longest_names_fits_its_message(tmp_path):
         assert counts["entries_touched"] == n and counts["errors"] == 0, counts
 
 
+NOOPTS = type("Opts", (), {"threads": None, "workers": None})()
+
+
 def test_default_parallelism_follows_the_filesystem(tmp_path, monkeypatch):
     kind = sk.fs_type(str(tmp_path))
     assert kind and kind not in sk.NETWORK_FS
-    assert sk.default_parallelism(str(tmp_path)) == (1, sk.default_workers())
+    assert sk.parallelism(NOOPTS, str(tmp_path)) == (1, sk.default_workers())
     monkeypatch.setattr(sk, "fs_type", lambda path: "lustre" if path.startswith("/N/") else kind)
-    assert sk.default_parallelism("/N/scratch/alice/x") == (16, 1)
+    assert sk.parallelism(NOOPTS, "/N/scratch/alice/x") == (16, 1)
     # a copy: either side on a network filesystem is enough
-    assert sk.default_parallelism(str(tmp_path), "/N/project/lab/x") == (16, 1)
-    assert sk.default_parallelism(str(tmp_path), str(tmp_path)) == (1, sk.default_workers())
+    assert sk.parallelism(NOOPTS, str(tmp_path), "/N/project/lab/x") == (16, 1)
+    assert sk.parallelism(NOOPTS, str(tmp_path), str(tmp_path)) == (1, sk.default_workers())
 
 
 def test_fs_type_follows_a_symlink_onto_another_mount(tmp_path):
