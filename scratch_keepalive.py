@@ -2146,7 +2146,8 @@ def _load_utimensat():
 
 
 def open_dir_ex(name, dir_fd=None):
-    """(fd, quiet) as open_dir; quiet is False when O_NOATIME was refused, so listing the
+    """(fd, quiet): the directory opened without following a symlink and, where allowed,
+    with O_NOATIME; quiet is False when O_NOATIME was refused, so listing the
     directory may move its atime (the kernel allows O_NOATIME only to the owner)."""
     kw = {} if dir_fd is None else {"dir_fd": dir_fd}
     if O_NOATIME:
@@ -4529,7 +4530,6 @@ class FileList(object):
                              "run the command again" % self.name)
         for m, (number, _) in zip(self.manifests, found):
             check_manifest(m, number, self.ds, self.cfg, self.now, root_identity(self.ds["path"]))
-
 
     def close(self):
         for m in self.manifests:
@@ -7547,7 +7547,8 @@ def _check_locks(ctx):
         if dead:
             out.append(Check("lock:" + name, "fail", "lock %s names pid %s on this host, which is "
                              "gone (killed?); %s" % (path, rec.get("pid"), _HELD_LOCK if held
-                                                     else "repair removes it"), fix="lock"))
+                                                     else "repair removes it"),
+                             fix=None if held else "lock"))
         else:
             out.append(Check("lock:" + name, "warn", "lock %s names pid %s on host %s (since %s); "
                              "if that run is over, delete the file" % (
