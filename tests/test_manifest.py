@@ -460,7 +460,9 @@ def test_a_manifest_adds_little_to_a_walks_peak_memory(shm_tmp, monkeypatch):
     peak_rss_kb(tool + ["--version"])           # writes the bytecode
     assert list((copy.parent / "__pycache__").glob("*.pyc"))
     rss = {}
-    for form in (["--no-manifest"], [], ["--no-manifest"], []):   # each twice, the least
+    # Each three times, the least: a run's peak varies with when the threads' buffers
+    # happen to be alive at once (one run in a CI suite measured 1.55 MiB).
+    for form in (["--no-manifest"], []) * 3:
         kb = peak_rss_kb(tool + ["refresh", "--name", "ds", "--check"] + form)
         rss[bool(form)] = min(kb, rss.get(bool(form), kb))
     assert list((state / "manifests" / "ds").glob("manifest-*.skm"))
